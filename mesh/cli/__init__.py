@@ -1,0 +1,61 @@
+"""The ``mesh`` command line.
+
+Each sub-command lives in its own module of this package and exposes
+``register(subparsers: argparse._SubParsersAction) -> None``, which adds its parser and sets
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
+Add a module name to ``_COMMAND_MODULES`` to plug a new command in.
+
+A user mistake (a :class:`mesh.errors.MeshError`, a missing file...) is printed as one line on
+stderr with a non-zero exit code, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mesh._version import __version__
+from mesh.errors import MeshError
+
+_COMMAND_MODULES: tuple[str, ...] = (
+    "mesh.cli.log_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full ``mesh`` argument parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="mesh", description="zeromesh: a brokerless messaging mesh on ZeroMQ."
+    )
+    parser.add_argument("--version", action="version", version=f"zeromesh {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a command not built yet must not break the rest
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mesh`` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (MeshError, OSError) as exc:
+        print(f"mesh {args.command}: error: {exc}", file=sys.stderr)
+        return 1

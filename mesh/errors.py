@@ -1,0 +1,178 @@
+"""The zeromesh exception tree.
+
+Every error zeromesh raises on purpose derives from :class:`MeshError`. Errors are named by
+what happened, carry their facts as attributes, and also inherit the built-in they resemble
+(``ValueError``, ``TimeoutError``, ``OSError``...) so callers may catch either::
+
+    MeshError
+    ├── ConfigError (ValueError)              bad configuration or argument
+    ├── ClosedError                           you closed it (node, log, pattern object)
+    ├── CodecError (ValueError)               bytes that are not a valid envelope
+    │   ├── MalformedEvent                    missing / mistyped field, undecodable bytes
+    │   ├── UnsupportedVersion                a major version this build does not speak
+    │   └── EventTooLarge                     encoded size over the configured maximum
+    ├── ProtocolError (ValueError)            a malformed or unexpected wire frame
+    ├── LogError                              the durable log
+    │   ├── LogCorrupted                      a bad record, with its location
+    │   ├── LogLocked                         another process is the stream's writer
+    │   ├── OffsetOutOfRange (IndexError)     asked for an offset the log does not hold
+    │   └── LogFull (OSError)                 the disk or the file size limit is full
+    ├── StateError                            the crash-safe state store
+    ├── PeerError                             peer table / control channel
+    │   └── PeerUnreachable                   no live route to that peer
+    └── MeshTimeout (TimeoutError)            a deadline passed
+
+Modules add their own subclasses below the matching branch (each section is owned by one
+module; keep them grouped).
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base class of every error zeromesh raises on purpose."""
+
+
+class ConfigError(MeshError, ValueError):
+    """A configuration value or argument is invalid."""
+
+
+class ClosedError(MeshError):
+    """The object was closed by its owner and can no longer be used."""
+
+
+# --- envelope / codec (mesh.envelope) -------------------------------------------------------
+
+
+class CodecError(MeshError, ValueError):
+    """Bytes or a mapping that are not a valid zeromesh envelope."""
+
+
+class MalformedEvent(CodecError):
+    """A field is missing, has the wrong type, or the bytes are not decodable.
+
+    Attributes:
+        field: the offending field name, when one is known.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnsupportedVersion(CodecError):
+    """The envelope (or frame) declares a major version this build does not speak.
+
+    Attributes:
+        version: the version found.
+        supported: the major versions this build accepts.
+    """
+
+    def __init__(self, version: object, supported: tuple[int, ...]) -> None:
+        super().__init__(f"unsupported version {version!r}; this build speaks {supported}")
+        self.version = version
+        self.supported = supported
+
+
+class EventTooLarge(CodecError):
+    """The encoded event is larger than the configured maximum.
+
+    Attributes:
+        size: the encoded size in bytes.
+        max_size: the limit in bytes.
+    """
+
+    def __init__(self, size: int, max_size: int) -> None:
+        super().__init__(f"event of {size} bytes exceeds the maximum of {max_size} bytes")
+        self.size = size
+        self.max_size = max_size
+
+
+# --- wire frames (mesh.control and patterns) -------------------------------------------------
+
+
+class ProtocolError(MeshError, ValueError):
+    """A wire frame that is malformed, of an unknown kind, or unexpected here."""
+
+
+# --- durable log (mesh.log) ------------------------------------------------------------------
+
+
+class LogError(MeshError):
+    """An error of the durable log."""
+
+
+class LogCorrupted(LogError):
+    """A record failed its checksum or framing check.
+
+    Attributes:
+        path: the segment file.
+        position: byte position of the bad record in that file.
+        reason: what check failed.
+    """
+
+    def __init__(self, path: str, position: int, reason: str) -> None:
+        super().__init__(f"corrupted log record in {path} at byte {position}: {reason}")
+        self.path = path
+        self.position = position
+        self.reason = reason
+
+
+class LogLocked(LogError):
+    """Another process holds the writer lock of this stream.
+
+    Attributes:
+        path: the lock file.
+        holder: what is known of the holder (a pid), or None.
+    """
+
+    def __init__(self, path: str, holder: str | None = None) -> None:
+        who = f" (held by {holder})" if holder else ""
+        super().__init__(f"log {path} is locked for writing by another process{who}")
+        self.path = path
+        self.holder = holder
+
+
+class OffsetOutOfRange(LogError, IndexError):
+    """The requested offset is not in the log (deleted by retention, or not written yet).
+
+    Attributes:
+        offset: the offset asked for.
+        first: the first offset the log holds (None when empty).
+        last: the last offset the log holds (None when empty).
+    """
+
+    def __init__(self, offset: int, first: int | None, last: int | None) -> None:
+        super().__init__(f"offset {offset} is out of range [{first}, {last}]")
+        self.offset = offset
+        self.first = first
+        self.last = last
+
+
+class LogFull(LogError, OSError):
+    """The disk (or the process file size limit) is full; nothing partial was kept."""
+
+
+# --- state store (mesh.state) ----------------------------------------------------------------
+
+
+class StateError(MeshError):
+    """The crash-safe state store failed."""
+
+
+# --- peers and control channel (mesh.node, mesh.peers, mesh.control) -------------------------
+
+
+class PeerError(MeshError):
+    """An error about a peer or the control channel."""
+
+
+class PeerUnreachable(PeerError):
+    """No live route to the given peer."""
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+class MeshTimeout(MeshError, TimeoutError):
+    """A deadline passed before the operation completed."""

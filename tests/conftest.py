@@ -1,0 +1,34 @@
+"""Fixtures shared by every test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A fresh data directory for one node or log."""
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A ZeroMQ context whose teardown fails on sockets the test leaked instead of hanging."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield ctx
+    leaked = [s for s in list(ctx._sockets) if not s.closed]  # type: ignore[attr-defined]
+    for s in leaked:
+        s.close(linger=0)
+    ctx.term()
+    assert not leaked, f"test leaked {len(leaked)} socket(s)"
+
+
+def pytest_report_header() -> str:
+    return f"zmq {zmq.zmq_version()}, pyzmq {zmq.__version__}, pid {os.getpid()}"
