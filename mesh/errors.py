@@ -12,11 +12,15 @@ what happened, carry their facts as attributes, and also inherit the built-in th
     │   ├── UnsupportedVersion                a major version this build does not speak
     │   └── EventTooLarge                     encoded size over the configured maximum
     ├── ProtocolError (ValueError)            a malformed or unexpected wire frame
+    │   └── TxtRecordError                    a bad mDNS TXT record (mesh.txt)
+    │       └── TxtRecordTooLarge             required keys over the size limit
     ├── LogError                              the durable log
     │   ├── LogCorrupted                      a bad record, with its location
+    │   │   └── LogCorruptedRange             unreadable records mid-log; resume at next_offset
     │   ├── LogLocked                         another process is the stream's writer
     │   ├── OffsetOutOfRange (IndexError)     asked for an offset the log does not hold
-    │   └── LogFull (OSError)                 the disk or the file size limit is full
+    │   ├── LogFull (OSError)                 the disk or the file size limit is full
+    │   └── RecordTooLarge (ValueError)       a payload over the log's maximum
     ├── StateError                            the crash-safe state store
     ├── PeerError                             peer table / control channel
     │   └── PeerUnreachable                   no live route to that peer
@@ -153,6 +157,37 @@ class LogFull(LogError, OSError):
     """The disk (or the process file size limit) is full; nothing partial was kept."""
 
 
+class LogCorruptedRange(LogCorrupted):
+    """Records in the middle of a log cannot be read (bad checksum, or a segment is missing).
+
+    Good records after the damage stay readable: resume from ``next_offset``.
+
+    Attributes:
+        offset: the first offset that cannot be read (None when unknown).
+        next_offset: the first readable offset after the damage (None when unknown).
+    """
+
+    def __init__(self, path: str, position: int, reason: str, *, offset: int | None,
+                 next_offset: int | None) -> None:
+        super().__init__(path, position, reason)
+        self.offset = offset
+        self.next_offset = next_offset
+
+
+class RecordTooLarge(LogError, ValueError):
+    """A payload (or batch) is larger than the log accepts.
+
+    Attributes:
+        size: the size in bytes.
+        max_size: the limit in bytes.
+    """
+
+    def __init__(self, size: int, max_size: int) -> None:
+        super().__init__(f"record of {size} bytes exceeds the log maximum of {max_size} bytes")
+        self.size = size
+        self.max_size = max_size
+
+
 # --- state store (mesh.state) ----------------------------------------------------------------
 
 
@@ -169,6 +204,35 @@ class PeerError(MeshError):
 
 class PeerUnreachable(PeerError):
     """No live route to the given peer."""
+
+
+class TxtRecordError(ProtocolError):
+    """An mDNS TXT record that is not a valid zeromesh announcement (mesh.txt).
+
+    Attributes:
+        field: the offending TXT key (e.g. ``"v"``, ``"ep.control"``), or None for the record.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        where = f" (key {field!r})" if field is not None else ""
+        super().__init__(f"invalid zeromesh TXT record{where}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class TxtRecordTooLarge(TxtRecordError):
+    """The required part of a TXT record does not fit the size limit.
+
+    Attributes:
+        size: the encoded size of the required keys in bytes.
+        max_size: the limit in bytes.
+    """
+
+    def __init__(self, size: int, max_size: int, *, field: str | None = None) -> None:
+        super().__init__(f"{size} bytes exceed the limit of {max_size} bytes", field=field)
+        self.size = size
+        self.max_size = max_size
 
 
 # --- time ------------------------------------------------------------------------------------
