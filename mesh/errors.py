@@ -99,6 +99,34 @@ class ProtocolError(MeshError, ValueError):
     """A wire frame that is malformed, of an unknown kind, or unexpected here."""
 
 
+class UnsupportedProtocol(ProtocolError):
+    """A control frame or peer declares a protocol major version this build does not speak.
+
+    Attributes:
+        version: the version found.
+        supported: the major versions this build accepts.
+    """
+
+    def __init__(self, version: object, supported: tuple[int, ...]) -> None:
+        super().__init__(f"unsupported protocol version {version!r}; this build speaks {supported}")
+        self.version = version
+        self.supported = supported
+
+
+class FrameTooLarge(ProtocolError):
+    """An encoded control message body is larger than the configured maximum.
+
+    Attributes:
+        size: the encoded size in bytes.
+        max_size: the limit in bytes.
+    """
+
+    def __init__(self, size: int, max_size: int) -> None:
+        super().__init__(f"control body of {size} bytes exceeds the maximum of {max_size} bytes")
+        self.size = size
+        self.max_size = max_size
+
+
 # --- durable log (mesh.log) ------------------------------------------------------------------
 
 
