@@ -1,0 +1,1 @@
+"""Reliable pub/sub: durable streams, gap recovery, replay, durable subscriptions."""

@@ -1,0 +1,319 @@
+"""Pub/sub wire frames: pure encoders and validating decoders, no I/O.
+
+Data socket (XPUB -> SUB), one ZeroMQ multipart message per batch::
+
+    frame 0   topic      the stream name, UTF-8 (SUB prefix filtering works on it)
+    frame 1   header     36 bytes, network byte order (see :data:`HEADER`)
+    frame 2.. envelopes  one encoded :class:`mesh.envelope.Event` per frame (DATA only)
+
+Control channel bodies (msgpack maps carried by ``node.send``): ``pubsub.replay``,
+``pubsub.replay_data`` and ``pubsub.ack``. Every decoder here raises a typed error
+(:class:`~mesh.errors.ProtocolError`, :class:`~mesh.errors.UnsupportedVersion` or
+:class:`~mesh.errors.EventTooLarge`) on anything malformed; callers count and drop.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
+
+#: Major version of the pub/sub frames (data header and control bodies).
+VERSION = 1
+SUPPORTED = (VERSION,)
+
+KIND_DATA = 1
+KIND_HEARTBEAT = 2
+FLAG_DURABLE = 0x01
+
+#: version u8, kind u8, flags u8, reserved u8, publisher node id (16 raw bytes), epoch u32,
+#: seq u64 (first seq of the batch; for a heartbeat the head = next seq to be assigned),
+#: count u32 (events in the batch; 0 for a heartbeat).
+HEADER = struct.Struct("!BBBx16sIQI")
+
+MAX_TOPIC = 255
+
+#: Control message kinds on the node's control channel.
+CTRL_REPLAY = "pubsub.replay"
+CTRL_REPLAY_DATA = "pubsub.replay_data"
+CTRL_ACK = "pubsub.ack"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A decoded data/heartbeat header.
+
+    Attributes:
+        kind: :data:`KIND_DATA` or :data:`KIND_HEARTBEAT`.
+        durable: the stream is logged, so gaps can be replayed.
+        publisher: the publisher's node id, 32 lowercase hex chars.
+        epoch: 0 for durable streams; a random non-zero id per best-effort publisher instance
+            (a restarted best-effort publisher starts again at seq 0 under a new epoch).
+        seq: first seq of the batch (DATA) or head seq (HEARTBEAT).
+        count: number of envelopes (DATA) or 0.
+    """
+
+    kind: int
+    durable: bool
+    publisher: str
+    epoch: int
+    seq: int
+    count: int
+
+
+def node_id_bytes(node_id: str) -> bytes:
+    """The 16 raw bytes of a 32-hex-char node id.
+
+    Raises:
+        ProtocolError: the id is not 32 hex chars.
+    """
+    try:
+        raw = bytes.fromhex(node_id)
+    except ValueError as exc:
+        raise ProtocolError(f"node id {node_id!r} is not hex") from exc
+    if len(raw) != 16:
+        raise ProtocolError(f"node id {node_id!r} is not 16 bytes")
+    return raw
+
+
+def encode_data(topic: bytes, publisher: bytes, epoch: int, first_seq: int,
+                envelopes: list[bytes], durable: bool) -> list[bytes]:
+    """The frames of one DATA message carrying ``envelopes`` from ``first_seq`` on."""
+    head = HEADER.pack(VERSION, KIND_DATA, FLAG_DURABLE if durable else 0, publisher, epoch,
+                       first_seq, len(envelopes))
+    return [topic, head, *envelopes]
+
+
+def encode_heartbeat(topic: bytes, publisher: bytes, epoch: int, head: int,
+                     durable: bool) -> list[bytes]:
+    """The frames of one HEARTBEAT message announcing ``head`` (the next seq to be assigned)."""
+    return [topic, HEADER.pack(VERSION, KIND_HEARTBEAT, FLAG_DURABLE if durable else 0,
+                               publisher, epoch, head, 0)]
+
+
+def decode_message(frames: list[bytes], *, max_event_size: int,
+                   max_batch: int = 100_000) -> tuple[str, Header, list[bytes]]:
+    """Validate one message from the data socket.
+
+    Returns:
+        (stream, header, envelopes): envelopes is empty for a heartbeat.
+
+    Raises:
+        ProtocolError: wrong frame count, bad topic, bad header, count mismatch.
+        UnsupportedVersion: the header's version is not one this build speaks.
+        EventTooLarge: an envelope frame is larger than ``max_event_size``.
+    """
+    if len(frames) < 2:
+        raise ProtocolError(f"pub/sub message has {len(frames)} frame(s), expected >= 2")
+    topic, head = frames[0], frames[1]
+    if not topic or len(topic) > MAX_TOPIC:
+        raise ProtocolError(f"bad topic length {len(topic)}")
+    if len(head) != HEADER.size:
+        if head[:1] and head[0] != VERSION:
+            raise UnsupportedVersion(head[0], SUPPORTED)
+        raise ProtocolError(f"header is {len(head)} bytes, expected {HEADER.size}")
+    version, kind, flags, pub, epoch, seq, count = HEADER.unpack(head)
+    if version != VERSION:
+        raise UnsupportedVersion(version, SUPPORTED)
+    try:
+        stream = topic.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("topic is not UTF-8") from exc
+    body = frames[2:]
+    if kind == KIND_DATA:
+        if count != len(body) or count == 0:
+            raise ProtocolError(f"DATA header says {count} events, message has {len(body)}")
+        if count > max_batch:
+            raise ProtocolError(f"batch of {count} events exceeds {max_batch}")
+        for env in body:
+            if len(env) > max_event_size:
+                raise EventTooLarge(len(env), max_event_size)
+    elif kind == KIND_HEARTBEAT:
+        if count != 0 or body:
+            raise ProtocolError("HEARTBEAT carries no events")
+    else:
+        raise ProtocolError(f"unknown pub/sub frame kind {kind}")
+    if flags & ~FLAG_DURABLE:
+        raise ProtocolError(f"unknown flags {flags:#x}")
+    return stream, Header(kind, bool(flags & FLAG_DURABLE), pub.hex(), epoch, seq, count), body
+
+
+# --- control bodies --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """``pubsub.replay``: the subscriber asks a publisher's node for a range of its log.
+
+    Attributes:
+        sid: opaque id of the asking subscriber (echoed in the reply for routing).
+        req: request number (echoed; the subscriber ignores stale replies).
+        stream: the stream name.
+        start: first seq wanted, or None when ``from_time`` is given.
+        from_time: a UTC timestamp in ns: start at the first record at or after it.
+        end: one past the last seq wanted, or None for "up to the head".
+        max_records: the most records to put in one reply.
+        max_bytes: the most envelope bytes to put in one reply.
+    """
+
+    sid: str
+    req: int
+    stream: str
+    start: int | None
+    from_time: int | None
+    end: int | None
+    max_records: int
+    max_bytes: int
+
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack-able map for ``node.send``."""
+        return {"v": VERSION, "sid": self.sid, "req": self.req, "stream": self.stream,
+                "from": self.start, "from_time": self.from_time, "to": self.end,
+                "max": self.max_records, "max_bytes": self.max_bytes}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayData:
+    """``pubsub.replay_data``: one chunk of a replay.
+
+    Attributes:
+        sid: the subscriber id from the request.
+        req: the request number from the request.
+        stream: the stream name.
+        first: seq of ``events[0]`` (or, with no events, where the next read would start).
+        events: encoded envelopes, contiguous from ``first``.
+        head: the publisher's head seq (next seq it will assign) when the chunk was read.
+        oldest: the first seq the publisher still holds (retention).
+        gone: the requested start was below ``oldest`` (deleted by retention).
+        error: a short reason when the publisher could not serve the request, else None.
+    """
+
+    sid: str
+    req: int
+    stream: str
+    first: int
+    events: list[bytes]
+    head: int
+    oldest: int
+    gone: bool = False
+    error: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack-able map for ``node.send``."""
+        return {"v": VERSION, "sid": self.sid, "req": self.req, "stream": self.stream,
+                "first": self.first, "events": self.events, "head": self.head,
+                "oldest": self.oldest, "gone": self.gone, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``pubsub.ack``: a durable subscriber tells the publisher its committed position.
+
+    Attributes:
+        name: the durable subscription name.
+        stream: the stream name.
+        position: the next seq the subscriber will process (everything below is done).
+    """
+
+    name: str
+    stream: str
+    position: int
+
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack-able map for ``node.send``."""
+        return {"v": VERSION, "name": self.name, "stream": self.stream, "pos": self.position}
+
+
+def _check_map(body: object, kind: str) -> dict[Any, Any]:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{kind} body is {type(body).__name__}, expected a map")
+    v = body.get("v")
+    if v != VERSION:
+        raise UnsupportedVersion(v, SUPPORTED)
+    return body
+
+
+def _str(body: dict[Any, Any], key: str, kind: str, *, limit: int = 1024) -> str:
+    val = body.get(key)
+    if not isinstance(val, str) or len(val) > limit:
+        raise ProtocolError(f"{kind}.{key} must be a string of at most {limit} chars")
+    return val
+
+
+def _int(body: dict[Any, Any], key: str, kind: str, *, optional: bool = False) -> int | None:
+    val = body.get(key)
+    if val is None and optional:
+        return None
+    if not isinstance(val, int) or isinstance(val, bool) or val < 0 or val >= 2**64:
+        raise ProtocolError(f"{kind}.{key} must be an unsigned 64-bit integer")
+    return val
+
+
+def _req_int(body: dict[Any, Any], key: str, kind: str) -> int:
+    val = _int(body, key, kind)
+    assert val is not None  # not optional
+    return val
+
+
+def decode_replay_request(body: object) -> ReplayRequest:
+    """Validate a ``pubsub.replay`` body.
+
+    Raises:
+        ProtocolError: a field is missing or mistyped.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+    """
+    kind = CTRL_REPLAY
+    m = _check_map(body, kind)
+    start = _int(m, "from", kind, optional=True)
+    from_time = _int(m, "from_time", kind, optional=True)
+    if start is None and from_time is None:
+        raise ProtocolError(f"{kind} needs 'from' or 'from_time'")
+    max_records = _req_int(m, "max", kind)
+    max_bytes = _req_int(m, "max_bytes", kind)
+    if max_records == 0 or max_bytes == 0:
+        raise ProtocolError(f"{kind}.max and max_bytes must be positive")
+    return ReplayRequest(_str(m, "sid", kind), _req_int(m, "req", kind),
+                         _str(m, "stream", kind, limit=MAX_TOPIC), start, from_time,
+                         _int(m, "to", kind, optional=True), max_records, max_bytes)
+
+
+def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
+    """Validate a ``pubsub.replay_data`` body.
+
+    Raises:
+        ProtocolError: a field is missing or mistyped.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+        EventTooLarge: an envelope is larger than ``max_event_size``.
+    """
+    kind = CTRL_REPLAY_DATA
+    m = _check_map(body, kind)
+    events = m.get("events")
+    if not isinstance(events, list) or not all(isinstance(e, bytes) for e in events):
+        raise ProtocolError(f"{kind}.events must be a list of bytes")
+    for env in events:
+        if len(env) > max_event_size:
+            raise EventTooLarge(len(env), max_event_size)
+    error = m.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ProtocolError(f"{kind}.error must be a string or nil")
+    gone = m.get("gone", False)
+    if not isinstance(gone, bool):
+        raise ProtocolError(f"{kind}.gone must be a bool")
+    return ReplayData(_str(m, "sid", kind), _req_int(m, "req", kind),
+                      _str(m, "stream", kind, limit=MAX_TOPIC), _req_int(m, "first", kind),
+                      events, _req_int(m, "head", kind), _req_int(m, "oldest", kind), gone, error)
+
+
+def decode_ack(body: object) -> Ack:
+    """Validate a ``pubsub.ack`` body.
+
+    Raises:
+        ProtocolError: a field is missing or mistyped.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+    """
+    kind = CTRL_ACK
+    m = _check_map(body, kind)
+    return Ack(_str(m, "name", kind), _str(m, "stream", kind, limit=MAX_TOPIC),
+               _req_int(m, "pos", kind))

@@ -1,0 +1,308 @@
+"""Per-(publisher, stream) sequence tracking: in order, duplicate, gap -> replay, buffer.
+
+Pure logic with an injected clock (``now`` arguments, seconds): the subscriber feeds it live
+batches, heartbeats, replay chunks and ticks, and it answers with a :class:`Step` saying what
+to deliver to the application (contiguous runs), whether to ask the publisher for a replay, and
+what was skipped. It never does I/O, so every path is unit-tested without sockets.
+
+Invariants: ``expected`` only grows; every seq is delivered at most once and in order; the
+live buffer holds at most ``max_buffer`` events (beyond that live events are dropped and the
+replay fetches them again); at most one replay request is outstanding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ReplayAsk", "Step", "StreamTracker", "TrackerStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayAsk:
+    """A replay request the subscriber must send (``start`` or ``from_time`` is set).
+
+    Attributes:
+        req: request number; replies carrying another number are stale and ignored.
+        start: first seq wanted.
+        from_time: resolve the start from this UTC time in ns (start positions by time).
+        end: one past the last seq wanted (None: up to the publisher's head).
+    """
+
+    req: int
+    start: int | None
+    from_time: int | None
+    end: int | None
+
+
+@dataclass(slots=True)
+class Step:
+    """What to do after feeding the tracker.
+
+    Attributes:
+        deliver: contiguous runs ``(first_seq, payloads)`` to hand to the application, in order.
+        ask: a replay request to send, or None.
+        skipped: a range ``(start, end)`` that will never be delivered (best-effort loss, or
+            deleted by the publisher's retention), or None.
+    """
+
+    deliver: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    ask: ReplayAsk | None = None
+    skipped: tuple[int, int] | None = None
+
+
+@dataclass(slots=True)
+class TrackerStats:
+    """Counters of one tracker (all monotonic)."""
+
+    delivered: int = 0
+    duplicates: int = 0
+    gaps: int = 0  #: times a hole was detected (live seq above expected, or heartbeat head)
+    buffered: int = 0  #: live events held while a hole was being filled
+    buffer_dropped: int = 0  #: live events dropped because the buffer was full
+    replayed: int = 0  #: events delivered from replay chunks
+    replay_requests: int = 0
+    replay_retries: int = 0
+    stale_replies: int = 0
+    skipped: int = 0  #: seqs that will never be delivered (best-effort loss, retention)
+
+
+class StreamTracker:
+    """Sequence state of one (publisher, stream, epoch).
+
+    Args:
+        next_seq: the first seq to deliver; None to resolve it from the first live event or
+            heartbeat ("new only"), or from ``from_time`` through a replay.
+        replayable: the publisher logs this stream (durable), so holes are replayed; when
+            False, holes are skipped and counted.
+        max_buffer: the most live events held while a hole is being replayed.
+        from_time: start at the first record at or after this UTC time (ns).
+        retry_s: re-send an unanswered replay request after this many seconds.
+    """
+
+    def __init__(self, next_seq: int | None, *, replayable: bool = True,
+                 max_buffer: int = 10_000, from_time: int | None = None,
+                 retry_s: float = 2.0) -> None:
+        self.expected = next_seq
+        self.replayable = replayable
+        self.max_buffer = max_buffer
+        self.from_time = from_time if next_seq is None else None
+        self.retry_s = retry_s
+        self.known_head = next_seq or 0
+        self.stats = TrackerStats()
+        self._buffer: dict[int, bytes] = {}
+        self._req = 0
+        self._outstanding: ReplayAsk | None = None
+        self._sent_at = 0.0
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def start(self, now: float) -> Step:
+        """Called once the publisher is known: ask for the backlog right away when there is one
+        to ask for (start from an offset or a time), instead of waiting for a heartbeat."""
+        step = Step()
+        if not self.replayable:
+            return step
+        if self.expected is None and self.from_time is not None:
+            step.ask = self._ask(now, None, self.from_time, None)
+        elif self.expected is not None and self._outstanding is None:
+            step.ask = self._ask(now, self.expected, None, None)
+        return step
+
+    def on_live(self, first: int, payloads: list[bytes], now: float) -> Step:
+        """A DATA batch arrived on the data socket."""
+        step = Step()
+        end = first + len(payloads)
+        if end > self.known_head:
+            self.known_head = end
+        expected = self.expected
+        if expected is None:
+            if self.from_time is not None:
+                # Start not resolved yet (waiting for the time lookup): hold the batch.
+                self._hold(first, payloads)
+                return step
+            self.expected = expected = first  # "new only": the first event seen is the start
+        if not self.replayable:
+            if first > expected:
+                self._skip(step, expected, first)
+                self.expected = first
+                self._buffer.clear()
+            self._absorb(step, first, payloads)
+            return step
+        if first == expected and not self._buffer:
+            # The common case: in order, nothing pending. One run, no per-event work.
+            step.deliver.append((first, payloads))
+            self.expected = end
+            self.stats.delivered += len(payloads)
+            return step
+        if first > expected:
+            self.stats.gaps += 1
+        self._absorb(step, first, payloads)
+        self._maybe_ask(step, now)
+        return step
+
+    def on_heartbeat(self, head: int, now: float) -> Step:
+        """A HEARTBEAT announced the publisher's head (next seq it will assign)."""
+        step = Step()
+        if self.expected is None and self.from_time is None:
+            self.expected = head  # "new only": nothing before the head
+        if head > self.known_head:
+            self.known_head = head
+        if self.expected is None:
+            return step
+        if head > self.expected:
+            if not self.replayable:
+                self._skip(step, self.expected, head)
+                self.expected = head
+                return step
+            if self._outstanding is None:
+                self.stats.gaps += 1  # a lost tail: events after the last one we saw
+            self._maybe_ask(step, now)
+        return step
+
+    def on_replay(self, req: int, first: int, events: list[bytes], head: int, oldest: int,
+                  gone: bool, now: float) -> Step:
+        """A replay chunk arrived (``first`` = seq of ``events[0]``)."""
+        step = Step()
+        ask = self._outstanding
+        if ask is None or ask.req != req:
+            self.stats.stale_replies += 1
+            return step
+        self._outstanding = None
+        if head > self.known_head:
+            self.known_head = head
+        if self.expected is None:
+            # Start resolved from a time: the publisher says where that time begins.
+            self.expected = first
+            self.from_time = None
+            self._purge_below(first)
+        if gone and self.expected < oldest:
+            self._skip(step, self.expected, oldest)
+            self.expected = oldest
+            self._purge_below(oldest)
+        if events:
+            self.stats.replayed += max(0, first + len(events) - max(first, self.expected))
+            self._absorb(step, first, events)
+        elif first > self.expected and not gone:
+            # The publisher has nothing there (its log restarts higher): nothing more to get.
+            self._skip(step, self.expected, first)
+            self.expected = first
+            self._drain(step)
+        self._maybe_ask(step, now)
+        return step
+
+    def on_replay_error(self, req: int) -> None:
+        """The publisher could not serve request ``req``; it is retried after ``retry_s``."""
+        if self._outstanding is not None and self._outstanding.req == req:
+            # Keep it outstanding: on_tick re-sends it after retry_s (bounded retry rate).
+            pass
+
+    def on_tick(self, now: float) -> Step:
+        """Periodic: re-send an unanswered replay request, or start one that is due."""
+        step = Step()
+        if not self.replayable:
+            return step
+        ask = self._outstanding
+        if ask is not None:
+            if now - self._sent_at >= self.retry_s:
+                self.stats.replay_retries += 1
+                self._outstanding = None
+                step.ask = self._ask(now, ask.start if self.expected is None else self.expected,
+                                     ask.from_time if self.expected is None else None, ask.end)
+            return step
+        self._maybe_ask(step, now)
+        return step
+
+    # --- views -------------------------------------------------------------------------------
+
+    @property
+    def lag(self) -> int:
+        """Events known to exist that are not delivered yet."""
+        return max(0, self.known_head - (self.expected or 0))
+
+    @property
+    def buffered(self) -> int:
+        """Live events currently held."""
+        return len(self._buffer)
+
+    @property
+    def outstanding(self) -> ReplayAsk | None:
+        """The replay request waiting for an answer, if any."""
+        return self._outstanding
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _ask(self, now: float, start: int | None, from_time: int | None,
+             end: int | None) -> ReplayAsk:
+        self._req += 1
+        ask = ReplayAsk(self._req, start, from_time, end)
+        self._outstanding = ask
+        self._sent_at = now
+        self.stats.replay_requests += 1
+        return ask
+
+    def _maybe_ask(self, step: Step, now: float) -> None:
+        if (self.replayable and self._outstanding is None and self.expected is not None
+                and self.expected < self.known_head):
+            step.ask = self._ask(now, self.expected, None, self.known_head)
+
+    def _skip(self, step: Step, start: int, end: int) -> None:
+        self.stats.skipped += end - start
+        step.skipped = (start, end) if step.skipped is None else (step.skipped[0], end)
+
+    def _hold(self, first: int, payloads: list[bytes]) -> None:
+        buf = self._buffer
+        for i, p in enumerate(payloads):
+            if len(buf) >= self.max_buffer:
+                self.stats.buffer_dropped += len(payloads) - i
+                return
+            if first + i not in buf:
+                buf[first + i] = p
+                self.stats.buffered += 1
+
+    def _purge_below(self, seq: int) -> None:
+        if self._buffer:
+            for k in [k for k in self._buffer if k < seq]:
+                del self._buffer[k]
+
+    def _absorb(self, step: Step, first: int, payloads: list[bytes]) -> None:
+        """Deliver what continues ``expected``, hold what is beyond it, drop duplicates."""
+        expected = self.expected
+        assert expected is not None
+        end = first + len(payloads)
+        if end <= expected:
+            self.stats.duplicates += len(payloads)
+            return
+        if first < expected:
+            self.stats.duplicates += expected - first
+            payloads = payloads[expected - first:]
+            first = expected
+        if first > expected:
+            self._hold(first, payloads)
+            return
+        buf = self._buffer
+        if buf:
+            # These seqs may also sit in the buffer (a hole being filled): forget those copies.
+            for s in range(first, end):
+                buf.pop(s, None)
+        step.deliver.append((first, payloads))
+        self.stats.delivered += len(payloads)
+        self.expected = end
+        self._drain(step)
+
+    def _drain(self, step: Step) -> None:
+        buf = self._buffer
+        if not buf:
+            return
+        expected = self.expected
+        assert expected is not None
+        run: list[bytes] = []
+        start = expected
+        while expected in buf:
+            run.append(buf.pop(expected))
+            expected += 1
+        if run:
+            step.deliver.append((start, run))
+            self.stats.delivered += len(run)
+            self.expected = expected
+        if buf and min(buf) < expected:
+            self._purge_below(expected)
