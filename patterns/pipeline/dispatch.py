@@ -1,0 +1,623 @@
+"""The dispatcher: a pure state machine for one work queue on its producer.
+
+Events come in as method calls with the current monotonic time (``now``); what the I/O layer
+must do comes out as return values and as effects collected in :meth:`Dispatcher.take_effects`.
+No sockets, no files, no threads, no clock of its own: every rule here (credit, deadlines,
+redelivery, backoff, retry budget, per-key ordering, worker loss, forged acks, dead letters) is
+unit-tested with a fake clock and a seeded RNG.
+
+Lifecycle of a task id::
+
+    add/restore -> PENDING --dispatch--> INFLIGHT --ack--> done (removed)
+                     ^                      | nack / timeout / worker gone
+                     |   (due)              v
+                     +------------------ DELAYED         ...or, at max deliveries / term:
+                                                          dead letter (removed)
+
+Hot path notes (measured, see docs/parts/arch-pipeline.md): ids are plain ints, per-task state
+is one slotted object, deadlines sit in a deque (ack_wait is constant so they are appended in
+order: no heap), and a history entry is written only when an attempt fails.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.errors import ConfigError
+
+from .backoff import Backoff, RetryBudget, RetryBudgetConfig
+
+PENDING = 0
+INFLIGHT = 1
+DELAYED = 2
+WAITING_KEY = 3
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Rules of one queue.
+
+    Attributes:
+        ack_wait: seconds a delivery may stay un-ended before it is redelivered.
+        max_deliveries: deliveries of a task before it is dead-lettered (>= 1).
+        backoff: delay of a retry after a NACK without an explicit delay.
+        retry_budget: token bucket on retries (NACK and deadline redeliveries) per queue.
+        per_key_ordering: tasks with the same non-None key go to one worker at a time, in
+            push order; a key stays held through a task's retries until it is acked or dead.
+        prefer_other_worker: redeliver a task to a different worker when one has credit.
+        max_batch: most deliveries put in one TASK frame.
+    """
+
+    ack_wait: float = 30.0
+    max_deliveries: int = 5
+    backoff: Backoff = field(default_factory=Backoff)
+    retry_budget: RetryBudgetConfig = field(default_factory=RetryBudgetConfig)
+    per_key_ordering: bool = False
+    prefer_other_worker: bool = True
+    max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.ack_wait > 0:
+            raise ConfigError(f"ack_wait must be > 0, got {self.ack_wait}")
+        if self.max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be >= 1, got {self.max_deliveries}")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+
+
+@dataclass
+class Attempt:
+    """One failed delivery in a task's retry history (successful ones are not kept)."""
+
+    delivery: int
+    worker: str
+    dispatched_at: float  # wall clock, seconds
+    ended_at: float
+    outcome: str  # "nack" | "timeout" | "worker_gone" | "term" | "unknown"
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A msgpack-ready mapping."""
+        return {
+            "delivery": self.delivery,
+            "worker": self.worker,
+            "dispatched_at": self.dispatched_at,
+            "ended_at": self.ended_at,
+            "outcome": self.outcome,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+            "traceback": self.traceback,
+        }
+
+
+@dataclass
+class DeadLetter:
+    """Effect: write this task to the DLQ (the I/O layer adds the payload)."""
+
+    task_id: int
+    key: Hashable | None
+    reason: str  # "max_deliveries" | "term"
+    deliveries: int
+    history: list[Attempt]
+
+
+@dataclass
+class Effects:
+    """What the I/O layer must persist since the last :meth:`Dispatcher.take_effects`."""
+
+    acked: list[int]
+    dead: list[DeadLetter]
+    failed: list[tuple[int, Attempt]]  # (task id, attempt) for the journal
+
+
+class _Task:
+    __slots__ = (
+        "deadline", "deliveries", "dispatched_at", "history", "id", "key", "last_worker",
+        "state", "worker",
+    )
+
+    def __init__(self, tid: int, key: Hashable | None, deliveries: int) -> None:
+        self.id = tid
+        self.key = key
+        self.deliveries = deliveries
+        self.state = PENDING
+        self.worker: bytes | None = None
+        self.last_worker: bytes | None = None
+        self.deadline = 0.0
+        self.dispatched_at = 0.0
+        self.history: list[Attempt] | None = None
+
+
+class _Worker:
+    __slots__ = ("credit", "ident", "inflight", "label", "node_id", "zombies")
+
+    def __init__(self, ident: bytes, node_id: str, label: str, credit: int) -> None:
+        self.ident = ident
+        self.node_id = node_id
+        self.label = label
+        self.credit = credit
+        self.inflight: set[int] = set()
+        # Ids whose delivery timed out on this worker: it may still be busy with them, so they
+        # keep counting against its credit until it answers or a second ack_wait passes.
+        self.zombies: dict[int, float] = {}
+
+    def free(self) -> int:
+        return self.credit - len(self.inflight) - len(self.zombies)
+
+
+class Dispatcher:
+    """The ack/credit/deadline/redelivery state machine of one queue.
+
+    Args:
+        config: the queue's rules.
+        now: the monotonic time at creation (seconds).
+        rng: randomness for backoff jitter (seed it in tests).
+        wall: wall clock for the retry history (``time.time`` by default).
+    """
+
+    def __init__(
+        self,
+        config: DispatchConfig,
+        now: float,
+        *,
+        rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._rng = rng or random.Random()
+        self._wall = wall
+        self._budget = RetryBudget(config.retry_budget, now)
+        self._tasks: dict[int, _Task] = {}
+        self._pending: deque[int] = deque()
+        self._delayed: list[tuple[float, int, int]] = []  # (due, tid, deliveries)
+        self._deadlines: deque[tuple[float, int, int]] = deque()  # (deadline, tid, deliveries)
+        self._zombie_q: deque[tuple[float, bytes, int]] = deque()
+        self._workers: dict[bytes, _Worker] = {}
+        self._key_holder: dict[Hashable, int] = {}
+        self._key_wait: dict[Hashable, deque[int]] = {}
+        self._high = 0  # 1 + highest task id ever added: ids at or above it were never issued
+        self._acked: list[int] = []
+        self._dead: list[DeadLetter] = []
+        self._failed: list[tuple[int, Attempt]] = []
+        self.counters: dict[str, int] = {
+            "added": 0, "dispatched": 0, "redelivered": 0, "acked": 0, "nacked": 0,
+            "timeouts": 0, "in_progress": 0, "termed": 0, "dead_lettered": 0,
+            "forged_acks": 0, "stale_answers": 0, "workers_lost": 0, "tasks_returned": 0,
+            "retries_throttled": 0,
+        }
+
+    # ------------------------------------------------------------------ tasks in
+    def add(self, tid: int, key: Hashable | None = None) -> None:
+        """A new task (just pushed): queue it at the back."""
+        self.restore(tid, key, 0)
+
+    def add_many(self, items: Iterable[tuple[int, Hashable | None]]) -> None:
+        """Many new tasks at once (the push hot path)."""
+        tasks = self._tasks
+        pending = self._pending
+        n = 0
+        high = self._high
+        for tid, key in items:
+            tasks[tid] = _Task(tid, key, 0)
+            pending.append(tid)
+            if tid >= high:
+                high = tid + 1
+            n += 1
+        self._high = high
+        self.counters["added"] += n
+
+    def restore(
+        self,
+        tid: int,
+        key: Hashable | None,
+        deliveries: int,
+        history: list[Attempt] | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """A task recovered after a producer restart with its persisted delivery count.
+
+        A task already delivered ``max_deliveries`` times whose outcome is unknown (the producer
+        died before an answer) is dead-lettered now: that is what bounds a poison task that
+        kills its worker even across producer restarts.
+        """
+        t = _Task(tid, key, deliveries)
+        t.history = list(history) if history else None
+        self._tasks[tid] = t
+        if tid >= self._high:
+            self._high = tid + 1
+        self.counters["added"] += 1
+        if deliveries >= self.config.max_deliveries:
+            self._add_history(t, Attempt(deliveries, "", 0.0, self._wall(), "unknown"))
+            self._dead_letter(t, "max_deliveries")
+            return
+        self._pending.append(tid)
+
+    def mark_high(self, high: int) -> None:
+        """Tell the dispatcher ids below ``high`` were issued (acks for them are stale, not
+        forged, even when the task is no longer known)."""
+        if high > self._high:
+            self._high = high
+
+    # ------------------------------------------------------------------ workers
+    def worker_ready(self, ident: bytes, credit: int, node_id: str = "", label: str = "") -> None:
+        """A worker registered or refreshed its credit (READY)."""
+        w = self._workers.get(ident)
+        if w is None:
+            self._workers[ident] = _Worker(ident, node_id, label or ident.hex(), credit)
+        else:
+            w.credit = credit
+
+    def is_worker(self, ident: bytes) -> bool:
+        """Whether ``ident`` is a registered worker."""
+        return ident in self._workers
+
+    def workers_of_node(self, node_id: str) -> list[bytes]:
+        """Idents of the workers living on node ``node_id``."""
+        return [w.ident for w in self._workers.values() if w.node_id == node_id]
+
+    def worker_gone(self, ident: bytes, now: float) -> int:
+        """The worker is gone (BYE, presence LEFT): its tasks go back to the front of the
+        queue at once. Returns how many tasks were returned."""
+        w = self._workers.pop(ident, None)
+        if w is None:
+            return 0
+        self.counters["workers_lost"] += 1
+        wall = self._wall()
+        back: list[int] = []
+        for tid in sorted(w.inflight):
+            t = self._tasks.get(tid)
+            if t is None or t.state != INFLIGHT or t.worker != ident:
+                continue
+            t.worker = None
+            self._add_history(t, Attempt(t.deliveries, w.label, t.dispatched_at, wall,
+                                         "worker_gone"))
+            if t.deliveries >= self.config.max_deliveries:
+                self._dead_letter(t, "max_deliveries")
+            else:
+                t.state = PENDING
+                back.append(tid)
+        # extendleft reverses: feed it reversed so the oldest ends first in line.
+        self._pending.extendleft(reversed(back))
+        self.counters["tasks_returned"] += len(back)
+        return len(back)
+
+    # ------------------------------------------------------------------ answers
+    def on_ack(self, ident: bytes, ids: Iterable[int], now: float) -> int:
+        """ACK from ``ident``. Returns how many were accepted; the rest are counted as forged
+        (unknown id, unknown worker, never delivered to it) or stale (already ended)."""
+        w = self._workers.get(ident)
+        tasks = self._tasks
+        ok = 0
+        for tid in ids:
+            t = tasks.get(tid)
+            if t is None:
+                if tid < self._high and w is not None:
+                    # Already ended (a duplicate or late ack): free a zombie slot if it held one.
+                    self.counters["stale_answers"] += 1
+                    w.zombies.pop(tid, None)
+                else:
+                    self.counters["forged_acks"] += 1
+                continue
+            if w is None:
+                self.counters["forged_acks"] += 1
+                continue
+            if t.worker == ident and t.state == INFLIGHT:
+                w.inflight.discard(tid)
+            elif w.zombies.pop(tid, None) is not None:
+                # A late ack of a timed-out delivery: the work is done, accept it. If the task
+                # was redelivered meanwhile, the other worker keeps the slot until it answers.
+                if t.state == INFLIGHT and t.worker is not None:
+                    other = self._workers.get(t.worker)
+                    if other is not None:
+                        other.inflight.discard(tid)
+                        other.zombies[tid] = now + self.config.ack_wait
+                        self._zombie_q.append((now + self.config.ack_wait, other.ident, tid))
+            else:
+                self.counters["forged_acks"] += 1
+                continue
+            self._finish(t)
+            self._acked.append(tid)
+            ok += 1
+        self.counters["acked"] += ok
+        return ok
+
+    def _answer_target(self, ident: bytes, tid: int) -> tuple[_Worker, _Task] | None:
+        """The worker and task of a NACK / TERM / IN_PROGRESS, or None when not current."""
+        w = self._workers.get(ident)
+        t = self._tasks.get(tid)
+        if w is None or (t is None and tid >= self._high):
+            self.counters["forged_acks"] += 1
+            return None
+        if t is not None and t.worker == ident and t.state == INFLIGHT:
+            return w, t
+        if w.zombies.pop(tid, None) is not None or t is None:
+            self.counters["stale_answers"] += 1
+        else:
+            self.counters["forged_acks"] += 1
+        return None
+
+    def on_nack(
+        self,
+        ident: bytes,
+        tid: int,
+        now: float,
+        *,
+        delay: float | None = None,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        traceback: str | None = None,
+    ) -> bool:
+        """NACK: retry later (after ``delay``, or the backoff when None). Returns accepted."""
+        target = self._answer_target(ident, tid)
+        if target is None:
+            return False
+        w, t = target
+        w.inflight.discard(tid)
+        t.worker = None
+        self.counters["nacked"] += 1
+        att = Attempt(t.deliveries, w.label, t.dispatched_at, self._wall(), "nack",
+                      error_type, error_message, traceback)
+        self._add_history(t, att)
+        self._failed.append((tid, att))
+        if delay is None:
+            delay = self.config.backoff.delay(t.deliveries, self._rng)
+        self._retry(t, delay, now)
+        return True
+
+    def on_term(
+        self,
+        ident: bytes,
+        tid: int,
+        now: float,
+        *,
+        reason: str = "",
+        error_type: str | None = None,
+        error_message: str | None = None,
+        traceback: str | None = None,
+    ) -> bool:
+        """TERM: never retry; dead-letter now with the reason. Returns accepted."""
+        target = self._answer_target(ident, tid)
+        if target is None:
+            return False
+        w, t = target
+        w.inflight.discard(tid)
+        t.worker = None
+        self.counters["termed"] += 1
+        self._add_history(t, Attempt(t.deliveries, w.label, t.dispatched_at, self._wall(),
+                                     "term", error_type, error_message or reason, traceback))
+        self._dead_letter(t, "term")
+        return True
+
+    def on_in_progress(self, ident: bytes, ids: Iterable[int], now: float) -> int:
+        """IN_PROGRESS: push the deadlines of these deliveries ``ack_wait`` ahead."""
+        n = 0
+        for tid in ids:
+            target = self._answer_target(ident, tid)
+            if target is None:
+                continue
+            _, t = target
+            t.deadline = now + self.config.ack_wait
+            # ack_wait is constant, so this deadline is >= every queued one: append keeps order.
+            self._deadlines.append((t.deadline, tid, t.deliveries))
+            n += 1
+        self.counters["in_progress"] += n
+        return n
+
+    # ------------------------------------------------------------------ time
+    def tick(self, now: float) -> None:
+        """Expire deadlines, release zombie slots, and move due retries back to the queue."""
+        dl = self._deadlines
+        tasks = self._tasks
+        while dl and dl[0][0] <= now:
+            deadline, tid, n = dl.popleft()
+            t = tasks.get(tid)
+            if t is None or t.state != INFLIGHT or t.deliveries != n or t.deadline != deadline:
+                continue  # answered or extended since: a dead entry
+            self._timeout(t, now)
+        zq = self._zombie_q
+        while zq and zq[0][0] <= now:
+            _, ident, tid = zq.popleft()
+            w = self._workers.get(ident)
+            if w is not None:
+                rel = w.zombies.get(tid)
+                if rel is not None and rel <= now:
+                    del w.zombies[tid]
+        delayed = self._delayed
+        if delayed and delayed[0][0] <= now:
+            due: list[int] = []
+            while delayed and delayed[0][0] <= now:
+                _, tid, n = heapq.heappop(delayed)
+                t = tasks.get(tid)
+                if t is not None and t.state == DELAYED and t.deliveries == n:
+                    t.state = PENDING
+                    due.append(tid)
+            self._pending.extendleft(reversed(due))
+
+    def _timeout(self, t: _Task, now: float) -> None:
+        ident = t.worker
+        assert ident is not None
+        w = self._workers.get(ident)
+        label = ident.hex()
+        if w is not None:
+            label = w.label
+            w.inflight.discard(t.id)
+            w.zombies[t.id] = now + self.config.ack_wait
+            self._zombie_q.append((now + self.config.ack_wait, ident, t.id))
+        t.worker = None
+        self.counters["timeouts"] += 1
+        att = Attempt(t.deliveries, label, t.dispatched_at, self._wall(), "timeout")
+        self._add_history(t, att)
+        self._failed.append((t.id, att))
+        self._retry(t, 0.0, now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time :meth:`tick` has something to do (None: nothing scheduled)."""
+        cands = []
+        if self._deadlines:
+            cands.append(self._deadlines[0][0])
+        if self._delayed:
+            cands.append(self._delayed[0][0])
+        if self._zombie_q:
+            cands.append(self._zombie_q[0][0])
+        return min(cands) if cands else None
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, now: float) -> list[tuple[bytes, list[tuple[int, int, Hashable | None]]]]:
+        """Assign pending tasks to workers with free credit.
+
+        Returns:
+            ``[(worker ident, [(task id, delivery number, key), ...]), ...]``. The I/O layer must
+            persist the new delivery numbers before it sends them (poison detection).
+        """
+        pending = self._pending
+        if not pending or not self._workers:
+            return []
+        ready = [w for w in self._workers.values() if w.free() > 0]
+        if not ready:
+            return []
+        free = {w.ident: w.free() for w in ready}
+        out: dict[bytes, list[tuple[int, int, Hashable | None]]] = {}
+        tasks = self._tasks
+        cfg = self.config
+        deadline = now + cfg.ack_wait
+        wall = self._wall()
+        per_key = cfg.per_key_ordering
+        prefer_other = cfg.prefer_other_worker and len(ready) > 1
+        i = 0
+        n_sent = 0
+        redelivered = 0
+        while pending and ready:
+            tid = pending.popleft()
+            t = tasks.get(tid)
+            if t is None or t.state != PENDING:
+                continue  # acked late or dead-lettered while queued: a dead entry
+            key = t.key
+            if per_key and key is not None:
+                holder = self._key_holder.get(key)
+                if holder is None:
+                    self._key_holder[key] = tid
+                elif holder != tid:
+                    t.state = WAITING_KEY
+                    self._key_wait.setdefault(key, deque()).append(tid)
+                    continue
+            if i >= len(ready):
+                i = 0
+            w = ready[i]
+            if prefer_other and t.last_worker == w.ident:
+                # Redelivery: try the next worker with credit instead of the one that failed.
+                w = ready[(i + 1) % len(ready)]
+            ident = w.ident
+            t.deliveries += 1
+            if t.deliveries > 1:
+                redelivered += 1
+            t.state = INFLIGHT
+            t.worker = ident
+            t.last_worker = ident
+            t.deadline = deadline
+            t.dispatched_at = wall
+            w.inflight.add(tid)
+            self._deadlines.append((deadline, tid, t.deliveries))
+            batch = out.get(ident)
+            if batch is None:
+                batch = out[ident] = []
+            batch.append((tid, t.deliveries, key))
+            n_sent += 1
+            left = free[ident] - 1
+            free[ident] = left
+            if left <= 0:
+                ready.remove(w)
+            else:
+                i += 1
+        self.counters["dispatched"] += n_sent
+        self.counters["redelivered"] += redelivered
+        mb = cfg.max_batch
+        result: list[tuple[bytes, list[tuple[int, int, Hashable | None]]]] = []
+        for ident, items in out.items():
+            for s in range(0, len(items), mb):
+                result.append((ident, items[s : s + mb]))
+        return result
+
+    # ------------------------------------------------------------------ internals
+    def _add_history(self, t: _Task, att: Attempt) -> None:
+        if t.history is None:
+            t.history = []
+        t.history.append(att)
+
+    def _retry(self, t: _Task, delay: float, now: float) -> None:
+        if t.deliveries >= self.config.max_deliveries:
+            self._dead_letter(t, "max_deliveries")
+            return
+        extra = self._budget.reserve(now)
+        if extra > 0:
+            self.counters["retries_throttled"] += 1
+        delay = max(0.0, delay) + extra
+        if delay <= 0:
+            t.state = PENDING
+            self._pending.appendleft(t.id)
+        else:
+            t.state = DELAYED
+            heapq.heappush(self._delayed, (now + delay, t.id, t.deliveries))
+
+    def _finish(self, t: _Task) -> None:
+        t.state = -1
+        t.worker = None
+        del self._tasks[t.id]
+        if t.key is not None and self._key_holder.get(t.key) == t.id:
+            del self._key_holder[t.key]
+            waiting = self._key_wait.get(t.key)
+            if waiting:
+                nxt = waiting.popleft()
+                if not waiting:
+                    del self._key_wait[t.key]
+                nt = self._tasks.get(nxt)
+                if nt is not None:
+                    nt.state = PENDING
+                    self._key_holder[t.key] = nxt
+                    self._pending.appendleft(nxt)
+
+    def _dead_letter(self, t: _Task, reason: str) -> None:
+        self._finish(t)
+        self.counters["dead_lettered"] += 1
+        self._dead.append(DeadLetter(t.id, t.key, reason, t.deliveries, t.history or []))
+
+    # ------------------------------------------------------------------ out
+    def take_effects(self) -> Effects:
+        """Collect (and clear) the acks, dead letters and failures to persist."""
+        eff = Effects(self._acked, self._dead, self._failed)
+        self._acked = []
+        self._dead = []
+        self._failed = []
+        return eff
+
+    def has_effects(self) -> bool:
+        """Whether :meth:`take_effects` would return anything."""
+        return bool(self._acked or self._dead or self._failed)
+
+    def stats(self) -> dict[str, int]:
+        """Counters plus gauges (pending, in flight, delayed, workers)."""
+        out = dict(self.counters)
+        inflight = sum(len(w.inflight) for w in self._workers.values())
+        out["unacked"] = len(self._tasks)
+        out["inflight"] = inflight
+        out["delayed"] = sum(1 for t in self._tasks.values() if t.state == DELAYED)
+        out["pending"] = sum(1 for t in self._tasks.values() if t.state in (PENDING, WAITING_KEY))
+        out["workers"] = len(self._workers)
+        return out
+
+    def worker_load(self) -> dict[bytes, tuple[int, int]]:
+        """``{ident: (in flight + zombies, credit)}`` for every worker."""
+        return {
+            w.ident: (len(w.inflight) + len(w.zombies), w.credit) for w in self._workers.values()
+        }
+
+    def unacked_ids(self) -> list[int]:
+        """Ids not yet acked nor dead-lettered, sorted."""
+        return sorted(self._tasks)
