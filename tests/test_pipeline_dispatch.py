@@ -8,7 +8,7 @@ import pytest
 
 from mesh.errors import ConfigError
 from patterns.pipeline.backoff import Backoff, RetryBudget, RetryBudgetConfig
-from patterns.pipeline.dispatch import Dispatcher, DispatchConfig
+from patterns.pipeline.dispatch import DispatchConfig, Dispatcher
 
 W1 = b"w1"
 W2 = b"w2"

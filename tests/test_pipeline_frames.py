@@ -89,7 +89,7 @@ def test_decoder_never_crashes_on_garbage(frames: list[bytes]) -> None:
     )
 )
 def test_task_round_trip_property(items: list[tuple[int, int, int, object, bytes]]) -> None:
-    cmd, ds = f.decode(f.encode_tasks(items))  # type: ignore[arg-type]
+    _cmd, ds = f.decode(f.encode_tasks(items))  # type: ignore[arg-type]
     assert [(d.task_id, d.delivery, d.ack_wait_ms, d.key, d.payload) for d in ds] == items
 
 
