@@ -1,0 +1,607 @@
+"""mDNS discovery: announce this node with zeroconf and feed the peers it finds to the node.
+
+Two classes:
+
+* :class:`MdnsBrowser` browses and resolves ``_zeromesh._tcp.local.`` services, decodes their
+  TXT records (:mod:`mesh.txt`), keeps the peers of one mesh (or of all meshes) and reports
+  them through two callbacks. It never announces anything: ``mesh peers`` uses it alone.
+* :class:`MdnsDiscovery` is what the node owns: it registers the node's service, runs an
+  :class:`MdnsBrowser` and hands peers to ``node.peers.upsert(info, source="mdns")`` /
+  ``node.peers.goodbye(node_id)``.
+
+Threads. zeroconf runs its own asyncio loop thread; its browser calls handlers on its own
+thread, where blocking resolution is allowed. Registration, re-announcement, record updates
+and unregistration block for up to about half a second each, so they run on one worker thread
+of :class:`MdnsDiscovery` ("zeromesh-mdns"); the node's reactor only ever enqueues a command
+(``update()``) or waits a bounded time for the worker to finish (``close()``).
+
+Presence is not decided here: mDNS record expiry does not mean a peer died (the node's
+heartbeats do). Discovery only says "this peer exists, here is how to reach it" and "it said
+goodbye". A peer's record that is heard again (a periodic re-announcement after a link came
+back) is upserted again, so that the node can reconnect a peer its heartbeats declared gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from zeroconf import (
+    DNSQuestionType,
+    InterfaceChoice,
+    IPVersion,
+    RecordUpdateListener,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+
+from mesh.errors import ConfigError, MeshError, TxtRecordError
+from mesh.peers import PeerInfo
+from mesh.txt import DEFAULT_TXT_BUDGET, EncodedTxt, TxtRecord, decode_txt, encode_txt
+
+__all__ = [
+    "ENV_INTERFACE",
+    "SERVICE_TYPE",
+    "DiscoveryConfig",
+    "MdnsBrowser",
+    "MdnsDiscovery",
+    "choose_interfaces",
+    "open_zeroconf",
+]
+
+log = logging.getLogger("mesh.discovery")
+
+#: The DNS-SD service type every zeromesh node announces.
+SERVICE_TYPE = "_zeromesh._tcp.local."
+#: Environment variable naming the interface(s) mDNS uses when the config does not.
+ENV_INTERFACE = "ZEROMESH_INTERFACE"
+
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "[*]")
+_DNS_TYPE_TXT = 16  # RFC 1035
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Knobs of mDNS discovery (defaults suit a LAN).
+
+    Attributes:
+        service_type: DNS-SD type; tests use a unique one each (``_zm-xxxxxxxx._tcp.local.``).
+        interfaces: addresses or interface names for mDNS; None means the node's
+            ``config.interface``, else the ``ZEROMESH_INTERFACE`` environment variable, else
+            every suitable interface.
+        txt_budget: bytes the TXT record may use (see :mod:`mesh.txt`).
+        resolve_timeout: seconds to wait for a service's SRV/TXT after it appeared.
+        close_timeout: seconds ``close()`` waits for the goodbye and zeroconf shutdown.
+        reannounce_interval: seconds between unsolicited re-announcements of our record, so a
+            peer behind a link that came back hears us again; None disables them.
+        refresh_min_interval: a peer heard again (same record) is re-upserted at most this
+            often.
+    """
+
+    service_type: str = SERVICE_TYPE
+    interfaces: tuple[str, ...] | None = None
+    txt_budget: int = DEFAULT_TXT_BUDGET
+    resolve_timeout: float = 3.0
+    close_timeout: float = 3.0
+    reannounce_interval: float | None = 20.0
+    refresh_min_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.service_type.endswith("._tcp.local.") and self.service_type.startswith("_")):
+            raise ConfigError(f"service type {self.service_type!r} is not _name._tcp.local.")
+        if self.reannounce_interval is not None and self.reannounce_interval < 1.0:
+            # zeroconf refuses to re-multicast a record within 1 s of the last one anyway.
+            raise ConfigError("reannounce_interval must be >= 1 s")
+        if self.resolve_timeout <= 0 or self.close_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+
+
+def _split_interface_spec(spec: str) -> list[str]:
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def choose_interfaces(configured: str | None = None,
+                      explicit: tuple[str, ...] | None = None) -> list[str] | None:
+    """Resolve the interface choice to a list of IPv4 addresses, or None for "all".
+
+    Order: ``explicit`` (DiscoveryConfig.interfaces), then ``configured`` (node config
+    ``interface``), then the ``ZEROMESH_INTERFACE`` environment variable. Each is a
+    comma-separated list of IPv4 addresses or interface names, or ``all``.
+
+    Raises:
+        ConfigError: an address that is not IPv4 or a name that is not an interface with an
+            IPv4 address.
+    """
+    items: list[str]
+    if explicit is not None:
+        items = list(explicit)
+    elif configured:
+        items = _split_interface_spec(configured)
+    else:
+        items = _split_interface_spec(os.environ.get(ENV_INTERFACE, ""))
+    if not items or items == ["all"]:
+        return None
+    out: list[str] = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.IPv4Address(item)))
+            continue
+        except ValueError:
+            pass
+        out.extend(_addresses_of(item))
+    return list(dict.fromkeys(out))
+
+
+def _addresses_of(ifname: str) -> list[str]:
+    import ifaddr  # a dependency of zeroconf
+
+    for adapter in ifaddr.get_adapters():
+        if adapter.nice_name == ifname or adapter.name == ifname:
+            ips = [str(ip.ip) for ip in adapter.ips if ip.is_IPv4]
+            if ips:
+                return ips
+            raise ConfigError(f"interface {ifname!r} has no IPv4 address")
+    raise ConfigError(f"interface {ifname!r}: not an IPv4 address nor a known interface name")
+
+
+def _all_lan_addresses() -> list[str]:
+    import ifaddr
+
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if ip.is_IPv4 and not ipaddress.IPv4Address(str(ip.ip)).is_loopback:
+                out.append(str(ip.ip))
+    return out
+
+
+def open_zeroconf(addresses: list[str] | None) -> Any:
+    """Open a ``zeroconf.Zeroconf`` (IPv4) on these addresses, or on all interfaces for None.
+
+    Raises:
+        ConfigError: the sockets cannot be opened there (no such address, no multicast).
+    """
+    try:
+        if addresses is None:
+            return Zeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+        return Zeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
+    except OSError as exc:
+        raise ConfigError(f"cannot open mDNS on {addresses or 'all interfaces'}: {exc}") from exc
+
+
+class _Sink(Protocol):
+    def upsert(self, info: PeerInfo, source: str = ...) -> object: ...
+
+    def goodbye(self, node_id: str) -> object: ...
+
+
+class MdnsBrowser:
+    """Browse, resolve and decode zeromesh announcements (passive: announces nothing).
+
+    Callbacks run on zeroconf's browser thread (or the discovery worker for refreshes); they
+    must be quick and thread-safe. ``on_peer`` gets every accepted record, new or changed (or
+    heard again when ``refresh`` is used); ``on_goodbye`` gets the node id of a peer whose
+    service was removed (goodbye or expiry).
+
+    Args:
+        zc: an open ``zeroconf.Zeroconf``; the browser does not close it.
+        service_type: the DNS-SD type to browse.
+        mesh: keep only this mesh's peers; None keeps all meshes (for ``mesh peers``).
+        on_peer: called with each accepted :class:`mesh.txt.TxtRecord`.
+        on_goodbye: called with a node id.
+        ignore_id: our own node id (ignored).
+        resolve_timeout: seconds to wait for a service's records.
+    """
+
+    def __init__(self, zc: Any, *, service_type: str = SERVICE_TYPE, mesh: str | None,
+                 on_peer: Callable[[TxtRecord], None], on_goodbye: Callable[[str], None],
+                 ignore_id: str | None = None, resolve_timeout: float = 3.0) -> None:
+        self._zc = zc
+        self._type = service_type
+        self._mesh = mesh
+        self._on_peer = on_peer
+        self._on_goodbye = on_goodbye
+        self._ignore_id = ignore_id
+        self._resolve_ms = int(resolve_timeout * 1000)
+        self._lock = threading.Lock()
+        self._names: dict[str, str] = {}  # service name -> node id, for accepted records only
+        self._logged: set[tuple[str, str]] = set()
+        self._browser: Any = None
+        self._closed = False
+        self._stats: dict[str, int] = dict.fromkeys(
+            ("resolved", "accepted", "goodbyes", "ignored_self", "ignored_other_mesh",
+             "malformed", "resolve_failed", "callback_errors"), 0)
+
+    def start(self) -> None:
+        """Start browsing (returns at once; results arrive through the callbacks)."""
+        # QM: the first QU query (unicast reply) gets lost in network namespaces (TESTING.md).
+        self._browser = ServiceBrowser(self._zc, self._type, handlers=[self._handle],
+                                       question_type=DNSQuestionType.QM)
+
+    def close(self) -> None:
+        """Stop browsing; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._browser is not None:
+            self._browser.cancel()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: resolved, accepted, goodbyes, ignored_*, malformed, resolve_failed."""
+        with self._lock:
+            return dict(self._stats)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._stats[key] += 1
+
+    def _handle(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if self._closed:
+            return
+        try:
+            if state_change is ServiceStateChange.Removed:
+                with self._lock:
+                    node_id = self._names.pop(name, None)
+                if node_id is not None:
+                    self._count("goodbyes")
+                    self._on_goodbye(node_id)
+                return
+            info = zeroconf.get_service_info(service_type, name, timeout=self._resolve_ms,
+                                             question_type=DNSQuestionType.QM)
+            if info is None:
+                self._count("resolve_failed")
+                log.info("mdns: could not resolve %s within %d ms", name, self._resolve_ms)
+                return
+            self.accept(name, info.properties)
+        except Exception:  # a bug in a callback must not kill zeroconf's browser thread
+            self._count("callback_errors")
+            log.exception("mdns: error handling %s %s", state_change, name)
+
+    def accept(self, name: str, properties: Mapping[Any, Any] | None) -> bool:
+        """Decode a resolved record and report it; return whether it was accepted.
+
+        Used by the browser thread and by refreshes. Never raises for a bad record: it logs
+        one line and counts it under ``malformed``.
+        """
+        self._count("resolved")
+        try:
+            record = decode_txt(properties)
+        except TxtRecordError as exc:
+            self._count("malformed")
+            # Every rejection is counted, but a record repeated by a hostile or broken sender
+            # is logged once, so it cannot flood the log.
+            key = (name, str(exc))
+            with self._lock:
+                first = key not in self._logged
+                if first and len(self._logged) < 1024:
+                    self._logged.add(key)
+            if first:
+                log.warning("mdns: ignoring malformed zeromesh record %s: %s", name, exc)
+            return False
+        if record.info.node_id == self._ignore_id:
+            self._count("ignored_self")
+            return False
+        if self._mesh is not None and record.info.mesh != self._mesh:
+            self._count("ignored_other_mesh")
+            log.debug("mdns: ignoring %s of mesh %r", name, record.info.mesh)
+            return False
+        with self._lock:
+            if self._closed:
+                return False
+            self._names[name] = record.info.node_id
+            self._stats["accepted"] += 1
+        self._on_peer(record)
+        return True
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is a service whose record was accepted and not removed."""
+        with self._lock:
+            return name in self._names
+
+
+class _RefreshListener(RecordUpdateListener):
+    """Hears TXT records of our type arriving again unchanged (zeroconf's browser does not
+    report those) and asks the discovery worker to re-upsert the peer. Runs in zeroconf's loop:
+    it only enqueues."""
+
+    def __init__(self, service_suffix: str, post: Callable[[str], None]) -> None:
+        super().__init__()
+        self._suffix = service_suffix.lower()
+        self._post = post
+
+    def async_update_records(self, zc: Any, now: float, records: list[Any]) -> None:
+        for update in records:
+            rec = update.new
+            if (update.old is not None and rec.type == _DNS_TYPE_TXT and rec.ttl > 0
+                    and rec.name.lower().endswith(self._suffix)):
+                self._post(rec.name)
+
+    def async_update_records_complete(self) -> None:
+        return None
+
+    def update_record(self, zc: Any, now: float, record: Any) -> None:  # zeroconf's old API
+        return None
+
+
+@dataclass
+class _Announce:
+    """What we announce, as last built from ``node.info()``."""
+
+    txt: EncodedTxt
+    port: int
+    addresses: list[str]
+    info: Any = field(default=None)  # the zeroconf ServiceInfo
+
+
+class MdnsDiscovery:
+    """Announce a node on mDNS and feed the peers of its mesh into ``node.peers``.
+
+    Args:
+        node: the owning node. Used: ``id``, ``name``, ``mesh``, ``host``, ``config``
+            (``interface``, ``mdns``), ``info()``, ``peers.upsert(info, source="mdns")`` and
+            ``peers.goodbye(node_id)``.
+        config: discovery knobs; defaults when None.
+    """
+
+    def __init__(self, node: Any, config: DiscoveryConfig | None = None) -> None:
+        self._node = node
+        self._config = config or DiscoveryConfig()
+        self._commands: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._zc: Any = None
+        self._browser: MdnsBrowser | None = None
+        self._refresh: _RefreshListener | None = None
+        self._addresses: list[str] | None = None
+        self._announce: _Announce | None = None
+        self._last_upsert: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stats: dict[str, int] = dict.fromkeys(
+            ("registered", "reannounced", "updates_sent", "upserts", "refreshes",
+             "truncated", "errors", "txt_bytes"), 0)
+        self._instance = f"{node.id}.{self._config.service_type}"
+
+    # --- API used by the node ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open mDNS on the chosen interfaces, start browsing, and announce in the background.
+
+        Returns once zeroconf's sockets are open (milliseconds); the announcement (about
+        0.5 s of blocking zeroconf work) happens on the discovery worker thread.
+
+        Raises:
+            ConfigError: a bad interface choice, or mDNS cannot open its sockets there.
+        """
+        with self._lock:
+            if self._closed or self._thread is not None:
+                return
+            cfg_iface = getattr(self._node.config, "interface", None)
+            self._addresses = choose_interfaces(cfg_iface, self._config.interfaces)
+            self._zc = open_zeroconf(self._addresses)
+            self._browser = MdnsBrowser(
+                self._zc, service_type=self._config.service_type, mesh=self._node.mesh,
+                on_peer=self._on_peer, on_goodbye=self._on_goodbye, ignore_id=self._node.id,
+                resolve_timeout=self._config.resolve_timeout)
+            self._thread = threading.Thread(target=self._run, name="zeromesh-mdns", daemon=True)
+            self._thread.start()
+
+    def update(self) -> None:
+        """The node's info changed: re-announce the new TXT record (in the background)."""
+        self._commands.put(("update", ""))
+
+    def close(self) -> None:
+        """Say goodbye (unregister), stop browsing and close zeroconf; idempotent.
+
+        Waits at most ``config.close_timeout`` seconds; past it the worker (a daemon thread)
+        is left to finish on its own and an error is counted.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        self._commands.put(("close", ""))
+        thread.join(self._config.close_timeout)
+        if thread.is_alive():
+            with self._lock:
+                self._stats["errors"] += 1
+            log.warning("mdns: close did not finish within %.1f s", self._config.close_timeout)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of announcements and of what the browser accepted or ignored.
+
+        Keys: registered, reannounced, updates_sent, upserts, refreshes, truncated (1 when our
+        own record had to set ``more=1``), errors, txt_bytes, and the browser's resolved,
+        accepted, goodbyes, ignored_self, ignored_other_mesh, malformed, resolve_failed,
+        callback_errors.
+        """
+        with self._lock:
+            out = dict(self._stats)
+        if self._browser is not None:
+            out.update(self._browser.stats())
+        return out
+
+    @property
+    def interfaces(self) -> list[str] | None:
+        """The IPv4 addresses mDNS runs on (None: all interfaces); known after start()."""
+        return self._addresses
+
+    # --- peers found -------------------------------------------------------------------------
+
+    def _on_peer(self, record: TxtRecord) -> None:
+        # A partial record (more=1) is upserted too: the node connects, and its HELLO
+        # carries the full PeerInfo, which completes the entry.
+        with self._lock:
+            self._stats["upserts"] += 1
+            self._last_upsert[record.info.node_id] = time.monotonic()
+        self._node.peers.upsert(record.info, source="mdns")
+
+    def _on_goodbye(self, node_id: str) -> None:
+        with self._lock:
+            self._last_upsert.pop(node_id, None)
+        self._node.peers.goodbye(node_id)
+
+    # --- worker ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._browser is not None
+        try:
+            self._browser.start()
+            self._refresh = _RefreshListener(self._config.service_type, self._post_refresh)
+            self._zc.add_listener(self._refresh, None)
+            self._register()
+            self._loop()
+        except Exception:
+            with self._lock:
+                self._stats["errors"] += 1
+            log.exception("mdns: discovery worker failed")
+        finally:
+            self._shutdown()
+
+    def _post_refresh(self, name: str) -> None:
+        self._commands.put(("refresh", name))
+
+    def _loop(self) -> None:
+        interval = self._config.reannounce_interval
+        next_announce = None if interval is None else time.monotonic() + interval
+        while True:
+            timeout = None if next_announce is None else max(0.0, next_announce - time.monotonic())
+            try:
+                cmd, arg = self._commands.get(timeout=timeout)
+            except queue.Empty:
+                cmd, arg = "reannounce", ""
+            if cmd == "close":
+                return
+            try:
+                if cmd == "update":
+                    self._update()
+                elif cmd == "refresh":
+                    self._refresh_peer(arg)
+                elif cmd == "reannounce" and self._announce is not None:
+                    self._zc.send(self._zc.generate_service_broadcast(self._announce.info, None))
+                    with self._lock:
+                        self._stats["reannounced"] += 1
+            except MeshError as exc:
+                with self._lock:
+                    self._stats["errors"] += 1
+                log.warning("mdns: %s failed: %s", cmd, exc)
+            if interval is not None and (cmd in ("reannounce", "update")
+                                         or time.monotonic() >= (next_announce or 0)):
+                next_announce = time.monotonic() + interval
+
+    def _build(self) -> _Announce:
+        info: PeerInfo = self._node.info()
+        addresses = self._addresses if self._addresses is not None else _all_lan_addresses()
+        endpoints = {role: _expand_wildcards(eps, addresses)
+                     for role, eps in info.endpoints.items()}
+        info = PeerInfo(node_id=info.node_id, name=info.name, mesh=info.mesh,
+                        version=info.version, host=info.host, endpoints=endpoints,
+                        offers=info.offers, public_key=info.public_key)
+        txt = encode_txt(info, budget=self._config.txt_budget)
+        port = _control_port(endpoints)
+        zinfo = ServiceInfo(self._config.service_type, self._instance, port=port,
+                            properties=txt.properties, server=f"zm-{info.node_id}.local.",
+                            parsed_addresses=addresses[:8])
+        with self._lock:
+            self._stats["truncated"] = int(txt.truncated)
+            self._stats["txt_bytes"] = txt.size
+        if txt.truncated:
+            log.info("mdns: TXT record truncated to %d bytes (more=1); peers use HELLO",
+                     txt.size)
+        return _Announce(txt=txt, port=port, addresses=addresses, info=zinfo)
+
+    def _register(self) -> None:
+        ann = self._build()
+        # Instance names are 128-bit random node ids: probing for a name conflict buys nothing
+        # and costs 1.7 s, so announce straight away as a cooperating responder.
+        self._zc.register_service(ann.info, cooperating_responders=True)
+        self._announce = ann
+        with self._lock:
+            self._stats["registered"] += 1
+
+    def _update(self) -> None:
+        while True:  # collapse a burst of update() calls into one announcement
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] != "update":
+                self._commands.put(cmd)
+                break
+        ann = self._build()
+        old = self._announce
+        if old is not None and (old.txt.properties == ann.txt.properties
+                                and old.port == ann.port and old.addresses == ann.addresses):
+            return
+        if old is None:
+            self._zc.register_service(ann.info, cooperating_responders=True)
+        else:
+            self._zc.update_service(ann.info)
+        self._announce = ann
+        with self._lock:
+            self._stats["updates_sent"] += 1
+
+    def _refresh_peer(self, name: str) -> None:
+        if self._browser is None or name.lower() == self._instance.lower():
+            return
+        node_id = name.split(".", 1)[0]
+        with self._lock:
+            last = self._last_upsert.get(node_id, 0.0)
+        if time.monotonic() - last < self._config.refresh_min_interval:
+            return
+        info = ServiceInfo(self._config.service_type, name)
+        if not info.load_from_cache(self._zc):
+            return
+        with self._lock:
+            self._stats["refreshes"] += 1
+        self._browser.accept(name, info.properties)
+
+    def _shutdown(self) -> None:
+        try:
+            if self._browser is not None:
+                self._browser.close()
+            if self._refresh is not None:
+                self._zc.remove_listener(self._refresh)
+            if self._announce is not None:
+                self._zc.unregister_service(self._announce.info)  # the goodbye (TTL 0)
+        except Exception:
+            with self._lock:
+                self._stats["errors"] += 1
+            log.exception("mdns: error while saying goodbye")
+        finally:
+            self._zc.close()
+
+
+def _expand_wildcards(endpoints: tuple[str, ...], addresses: list[str]) -> tuple[str, ...]:
+    """``tcp://*:5000`` is how a node binds, not how a peer connects: announce one endpoint per
+    address mDNS runs on instead."""
+    out: list[str] = []
+    for ep in endpoints:
+        if ep.startswith("tcp://"):
+            host, _, port = ep[6:].rpartition(":")
+            if host in _WILDCARD_HOSTS:
+                out.extend(f"tcp://{a}:{port}" for a in addresses)
+                continue
+        out.append(ep)
+    return tuple(dict.fromkeys(out))
+
+
+def _control_port(endpoints: Mapping[str, tuple[str, ...]]) -> int:
+    for ep in endpoints.get("control", ()):
+        if ep.startswith("tcp://"):
+            port = ep.rpartition(":")[2]
+            if port.isdigit():
+                return int(port)
+    return 0
