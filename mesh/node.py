@@ -1,0 +1,1081 @@
+"""The node: identity, sockets, the control channel, the peer table and presence.
+
+A :class:`Node` owns one ZeroMQ context, one data directory (where its stable id lives), and
+one :class:`~mesh.reactor.Reactor` thread that owns every socket the node uses. Public methods
+are safe from any thread; they hand work to the reactor (batched, see ``send``). Patterns create
+their sockets with :meth:`Node.socket` (the one place limits, and later CURVE and metrics, are
+applied) and may register them with ``node.reactor``.
+
+The control channel (docs/parts/protocol-control.md): a bound ROUTER receives everything; to
+talk to a peer the node connects one DEALER (routing id = our node id) to the peer's control
+endpoint. HELLO / UPDATE / PING / PONG / GOSSIP / BYE are handled here; other kinds go to the
+handlers registered with :meth:`Node.handle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import queue
+import re
+import socket as _socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from mesh import control
+from mesh.control import Hello
+from mesh.errors import (
+    ClosedError,
+    ConfigError,
+    PeerError,
+    PeerUnreachable,
+    ProtocolError,
+    UnsupportedProtocol,
+)
+from mesh.peers import (
+    OFFER_KINDS,
+    PROTOCOL_VERSION,
+    PeerEvent,
+    PeerEventKind,
+    PeerInfo,
+    PeerState,
+    PeerTable,
+    Presence,
+)
+from mesh.reactor import Reactor, Timer
+from mesh.transport import (
+    announce_addresses,
+    choose_endpoint,
+    host_id,
+    ipc_dir,
+    ipc_path,
+    resolve_interface,
+)
+
+__all__ = ["Node", "NodeConfig", "PresenceConfig"]
+
+log = logging.getLogger(__name__)
+
+_NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+#: Multiparts drained from the control ROUTER per reactor turn (fairness with other sockets).
+_RECV_BATCH = 1000
+#: (header, body) pairs per outgoing multipart.
+_SEND_BATCH = 256
+#: Full gossip to every peer once per this many heartbeats (joins also trigger one).
+_GOSSIP_EVERY = 10
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    """Presence timing (defaults in the spirit of ZRE).
+
+    Attributes:
+        heartbeat_s: interval of presence ticks and keepalive PINGs.
+        evasive_s: quiet time after which a peer is evasive (and pinged every heartbeat).
+        gone_s: quiet time after which a peer is gone (LEFT event).
+        prune_s: how long a gone peer stays listed before it is forgotten.
+    """
+
+    heartbeat_s: float = 1.0
+    evasive_s: float = 3.0
+    gone_s: float = 10.0
+    prune_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.evasive_s < self.gone_s:
+            raise ConfigError(
+                "presence needs 0 < heartbeat_s < evasive_s < gone_s, got "
+                f"{self.heartbeat_s}, {self.evasive_s}, {self.gone_s}"
+            )
+        if self.prune_s < 0:
+            raise ConfigError(f"prune_s must be >= 0, got {self.prune_s}")
+
+
+def _check_endpoint(ep: object) -> None:
+    if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"peer endpoint must be a tcp:// or ipc:// string, got {ep!r}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Configuration of one node.
+
+    Attributes:
+        data_dir: the node's directory (its id lives in ``node.id``).
+        name: human-readable name; default ``<hostname>-<pid>``.
+        mesh: mesh name; nodes of other meshes are ignored.
+        interface: IPv4 address, interface name, or ``*`` to bind tcp on; None reads the
+            ``ZEROMESH_INTERFACE`` environment variable, else ``*`` (all interfaces, announced
+            with their concrete addresses).
+        transports: ``"tcp"`` and/or ``"ipc"``.
+        static_peers: control endpoints of peers to dial (and redial) always.
+        seeds: control endpoints to dial at start; the rest of the mesh is learnt by gossip.
+        mdns: start mDNS discovery (``mesh.discovery``) when it is available.
+        presence: heartbeat / evasive / gone timing.
+        linger_ms: LINGER of every socket (how long close waits to deliver queued messages).
+        max_message_bytes: MAXMSGSIZE of every socket, and the largest control body sent.
+        hwm: send and receive high-water marks of every socket.
+    """
+
+    data_dir: str | Path
+    name: str | None = None
+    mesh: str = "default"
+    interface: str | None = None
+    transports: tuple[str, ...] = ("tcp", "ipc")
+    static_peers: tuple[str, ...] = ()
+    seeds: tuple[str, ...] = ()
+    mdns: bool = True
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    linger_ms: int = 1000
+    max_message_bytes: int = 4 << 20
+    hwm: int = 10000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mesh, str) or not 0 < len(self.mesh) <= 64:
+            raise ConfigError(f"mesh name must be 1-64 characters, got {self.mesh!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise ConfigError(f"node name must be a non-empty string, got {self.name!r}")
+        if not self.transports or not set(self.transports) <= {"tcp", "ipc"}:
+            raise ConfigError(f"transports must be a non-empty subset of tcp, ipc: {self.transports}")
+        for ep in (*self.static_peers, *self.seeds):
+            _check_endpoint(ep)
+        for key in ("linger_ms", "max_message_bytes", "hwm"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0 or (key != "linger_ms" and value == 0):
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def load_node_id(data_dir: Path) -> str:
+    """Read ``data_dir/node.id``, creating it (atomic write + rename + fsync) when absent.
+
+    Raises:
+        ConfigError: the file exists but does not hold a node id, or cannot be written.
+    """
+    path = data_dir / "node.id"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if text is not None:
+        if not _NODE_ID_RE.match(text):
+            raise ConfigError(f"{path} does not hold a node id (32 hex chars): {text[:40]!r}")
+        return text
+    node_id = uuid.uuid4().hex
+    tmp = data_dir / f".node.id.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(node_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(data_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from exc
+    return node_id
+
+
+class _Link:
+    """Our DEALER to one peer's control ROUTER, with its outgoing batch."""
+
+    __slots__ = ("created", "endpoint", "last_sent", "node_id", "out", "sock", "static", "token")
+
+    def __init__(
+        self, sock: zmq.Socket[Any], endpoint: str, token: int, node_id: str | None,
+        static: str | None, now: float,
+    ) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+        self.token = token
+        self.node_id = node_id  # None while a static/seed dial has not been answered
+        self.static = static  # the configured endpoint this link serves (redialled when gone)
+        self.last_sent = 0.0
+        self.created = now
+        self.out: list[tuple[str, bytes]] = []
+
+
+_CLOSED = object()
+
+
+class Node:
+    """A mesh node. Use as a context manager, or call :meth:`close`.
+
+    ``Node(config)`` or ``Node(data_dir=..., name=..., **other NodeConfig fields)``.
+
+    Raises:
+        ConfigError: invalid configuration, unreadable id file, or nothing could be bound.
+    """
+
+    def __init__(self, config: NodeConfig | None = None, /, **kwargs: Any) -> None:
+        if config is None:
+            config = NodeConfig(**kwargs)
+        elif kwargs:
+            raise ConfigError("pass either a NodeConfig or keyword arguments, not both")
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create data dir {self.data_dir}: {exc}") from exc
+        self.id = load_node_id(self.data_dir)
+        self.name = config.name or f"{_socket.gethostname()}-{os.getpid()}"
+        self.mesh = config.mesh
+        self.host = host_id()
+        self._bind_host = resolve_interface(
+            config.interface or os.environ.get("ZEROMESH_INTERFACE") or "*"
+        )
+        p = config.presence
+        self._clock = time.monotonic
+        self.peers = PeerTable(
+            Presence(p.evasive_s, p.gone_s, p.prune_s),
+            on_upsert=self._discovered,
+            on_goodbye=self._discovery_goodbye,
+            clock=self._clock,
+        )
+        self._presence = self.peers.presence
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.reactor = Reactor(self.context, name=f"zeromesh-{self.name}")
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._sockets_lock = threading.Lock()
+        self._sockets: list[zmq.Socket[Any]] = []
+        self._info_lock = threading.Lock()
+        self._endpoints: dict[str, tuple[str, ...]] = {}
+        self._offers: dict[str, set[str]] = {k: set() for k in OFFER_KINDS}
+        self._info: PeerInfo | None = None
+        self._ipc_count: dict[str, int] = {}
+        self._handlers: dict[str, Callable[[str, Any], None]] = {}
+        self._subscribers: tuple[Callable[[PeerEvent], None], ...] = ()
+        self._iter_closers: set[Callable[[], None]] = set()
+        # reactor-thread state
+        self._router: zmq.Socket[Any] | None = None
+        self._links: dict[str, _Link] = {}
+        self._dials: dict[int, _Link] = {}
+        self._dirty: dict[int, _Link] = {}
+        self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
+        self._flush_scheduled = False
+        self._gossip_scheduled = False
+        self._ticks = 0
+        self._heartbeat: Timer | None = None
+        # cross-thread send queue (one wake-up per batch, not per message)
+        self._out_lock = threading.Lock()
+        self._outq: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        self._out_scheduled = False
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._discovery: Any = None
+        try:
+            self.reactor.start()
+            self.reactor.run_sync(self._setup)
+        except BaseException:
+            self._teardown()
+            raise
+        if config.mdns:
+            self._start_discovery()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name} {self.id[:12]} mesh={self.mesh}{' closed' if self._closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def _start_discovery(self) -> None:
+        try:
+            from mesh.discovery import MdnsDiscovery  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            log.warning("node %s: mDNS discovery unavailable (%s); static peers only", self.name, exc)
+            return
+        try:
+            self._discovery = MdnsDiscovery(self)
+            self._discovery.start()
+        except Exception:
+            log.exception("node %s: mDNS discovery failed to start; static peers only", self.name)
+            self._discovery = None
+
+    def close(self) -> None:
+        """Say BYE to peers, stop the reactor, close every socket and the context. Idempotent.
+
+        Queued control messages get up to ``min(linger_ms, 250)`` ms to leave (a dead peer does
+        not hold close for the full linger).
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._discovery is not None:
+            try:
+                self._discovery.close()
+            except Exception:
+                log.exception("node %s: closing discovery failed", self.name)
+        try:
+            self.reactor.run_sync(self._shutdown, timeout=2.0)
+        except Exception:
+            log.exception("node %s: shutdown on the reactor failed", self.name)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self._closed = True
+        try:
+            self.reactor.stop(timeout=5.0)
+        except Exception:
+            log.exception("node %s: reactor stop failed", self.name)
+        with self._sockets_lock:
+            socks, self._sockets = self._sockets, []
+        for s in socks:
+            if not s.closed:
+                s.close()
+        self.context.term()
+        for closer in list(self._iter_closers):
+            closer()
+
+    # --- sockets ------------------------------------------------------------------------------
+
+    def socket(self, socket_type: int, role: str) -> zmq.Socket[Any]:
+        """Create a socket with the node's options; the one place every mesh socket is made.
+
+        Applies LINGER, MAXMSGSIZE, SNDHWM/RCVHWM, and ZMTP heartbeats on ROUTER/DEALER, and
+        tracks the socket so :meth:`close` closes it. The caller owns it thereafter: use it on
+        one thread only (the reactor's, for sockets registered with ``node.reactor``).
+
+        Raises:
+            ClosedError: the node is closed.
+        """
+        if self._closed and not self.reactor.in_reactor_thread():
+            raise ClosedError(f"node {self.name} is closed")
+        try:
+            sock: zmq.Socket[Any] = self.context.socket(socket_type)
+        except zmq.ZMQError as exc:
+            raise ClosedError(f"node {self.name}: cannot create a {role} socket: {exc}") from exc
+        c = self.config
+        sock.setsockopt(zmq.LINGER, c.linger_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes + 4096)  # room for headers
+        sock.setsockopt(zmq.SNDHWM, c.hwm)
+        sock.setsockopt(zmq.RCVHWM, c.hwm)
+        if socket_type in (zmq.ROUTER, zmq.DEALER):
+            # ZMTP heartbeats make libzmq drop a frozen peer's TCP connection (so reconnection
+            # starts); presence itself is decided by the mesh's own messages.
+            ivl = max(100, int(c.presence.heartbeat_s * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl * 3, int(c.presence.evasive_s * 1000)))
+        with self._sockets_lock:
+            self._sockets = [s for s in self._sockets if not s.closed]
+            self._sockets.append(sock)
+        return sock
+
+    def bind(self, sock: zmq.Socket[Any], role: str) -> tuple[str, ...]:
+        """Bind ``sock`` on every configured transport; announce the endpoints under ``role``.
+
+        tcp binds the configured interface on an OS-chosen port; ipc binds a short path in the
+        per-user runtime directory. The concrete endpoints (a wildcard replaced by announceable
+        addresses) are added to ``node.info().endpoints[role]``.
+
+        Returns:
+            The endpoints bound.
+
+        Raises:
+            PeerError: a bind failed (address in use, bad interface...).
+            ConfigError: the ipc directory or path is unusable.
+        """
+        endpoints: list[str] = []
+        try:
+            if "tcp" in self.config.transports:
+                sock.bind(f"tcp://{self._bind_host}:*")
+                last = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                port = last.rsplit(":", 1)[1]
+                endpoints += [f"tcp://{a}:{port}" for a in announce_addresses(self._bind_host)]
+            if "ipc" in self.config.transports:
+                with self._info_lock:
+                    index = self._ipc_count.get(role, 0)
+                    self._ipc_count[role] = index + 1
+                path = ipc_path(ipc_dir(), self.id, role, index)
+                sock.bind(f"ipc://{path}")
+                endpoints.append(f"ipc://{path}")
+        except zmq.ZMQError as exc:
+            raise PeerError(f"node {self.name}: cannot bind {role}: {exc}") from exc
+        with self._info_lock:
+            self._endpoints[role] = self._endpoints.get(role, ()) + tuple(endpoints)
+            self._info = None
+        if self._router is not None:  # after start: tell peers and discovery
+            self._info_changed()
+        return tuple(endpoints)
+
+    def connect_endpoint(self, peer: PeerInfo, role: str) -> str | None:
+        """The endpoint of ``peer``'s ``role`` to connect to: ipc on the same host, else tcp."""
+        return choose_endpoint(
+            peer.endpoints, role, peer.host == self.host, self.config.transports
+        )
+
+    # --- self description ---------------------------------------------------------------------
+
+    def info(self) -> PeerInfo:
+        """This node's self-description (what HELLO, UPDATE and mDNS announce)."""
+        with self._info_lock:
+            if self._info is None:
+                self._info = PeerInfo(
+                    node_id=self.id,
+                    name=self.name,
+                    mesh=self.mesh,
+                    version=PROTOCOL_VERSION,
+                    host=self.host,
+                    endpoints=dict(self._endpoints),
+                    offers={k: tuple(sorted(v)) for k, v in self._offers.items() if v},
+                )
+            return self._info
+
+    def _check_offer(self, kind: str, name: str) -> None:
+        if kind not in OFFER_KINDS:
+            raise ConfigError(f"offer kind must be one of {OFFER_KINDS}, got {kind!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"offer name must be a non-empty string, got {name!r}")
+
+    def offer(self, kind: str, name: str) -> None:
+        """Announce that this node offers ``name`` of ``kind`` (stream, queue, service).
+
+        Raises:
+            ConfigError: unknown kind or empty name.
+        """
+        self._check_offer(kind, name)
+        with self._info_lock:
+            if name in self._offers[kind]:
+                return
+            self._offers[kind].add(name)
+            self._info = None
+        self._info_changed()
+
+    def withdraw(self, kind: str, name: str) -> None:
+        """Stop offering ``name`` of ``kind`` (no-op when not offered).
+
+        Raises:
+            ConfigError: unknown kind or empty name.
+        """
+        self._check_offer(kind, name)
+        with self._info_lock:
+            if name not in self._offers[kind]:
+                return
+            self._offers[kind].discard(name)
+            self._info = None
+        self._info_changed()
+
+    def _info_changed(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.reactor.call_soon(self._announce_update)
+        except ClosedError:
+            return
+        if self._discovery is not None:
+            try:
+                self._discovery.update()
+            except Exception:
+                log.exception("node %s: discovery update failed", self.name)
+
+    def who_offers(
+        self, kind: str, name: str | None = None, prefix: str | None = None
+    ) -> list[PeerInfo]:
+        """Live (joined or evasive) peers offering ``name`` (or any name with ``prefix``, or
+        anything of ``kind`` when both are None).
+
+        Raises:
+            ConfigError: unknown kind.
+        """
+        if kind not in OFFER_KINDS:
+            raise ConfigError(f"offer kind must be one of {OFFER_KINDS}, got {kind!r}")
+        out = []
+        for info in self.peers.list():
+            names = info.offers.get(kind, ())
+            if (name is not None and name in names) or (
+                prefix is not None and any(n.startswith(prefix) for n in names)
+            ) or (name is None and prefix is None and names):
+                out.append(info)
+        return out
+
+    # --- application API ----------------------------------------------------------------------
+
+    def on_peer(self, callback: Callable[[PeerEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on the reactor thread for every peer event.
+
+        Returns:
+            A function that unsubscribes.
+        """
+        with self._info_lock:
+            self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            with self._info_lock:
+                self._subscribers = tuple(c for c in self._subscribers if c is not callback)
+
+        return unsubscribe
+
+    def peer_events(self, timeout: float | None = None) -> Iterator[PeerEvent]:
+        """Iterate over peer events from now on (sync). Ends when no event came for
+        ``timeout`` seconds (None: never) or when the node closes."""
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        unsubscribe = self.on_peer(q.put)
+
+        def closer() -> None:
+            q.put(_CLOSED)
+
+        self._iter_closers.add(closer)
+
+        def gen() -> Iterator[PeerEvent]:
+            try:
+                while True:
+                    try:
+                        item = q.get(timeout=timeout)
+                    except queue.Empty:
+                        return
+                    if item is _CLOSED:
+                        return
+                    yield item
+            finally:
+                unsubscribe()
+                self._iter_closers.discard(closer)
+
+        return gen()
+
+    async def apeer_events(self) -> AsyncIterator[PeerEvent]:
+        """Iterate over peer events from now on (asyncio); ends when the node closes."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is listening any more
+
+        def closer() -> None:
+            put(_CLOSED)
+
+        unsubscribe = self.on_peer(put)
+        self._iter_closers.add(closer)
+        try:
+            while True:
+                item = await q.get()
+                if item is _CLOSED:
+                    return
+                yield item
+        finally:
+            unsubscribe()
+            self._iter_closers.discard(closer)
+
+    def handle(self, kind: str, handler: Callable[[str, Any], None]) -> None:
+        """Route control messages of ``kind`` to ``handler(peer_id, body)`` on the reactor.
+
+        Raises:
+            ConfigError: the kind is a core kind or not a valid kind name.
+        """
+        try:
+            control.validate_kind(kind)
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from exc
+        if kind in control.CORE_KINDS:
+            raise ConfigError(f"{kind!r} is a core control kind")
+        self._handlers[kind] = handler
+
+    def send(self, peer_id: str, kind: str, body: object) -> None:
+        """Send a control message to a live peer. Thread-safe; batched per reactor turn.
+
+        Delivery is best effort (a peer that dies with the message in flight loses it); the
+        patterns add acks where they need them.
+
+        Raises:
+            ClosedError: the node is closed.
+            PeerUnreachable: the peer is unknown or gone.
+            ProtocolError: invalid kind, or a body msgpack cannot encode.
+            FrameTooLarge: the encoded body exceeds ``max_message_bytes``.
+        """
+        if self._closed:
+            raise ClosedError(f"node {self.name} is closed")
+        control.encode_header(kind)  # validates (cached)
+        if kind in control.CORE_KINDS:
+            raise ProtocolError(f"{kind!r} is a core control kind; the node sends those itself")
+        with self.peers.lock:
+            live = self._presence.is_live(peer_id)
+        if not live:
+            raise PeerUnreachable(f"peer {peer_id} is unknown or gone")
+        raw = control.encode_body(body, self.config.max_message_bytes)
+        if self.reactor.in_reactor_thread():
+            link = self._links.get(peer_id)
+            if link is None:
+                raise PeerUnreachable(f"no connection to peer {peer_id}")
+            self._enqueue(link, kind, raw)
+            self._schedule_flush()
+            return
+        with self._out_lock:
+            self._outq.append((peer_id, kind, raw))
+            if self._out_scheduled:
+                return
+            self._out_scheduled = True
+        self.reactor.call_soon(self._drain_outq)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the control channel and the peer table (a snapshot)."""
+        out: dict[str, Any] = dict(self._counters)
+        by_state = collections.Counter(r.state.value for r in self.peers.records())
+        for st in PeerState:
+            out[f"peers_{st.value}"] = by_state.get(st.value, 0)
+        out["links"] = len(self._links)
+        out["dials"] = len(self._dials)
+        out["reactor_errors"] = self.reactor.errors
+        return out
+
+    # --- discovery hook (any thread) ------------------------------------------------------------
+
+    def _discovered(self, info: PeerInfo, source: str) -> None:
+        if self._closed:
+            raise ClosedError(f"node {self.name} is closed")
+        self.reactor.call_soon(self._on_discovered, info, source)
+
+    def _discovery_goodbye(self, node_id: str) -> None:
+        if self._closed:
+            raise ClosedError(f"node {self.name} is closed")
+        self.reactor.call_soon(self._on_discovery_goodbye, node_id)
+
+    # ================= reactor thread from here on ==============================================
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self._counters[key] += n
+
+    def _bad(self, key: str, message: str, *args: object) -> None:
+        # Counted always; logged for the first few and then sparsely, so a flood of garbage
+        # cannot flood the log too.
+        self._counters[key] += 1
+        n = self._counters[key]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("node %s: " + message + " (%s #%d)", self.name, *args, key, n)
+
+    def _setup(self) -> None:
+        router = self.socket(zmq.ROUTER, "control")
+        # A restarted peer reconnects with the same routing id: let it take over at once.
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._router = router
+        self.bind(router, "control")
+        self.reactor.add_reader(router, self._on_router)
+        self._heartbeat = self.reactor.call_every(self.config.presence.heartbeat_s, self._tick)
+        for ep in dict.fromkeys((*self.config.static_peers, *self.config.seeds)):
+            self._dial(ep, node_id=None, static=ep)
+        self._flush()
+
+    def _shutdown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        bye = control.encode_body(None, self.config.max_message_bytes)
+        linger = min(self.config.linger_ms, 250)
+        for link in self._links.values():
+            self._enqueue(link, control.BYE, bye)
+        self._flush()
+        for link in (*self._links.values(), *self._dials.values()):
+            link.sock.close(linger=linger)
+        self._links.clear()
+        self._dials.clear()
+        if self._router is not None:
+            self.reactor.remove_reader(self._router)
+            self._router.close(linger=0)
+
+    # --- links ----------------------------------------------------------------------------------
+
+    def _new_link(self, endpoint: str, node_id: str | None, static: str | None) -> _Link:
+        sock = self.socket(zmq.DEALER, "control-out")
+        sock.setsockopt(zmq.ROUTING_ID, self.id.encode("ascii"))
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise PeerError(f"cannot connect to {endpoint}: {exc}") from exc
+        return _Link(sock, endpoint, next(self._tokens), node_id, static, self._clock())
+
+    def _dial(self, endpoint: str, node_id: str | None, static: str | None) -> None:
+        """Connect a DEALER whose peer has not answered yet, and send it HELLO."""
+        try:
+            link = self._new_link(endpoint, node_id, static)
+        except PeerError as exc:
+            self._bad("dial_errors", "%s", exc)
+            return
+        self._dials[link.token] = link
+        self._send_hello(link)
+
+    def _close_link(self, link: _Link) -> None:
+        self._dirty.pop(id(link), None)
+        link.sock.close(linger=0)
+
+    def _send_hello(self, link: _Link, reply: bool = False, ack: int | None = None) -> None:
+        dial = link.token if link.token in self._dials else None
+        body = control.hello_to_wire(Hello(self.info(), dial=dial, ack=ack, reply=reply))
+        self._enqueue(link, control.HELLO, control.encode_body(body, self.config.max_message_bytes))
+
+    def _enqueue(self, link: _Link, kind: str, raw: bytes) -> None:
+        link.out.append((kind, raw))
+        link.last_sent = self._clock()
+        self._dirty[id(link)] = link
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, {}
+        for link in dirty.values():
+            out, link.out = link.out, []
+            if link.sock.closed:
+                continue
+            for i in range(0, len(out), _SEND_BATCH):
+                chunk = out[i : i + _SEND_BATCH]
+                try:
+                    link.sock.send_multipart(control.encode_frames(chunk), zmq.NOBLOCK, copy=False)
+                    self._count("control_out", len(chunk))
+                except zmq.Again:
+                    self._bad("dropped_hwm", "peer %s at its HWM: dropped %d", link.node_id, len(chunk))
+                except zmq.ZMQError as exc:
+                    self._bad("send_errors", "send to %s failed: %s", link.node_id, exc)
+
+    def _drain_outq(self) -> None:
+        with self._out_lock:
+            batch, self._outq = self._outq, collections.deque()
+            self._out_scheduled = False
+        for peer_id, kind, raw in batch:
+            link = self._links.get(peer_id)
+            if link is None:
+                self._count("dropped_unreachable")
+                continue
+            self._enqueue(link, kind, raw)
+        self._flush()
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    def _on_router(self, sock: zmq.Socket[Any]) -> None:
+        for _ in range(_RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_frames(frames)
+        self._flush()
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            self._bad("malformed", "control message of %d frames", len(frames))
+            return
+        ident = frames[0]
+        try:
+            messages = control.decode_frames(frames[1:])
+        except ProtocolError as exc:
+            self._bad("malformed", "%s", exc)
+            return
+        try:
+            peer_id: str | None = ident.decode("ascii")
+        except UnicodeDecodeError:
+            peer_id = None
+        now = self._clock()
+        known = peer_id is not None and peer_id in self._presence
+        if known and messages[0].kind != control.HELLO:
+            assert peer_id is not None
+            self._heard(peer_id, now)
+        for m in messages:
+            if m.error is not None:
+                key = "unsupported_version" if isinstance(
+                    m.error, UnsupportedProtocol
+                ) else "malformed"
+                self._bad(key, "from %r: %s", ident[:40], m.error)
+                continue
+            if m.kind == control.HELLO:
+                self._on_hello(peer_id, m.body, now)
+                known = peer_id is not None and peer_id in self._presence
+                continue
+            if not known or peer_id is None:
+                self._bad("unknown_sender", "%s from %r, which never sent HELLO", m.kind, ident[:40])
+                continue
+            self._count("control_in")
+            self._dispatch(peer_id, m.kind, m.body, now)
+
+    def _heard(self, peer_id: str, now: float) -> None:
+        with self.peers.lock:
+            events = self._presence.heard(peer_id, now)
+        if events:
+            # It was gone (we closed our DEALER) or evasive: make sure we can reach it again.
+            row = self._presence.get(peer_id)
+            if row is not None and peer_id not in self._links:
+                self._connect_known(row.info)
+            self._emit(events)
+
+    def _connect_known(self, info: PeerInfo) -> None:
+        ep = self.connect_endpoint(info, "control")
+        if ep is None:
+            return
+        try:
+            link = self._new_link(ep, info.node_id, None)
+        except PeerError as exc:
+            self._bad("dial_errors", "%s", exc)
+            return
+        self._links[info.node_id] = link
+        self._send_hello(link)
+
+    def _dispatch(self, peer_id: str, kind: str, body: Any, now: float) -> None:
+        if kind == control.PING:
+            link = self._links.get(peer_id)
+            if link is not None:
+                self._enqueue(link, control.PONG, control.encode_body(None, 64))
+        elif kind == control.PONG:
+            pass  # liveness was recorded already
+        elif kind == control.UPDATE:
+            try:
+                hello = control.hello_from_wire(body)
+            except ProtocolError as exc:
+                self._bad("malformed", "UPDATE from %s: %s", peer_id, exc)
+                return
+            if hello.info.node_id != peer_id or hello.info.mesh != self.mesh:
+                self._bad("malformed", "UPDATE from %s describes another node or mesh", peer_id)
+                return
+            with self.peers.lock:
+                events = self._presence.upsert(hello.info, now, "update")
+            self._emit(events)
+        elif kind == control.GOSSIP:
+            self._on_gossip(body)
+        elif kind == control.BYE:
+            with self.peers.lock:
+                events = self._presence.goodbye(peer_id, now)
+            link = self._links.pop(peer_id, None)
+            if link is not None:
+                self._drop_link(link)
+            self._emit(events)
+        else:
+            handler = self._handlers.get(kind)
+            if handler is None:
+                self._bad("unhandled_kind", "no handler for %r from %s", kind, peer_id)
+                return
+            try:
+                handler(peer_id, body)
+            except Exception:
+                self._count("handler_errors")
+                log.exception("node %s: handler for %r from %s raised", self.name, kind, peer_id)
+
+    def _drop_link(self, link: _Link) -> None:
+        """Close a link to a gone peer; a configured endpoint is dialled again."""
+        self._close_link(link)
+        if link.static is not None:
+            self._dial(link.static, node_id=None, static=link.static)
+
+    def _on_hello(self, peer_id: str | None, body: Any, now: float) -> None:
+        try:
+            hello = control.hello_from_wire(body)
+        except UnsupportedProtocol as exc:
+            self._bad("unsupported_version", "HELLO: %s", exc)
+            return
+        except ProtocolError as exc:
+            self._bad("malformed", "HELLO: %s", exc)
+            return
+        info = hello.info
+        if info.mesh != self.mesh:
+            self._bad("wrong_mesh", "HELLO from mesh %r (we are %r)", info.mesh, self.mesh)
+            return
+        if peer_id != info.node_id:
+            self._bad("malformed", "HELLO node id %s != routing id %r", info.node_id, peer_id)
+            return
+        if info.node_id == self.id:
+            # We dialled ourselves (our own endpoint in static_peers): forget that dial.
+            if hello.dial is not None and (d := self._dials.pop(hello.dial, None)) is not None:
+                self._close_link(d)
+            return
+        self._count("control_in")
+        prev = self._presence.get(info.node_id)
+        was_live = prev is not None and prev.state is not PeerState.GONE
+        with self.peers.lock:
+            events = self._presence.upsert(info, now, "hello")
+        link = self._links.get(info.node_id)
+        # Adopt the dial this HELLO answers, or a dial made for this node id (gossip / mDNS).
+        adopt = self._dials.pop(hello.ack, None) if hello.ack is not None else None
+        for token, d in list(self._dials.items()):
+            if d.node_id == info.node_id:
+                del self._dials[token]
+                if adopt is None:
+                    adopt = d
+                else:
+                    self._close_link(d)
+        if adopt is not None:
+            if link is None or not was_live:
+                if link is not None:
+                    adopt.static = adopt.static or link.static
+                    self._close_link(link)
+                adopt.node_id = info.node_id
+                self._links[info.node_id] = link = adopt
+            else:
+                link.static = link.static or adopt.static
+                self._close_link(adopt)
+        elif link is not None and (
+            not was_live or link.endpoint not in info.endpoints.get("control", ())
+        ):
+            # The peer came back (restart, maybe new endpoints): fresh DEALER.
+            static = link.static
+            self._close_link(link)
+            del self._links[info.node_id]
+            link = None
+            self._connect_new(info, static)
+            link = self._links.get(info.node_id)
+            if link is not None and not hello.reply:
+                link.out.clear()  # _connect_new sent a HELLO; the reply below replaces it
+        if link is None:
+            self._connect_new(info, None)
+            link = self._links.get(info.node_id)
+            if link is not None and not hello.reply:
+                link.out.clear()
+        if link is not None and not hello.reply:
+            self._send_hello(link, reply=True, ack=hello.dial)
+        self._emit(events)
+
+    def _connect_new(self, info: PeerInfo, static: str | None) -> None:
+        ep = self.connect_endpoint(info, "control")
+        if ep is None:
+            self._bad("no_endpoint", "peer %s announces no usable control endpoint", info.node_id)
+            return
+        try:
+            link = self._new_link(ep, info.node_id, static)
+        except PeerError as exc:
+            self._bad("dial_errors", "%s", exc)
+            return
+        self._links[info.node_id] = link
+        self._send_hello(link)
+
+    def _on_gossip(self, body: Any) -> None:
+        try:
+            entries, bad = control.gossip_from_wire(body)
+        except ProtocolError as exc:
+            self._bad("malformed", "GOSSIP: %s", exc)
+            return
+        if bad:
+            self._count("malformed", bad)
+        dialling = {d.node_id for d in self._dials.values()}
+        for node_id, mesh, host, eps in entries:
+            if node_id == self.id or mesh != self.mesh or node_id in dialling:
+                continue
+            if node_id in self._links or self._presence.is_live(node_id):
+                continue
+            ep = choose_endpoint({"control": eps}, "control", host == self.host,
+                                 self.config.transports)
+            if ep is not None:
+                self._count("gossip_dials")
+                self._dial(ep, node_id=node_id, static=None)
+                dialling.add(node_id)
+
+    def _on_discovered(self, info: PeerInfo, source: str) -> None:
+        if info.mesh != self.mesh or info.node_id == self.id:
+            return
+        if info.node_id in self._links or self._presence.is_live(info.node_id):
+            return  # the control channel is authoritative for live peers
+        if any(d.node_id == info.node_id for d in self._dials.values()):
+            return
+        ep = self.connect_endpoint(info, "control")
+        if ep is not None:
+            self._count(f"{source}_dials")
+            self._dial(ep, node_id=info.node_id, static=None)
+            self._flush()
+
+    def _on_discovery_goodbye(self, node_id: str) -> None:
+        with self.peers.lock:
+            events = self._presence.goodbye(node_id, self._clock())
+        link = self._links.pop(node_id, None)
+        if link is not None:
+            self._drop_link(link)
+        self._emit(events)
+        self._flush()
+
+    # --- periodic work --------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = self._clock()
+        hb = self.config.presence.heartbeat_s
+        with self.peers.lock:
+            tick = self._presence.tick(now)
+        for node_id in tick.gone:
+            link = self._links.pop(node_id, None)
+            if link is not None:
+                self._drop_link(link)
+        ping = control.encode_body(None, 64)
+        pinged = set(tick.ping)
+        for node_id in tick.ping:
+            link = self._links.get(node_id)
+            if link is not None:
+                self._enqueue(link, control.PING, ping)
+        for node_id, link in self._links.items():
+            # Keepalive: a peer that hears from us every heartbeat never turns evasive.
+            if node_id not in pinged and now - link.last_sent >= hb * 0.9:
+                self._enqueue(link, control.PING, ping)
+        for token, d in list(self._dials.items()):
+            if d.static is None and now - d.created > self.config.presence.gone_s:
+                del self._dials[token]
+                self._close_link(d)
+            elif now - d.last_sent >= hb * 0.9:
+                self._send_hello(d)  # the peer may have come up since (or lost our HELLO)
+        self._ticks += 1
+        if self._ticks % _GOSSIP_EVERY == 0:
+            self._gossip()
+        self._emit(tick.events)
+        self._flush()
+
+    def _schedule_gossip(self) -> None:
+        if not self._gossip_scheduled:
+            self._gossip_scheduled = True
+            self.reactor.call_soon(self._gossip)
+
+    def _gossip(self) -> None:
+        self._gossip_scheduled = False
+        live = [r.info for r in self._presence.records() if r.state is not PeerState.GONE]
+        entries = [(i.node_id, i.mesh, i.host, i.endpoints.get("control", ())) for i in live]
+        for node_id, link in self._links.items():
+            others = [e for e in entries if e[0] != node_id]
+            if others and self._presence.is_live(node_id):
+                raw = control.encode_body(
+                    control.gossip_to_wire(others), self.config.max_message_bytes
+                )
+                self._enqueue(link, control.GOSSIP, raw)
+        self._flush()
+
+    def _announce_update(self) -> None:
+        body = control.hello_to_wire(Hello(self.info()))
+        raw = control.encode_body(body, self.config.max_message_bytes)
+        for node_id, link in self._links.items():
+            if self._presence.is_live(node_id):
+                self._enqueue(link, control.UPDATE, raw)
+        self._flush()
+
+    def _emit(self, events: list[PeerEvent]) -> None:
+        if not events:
+            return
+        for ev in events:
+            self._count(f"events_{ev.kind.value}")
+            if ev.kind is PeerEventKind.JOINED:
+                self._schedule_gossip()
+            for callback in self._subscribers:
+                try:
+                    callback(ev)
+                except Exception:
+                    self._count("callback_errors")
+                    log.exception("node %s: peer event callback %r raised", self.name, callback)

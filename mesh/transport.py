@@ -1,0 +1,163 @@
+"""Transport helpers: host identity, interface addresses, ipc paths, endpoint choice.
+
+Pure or read-only functions: the node (mesh.node) does the binding and connecting.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mesh.errors import ConfigError
+
+__all__ = [
+    "IPC_MAX_PATH",
+    "announce_addresses",
+    "choose_endpoint",
+    "host_id",
+    "interface_addresses",
+    "ipc_dir",
+    "ipc_path",
+    "resolve_interface",
+]
+
+#: sun_path is 108 bytes on Linux (104 on macOS); stay well below both.
+IPC_MAX_PATH = 100
+
+_SIOCGIFADDR = 0x8915
+
+
+def host_id() -> str:
+    """An id of this host: the machine id when there is one, else the host name.
+
+    Two nodes with the same host id may talk over ipc (they share a filesystem).
+    """
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return socket.gethostname()
+
+
+def _iface_ipv4(name: str) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(
+                s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15])
+            )
+        except OSError:
+            return None  # interface without an IPv4 address, or down
+    return socket.inet_ntoa(packed[20:24])
+
+
+def interface_addresses() -> dict[str, str]:
+    """IPv4 address of every interface that has one, by interface name (Linux ioctl)."""
+    out: dict[str, str] = {}
+    for _, name in socket.if_nameindex():
+        addr = _iface_ipv4(name)
+        if addr:
+            out[name] = addr
+    return out
+
+
+def resolve_interface(interface: str) -> str:
+    """Turn a configured interface (an IPv4 address, ``*``, or an interface name) into a bind host.
+
+    Raises:
+        ConfigError: neither an address nor a known interface with an IPv4 address.
+    """
+    if interface in ("*", "0.0.0.0", ""):
+        return "*"
+    try:
+        ipaddress.IPv4Address(interface)
+        return interface
+    except ValueError:
+        pass
+    addr = _iface_ipv4(interface)
+    if addr is None:
+        raise ConfigError(f"interface {interface!r} is not an IPv4 address or a known interface")
+    return addr
+
+
+def announce_addresses(bind_host: str) -> list[str]:
+    """Addresses peers can reach a socket bound on ``bind_host`` at.
+
+    A wildcard bind is announced with every non-loopback IPv4 address (loopback only when there
+    is nothing else: a remote peer dialling 127.0.0.1 would reach itself).
+    """
+    if bind_host != "*":
+        return [bind_host]
+    addrs = interface_addresses()
+    public = [a for a in addrs.values() if not a.startswith("127.")]
+    return public or ["127.0.0.1"]
+
+
+def ipc_dir() -> Path:
+    """A short per-user directory for ipc sockets (mode 0700), created on demand.
+
+    ``ZEROMESH_IPC_DIR`` overrides it.
+
+    Raises:
+        ConfigError: the directory cannot be created or is not ours.
+    """
+    base = os.environ.get("ZEROMESH_IPC_DIR") or f"/tmp/zeromesh-{os.getuid()}"
+    path = Path(base)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot create the ipc directory {path}: {exc}") from exc
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"ipc directory {path} belongs to uid {st.st_uid}, not to us")
+    return path
+
+
+def ipc_path(directory: Path, node_id: str, role: str, index: int = 0) -> str:
+    """The ipc socket path of one bound socket: ``<dir>/<node_id[:12]>-<role>[-n].sock``.
+
+    Long roles are shortened with a hash so the path stays under :data:`IPC_MAX_PATH`.
+
+    Raises:
+        ConfigError: even the shortest form would be too long (``directory`` itself too long).
+    """
+    suffix = f"-{index}" if index else ""
+    safe_role = "".join(c if c.isalnum() or c in "-_." else "_" for c in role)
+    path = f"{directory}/{node_id[:12]}-{safe_role}{suffix}.sock"
+    if len(path) >= IPC_MAX_PATH:
+        digest = hashlib.sha1(role.encode()).hexdigest()[:10]
+        path = f"{directory}/{node_id[:12]}-{digest}{suffix}.sock"
+    if len(path) >= IPC_MAX_PATH:
+        raise ConfigError(f"ipc path {path!r} is too long; set ZEROMESH_IPC_DIR shorter")
+    return path
+
+
+def choose_endpoint(
+    endpoints: Mapping[str, Sequence[str]],
+    role: str,
+    same_host: bool,
+    transports: Sequence[str] = ("tcp", "ipc"),
+) -> str | None:
+    """Pick the endpoint to connect to: ipc for a peer on the same host, else tcp.
+
+    Returns:
+        The endpoint, or None when the peer binds nothing usable for ``role``.
+    """
+    candidates = list(endpoints.get(role, ()))
+    if same_host and "ipc" in transports:
+        for ep in candidates:
+            if ep.startswith("ipc://"):
+                return ep
+    if "tcp" in transports:
+        for ep in candidates:
+            if ep.startswith("tcp://"):
+                return ep
+    return None
