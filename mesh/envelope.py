@@ -738,7 +738,7 @@ def peek(buf: bytes | bytearray | memoryview) -> tuple[str, int | None]:
     n = len(mv)
     # Canonical prefix: fixarray(15|16), fixint major, fixint minor, fixstr|str8 stream,
     # then seq as nil, positive fixint or uint8..uint64.
-    if n >= 5 and 0x9F <= mv[0] <= 0xDC and (mv[0] != 0xDC or (mv[1] == 0 and mv[2] == 0x10)):
+    if n >= 5 and (mv[0] == 0x9F or (mv[0] == 0xDC and mv[1] == 0 and mv[2] == 0x10)):
         pos = 1 if mv[0] == 0x9F else 3
         major, minor = mv[pos], mv[pos + 1]
         if major <= 0x7F and minor <= 0x7F:
