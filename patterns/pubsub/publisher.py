@@ -1,0 +1,440 @@
+"""The publishing side: durable (logged) or best-effort streams on the node's XPUB socket.
+
+One XPUB data socket per node (role ``"pub"``) carries every stream the node publishes; it is
+owned by a :class:`_PubHub` shared by the node's publishers and guarded by one lock, because
+``publish()`` runs on user threads while heartbeats and replay reads run on the reactor thread.
+Replay requests (``pubsub.replay``) are answered on the reactor thread straight from the log, one
+bounded chunk per request: the subscriber asks for the next chunk when it has consumed one, so
+neither side ever holds more than one chunk per (subscriber, stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, encode
+from mesh.errors import (
+    ClosedError,
+    CodecError,
+    ConfigError,
+    LogError,
+    MeshError,
+    OffsetOutOfRange,
+    ProtocolError,
+)
+from mesh.log import LogConfig, LogDirectory
+from patterns.pubsub import _registry, frames
+
+__all__ = ["Publisher", "PublisherStats"]
+
+_log = logging.getLogger("zeromesh.pubsub")
+
+#: Largest replay chunk the publisher sends, whatever the subscriber asks (records / bytes).
+MAX_REPLAY_RECORDS = 5000
+MAX_REPLAY_BYTES = 4 << 20
+#: Envelopes per DATA message in publish_many (one multipart; bounds a message's size).
+BATCH_EVENTS = 1000
+
+
+@dataclass
+class PublisherStats:
+    """A snapshot of one publisher's counters.
+
+    Attributes:
+        stream: the stream name.
+        durable: events are logged (replayable).
+        head: the next seq to be assigned.
+        oldest: the first seq the log still holds (``head`` when empty or best-effort).
+        published: events published through this object.
+        messages: DATA messages sent (a batch is one message).
+        replay_requests: replay requests answered for this stream.
+        replay_events: events sent in replay chunks.
+        replay_gone: requests that asked below ``oldest`` (retention).
+        bad_requests: malformed / wrong-version replay or ack bodies (node-wide).
+        positions: durable subscription name -> committed position (next seq it will process).
+        lag: durable subscription name -> ``head - position``.
+    """
+
+    stream: str
+    durable: bool
+    head: int
+    oldest: int
+    published: int = 0
+    messages: int = 0
+    replay_requests: int = 0
+    replay_events: int = 0
+    replay_gone: int = 0
+    bad_requests: int = 0
+    positions: dict[str, int] = field(default_factory=dict)
+    lag: dict[str, int] = field(default_factory=dict)
+
+
+class _Stream:
+    """Per-stream state inside the hub (guarded by the hub's lock)."""
+
+    def __init__(self, name: str, durable: bool, log: Any, epoch: int) -> None:
+        self.name = name
+        self.topic = name.encode()
+        self.durable = durable
+        self.log = log
+        self.epoch = epoch
+        self.next_seq = log.next_offset if log is not None else 0
+        self.stats = PublisherStats(name, durable, self.next_seq, self.next_seq)
+        self.positions: dict[tuple[str, str], int] = {}  # (peer id, name) -> position
+
+
+class _PubHub:
+    """The node's XPUB socket, its lock, heartbeats, and the replay/ack handlers."""
+
+    def __init__(self, node: Any, *, heartbeat_s: float, sndhwm: int) -> None:
+        self.node = node
+        self.lock = threading.Lock()
+        self.streams: dict[str, _Stream] = {}
+        self.bad_requests = 0
+        self.pub_id = frames.node_id_bytes(node.id)
+        sock = node.socket(zmq.XPUB, "pub")
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.sock = sock
+        self.endpoints = node.bind(sock, "pub")
+        self.subscriptions = 0
+        node.handle(frames.CTRL_REPLAY, self._on_replay)
+        node.handle(frames.CTRL_ACK, self._on_ack)
+        self.timer = node.reactor.call_every(heartbeat_s, self._beat)
+        self.users = 0
+
+    # -- user threads -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.timer.cancel()
+        with self.lock:
+            self.sock.close(linger=0)
+
+    # -- reactor thread ---------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        with self.lock:
+            if self.sock.closed:
+                return
+            # Drain subscription notices so they never pile up; they also tell us someone
+            # listens (XPUB delivers b"\x01topic" / b"\x00topic").
+            try:
+                while True:
+                    msg = self.sock.recv(zmq.NOBLOCK)
+                    if msg[:1] == b"\x01":
+                        self.subscriptions += 1
+            except zmq.Again:
+                pass
+            for st in self.streams.values():
+                try:
+                    self.sock.send_multipart(frames.encode_heartbeat(
+                        st.topic, self.pub_id, st.epoch, st.next_seq, st.durable), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # a PUB never blocks; a full pipe only means this beat is dropped
+
+    def _on_replay(self, peer_id: str, body: object) -> None:
+        try:
+            rq = frames.decode_replay_request(body)
+        except (ProtocolError, CodecError) as exc:
+            self.bad_requests += 1
+            _log.warning("pubsub: bad replay request from %s: %s", peer_id, exc)
+            return
+        reply = self._serve(rq)
+        try:
+            self.node.send(peer_id, frames.CTRL_REPLAY_DATA, reply.to_body())
+        except MeshError as exc:
+            _log.info("pubsub: replay reply to %s not sent: %s", peer_id, exc)
+
+    def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:
+        st = self.streams.get(rq.stream)
+        if st is None or not st.durable:
+            err = "unknown_stream" if st is None else "not_durable"
+            head = st.next_seq if st is not None else 0
+            return frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], head, head,
+                                     False, err)
+        log = st.log
+        st.stats.replay_requests += 1
+        head = st.next_seq
+        first_kept = log.first_offset
+        oldest = head if first_kept is None else first_kept
+        try:
+            start = rq.start if rq.start is not None else log.offset_for_time(rq.from_time)
+        except LogError as exc:
+            return frames.ReplayData(rq.sid, rq.req, rq.stream, 0, [], head, oldest, False,
+                                     f"log_error: {exc}")
+        gone = start < oldest
+        if gone:
+            st.stats.replay_gone += 1
+            start = oldest
+        end = head if rq.end is None else min(rq.end, head)
+        n = min(rq.max_records, MAX_REPLAY_RECORDS, max(0, end - start))
+        events: list[bytes] = []
+        first = start
+        if n:
+            try:
+                first, events = log.read_batch_payloads(start, n)
+            except OffsetOutOfRange as exc:
+                # Retention ran between our check and the read: report it the same way.
+                gone = True
+                oldest = exc.first if exc.first is not None else head
+                first, events = oldest, []
+            except LogError as exc:
+                return frames.ReplayData(rq.sid, rq.req, rq.stream, start, [], head, oldest,
+                                         gone, f"log_error: {exc}")
+            budget = min(rq.max_bytes, MAX_REPLAY_BYTES)
+            total = 0
+            for i, env in enumerate(events):
+                total += len(env)
+                if total > budget and i > 0:
+                    del events[i:]
+                    break
+        st.stats.replay_events += len(events)
+        return frames.ReplayData(rq.sid, rq.req, rq.stream, first, events, head, oldest, gone)
+
+    def _on_ack(self, peer_id: str, body: object) -> None:
+        try:
+            ack = frames.decode_ack(body)
+        except (ProtocolError, CodecError) as exc:
+            self.bad_requests += 1
+            _log.warning("pubsub: bad ack from %s: %s", peer_id, exc)
+            return
+        st = self.streams.get(ack.stream)
+        if st is not None:
+            st.positions[(peer_id, ack.name)] = ack.position
+
+
+def _hub_for(node: Any, heartbeat_s: float, sndhwm: int) -> _PubHub:
+    return _registry.get_or_create(
+        node, "pubsub.pub", lambda: _PubHub(node, heartbeat_s=heartbeat_s, sndhwm=sndhwm))
+
+
+class Publisher:
+    """Publishes events to one stream of this node.
+
+    Durable (the default): each event is appended to the node's log for the stream
+    (``<data_dir>/streams/<stream>``) before ``publish()`` returns, under the log's fsync
+    policy, and its seq is its log offset, so a restarted publisher continues without reusing
+    a seq and any subscriber can replay it. Best-effort (``durable=False``): no log; seqs
+    restart at 0 under a new random epoch, and a subscriber skips (and counts) what it missed.
+
+    Example::
+
+        with Publisher(node, "sensors.temp") as pub:
+            pub.publish({"c": 21.5}, type="reading")
+
+    Args:
+        node: the started :class:`mesh.node.Node`.
+        stream: the stream name (also the topic: the first frame of every message).
+        durable: log events (replayable) or not.
+        log_config: the log's settings (fsync policy, retention); default fsync every 10 ms.
+        source: the events' ``source``; default the node's name.
+        heartbeat_s: interval of the head-seq heartbeat (node-wide, set by the first publisher).
+        sndhwm: the XPUB send high-water mark in messages (node-wide, first publisher).
+        max_event_size: refuse events that encode larger than this.
+
+    Raises:
+        ConfigError: bad stream name or settings, or this stream already has a publisher on
+            this node.
+        LogError: the stream's log cannot be opened (e.g. :class:`~mesh.errors.LogLocked`).
+    """
+
+    def __init__(self, node: Any, stream: str, *, durable: bool = True,
+                 log_config: LogConfig | None = None, source: str | None = None,
+                 heartbeat_s: float = 0.5, sndhwm: int = 10_000,
+                 max_event_size: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        if not stream or len(stream.encode()) > frames.MAX_TOPIC:
+            raise ConfigError(f"bad stream name {stream!r}")
+        if heartbeat_s <= 0:
+            raise ConfigError("heartbeat_s must be positive")
+        self.node = node
+        self.stream = stream
+        self.durable = durable
+        self.source = source or getattr(node, "name", None) or node.id
+        self.max_event_size = max_event_size
+        self._closed = False
+        log = None
+        if durable:
+            root = Path(node.data_dir) / "streams"
+            os.makedirs(root, exist_ok=True)
+            log = LogDirectory(root).open(stream, log_config or LogConfig())
+        hub = _hub_for(node, heartbeat_s, sndhwm)
+        with hub.lock:
+            if stream in hub.streams:
+                if log is not None:
+                    log.close()
+                raise ConfigError(f"stream {stream!r} already has a publisher on this node")
+            epoch = 0 if durable else secrets.randbits(32) or 1
+            self._st = st = _Stream(stream, durable, log, epoch)
+            hub.streams[stream] = st
+            hub.users += 1
+        self._hub = hub
+        self._log = log
+        node.offer("stream", stream)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(self, data: Any = None, *, type: str = "event", subject: str | None = None,
+                headers: Mapping[str, str] | None = None, datacontenttype: str | None = None,
+                correlationid: str | None = None, causationid: str | None = None,
+                traceparent: str | None = None) -> int:
+        """Publish one event; returns its seq.
+
+        In durable mode the event is in the log (per the fsync policy) when this returns.
+
+        Raises:
+            ClosedError: the publisher is closed.
+            CodecError: the event is malformed or too large (nothing was logged or sent).
+            LogError: the append failed (e.g. :class:`~mesh.errors.LogFull`); nothing was sent.
+        """
+        hub = self._hub
+        st = self._st
+        with hub.lock:
+            if self._closed:
+                raise ClosedError(f"publisher of {self.stream!r} is closed")
+            seq = st.next_seq
+            env = encode(Event(type=type, source=self.source, data=data, subject=subject,
+                               headers=headers, datacontenttype=datacontenttype,
+                               correlationid=correlationid, causationid=causationid,
+                               traceparent=traceparent, stream=self.stream, seq=seq),
+                         self.max_event_size)
+            if self._log is not None:
+                self._log.append(env)
+            st.next_seq = seq + 1
+            self._send(st, seq, [env])
+            st.stats.published += 1
+        return seq
+
+    def publish_event(self, event: Event) -> int:
+        """Publish a prepared event (its ``stream`` and ``seq`` are set here); returns the seq.
+
+        Raises:
+            ClosedError: the publisher is closed.
+            CodecError: the event is too large.
+            LogError: the append failed; nothing was sent.
+        """
+        return self.publish_events([event])[0]
+
+    def publish_many(self, items: Iterable[Any], *, type: str = "event",
+                     subject: str | None = None) -> range:
+        """Publish many payloads as events of one ``type``; returns their seqs.
+
+        One log batch and one DATA message per :data:`BATCH_EVENTS` events: the way to
+        throughput (per-batch costs instead of per-event ones).
+
+        Raises:
+            ClosedError: the publisher is closed.
+            CodecError: an event is malformed or too large (nothing of the call is logged).
+            LogError: the append failed; nothing of the failed batch was sent.
+        """
+        src = self.source
+        events = [Event(type=type, source=src, data=d, subject=subject) for d in items]
+        return self.publish_events(events)
+
+    def publish_events(self, events: list[Event]) -> range:
+        """Publish prepared events in order (``stream``/``seq`` set here); returns their seqs.
+
+        Raises:
+            ClosedError: the publisher is closed.
+            CodecError: an event is too large (nothing of the call is logged).
+            LogError: the append failed; nothing of the failed batch was sent.
+        """
+        hub = self._hub
+        st = self._st
+        maxsz = self.max_event_size
+        stream = self.stream
+        with hub.lock:
+            if self._closed:
+                raise ClosedError(f"publisher of {self.stream!r} is closed")
+            start = st.next_seq
+            envs = [encode(ev.replace(stream=stream, seq=start + i), maxsz)
+                    for i, ev in enumerate(events)]
+            for i in range(0, len(envs), BATCH_EVENTS):
+                chunk = envs[i:i + BATCH_EVENTS]
+                if self._log is not None:
+                    self._log.append_many(chunk)
+                self._send(st, start + i, chunk)
+                st.next_seq = start + i + len(chunk)
+            st.stats.published += len(envs)
+        return range(start, start + len(envs))
+
+    def _send(self, st: _Stream, first: int, envs: list[bytes]) -> None:
+        # Under hub.lock. PUB semantics: at the HWM the message is dropped, never blocks; the
+        # subscriber notices the hole and replays it from the log.
+        try:
+            self._hub.sock.send_multipart(frames.encode_data(
+                st.topic, self._hub.pub_id, st.epoch, first, envs, st.durable), zmq.NOBLOCK,
+                copy=len(envs[0]) > 4096)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            raise ClosedError(f"publisher socket failed: {exc}") from exc
+        st.stats.messages += 1
+
+    # -- introspection ----------------------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The next seq to be assigned."""
+        return self._st.next_seq
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The data socket's endpoints (for static wiring)."""
+        return list(self._hub.endpoints)
+
+    def stats(self) -> PublisherStats:
+        """A snapshot of this publisher's counters and its durable subscribers' lag."""
+        st = self._st
+        with self._hub.lock:
+            s = PublisherStats(**{**st.stats.__dict__})
+            s.head = st.next_seq
+            first = self._log.first_offset if self._log is not None else None
+            s.oldest = st.next_seq if first is None else first
+            s.bad_requests = self._hub.bad_requests
+            s.positions = {}
+            for (_peer, name), pos in st.positions.items():
+                s.positions[name] = max(pos, s.positions.get(name, 0))
+            s.lag = {n: max(0, s.head - p) for n, p in s.positions.items()}
+        return s
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop publishing; close the stream's log (flushing it). Idempotent."""
+        hub = self._hub
+        with hub.lock:
+            if self._closed:
+                return
+            self._closed = True
+            hub.streams.pop(self.stream, None)
+            hub.users -= 1
+            last = hub.users == 0
+        try:
+            self.node.withdraw("stream", self.stream)
+        except MeshError:
+            pass
+        if self._log is not None:
+            self._log.close()
+        if last:
+            _registry.drop(self.node, "pubsub.pub", hub)
+            hub.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _now() -> float:
+    return time.monotonic()

@@ -1,0 +1,654 @@
+"""The subscribing side: a SUB socket, one gap tracker per (publisher, stream), replay, cursors.
+
+Threading: the SUB socket belongs to the Subscriber and is only touched by the thread that is
+iterating (guarded by a lock). Control replies (``pubsub.replay_data``) and peer events arrive on
+the node's reactor thread; they are validated there and handed over through a deque plus a
+one-byte wake-up on a pipe the iterating thread polls beside the SUB socket: one hand-over per
+replay chunk, never one per event.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import zmq
+
+from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode
+from mesh.errors import (
+    ClosedError,
+    CodecError,
+    ConfigError,
+    EventTooLarge,
+    MeshError,
+    ProtocolError,
+    UnsupportedVersion,
+)
+from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+from mesh.state import StateStore
+from patterns.pubsub import _registry, frames
+from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
+
+__all__ = ["RetentionGap", "Start", "Subscriber", "SubscriberStats"]
+
+_log = logging.getLogger("zeromesh.pubsub")
+
+Key = tuple[str, str]  # (publisher node id, stream)
+
+
+class RetentionGap(MeshError):
+    """Events a subscriber asked for were deleted by the publisher's retention.
+
+    Raised from iteration when the subscriber was made with ``on_retention="error"``; the
+    subscriber has moved past the hole, so iterating again continues after it.
+
+    Attributes:
+        publisher: the publisher's node id.
+        stream: the stream.
+        start: first seq lost.
+        end: one past the last seq lost.
+    """
+
+    def __init__(self, publisher: str, stream: str, start: int, end: int) -> None:
+        super().__init__(f"events {start}..{end - 1} of stream {stream!r} from {publisher} "
+                         "were deleted by the publisher's retention")
+        self.publisher = publisher
+        self.stream = stream
+        self.start = start
+        self.end = end
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a subscription starts on each (publisher, stream) it finds.
+
+    Build one with :meth:`beginning`, :meth:`offset`, :meth:`time` or :meth:`new`. A durable
+    subscription with a committed cursor resumes from the cursor instead.
+    """
+
+    kind: Literal["beginning", "offset", "time", "new"]
+    value: int = 0
+
+    @classmethod
+    def beginning(cls) -> Start:
+        """From the oldest event the publisher still holds."""
+        return cls("beginning", 0)
+
+    @classmethod
+    def offset(cls, seq: int) -> Start:
+        """From seq ``seq`` of every matching stream.
+
+        Raises:
+            ConfigError: ``seq`` is negative.
+        """
+        if seq < 0:
+            raise ConfigError(f"start offset must be >= 0, got {seq}")
+        return cls("offset", seq)
+
+    @classmethod
+    def time(cls, when: datetime | int) -> Start:
+        """From the first event stored at or after ``when`` (aware datetime or UTC ns).
+
+        Raises:
+            ConfigError: a naive datetime.
+        """
+        if isinstance(when, datetime):
+            if when.tzinfo is None:
+                raise ConfigError("Start.time needs a timezone-aware datetime")
+            return cls("time", int(when.timestamp() * 1_000_000) * 1000)
+        return cls("time", int(when))
+
+    @classmethod
+    def new(cls) -> Start:
+        """Only events published after the subscriber found the publisher."""
+        return cls("new", 0)
+
+
+@dataclass
+class SubscriberStats:
+    """A snapshot of a subscriber's counters (tracker counters summed over its streams)."""
+
+    messages: int = 0
+    heartbeats: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    buffered: int = 0
+    buffer_dropped: int = 0
+    replayed: int = 0
+    replay_requests: int = 0
+    replay_retries: int = 0
+    replay_chunks: int = 0
+    replay_errors: int = 0
+    skipped: int = 0
+    bad_frames: int = 0
+    bad_version: int = 0
+    oversize: int = 0
+    bad_events: int = 0
+    bad_replies: int = 0
+    lag: int = 0
+    commits: int = 0
+    streams: int = 0
+
+
+class _SubRouter:
+    """Per node: routes ``pubsub.replay_data`` replies to the subscriber that asked."""
+
+    def __init__(self, node: Any) -> None:
+        self.subs: dict[str, Subscriber] = {}
+        self.bad = 0
+        node.handle(frames.CTRL_REPLAY_DATA, self._on_data)
+
+    def _on_data(self, peer_id: str, body: object) -> None:
+        sid = body.get("sid") if isinstance(body, dict) else None
+        sub = self.subs.get(sid) if isinstance(sid, str) else None
+        if sub is None:
+            self.bad += 1
+            _log.warning("pubsub: replay data from %s for no subscriber", peer_id)
+            return
+        try:
+            data = frames.decode_replay_data(body, max_event_size=sub.max_event_size)
+        except (ProtocolError, CodecError) as exc:
+            sub._count_bad_reply(exc)
+            _log.warning("pubsub: bad replay data from %s: %s", peer_id, exc)
+            return
+        sub._post(("replay", peer_id, data))
+
+
+class Subscriber:
+    """Receives the events of every stream matching ``topic``, in order, exactly once each.
+
+    ``topic`` is an exact stream name, or a prefix when it ends with ``"."`` or ``"*"``
+    (``"sensors."`` / ``"sensors*"`` match ``"sensors.temp"``). The subscriber connects to every
+    peer offering a matching stream (now and as they appear) and to ``endpoints``.
+
+    Examples::
+
+        with Subscriber(node, "sensors.", start=Start.beginning(), durable="agg") as sub:
+            for event in sub:
+                handle(event)          # the cursor moves past it when the next one is asked
+
+        sub.run(handle)                # callback style: commit after handle() returns
+
+    Delivery: per (publisher, stream) in seq order, no duplicate, no hole (holes are replayed
+    from the publisher's log; only best-effort streams and retention can lose events, and both
+    are counted). Across restarts of a durable subscription delivery is at least once: events
+    after the last commit come again (use :class:`~patterns.pubsub.dedup.Dedup`).
+
+    Args:
+        node: the started node.
+        topic: stream name or prefix.
+        start: where to start on a stream without a committed cursor (default: beginning for a
+            durable subscription, new otherwise).
+        durable: the name of a durable subscription: its cursor per (publisher, stream) lives
+            in ``<data_dir>/pubsub-cursors.db`` and survives restarts.
+        auto_commit: commit the cursor every ``commit_interval_s`` and at close; else only on
+            :meth:`commit`.
+        commit_interval_s: how often auto commit writes (and acks the position to publishers).
+        endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``).
+        on_retention: ``"skip"`` (count and go on at the oldest kept event) or ``"error"``
+            (raise :class:`RetentionGap` from the iteration, then go on).
+        rcvhwm: the SUB receive high-water mark (messages).
+        max_buffer: live events held per stream while a hole is replayed.
+        replay_chunk: events per replay reply.
+        max_event_size: larger envelopes are counted and dropped.
+        retry_s: re-send an unanswered replay request after this long.
+
+    Raises:
+        ConfigError: bad arguments.
+        StateError: the cursor store cannot be opened.
+    """
+
+    def __init__(self, node: Any, topic: str, *, start: Start | None = None,
+                 durable: str | None = None, auto_commit: bool = True,
+                 commit_interval_s: float = 1.0, endpoints: tuple[str, ...] | list[str] = (),
+                 on_retention: Literal["skip", "error"] = "skip", rcvhwm: int | None = None,
+                 max_buffer: int = 10_000, replay_chunk: int = 2000,
+                 max_event_size: int = DEFAULT_MAX_EVENT_BYTES, retry_s: float = 2.0) -> None:
+        if not topic:
+            raise ConfigError("topic must not be empty")
+        if on_retention not in ("skip", "error"):
+            raise ConfigError(f"on_retention must be 'skip' or 'error', got {on_retention!r}")
+        if replay_chunk <= 0 or max_buffer < 0:
+            raise ConfigError("replay_chunk must be > 0 and max_buffer >= 0")
+        self.node = node
+        self.topic = topic
+        self.prefix = topic.endswith((".", "*"))
+        self._match = topic.rstrip("*") if self.prefix else topic
+        self.start = start or (Start.beginning() if durable else Start.new())
+        self.durable = durable
+        self.auto_commit = auto_commit
+        self.commit_interval_s = commit_interval_s
+        self.on_retention = on_retention
+        self.max_buffer = max_buffer
+        self.replay_chunk = replay_chunk
+        self.replay_bytes = min(1 << 20, max(64 << 10, node.config.max_message_bytes // 4))
+        self.max_event_size = max_event_size
+        self.retry_s = retry_s
+        self.sid = uuid.uuid4().hex
+        self._stats = SubscriberStats()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._trackers: dict[Key, tuple[int, StreamTracker]] = {}
+        self._ready: collections.deque[tuple[Key, int, Event | RetentionGap]] = (
+            collections.deque())
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._positions: dict[Key, int] = {}
+        self._committed: dict[Key, int] = {}
+        self._inflight: tuple[Key, int] | None = None
+        self._connected: set[str] = set()
+        self._next_tick = 0.0
+        self._next_commit = time.monotonic() + commit_interval_s
+        self._store: StateStore | None = None
+        self._cursor_ns = f"pubsub.cursor.{durable}" if durable else ""
+        if durable:
+            self._store = StateStore(Path(node.data_dir) / "pubsub-cursors.db")
+            for k, v in self._store.items(self._cursor_ns):
+                pub, _, stream = k.partition("/")
+                if isinstance(v, int) and stream:
+                    self._committed[(pub, stream)] = v
+                    self._positions[(pub, stream)] = v
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        sock = node.socket(zmq.SUB, "sub")
+        if rcvhwm is not None:
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, self._match.encode())
+        self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._rfd, zmq.POLLIN)
+        self._router = _registry.get_or_create(node, "pubsub.sub", lambda: _SubRouter(node))
+        self._router.subs[self.sid] = self
+        for ep in endpoints:
+            self._connect(ep)
+        self._unsubscribe_peers: Callable[[], None] = node.on_peer(self._on_peer_event)
+        with self._lock:
+            for peer in self._offering_peers():
+                self._add_peer(peer)
+
+    # --- cross-thread hand-over ------------------------------------------------------------
+
+    def _post(self, item: tuple[Any, ...]) -> None:
+        """Called on the reactor thread: queue ``item`` and wake the iterating thread."""
+        self._inbox.append(item)
+        try:
+            os.write(self._wfd, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (already awake) or closed
+
+    def _on_peer_event(self, ev: PeerEvent) -> None:
+        if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED) and self._offers_match(
+                ev.peer):
+            self._post(("peer", ev.peer))
+
+    def _count_bad_reply(self, exc: Exception) -> None:
+        self._stats.bad_replies += 1
+        if isinstance(exc, UnsupportedVersion):
+            self._stats.bad_version += 1
+        elif isinstance(exc, EventTooLarge):
+            self._stats.oversize += 1
+
+    # --- peers -----------------------------------------------------------------------------
+
+    def _offers_match(self, peer: PeerInfo) -> bool:
+        return any(self._matches(s) for s in peer.offers.get("stream", ()))
+
+    def _matches(self, stream: str) -> bool:
+        return stream.startswith(self._match) if self.prefix else stream == self._match
+
+    def _offering_peers(self) -> list[PeerInfo]:
+        if self.prefix:
+            return self.node.who_offers("stream", prefix=self._match)  # type: ignore[no-any-return]
+        return self.node.who_offers("stream", name=self._match)  # type: ignore[no-any-return]
+
+    def _connect(self, endpoint: str) -> None:
+        if endpoint in self._connected:
+            return
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot connect to {endpoint!r}: {exc}") from exc
+        self._connected.add(endpoint)
+
+    def _add_peer(self, peer: PeerInfo) -> None:
+        if peer.node_id == self.node.id and not peer.endpoints.get("pub"):
+            return
+        ep = self.node.connect_endpoint(peer, "pub")
+        if ep is None:
+            return
+        self._connect(ep)
+        now = time.monotonic()
+        for stream in peer.offers.get("stream", ()):
+            if self._matches(stream):
+                key = (peer.node_id, stream)
+                if key not in self._trackers:
+                    tracker = self._new_tracker(key, replayable=True)
+                    self._trackers[key] = (0, tracker)
+                    self._apply(key, tracker, tracker.start(now))
+
+    def _new_tracker(self, key: Key, *, replayable: bool) -> StreamTracker:
+        pos = self._positions.get(key)
+        st = self.start
+        if pos is None and replayable:
+            if st.kind == "beginning":
+                pos = 0
+            elif st.kind == "offset":
+                pos = st.value
+        from_time = st.value if pos is None and st.kind == "time" and replayable else None
+        return StreamTracker(pos, replayable=replayable, max_buffer=self.max_buffer,
+                             from_time=from_time, retry_s=self.retry_s)
+
+    # --- the pump (iterating thread) -------------------------------------------------------
+
+    def _pump(self, timeout_ms: int) -> None:
+        if self._closed:
+            raise ClosedError("subscriber is closed")
+        if self._inbox:
+            self._drain_inbox()
+            timeout_ms = 0
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._sock in ready:
+            self._drain_sub()
+        if self._rfd in ready:
+            try:
+                os.read(self._rfd, 4096)
+            except BlockingIOError:
+                pass
+            self._drain_inbox()
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + 0.1
+            for key, (_, tracker) in list(self._trackers.items()):
+                self._apply(key, tracker, tracker.on_tick(now))
+            if self.auto_commit and self._store is not None and now >= self._next_commit:
+                self._next_commit = now + self.commit_interval_s
+                self._commit_positions()
+
+    def _drain_sub(self) -> None:
+        sock = self._sock
+        stats = self._stats
+        recv = sock.recv_multipart
+        now = time.monotonic()
+        for _ in range(1000):
+            try:
+                msg = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            stats.messages += 1
+            try:
+                stream, head, envs = frames.decode_message(msg, max_event_size=self.max_event_size)
+            except UnsupportedVersion as exc:
+                stats.bad_version += 1
+                _log.warning("pubsub: dropped a message: %s", exc)
+                continue
+            except EventTooLarge as exc:
+                stats.oversize += 1
+                _log.warning("pubsub: dropped a message: %s", exc)
+                continue
+            except ProtocolError as exc:
+                stats.bad_frames += 1
+                _log.warning("pubsub: dropped a malformed message: %s", exc)
+                continue
+            if not self._matches(stream):
+                continue  # SUB filtering is by prefix; an exact topic needs this check
+            key = (head.publisher, stream)
+            entry = self._trackers.get(key)
+            if entry is None or entry[0] != head.epoch:
+                if entry is not None:
+                    _log.info("pubsub: %s restarted (new epoch); resetting", key)
+                tracker = self._new_tracker(key, replayable=head.durable)
+                if not head.durable and tracker.expected is None:
+                    tracker.expected = head.seq if head.kind == frames.KIND_HEARTBEAT else None
+                self._trackers[key] = (head.epoch, tracker)
+                if head.durable:
+                    self._apply(key, tracker, tracker.start(now))
+            else:
+                tracker = entry[1]
+            if head.kind == frames.KIND_DATA:
+                self._apply(key, tracker, tracker.on_live(head.seq, envs, now))
+            else:
+                stats.heartbeats += 1
+                self._apply(key, tracker, tracker.on_heartbeat(head.seq, now))
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        now = time.monotonic()
+        while inbox:
+            item = inbox.popleft()
+            if item[0] == "peer":
+                self._add_peer(item[1])
+                continue
+            _, peer_id, data = item
+            key = (peer_id, data.stream)
+            entry = self._trackers.get(key)
+            if entry is None:
+                self._stats.bad_replies += 1
+                continue
+            tracker = entry[1]
+            if data.error is not None:
+                self._stats.replay_errors += 1
+                if data.error == "not_durable":
+                    tracker.replayable = False
+                _log.info("pubsub: replay of %s refused: %s", key, data.error)
+                continue
+            self._stats.replay_chunks += 1
+            self._apply(key, tracker, tracker.on_replay(
+                data.req, data.first, data.events, data.head, data.oldest, data.gone, now))
+
+    def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:
+        ready = self._ready
+        maxsz = self.max_event_size
+        for first, payloads in step.deliver:
+            seq = first
+            for buf in payloads:
+                try:
+                    ready.append((key, seq, decode(buf, maxsz)))
+                except CodecError as exc:
+                    # Logged but undecodable: skip it (counted) rather than stall the stream.
+                    self._stats.bad_events += 1
+                    _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
+                    self._positions[key] = seq + 1
+                seq += 1
+        if step.skipped is not None:
+            a, b = step.skipped
+            self._stats.skipped += b - a
+            _log.warning("pubsub: %s events %d..%d will not be delivered", key, a, b - 1)
+            expected_loss = (self.start.kind == "beginning" and key not in self._committed
+                             and tracker.stats.delivered == 0)
+            if self.on_retention == "error" and tracker.replayable and not expected_loss:
+                ready.append((key, b - 1, RetentionGap(key[0], key[1], a, b)))
+        if step.ask is not None:
+            self._send_ask(key, step.ask)
+
+    def _send_ask(self, key: Key, ask: ReplayAsk) -> None:
+        body = frames.ReplayRequest(self.sid, ask.req, key[1], ask.start, ask.from_time,
+                                    ask.end, self.replay_chunk, self.replay_bytes).to_body()
+        try:
+            self.node.send(key[0], frames.CTRL_REPLAY, body)
+        except MeshError as exc:
+            # Unreachable for now: the tracker re-sends after retry_s.
+            _log.info("pubsub: replay request to %s not sent: %s", key[0], exc)
+
+    # --- positions and commits -------------------------------------------------------------
+
+    def _done(self) -> None:
+        inflight = self._inflight
+        if inflight is not None:
+            self._positions[inflight[0]] = inflight[1] + 1
+            self._inflight = None
+
+    def _commit_positions(self) -> None:
+        dirty = {k: v for k, v in self._positions.items() if self._committed.get(k) != v}
+        if not dirty:
+            return
+        if self._store is not None:
+            self._store.put_many(self._cursor_ns, {f"{p}/{s}": v for (p, s), v in dirty.items()})
+            self._committed.update(dirty)
+            self._stats.commits += 1
+            for (pub, stream), pos in dirty.items():
+                try:
+                    self.node.send(pub, frames.CTRL_ACK,
+                                   frames.Ack(self.durable or "", stream, pos).to_body())
+                except MeshError:
+                    pass  # the publisher learns it at the next commit
+
+    def commit(self) -> None:
+        """Commit the position past every event handed out so far (including the current one).
+
+        Raises:
+            StateError: the cursor store failed.
+        """
+        with self._lock:
+            self._done()
+            self._commit_positions()
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _take(self) -> Event:
+        key, seq, ev = self._ready.popleft()
+        if isinstance(ev, RetentionGap):
+            self._positions[key] = ev.end
+            raise ev
+        self._inflight = (key, seq)
+        return ev
+
+    def recv(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after ``timeout`` seconds (None: wait forever).
+
+        Asking for the next event marks the previous one as processed (its position is
+        committed at the next commit).
+
+        Raises:
+            ClosedError: the subscriber is closed.
+            RetentionGap: with ``on_retention="error"``, events were deleted before delivery.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._done()
+            while not self._ready:
+                wait = 100
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = min(wait, int(left * 1000) + 1)
+                self._pump(wait)
+            return self._take()
+
+    def recv_batch(self, timeout: float | None = None, max_events: int = 1000) -> list[Event]:
+        """Up to ``max_events`` events (at least one unless ``timeout`` passed).
+
+        All of them count as processed when the next call asks for more.
+
+        Raises:
+            ClosedError: the subscriber is closed.
+            RetentionGap: as :meth:`recv` (events before the gap are returned first).
+        """
+        first = self.recv(timeout)
+        if first is None:
+            return []
+        out = [first]
+        with self._lock:
+            ready = self._ready
+            while ready and len(out) < max_events:
+                if isinstance(ready[0][2], RetentionGap):
+                    break
+                self._done()
+                out.append(self._take())
+        return out
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            ev = self.recv()
+        except ClosedError:
+            raise StopIteration from None
+        assert ev is not None
+        return ev
+
+    def run(self, handler: Callable[[Event], object], *,
+            stop: threading.Event | None = None) -> None:
+        """Call ``handler(event)`` for every event until ``stop`` is set or the subscriber is
+        closed. An event counts as processed (committable) once ``handler`` returned; if it
+        raises, the exception propagates and the event stays uncommitted.
+
+        Raises:
+            RetentionGap: with ``on_retention="error"``.
+        """
+        while stop is None or not stop.is_set():
+            try:
+                ev = self.recv(timeout=0.1)
+            except ClosedError:
+                return
+            if ev is None:
+                continue
+            handler(ev)
+            with self._lock:
+                self._done()
+
+    # --- introspection / lifecycle ---------------------------------------------------------
+
+    def stats(self) -> SubscriberStats:
+        """Counters (summed over the streams) and the current lag."""
+        with self._lock:
+            s = SubscriberStats(**self._stats.__dict__)
+            s.streams = len(self._trackers)
+            for _, t in self._trackers.values():
+                ts = t.stats
+                s.delivered += ts.delivered
+                s.duplicates += ts.duplicates
+                s.gaps += ts.gaps
+                s.buffered += ts.buffered
+                s.buffer_dropped += ts.buffer_dropped
+                s.replayed += ts.replayed
+                s.replay_requests += ts.replay_requests
+                s.replay_retries += ts.replay_retries
+                s.skipped += 0
+                s.lag += t.lag
+            return s
+
+    def positions(self) -> dict[Key, int]:
+        """The position (next seq to process) per (publisher, stream) handed out so far."""
+        with self._lock:
+            return dict(self._positions)
+
+    def close(self) -> None:
+        """Commit (with auto commit), close the socket and the cursor store. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._unsubscribe_peers()
+            self._router.subs.pop(self.sid, None)
+            if not self._router.subs:
+                _registry.drop(self.node, "pubsub.sub", self._router)
+            try:
+                if self.auto_commit and self._store is not None:
+                    self._done()
+                    self._commit_positions()
+            finally:
+                if self._store is not None:
+                    self._store.close()
+                self._sock.close(linger=0)
+                os.close(self._rfd)
+                os.close(self._wfd)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
