@@ -14,6 +14,7 @@ and its index) <- :mod:`mesh.log.log` (the log, fsync policies, recovery, retent
 
 from mesh.log.directory import LogDirectory, validate_stream_name
 from mesh.log.log import FsyncPolicy, Log, LogConfig, LogStats, Record, Retention
+from mesh.log.verify import Problem, VerifyReport, verify_log
 
 __all__ = [
     "FsyncPolicy",
@@ -21,7 +22,10 @@ __all__ = [
     "LogConfig",
     "LogDirectory",
     "LogStats",
+    "Problem",
     "Record",
     "Retention",
+    "VerifyReport",
     "validate_stream_name",
+    "verify_log",
 ]

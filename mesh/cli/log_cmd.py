@@ -1,0 +1,199 @@
+"""``mesh log info|tail|verify``: inspect durable logs from the command line (read-only)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from mesh.errors import ConfigError, LogError
+from mesh.log import Log, LogDirectory, Record, verify_log
+from mesh.log import format as fmt
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``mesh log`` and its sub-commands."""
+    p = subparsers.add_parser("log", help="inspect durable logs (read-only)")
+    sub = p.add_subparsers(dest="log_command", metavar="ACTION", required=True)
+
+    info = sub.add_parser("info", help="offsets, sizes and times of every stream")
+    info.add_argument("dir", help="a data directory (with streams/) or one stream's directory")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    tail = sub.add_parser("tail", help="print records of a stream")
+    tail.add_argument("dir", help="a data directory (with streams/) or one stream's directory")
+    tail.add_argument("stream", nargs="?", default=None,
+                      help="the stream (omit when DIR is a stream's directory)")
+    where = tail.add_mutually_exclusive_group()
+    where.add_argument("--from", dest="from_offset", type=int, default=None,
+                       help="start at this offset (default: the last --limit records)")
+    where.add_argument("--since", default=None,
+                       help="start at this time (ISO 8601, or a Unix time in seconds)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
+    tail.add_argument("--limit", "-n", type=int, default=10,
+                      help="how many records without --from/--since/--follow (default 10)")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(func=cmd_tail)
+
+    verify = sub.add_parser("verify", help="scan everything; exit 1 on any corruption")
+    verify.add_argument("dir", help="a data directory (with streams/) or one stream's directory")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=cmd_verify)
+
+
+def _is_stream_dir(path: str) -> bool:
+    return any(fmt.parse_segment_name(n) is not None for n in os.listdir(path))
+
+
+def _stream_dirs(path: str) -> dict[str, str]:
+    if not os.path.isdir(path):
+        raise LogError(f"no such directory: {path}")
+    d = LogDirectory(path)
+    streams = d.streams()
+    if streams:
+        return {s: d.path_for(s) for s in streams}
+    if _is_stream_dir(path):
+        return {os.path.basename(os.path.abspath(path)): path}
+    raise LogError(f"{path} holds no streams/ directory and no log segments")
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``mesh log info DIR``."""
+    out = []
+    for name, path in _stream_dirs(args.dir).items():
+        with Log.open(path, readonly=True) as lg:
+            st = lg.stats()
+        out.append({"stream": name, "path": path, "first_offset": st.first_offset,
+                    "last_offset": st.last_offset, "records": st.records, "bytes": st.bytes,
+                    "segments": st.segments, "oldest": _iso(st.oldest_timestamp_ns),
+                    "newest": _iso(st.newest_timestamp_ns),
+                    "missing_records": st.missing_records,
+                    "corrupt_regions": st.corrupt_regions})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for s in out:
+        print(f"{s['stream']}: offsets {s['first_offset']}..{s['last_offset']}, "
+              f"{s['records']} records, {s['bytes']} bytes, {s['segments']} segment(s), "
+              f"oldest {s['oldest']}, newest {s['newest']}"
+              + (f", {s['missing_records']} MISSING" if s["missing_records"] else "")
+              + (f", {s['corrupt_regions']} CORRUPT region(s)" if s["corrupt_regions"] else ""))
+    return 0
+
+
+def _decoder() -> Callable[[bytes], Any] | None:
+    try:
+        mod = importlib.import_module("mesh.envelope")
+    except ImportError:
+        return None
+    fn = getattr(mod, "decode", None)
+    return fn if callable(fn) else None
+
+
+def _show(payload: bytes, decode: Callable[[bytes], Any] | None) -> tuple[str, Any]:
+    if decode is not None:
+        try:
+            return "event", decode(payload)
+        except Exception:  # not an envelope: fall back to raw bytes
+            pass
+    try:
+        text = payload.decode("utf-8")
+        if text.isprintable():
+            return "text", text
+    except UnicodeDecodeError:
+        pass
+    return "hex", payload.hex()
+
+
+def _parse_since(value: str) -> int:
+    try:
+        return int(float(value) * 1e9)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"--since: not an ISO 8601 time or Unix seconds: {value!r}") from exc
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1e9)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """``mesh log tail DIR STREAM``."""
+    streams = _stream_dirs(args.dir)
+    if args.stream is None:
+        if len(streams) != 1:
+            raise ConfigError(f"name a stream: {', '.join(sorted(streams))}")
+        path = next(iter(streams.values()))
+    elif args.stream in streams:
+        path = streams[args.stream]
+    else:
+        raise LogError(f"no stream {args.stream!r} in {args.dir}")
+    decode = _decoder()
+    with Log.open(path, readonly=True) as lg:
+        lg.stats()  # refresh to the writer's current tail
+        first = lg.first_offset or 0
+        if args.from_offset is not None:
+            start, limit = args.from_offset, None if args.follow else args.limit
+        elif args.since is not None:
+            start, limit = lg.offset_for_time(_parse_since(args.since)), None
+        else:
+            start, limit = max(first, lg.next_offset - args.limit), None
+        start = max(start, first)
+        printed = 0
+
+        def emit(rec: Record) -> None:
+            kind, value = _show(rec.payload, decode)
+            if args.json:
+                if kind == "event":
+                    value = repr(value)
+                print(json.dumps({"offset": rec.offset, "time": _iso(rec.timestamp_ns),
+                                  kind: value}), flush=args.follow)
+            else:
+                shown = repr(value) if kind == "event" else value
+                print(f"{rec.offset}\t{_iso(rec.timestamp_ns)}\t{kind}\t{shown}",
+                      flush=args.follow)
+
+        source = lg.follow(start, threading.Event(), poll_s=0.2) if args.follow \
+            else lg.iter(start)
+        for rec in source:
+            emit(rec)
+            printed += 1
+            if limit is not None and printed >= limit:
+                break
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``mesh log verify DIR``: exit 1 when anything is wrong."""
+    reports = [(name, verify_log(path)) for name, path in _stream_dirs(args.dir).items()]
+    bad = any(not r.ok for _, r in reports)
+    if args.json:
+        print(json.dumps([{"stream": n, "ok": r.ok, "segments": r.segments,
+                           "records": r.records, "bytes": r.bytes,
+                           "first_offset": r.first_offset, "next_offset": r.next_offset,
+                           "problems": [p.__dict__ for p in r.problems]}
+                          for n, r in reports], indent=2))
+    else:
+        for name, r in reports:
+            status = "OK" if r.ok else "CORRUPT"
+            print(f"{name}: {status}: {r.segments} segment(s), {r.records} records, "
+                  f"{r.bytes} bytes")
+            for p in r.problems:
+                print(f"  {p.kind}: {p.path} at byte {p.position}: {p.reason}")
+    return 1 if bad else 0
