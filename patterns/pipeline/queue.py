@@ -1,0 +1,358 @@
+"""WorkQueue: the producer side of a pipeline queue.
+
+Threading model: ``push()`` runs on the caller's thread; it appends to ``<queue>.tasks``
+(thread-safe log) and hands the new ids to the queue's I/O thread through a lock-protected list
+plus one byte on a pipe per *batch* (the wake-up is skipped while one is pending). The I/O thread
+owns the ROUTER socket, the dispatcher state machine and the journal: nothing else touches them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from mesh.errors import ClosedError, ConfigError, MeshTimeout, ProtocolError
+from mesh.log import FsyncPolicy
+from mesh.peers import PeerEvent, PeerEventKind
+
+from . import frames as fr
+from .dispatch import DispatchConfig, Dispatcher
+from .dlq import DeadLetters, encode_dead_letter
+from .store import QueueStore, encode_task, journal_records
+
+log = logging.getLogger(__name__)
+
+_RECV_BATCH = 2000
+
+
+def role_for(queue: str) -> str:
+    """The endpoint role under which a queue's producer binds its ROUTER."""
+    return f"pipe.{queue}"
+
+
+class WorkQueue:
+    """Producer side of the work queue ``name`` on ``node``.
+
+    ``push()`` returns once the task is in the queue's log (per the fsync policy); the task is
+    then dispatched to workers (found by discovery) against their credit, redelivered on nack,
+    deadline or worker loss, and dead-lettered after ``max_deliveries`` (or on term).
+
+    Args:
+        node: the node to run on (its data directory holds the queue's logs).
+        name: the queue name (1-200 of ``A-Z a-z 0-9 . _ -``).
+        config: dispatch rules (ack wait, max deliveries, backoff, retry budget, ordering).
+        fsync: fsync policy of the queue's logs (default every 10 ms).
+        seed: seed of the backoff jitter (tests).
+
+    Raises:
+        ConfigError: invalid name or configuration.
+        LogLocked: another process is already the producer of this queue in this data dir.
+    """
+
+    def __init__(
+        self,
+        node: Any,
+        name: str,
+        *,
+        config: DispatchConfig | None = None,
+        fsync: FsyncPolicy | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.node = node
+        self.name = name
+        self.config = config or DispatchConfig()
+        self._store = QueueStore(node.data_dir, name, fsync)
+        self.dlq = DeadLetters(node.data_dir, name, push=self.push, actor="producer")
+        self._dlq_log = self._store.root.open(f"{name}.dlq")
+        self._lock = threading.Lock()
+        self._new: list[tuple[int, Hashable | None, bytes]] = []
+        self._woken = False
+        self._closed = False
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        self._peer_events: list[PeerEvent] = []
+        self._stats_snapshot: dict[str, Any] = {}
+        self._stats_lock = threading.Lock()
+        self._bad_frames = 0
+        self._dispatcher = Dispatcher(
+            self.config, time.monotonic(), rng=random.Random(seed)
+        )
+        self._payloads: dict[int, tuple[Hashable | None, bytes]] = {}
+        rec = self._store.recover()
+        self._dispatcher.mark_high(rec.next_id)
+        for tid, key, payload, deliveries, history in rec.tasks:
+            self._payloads[tid] = (key, payload)
+            self._dispatcher.restore(tid, key, deliveries, history)
+        self.recovered = len(rec.tasks)
+        self._router = node.socket(zmq.ROUTER, role_for(name))
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A worker reconnecting with the same identity (after a network blip) takes over.
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.endpoints = node.bind(self._router, role_for(name))
+        self._unsub = node.on_peer(self._on_peer)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
+        self._thread.start()
+        node.offer("queue", name)
+
+    # ------------------------------------------------------------------ user API
+    def push(self, payload: bytes, key: Hashable | None = None) -> int:
+        """Append a task to the queue's log and schedule its dispatch; returns its id.
+
+        Raises:
+            ClosedError: the queue is closed.
+            ConfigError: ``payload`` is not bytes or ``key`` not str / bytes / None.
+            LogError: the log could not take it (LogFull, RecordTooLarge...): nothing was queued.
+        """
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
+        if key is not None and not isinstance(key, (str, bytes)):
+            raise ConfigError(f"key must be str, bytes or None, got {type(key).__name__}")
+        payload = bytes(payload)
+        rec = encode_task(key, payload)
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"work queue {self.name} is closed")
+            tid = self._store.tasks.append(rec)
+            self._new.append((tid, key, payload))
+            self._wake_locked()
+        return tid
+
+    def push_many(self, payloads: Sequence[bytes], key: Hashable | None = None) -> range:
+        """Push several tasks in one log batch (same key); returns their ids.
+
+        Raises:
+            ClosedError: the queue is closed.
+            LogError: the log could not take them: none was queued.
+        """
+        recs = [encode_task(key, bytes(p)) for p in payloads]
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"work queue {self.name} is closed")
+            ids = self._store.tasks.append_many(recs)
+            self._new.extend(zip(ids, [key] * len(ids), payloads, strict=True))
+            self._wake_locked()
+        return ids
+
+    def _wake_locked(self) -> None:
+        if not self._woken:
+            self._woken = True
+            os.write(self._wfd, b"x")
+
+    def stats(self) -> dict[str, Any]:
+        """Dispatcher counters and gauges (a snapshot refreshed by the I/O thread)."""
+        with self._stats_lock:
+            out = dict(self._stats_snapshot)
+        out["malformed_frames"] = self._bad_frames
+        return out
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until every pushed task is acked or dead-lettered.
+
+        Raises:
+            MeshTimeout: tasks are still owed after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            with self._lock:
+                fresh = bool(self._new)
+            if s.get("unacked", 1) == 0 and not fresh:
+                return
+            if time.monotonic() >= deadline:
+                raise MeshTimeout(f"queue {self.name}: {s.get('unacked')} tasks still owed")
+            time.sleep(0.01)  # a poll interval on another thread's snapshot
+
+    def close(self) -> None:
+        """Stop dispatching, flush the logs and close the socket (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.write(self._wfd, b"q")
+        try:
+            self.node.withdraw("queue", self.name)
+        except Exception:
+            pass  # the node may already be closed
+        self._unsub()
+        self._thread.join(10.0)
+        os.close(self._rfd)
+        os.close(self._wfd)
+        try:
+            self._dlq_log.close()
+        finally:
+            self._store.close()
+
+    def __enter__(self) -> WorkQueue:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reactor thread
+    def _on_peer(self, ev: PeerEvent) -> None:
+        if ev.kind is PeerEventKind.LEFT:
+            with self._lock:
+                self._peer_events.append(ev)
+                if not self._closed:
+                    self._wake_locked()
+
+    # ------------------------------------------------------------------ I/O thread
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._rfd, zmq.POLLIN)
+        last_ops_check = 0.0
+        try:
+            while True:
+                d = self._dispatcher
+                nd = d.next_deadline()
+                now = time.monotonic()
+                timeout = 500.0
+                if nd is not None:
+                    timeout = max(0.0, min(timeout, (nd - now) * 1000.0))
+                poller.poll(int(timeout))
+                now = time.monotonic()
+                self._drain_router(now)
+                if self._drain_wake(now):
+                    break
+                d.tick(now)
+                self._dispatch(now)
+                self._persist_effects()
+                if now - last_ops_check >= 1.0:
+                    last_ops_check = now
+                    self._snapshot()
+                    try:
+                        self.dlq.fulfil_requests()
+                    except Exception:
+                        log.exception("queue %s: DLQ redrive requests failed", self.name)
+        except Exception:
+            log.exception("queue %s: I/O thread crashed", self.name)
+        finally:
+            self._persist_effects()
+            self._snapshot()
+            self._router.close(linger=0)
+
+    def _snapshot(self) -> None:
+        s = self._dispatcher.stats()
+        with self._stats_lock:
+            self._stats_snapshot = s
+
+    def _drain_wake(self, now: float) -> bool:
+        try:
+            data = os.read(self._rfd, 4096)
+        except BlockingIOError:
+            data = b""
+        with self._lock:
+            new = self._new
+            self._new = []
+            events = self._peer_events
+            self._peer_events = []
+            self._woken = False
+            closing = self._closed
+        if new:
+            payloads = self._payloads
+            for tid, key, payload in new:
+                payloads[tid] = (key, payload)
+            self._dispatcher.add_many([(t[0], t[1]) for t in new])
+        for ev in events:
+            for ident in self._dispatcher.workers_of_node(ev.peer.node_id):
+                self._dispatcher.worker_gone(ident, now)
+        return closing or b"q" in data
+
+    def _drain_router(self, now: float) -> None:
+        sock = self._router
+        d = self._dispatcher
+        for _ in range(_RECV_BATCH):
+            try:
+                msg = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(msg) < 2:
+                self._bad_frames += 1
+                continue
+            ident = msg[0]
+            try:
+                cmd, value = fr.decode(msg[1:])
+            except ProtocolError:
+                self._bad_frames += 1
+                continue
+            if cmd == fr.ACK:
+                d.on_ack(ident, value, now)
+            elif cmd == fr.READY:
+                if value.queue != self.name:
+                    self._bad_frames += 1
+                    continue
+                d.worker_ready(ident, value.credit, value.node_id, value.worker)
+            elif cmd == fr.NACK:
+                for f in value:
+                    d.on_nack(ident, f.task_id, now, delay=f.delay, error_type=f.error_type,
+                              error_message=f.error_message, traceback=f.traceback)
+            elif cmd == fr.IN_PROGRESS:
+                d.on_in_progress(ident, value, now)
+            elif cmd == fr.TERM:
+                for f in value:
+                    d.on_term(ident, f.task_id, now, reason=f.reason, error_type=f.error_type,
+                              error_message=f.error_message, traceback=f.traceback)
+            elif cmd == fr.BYE:
+                d.worker_gone(ident, now)
+            else:  # TASK from a worker: not valid in this direction
+                self._bad_frames += 1
+
+    def _dispatch(self, now: float) -> None:
+        d = self._dispatcher
+        sends = d.dispatch(now)
+        if not sends:
+            return
+        # Persist the delivery numbers before any frame leaves (poison detection).
+        dispatched = [(tid, n) for _, items in sends for tid, n, _ in items]
+        self._store.journal.append_many(journal_records(dispatched, [], [], []))
+        wait_ms = int(self.config.ack_wait * 1000)
+        payloads = self._payloads
+        for ident, items in sends:
+            body: list[tuple[int, int, int, fr.Key, bytes]] = []
+            for tid, n, _key in items:
+                kp = payloads.get(tid)
+                if kp is None:  # cannot happen: payloads live until ack / dead letter
+                    continue
+                body.append((tid, n, wait_ms, kp[0], kp[1]))  # type: ignore[arg-type]
+            try:
+                self._router.send_multipart([ident, *fr.encode_tasks(body)], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                # EHOSTUNREACH (worker disconnected) or EAGAIN (HWM): treat it as gone; its
+                # tasks return to the queue now, and a live worker re-registers with READY.
+                log.debug("queue %s: worker %s unreachable: %s", self.name, ident.hex(), exc)
+                d.worker_gone(ident, now)
+
+    def _persist_effects(self) -> None:
+        d = self._dispatcher
+        if not d.has_effects():
+            return
+        eff = d.take_effects()
+        payloads = self._payloads
+        dead_ids = []
+        if eff.dead:
+            recs = []
+            now = time.time()
+            for dl in eff.dead:
+                kp = payloads.get(dl.task_id)
+                payload = kp[1] if kp else b""
+                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now))
+                dead_ids.append(dl.task_id)
+            # The DLQ record first: a crash before the journal's X record keeps the task owed
+            # (redelivered, maybe dead-lettered twice), never lost.
+            self._dlq_log.append_many(recs)
+        self._store.journal.append_many(journal_records([], eff.acked, eff.failed, dead_ids))
+        for tid in eff.acked:
+            payloads.pop(tid, None)
+        for tid in dead_ids:
+            payloads.pop(tid, None)

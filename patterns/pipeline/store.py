@@ -1,0 +1,165 @@
+"""The files of one work queue on its producer, and crash recovery.
+
+Three logs in the node's :class:`mesh.log.LogDirectory`:
+
+* ``<queue>.tasks``: one record per pushed task, ``msgpack [key, payload]``; the record offset
+  is the task id. Written by ``push()`` before it returns.
+* ``<queue>.journal``: the dispatcher's durable facts, one msgpack array per record:
+  ``["D", [ids], [delivery numbers]]`` (written *before* the TASK frame is sent, so a poison
+  task that kills its worker every time is still counted across producer restarts),
+  ``["A", [ids]]`` acked, ``["F", id, attempt-map]`` a failed attempt (for the DLQ history),
+  ``["X", id]`` dead-lettered.
+* ``<queue>.dlq``: the dead-letter stream (see :mod:`patterns.pipeline.dlq`).
+
+Recovery replays the journal and re-queues every task of ``<queue>.tasks`` that is neither
+acked nor dead, with its delivery count and failure history.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from mesh.errors import LogError
+from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory
+
+from .dispatch import Attempt
+
+J_DISPATCH = "D"
+J_ACK = "A"
+J_FAIL = "F"
+J_DEAD = "X"
+
+
+def encode_task(key: Hashable | None, payload: bytes) -> bytes:
+    """The ``<queue>.tasks`` record of one task."""
+    return msgpack.packb([key, payload], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_task(buf: bytes) -> tuple[Any, bytes]:
+    """``(key, payload)`` of a ``<queue>.tasks`` record.
+
+    Raises:
+        LogError: the record is not a task record.
+    """
+    try:
+        key, payload = msgpack.unpackb(buf, raw=False)
+    except Exception as exc:
+        raise LogError(f"not a pipeline task record: {exc}") from exc
+    if not isinstance(payload, bytes):
+        raise LogError("not a pipeline task record: payload is not bytes")
+    return key, payload
+
+
+def attempt_from(m: Any) -> Attempt:
+    """An :class:`Attempt` from its msgpack map (journal / DLQ)."""
+    return Attempt(
+        int(m.get("delivery", 0)), str(m.get("worker", "")), float(m.get("dispatched_at", 0.0)),
+        float(m.get("ended_at", 0.0)), str(m.get("outcome", "")), m.get("error_type"),
+        m.get("error_message"), m.get("traceback"),
+    )
+
+
+def pipeline_root(data_dir: str | os.PathLike[str]) -> LogDirectory:
+    """The log directory holding the pipeline streams of a node data directory."""
+    return LogDirectory(data_dir)
+
+
+@dataclass
+class Recovered:
+    """What :meth:`QueueStore.recover` found."""
+
+    tasks: list[tuple[int, Any, bytes, int, list[Attempt]]] = field(default_factory=list)
+    next_id: int = 0
+    acked: int = 0
+    dead: int = 0
+
+
+class QueueStore:
+    """Owns the ``<queue>.tasks`` and ``<queue>.journal`` logs of one producer.
+
+    Raises:
+        LogLocked: another process is the producer of this queue on this data directory.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], queue: str,
+                 fsync: FsyncPolicy | None = None) -> None:
+        self.queue = queue
+        self.root = pipeline_root(data_dir)
+        cfg = LogConfig(fsync=fsync or FsyncPolicy.interval(10.0))
+        self.tasks: Log = self.root.open(f"{queue}.tasks", cfg)
+        try:
+            self.journal: Log = self.root.open(f"{queue}.journal", cfg)
+        except BaseException:
+            self.tasks.close()
+            raise
+
+    def recover(self) -> Recovered:
+        """Replay the journal; return the tasks still owed, with delivery counts and history."""
+        acked: set[int] = set()
+        dead: set[int] = set()
+        deliveries: dict[int, int] = {}
+        history: dict[int, list[Attempt]] = {}
+        for rec in self.journal.iter(0):
+            try:
+                j = msgpack.unpackb(rec.payload, raw=False)
+                kind = j[0]
+                if kind == J_DISPATCH:
+                    for tid, n in zip(j[1], j[2], strict=True):
+                        if n > deliveries.get(tid, 0):
+                            deliveries[tid] = n
+                elif kind == J_ACK:
+                    acked.update(j[1])
+                elif kind == J_FAIL:
+                    history.setdefault(j[1], []).append(attempt_from(j[2]))
+                elif kind == J_DEAD:
+                    dead.add(j[1])
+            except Exception:
+                # A journal record we cannot read loses at most a count: the task stays owed.
+                continue
+        out = Recovered(next_id=self.tasks.next_offset)
+        for rec in self.tasks.iter(0):
+            tid = rec.offset
+            if tid in acked:
+                out.acked += 1
+                continue
+            if tid in dead:
+                out.dead += 1
+                continue
+            try:
+                key, payload = decode_task(rec.payload)
+            except LogError:
+                continue
+            out.tasks.append((tid, key, payload, deliveries.get(tid, 0), history.get(tid, [])))
+        return out
+
+    def close(self) -> None:
+        """Close both logs (flushing them)."""
+        try:
+            self.journal.close()
+        finally:
+            self.tasks.close()
+
+
+def journal_records(
+    dispatched: list[tuple[int, int]],
+    acked: list[int],
+    failed: list[tuple[int, Attempt]],
+    dead: list[int],
+) -> list[bytes]:
+    """Encode one I/O-loop pass of dispatcher facts as journal records (batched)."""
+    out: list[bytes] = []
+    pack = msgpack.packb
+    if dispatched:
+        out.append(pack([J_DISPATCH, [d[0] for d in dispatched], [d[1] for d in dispatched]]))
+    if acked:
+        out.append(pack([J_ACK, acked]))
+    for tid, att in failed:
+        out.append(pack([J_FAIL, tid, att.to_dict()], use_bin_type=True))
+    for tid in dead:
+        out.append(pack([J_DEAD, tid]))
+    return out

@@ -1,0 +1,414 @@
+"""Worker: the consumer side of a pipeline queue.
+
+Threading model: the Worker's DEALER sockets are owned by the thread that first iterates it (or
+calls ``get`` / ``run``); any other thread gets :class:`WrongThread`. Peer events arrive on the
+node's reactor thread and are handed over through a lock-protected list. Answers (ack, nack,
+term) are buffered and flushed as one frame per producer before the worker blocks for more
+work, so the per-task cost is one list append.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import traceback as tb_mod
+import uuid
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
+from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+
+from . import frames as fr
+from .queue import role_for
+
+log = logging.getLogger(__name__)
+
+_FLUSH_AT = 256  #: answers buffered per producer before a flush even mid-batch
+
+
+class WrongThread(MeshError, RuntimeError):
+    """A Worker was used from a thread other than the one that owns its sockets."""
+
+
+class TaskTerminated(Exception):
+    """Raise from a handler to end the task with TERM (never retried; straight to the DLQ)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Conn:
+    __slots__ = ("acks", "endpoint", "fails", "node_id", "sock", "terms")
+
+    def __init__(self, node_id: str, endpoint: str, sock: zmq.Socket[Any]) -> None:
+        self.node_id = node_id
+        self.endpoint = endpoint
+        self.sock = sock
+        self.acks: list[int] = []
+        self.fails: list[fr.Failure] = []
+        self.terms: list[fr.Failure] = []
+
+
+class Task:
+    """One delivery of a task. End it exactly once with :meth:`ack`, :meth:`nack` or
+    :meth:`term`; :meth:`in_progress` may be called any number of times before."""
+
+    __slots__ = ("_conn", "_done", "_worker", "delivery", "id", "key", "payload")
+
+    def __init__(self, worker: Worker, conn: _Conn, d: fr.Delivery) -> None:
+        self._worker = worker
+        self._conn = conn
+        self.id = d.task_id
+        self.delivery = d.delivery
+        self.key = d.key
+        self.payload = d.payload
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"Task(id={self.id}, delivery={self.delivery}, {len(self.payload)} bytes)"
+
+    def _end(self) -> None:
+        if self._done:
+            raise ConfigError(f"task {self.id} was already ended")
+        self._done = True
+        self._worker._inflight -= 1
+
+    def ack(self) -> None:
+        """Done: the producer forgets the task.
+
+        Raises:
+            ConfigError: the task was already ended.
+        """
+        self._end()
+        c = self._conn
+        c.acks.append(self.id)
+        if len(c.acks) >= _FLUSH_AT:
+            self._worker._flush_conn(c)
+
+    def nack(self, delay: float | None = None, *, error: BaseException | None = None) -> None:
+        """Failed: retry after ``delay`` seconds (None: the producer's backoff).
+
+        Args:
+            delay: seconds before the retry, or None for exponential backoff with jitter.
+            error: the exception, kept (type, message, traceback) in the retry history.
+
+        Raises:
+            ConfigError: the task was already ended, or ``delay`` is negative.
+        """
+        if delay is not None and not delay >= 0:
+            raise ConfigError(f"delay must be >= 0, got {delay}")
+        self._end()
+        self._conn.fails.append(fr.Failure(self.id, delay, "", *_error_facts(error)))
+
+    def term(self, reason: str = "", *, error: BaseException | None = None) -> None:
+        """Never retry: the task goes straight to the DLQ with ``reason``.
+
+        Raises:
+            ConfigError: the task was already ended.
+        """
+        self._end()
+        self._conn.terms.append(fr.Failure(self.id, None, reason, *_error_facts(error)))
+
+    def in_progress(self) -> None:
+        """Still working: push the ack deadline forward by one ack wait (sent at once)."""
+        if self._done:
+            raise ConfigError(f"task {self.id} was already ended")
+        self._worker._send(self._conn, fr.encode_ids(fr.IN_PROGRESS, [self.id]))
+
+
+def _error_facts(error: BaseException | None) -> tuple[str | None, str | None, str | None]:
+    if error is None:
+        return None, None, None
+    tb = "".join(tb_mod.format_exception(type(error), error, error.__traceback__))
+    return type(error).__name__, str(error), tb
+
+
+class Worker:
+    """Takes tasks of queue ``queue`` from every producer that offers it.
+
+    ``for task in worker:`` yields :class:`Task` objects (blocking); or :meth:`run` a handler
+    (an exception is a NACK with the error kept; :class:`TaskTerminated` is a TERM).
+
+    Args:
+        node: the node to run on.
+        queue: the queue name.
+        credit: most un-acked tasks this worker holds (split across producers).
+        ready_interval: how often READY is re-sent (lets a restarted producer learn the
+            worker without waiting for a reconnect).
+
+    Raises:
+        ConfigError: credit < 1.
+    """
+
+    def __init__(self, node: Any, queue: str, *, credit: int = 10,
+                 ready_interval: float = 0.5) -> None:
+        if credit < 1:
+            raise ConfigError(f"credit must be >= 1, got {credit}")
+        self.node = node
+        self.queue = queue
+        self.credit = credit
+        self.ready_interval = ready_interval
+        self.ident = uuid.uuid4().bytes
+        self.label = f"{node.name}/{os.getpid()}/{self.ident.hex()[:8]}"
+        self._conns: dict[str, _Conn] = {}
+        self._local: collections.deque[Task] = collections.deque()
+        self._inflight = 0
+        self._owner: int | None = None
+        self._closed = False
+        self._events_lock = threading.Lock()
+        self._events: list[PeerEvent] = []
+        self._last_ready = 0.0
+        self._poller = zmq.Poller()
+        self.bad_frames = 0
+        self._unsub = node.on_peer(self._on_peer)
+        self._initial = True
+
+    # -------------------------------------------------------------- reactor thread
+    def _on_peer(self, ev: PeerEvent) -> None:
+        with self._events_lock:
+            self._events.append(ev)
+
+    # -------------------------------------------------------------- owner thread
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me
+        elif self._owner != me:
+            raise WrongThread(f"worker of {self.queue!r} is owned by another thread")
+        if self._closed:
+            raise ClosedError(f"worker of {self.queue!r} is closed")
+
+    def _candidates(self) -> list[PeerInfo]:
+        peers = list(self.node.who_offers("queue", self.queue))
+        me = self.node.info()
+        if self.queue in me.offers.get("queue", ()):
+            peers.append(me)  # a producer in this very node
+        return peers
+
+    def _sync_peers(self) -> None:
+        with self._events_lock:
+            events = self._events
+            self._events = []
+        if self._initial:
+            self._initial = False
+            for p in self._candidates():
+                self._connect(p)
+        changed = False
+        for ev in events:
+            p = ev.peer
+            if ev.kind is PeerEventKind.LEFT or (
+                ev.kind is PeerEventKind.CHANGED and self.queue not in p.offers.get("queue", ())
+            ):
+                changed |= self._disconnect(p.node_id)
+            elif self.queue in p.offers.get("queue", ()):
+                changed |= self._connect(p)
+        if events:
+            # Our own node's offers change without a peer event: re-check it too.
+            me = self.node.info()
+            if self.queue in me.offers.get("queue", ()):
+                changed |= self._connect(me)
+        if changed:
+            self._send_ready_all()
+
+    def _connect(self, p: PeerInfo) -> bool:
+        ep = self.node.connect_endpoint(p, role_for(self.queue))
+        if ep is None:
+            return False
+        old = self._conns.get(p.node_id)
+        if old is not None:
+            if old.endpoint == ep:
+                return False
+            self._disconnect(p.node_id)  # the producer restarted on a new endpoint
+        sock = self.node.socket(zmq.DEALER, role_for(self.queue))
+        sock.setsockopt(zmq.IDENTITY, self.ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(ep)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            log.warning("worker %s: cannot connect to %s: %s", self.label, ep, exc)
+            return False
+        self._conns[p.node_id] = _Conn(p.node_id, ep, sock)
+        self._poller.register(sock, zmq.POLLIN)
+        return True
+
+    def _disconnect(self, node_id: str) -> bool:
+        c = self._conns.pop(node_id, None)
+        if c is None:
+            return False
+        self._poller.unregister(c.sock)
+        c.sock.close(0)
+        # Tasks of that producer still buffered here are dropped: it redelivers them.
+        keep = collections.deque(t for t in self._local if t._conn is not c)
+        self._inflight -= len(self._local) - len(keep)
+        self._local = keep
+        return True
+
+    def _credit_for(self) -> int:
+        n = max(1, len(self._conns))
+        return max(1, self.credit // n)
+
+    def _send_ready_all(self) -> None:
+        body = fr.encode_ready(fr.Ready(self.queue, self._credit_for(), self.node.id, self.label))
+        for c in self._conns.values():
+            self._send(c, body)
+        self._last_ready = time.monotonic()
+
+    def _send(self, c: _Conn, frames: list[bytes]) -> None:
+        try:
+            c.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # HWM towards a stalled producer: it redelivers on its own deadline
+        except zmq.ZMQError as exc:
+            raise ClosedError(f"worker socket failed: {exc}") from exc
+
+    def _flush_conn(self, c: _Conn) -> None:
+        if c.acks:
+            self._send(c, fr.encode_ids(fr.ACK, c.acks))
+            c.acks = []
+        if c.fails:
+            self._send(c, fr.encode_failures(fr.NACK, c.fails))
+            c.fails = []
+        if c.terms:
+            self._send(c, fr.encode_failures(fr.TERM, c.terms))
+            c.terms = []
+
+    def flush(self) -> None:
+        """Send buffered answers now (done automatically before waiting for work)."""
+        for c in self._conns.values():
+            self._flush_conn(c)
+
+    def _receive(self, timeout: float) -> None:
+        events = dict(self._poller.poll(int(timeout * 1000)))
+        by_sock = {id(c.sock): c for c in self._conns.values()}
+        for sock in events:
+            c = by_sock.get(id(sock))
+            if c is None:
+                continue
+            for _ in range(1000):
+                try:
+                    msg = c.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    cmd, value = fr.decode(msg)
+                except ProtocolError:
+                    self.bad_frames += 1
+                    continue
+                if cmd != fr.TASK:
+                    self.bad_frames += 1
+                    continue
+                for d in value:
+                    self._local.append(Task(self, c, d))
+                self._inflight += len(value)
+
+    def get(self, timeout: float | None = None) -> Task | None:
+        """The next task, waiting up to ``timeout`` seconds (None: forever).
+
+        Raises:
+            ClosedError: the worker is closed.
+            WrongThread: called from another thread than the owner.
+        """
+        self._check_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._local:
+                return self._local.popleft()
+            self.flush()
+            self._sync_peers()
+            now = time.monotonic()
+            if now - self._last_ready >= self.ready_interval:
+                self._send_ready_all()
+            wait = self.ready_interval
+            if deadline is not None:
+                if now >= deadline:
+                    return None
+                wait = min(wait, deadline - now)
+            if not self._conns:
+                wait = min(wait, 0.05)  # nothing to poll yet: re-check discovery soon
+                time.sleep(wait)  # waiting for discovery, not for an outcome
+                continue
+            self._receive(wait)
+            if self._closed:
+                raise ClosedError(f"worker of {self.queue!r} is closed")
+
+    def __iter__(self) -> Iterator[Task]:
+        while not self._closed:
+            task = self.get()
+            if task is not None:
+                yield task
+
+    def handle(self, task: Task, handler: Callable[[Task], object]) -> None:
+        """Run ``handler`` on ``task``: return = ACK, :class:`TaskTerminated` = TERM, any
+        other exception = NACK with the error kept (type, message, traceback)."""
+        try:
+            handler(task)
+        except TaskTerminated as exc:
+            if not task._done:
+                task.term(exc.reason, error=exc)
+            return
+        except Exception as exc:
+            if not task._done:
+                task.nack(error=exc)
+            return
+        if not task._done:
+            task.ack()
+
+    def run(self, handler: Callable[[Task], object], *, stop: threading.Event | None = None,
+            max_tasks: int | None = None) -> int:
+        """Process tasks with ``handler`` until ``stop`` is set, ``max_tasks`` are done, or the
+        worker closes. Returns the number of tasks handled."""
+        n = 0
+        while not self._closed and not (stop is not None and stop.is_set()):
+            task = self.get(timeout=0.1)
+            if task is None:
+                continue
+            self.handle(task, handler)
+            n += 1
+            if max_tasks is not None and n >= max_tasks:
+                break
+        if not self._closed:
+            self.flush()
+        return n
+
+    def stats(self) -> dict[str, int]:
+        """Local buffer, un-ended tasks held, producers connected, malformed frames."""
+        return {
+            "buffered": len(self._local),
+            "held": self._inflight,
+            "producers": len(self._conns),
+            "malformed_frames": self.bad_frames,
+        }
+
+    def close(self) -> None:
+        """Flush answers, say BYE (tasks not ended go to other workers now) and close."""
+        if self._closed:
+            return
+        self._unsub()
+        me = threading.get_ident()
+        if self._owner in (None, me):
+            for c in self._conns.values():
+                try:
+                    self._flush_conn(c)
+                    self._send(c, fr.encode_ids(fr.BYE, []))
+                except MeshError:
+                    pass
+                c.sock.close(linger=200)  # let the BYE and last answers leave
+        self._closed = True
+        self._conns.clear()
+        self._local.clear()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
