@@ -168,10 +168,11 @@ class LogStats:
 
 
 class _Bad(Exception):
-    def __init__(self, position: int, reason: str) -> None:
+    def __init__(self, position: int, reason: str, offset: int) -> None:
         super().__init__(reason)
         self.position = position
         self.reason = reason
+        self.offset = offset  # the offset the reader was looking for
 
 
 @dataclass
@@ -628,25 +629,24 @@ class Log:
         i = bisect.bisect_right([s.base for s in segs], cur) - 1
         while len(out) < max_records and cur < limit and 0 <= i < len(segs):
             seg = segs[i]
-            if cur >= seg.next_offset:  # past this segment: next one, or a gap before it
-                if i + 1 >= len(segs):
+            if cur < seg.base:  # offsets missing before this segment (one was deleted)
+                region = BadRegion(0, 0, cur, seg.base, "records missing (segment deleted?)")
+                before = len(out)
+                cur = self._damaged(seg, region, out)
+                if cur < 0:
                     break
-                nxt = segs[i + 1]
-                if cur < nxt.base:
-                    region = BadRegion(0, 0, cur, nxt.base, "records missing (segment deleted?)")
-                    cur = self._damaged(nxt, region, out)
-                    if cur < 0:
-                        break
-                    if offs is None and out:
-                        offs = list(range(first, first + len(out)))
-                    if not out:
-                        first = cur
+                if offs is None and before:
+                    offs = list(range(first, first + before))
+                if not before:
+                    first = cur
+                continue
+            if cur >= seg.next_offset:
                 i += 1
                 continue
             try:
                 cur = self._read_segment(seg, cur, max_records, out, stamps, offs, want_ts)
             except _Bad as bad:
-                region = seg.bad.get(bad.position) or self._resolve(seg, bad, cur, segs, i)
+                region = seg.bad.get(bad.position) or self._resolve(seg, bad, bad.offset, segs, i)
                 before = len(out)
                 newcur = self._damaged(seg, region, out)
                 if newcur < 0:
@@ -697,7 +697,7 @@ class Log:
         for region in seg.bad.values():
             if region.next_offset is None or cur < region.next_offset:
                 if region.offset <= cur:
-                    raise _Bad(region.position, region.reason)
+                    raise _Bad(region.position, region.reason, cur)
             elif region.position >= pos:
                 pos = max(pos, region.next_position)  # a skip resumes after known damage
         while pos < end and len(out) < max_records:
@@ -716,9 +716,9 @@ class Log:
                             buf = seg.pread(need, pos)
                             n = len(buf)
                             continue
-                    raise _Bad(pos + p, exc.reason) from None
+                    raise _Bad(pos + p, exc.reason, cur) from None
                 if hdr.base_offset > cur:
-                    raise _Bad(pos + p, f"batch offset {hdr.base_offset} where {cur} expected")
+                    raise _Bad(pos + p, f"batch offset {hdr.base_offset} where {cur} expected", cur)
                 if hdr.next_offset <= cur:
                     p += hdr.length
                     continue
