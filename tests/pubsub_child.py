@@ -17,9 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mesh.node import Node  # noqa: E402
-from patterns.pubsub.publisher import Publisher  # noqa: E402
-from patterns.pubsub.subscriber import Start, Subscriber  # noqa: E402
+from mesh.node import Node
+from patterns.pubsub.publisher import Publisher
+from patterns.pubsub.subscriber import Start, Subscriber
 
 
 def node(data_dir: str, mesh: str, peer: str) -> Node:

@@ -86,9 +86,9 @@ def test_subscriber_killed_many_times_gets_everything_once_in_order(
             while kills < 8:
                 p = child(*args)
                 procs.append(p)
-                before = len(read_lines(out))
                 # Kill it at a random moment once it made some progress.
-                wait_until(lambda b=before: len(read_lines(out)) > b + rng.randint(1, 2000)
+                target = len(read_lines(out)) + rng.randint(1, 2000)
+                wait_until(lambda p=p, t=target: len(read_lines(out)) > t
                            or p.poll() is not None, timeout=20, what="subscriber progress")
                 if p.poll() is not None:
                     break

@@ -450,6 +450,15 @@ class Subscriber:
     def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:
         ready = self._ready
         maxsz = self.max_event_size
+        if step.skipped is not None:
+            a, b = step.skipped
+            self._stats.skipped += b - a
+            _log.warning("pubsub: %s events %d..%d will not be delivered", key, a, b - 1)
+            # "From the beginning" means from the oldest kept: losing 0.. there is expected.
+            expected_loss = (self.start.kind == "beginning" and key not in self._committed
+                             and a == 0)
+            if self.on_retention == "error" and tracker.replayable and not expected_loss:
+                ready.append((key, b - 1, RetentionGap(key[0], key[1], a, b)))
         for first, payloads in step.deliver:
             seq = first
             for buf in payloads:
@@ -461,14 +470,6 @@ class Subscriber:
                     _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
                     self._positions[key] = seq + 1
                 seq += 1
-        if step.skipped is not None:
-            a, b = step.skipped
-            self._stats.skipped += b - a
-            _log.warning("pubsub: %s events %d..%d will not be delivered", key, a, b - 1)
-            expected_loss = (self.start.kind == "beginning" and key not in self._committed
-                             and tracker.stats.delivered == 0)
-            if self.on_retention == "error" and tracker.replayable and not expected_loss:
-                ready.append((key, b - 1, RetentionGap(key[0], key[1], a, b)))
         if step.ask is not None:
             self._send_ask(key, step.ask)
 
@@ -617,7 +618,6 @@ class Subscriber:
                 s.replayed += ts.replayed
                 s.replay_requests += ts.replay_requests
                 s.replay_retries += ts.replay_retries
-                s.skipped += 0
                 s.lag += t.lag
             return s
 
