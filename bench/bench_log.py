@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mesh.log import FsyncPolicy, Log, LogConfig  # noqa: E402
-from mesh.log import format as fmt  # noqa: E402
+from mesh.log import FsyncPolicy, Log, LogConfig
+from mesh.log import format as fmt
 
 ROWS: list[tuple[str, float, float, str]] = []
 
@@ -153,13 +153,15 @@ def main() -> int:
         row("ceiling: buffered write(), 100 B, one call/record", c100, c100_mb, "1.00x")
         row("raw fsync (1 KiB write + fsync)", fs, fs * 1024 / 1e6, "(disk fsync rate)")
         n1k = int(400_000 * k)
-        for label, pol in (("never", FsyncPolicy.never()), ("every 10 ms", FsyncPolicy.interval(10))):
+        policies = (("never", FsyncPolicy.never()), ("every 10 ms", FsyncPolicy.interval(10)))
+        for label, pol in policies:
             r, m = bench_append(root, "a1", pol, 1024, n1k, 1)
             row(f"append() 1 KiB, fsync {label}", r, m, f"{m / c1k_mb:.2f}x ceiling MB/s")
             r, m = bench_append(root, "a2", pol, 1024, n1k, 100)
             row(f"append_many(100) 1 KiB, fsync {label}", r, m, f"{m / c1k_mb:.2f}x ceiling MB/s")
         n100 = int(2_000_000 * k)
-        for label, pol in (("never", FsyncPolicy.never()), ("every 10 ms", FsyncPolicy.interval(10))):
+        policies = (("never", FsyncPolicy.never()), ("every 10 ms", FsyncPolicy.interval(10)))
+        for label, pol in policies:
             r, m = bench_append(root, "b1", pol, 100, n100 // 4, 1)
             row(f"append() 100 B, fsync {label}", r, m, f"{r / c100:.2f}x ceiling rec/s")
             r, m = bench_append(root, "b2", pol, 100, n100, 1000)
@@ -170,7 +172,8 @@ def main() -> int:
         r, m = bench_append(root, "c4", FsyncPolicy.always(), 1024, na * 2, 1, threads=4)
         row("append() 1 KiB, fsync always, 4 threads (group)", r, m, f"{r / fs:.2f}x raw fsyncs/s")
         r, m = bench_append(root, "c5", FsyncPolicy.always(), 100, int(200_000 * k), 100)
-        row("append_many(100) 100 B, fsync always", r, m, f"{r / 100 / fs:.2f}x raw fsyncs/s (batches)")
+        row("append_many(100) 100 B, fsync always", r, m,
+            f"{r / 100 / fs:.2f}x raw fsyncs/s (batches)")
         rr = bench_replay(root, 100, n100, 1000)
         row("replay read_batch_payloads, 100 B (batches of 1000)", rr, rr * 100 / 1e6,
             f"{rr / c100:.2f}x ceiling rec/s")

@@ -17,8 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mesh.log import FsyncPolicy, Log, LogConfig  # noqa: E402
-from mesh.log import segment  # noqa: E402
+from mesh.log import (
+    FsyncPolicy,
+    Log,
+    LogConfig,
+    segment,
+)
 
 
 def payload_for(offset: int) -> bytes:

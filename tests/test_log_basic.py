@@ -75,10 +75,12 @@ def test_retention_by_records_bytes_age_and_floor(data_dir: Path) -> None:
     with Log.open(data_dir / "a", config=cfg) as lg:
         for _ in range(50):
             lg.append_many([b"z" * 100] * 20)
-        assert lg.next_offset - lg.first_offset <= 500 + 40  # whole segments only  # type: ignore[operator]
+        assert lg.first_offset is not None
+        assert lg.next_offset - lg.first_offset <= 500 + 40  # whole segments only
         with pytest.raises(OffsetOutOfRange):
             lg.read(0)
-    cfg = LogConfig(fsync=FsyncPolicy.never(), segment_bytes=4096, retention=Retention(max_bytes=10000))
+    cfg = LogConfig(fsync=FsyncPolicy.never(), segment_bytes=4096,
+                    retention=Retention(max_bytes=10000))
     with Log.open(data_dir / "b", config=cfg) as lg:
         lg.set_retention_floor("slow-consumer", 30)
         for _ in range(50):
@@ -87,10 +89,11 @@ def test_retention_by_records_bytes_age_and_floor(data_dir: Path) -> None:
         lg.set_retention_floor("slow-consumer", 900)
         assert lg.enforce_retention() > 0
         assert lg.stats().bytes <= 10000 + 4096
-    cfg = LogConfig(fsync=FsyncPolicy.never(), segment_bytes=4096, retention=Retention(max_age_s=60))
+    cfg = LogConfig(fsync=FsyncPolicy.never(), segment_bytes=4096,
+                    retention=Retention(max_age_s=60))
     with Log.open(data_dir / "c", config=cfg) as lg:
         for _ in range(10):
-            lg.append_many([b"z" * 100] * 20, timestamp_ns=1)  # 1970: very old
+            lg.append_many([b"z" * 100] * 20, timestamp_ns=1)  # 1970: old
         lg.append(b"now")
         lg.enforce_retention()
         # Rolling runs retention too: only the active segment (never deleted) is left.
@@ -145,9 +148,8 @@ def test_second_writer_process_gets_log_locked(data_dir: Path) -> None:
         child = python_child(code, str(data_dir), stdout=subprocess.PIPE)
         out, _ = child.communicate(timeout=20)
         assert out.strip() == f"pid {os.getpid()}".encode()
-    with pytest.raises(LogLocked):
-        with Log.open(data_dir / "x"):
-            Log.open(data_dir / "x")
+    with pytest.raises(LogLocked), Log.open(data_dir / "x"):
+        Log.open(data_dir / "x")
 
 
 def test_fsync_policies_count_fsyncs(data_dir: Path) -> None:

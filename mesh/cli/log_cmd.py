@@ -154,7 +154,6 @@ def cmd_tail(args: argparse.Namespace) -> int:
         else:
             start, limit = max(first, lg.next_offset - args.limit), None
         start = max(start, first)
-        printed = 0
 
         def emit(rec: Record) -> None:
             kind, value = _show(rec.payload, decode)
@@ -170,9 +169,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
         source = lg.follow(start, threading.Event(), poll_s=0.2) if args.follow \
             else lg.iter(start)
-        for rec in source:
+        for printed, rec in enumerate(source, 1):
             emit(rec)
-            printed += 1
             if limit is not None and printed >= limit:
                 break
     sys.stdout.flush()
