@@ -86,6 +86,7 @@ _INT_MIN: Final = -(1 << 63)
 _INT_MAX: Final = (1 << 64) - 1
 
 _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+_PEEK_PREFIX: Final = 3 + 2 + 2 + 255 + 9
 
 
 # --- validation helpers -----------------------------------------------------------------------
@@ -729,46 +730,61 @@ def peek(buf: bytes | bytearray | memoryview) -> tuple[str, int | None]:
         MalformedEvent: the prefix is not a v1 envelope.
         EventTooLarge: only on the fallback path, as :func:`decode` with its default limit.
     """
+    if type(buf) is bytes:
+        head = buf
+    else:
+        try:
+            # Only the prefix is needed: 5 header bytes, a str8 stream of <= 255 bytes, a uint64.
+            head = bytes(memoryview(buf).cast("B")[:_PEEK_PREFIX])
+        except TypeError:
+            raise MalformedEvent(f"peek() takes bytes, got {type(buf).__name__}") from None
+    # Canonical prefix: fixarray(15) or array16(16), fixint major, fixint minor, fixstr or str8
+    # stream, then seq as nil, positive fixint or uint8..uint64. Indexing bytes directly is
+    # what makes this cheaper than decode(); an IndexError means a short buffer.
     try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise MalformedEvent(f"peek() takes bytes, got {type(buf).__name__}") from None
-    if mv.ndim != 1 or mv.itemsize != 1:
-        mv = mv.cast("B")
-    n = len(mv)
-    # Canonical prefix: fixarray(15|16), fixint major, fixint minor, fixstr|str8 stream,
-    # then seq as nil, positive fixint or uint8..uint64.
-    if n >= 5 and (mv[0] == 0x9F or (mv[0] == 0xDC and mv[1] == 0 and mv[2] == 0x10)):
-        pos = 1 if mv[0] == 0x9F else 3
-        major, minor = mv[pos], mv[pos + 1]
-        if major <= 0x7F and minor <= 0x7F:
-            if major not in SUPPORTED_MAJORS:
+        b0 = head[0]
+        if b0 == 0x9F:
+            pos = 1
+        elif b0 == 0xDC and head[1] == 0 and head[2] == 0x10:
+            pos = 3
+        else:
+            pos = 0
+        if pos:
+            major = head[pos]
+            minor = head[pos + 1]
+            if major != 1 and major <= 0x7F and minor <= 0x7F:
                 raise UnsupportedVersion((major, minor), SUPPORTED_MAJORS)
-            pos += 2
-            s0 = mv[pos]
-            slen = -1
+            s0 = head[pos + 2]
             if 0xA0 <= s0 <= 0xBF:
-                slen, pos = s0 - 0xA0, pos + 1
-            elif s0 == 0xD9 and pos + 1 < n:
-                slen, pos = mv[pos + 1], pos + 2
-            if slen >= 0 and pos + slen < n:
-                q0 = mv[pos + slen]
-                seq: int | None = -1
+                start = pos + 3
+                end = start + s0 - 0xA0
+            elif s0 == 0xD9:
+                start = pos + 4
+                end = start + head[pos + 3]
+            else:
+                end = 0
+            if end and major == 1 and minor <= 0x7F:
+                q0 = head[end]
                 if q0 <= 0x7F:
-                    seq = q0
+                    seq: int | None = q0
                 elif q0 == 0xC0:
                     seq = None
                 elif 0xCC <= q0 <= 0xCF:
                     size = 1 << (q0 - 0xCC)
-                    end = pos + slen + 1 + size
-                    if end <= n:
-                        seq = int.from_bytes(mv[end - size : end], "big")
+                    raw = head[end + 1 : end + 1 + size]
+                    if len(raw) != size:
+                        raise MalformedEvent("truncated envelope")
+                    seq = int.from_bytes(raw, "big")
+                else:
+                    seq = -1
                 if seq != -1:
                     try:
-                        return str(mv[pos : pos + slen], "utf-8"), seq
+                        return head[start:end].decode(), seq
                     except UnicodeDecodeError as exc:
                         raise MalformedEvent("stream: invalid UTF-8", field="stream") from exc
-    ev = decode(mv)
+    except IndexError:
+        raise MalformedEvent("truncated envelope") from None
+    ev = decode(buf)
     return ev.stream, ev.seq
 
 
