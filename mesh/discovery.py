@@ -44,12 +44,13 @@ from zeroconf import (
     Zeroconf,
 )
 
-from mesh.errors import ConfigError, MeshError, TxtRecordError
+from mesh.errors import ClosedError, ConfigError, MeshError, TxtRecordError
 from mesh.peers import PeerInfo
 from mesh.txt import DEFAULT_TXT_BUDGET, EncodedTxt, TxtRecord, decode_txt, encode_txt
 
 __all__ = [
     "ENV_INTERFACE",
+    "ENV_SERVICE_TYPE",
     "SERVICE_TYPE",
     "DiscoveryConfig",
     "MdnsBrowser",
@@ -64,6 +65,8 @@ log = logging.getLogger("mesh.discovery")
 SERVICE_TYPE = "_zeromesh._tcp.local."
 #: Environment variable naming the interface(s) mDNS uses when the config does not.
 ENV_INTERFACE = "ZEROMESH_INTERFACE"
+#: Environment variable overriding the default service type (test isolation).
+ENV_SERVICE_TYPE = "ZEROMESH_SERVICE_TYPE"
 
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "[*]")
 _DNS_TYPE_TXT = 16  # RFC 1035
@@ -74,7 +77,9 @@ class DiscoveryConfig:
     """Knobs of mDNS discovery (defaults suit a LAN).
 
     Attributes:
-        service_type: DNS-SD type; tests use a unique one each (``_zm-xxxxxxxx._tcp.local.``).
+        service_type: DNS-SD type; default ``$ZEROMESH_SERVICE_TYPE`` else
+            ``_zeromesh._tcp.local.``. Tests use a unique one each
+            (``_zm-xxxxxxxx._tcp.local.``).
         interfaces: addresses or interface names for mDNS; None means the node's
             ``config.interface``, else the ``ZEROMESH_INTERFACE`` environment variable, else
             every suitable interface.
@@ -85,15 +90,20 @@ class DiscoveryConfig:
             peer behind a link that came back hears us again; None disables them.
         refresh_min_interval: a peer heard again (same record) is re-upserted at most this
             often.
+        link_check_interval: seconds between checks of the mDNS interfaces' link state; on a
+            link coming up we re-announce and browse afresh (RFC 6762 section 8.3). None
+            disables the checks.
     """
 
-    service_type: str = SERVICE_TYPE
+    service_type: str = field(
+        default_factory=lambda: os.environ.get(ENV_SERVICE_TYPE) or SERVICE_TYPE)
     interfaces: tuple[str, ...] | None = None
     txt_budget: int = DEFAULT_TXT_BUDGET
     resolve_timeout: float = 3.0
     close_timeout: float = 3.0
     reannounce_interval: float | None = 20.0
     refresh_min_interval: float = 1.0
+    link_check_interval: float | None = 1.0
 
     def __post_init__(self) -> None:
         if not (self.service_type.endswith("._tcp.local.") and self.service_type.startswith("_")):
@@ -115,7 +125,7 @@ def choose_interfaces(configured: str | None = None,
 
     Order: ``explicit`` (DiscoveryConfig.interfaces), then ``configured`` (node config
     ``interface``), then the ``ZEROMESH_INTERFACE`` environment variable. Each is a
-    comma-separated list of IPv4 addresses or interface names, or ``all``.
+    comma-separated list of IPv4 addresses or interface names, or ``all`` (also ``*``).
 
     Raises:
         ConfigError: an address that is not IPv4 or a name that is not an interface with an
@@ -128,7 +138,7 @@ def choose_interfaces(configured: str | None = None,
         items = _split_interface_spec(configured)
     else:
         items = _split_interface_spec(os.environ.get(ENV_INTERFACE, ""))
-    if not items or items == ["all"]:
+    if not items or items in (["all"], ["*"], ["0.0.0.0"]):
         return None
     out: list[str] = []
     for item in items:
@@ -303,6 +313,14 @@ class MdnsBrowser:
         self._on_peer(record)
         return True
 
+    def inherit(self, other: MdnsBrowser) -> None:
+        """Take over another browser's counters and accepted names (used on link changes)."""
+        with other._lock:
+            stats, names = dict(other._stats), dict(other._names)
+        with self._lock:
+            self._stats = stats
+            self._names.update(names)
+
     def known(self, name: str) -> bool:
         """Whether ``name`` is a service whose record was accepted and not removed."""
         with self._lock:
@@ -368,7 +386,7 @@ class MdnsDiscovery:
         self._closed = False
         self._stats: dict[str, int] = dict.fromkeys(
             ("registered", "reannounced", "updates_sent", "upserts", "refreshes",
-             "truncated", "errors", "txt_bytes"), 0)
+             "link_changes", "truncated", "errors", "txt_bytes"), 0)
         self._instance = f"{node.id}.{self._config.service_type}"
 
     # --- API used by the node ----------------------------------------------------------------
@@ -422,7 +440,8 @@ class MdnsDiscovery:
     def stats(self) -> dict[str, int]:
         """Counters of announcements and of what the browser accepted or ignored.
 
-        Keys: registered, reannounced, updates_sent, upserts, refreshes, truncated (1 when our
+        Keys: registered, reannounced, updates_sent, upserts, refreshes, link_changes,
+        truncated (1 when our
         own record had to set ``more=1``), errors, txt_bytes, and the browser's resolved,
         accepted, goodbyes, ignored_self, ignored_other_mesh, malformed, resolve_failed,
         callback_errors.
@@ -446,12 +465,18 @@ class MdnsDiscovery:
         with self._lock:
             self._stats["upserts"] += 1
             self._last_upsert[record.info.node_id] = time.monotonic()
-        self._node.peers.upsert(record.info, source="mdns")
+        try:
+            self._node.peers.upsert(record.info, source="mdns")
+        except ClosedError:
+            pass  # the node is closing; close() follows
 
     def _on_goodbye(self, node_id: str) -> None:
         with self._lock:
             self._last_upsert.pop(node_id, None)
-        self._node.peers.goodbye(node_id)
+        try:
+            self._node.peers.goodbye(node_id)
+        except ClosedError:
+            pass
 
     # --- worker ------------------------------------------------------------------------------
 
@@ -475,17 +500,33 @@ class MdnsDiscovery:
 
     def _loop(self) -> None:
         interval = self._config.reannounce_interval
+        check = self._config.link_check_interval
         next_announce = None if interval is None else time.monotonic() + interval
+        next_check = None if check is None else time.monotonic() + check
+        links = self._link_states()
         while True:
-            timeout = None if next_announce is None else max(0.0, next_announce - time.monotonic())
+            due = [t for t in (next_announce, next_check) if t is not None]
+            timeout = None if not due else max(0.0, min(due) - time.monotonic())
             try:
                 cmd, arg = self._commands.get(timeout=timeout)
             except queue.Empty:
-                cmd, arg = "reannounce", ""
+                now = time.monotonic()
+                if next_check is not None and check is not None and now >= next_check:
+                    next_check = now + check
+                    old, links = links, self._link_states()
+                    came_up = [n for n, up in links.items() if up and not old.get(n, True)]
+                    if not came_up:
+                        continue
+                    log.info("mdns: link up on %s: re-announcing and browsing afresh", came_up)
+                    cmd, arg = "link-up", ""
+                else:
+                    cmd, arg = "reannounce", ""
             if cmd == "close":
                 return
             try:
-                if cmd == "update":
+                if cmd == "link-up":
+                    self._link_up()
+                elif cmd == "update":
                     self._update()
                 elif cmd == "refresh":
                     self._refresh_peer(arg)
@@ -500,6 +541,42 @@ class MdnsDiscovery:
             if interval is not None and (cmd in ("reannounce", "update")
                                          or time.monotonic() >= (next_announce or 0)):
                 next_announce = time.monotonic() + interval
+
+    def _link_states(self) -> dict[str, bool]:
+        """Whether each interface mDNS runs on is up (Linux sysfs; empty elsewhere)."""
+        import ifaddr
+
+        wanted = None if self._addresses is None else set(self._addresses)
+        out: dict[str, bool] = {}
+        for adapter in ifaddr.get_adapters():
+            ips = {str(ip.ip) for ip in adapter.ips if ip.is_IPv4}
+            if wanted is not None and not ips & wanted:
+                continue
+            try:
+                with open(f"/sys/class/net/{adapter.name}/operstate") as f:
+                    state = f.read().strip()
+            except OSError:
+                continue
+            # "unknown" is what lo and some drivers always report: count it as up.
+            out[str(adapter.name)] = state in ("up", "unknown")
+        return out
+
+    def _link_up(self) -> None:
+        if self._announce is not None:
+            self._zc.send(self._zc.generate_service_broadcast(self._announce.info, None))
+        # A new browser queries at once and reports every cached service again (Added), so
+        # the node redials peers it lost while the link was down.
+        old = self._browser
+        assert old is not None
+        self._browser = MdnsBrowser(
+            self._zc, service_type=self._config.service_type, mesh=self._node.mesh,
+            on_peer=self._on_peer, on_goodbye=self._on_goodbye, ignore_id=self._node.id,
+            resolve_timeout=self._config.resolve_timeout)
+        self._browser.inherit(old)
+        old.close()
+        self._browser.start()
+        with self._lock:
+            self._stats["link_changes"] += 1
 
     def _build(self) -> _Announce:
         info: PeerInfo = self._node.info()

@@ -99,6 +99,11 @@ def main() -> int:
     p.add_argument("--interface", default="127.0.0.1")
     p.add_argument("--offer-stream", action="append", default=[])
     p.add_argument("--reannounce", type=float, default=None)
+    p.add_argument("--node", metavar="DATA_DIR", default=None,
+                   help="run a real mesh.node.Node (presence events) instead of a stand-in")
+    p.add_argument("--heartbeat", type=float, default=0.2)
+    p.add_argument("--tcp-only", action="store_true",
+                   help="no ipc: namespaces share the filesystem, so ipc would bypass the link")
     args = p.parse_args()
     lock = threading.Lock()
 
@@ -111,6 +116,8 @@ def main() -> int:
         emit({"event": kind, "id": node_id, "t": time.time(),
               "name": info.name if info else None})
 
+    if args.node:
+        return run_real_node(args, emit)
     node = StandInNode(mesh=args.mesh, name=args.name,
                        config=StandInConfig(interface=args.interface),
                        offers={"stream": tuple(args.offer_stream)},
@@ -131,6 +138,41 @@ def main() -> int:
     stop.wait()
     disc.close()
     emit({"event": "stats", **disc.stats()})
+    return 0
+
+
+def run_real_node(args: argparse.Namespace, emit: Callable[[dict[str, object]], None]) -> int:
+    """A real Node: print its peer events (joined / changed / evasive / left)."""
+    from mesh.node import Node, NodeConfig, PresenceConfig
+
+    if args.service_type:
+        os.environ["ZEROMESH_SERVICE_TYPE"] = args.service_type
+    hb = args.heartbeat
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    t0 = time.time()
+    node = Node(NodeConfig(data_dir=args.node, name=args.name, mesh=args.mesh,
+                           interface=args.interface, mdns=True,
+                           transports=("tcp",) if args.tcp_only else ("tcp", "ipc"),
+                           presence=PresenceConfig(heartbeat_s=hb, evasive_s=3 * hb,
+                                                   gone_s=6 * hb)))
+    node.on_peer(lambda ev: emit({"event": ev.kind.value, "id": ev.peer.node_id,
+                                  "t": time.time(), "name": ev.peer.name}))
+    if args.offer_stream:
+        for name in args.offer_stream:
+            node.offer("stream", name)
+    emit({"event": "ready", "id": node.id, "t": t0})
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    stop.wait()
+    disc = node._discovery
+    stats = disc.stats() if disc is not None else {}
+    node.close()
+    emit({"event": "stats", **stats})
     return 0
 
 
