@@ -260,3 +260,39 @@ def test_cli_peers_json_lists_announced_nodes(discoveries: list[MdnsDiscovery]) 
     assert by_id[a.id]["name"] == "alpha" and by_id[a.id]["offers"] == {"queue": ["jobs"]}
     assert by_id[a.id]["endpoints"]["control"] == list(a.endpoints["control"])
     assert by_id[a.id]["state"] == "announced" and by_id[a.id]["last_seen"] > 0
+
+
+def _node_or_skip() -> Any:
+    try:
+        from mesh import node
+    except ImportError:
+        pytest.skip("mesh.node not built yet")
+    return node
+
+
+def test_real_nodes_discover_each_other_and_exchange(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node_mod = _node_or_skip()
+    monkeypatch.setenv("ZEROMESH_SERVICE_TYPE", unique_type())
+    mesh = unique("real")
+    a = node_mod.Node(data_dir=tmp_path / "a", name="a", mesh=mesh, interface=LO, mdns=True)
+    try:
+        b = node_mod.Node(data_dir=tmp_path / "b", name="b", mesh=mesh, interface=LO, mdns=True)
+        try:
+            got: list[Any] = []
+            b.handle("disc-test", lambda peer, body: got.append((peer, body)))
+
+            def live(n: Any) -> set[str]:
+                return {r.info.node_id for r in n.peers.records() if r.state.value == "joined"}
+
+            wait_until(lambda: live(a) == {b.id} and live(b) == {a.id}, 5, what="joined")
+            a.send(b.id, "disc-test", {"hello": 1})
+            wait_until(lambda: got, 5, what="control message delivered")
+            assert got[0][0] == a.id
+            assert a._discovery.stats()["upserts"] >= 1
+        finally:
+            b.close()
+        wait_until(lambda: b.id not in live(a), 5, what="b gone after close")
+    finally:
+        a.close()
