@@ -352,11 +352,11 @@ class Event(_EventSlots):
             if traceparent is None or traceparent.__class__ is str
             else _opt_str("traceparent", traceparent)
         )
-        b.headers = _headers(headers) if headers else {}
+        b.headers = {} if headers is None else _headers(headers)
         b.stream = stream if stream.__class__ is str else _stream(stream)
         b.seq = seq if seq is None else _seq(seq)
         b.version = ENVELOPE_VERSION if version is ENVELOPE_VERSION else _version(version)
-        b._extras = _extras(extras) if extras else _EMPTY
+        b._extras = _EMPTY if extras is None else (_extras(extras) or _EMPTY)
         b._time = None
         b.__class__ = Event  # type: ignore[assignment]
         return b  # type: ignore[return-value]

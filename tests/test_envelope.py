@@ -157,6 +157,21 @@ def test_event_copies_containers() -> None:
     assert ev.headers == {"k": "v"} and ev.data == {"a": [1]}
 
 
+def test_event_empty_non_mapping_headers_refused() -> None:
+    for field in ("headers", "extras"):
+        with pytest.raises(MalformedEvent) as ei:
+            make(**{field: []})
+        assert ei.value.field == field
+
+
+def test_decoded_and_replaced_events_are_events() -> None:
+    ev = make()
+    for other in (decode(encode(ev)), ev.replace(seq=1), pickle.loads(pickle.dumps(ev))):
+        assert type(other) is Event
+        with pytest.raises(AttributeError):
+            other.stream = "x"  # type: ignore[misc]
+
+
 def test_event_is_immutable() -> None:
     ev = make()
     with pytest.raises(AttributeError, match="replace"):
