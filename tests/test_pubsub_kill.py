@@ -149,6 +149,7 @@ def test_publisher_killed_and_restarted_loses_nothing_acked(
                 assert ev.seq is not None
                 got.append((ev.seq, ev.data))
         seqs = [s for s, _ in got]
+        assert got, (sub.stats(), nd.peers.list(), sub._connected)
         assert seqs == list(range(first2 + 500))  # in order, no hole, no duplicate
         assert all(d == s for s, d in got[:acked + 1])
         assert [d for _, d in got[first2:]] == list(range(5_000_000, 5_000_500))

@@ -244,7 +244,8 @@ class Subscriber:
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._positions: dict[Key, int] = {}
         self._committed: dict[Key, int] = {}
-        self._inflight: tuple[Key, int] | None = None
+        # Events handed out and not yet known to be processed (oldest first).
+        self._handed: collections.deque[tuple[Key, int]] = collections.deque()
         self._connected: set[str] = set()
         self._next_tick = 0.0
         self._next_commit = time.monotonic() + commit_interval_s
@@ -484,11 +485,13 @@ class Subscriber:
 
     # --- positions and commits -------------------------------------------------------------
 
-    def _done(self) -> None:
-        inflight = self._inflight
-        if inflight is not None:
-            self._positions[inflight[0]] = inflight[1] + 1
-            self._inflight = None
+    def _done(self, keep: int = 0) -> None:
+        """Mark handed-out events processed, all but the last ``keep``."""
+        handed = self._handed
+        positions = self._positions
+        while len(handed) > keep:
+            key, seq = handed.popleft()
+            positions[key] = seq + 1
 
     def _commit_positions(self) -> None:
         dirty = {k: v for k, v in self._positions.items() if self._committed.get(k) != v}
@@ -511,9 +514,41 @@ class Subscriber:
         Raises:
             StateError: the cursor store failed.
         """
+        self.commit_upto(0)
+
+    def commit_upto(self, keep: int) -> None:
+        """Commit past every event handed out except the last ``keep`` (async buffering).
+
+        Raises:
+            StateError: the cursor store failed.
+        """
         with self._lock:
-            self._done()
+            self._done(keep)
             self._commit_positions()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def _recv_batch_async(self, timeout: float, max_events: int) -> list[Event]:
+        """For AsyncSubscriber: a batch whose events stay 'handed out' (not done)."""
+        with self._lock:
+            if self._closed:
+                return []
+            deadline = time.monotonic() + timeout
+            while not self._ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._pump(int(left * 1000) + 1)
+            out: list[Event] = []
+            ready = self._ready
+            while ready and len(out) < max_events:
+                if isinstance(ready[0][2], RetentionGap) and out:
+                    break
+                out.append(self._take())
+            return out
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -522,7 +557,7 @@ class Subscriber:
         if isinstance(ev, RetentionGap):
             self._positions[key] = ev.end
             raise ev
-        self._inflight = (key, seq)
+        self._handed.append((key, seq))
         return ev
 
     def recv(self, timeout: float | None = None) -> Event | None:
@@ -597,7 +632,12 @@ class Subscriber:
                 return
             if ev is None:
                 continue
-            handler(ev)
+            try:
+                handler(ev)
+            except BaseException:
+                with self._lock:
+                    self._handed.clear()  # not processed: never committed, comes again
+                raise
             with self._lock:
                 self._done()
 
@@ -626,8 +666,12 @@ class Subscriber:
         with self._lock:
             return dict(self._positions)
 
-    def close(self) -> None:
-        """Commit (with auto commit), close the socket and the cursor store. Idempotent."""
+    def close(self, unhanded: int = 0) -> None:
+        """Commit (with auto commit), close the socket and the cursor store. Idempotent.
+
+        Args:
+            unhanded: the last N events handed out were not processed (async buffering).
+        """
         with self._lock:
             if self._closed:
                 return
@@ -638,7 +682,7 @@ class Subscriber:
                 _registry.drop(self.node, "pubsub.sub", self._router)
             try:
                 if self.auto_commit and self._store is not None:
-                    self._done()
+                    self._done(unhanded)
                     self._commit_positions()
             finally:
                 if self._store is not None:
@@ -650,5 +694,9 @@ class Subscriber:
     def __enter__(self) -> Subscriber:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, et: type[BaseException] | None, *exc: object) -> None:
+        if et is not None:
+            # The block failed while handling the current event: do not commit past it.
+            with self._lock:
+                self._handed.clear()
         self.close()

@@ -1,0 +1,218 @@
+"""Pub/sub throughput and latency: raw pyzmq PUB/SUB vs zeromesh best-effort and durable.
+
+Every zeromesh figure is printed beside raw pyzmq XPUB/SUB measured in the same run, on the same
+transport and payload, as a ratio. One producer process (this one) and one consumer process
+(spawned); throughput = events received by the consumer's handler / (last receive - first
+send), both CLOCK_MONOTONIC. Latency: events sent at a fixed moderate rate, each carrying its
+send time; the consumer's handler records now - sent.
+
+    python bench/bench_pubsub.py --quick      # ~1 min: 50k events per cell
+    python bench/bench_pubsub.py              # 200k events per cell
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+IDLE_S = 3.0
+
+
+def _consumer_raw(endpoint: str, n: int, q: Any, lat: bool) -> None:
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.setsockopt(zmq.RCVTIMEO, int(IDLE_S * 1000))
+    s.connect(endpoint)
+    q.put(("ready", 0))
+    got, lats, t_last = 0, [], 0.0
+    try:
+        while got < n:
+            frames = s.recv_multipart()
+            if frames[0] == b"w":
+                continue
+            got += 1
+            if lat:
+                lats.append(time.monotonic_ns() - int(frames[1]))
+        t_last = time.monotonic()
+    except zmq.Again:
+        t_last = time.monotonic() - IDLE_S
+    q.put(("done", (got, t_last, lats)))
+    ctx.destroy(linger=0)
+
+
+def _consumer_mesh(ctrl: str, mesh: str, stream: str, n: int, q: Any, lat: bool,
+                   transports: tuple[str, ...], data_dir: str) -> None:
+    from mesh.node import Node
+    from patterns.pubsub import Start, Subscriber
+    with Node(data_dir=data_dir, name="consumer", mesh=mesh, mdns=False, interface="127.0.0.1",
+              static_peers=(ctrl,), transports=transports) as nd, \
+            Subscriber(nd, stream, start=Start.new()) as sub:
+        q.put(("ready", 0))
+        got, lats, t_last = 0, [], 0.0
+        deadline = time.monotonic() + 60
+        while got < n and time.monotonic() < deadline:
+            batch = sub.recv_batch(timeout=IDLE_S)
+            if not batch:
+                break
+            now = time.monotonic_ns()
+            for ev in batch:  # the "handler"
+                if ev.type == "w":
+                    continue
+                got += 1
+                if lat:
+                    lats.append(now - ev.data)
+            t_last = time.monotonic()
+        st = sub.stats()
+        q.put(("done", (got, t_last, lats, {"replayed": st.replayed, "gaps": st.gaps,
+                                            "skipped": st.skipped})))
+
+
+def _wait_ready(q: Any, warm: Any) -> None:
+    # Warm up until the consumer saw a message (slow joiner): it says "ready" once subscribed;
+    # then keep sending warm-up messages for a moment so the connection is surely up.
+    kind, _ = q.get(timeout=30)
+    assert kind == "ready"
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        warm()
+        time.sleep(0.001)
+
+
+def raw_case(transport: str, size: int, n: int, lat_rate: float | None) -> dict[str, Any]:
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.XPUB)
+    s.setsockopt(zmq.XPUB_NODROP, 1)
+    if transport == "tcp":
+        port = s.bind_to_random_port("tcp://127.0.0.1")
+        ep = f"tcp://127.0.0.1:{port}"
+    else:
+        ep = f"ipc://{tempfile.mktemp(prefix='zmbench')}"
+        s.bind(ep)
+    q: Any = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=_consumer_raw, args=(ep, n, q, lat_rate is not None))
+    p.start()
+    _wait_ready(q, lambda: s.send_multipart([b"w", b""]))
+    payload = b"x" * size
+    t0 = time.monotonic()
+    if lat_rate is None:
+        send = s.send_multipart
+        for _ in range(n):
+            send([b"m", payload])
+    else:
+        gap = 1.0 / lat_rate
+        for i in range(n):
+            target = t0 + i * gap
+            while time.monotonic() < target:
+                pass
+            s.send_multipart([b"m", str(time.monotonic_ns()).encode(), payload])
+    _, (got, t_last, lats) = q.get(timeout=120)
+    p.join(10)
+    s.close(linger=0)
+    ctx.term()
+    return {"got": got, "rate": got / max(1e-9, t_last - t0), "lats": lats}
+
+
+def mesh_case(transport: str, size: int, n: int, durable: bool, lat_rate: float | None,
+              batch: int) -> dict[str, Any]:
+    from mesh.log import FsyncPolicy, LogConfig
+    from mesh.node import Node
+    from patterns.pubsub import Publisher
+    root = tempfile.mkdtemp(prefix="zmbench")
+    mesh = f"bench{os.getpid()}{time.monotonic_ns()}"
+    stream = "bench.s"
+    transports = (transport,) if transport == "tcp" else ("tcp", "ipc")
+    try:
+        with Node(data_dir=f"{root}/p", name="producer", mesh=mesh, mdns=False,
+                  interface="127.0.0.1", transports=transports) as nd:
+            cfg = LogConfig(fsync=FsyncPolicy.interval(10.0))
+            with Publisher(nd, stream, durable=durable, log_config=cfg) as pub:
+                ctrl = next(e for e in nd.info().endpoints["control"] if e.startswith("tcp"))
+                q: Any = mp.get_context("spawn").Queue()
+                p = mp.get_context("spawn").Process(target=_consumer_mesh, args=(
+                    ctrl, mesh, stream, n, q, lat_rate is not None, transports, f"{root}/c"))
+                p.start()
+                _wait_ready(q, lambda: pub.publish(0, type="w"))
+                payload = b"x" * size
+                t0 = time.monotonic()
+                if lat_rate is None:
+                    if batch > 1:
+                        chunk = [payload] * batch
+                        for _ in range(n // batch):
+                            pub.publish_many(chunk, type="m")
+                    else:
+                        publish = pub.publish
+                        for _ in range(n):
+                            publish(payload, type="m")
+                else:
+                    gap = 1.0 / lat_rate
+                    for i in range(n):
+                        target = t0 + i * gap
+                        while time.monotonic() < target:
+                            pass
+                        pub.publish(time.monotonic_ns(), type="m")
+                _, res = q.get(timeout=120)
+                p.join(10)
+                got, t_last, lats, extra = res
+                return {"got": got, "rate": got / max(1e-9, t_last - t0), "lats": lats,
+                        **extra}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pct(lats: list[int], p: float) -> float:
+    if not lats:
+        return float("nan")
+    s = sorted(lats)
+    return s[min(len(s) - 1, int(len(s) * p))] / 1000.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("-n", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=100, help="events per publish_many call")
+    a = ap.parse_args()
+    n = a.n or (50_000 if a.quick else 200_000)
+    print(f"pub/sub benchmark, {n} events per cell, {os.cpu_count()} CPUs, python "
+          f"{sys.version.split()[0]}")
+    print("| transport | size | raw XPUB/SUB msg/s | best-effort publish() | best-effort "
+          f"publish_many({a.batch}) | durable publish() | durable publish_many({a.batch}) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for transport in ("tcp", "ipc"):
+        for size in (100, 1024):
+            raw = raw_case(transport, size, n, None)
+            cells = []
+            for durable in (False, True):
+                for batch in (1, a.batch):
+                    r = mesh_case(transport, size, n, durable, None, batch)
+                    note = "" if r["got"] == n else f" (got {r['got']})"
+                    cells.append(f"{r['rate']:,.0f} = {r['rate'] / raw['rate']:.2f}x{note}")
+            print(f"| {transport} | {size} B | {raw['rate']:,.0f} | " + " | ".join(cells) + " |",
+                  flush=True)
+    rate, m = 2000.0, (2000 if a.quick else 6000)
+    print(f"\nlatency, 100 B, {rate:.0f} events/s, {m} events (µs, p50 / p99)")
+    print("| transport | raw XPUB/SUB | best-effort | durable (fsync 10 ms) |")
+    print("|---|---:|---:|---:|")
+    for transport in ("tcp", "ipc"):
+        raw = raw_case(transport, 100, m, rate)
+        be = mesh_case(transport, 100, m, False, rate, 1)
+        du = mesh_case(transport, 100, m, True, rate, 1)
+        print(f"| {transport} | {pct(raw['lats'], .5):.0f} / {pct(raw['lats'], .99):.0f} | "
+              f"{pct(be['lats'], .5):.0f} / {pct(be['lats'], .99):.0f} | "
+              f"{pct(du['lats'], .5):.0f} / {pct(du['lats'], .99):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
