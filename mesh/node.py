@@ -674,7 +674,11 @@ class Node:
 
     def _setup(self) -> None:
         router = self.socket(zmq.ROUTER, "control")
-        # A restarted peer reconnects with the same routing id: let it take over at once.
+        # ROUTER_HANDOVER: a peer that reconnects with its routing id (a restart, or a new
+        # DEALER after we both marked each other gone) takes over at once. Without it libzmq
+        # parks the newcomer as an anonymous pipe whose messages are never read while the old
+        # (possibly half-dead) connection lives. The node avoids two DEALERs to one peer
+        # (_take_dial) so handovers only happen on real reconnects.
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._router = router
         self.bind(router, "control")
@@ -827,7 +831,22 @@ class Node:
                 self._connect_known(row.info)
             self._emit(events)
 
+    def _take_dial(self, info: PeerInfo) -> _Link | None:
+        """Pop a pending dial that reaches ``info``'s node (by id or by announced endpoint)."""
+        peer_eps = set(info.endpoints.get("control", ()))
+        for token, d in list(self._dials.items()):
+            if d.node_id == info.node_id or (d.node_id is None and d.endpoint in peer_eps):
+                del self._dials[token]
+                d.node_id = info.node_id
+                return d
+        return None
+
     def _connect_known(self, info: PeerInfo) -> None:
+        dial = self._take_dial(info)
+        if dial is not None:
+            self._links[info.node_id] = dial
+            self._send_hello(dial)
+            return
         ep = self.connect_endpoint(info, "control")
         if ep is None:
             return
@@ -920,6 +939,10 @@ class Node:
                     adopt = d
                 else:
                     self._close_link(d)
+        if adopt is None and link is None:
+            # A configured endpoint we dialled without knowing who answers: if the peer
+            # announces it, that dial is our link to it (no second DEALER to the same peer).
+            adopt = self._take_dial(info)
         if adopt is not None:
             if link is None or not was_live:
                 if link is not None:
@@ -973,11 +996,14 @@ class Node:
         if bad:
             self._count("malformed", bad)
         dialling = {d.node_id for d in self._dials.values()}
+        dial_eps = {d.endpoint for d in self._dials.values()}
         for node_id, mesh, host, eps in entries:
             if node_id == self.id or mesh != self.mesh or node_id in dialling:
                 continue
             if node_id in self._links or self._presence.is_live(node_id):
                 continue
+            if dial_eps.intersection(eps):
+                continue  # a configured dial to it is pending; its answer will come
             ep = choose_endpoint({"control": eps}, "control", host == self.host,
                                  self.config.transports)
             if ep is not None:

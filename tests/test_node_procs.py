@@ -1,0 +1,172 @@
+"""Nodes in separate processes: static peers, seed gossip, SIGKILL and restart."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.node import Node, PresenceConfig
+from mesh.peers import PeerEvent, PeerEventKind, PeerState
+from tests.node_child import CODE
+from tests.util import python_child, unique, wait_until
+
+HB, EVASIVE, GONE = 0.1, 0.3, 1.0
+FAST = PresenceConfig(heartbeat_s=HB, evasive_s=EVASIVE, gone_s=GONE)
+
+
+class Child:
+    """A node_child process with its stdout read into a queue of JSON events."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.proc = python_child(
+            CODE, json.dumps(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        ready = self.wait(lambda e: e["event"] == "ready", 15)
+        self.id: str = ready["id"]
+        self.endpoints: dict[str, list[str]] = ready["endpoints"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.put(json.loads(line))
+
+    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        for e in self.seen:
+            if pred(e):
+                return e
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"child event not seen in {timeout}s; seen {self.seen}")
+            try:
+                e = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append(e)
+            if pred(e):
+                return e
+
+    def command(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def tcp(self) -> str:
+        return next(e for e in self.endpoints["control"] if e.startswith("tcp://"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.command(quit=True)
+                self.proc.wait(10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    mesh = unique("mesh")
+    children: list[Child] = []
+    nodes: list[Node] = []
+
+    def child(name: str, **kw: Any) -> Child:
+        cfg = dict(data_dir=str(tmp_path / name), name=name, mesh=mesh, interface="127.0.0.1",
+                   presence=[HB, EVASIVE, GONE], **kw)
+        c = Child(cfg)
+        children.append(c)
+        return c
+
+    def node(name: str, **kw: Any) -> Node:
+        n = Node(data_dir=tmp_path / name, name=name, mesh=mesh, interface="127.0.0.1",
+                 mdns=False, presence=FAST, **kw)
+        nodes.append(n)
+        return n
+
+    yield {"child": child, "node": node}
+    for c in children:
+        c.stop()
+    for n in nodes:
+        n.close()
+
+
+def tcp(node: Node) -> str:
+    return next(e for e in node.info().endpoints["control"] if e.startswith("tcp://"))
+
+
+def test_three_processes_join_by_static_peers_and_exchange(env: dict[str, Any]) -> None:
+    a: Node = env["node"]("a")
+    got: list[tuple[str, Any]] = []
+    a.handle("test.msg", lambda p, body: got.append((p, body)))
+    b: Child = env["child"]("b", static_peers=[tcp(a)])
+    c: Child = env["child"]("c", static_peers=[tcp(a), b.tcp()])
+    wait_until(lambda: a.peers.state(b.id) is PeerState.JOINED
+               and a.peers.state(c.id) is PeerState.JOINED, 10)
+    b.wait(lambda e: e["event"] == "joined" and e["peer"] == c.id, 10)
+    c.wait(lambda e: e["event"] == "joined" and e["peer"] == b.id, 10)
+    # parent -> child -> parent (echo), and child -> child
+    a.send(b.id, "test.echo", {"n": 1})
+    wait_until(lambda: (b.id, {"n": 1}) in got, 10)
+    c.command(send=b.id, kind="test.msg", body="from c")
+    b.wait(lambda e: e["event"] == "msg" and e["from"] == c.id and e["body"] == "from c", 10)
+
+
+def test_seed_gossip_across_processes(env: dict[str, Any]) -> None:
+    b: Node = env["node"]("b")
+    a: Child = env["child"]("a", seeds=[tcp(b)])
+    c: Child = env["child"]("c", seeds=[tcp(b)])
+    a.wait(lambda e: e["event"] == "joined" and e["peer"] == c.id, 10)
+    c.wait(lambda e: e["event"] == "joined" and e["peer"] == a.id, 10)
+    a.command(send=c.id, kind="test.msg", body="via gossip")
+    c.wait(lambda e: e["event"] == "msg" and e["from"] == a.id, 10)
+
+
+def test_sigkill_is_gone_within_bound_and_restart_rejoins(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    a: Node = env["node"]("a")
+    events: list[tuple[float, PeerEvent]] = []
+    a.on_peer(lambda ev: events.append((time.monotonic(), ev)))
+    b: Child = env["child"]("b", static_peers=[tcp(a)])
+    c: Child = env["child"]("c", static_peers=[tcp(a)])
+    wait_until(lambda: a.peers.state(b.id) is PeerState.JOINED
+               and a.peers.state(c.id) is PeerState.JOINED, 10)
+    c.wait(lambda e: e["event"] == "joined" and e["peer"] == b.id, 10)
+    b_id = b.id
+    b.proc.send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    b.proc.wait(5)
+    wait_until(lambda: a.peers.state(b_id) is PeerState.GONE, GONE + 3)
+    left = next(t for t, ev in events if ev.peer.node_id == b_id and ev.kind is PeerEventKind.LEFT)
+    # gone_s + one heartbeat, plus scheduling slack on a busy 2-core box
+    assert left - t_kill <= GONE + HB + 0.3, left - t_kill
+    c.wait(lambda e: e["event"] == "left" and e["peer"] == b_id, GONE + 3)
+    # Restart from the same data dir: same id, new tcp port, JOINED again everywhere.
+    b2: Child = env["child"]("b", static_peers=[tcp(a)])
+    assert b2.id == b_id
+    wait_until(lambda: a.peers.state(b_id) is PeerState.JOINED, 10)
+    c.wait(lambda e: e["event"] == "joined" and e["peer"] == b_id
+           and e is not c.seen[0], 10)
+    kinds = [ev.kind for _, ev in events if ev.peer.node_id == b_id]
+    assert kinds[-1] is PeerEventKind.JOINED and PeerEventKind.LEFT in kinds
+    got: list[Any] = []
+    a.handle("test.msg", lambda p, body: got.append(body))
+    a.send(b_id, "test.echo", "back")
+    wait_until(lambda: got == ["back"], 10)
