@@ -22,6 +22,7 @@ from mesh.errors import MeshError
 _COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.log_cmd",
     "mesh.cli.peers_cmd",
+    "mesh.cli.demo_cmd",
 )
 
 
