@@ -212,12 +212,13 @@ class WorkQueue:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
         last_ops_check = 0.0
+        last_snap = 0.0
         try:
             while True:
                 d = self._dispatcher
                 nd = d.next_deadline()
                 now = time.monotonic()
-                timeout = 500.0
+                timeout = 100.0
                 if nd is not None:
                     timeout = max(0.0, min(timeout, (nd - now) * 1000.0))
                 poller.poll(int(timeout))
@@ -228,9 +229,11 @@ class WorkQueue:
                 d.tick(now)
                 self._dispatch(now)
                 self._persist_effects()
+                if now - last_snap >= 0.1:
+                    last_snap = now
+                    self._snapshot()
                 if now - last_ops_check >= 1.0:
                     last_ops_check = now
-                    self._snapshot()
                     try:
                         self.dlq.fulfil_requests()
                     except Exception:

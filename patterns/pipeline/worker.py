@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
-from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+from mesh.peers import PeerEvent, PeerInfo
 
 from . import frames as fr
 from .queue import role_for
@@ -169,7 +169,6 @@ class Worker:
         self._poller = zmq.Poller()
         self.bad_frames = 0
         self._unsub = node.on_peer(self._on_peer)
-        self._initial = True
 
     # -------------------------------------------------------------- reactor thread
     def _on_peer(self, ev: PeerEvent) -> None:
@@ -193,28 +192,21 @@ class Worker:
             peers.append(me)  # a producer in this very node
         return peers
 
-    def _sync_peers(self) -> None:
+    def _sync_peers(self, full: bool) -> None:
         with self._events_lock:
             events = self._events
             self._events = []
-        if self._initial:
-            self._initial = False
-            for p in self._candidates():
-                self._connect(p)
+        if not events and not full:
+            return
+        # Reconcile with the peer table itself (events only say *when* to look): a burst of
+        # JOINED / CHANGED / LEFT around a producer restart then cannot leave us disconnected.
+        wanted = {p.node_id: p for p in self._candidates()}
         changed = False
-        for ev in events:
-            p = ev.peer
-            if ev.kind is PeerEventKind.LEFT or (
-                ev.kind is PeerEventKind.CHANGED and self.queue not in p.offers.get("queue", ())
-            ):
-                changed |= self._disconnect(p.node_id)
-            elif self.queue in p.offers.get("queue", ()):
-                changed |= self._connect(p)
-        if events:
-            # Our own node's offers change without a peer event: re-check it too.
-            me = self.node.info()
-            if self.queue in me.offers.get("queue", ()):
-                changed |= self._connect(me)
+        for node_id in list(self._conns):
+            if node_id not in wanted:
+                changed |= self._disconnect(node_id)
+        for p in wanted.values():
+            changed |= self._connect(p)
         if changed:
             self._send_ready_all()
 
@@ -323,9 +315,10 @@ class Worker:
             if self._local:
                 return self._local.popleft()
             self.flush()
-            self._sync_peers()
             now = time.monotonic()
-            if now - self._last_ready >= self.ready_interval:
+            due = now - self._last_ready >= self.ready_interval
+            self._sync_peers(full=due or not self._conns)
+            if due:
                 self._send_ready_all()
             wait = self.ready_interval
             if deadline is not None:
