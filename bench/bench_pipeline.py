@@ -1,0 +1,149 @@
+"""Pipeline benchmark: zeromesh work queue (every task acked) against raw pyzmq PUSH/PULL.
+
+Run:  python bench/bench_pipeline.py            (quick: 50,000 tasks per row, < 60 s)
+      python bench/bench_pipeline.py --full     (200,000 tasks per row)
+
+Every row is measured in the same run as its raw PUSH/PULL ceiling and printed as a ratio.
+Raw: one PUSH in this process to one PULL child process over ipc, timed until the child has
+received every message. zeromesh: a WorkQueue in this process (task log + journal, fsync every
+10 ms), 1 or 2 Worker child processes (ipc, credit 1000, ack every task), timed from the first
+push until the producer has recorded the last ack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mesh.log import FsyncPolicy  # noqa: E402
+from mesh.node import Node  # noqa: E402
+from patterns.pipeline.dispatch import DispatchConfig  # noqa: E402
+from patterns.pipeline.queue import WorkQueue  # noqa: E402
+
+
+def _child(*args: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
+                            stdout=subprocess.PIPE)
+
+
+def raw_pull(endpoint: str, n: str) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind(endpoint)
+    print("ready", flush=True)
+    s.recv()
+    t0 = time.perf_counter()
+    for _ in range(int(n) - 1):
+        s.recv()
+    print(f"done {time.perf_counter() - t0}", flush=True)
+    s.close(0)
+    ctx.term()
+
+
+def bench_raw(n: int, size: int, tmp: str) -> float:
+    ep = f"ipc://{tmp}/raw-{size}.sock"
+    child = _child("raw-pull", ep, str(n))
+    assert child.stdout is not None
+    child.stdout.readline()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.connect(ep)
+    msg = b"x" * size
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s.send(msg)
+    line = child.stdout.readline().decode().split()
+    elapsed = max(float(line[1]), time.perf_counter() - t0 - 0.0)
+    child.wait(10)
+    s.close(0)
+    ctx.term()
+    return n / elapsed
+
+
+def mesh_worker(data_dir: str, mesh: str, peer: str, queue: str) -> None:
+    from patterns.pipeline.worker import Worker
+
+    node = Node(data_dir=data_dir, mesh=mesh, interface="127.0.0.1", mdns=False,
+                static_peers=(peer,))
+    with Worker(node, queue, credit=1000) as w:
+        while True:
+            t = w.get()
+            if t is not None:
+                t.ack()
+
+
+def bench_mesh(n: int, size: int, workers: int, tmp: str) -> float:
+    mesh = f"bench-{os.getpid()}-{size}-{workers}"
+    node = Node(data_dir=f"{tmp}/p-{size}-{workers}", mesh=mesh, interface="127.0.0.1",
+                mdns=False)
+    queue = f"bench{size}x{workers}"
+    q = WorkQueue(node, queue, config=DispatchConfig(ack_wait=30.0),
+                  fsync=FsyncPolicy.interval(10.0))
+    peer = next(e for e in node.info().endpoints["control"] if e.startswith("tcp://"))
+    kids = [_child("mesh-worker", f"{tmp}/w-{size}-{workers}-{i}", mesh, peer, queue)
+            for i in range(workers)]
+    try:
+        deadline = time.monotonic() + 20
+        while q._dispatcher.stats()["workers"] < workers:  # racy read: a bench, not a test
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not register")
+            time.sleep(0.01)
+        payloads = [b"x" * size] * 1000
+        counters = q._dispatcher.counters
+        t0 = time.perf_counter()
+        for _ in range(n // 1000):
+            q.push_many(payloads)
+        while counters["acked"] < n:
+            time.sleep(0.0005)
+        elapsed = time.perf_counter() - t0
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait(5)
+        q.close()
+        node.close()
+    return n / elapsed
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "raw-pull":
+        raw_pull(*sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "mesh-worker":
+        mesh_worker(*sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--full", action="store_true", help="200,000 tasks per row")
+    ap.add_argument("-n", type=int, default=None)
+    args = ap.parse_args()
+    n = args.n or (200_000 if args.full else 50_000)
+    tmp = tempfile.mkdtemp(prefix="benchpipe-")
+    print(f"pipeline benchmark: {n} tasks per row, pyzmq {zmq.__version__}, "
+          f"libzmq {zmq.zmq_version()}")
+    print(f"{'size':>6} {'mode':<34} {'msgs/s':>12} {'x raw':>7}")
+    try:
+        for size in (100, 1024):
+            raw = bench_raw(n, size, tmp)
+            print(f"{size:>6} {'raw pyzmq PUSH/PULL ipc':<34} {raw:>12,.0f} {1.0:>7.2f}",
+                  flush=True)
+            for workers in (1, 2):
+                r = bench_mesh(n, size, workers, tmp)
+                label = f"zeromesh pipeline, {workers} worker(s), acked"
+                print(f"{size:>6} {label:<34} {r:>12,.0f} {r / raw:>7.2f}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
