@@ -23,6 +23,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.log_cmd",
     "mesh.cli.peers_cmd",
     "mesh.cli.demo_cmd",
+    "mesh.cli.dlq_cmd",
 )
 
 
