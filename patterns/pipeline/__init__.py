@@ -13,7 +13,25 @@ Layers (each imports only the ones above it)::
 
 from __future__ import annotations
 
+from .aio import AsyncWorker, AsyncWorkQueue
 from .backoff import Backoff, RetryBudgetConfig
 from .dispatch import DispatchConfig
+from .dlq import DeadLetters, DLQEntry, DLQEntryNotFound
+from .queue import WorkQueue
+from .worker import Task, TaskTerminated, Worker, WrongThread
 
-__all__ = ["Backoff", "DispatchConfig", "RetryBudgetConfig"]
+__all__ = [
+    "AsyncWorkQueue",
+    "AsyncWorker",
+    "Backoff",
+    "DLQEntry",
+    "DLQEntryNotFound",
+    "DeadLetters",
+    "DispatchConfig",
+    "RetryBudgetConfig",
+    "Task",
+    "TaskTerminated",
+    "WorkQueue",
+    "Worker",
+    "WrongThread",
+]

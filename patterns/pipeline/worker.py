@@ -323,7 +323,10 @@ class Worker:
             wait = self.ready_interval
             if deadline is not None:
                 if now >= deadline:
-                    return None
+                    # One last non-blocking drain, so get(timeout=0) works as "poll".
+                    if self._conns:
+                        self._receive(0)
+                    return self._local.popleft() if self._local else None
                 wait = min(wait, deadline - now)
             if not self._conns:
                 wait = min(wait, 0.05)  # nothing to poll yet: re-check discovery soon
