@@ -91,6 +91,23 @@ def encode_header(kind: str, version: int = PROTOCOL_VERSION) -> bytes:
 
 
 def decode_header(frame: bytes) -> str:
+    """Return the kind of a header frame (memoised: a node sees few distinct headers).
+
+    Raises:
+        ProtocolError: not a zeromesh header (signature, length, or kind charset).
+        UnsupportedProtocol: the major version is not one this build speaks.
+    """
+    if len(frame) <= 4 + MAX_KIND_LEN:
+        return _decode_header_cached(bytes(frame))
+    return _decode_header(frame)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_header_cached(frame: bytes) -> str:
+    return _decode_header(frame)
+
+
+def _decode_header(frame: bytes) -> str:
     """Return the kind of a header frame.
 
     Raises:

@@ -755,7 +755,7 @@ class Node:
             for i in range(0, len(out), _SEND_BATCH):
                 chunk = out[i : i + _SEND_BATCH]
                 try:
-                    link.sock.send_multipart(control.encode_frames(chunk), zmq.NOBLOCK, copy=False)
+                    link.sock.send_multipart(control.encode_frames(chunk), zmq.NOBLOCK)
                     self._count("control_out", len(chunk))
                 except zmq.Again:
                     self._bad("dropped_hwm", "peer %s at its HWM: dropped %d", link.node_id, len(chunk))
@@ -804,6 +804,7 @@ class Node:
         if known and messages[0].kind != control.HELLO:
             assert peer_id is not None
             self._heard(peer_id, now)
+        n_in = 0
         for m in messages:
             if m.error is not None:
                 key = "unsupported_version" if isinstance(
@@ -818,8 +819,9 @@ class Node:
             if not known or peer_id is None:
                 self._bad("unknown_sender", "%s from %r, which never sent HELLO", m.kind, ident[:40])
                 continue
-            self._count("control_in")
+            n_in += 1
             self._dispatch(peer_id, m.kind, m.body, now)
+        self._counters["control_in"] += n_in  # once per multipart, not per message
 
     def _heard(self, peer_id: str, now: float) -> None:
         with self.peers.lock:
@@ -1036,6 +1038,11 @@ class Node:
     # --- periodic work --------------------------------------------------------------------------
 
     def _tick(self) -> None:
+        # Read what is already waiting first: when this thread was busy (a big send batch, a
+        # slow handler) the peers' messages are queued here, not missing, and must not make
+        # them look quiet.
+        if self._router is not None:
+            self._on_router(self._router)
         now = self._clock()
         hb = self.config.presence.heartbeat_s
         with self.peers.lock:
