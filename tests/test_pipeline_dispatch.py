@@ -19,7 +19,7 @@ def make(**kw: object) -> Dispatcher:
     return Dispatcher(cfg, 0.0, rng=random.Random(7), wall=lambda: 1000.0)
 
 
-def sent_ids(out: list[tuple[bytes, list[tuple[int, int, object]]]]) -> dict[bytes, list[int]]:
+def sent_ids(out: list[tuple[bytes, list[tuple[int, int, int, object, object]]]]) -> dict[bytes, list[int]]:
     res: dict[bytes, list[int]] = {}
     for ident, items in out:
         res.setdefault(ident, []).extend(i[0] for i in items)
@@ -28,7 +28,7 @@ def sent_ids(out: list[tuple[bytes, list[tuple[int, int, object]]]]) -> dict[byt
 
 def test_dispatch_respects_credit_and_fifo() -> None:
     d = make()
-    d.add_many((i, None) for i in range(10))
+    d.add_many((i, None, None) for i in range(10))
     d.worker_ready(W1, 3)
     out = sent_ids(d.dispatch(0.0))
     assert out == {W1: [0, 1, 2]}
@@ -40,7 +40,7 @@ def test_dispatch_respects_credit_and_fifo() -> None:
 
 def test_two_workers_share_and_slow_worker_gets_only_its_credit() -> None:
     d = make()
-    d.add_many((i, None) for i in range(300))
+    d.add_many((i, None, None) for i in range(300))
     d.worker_ready(W1, 1)
     d.worker_ready(W2, 100)
     out = sent_ids(d.dispatch(0.0))
@@ -62,7 +62,7 @@ def test_ack_deadline_redelivers_to_other_worker_and_counts_deliveries() -> None
     assert d.dispatch(4.9) == []
     d.tick(5.0)
     again = d.dispatch(5.0)
-    assert again == [(other, [(0, 2, None)])]
+    assert again == [(other, [(0, 2, 5000, None, None)])]
     assert d.counters["timeouts"] == 1
     # The timed-out worker still holds a zombie slot (it may be busy): no new work for it yet.
     assert d.worker_load()[ident] == (1, 1)
@@ -74,7 +74,7 @@ def test_ack_deadline_redelivers_to_other_worker_and_counts_deliveries() -> None
 
 def test_zombie_slot_released_after_second_wait() -> None:
     d = make(ack_wait=1.0)
-    d.add_many([(0, None), (1, None)])
+    d.add_many([(0, None, None), (1, None, None)])
     d.worker_ready(W1, 1)
     d.dispatch(0.0)
     d.tick(1.0)
@@ -91,7 +91,7 @@ def test_nack_backoff_bounds_and_max_deliveries_to_dlq() -> None:
     now = 0.0
     for attempt in range(1, 5):
         out = d.dispatch(now)
-        assert out == [(W1, [(0, attempt, None)])], attempt
+        assert out == [(W1, [(0, attempt, 100_000, None, None)])], attempt
         assert d.on_nack(W1, 0, now, error_type="ValueError", error_message=f"boom{attempt}")
         if attempt < 4:
             due = d.next_deadline()
@@ -147,7 +147,7 @@ def test_in_progress_extends_deadline() -> None:
 
 def test_worker_gone_returns_tasks_at_once_in_order() -> None:
     d = make()
-    d.add_many((i, None) for i in range(5))
+    d.add_many((i, None, None) for i in range(5))
     d.worker_ready(W1, 3)
     d.dispatch(0.0)
     assert d.worker_gone(W1, 0.5) == 3
@@ -175,12 +175,12 @@ def test_restore_at_max_is_dead_lettered() -> None:
     eff = d.take_effects()
     assert [x.task_id for x in eff.dead] == [5]
     d.worker_ready(W1, 5)
-    assert d.dispatch(0.0) == [(W1, [(6, 2, None)])]
+    assert d.dispatch(0.0) == [(W1, [(6, 2, 30_000, None, None)])]
 
 
 def test_forged_acks_are_ignored_and_counted() -> None:
     d = make()
-    d.add_many([(0, None), (1, None)])
+    d.add_many([(0, None, None), (1, None, None)])
     d.worker_ready(W1, 1)
     d.worker_ready(W2, 1)
     out = sent_ids(d.dispatch(0.0))
@@ -196,7 +196,7 @@ def test_forged_acks_are_ignored_and_counted() -> None:
 
 def test_per_key_ordering_one_at_a_time() -> None:
     d = make(per_key_ordering=True)
-    d.add_many([(0, "a"), (1, "a"), (2, "b"), (3, "a")])
+    d.add_many([(0, "a", None), (1, "a", None), (2, "b", None), (3, "a", None)])
     d.worker_ready(W1, 10)
     d.worker_ready(W2, 10)
     first = sent_ids(d.dispatch(0.0))
@@ -219,7 +219,7 @@ def test_per_key_ordering_one_at_a_time() -> None:
 
 def test_retry_budget_throttles_storm() -> None:
     d = make(retry_budget=RetryBudgetConfig(rate=10.0, burst=2), backoff=Backoff(0.0, 1.0, 0.0))
-    d.add_many((i, None) for i in range(6))
+    d.add_many((i, None, None) for i in range(6))
     d.worker_ready(W1, 10)
     d.dispatch(0.0)
     for i in range(6):
@@ -256,7 +256,7 @@ def test_retry_budget_reserve() -> None:
 
 def test_batches_are_split_by_max_batch() -> None:
     d = make(max_batch=4)
-    d.add_many((i, None) for i in range(10))
+    d.add_many((i, None, None) for i in range(10))
     d.worker_ready(W1, 10)
     out = d.dispatch(0.0)
     assert [len(items) for _, items in out] == [4, 4, 2]

@@ -107,6 +107,7 @@ class DeadLetter:
     reason: str  # "max_deliveries" | "term"
     deliveries: int
     history: list[Attempt]
+    data: Any = None  #: the opaque task data given to add / restore (the payload)
 
 
 @dataclass
@@ -120,13 +121,14 @@ class Effects:
 
 class _Task:
     __slots__ = (
-        "deadline", "deliveries", "dispatched_at", "history", "id", "key", "last_worker",
-        "state", "worker",
+        "data", "deadline", "deliveries", "dispatched_at", "history", "id", "key",
+        "last_worker", "state", "worker",
     )
 
-    def __init__(self, tid: int, key: Hashable | None, deliveries: int) -> None:
+    def __init__(self, tid: int, key: Hashable | None, deliveries: int, data: Any) -> None:
         self.id = tid
         self.key = key
+        self.data = data
         self.deliveries = deliveries
         self.state = PENDING
         self.worker: bytes | None = None
@@ -178,7 +180,8 @@ class Dispatcher:
         self._tasks: dict[int, _Task] = {}
         self._pending: deque[int] = deque()
         self._delayed: list[tuple[float, int, int]] = []  # (due, tid, deliveries)
-        self._deadlines: deque[tuple[float, int, int]] = deque()  # (deadline, tid, deliveries)
+        # (deadline, [task ids]): one entry per dispatch batch (they share the deadline).
+        self._deadlines: deque[tuple[float, list[int]]] = deque()
         self._zombie_q: deque[tuple[float, bytes, int]] = deque()
         self._workers: dict[bytes, _Worker] = {}
         self._key_holder: dict[Hashable, int] = {}
@@ -195,18 +198,19 @@ class Dispatcher:
         }
 
     # ------------------------------------------------------------------ tasks in
-    def add(self, tid: int, key: Hashable | None = None) -> None:
-        """A new task (just pushed): queue it at the back."""
-        self.restore(tid, key, 0)
+    def add(self, tid: int, key: Hashable | None = None, data: Any = None) -> None:
+        """A new task (just pushed): queue it at the back. ``data`` is opaque (the payload):
+        it comes back in dispatches and dead letters."""
+        self.restore(tid, key, 0, data=data)
 
-    def add_many(self, items: Iterable[tuple[int, Hashable | None]]) -> None:
-        """Many new tasks at once (the push hot path)."""
+    def add_many(self, items: Iterable[tuple[int, Hashable | None, Any]]) -> None:
+        """Many new ``(id, key, data)`` tasks at once (the push hot path)."""
         tasks = self._tasks
         pending = self._pending
         n = 0
         high = self._high
-        for tid, key in items:
-            tasks[tid] = _Task(tid, key, 0)
+        for tid, key, data in items:
+            tasks[tid] = _Task(tid, key, 0, data)
             pending.append(tid)
             if tid >= high:
                 high = tid + 1
@@ -220,7 +224,8 @@ class Dispatcher:
         key: Hashable | None,
         deliveries: int,
         history: list[Attempt] | None = None,
-        now: float = 0.0,
+        *,
+        data: Any = None,
     ) -> None:
         """A task recovered after a producer restart with its persisted delivery count.
 
@@ -228,7 +233,7 @@ class Dispatcher:
         died before an answer) is dead-lettered now: that is what bounds a poison task that
         kills its worker even across producer restarts.
         """
-        t = _Task(tid, key, deliveries)
+        t = _Task(tid, key, deliveries, data)
         t.history = list(history) if history else None
         self._tasks[tid] = t
         if tid >= self._high:
@@ -295,6 +300,7 @@ class Dispatcher:
         (unknown id, unknown worker, never delivered to it) or stale (already ended)."""
         w = self._workers.get(ident)
         tasks = self._tasks
+        acked = self._acked
         ok = 0
         for tid in ids:
             t = tasks.get(tid)
@@ -323,8 +329,13 @@ class Dispatcher:
             else:
                 self.counters["forged_acks"] += 1
                 continue
-            self._finish(t)
-            self._acked.append(tid)
+            if t.key is None:  # the common case, inlined: no key lock to hand over
+                t.state = -1
+                t.worker = None
+                del tasks[tid]
+            else:
+                self._finish(t)
+            acked.append(tid)
             ok += 1
         self.counters["acked"] += ok
         return ok
@@ -406,7 +417,7 @@ class Dispatcher:
             _, t = target
             t.deadline = now + self.config.ack_wait
             # ack_wait is constant, so this deadline is >= every queued one: append keeps order.
-            self._deadlines.append((t.deadline, tid, t.deliveries))
+            self._deadlines.append((t.deadline, [tid]))
             n += 1
         self.counters["in_progress"] += n
         return n
@@ -417,11 +428,12 @@ class Dispatcher:
         dl = self._deadlines
         tasks = self._tasks
         while dl and dl[0][0] <= now:
-            deadline, tid, n = dl.popleft()
-            t = tasks.get(tid)
-            if t is None or t.state != INFLIGHT or t.deliveries != n or t.deadline != deadline:
-                continue  # answered or extended since: a dead entry
-            self._timeout(t, now)
+            deadline, tids = dl.popleft()
+            for tid in tids:
+                t = tasks.get(tid)
+                # Answered, redelivered or extended since (its deadline differs): a dead entry.
+                if t is not None and t.state == INFLIGHT and t.deadline == deadline:
+                    self._timeout(t, now)
         zq = self._zombie_q
         while zq and zq[0][0] <= now:
             _, ident, tid = zq.popleft()
@@ -470,12 +482,13 @@ class Dispatcher:
         return min(cands) if cands else None
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, now: float) -> list[tuple[bytes, list[tuple[int, int, Hashable | None]]]]:
+    def dispatch(self, now: float) -> list[tuple[bytes, list[tuple[int, int, int, Any, Any]]]]:
         """Assign pending tasks to workers with free credit.
 
         Returns:
-            ``[(worker ident, [(task id, delivery number, key), ...]), ...]``. The I/O layer must
-            persist the new delivery numbers before it sends them (poison detection).
+            ``[(worker ident, [(task id, delivery number, ack_wait_ms, key, data), ...]), ...]``
+            (the TASK frame items, ready to encode). The I/O layer must persist the new
+            delivery numbers before it sends them (poison detection).
         """
         pending = self._pending
         if not pending or not self._workers:
@@ -484,7 +497,9 @@ class Dispatcher:
         if not ready:
             return []
         free = {w.ident: w.free() for w in ready}
-        out: dict[bytes, list[tuple[int, int, Hashable | None]]] = {}
+        out: dict[bytes, list[tuple[int, int, int, Any, Any]]] = {}
+        sent: list[int] = []
+        wait_ms = int(self.config.ack_wait * 1000)
         tasks = self._tasks
         cfg = self.config
         deadline = now + cfg.ack_wait
@@ -524,11 +539,11 @@ class Dispatcher:
             t.deadline = deadline
             t.dispatched_at = wall
             w.inflight.add(tid)
-            self._deadlines.append((deadline, tid, t.deliveries))
+            sent.append(tid)
             batch = out.get(ident)
             if batch is None:
                 batch = out[ident] = []
-            batch.append((tid, t.deliveries, key))
+            batch.append((tid, t.deliveries, wait_ms, key, t.data))
             n_sent += 1
             left = free[ident] - 1
             free[ident] = left
@@ -536,10 +551,12 @@ class Dispatcher:
                 ready.remove(w)
             else:
                 i += 1
+        if sent:
+            self._deadlines.append((deadline, sent))
         self.counters["dispatched"] += n_sent
         self.counters["redelivered"] += redelivered
         mb = cfg.max_batch
-        result: list[tuple[bytes, list[tuple[int, int, Hashable | None]]]] = []
+        result: list[tuple[bytes, list[tuple[int, int, int, Any, Any]]]] = []
         for ident, items in out.items():
             for s in range(0, len(items), mb):
                 result.append((ident, items[s : s + mb]))
@@ -586,7 +603,9 @@ class Dispatcher:
     def _dead_letter(self, t: _Task, reason: str) -> None:
         self._finish(t)
         self.counters["dead_lettered"] += 1
-        self._dead.append(DeadLetter(t.id, t.key, reason, t.deliveries, t.history or []))
+        self._dead.append(
+            DeadLetter(t.id, t.key, reason, t.deliveries, t.history or [], t.data)
+        )
 
     # ------------------------------------------------------------------ out
     def take_effects(self) -> Effects:
@@ -607,8 +626,9 @@ class Dispatcher:
         inflight = sum(len(w.inflight) for w in self._workers.values())
         out["unacked"] = len(self._tasks)
         out["inflight"] = inflight
-        out["delayed"] = sum(1 for t in self._tasks.values() if t.state == DELAYED)
-        out["pending"] = sum(1 for t in self._tasks.values() if t.state in (PENDING, WAITING_KEY))
+        # O(1) gauges (stats are sampled often): the retry heap may hold a few dead entries.
+        out["delayed"] = min(len(self._delayed), len(self._tasks) - inflight)
+        out["pending"] = len(self._tasks) - inflight - out["delayed"]
         out["workers"] = len(self._workers)
         return out
 

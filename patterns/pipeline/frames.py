@@ -17,7 +17,7 @@ drop the message, never crash.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -60,9 +60,8 @@ class Ready:
     worker: str
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One task inside a TASK frame."""
+class Delivery(NamedTuple):
+    """One task inside a TASK frame (a named tuple: built per task on the hot path)."""
 
     task_id: int
     delivery: int
@@ -190,17 +189,27 @@ def decode(frames: list[bytes]) -> tuple[int, Any]:
         if type(body) is not list:
             raise ProtocolError("TASK body must be a list")
         out: list[Delivery] = []
+        make = Delivery._make
         for item in body:
-            if type(item) is not list or len(item) != 5:
-                raise ProtocolError("TASK item must be [id, delivery, ack_wait_ms, key, payload]")
-            tid, n, wait, key, payload = item
-            if not _is_id(tid) or type(n) is not int or n < 1 or type(wait) is not int or wait < 0:
-                raise ProtocolError("TASK id, delivery and ack_wait_ms must be non-negative ints")
-            if key is not None and not isinstance(key, (str, bytes)):
-                raise ProtocolError("TASK key must be str, bytes or nil")
-            if not isinstance(payload, bytes):
-                raise ProtocolError("TASK payload must be bytes")
-            out.append(Delivery(tid, n, wait, key, payload))
+            # One combined check per task (this loop runs for every task a worker receives).
+            if (
+                type(item) is list
+                and len(item) == 5
+                and type(item[0]) is int
+                and item[0] >= 0
+                and type(item[1]) is int
+                and item[1] >= 1
+                and type(item[2]) is int
+                and item[2] >= 0
+                and type(item[4]) is bytes
+                and (item[3] is None or type(item[3]) in (str, bytes))
+            ):
+                out.append(make(item))
+            else:
+                raise ProtocolError(
+                    "TASK item must be [id >= 0, delivery >= 1, ack_wait_ms >= 0, "
+                    "key str|bytes|nil, payload bytes]"
+                )
         return cmd, out
     # NACK / TERM
     if type(body) is not list:

@@ -26,7 +26,7 @@ from mesh.peers import PeerEvent, PeerEventKind
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
 from .dlq import DeadLetters, encode_dead_letter
-from .store import QueueStore, encode_task, journal_records
+from .store import QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,11 @@ class WorkQueue:
         self._dispatcher = Dispatcher(
             self.config, time.monotonic(), rng=random.Random(seed)
         )
-        self._payloads: dict[int, tuple[Hashable | None, bytes]] = {}
         rec = self._store.recover()
         self._dispatcher.mark_high(rec.next_id)
         for tid, key, payload, deliveries, history in rec.tasks:
-            self._payloads[tid] = (key, payload)
-            self._dispatcher.restore(tid, key, deliveries, history)
+            # The payload rides along in the dispatcher (opaque data) until ack / dead letter.
+            self._dispatcher.restore(tid, key, deliveries, history, data=payload)
         self.recovered = len(rec.tasks)
         self._router = node.socket(zmq.ROUTER, role_for(name))
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -131,9 +130,13 @@ class WorkQueue:
 
         Raises:
             ClosedError: the queue is closed.
+            ConfigError: ``key`` is not str / bytes / None.
             LogError: the log could not take them: none was queued.
         """
-        recs = [encode_task(key, bytes(p)) for p in payloads]
+        if key is not None and not isinstance(key, (str, bytes)):
+            raise ConfigError(f"key must be str, bytes or None, got {type(key).__name__}")
+        payloads = [p if type(p) is bytes else bytes(p) for p in payloads]
+        recs = [encode_task(key, p) for p in payloads]
         with self._lock:
             if self._closed:
                 raise ClosedError(f"work queue {self.name} is closed")
@@ -263,10 +266,7 @@ class WorkQueue:
             self._woken = False
             closing = self._closed
         if new:
-            payloads = self._payloads
-            for tid, key, payload in new:
-                payloads[tid] = (key, payload)
-            self._dispatcher.add_many([(t[0], t[1]) for t in new])
+            self._dispatcher.add_many(new)
         for ev in events:
             for ident in self._dispatcher.workers_of_node(ev.peer.node_id):
                 self._dispatcher.worker_gone(ident, now)
@@ -317,19 +317,10 @@ class WorkQueue:
         if not sends:
             return
         # Persist the delivery numbers before any frame leaves (poison detection).
-        dispatched = [(tid, n) for _, items in sends for tid, n, _ in items]
-        self._store.journal.append_many(journal_records(dispatched, [], [], []))
-        wait_ms = int(self.config.ack_wait * 1000)
-        payloads = self._payloads
+        self._store.journal.append_many([journal_dispatch(sends)])
         for ident, items in sends:
-            body: list[tuple[int, int, int, fr.Key, bytes]] = []
-            for tid, n, _key in items:
-                kp = payloads.get(tid)
-                if kp is None:  # cannot happen: payloads live until ack / dead letter
-                    continue
-                body.append((tid, n, wait_ms, kp[0], kp[1]))  # type: ignore[arg-type]
             try:
-                self._router.send_multipart([ident, *fr.encode_tasks(body)], zmq.NOBLOCK)
+                self._router.send_multipart([ident, *fr.encode_tasks(items)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH (worker disconnected) or EAGAIN (HWM): treat it as gone; its
                 # tasks return to the queue now, and a live worker re-registers with READY.
@@ -341,21 +332,14 @@ class WorkQueue:
         if not d.has_effects():
             return
         eff = d.take_effects()
-        payloads = self._payloads
         dead_ids = []
         if eff.dead:
             recs = []
             now = time.time()
             for dl in eff.dead:
-                kp = payloads.get(dl.task_id)
-                payload = kp[1] if kp else b""
-                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now))
+                recs.append(encode_dead_letter(self.name, self.node.id, dl, dl.data, now))
                 dead_ids.append(dl.task_id)
             # The DLQ record first: a crash before the journal's X record keeps the task owed
             # (redelivered, maybe dead-lettered twice), never lost.
             self._dlq_log.append_many(recs)
         self._store.journal.append_many(journal_records([], eff.acked, eff.failed, dead_ids))
-        for tid in eff.acked:
-            payloads.pop(tid, None)
-        for tid in dead_ids:
-            payloads.pop(tid, None)

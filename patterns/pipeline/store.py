@@ -145,6 +145,13 @@ class QueueStore:
             self.tasks.close()
 
 
+def journal_dispatch(sends: list[tuple[bytes, list[tuple[int, int, int, Any, Any]]]]) -> bytes:
+    """The ``D`` journal record of one dispatch pass (ids and delivery numbers)."""
+    ids = [item[0] for _, items in sends for item in items]
+    ns = [item[1] for _, items in sends for item in items]
+    return msgpack.packb([J_DISPATCH, ids, ns])  # type: ignore[no-any-return]
+
+
 def journal_records(
     dispatched: list[tuple[int, int]],
     acked: list[int],
