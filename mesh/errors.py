@@ -6,6 +6,7 @@ what happened, carry their facts as attributes, and also inherit the built-in th
 
     MeshError
     ├── ConfigError (ValueError)              bad configuration or argument
+    │   └── DLQEntryNotFound (KeyError)       no dead letter at that offset (pipeline)
     ├── ClosedError                           you closed it (node, log, pattern object)
     ├── CodecError (ValueError)               bytes that are not a valid envelope
     │   ├── MalformedEvent                    missing / mistyped field, undecodable bytes
@@ -24,6 +25,7 @@ what happened, carry their facts as attributes, and also inherit the built-in th
     ├── StateError                            the crash-safe state store
     ├── PeerError                             peer table / control channel
     │   └── PeerUnreachable                   no live route to that peer
+    ├── WrongThread (RuntimeError)            a one-thread object used from another thread
     └── MeshTimeout (TimeoutError)            a deadline passed
 
 Modules add their own subclasses below the matching branch (each section is owned by one
@@ -261,6 +263,27 @@ class TxtRecordTooLarge(TxtRecordError):
         super().__init__(f"{size} bytes exceed the limit of {max_size} bytes", field=field)
         self.size = size
         self.max_size = max_size
+
+
+# --- pipeline (patterns.pipeline) -----------------------------------------------------------
+
+
+class WrongThread(MeshError, RuntimeError):
+    """An object whose sockets belong to one thread was used from another thread."""
+
+
+class DLQEntryNotFound(ConfigError, KeyError):
+    """No dead letter at that offset of the queue's DLQ.
+
+    Attributes:
+        queue: the queue.
+        offset: the DLQ offset asked for.
+    """
+
+    def __init__(self, queue: str, offset: int) -> None:
+        super().__init__(f"no dead letter at offset {offset} of queue {queue!r}")
+        self.queue = queue
+        self.offset = offset
 
 
 # --- time ------------------------------------------------------------------------------------

@@ -13,12 +13,14 @@ Layers (each imports only the ones above it)::
 
 from __future__ import annotations
 
+from mesh.errors import DLQEntryNotFound, WrongThread
+
 from .aio import AsyncWorker, AsyncWorkQueue
 from .backoff import Backoff, RetryBudgetConfig
 from .dispatch import DispatchConfig
-from .dlq import DeadLetters, DLQEntry, DLQEntryNotFound
+from .dlq import DeadLetters, DLQEntry
 from .queue import WorkQueue
-from .worker import Task, TaskTerminated, Worker, WrongThread
+from .worker import Task, TaskTerminated, Worker
 
 __all__ = [
     "AsyncWorkQueue",

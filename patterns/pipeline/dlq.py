@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from mesh.errors import ConfigError, LogError, LogLocked
+from mesh.errors import ConfigError, DLQEntryNotFound, LogError, LogLocked
 from mesh.log import Log, LogConfig
 
 from .dispatch import Attempt, DeadLetter
@@ -133,20 +133,6 @@ def _decode_entry(offset: int, buf: bytes) -> DLQEntry:
         )
     except Exception as exc:
         raise LogError(f"DLQ record at offset {offset} is not readable: {exc}") from exc
-
-
-class DLQEntryNotFound(ConfigError, KeyError):
-    """No DLQ entry at that offset.
-
-    Attributes:
-        queue: the queue.
-        offset: the offset asked for.
-    """
-
-    def __init__(self, queue: str, offset: int) -> None:
-        super().__init__(f"no dead letter at offset {offset} of queue {queue!r}")
-        self.queue = queue
-        self.offset = offset
 
 
 def _open_retrying(path: str, timeout: float = 5.0) -> Log:

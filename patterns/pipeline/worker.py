@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
+from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError, WrongThread
 from mesh.peers import PeerEvent, PeerInfo
 
 from . import frames as fr
@@ -31,10 +31,6 @@ from .queue import role_for
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 256  #: answers buffered per producer before a flush even mid-batch
-
-
-class WrongThread(MeshError, RuntimeError):
-    """A Worker was used from a thread other than the one that owns its sockets."""
 
 
 class TaskTerminated(Exception):
