@@ -1,0 +1,26 @@
+"""Request/reply: services by name over ROUTER/ROUTER, with retries, failover, heartbeats and
+a reply cache so a retried request is never executed twice (zguide Pirate + Freelance)."""
+
+
+from patterns.reqrep.call import CallConfig
+from patterns.reqrep.client import Client, ClientConfig, ClientStats
+from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
+from patterns.reqrep.retry import Backoff
+from patterns.reqrep.service import Incoming, Service, ServiceConfig, ServiceStats
+
+__all__ = [
+
+    "Backoff",
+    "CallConfig",
+    "Client",
+    "ClientConfig",
+    "ClientStats",
+    "Incoming",
+    "NoResponders",
+    "RemoteError",
+    "RequestTimeout",
+    "Service",
+    "ServiceBusy",
+    "ServiceConfig",
+    "ServiceStats",
+]

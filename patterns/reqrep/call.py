@@ -1,0 +1,218 @@
+"""One request's life as a pure state machine (events and a clock in, actions out).
+
+The sync client, the asyncio client and the durable client all drive the same machine, so
+retries, failover and heartbeats behave identically and are unit-tested without sockets.
+
+Life of a call: pick a responder (:class:`~patterns.reqrep.balancer.Balancer`), SEND; while
+waiting, PING that responder every ``heartbeat_s`` with the request id; its PONG says whether
+the request is RUNNING (keep waiting: a slow handler is never run twice), DONE (the reply was
+lost: resend, the responder answers from its reply cache) or UNKNOWN (the request was lost:
+resend). No frame from it for ``heartbeat_s * liveness`` marks it silent and fails the call
+over to another responder at once (Paranoid Pirate + Freelance). BUSY replies and send failures
+back off with full jitter (Lazy Pirate). At the deadline the call fails with
+:class:`NoResponders` if it never reached a responder, else :class:`RequestTimeout`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mesh.errors import ConfigError, MeshError
+from patterns.reqrep.balancer import Balancer
+from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
+from patterns.reqrep.frames import Pong, Reply, Status, TaskState
+from patterns.reqrep.retry import Backoff
+
+__all__ = ["Call", "CallConfig", "Ping", "Send"]
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """Timing of calls.
+
+    Attributes:
+        heartbeat_s: interval of PINGs to the responder holding a request.
+        liveness: missed heartbeats after which that responder is silent (failover).
+        backoff: waits after BUSY replies and failed sends.
+        poll_s: how often to look again for a responder when none is known.
+    """
+
+    heartbeat_s: float = 0.2
+    liveness: int = 3
+    backoff: Backoff = field(default_factory=Backoff)
+    poll_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_s > 0 or self.liveness < 1 or not self.poll_s > 0:
+            raise ConfigError("heartbeat_s and poll_s must be > 0 and liveness >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Action: send (or resend) the request to ``responder``."""
+
+    responder: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Action: ask ``responder`` about the request."""
+
+    responder: str
+
+
+class Call:
+    """State of one request.
+
+    Args:
+        request_id: the id (kept across every retry: that is what makes dedup work).
+        service: the service name.
+        timeout: total seconds the caller allows.
+        now: the current clock value.
+        config: timing.
+        rand: random source for jitter.
+    """
+
+    def __init__(self, request_id: str, service: str, timeout: float, now: float,
+                 config: CallConfig, rand: Callable[[], float] = random.random) -> None:
+        self.id = request_id
+        self.service = service
+        self.timeout = timeout
+        self.started = now
+        self.deadline = now + timeout
+        self.config = config
+        self._rand = rand
+        self.responder: str | None = None
+        self.attempts = 0
+        self.failovers = 0
+        self.tried: set[str] = set()
+        self.ever_sent = False
+        self._busy_from: set[str] = set()
+        self._next_send = now
+        self._next_ping = 0.0
+        self._last_heard = now
+        self._retries = 0
+        self.done = False
+        self.reply: Reply | None = None
+        self.error: MeshError | None = None
+
+    # --- events -------------------------------------------------------------------------------
+
+    def on_reply(self, responder: str, reply: Reply, now: float, balancer: Balancer) -> None:
+        """A REPLY for this id arrived from ``responder``."""
+        balancer.heard(responder, reply.free)
+        if self.done:
+            return
+        if responder == self.responder:
+            balancer.finished(responder)
+        if reply.status in (Status.OK, Status.ERROR):
+            self.done = True
+            self.reply = reply
+            if reply.status == Status.ERROR:
+                self.error = RemoteError(reply.error_type, reply.error_message,
+                                         service=self.service, responder=responder)
+            return
+        if responder != self.responder:
+            return  # a refusal from a responder we already left: ignore
+        self.responder = None
+        if reply.status == Status.EXPIRED:
+            self._finish_timeout()
+        elif reply.status == Status.BUSY:
+            self._busy_from.add(responder)
+            self._back_off(now)
+        else:  # UNKNOWN_SERVICE: it no longer offers the name; try the others
+            self.tried.add(responder)
+            self._next_send = now
+
+    def on_pong(self, responder: str, pong: Pong, now: float, balancer: Balancer) -> Send | None:
+        """A PONG arrived; returns a resend when the responder lost the request or its reply."""
+        balancer.heard(responder, pong.free)
+        if self.done or responder != self.responder or pong.request_id != self.id:
+            return None
+        self._last_heard = now
+        if pong.state == TaskState.RUNNING:
+            return None
+        # UNKNOWN: the request was lost on the way; DONE: the reply was. Either way resend the
+        # same id: the responder runs it (UNKNOWN) or answers from its cache (DONE).
+        self.attempts += 1
+        self._next_ping = now + self.config.heartbeat_s
+        return Send(responder, self.attempts - 1)
+
+    def on_send_failed(self, responder: str, now: float, balancer: Balancer) -> None:
+        """The socket could not route to ``responder`` (not connected yet, or gone)."""
+        if responder == self.responder:
+            balancer.finished(responder)
+            self.responder = None
+            self._back_off(now)
+
+    def on_silent(self, responder: str, now: float) -> None:
+        """Another call (or the client) found ``responder`` silent: fail over now."""
+        if not self.done and responder == self.responder:
+            self.responder = None
+            self.failovers += 1
+            self._next_send = now
+
+    # --- timer --------------------------------------------------------------------------------
+
+    def step(self, now: float, balancer: Balancer) -> list[Send | Ping]:
+        """Advance to ``now``; return what to send. Sets ``done``/``error`` at the deadline."""
+        if self.done:
+            return []
+        if now >= self.deadline:
+            self._finish_timeout()
+            return []
+        r = self.responder
+        if r is not None:
+            if now - self._last_heard >= self.config.heartbeat_s * self.config.liveness:
+                balancer.mark_silent(r)
+                self.responder = None
+                self.failovers += 1
+                self._next_send = now
+            elif now >= self._next_ping:
+                self._next_ping = now + self.config.heartbeat_s
+                return [Ping(r)]
+            else:
+                return []
+        if now < self._next_send:
+            return []
+        chosen = balancer.choose(self.tried)
+        if chosen is None:
+            self._next_send = now + self.config.poll_s
+            return []
+        self.responder = chosen
+        self.tried.add(chosen)
+        self.ever_sent = True
+        self.attempts += 1
+        self._last_heard = now
+        self._next_ping = now + self.config.heartbeat_s
+        balancer.started(chosen)
+        return [Send(chosen, self.attempts - 1)]
+
+    def wake_at(self) -> float:
+        """The next clock value at which :meth:`step` has something to do."""
+        if self.done:
+            return float("inf")
+        if self.responder is None:
+            return min(self.deadline, self._next_send)
+        hb = self.config
+        return min(self.deadline, self._next_ping,
+                   self._last_heard + hb.heartbeat_s * hb.liveness)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _back_off(self, now: float) -> None:
+        self._next_send = now + self.config.backoff.delay(self._retries, self._rand)
+        self._retries += 1
+
+    def _finish_timeout(self) -> None:
+        self.done = True
+        if not self.ever_sent:
+            self.error = NoResponders(self.service, self.timeout)
+        elif self._busy_from and self.responder is None:
+            self.error = ServiceBusy("ServiceBusy", f"every responder of {self.service!r} "
+                                     "was busy until the deadline", service=self.service)
+        else:
+            self.error = RequestTimeout(self.service, self.id, self.timeout, self.attempts)

@@ -1,0 +1,410 @@
+"""The caller side (sync): ``client.request("thumbs", payload, timeout=2.0)``.
+
+Sockets: each calling thread gets its own ROUTER (created on first use, closed with the client),
+connected to every responder of the names it calls; the service ROUTERs carry a routing id of
+``<node id>/<name>`` so one socket addresses each responder precisely (the zguide's Freelance
+model 3). The calling thread sends, polls and receives itself: no thread hop on the hot path.
+Retries, failover and heartbeats are decided by :class:`~patterns.reqrep.call.Call`; the
+responder table is shared by all threads and kept current from ``node.who_offers`` and
+``node.on_peer`` events.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from mesh.errors import ClosedError, ConfigError, ProtocolError
+from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+from mesh.uuid7 import uuid7
+from patterns.reqrep import frames as fr
+from patterns.reqrep.balancer import Balancer
+from patterns.reqrep.call import Call, CallConfig, Ping, Send
+from patterns.reqrep.retry import Backoff
+from patterns.reqrep.service import decode_body, encode_body, routing_id, service_role
+
+__all__ = ["Client", "ClientConfig", "ClientStats", "Responders", "Wire"]
+
+log = logging.getLogger(__name__)
+
+_MAX_WAIT_S = 0.05  # re-check the responder table at least this often while waiting
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings of a client.
+
+    Attributes:
+        timeout: default total deadline of a request, in seconds.
+        heartbeat_s: PING interval to the responder holding a request.
+        liveness: missed heartbeats after which a responder is silent (failover).
+        silent_s: how long a silent responder is skipped (unless it re-announces itself).
+        backoff: waits after BUSY replies and failed sends.
+    """
+
+    timeout: float = 5.0
+    heartbeat_s: float = 0.2
+    liveness: int = 3
+    silent_s: float = 5.0
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def call_config(self) -> CallConfig:
+        """The per-call timing derived from these settings."""
+        return CallConfig(self.heartbeat_s, self.liveness, self.backoff)
+
+
+@dataclass
+class ClientStats:
+    """Counters of a client (a snapshot)."""
+
+    requests: int = 0
+    replies: int = 0
+    remote_errors: int = 0
+    timeouts: int = 0
+    no_responders: int = 0
+    retries: int = 0
+    failovers: int = 0
+    late_replies: int = 0
+    garbage: int = 0
+
+
+class Responders:
+    """Who offers which service, shared by all threads of a client (guarded by ``lock``)."""
+
+    def __init__(self, node: Any, silent_s: float, clock: Callable[[], float]) -> None:
+        self.node = node
+        self.lock = threading.Lock()
+        self.clock = clock
+        self.silent_s = silent_s
+        self.generation = 0
+        self.endpoints: dict[str, dict[str, str]] = {}  # service -> node id -> endpoint
+        self.balancers: dict[str, Balancer] = {}
+        self._unsubscribe = node.on_peer(self._on_peer)
+
+    def track(self, service: str) -> Balancer:
+        """Start following ``service`` (idempotent); returns its balancer."""
+        with self.lock:
+            bal = self.balancers.get(service)
+            if bal is not None:
+                return bal
+            bal = self.balancers[service] = Balancer(self.clock, self.silent_s)
+            self.endpoints[service] = {}
+        for info in self.node.who_offers("service", service):
+            self._upsert(info)
+        return bal
+
+    def _upsert(self, info: PeerInfo) -> None:
+        offered = set(info.offers.get("service", ()))
+        with self.lock:
+            for service, eps in self.endpoints.items():
+                bal = self.balancers[service]
+                ep = (self.node.connect_endpoint(info, service_role(service))
+                      if service in offered else None)
+                if ep is None:
+                    if eps.pop(info.node_id, None) is not None:
+                        bal.remove(info.node_id)
+                        self.generation += 1
+                    continue
+                if eps.get(info.node_id) != ep:
+                    eps[info.node_id] = ep
+                    self.generation += 1
+                bal.add(info.node_id)  # a (re)announcement makes a silent responder usable
+
+    def _remove(self, node_id: str) -> None:
+        with self.lock:
+            for service, eps in self.endpoints.items():
+                if eps.pop(node_id, None) is not None:
+                    self.balancers[service].remove(node_id)
+                    self.generation += 1
+
+    def _on_peer(self, ev: PeerEvent) -> None:
+        # reactor thread: only table updates here, never socket work
+        if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED):
+            self._upsert(ev.peer)
+        elif ev.kind == PeerEventKind.LEFT:
+            self._remove(ev.peer.node_id)
+
+    def snapshot(self) -> tuple[int, dict[bytes, str]]:
+        """(generation, routing id -> endpoint) of every responder of every tracked service."""
+        with self.lock:
+            out = {routing_id(nid, svc): ep
+                   for svc, eps in self.endpoints.items() for nid, ep in eps.items()}
+            return self.generation, out
+
+    def close(self) -> None:
+        """Stop following peer events."""
+        self._unsubscribe()
+
+
+class Wire:
+    """One ROUTER socket of a client, used by one thread (or one event loop) only."""
+
+    def __init__(self, node: Any, responders: Responders) -> None:
+        self.responders = responders
+        self.sock = node.socket(zmq.ROUTER, "rpc-client")
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> error, not a silent drop
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted responder takes its id back
+        self.owner = threading.get_ident()
+        self.generation = -1
+        self.connected: dict[bytes, str] = {}
+        self.nonce = 0
+
+    def sync(self) -> None:
+        """Connect to new responders, disconnect from gone ones."""
+        gen = self.responders.generation
+        if gen == self.generation:
+            return
+        self.generation, want = self.responders.snapshot()
+        for rid, ep in list(self.connected.items()):
+            if want.get(rid) != ep:
+                try:
+                    self.sock.disconnect(ep)
+                except zmq.ZMQError:
+                    pass
+                del self.connected[rid]
+        for rid, ep in want.items():
+            if rid not in self.connected:
+                try:
+                    self.sock.connect(ep)
+                except zmq.ZMQError as exc:
+                    log.warning("rpc client: cannot connect to %s: %s", ep, exc)
+                    continue
+                self.connected[rid] = ep
+
+    def send(self, service: str, call: Call, action: Send | Ping, req: fr.Request) -> bool:
+        """Send a REQUEST or PING; False when the responder is not routable."""
+        rid = routing_id(action.responder, service)
+        if isinstance(action, Send):
+            if action.attempt != req.attempt:
+                req = fr.Request(req.id, req.service, req.ttl_ms, action.attempt, req.format,
+                                 req.headers, req.body)
+            ttl = max(0, int((call.deadline - self.responders.clock()) * 1000))
+            frames = fr.encode_request(fr.Request(req.id, req.service, ttl, req.attempt,
+                                                  req.format, req.headers, req.body))
+        else:
+            self.nonce += 1
+            frames = fr.encode_ping(fr.Ping(self.nonce, call.id))
+        try:
+            self.sock.send_multipart([rid, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False  # EHOSTUNREACH (not connected yet / gone) or EAGAIN (queue full)
+
+    def close(self) -> None:
+        """Close the socket (no linger: pending requests are the caller's to retry)."""
+        self.sock.close(0)
+
+
+def _finished(call: Call) -> bool:
+    # a function, so type checkers do not carry a narrowed ``call.done`` across the receive
+    return call.done
+
+
+def responder_of(rid: bytes) -> str:
+    """The node id part of a service routing id."""
+    return rid.split(b"/", 1)[0].decode("ascii", "replace")
+
+
+class Client:
+    """Calls services by name; usable from any number of threads.
+
+    Args:
+        node: the mesh node.
+        config: settings; keyword arguments override its fields.
+
+    Raises:
+        ConfigError: bad settings.
+    """
+
+    def __init__(self, node: Any, *, config: ClientConfig | None = None,
+                 **overrides: Any) -> None:
+        cfg = config or ClientConfig()
+        if overrides:
+            cfg = ClientConfig(**{**cfg.__dict__, **overrides})
+        self.node = node
+        self.config = cfg
+        self._call_cfg = cfg.call_config()
+        self._clock = time.monotonic
+        self.responders = Responders(node, cfg.silent_s, self._clock)
+        self._local = threading.local()
+        self._wires: list[Wire] = []
+        self._wires_lock = threading.Lock()
+        self._stats: collections.Counter[str] = collections.Counter()
+        self._closed = False
+
+    def _wire(self) -> Wire:
+        w: Wire | None = getattr(self._local, "wire", None)
+        if w is None:
+            w = Wire(self.node, self.responders)
+            self._local.wire = w
+            with self._wires_lock:
+                self._wires.append(w)
+        return w
+
+    def request(self, service: str, payload: Any, *, timeout: float | None = None,
+                headers: dict[str, str] | None = None, correlationid: str | None = None,
+                traceparent: str | None = None, request_id: str | None = None) -> Any:
+        """Call ``service`` with ``payload`` (bytes, or any msgpack value); return the reply.
+
+        Args:
+            service: the service name.
+            payload: bytes (passed untouched) or a msgpack-serialisable value.
+            timeout: total deadline in seconds (default ``config.timeout``).
+            headers: extra string headers.
+            correlationid: sets the ``correlationid`` header.
+            traceparent: sets the ``traceparent`` header (W3C trace context).
+            request_id: a caller-chosen id (default a new UUIDv7); the same id is never
+                executed twice by a responder within its cache window.
+
+        Raises:
+            RemoteError: the handler raised (``.type``, ``.message``).
+            ServiceBusy: every responder refused for lack of capacity until the deadline.
+            NoResponders: no responder was found before the deadline.
+            RequestTimeout: responders were tried but no reply came before the deadline.
+            ConfigError: bad timeout, payload or headers.
+            ClosedError: the client is closed.
+        """
+        if self._closed:
+            raise ClosedError("rpc client is closed")
+        call, req = self._prepare(service, payload, timeout, headers, correlationid,
+                                  traceparent, request_id)
+        bal = self.responders.track(service)
+        wire = self._wire()
+        self._run(wire, bal, call, req)
+        return self._outcome(call)
+
+    def _prepare(self, service: str, payload: Any, timeout: float | None,
+                 headers: dict[str, str] | None, correlationid: str | None,
+                 traceparent: str | None, request_id: str | None) -> tuple[Call, fr.Request]:
+        t = self.config.timeout if timeout is None else timeout
+        if not isinstance(t, (int, float)) or not t > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {t!r}")
+        if not isinstance(service, str) or not service:
+            raise ConfigError(f"service must be a non-empty string, got {service!r}")
+        h = dict(headers or {})
+        if correlationid is not None:
+            h["correlationid"] = correlationid
+        if traceparent is not None:
+            h["traceparent"] = traceparent
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
+            raise ConfigError("headers must map strings to strings")
+        fmt, body = encode_body(payload)
+        rid = request_id or uuid7()
+        call = Call(rid, service, float(t), self._clock(), self._call_cfg)
+        self._stats["requests"] += 1
+        return call, fr.Request(rid, service, 0, 0, fmt, h, body)
+
+    def _outcome(self, call: Call) -> Any:
+        st = self._stats
+        st["retries"] += max(0, call.attempts - 1)
+        st["failovers"] += call.failovers
+        if call.error is not None:
+            st[type(call.error).__name__] += 1
+            raise call.error
+        assert call.reply is not None
+        st["replies"] += 1
+        return decode_body(call.reply.format, call.reply.body)
+
+    def _act(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
+             actions: list[Send | Ping]) -> None:
+        for a in actions:
+            if not wire.send(call.service, call, a, req):
+                now = self._clock()
+                with self.responders.lock:
+                    if isinstance(a, Ping):
+                        # gone from under us (ROUTER_MANDATORY): as good as silent
+                        bal.mark_silent(a.responder)
+                        call.on_silent(a.responder, now)
+                    else:
+                        call.on_send_failed(a.responder, now, bal)
+
+    def _run(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request) -> None:
+        if wire.owner != threading.get_ident():
+            raise ClosedError("a client wire was used from a thread that does not own it")
+        sock = wire.sock
+        lock = self.responders.lock
+        while True:
+            wire.sync()
+            now = self._clock()
+            with lock:
+                actions = call.step(now, bal)
+            if actions:
+                self._act(wire, bal, call, req, actions)
+                continue
+            if call.done:
+                return
+            if self._closed:
+                raise ClosedError("rpc client closed during a request")
+            wait = min(call.wake_at() - now, _MAX_WAIT_S)
+            if wait > 0 and not sock.poll(max(1, int(wait * 1000 + 0.999))):
+                continue
+            for _ in range(256):
+                try:
+                    msg = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(wire, bal, call, req, msg)
+                if _finished(call):
+                    return
+
+    def _on_message(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
+                    msg: list[bytes]) -> None:
+        try:
+            m = fr.decode(msg[1:])
+        except ProtocolError:
+            self._stats["garbage"] += 1
+            return
+        responder = responder_of(msg[0])
+        now = self._clock()
+        if isinstance(m, fr.Reply):
+            with self.responders.lock:
+                if m.id == call.id:
+                    call.on_reply(responder, m, now, bal)
+                    return
+                bal.heard(responder, m.free)
+            self._stats["late_replies"] += 1  # an earlier request this thread gave up on
+        elif isinstance(m, fr.Pong):
+            resend: Send | None = None
+            with self.responders.lock:
+                if m.request_id == call.id:
+                    resend = call.on_pong(responder, m, now, bal)
+                else:
+                    bal.heard(responder, m.free)
+            if resend is not None:
+                self._act(wire, bal, call, req, [resend])
+        else:
+            self._stats["garbage"] += 1
+
+    def stats(self) -> ClientStats:
+        """A snapshot of the counters."""
+        s = self._stats
+        return ClientStats(
+            requests=s["requests"], replies=s["replies"], remote_errors=s["RemoteError"],
+            timeouts=s["RequestTimeout"], no_responders=s["NoResponders"],
+            retries=s["retries"], failovers=s["failovers"], late_replies=s["late_replies"],
+            garbage=s["garbage"])
+
+    def close(self) -> None:
+        """Close every socket of the client. Requests still running raise ClosedError soon
+        after (they re-check within 50 ms); call it once no thread is inside ``request``."""
+        if self._closed:
+            return
+        self._closed = True
+        self.responders.close()
+        with self._wires_lock:
+            wires, self._wires = self._wires, []
+        for w in wires:
+            w.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

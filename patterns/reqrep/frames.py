@@ -1,0 +1,225 @@
+"""Wire frames of request/reply (pure: bytes in, typed values out; no I/O).
+
+Every message is a ZeroMQ multipart (after the ROUTER routing-id frame)::
+
+    frame 0  SIGNATURE  b"ZRR1"  (protocol "zeromesh request/reply", major version 1)
+    frame 1  COMMAND    one byte: REQUEST=1 REPLY=2 PING=3 PONG=4
+    frame 2  META       msgpack array (layout per command, see docs/parts/protocol-reqrep.md)
+    frame 3  BODY       opaque bytes (REQUEST and REPLY only)
+
+Anything else is a :class:`~mesh.errors.ProtocolError`; the receiver counts it and drops it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from mesh.errors import ProtocolError
+
+__all__ = [
+    "SIGNATURE",
+    "Command",
+    "Format",
+    "Ping",
+    "Pong",
+    "Reply",
+    "Request",
+    "Status",
+    "TaskState",
+    "decode",
+    "encode_ping",
+    "encode_pong",
+    "encode_reply",
+    "encode_request",
+]
+
+SIGNATURE = b"ZRR1"
+_MAX_ID = 64
+_MAX_NAME = 256
+_MAX_HEADERS = 64
+
+
+class Command(enum.IntEnum):
+    """Frame 1 of every message."""
+
+    REQUEST = 1
+    REPLY = 2
+    PING = 3
+    PONG = 4
+
+
+class Format(enum.IntEnum):
+    """How BODY is to be read."""
+
+    BYTES = 0  #: raw bytes, passed through untouched
+    MSGPACK = 1  #: a msgpack value
+
+
+class Status(enum.IntEnum):
+    """Outcome carried by a REPLY."""
+
+    OK = 0  #: BODY is the handler's result
+    ERROR = 1  #: the handler raised; META carries type and message
+    BUSY = 2  #: refused, queue full: try another responder after a backoff
+    EXPIRED = 3  #: the request's deadline had already passed when it arrived
+    UNKNOWN_SERVICE = 4  #: this responder does not offer that name
+
+
+class TaskState(enum.IntEnum):
+    """What a responder knows about a request id (carried by a PONG)."""
+
+    UNKNOWN = 0  #: never seen (or expired from the cache): resend it
+    RUNNING = 1  #: a handler is running it (or it is queued): keep waiting
+    DONE = 2  #: a reply is cached: resend the request to get it again
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A REQUEST: META = [id, service, ttl_ms, attempt, format, headers]."""
+
+    id: str
+    service: str
+    ttl_ms: int
+    attempt: int
+    format: Format
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A REPLY: META = [id, status, free, format, error_type, error_message]."""
+
+    id: str
+    status: Status
+    free: int
+    format: Format
+    error_type: str = ""
+    error_message: str = ""
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A PING: META = [nonce, request_id or ""]."""
+
+    nonce: int
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """A PONG: META = [nonce, free, request_id, task_state]."""
+
+    nonce: int
+    free: int
+    request_id: str = ""
+    state: TaskState = TaskState.UNKNOWN
+
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode_request(req: Request) -> list[bytes]:
+    """Frames of a REQUEST (without the routing id)."""
+    meta = _packb([req.id, req.service, req.ttl_ms, req.attempt, int(req.format), req.headers])
+    return [SIGNATURE, b"\x01", meta, req.body]
+
+
+def encode_reply(rep: Reply) -> list[bytes]:
+    """Frames of a REPLY (without the routing id)."""
+    meta = _packb([rep.id, int(rep.status), rep.free, int(rep.format), rep.error_type,
+                   rep.error_message])
+    return [SIGNATURE, b"\x02", meta, rep.body]
+
+
+def encode_ping(ping: Ping) -> list[bytes]:
+    """Frames of a PING."""
+    return [SIGNATURE, b"\x03", _packb([ping.nonce, ping.request_id])]
+
+
+def encode_pong(pong: Pong) -> list[bytes]:
+    """Frames of a PONG."""
+    return [SIGNATURE, b"\x04", _packb([pong.nonce, pong.free, pong.request_id, int(pong.state)])]
+
+
+def _meta(raw: bytes, n: int) -> list[Any]:
+    try:
+        meta = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"META is not msgpack: {exc}") from exc
+    if not isinstance(meta, list) or len(meta) < n:
+        raise ProtocolError(f"META must be an array of at least {n} items")
+    return meta
+
+
+def _str(v: object, what: str, limit: int, empty: bool = False) -> str:
+    if not isinstance(v, str) or len(v) > limit or (not empty and not v):
+        raise ProtocolError(f"{what} must be a {'' if empty else 'non-empty '}string "
+                            f"of at most {limit} chars")
+    return v
+
+
+def _int(v: object, what: str, lo: int = -(2**31), hi: int = 2**31) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"{what} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _enum(cls: type[enum.IntEnum], v: object, what: str) -> Any:
+    try:
+        return cls(_int(v, what))
+    except ValueError as exc:
+        raise ProtocolError(f"unknown {what} {v!r}") from exc
+
+
+def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
+    """Decode one message (routing id already removed).
+
+    Raises:
+        ProtocolError: wrong signature, unknown command, wrong frame count or malformed META.
+    """
+    if len(frames) < 3 or frames[0] != SIGNATURE:
+        raise ProtocolError("not a zeromesh request/reply message (signature ZRR1)")
+    cmd = frames[1]
+    if cmd == b"\x01":
+        if len(frames) != 4:
+            raise ProtocolError("REQUEST must have 4 frames")
+        m = _meta(frames[2], 6)
+        headers = m[5]
+        if not isinstance(headers, dict) or len(headers) > _MAX_HEADERS or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ProtocolError("REQUEST headers must be a map of strings")
+        return Request(
+            _str(m[0], "request id", _MAX_ID), _str(m[1], "service", _MAX_NAME),
+            _int(m[2], "ttl_ms"), _int(m[3], "attempt", 0), _enum(Format, m[4], "format"),
+            headers, frames[3],
+        )
+    if cmd == b"\x02":
+        if len(frames) != 4:
+            raise ProtocolError("REPLY must have 4 frames")
+        m = _meta(frames[2], 6)
+        return Reply(
+            _str(m[0], "request id", _MAX_ID), _enum(Status, m[1], "status"),
+            _int(m[2], "free"), _enum(Format, m[3], "format"),
+            _str(m[4], "error type", _MAX_NAME, empty=True),
+            _str(m[5], "error message", 1 << 16, empty=True), frames[3],
+        )
+    if cmd == b"\x03":
+        if len(frames) != 3:
+            raise ProtocolError("PING must have 3 frames")
+        m = _meta(frames[2], 2)
+        return Ping(_int(m[0], "nonce", 0, 2**63), _str(m[1], "request id", _MAX_ID, empty=True))
+    if cmd == b"\x04":
+        if len(frames) != 3:
+            raise ProtocolError("PONG must have 3 frames")
+        m = _meta(frames[2], 4)
+        return Pong(_int(m[0], "nonce", 0, 2**63), _int(m[1], "free"),
+                    _str(m[2], "request id", _MAX_ID, empty=True),
+                    _enum(TaskState, m[3], "task state"))
+    raise ProtocolError(f"unknown command {cmd!r}")
