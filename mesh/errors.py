@@ -25,6 +25,12 @@ what happened, carry their facts as attributes, and also inherit the built-in th
     ├── StateError                            the crash-safe state store
     ├── PeerError                             peer table / control channel
     │   └── PeerUnreachable                   no live route to that peer
+    ├── SecurityError                         keys, certificates, authentication, permissions
+    │   ├── KeyFileError (OSError)            missing, malformed or too-open key file
+    │   ├── CertificateError (ValueError)     tampered, expired, revoked or malformed certificate
+    │   ├── AuthenticationFailed              a peer's key is not the one it announced / allowed
+    │   ├── PermissionDenied (PermissionError) an action the rules do not allow
+    │   └── DecryptionFailed                  at-rest data that the key does not open
     ├── WrongThread (RuntimeError)            a one-thread object used from another thread
     └── MeshTimeout (TimeoutError)            a deadline passed
 
@@ -284,6 +290,82 @@ class DLQEntryNotFound(ConfigError, KeyError):
         super().__init__(f"no dead letter at offset {offset} of queue {queue!r}")
         self.queue = queue
         self.offset = offset
+
+
+# --- security (mesh.security) --------------------------------------------------------------
+
+
+class SecurityError(MeshError):
+    """An error of the security layer (keys, certificates, authentication, permissions)."""
+
+
+class KeyFileError(SecurityError, OSError):
+    """A key file is missing, malformed, or readable by others than its owner.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"key file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CertificateError(SecurityError, ValueError):
+    """A certificate (or revocation list) that is tampered, expired, revoked or malformed.
+
+    Attributes:
+        reason: ``"signature"``, ``"expired"``, ``"revoked"``, ``"malformed"`` or ``"authority"``.
+        node_id: the certificate's node id when it could be read, else None.
+    """
+
+    def __init__(self, message: str, *, reason: str, node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.node_id = node_id
+
+
+class AuthenticationFailed(SecurityError):
+    """A peer's key is unknown, not allowed, or not the key it announced.
+
+    Attributes:
+        peer: the peer's node id or endpoint, when known.
+    """
+
+    def __init__(self, message: str, *, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class PermissionDenied(SecurityError, PermissionError):
+    """The permission rules do not allow this action.
+
+    Attributes:
+        principal: who asked (node id or key).
+        action: the action (``publish``, ``subscribe``, ``replay``, ``push``, ``work``,
+            ``call``, ``serve``).
+        resource: the topic, queue or service name.
+    """
+
+    def __init__(self, principal: str, action: str, resource: str) -> None:
+        super().__init__(f"{principal} may not {action} {resource!r}")
+        self.principal = principal
+        self.action = action
+        self.resource = resource
+
+
+class DecryptionFailed(SecurityError):
+    """Encrypted data at rest could not be opened: wrong key, or the bytes were altered.
+
+    Attributes:
+        where: what was being decrypted (a path and position, or a description).
+    """
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"cannot decrypt {where}: wrong key or altered data")
+        self.where = where
 
 
 # --- time ------------------------------------------------------------------------------------
