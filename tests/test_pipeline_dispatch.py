@@ -151,8 +151,14 @@ def test_worker_gone_returns_tasks_at_once_in_order() -> None:
     d.worker_ready(W1, 3)
     d.dispatch(0.0)
     assert d.worker_gone(W1, 0.5) == 3
-    d.worker_ready(W2, 10)
-    assert sent_ids(d.dispatch(0.5)) == {W2: [0, 1, 2, 3, 4]}
+    for n in range(3):
+        d.worker_ready(f"x{n}".encode(), 10)
+    # Back at the front at once, each alone on an idle worker (quarantine); 3, 4 wait.
+    out = d.dispatch(0.5)
+    assert sorted(i for _, items in out for i, *_ in items) == [0, 1, 2]
+    for ident, items in out:
+        d.on_ack(ident, [items[0][0]], 0.6)
+    assert sorted(i for _, items in d.dispatch(0.6) for i, *_ in items) == [3, 4]
 
 
 def test_poison_that_kills_worker_is_dead_lettered_after_bound() -> None:
@@ -260,3 +266,29 @@ def test_batches_are_split_by_max_batch() -> None:
     d.worker_ready(W1, 10)
     out = d.dispatch(0.0)
     assert [len(items) for _, items in out] == [4, 4, 2]
+
+
+def test_tasks_of_a_dead_worker_are_quarantined_one_per_idle_worker() -> None:
+    d = make(max_deliveries=3)
+    d.add_many((i, None, None) for i in range(4))
+    d.worker_ready(W1, 3)
+    assert sent_ids(d.dispatch(0.0)) == {W1: [0, 1, 2]}
+    d.worker_gone(W1, 0.1)  # one of 0, 1, 2 killed it: each is now a suspect
+    d.worker_ready(W2, 3)
+    d.worker_ready(b"w3", 3)
+    out = sent_ids(d.dispatch(0.2))
+    # Each suspect goes alone to an idle worker; the third waits; 3 (not suspect) too, since
+    # both workers are isolating.
+    assert sorted(len(v) for v in out.values()) == [1, 1]
+    holder = next(k for k, v in out.items() if v == [0])
+    d.on_ack(holder, [0], 0.3)
+    nxt = sent_ids(d.dispatch(0.3))
+    assert nxt == {holder: [2]}
+    # A suspect that fails without killing its worker is cleared (a plain nack).
+    other = next(k for k, v in out.items() if v != [0])
+    assert out[other] == [1]
+    d.on_nack(other, 1, 0.4, delay=0.0)
+    d.on_ack(holder, [2], 0.4)
+    rest = sent_ids(d.dispatch(0.4))
+    assert sorted(i for v in rest.values() for i in v) == [1, 3]
+    assert d.take_effects().dead == []

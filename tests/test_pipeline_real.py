@@ -222,9 +222,9 @@ def test_poison_task_that_kills_its_worker_is_dead_lettered(
     queue = unique("q")
     cfg = DispatchConfig(ack_wait=3.0, max_deliveries=3)
     with WorkQueue(hub, queue, config=cfg) as q:
-        # Credit 1: with more, tasks held beside the poison die with it and also count a
-        # delivery (documented in arch-pipeline.md).
-        alive = [spawn_worker(children, tmp_path, mesh_name, ctrl(hub), queue, 1, "poison")
+        # Credit 5: tasks held beside the poison die with it, then are quarantined (one per
+        # idle worker), so only the poison reaches the DLQ.
+        alive = [spawn_worker(children, tmp_path, mesh_name, ctrl(hub), queue, 5, "poison")
                  for _ in range(2)]
         q.push_many([b"ok"] * 20)
         q.push(b"poison")
@@ -233,7 +233,7 @@ def test_poison_task_that_kills_its_worker_is_dead_lettered(
         while not q.dlq.list() and time.monotonic() < deadline:
             for i, p in enumerate(alive):
                 if p.poll() is not None:
-                    alive[i] = spawn_worker(children, tmp_path, mesh_name, ctrl(hub), queue, 1,
+                    alive[i] = spawn_worker(children, tmp_path, mesh_name, ctrl(hub), queue, 5,
                                             "poison")
             time.sleep(0.02)  # poll interval of the respawn loop
         entries = q.dlq.list()

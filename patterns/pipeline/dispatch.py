@@ -122,7 +122,7 @@ class Effects:
 class _Task:
     __slots__ = (
         "data", "deadline", "deliveries", "dispatched_at", "history", "id", "key",
-        "last_worker", "state", "worker",
+        "last_worker", "state", "suspect", "worker",
     )
 
     def __init__(self, tid: int, key: Hashable | None, deliveries: int, data: Any) -> None:
@@ -136,10 +136,13 @@ class _Task:
         self.deadline = 0.0
         self.dispatched_at = 0.0
         self.history: list[Attempt] | None = None
+        # Held by a worker that died: it may be the poison that killed it, so its next
+        # delivery goes alone to an idle worker (quarantine) and cannot take others down.
+        self.suspect = False
 
 
 class _Worker:
-    __slots__ = ("credit", "ident", "inflight", "label", "node_id", "zombies")
+    __slots__ = ("credit", "ident", "inflight", "isolating", "label", "node_id", "zombies")
 
     def __init__(self, ident: bytes, node_id: str, label: str, credit: int) -> None:
         self.ident = ident
@@ -150,9 +153,17 @@ class _Worker:
         # Ids whose delivery timed out on this worker: it may still be busy with them, so they
         # keep counting against its credit until it answers or a second ack_wait passes.
         self.zombies: dict[int, float] = {}
+        self.isolating = -1  # id of the suspect task this worker runs alone, or -1
 
     def free(self) -> int:
+        if self.isolating >= 0:
+            return 0
         return self.credit - len(self.inflight) - len(self.zombies)
+
+    def release(self, tid: int) -> None:
+        self.inflight.discard(tid)
+        if self.isolating == tid:
+            self.isolating = -1
 
 
 class Dispatcher:
@@ -288,6 +299,7 @@ class Dispatcher:
                 self._dead_letter(t, "max_deliveries")
             else:
                 t.state = PENDING
+                t.suspect = True
                 back.append(tid)
         # extendleft reverses: feed it reversed so the oldest ends first in line.
         self._pending.extendleft(reversed(back))
@@ -317,13 +329,15 @@ class Dispatcher:
                 continue
             if t.worker == ident and t.state == INFLIGHT:
                 w.inflight.discard(tid)
+                if w.isolating == tid:
+                    w.isolating = -1
             elif w.zombies.pop(tid, None) is not None:
                 # A late ack of a timed-out delivery: the work is done, accept it. If the task
                 # was redelivered meanwhile, the other worker keeps the slot until it answers.
                 if t.state == INFLIGHT and t.worker is not None:
                     other = self._workers.get(t.worker)
                     if other is not None:
-                        other.inflight.discard(tid)
+                        other.release(tid)
                         other.zombies[tid] = now + self.config.ack_wait
                         self._zombie_q.append((now + self.config.ack_wait, other.ident, tid))
             else:
@@ -371,8 +385,9 @@ class Dispatcher:
         if target is None:
             return False
         w, t = target
-        w.inflight.discard(tid)
+        w.release(tid)
         t.worker = None
+        t.suspect = False  # it failed without killing its worker: not a poison suspect
         self.counters["nacked"] += 1
         att = Attempt(t.deliveries, w.label, t.dispatched_at, self._wall(), "nack",
                       error_type, error_message, traceback)
@@ -399,7 +414,7 @@ class Dispatcher:
         if target is None:
             return False
         w, t = target
-        w.inflight.discard(tid)
+        w.release(tid)
         t.worker = None
         self.counters["termed"] += 1
         self._add_history(t, Attempt(t.deliveries, w.label, t.dispatched_at, self._wall(),
@@ -460,7 +475,7 @@ class Dispatcher:
         label = ident.hex()
         if w is not None:
             label = w.label
-            w.inflight.discard(t.id)
+            w.release(t.id)
             w.zombies[t.id] = now + self.config.ack_wait
             self._zombie_q.append((now + self.config.ack_wait, ident, t.id))
         t.worker = None
@@ -509,6 +524,7 @@ class Dispatcher:
         i = 0
         n_sent = 0
         redelivered = 0
+        deferred: list[int] = []
         while pending and ready:
             tid = pending.popleft()
             t = tasks.get(tid)
@@ -525,10 +541,22 @@ class Dispatcher:
                     continue
             if i >= len(ready):
                 i = 0
-            w = ready[i]
-            if prefer_other and t.last_worker == w.ident:
-                # Redelivery: try the next worker with credit instead of the one that failed.
-                w = ready[(i + 1) % len(ready)]
+            if t.suspect:
+                # Quarantine: only an idle worker, which then takes nothing else meanwhile.
+                idle = [x for x in ready if free[x.ident] == x.credit and x.ident != t.last_worker]
+                if not idle:
+                    idle = [x for x in ready if free[x.ident] == x.credit]
+                if not idle:
+                    deferred.append(tid)
+                    continue
+                w = idle[0]
+                w.isolating = tid
+                free[w.ident] = 1  # this task is its last one for now
+            else:
+                w = ready[i]
+                if prefer_other and t.last_worker == w.ident:
+                    # Redelivery: try the next worker with credit instead of the failed one.
+                    w = ready[(i + 1) % len(ready)]
             ident = w.ident
             t.deliveries += 1
             if t.deliveries > 1:
@@ -551,6 +579,8 @@ class Dispatcher:
                 ready.remove(w)
             else:
                 i += 1
+        if deferred:
+            pending.extendleft(reversed(deferred))
         if sent:
             self._deadlines.append((deadline, sent))
         self.counters["dispatched"] += n_sent
