@@ -329,15 +329,18 @@ class Node:
             if self._closed:
                 return
             self._closed = True
+        # BYE first, then the mDNS goodbye: the other order let peers mark this node gone on
+        # the mDNS goodbye, then see it "joined" again on a control message still in flight,
+        # then gone again on the BYE (a flap at every shutdown).
+        try:
+            self.reactor.run_sync(self._shutdown, timeout=2.0)
+        except Exception:
+            log.exception("node %s: shutdown on the reactor failed", self.name)
         if self._discovery is not None:
             try:
                 self._discovery.close()
             except Exception:
                 log.exception("node %s: closing discovery failed", self.name)
-        try:
-            self.reactor.run_sync(self._shutdown, timeout=2.0)
-        except Exception:
-            log.exception("node %s: shutdown on the reactor failed", self.name)
         self._teardown()
 
     def _teardown(self) -> None:
@@ -1014,8 +1017,8 @@ class Node:
                 dialling.add(node_id)
 
     def _on_discovered(self, info: PeerInfo, source: str) -> None:
-        if info.mesh != self.mesh or info.node_id == self.id:
-            return
+        if self._closed or info.mesh != self.mesh or info.node_id == self.id:
+            return  # closing: discovery may still report peers, but nothing is dialled
         if info.node_id in self._links or self._presence.is_live(info.node_id):
             return  # the control channel is authoritative for live peers
         if any(d.node_id == info.node_id for d in self._dials.values()):
