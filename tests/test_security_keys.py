@@ -22,7 +22,7 @@ from mesh.security.keys import (
     load_public_keys,
     write_keypair,
 )
-from mesh.security.perms import PermissionTable, Permissions, parse_rule
+from mesh.security.perms import Permissions, PermissionTable, parse_rule
 from mesh.security.zap import TrustStore
 from tests.util import REPO
 
