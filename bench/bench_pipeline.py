@@ -1,6 +1,6 @@
 """Pipeline benchmark: zeromesh work queue (every task acked) against raw pyzmq PUSH/PULL.
 
-Run:  python bench/bench_pipeline.py            (quick: 50,000 tasks per row, < 60 s)
+Run:  python bench/bench_pipeline.py            (quick: 50,000 tasks per row x 3, < 60 s)
       python bench/bench_pipeline.py --full     (200,000 tasks per row)
 
 Every row is measured in the same run as its raw PUSH/PULL ceiling and printed as a ratio.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,7 @@ def mesh_worker(data_dir: str, mesh: str, peer: str, queue: str) -> None:
 
 
 def bench_mesh(n: int, size: int, workers: int, tmp: str) -> float:
-    mesh = f"bench-{os.getpid()}-{size}-{workers}"
+    mesh = f"bench-{os.getpid()}-{size}-{workers}-{os.path.basename(tmp)}"
     node = Node(data_dir=f"{tmp}/p-{size}-{workers}", mesh=mesh, interface="127.0.0.1",
                 mdns=False)
     queue = f"bench{size}x{workers}"
@@ -126,19 +127,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--full", action="store_true", help="200,000 tasks per row")
     ap.add_argument("-n", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
     args = ap.parse_args()
     n = args.n or (200_000 if args.full else 50_000)
     tmp = tempfile.mkdtemp(prefix="benchpipe-")
-    print(f"pipeline benchmark: {n} tasks per row, pyzmq {zmq.__version__}, "
-          f"libzmq {zmq.zmq_version()}")
+    print(f"pipeline benchmark: {n} tasks per row, median of {args.repeat}, "
+          f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
     print(f"{'size':>6} {'mode':<34} {'msgs/s':>12} {'x raw':>7}")
     try:
         for size in (100, 1024):
-            raw = bench_raw(n, size, tmp)
+            raw = statistics.median(bench_raw(n, size, tmp) for _ in range(args.repeat))
             print(f"{size:>6} {'raw pyzmq PUSH/PULL ipc':<34} {raw:>12,.0f} {1.0:>7.2f}",
                   flush=True)
             for workers in (1, 2):
-                r = bench_mesh(n, size, workers, tmp)
+                r = statistics.median(
+                    bench_mesh(n, size, workers, f"{tmp}/{rep}") for rep in range(args.repeat)
+                )
                 label = f"zeromesh pipeline, {workers} worker(s), acked"
                 print(f"{size:>6} {label:<34} {r:>12,.0f} {r / raw:>7.2f}", flush=True)
     finally:

@@ -2,8 +2,9 @@
 
 Three logs in the node's :class:`mesh.log.LogDirectory`:
 
-* ``<queue>.tasks``: one record per pushed task, ``msgpack [key, payload]``; the record offset
-  is the task id. Written by ``push()`` before it returns.
+* ``<queue>.tasks``: one record per pushed task, ``0x00 payload`` (no key) or
+  ``0x01 msgpack [key, payload]``; the record offset is the task id. Written by ``push()``
+  before it returns.
 * ``<queue>.journal``: the dispatcher's durable facts, one msgpack array per record:
   ``["D", [ids], [delivery numbers]]`` (written *before* the TASK frame is sent, so a poison
   task that kills its worker every time is still counted across producer restarts),
@@ -35,9 +36,17 @@ J_FAIL = "F"
 J_DEAD = "X"
 
 
+_BARE = b"\x00"
+_KEYED = 0x01
+
+
 def encode_task(key: Hashable | None, payload: bytes) -> bytes:
-    """The ``<queue>.tasks`` record of one task."""
-    return msgpack.packb([key, payload], use_bin_type=True)  # type: ignore[no-any-return]
+    """The ``<queue>.tasks`` record of one task: ``0x00 payload`` without a key (a concat:
+    msgpack per push cost 0.55 us, a third of the push path), ``0x01 msgpack[key, payload]``
+    with one."""
+    if key is None:
+        return _BARE + payload
+    return b"\x01" + msgpack.packb([key, payload], use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_task(buf: bytes) -> tuple[Any, bytes]:
@@ -46,8 +55,12 @@ def decode_task(buf: bytes) -> tuple[Any, bytes]:
     Raises:
         LogError: the record is not a task record.
     """
+    if buf[:1] == _BARE:
+        return None, buf[1:]
     try:
-        key, payload = msgpack.unpackb(buf, raw=False)
+        if buf[:1] != b"\x01":
+            raise ValueError(f"unknown task record tag {buf[:1]!r}")
+        key, payload = msgpack.unpackb(buf[1:], raw=False)
     except Exception as exc:
         raise LogError(f"not a pipeline task record: {exc}") from exc
     if not isinstance(payload, bytes):
