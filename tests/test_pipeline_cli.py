@@ -63,3 +63,21 @@ def test_dlq_cli_list_show_redrive_discard(tmp_path: Path,
     assert "already discarded" in capsys.readouterr().err
     assert main(["dlq", "show", str(tmp_path), queue, "99"]) == 1
     assert main(["dlq", "list", str(tmp_path), "no-such-queue"]) == 0
+
+
+def test_cli_redrive_while_producer_runs_is_fulfilled_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = unique("q")
+    make_dead_letters(tmp_path, queue, 1)
+    with Node(data_dir=tmp_path, mesh=unique("m"), interface="127.0.0.1", mdns=False) as node, \
+            WorkQueue(node, queue) as q, Worker(node, queue, credit=5) as w:
+        # The running producer holds <queue>.tasks: the CLI records a request instead.
+        assert main(["dlq", "redrive", str(tmp_path), queue, "0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == [{"offset": 0, "status": "redrive_requested"}]
+        task = wait_until(lambda: w.get(timeout=0.05), timeout=10, what="redriven task")
+        assert task.payload == b"job-0" and task.delivery == 1
+        task.ack()
+        w.flush()
+        wait_until(lambda: q.stats().get("acked") == 1, timeout=5, what="ack")
+        assert q.dlq.show(0).status == "redriven"

@@ -168,6 +168,7 @@ class DeadLetters:
         self.queue = queue
         self._push = push
         self.actor = actor
+        self._ops_seen = -1
         self.root.path_for(dlq_stream(queue))  # validates the name
 
     # -- reading --------------------------------------------------------------------------
@@ -282,8 +283,26 @@ class DeadLetters:
         e.status = REDRIVEN
         return e
 
+    def ops_count(self) -> int:
+        """How many operations were ever recorded (cheap: no record is decoded)."""
+        path = self.root.path_for(ops_stream(self.queue))
+        if not os.path.isdir(path):
+            return 0
+        log = Log.open(path, readonly=True)
+        try:
+            return log.next_offset
+        finally:
+            log.close()
+
     def fulfil_requests(self) -> int:
-        """(Producer side) push every ``redrive_requested`` entry; returns how many."""
+        """(Producer side) push every ``redrive_requested`` entry; returns how many.
+
+        Reads the DLQ only when new operations were recorded since the last call.
+        """
+        count = self.ops_count()
+        if count == self._ops_seen:
+            return 0
+        self._ops_seen = count
         n = 0
         for e in self._read_all():
             if e.status == REDRIVE_REQUESTED:
