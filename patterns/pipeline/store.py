@@ -9,7 +9,7 @@ Three logs in the node's :class:`mesh.log.LogDirectory`:
   ``["D", [ids], [delivery numbers]]`` (written *before* the TASK frame is sent, so a poison
   task that kills its worker every time is still counted across producer restarts),
   ``["A", [ids]]`` acked, ``["F", id, attempt-map]`` a failed attempt (for the DLQ history),
-  ``["X", id]`` dead-lettered.
+  ``["X", id]`` dead-lettered, ``["K", low, [owed ids]]`` a compaction snapshot.
 * ``<queue>.dlq``: the dead-letter stream (see :mod:`patterns.pipeline.dlq`).
 
 Recovery replays the journal and re-queues every task of ``<queue>.tasks`` that is neither
@@ -19,6 +19,7 @@ acked nor dead, with its delivery count and failure history.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ J_DISPATCH = "D"
 J_ACK = "A"
 J_FAIL = "F"
 J_DEAD = "X"
+J_SNAPSHOT = "K"
 
 
 _BARE = b"\x00"
@@ -92,31 +94,78 @@ class Recovered:
     dead: int = 0
 
 
+#: Journal records beyond which recovery rewrites the journal as a compact snapshot.
+COMPACT_AFTER = 1000
+
+
 class QueueStore:
     """Owns the ``<queue>.tasks`` and ``<queue>.journal`` logs of one producer.
+
+    The journal has generations: ``<queue>.journal`` (0), then ``<queue>.journal.<n>``; the
+    current one is named in ``<data_dir>/pipeline/<queue>.journal-gen`` (atomic rename). At
+    open, a journal longer than :data:`COMPACT_AFTER` records is rewritten as one ``K`` record
+    (``["K", low, [owed ids]]``: every id below ``low`` not listed is done) plus the delivery
+    counts and histories of the owed tasks, so recovery stays proportional to what is owed,
+    not to the queue's history.
 
     Raises:
         LogLocked: another process is the producer of this queue on this data directory.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], queue: str,
-                 fsync: FsyncPolicy | None = None) -> None:
+                 fsync: FsyncPolicy | None = None,
+                 compact_after: int = COMPACT_AFTER) -> None:
         self.queue = queue
         self.root = pipeline_root(data_dir)
-        cfg = LogConfig(fsync=fsync or FsyncPolicy.interval(10.0))
-        self.tasks: Log = self.root.open(f"{queue}.tasks", cfg)
+        self.compact_after = compact_after
+        self._cfg = LogConfig(fsync=fsync or FsyncPolicy.interval(10.0))
+        self.tasks: Log = self.root.open(f"{queue}.tasks", self._cfg)
+        self._gen_file = os.path.join(self.root.root, "pipeline", f"{queue}.journal-gen")
         try:
-            self.journal: Log = self.root.open(f"{queue}.journal", cfg)
+            self.gen = self._read_gen()
+            self.journal: Log = self.root.open(self._journal_name(self.gen), self._cfg)
         except BaseException:
             self.tasks.close()
             raise
 
+    def _journal_name(self, gen: int) -> str:
+        return f"{self.queue}.journal" if gen == 0 else f"{self.queue}.journal.{gen}"
+
+    def _read_gen(self) -> int:
+        try:
+            with open(self._gen_file, encoding="ascii") as f:
+                return int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise LogError(f"unreadable journal generation file {self._gen_file}: {exc}") from exc
+
+    def _write_gen(self, gen: int) -> None:
+        d = os.path.dirname(self._gen_file)
+        os.makedirs(d, exist_ok=True)
+        tmp = self._gen_file + ".tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(str(gen))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._gen_file)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def recover(self) -> Recovered:
-        """Replay the journal; return the tasks still owed, with delivery counts and history."""
+        """Replay the journal; return the tasks still owed, with delivery counts and history.
+
+        Compacts the journal first when it is longer than ``compact_after`` records.
+        """
         acked: set[int] = set()
         dead: set[int] = set()
         deliveries: dict[int, int] = {}
         history: dict[int, list[Attempt]] = {}
+        low = 0  # ids below low are done unless in owed_below
+        owed_below: set[int] = set()
         for rec in self.journal.iter(0):
             try:
                 j = msgpack.unpackb(rec.payload, raw=False)
@@ -131,13 +180,17 @@ class QueueStore:
                     history.setdefault(j[1], []).append(attempt_from(j[2]))
                 elif kind == J_DEAD:
                     dead.add(j[1])
+                elif kind == J_SNAPSHOT:
+                    low = int(j[1])
+                    owed_below = set(j[2])
             except Exception:
                 # A journal record we cannot read loses at most a count: the task stays owed.
                 continue
         out = Recovered(next_id=self.tasks.next_offset)
-        for rec in self.tasks.iter(0):
+        start = min(owed_below | {low})
+        for rec in self.tasks.iter(start):
             tid = rec.offset
-            if tid in acked:
+            if tid in acked or (tid < low and tid not in owed_below):
                 out.acked += 1
                 continue
             if tid in dead:
@@ -148,7 +201,40 @@ class QueueStore:
             except LogError:
                 continue
             out.tasks.append((tid, key, payload, deliveries.get(tid, 0), history.get(tid, [])))
+        if self.journal.next_offset > self.compact_after:
+            self._compact(out)
         return out
+
+    def _compact(self, rec: Recovered) -> None:
+        new_gen = self.gen + 1
+        name = self._journal_name(new_gen)
+        old_path = self.root.path_for(self._journal_name(self.gen))
+        new_path = self.root.path_for(name)
+        shutil.rmtree(new_path, ignore_errors=True)  # a half-written earlier attempt
+        new = self.root.open(name, self._cfg)
+        try:
+            owed = [t[0] for t in rec.tasks]
+            recs = [msgpack.packb([J_SNAPSHOT, rec.next_id, owed])]
+            counted = [(t[0], t[3]) for t in rec.tasks if t[3]]
+            if counted:
+                recs.append(msgpack.packb(
+                    [J_DISPATCH, [c[0] for c in counted], [c[1] for c in counted]]
+                ))
+            for t in rec.tasks:
+                for att in t[4]:
+                    recs.append(msgpack.packb([J_FAIL, t[0], att.to_dict()], use_bin_type=True))
+            new.append_many(recs)
+            new.flush()
+        except BaseException:
+            new.close()
+            raise
+        # The switch is the atomic rename of the generation file; the old journal is only
+        # deleted after it, so a crash at any point leaves one complete journal in use.
+        self._write_gen(new_gen)
+        self.journal.close()
+        self.journal = new
+        self.gen = new_gen
+        shutil.rmtree(old_path, ignore_errors=True)
 
     def close(self) -> None:
         """Close both logs (flushing them)."""
