@@ -36,6 +36,7 @@ import zmq
 from mesh import control
 from mesh.control import Hello
 from mesh.errors import (
+    AuthenticationFailed,
     ClosedError,
     ConfigError,
     PeerError,
@@ -54,6 +55,7 @@ from mesh.peers import (
     Presence,
 )
 from mesh.reactor import Reactor, Timer
+from mesh.security import NodeSecurity, SecureSocket, SecurityConfig
 from mesh.transport import (
     announce_addresses,
     choose_endpoint,
@@ -126,6 +128,8 @@ class NodeConfig:
         linger_ms: LINGER of every socket (how long close waits to deliver queued messages).
         max_message_bytes: MAXMSGSIZE of every socket, and the largest control body sent.
         hwm: send and receive high-water marks of every socket.
+        security: CURVE + ZAP + permissions on every socket (mesh.security); None (the
+            default) means plaintext.
     """
 
     data_dir: str | Path
@@ -140,6 +144,7 @@ class NodeConfig:
     linger_ms: int = 1000
     max_message_bytes: int = 4 << 20
     hwm: int = 10000
+    security: SecurityConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.mesh, str) or not 0 < len(self.mesh) <= 64:
@@ -279,7 +284,12 @@ class Node:
         self._out_scheduled = False
         self._counters: collections.Counter[str] = collections.Counter()
         self._discovery: Any = None
+        # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
+        # client in when no handler is there).
+        self.security: NodeSecurity | None = None
         try:
+            if config.security is not None:
+                self.security = NodeSecurity(config.security, self.data_dir, self.context)
             self.reactor.start()
             self.reactor.run_sync(self._setup)
         except BaseException:
@@ -354,6 +364,8 @@ class Node:
         for s in socks:
             if not s.closed:
                 s.close()
+        if self.security is not None:
+            self.security.close()
         self.context.term()
         for closer in list(self._iter_closers):
             closer()
@@ -373,7 +385,9 @@ class Node:
         if self._closed and not self.reactor.in_reactor_thread():
             raise ClosedError(f"node {self.name} is closed")
         try:
-            sock: zmq.Socket[Any] = self.context.socket(socket_type)
+            sock: zmq.Socket[Any] = self.context.socket(
+                socket_type, socket_class=SecureSocket if self.security is not None else None
+            )
         except zmq.ZMQError as exc:
             raise ClosedError(f"node {self.name}: cannot create a {role} socket: {exc}") from exc
         c = self.config
@@ -387,6 +401,8 @@ class Node:
             ivl = max(100, int(c.presence.heartbeat_s * 1000))
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl * 3, int(c.presence.evasive_s * 1000)))
+        if self.security is not None:
+            self.security.apply(sock)
         with self._sockets_lock:
             self._sockets = [s for s in self._sockets if not s.closed]
             self._sockets.append(sock)
@@ -407,6 +423,8 @@ class Node:
             ConfigError: the ipc directory or path is unusable.
         """
         endpoints: list[str] = []
+        if self.security is not None:
+            self._secure_bind(sock)
         try:
             if "tcp" in self.config.transports:
                 sock.bind(f"tcp://{self._bind_host}:*")
@@ -429,11 +447,42 @@ class Node:
             self._info_changed()
         return tuple(endpoints)
 
+    def _secure_bind(self, sock: zmq.Socket[Any]) -> None:
+        sec = self.security
+        assert sec is not None
+        sec.make_server(sock)
+        if not sec.config.monitor:
+            return
+        mon = sec.monitor_socket(sock)
+        with self._sockets_lock:
+            self._sockets.append(mon)
+
+        def on_monitor(m: zmq.Socket[Any]) -> None:
+            if not sec.on_monitor(m):
+                self.reactor.remove_reader(m)
+                m.close(linger=0)
+
+        if self.reactor.in_reactor_thread():
+            self.reactor.add_reader(mon, on_monitor)
+        else:
+            self.reactor.call_soon(self.reactor.add_reader, mon, on_monitor)
+
     def connect_endpoint(self, peer: PeerInfo, role: str) -> str | None:
-        """The endpoint of ``peer``'s ``role`` to connect to: ipc on the same host, else tcp."""
-        return choose_endpoint(
+        """The endpoint of ``peer``'s ``role`` to connect to: ipc on the same host, else tcp.
+
+        With security on, the key ``peer`` announced is recorded as the CURVE server key of
+        that endpoint (a node's sockets apply it in ``connect``), and a peer that announces no
+        key gets None: there is no plaintext fallback.
+        """
+        ep = choose_endpoint(
             peer.endpoints, role, peer.host == self.host, self.config.transports
         )
+        if ep is not None and self.security is not None:
+            if peer.public_key is None:
+                self.security.count("peer_without_key")
+                return None
+            self.security.remember(ep, peer.public_key)
+        return ep
 
     # --- self description ---------------------------------------------------------------------
 
@@ -449,6 +498,7 @@ class Node:
                     host=self.host,
                     endpoints=dict(self._endpoints),
                     offers={k: tuple(sorted(v)) for k, v in self._offers.items() if v},
+                    public_key=self.security.public_key if self.security is not None else None,
                 )
             return self._info
 
@@ -648,6 +698,8 @@ class Node:
         out["links"] = len(self._links)
         out["dials"] = len(self._dials)
         out["reactor_errors"] = self.reactor.errors
+        if self.security is not None:
+            out.update(self.security.stats())
         return out
 
     # --- discovery hook (any thread) ------------------------------------------------------------
@@ -712,8 +764,15 @@ class Node:
     def _new_link(self, endpoint: str, node_id: str | None, static: str | None) -> _Link:
         sock = self.socket(zmq.DEALER, "control-out")
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode("ascii"))
+        # A gossip dial knows only the id: a certificate names its key.
+        if (self.security is not None and node_id is not None
+                and self.security.server_key(endpoint) is None):
+            self.security.remember(endpoint, self.security.key_for_node(node_id))
         try:
             sock.connect(endpoint)
+        except AuthenticationFailed as exc:
+            sock.close(linger=0)
+            raise PeerError(str(exc)) from exc
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise PeerError(f"cannot connect to {endpoint}: {exc}") from exc
@@ -780,6 +839,9 @@ class Node:
     # --- receiving ------------------------------------------------------------------------------
 
     def _on_router(self, sock: zmq.Socket[Any]) -> None:
+        if self.security is not None:
+            self._on_router_secure(sock)
+            return
         for _ in range(_RECV_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -787,6 +849,57 @@ class Node:
                 break
             self._on_frames(frames)
         self._flush()
+
+    def _on_router_secure(self, sock: zmq.Socket[Any]) -> None:
+        # copy=False only here: it is what exposes the handshake's key (User-Id) per message.
+        for _ in range(_RECV_BATCH):
+            try:
+                zframes = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                uid = zframes[0].get("User-Id")
+                key: str | None = uid if isinstance(uid, str) else None
+            except zmq.ZMQError:
+                key = None
+            frames = [f.bytes for f in zframes]
+            if self._check_sender_key(frames, key):
+                self._on_frames(frames)
+        self._flush()
+
+    def _check_sender_key(self, frames: list[bytes], key: str | None) -> bool:
+        """The routing id (node id) a peer claims must belong to the key of its handshake."""
+        if key is None or len(frames) < 3:
+            self._bad("security_no_key", "control message without a CURVE key")
+            return False
+        try:
+            peer_id = frames[0].decode("ascii")
+        except UnicodeDecodeError:
+            return True  # _on_frames counts it
+        row = self._presence.get(peer_id)
+        if row is not None and row.info.public_key == key:
+            return True
+        # Unknown (or re-announcing) peer: only a HELLO announcing this very key may pass.
+        try:
+            messages = control.decode_frames(frames[1:])
+        except ProtocolError:
+            return True  # _on_frames counts it
+        for m in messages:
+            if m.kind != control.HELLO or m.error is not None:
+                continue
+            try:
+                hello = control.hello_from_wire(m.body)
+            except ProtocolError:
+                return True
+            if hello.info.public_key == key and hello.info.node_id == peer_id:
+                return True
+            self._bad("security_key_mismatch", "peer %s announces key %r but its handshake "
+                      "used %r", peer_id, hello.info.public_key, key)
+            return False
+        if row is not None:
+            self._bad("security_key_mismatch", "message for %s under another key %r", peer_id, key)
+            return False
+        return True  # _on_frames counts a message from an unknown sender
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 3:

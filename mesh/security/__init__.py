@@ -23,7 +23,7 @@ from mesh.errors import AuthenticationFailed, ConfigError
 from mesh.security.authority import TrustAnchor
 from mesh.security.keys import Keypair, is_z85_key, load_or_create_keypair
 from mesh.security.perms import PermissionTable
-from mesh.security.zap import TrustStore, ZapAuthenticator
+from mesh.security.zap import ZAP_DOMAIN, TrustStore, ZapAuthenticator
 
 __all__ = ["NodeSecurity", "SecureSocket", "SecurityConfig"]
 
@@ -155,7 +155,7 @@ class NodeSecurity:
         assert self.keypair.secret is not None
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keypair.public.encode("ascii"))
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode("ascii"))
-        sock.setsockopt(zmq.ZAP_DOMAIN, b"zeromesh")
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode("ascii"))
         if isinstance(sock, SecureSocket):
             sock._mesh_security = self
 

@@ -34,7 +34,10 @@ from mesh.errors import CertificateError, KeyFileError
 from mesh.security.authority import CERT_SUFFIX, CRL_NAME, Certificate, RevocationList, TrustAnchor
 from mesh.security.keys import load_public_keys
 
-__all__ = ["TrustStore", "ZapAuthenticator"]
+__all__ = ["ZAP_DOMAIN", "TrustStore", "ZapAuthenticator"]
+
+#: The ZAP domain of every mesh socket (a node's handler answers only this domain).
+ZAP_DOMAIN = "zeromesh"
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +193,7 @@ class ZapAuthenticator:
     def start(self) -> None:
         """Start the authenticator thread."""
         self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=self.store)
+        self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self.store)
 
     def stop(self) -> None:
         """Stop it (before the context terminates)."""
