@@ -198,12 +198,20 @@ class StreamTracker:
 
     def on_tick(self, now: float) -> Step:
         """Periodic: re-send an unanswered replay request, or start one that is due."""
+        return self._retry(now, force=False)
+
+    def on_peer_restart(self, now: float) -> Step:
+        """The publisher came back at a new address: an outstanding request probably went to
+        the dead incarnation, so re-send it now instead of after ``retry_s``."""
+        return self._retry(now, force=True)
+
+    def _retry(self, now: float, *, force: bool) -> Step:
         step = Step()
         if not self.replayable:
             return step
         ask = self._outstanding
         if ask is not None:
-            if now - self._sent_at >= self.retry_s:
+            if force or now - self._sent_at >= self.retry_s:
                 self.stats.replay_retries += 1
                 self._outstanding = None
                 step.ask = self._ask(now, ask.start if self.expected is None else self.expected,

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +147,18 @@ class _SubRouter:
         self.subs: dict[str, Subscriber] = {}
         self.bad = 0
         node.handle(frames.CTRL_REPLAY_DATA, self._on_data)
+        node.handle(frames.CTRL_OFFER, _registry.offer_handler(node))
+
+    def on_offer(self, peer_id: str, body: object) -> None:
+        """A publisher repeated its offers (``pubsub.offer``) when we joined it."""
+        try:
+            offer = frames.decode_offer(body)
+        except (ProtocolError, CodecError) as exc:
+            self.bad += 1
+            _log.warning("pubsub: bad offer from %s: %s", peer_id, exc)
+            return
+        for sub in list(self.subs.values()):
+            sub._on_offer(peer_id, offer)
 
     def _on_data(self, peer_id: str, body: object) -> None:
         sid = body.get("sid") if isinstance(body, dict) else None
@@ -247,6 +259,8 @@ class Subscriber:
         # Events handed out and not yet known to be processed (oldest first).
         self._handed: collections.deque[tuple[Key, int]] = collections.deque()
         self._connected: set[str] = set()
+        self._static = set(endpoints)
+        self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
         self._next_tick = 0.0
         self._next_commit = time.monotonic() + commit_interval_s
         self._store: StateStore | None = None
@@ -294,6 +308,16 @@ class Subscriber:
                 ev.peer):
             self._post(("peer", ev.peer))
 
+    def _on_offer(self, peer_id: str, offer: frames.Offer) -> None:
+        """Reactor thread: a publisher's own word on its streams and data endpoints."""
+        info = self.node.peers.get(peer_id)
+        if info is None:
+            return  # not (or no longer) in the peer table: its HELLO/JOINED will come
+        info = replace(info, endpoints={**info.endpoints, "pub": offer.endpoints},
+                       offers={**info.offers, "stream": offer.streams})
+        if self._offers_match(info):
+            self._post(("peer", info))
+
     def _count_bad_reply(self, exc: Exception) -> None:
         self._stats.bad_replies += 1
         if isinstance(exc, UnsupportedVersion):
@@ -329,15 +353,36 @@ class Subscriber:
         ep = self.node.connect_endpoint(peer, "pub")
         if ep is None:
             return
+        old = self._peer_eps.get(peer.node_id)
+        self._peer_eps[peer.node_id] = ep
         self._connect(ep)
+        moved = old is not None and old != ep
+        if old is not None and moved:
+            # Restarted (same id, new address), maybe without a LEFT in between: stop
+            # reconnecting to the dead address.
+            self._disconnect(old)
         now = time.monotonic()
         for stream in peer.offers.get("stream", ()):
             if self._matches(stream):
                 key = (peer.node_id, stream)
-                if key not in self._trackers:
+                entry = self._trackers.get(key)
+                if entry is None:
                     tracker = self._new_tracker(key, replayable=True)
                     self._trackers[key] = (0, tracker)
                     self._apply(key, tracker, tracker.start(now))
+                elif moved:
+                    # A replay request in flight went to the old incarnation: ask again now.
+                    self._apply(key, entry[1], entry[1].on_peer_restart(now))
+
+    def _disconnect(self, endpoint: str) -> None:
+        if endpoint in self._static or endpoint in self._peer_eps.values():
+            return
+        if endpoint in self._connected:
+            self._connected.discard(endpoint)
+            try:
+                self._sock.disconnect(endpoint)
+            except zmq.ZMQError as exc:
+                _log.info("pubsub: disconnect from %s: %s", endpoint, exc)
 
     def _new_tracker(self, key: Key, *, replayable: bool) -> StreamTracker:
         pos = self._positions.get(key)

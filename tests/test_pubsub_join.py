@@ -1,0 +1,106 @@
+"""Pub/sub wiring when peers join or restart: offers must reach subscribers whatever the timing.
+
+Regression for the flaky publisher-kill test: a publisher node whose stream offer is made after
+its HELLO went out but before the peer answered it never announced the offer to that peer (the
+node core sends UPDATE to live peers only), so the subscriber never connected.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import ProtocolError, UnsupportedVersion
+from mesh.node import Node
+from patterns.pubsub import frames
+from patterns.pubsub.gaps import StreamTracker
+from patterns.pubsub.publisher import Publisher
+from patterns.pubsub.subscriber import Start, Subscriber
+from tests.util import unique, wait_until
+
+
+def make_node(path: Path, mesh: str, peers: tuple[str, ...] = (),
+              transports: tuple[str, ...] = ("tcp", "ipc")) -> Node:
+    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
+                static_peers=peers, transports=transports)
+
+
+def ctrl(nd: Node) -> str:
+    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
+
+
+def test_offer_made_before_hello_answered_still_reaches_subscriber(tmp_path: Path) -> None:
+    mesh = unique("ps")
+    with make_node(tmp_path / "sub", mesh) as a, Subscriber(a, "j.s", start=Start.beginning()) as sub:
+        # Hold the subscriber node's reactor so the publisher's HELLO (sent while it offers
+        # nothing yet) is answered only after its Publisher offered the stream.
+        gate = threading.Event()
+        held = threading.Event()
+
+        def hold() -> None:
+            held.set()
+            gate.wait(5)
+
+        a.reactor.call_soon(hold)
+        assert held.wait(5)
+        with make_node(tmp_path / "pub", mesh, (ctrl(a),)) as b, Publisher(b, "j.s") as pub:
+            gate.set()
+            wait_until(lambda: a.id in {p.node_id for p in b.peers.list()}, 5,
+                       what="peering")
+            pub.publish_many(range(10), type="t")
+            got: list[int] = []
+            wait_until(lambda: got.extend(e.data for e in sub.recv_batch(timeout=0.05))
+                       or len(got) >= 10, 10, what="events from the late offer")
+            assert got == list(range(10))
+
+
+def test_publisher_restarted_with_new_endpoint_is_reconnected(tmp_path: Path) -> None:
+    mesh = unique("ps")
+    tcp = ("tcp",)  # tcp only: a restart gets a new port, so the SUB must follow it
+    with make_node(tmp_path / "sub", mesh, transports=tcp) as a, Subscriber(
+            a, "r.s", start=Start.beginning()) as sub:
+        pdir = tmp_path / "pub"
+        got: list[int] = []
+
+        def pull(n: int) -> bool:
+            got.extend(e.data for e in sub.recv_batch(timeout=0.05))
+            return len(got) >= n
+
+        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
+            first_ep = p.endpoints[0]
+            p.publish_many(range(5), type="t")
+            wait_until(lambda: pull(5), 10, what="first incarnation's events")
+        # Same data dir: same node id, new port. No wait for LEFT: it comes back at once.
+        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
+            assert p.endpoints[0] != first_ep
+            p.publish_many(range(5, 10), type="t")
+            wait_until(lambda: pull(10), 10, what="restarted publisher's events")
+            assert got == list(range(10))
+            # The dead endpoint was dropped; only the live one stays connected.
+            assert sub._connected == {p.endpoints[0]}
+
+
+def test_offer_body_roundtrip_and_bad_bodies_are_typed() -> None:
+    offer = frames.Offer(("a.b", "c"), ("tcp://127.0.0.1:5", "ipc:///tmp/x"))
+    assert frames.decode_offer(offer.to_body()) == offer
+    with pytest.raises(UnsupportedVersion):
+        frames.decode_offer({**offer.to_body(), "v": 9})
+    for bad in ({"v": 1, "streams": "a", "pub": []}, {"v": 1, "streams": [""], "pub": []},
+                {"v": 1, "streams": ["a"], "pub": ["udp://x"]}, {"v": 1, "streams": ["a"]},
+                {"v": 1, "streams": ["a"] * 10_001, "pub": []}, [1, 2]):
+        with pytest.raises(ProtocolError):
+            frames.decode_offer(bad)
+
+
+def test_peer_restart_resends_outstanding_request_at_once() -> None:
+    t = StreamTracker(0, retry_s=60.0)
+    ask = t.start(0.0).ask
+    assert ask is not None and t.on_tick(1.0).ask is None
+    again = t.on_peer_restart(1.0).ask
+    assert again is not None and again.req != ask.req and again.start == 0
+    assert t.stats.replay_retries == 1
+    # The reply to the request lost with the old incarnation is now stale.
+    assert t.on_replay(ask.req, 0, [b"x"], 1, 0, False, 1.1).deliver == []
+    assert t.on_replay(again.req, 0, [b"x"], 1, 0, False, 1.1).deliver == [(0, [b"x"])]
