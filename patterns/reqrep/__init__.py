@@ -2,6 +2,7 @@
 a reply cache so a retried request is never executed twice (zguide Pirate + Freelance)."""
 
 
+from patterns.reqrep.aio import AsyncClient
 from patterns.reqrep.call import CallConfig
 from patterns.reqrep.client import Client, ClientConfig, ClientStats
 from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
@@ -9,6 +10,7 @@ from patterns.reqrep.retry import Backoff
 from patterns.reqrep.service import Incoming, Service, ServiceConfig, ServiceStats
 
 __all__ = [
+    "AsyncClient",
 
     "Backoff",
     "CallConfig",

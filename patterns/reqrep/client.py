@@ -30,7 +30,16 @@ from patterns.reqrep.call import Call, CallConfig, Ping, Send
 from patterns.reqrep.retry import Backoff
 from patterns.reqrep.service import decode_body, encode_body, routing_id, service_role
 
-__all__ = ["Client", "ClientConfig", "ClientStats", "Responders", "Wire"]
+__all__ = [
+    "Client",
+    "ClientConfig",
+    "ClientStats",
+    "Responders",
+    "Wire",
+    "finish_call",
+    "prepare_call",
+    "stats_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +221,59 @@ def responder_of(rid: bytes) -> str:
     return rid.split(b"/", 1)[0].decode("ascii", "replace")
 
 
+def prepare_call(service: str, payload: Any, timeout: float | None, headers: dict[str, str] | None,
+                 correlationid: str | None, traceparent: str | None, request_id: str | None, *,
+                 config: ClientConfig, call_config: CallConfig, now: float,
+                 stats: collections.Counter[str]) -> tuple[Call, fr.Request]:
+    """Validate a request and build its :class:`Call` and frame template (both clients).
+
+    Raises:
+        ConfigError: bad timeout, service name, headers or payload.
+    """
+    t = config.timeout if timeout is None else timeout
+    if not isinstance(t, (int, float)) or not t > 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {t!r}")
+    if not isinstance(service, str) or not service:
+        raise ConfigError(f"service must be a non-empty string, got {service!r}")
+    h = dict(headers or {})
+    if correlationid is not None:
+        h["correlationid"] = correlationid
+    if traceparent is not None:
+        h["traceparent"] = traceparent
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
+        raise ConfigError("headers must map strings to strings")
+    fmt, body = encode_body(payload)
+    rid = request_id or uuid7()
+    stats["requests"] += 1
+    return Call(rid, service, float(t), now, call_config), fr.Request(rid, service, 0, 0, fmt, h,
+                                                                        body)
+
+
+def finish_call(call: Call, stats: collections.Counter[str]) -> Any:
+    """Count the outcome of a finished call; return the decoded reply or raise its error.
+
+    Raises:
+        MeshError: the call's error (RemoteError, NoResponders, RequestTimeout...).
+    """
+    stats["retries"] += max(0, call.attempts - 1)
+    stats["failovers"] += call.failovers
+    if call.error is not None:
+        stats[type(call.error).__name__] += 1
+        raise call.error
+    assert call.reply is not None
+    stats["replies"] += 1
+    return decode_body(call.reply.format, call.reply.body)
+
+
+def stats_of(s: collections.Counter[str]) -> ClientStats:
+    """The counters as a :class:`ClientStats`."""
+    return ClientStats(
+        requests=s["requests"], replies=s["replies"], remote_errors=s["RemoteError"],
+        timeouts=s["RequestTimeout"], no_responders=s["NoResponders"],
+        retries=s["retries"], failovers=s["failovers"], late_replies=s["late_replies"],
+        garbage=s["garbage"])
+
+
 class Client:
     """Calls services by name; usable from any number of threads.
 
@@ -273,44 +335,14 @@ class Client:
         """
         if self._closed:
             raise ClosedError("rpc client is closed")
-        call, req = self._prepare(service, payload, timeout, headers, correlationid,
-                                  traceparent, request_id)
+        call, req = prepare_call(service, payload, timeout, headers, correlationid,
+                                 traceparent, request_id, config=self.config,
+                                 call_config=self._call_cfg, now=self._clock(),
+                                 stats=self._stats)
         bal = self.responders.track(service)
         wire = self._wire()
         self._run(wire, bal, call, req)
-        return self._outcome(call)
-
-    def _prepare(self, service: str, payload: Any, timeout: float | None,
-                 headers: dict[str, str] | None, correlationid: str | None,
-                 traceparent: str | None, request_id: str | None) -> tuple[Call, fr.Request]:
-        t = self.config.timeout if timeout is None else timeout
-        if not isinstance(t, (int, float)) or not t > 0:
-            raise ConfigError(f"timeout must be a positive number of seconds, got {t!r}")
-        if not isinstance(service, str) or not service:
-            raise ConfigError(f"service must be a non-empty string, got {service!r}")
-        h = dict(headers or {})
-        if correlationid is not None:
-            h["correlationid"] = correlationid
-        if traceparent is not None:
-            h["traceparent"] = traceparent
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
-            raise ConfigError("headers must map strings to strings")
-        fmt, body = encode_body(payload)
-        rid = request_id or uuid7()
-        call = Call(rid, service, float(t), self._clock(), self._call_cfg)
-        self._stats["requests"] += 1
-        return call, fr.Request(rid, service, 0, 0, fmt, h, body)
-
-    def _outcome(self, call: Call) -> Any:
-        st = self._stats
-        st["retries"] += max(0, call.attempts - 1)
-        st["failovers"] += call.failovers
-        if call.error is not None:
-            st[type(call.error).__name__] += 1
-            raise call.error
-        assert call.reply is not None
-        st["replies"] += 1
-        return decode_body(call.reply.format, call.reply.body)
+        return finish_call(call, self._stats)
 
     def _act(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
              actions: list[Send | Ping]) -> None:
@@ -384,12 +416,7 @@ class Client:
 
     def stats(self) -> ClientStats:
         """A snapshot of the counters."""
-        s = self._stats
-        return ClientStats(
-            requests=s["requests"], replies=s["replies"], remote_errors=s["RemoteError"],
-            timeouts=s["RequestTimeout"], no_responders=s["NoResponders"],
-            retries=s["retries"], failovers=s["failovers"], late_replies=s["late_replies"],
-            garbage=s["garbage"])
+        return stats_of(self._stats)
 
     def close(self) -> None:
         """Close every socket of the client. Requests still running raise ClosedError soon

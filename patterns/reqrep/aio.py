@@ -1,0 +1,221 @@
+"""The asyncio twin of :class:`~patterns.reqrep.client.Client`: ``await aclient.request(...)``.
+
+One ROUTER per :class:`AsyncClient`, owned by its event loop's thread. The socket's FD is
+watched with ``loop.add_reader``; each wake-up drains every waiting message (ZeroMQ's FD is
+edge-triggered, so the drain runs until ``EVENTS`` shows nothing left) and resolves the futures
+of the calls they answer: one loop callback per batch, not one await per message. Many
+requests may be in flight at once; each is the same pure :class:`~patterns.reqrep.call.Call`
+as in the sync client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from mesh.errors import ClosedError, ProtocolError
+from patterns.reqrep import frames as fr
+from patterns.reqrep.call import Call, Ping, Send
+from patterns.reqrep.client import (
+    ClientConfig,
+    ClientStats,
+    Responders,
+    Wire,
+    finish_call,
+    prepare_call,
+    responder_of,
+    stats_of,
+)
+
+__all__ = ["AsyncClient"]
+
+
+@dataclass
+class _Pending:
+    call: Call
+    req: fr.Request
+    waker: asyncio.Future[None] | None = None
+
+
+class AsyncClient:
+    """Calls services by name from asyncio; create and use it on one event loop.
+
+    Args:
+        node: the mesh node.
+        config: settings; keyword arguments override its fields.
+    """
+
+    def __init__(self, node: Any, *, config: ClientConfig | None = None,
+                 **overrides: Any) -> None:
+        cfg = config or ClientConfig()
+        if overrides:
+            cfg = ClientConfig(**{**cfg.__dict__, **overrides})
+        self.node = node
+        self.config = cfg
+        self._call_cfg = cfg.call_config()
+        self._clock = time.monotonic
+        self.responders = Responders(node, cfg.silent_s, self._clock)
+        self._wire: Wire | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._stats: collections.Counter[str] = collections.Counter()
+        self._drain_scheduled = False
+        self._closed = False
+
+    def _start(self) -> Wire:
+        loop = asyncio.get_running_loop()
+        if self._wire is None:
+            self._loop = loop
+            self._wire = Wire(self.node, self.responders)
+            loop.add_reader(self._wire.sock.getsockopt(zmq.FD), self._drain)
+        elif loop is not self._loop:
+            raise ClosedError("an AsyncClient is bound to the event loop that first used it")
+        return self._wire
+
+    async def request(self, service: str, payload: Any, *, timeout: float | None = None,
+                      headers: dict[str, str] | None = None, correlationid: str | None = None,
+                      traceparent: str | None = None, request_id: str | None = None) -> Any:
+        """Call ``service``; the same arguments, result and errors as
+        :meth:`patterns.reqrep.client.Client.request`.
+
+        Raises:
+            RemoteError: the handler raised.
+            ServiceBusy: every responder refused for lack of capacity until the deadline.
+            NoResponders: no responder was found before the deadline.
+            RequestTimeout: no reply before the deadline.
+            ConfigError: bad timeout, payload or headers.
+            ClosedError: the client is closed.
+        """
+        if self._closed:
+            raise ClosedError("rpc client is closed")
+        call, req = prepare_call(service, payload, timeout, headers, correlationid,
+                                 traceparent, request_id, config=self.config,
+                                 call_config=self._call_cfg, now=self._clock(),
+                                 stats=self._stats)
+        bal = self.responders.track(service)
+        wire = self._start()
+        loop = asyncio.get_running_loop()
+        pend = self._pending[call.id] = _Pending(call, req)
+        try:
+            while True:
+                wire.sync()
+                now = self._clock()
+                with self.responders.lock:
+                    actions = call.step(now, bal)
+                if actions:
+                    self._act(wire, call, req, actions)
+                    continue
+                if call.done:
+                    break
+                if self._closed:
+                    raise ClosedError("rpc client closed during a request")
+                fut: asyncio.Future[None] = loop.create_future()
+                pend.waker = fut
+                delay = max(0.0, min(call.wake_at() - now, 0.05))
+                handle = loop.call_later(delay, _wake, fut)
+                try:
+                    await fut
+                finally:
+                    handle.cancel()
+                    pend.waker = None
+        finally:
+            del self._pending[call.id]
+        return finish_call(call, self._stats)
+
+    def _act(self, wire: Wire, call: Call, req: fr.Request, actions: list[Send | Ping]) -> None:
+        bal = self.responders.balancers[call.service]
+        for a in actions:
+            if not wire.send(call.service, call, a, req):
+                now = self._clock()
+                with self.responders.lock:
+                    if isinstance(a, Ping):
+                        bal.mark_silent(a.responder)
+                        call.on_silent(a.responder, now)
+                    else:
+                        call.on_send_failed(a.responder, now, bal)
+        # a send can consume the FD's edge: look for already-queued replies soon
+        if not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        wire = self._wire
+        if wire is None or self._closed:
+            return
+        sock = wire.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while True:
+                try:
+                    msg = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(wire, msg)
+
+    def _on_message(self, wire: Wire, msg: list[bytes]) -> None:
+        try:
+            m = fr.decode(msg[1:])
+        except ProtocolError:
+            self._stats["garbage"] += 1
+            return
+        responder = responder_of(msg[0])
+        if isinstance(m, fr.Reply | fr.Pong):
+            pend = self._pending.get(m.id if isinstance(m, fr.Reply) else m.request_id)
+            now = self._clock()
+            if pend is None:
+                if isinstance(m, fr.Reply):
+                    self._stats["late_replies"] += 1
+                return
+            call = pend.call
+            bal = self.responders.balancers[call.service]
+            resend: Send | None = None
+            with self.responders.lock:
+                if isinstance(m, fr.Reply):
+                    call.on_reply(responder, m, now, bal)
+                else:
+                    resend = call.on_pong(responder, m, now, bal)
+            if resend is not None:
+                self._act(wire, call, pend.req, [resend])
+            if call.done and pend.waker is not None:
+                _wake(pend.waker)
+        else:
+            self._stats["garbage"] += 1
+
+    def stats(self) -> ClientStats:
+        """A snapshot of the counters."""
+        return stats_of(self._stats)
+
+    async def aclose(self) -> None:
+        """Close the socket; calls in flight end with ClosedError within 50 ms."""
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket (call from the loop's thread). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.responders.close()
+        if self._wire is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._wire.sock.getsockopt(zmq.FD))
+            self._wire.close()
+        for pend in self._pending.values():
+            if pend.waker is not None:
+                _wake(pend.waker)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
