@@ -342,3 +342,25 @@ def test_role_name_and_push_validation(hub: Node) -> None:
     with pytest.raises(ClosedError):
         q.push(b"x")
     assert os.path.isdir(LogDirectory(hub.data_dir).path_for(f"{queue}.tasks"))
+
+
+def test_two_producers_and_two_workers_share_one_queue(
+    tmp_path: Path, hub: Node, mesh_name: str, children: list[subprocess.Popen[bytes]]
+) -> None:
+    queue = unique("q")
+    other = make_node(tmp_path / "p2", mesh_name, "p2", ctrl(hub))
+    try:
+        with WorkQueue(hub, queue) as q1, WorkQueue(other, queue) as q2:
+            for _ in range(2):
+                spawn_worker(children, tmp_path, mesh_name, ctrl(hub), queue, 10, "ack")
+            # Each worker finds both producers (the second one through gossip from the hub).
+            for q in (q1, q2):
+                wait_until(lambda q=q: q.stats().get("workers") == 2, timeout=10,  # type: ignore[misc]
+                           what="both workers registered")
+            q1.push_many([b"a"] * 300)
+            q2.push_many([b"b"] * 300)
+            q1.wait_idle(timeout=20)
+            q2.wait_idle(timeout=20)
+            assert q1.stats()["acked"] == 300 and q2.stats()["acked"] == 300
+    finally:
+        other.close()

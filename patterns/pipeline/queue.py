@@ -91,6 +91,7 @@ class WorkQueue:
             # The payload rides along in the dispatcher (opaque data) until ack / dead letter.
             self._dispatcher.restore(tid, key, deliveries, history, data=payload)
         self.recovered = len(rec.tasks)
+        self._pushed = self.recovered  # tasks handed to the dispatcher, for wait_idle
         self._router = node.socket(zmq.ROUTER, role_for(name))
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A worker reconnecting with the same identity (after a network blip) takes over.
@@ -122,6 +123,7 @@ class WorkQueue:
                 raise ClosedError(f"work queue {self.name} is closed")
             tid = self._store.tasks.append(rec)
             self._new.append((tid, key, payload))
+            self._pushed += 1
             self._wake_locked()
         return tid
 
@@ -144,6 +146,7 @@ class WorkQueue:
             if self._closed:
                 raise ClosedError(f"work queue {self.name} is closed")
             ids = self._store.tasks.append_many(recs)
+            self._pushed += len(ids)
             self._new.extend(zip(ids, [key] * len(ids), payloads, strict=True))
             self._wake_locked()
         return ids
@@ -168,10 +171,11 @@ class WorkQueue:
         """
         deadline = time.monotonic() + timeout
         while True:
-            s = self.stats()
             with self._lock:
-                fresh = bool(self._new)
-            if s.get("unacked", 1) == 0 and not fresh:
+                pushed = self._pushed
+            s = self.stats()
+            # "added" proves the snapshot is newer than every push made before this call.
+            if s.get("added", -1) >= pushed and s.get("unacked", 1) == 0:
                 return
             if time.monotonic() >= deadline:
                 raise MeshTimeout(f"queue {self.name}: {s.get('unacked')} tasks still owed")
@@ -218,7 +222,6 @@ class WorkQueue:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
         last_ops_check = 0.0
-        last_snap = 0.0
         try:
             while True:
                 d = self._dispatcher
@@ -235,9 +238,7 @@ class WorkQueue:
                 d.tick(now)
                 self._dispatch(now)
                 self._persist_effects()
-                if now - last_snap >= 0.1:
-                    last_snap = now
-                    self._snapshot()
+                self._snapshot()  # O(1): keeps stats() and wait_idle() current
                 if now - last_ops_check >= 1.0:
                     last_ops_check = now
                     try:
