@@ -21,6 +21,8 @@ def main() -> None:
     node = Node(data_dir=spec["data_dir"], name="bridge", mesh=spec["mesh"], mdns=False,
                 interface="127.0.0.1", static_peers=tuple(spec.get("peers", ())))
     bridge = Bridge(node, config_from_mapping(spec["bridge"])).start()
+    if not bridge.wait_connected(20):
+        raise SystemExit("broker not reachable")
     ctrl = next(e for e in node.info().endpoints["control"] if e.startswith("tcp://"))
     print(f"READY {node.id} {ctrl}", flush=True)
     sys.stdin.read()  # until the parent closes our stdin (or kills us)

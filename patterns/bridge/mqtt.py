@@ -80,6 +80,7 @@ class MqttClient:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         self._client = c
 
     # -- paho network thread ------------------------------------------------------------------
@@ -90,7 +91,16 @@ class MqttClient:
             _log.warning("mqtt: connection refused: %s", reason)
             return
         if self._inbound:
+            # Connected counts from the SUBACK: before it, inbound messages would be missed.
             client.subscribe([(t, 1) for t in self._inbound])
+        else:
+            self._connected.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reasons: Any,
+                      props: Any) -> None:
+        bad = [r for r in reasons or () if getattr(r, "is_failure", False)]
+        if bad:
+            _log.warning("mqtt: subscription refused: %s", bad)
         self._connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
