@@ -222,12 +222,14 @@ class WorkQueue:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
         last_ops_check = 0.0
+        last_snap = 0.0
+        dirty = False
         try:
             while True:
                 d = self._dispatcher
                 nd = d.next_deadline()
                 now = time.monotonic()
-                timeout = 100.0
+                timeout = 5.0 if dirty else 100.0
                 if nd is not None:
                     timeout = max(0.0, min(timeout, (nd - now) * 1000.0))
                 poller.poll(int(timeout))
@@ -238,7 +240,12 @@ class WorkQueue:
                 d.tick(now)
                 self._dispatch(now)
                 self._persist_effects()
-                self._snapshot()  # O(1): keeps stats() and wait_idle() current
+                if now - last_snap >= 0.005:  # stats() / wait_idle() stay within 5 ms
+                    last_snap = now
+                    self._snapshot()
+                    dirty = False
+                else:
+                    dirty = True
                 if now - last_ops_check >= 1.0:
                     last_ops_check = now
                     try:
