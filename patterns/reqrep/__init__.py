@@ -5,6 +5,7 @@ a reply cache so a retried request is never executed twice (zguide Pirate + Free
 from patterns.reqrep.aio import AsyncClient
 from patterns.reqrep.call import CallConfig
 from patterns.reqrep.client import Client, ClientConfig, ClientStats
+from patterns.reqrep.durable import DurableClient
 from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
 from patterns.reqrep.retry import Backoff
 from patterns.reqrep.service import Incoming, Service, ServiceConfig, ServiceStats
@@ -17,6 +18,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ClientStats",
+    "DurableClient",
     "Incoming",
     "NoResponders",
     "RemoteError",

@@ -28,6 +28,7 @@ from patterns.reqrep.cache import Lookup, ReplyCache
 
 __all__ = [
     "Incoming",
+    "RawBody",
     "Service",
     "ServiceConfig",
     "ServiceStats",
@@ -53,14 +54,24 @@ def routing_id(node_id: str, name: str) -> bytes:
     return f"{node_id}/{name}".encode()
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A body already encoded (format and bytes), sent as is (used by durable requests)."""
+
+    format: fr.Format
+    body: bytes
+
+
 def encode_body(value: Any) -> tuple[fr.Format, bytes]:
-    """Bytes travel untouched; anything else as msgpack.
+    """Bytes travel untouched; a :class:`RawBody` as it is; anything else as msgpack.
 
     Raises:
         ConfigError: the value cannot be packed with msgpack.
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         return fr.Format.BYTES, bytes(value)
+    if isinstance(value, RawBody):
+        return value.format, value.body
     try:
         return fr.Format.MSGPACK, msgpack.packb(value, use_bin_type=True)
     except Exception as exc:

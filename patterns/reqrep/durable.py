@@ -1,0 +1,193 @@
+"""Durable requests (the zguide's Titanic pattern), on the client node's own log.
+
+``submit()`` appends the request to a log in the client node's data directory, fsynced, and
+only then returns its id; a background thread sends it (same id every time) until a reply or a
+remote error comes back, and stores the outcome in a crash-safe state store. After a crash or
+restart, opening the same data directory finds every request without a stored outcome and
+sends it again. Responders deduplicate by request id within their cache window, so a request
+answered just before the crash is not executed again when its retry arrives in that window.
+
+Records in the log (msgpack map): ``id``, ``service``, ``format``, ``body``, ``headers``,
+``time_ns``. Outcomes (state namespace ``reqrep.titanic``): ``[ok: bool, format, body]`` or
+``[false, error type, error message]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from mesh.errors import ClosedError, ConfigError, MeshError
+from mesh.log import FsyncPolicy, Log, LogConfig
+from mesh.state import StateStore
+from mesh.uuid7 import uuid7
+from patterns.reqrep import frames as fr
+from patterns.reqrep.client import Client
+from patterns.reqrep.errors import RemoteError, RequestTimeout
+from patterns.reqrep.retry import Backoff
+from patterns.reqrep.service import RawBody, decode_body, encode_body
+
+__all__ = ["DurableClient"]
+
+log = logging.getLogger(__name__)
+_NS = "reqrep.titanic"
+
+
+class DurableClient:
+    """Requests that survive restarts of the caller.
+
+    Args:
+        node: the mesh node; its data directory holds ``reqrep/titanic`` (log + state).
+        attempt_timeout: deadline of each sending round, in seconds.
+        backoff: wait between rounds that found no responder (full jitter).
+
+    Raises:
+        LogLocked: another process has this node's request log open.
+    """
+
+    def __init__(self, node: Any, *, attempt_timeout: float = 2.0,
+                 backoff: Backoff | None = None) -> None:
+        root = Path(node.data_dir) / "reqrep"
+        root.mkdir(parents=True, exist_ok=True)
+        self._log = Log.open(root / "titanic", config=LogConfig(fsync=FsyncPolicy.always()))
+        self._state = StateStore(root / "titanic.state")
+        self._client = Client(node)
+        self._timeout = attempt_timeout
+        self._backoff = backoff or Backoff(0.05, 2.0)
+        self._cond = threading.Condition()
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._closed = False
+        self._recover()
+        self._thread = threading.Thread(target=self._run, name="rpc-titanic", daemon=True)
+        self._thread.start()
+
+    def _recover(self) -> None:
+        offset = self._log.first_offset or 0
+        while offset < self._log.next_offset:
+            records = self._log.read(offset, 1000)
+            if not records:
+                break
+            for rec in records:
+                try:
+                    item = msgpack.unpackb(rec.payload, raw=False)
+                    rid = item["id"]
+                except Exception:  # a record we cannot read is skipped, not fatal
+                    log.warning("titanic: unreadable record at offset %d", rec.offset)
+                    continue
+                if self._state.get(_NS, rid) is None:
+                    self._pending[rid] = item
+            offset = records[-1].offset + 1
+
+    def submit(self, service: str, payload: Any, *, headers: dict[str, str] | None = None
+               ) -> str:
+        """Store the request durably, then send it in the background; return its id.
+
+        Raises:
+            ConfigError: bad service name, headers or payload.
+            LogFull: the disk is full (nothing was stored).
+            ClosedError: the client is closed.
+        """
+        if self._closed:
+            raise ClosedError("durable client is closed")
+        if not isinstance(service, str) or not service:
+            raise ConfigError(f"service must be a non-empty string, got {service!r}")
+        fmt, body = encode_body(payload)
+        rid = uuid7()
+        item = {"id": rid, "service": service, "format": int(fmt), "body": body,
+                "headers": dict(headers or {}), "time_ns": time.time_ns()}
+        self._log.append(msgpack.packb(item, use_bin_type=True))  # fsync: policy "always"
+        with self._cond:
+            self._pending[rid] = item
+            self._cond.notify()
+        return rid
+
+    def pending(self) -> list[str]:
+        """Ids stored and not answered yet."""
+        with self._cond:
+            return list(self._pending)
+
+    def result(self, request_id: str, timeout: float = 0.0) -> Any:
+        """The reply of a submitted request, waiting up to ``timeout`` seconds for it.
+
+        Raises:
+            RemoteError: the handler raised.
+            RequestTimeout: not answered yet.
+            ConfigError: unknown request id.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                outcome = self._state.get(_NS, request_id)
+                if outcome is not None:
+                    break
+                if request_id not in self._pending:
+                    raise ConfigError(f"unknown durable request {request_id}")
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise RequestTimeout("(durable)", request_id, timeout, 0)
+                self._cond.wait(left)
+        if outcome[0]:
+            return decode_body(fr.Format(outcome[1]), outcome[2])
+        raise RemoteError(outcome[1], outcome[2])
+
+    def _run(self) -> None:
+        round_ = 0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = list(self._pending.values())
+            progress = False
+            for item in batch:
+                if self._is_closed():
+                    return
+                try:
+                    value = self._client.request(
+                        item["service"], RawBody(fr.Format(item["format"]), item["body"]), timeout=self._timeout,
+                        headers=item["headers"], request_id=item["id"])
+                    outcome: list[Any] = [True, *encode_body(value)]
+                    outcome[1] = int(outcome[1])
+                except RemoteError as exc:
+                    outcome = [False, exc.type, exc.message]
+                except MeshError as exc:  # no responder / timeout / closed: retry later
+                    log.debug("titanic: %s not answered yet: %s", item["id"], exc)
+                    continue
+                self._state.put(_NS, item["id"], outcome)
+                progress = True
+                with self._cond:
+                    self._pending.pop(item["id"], None)
+                    self._cond.notify_all()
+            round_ = 0 if progress else round_ + 1
+            with self._cond:
+                if self._pending and not self._closed:
+                    self._cond.wait(self._backoff.delay(round_))
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop sending (pending requests stay stored for the next open) and close files."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._client.close()
+        self._thread.join(self._timeout + 1)
+        self._log.close()
+        with contextlib.suppress(MeshError):
+            self._state.close()
+
+    def __enter__(self) -> DurableClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
