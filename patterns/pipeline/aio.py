@@ -17,6 +17,8 @@ from typing import Any
 
 import zmq
 
+from mesh.errors import ConfigError
+
 from .dispatch import DispatchConfig
 from .queue import WorkQueue
 from .worker import Task, TaskTerminated, Worker
@@ -70,6 +72,7 @@ class AsyncWorker:
     def __init__(self, node: Any, queue: str, *, credit: int = 10,
                  ready_interval: float = 0.5) -> None:
         self.sync = Worker(node, queue, credit=credit, ready_interval=ready_interval)
+        self._handler: Callable[[Task], Awaitable[object]] | None = None
 
     async def _readable(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -124,10 +127,24 @@ class AsyncWorker:
             if task is not None:
                 yield task
 
-    async def run(self, handler: Callable[[Task], Awaitable[object]], *,
+    def handler(
+        self, fn: Callable[[Task], Awaitable[object]]
+    ) -> Callable[[Task], Awaitable[object]]:
+        """Decorator: make the coroutine ``fn`` the handler :meth:`run` uses when given none."""
+        self._handler = fn
+        return fn
+
+    async def run(self, handler: Callable[[Task], Awaitable[object]] | None = None, *,
                   stop: asyncio.Event | None = None, max_tasks: int | None = None) -> int:
         """Process tasks with the coroutine ``handler`` (return = ACK, TaskTerminated = TERM,
-        other exception = NACK with the error kept). Returns the number handled."""
+        other exception = NACK with the error kept). Returns the number handled.
+
+        Raises:
+            ConfigError: no handler given nor registered.
+        """
+        handler = handler or self._handler
+        if handler is None:
+            raise ConfigError("no handler: pass one to run() or decorate it with @worker.handler")
         n = 0
         while not self.sync._closed and not (stop is not None and stop.is_set()):
             task = await self.get(timeout=0.1)

@@ -164,6 +164,7 @@ class Worker:
         self._last_ready = 0.0
         self._poller = zmq.Poller()
         self.bad_frames = 0
+        self._handler: Callable[[Task], object] | None = None
         self._unsub = node.on_peer(self._on_peer)
 
     # -------------------------------------------------------------- reactor thread
@@ -354,10 +355,22 @@ class Worker:
         if not task._done:
             task.ack()
 
-    def run(self, handler: Callable[[Task], object], *, stop: threading.Event | None = None,
-            max_tasks: int | None = None) -> int:
-        """Process tasks with ``handler`` until ``stop`` is set, ``max_tasks`` are done, or the
-        worker closes. Returns the number of tasks handled."""
+    def handler(self, fn: Callable[[Task], object]) -> Callable[[Task], object]:
+        """Decorator: make ``fn`` the handler :meth:`run` uses when given none."""
+        self._handler = fn
+        return fn
+
+    def run(self, handler: Callable[[Task], object] | None = None, *,
+            stop: threading.Event | None = None, max_tasks: int | None = None) -> int:
+        """Process tasks with ``handler`` (or the one set with :meth:`handler`) until ``stop``
+        is set, ``max_tasks`` are done, or the worker closes. Returns the number handled.
+
+        Raises:
+            ConfigError: no handler given nor registered.
+        """
+        handler = handler or self._handler
+        if handler is None:
+            raise ConfigError("no handler: pass one to run() or decorate it with @worker.handler")
         n = 0
         while not self._closed and not (stop is not None and stop.is_set()):
             task = self.get(timeout=0.1)
