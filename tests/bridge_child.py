@@ -17,7 +17,8 @@ def main() -> None:
     from patterns.bridge import Bridge
     from patterns.bridge.config import config_from_mapping
 
-    spec = json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
     node = Node(data_dir=spec["data_dir"], name="bridge", mesh=spec["mesh"], mdns=False,
                 interface="127.0.0.1", static_peers=tuple(spec.get("peers", ())))
     bridge = Bridge(node, config_from_mapping(spec["bridge"])).start()

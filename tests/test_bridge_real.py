@@ -221,7 +221,7 @@ def test_outbound_survives_broker_outage_in_order(kind: str, request: pytest.Fix
     try:
         with Publisher(publisher_node, stream) as pub, Bridge(bnode, cfg) as br:
             def publish(n: int) -> None:
-                for i in range(n):
+                for _ in range(n):
                     ev = Event(type="reading", source="t", data={"i": len(sent)})
                     pub.publish_event(ev)
                     sent.append(ev.id)
@@ -245,7 +245,7 @@ def test_outbound_survives_broker_outage_in_order(kind: str, request: pytest.Fix
                 except AssertionError:
                     have = set(coll.ids())
                     miss = [i for i, x in enumerate(sent) if x not in have]
-                    raise AssertionError(f"missing {len(miss)}: {miss[:5]}..{miss[-5:]} {br.stats()} {len(coll.ids())}")
+                    raise AssertionError(f"missing {len(miss)}: {miss[:5]}..{miss[-5:]} {br.stats()} {len(coll.ids())}") from None
                 got = first_seen([i for i in coll.ids() if i in set(sent)])
                 assert got == sent  # in order; duplicates (at least once) allowed
             else:

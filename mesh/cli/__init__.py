@@ -24,6 +24,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.peers_cmd",
     "mesh.cli.demo_cmd",
     "mesh.cli.dlq_cmd",
+    "mesh.cli.bridge_cmd",
     "mesh.cli.keys_cmd",
 )
 
