@@ -76,6 +76,7 @@ class WorkQueue:
         self._new: list[tuple[int, Hashable | None, bytes]] = []
         self._woken = False
         self._closed = False
+        self._failed: BaseException | None = None  # set if the I/O thread died
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         self._peer_events: list[PeerEvent] = []
@@ -121,6 +122,7 @@ class WorkQueue:
         with self._lock:
             if self._closed:
                 raise ClosedError(f"work queue {self.name} is closed")
+            self._check_alive()
             tid = self._store.tasks.append(rec)
             self._new.append((tid, key, payload))
             self._pushed += 1
@@ -145,11 +147,19 @@ class WorkQueue:
         with self._lock:
             if self._closed:
                 raise ClosedError(f"work queue {self.name} is closed")
+            self._check_alive()
             ids = self._store.tasks.append_many(recs)
             self._pushed += len(ids)
             self._new.extend(zip(ids, [key] * len(ids), payloads, strict=True))
             self._wake_locked()
         return ids
+
+    def _check_alive(self) -> None:
+        # A push the dead I/O thread would never dispatch must fail loudly, not queue silently.
+        if self._failed is not None:
+            raise ClosedError(
+                f"work queue {self.name}: its I/O thread failed: {self._failed!r}"
+            ) from self._failed
 
     def _wake_locked(self) -> None:
         if not self._woken:
@@ -252,8 +262,9 @@ class WorkQueue:
                         self.dlq.fulfil_requests()
                     except Exception:
                         log.exception("queue %s: DLQ redrive requests failed", self.name)
-        except Exception:
+        except Exception as exc:
             log.exception("queue %s: I/O thread crashed", self.name)
+            self._failed = exc
         finally:
             self._persist_effects()
             self._snapshot()
