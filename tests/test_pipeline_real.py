@@ -364,3 +364,63 @@ def test_two_producers_and_two_workers_share_one_queue(
             assert q1.stats()["acked"] == 300 and q2.stats()["acked"] == 300
     finally:
         other.close()
+
+
+def test_per_key_ordering_and_in_progress_over_tcp(
+    tmp_path: Path, hub: Node, mesh_name: str
+) -> None:
+    queue = unique("q")
+    # tcp only on the worker side: the same protocol over tcp instead of ipc.
+    nodes = [Node(data_dir=tmp_path / f"k{i}", name=f"k{i}", mesh=mesh_name,
+                  interface="127.0.0.1", mdns=False, presence=PRESENCE, transports=("tcp",),
+                  static_peers=(ctrl(hub),)) for i in range(2)]
+    order: dict[str, list[int]] = {"a": [], "b": []}
+    busy: dict[str, int] = {"a": 0, "b": 0}
+    overlaps = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def run(node: Node) -> None:
+        # Credit 1: a task buffered behind the long one would (rightly) time out meanwhile.
+        with Worker(node, queue, credit=1) as w:
+            while not stop.is_set():
+                task = w.get(timeout=0.05)
+                if task is None:
+                    continue
+                key = str(task.key)
+                with lock:
+                    busy[key] += 1
+                    if busy[key] > 1:
+                        overlaps.append(task.id)
+                    order[key].append(int(task.payload))
+                if int(task.payload) == 3:
+                    # Longer than ack_wait (0.5 s) in total, kept alive by in_progress.
+                    for _ in range(4):
+                        task.in_progress()
+                        stop.wait(0.2)  # simulated long work between heartbeats
+                with lock:
+                    busy[key] -= 1
+                task.ack()
+                w.flush()
+
+    try:
+        cfg = DispatchConfig(ack_wait=0.5, per_key_ordering=True)
+        with WorkQueue(hub, queue, config=cfg) as q:
+            ths = [threading.Thread(target=run, args=(nd,)) for nd in nodes]
+            for th in ths:
+                th.start()
+            wait_until(lambda: q.stats().get("workers") == 2, timeout=10, what="2 workers")
+            for i in range(60):
+                q.push(str(i).encode(), key="a" if i % 2 == 0 else "b")
+            q.wait_idle(timeout=20)
+            stop.set()
+            for th in ths:
+                th.join(5)
+            s = q.stats()
+            assert s["acked"] == 60 and s["timeouts"] == 0 and s["in_progress"] >= 4
+            assert order["a"] == list(range(0, 60, 2)) and order["b"] == list(range(1, 60, 2))
+            assert overlaps == []
+    finally:
+        stop.set()
+        for nd in nodes:
+            nd.close()
