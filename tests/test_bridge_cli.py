@@ -69,3 +69,10 @@ def test_mesh_bridge_process_forwards_and_stops(tmp_path: Path, mosquitto: Broke
             proc.wait()
         coll.close()
         node.close()
+
+
+def test_example_bridge_mqtt_runs(mosquitto: Broker) -> None:  # noqa: F811
+    r = subprocess.run([sys.executable, "examples/bridge_mqtt.py", "--port", str(mosquitto.port),
+                        "--count", "10"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "forwarded=10" in r.stdout
