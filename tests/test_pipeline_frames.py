@@ -107,3 +107,11 @@ def test_body_garbage_under_valid_header(body: bytes) -> None:
             f.decode([f.header(cmd), body])
         except ProtocolError:
             pass
+
+
+def test_pipeline_exports_are_sorted_and_importable() -> None:
+    import patterns.pipeline as pp
+
+    assert pp.__all__ == sorted(pp.__all__)
+    for name in pp.__all__:
+        assert getattr(pp, name) is not None
