@@ -15,6 +15,13 @@ timestamps, which stay within a few milliseconds of the truth.
 
 ``rand_b`` comes from a PRNG seeded from ``os.urandom`` and re-seeded in every forked child, so
 two processes (or a parent and its fork) never share a sequence. The ids are unique, not secret.
+It is drawn once per millisecond (and again after a counter overflow or a fork), not once per
+id: within one generator the (timestamp, counter) pair is already unique, and rand_b only has to
+keep two generators apart, which a per-millisecond draw does exactly as well (two generators
+collide only with the same timestamp, counter and 62 random bits either way). This lets the text
+form be built from two strings cached per millisecond plus a table lookup for the counter:
+0.25 µs per id instead of 1.5 µs with a fresh draw and a 5-field format each time
+(bench/bench_codec.py; :func:`uuid7_batch` amortises the lock and the clock read too).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 
 from mesh.errors import MalformedEvent
 
-__all__ = ["uuid7", "uuid7_int", "uuid7_time"]
+__all__ = ["uuid7", "uuid7_batch", "uuid7_int", "uuid7_time"]
 
 _VERSION_BITS = 0x7 << 76
 _VARIANT_BITS = 0b10 << 62
@@ -38,35 +45,58 @@ _lock = threading.Lock()
 _rng = random.Random(os.urandom(32))
 _last_ms = 0
 _counter = 0
+_rand_b = 0
+# Text pieces of the current millisecond: "tttttttt-tttt-7" and "-vrrr-rrrrrrrrrrrr".
+_prefix = ""
+_suffix = ""
+_HEX3 = tuple(f"{i:03x}" for i in range(_MAX_COUNTER + 1))
+_time_ns = time.time_ns
 
 
 def _reseed_after_fork() -> None:
-    # A forked child inherits the PRNG state: without a fresh seed it would repeat the parent's
-    # rand_b values. The lock may have been held by another thread at fork time: replace it.
+    # A forked child inherits the PRNG state and this millisecond's rand_b: without a fresh seed
+    # and a fresh draw it would repeat the parent's rand_b values. The lock may have been held
+    # by another thread at fork time: replace it.
     global _lock, _rng
     _lock = threading.Lock()
     _rng = random.Random(os.urandom(32))
+    _new_ms(_last_ms)
+
+
+def _new_ms(ms: int) -> None:
+    """Start millisecond ``ms``: draw its rand_b and cache its text pieces (under _lock)."""
+    global _last_ms, _rand_b, _prefix, _suffix
+    _last_ms = ms
+    _rand_b = _rng.getrandbits(62)
+    m = ms & 0xFFFF_FFFF_FFFF
+    low = _VARIANT_BITS | _rand_b
+    _prefix = "%08x-%04x-7" % (m >> 16, m & 0xFFFF)  # noqa: UP031
+    _suffix = "-%04x-%012x" % (low >> 48, low & 0xFFFF_FFFF_FFFF)  # noqa: UP031
 
 
 os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
+def _step(ms: int) -> None:
+    """Advance to the next id for a clock reading of ``ms`` (under _lock)."""
+    global _counter
+    if ms > _last_ms:
+        _new_ms(ms)
+        _counter = _rng.getrandbits(11)
+    else:
+        # Same millisecond, or the clock stepped back: count on from the last id.
+        _counter += 1
+        if _counter > _MAX_COUNTER:
+            _new_ms(_last_ms + 1)
+            _counter = 0
+
+
 def _next(now_ns: int | None) -> tuple[int, int, int]:
     """Return (unix_ts_ms, counter, rand_b) of the next id."""
-    global _last_ms, _counter
-    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    ms = (_time_ns() if now_ns is None else now_ns) // 1_000_000
     with _lock:
-        if ms > _last_ms:
-            _last_ms = ms
-            _counter = _rng.getrandbits(11)
-        else:
-            # Same millisecond, or the clock stepped back: count on from the last id.
-            _counter += 1
-            if _counter > _MAX_COUNTER:
-                _last_ms += 1
-                _counter = 0
-            ms = _last_ms
-        return ms & 0xFFFF_FFFF_FFFF, _counter, _rng.getrandbits(62)
+        _step(ms)
+        return _last_ms & 0xFFFF_FFFF_FFFF, _counter, _rand_b
 
 
 def uuid7_int(now_ns: int | None = None) -> int:
@@ -88,16 +118,31 @@ def uuid7(now_ns: int | None = None) -> str:
     Args:
         now_ns: the current time in nanoseconds since the Unix epoch, if already read.
     """
-    ms, counter, rand_b = _next(now_ns)
-    low = _VARIANT_BITS | rand_b
-    # %-formatting measured fastest here (0.74 µs against 1.1-1.3 µs for f-strings with slices).
-    return "%08x-%04x-%04x-%04x-%012x" % (  # noqa: UP031
-        ms >> 16,
-        ms & 0xFFFF,
-        0x7000 | counter,
-        low >> 48,
-        low & 0xFFFF_FFFF_FFFF,
-    )
+    ms = (_time_ns() if now_ns is None else now_ns) // 1_000_000
+    with _lock:
+        _step(ms)
+        return _prefix + _HEX3[_counter] + _suffix
+
+
+def uuid7_batch(n: int, now_ns: int | None = None) -> list[str]:
+    """Return ``n`` new UUIDv7s in canonical text form, in increasing order.
+
+    The same ids as ``n`` calls of :func:`uuid7` with one clock reading, for one lock
+    acquisition and one clock read.
+
+    Args:
+        n: how many ids.
+        now_ns: the current time in nanoseconds since the Unix epoch, if already read.
+    """
+    ms = (_time_ns() if now_ns is None else now_ns) // 1_000_000
+    out: list[str] = []
+    append = out.append
+    hex3 = _HEX3
+    with _lock:
+        for _ in range(n):
+            _step(ms)
+            append(_prefix + hex3[_counter] + _suffix)
+    return out
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
