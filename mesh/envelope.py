@@ -41,7 +41,7 @@ from typing import Any, Final, NoReturn
 import msgpack
 
 from mesh.errors import CodecError, EventTooLarge, MalformedEvent, UnsupportedVersion
-from mesh.uuid7 import uuid7, uuid7_time
+from mesh.uuid7 import uuid7, uuid7_batch, uuid7_time
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -55,6 +55,8 @@ __all__ = [
     "UnsupportedVersion",
     "decode",
     "encode",
+    "encode_new",
+    "encode_new_many",
     "from_cloudevent",
     "peek",
     "to_cloudevent",
@@ -586,6 +588,142 @@ def encode(ev: Event, max_size: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
     if len(buf) > max_size:
         raise EventTooLarge(len(buf), max_size)
     return buf
+
+
+def _pack(arr: list[Any], max_size: int) -> bytes:
+    try:
+        packer = _tls.packer
+    except AttributeError:
+        packer = _packer()
+    try:
+        buf: bytes = packer.pack(arr)
+    except (ValueError, TypeError, OverflowError) as exc:
+        _packer()
+        raise MalformedEvent(f"event cannot be encoded: {exc}") from exc
+    if len(buf) > max_size:
+        raise EventTooLarge(len(buf), max_size)
+    return buf
+
+
+def _check_new(type: Any, source: Any, stream: object, seq: object) -> tuple[str, str]:
+    """Validate the fields every new event has; returns (type, source) as plain str."""
+    if type.__class__ is not str or not type:
+        type = _req_str("type", type)
+    if source.__class__ is not str or not source:
+        source = _req_str("source", source)
+    if stream.__class__ is not str:
+        _bad("stream", f"must be a plain str, got {stream.__class__.__name__}")
+    if seq.__class__ is not int or not 0 <= seq <= _INT_MAX:
+        _bad("seq", f"must be an int in 0..2**64-1, got {seq!r}")
+    return type, source
+
+
+def encode_new(
+    *,
+    type: str,
+    source: str,
+    stream: str,
+    seq: int,
+    data: Any = None,
+    subject: str | None = None,
+    datacontenttype: str | None = None,
+    correlationid: str | None = None,
+    causationid: str | None = None,
+    traceparent: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    max_size: int = DEFAULT_MAX_EVENT_BYTES,
+) -> bytes:
+    """Encode a new event (fresh id, time now) straight from its fields, without an Event.
+
+    The same bytes as ``encode(Event(type=..., ..., stream=stream, seq=seq), max_size)`` would
+    give for the same id and time, with the same validation of every field, at a fraction of
+    the cost: a publisher that only sends the event never needs the object (measured in
+    bench/bench_codec.py).
+
+    Raises:
+        MalformedEvent: a field has the wrong type or value (``field`` names it).
+        EventTooLarge: the encoding exceeds ``max_size``.
+    """
+    type, source = _check_new(type, source, stream, seq)
+    if data.__class__ is bytes:
+        if len(data) > max_size:
+            raise EventTooLarge(len(data), max_size)
+    else:
+        data = _value("data", data, 0)
+    if subject is not None and subject.__class__ is not str:
+        subject = _opt_str("subject", subject)
+    if datacontenttype is not None and datacontenttype.__class__ is not str:
+        datacontenttype = _opt_str("datacontenttype", datacontenttype)
+    if correlationid is not None and correlationid.__class__ is not str:
+        correlationid = _opt_str("correlationid", correlationid)
+    if causationid is not None and causationid.__class__ is not str:
+        causationid = _opt_str("causationid", causationid)
+    if traceparent is not None and traceparent.__class__ is not str:
+        traceparent = _opt_str("traceparent", traceparent)
+    now_ns = _time_ns()
+    return _pack(
+        [1, 0, stream, seq, uuid7(now_ns), now_ns // 1000, type, source, subject,
+         datacontenttype, correlationid, causationid, traceparent,
+         {} if headers is None else _headers(headers), data],
+        max_size,
+    )  # fmt: skip
+
+
+def encode_new_many(
+    items: list[Any],
+    *,
+    type: str,
+    source: str,
+    stream: str,
+    first_seq: int,
+    subject: str | None = None,
+    max_size: int = DEFAULT_MAX_EVENT_BYTES,
+) -> list[bytes]:
+    """Encode new events with payloads ``items`` and seqs ``first_seq``, ``first_seq + 1``...
+
+    As :func:`encode_new` for each item, with one clock reading for the whole batch (every
+    event gets the same time; ids still increase) and the shared fields checked once.
+
+    Raises:
+        MalformedEvent: a field or a payload is invalid (nothing is returned).
+        EventTooLarge: an encoding exceeds ``max_size``.
+    """
+    n = len(items)
+    type, source = _check_new(type, source, stream, first_seq)
+    _check_new(type, source, stream, first_seq + n)
+    if subject is not None and subject.__class__ is not str:
+        subject = _opt_str("subject", subject)
+    now_ns = _time_ns()
+    t_us = now_ns // 1000
+    ids = uuid7_batch(n, now_ns)
+    try:
+        packer = _tls.packer
+    except AttributeError:
+        packer = _packer()
+    pack = packer.pack
+    out: list[bytes] = []
+    append = out.append
+    arr: list[Any] = [1, 0, stream, 0, "", t_us, type, source, subject, None, None, None, None,
+                      {}, None]
+    seq = first_seq
+    for i, data in enumerate(items):
+        if data.__class__ is bytes:
+            if len(data) > max_size:
+                raise EventTooLarge(len(data), max_size)
+        else:
+            data = _value("data", data, 0)
+        arr[3] = seq + i
+        arr[4] = ids[i]
+        arr[14] = data
+        try:
+            buf = pack(arr)
+        except (ValueError, TypeError, OverflowError) as exc:
+            _packer()
+            raise MalformedEvent(f"event cannot be encoded: {exc}") from exc
+        if len(buf) > max_size:
+            raise EventTooLarge(len(buf), max_size)
+        append(buf)
+    return out
 
 
 def _wrong(field: str, value: object) -> NoReturn:
