@@ -91,6 +91,13 @@ def encode_data(topic: bytes, publisher: bytes, epoch: int, first_seq: int,
     return [topic, head, *envelopes]
 
 
+def data_header(publisher: bytes, epoch: int, first_seq: int, count: int,
+                durable: bool) -> bytes:
+    """Frame 1 of a DATA message (the publisher sends the frames itself, one call each)."""
+    return HEADER.pack(VERSION, KIND_DATA, FLAG_DURABLE if durable else 0, publisher, epoch,
+                       first_seq, count)
+
+
 def encode_heartbeat(topic: bytes, publisher: bytes, epoch: int, head: int,
                      durable: bool) -> list[bytes]:
     """The frames of one HEARTBEAT message announcing ``head`` (the next seq to be assigned)."""
