@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
 
@@ -46,9 +46,11 @@ MAX_OFFER_STREAMS = 10_000
 MAX_OFFER_ENDPOINTS = 16
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     """A decoded data/heartbeat header.
+
+    A NamedTuple rather than a frozen dataclass: one is built per received message, and a
+    tuple is built in one step where a frozen dataclass pays an ``object.__setattr__`` per field.
 
     Attributes:
         kind: :data:`KIND_DATA` or :data:`KIND_HEARTBEAT`.
@@ -65,7 +67,15 @@ class Header:
     publisher: str
     epoch: int
     seq: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count(), never called on a header
+
+
+# Decoded topic and publisher-id strings by their raw bytes: a subscriber hears few distinct
+# publishers and streams, and decoding them per message is measurable. Bounded: cleared when
+# it grows past _CACHE_MAX (garbage topics cannot grow it without limit).
+_CACHE_MAX = 4096
+_topics: dict[bytes, str] = {}
+_pubs: dict[bytes, str] = {}
 
 
 def node_id_bytes(node_id: str) -> bytes:
@@ -129,10 +139,15 @@ def decode_message(frames: list[bytes], *, max_event_size: int,
     version, kind, flags, pub, epoch, seq, count = HEADER.unpack(head)
     if version != VERSION:
         raise UnsupportedVersion(version, SUPPORTED)
-    try:
-        stream = topic.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError("topic is not UTF-8") from exc
+    stream = _topics.get(topic)
+    if stream is None:
+        try:
+            stream = topic.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("topic is not UTF-8") from exc
+        if len(_topics) >= _CACHE_MAX:
+            _topics.clear()
+        _topics[topic] = stream
     body = frames[2:]
     if kind == KIND_DATA:
         if count != len(body) or count == 0:
@@ -149,7 +164,12 @@ def decode_message(frames: list[bytes], *, max_event_size: int,
         raise ProtocolError(f"unknown pub/sub frame kind {kind}")
     if flags & ~FLAG_DURABLE:
         raise ProtocolError(f"unknown flags {flags:#x}")
-    return stream, Header(kind, bool(flags & FLAG_DURABLE), pub.hex(), epoch, seq, count), body
+    pub_id = _pubs.get(pub)
+    if pub_id is None:
+        if len(_pubs) >= _CACHE_MAX:
+            _pubs.clear()
+        pub_id = _pubs[pub] = pub.hex()
+    return stream, Header(kind, flags == FLAG_DURABLE, pub_id, epoch, seq, count), body
 
 
 # --- control bodies --------------------------------------------------------------------------
