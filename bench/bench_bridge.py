@@ -43,7 +43,7 @@ def _wait(cond: Any, timeout: float) -> None:
         time.sleep(0.002)
 
 
-def ceiling_mqtt(port: int, n: int, window: int = 1000) -> float:
+def ceiling_mqtt(port: int, n: int, chunk_size: int, window: int = 1000) -> float:
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -59,18 +59,24 @@ def ceiling_mqtt(port: int, n: int, window: int = 1000) -> float:
     c.max_queued_messages_set(0)
     c.connect("127.0.0.1", port)
     c.loop_start()
-    t0 = time.monotonic()
-    infos = []
-    for m in msgs:
-        p = Properties(PacketTypes.PUBLISH)
-        p.UserProperty = list(m.attrs)
-        infos.append(c.publish(m.topic, m.payload, qos=1, properties=p))
-    for i in infos:
-        i.wait_for_publish(60)
-    dt = time.monotonic() - t0
+    # paho slows down with tens of thousands of messages queued at once, so the client is
+    # given `chunk` messages at a time (each chunk acked before the next, like the bridge),
+    # and the better of that and all-at-once is the ceiling.
+    best = 0.0
+    for chunk in (n, chunk_size):
+        t0 = time.monotonic()
+        for s in range(0, n, chunk):
+            infos = []
+            for m in msgs[s:s + chunk]:
+                p = Properties(PacketTypes.PUBLISH)
+                p.UserProperty = list(m.attrs)
+                infos.append(c.publish(m.topic, m.payload, qos=1, properties=p))
+            for i in infos:
+                i.wait_for_publish(60)
+        best = max(best, n / (time.monotonic() - t0))
     c.disconnect()
     c.loop_stop()
-    return n / dt
+    return best
 
 
 def ceiling_nats(port: int, n: int, batch: int) -> float:
@@ -165,7 +171,7 @@ def main() -> None:
         for kind, starter in (("mqtt", start_mosquitto), ("nats", start_nats)):
             broker = starter(root / kind)
             try:
-                ceil = (ceiling_mqtt(broker.port, n) if kind == "mqtt"
+                ceil = (ceiling_mqtt(broker.port, n, args.batch) if kind == "mqtt"
                         else ceiling_nats(broker.port, n, args.batch))
                 live, _ = bridge_run(kind, broker, root, n, args.batch, outage=False)
                 back, rec = bridge_run(kind, broker, root, n, args.batch, outage=True)

@@ -152,6 +152,10 @@ class Bridge:
         if self._started:
             return self
         self._started = True
+        # A node role: peers (and `mesh peers`) see which node bridges to which broker.
+        offer = getattr(self.node, "offer", None)
+        if offer is not None:
+            offer("service", f"bridge.{self.config.name}")
         self.client.start([r.remote for r in self._in_routes],
                           self._on_inbound if self._in_routes else None)
         for i, route in enumerate(self._out_routes):
@@ -174,6 +178,12 @@ class Bridge:
         for t in self._threads:
             t.join(15)
         self.client.close()
+        withdraw = getattr(self.node, "withdraw", None)
+        if withdraw is not None and self._started:
+            try:
+                withdraw("service", f"bridge.{self.config.name}")
+            except MeshError as exc:  # the node may already be closing
+                _log.debug("bridge %s: withdraw: %s", self.config.name, exc)
         with self._lock:
             for p in self._publishers.values():
                 p.close()
