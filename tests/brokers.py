@@ -85,17 +85,51 @@ class Broker:
         return self.proc is not None and self.proc.poll() is None
 
 
-def start_mosquitto(workdir: Path) -> Broker:
-    """A mosquitto with persistence (sessions and queued QoS 1 messages survive a restart)."""
+def make_tls(workdir: Path) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI): file paths."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = workdir / "tls"
+    d.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for argv in (
+        ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+         "-subj", "/CN=zeromesh test CA"],
+        ["req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "srv.pem", "-days", "1", "-extfile", str(ext)],
+    ):
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True)
+    return {"ca": str(d / "ca.pem"), "cert": str(d / "srv.pem"), "key": str(d / "srv.key")}
+
+
+def start_mosquitto(workdir: Path, *, tls: dict[str, str] | None = None,
+                    user: tuple[str, str] | None = None) -> Broker:
+    """A mosquitto with persistence (sessions and queued QoS 1 messages survive a restart),
+    optionally TLS only and/or a user/password (anonymous refused)."""
     if MOSQUITTO is None:
         pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
     port = free_port()
     data = workdir / "mosq"
     data.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
+    extra = ""
+    if tls is not None:
+        extra += f"cafile {tls['ca']}\ncertfile {tls['cert']}\nkeyfile {tls['key']}\n"
+    if user is not None:
+        pwfile = workdir / "passwd"
+        subprocess.run([shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", "-c",
+                        str(pwfile), *user], check=True, capture_output=True)
+        extra += f"password_file {pwfile}\n"
+    if os.geteuid() == 0:
+        # Started as root, mosquitto drops to the "mosquitto" user, which cannot read the
+        # test's 0700 temp dirs (persistence, password file): keep it as root.
+        extra += "user root\n"
     conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
+        f"listener {port} 127.0.0.1\n" + extra +
+        f"allow_anonymous {'false' if user else 'true'}\n"
         "persistence true\n"
         f"persistence_location {data}/\n"
         "autosave_interval 1\n"
@@ -108,15 +142,20 @@ def start_mosquitto(workdir: Path) -> Broker:
     return b
 
 
-def start_nats(workdir: Path) -> Broker:
-    """A nats-server with JetStream, its store in ``workdir``."""
+def start_nats(workdir: Path, *, tls: dict[str, str] | None = None,
+               user: tuple[str, str] | None = None) -> Broker:
+    """A nats-server with JetStream, its store in ``workdir``; optionally TLS and a user."""
     if NATS_SERVER is None:
         pytest.skip("nats-server is not installed (apt-get install -y nats-server)")
     port = free_port()
     store = workdir / "js"
     store.mkdir(parents=True, exist_ok=True)
-    b = Broker([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-               port, workdir, "nats")
+    argv = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    if tls is not None:
+        argv += ["--tls", "--tlscert", tls["cert"], "--tlskey", tls["key"]]
+    if user is not None:
+        argv += ["--user", user[0], "--pass", user[1]]
+    b = Broker(argv, port, workdir, "nats")
     b.start()
     return b
 
