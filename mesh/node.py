@@ -1172,7 +1172,11 @@ class Node:
         for node_id in tick.ping:
             link = self._links.get(node_id)
             if link is not None:
-                self._enqueue(link, control.PING, ping)
+                # An evasive peer gets HELLO, not PING: if it restarted with the same id (and
+                # our DEALER silently reconnected to the new process), it never heard our
+                # HELLO and drops PINGs as from an unknown sender; a HELLO re-introduces us
+                # and its reply brings its new info back. A live peer just answers it.
+                self._send_hello(link)
         for node_id, link in self._links.items():
             # Keepalive: a peer that hears from us every heartbeat never turns evasive.
             if node_id not in pinged and now - link.last_sent >= hb * 0.9:
@@ -1210,9 +1214,11 @@ class Node:
     def _announce_update(self) -> None:
         body = control.hello_to_wire(Hello(self.info()))
         raw = control.encode_body(body, self.config.max_message_bytes)
-        for node_id, link in self._links.items():
-            if self._presence.is_live(node_id):
-                self._enqueue(link, control.UPDATE, raw)
+        # Every link and pending dial, live or not: a HELLO that left before this change
+        # carried the old info, and the UPDATE follows it on the same connection (a peer that
+        # was not live yet would otherwise keep the old offers for good).
+        for dial in (*self._links.values(), *self._dials.values()):
+            self._enqueue(dial, control.UPDATE, raw)
         self._flush()
 
     def _emit(self, events: list[PeerEvent]) -> None:

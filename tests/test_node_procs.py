@@ -170,3 +170,57 @@ def test_sigkill_is_gone_within_bound_and_restart_rejoins(
     a.handle("test.msg", lambda p, body: got.append(body))
     a.send(b_id, "test.echo", "back")
     wait_until(lambda: got == ["back"], 10)
+
+
+def test_restart_inside_gone_interval_is_reintroduced(tmp_path: Path) -> None:
+    """A peer SIGKILLed and restarted (same id, same ipc path) before it is marked gone: our
+    DEALER reconnects to the new process silently, which never heard our HELLO. The node must
+    re-introduce itself (HELLO to an evasive peer) instead of pinging a stranger forever."""
+    mesh = unique("mesh")
+    long_gone = PresenceConfig(heartbeat_s=HB, evasive_s=EVASIVE, gone_s=60.0)
+    cfg = dict(data_dir=str(tmp_path / "b"), name="b", mesh=mesh, interface="127.0.0.1",
+               presence=[HB, EVASIVE, 60.0])
+    b = Child(dict(cfg))
+    b2: Child | None = None
+    ipc = next(e for e in b.endpoints["control"] if e.startswith("ipc://"))
+    a = Node(data_dir=tmp_path / "a", name="a", mesh=mesh, interface="127.0.0.1", mdns=False,
+             presence=long_gone, static_peers=(ipc,))
+    try:
+        wait_until(lambda: a.peers.state(b.id) is PeerState.JOINED, 10)
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(5)
+        b2 = Child(dict(cfg))  # no static peers: only our side can re-introduce us
+        assert b2.id == b.id
+        assert a.peers.state(b.id) is not PeerState.GONE  # still inside the gone interval
+        b2.wait(lambda e: e["event"] == "joined" and e["peer"] == a.id, 10)
+        got: list[Any] = []
+        a.handle("test.msg", lambda p, body: got.append(body))
+        wait_until(lambda: a.peers.state(b.id) is PeerState.JOINED, 10)
+        a.send(b.id, "test.echo", "again")
+        wait_until(lambda: got == ["again"], 10)
+    finally:
+        a.close()
+        b.stop()
+        if b2 is not None:
+            b2.stop()
+
+
+def test_offer_made_before_the_first_peer_is_live_reaches_it(tmp_path: Path) -> None:
+    """offer() right after start, while the HELLO to a static peer is still in flight."""
+    mesh = unique("mesh")
+    hub = Node(data_dir=tmp_path / "hub", name="hub", mesh=mesh, interface="127.0.0.1",
+               mdns=False, presence=FAST)
+    try:
+        for i in range(5):
+            n = Node(data_dir=tmp_path / f"n{i}", name=f"n{i}", mesh=mesh,
+                     interface="127.0.0.1", mdns=False, presence=FAST,
+                     static_peers=(tcp(hub),))
+            try:
+                n.offer("service", f"svc{i}")
+                name, nid = f"svc{i}", n.id
+                wait_until(lambda name=name, nid=nid: [
+                    p.node_id for p in hub.who_offers("service", name)] == [nid], 5)
+            finally:
+                n.close()
+    finally:
+        hub.close()
