@@ -52,7 +52,8 @@ def test_slow_subscriber_tiny_hwm_drops_on_wire_then_replays_all(
         pair: tuple[Node, Node]) -> None:
     a, b = pair
     stream = unique("slow")
-    with Publisher(a, stream, sndhwm=5) as pub, Subscriber(
+    # linger_s=0: one message per event, so the tiny HWMs really drop messages on the wire.
+    with Publisher(a, stream, sndhwm=5, linger_s=0) as pub, Subscriber(
             b, stream, start=Start.new(), rcvhwm=5, max_buffer=100) as sub:
         wait_until(lambda: b.id in {p.node_id for p in a.peers.list()}, 5)
         # Connected once one event got through (the slow joiner may miss the first ones).
