@@ -342,7 +342,11 @@ def test_inbound_acked_after_append_redelivered_after_kill(
                 return set(payloads) <= set(got)
 
             wait_until(all_in, 30, what="every command in the mesh")
-            assert first_seen(got) == payloads  # type: ignore[arg-type]
+            # Every command arrived, none lost. Order is kept for what was acked before the
+            # kill; the redelivered tail comes in the broker's redelivery order (JetStream
+            # redelivers by ack timer, not necessarily in sequence).
+            assert first_seen(got)[:2] == payloads[:2]  # type: ignore[index]
+            assert sorted(set(got)) == payloads
             assert all(isinstance(g, bytes) for g in got)
     finally:
         child.stop()

@@ -13,6 +13,7 @@ mesh log; what is not acked within ``ack_wait`` is redelivered by the server.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -73,6 +74,7 @@ class NatsClient:
         self._ready = threading.Event()
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._connector: concurrent.futures.Future[None] | None = None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -199,6 +201,8 @@ class NatsClient:
         return done
 
     async def _shutdown(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()  # still retrying an unreachable server
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -222,7 +226,8 @@ class NatsClient:
     def start(self, inbound: Sequence[str], handler: InboundHandler | None) -> None:
         """Start the loop thread; connect (retrying) and start the inbound consumers."""
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._connect_forever(inbound, handler), self._loop)
+        self._connector = asyncio.run_coroutine_threadsafe(
+            self._connect_forever(inbound, handler), self._loop)
 
     def connected(self) -> bool:
         """True while connected (and the stream is known to exist)."""
