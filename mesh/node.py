@@ -689,6 +689,26 @@ class Node:
             self._out_scheduled = True
         self.reactor.call_soon(self._drain_outq)
 
+    def permits(self, peer_id: str, action: str, resource: str) -> bool:
+        """True when ``peer_id`` may do ``action`` on ``resource`` (mesh.security.perms).
+
+        Always True with security off; with it on, deny by default. The peer is named by its
+        node id and by the key it holds (bound to the id by its CURVE handshake, see
+        docs/parts/protocol-security.md section 5). Patterns call this where a request names a
+        topic, queue or service (e.g. a replay request on the control channel).
+
+        Raises:
+            ConfigError: unknown action.
+        """
+        if self.security is None:
+            return True
+        row = self.peers.get(peer_id)
+        key = row.public_key if row is not None else None
+        allowed = self.security.allows(peer_id, key, action, resource)
+        if not allowed:
+            self.security.count(f"denied_{action}")
+        return allowed
+
     def stats(self) -> dict[str, Any]:
         """Counters of the control channel and the peer table (a snapshot)."""
         out: dict[str, Any] = dict(self._counters)

@@ -97,6 +97,13 @@ def _raw_dealer(ctx: zmq.Context[Any], ep: str, *, client: Keypair | None, serve
     return s
 
 
+def _failed(node: Node) -> int:
+    # libzmq reports a broken handshake as PROTOCOL or NO_DETAIL depending on timing
+    st = node.stats()
+    return int(st.get("security_handshake_failed_protocol", 0)
+               + st.get("security_handshake_failed_no_detail", 0))
+
+
 def _hello(node_id: str, mesh: str, key: str | None) -> list[bytes]:
     info = PeerInfo(node_id=node_id, name="raw", mesh=mesh, public_key=key,
                     endpoints={"control": ("tcp://127.0.0.1:1",)})
@@ -114,8 +121,7 @@ def test_plaintext_unknown_and_mismatched_peers_refused(
         # 1. plaintext (NULL) client against the CURVE server
         plain = _raw_dealer(zctx, ep, client=None, server=None, ident=b"1" * 32)
         plain.send_multipart(_hello("1" * 32, m, None))
-        wait_until(lambda: a.stats().get("security_handshake_failed_protocol", 0) >= 1, 5,
-                   what="plaintext refused")
+        wait_until(lambda: _failed(a) >= 1, 5, what="plaintext refused")
         # 2. CURVE client with a key nobody allowed
         stranger = _raw_dealer(zctx, ep, client=keys["c"], server=apub, ident=b"2" * 32)
         stranger.send_multipart(_hello("2" * 32, m, keys["c"].public))
@@ -155,7 +161,7 @@ def test_wrong_server_key_gets_nothing(
         s = _raw_dealer(zctx, _ctl(a), client=keys["b"], server=keys["c"].public,
                         ident=b"6" * 32)
         s.send_multipart(_hello("6" * 32, m, keys["b"].public))
-        wait_until(lambda: a.stats().get("security_handshake_failed_protocol", 0) >= 1, 5)
+        wait_until(lambda: _failed(a) >= 1, 5, what="wrong server key refused")
         s.close()
         assert a.peers.get("6" * 32) is None
 
@@ -187,3 +193,21 @@ def test_pattern_sockets_get_curve(mesh_env: tuple[Path, dict[str, Keypair]]) ->
         assert b.connect_endpoint(no_key, "work") is None
         assert b.stats()["security_peer_without_key"] == 1
         assert a.peers.get(b.id) is None or a.peers.get(b.id).state is not PeerState.GONE
+
+
+def test_permits_deny_by_default(mesh_env: tuple[Path, dict[str, Keypair]]) -> None:
+    tmp, keys = mesh_env
+    m = unique("sec")
+    rules = {keys["b"].public: ["replay:sensors.*", "!replay:sensors.secret"]}
+    with _node(tmp, "a", m, _sec(tmp, "a", permissions=rules)) as a:
+        ep = _ctl(a)
+        with _node(tmp, "b", m, _sec(tmp, "b", peer_keys={ep: keys["a"].public}),
+                   static_peers=(ep,)) as b:
+            wait_until(lambda: a.peers.get(b.id) is not None, 5, what="join")
+            assert a.permits(b.id, "replay", "sensors.t1")
+            assert not a.permits(b.id, "replay", "sensors.secret")
+            assert not a.permits(b.id, "subscribe", "sensors.t1")
+            assert not a.permits("0" * 32, "replay", "sensors.t1")  # unknown peer
+            assert a.stats()["security_denied_replay"] == 2
+    with _node(tmp, "p", m, None) as p:
+        assert p.permits("0" * 32, "publish", "anything")  # security off: no checks
