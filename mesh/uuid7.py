@@ -19,9 +19,10 @@ It is drawn once per millisecond (and again after a counter overflow or a fork),
 id: within one generator the (timestamp, counter) pair is already unique, and rand_b only has to
 keep two generators apart, which a per-millisecond draw does exactly as well (two generators
 collide only with the same timestamp, counter and 62 random bits either way). This lets the text
-form be built from two strings cached per millisecond plus a table lookup for the counter:
-0.25 µs per id instead of 1.5 µs with a fresh draw and a 5-field format each time
-(bench/bench_codec.py; :func:`uuid7_batch` amortises the lock and the clock read too).
+form be built from two strings cached per millisecond plus a table lookup for the counter
+(``python -m timeit -s "from mesh.uuid7 import uuid7" "uuid7()"``: 0.86 µs against 1.9 µs with
+a fresh draw and a 5-field format per id, on the same loaded machine; :func:`uuid7_batch` also
+shares the lock and the clock read: 0.23 µs per id in batches of 100).
 """
 
 from __future__ import annotations
