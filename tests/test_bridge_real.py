@@ -228,10 +228,6 @@ def test_outbound_survives_broker_outage_in_order(kind: str, request: pytest.Fix
 
             publish(200)
             wait_until(lambda: br.stats().forwarded >= 200, 15, what="first 200 forwarded")
-            if coll is not None:
-                # mosquitto may drop what it had not yet delivered to the subscriber when it
-                # stops: that is the broker's durability, not the bridge's, so wait for it.
-                wait_until(lambda: len(set(coll.ids())) >= 200, 15, what="subscriber got 200")
             broker.stop()
             publish(300)  # while the broker is down: stays in the log
             wait_until(lambda: br.stats().retries >= 2, 10, what="bridge retrying")
