@@ -16,7 +16,7 @@ def test_demo_survives_kill_and_reports_ok(mode: str) -> None:
     args = [sys.executable, "-m", "mesh", "demo", "--count", "300", "--rate", "120", "--json"]
     if mode == "static":
         args.append("--no-mdns")
-    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=90)
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"] is True
@@ -26,5 +26,12 @@ def test_demo_survives_kill_and_reports_ok(mode: str) -> None:
     # The aggregator was really killed mid-run and caught up by replay afterwards.
     assert all(v < 300 for v in report["consumed_before_kill"].values())
     assert report["replayed_after_restart"] > 0
-    if mode == "static":
-        assert report["discovery"] == "static"
+    # Every job was acked except the poison one, which sits in the DLQ with its error.
+    jobs = report["jobs"]
+    assert jobs["unacked"] == 0 and jobs["dead_lettered"] == 1
+    assert jobs["acked"] + 1 == jobs["added"] > 0
+    assert len(report["dlq"]) == 1 and "out of range" in report["dlq"][0]["error"]
+    # The service kept answering through the worker kill (failover); the lag is back to 0.
+    assert report["calls"]["failed"] == 0 and report["calls"]["ok"] > 0
+    assert all(lag.get("aggregator") == 0 for lag in report["lag"].values())
+    assert report["discovery"] == ("static" if mode == "static" else "mdns")

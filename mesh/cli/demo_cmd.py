@@ -1,12 +1,16 @@
 """``mesh demo``: a small live mesh of separate processes on this host that survives ``kill -9``.
 
-Two sensor nodes publish readings to durable streams; an aggregator node subscribes to both with
-a durable subscription. The nodes find each other by mDNS on 127.0.0.1 (or, where multicast is
-unavailable, through a static seed on loopback, and the demo says so). Mid-run the demo
-SIGKILLs the aggregator, lets the sensors go on publishing while it is dead, restarts it, and
-shows that it caught up from the publishers' logs with no event lost and none out of order.
-Everything stays on this host, everything it starts is stopped at the end, and its data
-directory is removed unless ``--keep`` is given.
+Five processes, each a node (see :mod:`mesh.cli.demo_roles`): two sensors publishing readings
+to durable streams (sensor-1 also produces jobs on a work queue with one poison job; sensor-2
+also calls a request/reply service ten times a second), an aggregator with a durable
+subscription to every sensor stream, and two workers that work the queue and answer the
+service. The nodes find each other by mDNS on 127.0.0.1 (or, where multicast is unavailable,
+through a static seed on loopback, and the demo says so). Mid-run the demo SIGKILLs the
+aggregator and a worker, restarts them, and shows that nothing was lost: readings published vs
+consumed with no hole, the subscription lag back to zero, every job acked or (the poison one)
+in the dead-letter queue with its error, and every service call answered (failover). Everything
+stays on this host, everything it starts is stopped at the end, and its data directory is
+removed unless ``--keep`` is given.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class _Proc:
                 self.last["control"] = msg.get("control", [])
                 self.up.set()
             elif ev == "peer":
-                self.demo.say(f"{self.name}: peer {msg['peer']} {msg['kind']}")
+                self.demo.peer_event(self.name, msg["peer"], msg["kind"])
             else:
                 self.last.update(msg)
 
@@ -93,6 +97,21 @@ class _Demo:
         self.args = args
         self.t0 = time.monotonic()
         self.quiet = args.json
+        self.joined: dict[str, set[str]] = {}
+        self.discovered = False
+
+    def peer_event(self, who: str, peer: str, kind: str) -> None:
+        """Say when every node has found every other one, then report joins and departures
+        from sensor-1's point of view only (one line per change, not one per node)."""
+        seen = self.joined.setdefault(who, set())
+        (seen.add if kind == "joined" else seen.discard)(peer)
+        if not self.discovered and len(self.joined) == 5 and all(
+            len(v) == 4 for v in self.joined.values()
+        ):
+            self.discovered = True
+            self.say("discovery: all 5 nodes see each other")
+        elif self.discovered and who == "sensor-1":
+            self.say(f"sensor-1 sees {peer} {'join' if kind == 'joined' else 'leave'}")
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -124,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="zeromesh-demo-"))
     mdns = not args.no_mdns and _mdns_works()
     cfg: dict[str, Any] = {"root": str(root), "mesh": f"demo-{secrets.token_hex(4)}",
-                           "mdns": mdns, "count": args.count, "rate": args.rate}
+                           "mdns": mdns, "count": args.count, "rate": args.rate,
+                           "jobs": "sensor-1", "calls": "sensor-2"}
     procs: list[_Proc] = []
     try:
         demo.say(f"mesh {cfg['mesh']}, data in {root}")
@@ -136,10 +156,15 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError("sensor-1 did not start")
         if not mdns:
             cfg = {**cfg, "seeds": first.last["control"][:1]}
-        procs.append(_Proc("sensor", "sensor-2", cfg, demo))
+        sensor2 = _Proc("sensor", "sensor-2", cfg, demo)
         agg = _Proc("aggregator", "aggregator", cfg, demo)
-        procs.append(agg)
-        sensors = procs[:2]
+        w1 = _Proc("worker", "worker-1", cfg, demo)
+        w2 = _Proc("worker", "worker-2", cfg, demo)
+        procs += [sensor2, agg, w1, w2]
+        demo.say("started 5 processes: sensor-1 (readings + work queue demo.jobs), sensor-2 "
+                 "(readings + calls to demo.calibrate), aggregator (durable subscriber), "
+                 "worker-1 and worker-2 (workers + demo.calibrate responders)")
+        sensors = [first, sensor2]
 
         def published() -> dict[str, int]:
             return {p.last["stream"]: int(p.last["head"]) for p in sensors if "head" in p.last}
@@ -149,27 +174,40 @@ def run(args: argparse.Namespace) -> int:
 
         def status() -> str:
             pub, con = published(), consumed()
-            parts = [f"{s.rsplit('.', 1)[-1]} {con.get(s, 0)}/{n}" for s, n in sorted(pub.items())]
-            return "consumed/published: " + ", ".join(parts)
+            parts = [f"{s.rsplit('.', 1)[-1]} {con.get(s, '-') if con else '-'}/{n}"
+                     for s, n in sorted(pub.items())]
+            jobs = first.last.get("jobs", {})
+            calls = sensor2.last.get("calls", {})
+            return ("readings consumed/published: " + ", ".join(parts)
+                    + f" | jobs acked {jobs.get('acked', 0)}/{jobs.get('added', 0)}"
+                    + f", dead-lettered {jobs.get('dead_lettered', 0)}"
+                    + f" | calls ok {calls.get('ok', 0)}, failed {calls.get('failed', 0)}")
 
         run_s = args.count / args.rate
         kill_at = demo.t0 + 0.35 * run_s + 1.0
-        _wait(lambda: time.monotonic() > kill_at, run_s + 10)
-        demo.say(status())
+        while time.monotonic() < kill_at:
+            demo.say(status())
+            time.sleep(1.0)
         agg.kill()
+        w1.kill()
         before = consumed()
-        demo.say(f"kill -9 aggregator (pid {agg.proc.pid if agg.proc else '?'}) "
-                 "while the sensors keep publishing")
+        demo.say("kill -9 aggregator and worker-1 while the sensors keep publishing, pushing "
+                 "jobs and calling the service")
         agg.last = {}
-        time.sleep(2.0)  # let the sensors publish while the aggregator is dead
-        demo.say(status().replace("consumed/published", "while it is dead, published"))
+        time.sleep(2.0)  # let the mesh run on while they are dead
+        demo.say(status())
         agg.start()
-        demo.say("restart aggregator: it resumes from its committed cursor and replays the rest")
+        w1.start()
+        demo.say("restart both: the aggregator resumes from its committed cursor and replays "
+                 "what it missed; worker-1's unacked jobs were redelivered to worker-2")
 
         def caught_up() -> bool:
             pub = published()
-            done = all(p.last.get("done") for p in sensors)
-            return done and bool(pub) and consumed() == pub
+            jobs = first.last.get("jobs", {})
+            lag = first.last.get("lag", {}).get("aggregator", 1)
+            return (all(p.last.get("done") for p in sensors) and bool(pub)
+                    and consumed() == pub and jobs.get("unacked", 1) == 0
+                    and lag == 0 and sensor2.last.get("lag", {}).get("aggregator", 1) == 0)
 
         last_print = 0.0
         deadline = time.monotonic() + run_s + 30
@@ -183,28 +221,26 @@ def run(args: argparse.Namespace) -> int:
         firsts = agg.last.get("first", {})
         resumed_ok = all(firsts.get(s, 0) <= before.get(s, 0) for s in pub)
         holes = int(agg.last.get("holes", 0))
+        jobs = first.last.get("jobs", {})
+        dlq = first.last.get("dlq", [])
+        calls = sensor2.last.get("calls", {})
+        jobs_ok = (jobs.get("acked", 0) + jobs.get("dead_lettered", 0) == jobs.get("added", -1)
+                   and jobs.get("dead_lettered") == 1 and len(dlq) == 1)
         report = {
-            "ok": ok and holes == 0 and resumed_ok, "discovery": "mdns" if mdns else "static",
+            "ok": ok and holes == 0 and resumed_ok and jobs_ok and calls.get("failed", 1) == 0,
+            "discovery": "mdns" if mdns else "static",
             "published": pub, "consumed": con, "holes": holes,
             "consumed_before_kill": before, "resumed_from": firsts,
             "duplicates_removed": agg.last.get("duplicates", 0),
             "replayed_after_restart": agg.last.get("replayed", 0),
+            "lag": {p.last.get("stream"): p.last.get("lag", {}) for p in sensors},
+            "jobs": jobs, "dlq": dlq, "calls": calls,
         }
         if args.json:
             print(json.dumps(report))
         else:
             demo.say(status())
-            print()
-            print(f"{'stream':<24}{'published':>10}{'consumed':>10}{'before kill':>12}"
-                  f"{'resumed at':>11}")
-            for s in sorted(pub):
-                print(f"{s:<24}{pub[s]:>10}{con.get(s, 0):>10}{before.get(s, 0):>12}"
-                      f"{firsts.get(s, 0):>11}")
-            print(f"\nreplayed from the sensors' logs after the restart: "
-                  f"{report['replayed_after_restart']}; duplicates removed by id: "
-                  f"{report['duplicates_removed']}; holes: {holes}")
-            print("RESULT: nothing lost, nothing out of order" if report["ok"]
-                  else "RESULT: FAILED: the counts above do not match")
+            _print_report(report, before, firsts)
         return 0 if report["ok"] else 1
     finally:
         demo.quiet = True
@@ -214,3 +250,29 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
         elif not args.json:
             print(f"data kept in {root}", file=sys.stderr)
+
+
+def _print_report(report: dict[str, Any], before: dict[str, int], firsts: dict[str, int]) -> None:
+    pub, con = report["published"], report["consumed"]
+    print(f"\n{'stream':<24}{'published':>10}{'consumed':>10}{'before kill':>12}"
+          f"{'resumed at':>11}{'lag':>5}")
+    for s in sorted(pub):
+        lag = report["lag"].get(s, {}).get("aggregator", "?")
+        print(f"{s:<24}{pub[s]:>10}{con.get(s, 0):>10}{before.get(s, 0):>12}"
+              f"{firsts.get(s, 0):>11}{lag:>5}")
+    print(f"replayed from the sensors' logs after the restart: "
+          f"{report['replayed_after_restart']}; duplicates removed by id: "
+          f"{report['duplicates_removed']}; holes: {report['holes']}")
+    jobs = report["jobs"]
+    print(f"\njobs: {jobs.get('added', 0)} pushed, {jobs.get('acked', 0)} acked, "
+          f"{jobs.get('dead_lettered', 0)} dead-lettered, {jobs.get('unacked', 0)} owed, "
+          f"{jobs.get('redelivered', 0)} redeliveries")
+    for e in report["dlq"]:
+        print(f"  DLQ: {e['payload']!r} after {e['deliveries']} deliveries: {e['error']}")
+    calls = report["calls"]
+    print(f"calls to demo.calibrate: {calls.get('ok', 0)} answered, {calls.get('failed', 0)} "
+          "failed")
+    for err in calls.get("errors", []):
+        print(f"  failed: {err}")
+    print("\nRESULT: nothing lost, nothing out of order, every call answered"
+          if report["ok"] else "\nRESULT: FAILED: the figures above do not add up")

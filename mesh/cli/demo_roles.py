@@ -1,8 +1,16 @@
 """The processes of ``mesh demo``: each role is a real node in its own process.
 
-Run as ``python -m mesh.cli.demo_roles ROLE JSON-CONFIG``. Every role prints one JSON object per
-line on stdout (``{"role": ..., "event": ..., ...}``) for the orchestrator in
+Run as ``python -m mesh.cli.demo_roles ROLE NAME JSON-CONFIG``. Every role prints one JSON
+object per line on stdout (``{"role": ..., "event": ..., ...}``) for the orchestrator in
 :mod:`mesh.cli.demo_cmd`, and stops cleanly on SIGTERM.
+
+Roles:
+    sensor      publishes readings on ``demo.readings.<name>`` (durable); with ``jobs`` it is
+                also the producer of the ``demo.jobs`` work queue (one job every 5 readings, and
+                one poison job that always fails); with ``calls`` it calls ``demo.calibrate``
+                ten times a second.
+    aggregator  a durable subscriber of ``demo.readings.``; resumes from its cursor.
+    worker      a worker of ``demo.jobs`` and a responder of the ``demo.calibrate`` service.
 
 This module is part of the application layer (``mesh.cli``), so it may use ``patterns``.
 """
@@ -23,6 +31,7 @@ from mesh.node import Node, NodeConfig, PresenceConfig
 from mesh.peers import PeerEvent, PeerEventKind
 
 _stop = threading.Event()
+POISON = b"poison: reading out of range"
 
 
 def _say(role: str, event: str, **fields: Any) -> None:
@@ -30,10 +39,9 @@ def _say(role: str, event: str, **fields: Any) -> None:
 
 
 def _node(cfg: dict[str, Any], name: str) -> Node:
-    seeds = tuple(cfg.get("seeds", ()))
     node = Node(NodeConfig(
         data_dir=Path(cfg["root"]) / name, name=name, mesh=cfg["mesh"], interface="127.0.0.1",
-        mdns=bool(cfg["mdns"]), seeds=seeds,
+        mdns=bool(cfg["mdns"]), seeds=tuple(cfg.get("seeds", ())),
         presence=PresenceConfig(heartbeat_s=0.25, evasive_s=0.75, gone_s=2.5),
     ))
 
@@ -48,27 +56,78 @@ def _node(cfg: dict[str, Any], name: str) -> Node:
     return node
 
 
+class _Caller(threading.Thread):
+    """Calls ``demo.calibrate`` ten times a second; counts answers and failures."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(daemon=True)
+        self.node, self.ok, self.failed, self.errors = node, 0, 0, []  # type: ignore[var-annotated]
+
+    def run(self) -> None:
+        from patterns.reqrep import Client
+
+        while not self.node.who_offers("service", "demo.calibrate") and not _stop.is_set():
+            _stop.wait(0.05)
+        with Client(self.node) as client:
+            while not _stop.is_set():
+                try:
+                    client.request("demo.calibrate", {"celsius": 20.0}, timeout=3.0)
+                    self.ok += 1
+                except Exception as exc:  # counted and shown: the demo must say if one fails
+                    self.failed += 1
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                _stop.wait(0.1)
+
+
 def sensor(cfg: dict[str, Any], name: str) -> None:
-    """Publish ``count`` readings at ``rate``/s on ``demo.readings.<name>``, then keep serving."""
+    """Publish ``count`` readings at ``rate``/s, then keep serving replays until stopped."""
+    from patterns.pipeline import Backoff, DispatchConfig, WorkQueue
     from patterns.pubsub import Publisher
 
     with _node(cfg, name) as node, Publisher(
         node, f"demo.readings.{name}", log_config=LogConfig(fsync=FsyncPolicy.interval(10.0)),
     ) as pub:
+        queue = None
+        if cfg.get("jobs") == name:
+            queue = WorkQueue(node, "demo.jobs", config=DispatchConfig(
+                ack_wait=5.0, max_deliveries=3, backoff=Backoff(base=0.05, cap=0.3)))
+        caller = None
+        if cfg.get("calls") == name:
+            caller = _Caller(node)
+            caller.start()
         count, period = int(cfg["count"]), 1.0 / float(cfg["rate"])
-        start = pub.publish({"celsius": 20.0}, type="demo.reading")  # resume after a restart
-        seq = start
+        seq = pub.publish({"celsius": 20.0}, type="demo.reading")
         next_t = time.monotonic()
         last_report = 0.0
-        while seq + 1 < start + count and not _stop.is_set():
+        while seq + 1 < count and not _stop.is_set():
             next_t += period
             _stop.wait(max(0.0, next_t - time.monotonic()))
             seq = pub.publish({"celsius": 20.0 + (seq % 50) / 10}, type="demo.reading")
+            if queue is not None and seq % 5 == 0:
+                queue.push(POISON if seq == 100 else f"job for reading {seq}".encode())
             if time.monotonic() - last_report > 0.2:
                 last_report = time.monotonic()
-                _say(name, "published", stream=pub.stream, head=seq + 1)
-        _say(name, "published", stream=pub.stream, head=seq + 1, done=True)
-        _stop.wait()  # stay up: subscribers that were away replay from this node's log
+                _report(name, pub, queue, caller, done=False)
+        while not _stop.is_set():  # stay up: subscribers that were away replay from our log
+            _report(name, pub, queue, caller, done=True)
+            _stop.wait(0.2)
+        if queue is not None:
+            queue.close()
+
+
+def _report(name: str, pub: Any, queue: Any, caller: _Caller | None, done: bool) -> None:
+    st = pub.stats()
+    fields: dict[str, Any] = {"stream": pub.stream, "head": st.head, "lag": st.lag, "done": done}
+    if queue is not None:
+        q = queue.stats()
+        dead = [{"payload": e.payload.decode(errors="replace"), "error": e.error_message,
+                 "deliveries": e.deliveries} for e in queue.dlq.list()]
+        fields["jobs"] = {k: q.get(k, 0) for k in
+                          ("added", "acked", "dead_lettered", "unacked", "redelivered")}
+        fields["dlq"] = dead
+    if caller is not None:
+        fields["calls"] = {"ok": caller.ok, "failed": caller.failed, "errors": caller.errors[-3:]}
+    _say(name, "published", **fields)
 
 
 def aggregator(cfg: dict[str, Any], name: str) -> None:
@@ -92,7 +151,7 @@ def aggregator(cfg: dict[str, Any], name: str) -> None:
                     continue
                 first.setdefault(ev.stream, ev.seq)
                 expected = heads.get(ev.stream, ev.seq)
-                if ev.seq > expected:  # would be a lost event: the subscriber must never do this
+                if ev.seq > expected:  # a lost event: the subscriber must never do this
                     holes += ev.seq - expected
                 heads[ev.stream] = max(expected, ev.seq + 1)
             if time.monotonic() - last_report > 0.3:
@@ -105,7 +164,36 @@ def aggregator(cfg: dict[str, Any], name: str) -> None:
                 sub.commit()
 
 
-ROLES = {"sensor": sensor, "aggregator": aggregator}
+def worker(cfg: dict[str, Any], name: str) -> None:
+    """Work ``demo.jobs`` (the poison job raises) and answer ``demo.calibrate``."""
+    from patterns.pipeline import Task, Worker
+    from patterns.reqrep import Incoming, Service
+
+    handled = 0
+
+    def job(task: Task) -> None:
+        nonlocal handled
+        if task.payload == POISON:
+            raise ValueError("reading out of range: refusing to process it")
+        handled += 1
+
+    def calibrate(req: Incoming) -> object:
+        return {"offset": -0.25, "by": name}
+
+    with _node(cfg, name) as node, Worker(node, "demo.jobs", credit=10) as w, Service(
+        node, "demo.calibrate", calibrate, concurrency=2,
+    ) as svc:
+        last_report = 0.0
+        while not _stop.is_set():
+            task = w.get(timeout=0.1)
+            if task is not None:
+                w.handle(task, job)
+            if time.monotonic() - last_report > 0.3:
+                last_report = time.monotonic()
+                _say(name, "worked", handled=handled, served=svc.stats().executed)
+
+
+ROLES = {"sensor": sensor, "aggregator": aggregator, "worker": worker}
 
 
 def main(argv: list[str]) -> int:
