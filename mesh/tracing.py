@@ -1,0 +1,302 @@
+"""Trace context: ``traceparent``, correlation and causation ids that follow the work.
+
+When a handler consumes an event (or serves a request), that event becomes the *current*
+context of the handler (a :mod:`contextvars` variable, so it follows threads' own stacks and
+asyncio tasks). Events the handler publishes and requests it makes then default to:
+
+* ``traceparent``: W3C ``00-<trace id>-<span id>-<flags>`` with the consumed event's trace id
+  and a new span id (the handler's span). An event without a ``traceparent`` starts a trace
+  whose id is its own id (a UUIDv7 is 32 hex digits), so every descendant of one root event
+  shares one trace id without any coordination.
+* ``correlationid``: the consumed event's ``correlationid``, or its ``id`` when it has none
+  (the first event of a conversation names the conversation).
+* ``causationid``: the consumed event's ``id``.
+
+Explicit arguments always win over these defaults. Outside a handler nothing is filled in.
+
+OpenTelemetry: when ``opentelemetry-api`` is importable (the ``otel`` extra), :func:`consuming`
+and :func:`span` open real spans (publish, consume, request, serve) as children of the
+traceparent; otherwise they cost one ``contextvars`` set/reset and nothing else.
+
+Logging: :class:`TraceFilter` adds ``trace_id``, ``correlation_id``, ``event_id`` (and
+``stream``/``peer`` when known) to every record logged inside a handler; :func:`log_extra` and
+:class:`EventLogAdapter` do the same for an explicit event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "EventLogAdapter",
+    "TraceContext",
+    "TraceFilter",
+    "child_fields",
+    "consuming",
+    "context_from",
+    "context_of_request",
+    "current",
+    "log_extra",
+    "new_span_id",
+    "parse_traceparent",
+    "request_headers",
+    "span",
+    "use",
+    "use_event",
+]
+
+try:  # optional: real spans when the OpenTelemetry API is installed
+    from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found,unused-ignore]
+    from opentelemetry.trace import (  # type: ignore[import-not-found,unused-ignore]
+        NonRecordingSpan as _NonRecordingSpan,
+    )
+    from opentelemetry.trace import SpanContext as _SpanContext  # type: ignore[import-not-found,unused-ignore]
+    from opentelemetry.trace import TraceFlags as _TraceFlags  # type: ignore[import-not-found,unused-ignore]
+
+    OTEL = True
+except ImportError:  # pragma: no cover - depends on the environment
+    OTEL = False
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def new_span_id() -> str:
+    """A random 16-hex-digit W3C span id (never all zeros)."""
+    while True:
+        s = os.urandom(8).hex()
+        if s != "0000000000000000":
+            return s
+
+
+def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
+    """``(trace id, parent span id, flags)`` from a W3C ``traceparent``, or None if invalid.
+
+    Invalid values are ignored rather than raised: a foreign producer's bad header must not
+    fail the consumer (the W3C spec says to start a new trace then).
+    """
+    if not value or len(value) < 55:
+        return None
+    parts = value.lower().split("-")
+    if len(parts) < 4:
+        return None
+    ver, tid, sid, flags = parts[0], parts[1], parts[2], parts[3]
+    if (len(ver) != 2 or ver == "ff" or len(tid) != 32 or len(sid) != 16 or len(flags) != 2
+            or not set(ver + tid + sid + flags) <= _HEX
+            or tid == "0" * 32 or sid == "0" * 16 or (ver == "00" and len(parts) != 4)):
+        return None
+    return tid, sid, flags
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """The current handler's trace context.
+
+    Attributes:
+        trace_id: 32 hex digits shared by the whole trace.
+        span_id: this handler's span (16 hex digits); the parent of what it publishes.
+        parent_span_id: the span of the event being handled (None for a new trace).
+        flags: W3C trace flags (``"01"`` sampled).
+        correlationid: the conversation id to put on outgoing events and requests.
+        causationid: the id of the event being handled.
+        event_id: same as ``causationid`` (kept for logging).
+        stream: the stream (or queue / service) of the consumed message, if known.
+        peer: the node the message came from, if known.
+    """
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None = None
+    flags: str = "01"
+    correlationid: str | None = None
+    causationid: str | None = None
+    event_id: str | None = None
+    stream: str | None = None
+    peer: str | None = None
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C header for children of this handler."""
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+
+_current: ContextVar[TraceContext | None] = ContextVar("zeromesh_trace", default=None)
+
+
+def _trace_id_for(event_id: str | None) -> str:
+    if event_id:
+        h = event_id.replace("-", "").lower()
+        if len(h) == 32 and set(h) <= _HEX and h != "0" * 32:
+            return h
+    return os.urandom(16).hex()
+
+
+def context_from(*, event_id: str | None = None, traceparent: str | None = None,
+                 correlationid: str | None = None, stream: str | None = None,
+                 peer: str | None = None) -> TraceContext:
+    """The context of a handler consuming a message with these fields."""
+    parsed = parse_traceparent(traceparent)
+    if parsed is not None:
+        tid, parent, flags = parsed
+    else:
+        tid, parent, flags = _trace_id_for(event_id), None, "01"
+    return TraceContext(tid, new_span_id(), parent, flags,
+                        correlationid or event_id, event_id, event_id, stream, peer)
+
+
+def _of_event(event: Any, peer: str | None) -> TraceContext:
+    return context_from(event_id=getattr(event, "id", None),
+                        traceparent=getattr(event, "traceparent", None),
+                        correlationid=getattr(event, "correlationid", None),
+                        stream=getattr(event, "stream", None) or None, peer=peer)
+
+
+def current() -> TraceContext | None:
+    """The context of the handler running in this thread / task, or None."""
+    return _current.get()
+
+
+def use(ctx: TraceContext | None) -> Token[TraceContext | None]:
+    """Make ``ctx`` current until ``_current.reset(token)`` (iterator-style consumers: the
+    event handed out by ``recv()`` stays current until the next one)."""
+    return _current.set(ctx)
+
+
+def use_event(event: Any, peer: str | None = None) -> None:
+    """Make ``event`` the current context of this thread/task (no reset: the next consumed
+    event replaces it). For ``for event in subscriber:`` loops."""
+    _current.set(_of_event(event, peer))
+
+
+@contextlib.contextmanager
+def consuming(event: Any = None, *, kind: str = "consume", name: str | None = None,
+              ctx: TraceContext | None = None, peer: str | None = None
+              ) -> Iterator[TraceContext]:
+    """Run a handler with ``event`` (or a ready ``ctx``) as the current trace context.
+
+    Opens an OpenTelemetry span ``"<kind> <name>"`` when the API is installed.
+    """
+    c = ctx if ctx is not None else _of_event(event, peer)
+    token = _current.set(c)
+    try:
+        if OTEL:
+            with _otel_span(kind, name or c.stream or "", c):
+                yield c
+        else:
+            yield c
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def span(kind: str, name: str) -> Iterator[None]:
+    """An OpenTelemetry span for a publish or a request (a no-op without the API)."""
+    if not OTEL:
+        yield
+        return
+    c = _current.get()
+    with _otel_span(kind, name, c):
+        yield
+
+
+@contextlib.contextmanager
+def _otel_span(kind: str, name: str, c: TraceContext | None) -> Iterator[None]:
+    tracer = _otel_trace.get_tracer("zeromesh")
+    parent = None
+    if c is not None and c.parent_span_id is not None:
+        sc = _SpanContext(int(c.trace_id, 16), int(c.parent_span_id, 16), is_remote=True,
+                          trace_flags=_TraceFlags(int(c.flags, 16)))
+        parent = _otel_trace.set_span_in_context(_NonRecordingSpan(sc))
+    attrs = {"messaging.system": "zeromesh", "messaging.operation": kind,
+             "messaging.destination.name": name}
+    if c is not None and c.event_id:
+        attrs["messaging.message.id"] = c.event_id
+    with tracer.start_as_current_span(f"{kind} {name}", context=parent, attributes=attrs):
+        yield
+
+
+def child_fields(correlationid: str | None, causationid: str | None,
+                 traceparent: str | None) -> tuple[str | None, str | None, str | None]:
+    """Fill the unset ones of an outgoing event's fields from the current context.
+
+    One ``ContextVar.get`` when no handler is running; explicit values always win.
+    """
+    c = _current.get()
+    if c is None:
+        return correlationid, causationid, traceparent
+    return (correlationid or c.correlationid, causationid or c.causationid,
+            traceparent or c.traceparent)
+
+
+def request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Request headers with ``traceparent``, ``correlationid`` and ``causationid`` added from
+    the current context (explicit headers win); unchanged outside a handler."""
+    c = _current.get()
+    if c is None:
+        return dict(headers) if headers is not None else None
+    out = {"traceparent": c.traceparent}
+    if c.correlationid:
+        out["correlationid"] = c.correlationid
+    if c.causationid:
+        out["causationid"] = c.causationid
+    if headers:
+        out.update(headers)
+    return out
+
+
+def context_of_request(request_id: str, headers: Mapping[str, str], service: str,
+                       peer: str | None = None) -> TraceContext:
+    """The context of a service handler serving a request (the request id acts as the
+    consumed message's id; the causation is the caller's event when it sent one)."""
+    c = context_from(event_id=request_id, traceparent=headers.get("traceparent"),
+                     correlationid=headers.get("correlationid"), stream=service, peer=peer)
+    return c
+
+
+# --- logging --------------------------------------------------------------------------------
+
+
+def log_extra(event: Any = None, *, stream: str | None = None,
+              peer: str | None = None) -> dict[str, Any]:
+    """``extra=`` fields for a log call about ``event``: ``event_id``, ``correlation_id``,
+    ``stream``, ``peer`` (None where unknown)."""
+    return {
+        "event_id": getattr(event, "id", None),
+        "correlation_id": (getattr(event, "correlationid", None) or getattr(event, "id", None)),
+        "stream": stream if stream is not None else (getattr(event, "stream", None) or None),
+        "peer": peer,
+    }
+
+
+class EventLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger adapter with fixed fields (e.g. ``stream``, ``peer``) merged into every
+    record's ``extra``; pass ``extra=log_extra(event)`` per call for the event's ids."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+class TraceFilter(logging.Filter):
+    """Adds ``trace_id``, ``correlation_id``, ``event_id``, ``stream`` and ``peer`` from the
+    current context to each record (None outside a handler; values set through ``extra=``
+    are kept). Install on a handler: ``handler.addFilter(TraceFilter())``; then a format
+    like ``"%(message)s cid=%(correlation_id)s"`` works everywhere."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        c = _current.get()
+        for attr, val in (("trace_id", c.trace_id if c else None),
+                          ("correlation_id", c.correlationid if c else None),
+                          ("event_id", c.event_id if c else None),
+                          ("stream", c.stream if c else None),
+                          ("peer", c.peer if c else None)):
+            if not hasattr(record, attr):
+                setattr(record, attr, val)
+        return True
