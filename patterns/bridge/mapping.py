@@ -37,7 +37,10 @@ __all__ = [
     "Message",
     "Route",
     "event_to_message",
+    "is_structured",
     "message_to_event",
+    "origin_of",
+    "safe_message_to_event",
     "split_pattern",
 ]
 
