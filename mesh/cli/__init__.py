@@ -26,6 +26,11 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.dlq_cmd",
     "mesh.cli.bridge_cmd",
     "mesh.cli.keys_cmd",
+    "mesh.cli.pubsub_cmd",
+    "mesh.cli.pipeline_cmd",
+    "mesh.cli.rpc_cmd",
+    "mesh.cli.streams_cmd",
+    "mesh.cli.stats_cmd",
 )
 
 

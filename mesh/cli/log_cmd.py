@@ -179,7 +179,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``mesh log verify DIR``: exit 1 when anything is wrong."""
-    reports = [(name, verify_log(path)) for name, path in _stream_dirs(args.dir).items()]
+    from mesh.cli._progress import over_dirs  # a stderr progress line, on a TTY only
+
+    reports = [(name, verify_log(path))
+               for name, path in over_dirs("verify", _stream_dirs(args.dir).items())]
     bad = any(not r.ok for _, r in reports)
     if args.json:
         print(json.dumps([{"stream": n, "ok": r.ok, "segments": r.segments,

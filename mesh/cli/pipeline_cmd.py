@@ -1,0 +1,118 @@
+"""``mesh push QUEUE DATA`` and ``mesh work QUEUE``: a work queue from a shell.
+
+``mesh work`` prints its node's control endpoint on stderr; ``mesh push --peer ENDPOINT``
+reaches it without mDNS. ``mesh push`` is the queue's producer: it logs the task in its data
+directory, dispatches it, and (unless ``--no-wait``) waits until a worker acknowledged it or it
+was dead-lettered. Without ``--data-dir`` the log is temporary: a task nobody took within
+``--wait`` seconds is reported as not delivered (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from mesh.cli._node_opts import add_node_args, human, note, open_node, positive, read_data
+from mesh.errors import MeshTimeout
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``push`` and ``work``."""
+    p = subparsers.add_parser("push", help="push a task onto a work queue", description=__doc__)
+    p.add_argument("queue")
+    p.add_argument("data", help="payload: text, @file, or - for stdin")
+    p.add_argument("--key", default=None, help="ordering key (tasks of one key run in order)")
+    p.add_argument("--lines", action="store_true", help="one task per line of DATA")
+    p.add_argument("--wait", type=float, default=10.0,
+                   help="seconds to wait for the tasks to be acked (default 10)")
+    p.add_argument("--no-wait", dest="no_wait", action="store_true",
+                   help="exit once logged (use with --data-dir and a producer that stays up)")
+    add_node_args(p)
+    p.set_defaults(func=cmd_push)
+
+    w = subparsers.add_parser("work", help="take tasks from a queue, print and ack them",
+                              description=__doc__)
+    w.add_argument("queue")
+    w.add_argument("--count", type=positive, default=None, help="exit after N tasks")
+    w.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (exit 1 if --count was not reached)")
+    w.add_argument("--fail", action="store_true",
+                   help="nack every task instead (to watch redelivery and the DLQ)")
+    w.add_argument("--credit", type=positive, default=10, help="most unacked tasks held")
+    add_node_args(w, one_shot=False)
+    w.set_defaults(func=cmd_work)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``mesh push``."""
+    from patterns.pipeline import WorkQueue
+
+    raw = read_data(args.data)
+    items = [ln for ln in raw.splitlines() if ln] if args.lines else [raw]
+    with open_node(args, "push") as node:
+        q = WorkQueue(node, args.queue)
+        try:
+            ids = [q.push(x, key=args.key) for x in items]
+            if not args.no_wait:
+                try:
+                    q.wait_idle(timeout=args.wait)
+                except MeshTimeout:
+                    raise MeshTimeout(
+                        f"{len(ids)} task(s) logged but not acked by a worker within "
+                        f"{args.wait:g} s" + ("" if args.data_dir else
+                                              " (temporary data dir: they are dropped)")
+                    ) from None
+            st = q.stats()
+        finally:
+            q.close()
+    dead = int(st.get("dead", 0) or 0)
+    if args.json:
+        print(json.dumps({"queue": args.queue, "ids": ids, "dead": dead}))
+    else:
+        print(f"pushed {len(ids)} task(s) to {args.queue}"
+              + ("" if args.no_wait else f": acked{f', {dead} dead-lettered' if dead else ''}"))
+    return 0
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    """``mesh work``."""
+    import time
+
+    from patterns.pipeline import Worker
+
+    got = 0
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with open_node(args, "work") as node:
+        worker = Worker(node, args.queue, credit=args.credit)
+        try:
+            note(f"working on {args.queue}")
+            while args.count is None or got < args.count:
+                if deadline is not None and time.monotonic() >= deadline:
+                    if args.count is not None:
+                        raise MeshTimeout(
+                            f"got {got} of {args.count} tasks within {args.timeout:g} s")
+                    break
+                task = worker.get(timeout=0.2)
+                if task is None:
+                    continue
+                got += 1
+                _show(args, task)
+                if args.fail:
+                    task.nack(error=RuntimeError("mesh work --fail"))
+                else:
+                    task.ack()
+            worker.flush()
+        finally:
+            worker.close()
+    return 0
+
+
+def _show(args: argparse.Namespace, task: Any) -> None:
+    if args.json:
+        print(json.dumps({"queue": args.queue, "id": task.id, "delivery": task.delivery,
+                          "key": None if task.key is None else str(task.key),
+                          "data": human(task.payload)}, ensure_ascii=False), flush=True)
+    else:
+        print(f"{args.queue} task {task.id} (delivery {task.delivery}) {human(task.payload)}",
+              flush=True)

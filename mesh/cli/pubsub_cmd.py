@@ -1,0 +1,154 @@
+"""``mesh pub TOPIC DATA`` and ``mesh sub TOPIC``: publish and subscribe from a shell.
+
+``mesh sub`` prints its node's control endpoint on stderr; ``mesh pub --peer ENDPOINT`` reaches
+it without mDNS. ``mesh pub`` waits (``--wait``) for a subscriber to connect, publishes durably
+(the event is in its node's log), then stays up for ``--linger`` seconds, or until every
+durable subscriber acknowledged it, so late subscribers can still replay it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from mesh.cli._node_opts import (
+    add_node_args,
+    human,
+    note,
+    open_node,
+    parse_since,
+    payload_value,
+    positive,
+    read_data,
+    show_value,
+)
+from mesh.errors import ConfigError, MeshTimeout
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``pub`` and ``sub``."""
+    p = subparsers.add_parser("pub", help="publish one event (or one per stdin line)",
+                              description=__doc__)
+    p.add_argument("topic", help="the stream name")
+    p.add_argument("data", help="payload: text, @file, or - for stdin")
+    p.add_argument("--type", default="cli", help="the event type (default: %(default)s)")
+    p.add_argument("--subject", default=None)
+    p.add_argument("--data-json", action="store_true", help="DATA is JSON: send its value")
+    p.add_argument("--lines", action="store_true", help="one event per line of DATA")
+    p.add_argument("--wait", type=float, default=3.0,
+                   help="seconds to wait for a subscriber before publishing (default 3)")
+    p.add_argument("--linger", type=float, default=1.0,
+                   help="seconds to stay up after publishing (default 1)")
+    add_node_args(p)
+    p.set_defaults(func=cmd_pub)
+
+    s = subparsers.add_parser("sub", help="print the events of a topic", description=__doc__)
+    s.add_argument("topic", help="stream name, or a prefix ending in . or *")
+    s.add_argument("--from", dest="start", default=None, metavar="beginning|new|OFFSET",
+                   help="where to start (default: new; beginning for --durable)")
+    s.add_argument("--since", default=None, metavar="TIME",
+                   help="start at this time (ISO 8601, or an age: 90s, 10m, 2h)")
+    s.add_argument("--durable", default=None, metavar="NAME",
+                   help="a durable subscription: resumes where it stopped (use --data-dir)")
+    s.add_argument("--count", type=positive, default=None, help="exit after N events")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (exit 1 if --count was not reached)")
+    s.add_argument("--endpoint", action="append", default=[],
+                   help="a publisher's data endpoint to connect to directly (repeatable)")
+    add_node_args(s, one_shot=False)
+    s.set_defaults(func=cmd_sub)
+
+
+def _start(args: argparse.Namespace) -> Any:
+    from patterns.pubsub import Start  # the CLI is where mesh meets patterns
+
+    if args.since is not None:
+        if args.start is not None:
+            raise ConfigError("give --from or --since, not both")
+        return Start.time(parse_since(args.since))
+    if args.start is None:
+        return None
+    if args.start == "beginning":
+        return Start.beginning()
+    if args.start == "new":
+        return Start.new()
+    try:
+        return Start.offset(int(args.start))
+    except ValueError:
+        raise ConfigError(f"--from must be beginning, new or an offset, got {args.start!r}") from None
+
+
+def event_dict(ev: Any) -> dict[str, Any]:
+    """An event as JSON-ready data."""
+    return {"stream": ev.stream, "seq": ev.seq, "id": ev.id, "type": ev.type,
+            "source": ev.source, "time": ev.time.isoformat(), "subject": ev.subject,
+            "correlationid": ev.correlationid, "causationid": ev.causationid,
+            "traceparent": ev.traceparent, "data": show_value(ev.data)}
+
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    """``mesh pub``."""
+    from patterns.pubsub import Publisher
+
+    raw = read_data(args.data)
+    items = [ln for ln in raw.splitlines() if ln] if args.lines else [raw]
+    values = [payload_value(x, args.data_json) for x in items]
+    with open_node(args, "pub") as node, Publisher(node, args.topic) as pub:
+        # The hub counts subscription frames on its XPUB: the one sure sign that a subscriber
+        # is connected (publishing before that is the slow-joiner loss, though the event is
+        # still logged and replayable while we linger).
+        hub = pub._hub
+        deadline = time.monotonic() + max(0.0, args.wait)
+        while hub.subscriptions == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if hub.subscriptions == 0:
+            note(f"no subscriber connected within {args.wait:g} s; publishing anyway")
+        seqs = [pub.publish(v, type=args.type, subject=args.subject) for v in values]
+        out = {"stream": args.topic, "seqs": seqs, "node": node.id}
+        if args.json:
+            print(json.dumps(out), flush=True)
+        else:
+            print(f"published {len(seqs)} event(s) to {args.topic} at seq "
+                  f"{seqs[0]}{'..' + str(seqs[-1]) if len(seqs) > 1 else ''}", flush=True)
+        # Stay up so subscribers can fetch what they missed; leave early once every durable
+        # subscriber acknowledged the head.
+        end = time.monotonic() + max(0.0, args.linger)
+        while time.monotonic() < end:
+            st = pub.stats()
+            if st.lag and all(v == 0 for v in st.lag.values()):
+                break
+            time.sleep(0.02)
+    return 0
+
+
+def cmd_sub(args: argparse.Namespace) -> int:
+    """``mesh sub``."""
+    from patterns.pubsub import Subscriber
+
+    start = _start(args)
+    got = 0
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with open_node(args, "sub") as node, Subscriber(
+            node, args.topic, start=start, durable=args.durable,
+            endpoints=tuple(args.endpoint)) as sub:
+        note(f"subscribed to {args.topic}")
+        while args.count is None or got < args.count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                if args.count is not None:
+                    raise MeshTimeout(f"got {got} of {args.count} events within {args.timeout:g} s")
+                break
+            ev = sub.recv(timeout=0.2 if left is None else min(0.2, left))
+            if ev is None:
+                continue
+            got += 1
+            if args.json:
+                print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
+            else:
+                print(f"{ev.stream} #{ev.seq} {ev.type} {human(ev.data)}", flush=True)
+    if sys.stdout.isatty() and not args.json:
+        note(f"{got} event(s)")
+    return 0

@@ -1,0 +1,155 @@
+"""``mesh streams DIR``: the streams of a node's data directory.
+
+Per stream: head (the next offset), the retained range (first offset, oldest record time),
+records, bytes, segments, fsync count, and the durable subscriptions recorded in the same
+directory with their lag (``head - committed position``: known when the subscription reads a
+stream of this very node). ``--metrics URL`` adds the live ``consumer_lag`` a running node
+reports (publishers learn their durable subscribers' positions from acks).
+
+Read-only: safe while the node runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``streams``."""
+    p = subparsers.add_parser("streams", help="streams of a data dir: head, retention, lag",
+                              description=__doc__)
+    p.add_argument("dir", help="a node's data directory")
+    p.add_argument("--metrics", default=None, metavar="URL",
+                   help="a running node's metrics endpoint (http://host:port/metrics)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_streams)
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _cursors(root: Path) -> list[tuple[str, str, str, int]]:
+    """(subscription, publisher id, stream, position) from the subscriber cursor store."""
+    path = root / "pubsub-cursors.db"
+    if not path.exists():
+        return []
+    from mesh.state import StateStore
+
+    out: list[tuple[str, str, str, int]] = []
+    with StateStore(path) as store:
+        for ns in store.namespaces():
+            if not ns.startswith("pubsub.cursor."):
+                continue
+            name = ns[len("pubsub.cursor."):]
+            for key, pos in store.items(ns):
+                pub, _, stream = key.partition("/")
+                if isinstance(pos, int) and stream:
+                    out.append((name, pub, stream, pos))
+    return out
+
+
+def live_lag(url: str) -> list[dict[str, Any]]:
+    """``consumer_lag`` samples of a running node's endpoint.
+
+    Raises:
+        ConfigError: the endpoint cannot be read or is not the text format.
+    """
+    from mesh.metrics import parse_prometheus
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read metrics from {url}: {exc}") from exc
+    return [{**labels, "lag": int(v)} for labels, v in parse_prometheus(text).get("consumer_lag", [])]
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """Every stream's facts (see the module docstring).
+
+    Raises:
+        ConfigError: ``root`` is not a directory.
+    """
+    from mesh.log import LogDirectory
+
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a directory")
+    try:
+        node_id: str | None = (root / "node.id").read_text().strip()
+    except OSError:
+        node_id = None
+    subs = _cursors(root)
+    rows: list[dict[str, Any]] = []
+    ld = LogDirectory(root)
+    for name in ld.streams():
+        row: dict[str, Any] = {"stream": name}
+        try:
+            lg = ld.open(name, readonly=True)
+        except Exception as exc:  # one bad stream must not hide the others
+            row["error"] = str(exc)
+            rows.append(row)
+            continue
+        try:
+            s = lg.stats()
+        finally:
+            lg.close()
+        row.update(head=s.next_offset, first_offset=s.first_offset, records=s.records,
+                   bytes=s.bytes, segments=s.segments, oldest=_iso(s.oldest_timestamp_ns),
+                   newest=_iso(s.newest_timestamp_ns), fsyncs=s.fsyncs)
+        row["subscribers"] = [
+            {"name": sub, "publisher": pub, "position": pos,
+             "lag": max(0, s.next_offset - pos) if pub == node_id else None}
+            for sub, pub, stream, pos in subs if stream == name]
+        rows.append(row)
+    # Subscriptions to streams of other nodes: their position, lag unknown offline.
+    local = {r["stream"] for r in rows}
+    for sub, pub, stream, pos in subs:
+        if stream not in local or pub != node_id:
+            rows.append({"stream": stream, "remote_publisher": pub,
+                         "subscribers": [{"name": sub, "publisher": pub, "position": pos,
+                                          "lag": None}]})
+    return rows
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    """``mesh streams DIR``."""
+    rows = collect(Path(args.dir))
+    live = live_lag(args.metrics) if args.metrics else []
+    for row in rows:
+        row["live_lag"] = {d.get("consumer", "?"): d["lag"] for d in live
+                           if d.get("stream") == row["stream"]}
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no streams in {os.fspath(args.dir)}")
+        return 0
+    for r in rows:
+        if "error" in r:
+            print(f"{r['stream']}: error: {r['error']}")
+            continue
+        if "remote_publisher" in r:
+            print(f"{r['stream']} (of node {r['remote_publisher'][:12]})")
+        else:
+            held = "empty" if r["first_offset"] is None else (
+                f"{r['first_offset']}..{r['head'] - 1} since {r['oldest']}")
+            print(f"{r['stream']}: head {r['head']}, holds {held}, {r['records']} records, "
+                  f"{r['bytes']} bytes in {r['segments']} segment(s)")
+        for s in r["subscribers"]:
+            lag = "lag ?" if s["lag"] is None else f"lag {s['lag']}"
+            print(f"  durable {s['name']}: position {s['position']}, {lag}")
+        for name, lag in sorted(r["live_lag"].items()):
+            print(f"  live {name}: lag {lag}")
+    return 0
