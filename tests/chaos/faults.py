@@ -1,0 +1,254 @@
+"""Faults: a seeded random schedule, and the machinery that injects each kind.
+
+Kinds (``Fault.kind``):
+
+* ``kill``: SIGKILL the role, restart it ``duration`` s later (same data directory).
+* ``stop``: SIGSTOP the role (a frozen peer: sockets open, nothing answered), SIGCONT later.
+* ``stall`` / ``cut``: the role's control link to the hub goes through a userspace TCP proxy
+  (:class:`Proxy`); ``stall`` stops forwarding bytes both ways, ``cut`` closes every
+  connection and refuses new ones, for ``duration`` s.
+* ``disk_full``: restart the role with ``RLIMIT_FSIZE`` a few KiB above its newest log
+  segment (writes then fail with EFBIG); ``duration`` s later restart it without the limit.
+* ``torn_tail``: SIGKILL the role, append a torn half-batch of garbage to the newest segment
+  of each of its logs (what a crash mid-write leaves), restart it.
+* ``flood``: for ``duration`` s, send garbage at every endpoint any role bound: random ZeroMQ
+  multiparts through a DEALER, and random bytes on raw TCP connections.
+
+The schedule is a pure function of the seed (:func:`schedule`), so a failing run is rerun
+exactly (the timing of the processes under it still varies: see docs/parts/arch-chaos.md).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import selectors
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+#: Which fault kinds make sense for which role kinds (roles with a log for the disk faults).
+TARGETS: dict[str, tuple[str, ...]] = {
+    "kill": ("pub", "sub", "producer", "worker", "resp", "client"),
+    "stop": ("pub", "sub", "producer", "worker", "resp"),
+    "stall": ("pub", "sub", "producer", "worker", "resp", "client"),
+    "cut": ("pub", "sub", "producer", "worker", "resp", "client"),
+    "disk_full": ("pub", "producer"),
+    "torn_tail": ("pub", "producer"),
+    "flood": ("*",),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scheduled fault: start ``at`` s into the run, on ``target``, for ``duration`` s."""
+
+    at: float
+    kind: str
+    target: str
+    duration: float
+
+    def __str__(self) -> str:
+        return f"t={self.at:6.2f}s  {self.kind:<9} {self.target:<9} for {self.duration:.2f}s"
+
+
+def schedule(seed: int, duration: float, roles: list[str], kinds: list[str] | None = None,
+             mean_gap: float = 1.5) -> list[Fault]:
+    """The fault schedule of a run: a pure function of its arguments.
+
+    Faults never overlap on the same role; the last one ends well before ``duration`` so the
+    mesh has time to recover before the invariants are checked.
+    """
+    from tests.chaos.roles import kind_of
+    rng = random.Random(seed)
+    kinds = kinds or sorted(TARGETS)
+    busy_until: dict[str, float] = {}
+    out: list[Fault] = []
+    t = 1.0 + rng.random()
+    while True:
+        kind = rng.choice(kinds)
+        length = round(rng.uniform(0.3, 2.0), 2)
+        if t + length > duration - 1.0:
+            break
+        allowed = TARGETS[kind]
+        cands = [r for r in roles if (allowed == ("*",) or kind_of(r) in allowed)
+                 and busy_until.get(r, 0) <= t and kind_of(r) != "hub"]
+        if allowed == ("*",):
+            target = "*"
+        elif cands:
+            target = rng.choice(cands)
+        else:
+            t += rng.expovariate(1 / mean_gap)
+            continue
+        busy_until[target] = t + length + 0.5
+        out.append(Fault(round(t, 2), kind, target, length))
+        t += rng.expovariate(1 / mean_gap)
+    return out
+
+
+class Proxy:
+    """A userspace TCP proxy in front of one endpoint, able to stall or cut the traffic."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stalled = threading.Event()
+        self.cut = threading.Event()
+        self._stop = threading.Event()
+        self._pairs: dict[socket.socket, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="chaos-proxy", daemon=True)
+        self._thread.start()
+
+    def _close_pair(self, sel: selectors.BaseSelector, s: socket.socket) -> None:
+        other = self._pairs.pop(s, None)
+        for x in (s, other):
+            if x is None:
+                continue
+            self._pairs.pop(x, None)
+            try:
+                sel.unregister(x)
+            except (KeyError, ValueError):
+                pass
+            x.close()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            if self.cut.is_set() and self._pairs:
+                for s in list(self._pairs):
+                    if s in self._pairs:
+                        self._close_pair(sel, s)
+            for key, _ in sel.select(timeout=0.02):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                if s is self.listener:
+                    try:
+                        conn, _ = self.listener.accept()
+                    except OSError:
+                        continue
+                    if self.cut.is_set():
+                        conn.close()
+                        continue
+                    try:
+                        up = socket.create_connection(self.target, timeout=1)
+                    except OSError:
+                        conn.close()
+                        continue
+                    for x in (conn, up):
+                        x.setblocking(False)
+                        sel.register(x, selectors.EVENT_READ)
+                    self._pairs[conn], self._pairs[up] = up, conn
+                    continue
+                if self.stalled.is_set():
+                    continue  # leave the bytes in the kernel buffers: a stalled link
+                try:
+                    data = s.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close_pair(sel, s)
+                    continue
+                other = self._pairs.get(s)
+                if other is not None:
+                    try:
+                        other.setblocking(True)
+                        other.settimeout(2)
+                        other.sendall(data)
+                        other.setblocking(False)
+                    except OSError:
+                        self._close_pair(sel, s)
+        for s in list(self._pairs):
+            s.close()
+        self.listener.close()
+        sel.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def tear_tail(data_dir: str, rng: random.Random) -> list[str]:
+    """Append a torn half-batch (garbage) to the newest segment of every log under
+    ``data_dir``; return the files touched. Acknowledged records are left intact: this is
+    what a crash in the middle of a write leaves, not bit rot."""
+    touched = []
+    for root, _dirs, files in os.walk(data_dir):
+        segs = sorted(f for f in files if f.endswith(".log"))
+        if not segs:
+            continue
+        path = os.path.join(root, segs[-1])
+        # A plausible batch start (length, crc, magic, version) then garbage, cut short.
+        junk = (rng.randrange(40, 4000)).to_bytes(4, "little") + rng.randbytes(4) \
+            + bytes([0xA7, 1]) + rng.randbytes(rng.randrange(0, 30))
+        with open(path, "ab") as f:
+            f.write(junk)
+        touched.append(path)
+    return touched
+
+
+def newest_segment_size(data_dir: str) -> int:
+    """Size of the largest newest-segment under ``data_dir`` (for the RLIMIT_FSIZE fault)."""
+    size = 0
+    for root, _dirs, files in os.walk(data_dir):
+        segs = sorted(f for f in files if f.endswith(".log"))
+        if segs:
+            size = max(size, os.path.getsize(os.path.join(root, segs[-1])))
+    return size
+
+
+class Flood:
+    """Sends garbage at a set of tcp endpoints from a thread until stopped."""
+
+    def __init__(self, endpoints: list[str], seed: int, ctx: zmq.Context[Any]) -> None:
+        self.endpoints = endpoints
+        self.rng = random.Random(seed)
+        self.ctx = ctx
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-flood", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        dealers = []
+        for ep in self.endpoints:
+            d = self.ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.setsockopt(zmq.SNDHWM, 100)
+            d.connect(ep)
+            dealers.append(d)
+        try:
+            while not self._stop.is_set():
+                for d in dealers:
+                    frames = [self.rng.randbytes(self.rng.randrange(0, 64))
+                              for _ in range(self.rng.randrange(1, 5))]
+                    try:
+                        d.send_multipart(frames, zmq.NOBLOCK)
+                        self.sent += 1
+                    except zmq.ZMQError:
+                        pass
+                for ep in self.endpoints:  # raw bytes: not even a ZMTP greeting
+                    host, port = ep.removeprefix("tcp://").rsplit(":", 1)
+                    try:
+                        with socket.create_connection((host, int(port)), timeout=0.2) as s:
+                            s.sendall(self.rng.randbytes(self.rng.randrange(1, 512)))
+                            self.sent += 1
+                    except OSError:
+                        pass
+                self._stop.wait(0.005)  # pacing the flood so the two cores still run the mesh
+        finally:
+            for d in dealers:
+                d.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

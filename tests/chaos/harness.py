@@ -1,0 +1,275 @@
+"""The chaos harness: starts the mesh (one process per role), drives the fault schedule,
+samples every process's file descriptors and RSS, and drains the mesh for the checker.
+
+Roles: ``hub`` (the seed every node dials, through its own proxy, never faulted), ``pub0``
+``pub1`` (durable publishers), ``sub0`` ``sub1`` (durable subscribers of both streams),
+``producer`` + ``worker0..2`` (a work queue), ``resp0`` ``resp1`` + ``client`` (a service).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from tests.chaos import faults as F
+
+REPO = str(Path(__file__).resolve().parents[2])
+ROLES = ["pub0", "pub1", "sub0", "sub1", "producer", "worker0", "worker1", "worker2",
+         "resp0", "resp1", "client"]
+
+
+@dataclass
+class Sample:
+    """One /proc sample of one process."""
+
+    t: float
+    role: str
+    pid: int
+    fds: int
+    rss_kb: int
+
+
+@dataclass
+class RunResult:
+    """What the harness observed (the checker reads the role files for the rest)."""
+
+    run_dir: Path
+    seed: int
+    schedule: list[F.Fault]
+    applied: list[str] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    drained: bool = False
+    notes: list[str] = field(default_factory=list)
+    kills: dict[str, int] = field(default_factory=dict)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a role file (a line cut by a kill mid-write cannot happen with
+    one os.write per line, but a partial last line is skipped all the same)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def proc_sample(pid: int) -> tuple[int, int] | None:
+    """(open fds, VmRSS in KiB) of ``pid``, or None when it is gone."""
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/status") as f:
+            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        return fds, rss
+    except (OSError, StopIteration):
+        return None
+
+
+class Harness:
+    """Runs one chaos run in ``run_dir``. Use :meth:`run`; always :meth:`close`."""
+
+    def __init__(self, run_dir: Path, seed: int, duration: float, *,
+                 kinds: list[str] | None = None, config: dict[str, Any] | None = None) -> None:
+        self.run_dir = run_dir
+        self.seed = seed
+        self.duration = duration
+        self.rng = random.Random(seed ^ 0x5EED)
+        self.cfg: dict[str, Any] = {
+            "mesh": f"chaos-{os.getpid()}-{seed}", "peers": {}, "publish_rate": 200,
+            "push_rate": 100, "request_rate": 50, "request_timeout": 5.0, "drain_s": 30.0,
+            "subscribers": ["sub0", "sub1"],
+        }
+        self.cfg.update(config or {})
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.proxies: dict[str, F.Proxy] = {}
+        self.result = RunResult(run_dir, seed, F.schedule(seed, duration, ROLES, kinds))
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self._flood: F.Flood | None = None
+        (run_dir / "out").mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def out(self, role: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.run_dir / "out" / f"{role}.jsonl")
+
+    def start(self, role: str, fsize: int | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+        env.pop("CHAOS_FSIZE", None)
+        if fsize is not None:
+            env["CHAOS_FSIZE"] = str(fsize)
+        log = open(self.run_dir / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - child owns it
+        self.procs[role] = subprocess.Popen(
+            [sys.executable, "-m", "tests.chaos.roles", role, str(self.run_dir)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def kill(self, role: str) -> None:
+        p = self.procs.get(role)
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGCONT)  # a frozen process dies too
+            p.kill()
+            p.wait(10)
+            self.result.kills[role] = self.result.kills.get(role, 0) + 1
+
+    def write_config(self) -> None:
+        tmp = self.run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(self.cfg))
+        os.replace(tmp, self.run_dir / "config.json")
+
+    def wait(self, cond: Any, timeout: float, what: str) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            self.sample()
+            time.sleep(0.05)  # poll interval
+        self.result.notes.append(f"timed out after {timeout}s waiting for {what}")
+        return False
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_last_sample", 0.0) < 0.25:
+            return
+        self._last_sample = now
+        for role, p in self.procs.items():
+            if p.poll() is None:
+                s = proc_sample(p.pid)
+                if s is not None:
+                    self.result.samples.append(Sample(now, role, p.pid, s[0], s[1]))
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.write_config()
+        self.start("hub")
+        self.wait(lambda: any(e["ev"] == "endpoints" for e in self.out("hub")), 15, "hub up")
+        hub_ctrl = next(e for e in self.out("hub") if e["ev"] == "endpoints")["endpoints"]
+        control = next(ep for ep in hub_ctrl["control"] if ep.startswith("tcp://"))
+        for role in ROLES:
+            self.proxies[role] = F.Proxy(control)
+            self.cfg["peers"][role] = self.proxies[role].endpoint
+        self.write_config()
+        for role in ROLES:
+            self.start(role)
+        self.wait(self.traffic_flows, 40, "traffic on every pattern")
+
+    def traffic_flows(self) -> bool:
+        def has(role: str, ev: str) -> bool:
+            return any(e["ev"] == ev for e in self.out(role))
+        return (has("sub0", "got") and has("sub1", "got") and has("client", "ok")
+                and any(has(f"worker{i}", "exec") for i in range(3)))
+
+    def endpoints(self) -> list[str]:
+        eps: set[str] = set()
+        for role in ["hub", *ROLES]:
+            for e in self.out(role):
+                if e["ev"] == "endpoints":
+                    for v in e["endpoints"].values():
+                        eps.update(x for x in v if x.startswith("tcp://"))
+        return sorted(eps)
+
+    def apply(self, f: F.Fault) -> None:
+        """Start fault ``f``; returns after the fault has been undone (``f.duration`` s)."""
+        self.result.applied.append(str(f))
+        role = f.target
+        if f.kind == "kill":
+            self.kill(role)
+            self.idle(f.duration)
+            self.start(role)
+        elif f.kind == "stop":
+            p = self.procs[role]
+            if p.poll() is None:
+                p.send_signal(signal.SIGSTOP)
+            self.idle(f.duration)
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+        elif f.kind in ("stall", "cut"):
+            ev = self.proxies[role].stalled if f.kind == "stall" else self.proxies[role].cut
+            ev.set()
+            self.idle(f.duration)
+            ev.clear()
+        elif f.kind == "disk_full":
+            self.kill(role)
+            size = F.newest_segment_size(str(self.run_dir / "data" / role))
+            self.start(role, fsize=size + 4096)
+            self.idle(f.duration)
+            self.kill(role)
+            self.start(role)
+        elif f.kind == "torn_tail":
+            self.kill(role)
+            touched = F.tear_tail(str(self.run_dir / "data" / role), self.rng)
+            self.result.notes.append(f"torn tail on {len(touched)} segment(s) of {role}")
+            self.start(role)
+            self.idle(f.duration)
+        elif f.kind == "flood":
+            flood = F.Flood(self.endpoints(), self.seed, self.ctx)
+            self.idle(f.duration)
+            flood.close()
+            self.result.notes.append(f"flood sent {flood.sent} garbage messages")
+        else:  # pragma: no cover - schedule() only yields the kinds above
+            raise ValueError(f.kind)
+
+    def idle(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.sample()
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))  # the fault's length
+
+    def run(self) -> RunResult:
+        """Set up, run the schedule, drain and stop; the checker then reads the files."""
+        t0 = time.monotonic()
+        self.setup()
+        t_start = time.monotonic()
+        for f in self.result.schedule:
+            self.idle(max(0.0, t_start + f.at - time.monotonic()))
+            self.apply(f)
+        self.idle(max(0.0, t_start + self.duration - time.monotonic()))
+        # Anything that died on its own (a crash is a finding) is restarted for the drain.
+        for role, p in self.procs.items():
+            if p.poll() is not None:
+                self.result.notes.append(f"{role} had exited on its own (rc {p.returncode})")
+                self.start(role)
+        (self.run_dir / "quiesce").touch()
+        self.result.drained = self.wait(self.drained, self.cfg["drain_s"] + 10, "drain")
+        (self.run_dir / "stop").touch()
+        for role, p in self.procs.items():
+            try:
+                self.result.exit_codes[role] = p.wait(15)
+            except subprocess.TimeoutExpired:
+                self.result.exit_codes[role] = None
+                p.kill()
+                p.wait(5)
+        self.result.notes.append(f"run took {time.monotonic() - t0:.1f}s")
+        return self.result
+
+    def drained(self) -> bool:
+        from tests.chaos.invariants import pubsub_complete
+        def said(role: str, ev: str) -> bool:
+            return any(e["ev"] == ev for e in self.out(role))
+        return (said("pub0", "drained") and said("pub1", "drained") and said("producer", "drained")
+                and all(pubsub_complete(self.run_dir, s) for s in self.cfg["subscribers"]))
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait(10)
+        for px in self.proxies.values():
+            px.close()
+        self.ctx.destroy(0)

@@ -1,0 +1,249 @@
+"""The child processes of the chaos mesh: one role per process.
+
+Usage: ``python -m tests.chaos.roles ROLE RUN_DIR`` (the harness starts, kills and restarts
+these). Settings come from ``RUN_DIR/config.json``; every role appends JSON lines of what it
+*did* to ``RUN_DIR/out/ROLE.jsonl`` with one ``os.write`` per line (a SIGKILL never tears a
+line) and only *after* the action is final (a publish that returned, a task executed...), so
+the checker can compare the files after the run. Phases are files the harness creates:
+``RUN_DIR/quiesce`` (stop producing traffic, drain) and ``RUN_DIR/stop`` (report and exit).
+
+Every line holds ``"r"`` (the role's incarnation: its pid) so restarts are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any
+
+from mesh.errors import LogError, MeshError
+from mesh.node import Node, PresenceConfig
+
+PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.4, gone_s=1.0)
+QUEUE = "chaos-q"
+SERVICE = "chaos-svc"
+STREAM_PREFIX = "chaos."
+
+
+class Out:
+    """Append-only JSON-lines writer (one write per line: atomic under SIGKILL)."""
+
+    def __init__(self, run_dir: str, role: str) -> None:
+        os.makedirs(os.path.join(run_dir, "out"), exist_ok=True)
+        self.fd = os.open(os.path.join(run_dir, "out", f"{role}.jsonl"),
+                          os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.pid = os.getpid()
+
+    def __call__(self, **kw: Any) -> None:
+        kw["r"] = self.pid
+        os.write(self.fd, (json.dumps(kw, default=str) + "\n").encode())
+
+
+def phase(run_dir: str, name: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, name))
+
+
+def make_node(run_dir: str, role: str, cfg: dict[str, Any]) -> Node:
+    peer = cfg["peers"].get(role)  # this role's proxy in front of the hub's control endpoint
+    return Node(data_dir=os.path.join(run_dir, "data", role), name=role, mesh=cfg["mesh"],
+                interface="127.0.0.1", transports=("tcp",), mdns=False, presence=PRESENCE,
+                static_peers=(peer,) if peer else ())
+
+
+def report_node(out: Out, nd: Node) -> None:
+    out(ev="endpoints", endpoints={k: list(v) for k, v in nd.info().endpoints.items()})
+
+
+def final(out: Out, nd: Node, **extra: Any) -> None:
+    st = nd.stats()
+    out(ev="final", peers_joined=st.get("peers_joined", 0), node=st, **extra)
+
+
+def wait_peers(nd: Node, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(nd.peers.list()) < n and time.monotonic() < deadline:
+        time.sleep(0.01)  # a poll on the peer table
+
+
+# -- roles -------------------------------------------------------------------------------------
+
+def hub(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        while not phase(run_dir, "stop"):
+            time.sleep(0.05)  # the hub only relays presence and gossip
+        final(out, nd)
+
+
+def publisher(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    from patterns.pubsub import Publisher
+    stream = STREAM_PREFIX + role
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        with Publisher(nd, stream, heartbeat_s=0.1) as pub:
+            out(ev="start", head=pub.head)
+            i = 0
+            rate = cfg["publish_rate"]
+            while not phase(run_dir, "quiesce"):
+                batch = [f"{out.pid}-{i + k}" for k in range(10)]
+                try:
+                    seqs = pub.publish_many(batch, type="chaos")
+                except LogError as exc:  # disk full: nothing of the batch was acknowledged
+                    out(ev="publish_failed", error=type(exc).__name__)
+                    time.sleep(0.1)  # back off while the disk is full
+                    continue
+                out(ev="ack", first=seqs.start, n=len(seqs), d0=batch[0])
+                i += 10
+                time.sleep(10 / rate)  # pacing the traffic, not waiting for an outcome
+            names = cfg["subscribers"]
+            deadline = time.monotonic() + cfg["drain_s"]
+            while time.monotonic() < deadline and not phase(run_dir, "stop"):
+                lag = pub.stats().lag
+                if all(lag.get(n, 1) == 0 for n in names):
+                    break
+                time.sleep(0.05)  # poll on the subscribers' committed positions
+            st = pub.stats()
+            out(ev="drained", head=st.head, lag=st.lag, positions=st.positions)
+            while not phase(run_dir, "stop"):
+                time.sleep(0.05)  # keep serving replays until the run ends
+            final(out, nd, head=pub.stats().head, lag=pub.stats().lag)
+
+
+def subscriber(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    from patterns.pubsub import Start, Subscriber
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        with Subscriber(nd, STREAM_PREFIX, durable=role, start=Start.beginning(),
+                        commit_interval_s=0.2) as sub:
+            while not phase(run_dir, "stop"):
+                ev = sub.recv(timeout=0.1)
+                if ev is not None:
+                    out(ev="got", s=ev.stream, q=ev.seq, d=ev.data, id=ev.id)
+            sub.commit()
+            st = sub.stats()
+            final(out, nd, lag=st.lag, stats=vars(st))
+
+
+def producer(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    from patterns.pipeline import DispatchConfig, WorkQueue
+    dcfg = DispatchConfig(ack_wait=1.0, max_deliveries=3)
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        with WorkQueue(nd, QUEUE, config=dcfg) as q:
+            out(ev="start", recovered=q.recovered)
+            i = 0
+            rate = cfg["push_rate"]
+            while not phase(run_dir, "quiesce"):
+                # One task in 25 always fails: it must end in the DLQ with its history.
+                payloads = [(b"fail-" if (i + k) % 25 == 7 else b"ok-") + str(i + k).encode()
+                            for k in range(5)]
+                try:
+                    ids = q.push_many(payloads)
+                except LogError as exc:
+                    out(ev="push_failed", error=type(exc).__name__)
+                    time.sleep(0.1)  # back off while the disk is full
+                    continue
+                out(ev="pushed", first=ids.start, n=len(ids),
+                    fail=[ids.start + k for k, p in enumerate(payloads) if p.startswith(b"fail")])
+                i += 5
+                time.sleep(5 / rate)  # pacing the traffic
+            idle = True
+            try:
+                q.wait_idle(timeout=cfg["drain_s"])
+            except MeshError:
+                idle = False
+            dead = [{"task": e.task_id, "deliveries": e.deliveries, "history": len(e.history),
+                     "reason": e.reason} for e in q.dlq.list()]
+            out(ev="drained", idle=idle, stats=q.stats(), dlq=dead)
+            while not phase(run_dir, "stop"):
+                time.sleep(0.05)
+            final(out, nd, stats=q.stats())
+
+
+def worker(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    from patterns.pipeline import Worker
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        with Worker(nd, QUEUE, credit=10) as w:
+            while not phase(run_dir, "stop"):
+                task = w.get(timeout=0.1)
+                if task is None:
+                    continue
+                if task.payload.startswith(b"fail"):
+                    task.nack(error=ValueError(f"task {task.id} always fails"))
+                    continue
+                # Recorded before the ack: a kill between the two redelivers (a second line),
+                # never loses the record of an acknowledged task.
+                out(ev="exec", id=task.id)
+                task.ack()
+            final(out, nd, stats=w.stats())
+
+
+def responder(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    from patterns.reqrep import Incoming, Service
+
+    def handler(req: Incoming) -> object:
+        out(ev="exec", id=req.id)
+        return req.payload
+
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        wait_peers(nd, 1)  # offer once the hub is live (see tests/reqrep_child.py)
+        svc = Service(nd, SERVICE, handler, concurrency=2)
+        while not phase(run_dir, "stop"):
+            time.sleep(0.05)
+        final(out, nd, stats=vars(svc.stats()))
+        svc.close()
+
+
+def client(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    from patterns.reqrep import Client
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        c = Client(nd, heartbeat_s=0.1, liveness=3)
+        i = 0
+        while not phase(run_dir, "quiesce"):
+            rid = f"{out.pid}-{i}"
+            i += 1
+            try:
+                rep = c.request(SERVICE, rid, timeout=cfg["request_timeout"], request_id=rid)
+                out(ev="ok", id=rid, match=rep == rid)
+            except MeshError as exc:
+                out(ev="err", id=rid, error=type(exc).__name__)
+            time.sleep(1 / cfg["request_rate"])  # pacing the traffic
+        while not phase(run_dir, "stop"):
+            time.sleep(0.05)
+        final(out, nd, stats=vars(c.stats()))
+        c.close()
+
+
+ROLES = {"hub": hub, "pub": publisher, "sub": subscriber, "producer": producer,
+         "worker": worker, "resp": responder, "client": client}
+
+
+def kind_of(role: str) -> str:
+    """``pub0`` -> ``pub``: the role kind is the name without its trailing digits."""
+    return role.rstrip("0123456789")
+
+
+def main() -> None:
+    role, run_dir = sys.argv[1:3]
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    limit = os.environ.get("CHAOS_FSIZE")
+    if limit:
+        # Disk full: a write past the limit fails with EFBIG instead of killing us.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+    out = Out(run_dir, role)
+    out(ev="boot", fsize=int(limit) if limit else None)
+    ROLES[kind_of(role)](run_dir, role, cfg, out)
+    out(ev="exit")
+
+
+if __name__ == "__main__":
+    main()
