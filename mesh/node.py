@@ -287,6 +287,7 @@ class Node:
         # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
         # client in when no handler is there).
         self.security: NodeSecurity | None = None
+        self._key_ids: dict[str, str] = {}  # CURVE key -> node id cache (peer_by_key)
         try:
             if config.security is not None:
                 self.security = NodeSecurity(config.security, self.data_dir, self.context)
@@ -700,14 +701,38 @@ class Node:
         Raises:
             ConfigError: unknown action.
         """
-        if self.security is None:
-            return True
+        if self.security is None or peer_id == self.id:
+            return True  # a node may always talk to itself (its own sockets, same key)
         row = self.peers.get(peer_id)
         key = row.public_key if row is not None else None
         allowed = self.security.allows(peer_id, key, action, resource)
         if not allowed:
             self.security.count(f"denied_{action}")
         return allowed
+
+    def peer_by_key(self, key: str | None) -> str | None:
+        """The node id whose handshake key is ``key`` (a ROUTER/XPUB frame's ``User-Id``).
+
+        This node's own key gives its own id. Patterns use it to name the sender of a
+        message by what CURVE proved, never by a routing id the sender chose. None: no known
+        peer holds that key (treat the sender as a stranger: deny).
+        """
+        if key is None:
+            return None
+        if self.security is not None and key == self.security.public_key:
+            return self.id
+        # Cached per key and re-checked against the peer table (O(1) per message on the
+        # ROUTER paths; a rotated or removed key misses and rescans).
+        nid = self._key_ids.get(key)
+        if nid is not None:
+            row = self.peers.get(nid)
+            if row is not None and row.public_key == key:
+                return nid
+        for row in self.peers.list():
+            if row.public_key == key:
+                self._key_ids[key] = row.node_id
+                return row.node_id
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Counters of the control channel and the peer table (a snapshot)."""
@@ -1135,7 +1160,7 @@ class Node:
             self._count("malformed", bad)
         dialling = {d.node_id for d in self._dials.values()}
         dial_eps = {d.endpoint for d in self._dials.values()}
-        for node_id, mesh, host, eps in entries:
+        for node_id, mesh, host, eps, key in entries:
             if node_id == self.id or mesh != self.mesh or node_id in dialling:
                 continue
             if node_id in self._links or self._presence.is_live(node_id):
@@ -1144,6 +1169,13 @@ class Node:
                 continue  # a configured dial to it is pending; its answer will come
             ep = choose_endpoint({"control": eps}, "control", host == self.host,
                                  self.config.transports)
+            if ep is not None and self.security is not None:
+                # CURVE needs the server key to dial. Only a key our own trust store admits
+                # is used: a gossiper cannot point us at a server of its choosing.
+                if key is None or not self.security.store.allowed(key):
+                    self.security.count("gossip_untrusted_key")
+                    continue
+                self.security.remember(ep, key)
             if ep is not None:
                 self._count("gossip_dials")
                 self._dial(ep, node_id=node_id, static=None)
@@ -1221,7 +1253,8 @@ class Node:
     def _gossip(self) -> None:
         self._gossip_scheduled = False
         live = [r.info for r in self._presence.records() if r.state is not PeerState.GONE]
-        entries = [(i.node_id, i.mesh, i.host, i.endpoints.get("control", ())) for i in live]
+        entries = [(i.node_id, i.mesh, i.host, i.endpoints.get("control", ()), i.public_key)
+                   for i in live]
         for node_id, link in self._links.items():
             others = [e for e in entries if e[0] != node_id]
             if others and self._presence.is_live(node_id):

@@ -124,9 +124,16 @@ class _PubHub:
         sock = node.socket(zmq.XPUB, "pub")
         sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.LINGER, 0)
+        # With security on, subscriptions are applied by hand (XPUB_MANUAL) per connection,
+        # after checking the subscriber's "subscribe" permission (see _admit_subscription).
+        self.secure = getattr(node, "security", None) is not None
+        if self.secure:
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)
         self.sock = sock
         self.endpoints = node.bind(sock, "pub")
         self.subscriptions = 0
+        self.refused_subscriptions = 0
+        self.refused_replays = 0
         node.handle(frames.CTRL_REPLAY, self._on_replay)
         node.handle(frames.CTRL_ACK, self._on_ack)
         node.handle(frames.CTRL_OFFER, _registry.offer_handler(node))
@@ -214,6 +221,9 @@ class _PubHub:
             # listens (XPUB delivers b"\x01topic" / b"\x00topic").
             try:
                 while True:
+                    if self.secure:
+                        self._admit_subscription(self.sock.recv(zmq.NOBLOCK, copy=False))
+                        continue
                     msg = self.sock.recv(zmq.NOBLOCK)
                     if msg[:1] == b"\x01":
                         self.subscriptions += 1
@@ -231,6 +241,35 @@ class _PubHub:
                 except zmq.Again:
                     pass  # a PUB never blocks; a full pipe only means this beat is dropped
 
+    def _admit_subscription(self, frame: zmq.Frame) -> None:
+        # XPUB_MANUAL: ZMQ_SUBSCRIBE/UNSUBSCRIBE apply to the connection this notice came
+        # from, so a subscriber its CURVE key does not allow to subscribe is never sent data.
+        msg = frame.bytes
+        if msg[:1] not in (b"\x00", b"\x01"):
+            return
+        prefix = msg[1:]
+        if msg[:1] == b"\x00":
+            self.sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            return
+        try:
+            uid = frame.get("User-Id")
+        except zmq.ZMQError:
+            uid = None
+        peer = self.node.peer_by_key(uid if isinstance(uid, str) else None)
+        try:
+            name = prefix.decode("utf-8")
+        except UnicodeDecodeError:
+            name = None
+        # A prefix is granted only when allowed itself and for every stream it covers now.
+        if peer is None or name is None or not self.node.permits(peer, "subscribe", name) or \
+                not all(self.node.permits(peer, "subscribe", s) for s in self.streams
+                        if s.startswith(name)):
+            self.refused_subscriptions += 1
+            _log.warning("pubsub: subscription %r from %s refused", prefix[:64], peer or uid)
+            return
+        self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        self.subscriptions += 1
+
     def _on_replay(self, peer_id: str, body: object) -> None:
         try:
             rq = frames.decode_replay_request(body)
@@ -238,7 +277,12 @@ class _PubHub:
             self.bad_requests += 1
             _log.warning("pubsub: bad replay request from %s: %s", peer_id, exc)
             return
-        reply = self._serve(rq)
+        if not self.node.permits(peer_id, "replay", rq.stream):
+            self.refused_replays += 1
+            reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0, False,
+                                      "forbidden")
+        else:
+            reply = self._serve(rq)
         try:
             self.node.send(peer_id, frames.CTRL_REPLAY_DATA, reply.to_body())
         except MeshError as exc:

@@ -145,6 +145,7 @@ class SubscriberStats:
     lag: int = 0
     commits: int = 0
     streams: int = 0
+    forbidden: int = 0
 
 
 class _SubRouter:
@@ -357,6 +358,11 @@ class Subscriber:
     def _add_peer(self, peer: PeerInfo) -> None:
         if peer.node_id == self.node.id and not peer.endpoints.get("pub"):
             return
+        # Security: never connect to a publisher not allowed to publish what we want from it.
+        if not any(self._matches(s) and self.node.permits(peer.node_id, "publish", s)
+                   for s in peer.offers.get("stream", ())):
+            self._stats.forbidden += 1
+            return
         ep = self.node.connect_endpoint(peer, "pub")
         if ep is None:
             return
@@ -370,7 +376,7 @@ class Subscriber:
             self._disconnect(old)
         now = time.monotonic()
         for stream in peer.offers.get("stream", ()):
-            if self._matches(stream):
+            if self._matches(stream) and self.node.permits(peer.node_id, "publish", stream):
                 key = (peer.node_id, stream)
                 entry = self._trackers.get(key)
                 if entry is None:
@@ -463,6 +469,9 @@ class Subscriber:
             key = (head.publisher, stream)
             entry = trackers.get(key)
             if entry is None or entry[0] != head.epoch:
+                if entry is None and not self.node.permits(head.publisher, "publish", stream):
+                    stats.forbidden += 1  # checked once per (publisher, stream), not per event
+                    continue
                 if entry is not None:
                     _log.info("pubsub: %s restarted (new epoch); resetting", key)
                 tracker = self._new_tracker(key, replayable=head.durable)
@@ -499,7 +508,7 @@ class Subscriber:
             tracker = entry[1]
             if data.error is not None:
                 self._stats.replay_errors += 1
-                if data.error == "not_durable":
+                if data.error in ("not_durable", "forbidden"):
                     tracker.replayable = False
                 _log.info("pubsub: replay of %s refused: %s", key, data.error)
                 continue
