@@ -13,6 +13,10 @@ Kinds (``Fault.kind``):
   of each of its logs (what a crash mid-write leaves), restart it.
 * ``flood``: for ``duration`` s, send garbage at every endpoint any role bound: random ZeroMQ
   multiparts through a DEALER, and random bytes on raw TCP connections.
+* ``wrong_key``: for ``duration`` s, CURVE DEALERs with a fresh random keypair (and a random
+  server key) connect to every endpoint and send: the chaos mesh runs plaintext, so this is
+  the handshake-mismatch case; a wrong key against a CURVE mesh is covered by
+  tests/test_security_mesh.py.
 
 The schedule is a pure function of the seed (:func:`schedule`), so a failing run is rerun
 exactly (the timing of the processes under it still varies: see docs/parts/arch-chaos.md).
@@ -39,6 +43,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "disk_full": ("pub", "producer"),
     "torn_tail": ("pub", "producer"),
     "flood": ("*",),
+    "wrong_key": ("*",),
 }
 
 
@@ -209,8 +214,10 @@ def newest_segment_size(data_dir: str) -> int:
 class Flood:
     """Sends garbage at a set of tcp endpoints from a thread until stopped."""
 
-    def __init__(self, endpoints: list[str], seed: int, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, endpoints: list[str], seed: int, ctx: zmq.Context[Any],
+                 curve: bool = False) -> None:
         self.endpoints = endpoints
+        self.curve = curve
         self.rng = random.Random(seed)
         self.ctx = ctx
         self.sent = 0
@@ -224,6 +231,10 @@ class Flood:
             d = self.ctx.socket(zmq.DEALER)
             d.setsockopt(zmq.LINGER, 0)
             d.setsockopt(zmq.SNDHWM, 100)
+            if self.curve:  # a peer with a key nobody knows
+                pub, sec = zmq.curve_keypair()
+                d.curve_secretkey, d.curve_publickey = sec, pub
+                d.curve_serverkey = zmq.curve_keypair()[0]
             d.connect(ep)
             dealers.append(d)
         try:
@@ -236,7 +247,7 @@ class Flood:
                         self.sent += 1
                     except zmq.ZMQError:
                         pass
-                for ep in self.endpoints:  # raw bytes: not even a ZMTP greeting
+                for ep in [] if self.curve else self.endpoints:  # raw bytes, no ZMTP greeting
                     host, port = ep.removeprefix("tcp://").rsplit(":", 1)
                     try:
                         with socket.create_connection((host, int(port)), timeout=0.2) as s:

@@ -216,11 +216,11 @@ class Harness:
             self.result.notes.append(f"torn tail on {len(touched)} segment(s) of {role}")
             self.start(role)
             self.idle(f.duration)
-        elif f.kind == "flood":
-            flood = F.Flood(self.endpoints(), self.seed, self.ctx)
+        elif f.kind in ("flood", "wrong_key"):
+            flood = F.Flood(self.endpoints(), self.seed, self.ctx, curve=f.kind == "wrong_key")
             self.idle(f.duration)
             flood.close()
-            self.result.notes.append(f"flood sent {flood.sent} garbage messages")
+            self.result.notes.append(f"{f.kind} sent {flood.sent} messages")
         else:  # pragma: no cover - schedule() only yields the kinds above
             raise ValueError(f.kind)
 
