@@ -83,6 +83,11 @@ class WorkQueue:
         self._stats_snapshot: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self._bad_frames = 0
+        # Security on: each message's sender is named by its CURVE key (User-Id), never by
+        # the routing id it chose; READY needs "work" on this queue (see _sender_ok).
+        self._secure = getattr(node, "security", None) is not None
+        self._ident_keys: dict[bytes, str] = {}
+        self._forbidden = 0
         self._dispatcher = Dispatcher(
             self.config, time.monotonic(), rng=random.Random(seed)
         )
@@ -171,6 +176,7 @@ class WorkQueue:
         with self._stats_lock:
             out = dict(self._stats_snapshot)
         out["malformed_frames"] = self._bad_frames
+        out["forbidden"] = self._forbidden
         return out
 
     def wait_idle(self, timeout: float = 10.0) -> None:
@@ -299,7 +305,11 @@ class WorkQueue:
         d = self._dispatcher
         for _ in range(_RECV_BATCH):
             try:
-                msg = sock.recv_multipart(zmq.NOBLOCK)
+                if self._secure:
+                    zmsg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    msg = [f.bytes for f in zmsg]
+                else:
+                    msg = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(msg) < 2:
@@ -310,6 +320,8 @@ class WorkQueue:
                 cmd, value = fr.decode(msg[1:])
             except ProtocolError:
                 self._bad_frames += 1
+                continue
+            if self._secure and not self._sender_ok(zmsg[0], ident, cmd, value):
                 continue
             if cmd == fr.ACK:
                 d.on_ack(ident, value, now)
@@ -332,6 +344,28 @@ class WorkQueue:
                 d.worker_gone(ident, now)
             else:  # TASK from a worker: not valid in this direction
                 self._bad_frames += 1
+
+    def _sender_ok(self, frame: zmq.Frame, ident: bytes, cmd: Any, value: Any) -> bool:
+        try:
+            uid = frame.get("User-Id")
+        except zmq.ZMQError:
+            uid = None
+        key = uid if isinstance(uid, str) else None
+        if cmd == fr.READY:
+            peer = self.node.peer_by_key(key)
+            if (key is None or peer is None or peer != value.node_id
+                    or not self.node.permits(peer, "work", self.name)):
+                self._forbidden += 1
+                log.warning("queue %s: READY from %s (key %s) refused", self.name, peer, key)
+                return False
+            self._ident_keys[ident] = key
+            return True
+        # Acks and the rest: only from the connection (key) that registered this routing id
+        # with READY, so a peer that takes over a routing id (ROUTER_HANDOVER) gains nothing.
+        if key is None or self._ident_keys.get(ident) != key:
+            self._forbidden += 1
+            return False
+        return True
 
     def _dispatch(self, now: float) -> None:
         d = self._dispatcher

@@ -187,7 +187,9 @@ class Worker:
         me = self.node.info()
         if self.queue in me.offers.get("queue", ()):
             peers.append(me)  # a producer in this very node
-        return peers
+        # Security: take tasks (connect, give credit) only from producers allowed to "push"
+        # here; the CURVE server key of the connection binds it to that node.
+        return [p for p in peers if self.node.permits(p.node_id, "push", self.queue)]
 
     def _sync_peers(self, full: bool) -> None:
         with self._events_lock:
