@@ -114,8 +114,10 @@ class Responders:
         with self.lock:
             for service, eps in self.endpoints.items():
                 bal = self.balancers[service]
+                # Security: a responder not allowed to "serve" this service is never used.
                 ep = (self.node.connect_endpoint(info, service_role(service))
-                      if service in offered else None)
+                      if service in offered
+                      and self.node.permits(info.node_id, "serve", service) else None)
                 if ep is None:
                     if eps.pop(info.node_id, None) is not None:
                         bal.remove(info.node_id)

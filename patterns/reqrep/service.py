@@ -132,6 +132,7 @@ class ServiceStats:
     unroutable: int = 0
     dropped_by_hook: int = 0
     running: int = 0
+    forbidden: int = 0
 
 
 @dataclass
@@ -234,6 +235,7 @@ class Service:
         self._closed = False
         #: test hook: drop this many replies after caching them (simulates a lost reply).
         self.drop_replies = 0
+        self._secure = getattr(node, "security", None) is not None
         self._sock = node.socket(zmq.ROUTER, service_role(name))
         self._sock.setsockopt(zmq.ROUTING_ID, routing_id(node.id, name))
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -433,6 +435,19 @@ class Service:
             st.replied += 1
             self._send(rid, frames)
 
+    def _caller_ok(self, frame: zmq.Frame) -> bool:
+        # Security on: the caller is the node its CURVE key (User-Id) maps to, never the
+        # routing id it chose; it needs "call" on this service. A refused caller gets nothing.
+        try:
+            uid = frame.get("User-Id")
+        except zmq.ZMQError:
+            uid = None
+        peer = self.node.peer_by_key(uid if isinstance(uid, str) else None)
+        if peer is not None and self.node.permits(peer, "call", self.name):
+            return True
+        self._stats.forbidden += 1
+        return False
+
     def _on_frames(self, msg: list[bytes]) -> None:
         try:
             m = fr.decode(msg[1:])
@@ -466,7 +481,13 @@ class Service:
                 if sock in events:
                     for _ in range(_RECV_BATCH):
                         try:
-                            msg = sock.recv_multipart(zmq.NOBLOCK)
+                            if self._secure:
+                                zmsg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                                if not self._caller_ok(zmsg[0]):
+                                    continue
+                                msg = [f.bytes for f in zmsg]
+                            else:
+                                msg = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         self._on_frames(msg)
