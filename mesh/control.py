@@ -307,17 +307,19 @@ def hello_from_wire(obj: object) -> Hello:
     return Hello(peerinfo_from_wire(obj.get("info")), dial, ack, reply)
 
 
-#: One gossip entry: (node_id, mesh, host, control endpoints).
-GossipEntry = tuple[str, str, str, tuple[str, ...]]
+#: One gossip entry: (node_id, mesh, host, control endpoints, CURVE public key or None).
+GossipEntry = tuple[str, str, str, tuple[str, ...], str | None]
 
 
 def gossip_to_wire(entries: Iterable[GossipEntry]) -> list[list[Any]]:
     """The msgpack array of a GOSSIP body."""
-    return [[node_id, mesh, host, list(eps)] for node_id, mesh, host, eps in entries]
+    return [[node_id, mesh, host, list(eps), key] for node_id, mesh, host, eps, key in entries]
 
 
 def gossip_from_wire(obj: object) -> tuple[list[GossipEntry], int]:
     """Decode a GOSSIP body; return the valid entries and the number of bad ones skipped.
+
+    An entry has 5 elements (the key may be nil); a 4-element entry (no key) is accepted.
 
     Raises:
         ProtocolError: the body is not an array.
@@ -328,13 +330,18 @@ def gossip_from_wire(obj: object) -> tuple[list[GossipEntry], int]:
     bad = 0
     for item in obj:
         try:
-            node_id, mesh, host, eps = item
+            if not isinstance(item, list) or len(item) not in (4, 5):
+                raise ProtocolError("gossip entry must be an array of 4 or 5 elements")
+            node_id, mesh, host, eps = item[:4]
+            key = item[4] if len(item) == 5 else None
             _check_node_id(node_id)
             if not isinstance(mesh, str) or not isinstance(host, str):
                 raise ProtocolError("gossip mesh/host must be strings")
             if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
                 raise ProtocolError("gossip endpoints must be strings")
-            good.append((node_id, mesh, host, tuple(eps)))
+            if key is not None and not isinstance(key, str):
+                raise ProtocolError("gossip key must be a string or nil")
+            good.append((node_id, mesh, host, tuple(eps), key))
         except (ProtocolError, TypeError, ValueError):
             bad += 1
     return good, bad

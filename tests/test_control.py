@@ -114,11 +114,14 @@ def test_unknown_offer_kinds_are_dropped_not_fatal() -> None:
 
 
 def test_gossip_skips_bad_entries() -> None:
-    good = (NODE, "m", "h", ("tcp://127.0.0.1:1",))
-    wire = control.gossip_to_wire([good])
-    wire += [["short"], [NODE, 1, "h", []], "x", [NODE, "m", "h", [1]]]
+    good = (NODE, "m", "h", ("tcp://127.0.0.1:1",), None)
+    keyed = (NODE, "m", "h", ("tcp://127.0.0.1:1",), "k" * 40)
+    wire = control.gossip_to_wire([good, keyed])
+    wire += [["short"], [NODE, 1, "h", []], "x", [NODE, "m", "h", [1]], [NODE, "m", "h", [], 7]]
+    wire.append([NODE, "m", "h", ["tcp://127.0.0.1:2"]])  # a 4-element entry: no key
     entries, bad = control.gossip_from_wire(wire)
-    assert entries == [good] and bad == 4
+    assert entries == [good, keyed, (NODE, "m", "h", ("tcp://127.0.0.1:2",), None)]
+    assert bad == 5
     with pytest.raises(ProtocolError):
         control.gossip_from_wire({"not": "a list"})
 

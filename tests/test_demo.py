@@ -35,3 +35,4 @@ def test_demo_survives_kill_and_reports_ok(mode: str) -> None:
     assert report["calls"]["failed"] == 0 and report["calls"]["ok"] > 0
     assert all(lag.get("aggregator") == 0 for lag in report["lag"].values())
     assert report["discovery"] == ("static" if mode == "static" else "mdns")
+    assert report["curve"] is True  # the demo runs with CURVE and per-role permissions

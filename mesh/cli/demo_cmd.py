@@ -35,6 +35,8 @@ def register(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="readings per second per sensor")
     p.add_argument("--no-mdns", action="store_true", help="use a static loopback seed, not mDNS")
     p.add_argument("--keep", action="store_true", help="keep the data directory at the end")
+    p.add_argument("--no-curve", action="store_true",
+                   help="plaintext sockets (default: CURVE on every socket, keys allowlisted)")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.set_defaults(func=run)
 
@@ -129,13 +131,26 @@ def _mdns_works() -> bool:
         return False
 
 
-def _wait(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+#: What each role may do (deny by default once security is on): least privilege per role.
+_RULES = {
+    "sensor": ["publish:demo.readings.*", "push:demo.jobs", "call:demo.calibrate"],
+    "aggregator": ["subscribe:demo.readings.*", "replay:demo.readings.*"],
+    "worker": ["work:demo.jobs", "serve:demo.calibrate"],
+}
+
+
+def _make_keys(root: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """A CURVE keypair per demo node (secrets 0600) and an allowlist holding their public keys."""
+    from mesh.security.keys import load_public_key, write_keypair
+
+    allow = root / "allow"
+    allow.mkdir()
+    out = {}
+    for name in names:
+        pub, _ = write_keypair(root / "keys", name)
+        shutil.copy(pub, allow / pub.name)
+        out[name] = load_public_key(pub)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,9 +160,18 @@ def run(args: argparse.Namespace) -> int:
     cfg: dict[str, Any] = {"root": str(root), "mesh": f"demo-{secrets.token_hex(4)}",
                            "mdns": mdns, "count": args.count, "rate": args.rate,
                            "jobs": "sensor-1", "calls": "sensor-2"}
+    names = ("sensor-1", "sensor-2", "aggregator", "worker-1", "worker-2")
+    keys: dict[str, str] = {}
+    if not args.no_curve:
+        keys = _make_keys(root, names)
+        cfg["security"] = {"keys": str(root / "keys"), "allow": str(root / "allow"),
+                           "permissions": {keys[n]: _RULES[n.rsplit("-", 1)[0]] for n in names}}
     procs: list[_Proc] = []
     try:
         demo.say(f"mesh {cfg['mesh']}, data in {root}")
+        demo.say("security: CURVE on every socket; only the 5 demo keys are allowed, each "
+                 "with the permissions of its role"
+                 if keys else "security: off (--no-curve)")
         demo.say("discovery: mDNS on 127.0.0.1" if mdns else
                  "discovery: multicast unavailable (or --no-mdns): static seed on loopback")
         first = _Proc("sensor", "sensor-1", cfg, demo)
@@ -155,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
         if not first.up.wait(15):
             raise RuntimeError("sensor-1 did not start")
         if not mdns:
-            cfg = {**cfg, "seeds": first.last["control"][:1]}
+            seed = first.last["control"][:1]
+            cfg = {**cfg, "seeds": seed}
+            if keys:  # CURVE needs the seed's server key before it has announced anything
+                cfg["security"] = {**cfg["security"], "peer_keys": {seed[0]: keys["sensor-1"]}}
         sensor2 = _Proc("sensor", "sensor-2", cfg, demo)
         agg = _Proc("aggregator", "aggregator", cfg, demo)
         w1 = _Proc("worker", "worker-1", cfg, demo)
@@ -234,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             "duplicates_removed": agg.last.get("duplicates", 0),
             "replayed_after_restart": agg.last.get("replayed", 0),
             "lag": {p.last.get("stream"): p.last.get("lag", {}) for p in sensors},
-            "jobs": jobs, "dlq": dlq, "calls": calls,
+            "jobs": jobs, "dlq": dlq, "calls": calls, "curve": bool(keys),
         }
         if args.json:
             print(json.dumps(report))

@@ -39,10 +39,19 @@ def _say(role: str, event: str, **fields: Any) -> None:
 
 
 def _node(cfg: dict[str, Any], name: str) -> Node:
+    security = None
+    if cfg.get("security"):
+        from mesh.security import SecurityConfig
+
+        sec = cfg["security"]
+        security = SecurityConfig(
+            key_file=Path(sec["keys"]) / f"{name}.key_secret", allowlist_dir=sec["allow"],
+            peer_keys=dict(sec.get("peer_keys", {})), permissions=sec["permissions"])
     node = Node(NodeConfig(
         data_dir=Path(cfg["root"]) / name, name=name, mesh=cfg["mesh"], interface="127.0.0.1",
         mdns=bool(cfg["mdns"]), seeds=tuple(cfg.get("seeds", ())),
         presence=PresenceConfig(heartbeat_s=0.25, evasive_s=0.75, gone_s=2.5),
+        security=security,
     ))
 
     def on_peer(ev: PeerEvent) -> None:
