@@ -22,6 +22,7 @@ import zmq
 from mesh.errors import ClosedError, ConfigError, MeshTimeout, ProtocolError
 from mesh.log import FsyncPolicy
 from mesh.peers import PeerEvent, PeerEventKind
+from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
@@ -108,6 +109,7 @@ class WorkQueue:
         self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
         self._thread.start()
         node.offer("queue", name)
+        self._unmetrics = attach(node, queue_collector(self))
 
     # ------------------------------------------------------------------ user API
     def push(self, payload: bytes, key: Hashable | None = None) -> int:
@@ -204,6 +206,7 @@ class WorkQueue:
                 return
             self._closed = True
             os.write(self._wfd, b"q")
+        self._unmetrics()
         try:
             self.node.withdraw("queue", self.name)
         except Exception:

@@ -24,6 +24,8 @@ import zmq
 
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError, WrongThread
 from mesh.peers import PeerEvent, PeerInfo
+from mesh.tracing import consuming, context_from
+from patterns._metrics import Processing
 
 from . import frames as fr
 from .queue import role_for
@@ -166,6 +168,7 @@ class Worker:
         self.bad_frames = 0
         self._handler: Callable[[Task], object] | None = None
         self._unsub = node.on_peer(self._on_peer)
+        self._processing = Processing(node, "pipeline", queue, consumer=node.name)
 
     # -------------------------------------------------------------- reactor thread
     def _on_peer(self, ev: PeerEvent) -> None:
@@ -343,17 +346,27 @@ class Worker:
 
     def handle(self, task: Task, handler: Callable[[Task], object]) -> None:
         """Run ``handler`` on ``task``: return = ACK, :class:`TaskTerminated` = TERM, any
-        other exception = NACK with the error kept (type, message, traceback)."""
+        other exception = NACK with the error kept (type, message, traceback).
+
+        The handler runs as a trace context of its own (a new trace per task: tasks carry no
+        trace fields on the wire), so what it publishes or requests is correlated to it."""
+        started = time.perf_counter()
+        failed = False
         try:
-            handler(task)
+            with consuming(ctx=context_from(stream=self.queue), kind="process"):
+                handler(task)
         except TaskTerminated as exc:
+            failed = True
             if not task._done:
                 task.term(exc.reason, error=exc)
             return
         except Exception as exc:
+            failed = True
             if not task._done:
                 task.nack(error=exc)
             return
+        finally:
+            self._processing.observe(started, failed)
         if not task._done:
             task.ack()
 

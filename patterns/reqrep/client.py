@@ -23,6 +23,7 @@ import zmq
 
 from mesh.errors import ClosedError, ConfigError, ProtocolError
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+from mesh.tracing import request_headers
 from mesh.uuid7 import uuid7
 from patterns.reqrep import frames as fr
 from patterns.reqrep.balancer import Balancer
@@ -240,7 +241,8 @@ def prepare_call(service: str, payload: Any, timeout: float | None, headers: dic
         raise ConfigError(f"timeout must be a positive number of seconds, got {t!r}")
     if not isinstance(service, str) or not service:
         raise ConfigError(f"service must be a non-empty string, got {service!r}")
-    h = dict(headers or {})
+    # Inside a handler the consumed event's trace context fills the unset trace headers.
+    h = request_headers(headers) or {}
     if correlationid is not None:
         h["correlationid"] = correlationid
     if traceparent is not None:

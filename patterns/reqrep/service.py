@@ -23,6 +23,8 @@ import msgpack
 import zmq
 
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
+from mesh.tracing import consuming, context_of_request
+from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
 from patterns.reqrep.cache import Lookup, ReplyCache
 
@@ -244,6 +246,8 @@ class Service:
         self._io = threading.Thread(target=self._run, name=f"rpc-{name}", daemon=True)
         self._started = False
         self._start_lock = threading.Lock()
+        self._processing = Processing(node, "reqrep", name)
+        self._unmetrics = attach(node, service_collector(self))
         if handler is not None:
             self._start()
 
@@ -297,6 +301,7 @@ class Service:
         if self._closed:
             return
         self._closed = True
+        self._unmetrics()
         try:
             self.node.withdraw("service", self.name)
         except MeshError:
@@ -347,13 +352,20 @@ class Service:
 
     def _execute(self, inc: Incoming) -> fr.Reply:
         assert self._handler is not None
+        started = time.perf_counter()
+        failed = False
         try:
-            value = self._handler(inc)
+            # The request's traceparent / correlationid headers become the handler's context.
+            with consuming(ctx=context_of_request(inc.id, inc.headers, self.name), kind="serve"):
+                value = self._handler(inc)
             fmt, body = encode_body(value)
             return fr.Reply(inc.id, fr.Status.OK, 0, fmt, body=body)
         except Exception as exc:  # the handler's failure is the caller's answer, typed
+            failed = True
             return fr.Reply(inc.id, fr.Status.ERROR, 0, fr.Format.BYTES,
                             type(exc).__name__, str(exc)[:4096])
+        finally:
+            self._processing.observe(started, failed)
 
     def _finish(self, inc: Incoming, rep: fr.Reply) -> None:
         # called on worker / user threads: hand over to the I/O thread. Always signal: an
