@@ -108,6 +108,7 @@ class _Stream:
         self.linger_s = 0.0
         self.pending: list[bytes] = []  # logged, not sent yet (coalescing)
         self.pending_first = 0
+        self.pending_since = 0.0
         self.last_send = 0.0
         self.timer_armed = False
 
@@ -455,11 +456,15 @@ class Publisher:
             pend = st.pending
             if pend:
                 pend.append(env)
-                if len(pend) >= COALESCE_MAX:
+                # Full, or held long enough (do not rely on the reactor's timer alone: on a
+                # busy machine it may run late).
+                if (len(pend) >= COALESCE_MAX
+                        or time.monotonic() - st.pending_since >= st.linger_s):
                     hub.flush(st)
-            elif st.linger_s and time.monotonic() - st.last_send < COALESCE_GAP_S:
+            elif st.linger_s and (now := time.monotonic()) - st.last_send < COALESCE_GAP_S:
                 # Busy: hold it; the next calls join it, or the reactor sends it after linger_s.
                 st.pending_first = seq
+                st.pending_since = now
                 pend.append(env)
                 if not st.timer_armed:
                     try:
