@@ -44,6 +44,7 @@ from mesh.errors import (
     ProtocolError,
     UnsupportedProtocol,
 )
+from mesh.log.directory import set_atrest_key
 from mesh.peers import (
     OFFER_KINDS,
     PROTOCOL_VERSION,
@@ -291,6 +292,8 @@ class Node:
         try:
             if config.security is not None:
                 self.security = NodeSecurity(config.security, self.data_dir, self.context)
+                if self.security.atrest_key is not None:
+                    set_atrest_key(self.data_dir, self.security.atrest_key)
             self.reactor.start()
             self.reactor.run_sync(self._setup)
         except BaseException:
@@ -367,6 +370,8 @@ class Node:
                 s.close()
         if self.security is not None:
             self.security.close()
+            if self.security.atrest_key is not None:
+                set_atrest_key(self.data_dir, None)
         self.context.term()
         for closer in list(self._iter_closers):
             closer()

@@ -12,7 +12,7 @@ and its index) <- :mod:`mesh.log.log` (the log, fsync policies, recovery, retent
 :mod:`mesh.log.directory` (streams of a data directory).
 """
 
-from mesh.log.directory import LogDirectory, validate_stream_name
+from mesh.log.directory import LogDirectory, set_atrest_key, validate_stream_name
 from mesh.log.log import FsyncPolicy, Log, LogConfig, LogStats, Record, Retention
 from mesh.log.verify import Problem, VerifyReport, verify_log
 
@@ -26,6 +26,7 @@ __all__ = [
     "Record",
     "Retention",
     "VerifyReport",
+    "set_atrest_key",
     "validate_stream_name",
     "verify_log",
 ]

@@ -20,11 +20,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 from mesh.errors import (
     ClosedError,
     ConfigError,
+    DecryptionFailed,
     LogCorruptedRange,
     LogError,
     LogFull,
@@ -38,6 +39,23 @@ from mesh.log.segment import BadRegion, Segment, is_full
 log = logging.getLogger("mesh.log")
 
 LOCK_NAME = "LOCK"
+#: Marker of a log encrypted at rest: holds the hex key id of the cipher its records use.
+CIPHER_NAME = "CIPHER"
+
+
+class RecordSealer(Protocol):
+    """What :attr:`LogConfig.cipher` must provide (``mesh.security.atrest.RecordCipher``)."""
+
+    key_id: bytes
+
+    def seal(self, payload: bytes) -> bytes:
+        """Encrypt one payload."""
+
+    def seal_many(self, payloads: Sequence[bytes]) -> list[bytes]:
+        """Encrypt a batch."""
+
+    def open(self, sealed: bytes, where: str = "record") -> bytes:
+        """Decrypt one payload (raises ``DecryptionFailed``)."""
 _READ_CHUNK = 1 << 20
 
 
@@ -114,6 +132,11 @@ class LogConfig:
         keep_past_floors: retention never deletes a segment holding a record at or after a
             floor set with :meth:`Log.set_retention_floor`.
         max_record_bytes: the largest payload ``append`` accepts.
+        cipher: optional encryption at rest (a ``RecordCipher``): each payload is sealed at
+            append and opened at read; framing, checksums and index stay over the sealed
+            bytes, so recovery, retention and seeking work unchanged. The log directory then
+            holds a ``CIPHER`` marker with the key id, and opening it without the cipher, or
+            with another key, raises ``DecryptionFailed`` before anything is read or written.
     """
 
     fsync: FsyncPolicy = field(default_factory=lambda: FsyncPolicy.interval(10.0))
@@ -123,6 +146,7 @@ class LogConfig:
     corruption: Literal["raise", "skip"] = "raise"
     keep_past_floors: bool = True
     max_record_bytes: int = 16 << 20
+    cipher: RecordSealer | None = None
 
     def __post_init__(self) -> None:
         if self.segment_bytes < 4096:
@@ -242,6 +266,7 @@ class Log:
                 os.makedirs(p, exist_ok=True)
                 self._take_lock()
             self._load()
+            self._check_cipher()
         except OSError as exc:
             self._release()
             raise LogError(f"cannot open log {p}: {exc}") from exc
@@ -253,6 +278,39 @@ class Log:
                                              name=f"log-fsync:{os.path.basename(p)}")
             self._flusher.start()
         return self
+
+    def _check_cipher(self) -> None:
+        # Decide before the first read or write whether this key fits this log: a wrong key
+        # must fail loudly here, never look like corruption or damage anything.
+        marker = os.path.join(self.path, CIPHER_NAME)
+        try:
+            with open(marker, encoding="ascii") as f:
+                kid: str | None = f.read().strip()
+        except FileNotFoundError:
+            kid = None
+        cipher = self.config.cipher
+        if cipher is None:
+            if kid is not None:
+                raise DecryptionFailed(f"log {self.path}: it is encrypted at rest (key id "
+                                       f"{kid}) and was opened without a key")
+            return
+        mine = cipher.key_id.hex()
+        if kid is None:
+            if self.first_offset is not None:
+                raise DecryptionFailed(f"log {self.path}: it holds plaintext records; an "
+                                       "existing log cannot be switched to encryption")
+            if self.readonly:
+                return
+            tmp = marker + ".tmp"
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(mine + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, marker)
+            self._sync_dir()
+        elif kid != mine:
+            raise DecryptionFailed(f"log {self.path}: it was encrypted under key id {kid}, "
+                                   f"this key is {mine}")
 
     def _take_lock(self) -> None:
         lock_path = os.path.join(self.path, LOCK_NAME)
@@ -415,6 +473,8 @@ class Log:
         """
         if len(payload) > self.config.max_record_bytes:
             raise RecordTooLarge(len(payload), self.config.max_record_bytes)
+        if self.config.cipher is not None:
+            payload = self.config.cipher.seal(bytes(payload))
         with self._lock:
             self._check_writable()
             ts = self._now() if timestamp_ns is None else timestamp_ns
@@ -442,6 +502,9 @@ class Log:
         biggest = max(lens, default=0)
         if biggest > self.config.max_record_bytes:
             raise RecordTooLarge(biggest, self.config.max_record_bytes)
+        if self.config.cipher is not None and n:
+            payloads = self.config.cipher.seal_many(payloads)  # outside the lock
+            lens = list(map(len, payloads))
         total = sum(lens)
         with self._lock:
             self._check_writable()
@@ -586,6 +649,8 @@ class Log:
             ClosedError: the log is closed.
         """
         first, payloads, stamps, offs = self._collect(offset, max_records, True)
+        if self.config.cipher is not None:
+            payloads = self._open_all(first, payloads)
         if offs is None:
             return [Record(first + i, t, p) for i, (t, p) in
                     enumerate(zip(stamps, payloads, strict=True))]
@@ -602,7 +667,16 @@ class Log:
             LogCorruptedRange: see :meth:`read`.
         """
         first, payloads, _, _ = self._collect(offset, max_records, False)
+        if self.config.cipher is not None:
+            payloads = self._open_all(first, payloads)
         return first, payloads
+
+    def _open_all(self, first: int, payloads: list[bytes]) -> list[bytes]:
+        cipher = self.config.cipher
+        assert cipher is not None
+        opn = cipher.open
+        where = f"log {self.path} record near offset {first}"
+        return [opn(p, where) for p in payloads]
 
     def _snapshot(self, offset: int) -> list[Segment]:
         if self._closed:

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from mesh.errors import AuthenticationFailed, ConfigError
+from mesh.security.atrest import load_or_create_atrest_key
 from mesh.security.authority import TrustAnchor
 from mesh.security.keys import Keypair, is_z85_key, load_or_create_keypair
 from mesh.security.perms import PermissionTable
@@ -57,6 +58,10 @@ class SecurityConfig:
             before the peer has announced anything, and CURVE needs the server key up front).
         permissions: principal (node id, Z85 key or ``*``) -> rules; certificates add theirs.
         monitor: count handshake failures on bound sockets from socket monitor events.
+        atrest: encrypt every durable log in the node's data directory at rest
+            (ChaCha20-Poly1305 per record, ``mesh.security.atrest``).
+        atrest_key_file: the at-rest key (32 random bytes, base64, mode 0600); None means
+            ``<data_dir>/atrest.key``, created on first start. Losing it loses the logs.
     """
 
     key_file: str | Path | None = None
@@ -67,6 +72,8 @@ class SecurityConfig:
     peer_keys: Mapping[str, str] = field(default_factory=dict)
     permissions: Mapping[str, Sequence[str]] = field(default_factory=dict)
     monitor: bool = True
+    atrest: bool = False
+    atrest_key_file: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.allowlist_dir is None and self.authority is None and not self.trusted_keys:
@@ -127,6 +134,11 @@ class NodeSecurity:
             trusted_keys=(*config.trusted_keys, self.keypair.public),
         )
         self.permissions = PermissionTable(config.permissions)
+        self.atrest_key: bytes | None = None
+        if config.atrest:
+            self.atrest_key = load_or_create_atrest_key(
+                config.atrest_key_file if config.atrest_key_file is not None
+                else data_dir / "atrest.key")
         self._ep_keys: dict[str, str] = dict(config.peer_keys)
         self._lock = threading.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
