@@ -193,10 +193,13 @@ class consuming:  # used like a function: ``with consuming(event):``
 
     def __enter__(self) -> TraceContext:
         c = self._ctx
-        self._token = _current.set(c)
         if OTEL:
             self._span = _otel_span(self._kind, self._name or c.stream or "", c)
-            self._span.__enter__()
+            sc = self._span.__enter__().get_span_context()
+            if sc.is_valid:  # children point at the real span, so the backends' trees match
+                c = self._ctx = c._replace(trace_id=f"{sc.trace_id:032x}",
+                                           span_id=f"{sc.span_id:016x}")
+        self._token = _current.set(c)
         return c
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -210,29 +213,31 @@ class consuming:  # used like a function: ``with consuming(event):``
 
 @contextlib.contextmanager
 def span(kind: str, name: str) -> Iterator[None]:
-    """An OpenTelemetry span for a publish or a request (a no-op without the API)."""
+    """An OpenTelemetry span for a publish or a request, a child of the current span (a no-op
+    without the API)."""
     if not OTEL:
         yield
         return
-    c = _current.get()
-    with _otel_span(kind, name, c):
+    tracer = _otel_trace.get_tracer("zeromesh")
+    attrs = {"messaging.system": "zeromesh", "messaging.operation": kind,
+             "messaging.destination.name": name}
+    with tracer.start_as_current_span(f"{kind} {name}", attributes=attrs):
         yield
 
 
-@contextlib.contextmanager
-def _otel_span(kind: str, name: str, c: TraceContext | None) -> Iterator[None]:
+def _otel_span(kind: str, name: str, c: TraceContext) -> Any:
+    """A started-on-enter OTel span under the consumed message's remote parent."""
     tracer = _otel_trace.get_tracer("zeromesh")
     parent = None
-    if c is not None and c.parent_span_id is not None:
+    if c.parent_span_id is not None:
         sc = _SpanContext(int(c.trace_id, 16), int(c.parent_span_id, 16), is_remote=True,
                           trace_flags=_TraceFlags(int(c.flags, 16)))
         parent = _otel_trace.set_span_in_context(_NonRecordingSpan(sc))
     attrs = {"messaging.system": "zeromesh", "messaging.operation": kind,
              "messaging.destination.name": name}
-    if c is not None and c.event_id:
+    if c.event_id:
         attrs["messaging.message.id"] = c.event_id
-    with tracer.start_as_current_span(f"{kind} {name}", context=parent, attributes=attrs):
-        yield
+    return tracer.start_as_current_span(f"{kind} {name}", context=parent, attributes=attrs)
 
 
 def child_fields(correlationid: str | None, causationid: str | None,

@@ -1,0 +1,35 @@
+"""OpenTelemetry spans when the ``otel`` extra is installed (skipped otherwise)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace")
+
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+
+from mesh import Event  # noqa: E402
+from mesh.tracing import OTEL, consuming, span  # noqa: E402
+
+
+def test_consume_and_publish_spans_join_the_event_trace() -> None:
+    assert OTEL
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    ev = Event(type="t", source="s", stream="orders",
+               traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    with consuming(ev), span("publish", "invoices"):
+        pass
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    consume, publish = spans["consume orders"], spans["publish invoices"]
+    assert consume.context.trace_id == 0x4bf92f3577b34da6a3ce929d0e0e4736
+    assert consume.parent is not None and consume.parent.span_id == 0x00f067aa0ba902b7
+    assert publish.parent is not None and publish.parent.span_id == consume.context.span_id
+    assert consume.attributes["messaging.message.id"] == ev.id
