@@ -902,6 +902,9 @@ class Node:
 
     def _on_router_secure(self, sock: zmq.Socket[Any]) -> None:
         # copy=False only here: it is what exposes the handshake's key (User-Id) per message.
+        assert self.security is not None
+        allow = self.security.buckets.allow
+        now = self._clock()
         for _ in range(_RECV_BATCH):
             try:
                 zframes = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -912,6 +915,11 @@ class Node:
                 key: str | None = uid if isinstance(uid, str) else None
             except zmq.ZMQError:
                 key = None
+            # Per-peer token bucket, one token per control message, charged before decoding
+            # so a flood costs almost nothing; keyed by what the handshake proved.
+            if key is not None and not allow(key, max(1, (len(zframes) - 1) // 2), now):
+                self._bad("security_rate_limited", "peer key %s over its rate limit", key)
+                continue
             frames = [f.bytes for f in zframes]
             if self._check_sender_key(frames, key):
                 self._on_frames(frames)

@@ -23,6 +23,7 @@ from mesh.errors import AuthenticationFailed, ConfigError
 from mesh.security.atrest import load_or_create_atrest_key
 from mesh.security.authority import TrustAnchor
 from mesh.security.keys import Keypair, is_z85_key, load_or_create_keypair
+from mesh.security.limits import RateLimit, TokenBuckets
 from mesh.security.perms import PermissionTable
 from mesh.security.zap import ZAP_DOMAIN, TrustStore, ZapAuthenticator
 
@@ -62,6 +63,9 @@ class SecurityConfig:
             (ChaCha20-Poly1305 per record, ``mesh.security.atrest``).
         atrest_key_file: the at-rest key (32 random bytes, base64, mode 0600); None means
             ``<data_dir>/atrest.key``, created on first start. Losing it loses the logs.
+        rate_limit: per-peer token bucket on the control channel's ingress (keyed by the
+            sender's CURVE key); excess multiparts are dropped and counted
+            (``security_rate_limited``).
     """
 
     key_file: str | Path | None = None
@@ -74,6 +78,7 @@ class SecurityConfig:
     monitor: bool = True
     atrest: bool = False
     atrest_key_file: str | Path | None = None
+    rate_limit: RateLimit = field(default_factory=RateLimit)
 
     def __post_init__(self) -> None:
         if self.allowlist_dir is None and self.authority is None and not self.trusted_keys:
@@ -134,6 +139,7 @@ class NodeSecurity:
             trusted_keys=(*config.trusted_keys, self.keypair.public),
         )
         self.permissions = PermissionTable(config.permissions)
+        self.buckets = TokenBuckets(config.rate_limit)
         self.atrest_key: bytes | None = None
         if config.atrest:
             self.atrest_key = load_or_create_atrest_key(
