@@ -75,6 +75,8 @@ _NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _RECV_BATCH = 1000
 #: (header, body) pairs per outgoing multipart.
 _SEND_BATCH = 256
+#: Messages node.send() may queue for the reactor before it drops (and counts) more.
+_MAX_OUTQ = 100_000
 #: Full gossip to every peer once per this many heartbeats (joins also trigger one).
 _GOSSIP_EVERY = 10
 
@@ -283,6 +285,7 @@ class Node:
         self._out_lock = threading.Lock()
         self._outq: collections.deque[tuple[str, str, bytes]] = collections.deque()
         self._out_scheduled = False
+        self._outq_dropped = 0
         self._counters: collections.Counter[str] = collections.Counter()
         self._discovery: Any = None
         # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
@@ -689,6 +692,11 @@ class Node:
             self._schedule_flush()
             return
         with self._out_lock:
+            if len(self._outq) >= _MAX_OUTQ:
+                # Bounded: a producer far ahead of the reactor loses messages (counted), not
+                # memory. send() is best effort anyway.
+                self._outq_dropped += 1
+                return
             self._outq.append((peer_id, kind, raw))
             if self._out_scheduled:
                 return
@@ -748,6 +756,8 @@ class Node:
         out["links"] = len(self._links)
         out["dials"] = len(self._dials)
         out["reactor_errors"] = self.reactor.errors
+        with self._out_lock:
+            out["dropped_outq"] = self._outq_dropped
         if self.security is not None:
             out.update(self.security.stats())
         return out

@@ -85,3 +85,23 @@ def test_flood_from_one_peer_does_not_starve_another(tmp_path: Path) -> None:
             assert a.security is not None
             assert a.security.buckets.dropped.get(kps["b"].public, 0) > 0
             assert a.security.buckets.dropped.get(kps["c"].public, 0) == 0
+
+
+def test_send_queue_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mesh.node as node_mod
+
+    monkeypatch.setattr(node_mod, "_MAX_OUTQ", 10)
+    m = unique("outq")
+    with Node(data_dir=tmp_path / "a", name="a", mesh=m, mdns=False, transports=("tcp",),
+              interface="127.0.0.1") as a:
+        ep = a.info().endpoints["control"][0]
+        with Node(data_dir=tmp_path / "b", name="b", mesh=m, mdns=False, transports=("tcp",),
+                  interface="127.0.0.1", static_peers=(ep,)) as b:
+            wait_until(lambda: b.peers.get(a.id), 5, what="joined")
+            hold, held = threading.Event(), threading.Event()
+            b.reactor.call_soon(lambda: (held.set(), hold.wait(5)))  # the reactor is busy
+            held.wait(5)
+            for _ in range(25):
+                b.send(a.id, "x-q", 0)
+            hold.set()
+            assert b.stats()["dropped_outq"] == 15
