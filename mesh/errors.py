@@ -30,6 +30,7 @@ what happened, carry their facts as attributes, and also inherit the built-in th
     │   ├── CertificateError (ValueError)     tampered, expired, revoked or malformed certificate
     │   ├── AuthenticationFailed              a peer's key is not the one it announced / allowed
     │   ├── PermissionDenied (PermissionError) an action the rules do not allow
+    │   ├── SignatureInvalid                  an event's Ed25519 signature refused
     │   └── DecryptionFailed                  at-rest data that the key does not open
     ├── WrongThread (RuntimeError)            a one-thread object used from another thread
     └── MeshTimeout (TimeoutError)            a deadline passed
@@ -354,6 +355,20 @@ class PermissionDenied(SecurityError, PermissionError):
         self.principal = principal
         self.action = action
         self.resource = resource
+
+
+class SignatureInvalid(SecurityError):
+    """An event's end-to-end signature is missing, from an unknown key, or does not verify.
+
+    Attributes:
+        event_id: the event's id.
+        reason: ``"unsigned"``, ``"unknown_key"`` or ``"bad_signature"``.
+    """
+
+    def __init__(self, event_id: str, reason: str) -> None:
+        super().__init__(f"event {event_id}: signature refused ({reason})")
+        self.event_id = event_id
+        self.reason = reason
 
 
 class DecryptionFailed(SecurityError):
