@@ -34,24 +34,3 @@ def drop(node: object, kind: str, item: object) -> None:
         if _items.get(key) is item:
             del _items[key]
 
-
-def peek(node: object, kind: str) -> Any:
-    """The shared object of ``kind`` for ``node``, or None (never creates one)."""
-    with _lock:
-        return _items.get((id(node), kind))
-
-
-def offer_handler(node: object) -> Callable[[str, Any], None]:
-    """The node's ``pubsub.offer`` handler: hands the offer to the node's subscriber router.
-
-    Registered by publisher hubs and subscriber routers alike (the same behaviour whoever
-    registers last), so a node that only publishes does not count other publishers' offers as
-    unhandled messages; without subscribers an offer is simply of no use and ignored.
-    """
-
-    def handle(peer_id: str, body: Any) -> None:
-        router = peek(node, "pubsub.sub")
-        if router is not None:
-            router.on_offer(peer_id, body)
-
-    return handle

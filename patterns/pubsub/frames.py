@@ -7,7 +7,7 @@ Data socket (XPUB -> SUB), one ZeroMQ multipart message per batch::
     frame 2.. envelopes  one encoded :class:`mesh.envelope.Event` per frame (DATA only)
 
 Control channel bodies (msgpack maps carried by ``node.send``): ``pubsub.replay``,
-``pubsub.replay_data``, ``pubsub.ack`` and ``pubsub.offer``. Every decoder here raises a typed error
+``pubsub.replay_data`` and ``pubsub.ack``. Every decoder here raises a typed error
 (:class:`~mesh.errors.ProtocolError`, :class:`~mesh.errors.UnsupportedVersion` or
 :class:`~mesh.errors.EventTooLarge`) on anything malformed; callers count and drop.
 """
@@ -39,11 +39,6 @@ MAX_TOPIC = 255
 CTRL_REPLAY = "pubsub.replay"
 CTRL_REPLAY_DATA = "pubsub.replay_data"
 CTRL_ACK = "pubsub.ack"
-CTRL_OFFER = "pubsub.offer"
-
-#: Most streams / endpoints one ``pubsub.offer`` may list.
-MAX_OFFER_STREAMS = 10_000
-MAX_OFFER_ENDPOINTS = 16
 
 
 class Header(NamedTuple):
@@ -258,27 +253,6 @@ class Ack:
         return {"v": VERSION, "name": self.name, "stream": self.stream, "pos": self.position}
 
 
-@dataclass(frozen=True, slots=True)
-class Offer:
-    """``pubsub.offer``: a publisher node tells a peer that just joined what it publishes.
-
-    The node core announces offers with UPDATE to live peers only; a peer whose HELLO exchange
-    was still pending when the offer was made would never learn it. The publisher therefore
-    repeats its offer to every peer that joins, on the control channel.
-
-    Attributes:
-        streams: the stream names the node publishes.
-        endpoints: the node's data (XPUB) endpoints.
-    """
-
-    streams: tuple[str, ...]
-    endpoints: tuple[str, ...]
-
-    def to_body(self) -> dict[str, Any]:
-        """The msgpack-able map for ``node.send``."""
-        return {"v": VERSION, "streams": list(self.streams), "pub": list(self.endpoints)}
-
-
 def _check_map(body: object, kind: str) -> dict[Any, Any]:
     if not isinstance(body, dict):
         raise ProtocolError(f"{kind} body is {type(body).__name__}, expected a map")
@@ -371,23 +345,3 @@ def decode_ack(body: object) -> Ack:
     return Ack(_str(m, "name", kind), _str(m, "stream", kind, limit=MAX_TOPIC),
                _req_int(m, "pos", kind))
 
-
-def decode_offer(body: object) -> Offer:
-    """Validate a ``pubsub.offer`` body.
-
-    Raises:
-        ProtocolError: a field is missing or mistyped, or a list is too long.
-        UnsupportedVersion: ``v`` is not a version this build speaks.
-    """
-    kind = CTRL_OFFER
-    m = _check_map(body, kind)
-    streams = m.get("streams")
-    if (not isinstance(streams, list) or len(streams) > MAX_OFFER_STREAMS
-            or not all(isinstance(x, str) and 0 < len(x) <= MAX_TOPIC for x in streams)):
-        raise ProtocolError(f"{kind}.streams must be a list of stream names")
-    eps = m.get("pub")
-    if (not isinstance(eps, list) or len(eps) > MAX_OFFER_ENDPOINTS
-            or not all(isinstance(x, str) and x.startswith(("tcp://", "ipc://"))
-                       and len(x) <= 1024 for x in eps)):
-        raise ProtocolError(f"{kind}.pub must be a list of tcp:// or ipc:// endpoints")
-    return Offer(tuple(streams), tuple(eps))

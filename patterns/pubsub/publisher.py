@@ -33,7 +33,6 @@ from mesh.errors import (
     ProtocolError,
 )
 from mesh.log import LogConfig, LogDirectory
-from mesh.peers import PeerEvent, PeerEventKind
 from patterns.pubsub import _registry, frames
 
 __all__ = ["Publisher", "PublisherStats"]
@@ -137,37 +136,17 @@ class _PubHub:
         self.refused_replays = 0
         node.handle(frames.CTRL_REPLAY, self._on_replay)
         node.handle(frames.CTRL_ACK, self._on_ack)
-        node.handle(frames.CTRL_OFFER, _registry.offer_handler(node))
         self.timer = node.reactor.call_every(heartbeat_s, self._beat)
         self.users = 0
-        self._unsubscribe_peers = node.on_peer(self._on_peer)
 
     # -- user threads -----------------------------------------------------------------------
 
     def close(self) -> None:
-        self._unsubscribe_peers()
         self.timer.cancel()
         with self.lock:
             self.sock.close(linger=0)
 
     # -- reactor thread ---------------------------------------------------------------------
-
-    def _on_peer(self, ev: PeerEvent) -> None:
-        # The node core announces a new offer (UPDATE) only to peers that are live at that
-        # moment: a peer whose HELLO exchange with us was still pending (we had just started,
-        # or restarted with the same id) keeps our offer-less HELLO forever and its
-        # subscribers never connect. Repeat our offers to every peer that joins.
-        if ev.kind is not PeerEventKind.JOINED:
-            return
-        with self.lock:
-            streams = tuple(sorted(self.streams))
-        if not streams:
-            return
-        try:
-            self.node.send(ev.peer.node_id, frames.CTRL_OFFER,
-                           frames.Offer(streams, tuple(self.endpoints)).to_body())
-        except MeshError as exc:
-            _log.info("pubsub: offer to %s not sent: %s", ev.peer.node_id, exc)
 
     def send_data(self, st: _Stream, first: int, envs: list[bytes]) -> None:
         """Send one DATA message (under ``lock``). PUB semantics: at the HWM the message is

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -155,18 +155,6 @@ class _SubRouter:
         self.subs: dict[str, Subscriber] = {}
         self.bad = 0
         node.handle(frames.CTRL_REPLAY_DATA, self._on_data)
-        node.handle(frames.CTRL_OFFER, _registry.offer_handler(node))
-
-    def on_offer(self, peer_id: str, body: object) -> None:
-        """A publisher repeated its offers (``pubsub.offer``) when we joined it."""
-        try:
-            offer = frames.decode_offer(body)
-        except (ProtocolError, CodecError) as exc:
-            self.bad += 1
-            _log.warning("pubsub: bad offer from %s: %s", peer_id, exc)
-            return
-        for sub in list(self.subs.values()):
-            sub._on_offer(peer_id, offer)
 
     def _on_data(self, peer_id: str, body: object) -> None:
         sid = body.get("sid") if isinstance(body, dict) else None
@@ -315,16 +303,6 @@ class Subscriber:
         if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED) and self._offers_match(
                 ev.peer):
             self._post(("peer", ev.peer))
-
-    def _on_offer(self, peer_id: str, offer: frames.Offer) -> None:
-        """Reactor thread: a publisher's own word on its streams and data endpoints."""
-        info = self.node.peers.get(peer_id)
-        if info is None:
-            return  # not (or no longer) in the peer table: its HELLO/JOINED will come
-        info = replace(info, endpoints={**info.endpoints, "pub": offer.endpoints},
-                       offers={**info.offers, "stream": offer.streams})
-        if self._offers_match(info):
-            self._post(("peer", info))
 
     def _count_bad_reply(self, exc: Exception) -> None:
         self._stats.bad_replies += 1
