@@ -384,7 +384,7 @@ class Node:
     def socket(self, socket_type: int, role: str) -> zmq.Socket[Any]:
         """Create a socket with the node's options; the one place every mesh socket is made.
 
-        Applies LINGER, MAXMSGSIZE, SNDHWM/RCVHWM, and ZMTP heartbeats on ROUTER/DEALER, and
+        Applies LINGER, MAXMSGSIZE, SNDHWM/RCVHWM and TCP keepalive (never ZMTP heartbeats), and
         tracks the socket so :meth:`close` closes it. The caller owns it thereafter: use it on
         one thread only (the reactor's, for sockets registered with ``node.reactor``).
 
@@ -404,12 +404,15 @@ class Node:
         sock.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes + 4096)  # room for headers
         sock.setsockopt(zmq.SNDHWM, c.hwm)
         sock.setsockopt(zmq.RCVHWM, c.hwm)
-        if socket_type in (zmq.ROUTER, zmq.DEALER):
-            # ZMTP heartbeats make libzmq drop a frozen peer's TCP connection (so reconnection
-            # starts); presence itself is decided by the mesh's own messages.
-            ivl = max(100, int(c.presence.heartbeat_s * 1000))
-            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl * 3, int(c.presence.evasive_s * 1000)))
+        # No ZMTP heartbeats (HEARTBEAT_IVL): with a receive queue at its HWM they trip a
+        # libzmq 4.3 assertion, `!_io_error (stream_engine_base.cpp)`, which aborts the whole
+        # process (libzmq issues 3937, 4364, 4767; our chaos suite hit it under a garbage
+        # flood). Presence comes from the mesh's own heartbeats; TCP keepalive lets the kernel
+        # drop a connection whose peer host vanished without a FIN.
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         if self.security is not None:
             self.security.apply(sock)
         with self._sockets_lock:
