@@ -25,6 +25,7 @@ from mesh.security.authority import TrustAnchor
 from mesh.security.keys import Keypair, is_z85_key, load_or_create_keypair
 from mesh.security.limits import RateLimit, TokenBuckets
 from mesh.security.perms import PermissionTable
+from mesh.security.signing import EventSigner, EventVerifier, load_or_create_signing_key
 from mesh.security.zap import ZAP_DOMAIN, TrustStore, ZapAuthenticator
 
 __all__ = ["NodeSecurity", "SecureSocket", "SecurityConfig"]
@@ -66,6 +67,11 @@ class SecurityConfig:
         rate_limit: per-peer token bucket on the control channel's ingress (keyed by the
             sender's CURVE key); excess multiparts are dropped and counted
             (``security_rate_limited``).
+        sign_events: load (or create) this node's Ed25519 event-signing key
+            (``NodeSecurity.signer``, mesh.security.signing).
+        signing_key_file: that key; None means ``<data_dir>/sign.key`` (0600).
+        event_keys: name -> base64 Ed25519 public key of publishers whose signed events this
+            node verifies (``NodeSecurity.verifier``; each key is also known by its key id).
     """
 
     key_file: str | Path | None = None
@@ -79,6 +85,9 @@ class SecurityConfig:
     atrest: bool = False
     atrest_key_file: str | Path | None = None
     rate_limit: RateLimit = field(default_factory=RateLimit)
+    sign_events: bool = False
+    signing_key_file: str | Path | None = None
+    event_keys: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.allowlist_dir is None and self.authority is None and not self.trusted_keys:
@@ -140,6 +149,13 @@ class NodeSecurity:
         )
         self.permissions = PermissionTable(config.permissions)
         self.buckets = TokenBuckets(config.rate_limit)
+        self.verifier = EventVerifier(config.event_keys)
+        self.signer: EventSigner | None = None
+        if config.sign_events:
+            self.signer = EventSigner(load_or_create_signing_key(
+                config.signing_key_file if config.signing_key_file is not None
+                else data_dir / "sign.key"))
+            self.verifier.add(self.signer.public_key)
         self.atrest_key: bytes | None = None
         if config.atrest:
             self.atrest_key = load_or_create_atrest_key(
