@@ -127,18 +127,19 @@ class Collect:
             fam.help = help
         return fam
 
-    def counter(self, name: str, value: float, help: str = "", **labels: object) -> None:
-        """Report a counter sample (a total that only grows)."""
+    def counter(self, name: str, value: float, help: str = "", /, **labels: object) -> None:
+        """Report a counter sample (a total that only grows). Parameters are positional, so
+        any label name (``name``, ``help``...) can be used."""
         self._family(name, "counter", help).samples.append(
             Sample({k: str(v) for k, v in labels.items()}, value))
 
-    def gauge(self, name: str, value: float, help: str = "", **labels: object) -> None:
+    def gauge(self, name: str, value: float, help: str = "", /, **labels: object) -> None:
         """Report a gauge sample (a value that goes up and down)."""
         self._family(name, "gauge", help).samples.append(
             Sample({k: str(v) for k, v in labels.items()}, value))
 
     def histogram(self, name: str, bounds: Sequence[float], counts: Sequence[int], total: float,
-                  help: str = "", **labels: object) -> None:
+                  help: str = "", /, **labels: object) -> None:
         """Report a histogram from per-bucket (not cumulative) counts.
 
         ``counts`` has one entry per bound plus a last one for the observations above every
