@@ -257,9 +257,12 @@ def request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     """Request headers with ``traceparent``, ``correlationid`` and ``causationid`` added from
     the current context (explicit headers win); unchanged outside a handler."""
     c = _current.get()
-    if c is None:
+    otel_tp = _otel_traceparent() if OTEL else None
+    if c is None and otel_tp is None:
         return dict(headers) if headers is not None else None
-    out = {"traceparent": c.traceparent}
+    if c is None:
+        return {"traceparent": otel_tp or "", **(headers or {})}
+    out = {"traceparent": otel_tp or c.traceparent}
     if c.correlationid:
         out["correlationid"] = c.correlationid
     if c.causationid:
@@ -267,6 +270,15 @@ def request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     if headers:
         out.update(headers)
     return out
+
+
+def _otel_traceparent() -> str | None:
+    """The current OpenTelemetry span as a traceparent (a request span opened by the client,
+    or the user's own span), or None."""
+    sc = _otel_trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return None
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
 def context_of_request(request_id: str, headers: Mapping[str, str], service: str,

@@ -180,10 +180,13 @@ def test_service_handler_context_reaches_its_nested_request(pair: tuple[Node, No
             wait_until(lambda: b.who_offers("service", outer) and a.who_offers("service", inner),
                        10, what="services")
             assert cb.request(outer, b"x", timeout=5, correlationid="c-9") == b"in"
-    assert "traceparent" not in got["outer"]  # the outer caller had no context
     assert got["inner"]["correlationid"] == "c-9"
     assert got["inner"]["causationid"] == got["outer_id"]
     tp = parse_traceparent(got["inner"]["traceparent"])
     assert tp is not None
-    if not OTEL:  # without OpenTelemetry a root's trace id is its message id
+    if OTEL:  # the client's request span is the root: one trace from outer to inner
+        outer_tp = parse_traceparent(got["outer"]["traceparent"])
+        assert outer_tp is not None and tp[0] == outer_tp[0]
+    else:  # no context at the outer caller: the outer request id names the trace
+        assert "traceparent" not in got["outer"]
         assert tp[0] == got["outer_id"].replace("-", "")

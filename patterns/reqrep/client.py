@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from mesh import tracing
 from mesh.errors import ClosedError, ConfigError, ProtocolError
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.tracing import request_headers
@@ -342,6 +343,16 @@ class Client:
         """
         if self._closed:
             raise ClosedError("rpc client is closed")
+        if tracing.OTEL:  # a "request" span, parent of the traceparent header sent
+            with tracing.span("request", service):
+                return self._request(service, payload, timeout, headers, correlationid,
+                                     traceparent, request_id)
+        return self._request(service, payload, timeout, headers, correlationid, traceparent,
+                             request_id)
+
+    def _request(self, service: str, payload: Any, timeout: float | None,
+                 headers: dict[str, str] | None, correlationid: str | None,
+                 traceparent: str | None, request_id: str | None) -> Any:
         call, req = prepare_call(service, payload, timeout, headers, correlationid,
                                  traceparent, request_id, config=self.config,
                                  call_config=self._call_cfg, now=self._clock(),
