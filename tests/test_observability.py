@@ -184,9 +184,8 @@ def test_service_handler_context_reaches_its_nested_request(pair: tuple[Node, No
     assert got["inner"]["causationid"] == got["outer_id"]
     tp = parse_traceparent(got["inner"]["traceparent"])
     assert tp is not None
-    if OTEL:  # the client's request span is the root: one trace from outer to inner
-        outer_tp = parse_traceparent(got["outer"]["traceparent"])
-        assert outer_tp is not None and tp[0] == outer_tp[0]
+    outer_tp = parse_traceparent(got["outer"].get("traceparent"))
+    if outer_tp is not None:  # an OTel request span (a tracer provider is set): its trace
+        assert OTEL and tp[0] == outer_tp[0]
     else:  # no context at the outer caller: the outer request id names the trace
-        assert "traceparent" not in got["outer"]
         assert tp[0] == got["outer_id"].replace("-", "")
