@@ -84,12 +84,25 @@ def test_pub_to_sub_round_trip_between_two_cli_processes(tmp_path: Path, bgs: li
 
 def test_push_to_work_between_two_cli_processes(tmp_path: Path, bgs: list[Bg]) -> None:
     queue = unique("q")
-    work = Bg("work", queue, "--count", "1", "--timeout", "20", *LOOP, tmp=tmp_path)
+    work = Bg("work", queue, "--count", "2", "--timeout", "30", "--metrics-port", "0", *LOOP,
+              tmp=tmp_path)
     bgs.append(work)
     ep = work.endpoint()
     r = mesh("push", queue, "resize img-7", "--peer", ep, *LOOP)
     assert r.returncode == 0, r.stderr
     assert "acked" in r.stdout
+    # the worker's live metrics, through `mesh stats`
+    url = wait_until(lambda: re.search(r"metrics on (http://\S+)", work.err_path.read_text()),
+                     10, what="metrics URL").group(1)
+    r = mesh("stats", "--url", url, "--json")
+    assert r.returncode == 0, r.stderr
+    consumed = json.loads(r.stdout)["events_consumed_total"]
+    assert [s["value"] for s in consumed if s["labels"].get("stream") == queue] == [1]
+    r = mesh("stats", "--url", url)
+    assert f'event_processing_duration_seconds_count{{kind="pipeline",name="{queue}"}} 1' \
+        in r.stdout
+    r = mesh("push", queue, "second", "--peer", ep, *LOOP)
+    assert r.returncode == 0, r.stderr
     rc, out, err = work.finish()
     assert rc == 0, err
     assert f"{queue} task 0 (delivery 1) resize img-7" in out

@@ -41,6 +41,10 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
     p.add_argument("--no-mdns", dest="mdns", action="store_false")
     p.add_argument("--name", default=None, help="this node's name (default host-pid)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
+    if not one_shot:
+        p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="serve this node's metrics on 127.0.0.1:PORT (0: any free port; "
+                            "read them with `mesh stats --port PORT`)")
 
 
 @contextlib.contextmanager
@@ -64,11 +68,19 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
         node = Node(NodeConfig(data_dir=data_dir, name=args.name or None, mesh=args.mesh,
                                interface=args.interface, static_peers=tuple(args.peer),
                                mdns=mdns))
+        server = None
         try:
             eps = node.info().endpoints.get("control", ())
             note(f"node {node.id[:12]} ({node.name}) control {' '.join(eps)}")
+            if getattr(args, "metrics_port", None) is not None:
+                from mesh.metrics import serve_prometheus
+
+                server, port = serve_prometheus(node, port=args.metrics_port)
+                note(f"metrics on http://127.0.0.1:{port}/metrics")
             yield node
         finally:
+            if server is not None:
+                server.close()
             node.close()
     finally:
         if tmp is not None:

@@ -97,15 +97,18 @@ def cmd_work(args: argparse.Namespace) -> int:
                 if task is None:
                     continue
                 got += 1
-                _show(args, task)
-                if args.fail:
-                    task.nack(error=RuntimeError("mesh work --fail"))
-                else:
-                    task.ack()
+                # Through handle(): return = ack, raise = nack; timed and traced like any handler.
+                worker.handle(task, lambda t: _handle(args, t))
             worker.flush()
         finally:
             worker.close()
     return 0
+
+
+def _handle(args: argparse.Namespace, task: Any) -> None:
+    _show(args, task)
+    if args.fail:
+        raise RuntimeError("mesh work --fail")
 
 
 def _show(args: argparse.Namespace, task: Any) -> None:
