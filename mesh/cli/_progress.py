@@ -64,6 +64,37 @@ class Progress:
         self.close()
 
 
+class StatusLine:
+    """A one-line ``\r`` status on stderr (TTY only), redrawn at most 10 times a second."""
+
+    def __init__(self, stream: IO[str] | None = None, force: bool = False) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = force or self.stream.isatty()
+        self._last = 0.0
+        self._shown = False
+
+    def due(self) -> bool:
+        """True when a redraw would be drawn now (compute the text only then)."""
+        return self.enabled and time.monotonic() - self._last >= 0.1
+
+    def show(self, text: str) -> None:
+        """Draw ``text`` (throttled)."""
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write("\r" + text + "\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        """Erase the line before other output."""
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False
+
+
 def dir_bytes(path: str) -> int:
     """Total size of the files under ``path`` (0 if missing)."""
     import os

@@ -126,10 +126,12 @@ def cmd_pub(args: argparse.Namespace) -> int:
 
 def cmd_sub(args: argparse.Namespace) -> int:
     """``mesh sub``."""
+    from mesh.cli._progress import StatusLine
     from patterns.pubsub import Subscriber
 
     start = _start(args)
     got = 0
+    status = StatusLine()  # "catching up" line for long replays, on a TTY only
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     with open_node(args, "sub") as node, Subscriber(
             node, args.topic, start=start, durable=args.durable,
@@ -142,9 +144,16 @@ def cmd_sub(args: argparse.Namespace) -> int:
                     raise MeshTimeout(f"got {got} of {args.count} events within {args.timeout:g} s")
                 break
             ev = sub.recv(timeout=0.2 if left is None else min(0.2, left))
+            if status.due():
+                lag = sub.stats().lag
+                if lag > 0:
+                    status.show(f"catching up: {got} received, {lag} behind")
+                else:
+                    status.clear()
             if ev is None:
                 continue
             got += 1
+            status.clear()
             if args.json:
                 print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
             else:
