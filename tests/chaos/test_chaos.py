@@ -1,9 +1,15 @@
-"""The CI chaos runs: a fixed seed and one random seed (printed, so a failure is rerun with
-``python -m tests.chaos.run --seed N --duration S``). About 25 s each on 2 busy cores."""
+"""The CI chaos runs: a fixed seed always, and one random seed (printed, so a failure is rerun
+with ``python -m tests.chaos.run --seed N --duration S``) when ``ZEROMESH_CHAOS_RANDOM=1``.
+
+CI runs the fixed seed only: a failure there is reproducible from the seed alone. Random seeds
+explore new schedules, which is the soak's job (``python -m tests.chaos.run --long``); a new
+schedule that breaks an invariant is a finding to reproduce and fix, not a red build that a
+rerun turns green. About 25 s each on 2 busy cores."""
 
 from __future__ import annotations
 
 import io
+import os
 import random
 from pathlib import Path
 
@@ -35,6 +41,9 @@ def test_fixed_seed_every_fault_kind(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(110)
+@pytest.mark.skipif(os.environ.get("ZEROMESH_CHAOS_RANDOM") != "1",
+                    reason="random-seed chaos runs with ZEROMESH_CHAOS_RANDOM=1 (CI runs the "
+                           "reproducible fixed seed)")
 def test_random_seed(tmp_path: Path) -> None:
     seed = random.randrange(1 << 31)
     print(f"chaos random seed {seed}: rerun with python -m tests.chaos.run --seed {seed} "
