@@ -303,6 +303,25 @@ class Subscriber:
         if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED) and self._offers_match(
                 ev.peer):
             self._post(("peer", ev.peer))
+            self._reack(ev.peer.node_id)
+
+    def _reack(self, pub: str) -> None:
+        """Tell a (re)joining publisher our committed positions of its streams.
+
+        Acks are otherwise sent only when a position changes, so a publisher restarted on the
+        same log would never learn where a caught-up durable subscriber stands (its lag and
+        retention floor would stay unknown until new events flow). Runs on the reactor thread:
+        ``list(dict.items())`` is one C call, so the snapshot is consistent without our lock.
+        """
+        if self._store is None:
+            return
+        for (p, stream), pos in list(self._committed.items()):
+            if p == pub:
+                try:
+                    self.node.send(pub, frames.CTRL_ACK,
+                                   frames.Ack(self.durable or "", stream, pos).to_body())
+                except MeshError:
+                    pass  # not reachable yet: the next join or commit tells it
 
     def _count_bad_reply(self, exc: Exception) -> None:
         self._stats.bad_replies += 1

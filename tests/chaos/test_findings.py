@@ -1,7 +1,8 @@
-"""Minimal reproductions of what the chaos runs found in code this suite does not own.
+"""Minimal reproductions of what the chaos runs found, kept as regression tests once fixed.
 
-Each is ``xfail(strict=True)``: it fails today, and turns into an error the day it is fixed
-(then drop the mark). Details: /work/briefs/requests-chaos.md.
+- A publisher restarted on the same log never learnt the position of a durable subscriber that
+  was already caught up (acks were sent only when a position changed; chaos seed 202). Fixed:
+  the subscriber re-acks its committed positions when a publisher joins or changes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ def _node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="a restarted publisher never learns the position of a "
-                   "caught-up durable subscriber: the subscriber sends pubsub.ack only when "
-                   "its position changes (Subscriber._commit_positions), so Publisher.stats()"
-                   ".lag stays {} until new events flow (chaos seed 202)")
 def test_restarted_publisher_learns_caught_up_subscriber_position(tmp_path: Path) -> None:
     mesh = unique("cf")
     with _node(tmp_path / "sub", mesh) as sn:
