@@ -15,7 +15,6 @@ Keys live in the node's keystore: a 0600 file holding 32 random bytes, base64.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 from collections.abc import Sequence
@@ -24,8 +23,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from mesh.errors import ConfigError, DecryptionFailed, KeyFileError
-from mesh.security.keys import _write_new, check_secret_permissions
+from mesh.errors import ConfigError, DecryptionFailed
+from mesh.security.keys import load_or_create_secret_bytes
 
 __all__ = ["OVERHEAD", "RecordCipher", "load_or_create_atrest_key"]
 
@@ -41,21 +40,7 @@ def load_or_create_atrest_key(path: str | Path) -> bytes:
     Raises:
         KeyFileError: too-open permissions, malformed, or cannot be written.
     """
-    p = Path(path)
-    if not p.exists():
-        try:
-            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KeyFileError(str(p.parent), f"cannot create: {exc}") from exc
-        _write_new(p, base64.b64encode(os.urandom(32)).decode() + "\n", 0o600, False)
-    check_secret_permissions(p)
-    try:
-        key = base64.b64decode(p.read_text().strip(), validate=True)
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(str(p), f"cannot read: {exc}") from exc
-    if len(key) != 32:
-        raise KeyFileError(str(p), "is not a 32-byte key")
-    return key
+    return load_or_create_secret_bytes(path, lambda: os.urandom(32), "key")
 
 
 class RecordCipher:

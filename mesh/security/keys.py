@@ -11,9 +11,11 @@ A key is 40 Z85 characters (32 bytes).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,3 +248,30 @@ def load_or_create_keypair(path: str | Path) -> Keypair:
             if not p.exists():  # lost a creation race with another process: load theirs
                 raise
     return load_keypair(p)
+
+
+def load_or_create_secret_bytes(path: str | Path, make: Callable[[], bytes], what: str) -> bytes:
+    """Load a base64 secret of 32 raw bytes at ``path`` (0600), creating it with ``make()``.
+
+    One format for every small secret a node keeps beside its CURVE keys (the at-rest key, the
+    event signing key): base64 on one line, mode 0600, refused when the mode is looser.
+
+    Raises:
+        KeyFileError: too-open permissions, malformed (not base64 of 32 bytes), or unwritable.
+    """
+    p = Path(path)
+    if not p.exists():
+        try:
+            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeyFileError(str(p.parent), f"cannot create: {exc}") from exc
+        _write_new(p, base64.b64encode(make()).decode() + "\n", 0o600, False)
+    check_secret_permissions(p)
+    try:
+        raw = base64.b64decode(p.read_text().strip(), validate=True)
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(str(p), f"cannot read: {exc}") from exc
+    if len(raw) != 32:
+        raise KeyFileError(str(p), f"is not a 32-byte {what}")
+    return raw
+

@@ -25,8 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mesh.envelope import Event, encode
-from mesh.errors import ConfigError, KeyFileError, SignatureInvalid
-from mesh.security.keys import _write_new, check_secret_permissions
+from mesh.errors import ConfigError, SignatureInvalid
+from mesh.security.keys import load_or_create_secret_bytes
 
 __all__ = ["EventSigner", "EventVerifier", "key_id", "load_or_create_signing_key",
            "public_key_b64"]
@@ -52,20 +52,9 @@ def load_or_create_signing_key(path: str | Path) -> Ed25519PrivateKey:
     Raises:
         KeyFileError: too-open permissions, malformed, or cannot be written.
     """
-    p = Path(path)
-    if not p.exists():
-        try:
-            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KeyFileError(str(p.parent), f"cannot create: {exc}") from exc
-        raw = Ed25519PrivateKey.generate().private_bytes_raw()
-        _write_new(p, base64.b64encode(raw).decode() + "\n", 0o600, False)
-    check_secret_permissions(p)
-    try:
-        raw = base64.b64decode(p.read_text().strip(), validate=True)
-        return Ed25519PrivateKey.from_private_bytes(raw)
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(str(p), f"not an Ed25519 signing key: {exc}") from exc
+    raw = load_or_create_secret_bytes(
+        path, lambda: Ed25519PrivateKey.generate().private_bytes_raw(), "Ed25519 signing key")
+    return Ed25519PrivateKey.from_private_bytes(raw)
 
 
 def _signed_form(ev: Event) -> bytes:
