@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--count", type=int, default=1000, help="readings per sensor (default 1000)")
     p.add_argument("--rate", type=float, default=100.0, help="readings per second per sensor")
     p.add_argument("--no-mdns", action="store_true", help="use a static loopback seed, not mDNS")
+    p.add_argument("--interface", default="127.0.0.1",
+                   help="IPv4 address the demo's nodes bind and announce on (default "
+                        "127.0.0.1: all demo traffic stays on this host)")
     p.add_argument("--keep", action="store_true", help="keep the data directory at the end")
     p.add_argument("--no-curve", action="store_true",
                    help="plaintext sockets (default: CURVE on every socket, keys allowlisted)")
@@ -120,11 +123,11 @@ class _Demo:
             print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
 
 
-def _mdns_works() -> bool:
+def _mdns_works(interface: str) -> bool:
     try:
         from mesh.discovery import open_zeroconf
 
-        zc = open_zeroconf(["127.0.0.1"])
+        zc = open_zeroconf([interface])
         zc.close()
         return True
     except Exception:
@@ -156,9 +159,10 @@ def _make_keys(root: Path, names: tuple[str, ...]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     demo = _Demo(args)
     root = Path(tempfile.mkdtemp(prefix="zeromesh-demo-"))
-    mdns = not args.no_mdns and _mdns_works()
+    mdns = not args.no_mdns and _mdns_works(args.interface)
     cfg: dict[str, Any] = {"root": str(root), "mesh": f"demo-{secrets.token_hex(4)}",
                            "mdns": mdns, "count": args.count, "rate": args.rate,
+                           "interface": args.interface,
                            "jobs": "sensor-1", "calls": "sensor-2"}
     names = ("sensor-1", "sensor-2", "aggregator", "worker-1", "worker-2")
     keys: dict[str, str] = {}
@@ -172,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         demo.say("security: CURVE on every socket; only the 5 demo keys are allowed, each "
                  "with the permissions of its role"
                  if keys else "security: off (--no-curve)")
-        demo.say("discovery: mDNS on 127.0.0.1" if mdns else
+        demo.say(f"discovery: mDNS on {args.interface}" if mdns else
                  "discovery: multicast unavailable (or --no-mdns): static seed on loopback")
         first = _Proc("sensor", "sensor-1", cfg, demo)
         procs.append(first)

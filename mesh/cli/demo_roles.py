@@ -48,7 +48,7 @@ def _node(cfg: dict[str, Any], name: str) -> Node:
             key_file=Path(sec["keys"]) / f"{name}.key_secret", allowlist_dir=sec["allow"],
             peer_keys=dict(sec.get("peer_keys", {})), permissions=sec["permissions"])
     node = Node(NodeConfig(
-        data_dir=Path(cfg["root"]) / name, name=name, mesh=cfg["mesh"], interface="127.0.0.1",
+        data_dir=Path(cfg["root"]) / name, name=name, mesh=cfg["mesh"], interface=cfg["interface"],
         mdns=bool(cfg["mdns"]), seeds=tuple(cfg.get("seeds", ())),
         presence=PresenceConfig(heartbeat_s=0.25, evasive_s=0.75, gone_s=2.5),
         security=security,
