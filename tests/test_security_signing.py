@@ -76,13 +76,15 @@ def test_signed_events_verify_live_replayed_and_relayed(tmp_path: Path) -> None:
         assert a.security is not None and a.security.signer is not None
         signer = a.security.signer
         ep = a.info().endpoints["control"][0]
-        with Publisher(a, stream) as pub:
+        # Manual signing (sign=False / verify=False: the patterns' automatic signing and
+        # verification are tested in tests/test_pubsub_signing.py).
+        with Publisher(a, stream, sign=False) as pub:
             pub.publish_events(signer.sign_many([ev(stream, i) for i in range(20)]))
             with Node(data_dir=tmp_path / "b", name="b", mesh=m, mdns=False,
                       transports=("tcp",), interface="127.0.0.1", static_peers=(ep,),
                       security=sec("b", peer_keys={ep: kps["a"].public},
                                    event_keys={"a": sign_pub})) as b, \
-                    Subscriber(b, stream, start=Start.beginning()) as sub:
+                    Subscriber(b, stream, start=Start.beginning(), verify=False) as sub:
                 assert b.security is not None
                 got: list[Event] = []
 

@@ -33,6 +33,7 @@ from mesh.errors import (
     ProtocolError,
 )
 from mesh.log import LogConfig, LogDirectory
+from mesh.security.signing import EventSigner
 from patterns.pubsub import _registry, frames
 
 __all__ = ["Publisher", "PublisherStats"]
@@ -359,17 +360,26 @@ class Publisher:
             ones as one DATA message: far less per-event work on both sides at high rates, at
             most ``linger_s`` more latency then, none at moderate rates. 0 disables it.
             Durable events are logged before ``publish()`` returns either way.
+        sign: end-to-end Ed25519 signing of every event (mesh.security.signing): ``True``
+            signs with the node's signer (``SecurityConfig(sign_events=True)``), an
+            :class:`~mesh.security.signing.EventSigner` signs with that key, ``False`` never
+            signs, ``None`` (default) signs exactly when the node has a signer. Signing
+            happens before the hub lock is taken (the signature does not cover ``seq``). An
+            event given to ``publish_event(s)`` that already carries a signature is sent as
+            it is (a relay keeps the original publisher's signature). Off: the unsigned fast
+            paths are unchanged.
 
     Raises:
-        ConfigError: bad stream name or settings, or this stream already has a publisher on
-            this node.
+        ConfigError: bad stream name or settings, ``sign=True`` on a node without a signer,
+            or this stream already has a publisher on this node.
         LogError: the stream's log cannot be opened (e.g. :class:`~mesh.errors.LogLocked`).
     """
 
     def __init__(self, node: Any, stream: str, *, durable: bool = True,
                  log_config: LogConfig | None = None, source: str | None = None,
                  heartbeat_s: float = 0.5, sndhwm: int = 10_000,
-                 max_event_size: int = DEFAULT_MAX_EVENT_BYTES, linger_s: float = 0.0005) -> None:
+                 max_event_size: int = DEFAULT_MAX_EVENT_BYTES, linger_s: float = 0.0005,
+                 sign: bool | EventSigner | None = None) -> None:
         if not stream or len(stream.encode()) > frames.MAX_TOPIC:
             raise ConfigError(f"bad stream name {stream!r}")
         if heartbeat_s <= 0:
@@ -381,6 +391,7 @@ class Publisher:
         self.durable = durable
         self.source = source or getattr(node, "name", None) or node.id
         self.max_event_size = max_event_size
+        self._signer = _resolve_signer(node, sign)
         self._closed = False
         log = None
         if durable:
@@ -419,16 +430,26 @@ class Publisher:
         """
         hub = self._hub
         st = self._st
+        signed = None
+        if self._signer is not None:
+            # Signed outside the lock: the signature does not cover seq.
+            signed = self._signer.sign(Event(
+                type=type, source=self.source, stream=self.stream, data=data, subject=subject,
+                headers=headers, datacontenttype=datacontenttype, correlationid=correlationid,
+                causationid=causationid, traceparent=traceparent))
         with hub.lock:
             if self._closed:
                 raise ClosedError(f"publisher of {self.stream!r} is closed")
             seq = st.next_seq
-            # Straight to the envelope: the publisher never needs the Event object.
-            env = encode_new(type=type, source=self.source, stream=self.stream, seq=seq,
-                             data=data, subject=subject, headers=headers,
-                             datacontenttype=datacontenttype, correlationid=correlationid,
-                             causationid=causationid, traceparent=traceparent,
-                             max_size=self.max_event_size)
+            if signed is None:
+                # Straight to the envelope: the publisher never needs the Event object.
+                env = encode_new(type=type, source=self.source, stream=self.stream, seq=seq,
+                                 data=data, subject=subject, headers=headers,
+                                 datacontenttype=datacontenttype, correlationid=correlationid,
+                                 causationid=causationid, traceparent=traceparent,
+                                 max_size=self.max_event_size)
+            else:
+                env = encode(signed.replace(seq=seq), self.max_event_size)
             if self._log is not None:
                 self._log.append(env)
             st.next_seq = seq + 1
@@ -479,6 +500,10 @@ class Publisher:
             LogError: the append failed; nothing of the failed batch was sent.
         """
         datas = items if isinstance(items, list) else list(items)
+        if self._signer is not None:
+            src, stream = self.source, self.stream
+            return self.publish_events([Event(type=type, source=src, stream=stream, data=d,
+                                              subject=subject) for d in datas])
         hub = self._hub
         st = self._st
         with hub.lock:
@@ -495,6 +520,10 @@ class Publisher:
     def publish_events(self, events: list[Event]) -> range:
         """Publish prepared events in order (``stream``/``seq`` set here); returns their seqs.
 
+        With signing on, each event without a ``sig`` is signed (after its ``stream`` is set);
+        an event that already carries one is sent unchanged (relayed with the original
+        publisher's signature, which stays valid when the stream name is the same).
+
         Raises:
             ClosedError: the publisher is closed.
             CodecError: an event is too large (nothing of the call is logged).
@@ -504,6 +533,11 @@ class Publisher:
         st = self._st
         maxsz = self.max_event_size
         stream = self.stream
+        signer = self._signer
+        if signer is not None:
+            # Outside the lock; events already signed (relayed) keep their signature.
+            events = [e if isinstance(e.extras.get("sig"), bytes)
+                      else signer.sign(e.replace(stream=stream)) for e in events]
         with hub.lock:
             if self._closed:
                 raise ClosedError(f"publisher of {self.stream!r} is closed")
@@ -583,6 +617,19 @@ class Publisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _resolve_signer(node: Any, sign: bool | EventSigner | None) -> EventSigner | None:
+    if isinstance(sign, EventSigner):
+        return sign
+    if sign is False:
+        return None
+    sec = getattr(node, "security", None)
+    signer = sec.signer if sec is not None else None
+    if sign and signer is None:
+        raise ConfigError("sign=True needs a node with SecurityConfig(sign_events=True) "
+                          "or an EventSigner")
+    return signer
 
 
 def _now() -> float:

@@ -31,9 +31,11 @@ from mesh.errors import (
     EventTooLarge,
     MeshError,
     ProtocolError,
+    SignatureInvalid,
     UnsupportedVersion,
 )
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+from mesh.security.signing import EventVerifier
 from mesh.state import StateStore
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
@@ -146,6 +148,23 @@ class SubscriberStats:
     commits: int = 0
     streams: int = 0
     forbidden: int = 0
+    bad_signatures: int = 0
+
+
+def _resolve_verifier(node: Any, verify: bool | EventVerifier | None) -> EventVerifier | None:
+    if isinstance(verify, EventVerifier):
+        return verify
+    if verify is False:
+        return None
+    sec = getattr(node, "security", None)
+    if sec is None:
+        if verify:
+            raise ConfigError("verify=True needs a node with security (SecurityConfig."
+                              "event_keys) or an EventVerifier")
+        return None
+    if verify or sec.config.event_keys:
+        return sec.verifier  # type: ignore[no-any-return]
+    return None
 
 
 class _SubRouter:
@@ -210,9 +229,18 @@ class Subscriber:
         replay_chunk: events per replay reply.
         max_event_size: larger envelopes are counted and dropped.
         retry_s: re-send an unanswered replay request after this long.
+        verify: end-to-end signature check of every delivered event, live or replayed
+            (mesh.security.signing): ``True`` with the node's verifier (the keys of
+            ``SecurityConfig.event_keys``, plus the node's own signing key), an
+            :class:`~mesh.security.signing.EventVerifier` with its keys, ``False`` never,
+            ``None`` (default) exactly when the node's ``SecurityConfig.event_keys`` is not
+            empty. An event that fails (unsigned, unknown key, altered) is not delivered: it
+            is counted (``SubscriberStats.bad_signatures``), logged, and the stream moves on
+            past it in order (it is never retried; the cursor passes it with the next event
+            processed after it).
 
     Raises:
-        ConfigError: bad arguments.
+        ConfigError: bad arguments (``verify=True`` on a node without security).
         StateError: the cursor store cannot be opened.
     """
 
@@ -221,7 +249,8 @@ class Subscriber:
                  commit_interval_s: float = 1.0, endpoints: tuple[str, ...] | list[str] = (),
                  on_retention: Literal["skip", "error"] = "skip", rcvhwm: int | None = None,
                  max_buffer: int = 10_000, replay_chunk: int = 2000,
-                 max_event_size: int = DEFAULT_MAX_EVENT_BYTES, retry_s: float = 2.0) -> None:
+                 max_event_size: int = DEFAULT_MAX_EVENT_BYTES, retry_s: float = 2.0,
+                 verify: bool | EventVerifier | None = None) -> None:
         if not topic:
             raise ConfigError("topic must not be empty")
         if on_retention not in ("skip", "error"):
@@ -242,6 +271,7 @@ class Subscriber:
         self.replay_bytes = min(1 << 20, max(64 << 10, node.config.max_message_bytes // 4))
         self.max_event_size = max_event_size
         self.retry_s = retry_s
+        self._verifier = _resolve_verifier(node, verify)
         self.sid = uuid.uuid4().hex
         self._stats = SubscriberStats()
         self._lock = threading.RLock()
@@ -531,6 +561,9 @@ class Subscriber:
 
     def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
         """Decode a contiguous run of envelopes into the ready queue."""
+        if self._verifier is not None:
+            self._deliver_verified(key, first, payloads, self._verifier)
+            return
         ready = self._ready
         maxsz = self.max_event_size
         seq = first
@@ -542,6 +575,35 @@ class Subscriber:
                 self._stats.bad_events += 1
                 _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
                 self._positions[key] = seq + 1
+            seq += 1
+
+    def _deliver_verified(self, key: Key, first: int, payloads: list[bytes],
+                          verifier: EventVerifier) -> None:
+        """As :meth:`_deliver`, keeping only events whose signature verifies."""
+        ready = self._ready
+        maxsz = self.max_event_size
+        seq = first
+        for buf in payloads:
+            try:
+                ev = decode(buf, maxsz)
+            except CodecError as exc:
+                self._stats.bad_events += 1
+                _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
+                self._positions[key] = seq + 1
+                seq += 1
+                continue
+            try:
+                verifier.verify(ev)
+            except SignatureInvalid as exc:
+                self._stats.bad_signatures += 1
+                _log.warning("pubsub: event %s #%d refused: %s", key, seq, exc)
+                # Move the cursor past it only when nothing before it is still pending
+                # (moving it over undelivered events would lose them at a restart); else
+                # the next processed event carries the cursor past it.
+                if not ready and not self._handed:
+                    self._positions[key] = seq + 1
+            else:
+                ready.append((key, seq, ev))
             seq += 1
 
     def _send_ask(self, key: Key, ask: ReplayAsk) -> None:
