@@ -20,6 +20,7 @@ import zmq
 
 from mesh.errors import ClosedError, ProtocolError
 from patterns.reqrep import frames as fr
+from patterns.reqrep._zio import recv_frames
 from patterns.reqrep.call import Call, Ping, Send
 from patterns.reqrep.client import (
     ClientConfig,
@@ -151,9 +152,8 @@ class AsyncClient:
         sock = wire.sock
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             while True:
-                try:
-                    msg = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
+                msg = recv_frames(sock)
+                if msg is None:
                     break
                 self._on_message(wire, msg)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from zmq.backend import zmq_poll
 
 from mesh import tracing
 from mesh.errors import ClosedError, ConfigError, ProtocolError
@@ -27,6 +28,7 @@ from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.tracing import request_headers
 from mesh.uuid7 import uuid7
 from patterns.reqrep import frames as fr
+from patterns.reqrep._zio import POLLIN, recv_frames, send_frames
 from patterns.reqrep.balancer import Balancer
 from patterns.reqrep.call import Call, CallConfig, Ping, Send
 from patterns.reqrep.retry import Backoff
@@ -168,9 +170,8 @@ class Wire:
         self.generation = -1
         self.connected: dict[bytes, str] = {}
         self.nonce = 0
-        # one Poller for the socket's life: Socket.poll() builds a new one per call
-        self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
+        self.pollitems = [(self.sock, POLLIN)]
+        self._rids: dict[tuple[str, str], bytes] = {}
 
     def sync(self) -> None:
         """Connect to new responders, disconnect from gone ones."""
@@ -196,19 +197,19 @@ class Wire:
 
     def send(self, service: str, call: Call, action: Send | Ping, req: fr.Request) -> bool:
         """Send a REQUEST or PING; False when the responder is not routable."""
-        rid = routing_id(action.responder, service)
+        key = (action.responder, service)
+        rid = self._rids.get(key)
+        if rid is None:
+            rid = self._rids[key] = routing_id(action.responder, service)
         if isinstance(action, Send):
-            if action.attempt != req.attempt:
-                req = fr.Request(req.id, req.service, req.ttl_ms, action.attempt, req.format,
-                                 req.headers, req.body)
             ttl = max(0, int((call.deadline - self.responders.clock()) * 1000))
-            frames = fr.encode_request(fr.Request(req.id, req.service, ttl, req.attempt,
+            frames = fr.encode_request(fr.Request(req.id, req.service, ttl, action.attempt,
                                                   req.format, req.headers, req.body))
         else:
             self.nonce += 1
             frames = fr.encode_ping(fr.Ping(self.nonce, call.id))
         try:
-            self.sock.send_multipart([rid, *frames], zmq.NOBLOCK)
+            send_frames(self.sock, [rid, *frames])
             return True
         except zmq.ZMQError:
             return False  # EHOSTUNREACH (not connected yet / gone) or EAGAIN (queue full)
@@ -393,12 +394,11 @@ class Client:
             if self._closed:
                 raise ClosedError("rpc client closed during a request")
             wait = min(call.wake_at() - now, _MAX_WAIT_S)
-            if wait > 0 and not wire.poller.poll(max(1, int(wait * 1000 + 0.999))):
+            if wait > 0 and not zmq_poll(wire.pollitems, max(1, int(wait * 1000 + 0.999))):
                 continue
             for _ in range(256):
-                try:
-                    msg = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
+                msg = recv_frames(sock)
+                if msg is None:
                     break
                 self._on_message(wire, bal, call, req, msg)
                 if _finished(call):

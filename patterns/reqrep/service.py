@@ -21,11 +21,13 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.backend import zmq_poll
 
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
 from mesh.tracing import consuming, context_of_request
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
+from patterns.reqrep._zio import POLLIN, recv_frames, send_frames
 from patterns.reqrep.cache import Lookup, ReplyCache
 
 __all__ = [
@@ -379,7 +381,7 @@ class Service:
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         try:
-            self._sock.send_multipart([rid, *frames], zmq.NOBLOCK)
+            send_frames(self._sock, [rid, *frames])
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the client is gone; EAGAIN: its queue is full. Either way the client
             # retries (and gets the cached reply), so counting is all there is to do.
@@ -484,13 +486,19 @@ class Service:
 
     def _run(self) -> None:
         sock = self._sock
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._efd, zmq.POLLIN)
+        efd = self._efd
+        items = [(sock, POLLIN), (efd, POLLIN)]
+        tick_ms = int(_TICK_S * 1000)
         try:
             while not self._closed:
-                events = dict(poller.poll(int(_TICK_S * 1000)))
-                if sock in events:
+                ready = zmq_poll(items, tick_ms)
+                sock_ready = efd_ready = False
+                for what, _ev in ready:
+                    if what is sock:
+                        sock_ready = True
+                    else:
+                        efd_ready = True
+                if sock_ready:
                     for _ in range(_RECV_BATCH):
                         try:
                             if self._secure:
@@ -499,20 +507,23 @@ class Service:
                                     continue
                                 msg = [f.bytes for f in zmsg]
                             else:
-                                msg = sock.recv_multipart(zmq.NOBLOCK)
+                                got = recv_frames(sock)
+                                if got is None:
+                                    break
+                                msg = got
                         except zmq.Again:
                             break
                         self._on_frames(msg)
-                if self._efd in events:
+                if efd_ready:
                     try:
-                        os.eventfd_read(self._efd)
+                        os.eventfd_read(efd)
                     except BlockingIOError:
                         pass
                 done = self._done
                 while done:
                     inc, rep = done.popleft()
                     self._complete(inc, rep)
-                if not events:
+                if not ready:
                     self._cache.expire()
         except Exception:
             log.exception("service %s: I/O thread failed", self.name)

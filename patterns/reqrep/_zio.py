@@ -1,0 +1,45 @@
+"""Socket calls of the hot path (the only I/O helpers of request/reply).
+
+They call pyzmq's Cython socket methods with plain int flags: pyzmq's Python layer
+(``send_multipart``, ``recv_multipart``, ``Poller``, IntFlag arithmetic) cost about 6 µs per
+4-frame send against 0.6 µs this way (measured on this VM; see docs/parts/bench-reqrep.md).
+"""
+
+from __future__ import annotations
+
+import zmq
+from zmq.backend import Socket as _ZSocket
+
+__all__ = ["POLLIN", "recv_frames", "send_frames"]
+
+_zsend = _ZSocket.send
+_zrecv = _ZSocket.recv
+_zget = _ZSocket.get
+_MORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NB = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+POLLIN = int(zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    """Send one multipart message without blocking (the first frame is the routing id).
+
+    Raises:
+        zmq.ZMQError: from the first frame (EHOSTUNREACH, EAGAIN); nothing was sent then, as a
+            ROUTER refuses a message at its routing-id frame.
+    """
+    last = len(frames) - 1
+    for i in range(last):
+        _zsend(sock, frames[i], _MORE_NB)
+    _zsend(sock, frames[last], _NB)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
+    """Receive one whole multipart message without blocking; None when none is waiting."""
+    try:
+        out = [_zrecv(sock, _NB)]
+    except zmq.Again:
+        return None
+    while _zget(sock, _RCVMORE):
+        out.append(_zrecv(sock, _NB))
+    return out
