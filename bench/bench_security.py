@@ -1,19 +1,26 @@
 """CURVE vs plain: pub/sub and request/reply, zeromesh beside raw pyzmq, in the same run.
 
-Four lines per pattern, same payload (100 B), tcp on 127.0.0.1, one process (the consumer or
-the responder runs on a thread, so every line pays the same GIL cost):
+Every line has its consumer (or responder) in a separate process, so a line is bound by the
+wire and the crypto, not by two Python loops sharing one GIL. Four lines per pattern and
+payload size (100 B, 1 KiB), tcp on 127.0.0.1:
 
-* raw pyzmq plain / raw pyzmq CURVE: XPUB->SUB (2 frames: topic, payload) and DEALER->ROUTER
-  echo (sequential round trips);
-* zeromesh plain / zeromesh CURVE: a durable Publisher -> Subscriber, and Client -> Service,
-  between two nodes (security=None vs SecurityConfig with an allowlist and permissions).
+* raw pyzmq plain / CURVE: XPUB (NODROP) -> SUB in a spawned process
+  (bench_pubsub.raw_case, curve_cases.pubsub_raw_curve); DEALER -> ROUTER echo child,
+  64 requests in flight (bench_reqrep.raw_bench, curve_cases.reqrep_raw_curve);
+* zeromesh plain / CURVE: durable Publisher (fsync every 10 ms, ``publish_many`` of 100) ->
+  Subscriber on a node in a spawned process (bench_pubsub.mesh_case,
+  curve_cases.pubsub_mesh_curve); AsyncClient with 64 in flight -> Service (inline handler)
+  in a child (bench_reqrep.mesh_bench, curve_cases.reqrep_mesh_curve).
 
-Throughput: events received / (last receive - first send). Latency: events sent one at a
-time (each waits for the previous to arrive) for pub/sub; round trip per request for reqrep.
-The figure that matters is the ratio CURVE / plain, compared between raw and zeromesh.
+Each round runs the four lines back to back; the table shows the median over the rounds of
+each throughput and of each round's CURVE/plain ratio, then the comparison of zeromesh's ratio
+with raw pyzmq's (target: zeromesh's >= raw's, i.e. encryption costs zeromesh no more).
+With ``nats-server`` and nats-py installed, NATS JetStream (no TLS; PubAck, durable pull
+consumer with explicit acks; bench/peers.py's harness) runs the same pub/sub workload beside
+secured durable pub/sub.
 
-    python bench/bench_security.py --quick    # < 60 s
-    python bench/bench_security.py            # bigger counts
+    python bench/bench_security.py --quick    # 3 rounds, < 90 s
+    python bench/bench_security.py            # 5 rounds, bigger counts
 """
 
 from __future__ import annotations
@@ -21,242 +28,138 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
+import subprocess
 import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+sys.path.insert(0, BENCH)
 
-import zmq
+import bench_pubsub  # noqa: E402
+import bench_reqrep  # noqa: E402
+import curve_cases  # noqa: E402
+import peers  # noqa: E402
 
-PAYLOAD = b"x" * 100
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))] * 1e6
-
-
-def _curve(sock: zmq.Socket[Any], server: bool, keys: dict[str, bytes]) -> None:
-    if server:
-        sock.curve_server = True
-        sock.curve_publickey, sock.curve_secretkey = keys["sp"], keys["ss"]
-    else:
-        sock.curve_publickey, sock.curve_secretkey = keys["cp"], keys["cs"]
-        sock.curve_serverkey = keys["sp"]
+SIZES = (100, 1024)
+INFLIGHT = 64
+BATCH = 100
 
 
-def raw_pubsub(n: int, n_lat: int, curve: bool) -> tuple[float, float, float]:
-    ctx = zmq.Context()
-    sp, ss = zmq.curve_keypair()
-    cp, cs = zmq.curve_keypair()
-    keys = {"sp": sp, "ss": ss, "cp": cp, "cs": cs}
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 0)
-    if curve:
-        _curve(pub, True, keys)
-        _curve(sub, False, keys)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    sub.setsockopt(zmq.SUBSCRIBE, b"t")
-    sub.connect(f"tcp://127.0.0.1:{port}")
-    pub.recv()  # the subscription arrived: no slow joiner
-    done = threading.Event()
-    t_last = [0.0]
-
-    def consume() -> None:
-        for _ in range(n):
-            sub.recv_multipart()
-        t_last[0] = time.perf_counter()
-        done.set()
-
-    th = threading.Thread(target=consume)
-    th.start()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        pub.send_multipart([b"t", PAYLOAD])
-    th.join()
-    rate = n / (t_last[0] - t0)
-    lats = []
-    for _ in range(n_lat):
-        t = time.perf_counter()
-        pub.send_multipart([b"t", PAYLOAD])
-        sub.recv_multipart()
-        lats.append(time.perf_counter() - t)
-    ctx.destroy(linger=0)
-    return rate, _pct(lats, 0.5), _pct(lats, 0.99)
+def _free_ep() -> str:
+    return f"tcp://127.0.0.1:{peers.free_port()}"
 
 
-def raw_reqrep(n: int, curve: bool) -> tuple[float, float, float]:
-    ctx = zmq.Context()
-    sp, ss = zmq.curve_keypair()
-    cp, cs = zmq.curve_keypair()
-    keys = {"sp": sp, "ss": ss, "cp": cp, "cs": cs}
-    router = ctx.socket(zmq.ROUTER)
-    dealer = ctx.socket(zmq.DEALER)
-    if curve:
-        _curve(router, True, keys)
-        _curve(dealer, False, keys)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    stop = threading.Event()
-
-    def serve() -> None:
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        while not stop.is_set():
-            if poller.poll(50):
-                router.send_multipart(router.recv_multipart())
-
-    th = threading.Thread(target=serve)
-    th.start()
-    lats = []
-    t0 = time.perf_counter()
-    for _ in range(n):
-        t = time.perf_counter()
-        dealer.send(PAYLOAD)
-        dealer.recv()
-        lats.append(time.perf_counter() - t)
-    total = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    ctx.destroy(linger=0)
-    return n / total, _pct(lats, 0.5), _pct(lats, 0.99)
+def pubsub_lines(size: int, n: int) -> dict[str, float]:
+    """One round of the four pub/sub lines: name -> events/s."""
+    out = {
+        "raw plain": bench_pubsub.raw_case("tcp", size, n, None),
+        "raw CURVE": curve_cases.pubsub_raw_curve("tcp", size, n),
+        "zeromesh plain": bench_pubsub.mesh_case("tcp", size, n, True, None, BATCH),
+        "zeromesh CURVE": curve_cases.pubsub_mesh_curve("tcp", size, n, True, BATCH),
+    }
+    for name, r in out.items():
+        if r["got"] != n:
+            print(f"  warning: pub/sub {name} {size} B got {r['got']}/{n}", file=sys.stderr)
+    return {k: float(r["rate"]) for k, r in out.items()}
 
 
-def _mesh_pair(tmp: Path, secure: bool) -> tuple[Any, Any]:
-    from mesh.node import Node
-    from mesh.security import SecurityConfig
-    from mesh.security.keys import generate_keypair, write_keypair
-    from tests.util import unique
-
-    mesh = unique("bench")
-    sec: dict[str, Any] = {"a": None, "b": None}
-    if secure:
-        (tmp / "allow").mkdir()
-        pubs = {}
-        for n in ("a", "b"):
-            kp = generate_keypair()
-            write_keypair(tmp / "keys", n, kp)
-            pubs[n] = kp.public
-            shutil.copy(tmp / "keys" / f"{n}.key", tmp / "allow" / f"{n}.key")
-        sec["a"] = SecurityConfig(key_file=tmp / "keys" / "a.key_secret",
-                                  allowlist_dir=tmp / "allow", permissions={"*": ("*:*",)})
-    a = Node(data_dir=tmp / "a", name="a", mesh=mesh, mdns=False, transports=("tcp",),
-             interface="127.0.0.1", security=sec["a"])
-    ep = a.info().endpoints["control"][0]
-    if secure:
-        sec["b"] = SecurityConfig(key_file=tmp / "keys" / "b.key_secret",
-                                  allowlist_dir=tmp / "allow", permissions={"*": ("*:*",)},
-                                  peer_keys={ep: pubs["a"]})
-    b = Node(data_dir=tmp / "b", name="b", mesh=mesh, mdns=False, transports=("tcp",),
-             interface="127.0.0.1", security=sec["b"], static_peers=(ep,))
-    deadline = time.monotonic() + 10
-    while a.peers.get(b.id) is None or b.peers.get(a.id) is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError("nodes did not join")
-        time.sleep(0.01)
-    return a, b
+def reqrep_lines(size: int, n: int) -> dict[str, tuple[float, float]]:
+    """One round of the four req/rep lines: name -> (requests/s pipelined, p50 round trip us)."""
+    payload = b"x" * size
+    # bench_reqrep's plain twins read their payload from this module global.
+    bench_reqrep.PAYLOAD = payload
+    runs: dict[str, tuple[list[float], float]] = {
+        "raw plain": bench_reqrep.raw_bench(_free_ep(), n, INFLIGHT),
+        "raw CURVE": curve_cases.reqrep_raw_curve(_free_ep(), n, INFLIGHT, payload),
+        "zeromesh plain": bench_reqrep.mesh_bench("tcp", n, INFLIGHT, "inline"),
+        "zeromesh CURVE": curve_cases.reqrep_mesh_curve("tcp", n, INFLIGHT, payload),
+    }
+    return {k: (rate, statistics.median(lat) * 1e6) for k, (lat, rate) in runs.items()}
 
 
-def mesh_pubsub(n: int, n_lat: int, secure: bool) -> tuple[float, float, float]:
-    from patterns.pubsub import Publisher, Start, Subscriber
-
-    tmp = Path(tempfile.mkdtemp(prefix="bsec"))
-    a, b = _mesh_pair(tmp, secure)
+def jetstream(sizes: tuple[int, ...], n: int) -> dict[int, float] | str:
+    """NATS JetStream msg/s per size on a private nats-server, or why it did not run."""
+    if shutil.which("nats-server") is None:
+        return "nats-server not on PATH"
     try:
-        with Publisher(a, "bench") as pub, Subscriber(b, "bench", start=Start.new()) as sub:
-            deadline = time.monotonic() + 10
-            while True:  # connected once one event got through
-                pub.publish(b"warm")
-                if sub.recv(timeout=0.05) is not None:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("subscriber never connected")
-            while sub.recv(timeout=0.2) is not None:
-                pass
-            got = [0]
-            t_last = [0.0]
-
-            def consume() -> None:
-                while got[0] < n:
-                    got[0] += len(sub.recv_batch(timeout=5))
-                t_last[0] = time.perf_counter()
-
-            th = threading.Thread(target=consume)
-            t0 = time.perf_counter()
-            th.start()
-            for _ in range(n // 100):
-                pub.publish_many([PAYLOAD] * 100)
-            th.join()
-            rate = n / (t_last[0] - t0)
-            lats = []
-            for _ in range(n_lat):
-                t = time.perf_counter()
-                pub.publish(PAYLOAD)
-                while sub.recv(timeout=5) is None:
-                    pass
-                lats.append(time.perf_counter() - t)
-        return rate, _pct(lats, 0.5), _pct(lats, 0.99)
+        import nats  # noqa: F401
+    except ImportError:
+        return "nats-py not installed"
+    tmp = os.path.join("/tmp", f"zmsec-nats-{os.getpid()}")
+    port = peers.free_port()
+    proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js",
+                             "-sd", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        peers._wait_port(port, proc)
+        return {s: float(peers.one_case("nats", port, n, s, False)["rate"]) for s in sizes}
     finally:
-        b.close()
-        a.close()
+        proc.terminate()
+        proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def mesh_reqrep(n: int, secure: bool) -> tuple[float, float, float]:
-    from patterns.reqrep import Client, Service
+def _median_table(rounds: list[dict[str, float]]) -> tuple[dict[str, float], float, float]:
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    raw_ratio = statistics.median(r["raw CURVE"] / r["raw plain"] for r in rounds)
+    mesh_ratio = statistics.median(r["zeromesh CURVE"] / r["zeromesh plain"] for r in rounds)
+    return med, raw_ratio, mesh_ratio
 
-    tmp = Path(tempfile.mkdtemp(prefix="bsec"))
-    a, b = _mesh_pair(tmp, secure)
-    try:
-        with Service(a, "echo", lambda req: req.payload), Client(b) as client:
-            deadline = time.monotonic() + 10
-            while not b.who_offers("service", "echo"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("service not seen")
-                time.sleep(0.01)
-            for _ in range(50):
-                client.request("echo", PAYLOAD, timeout=5)
-            lats = []
-            t0 = time.perf_counter()
-            for _ in range(n):
-                t = time.perf_counter()
-                client.request("echo", PAYLOAD, timeout=5)
-                lats.append(time.perf_counter() - t)
-            total = time.perf_counter() - t0
-        return n / total, _pct(lats, 0.5), _pct(lats, 0.99)
-    finally:
-        b.close()
-        a.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _row(pattern: str, size: int, med: dict[str, float], raw_r: float, mesh_r: float) -> None:
+    verdict = "holds" if mesh_r >= raw_r else "does NOT hold"
+    print(f"| {pattern} | {size} B | raw pyzmq | {med['raw plain'] / 1e3:,.1f} | "
+          f"{med['raw CURVE'] / 1e3:,.1f} | {raw_r:.2f} | |")
+    print(f"| {pattern} | {size} B | zeromesh | {med['zeromesh plain'] / 1e3:,.1f} | "
+          f"{med['zeromesh CURVE'] / 1e3:,.1f} | {mesh_r:.2f} | zeromesh/raw ratio "
+          f"{mesh_r / raw_r:.2f}: target {verdict} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-nats", action="store_true", help="skip NATS JetStream")
     args = ap.parse_args()
-    n_ps, n_lat, n_rr = (50_000, 1000, 1000) if args.quick else (200_000, 5000, 5000)
-    rows = []
-    for name, fn in (
-        ("pub/sub raw pyzmq", lambda c: raw_pubsub(n_ps, n_lat, c)),
-        ("pub/sub zeromesh durable", lambda c: mesh_pubsub(n_ps, n_lat, c)),
-        ("req/rep raw pyzmq", lambda c: raw_reqrep(n_rr, c)),
-        ("req/rep zeromesh", lambda c: mesh_reqrep(n_rr, c)),
-    ):
-        plain = fn(False)
-        curve = fn(True)
-        rows.append((name, plain, curve))
-    print(f"{'what':28} {'plain k/s':>10} {'CURVE k/s':>10} {'ratio':>6} "
-          f"{'p50 us plain/CURVE':>20} {'p99 us plain/CURVE':>20}")
-    for name, p, c in rows:
-        print(f"{name:28} {p[0] / 1e3:10.1f} {c[0] / 1e3:10.1f} {c[0] / p[0]:6.2f} "
-              f"{p[1]:9.0f}/{c[1]:<10.0f} {p[2]:9.0f}/{c[2]:<10.0f}")
-    print(f"# n pubsub={n_ps} latency samples={n_lat} reqrep={n_rr}")
+    rounds = args.rounds or (3 if args.quick else 5)
+    n_ps, n_rr, n_js = (100_000, 1000, 20_000) if args.quick else (200_000, 2000, 50_000)
+    t_start = time.monotonic()
+    ps: dict[int, list[dict[str, float]]] = {s: [] for s in SIZES}
+    rr: dict[int, list[dict[str, tuple[float, float]]]] = {s: [] for s in SIZES}
+    for i in range(rounds):
+        for s in SIZES:
+            print(f"# round {i + 1}/{rounds}: pub/sub {s} B", file=sys.stderr, flush=True)
+            ps[s].append(pubsub_lines(s, n_ps))
+            print(f"# round {i + 1}/{rounds}: req/rep {s} B", file=sys.stderr, flush=True)
+            rr[s].append(reqrep_lines(s, n_rr))
+    js: dict[int, float] | str = "skipped (--no-nats)"
+    if not args.no_nats:
+        print("# NATS JetStream", file=sys.stderr, flush=True)
+        js = jetstream(SIZES, n_js)
+    print("| pattern | size | line | plain k/s | CURVE k/s | CURVE/plain | comparison |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for s in SIZES:
+        _row("pub/sub", s, *_median_table(ps[s]))
+    for s in SIZES:
+        rates = [{k: v[0] for k, v in r.items()} for r in rr[s]]
+        _row("req/rep", s, *_median_table(rates))
+    print()
+    print("req/rep p50 round trip, one request at a time (us), median of rounds:")
+    for s in SIZES:
+        p50 = {k: statistics.median(r[k][1] for r in rr[s]) for k in rr[s][0]}
+        print(f"  {s} B: " + ", ".join(f"{k} {v:.0f}" for k, v in p50.items()))
+    print()
+    if isinstance(js, str):
+        print(f"NATS JetStream: not run ({js})")
+    else:
+        for s in SIZES:
+            sec = statistics.median(r["zeromesh CURVE"] for r in ps[s])
+            print(f"secured durable pub/sub {s} B: {sec / 1e3:,.1f} k/s vs NATS JetStream "
+                  f"(no TLS) {js[s] / 1e3:,.1f} k/s = {sec / js[s]:.1f}x")
+    print(f"# rounds={rounds} pubsub n={n_ps} (publish_many of {BATCH}) reqrep "
+          f"n={n_rr} latency + {n_rr * 4} pipelined ({INFLIGHT} in flight) jetstream n={n_js}; "
+          f"{time.monotonic() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
