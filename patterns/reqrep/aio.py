@@ -41,6 +41,7 @@ class _Pending:
     call: Call
     req: fr.Request
     waker: asyncio.Future[None] | None = None
+    wake_at: float = 0.0  #: clock value at which the waiting call must step again
 
 
 class AsyncClient:
@@ -67,6 +68,10 @@ class AsyncClient:
         self._stats: collections.Counter[str] = collections.Counter()
         self._drain_scheduled = False
         self._closed = False
+        # One timer for the whole client, armed at the earliest wake-up of any waiting call:
+        # a call_later per request (and its cancel) was a heap push and a handle per request.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
 
     def _start(self) -> Wire:
         loop = asyncio.get_running_loop()
@@ -117,16 +122,39 @@ class AsyncClient:
                     raise ClosedError("rpc client closed during a request")
                 fut: asyncio.Future[None] = loop.create_future()
                 pend.waker = fut
-                delay = max(0.0, min(call.wake_at() - now, 0.05))
-                handle = loop.call_later(delay, _wake, fut)
+                pend.wake_at = at = min(call.wake_at(), now + 0.05)
+                if at < self._timer_at:
+                    self._arm(loop, at, now)
                 try:
                     await fut
                 finally:
-                    handle.cancel()
                     pend.waker = None
         finally:
             del self._pending[call.id]
         return finish_call(call, self._stats)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(loop.time() + max(0.0, at - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        if self._closed or self._loop is None:
+            return
+        now = self._clock()
+        nxt = float("inf")
+        for pend in self._pending.values():
+            if pend.waker is None:
+                continue
+            if pend.wake_at <= now:
+                _wake(pend.waker)
+            elif pend.wake_at < nxt:
+                nxt = pend.wake_at
+        if nxt != float("inf"):
+            self._arm(self._loop, nxt, now)
 
     def _act(self, wire: Wire, call: Call, req: fr.Request, actions: list[Send | Ping]) -> None:
         bal = self.responders.balancers[call.service]
@@ -200,6 +228,9 @@ class AsyncClient:
             return
         self._closed = True
         self.responders.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._wire is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._wire.sock.getsockopt(zmq.FD))
