@@ -10,7 +10,7 @@ from __future__ import annotations
 import zmq
 from zmq.backend import Socket as _ZSocket
 
-__all__ = ["POLLIN", "recv_frames", "send_frames"]
+__all__ = ["POLLIN", "readable", "recv_frames", "send_frames"]
 
 _zsend = _ZSocket.send
 _zrecv = _ZSocket.recv
@@ -19,6 +19,7 @@ _MORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NB = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -43,3 +44,10 @@ def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
     while _zget(sock, _RCVMORE):
         out.append(_zrecv(sock, _NB))
     return out
+
+
+def readable(sock: zmq.Socket[bytes]) -> bool:
+    """True while a message is waiting (``ZMQ_EVENTS`` as a plain int: the sugar getsockopt
+    builds an enum per call)."""
+    ev = _zget(sock, _EVENTS)
+    return isinstance(ev, int) and bool(ev & POLLIN)

@@ -20,7 +20,7 @@ import zmq
 
 from mesh.errors import ClosedError, ProtocolError
 from patterns.reqrep import frames as fr
-from patterns.reqrep._zio import recv_frames
+from patterns.reqrep._zio import readable, recv_frames
 from patterns.reqrep.call import Call, Ping, Send
 from patterns.reqrep.client import (
     ClientConfig,
@@ -178,7 +178,7 @@ class AsyncClient:
         if wire is None or self._closed:
             return
         sock = wire.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while readable(sock):
             while True:
                 msg = recv_frames(sock)
                 if msg is None:
