@@ -275,6 +275,9 @@ class Node:
         self._router: zmq.Socket[Any] | None = None
         self._links: dict[str, _Link] = {}
         self._dials: dict[int, _Link] = {}
+        #: configured endpoint -> the node id its last answered dial reached (a proxy or NAT
+        #: address the peer does not announce): a later dial to it is known to reach that node
+        self._reached: dict[str, str] = {}
         self._dirty: dict[int, _Link] = {}
         self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
         self._flush_scheduled = False
@@ -1024,7 +1027,9 @@ class Node:
         """Pop a pending dial that reaches ``info``'s node (by id or by announced endpoint)."""
         peer_eps = set(info.endpoints.get("control", ()))
         for token, d in list(self._dials.items()):
-            if d.node_id == info.node_id or (d.node_id is None and d.endpoint in peer_eps):
+            if d.node_id == info.node_id or (d.node_id is None and (
+                d.endpoint in peer_eps or self._reached.get(d.endpoint) == info.node_id
+            )):
                 del self._dials[token]
                 d.node_id = info.node_id
                 return d
@@ -1040,7 +1045,7 @@ class Node:
         if ep is None:
             return
         try:
-            link = self._new_link(ep, info.node_id, None)
+            link = self._new_link(ep, info.node_id, self._static_for(info.node_id))
         except PeerError as exc:
             self._bad("dial_errors", "%s", exc)
             return
@@ -1121,6 +1126,9 @@ class Node:
         link = self._links.get(info.node_id)
         # Adopt the dial this HELLO answers, or a dial made for this node id (gossip / mDNS).
         adopt = self._dials.pop(hello.ack, None) if hello.ack is not None else None
+        acked = adopt is not None
+        if adopt is not None and adopt.static is not None:
+            self._reached[adopt.static] = info.node_id
         for token, d in list(self._dials.items()):
             if d.node_id == info.node_id:
                 del self._dials[token]
@@ -1133,7 +1141,9 @@ class Node:
             # announces it, that dial is our link to it (no second DEALER to the same peer).
             adopt = self._take_dial(info)
         if adopt is not None:
-            if link is None or not was_live:
+            # An acked dial is the connection the peer just read from: keep it over an older
+            # link (whose connection the peer's ROUTER may have handed over to this one).
+            if link is None or not was_live or acked:
                 if link is not None:
                     adopt.static = adopt.static or link.static
                     self._close_link(link)
@@ -1163,7 +1173,19 @@ class Node:
             self._send_hello(link, reply=True, ack=hello.dial)
         self._emit(events)
 
+    def _static_for(self, node_id: str) -> str | None:
+        """The configured endpoint last seen reaching ``node_id``, if any.
+
+        A link to that node carries it, so losing the link redials the configured endpoint
+        (a link opened without it left nothing to redial: the node stayed alone for good).
+        """
+        for ep, nid in self._reached.items():
+            if nid == node_id:
+                return ep
+        return None
+
     def _connect_new(self, info: PeerInfo, static: str | None) -> None:
+        static = static or self._static_for(info.node_id)
         ep = self.connect_endpoint(info, "control")
         if ep is None:
             self._bad("no_endpoint", "peer %s announces no usable control endpoint", info.node_id)
@@ -1184,7 +1206,7 @@ class Node:
             return
         if bad:
             self._count("malformed", bad)
-        dialling = {d.node_id for d in self._dials.values()}
+        dialling = {d.node_id or self._reached.get(d.endpoint) for d in self._dials.values()}
         dial_eps = {d.endpoint for d in self._dials.values()}
         for node_id, mesh, host, eps, key in entries:
             if node_id == self.id or mesh != self.mesh or node_id in dialling:
@@ -1260,9 +1282,16 @@ class Node:
             if node_id not in pinged and now - link.last_sent >= hb * 0.9:
                 self._enqueue(link, control.PING, ping)
         for token, d in list(self._dials.items()):
-            if d.static is None and now - d.created > self.config.presence.gone_s:
+            if now - d.created > self.config.presence.gone_s:
                 del self._dials[token]
                 self._close_link(d)
+                if d.static is not None:
+                    # Unanswered for gone_s: its connection may be stranded (a ROUTER that
+                    # handed our routing id to another of our DEALERs never reads nor closes
+                    # the older connection, so it never reconnects). A fresh DEALER and token
+                    # take the routing id back; resending HELLO on the old one never would.
+                    self._count("static_redials")
+                    self._dial(d.static, node_id=None, static=d.static)
             elif now - d.last_sent >= hb * 0.9:
                 self._send_hello(d)  # the peer may have come up since (or lost our HELLO)
         self._ticks += 1
