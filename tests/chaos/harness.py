@@ -247,6 +247,10 @@ class Harness:
         (self.run_dir / "quiesce").touch()
         self.result.drained = self.wait(self.drained, self.cfg["drain_s"] + 10, "drain")
         (self.run_dir / "stop").touch()
+        # Every role reports its final state while all are still up; only then may they close.
+        self.wait(lambda: all(any(e["ev"] == "final" for e in self.out(r)) for r in self.procs),
+                  15, "final reports")
+        (self.run_dir / "close").touch()
         for role, p in self.procs.items():
             try:
                 self.result.exit_codes[role] = p.wait(15)

@@ -59,8 +59,17 @@ def report_node(out: Out, nd: Node) -> None:
 
 
 def final(out: Out, nd: Node, **extra: Any) -> None:
+    """Report the final state, then stay up until every role has reported (``RUN_DIR/close``).
+
+    Closing right after reporting let a role that polled ``stop`` later see its peers' BYEs
+    and report "no live peer": a shutdown race of the harness, not of the node.
+    """
     st = nd.stats()
     out(ev="final", peers_joined=st.get("peers_joined", 0), node=st, **extra)
+    run_dir = os.path.dirname(os.path.dirname(str(nd.data_dir)))
+    deadline = time.monotonic() + 20.0
+    while not phase(run_dir, "close") and time.monotonic() < deadline:
+        time.sleep(0.02)  # a poll on the harness's phase file
 
 
 def wait_peers(nd: Node, n: int, timeout: float = 10.0) -> None:
