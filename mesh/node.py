@@ -1041,16 +1041,7 @@ class Node:
             self._links[info.node_id] = dial
             self._send_hello(dial)
             return
-        ep = self.connect_endpoint(info, "control")
-        if ep is None:
-            return
-        try:
-            link = self._new_link(ep, info.node_id, self._static_for(info.node_id))
-        except PeerError as exc:
-            self._bad("dial_errors", "%s", exc)
-            return
-        self._links[info.node_id] = link
-        self._send_hello(link)
+        self._connect_new(info, None)
 
     def _dispatch(self, peer_id: str, kind: str, body: Any, now: float) -> None:
         if kind == control.PING:
