@@ -45,6 +45,7 @@ from mesh.errors import (
     UnsupportedProtocol,
 )
 from mesh.log.directory import set_atrest_key
+from mesh.metrics import Collect, Registry
 from mesh.peers import (
     OFFER_KINDS,
     PROTOCOL_VERSION,
@@ -290,6 +291,9 @@ class Node:
         self._out_scheduled = False
         self._outq_dropped = 0
         self._counters: collections.Counter[str] = collections.Counter()
+        #: this node's metrics (patterns register collectors here); see mesh.metrics.
+        self.metrics = Registry()
+        self.metrics.register_collector(self._collect_metrics)
         self._discovery: Any = None
         # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
         # client in when no handler is there).
@@ -766,7 +770,37 @@ class Node:
             out["dropped_outq"] = self._outq_dropped
         if self.security is not None:
             out.update(self.security.stats())
+        out["metrics"] = self.metrics.as_dict()
         return out
+
+    def _collect_metrics(self, out: Collect) -> None:
+        # Scrape time (any thread): reads counters the reactor keeps; a Counter read is safe
+        # under the GIL and a scrape may be one batch behind, which is fine for monitoring.
+        c = self._counters
+        by_state = collections.Counter(r.state.value for r in self.peers.records())
+        for st in PeerState:
+            out.gauge("peers", by_state.get(st.value, 0), "Peers by presence state.",
+                      state=st.value)
+        out.counter("control_messages_in_total", c.get("control_in", 0),
+                    "Control-channel messages received.")
+        out.counter("control_messages_out_total", c.get("control_out", 0),
+                    "Control-channel messages sent.")
+        out.counter("control_bytes_in_total", c.get("control_bytes_in", 0),
+                    "Control-channel bytes received.")
+        out.counter("control_bytes_out_total", c.get("control_bytes_out", 0),
+                    "Control-channel bytes sent.")
+        out.counter("control_dropped_total", c.get("dropped_hwm", 0)
+                    + c.get("dropped_unreachable", 0),
+                    "Control messages dropped (peer at HWM or unreachable).")
+        out.counter("reactor_errors_total", self.reactor.errors, "Reactor callbacks that raised.")
+        failures = {"auth": 0, "protocol": 0, "no_detail": 0}
+        if self.security is not None:
+            for k, v in self.security.stats().items():
+                if k.startswith("security_handshake_failed_"):
+                    failures[k[len("security_handshake_failed_"):]] = v
+        for reason, v in failures.items():
+            out.counter("handshake_failures_total", v, "CURVE handshakes refused.",
+                        reason=reason)
 
     # --- discovery hook (any thread) ------------------------------------------------------------
 
@@ -883,8 +917,10 @@ class Node:
             for i in range(0, len(out), _SEND_BATCH):
                 chunk = out[i : i + _SEND_BATCH]
                 try:
-                    link.sock.send_multipart(control.encode_frames(chunk), zmq.NOBLOCK)
+                    wire = control.encode_frames(chunk)
+                    link.sock.send_multipart(wire, zmq.NOBLOCK)
                     self._count("control_out", len(chunk))
+                    self._count("control_bytes_out", sum(map(len, wire)))
                 except zmq.Again:
                     self._bad("dropped_hwm", "peer %s at its HWM: dropped %d", link.node_id, len(chunk))
                 except zmq.ZMQError as exc:
@@ -976,6 +1012,7 @@ class Node:
         return True  # _on_frames counts a message from an unknown sender
 
     def _on_frames(self, frames: list[bytes]) -> None:
+        self._counters["control_bytes_in"] += sum(map(len, frames))
         if len(frames) < 3:
             self._bad("malformed", "control message of %d frames", len(frames))
             return
