@@ -45,11 +45,10 @@ __all__ = ["RetentionGap", "Start", "Subscriber", "SubscriberStats"]
 _log = logging.getLogger("zeromesh.pubsub")
 
 # pyzmq's recv_multipart costs ~6-8 µs per 3-frame message in Python (a sugar recv and a
-# getsockopt with enum conversion per frame); the backend methods with int flags ~3 µs.
+# getsockopt with enum conversion per frame); the backend recv with int flags, copy=False and
+# Frame.more for the message boundary, a fraction of that (see _drain_sub).
 _zrecv: Any = zmq.backend.Socket.recv
-_zget: Any = zmq.backend.Socket.get
 _NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 
 Key = tuple[str, str]  # (publisher node id, stream)
 
@@ -470,12 +469,18 @@ class Subscriber:
         decode_message = frames.decode_message
         now = time.monotonic()
         for _ in range(1000):
+            # Frames (copy=False) rather than bytes + get(RCVMORE): pyzmq's get() builds a
+            # SocketOption enum per call, while a Frame's `more` is filled in C by the recv
+            # itself. Measured (inproc, 170 B frames, timeit): receiving costs 0.70 -> 0.40 µs
+            # per frame, and a DATA message carries one frame per event.
             try:
-                msg = [_zrecv(sock, _NOBLOCK)]
+                f = _zrecv(sock, _NOBLOCK, False)
             except zmq.Again:
                 return
-            while _zget(sock, _RCVMORE):
-                msg.append(_zrecv(sock, _NOBLOCK))  # the rest of a message is already here
+            msg = [f.bytes]
+            while f.more:
+                f = _zrecv(sock, _NOBLOCK, False)  # the rest of a message is already here
+                msg.append(f.bytes)
             stats.messages += 1
             try:
                 stream, head, envs = decode_message(msg, max_event_size=maxsz)
