@@ -34,19 +34,21 @@ def _consumer_raw(endpoint: str, n: int, q: Any, lat: bool) -> None:
     s.setsockopt(zmq.RCVTIMEO, int(IDLE_S * 1000))
     s.connect(endpoint)
     q.put(("ready", 0))
-    got, lats, t_last = 0, [], 0.0
+    got, lats, t_last, c0 = 0, [], 0.0, 0.0
     try:
         while got < n:
             frames = s.recv_multipart()
             if frames[0] == b"w":
                 continue
+            if not got:
+                c0 = time.process_time()
             got += 1
             if lat:
                 lats.append(time.monotonic_ns() - int(frames[1]))
         t_last = time.monotonic()
     except zmq.Again:
         t_last = time.monotonic() - IDLE_S
-    q.put(("done", (got, t_last, lats)))
+    q.put(("done", (got, t_last, lats, time.process_time() - c0)))
     ctx.destroy(linger=0)
 
 
@@ -58,7 +60,7 @@ def _consumer_mesh(ctrl: str, mesh: str, stream: str, n: int, q: Any, lat: bool,
               static_peers=(ctrl,), transports=transports) as nd, \
             Subscriber(nd, stream, start=Start.new()) as sub:
         q.put(("ready", 0))
-        got, lats, t_last = 0, [], 0.0
+        got, lats, t_last, c0 = 0, [], 0.0, 0.0
         deadline = time.monotonic() + 60
         while got < n and time.monotonic() < deadline:
             batch = sub.recv_batch(timeout=IDLE_S)
@@ -68,13 +70,16 @@ def _consumer_mesh(ctrl: str, mesh: str, stream: str, n: int, q: Any, lat: bool,
             for ev in batch:  # the "handler"
                 if ev.type == "w":
                     continue
+                if not got:
+                    c0 = time.process_time()
                 got += 1
                 if lat:
                     lats.append(now - ev.data)
             t_last = time.monotonic()
+        cpu = time.process_time() - c0
         st = sub.stats()
         q.put(("done", (got, t_last, lats, {"replayed": st.replayed, "gaps": st.gaps,
-                                            "skipped": st.skipped})))
+                                            "skipped": st.skipped, "cpu_c": cpu})))
 
 
 def _wait_ready(q: Any, warm: Any) -> None:
@@ -105,6 +110,7 @@ def raw_case(transport: str, size: int, n: int, lat_rate: float | None) -> dict[
     _wait_ready(q, lambda: s.send_multipart([b"w", b""]))
     payload = b"x" * size
     t0 = time.monotonic()
+    c0 = time.process_time()
     if lat_rate is None:
         send = s.send_multipart
         for _ in range(n):
@@ -116,11 +122,13 @@ def raw_case(transport: str, size: int, n: int, lat_rate: float | None) -> dict[
             while time.monotonic() < target:
                 pass
             s.send_multipart([b"m", str(time.monotonic_ns()).encode(), payload])
-    _, (got, t_last, lats) = q.get(timeout=120)
+    cpu_p = time.process_time() - c0
+    _, (got, t_last, lats, cpu_c) = q.get(timeout=120)
     p.join(10)
     s.close(linger=0)
     ctx.term()
-    return {"got": got, "rate": got / max(1e-9, t_last - t0), "lats": lats}
+    return {"got": got, "rate": got / max(1e-9, t_last - t0), "lats": lats,
+            "cpu_p": cpu_p, "cpu_c": cpu_c}
 
 
 def mesh_case(transport: str, size: int, n: int, durable: bool, lat_rate: float | None,
@@ -145,6 +153,7 @@ def mesh_case(transport: str, size: int, n: int, durable: bool, lat_rate: float 
                 _wait_ready(q, lambda: pub.publish(0, type="w"))
                 payload = b"x" * size
                 t0 = time.monotonic()
+                c0 = time.process_time()
                 if lat_rate is None:
                     if batch > 1:
                         chunk = [payload] * batch
@@ -161,11 +170,12 @@ def mesh_case(transport: str, size: int, n: int, durable: bool, lat_rate: float 
                         while time.monotonic() < target:
                             pass
                         pub.publish(time.monotonic_ns(), type="m")
+                cpu_p = time.process_time() - c0
                 _, res = q.get(timeout=120)
                 p.join(10)
                 got, t_last, lats, extra = res
                 return {"got": got, "rate": got / max(1e-9, t_last - t0), "lats": lats,
-                        **extra}
+                        "cpu_p": cpu_p, **extra}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -189,17 +199,31 @@ def main() -> None:
     print("| transport | size | raw XPUB/SUB msg/s | best-effort publish() | best-effort "
           f"publish_many({a.batch}) | durable publish() | durable publish_many({a.batch}) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    cpu_rows = []
     for transport in ("tcp", "ipc"):
         for size in (100, 1024):
             raw = raw_case(transport, size, n, None)
             cells = []
+            cpu = [raw]
             for durable in (False, True):
                 for batch in (1, a.batch):
                     r = mesh_case(transport, size, n, durable, None, batch)
+                    cpu.append(r)
                     note = "" if r["got"] == n else f" (got {r['got']})"
                     cells.append(f"{r['rate']:,.0f} = {r['rate'] / raw['rate']:.2f}x{note}")
             print(f"| {transport} | {size} B | {raw['rate']:,.0f} | " + " | ".join(cells) + " |",
                   flush=True)
+            cpu_rows.append(f"| {transport} | {size} B | " + " | ".join(
+                f"{r['cpu_p'] / n * 1e6:.1f} / {r['cpu_c'] / max(1, r['got']) * 1e6:.1f}"
+                for r in cpu) + " |")
+    # CPU time per event is far steadier than wall-clock rates on a shared machine (it does
+    # not count time spent waiting for the CPU): it shows where a change helps, per side.
+    # Process time, so libzmq's I/O thread and the node's reactor thread are included.
+    print("\nCPU µs per event, producer / consumer (process time, all threads)")
+    print("| transport | size | raw | best-effort publish() | best-effort publish_many | "
+          "durable publish() | durable publish_many |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(cpu_rows), flush=True)
     rate, m = 2000.0, (2000 if a.quick else 6000)
     print(f"\nlatency, 100 B, {rate:.0f} events/s, {m} events (µs, p50 / p99)")
     print("| transport | raw XPUB/SUB | best-effort | durable (fsync 10 ms) |")
