@@ -34,6 +34,8 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.security.signing import EventSigner
+from mesh.tracing import child_fields
+from patterns._metrics import attach, publisher_collector
 from patterns.pubsub import _registry, frames
 
 __all__ = ["Publisher", "PublisherStats"]
@@ -412,6 +414,7 @@ class Publisher:
         self._hub = hub
         self._log = log
         node.offer("stream", stream)
+        self._unmetrics = attach(node, publisher_collector(self))
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -430,6 +433,9 @@ class Publisher:
         """
         hub = self._hub
         st = self._st
+        # Inside a handler, the consumed event's trace context fills the unset fields.
+        correlationid, causationid, traceparent = child_fields(correlationid, causationid,
+                                                               traceparent)
         signed = None
         if self._signer is not None:
             # Signed outside the lock: the signature does not cover seq.
@@ -602,6 +608,7 @@ class Publisher:
             hub.streams.pop(self.stream, None)
             hub.users -= 1
             last = hub.users == 0
+        self._unmetrics()  # before the log closes: a scrape must not read a closed log
         try:
             self.node.withdraw("stream", self.stream)
         except MeshError:

@@ -37,6 +37,8 @@ from mesh.errors import (
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.security.signing import EventVerifier
 from mesh.state import StateStore
+from mesh.tracing import consuming, use_event
+from patterns._metrics import Processing, attach, subscriber_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
 
@@ -314,6 +316,8 @@ class Subscriber:
         for ep in endpoints:
             self._connect(ep)
         self._unsubscribe_peers: Callable[[], None] = node.on_peer(self._on_peer_event)
+        self._processing = Processing(node, "pubsub", topic)
+        self._unmetrics = attach(node, subscriber_collector(self))
         with self._lock:
             for peer in self._offering_peers():
                 self._add_peer(peer)
@@ -765,6 +769,7 @@ class Subscriber:
         except ClosedError:
             raise StopIteration from None
         assert ev is not None
+        use_event(ev)  # the loop body is this event's handler (trace context defaults)
         return ev
 
     def run(self, handler: Callable[[Event], object], *,
@@ -783,12 +788,16 @@ class Subscriber:
                 return
             if ev is None:
                 continue
+            started = time.perf_counter()
             try:
-                handler(ev)
+                with consuming(ev):
+                    handler(ev)
             except BaseException:
+                self._processing.observe(started, True)
                 with self._lock:
                     self._handed.clear()  # not processed: never committed, comes again
                 raise
+            self._processing.observe(started, False)
             with self._lock:
                 self._done()
 
@@ -827,6 +836,7 @@ class Subscriber:
             if self._closed:
                 return
             self._closed = True
+            self._unmetrics()
             self._unsubscribe_peers()
             self._router.subs.pop(self.sid, None)
             if not self._router.subs:
