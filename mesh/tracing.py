@@ -198,7 +198,8 @@ class consuming:  # used like a function: ``with consuming(event):``
             sc = self._span.__enter__().get_span_context()
             if sc.is_valid:  # children point at the real span, so the backends' trees match
                 c = self._ctx = c._replace(trace_id=f"{sc.trace_id:032x}",
-                                           span_id=f"{sc.span_id:016x}")
+                                           span_id=f"{sc.span_id:016x}",
+                                           flags=f"{int(sc.trace_flags):02x}")
         self._token = _current.set(c)
         return c
 
