@@ -137,8 +137,13 @@ def test_streams_and_stats_read_a_data_dir_and_an_endpoint(tmp_path: Path) -> No
             for _ in range(3):
                 assert sub.recv(timeout=10) is not None
             sub.commit()  # past the third (the current one)
+        wait_until(lambda: pub.stats().lag.get("agg") == 2, 10, what="ack reached publisher")
         server, port = serve_prometheus(na)
         try:
+            r = mesh("streams", str(a), "--metrics", f"http://127.0.0.1:{port}/metrics", "--json")
+            assert r.returncode == 0, r.stderr
+            row = next(x for x in json.loads(r.stdout) if x["stream"] == topic)
+            assert row["live_lag"] == {"agg": 2}
             r = mesh("stats", "--port", str(port), "--json")
             assert r.returncode == 0, r.stderr
             assert "metrics_collector_errors_total" in json.loads(r.stdout)
