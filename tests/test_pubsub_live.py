@@ -291,3 +291,26 @@ def test_callback_style_commits_after_handler(pair: tuple[Node, Node]) -> None:
         with Subscriber(b, stream, durable="cb") as sub:
             ev = sub.recv(timeout=5)
             assert ev is not None and ev.data == 10  # the failed one comes again
+
+
+def test_auto_commit_runs_while_draining_a_backlog(pair: tuple[Node, Node]) -> None:
+    """A durable subscriber catching up commits as it goes, not only when it goes idle: a
+    crash in the middle of a long replay must not redo all of it."""
+    a, b = pair
+    stream = unique("backlog")
+    with Publisher(a, stream) as pub:
+        pub.publish_many(range(20_000))
+        # commit_interval_s=0: every recv() may commit, so the only question is whether the
+        # backlog path (events already queued, no wait on the socket) commits at all.
+        with Subscriber(b, stream, durable="d", commit_interval_s=0.0,
+                        replay_chunk=20_000) as sub:
+            committed_mid_backlog = False
+            for i in range(20_000):
+                queued = bool(sub._ready)
+                before = sub.stats().commits
+                ev = sub.recv(timeout=10)
+                assert ev is not None and ev.data == i
+                if queued and i > 1 and sub.stats().commits > before:
+                    committed_mid_backlog = True
+                    break
+            assert committed_mid_backlog

@@ -92,14 +92,8 @@ def collect(root: Path) -> list[dict[str, Any]]:
         node_id = None
     subs = _cursors(root)
     rows: list[dict[str, Any]] = []
-    # Pub/sub keeps its logs one level deeper (<dir>/streams/streams/<stream>) than the
-    # pipeline's queues (<dir>/streams/<queue>): read both.
-    dirs = [LogDirectory(root)]
-    if (root / "streams" / "streams").is_dir():
-        dirs.append(LogDirectory(root / "streams"))
-    pairs = [(d, n) for d in dirs for n in d.streams()
-             if not (n == "streams" and d is dirs[0] and len(dirs) > 1)]
-    for ld, name in pairs:
+    ld = LogDirectory(root)
+    for name in ld.streams():
         row: dict[str, Any] = {"stream": name}
         try:
             lg = ld.open(name, readonly=True)

@@ -11,13 +11,11 @@ neither side ever holds more than one chunk per (subscriber, stream).
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -397,9 +395,7 @@ class Publisher:
         self._closed = False
         log = None
         if durable:
-            root = Path(node.data_dir) / "streams"
-            os.makedirs(root, exist_ok=True)
-            log = LogDirectory(root).open(stream, log_config or LogConfig())
+            log = LogDirectory(node.data_dir).open(stream, log_config or LogConfig())
         hub = _hub_for(node, heartbeat_s, sndhwm)
         with hub.lock:
             if stream in hub.streams:

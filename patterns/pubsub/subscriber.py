@@ -461,9 +461,12 @@ class Subscriber:
             self._next_tick = now + 0.1
             for key, (_, tracker) in list(self._trackers.items()):
                 self._apply(key, tracker, tracker.on_tick(now))
-            if self.auto_commit and self._store is not None and now >= self._next_commit:
-                self._next_commit = now + self.commit_interval_s
-                self._commit_positions()
+            self._maybe_commit(now)
+
+    def _maybe_commit(self, now: float) -> None:
+        if self.auto_commit and self._store is not None and now >= self._next_commit:
+            self._next_commit = now + self.commit_interval_s
+            self._commit_positions()
 
     def _drain_sub(self) -> None:
         sock = self._sock
@@ -714,6 +717,10 @@ class Subscriber:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._done()
+            if self._ready:
+                # Draining a backlog (a replay) never waits on the socket, where the periodic
+                # commit otherwise runs: commit here too, or a crash mid catch-up redoes it all.
+                self._maybe_commit(time.monotonic())
             while not self._ready:
                 wait = 100
                 if deadline is not None:
