@@ -195,8 +195,12 @@ class consuming:  # used like a function: ``with consuming(event):``
         c = self._ctx
         if OTEL:
             self._span = _otel_span(self._kind, self._name or c.stream or "", c)
-            sc = self._span.__enter__().get_span_context()
-            if sc.is_valid:  # children point at the real span, so the backends' trees match
+            entered = self._span.__enter__()
+            sc = entered.get_span_context()
+            # Children point at the real span, so the backends' trees match. Only a recording
+            # span is real: with the API but no SDK, the no-op tracer hands back the *parent's*
+            # context, and adopting it would give children the consumed event's span id.
+            if sc.is_valid and entered.is_recording():
                 c = self._ctx = c._replace(trace_id=f"{sc.trace_id:032x}",
                                            span_id=f"{sc.span_id:016x}",
                                            flags=f"{int(sc.trace_flags):02x}")
@@ -276,9 +280,10 @@ def request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
 def _otel_traceparent() -> str | None:
     """The current OpenTelemetry span as a traceparent (a request span opened by the client,
     or the user's own span), or None."""
-    sc = _otel_trace.get_current_span().get_span_context()
-    if not sc.is_valid:
-        return None
+    current = _otel_trace.get_current_span()
+    sc = current.get_span_context()
+    if not sc.is_valid or not current.is_recording():
+        return None  # no SDK (no-op spans echo their parent): keep our own context
     return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
