@@ -1,6 +1,6 @@
 """The control channel's frame codec: pure functions, no I/O.
 
-A control message on the wire (see docs/parts/protocol-control.md) is a ZeroMQ multipart message
+A control message on the wire (see docs/protocol.md) is a ZeroMQ multipart message
 of 2N frames, N >= 1, sent by a peer's DEALER to our ROUTER: N (header, body) pairs, so that many
 small messages to one peer travel as one multipart (one syscall batch, one ROUTER receive)::
 

@@ -6,7 +6,7 @@ are safe from any thread; they hand work to the reactor (batched, see ``send``).
 their sockets with :meth:`Node.socket` (the one place limits, and later CURVE and metrics, are
 applied) and may register them with ``node.reactor``.
 
-The control channel (docs/parts/protocol-control.md): a bound ROUTER receives everything; to
+The control channel (docs/protocol.md): a bound ROUTER receives everything; to
 talk to a peer the node connects one DEALER (routing id = our node id) to the peer's control
 endpoint. HELLO / UPDATE / PING / PONG / GOSSIP / BYE are handled here; other kinds go to the
 handlers registered with :meth:`Node.handle`.
@@ -718,7 +718,7 @@ class Node:
 
         Always True with security off; with it on, deny by default. The peer is named by its
         node id and by the key it holds (bound to the id by its CURVE handshake, see
-        docs/parts/protocol-security.md section 5). Patterns call this where a request names a
+        docs/protocol.md section 5). Patterns call this where a request names a
         topic, queue or service (e.g. a replay request on the control channel).
 
         Raises:

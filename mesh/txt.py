@@ -1,7 +1,7 @@
 """The zeromesh mDNS TXT record: pure encode / decode / validation, no I/O.
 
 A node announces itself with a DNS-SD service whose TXT record carries a compact
-:class:`mesh.peers.PeerInfo`. The layout (specified in docs/parts/protocol-discovery.md)::
+:class:`mesh.peers.PeerInfo`. The layout (specified in docs/protocol.md)::
 
     v=1                     protocol major version (required, first)
     mesh=<mesh name>        required

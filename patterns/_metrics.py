@@ -4,7 +4,7 @@ Every pattern object counts what it does in its own stats (plain ints, under its
 nothing here runs per event except :class:`Processing` around a handler call. A collector is
 registered on ``node.metrics`` when the object is made and unregistered at ``close()``; at
 scrape time it reads the object's ``stats()`` and reports the families of
-docs/parts/arch-observability.md.
+docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ without a Python-level loop per header (what makes replay >1M records/s).
 The sparse index file beside a segment is a flat array of 24-byte entries
 ``(offset u64, position u64, timestamp_ns i64)``, little-endian, one per batch start at least
 every ``index_interval_bytes`` (and always the first and, once sealed, the last batch).
-The full specification is docs/parts/protocol-log.md.
+The full specification is docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One process writes a stream (an ``flock`` on ``LOCK`` enforces it); any number o
 openers, in this or other processes, read while it writes. Every append is handed to the
 operating system with ``write()`` before it returns, whatever the fsync policy, so a ``kill -9``
 of the writer loses nothing that was acknowledged; the policy only decides when ``fsync``
-makes it survive a power cut. See docs/parts/protocol-log.md and docs/parts/arch-log.md.
+makes it survive a power cut. See docs/protocol.md and docs/architecture.md.
 """
 
 from __future__ import annotations

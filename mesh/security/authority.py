@@ -1,7 +1,7 @@
 """A mesh authority: an Ed25519 key that signs node certificates and revocation lists.
 
 A certificate binds a node id to its CURVE public key, with roles, permission rules and an
-expiry. Files (docs/parts/protocol-security.md)::
+expiry. Files (docs/protocol.md)::
 
     <ca dir>/ca.secret     Ed25519 private key, 32 raw bytes, base64 (mode 0600)
     <ca dir>/ca.pub        Ed25519 public key, 32 raw bytes, base64 (what nodes trust)

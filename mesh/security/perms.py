@@ -17,7 +17,7 @@ serve       answer a service's requests
 
 ``pattern`` is a shell-style glob matched against the whole name (``sensors.*``, ``*``).
 A deny rule wins over any allow rule; nothing matching means **deny** (deny by default).
-Pure logic, no I/O: where each check is enforced is documented in docs/parts/arch-security.md.
+Pure logic, no I/O: where each check is enforced is documented in docs/architecture.md.
 """
 
 from __future__ import annotations

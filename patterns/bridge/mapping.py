@@ -9,7 +9,7 @@ Three concerns, all pure functions so they are tested without a broker:
   ``site/+/temp`` maps ``sensors.k1.temp`` to ``site/k1/temp`` and back.
 * **Envelope.** An :class:`~mesh.envelope.Event` becomes a payload plus string attributes
   (MQTT 5 user properties or NATS headers) in *binary* mode, or one CloudEvents JSON document in
-  *structured* mode; and back. The layout is specified in docs/parts/protocol-bridge.md.
+  *structured* mode; and back. The layout is specified in docs/protocol.md.
 * **Loops.** Every event a bridge sends out carries ``bridgeorigin`` (the bridge's origin id);
   every event it brings in is stamped with it too. :class:`LoopGuard` also remembers the ids it
   sent, so an event coming back is recognised by origin or by id.

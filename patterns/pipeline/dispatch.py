@@ -14,7 +14,7 @@ Lifecycle of a task id::
                      +------------------ DELAYED         ...or, at max deliveries / term:
                                                           dead letter (removed)
 
-Hot path notes (measured, see docs/parts/arch-pipeline.md): ids are plain ints, per-task state
+Hot path notes (measured, see docs/architecture.md): ids are plain ints, per-task state
 is one slotted object, deadlines sit in a deque (ack_wait is constant so they are appended in
 order: no heap), and a history entry is written only when an attempt fails.
 """

@@ -8,7 +8,7 @@ worker's DEALER and a producer's ROUTER (the ROUTER adds and strips the routing 
 
 Commands carry *batches* (a list of tasks, ids or answers) because the cost of a ZeroMQ send
 and of a msgpack call is per call, not per item: batching is what keeps the pipeline within a
-small factor of raw PUSH/PULL. See docs/parts/protocol-pipeline.md for the full spec.
+small factor of raw PUSH/PULL. See docs/protocol.md for the full spec.
 
 Decoders raise :class:`mesh.errors.ProtocolError` on anything malformed; callers count it and
 drop the message, never crash.

@@ -2,7 +2,7 @@
 
 They call pyzmq's Cython socket methods with plain int flags: pyzmq's Python layer
 (``send_multipart``, ``recv_multipart``, ``Poller``, IntFlag arithmetic) cost about 6 µs per
-4-frame send against 0.6 µs this way (measured on this VM; see docs/parts/bench-reqrep.md).
+4-frame send against 0.6 µs this way (measured on this VM; see BENCHMARKS.md).
 """
 
 from __future__ import annotations

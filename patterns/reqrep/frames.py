@@ -4,7 +4,7 @@ Every message is a ZeroMQ multipart (after the ROUTER routing-id frame)::
 
     frame 0  HEAD   5 bytes: b"ZRR1" (protocol "zeromesh request/reply", major version 1)
                     followed by one command byte: REQUEST=1 REPLY=2 PING=3 PONG=4
-    frame 1  META   msgpack array (layout per command, see docs/parts/protocol-reqrep.md)
+    frame 1  META   msgpack array (layout per command, see docs/protocol.md)
     frame 2  BODY   opaque bytes (REQUEST and REPLY only)
 
 Signature and command share one frame because every frame costs a Python-level send and

@@ -19,7 +19,7 @@ Kinds (``Fault.kind``):
   tests/test_security_mesh.py.
 
 The schedule is a pure function of the seed (:func:`schedule`), so a failing run is rerun
-exactly (the timing of the processes under it still varies: see docs/parts/arch-chaos.md).
+exactly (the timing of the processes under it still varies: see docs/architecture.md).
 """
 
 from __future__ import annotations

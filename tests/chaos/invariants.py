@@ -1,7 +1,7 @@
 """The invariants checked after a chaos run, from the role files and the harness's samples.
 
 Each check returns a list of violations (strings); :func:`check` runs them all. The rules,
-and why each one is stated the way it is, are in docs/parts/arch-chaos.md.
+and why each one is stated the way it is, are in docs/architecture.md.
 """
 
 from __future__ import annotations

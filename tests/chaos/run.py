@@ -1,7 +1,7 @@
 """Run one chaos run: ``python -m tests.chaos.run --seed N --duration S [--long]``.
 
 Prints the seed, the fault schedule, what was applied and the report; exits 1 on a violation.
-The same seed gives the same schedule (see docs/parts/arch-chaos.md for what it cannot pin).
+The same seed gives the same schedule (see docs/architecture.md for what it cannot pin).
 """
 
 from __future__ import annotations
