@@ -5,7 +5,7 @@ Kinds (``Fault.kind``):
 * ``kill``: SIGKILL the role, restart it ``duration`` s later (same data directory).
 * ``stop``: SIGSTOP the role (a frozen peer: sockets open, nothing answered), SIGCONT later.
 * ``stall`` / ``cut``: the role's control link to the hub goes through a userspace TCP proxy
-  (:class:`Proxy`); ``stall`` stops forwarding bytes both ways, ``cut`` closes every
+  (:class:`tests.tcp_proxy.Proxy`); ``stall`` stops forwarding bytes both ways, ``cut`` closes every
   connection and refuses new ones, for ``duration`` s.
 * ``disk_full``: restart the role with ``RLIMIT_FSIZE`` a few KiB above its newest log
   segment (writes then fail with EFBIG); ``duration`` s later restart it without the limit.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import random
-import selectors
 import socket
 import threading
 from dataclasses import dataclass
@@ -92,94 +91,6 @@ def schedule(seed: int, duration: float, roles: list[str], kinds: list[str] | No
         out.append(Fault(round(t, 2), kind, target, length))
         t += rng.expovariate(1 / mean_gap)
     return out
-
-
-class Proxy:
-    """A userspace TCP proxy in front of one endpoint, able to stall or cut the traffic."""
-
-    def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.setblocking(False)
-        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.stalled = threading.Event()
-        self.cut = threading.Event()
-        self._stop = threading.Event()
-        self._pairs: dict[socket.socket, socket.socket] = {}
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="chaos-proxy", daemon=True)
-        self._thread.start()
-
-    def _close_pair(self, sel: selectors.BaseSelector, s: socket.socket) -> None:
-        other = self._pairs.pop(s, None)
-        for x in (s, other):
-            if x is None:
-                continue
-            self._pairs.pop(x, None)
-            try:
-                sel.unregister(x)
-            except (KeyError, ValueError):
-                pass
-            x.close()
-
-    def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.listener, selectors.EVENT_READ)
-        while not self._stop.is_set():
-            if self.cut.is_set() and self._pairs:
-                for s in list(self._pairs):
-                    if s in self._pairs:
-                        self._close_pair(sel, s)
-            for key, _ in sel.select(timeout=0.02):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
-                if s is self.listener:
-                    try:
-                        conn, _ = self.listener.accept()
-                    except OSError:
-                        continue
-                    if self.cut.is_set():
-                        conn.close()
-                        continue
-                    try:
-                        up = socket.create_connection(self.target, timeout=1)
-                    except OSError:
-                        conn.close()
-                        continue
-                    for x in (conn, up):
-                        x.setblocking(False)
-                        sel.register(x, selectors.EVENT_READ)
-                    self._pairs[conn], self._pairs[up] = up, conn
-                    continue
-                if self.stalled.is_set():
-                    continue  # leave the bytes in the kernel buffers: a stalled link
-                try:
-                    data = s.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._close_pair(sel, s)
-                    continue
-                other = self._pairs.get(s)
-                if other is not None:
-                    try:
-                        other.setblocking(True)
-                        other.settimeout(2)
-                        other.sendall(data)
-                        other.setblocking(False)
-                    except OSError:
-                        self._close_pair(sel, s)
-        for s in list(self._pairs):
-            s.close()
-        self.listener.close()
-        sel.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def tear_tail(data_dir: str, rng: random.Random) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from tests.chaos import faults as F
+from tests.tcp_proxy import Proxy
 
 REPO = str(Path(__file__).resolve().parents[2])
 ROLES = ["pub0", "pub1", "sub0", "sub1", "producer", "worker0", "worker1", "worker2",
@@ -95,7 +96,7 @@ class Harness:
         }
         self.cfg.update(config or {})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.proxies: dict[str, F.Proxy] = {}
+        self.proxies: dict[str, Proxy] = {}
         self.result = RunResult(run_dir, seed, F.schedule(seed, duration, ROLES, kinds))
         self.ctx: zmq.Context[Any] = zmq.Context()
         self._flood: F.Flood | None = None
@@ -161,7 +162,7 @@ class Harness:
         hub_ctrl = next(e for e in self.out("hub") if e["ev"] == "endpoints")["endpoints"]
         control = next(ep for ep in hub_ctrl["control"] if ep.startswith("tcp://"))
         for role in ROLES:
-            self.proxies[role] = F.Proxy(control)
+            self.proxies[role] = Proxy(control)
             self.cfg["peers"][role] = self.proxies[role].endpoint
         self.write_config()
         for role in ROLES:
