@@ -95,6 +95,9 @@ def publisher_collector(pub: Any) -> Callable[[Collect], None]:
         out.counter("events_published_total", s.published, "Events published.",
                     stream=s.stream, pattern="pubsub")
         out.gauge("stream_head", s.head, "Next sequence number of a stream.", stream=s.stream)
+        out.counter("data_bytes_out_total", s.bytes_out,
+                    "Bytes sent on the patterns' data sockets.", pattern="pubsub",
+                    stream=s.stream)
         out.counter("replays_served_total", s.replay_requests,
                     "Replay requests answered from the log.", stream=s.stream)
         out.counter("replay_events_served_total", s.replay_events,
@@ -121,6 +124,8 @@ def subscriber_collector(sub: Any) -> Callable[[Collect], None]:
                     pattern="pubsub", **lab)
         out.gauge("consumer_lag", s.lag, "Events a consumer still has to process.",
                   side="subscriber", **lab)
+        out.counter("data_bytes_in_total", s.bytes_in,
+                    "Bytes received on the patterns' data sockets.", pattern="pubsub", **lab)
         out.counter("hwm_gaps_recovered_total", s.gaps,
                     "Sequence gaps (HWM drops, reconnects) detected and replayed.", **lab)
         out.counter("events_recovered_total", s.replayed,
@@ -187,5 +192,9 @@ def service_collector(svc: Any) -> Callable[[Collect], None]:
                     "Retried requests answered from the reply cache.", **lab)
         out.counter("requests_busy_total", s.busy, "Requests refused as busy.", **lab)
         out.gauge("requests_running", s.running, "Requests being executed.", **lab)
+        out.counter("data_bytes_in_total", s.bytes_in,
+                    "Bytes received on the patterns' data sockets.", pattern="reqrep", **lab)
+        out.counter("data_bytes_out_total", s.bytes_out,
+                    "Bytes sent on the patterns' data sockets.", pattern="reqrep", **lab)
 
     return collect

@@ -71,6 +71,7 @@ class PublisherStats:
         oldest: the first seq the log still holds (``head`` when empty or best-effort).
         published: events published through this object.
         messages: DATA messages sent (a batch is one message).
+        bytes_out: bytes of the DATA messages sent (all frames; heartbeats not counted).
         replay_requests: replay requests answered for this stream.
         replay_events: events sent in replay chunks.
         replay_gone: requests that asked below ``oldest`` (retention).
@@ -85,6 +86,7 @@ class PublisherStats:
     oldest: int
     published: int = 0
     messages: int = 0
+    bytes_out: int = 0
     replay_requests: int = 0
     replay_events: int = 0
     replay_gone: int = 0
@@ -161,10 +163,15 @@ class _PubHub:
         copy = len(envs[0]) <= 4096  # zero-copy only pays for big frames
         try:
             _zsend(sock, st.topic, _MORE)
-            _zsend(sock, frames.data_header(self.pub_id, st.epoch, first, n, st.durable), _MORE)
+            header = frames.data_header(self.pub_id, st.epoch, first, n, st.durable)
+            _zsend(sock, header, _MORE)
+            nb = len(st.topic) + len(header)
             for i in range(n - 1):
-                _zsend(sock, envs[i], _MORE, copy)
+                env = envs[i]
+                _zsend(sock, env, _MORE, copy)
+                nb += len(env)
             _zsend(sock, envs[n - 1], _LAST, copy)
+            st.stats.bytes_out += nb + len(envs[n - 1])
         except zmq.Again:
             pass  # only possible on the first frame: (X)PUB takes a message whole or not at all
         except zmq.ZMQError as exc:

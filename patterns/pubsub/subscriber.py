@@ -147,6 +147,7 @@ class SubscriberStats:
     bad_replies: int = 0
     lag: int = 0
     commits: int = 0
+    bytes_in: int = 0
     streams: int = 0
     forbidden: int = 0
     bad_signatures: int = 0
@@ -484,11 +485,16 @@ class Subscriber:
                 f = _zrecv(sock, _NOBLOCK, False)
             except zmq.Again:
                 return
-            msg = [f.bytes]
+            b = f.bytes
+            msg = [b]
+            nb = len(b)
             while f.more:
                 f = _zrecv(sock, _NOBLOCK, False)  # the rest of a message is already here
-                msg.append(f.bytes)
+                b = f.bytes
+                msg.append(b)
+                nb += len(b)
             stats.messages += 1
+            stats.bytes_in += nb
             try:
                 stream, head, envs = decode_message(msg, max_event_size=maxsz)
             except UnsupportedVersion as exc:

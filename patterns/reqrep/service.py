@@ -137,6 +137,8 @@ class ServiceStats:
     dropped_by_hook: int = 0
     running: int = 0
     forbidden: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 @dataclass
@@ -382,6 +384,11 @@ class Service:
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
         try:
             send_frames(self._sock, [rid, *frames])
+            # len() of frames held anyway: a few additions, no call beyond them
+            st = self._stats
+            st.bytes_out += len(rid)
+            for f in frames:
+                st.bytes_out += len(f)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the client is gone; EAGAIN: its queue is full. Either way the client
             # retries (and gets the cached reply), so counting is all there is to do.
@@ -513,6 +520,10 @@ class Service:
                                 msg = got
                         except zmq.Again:
                             break
+                        nb = 0
+                        for f in msg:
+                            nb += len(f)
+                        self._stats.bytes_in += nb
                         self._on_frames(msg)
                 if efd_ready:
                     try:
