@@ -13,6 +13,7 @@ import collections
 from typing import Any
 
 from mesh.envelope import Event
+from mesh.tracing import use_event
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Subscriber
 
@@ -51,6 +52,9 @@ class AsyncSubscriber:
         ev = await self.recv()
         if ev is None:
             raise StopAsyncIteration
+        # The loop body is this event's handler: what it publishes or requests inherits the
+        # trace id, correlation and causation (the task's context, as the sync iterator's).
+        use_event(ev)
         return ev
 
     async def recv(self, timeout: float | None = None) -> Event | None:
