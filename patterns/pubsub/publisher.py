@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.security.signing import EventSigner
-from mesh.tracing import child_fields
+from mesh.tracing import OTEL, child_fields, span
 from patterns._metrics import attach, publisher_collector
 from patterns.pubsub import _registry, frames
 
@@ -58,6 +59,31 @@ COALESCE_GAP_S = 100e-6
 COALESCE_MAX = 64
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
+
+if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
+    from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found,unused-ignore]
+
+#: True inside the span publish() opened: the inner call publishes instead of opening another.
+_in_publish_span: ContextVar[bool] = ContextVar("zeromesh_publish_span", default=False)
+
+
+def _otel_publish_span() -> bool:
+    """Open a publish span: a real tracer provider (an SDK) is installed, and this is not the
+    call a span already wraps. Only reached when the OpenTelemetry API is importable; without
+    a provider the API hands out no-op spans, not worth their cost per publish."""
+    if _in_publish_span.get():
+        return False
+    p = _otel_trace.get_tracer_provider()
+    return not isinstance(p, (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider))
+
+
+def _span_traceparent() -> str | None:
+    """The current (publish) span as a traceparent, when it records; else None."""
+    cur = _otel_trace.get_current_span()
+    sc = cur.get_span_context()
+    if not sc.is_valid or not cur.is_recording():
+        return None
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
 @dataclass
@@ -434,6 +460,17 @@ class Publisher:
             CodecError: the event is malformed or too large (nothing was logged or sent).
             LogError: the append failed (e.g. :class:`~mesh.errors.LogFull`); nothing was sent.
         """
+        if OTEL and _otel_publish_span():
+            # The event carries the publish span as its parent (explicit traceparent wins).
+            token = _in_publish_span.set(True)
+            try:
+                with span("publish", self.stream):
+                    return self.publish(
+                        data, type=type, subject=subject, headers=headers,
+                        datacontenttype=datacontenttype, correlationid=correlationid,
+                        causationid=causationid, traceparent=traceparent or _span_traceparent())
+            finally:
+                _in_publish_span.reset(token)
         hub = self._hub
         st = self._st
         # Inside a handler, the consumed event's trace context fills the unset fields.
@@ -508,6 +545,13 @@ class Publisher:
             CodecError: an event is malformed or too large (nothing of the call is logged).
             LogError: the append failed; nothing of the failed batch was sent.
         """
+        if OTEL and _otel_publish_span():
+            token = _in_publish_span.set(True)
+            try:
+                with span("publish", self.stream):
+                    return self.publish_many(items, type=type, subject=subject)
+            finally:
+                _in_publish_span.reset(token)
         datas = items if isinstance(items, list) else list(items)
         if self._signer is not None:
             src, stream = self.source, self.stream

@@ -1,0 +1,93 @@
+"""Publisher.publish/publish_many open a ``publish <stream>`` span when an OpenTelemetry SDK
+provider is installed (skipped without the SDK)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace")
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+
+from mesh import Node
+from mesh.tracing import parse_traceparent
+from patterns.pubsub import Publisher, Start, Subscriber
+from tests.util import unique, wait_until
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """An SDK provider for this test only: the API sets its global provider once per process,
+    so its private slot is swapped and restored (other tests install their own)."""
+    from opentelemetry.util._once import Once
+
+    saved = (trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE)
+    exp = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace.set_tracer_provider(provider)
+    try:
+        yield exp
+    finally:
+        provider.shutdown()
+        trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE = saved
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
+             mdns=False)
+    ep = a.info().endpoints["control"][0]
+    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
+             static_peers=(ep,))
+    try:
+        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
+                   what="nodes joined")
+        yield a, b
+    finally:
+        b.close()
+        a.close()
+
+
+def test_publish_and_publish_many_open_one_span_each(
+        pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
+    a, b = pair
+    stream = unique("otel")
+    with Publisher(a, stream) as pub, \
+            Subscriber(b, stream, start=Start.beginning()) as sub:
+        pub.publish({"one": 1})
+        pub.publish_many([1, 2, 3])
+        got = [sub.recv(timeout=10) for _ in range(4)]
+    spans = [s for s in exporter.get_finished_spans() if s.name == f"publish {stream}"]
+    assert len(spans) == 2  # one per call, none nested for the inner call
+    assert all(s.attributes is not None
+               and s.attributes["messaging.destination.name"] == stream for s in spans)
+    first = got[0]
+    assert first is not None
+    tp = parse_traceparent(first.traceparent)
+    assert tp is not None
+    # the event names the publish span as its parent
+    assert (int(tp[0], 16), int(tp[1], 16)) == (spans[0].context.trace_id,
+                                                 spans[0].context.span_id)
+
+
+def test_explicit_traceparent_wins_inside_the_span(
+        pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
+    a, b = pair
+    stream = unique("otel")
+    root_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with Publisher(a, stream) as pub, \
+            Subscriber(b, stream, start=Start.beginning()) as sub:
+        pub.publish(b"x", traceparent=root_tp)
+        ev = sub.recv(timeout=10)
+    assert ev is not None and ev.traceparent == root_tp
+    assert [s for s in exporter.get_finished_spans() if s.name == f"publish {stream}"]
