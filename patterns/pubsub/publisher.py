@@ -65,6 +65,7 @@ if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
 
 #: True inside the span publish() opened: the inner call publishes instead of opening another.
 _in_publish_span: ContextVar[bool] = ContextVar("zeromesh_publish_span", default=False)
+_NO_SLOT = object()
 
 
 def _otel_publish_span() -> bool:
@@ -73,8 +74,14 @@ def _otel_publish_span() -> bool:
     a provider the API hands out no-op spans, not worth their cost per publish."""
     if _in_publish_span.get():
         return False
-    p = _otel_trace.get_tracer_provider()
-    return not isinstance(p, (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider))
+    # The API's global slot (None until a provider is set) rather than get_tracer_provider(),
+    # which looks at the environment on every call while none is set: 0.93 -> ~0.1 µs per
+    # publish with the API installed and no SDK (timeit). The public call is the fallback.
+    p = getattr(_otel_trace, "_TRACER_PROVIDER", _NO_SLOT)
+    if p is _NO_SLOT:
+        p = _otel_trace.get_tracer_provider()
+    return p is not None and not isinstance(
+        p, (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider))
 
 
 def _span_traceparent() -> str | None:
