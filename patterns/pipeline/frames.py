@@ -60,14 +60,22 @@ class Ready:
     worker: str
 
 
+#: The pusher's trace context of a task: ``(traceparent, correlationid, causationid)``.
+Trace = tuple[str | None, str | None, str | None]
+
+
 class Delivery(NamedTuple):
-    """One task inside a TASK frame (a named tuple: built per task on the hot path)."""
+    """One task inside a TASK frame (a named tuple: built per task on the hot path).
+
+    ``trace`` is the trace context current where the task was pushed, or None (an untraced
+    push, or a producer that predates the field)."""
 
     task_id: int
     delivery: int
     ack_wait_ms: int
     key: Key
     payload: bytes
+    trace: Trace | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +108,10 @@ def encode_ready(r: Ready) -> list[bytes]:
     return [_HEADERS[READY], _pack([r.queue, r.credit, r.node_id, r.worker])]
 
 
-def encode_tasks(items: list[tuple[int, int, int, Key, bytes]]) -> list[bytes]:
-    """Encode a TASK batch from ``(task_id, delivery, ack_wait_ms, key, payload)`` tuples."""
+def encode_tasks(items: list[tuple[Any, ...]]) -> list[bytes]:
+    """Encode a TASK batch from ``(task_id, delivery, ack_wait_ms, key, payload)`` tuples,
+    each optionally followed by a :data:`Trace` ``(traceparent, correlationid, causationid)``
+    (sent as a sixth element; items without it keep the five-element form)."""
     return [_HEADERS[TASK], _pack(items)]
 
 
@@ -153,6 +163,17 @@ def _opt_str(v: Any, what: str) -> str | None:
     raise ProtocolError(f"{what} must be a string or nil")
 
 
+def _trace(v: Any) -> Trace | None:
+    """The optional sixth TASK element: nil, or ``[traceparent, correlationid, causationid]``
+    (each str or nil)."""
+    if v is None:
+        return None
+    if (type(v) is list and len(v) == 3
+            and all(x is None or type(x) is str for x in v)):
+        return (v[0], v[1], v[2])
+    raise ProtocolError("TASK trace must be nil or [traceparent, correlationid, causationid]")
+
+
 def _is_id(v: Any) -> bool:
     # bool is an int subclass: refuse it, ids are offsets.
     return type(v) is int and v >= 0
@@ -195,7 +216,7 @@ def decode(frames: list[bytes]) -> tuple[int, Any]:
             # One combined check per task (this loop runs for every task a worker receives).
             if (
                 type(item) is list
-                and len(item) == 5
+                and 5 <= len(item) <= 6
                 and type(item[0]) is int
                 and item[0] >= 0
                 and type(item[1]) is int
@@ -205,11 +226,15 @@ def decode(frames: list[bytes]) -> tuple[int, Any]:
                 and type(item[4]) is bytes
                 and (item[3] is None or type(item[3]) in (str, bytes))
             ):
+                if len(item) == 5:
+                    item.append(None)
+                else:
+                    item[5] = _trace(item[5])
                 out.append(make(item))
             else:
                 raise ProtocolError(
                     "TASK item must be [id >= 0, delivery >= 1, ack_wait_ms >= 0, "
-                    "key str|bytes|nil, payload bytes]"
+                    "key str|bytes|nil, payload bytes, (optional) trace]"
                 )
         return cmd, out
     # NACK / TERM

@@ -22,6 +22,7 @@ import zmq
 from mesh.errors import ClosedError, ConfigError, MeshTimeout, ProtocolError
 from mesh.log import FsyncPolicy
 from mesh.peers import PeerEvent, PeerEventKind
+from mesh.tracing import current
 from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
@@ -74,7 +75,7 @@ class WorkQueue:
         self.dlq = DeadLetters(node.data_dir, name, push=self.push, actor="producer")
         self._dlq_log = self._store.root.open(f"{name}.dlq")
         self._lock = threading.Lock()
-        self._new: list[tuple[int, Hashable | None, bytes]] = []
+        self._new: list[tuple[int, Hashable | None, Any]] = []
         self._woken = False
         self._closed = False
         self._failed: BaseException | None = None  # set if the I/O thread died
@@ -94,6 +95,9 @@ class WorkQueue:
         )
         rec = self._store.recover()
         self._dispatcher.mark_high(rec.next_id)
+        # Set once any task carries a trace: only then does a dispatch pass unpack
+        # (payload, trace) data (see _dispatch), so untraced queues pay nothing.
+        self._traced = any(type(t[2]) is tuple for t in rec.tasks)
         for tid, key, payload, deliveries, history in rec.tasks:
             # The payload rides along in the dispatcher (opaque data) until ack / dead letter.
             self._dispatcher.restore(tid, key, deliveries, history, data=payload)
@@ -125,13 +129,18 @@ class WorkQueue:
         if key is not None and not isinstance(key, (str, bytes)):
             raise ConfigError(f"key must be str, bytes or None, got {type(key).__name__}")
         payload = bytes(payload)
-        rec = encode_task(key, payload)
+        trace = _trace_here()
+        rec = encode_task(key, payload, trace)
+        # A traced task travels through the dispatcher as (payload, trace) (its data is opaque).
+        data: Any = payload if trace is None else (payload, trace)
         with self._lock:
             if self._closed:
                 raise ClosedError(f"work queue {self.name} is closed")
             self._check_alive()
             tid = self._store.tasks.append(rec)
-            self._new.append((tid, key, payload))
+            if trace is not None:
+                self._traced = True
+            self._new.append((tid, key, data))
             self._pushed += 1
             self._wake_locked()
         return tid
@@ -147,7 +156,12 @@ class WorkQueue:
         if key is not None and not isinstance(key, (str, bytes)):
             raise ConfigError(f"key must be str, bytes or None, got {type(key).__name__}")
         payloads = [p if type(p) is bytes else bytes(p) for p in payloads]
-        if key is None:
+        trace = _trace_here()
+        datas: list[Any] = payloads
+        if trace is not None:
+            recs = [encode_task(key, p, trace) for p in payloads]
+            datas = [(p, trace) for p in payloads]
+        elif key is None:
             recs = [b"\x00" + p for p in payloads]  # encode_task inlined: per-push hot path
         else:
             recs = [encode_task(key, p) for p in payloads]
@@ -157,7 +171,9 @@ class WorkQueue:
             self._check_alive()
             ids = self._store.tasks.append_many(recs)
             self._pushed += len(ids)
-            self._new.extend(zip(ids, [key] * len(ids), payloads, strict=True))
+            if trace is not None:
+                self._traced = True
+            self._new.extend(zip(ids, [key] * len(ids), datas, strict=True))
             self._wake_locked()
         return ids
 
@@ -378,6 +394,9 @@ class WorkQueue:
         # Persist the delivery numbers before any frame leaves (poison detection).
         self._store.journal.append_many([journal_dispatch(sends)])
         for ident, items in sends:
+            if self._traced:
+                # (payload, trace) data becomes the TASK item's payload + trace elements.
+                items = [(*i[:4], *i[4]) if type(i[4]) is tuple else i for i in items]
             try:
                 self._router.send_multipart([ident, *fr.encode_tasks(items)], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
@@ -396,9 +415,19 @@ class WorkQueue:
             recs = []
             now = time.time()
             for dl in eff.dead:
-                recs.append(encode_dead_letter(self.name, self.node.id, dl, dl.data, now))
+                payload = dl.data[0] if type(dl.data) is tuple else dl.data
+                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now))
                 dead_ids.append(dl.task_id)
             # The DLQ record first: a crash before the journal's X record keeps the task owed
             # (redelivered, maybe dead-lettered twice), never lost.
             self._dlq_log.append_many(recs)
         self._store.journal.append_many(journal_records([], eff.acked, eff.failed, dead_ids))
+
+
+def _trace_here() -> tuple[str | None, str | None, str | None] | None:
+    """The trace fields to record with a task pushed now: the current handler's traceparent
+    (its trace id and span), correlation id and causation id; None outside a handler."""
+    c = current()
+    if c is None:
+        return None
+    return (c.traceparent, c.correlationid, c.causationid)

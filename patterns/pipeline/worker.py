@@ -24,7 +24,7 @@ import zmq
 
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError, WrongThread
 from mesh.peers import PeerEvent, PeerInfo
-from mesh.tracing import consuming, context_from
+from mesh.tracing import TraceContext, consuming, context_from, new_span_id, parse_traceparent
 from patterns._metrics import Processing
 
 from . import frames as fr
@@ -59,7 +59,7 @@ class Task:
     """One delivery of a task. End it exactly once with :meth:`ack`, :meth:`nack` or
     :meth:`term`; :meth:`in_progress` may be called any number of times before."""
 
-    __slots__ = ("_conn", "_done", "_worker", "delivery", "id", "key", "payload")
+    __slots__ = ("_conn", "_done", "_worker", "delivery", "id", "key", "payload", "trace")
 
     def __init__(self, worker: Worker, conn: _Conn, d: fr.Delivery) -> None:
         self._worker = worker
@@ -68,6 +68,8 @@ class Task:
         self.delivery = d.delivery
         self.key = d.key
         self.payload = d.payload
+        #: ``(traceparent, correlationid, causationid)`` where the task was pushed, or None.
+        self.trace = d.trace
         self._done = False
 
     def __repr__(self) -> str:
@@ -348,12 +350,13 @@ class Worker:
         """Run ``handler`` on ``task``: return = ACK, :class:`TaskTerminated` = TERM, any
         other exception = NACK with the error kept (type, message, traceback).
 
-        The handler runs as a trace context of its own (a new trace per task: tasks carry no
-        trace fields on the wire), so what it publishes or requests is correlated to it."""
+        The handler runs in the trace context of the code that pushed the task (same trace
+        id, correlation id and causation id), or in a new trace when the push was made outside
+        any handler, so what it publishes or requests is correlated to the pusher's work."""
         started = time.perf_counter()
         failed = False
         try:
-            with consuming(ctx=context_from(stream=self.queue), kind="process"):
+            with consuming(ctx=self._context_of(task), kind="process"):
                 handler(task)
         except TaskTerminated as exc:
             failed = True
@@ -369,6 +372,22 @@ class Worker:
             self._processing.observe(started, failed)
         if not task._done:
             task.ack()
+
+    def _context_of(self, task: Task) -> TraceContext:
+        tr = task.trace
+        if tr is None:
+            return context_from(stream=self.queue)
+        tp, correlationid, causationid = tr
+        parsed = parse_traceparent(tp)
+        if parsed is None:  # a bad traceparent starts a new trace, keeping the ids (W3C)
+            c = context_from(stream=self.queue)
+            return c._replace(correlationid=correlationid or c.correlationid,
+                              causationid=causationid)
+        tid, parent, flags = parsed
+        # A task is not an event with an id of its own: the worker's children keep the
+        # pusher's causation (the event whose handler pushed the task).
+        return TraceContext(tid, new_span_id(), parent, flags, correlationid, causationid,
+                            None, self.queue)
 
     def handler(self, fn: Callable[[Task], object]) -> Callable[[Task], object]:
         """Decorator: make ``fn`` the handler :meth:`run` uses when given none."""
