@@ -18,6 +18,7 @@ from mesh.metrics import Collect, Registry
 __all__ = [
     "Processing",
     "attach",
+    "client_collector",
     "publisher_collector",
     "queue_collector",
     "service_collector",
@@ -193,8 +194,26 @@ def service_collector(svc: Any) -> Callable[[Collect], None]:
         out.counter("requests_busy_total", s.busy, "Requests refused as busy.", **lab)
         out.gauge("requests_running", s.running, "Requests being executed.", **lab)
         out.counter("data_bytes_in_total", s.bytes_in,
-                    "Bytes received on the patterns' data sockets.", pattern="reqrep", **lab)
+                    "Bytes received on the patterns' data sockets.", pattern="reqrep",
+                    side="service", **lab)
         out.counter("data_bytes_out_total", s.bytes_out,
-                    "Bytes sent on the patterns' data sockets.", pattern="reqrep", **lab)
+                    "Bytes sent on the patterns' data sockets.", pattern="reqrep",
+                    side="service", **lab)
+
+    return collect
+
+
+def client_collector(client: Any) -> Callable[[Collect], None]:
+    """Data-socket bytes of one request/reply client (sync or async; labels ``pattern``,
+    ``side="client"`` and ``client`` = ``~`` + a short id, so two clients of a node differ)."""
+    cid = f"~{id(client) & 0xFFFFFF:06x}"
+
+    def collect(out: Collect) -> None:
+        s = client.stats()
+        lab = {"pattern": "reqrep", "side": "client", "client": cid}
+        out.counter("data_bytes_in_total", s.bytes_in,
+                    "Bytes received on the patterns' data sockets.", **lab)
+        out.counter("data_bytes_out_total", s.bytes_out,
+                    "Bytes sent on the patterns' data sockets.", **lab)
 
     return collect

@@ -81,3 +81,10 @@ def test_reqrep_data_bytes_grow_with_requests(pair: tuple[Node, Node]) -> None:
             assert client.request(svc, b"y" * PAYLOAD, timeout=5) == b"y" * PAYLOAD
         assert _scrape(a, "data_bytes_in_total", pattern="reqrep", service=svc) >= N * PAYLOAD
         assert _scrape(a, "data_bytes_out_total", pattern="reqrep", service=svc) >= N * PAYLOAD
+        # the client side: its requests out, the replies in
+        assert _scrape(b, "data_bytes_out_total", pattern="reqrep",
+                       side="client") >= N * PAYLOAD
+        assert _scrape(b, "data_bytes_in_total", pattern="reqrep", side="client") >= N * PAYLOAD
+        assert client.stats().bytes_out >= N * PAYLOAD
+    # kept after close (the sockets are gone, the totals stay)
+    assert client.stats().bytes_in >= N * PAYLOAD

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from mesh.errors import ClosedError, ProtocolError
+from patterns._metrics import attach, client_collector
 from patterns.reqrep import frames as fr
 from patterns.reqrep._zio import readable, recv_frames
 from patterns.reqrep.call import Call, Ping, Send
@@ -72,6 +73,7 @@ class AsyncClient:
         # a call_later per request (and its cancel) was a heap push and a handle per request.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._unmetrics = attach(node, client_collector(self))
 
     def _start(self) -> Wire:
         loop = asyncio.get_running_loop()
@@ -183,6 +185,10 @@ class AsyncClient:
                 msg = recv_frames(sock)
                 if msg is None:
                     break
+                nb = 0
+                for f in msg:
+                    nb += len(f)
+                wire.bytes_in += nb
                 self._on_message(wire, msg)
 
     def _on_message(self, wire: Wire, msg: list[bytes]) -> None:
@@ -216,7 +222,11 @@ class AsyncClient:
 
     def stats(self) -> ClientStats:
         """A snapshot of the counters."""
-        return stats_of(self._stats)
+        s = stats_of(self._stats)
+        if self._wire is not None:
+            s.bytes_in += self._wire.bytes_in
+            s.bytes_out += self._wire.bytes_out
+        return s
 
     async def aclose(self) -> None:
         """Close the socket; calls in flight end with ClosedError within 50 ms."""
@@ -227,6 +237,7 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        self._unmetrics()
         self.responders.close()
         if self._timer is not None:
             self._timer.cancel()

@@ -27,6 +27,7 @@ from mesh.errors import ClosedError, ConfigError, ProtocolError
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.tracing import request_headers
 from mesh.uuid7 import uuid7
+from patterns._metrics import attach, client_collector
 from patterns.reqrep import frames as fr
 from patterns.reqrep._zio import POLLIN, recv_frames, send_frames
 from patterns.reqrep.balancer import Balancer
@@ -86,6 +87,8 @@ class ClientStats:
     failovers: int = 0
     late_replies: int = 0
     garbage: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class Responders:
@@ -172,6 +175,9 @@ class Wire:
         self.nonce = 0
         self.pollitems = [(self.sock, POLLIN)]
         self._rids: dict[tuple[str, str], bytes] = {}
+        # Data-socket bytes; plain ints: only the owning thread writes them.
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def sync(self) -> None:
         """Connect to new responders, disconnect from gone ones."""
@@ -210,6 +216,10 @@ class Wire:
             frames = fr.encode_ping(fr.Ping(self.nonce, call.id))
         try:
             send_frames(self.sock, [rid, *frames])
+            nb = len(rid)
+            for f in frames:
+                nb += len(f)
+            self.bytes_out += nb
             return True
         except zmq.ZMQError:
             return False  # EHOSTUNREACH (not connected yet / gone) or EAGAIN (queue full)
@@ -280,7 +290,7 @@ def stats_of(s: collections.Counter[str]) -> ClientStats:
         requests=s["requests"], replies=s["replies"], remote_errors=s["RemoteError"],
         timeouts=s["RequestTimeout"], no_responders=s["NoResponders"],
         retries=s["retries"], failovers=s["failovers"], late_replies=s["late_replies"],
-        garbage=s["garbage"])
+        garbage=s["garbage"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"])
 
 
 class Client:
@@ -309,6 +319,7 @@ class Client:
         self._wires_lock = threading.Lock()
         self._stats: collections.Counter[str] = collections.Counter()
         self._closed = False
+        self._unmetrics = attach(node, client_collector(self))
 
     def _wire(self) -> Wire:
         w: Wire | None = getattr(self._local, "wire", None)
@@ -400,6 +411,10 @@ class Client:
                 msg = recv_frames(sock)
                 if msg is None:
                     break
+                nb = 0
+                for f in msg:
+                    nb += len(f)
+                wire.bytes_in += nb
                 self._on_message(wire, bal, call, req, msg)
                 if _finished(call):
                     return
@@ -434,7 +449,12 @@ class Client:
 
     def stats(self) -> ClientStats:
         """A snapshot of the counters."""
-        return stats_of(self._stats)
+        s = stats_of(self._stats)
+        with self._wires_lock:
+            for w in self._wires:
+                s.bytes_in += w.bytes_in
+                s.bytes_out += w.bytes_out
+        return s
 
     def close(self) -> None:
         """Close every socket of the client. Requests still running raise ClosedError soon
@@ -442,9 +462,13 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._unmetrics()
         self.responders.close()
         with self._wires_lock:
             wires, self._wires = self._wires, []
+            for w in wires:  # kept in the totals after the sockets are gone
+                self._stats["bytes_in"] += w.bytes_in
+                self._stats["bytes_out"] += w.bytes_out
         for w in wires:
             w.close()
 
