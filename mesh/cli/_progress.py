@@ -109,6 +109,27 @@ def dir_bytes(path: str) -> int:
     return total
 
 
+def segment_bytes(path: str) -> int:
+    """Total size of the log segments (not the indexes) of the stream directory ``path``: the
+    bytes :func:`mesh.log.verify.verify_log` scans and reports through its progress callback."""
+    import os
+
+    from mesh.log import format as fmt
+
+    total = 0
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return 0
+    for n in names:
+        if fmt.parse_segment_name(n) is not None:
+            try:
+                total += os.path.getsize(os.path.join(path, n))
+            except OSError:
+                pass
+    return total
+
+
 def over_dirs(label: str, items: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
     """Yield ``(name, path)`` pairs, advancing a progress line by each directory's size."""
     pairs = list(items)

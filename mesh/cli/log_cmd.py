@@ -179,10 +179,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``mesh log verify DIR``: exit 1 when anything is wrong."""
-    from mesh.cli._progress import over_dirs  # a stderr progress line, on a TTY only
+    from mesh.cli._progress import Progress, segment_bytes  # stderr, on a TTY only
 
-    reports = [(name, verify_log(path))
-               for name, path in over_dirs("verify", _stream_dirs(args.dir).items())]
+    streams = _stream_dirs(args.dir)
+    reports: list[tuple[str, Any]] = []
+    total = sum(segment_bytes(p) for p in streams.values()) if sys.stderr.isatty() else 0
+    with Progress("verify", total, items=len(streams)) as prog:
+        # Bytes advance within a stream (verify_log reports every few MiB it scans), so one
+        # large stream does not sit at 0% until it is done.
+        on_bytes = prog.advance if prog.enabled else None
+        for name, path in streams.items():
+            reports.append((name, verify_log(path, on_bytes)))
+            prog.advance(0, item=True)
     bad = any(not r.ok for _, r in reports)
     if args.json:
         print(json.dumps([{"stream": n, "ok": r.ok, "segments": r.segments,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.log import format as fmt
@@ -46,11 +47,21 @@ class VerifyReport:
         return not any(p.kind != "index" for p in self.problems)
 
 
-def verify_log(path: str) -> VerifyReport:
+#: Scanned bytes between two progress callbacks inside one segment.
+PROGRESS_STEP = 4 << 20
+
+
+def verify_log(path: str, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Scan every segment of the log in ``path`` without modifying anything.
 
     Safe while a writer runs, except that a batch being written at that moment may be
     reported as a torn tail.
+
+    Args:
+        path: the stream's directory.
+        progress: called with the number of segment bytes scanned since its last call (about
+            every :data:`PROGRESS_STEP` bytes within a segment, and at each segment's end);
+            the calls of one scan add up to ``VerifyReport.bytes``.
     """
     rep = VerifyReport(path)
     bases = sorted(b for b in (fmt.parse_segment_name(n) for n in os.listdir(path))
@@ -73,8 +84,12 @@ def verify_log(path: str) -> VerifyReport:
         if rep.first_offset is None:
             rep.first_offset = base
         cur, pos = base, 0
+        reported = 0  # bytes of this segment already given to progress
         positions: set[int] = set()
         while pos < len(buf):
+            if progress is not None and pos - reported >= PROGRESS_STEP:
+                progress(pos - reported)
+                reported = pos
             try:
                 hdr = fmt.check_batch(buf, pos)
                 if hdr.base_offset != cur:
@@ -95,6 +110,8 @@ def verify_log(path: str) -> VerifyReport:
             rep.records += hdr.records
             cur = hdr.next_offset
             pos += hdr.length
+        if progress is not None and len(buf) > reported:
+            progress(len(buf) - reported)  # the rest, including a torn tail not scanned
         expected = cur
         rep.problems.extend(_check_index(path, base, positions))
     rep.next_offset = expected
