@@ -127,7 +127,7 @@ def test_event_published_by_a_worker_carries_the_pushers_trace_and_correlation(
     assert tp[1] != pusher_tp[1]  # the worker's handler has a span of its own
 
 
-def test_untraced_push_gives_the_worker_a_fresh_trace(pair: tuple[Node, Node]) -> None:
+def test_untraced_push_gives_a_fresh_trace_and_push_many_keeps_the_context(pair: tuple[Node, Node]) -> None:
     a, b = pair
     queue = unique("q")
     seen: dict[bytes, tuple[str, str | None]] = {}
@@ -136,6 +136,7 @@ def test_untraced_push_gives_the_worker_a_fresh_trace(pair: tuple[Node, Node]) -
         with consuming(ctx=context_from(event_id="0" * 31 + "1", traceparent=ROOT_TP,
                                         correlationid="conv-2")):
             q.push(b"traced")
+            q.push_many([b"many1", b"many2"], key="k")
 
         def on_task(task: Task) -> None:
             c = current()
@@ -146,8 +147,9 @@ def test_untraced_push_gives_the_worker_a_fresh_trace(pair: tuple[Node, Node]) -
         done = threading.Timer(20, stop.set)  # bound the run if a task never arrives
         done.start()
         try:
-            w.run(on_task, max_tasks=2, stop=stop)
+            w.run(on_task, max_tasks=4, stop=stop)
         finally:
             done.cancel()
     assert seen[b"traced"] == ("4bf92f3577b34da6a3ce929d0e0e4736", "conv-2")
+    assert seen[b"many1"] == seen[b"many2"] == seen[b"traced"]
     assert seen[b"plain"][0] != "4bf92f3577b34da6a3ce929d0e0e4736"
