@@ -23,6 +23,7 @@ __all__ = [
     "queue_collector",
     "service_collector",
     "subscriber_collector",
+    "worker_collector",
 ]
 
 
@@ -177,6 +178,26 @@ def queue_collector(q: Any) -> Callable[[Collect], None]:
             cache.key = key
         out.gauge("dlq_events_pending", cache.value,
                   "Dead letters neither redriven nor discarded.", queue=name)
+        lab = {"pattern": "pipeline", "side": "queue", "queue": name}
+        out.counter("data_bytes_in_total", s.get("bytes_in", 0),
+                    "Bytes received on the patterns' data sockets.", **lab)
+        out.counter("data_bytes_out_total", s.get("bytes_out", 0),
+                    "Bytes sent on the patterns' data sockets.", **lab)
+
+    return collect
+
+
+def worker_collector(w: Any) -> Callable[[Collect], None]:
+    """Data-socket bytes of one :class:`~patterns.pipeline.Worker` (labels ``pattern``,
+    ``side="worker"``, ``queue``)."""
+
+    def collect(out: Collect) -> None:
+        s = w.stats()
+        lab = {"pattern": "pipeline", "side": "worker", "queue": w.queue}
+        out.counter("data_bytes_in_total", s["bytes_in"],
+                    "Bytes received on the patterns' data sockets.", **lab)
+        out.counter("data_bytes_out_total", s["bytes_out"],
+                    "Bytes sent on the patterns' data sockets.", **lab)
 
     return collect
 

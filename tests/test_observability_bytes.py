@@ -88,3 +88,29 @@ def test_reqrep_data_bytes_grow_with_requests(pair: tuple[Node, Node]) -> None:
         assert client.stats().bytes_out >= N * PAYLOAD
     # kept after close (the sockets are gone, the totals stay)
     assert client.stats().bytes_in >= N * PAYLOAD
+
+
+def test_pipeline_data_bytes_grow_with_tasks(pair: tuple[Node, Node]) -> None:
+    from patterns.pipeline import Worker, WorkQueue
+
+    a, b = pair
+    queue = unique("q")
+    with WorkQueue(a, queue) as q:
+        wait_until(lambda: b.who_offers("queue", queue), 10, what="queue offered")
+        with Worker(b, queue, credit=50) as w:
+            for _ in range(N):
+                q.push(b"y" * PAYLOAD)
+            done = 0
+            while done < N:
+                task = w.get(timeout=5)
+                assert task is not None
+                task.ack()
+                done += 1
+            w.flush()
+            q.wait_idle(10)
+            # Tasks went out of the queue's ROUTER and into the worker's DEALER; acks came back.
+            labels = {"pattern": "pipeline", "queue": queue}
+            assert _scrape(a, "data_bytes_out_total", side="queue", **labels) >= N * PAYLOAD
+            assert _scrape(b, "data_bytes_in_total", side="worker", **labels) >= N * PAYLOAD
+            assert _scrape(a, "data_bytes_in_total", side="queue", **labels) > 0
+            assert _scrape(b, "data_bytes_out_total", side="worker", **labels) > 0

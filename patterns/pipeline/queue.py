@@ -85,6 +85,7 @@ class WorkQueue:
         self._stats_snapshot: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self._bad_frames = 0
+        self._bytes_in = self._bytes_out = 0  # data-socket bytes (written by the I/O thread)
         # Security on: each message's sender is named by its CURVE key (User-Id), never by
         # the routing id it chose; READY needs "work" on this queue (see _sender_ok).
         self._secure = getattr(node, "security", None) is not None
@@ -195,6 +196,8 @@ class WorkQueue:
             out = dict(self._stats_snapshot)
         out["malformed_frames"] = self._bad_frames
         out["forbidden"] = self._forbidden
+        out["bytes_in"] = self._bytes_in
+        out["bytes_out"] = self._bytes_out
         return out
 
     def wait_idle(self, timeout: float = 10.0) -> None:
@@ -331,6 +334,7 @@ class WorkQueue:
                     msg = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._bytes_in += sum(map(len, msg))
             if len(msg) < 2:
                 self._bad_frames += 1
                 continue
@@ -397,8 +401,10 @@ class WorkQueue:
             if self._traced:
                 # (payload, trace) data becomes the TASK item's payload + trace elements.
                 items = [(*i[:4], *i[4]) if type(i[4]) is tuple else i for i in items]
+            out = [ident, *fr.encode_tasks(items)]
             try:
-                self._router.send_multipart([ident, *fr.encode_tasks(items)], zmq.NOBLOCK)
+                self._router.send_multipart(out, zmq.NOBLOCK)
+                self._bytes_out += sum(map(len, out))
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH (worker disconnected) or EAGAIN (HWM): treat it as gone; its
                 # tasks return to the queue now, and a live worker re-registers with READY.

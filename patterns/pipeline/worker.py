@@ -25,7 +25,7 @@ import zmq
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError, WrongThread
 from mesh.peers import PeerEvent, PeerInfo
 from mesh.tracing import TraceContext, consuming, context_from, new_span_id, parse_traceparent
-from patterns._metrics import Processing
+from patterns._metrics import Processing, attach, worker_collector
 
 from . import frames as fr
 from .queue import role_for
@@ -168,8 +168,10 @@ class Worker:
         self._last_ready = 0.0
         self._poller = zmq.Poller()
         self.bad_frames = 0
+        self.bytes_in = self.bytes_out = 0  # data-socket bytes
         self._handler: Callable[[Task], object] | None = None
         self._unsub = node.on_peer(self._on_peer)
+        self._unmetrics = attach(node, worker_collector(self))
         self._processing = Processing(node, "pipeline", queue, consumer=node.name)
 
     # -------------------------------------------------------------- reactor thread
@@ -261,6 +263,7 @@ class Worker:
     def _send(self, c: _Conn, frames: list[bytes]) -> None:
         try:
             c.sock.send_multipart(frames, zmq.NOBLOCK)
+            self.bytes_out += sum(map(len, frames))
         except zmq.Again:
             pass  # HWM towards a stalled producer: it redelivers on its own deadline
         except zmq.ZMQError as exc:
@@ -294,6 +297,7 @@ class Worker:
                     msg = c.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                self.bytes_in += sum(map(len, msg))
                 try:
                     cmd, value = fr.decode(msg)
                 except ProtocolError:
@@ -425,6 +429,8 @@ class Worker:
             "held": self._inflight,
             "producers": len(self._conns),
             "malformed_frames": self.bad_frames,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
         }
 
     def close(self) -> None:
@@ -432,6 +438,7 @@ class Worker:
         if self._closed:
             return
         self._unsub()
+        self._unmetrics()
         me = threading.get_ident()
         if self._owner in (None, me):
             for c in self._conns.values():
