@@ -110,5 +110,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
                 pass
         except KeyboardInterrupt:
             pass
-        print(f"mesh bridge {cfg.name}: {bridge.stats()}", file=sys.stderr)
+    # After close: it waits for the forwarder's batch in flight (its broker acks), so the
+    # counters printed include every event the broker acknowledged.
+    print(f"mesh bridge {cfg.name}: {bridge.stats()}", file=sys.stderr)
     return 0
