@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from mesh.node import Node
+from tests.util import unique, wait_until
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
@@ -16,6 +19,23 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def node_pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    """Two nodes of one fresh mesh on loopback (no mDNS), joined through a static peer."""
+    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
+             mdns=False)
+    ep = a.info().endpoints["control"][0]
+    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
+             static_peers=(ep,))
+    try:
+        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
+                   what="nodes joined")
+        yield a, b
+    finally:
+        b.close()
+        a.close()
 
 
 @pytest.fixture

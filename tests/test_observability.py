@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import threading
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from mesh import Event, Node
 from mesh.metrics import parse_prometheus, serve_prometheus
@@ -20,22 +16,6 @@ from patterns.reqrep import Client, Incoming, Service
 from tests.util import unique, wait_until
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
-             mdns=False)
-    ep = a.info().endpoints["control"][0]
-    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
-             static_peers=(ep,))
-    try:
-        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
-                   what="nodes joined")
-        yield a, b
-    finally:
-        b.close()
-        a.close()
-
-
 def _value(samples: dict[str, list[tuple[dict[str, str], float]]], metric: str, /,
            **labels: str) -> float:
     for lab, v in samples.get(metric, []):
@@ -44,8 +24,8 @@ def _value(samples: dict[str, list[tuple[dict[str, str], float]]], metric: str, 
     raise AssertionError(f"no {metric}{labels} in {sorted(samples)}")
 
 
-def test_endpoint_serves_the_issue_metrics_in_text_format(pair: tuple[Node, Node]) -> None:
-    a, b = pair
+def test_endpoint_serves_the_issue_metrics_in_text_format(node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     topic, queue = unique("s"), unique("q")
     cfg = DispatchConfig(max_deliveries=1, backoff=Backoff(base=0.01, cap=0.02))
     with Publisher(a, topic) as pub, Subscriber(b, topic, durable="agg",
@@ -107,8 +87,8 @@ def test_endpoint_serves_the_issue_metrics_in_text_format(pair: tuple[Node, Node
         assert name in sa or name in sb, name
 
 
-def test_node_stats_include_the_metrics(pair: tuple[Node, Node]) -> None:
-    a, _ = pair
+def test_node_stats_include_the_metrics(node_pair: tuple[Node, Node]) -> None:
+    a, _ = node_pair
     topic = unique("s")
     with Publisher(a, topic) as pub:
         pub.publish(b"x")
@@ -122,8 +102,8 @@ def test_node_stats_include_the_metrics(pair: tuple[Node, Node]) -> None:
 
 
 def test_trace_context_flows_from_consumed_event_to_published_event_and_request(
-        pair: tuple[Node, Node]) -> None:
-    a, b = pair
+        node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     src, dst, svc = unique("src"), unique("dst"), unique("svc")
     seen_headers: list[dict[str, str]] = []
 
@@ -163,8 +143,8 @@ def test_trace_context_flows_from_consumed_event_to_published_event_and_request(
     assert h["correlationid"] == "conv-1" and h["causationid"] == derived.causationid
 
 
-def test_service_handler_context_reaches_its_nested_request(pair: tuple[Node, Node]) -> None:
-    a, b = pair
+def test_service_handler_context_reaches_its_nested_request(node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     outer, inner = unique("outer"), unique("inner")
     got: dict[str, Any] = {}
 

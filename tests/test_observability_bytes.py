@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from mesh import Node
 from mesh.metrics import parse_prometheus, render_prometheus
 from patterns.pubsub import Publisher, Start, Subscriber
@@ -18,22 +13,6 @@ N = 20
 PAYLOAD = 500
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
-             mdns=False)
-    ep = a.info().endpoints["control"][0]
-    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
-             static_peers=(ep,))
-    try:
-        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
-                   what="nodes joined")
-        yield a, b
-    finally:
-        b.close()
-        a.close()
-
-
 def _scrape(node: Node, metric: str, **labels: str) -> float:
     samples = parse_prometheus(render_prometheus(node.metrics))
     for lab, v in samples.get(metric, []):
@@ -42,8 +21,8 @@ def _scrape(node: Node, metric: str, **labels: str) -> float:
     return 0.0
 
 
-def test_pubsub_data_bytes_grow_with_published_events(pair: tuple[Node, Node]) -> None:
-    a, b = pair
+def test_pubsub_data_bytes_grow_with_published_events(node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     topic = unique("s")
     with Publisher(a, topic, durable=False) as pub, \
             Subscriber(b, topic, start=Start.new()) as sub:
@@ -68,8 +47,8 @@ def test_pubsub_data_bytes_grow_with_published_events(pair: tuple[Node, Node]) -
                        stream=topic) - in0 >= N * PAYLOAD
 
 
-def test_reqrep_data_bytes_grow_with_requests(pair: tuple[Node, Node]) -> None:
-    a, b = pair
+def test_reqrep_data_bytes_grow_with_requests(node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     svc = unique("svc")
 
     def echo(req: Incoming) -> object:
@@ -90,10 +69,10 @@ def test_reqrep_data_bytes_grow_with_requests(pair: tuple[Node, Node]) -> None:
     assert client.stats().bytes_in >= N * PAYLOAD
 
 
-def test_pipeline_data_bytes_grow_with_tasks(pair: tuple[Node, Node]) -> None:
+def test_pipeline_data_bytes_grow_with_tasks(node_pair: tuple[Node, Node]) -> None:
     from patterns.pipeline import Worker, WorkQueue
 
-    a, b = pair
+    a, b = node_pair
     queue = unique("q")
     with WorkQueue(a, queue) as q:
         wait_until(lambda: b.who_offers("queue", queue), 10, what="queue offered")

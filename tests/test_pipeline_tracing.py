@@ -5,7 +5,6 @@ handler runs with them, so what it publishes stays in the pusher's trace and con
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -18,7 +17,7 @@ from patterns.pipeline import Task, Worker, WorkQueue
 from patterns.pipeline import frames as fr
 from patterns.pipeline.store import QueueStore, decode_task, decode_task_traced, encode_task
 from patterns.pubsub import Publisher, Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import unique
 
 ROOT_TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACE = (ROOT_TP, "conv-1", "ev-1")
@@ -74,25 +73,9 @@ def test_recovery_keeps_the_trace_of_owed_tasks(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- real nodes
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
-             mdns=False)
-    ep = a.info().endpoints["control"][0]
-    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
-             static_peers=(ep,))
-    try:
-        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
-                   what="nodes joined")
-        yield a, b
-    finally:
-        b.close()
-        a.close()
-
-
 def test_event_published_by_a_worker_carries_the_pushers_trace_and_correlation(
-        pair: tuple[Node, Node]) -> None:
-    a, b = pair
+        node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     src, dst, queue = unique("src"), unique("dst"), unique("q")
     consumed: list[str] = []
     tasks: list[Task] = []
@@ -127,8 +110,8 @@ def test_event_published_by_a_worker_carries_the_pushers_trace_and_correlation(
     assert tp[1] != pusher_tp[1]  # the worker's handler has a span of its own
 
 
-def test_untraced_push_gives_a_fresh_trace_and_push_many_keeps_the_context(pair: tuple[Node, Node]) -> None:
-    a, b = pair
+def test_untraced_push_gives_a_fresh_trace_and_push_many_keeps_the_context(node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     queue = unique("q")
     seen: dict[bytes, tuple[str, str | None]] = {}
     with WorkQueue(b, queue) as q, Worker(a, queue) as w:

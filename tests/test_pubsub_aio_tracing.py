@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from mesh import Event, Node
 from mesh.tracing import parse_traceparent
 from patterns.pubsub import AsyncSubscriber, Publisher, Start, Subscriber
-from tests.util import unique, wait_until
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
-             mdns=False)
-    ep = a.info().endpoints["control"][0]
-    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
-             static_peers=(ep,))
-    try:
-        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
-                   what="nodes joined")
-        yield a, b
-    finally:
-        b.close()
-        a.close()
+from tests.util import unique
 
 
 def test_event_published_in_async_for_body_inherits_trace_context(
-        pair: tuple[Node, Node]) -> None:
-    a, b = pair
+        node_pair: tuple[Node, Node]) -> None:
+    a, b = node_pair
     src, dst = unique("src"), unique("dst")
     root_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -4,7 +4,6 @@ provider is installed (skipped without the SDK)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from mesh import Node
 from mesh.tracing import parse_traceparent
 from patterns.pubsub import Publisher, Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import unique
 
 
 @pytest.fixture
@@ -42,25 +41,9 @@ def exporter() -> Iterator[InMemorySpanExporter]:
         trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE = saved
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    a = Node(data_dir=tmp_path / "a", name="a", mesh=unique("m"), interface="127.0.0.1",
-             mdns=False)
-    ep = a.info().endpoints["control"][0]
-    b = Node(data_dir=tmp_path / "b", name="b", mesh=a.mesh, interface="127.0.0.1", mdns=False,
-             static_peers=(ep,))
-    try:
-        wait_until(lambda: a.peers.get(b.id) is not None and b.peers.get(a.id) is not None, 10,
-                   what="nodes joined")
-        yield a, b
-    finally:
-        b.close()
-        a.close()
-
-
 def test_publish_and_publish_many_open_one_span_each(
-        pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
-    a, b = pair
+        node_pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
+    a, b = node_pair
     stream = unique("otel")
     with Publisher(a, stream) as pub, \
             Subscriber(b, stream, start=Start.beginning()) as sub:
@@ -81,8 +64,8 @@ def test_publish_and_publish_many_open_one_span_each(
 
 
 def test_explicit_traceparent_wins_inside_the_span(
-        pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
-    a, b = pair
+        node_pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
+    a, b = node_pair
     stream = unique("otel")
     root_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     with Publisher(a, stream) as pub, \
