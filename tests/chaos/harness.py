@@ -138,7 +138,7 @@ class Harness:
             if cond():
                 return True
             self.sample()
-            time.sleep(0.05)  # poll interval
+            time.sleep(0.05)  # the poll interval of this condition wait
         self.result.notes.append(f"timed out after {timeout}s waiting for {what}")
         return False
 
@@ -226,10 +226,9 @@ class Harness:
             raise ValueError(f.kind)
 
     def idle(self, seconds: float) -> None:
+        """Let the schedule's time pass (sampling fds/RSS meanwhile): the fault's length."""
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.sample()
-            time.sleep(min(0.05, max(0.0, end - time.monotonic())))  # the fault's length
+        self.wait(lambda: time.monotonic() >= end, seconds + 1.0, "the schedule")
 
     def run(self) -> RunResult:
         """Set up, run the schedule, drain and stop; the checker then reads the files."""

@@ -18,6 +18,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mesh.errors import LogError, MeshError
@@ -58,6 +59,11 @@ def report_node(out: Out, nd: Node) -> None:
     out(ev="endpoints", endpoints={k: list(v) for k, v in nd.info().endpoints.items()})
 
 
+#: A role idles until the harness says stop, for at most this long (the harness's own timeouts
+#: end a run well before; the bound only keeps an orphaned role from living forever).
+IDLE_MAX_S = 600.0
+
+
 def final(out: Out, nd: Node, **extra: Any) -> None:
     """Report the final state, then stay up until every role has reported (``RUN_DIR/close``).
 
@@ -67,15 +73,25 @@ def final(out: Out, nd: Node, **extra: Any) -> None:
     st = nd.stats()
     out(ev="final", peers_joined=st.get("peers_joined", 0), node=st, **extra)
     run_dir = os.path.dirname(os.path.dirname(str(nd.data_dir)))
-    deadline = time.monotonic() + 20.0
-    while not phase(run_dir, "close") and time.monotonic() < deadline:
-        time.sleep(0.02)  # a poll on the harness's phase file
+    until(lambda: phase(run_dir, "close"), 20.0)
+
+
+def until(cond: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` passes; True when it held.
+
+    The one way a role waits for the harness (phase files) or the mesh (peers, lag): always on
+    a condition, always bounded, so a role outlives a dead harness by at most ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)  # a poll interval of a condition wait, not a fixed wait
+    return True
 
 
 def wait_peers(nd: Node, n: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(nd.peers.list()) < n and time.monotonic() < deadline:
-        time.sleep(0.01)  # a poll on the peer table
+    until(lambda: len(nd.peers.list()) >= n, timeout, 0.01)
 
 
 # -- roles -------------------------------------------------------------------------------------
@@ -83,8 +99,7 @@ def wait_peers(nd: Node, n: int, timeout: float = 10.0) -> None:
 def hub(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
     with make_node(run_dir, role, cfg) as nd:
         report_node(out, nd)
-        while not phase(run_dir, "stop"):
-            time.sleep(0.05)  # the hub only relays presence and gossip
+        until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
         final(out, nd)
 
 
@@ -109,16 +124,11 @@ def publisher(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
                 i += 10
                 time.sleep(10 / rate)  # pacing the traffic, not waiting for an outcome
             names = cfg["subscribers"]
-            deadline = time.monotonic() + cfg["drain_s"]
-            while time.monotonic() < deadline and not phase(run_dir, "stop"):
-                lag = pub.stats().lag
-                if all(lag.get(n, 1) == 0 for n in names):
-                    break
-                time.sleep(0.05)  # poll on the subscribers' committed positions
+            until(lambda: phase(run_dir, "stop")
+                  or all(pub.stats().lag.get(n, 1) == 0 for n in names), cfg["drain_s"], 0.05)
             st = pub.stats()
             out(ev="drained", head=st.head, lag=st.lag, positions=st.positions)
-            while not phase(run_dir, "stop"):
-                time.sleep(0.05)  # keep serving replays until the run ends
+            until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
             final(out, nd, head=pub.stats().head, lag=pub.stats().lag)
 
 
@@ -168,8 +178,7 @@ def producer(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             dead = [{"task": e.task_id, "deliveries": e.deliveries, "history": len(e.history),
                      "reason": e.reason} for e in q.dlq.list()]
             out(ev="drained", idle=idle, stats=q.stats(), dlq=dead)
-            while not phase(run_dir, "stop"):
-                time.sleep(0.05)
+            until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
             final(out, nd, stats=q.stats())
 
 
@@ -203,8 +212,7 @@ def responder(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
         report_node(out, nd)
         wait_peers(nd, 1)  # offer once the hub is live (see tests/reqrep_child.py)
         svc = Service(nd, SERVICE, handler, concurrency=2)
-        while not phase(run_dir, "stop"):
-            time.sleep(0.05)
+        until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
         final(out, nd, stats=vars(svc.stats()))
         svc.close()
 
@@ -224,8 +232,7 @@ def client(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             except MeshError as exc:
                 out(ev="err", id=rid, error=type(exc).__name__)
             time.sleep(1 / cfg["request_rate"])  # pacing the traffic
-        while not phase(run_dir, "stop"):
-            time.sleep(0.05)
+        until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
         final(out, nd, stats=vars(c.stats()))
         c.close()
 
