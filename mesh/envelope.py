@@ -574,7 +574,11 @@ def encode(ev: Event, max_size: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
     data = ev.data
     if type(data) is bytes and len(data) > max_size:
         raise EventTooLarge(len(data), max_size)
-    arr = _to_array(ev)
+    return _pack(_to_array(ev), max_size)
+
+
+def _pack(arr: list[Any], max_size: int) -> bytes:
+    """Pack with this thread's reusable packer; the size check is on the encoded bytes."""
     try:
         packer = _tls.packer
     except AttributeError:
@@ -583,21 +587,6 @@ def encode(ev: Event, max_size: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
         buf: bytes = packer.pack(arr)
     except (ValueError, TypeError, OverflowError) as exc:
         # The packer may hold a partial buffer after a failure: start afresh next time.
-        _packer()
-        raise MalformedEvent(f"event cannot be encoded: {exc}") from exc
-    if len(buf) > max_size:
-        raise EventTooLarge(len(buf), max_size)
-    return buf
-
-
-def _pack(arr: list[Any], max_size: int) -> bytes:
-    try:
-        packer = _tls.packer
-    except AttributeError:
-        packer = _packer()
-    try:
-        buf: bytes = packer.pack(arr)
-    except (ValueError, TypeError, OverflowError) as exc:
         _packer()
         raise MalformedEvent(f"event cannot be encoded: {exc}") from exc
     if len(buf) > max_size:
