@@ -93,6 +93,40 @@ def raw_bench(ep: str, n: int, inflight: int) -> tuple[list[float], float]:
         p.wait()
 
 
+def measure_client(node: Node, payload: bytes, n: int, inflight: int) -> tuple[list[float], float]:
+    """Round-trip latencies of ``n`` sequential requests to ``echo`` (after 200 warm-up ones),
+    then the rate of ``4 n`` requests with ``inflight`` in flight from one AsyncClient."""
+    client = Client(node)
+    for _ in range(200):
+        client.request("echo", payload, timeout=5)
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.request("echo", payload, timeout=5)
+        lat.append(time.perf_counter() - t)
+    client.close()
+    total = n * 4
+
+    async def pipelined() -> float:
+        ac = AsyncClient(node)
+        left = total
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await ac.request("echo", payload, timeout=10)
+
+        await ac.request("echo", payload, timeout=5)
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+        rate = total / (time.perf_counter() - t)
+        ac.close()
+        return rate
+
+    return lat, asyncio.run(pipelined())
+
+
 def mesh_bench(transport: str, n: int, inflight: int, mode: str) -> tuple[list[float], float]:
     tmp = tempfile.mkdtemp(prefix="rrbench-")
     mesh = f"bench-{os.getpid()}-{transport}-{mode}"
@@ -103,35 +137,7 @@ def mesh_bench(transport: str, n: int, inflight: int, mode: str) -> tuple[list[f
     try:
         while not node.who_offers("service", "echo"):
             time.sleep(0.01)
-        client = Client(node)
-        for _ in range(200):
-            client.request("echo", PAYLOAD, timeout=5)
-        lat = []
-        for _ in range(n):
-            t = time.perf_counter()
-            client.request("echo", PAYLOAD, timeout=5)
-            lat.append(time.perf_counter() - t)
-        client.close()
-        total = n * 4
-
-        async def pipelined() -> float:
-            ac = AsyncClient(node)
-            left = total
-
-            async def worker() -> None:
-                nonlocal left
-                while left > 0:
-                    left -= 1
-                    await ac.request("echo", PAYLOAD, timeout=10)
-
-            await ac.request("echo", PAYLOAD, timeout=5)
-            t = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(inflight)))
-            rate = total / (time.perf_counter() - t)
-            ac.close()
-            return rate
-
-        return lat, asyncio.run(pipelined())
+        return measure_client(node, PAYLOAD, n, inflight)
     finally:
         p.kill()
         p.wait()

@@ -10,7 +10,6 @@ same run. Each returns a dict like its plaintext twin.
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
 import os
 import shutil
@@ -25,6 +24,7 @@ import zmq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))  # sibling benchmarks (bench_reqrep)
 
 IDLE_S = 3.0
 ALL = {"*": ("*:*",)}
@@ -252,8 +252,9 @@ def reqrep_raw_curve(ep: str, n: int, inflight: int, payload: bytes) -> tuple[li
 def reqrep_mesh_curve(transport: str, n: int, inflight: int,
                       payload: bytes) -> tuple[list[float], float]:
     """zeromesh Client/AsyncClient -> Service (inline handler) in a child, both with CURVE."""
+    import bench_reqrep
+
     from mesh.node import Node
-    from patterns.reqrep import AsyncClient, Client
     tmp = tempfile.mkdtemp(prefix="rrbench-curve-")
     keys = make_keys(tmp, ("c", "s"))
     mesh = f"benchc-{os.getpid()}-{transport}-{time.monotonic_ns()}"
@@ -267,35 +268,7 @@ def reqrep_mesh_curve(transport: str, n: int, inflight: int,
             if time.monotonic() > deadline:
                 raise RuntimeError("secure echo service not seen")
             time.sleep(0.01)
-        client = Client(node)
-        for _ in range(200):
-            client.request("echo", payload, timeout=5)
-        lat = []
-        for _ in range(n):
-            t = time.perf_counter()
-            client.request("echo", payload, timeout=5)
-            lat.append(time.perf_counter() - t)
-        client.close()
-        total = n * 4
-
-        async def pipelined() -> float:
-            ac = AsyncClient(node)
-            left = total
-
-            async def worker() -> None:
-                nonlocal left
-                while left > 0:
-                    left -= 1
-                    await ac.request("echo", payload, timeout=10)
-
-            await ac.request("echo", payload, timeout=5)
-            t = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(inflight)))
-            rate = total / (time.perf_counter() - t)
-            ac.close()
-            return rate
-
-        return lat, asyncio.run(pipelined())
+        return bench_reqrep.measure_client(node, payload, n, inflight)
     finally:
         p.kill()
         p.wait()
