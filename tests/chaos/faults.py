@@ -7,6 +7,12 @@ Kinds (``Fault.kind``):
 * ``stall`` / ``cut``: the role's control link to the hub goes through a userspace TCP proxy
   (:class:`tests.tcp_proxy.Proxy`); ``stall`` stops forwarding bytes both ways, ``cut`` closes every
   connection and refuses new ones, for ``duration`` s.
+* ``partition``: the role runs in its own network namespace, on a port of a bridge in the
+  root namespace (:class:`tests.netns.HostBridge`); its port goes down (``ip link set ...
+  down``) for ``duration`` s, then up. Every packet to and from the role is lost: control
+  *and* data sockets, both directions, connections left open (unlike ``stall``/``cut``,
+  which only sit on the control link to the hub). Scheduled only when the harness could
+  create namespaces (root, ``ip netns``): see :func:`schedule`.
 * ``disk_full``: restart the role with ``RLIMIT_FSIZE`` a few KiB above its newest log
   segment (writes then fail with EFBIG); ``duration`` s later restart it without the limit.
 * ``torn_tail``: SIGKILL the role, append a torn half-batch of garbage to the newest segment
@@ -18,7 +24,7 @@ Kinds (``Fault.kind``):
   the handshake-mismatch case; a wrong key against a CURVE mesh is covered by
   tests/test_security_mesh.py.
 
-The schedule is a pure function of the seed (:func:`schedule`), so a failing run is rerun
+The schedule is a pure function of the seed and of whether namespaces work (:func:`schedule`), so a failing run is rerun
 exactly (the timing of the processes under it still varies: see docs/architecture.md).
 """
 
@@ -33,12 +39,15 @@ from typing import Any
 
 import zmq
 
+from tests.tcp_proxy import Proxy
+
 #: Which fault kinds make sense for which role kinds (roles with a log for the disk faults).
 TARGETS: dict[str, tuple[str, ...]] = {
     "kill": ("pub", "sub", "producer", "worker", "resp", "client"),
     "stop": ("pub", "sub", "producer", "worker", "resp"),
     "stall": ("pub", "sub", "producer", "worker", "resp", "client"),
     "cut": ("pub", "sub", "producer", "worker", "resp", "client"),
+    "partition": ("pub", "sub", "producer", "worker", "resp", "client"),
     "disk_full": ("pub", "producer"),
     "torn_tail": ("pub", "producer"),
     "flood": ("*",),
@@ -60,15 +69,19 @@ class Fault:
 
 
 def schedule(seed: int, duration: float, roles: list[str], kinds: list[str] | None = None,
-             mean_gap: float = 1.5) -> list[Fault]:
+             mean_gap: float = 1.5, netns: bool = False) -> list[Fault]:
     """The fault schedule of a run: a pure function of its arguments.
 
     Faults never overlap on the same role; the last one ends well before ``duration`` so the
-    mesh has time to recover before the invariants are checked.
+    mesh has time to recover before the invariants are checked. ``partition`` is drawn only
+    when ``netns`` (the roles run in namespaces); without it a seed gives the schedule it gave
+    before the kind existed.
     """
     from tests.chaos.roles import kind_of
     rng = random.Random(seed)
-    kinds = kinds or sorted(TARGETS)
+    kinds = [k for k in (kinds or sorted(TARGETS)) if netns or k != "partition"]
+    if not kinds:
+        return []
     busy_until: dict[str, float] = {}
     out: list[Fault] = []
     t = 1.0 + rng.random()
@@ -120,6 +133,28 @@ def newest_segment_size(data_dir: str) -> int:
         if segs:
             size = max(size, os.path.getsize(os.path.join(root, segs[-1])))
     return size
+
+
+class HostProxy(Proxy):
+    """:class:`tests.tcp_proxy.Proxy` listening on ``host`` instead of 127.0.0.1 (the bridge
+    address, so roles in namespaces reach it)."""
+
+    def __init__(self, target: str, host: str) -> None:
+        # Proxy binds 127.0.0.1 and starts its thread in __init__: set up the same state
+        # with our listener instead, then start the same thread.
+        h, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (h, int(port))
+        self.listener = socket.create_server((host, 0))
+        self.listener.setblocking(False)
+        self.endpoint = f"tcp://{host}:{self.listener.getsockname()[1]}"
+        self.stalled = threading.Event()
+        self.cut = threading.Event()
+        self._stop = threading.Event()
+        self._pairs: dict[socket.socket, socket.socket] = {}
+        self._accepted: set[socket.socket] = set()
+        self.sent_up = 0
+        self._thread = threading.Thread(target=self._run, name="chaos-proxy", daemon=True)
+        self._thread.start()
 
 
 class Flood:

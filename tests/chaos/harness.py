@@ -4,6 +4,12 @@ samples every process's file descriptors and RSS, and drains the mesh for the ch
 Roles: ``hub`` (the seed every node dials, through its own proxy, never faulted), ``pub0``
 ``pub1`` (durable publishers), ``sub0`` ``sub1`` (durable subscribers of both streams),
 ``producer`` + ``worker0..2`` (a work queue), ``resp0`` ``resp1`` + ``client`` (a service).
+
+Network: where namespaces work (root, ``ip netns``), every role but the hub runs in its own
+namespace on a port of a bridge in the root namespace (:class:`tests.netns.HostBridge`): the
+hub and the proxies bind the bridge's address, each role its own, and the ``partition`` fault
+takes a role's port down. Elsewhere every role binds 127.0.0.1 and ``partition`` is never
+scheduled (the run says so in its notes).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from tests import netns as N
 from tests.chaos import faults as F
 from tests.tcp_proxy import Proxy
 
@@ -53,6 +60,8 @@ class RunResult:
     drained: bool = False
     notes: list[str] = field(default_factory=list)
     kills: dict[str, int] = field(default_factory=dict)
+    #: None when the roles ran in namespaces (partitions possible), else why not.
+    netns_off: str | None = None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -84,7 +93,8 @@ class Harness:
     """Runs one chaos run in ``run_dir``. Use :meth:`run`; always :meth:`close`."""
 
     def __init__(self, run_dir: Path, seed: int, duration: float, *,
-                 kinds: list[str] | None = None, config: dict[str, Any] | None = None) -> None:
+                 kinds: list[str] | None = None, config: dict[str, Any] | None = None,
+                 netns: bool | None = None) -> None:
         self.run_dir = run_dir
         self.seed = seed
         self.duration = duration
@@ -97,7 +107,12 @@ class Harness:
         self.cfg.update(config or {})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.proxies: dict[str, Proxy] = {}
-        self.result = RunResult(run_dir, seed, F.schedule(seed, duration, ROLES, kinds))
+        # Namespaces: probed once here (None: probe; False: do not use them even if they work).
+        why = N.available() if netns is None else (None if netns else "disabled by the caller")
+        self.net: N.HostBridge | None = None
+        self.result = RunResult(run_dir, seed,
+                                F.schedule(seed, duration, ROLES, kinds, netns=why is None),
+                                netns_off=why)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self._flood: F.Flood | None = None
         (run_dir / "out").mkdir(parents=True, exist_ok=True)
@@ -113,10 +128,12 @@ class Harness:
         env.pop("CHAOS_FSIZE", None)
         if fsize is not None:
             env["CHAOS_FSIZE"] = str(fsize)
+        argv = [sys.executable, "-m", "tests.chaos.roles", role, str(self.run_dir)]
+        if self.net is not None and role in self.net.members:
+            argv = self.net.exec_argv(role) + argv  # restarts land in the same namespace
         log = open(self.run_dir / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - child owns it
-        self.procs[role] = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.roles", role, str(self.run_dir)],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[role] = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log,
+                                            stderr=subprocess.STDOUT)
         log.close()
 
     def kill(self, role: str) -> None:
@@ -156,13 +173,26 @@ class Harness:
     # -- the run -----------------------------------------------------------------------------
 
     def setup(self) -> None:
+        host = "127.0.0.1"
+        if self.result.netns_off is None:
+            N.sweep_stale()  # what a killed run of this suite left behind
+            self.net = N.HostBridge(ROLES)
+            host = self.net.host
+            self.cfg["iface"] = {"hub": host, **{r: self.net.addr(r) for r in ROLES}}
+            self.result.notes.append(
+                f"roles in network namespaces on bridge {self.net.bridge} "
+                f"({self.net.subnet}, hub {host}): partition faults on")
+        else:
+            self.result.notes.append(f"no network namespaces ({self.result.netns_off}): "
+                                     "every role on 127.0.0.1, no partition faults")
         self.write_config()
         self.start("hub")
         self.wait(lambda: any(e["ev"] == "endpoints" for e in self.out("hub")), 15, "hub up")
         hub_ctrl = next(e for e in self.out("hub") if e["ev"] == "endpoints")["endpoints"]
         control = next(ep for ep in hub_ctrl["control"] if ep.startswith("tcp://"))
         for role in ROLES:
-            self.proxies[role] = Proxy(control)
+            self.proxies[role] = Proxy(control) if self.net is None \
+                else F.HostProxy(control, host)
             self.cfg["peers"][role] = self.proxies[role].endpoint
         self.write_config()
         for role in ROLES:
@@ -204,6 +234,13 @@ class Harness:
             ev.set()
             self.idle(f.duration)
             ev.clear()
+        elif f.kind == "partition":
+            assert self.net is not None  # schedule() draws it only with namespaces
+            self.net.link(role, up=False)
+            try:
+                self.idle(f.duration)
+            finally:
+                self.net.link(role, up=True)
         elif f.kind == "disk_full":
             self.kill(role)
             size = F.newest_segment_size(str(self.run_dir / "data" / role))
@@ -277,3 +314,5 @@ class Harness:
         for px in self.proxies.values():
             px.close()
         self.ctx.destroy(0)
+        if self.net is not None:  # after the processes: nothing runs in the namespaces now
+            self.net.close()

@@ -153,7 +153,7 @@ def check_reqrep(run_dir: Path, result: RunResult, rep: Report) -> None:
     # Across responders a request may run again only when the one running it was lost
     # (killed, frozen, cut off) before its reply arrived: at most its concurrency (2) per fault.
     resp_faults = sum(1 for f in result.schedule if f.target.startswith("resp")
-                      and f.kind in ("kill", "stop", "stall", "cut"))
+                      and f.kind in ("kill", "stop", "stall", "cut", "partition"))
     if len(both) > 2 * resp_faults:
         rep.violations.append(f"{len(both)} requests executed on both responders with only "
                               f"{resp_faults} responder faults: {sorted(both)[:5]}")

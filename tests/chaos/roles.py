@@ -50,8 +50,11 @@ def phase(run_dir: str, name: str) -> bool:
 
 def make_node(run_dir: str, role: str, cfg: dict[str, Any]) -> Node:
     peer = cfg["peers"].get(role)  # this role's proxy in front of the hub's control endpoint
+    # In a namespace a role binds (and announces) its own address on the harness's bridge;
+    # tcp only: an ipc socket is a file, it would cross a partition.
+    iface = cfg.get("iface", {}).get(role, "127.0.0.1")
     return Node(data_dir=os.path.join(run_dir, "data", role), name=role, mesh=cfg["mesh"],
-                interface="127.0.0.1", transports=("tcp",), mdns=False, presence=PRESENCE,
+                interface=iface, transports=("tcp",), mdns=False, presence=PRESENCE,
                 static_peers=(peer,) if peer else ())
 
 
