@@ -33,7 +33,7 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.security.signing import EventSigner
-from mesh.tracing import OTEL, child_fields, span
+from mesh.tracing import OTEL, child_fields, otel_active, span
 from patterns._metrics import attach, publisher_collector
 from patterns.pubsub import _registry, frames
 
@@ -65,23 +65,12 @@ if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
 
 #: True inside the span publish() opened: the inner call publishes instead of opening another.
 _in_publish_span: ContextVar[bool] = ContextVar("zeromesh_publish_span", default=False)
-_NO_SLOT = object()
 
 
 def _otel_publish_span() -> bool:
-    """Open a publish span: a real tracer provider (an SDK) is installed, and this is not the
-    call a span already wraps. Only reached when the OpenTelemetry API is importable; without
-    a provider the API hands out no-op spans, not worth their cost per publish."""
-    if _in_publish_span.get():
-        return False
-    # The API's global slot (None until a provider is set) rather than get_tracer_provider(),
-    # which looks at the environment on every call while none is set: 0.93 -> ~0.1 µs per
-    # publish with the API installed and no SDK (timeit). The public call is the fallback.
-    p = getattr(_otel_trace, "_TRACER_PROVIDER", _NO_SLOT)
-    if p is _NO_SLOT:
-        p = _otel_trace.get_tracer_provider()
-    return p is not None and not isinstance(
-        p, (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider))
+    """Open a publish span: spans record (:func:`mesh.tracing.otel_active`) and this is not
+    the call a span already wraps."""
+    return otel_active() and not _in_publish_span.get()
 
 
 def _span_traceparent() -> str | None:
@@ -467,7 +456,7 @@ class Publisher:
             CodecError: the event is malformed or too large (nothing was logged or sent).
             LogError: the append failed (e.g. :class:`~mesh.errors.LogFull`); nothing was sent.
         """
-        if OTEL and _otel_publish_span():
+        if _otel_publish_span():
             # The event carries the publish span as its parent (explicit traceparent wins).
             token = _in_publish_span.set(True)
             try:
@@ -552,7 +541,7 @@ class Publisher:
             CodecError: an event is malformed or too large (nothing of the call is logged).
             LogError: the append failed; nothing of the failed batch was sent.
         """
-        if OTEL and _otel_publish_span():
+        if _otel_publish_span():
             token = _in_publish_span.set(True)
             try:
                 with span("publish", self.stream):

@@ -355,7 +355,7 @@ class Client:
         """
         if self._closed:
             raise ClosedError("rpc client is closed")
-        if tracing.OTEL:  # a "request" span, parent of the traceparent header sent
+        if tracing.otel_active():  # a "request" span, parent of the traceparent header sent
             with tracing.span("request", service):
                 return self._request(service, payload, timeout, headers, correlationid,
                                      traceparent, request_id)
