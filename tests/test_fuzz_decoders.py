@@ -235,7 +235,9 @@ def test_pipeline_frames_raise_only_protocol_errors(frames: list[bytes]) -> None
 
 _RR_VALID = [*rrf.encode_ping(rrf.Ping(nonce=3, request_id="r1")),
              *rrf.encode_request(rrf.Request("r1", "svc", 1000, 1, rrf.Format.BYTES,
-                                             {"h": "v"}, b"body"))]
+                                             {"h": "v"}, b"body")),
+             # the split form (HEAD, META, BODY) next to the compact one-frame form above
+             rrf.SIGNATURE + b"\x02", rrf._packb(["r1", 0, 3, 0, "", ""]), b"reply body"]
 
 
 @FUZZ

@@ -25,12 +25,28 @@ class Clock:
 
 def test_frames_round_trip() -> None:
     req = fr.Request("id1", "svc", 1500, 2, fr.Format.MSGPACK, {"traceparent": "00-a"}, b"\x01")
+    assert len(fr.encode_request(req)) == 1  # compact form: one frame
     assert fr.decode(fr.encode_request(req)) == req
     rep = fr.Reply("id1", fr.Status.ERROR, 3, fr.Format.BYTES, "KeyError", "k", b"")
     assert fr.decode(fr.encode_reply(rep)) == rep
     assert fr.decode(fr.encode_ping(fr.Ping(7, "id1"))) == fr.Ping(7, "id1")
     pong = fr.Pong(7, -2, "id1", fr.TaskState.DONE)
     assert fr.decode(fr.encode_pong(pong)) == pong
+
+
+def test_large_bodies_use_the_split_form_and_both_forms_decode() -> None:
+    big = b"b" * (fr.COMPACT_MAX + 1)
+    req = fr.Request("id1", "svc", 1500, 0, fr.Format.BYTES, {}, big)
+    frames = fr.encode_request(req)
+    assert len(frames) == 3 and frames[2] is big  # the body is its own (uncopied) frame
+    assert fr.decode(frames) == req
+    rep = fr.Reply("id1", fr.Status.OK, 1, fr.Format.BYTES, body=big)
+    assert len(fr.encode_reply(rep)) == 3 and fr.decode(fr.encode_reply(rep)) == rep
+    # a small message in the split form (what a sender may always use) decodes the same
+    small = fr.Request("id2", "svc", 10, 1, fr.Format.BYTES, {"a": "b"}, b"x")
+    split = [fr.SIGNATURE + b"\x01", fr._packb(["id2", "svc", 10, 1, 0, {"a": "b"}]), b"x"]
+    assert fr.decode(split) == small == fr.decode(fr.encode_request(small))
+    assert fr.decode([fr.SIGNATURE + b"\x03", fr._packb([7, "id1"])]) == fr.Ping(7, "id1")
 
 
 @given(st.lists(st.binary(max_size=64), max_size=5))
@@ -43,7 +59,8 @@ def test_decode_garbage_raises_only_protocol_error(frames: list[bytes]) -> None:
 
 @given(st.binary(max_size=64), st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x04"]))
 def test_decode_garbage_meta_raises_only_protocol_error(meta: bytes, cmd: bytes) -> None:
-    for frames in ([fr.SIGNATURE + cmd, meta], [fr.SIGNATURE + cmd, meta, b""]):
+    for frames in ([fr.SIGNATURE + cmd, meta], [fr.SIGNATURE + cmd, meta, b""],
+                   [fr.SIGNATURE + cmd + meta]):
         try:
             fr.decode(frames)
         except ProtocolError:
@@ -51,12 +68,22 @@ def test_decode_garbage_meta_raises_only_protocol_error(meta: bytes, cmd: bytes)
 
 
 def test_decode_rejects_bad_fields() -> None:
-    good = fr.encode_request(fr.Request("i", "s", 1, 0, fr.Format.BYTES, {}, b""))
-    for bad in ([b"ZRR2\x01", *good[1:]], [b"ZRR1\x07", *good[1:]], good[:2],
-                [good[0], fr._packb(["", "s", 1, 0, 0, {}]), b""],
-                [good[0], fr._packb(["i", "s", 1, 0, 9, {}]), b""],
-                [good[0], fr._packb(["i", "s", 1, 0, True, {}]), b""],
-                [good[0], fr._packb(["i", "s", 1, 0, 0, {"k": 1}]), b""]):
+    head = fr.SIGNATURE + b"\x01"
+    meta = fr._packb(["i", "s", 1, 0, 0, {}])
+    assert fr.decode([head, meta, b""]).id == "i"  # the baseline the variants break
+    bad_metas = (["", "s", 1, 0, 0, {}], ["i", "s", 1, 0, 9, {}], ["i", "s", 1, 0, True, {}],
+                 ["i", "s", 1, 0, 0, {"k": 1}])
+    bads: list[list[bytes]] = [
+        [b"ZRR2\x01", meta, b""], [b"ZRR1\x07", meta, b""], [head, meta],
+        [head + b"x", meta, b""],  # a split HEAD longer than 5 bytes
+        [head], [b"ZRR1"],  # compact with nothing after HEAD / no command byte
+        [head + fr._packb([["i", "s", 1, 0, 0, {}]])],  # compact without BODY
+        [head + fr._packb([["i", "s", 1, 0, 0, {}], "not bin"])],  # BODY not bin
+    ]
+    for m in bad_metas:
+        bads.append([head, fr._packb(m), b""])
+        bads.append([head + fr._packb([m, b""])])
+    for bad in bads:
         with pytest.raises(ProtocolError):
             fr.decode(bad)
 

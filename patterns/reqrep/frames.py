@@ -1,14 +1,20 @@
 """Wire frames of request/reply (pure: bytes in, typed values out; no I/O).
 
-Every message is a ZeroMQ multipart (after the ROUTER routing-id frame)::
+Every message is a ZeroMQ multipart (after the ROUTER routing-id frame), in one of two forms.
+The split form::
 
     frame 0  HEAD   5 bytes: b"ZRR1" (protocol "zeromesh request/reply", major version 1)
                     followed by one command byte: REQUEST=1 REPLY=2 PING=3 PONG=4
     frame 1  META   msgpack array (layout per command, see docs/protocol.md)
     frame 2  BODY   opaque bytes (REQUEST and REPLY only)
 
-Signature and command share one frame because every frame costs a Python-level send and
-receive call on both sides (measured: about 3 µs each on this kind of machine).
+and the compact form, one frame: HEAD followed by msgpack ``[META, BODY]`` (REQUEST, REPLY) or
+by META (PING, PONG). Senders use the compact form unless BODY is larger than
+:data:`COMPACT_MAX` (where pyzmq stops copying frames); receivers accept both, told apart by
+the frame count. Why: a frame costs a Python-level send and receive call on both sides, each
+10-20 µs on a loaded VM once caches are cold between round trips (measured in the service's
+loop: 4 sends of a split reply 38 µs), and two frames fewer per hop was the largest single cut
+of request/reply latency (see BENCHMARKS.md).
 
 Anything else is a :class:`~mesh.errors.ProtocolError`; the receiver counts it and drops it.
 """
@@ -23,6 +29,7 @@ import msgpack
 from mesh.errors import ProtocolError
 
 __all__ = [
+    "COMPACT_MAX",
     "SIGNATURE",
     "Command",
     "Format",
@@ -43,6 +50,9 @@ SIGNATURE = b"ZRR1"
 _MAX_ID = 64
 _MAX_NAME = 256
 _MAX_HEADERS = 64
+#: Largest BODY sent in the compact (one-frame) form; larger bodies travel in their own frame
+#: (pyzmq sends frames of 64 KiB and more without copying them).
+COMPACT_MAX = 65536
 
 
 class Command(enum.IntEnum):
@@ -129,36 +139,57 @@ _H_PONG = SIGNATURE + b"\x04"
 
 
 def encode_request(req: Request) -> list[bytes]:
-    """Frames of a REQUEST (without the routing id)."""
-    meta = _packb([req.id, req.service, req.ttl_ms, req.attempt, int(req.format), req.headers])
-    return [_H_REQUEST, meta, req.body]
+    """Frames of a REQUEST (without the routing id): one, or three for a large body."""
+    meta = [req.id, req.service, req.ttl_ms, req.attempt, int(req.format), req.headers]
+    if len(req.body) <= COMPACT_MAX:
+        return [_H_REQUEST + _packb([meta, req.body])]
+    return [_H_REQUEST, _packb(meta), req.body]
 
 
 def encode_reply(rep: Reply) -> list[bytes]:
-    """Frames of a REPLY (without the routing id)."""
-    meta = _packb([rep.id, int(rep.status), rep.free, int(rep.format), rep.error_type,
-                   rep.error_message])
-    return [_H_REPLY, meta, rep.body]
+    """Frames of a REPLY (without the routing id): one, or three for a large body."""
+    meta = [rep.id, int(rep.status), rep.free, int(rep.format), rep.error_type,
+            rep.error_message]
+    if len(rep.body) <= COMPACT_MAX:
+        return [_H_REPLY + _packb([meta, rep.body])]
+    return [_H_REPLY, _packb(meta), rep.body]
 
 
 def encode_ping(ping: Ping) -> list[bytes]:
-    """Frames of a PING."""
-    return [_H_PING, _packb([ping.nonce, ping.request_id])]
+    """Frames of a PING (compact form)."""
+    return [_H_PING + _packb([ping.nonce, ping.request_id])]
 
 
 def encode_pong(pong: Pong) -> list[bytes]:
-    """Frames of a PONG."""
-    return [_H_PONG, _packb([pong.nonce, pong.free, pong.request_id, int(pong.state)])]
+    """Frames of a PONG (compact form)."""
+    return [_H_PONG + _packb([pong.nonce, pong.free, pong.request_id, int(pong.state)])]
 
 
-def _meta(raw: bytes, n: int) -> list[Any]:
+def _unpack(raw: bytes | memoryview) -> Any:
     try:
-        meta = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"META is not msgpack: {exc}") from exc
+
+
+def _meta(meta: Any, n: int) -> list[Any]:
     if not isinstance(meta, list) or len(meta) < n:
         raise ProtocolError(f"META must be an array of at least {n} items")
     return meta
+
+
+def _split(frames: list[bytes], n: int, with_body: bool, what: str) -> tuple[Any, bytes]:
+    """(META value, BODY) of the compact (one frame) or the split form."""
+    if n == 1:
+        value = _unpack(memoryview(frames[0])[5:])
+        if not with_body:
+            return value, b""
+        if not isinstance(value, list) or len(value) != 2 or type(value[1]) is not bytes:
+            raise ProtocolError(f"compact {what} must be HEAD + msgpack [META, BODY(bin)]")
+        return value[0], value[1]
+    if n != (3 if with_body else 2):
+        raise ProtocolError(f"{what} must have 1 or {3 if with_body else 2} frames")
+    return _unpack(frames[1]), frames[2] if with_body else b""
 
 
 def _str(v: object, what: str, limit: int, empty: bool = False) -> str:
@@ -196,13 +227,13 @@ def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
     """
     n = len(frames)
     head = frames[0] if n else b""
-    if len(head) != 5 or head[:4] != SIGNATURE:
+    # the split form's HEAD is exactly 5 bytes; the compact form's carries META after them
+    if len(head) < 5 or head[:4] != SIGNATURE or (n > 1 and len(head) != 5):
         raise ProtocolError("not a zeromesh request/reply message (signature ZRR1)")
     cmd = head[4]
     if cmd == 1:
-        if n != 3:
-            raise ProtocolError("REQUEST must have 3 frames")
-        m = _meta(frames[1], 6)
+        raw, body = _split(frames, n, True, "REQUEST")
+        m = _meta(raw, 6)
         headers = m[5]
         if not isinstance(headers, dict) or len(headers) > _MAX_HEADERS or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -211,27 +242,22 @@ def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
         return Request(
             _str(m[0], "request id", _MAX_ID), _str(m[1], "service", _MAX_NAME),
             _int(m[2], "ttl_ms"), _int(m[3], "attempt", 0), _enum(Format, m[4], "format"),
-            headers, frames[2],
+            headers, body,
         )
     if cmd == 2:
-        if n != 3:
-            raise ProtocolError("REPLY must have 3 frames")
-        m = _meta(frames[1], 6)
+        raw, body = _split(frames, n, True, "REPLY")
+        m = _meta(raw, 6)
         return Reply(
             _str(m[0], "request id", _MAX_ID), _enum(Status, m[1], "status"),
             _int(m[2], "free"), _enum(Format, m[3], "format"),
             _str(m[4], "error type", _MAX_NAME, empty=True),
-            _str(m[5], "error message", 1 << 16, empty=True), frames[2],
+            _str(m[5], "error message", 1 << 16, empty=True), body,
         )
     if cmd == 3:
-        if n != 2:
-            raise ProtocolError("PING must have 2 frames")
-        m = _meta(frames[1], 2)
+        m = _meta(_split(frames, n, False, "PING")[0], 2)
         return Ping(_int(m[0], "nonce", 0, 2**63), _str(m[1], "request id", _MAX_ID, empty=True))
     if cmd == 4:
-        if n != 2:
-            raise ProtocolError("PONG must have 2 frames")
-        m = _meta(frames[1], 4)
+        m = _meta(_split(frames, n, False, "PONG")[0], 4)
         return Pong(_int(m[0], "nonce", 0, 2**63), _int(m[1], "free"),
                     _str(m[2], "request id", _MAX_ID, empty=True),
                     _enum(TaskState, m[3], "task state"))
