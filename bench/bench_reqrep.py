@@ -6,6 +6,11 @@
 For tcp loopback and ipc: round trip p50/p99/p99.9 one request at a time (100 B), and
 throughput with 64 requests in flight; every zeromesh figure is printed beside raw pyzmq
 measured in the same run, as a ratio. The responder runs in another process.
+
+Latencies are measured *interleaved* (:func:`paired`): both responders run at once and the
+client alternates blocks of 100 raw and 100 zeromesh round trips, so a burst of load from
+elsewhere on a shared machine lands on both sides of the ratio instead of on one of them
+(sequential runs of raw then zeromesh swung the p50 ratio by 2x on the 2-core VM).
 """
 
 from __future__ import annotations
@@ -76,16 +81,7 @@ def raw_bench(ep: str, n: int, inflight: int) -> tuple[list[float], float]:
             s.send(PAYLOAD)
             s.recv()
             lat.append(time.perf_counter() - t)
-        total = n * 4
-        t = time.perf_counter()
-        for _ in range(inflight):
-            s.send(PAYLOAD)
-        for i in range(total):
-            s.recv()
-            if i + inflight < total:
-                s.send(PAYLOAD)
-        rate = total / (time.perf_counter() - t)
-        return lat, rate
+        return lat, raw_rate(s, n * 4, inflight)
     finally:
         s.close(0)
         ctx.term()
@@ -105,26 +101,98 @@ def measure_client(node: Node, payload: bytes, n: int, inflight: int) -> tuple[l
         client.request("echo", payload, timeout=5)
         lat.append(time.perf_counter() - t)
     client.close()
-    total = n * 4
+    return lat, asyncio.run(_pipelined(node, payload, n * 4, inflight))
 
-    async def pipelined() -> float:
-        ac = AsyncClient(node)
-        left = total
 
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await ac.request("echo", payload, timeout=10)
+async def _pipelined(node: Node, payload: bytes, total: int, inflight: int) -> float:
+    """Requests per second of ``total`` echo requests from one AsyncClient, ``inflight`` at
+    once."""
+    ac = AsyncClient(node)
+    left = total
 
-        await ac.request("echo", payload, timeout=5)
-        t = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(inflight)))
-        rate = total / (time.perf_counter() - t)
-        ac.close()
-        return rate
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await ac.request("echo", payload, timeout=10)
 
-    return lat, asyncio.run(pipelined())
+    await ac.request("echo", payload, timeout=5)
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(inflight)))
+    rate = total / (time.perf_counter() - t)
+    ac.close()
+    return rate
+
+
+BLOCK = 100  # round trips per turn when raw and zeromesh latencies are interleaved
+
+
+def raw_rate(sock: zmq.Socket[bytes], total: int, inflight: int) -> float:
+    """Requests per second of ``total`` echo round trips with ``inflight`` in flight."""
+    t = time.perf_counter()
+    for _ in range(inflight):
+        sock.send(PAYLOAD)
+    for i in range(total):
+        sock.recv()
+        if i + inflight < total:
+            sock.send(PAYLOAD)
+    return total / (time.perf_counter() - t)
+
+
+def paired(transport: str, n: int, inflight: int, mode: str
+           ) -> tuple[list[float], float, list[float], float]:
+    """Raw pyzmq and zeromesh side by side: ``(raw latencies, raw req/s, zeromesh latencies,
+    zeromesh req/s)``. ``n`` round trips each, one at a time, interleaved in blocks of
+    :data:`BLOCK`; then the throughputs (``4 n`` requests, ``inflight`` in flight) one after
+    the other."""
+    tmp = tempfile.mkdtemp(prefix="rrbench-")
+    ep = f"ipc://{tmp}/raw.sock" if transport == "ipc" else "tcp://127.0.0.1:0"
+    if transport == "tcp":
+        probe = zmq.Context.instance().socket(zmq.ROUTER)
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+        probe.close(0)
+        ep = f"tcp://127.0.0.1:{port}"
+    raw_srv = child(RAW_SERVER, ep)
+    mesh = f"bench-{os.getpid()}-{transport}-{mode}"
+    node = Node(data_dir=f"{tmp}/c", mesh=mesh, interface="127.0.0.1", mdns=False,
+                transports=(transport,))
+    ctl = node.info().endpoints["control"][0]
+    mesh_srv = child(MESH_SERVER, REPO, f"{tmp}/s", mesh, ctl, mode)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(ep)
+    try:
+        while not node.who_offers("service", "echo"):
+            time.sleep(0.01)
+        client = Client(node)
+        for _ in range(200):
+            raw.send(PAYLOAD)
+            raw.recv()
+            client.request("echo", PAYLOAD, timeout=5)
+        raw_lat: list[float] = []
+        mesh_lat: list[float] = []
+        perf = time.perf_counter
+        for _ in range(max(1, n // BLOCK)):
+            for _ in range(BLOCK):
+                t = perf()
+                raw.send(PAYLOAD)
+                raw.recv()
+                raw_lat.append(perf() - t)
+            for _ in range(BLOCK):
+                t = perf()
+                client.request("echo", PAYLOAD, timeout=5)
+                mesh_lat.append(perf() - t)
+        client.close()
+        rrate = raw_rate(raw, n * 4, inflight)
+        mrate = asyncio.run(_pipelined(node, PAYLOAD, n * 4, inflight))
+        return raw_lat, rrate, mesh_lat, mrate
+    finally:
+        raw.close(0)
+        ctx.term()
+        for p in (raw_srv, mesh_srv):
+            p.kill()
+            p.wait()
+        node.close()
 
 
 def mesh_bench(transport: str, n: int, inflight: int, mode: str) -> tuple[list[float], float]:
@@ -150,19 +218,16 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=0)
     args = ap.parse_args()
     n = args.n or (3000 if args.quick else 20000)
-    tmp = tempfile.mkdtemp(prefix="rrbench-raw-")
     rows = []
     for transport in ("tcp", "ipc"):
-        ep = f"tcp://127.0.0.1:{40000 + os.getpid() % 20000}" if transport == "tcp" \
-            else f"ipc://{tmp}/raw.sock"
-        raw_lat, raw_rate = raw_bench(ep, n, 64)
-        rows.append((transport, "raw pyzmq DEALER/ROUTER", raw_lat, raw_rate, None))
         for mode in ("inline", "pool"):
-            lat, rate = mesh_bench(transport, n, 64, mode)
+            raw_lat, rrate, lat, rate = paired(transport, n, 64, mode)
+            rows.append((transport, f"raw pyzmq DEALER/ROUTER (beside {mode})", raw_lat,
+                         rrate, None))
             rows.append((transport, f"zeromesh reqrep ({mode} handler)", lat, rate,
-                         (raw_lat, raw_rate)))
-    print(f"\n{n} one-at-a-time round trips of 100 B; throughput with 64 in flight "
-          f"({n * 4} requests)\n")
+                         (raw_lat, rrate)))
+    print(f"\n{n} one-at-a-time round trips of 100 B, raw and zeromesh interleaved in blocks "
+          f"of {BLOCK}; throughput with 64 in flight ({n * 4} requests)\n")
     print("| transport | system | p50 µs | p99 µs | p99.9 µs | req/s (64 in flight) "
           "| p50 ratio | p99 ratio | throughput ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

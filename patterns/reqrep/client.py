@@ -209,8 +209,7 @@ class Wire:
             rid = self._rids[key] = routing_id(action.responder, service)
         if isinstance(action, Send):
             ttl = max(0, int((call.deadline - self.responders.clock()) * 1000))
-            frames = fr.encode_request(fr.Request(req.id, req.service, ttl, action.attempt,
-                                                  req.format, req.headers, req.body))
+            frames = fr.request_frames(req, ttl, action.attempt)
         else:
             self.nonce += 1
             frames = fr.encode_ping(fr.Ping(self.nonce, call.id))
@@ -397,9 +396,8 @@ class Client:
             now = self._clock()
             with lock:
                 actions = call.step(now, bal)
-            if actions:
+            if actions:  # then straight to the wait: wake_at() says when to step again
                 self._act(wire, bal, call, req, actions)
-                continue
             if call.done:
                 return
             if self._closed:

@@ -44,6 +44,7 @@ __all__ = [
     "encode_pong",
     "encode_reply",
     "encode_request",
+    "request_frames",
 ]
 
 SIGNATURE = b"ZRR1"
@@ -140,7 +141,13 @@ _H_PONG = SIGNATURE + b"\x04"
 
 def encode_request(req: Request) -> list[bytes]:
     """Frames of a REQUEST (without the routing id): one, or three for a large body."""
-    meta = [req.id, req.service, req.ttl_ms, req.attempt, int(req.format), req.headers]
+    return request_frames(req, req.ttl_ms, req.attempt)
+
+
+def request_frames(req: Request, ttl_ms: int, attempt: int) -> list[bytes]:
+    """Frames of ``req`` sent with this ``ttl_ms`` and ``attempt`` (a client's retries reuse
+    one template instead of building a Request per send)."""
+    meta = [req.id, req.service, ttl_ms, attempt, int(req.format), req.headers]
     if len(req.body) <= COMPACT_MAX:
         return [_H_REQUEST + _packb([meta, req.body])]
     return [_H_REQUEST, _packb(meta), req.body]
