@@ -3,7 +3,9 @@
 Run:  python bench/bench_pipeline.py            (quick: 50,000 tasks per row x 3, < 60 s)
       python bench/bench_pipeline.py --full     (200,000 tasks per row)
 
-Every row is measured in the same run as its raw PUSH/PULL ceiling and printed as a ratio.
+Every row is measured in the same run as its raw PUSH/PULL ceiling and printed as a ratio: raw
+and zeromesh runs alternate, each zeromesh run is divided by the raw run just before it, and
+the median of those ratios is shown (with each run's).
 Raw: one PUSH in this process to one PULL child process over ipc, timed until the child has
 received every message. zeromesh: a WorkQueue in this process (task log + journal, fsync every
 10 ms), 1 or 2 Worker child processes (ipc, credit 1000, ack every task), timed from the first
@@ -106,7 +108,7 @@ def bench_mesh(n: int, size: int, workers: int, tmp: str) -> float:
         for _ in range(n // 1000):
             q.push_many(payloads)
         while counters["acked"] < n:
-            time.sleep(0.0005)
+            time.sleep(0.001)
         elapsed = time.perf_counter() - t0
     finally:
         for k in kids:
@@ -136,15 +138,25 @@ def main() -> None:
     print(f"{'size':>6} {'mode':<34} {'msgs/s':>12} {'x raw':>7}")
     try:
         for size in (100, 1024):
-            raw = statistics.median(bench_raw(n, size, tmp) for _ in range(args.repeat))
-            print(f"{size:>6} {'raw pyzmq PUSH/PULL ipc':<34} {raw:>12,.0f} {1.0:>7.2f}",
-                  flush=True)
+            # Alternate raw and zeromesh runs and take each run's ratio to the raw run just
+            # before it: load from elsewhere then moves both sides of a ratio together.
+            raws: list[float] = []
+            mesh: dict[int, list[float]] = {1: [], 2: []}
+            ratios: dict[int, list[float]] = {1: [], 2: []}
+            for rep in range(args.repeat):
+                raw = bench_raw(n, size, tmp)
+                raws.append(raw)
+                for workers in (1, 2):
+                    r = bench_mesh(n, size, workers, f"{tmp}/{rep}")
+                    mesh[workers].append(r)
+                    ratios[workers].append(r / raw)
+            print(f"{size:>6} {'raw pyzmq PUSH/PULL ipc':<34} {statistics.median(raws):>12,.0f} "
+                  f"{1.0:>7.2f}", flush=True)
             for workers in (1, 2):
-                r = statistics.median(
-                    bench_mesh(n, size, workers, f"{tmp}/{rep}") for rep in range(args.repeat)
-                )
                 label = f"zeromesh pipeline, {workers} worker(s), acked"
-                print(f"{size:>6} {label:<34} {r:>12,.0f} {r / raw:>7.2f}", flush=True)
+                rs = ", ".join(f"{x:.2f}" for x in ratios[workers])
+                print(f"{size:>6} {label:<34} {statistics.median(mesh[workers]):>12,.0f} "
+                      f"{statistics.median(ratios[workers]):>7.2f}  (runs: {rs})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

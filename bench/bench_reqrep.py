@@ -29,7 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from mesh.node import Node  # noqa: E402
+from mesh.uuid7 import uuid7  # noqa: E402
 from patterns.reqrep import AsyncClient, Client  # noqa: E402
+from patterns.reqrep import frames as fr  # noqa: E402
 
 PAYLOAD = b"x" * 100
 
@@ -38,6 +40,21 @@ import sys, zmq
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1]); print("READY", flush=True)
 while True:
     s.send_multipart(s.recv_multipart())
+"""
+
+# The floor of any Python implementation of the protocol: a bare ROUTER loop that decodes each
+# request and encodes its reply with patterns.reqrep.frames, and does nothing else (no reply
+# cache, no metrics, no tracing, no capacity). Driven by a raw DEALER, beside the raw echo.
+FLOOR_SERVER = """
+import sys, zmq
+sys.path.insert(0, sys.argv[1])
+from patterns.reqrep import frames as fr
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[2]); print("READY", flush=True)
+while True:
+    msg = s.recv_multipart()
+    m = fr.decode(msg[1:])
+    s.send_multipart([msg[0], *fr.encode_reply(fr.Reply(m.id, fr.Status.OK, 1, m.format,
+                                                          body=m.body))])
 """
 
 MESH_SERVER = """
@@ -139,20 +156,27 @@ def raw_rate(sock: zmq.Socket[bytes], total: int, inflight: int) -> float:
     return total / (time.perf_counter() - t)
 
 
+def _endpoint(transport: str, tmp: str, name: str) -> str:
+    if transport == "ipc":
+        return f"ipc://{tmp}/{name}.sock"
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(0)
+    return f"tcp://127.0.0.1:{port}"
+
+
 def paired(transport: str, n: int, inflight: int, mode: str
-           ) -> tuple[list[float], float, list[float], float]:
+           ) -> tuple[list[float], float, list[float], float, list[float]]:
     """Raw pyzmq and zeromesh side by side: ``(raw latencies, raw req/s, zeromesh latencies,
-    zeromesh req/s)``. ``n`` round trips each, one at a time, interleaved in blocks of
-    :data:`BLOCK`; then the throughputs (``4 n`` requests, ``inflight`` in flight) one after
-    the other."""
+    zeromesh req/s, floor latencies)``. ``n`` round trips each, one at a time, interleaved in
+    blocks of :data:`BLOCK` (raw echo, then the Python floor of :data:`FLOOR_SERVER` driven by
+    a raw DEALER, then zeromesh's Client and Service); then the throughputs (``4 n`` requests,
+    ``inflight`` in flight) one after the other."""
     tmp = tempfile.mkdtemp(prefix="rrbench-")
-    ep = f"ipc://{tmp}/raw.sock" if transport == "ipc" else "tcp://127.0.0.1:0"
-    if transport == "tcp":
-        probe = zmq.Context.instance().socket(zmq.ROUTER)
-        port = probe.bind_to_random_port("tcp://127.0.0.1")
-        probe.close(0)
-        ep = f"tcp://127.0.0.1:{port}"
+    ep = _endpoint(transport, tmp, "raw")
+    floor_ep = _endpoint(transport, tmp, "floor")
     raw_srv = child(RAW_SERVER, ep)
+    floor_srv = child(FLOOR_SERVER, REPO, floor_ep)
     mesh = f"bench-{os.getpid()}-{transport}-{mode}"
     node = Node(data_dir=f"{tmp}/c", mesh=mesh, interface="127.0.0.1", mdns=False,
                 transports=(transport,))
@@ -161,35 +185,46 @@ def paired(transport: str, n: int, inflight: int, mode: str
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
     raw.connect(ep)
+    floor = ctx.socket(zmq.DEALER)
+    floor.connect(floor_ep)
     try:
         while not node.who_offers("service", "echo"):
             time.sleep(0.01)
         client = Client(node)
-        for _ in range(200):
+
+        def floor_call() -> None:
+            floor.send_multipart(fr.encode_request(fr.Request(
+                uuid7(), "echo", 5000, 0, fr.Format.BYTES, {}, PAYLOAD)))
+            fr.decode(floor.recv_multipart())
+
+        def raw_call() -> None:
             raw.send(PAYLOAD)
             raw.recv()
+
+        def mesh_call() -> None:
             client.request("echo", PAYLOAD, timeout=5)
-        raw_lat: list[float] = []
-        mesh_lat: list[float] = []
+
+        cases = (raw_call, floor_call, mesh_call)
+        lats: tuple[list[float], ...] = ([], [], [])
+        for call in cases:
+            for _ in range(200):
+                call()
         perf = time.perf_counter
         for _ in range(max(1, n // BLOCK)):
-            for _ in range(BLOCK):
-                t = perf()
-                raw.send(PAYLOAD)
-                raw.recv()
-                raw_lat.append(perf() - t)
-            for _ in range(BLOCK):
-                t = perf()
-                client.request("echo", PAYLOAD, timeout=5)
-                mesh_lat.append(perf() - t)
+            for call, lat in zip(cases, lats, strict=True):
+                for _ in range(BLOCK):
+                    t = perf()
+                    call()
+                    lat.append(perf() - t)
         client.close()
         rrate = raw_rate(raw, n * 4, inflight)
         mrate = asyncio.run(_pipelined(node, PAYLOAD, n * 4, inflight))
-        return raw_lat, rrate, mesh_lat, mrate
+        return lats[0], rrate, lats[2], mrate, lats[1]
     finally:
         raw.close(0)
+        floor.close(0)
         ctx.term()
-        for p in (raw_srv, mesh_srv):
+        for p in (raw_srv, floor_srv, mesh_srv):
             p.kill()
             p.wait()
         node.close()
@@ -221,9 +256,11 @@ def main() -> None:
     rows = []
     for transport in ("tcp", "ipc"):
         for mode in ("inline", "pool"):
-            raw_lat, rrate, lat, rate = paired(transport, n, 64, mode)
+            raw_lat, rrate, lat, rate, floor_lat = paired(transport, n, 64, mode)
             rows.append((transport, f"raw pyzmq DEALER/ROUTER (beside {mode})", raw_lat,
                          rrate, None))
+            rows.append((transport, "Python floor: DEALER + ZRR decode/encode echo",
+                         floor_lat, float("nan"), (raw_lat, rrate)))
             rows.append((transport, f"zeromesh reqrep ({mode} handler)", lat, rate,
                          (raw_lat, rrate)))
     print(f"\n{n} one-at-a-time round trips of 100 B, raw and zeromesh interleaved in blocks "
@@ -237,9 +274,10 @@ def main() -> None:
             ratios = "1.00 | 1.00 | 1.00"
         else:
             rl, rr = raw
-            ratios = (f"{p50 / pct(rl, 0.5):.2f} | {p99 / pct(rl, 0.99):.2f} | "
-                      f"{rate / rr:.2f}")
-        print(f"| {transport} | {name} | {p50:.0f} | {p99:.0f} | {p999:.0f} | {rate:,.0f} | "
+            tput = f"{rate / rr:.2f}" if rate == rate else "-"  # NaN: latency-only row
+            ratios = f"{p50 / pct(rl, 0.5):.2f} | {p99 / pct(rl, 0.99):.2f} | {tput}"
+        rate_s = f"{rate:,.0f}" if rate == rate else "-"
+        print(f"| {transport} | {name} | {p50:.0f} | {p99:.0f} | {p999:.0f} | {rate_s} | "
               f"{ratios} |")
 
 

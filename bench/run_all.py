@@ -125,13 +125,11 @@ def reqrep_rows(n: int, curve: bool) -> list[Row]:
                 # bench_reqrep reads its module-level PAYLOAD at call time; the echo server
                 # returns what it gets, so setting it is enough to change the size.
                 br.PAYLOAD = b"x" * size
-                ep = (f"tcp://127.0.0.1:{_free_port()}" if tr == "tcp"
-                      else f"ipc://{tmp}/raw-{size}.sock")
                 _progress(f"reqrep {tr} {size} B plain")
-                rl, rr = br.raw_bench(ep, n, 64)
+                # latencies interleaved with raw's (bench_reqrep.paired): a fair p50 ratio
+                rl, rr, ml, mr, _ = br.paired(tr, n, 64, "inline")
                 rows.append(row("reqrep", "raw pyzmq DEALER/ROUTER", tr, size, "plain", rr,
                                 "req/s", None, _pct_s(rl, .5), _pct_s(rl, .99)))
-                ml, mr = br.mesh_bench(tr, n, 64, "inline")
                 rows.append(row("reqrep", "zeromesh request (inline handler)", tr, size,
                                 "plain", mr, "req/s", rr, _pct_s(ml, .5), _pct_s(ml, .99),
                                 _pct_s(rl, .5)))
