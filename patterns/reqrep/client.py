@@ -258,7 +258,7 @@ def prepare_call(service: str, payload: Any, timeout: float | None, headers: dic
         h["correlationid"] = correlationid
     if traceparent is not None:
         h["traceparent"] = traceparent
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
+    if h and not all(isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
         raise ConfigError("headers must map strings to strings")
     fmt, body = encode_body(payload)
     rid = request_id or uuid7()

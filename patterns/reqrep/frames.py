@@ -44,6 +44,7 @@ __all__ = [
     "encode_pong",
     "encode_reply",
     "encode_request",
+    "reply_frames",
     "request_frames",
 ]
 
@@ -155,8 +156,12 @@ def request_frames(req: Request, ttl_ms: int, attempt: int) -> list[bytes]:
 
 def encode_reply(rep: Reply) -> list[bytes]:
     """Frames of a REPLY (without the routing id): one, or three for a large body."""
-    meta = [rep.id, int(rep.status), rep.free, int(rep.format), rep.error_type,
-            rep.error_message]
+    return reply_frames(rep, rep.free)
+
+
+def reply_frames(rep: Reply, free: int) -> list[bytes]:
+    """Frames of ``rep`` advertising ``free`` handler slots (known only when it is sent)."""
+    meta = [rep.id, int(rep.status), free, int(rep.format), rep.error_type, rep.error_message]
     if len(rep.body) <= COMPACT_MAX:
         return [_H_REPLY + _packb([meta, rep.body])]
     return [_H_REPLY, _packb(meta), rep.body]

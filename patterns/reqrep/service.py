@@ -445,8 +445,7 @@ class Service:
         st.executed += 1
         if rep.status == fr.Status.ERROR:
             st.errors += 1
-        frames = fr.encode_reply(fr.Reply(rep.id, rep.status, self._free(), rep.format,
-                                          rep.error_type, rep.error_message, rep.body))
+        frames = fr.reply_frames(rep, self._free())
         waiters = self._cache.finish(inc.id, frames)
         if self.drop_replies > 0:
             self.drop_replies -= 1
