@@ -5,7 +5,7 @@ call, split at ``MAX_BATCH_BYTES``). Every batch is self-describing and checksum
 
     offset size field
     0      4    length        u32 LE, total batch bytes including this field
-    4      4    crc           u32 LE, zlib.crc32 of bytes [8, length)
+    4      4    crc           u32 LE, CRC-32 (zlib's polynomial) of bytes [8, length)
     8      1    magic         0xA7
     9      1    version       1
     10     2    flags         u16 LE, 0 (reserved; a reader refuses a batch with other bits)
@@ -26,13 +26,19 @@ The full specification is docs/protocol.md.
 
 from __future__ import annotations
 
+import binascii
 import struct
 import sys
-import zlib
 from array import array
 from collections.abc import Sequence
 from itertools import accumulate
 from typing import NamedTuple
+
+# binascii.crc32, not zlib.crc32: the same CRC-32, but zlib's releases the GIL for buffers over
+# 5 KiB, and getting it back waits for another busy thread's switch interval (5 ms). Measured
+# with one busy thread beside it: 659 µs per 110 KB batch with zlib.crc32 against 27 µs
+# (39 µs alone); the pipeline producer's push thread paid that on every push_many.
+_crc32 = binascii.crc32
 
 MAGIC = 0xA7
 VERSION = 1
@@ -106,7 +112,7 @@ def parse_segment_name(name: str) -> int | None:
 def encode_one(base_offset: int, timestamp_ns: int, payload: bytes) -> bytes:
     """Frame a single payload as a one-record batch (the ``append`` fast path)."""
     body = _TAIL1.pack(MAGIC, VERSION, 0, base_offset, timestamp_ns, 1, len(payload)) + payload
-    return _PREFIX.pack(len(body) + 8, zlib.crc32(body)) + body
+    return _PREFIX.pack(len(body) + 8, _crc32(body)) + body
 
 
 def encode_batch(base_offset: int, timestamp_ns: int, payloads: Sequence[bytes]) -> bytes:
@@ -118,7 +124,7 @@ def encode_batch(base_offset: int, timestamp_ns: int, payloads: Sequence[bytes])
     body = b"".join(
         (_TAIL.pack(MAGIC, VERSION, 0, base_offset, timestamp_ns, n), lengths.tobytes(), *payloads)
     )
-    return _PREFIX.pack(len(body) + 8, zlib.crc32(body)) + body
+    return _PREFIX.pack(len(body) + 8, _crc32(body)) + body
 
 
 def read_header(buf: bytes | memoryview, pos: int, end: int | None = None) -> BatchHeader:
@@ -154,7 +160,7 @@ def check_batch(buf: bytes | memoryview, pos: int, end: int | None = None) -> Ba
     """
     hdr = read_header(buf, pos, end)
     mv = memoryview(buf)
-    if zlib.crc32(mv[pos + 8 : pos + hdr.length]) != hdr.crc:
+    if _crc32(mv[pos + 8 : pos + hdr.length]) != hdr.crc:
         raise FrameError("checksum mismatch")
     if hdr.records == 1:  # the common single-append batch: no length table to build
         if _U32.unpack_from(buf, pos + HEADER_SIZE)[0] != hdr.length - HEADER_SIZE - 4:
