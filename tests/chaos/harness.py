@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,11 +237,17 @@ class Harness:
             ev.clear()
         elif f.kind == "partition":
             assert self.net is not None  # schedule() draws it only with namespaces
+            before = len(self.out(role))
             self.net.link(role, up=False)
             try:
                 self.idle(f.duration)
             finally:
                 self.net.link(role, up=True)
+            # What the role recorded while cut off: evidence the cut is real (a publisher
+            # keeps acking to its local log; the others only finish what they already held).
+            during = Counter(e["ev"] for e in self.out(role)[before:])
+            self.result.notes.append(f"partition {role} {f.duration:.2f}s: recorded while cut "
+                                     f"off {dict(during) or 'nothing'}")
         elif f.kind == "disk_full":
             self.kill(role)
             size = F.newest_segment_size(str(self.run_dir / "data" / role))
