@@ -12,12 +12,12 @@ import threading
 class Proxy:
     """A TCP proxy in front of ``target`` (``tcp://host:port``) that can stall or cut."""
 
-    def __init__(self, target: str) -> None:
-        host, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, target: str, host: str = "127.0.0.1") -> None:
+        thost, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (thost, int(port))
+        self.listener = socket.create_server((host, 0))  # ``host``: where dialling nodes reach it
         self.listener.setblocking(False)
-        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.endpoint = f"tcp://{host}:{self.listener.getsockname()[1]}"
         self.stalled = threading.Event()
         self.cut = threading.Event()
         self._stop = threading.Event()

@@ -39,8 +39,6 @@ from typing import Any
 
 import zmq
 
-from tests.tcp_proxy import Proxy
-
 #: Which fault kinds make sense for which role kinds (roles with a log for the disk faults).
 TARGETS: dict[str, tuple[str, ...]] = {
     "kill": ("pub", "sub", "producer", "worker", "resp", "client"),
@@ -133,28 +131,6 @@ def newest_segment_size(data_dir: str) -> int:
         if segs:
             size = max(size, os.path.getsize(os.path.join(root, segs[-1])))
     return size
-
-
-class HostProxy(Proxy):
-    """:class:`tests.tcp_proxy.Proxy` listening on ``host`` instead of 127.0.0.1 (the bridge
-    address, so roles in namespaces reach it)."""
-
-    def __init__(self, target: str, host: str) -> None:
-        # Proxy binds 127.0.0.1 and starts its thread in __init__: set up the same state
-        # with our listener instead, then start the same thread.
-        h, port = target.removeprefix("tcp://").rsplit(":", 1)
-        self.target = (h, int(port))
-        self.listener = socket.create_server((host, 0))
-        self.listener.setblocking(False)
-        self.endpoint = f"tcp://{host}:{self.listener.getsockname()[1]}"
-        self.stalled = threading.Event()
-        self.cut = threading.Event()
-        self._stop = threading.Event()
-        self._pairs: dict[socket.socket, socket.socket] = {}
-        self._accepted: set[socket.socket] = set()
-        self.sent_up = 0
-        self._thread = threading.Thread(target=self._run, name="chaos-proxy", daemon=True)
-        self._thread.start()
 
 
 class Flood:

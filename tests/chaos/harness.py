@@ -192,8 +192,7 @@ class Harness:
         hub_ctrl = next(e for e in self.out("hub") if e["ev"] == "endpoints")["endpoints"]
         control = next(ep for ep in hub_ctrl["control"] if ep.startswith("tcp://"))
         for role in ROLES:
-            self.proxies[role] = Proxy(control) if self.net is None \
-                else F.HostProxy(control, host)
+            self.proxies[role] = Proxy(control) if self.net is None else Proxy(control, host)
             self.cfg["peers"][role] = self.proxies[role].endpoint
         self.write_config()
         for role in ROLES:
