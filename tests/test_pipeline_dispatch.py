@@ -292,3 +292,24 @@ def test_tasks_of_a_dead_worker_are_quarantined_one_per_idle_worker() -> None:
     rest = sent_ids(d.dispatch(0.4))
     assert sorted(i for v in rest.values() for i in v) == [1, 3]
     assert d.take_effects().dead == []
+
+
+def test_add_batch_keeps_data_keys_order_and_gauges_before_first_dispatch() -> None:
+    d = make(per_key_ordering=True)
+    d.add_batch(range(0, 3), None, [b"a", b"b", b"c"])
+    d.add_batch(range(3, 5), "k", [b"d", b"e"])
+    s = d.stats()
+    assert s["added"] == 5 and s["unacked"] == 5 and s["pending"] == 5 and s["inflight"] == 0
+    assert d.unacked_ids() == [0, 1, 2, 3, 4]
+    d.worker_ready(W1, 10)
+    # an answer for a task never delivered is forged, not stale (it was never sent anywhere)
+    assert d.on_ack(W1, [1], 0.0) == 0 and d.counters["forged_acks"] == 1
+    d.on_nack(W1, 2, 0.0)
+    assert d.counters["forged_acks"] == 2 and d.counters["stale_answers"] == 0
+    items = [i for _, batch in d.dispatch(0.0) for i in batch]
+    # (id, delivery, ack_wait_ms, key, data): data and key as pushed; key 'k' holds back id 4
+    assert [(i[0], i[3], i[4]) for i in items] == [(0, None, b"a"), (1, None, b"b"),
+                                                  (2, None, b"c"), (3, "k", b"d")]
+    assert d.on_ack(W1, [0, 1, 2, 3], 0.1) == 4
+    assert [(i[0], i[3], i[4]) for _, b in d.dispatch(0.1) for i in b] == [(4, "k", b"e")]
+    assert d.stats()["unacked"] == 1 and d.stats()["inflight"] == 1

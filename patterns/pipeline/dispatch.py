@@ -25,7 +25,7 @@ import heapq
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,9 @@ class Effects:
     failed: list[tuple[int, Attempt]]  # (task id, attempt) for the journal
 
 
+_GONE = object()  # sentinel: "not a fresh task" (None is a valid task data)
+
+
 class _Task:
     __slots__ = (
         "data", "deadline", "deliveries", "dispatched_at", "history", "id", "key",
@@ -193,7 +196,8 @@ class Dispatcher:
         # objects made the cyclic GC walk them all on every full collection (16% of the
         # producer's CPU in bench_pipeline); untracked tuples cost it nothing. A task becomes
         # a _Task when it is first dispatched (or restored with a delivery count).
-        self._fresh: dict[int, tuple[Hashable | None, Any]] = {}
+        self._fresh: dict[int, Any] = {}  # id -> data
+        self._fresh_keys: dict[int, Hashable] = {}  # id -> key, for keyed fresh tasks only
         self._pending: deque[int] = deque()
         self._delayed: list[tuple[float, int, int]] = []  # (due, tid, deliveries)
         # (deadline, [task ids]): one entry per dispatch batch (they share the deadline).
@@ -220,19 +224,22 @@ class Dispatcher:
         self.restore(tid, key, 0, data=data)
 
     def add_many(self, items: Iterable[tuple[int, Hashable | None, Any]]) -> None:
-        """Many new ``(id, key, data)`` tasks at once (the push hot path)."""
-        fresh = self._fresh
-        pending = self._pending
-        n = 0
-        high = self._high
+        """Many new ``(id, key, data)`` tasks at once."""
         for tid, key, data in items:
-            fresh[tid] = (key, data)
-            pending.append(tid)
-            if tid >= high:
-                high = tid + 1
-            n += 1
-        self._high = high
-        self.counters["added"] += n
+            self.add_batch((tid,), key, (data,))
+
+    def add_batch(self, ids: Sequence[int], key: Hashable | None, datas: Sequence[Any]) -> None:
+        """New tasks with ids ``ids`` (ascending), one ``key``, and ``datas`` (the push hot
+        path: dict and deque updates in C, no Python loop per task)."""
+        if not ids:
+            return
+        self._fresh.update(zip(ids, datas, strict=True))
+        if key is not None:
+            self._fresh_keys.update(dict.fromkeys(ids, key))
+        self._pending.extend(ids)
+        if ids[-1] >= self._high:
+            self._high = ids[-1] + 1
+        self.counters["added"] += len(ids)
 
     def restore(
         self,
@@ -531,14 +538,16 @@ class Dispatcher:
         redelivered = 0
         deferred: list[int] = []
         fresh = self._fresh
+        fresh_keys = self._fresh_keys
         while pending and ready:
             tid = pending.popleft()
             t = tasks.get(tid)
             if t is None:
-                f = fresh.pop(tid, None)
-                if f is None:
+                data = fresh.pop(tid, _GONE)
+                if data is _GONE:
                     continue  # no longer known (acked or dead-lettered): a dead entry
-                t = tasks[tid] = _Task(tid, f[0], 0, f[1])
+                t = tasks[tid] = _Task(tid, fresh_keys.pop(tid, None) if fresh_keys else None,
+                                       0, data)
             elif t.state != PENDING:
                 continue  # acked late or dead-lettered while queued: a dead entry
             key = t.key

@@ -75,7 +75,8 @@ class WorkQueue:
         self.dlq = DeadLetters(node.data_dir, name, push=self.push, actor="producer")
         self._dlq_log = self._store.root.open(f"{name}.dlq")
         self._lock = threading.Lock()
-        self._new: list[tuple[int, Hashable | None, Any]] = []
+        # batches (ids, key, datas) pushed since the I/O thread last looked
+        self._new: list[tuple[Sequence[int], Hashable | None, Sequence[Any]]] = []
         self._woken = False
         self._closed = False
         self._failed: BaseException | None = None  # set if the I/O thread died
@@ -141,7 +142,7 @@ class WorkQueue:
             tid = self._store.tasks.append(rec)
             if trace is not None:
                 self._traced = True
-            self._new.append((tid, key, data))
+            self._new.append(((tid,), key, (data,)))
             self._pushed += 1
             self._wake_locked()
         return tid
@@ -174,7 +175,7 @@ class WorkQueue:
             self._pushed += len(ids)
             if trace is not None:
                 self._traced = True
-            self._new.extend(zip(ids, [key] * len(ids), datas, strict=True))
+            self._new.append((ids, key, datas))
             self._wake_locked()
         return ids
 
@@ -315,8 +316,8 @@ class WorkQueue:
             self._peer_events = []
             self._woken = False
             closing = self._closed
-        if new:
-            self._dispatcher.add_many(new)
+        for ids, key, datas in new:
+            self._dispatcher.add_batch(ids, key, datas)
         for ev in events:
             for ident in self._dispatcher.workers_of_node(ev.peer.node_id):
                 self._dispatcher.worker_gone(ident, now)
