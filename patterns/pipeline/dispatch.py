@@ -128,16 +128,19 @@ class _Task:
         "last_worker", "state", "suspect", "worker",
     )
 
-    def __init__(self, tid: int, key: Hashable | None, deliveries: int, data: Any) -> None:
+    def __init__(self, tid: int, key: Hashable | None, deliveries: int, data: Any,
+                 worker: bytes | None = None, deadline: float = 0.0,
+                 dispatched_at: float = 0.0) -> None:
+        # With ``worker``: made in flight (a first delivery), every field set once.
         self.id = tid
         self.key = key
         self.data = data
         self.deliveries = deliveries
-        self.state = PENDING
-        self.worker: bytes | None = None
-        self.last_worker: bytes | None = None
-        self.deadline = 0.0
-        self.dispatched_at = 0.0
+        self.state = PENDING if worker is None else INFLIGHT
+        self.worker: bytes | None = worker
+        self.last_worker: bytes | None = worker
+        self.deadline = deadline
+        self.dispatched_at = dispatched_at
         self.history: list[Attempt] | None = None
         # Held by a worker that died: it may be the poison that killed it, so its next
         # delivery goes alone to an idle worker (quarantine) and cannot take others down.
@@ -546,52 +549,66 @@ class Dispatcher:
                 data = fresh.pop(tid, _GONE)
                 if data is _GONE:
                     continue  # no longer known (acked or dead-lettered): a dead entry
-                t = tasks[tid] = _Task(tid, fresh_keys.pop(tid, None) if fresh_keys else None,
-                                       0, data)
-            elif t.state != PENDING:
-                continue  # acked late or dead-lettered while queued: a dead entry
-            key = t.key
-            if per_key and key is not None:
-                holder = self._key_holder.get(key)
-                if holder is None:
-                    self._key_holder[key] = tid
-                elif holder != tid:
-                    t.state = WAITING_KEY
-                    self._key_wait.setdefault(key, deque()).append(tid)
-                    continue
-            if i >= len(ready):
-                i = 0
-            if t.suspect:
-                # Quarantine: only an idle worker, which then takes nothing else meanwhile.
-                idle = [x for x in ready if free[x.ident] == x.credit and x.ident != t.last_worker]
-                if not idle:
-                    idle = [x for x in ready if free[x.ident] == x.credit]
-                if not idle:
-                    deferred.append(tid)
-                    continue
-                w = idle[0]
-                w.isolating = tid
-                free[w.ident] = 1  # this task is its last one for now
-            else:
+                key = fresh_keys.pop(tid, None) if fresh_keys else None
+                if per_key and key is not None:
+                    t = tasks[tid] = _Task(tid, key, 0, data)  # ordered: the general path
+            if t is None:
+                # The common case: a first delivery with no key order and no quarantine to
+                # honour, round robin; its _Task is made in flight (fields set once).
+                if i >= len(ready):
+                    i = 0
                 w = ready[i]
-                if prefer_other and t.last_worker == w.ident:
-                    # Redelivery: try the next worker with credit instead of the failed one.
-                    w = ready[(i + 1) % len(ready)]
-            ident = w.ident
-            t.deliveries += 1
-            if t.deliveries > 1:
-                redelivered += 1
-            t.state = INFLIGHT
-            t.worker = ident
-            t.last_worker = ident
-            t.deadline = deadline
-            t.dispatched_at = wall
+                ident = w.ident
+                tasks[tid] = _Task(tid, key, 1, data, ident, deadline, wall)
+                deliveries = 1
+            else:
+                if t.state != PENDING:
+                    continue  # acked late or dead-lettered while queued: a dead entry
+                key = t.key
+                data = t.data
+                if per_key and key is not None:
+                    holder = self._key_holder.get(key)
+                    if holder is None:
+                        self._key_holder[key] = tid
+                    elif holder != tid:
+                        t.state = WAITING_KEY
+                        self._key_wait.setdefault(key, deque()).append(tid)
+                        continue
+                if i >= len(ready):
+                    i = 0
+                if t.suspect:
+                    # Quarantine: only an idle worker, which then takes nothing else meanwhile.
+                    idle = [x for x in ready
+                            if free[x.ident] == x.credit and x.ident != t.last_worker]
+                    if not idle:
+                        idle = [x for x in ready if free[x.ident] == x.credit]
+                    if not idle:
+                        deferred.append(tid)
+                        continue
+                    w = idle[0]
+                    w.isolating = tid
+                    free[w.ident] = 1  # this task is its last one for now
+                else:
+                    w = ready[i]
+                    if prefer_other and t.last_worker == w.ident:
+                        # Redelivery: try the next worker with credit instead of the failed one.
+                        w = ready[(i + 1) % len(ready)]
+                ident = w.ident
+                t.deliveries += 1
+                if t.deliveries > 1:
+                    redelivered += 1
+                t.state = INFLIGHT
+                t.worker = ident
+                t.last_worker = ident
+                t.deadline = deadline
+                t.dispatched_at = wall
+                deliveries = t.deliveries
             w.inflight.add(tid)
             sent.append(tid)
             batch = out.get(ident)
             if batch is None:
                 batch = out[ident] = []
-            batch.append((tid, t.deliveries, wait_ms, key, t.data))
+            batch.append((tid, deliveries, wait_ms, key, data))
             n_sent += 1
             left = free[ident] - 1
             free[ident] = left
