@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pubsub", lambda: pubsub_rows(20_000 if q else 50_000, 1000 if q else 3000,
                                        not a.no_curve)),
         ("reqrep", lambda: reqrep_rows(1000 if q else 3000, not a.no_curve)),
-        ("pipeline", lambda: pipeline_rows(20_000 if q else 50_000)),
+        ("pipeline", lambda: pipeline_rows(50_000 if q else 200_000)),
         ("log", lambda: log_rows(0.25 if q else 1.0)),
     ]
     errors: dict[str, str] = {}
