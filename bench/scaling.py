@@ -13,7 +13,7 @@
 * mesh: 50 nodes in 5 processes of 10, joined through one seed (static peer, then gossip);
   discovery time = start of the processes until every node sees 49 live peers; then the
   control messages each node sends and receives per second while idle (presence heartbeats
-  and keepalives), from ``Node.stats()``.
+  and keepalives), messages and bytes, from ``Node.stats()``.
 
 RSS figures come from /proc/<pid>/status (VmRSS, VmHWM), in MiB.
 """
@@ -194,7 +194,9 @@ def _nodes_proc(k: int, count: int, mesh: str, seed: str, root: str, total: int,
                 for a, b in zip(c0, c1, strict=True)]
         ins = [(b.get("control_in", 0) - a.get("control_in", 0)) / dt
                for a, b in zip(c0, c1, strict=True)]
-        q.put(("idle", k, outs, ins, rss_mib()))
+        bytes_out = [(b.get("control_bytes_out", 0) - a.get("control_bytes_out", 0)) / dt
+                     for a, b in zip(c0, c1, strict=True)]
+        q.put(("idle", k, outs, ins, rss_mib(), bytes_out))
     finally:
         for nd in nodes:
             nd.close()
@@ -229,12 +231,14 @@ def mesh_nodes(total: int = 50, procs: int = 5, idle_s: float = 10.0) -> dict[st
                 p.join(30)
             outs = [x for i in idle for x in i[2]]
             ins = [x for i in idle for x in i[3]]
+            bout = [x for i in idle for x in i[5]]
             return {"nodes": total, "processes": procs + 1,
                     "all_joined_s": round(t_join, 2), "min_peers_seen": min_seen,
                     "idle_window_s": idle_s,
                     "control_out_per_node_per_s": round(sum(outs) / len(outs), 1),
                     "control_in_per_node_per_s": round(sum(ins) / len(ins), 1),
                     "max_out_per_node_per_s": round(max(outs), 1),
+                    "control_bytes_out_per_node_per_s": round(sum(bout) / len(bout)),
                     "rss_per_process_of_10_nodes_mib": round(max(i[4] for i in idle), 1),
                     "note": "includes process start and imports (about 1 s per process)"}
     finally:
@@ -302,11 +306,14 @@ def report(s: dict[str, Any]) -> str:
         lines += ["", f"Mesh of {m['nodes']} nodes in {m['processes']} processes (seed + "
                   "gossip, no mDNS)", "",
                   "| all joined (s) | min peers seen | control msgs out /node/s (idle) "
-                  "| in /node/s | max out /node/s | RSS per process of 10 nodes MiB |",
-                  "|---:|---:|---:|---:|---:|---:|",
+                  "| in /node/s | max out /node/s | control bytes out /node/s "
+                  "| RSS per process of 10 nodes MiB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {m['all_joined_s']} | {m['min_peers_seen']} | "
                   f"{m['control_out_per_node_per_s']} | {m['control_in_per_node_per_s']} | "
-                  f"{m['max_out_per_node_per_s']} | {m['rss_per_process_of_10_nodes_mib']} |"]
+                  f"{m['max_out_per_node_per_s']} | "
+                  f"{m['control_bytes_out_per_node_per_s']:,} | "
+                  f"{m['rss_per_process_of_10_nodes_mib']} |"]
     if s.get("errors"):
         lines += ["", f"errors: {s['errors']}"]
     return "\n".join(lines)
