@@ -74,3 +74,31 @@ def test_explicit_traceparent_wins_inside_the_span(
         ev = sub.recv(timeout=10)
     assert ev is not None and ev.traceparent == root_tp
     assert [s for s in exporter.get_finished_spans() if s.name == f"publish {stream}"]
+
+
+def test_otel_active_only_with_a_real_provider() -> None:
+    """Without a provider the API hands out no-op spans (10-12 µs each on the request path):
+    otel_active() is False then and every span is skipped; an SDK provider turns it on."""
+    from opentelemetry.util._once import Once
+
+    from mesh import tracing
+
+    saved = (trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE)
+    try:
+        trace._TRACER_PROVIDER = None  # the API's state before anyone installs a provider
+        assert tracing.otel_active() is False
+        with tracing.consuming(ctx=tracing.context_of_request("r1", {}, "svc"), kind="serve") \
+                as ctx:
+            assert ctx.parent_span_id is None  # our own context, no OTel span adopted
+        provider = TracerProvider()
+        trace._TRACER_PROVIDER_SET_ONCE = Once()
+        trace.set_tracer_provider(provider)
+        assert tracing.otel_active() is True
+        with tracing.consuming(ctx=tracing.context_of_request("r2", {}, "svc"), kind="serve") \
+                as ctx:
+            span = trace.get_current_span()
+            assert span.is_recording()
+            assert ctx.span_id == f"{span.get_span_context().span_id:016x}"
+        provider.shutdown()
+    finally:
+        trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE = saved
