@@ -313,3 +313,33 @@ def test_add_batch_keeps_data_keys_order_and_gauges_before_first_dispatch() -> N
     assert d.on_ack(W1, [0, 1, 2, 3], 0.1) == 4
     assert [(i[0], i[3], i[4]) for _, b in d.dispatch(0.1) for i in b] == [(4, "k", b"e")]
     assert d.stats()["unacked"] == 1 and d.stats()["inflight"] == 1
+
+
+def test_first_deliveries_without_objects_behave_like_tasks() -> None:
+    """First deliveries ride on one flight record per dispatch pass: timeouts, IN_PROGRESS,
+    TERM, stray acks and the gauges must behave exactly as for tasks with their own state."""
+    d = make(ack_wait=2.0, max_deliveries=5)
+    d.add_batch(range(0, 3), "k", [b"a", b"b", b"c"])  # a key, but no per-key ordering asked
+    d.worker_ready(W1, 10)
+    assert [i[0] for _, b in d.dispatch(0.0) for i in b] == [0, 1, 2]
+    d.add_batch(range(3, 5), None, [b"d", b"e"])
+    assert [(i[0], i[1]) for _, b in d.dispatch(1.0) for i in b] == [(3, 1), (4, 1)]
+    s = d.stats()
+    assert (s["unacked"], s["inflight"], s["pending"], s["delayed"]) == (5, 5, 0, 0)
+    assert d.on_ack(W2, [1], 1.1) == 0 and d.counters["forged_acks"] == 1  # not W2's task
+    assert d.on_in_progress(W1, [2], 1.5) == 1  # 2's deadline moves to 3.5
+    assert d.on_term(W1, 0, 1.6, reason="bad")
+    dead = d.take_effects().dead
+    assert [(x.task_id, x.key, x.data, x.reason) for x in dead] == [(0, "k", b"a", "term")]
+    d.tick(2.0)  # the first pass's deadline: 1 times out (2 was extended, 0 is dead)
+    assert d.counters["timeouts"] == 1
+    redo = [i for _, b in d.dispatch(2.0) for i in b]
+    assert [(i[0], i[1], i[3], i[4]) for i in redo] == [(1, 2, "k", b"b")]
+    failed = d.take_effects().failed
+    assert [(tid, a.outcome, a.dispatched_at) for tid, a in failed] == [(1, "timeout", 1000.0)]
+    assert d.on_ack(W1, [2, 3, 4], 2.5) == 3  # the late first deliveries are still accepted
+    d.tick(3.0)  # the second pass's deadline: nothing of it is left in flight
+    assert d.counters["timeouts"] == 1
+    assert d.on_ack(W1, [1], 3.1) == 1  # the redelivery
+    assert d.stats()["unacked"] == 0 and d.unacked_ids() == []
+    assert d.counters["stale_answers"] == 0

@@ -147,6 +147,17 @@ class _Task:
         self.suspect = False
 
 
+class _Flight:
+    """Where and when one dispatch pass sent its first deliveries to one worker."""
+
+    __slots__ = ("deadline", "dispatched_at", "worker")
+
+    def __init__(self, worker: bytes, deadline: float, dispatched_at: float) -> None:
+        self.worker = worker
+        self.deadline = deadline
+        self.dispatched_at = dispatched_at
+
+
 class _Worker:
     __slots__ = ("credit", "ident", "inflight", "isolating", "label", "node_id", "zombies")
 
@@ -195,12 +206,16 @@ class Dispatcher:
         self._wall = wall
         self._budget = RetryBudget(config.retry_budget, now)
         self._tasks: dict[int, _Task] = {}
-        # Tasks never dispatched yet, as plain (key, data) tuples: a backlog of 200k _Task
-        # objects made the cyclic GC walk them all on every full collection (16% of the
-        # producer's CPU in bench_pipeline); untracked tuples cost it nothing. A task becomes
-        # a _Task when it is first dispatched (or restored with a delivery count).
+        # Tasks without a _Task object: never dispatched, or on their first delivery (then
+        # also in _flying, which maps them to the shared record of their dispatch pass). A
+        # backlog of 200k _Task objects made the cyclic GC walk them all on every full
+        # collection, and a _Task per first delivery was the dispatcher's largest cost; the
+        # common life (pushed, delivered once, acked) now allocates nothing per task. Any
+        # other event (timeout, NACK, TERM, IN_PROGRESS, lost worker, a stray ack) first
+        # turns the task into a _Task (_task()), and the general code below handles it.
         self._fresh: dict[int, Any] = {}  # id -> data
-        self._fresh_keys: dict[int, Hashable] = {}  # id -> key, for keyed fresh tasks only
+        self._fresh_keys: dict[int, Hashable] = {}  # id -> key, for keyed ones only
+        self._flying: dict[int, _Flight] = {}
         self._pending: deque[int] = deque()
         self._delayed: list[tuple[float, int, int]] = []  # (due, tid, deliveries)
         # (deadline, [task ids]): one entry per dispatch batch (they share the deadline).
@@ -294,6 +309,16 @@ class Dispatcher:
         """Idents of the workers living on node ``node_id``."""
         return [w.ident for w in self._workers.values() if w.node_id == node_id]
 
+    def _task(self, tid: int) -> _Task | None:
+        """The _Task of ``tid``, made from its flight record when it is on a first delivery."""
+        t = self._tasks.get(tid)
+        if t is None and tid in self._flying:
+            f = self._flying.pop(tid)
+            t = self._tasks[tid] = _Task(tid, self._fresh_keys.pop(tid, None), 1,
+                                         self._fresh.pop(tid), f.worker, f.deadline,
+                                         f.dispatched_at)
+        return t
+
     def worker_gone(self, ident: bytes, now: float) -> int:
         """The worker is gone (BYE, presence LEFT): its tasks go back to the front of the
         queue at once. Returns how many tasks were returned."""
@@ -304,7 +329,7 @@ class Dispatcher:
         wall = self._wall()
         back: list[int] = []
         for tid in sorted(w.inflight):
-            t = self._tasks.get(tid)
+            t = self._task(tid)
             if t is None or t.state != INFLIGHT or t.worker != ident:
                 continue
             t.worker = None
@@ -328,11 +353,25 @@ class Dispatcher:
         w = self._workers.get(ident)
         tasks = self._tasks
         acked = self._acked
+        flying = self._flying
+        fresh = self._fresh
+        fresh_keys = self._fresh_keys
         ok = 0
         for tid in ids:
-            t = tasks.get(tid)
+            f = flying.get(tid)
+            if f is not None and f.worker == ident and w is not None:
+                # The common case: the ack of a first delivery, by its worker.
+                del flying[tid]
+                del fresh[tid]
+                if fresh_keys:
+                    fresh_keys.pop(tid, None)
+                w.inflight.discard(tid)
+                acked.append(tid)
+                ok += 1
+                continue
+            t = tasks.get(tid) if f is None else self._task(tid)
             if t is None:
-                if tid < self._high and w is not None and tid not in self._fresh:
+                if tid < self._high and w is not None and tid not in fresh:
                     # Already ended (a duplicate or late ack): free a zombie slot if it held one.
                     self.counters["stale_answers"] += 1
                     w.zombies.pop(tid, None)
@@ -372,7 +411,7 @@ class Dispatcher:
     def _answer_target(self, ident: bytes, tid: int) -> tuple[_Worker, _Task] | None:
         """The worker and task of a NACK / TERM / IN_PROGRESS, or None when not current."""
         w = self._workers.get(ident)
-        t = self._tasks.get(tid)
+        t = self._task(tid)
         if w is None or (t is None and (tid >= self._high or tid in self._fresh)):
             self.counters["forged_acks"] += 1
             return None
@@ -459,8 +498,12 @@ class Dispatcher:
         tasks = self._tasks
         while dl and dl[0][0] <= now:
             deadline, tids = dl.popleft()
+            flying = self._flying
             for tid in tids:
-                t = tasks.get(tid)
+                f = flying.get(tid)
+                if f is not None and f.deadline != deadline:
+                    continue  # on its first delivery under a later deadline: not yet
+                t = tasks.get(tid) if f is None else self._task(tid)
                 # Answered, redelivered or extended since (its deadline differs): a dead entry.
                 if t is not None and t.state == INFLIGHT and t.deadline == deadline:
                     self._timeout(t, now)
@@ -542,24 +585,31 @@ class Dispatcher:
         deferred: list[int] = []
         fresh = self._fresh
         fresh_keys = self._fresh_keys
+        flying = self._flying
+        flights: dict[bytes, _Flight] = {}
         while pending and ready:
             tid = pending.popleft()
             t = tasks.get(tid)
             if t is None:
-                data = fresh.pop(tid, _GONE)
-                if data is _GONE:
+                data = fresh.get(tid, _GONE)
+                if data is _GONE or tid in flying:
                     continue  # no longer known (acked or dead-lettered): a dead entry
-                key = fresh_keys.pop(tid, None) if fresh_keys else None
-                if per_key and key is not None:
-                    t = tasks[tid] = _Task(tid, key, 0, data)  # ordered: the general path
+                key = fresh_keys.get(tid) if fresh_keys else None
+                if per_key and key is not None:  # ordered: the general path, as a _Task
+                    del fresh[tid]
+                    del fresh_keys[tid]
+                    t = tasks[tid] = _Task(tid, key, 0, data)
             if t is None:
                 # The common case: a first delivery with no key order and no quarantine to
-                # honour, round robin; its _Task is made in flight (fields set once).
+                # honour, round robin; no object per task, one flight record per worker.
                 if i >= len(ready):
                     i = 0
                 w = ready[i]
                 ident = w.ident
-                tasks[tid] = _Task(tid, key, 1, data, ident, deadline, wall)
+                flight = flights.get(ident)
+                if flight is None:
+                    flight = flights[ident] = _Flight(ident, deadline, wall)
+                flying[tid] = flight
                 deliveries = 1
             else:
                 if t.state != PENDING:
@@ -695,7 +745,7 @@ class Dispatcher:
         out["unacked"] = unacked
         out["inflight"] = inflight
         # O(1) gauges (stats are sampled often): the retry heap may hold a few dead entries.
-        out["delayed"] = min(len(self._delayed), len(self._tasks) - inflight)
+        out["delayed"] = min(len(self._delayed), len(self._tasks) + len(self._flying) - inflight)
         out["pending"] = unacked - inflight - out["delayed"]
         out["workers"] = len(self._workers)
         return out
