@@ -15,6 +15,31 @@ T = TypeVar("T")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def poll_until(
+    cond: Callable[[], T], timeout: float, interval: float = 0.005, *, cap: float = 0.05,
+    between: Callable[[], object] | None = None,
+) -> T | None:
+    """Poll ``cond`` until it returns a truthy value (returned) or ``timeout`` passes (None).
+
+    The one poll loop of the tests, the chaos harness and its roles: ``between`` runs between
+    two polls (the harness samples its processes there); the interval grows by half up to
+    ``cap`` so a long wait does not steal the CPU from the processes under test, and never
+    runs past the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        if between is not None:
+            between()
+        time.sleep(min(interval, max(0.0, deadline - now)))  # a poll interval, not a wait
+        interval = min(interval * 1.5, cap)
+
+
 def wait_until(
     cond: Callable[[], T], timeout: float = 5.0, interval: float = 0.005, what: str = ""
 ) -> T:
@@ -22,16 +47,10 @@ def wait_until(
 
     This is the only way tests wait: on a condition with a deadline, never a fixed sleep.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {what or cond!r}")
-        # Back off a little so a busy poll does not steal the CPU from the processes under test.
-        time.sleep(interval)  # a poll interval, not a fixed wait for an outcome
-        interval = min(interval * 1.5, 0.05)
+    value = poll_until(cond, timeout, interval)
+    if not value:
+        raise AssertionError(f"condition not met within {timeout}s: {what or cond!r}")
+    return value
 
 
 def unique(prefix: str = "t") -> str:

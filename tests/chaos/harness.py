@@ -31,6 +31,7 @@ import zmq
 from tests import netns as N
 from tests.chaos import faults as F
 from tests.tcp_proxy import Proxy
+from tests.util import poll_until
 
 REPO = str(Path(__file__).resolve().parents[2])
 ROLES = ["pub0", "pub1", "sub0", "sub1", "producer", "worker0", "worker1", "worker2",
@@ -151,12 +152,8 @@ class Harness:
         os.replace(tmp, self.run_dir / "config.json")
 
     def wait(self, cond: Any, timeout: float, what: str) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            self.sample()
-            time.sleep(0.05)  # the poll interval of this condition wait
+        if poll_until(cond, timeout, 0.05, between=self.sample):
+            return True
         self.result.notes.append(f"timed out after {timeout}s waiting for {what}")
         return False
 

@@ -17,12 +17,12 @@ import os
 import resource
 import signal
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from mesh.errors import LogError, MeshError
 from mesh.node import Node, PresenceConfig
+from tests.util import poll_until
 
 PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.4, gone_s=1.0)
 QUEUE = "chaos-q"
@@ -80,17 +80,19 @@ def final(out: Out, nd: Node, **extra: Any) -> None:
 
 
 def until(cond: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    """Poll ``cond`` until it holds or ``timeout`` passes; True when it held.
+    """True when ``cond`` held within ``timeout`` (polled every ``interval``).
 
-    The one way a role waits for the harness (phase files) or the mesh (peers, lag): always on
-    a condition, always bounded, so a role outlives a dead harness by at most ``timeout``.
+    The one way a role waits, for the harness (phase files), the mesh (peers, lag) or the next
+    beat of its own traffic: always on a condition, always bounded, so a role outlives a dead
+    harness by at most ``timeout``.
     """
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)  # a poll interval of a condition wait, not a fixed wait
-    return True
+    return bool(poll_until(cond, timeout, interval, cap=interval))
+
+
+def pace(run_dir: str, seconds: float) -> None:
+    """Wait ``seconds`` before the next batch of traffic (or a retry after a full disk), or
+    less when the harness says to quiesce."""
+    until(lambda: phase(run_dir, "quiesce"), seconds, 0.01)
 
 
 def wait_peers(nd: Node, n: int, timeout: float = 10.0) -> None:
@@ -121,11 +123,11 @@ def publisher(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
                     seqs = pub.publish_many(batch, type="chaos")
                 except LogError as exc:  # disk full: nothing of the batch was acknowledged
                     out(ev="publish_failed", error=type(exc).__name__)
-                    time.sleep(0.1)  # back off while the disk is full
+                    pace(run_dir, 0.1)  # back off while the disk is full
                     continue
                 out(ev="ack", first=seqs.start, n=len(seqs), d0=batch[0])
                 i += 10
-                time.sleep(10 / rate)  # pacing the traffic, not waiting for an outcome
+                pace(run_dir, 10 / rate)
             names = cfg["subscribers"]
             until(lambda: phase(run_dir, "stop")
                   or all(pub.stats().lag.get(n, 1) == 0 for n in names), cfg["drain_s"], 0.05)
@@ -167,12 +169,12 @@ def producer(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
                     ids = q.push_many(payloads)
                 except LogError as exc:
                     out(ev="push_failed", error=type(exc).__name__)
-                    time.sleep(0.1)  # back off while the disk is full
+                    pace(run_dir, 0.1)  # back off while the disk is full
                     continue
                 out(ev="pushed", first=ids.start, n=len(ids),
                     fail=[ids.start + k for k, p in enumerate(payloads) if p.startswith(b"fail")])
                 i += 5
-                time.sleep(5 / rate)  # pacing the traffic
+                pace(run_dir, 5 / rate)
             idle = True
             try:
                 q.wait_idle(timeout=cfg["drain_s"])
@@ -234,7 +236,7 @@ def client(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
                 out(ev="ok", id=rid, match=rep == rid)
             except MeshError as exc:
                 out(ev="err", id=rid, error=type(exc).__name__)
-            time.sleep(1 / cfg["request_rate"])  # pacing the traffic
+            pace(run_dir, 1 / cfg["request_rate"])
         until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
         final(out, nd, stats=vars(c.stats()))
         c.close()
