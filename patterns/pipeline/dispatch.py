@@ -369,7 +369,7 @@ class Dispatcher:
                 acked.append(tid)
                 ok += 1
                 continue
-            t = tasks.get(tid) if f is None else self._task(tid)
+            t = self._task(tid)
             if t is None:
                 if tid < self._high and w is not None and tid not in fresh:
                     # Already ended (a duplicate or late ack): free a zombie slot if it held one.
@@ -423,6 +423,15 @@ class Dispatcher:
             self.counters["forged_acks"] += 1
         return None
 
+    def _take_answer(self, ident: bytes, tid: int) -> tuple[_Worker, _Task] | None:
+        """A NACK's or TERM's current delivery, taken back from its worker (None: refused)."""
+        target = self._answer_target(ident, tid)
+        if target is not None:
+            w, t = target
+            w.release(tid)
+            t.worker = None
+        return target
+
     def on_nack(
         self,
         ident: bytes,
@@ -435,12 +444,10 @@ class Dispatcher:
         traceback: str | None = None,
     ) -> bool:
         """NACK: retry later (after ``delay``, or the backoff when None). Returns accepted."""
-        target = self._answer_target(ident, tid)
+        target = self._take_answer(ident, tid)
         if target is None:
             return False
         w, t = target
-        w.release(tid)
-        t.worker = None
         t.suspect = False  # it failed without killing its worker: not a poison suspect
         self.counters["nacked"] += 1
         att = Attempt(t.deliveries, w.label, t.dispatched_at, self._wall(), "nack",
@@ -464,12 +471,10 @@ class Dispatcher:
         traceback: str | None = None,
     ) -> bool:
         """TERM: never retry; dead-letter now with the reason. Returns accepted."""
-        target = self._answer_target(ident, tid)
+        target = self._take_answer(ident, tid)
         if target is None:
             return False
         w, t = target
-        w.release(tid)
-        t.worker = None
         self.counters["termed"] += 1
         self._add_history(t, Attempt(t.deliveries, w.label, t.dispatched_at, self._wall(),
                                      "term", error_type, error_message or reason, traceback))
@@ -496,14 +501,14 @@ class Dispatcher:
         """Expire deadlines, release zombie slots, and move due retries back to the queue."""
         dl = self._deadlines
         tasks = self._tasks
+        flying = self._flying
         while dl and dl[0][0] <= now:
             deadline, tids = dl.popleft()
-            flying = self._flying
             for tid in tids:
                 f = flying.get(tid)
                 if f is not None and f.deadline != deadline:
                     continue  # on its first delivery under a later deadline: not yet
-                t = tasks.get(tid) if f is None else self._task(tid)
+                t = self._task(tid)
                 # Answered, redelivered or extended since (its deadline differs): a dead entry.
                 if t is not None and t.state == INFLIGHT and t.deadline == deadline:
                     self._timeout(t, now)
@@ -591,8 +596,9 @@ class Dispatcher:
             tid = pending.popleft()
             t = tasks.get(tid)
             if t is None:
+                # (a task in flight is never queued: only a _Task goes back to the queue)
                 data = fresh.get(tid, _GONE)
-                if data is _GONE or tid in flying:
+                if data is _GONE:
                     continue  # no longer known (acked or dead-lettered): a dead entry
                 key = fresh_keys.get(tid) if fresh_keys else None
                 if per_key and key is not None:  # ordered: the general path, as a _Task
