@@ -11,8 +11,6 @@ as in the sync client.
 from __future__ import annotations
 
 import asyncio
-import collections
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +23,8 @@ from patterns.reqrep._zio import readable, recv_frames
 from patterns.reqrep.call import Call, Ping, Send
 from patterns.reqrep.client import (
     ClientConfig,
+    ClientCore,
     ClientStats,
-    Responders,
     Wire,
     finish_call,
     prepare_call,
@@ -45,7 +43,7 @@ class _Pending:
     wake_at: float = 0.0  #: clock value at which the waiting call must step again
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """Calls services by name from asyncio; create and use it on one event loop.
 
     Args:
@@ -55,20 +53,11 @@ class AsyncClient:
 
     def __init__(self, node: Any, *, config: ClientConfig | None = None,
                  **overrides: Any) -> None:
-        cfg = config or ClientConfig()
-        if overrides:
-            cfg = ClientConfig(**{**cfg.__dict__, **overrides})
-        self.node = node
-        self.config = cfg
-        self._call_cfg = cfg.call_config()
-        self._clock = time.monotonic
-        self.responders = Responders(node, cfg.silent_s, self._clock)
+        super().__init__(node, config, overrides)
         self._wire: Wire | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, _Pending] = {}
-        self._stats: collections.Counter[str] = collections.Counter()
         self._drain_scheduled = False
-        self._closed = False
         # One timer for the whole client, armed at the earliest wake-up of any waiting call:
         # a call_later per request (and its cancel) was a heap push and a handle per request.
         self._timer: asyncio.TimerHandle | None = None

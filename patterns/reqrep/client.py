@@ -38,6 +38,7 @@ from patterns.reqrep.service import decode_body, encode_body, routing_id, servic
 __all__ = [
     "Client",
     "ClientConfig",
+    "ClientCore",
     "ClientStats",
     "Responders",
     "Wire",
@@ -292,7 +293,29 @@ def stats_of(s: collections.Counter[str]) -> ClientStats:
         garbage=s["garbage"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"])
 
 
-class Client:
+class ClientCore:
+    """What :class:`Client` and the asyncio client share: settings, the responder table,
+    the counters.
+
+    Raises:
+        ConfigError: bad settings.
+    """
+
+    def __init__(self, node: Any, config: ClientConfig | None,
+                 overrides: dict[str, Any]) -> None:
+        cfg = config or ClientConfig()
+        if overrides:
+            cfg = ClientConfig(**{**cfg.__dict__, **overrides})
+        self.node = node
+        self.config = cfg
+        self._call_cfg = cfg.call_config()
+        self._clock = time.monotonic
+        self.responders = Responders(node, cfg.silent_s, self._clock)
+        self._stats: collections.Counter[str] = collections.Counter()
+        self._closed = False
+
+
+class Client(ClientCore):
     """Calls services by name; usable from any number of threads.
 
     Args:
@@ -305,19 +328,10 @@ class Client:
 
     def __init__(self, node: Any, *, config: ClientConfig | None = None,
                  **overrides: Any) -> None:
-        cfg = config or ClientConfig()
-        if overrides:
-            cfg = ClientConfig(**{**cfg.__dict__, **overrides})
-        self.node = node
-        self.config = cfg
-        self._call_cfg = cfg.call_config()
-        self._clock = time.monotonic
-        self.responders = Responders(node, cfg.silent_s, self._clock)
+        super().__init__(node, config, overrides)
         self._local = threading.local()
         self._wires: list[Wire] = []
         self._wires_lock = threading.Lock()
-        self._stats: collections.Counter[str] = collections.Counter()
-        self._closed = False
         self._unmetrics = attach(node, client_collector(self))
 
     def _wire(self) -> Wire:
