@@ -89,20 +89,12 @@ def raw_bench(ep: str, n: int, inflight: int) -> tuple[list[float], float]:
     s = ctx.socket(zmq.DEALER)
     s.connect(ep)
     try:
-        for _ in range(200):
-            s.send(PAYLOAD)
-            s.recv()
-        lat = []
-        for _ in range(n):
-            t = time.perf_counter()
-            s.send(PAYLOAD)
-            s.recv()
-            lat.append(time.perf_counter() - t)
-        return lat, raw_rate(s, n * 4, inflight)
+        return raw_client(s, PAYLOAD, n, inflight)
     finally:
         s.close(0)
         ctx.term()
         p.kill()
+        p.wait()
         p.wait()
 
 
@@ -144,15 +136,33 @@ async def _pipelined(node: Node, payload: bytes, total: int, inflight: int) -> f
 BLOCK = 100  # round trips per turn when raw and zeromesh latencies are interleaved
 
 
-def raw_rate(sock: zmq.Socket[bytes], total: int, inflight: int) -> float:
+def raw_client(sock: zmq.Socket[bytes], payload: bytes, n: int,
+               inflight: int) -> tuple[list[float], float]:
+    """A raw DEALER against an echo: latencies of ``n`` round trips one at a time (after 200
+    warm-up ones), then the rate of ``4 n`` with ``inflight`` in flight (plain and CURVE)."""
+    for _ in range(200):
+        sock.send(payload)
+        sock.recv()
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        sock.send(payload)
+        sock.recv()
+        lat.append(time.perf_counter() - t)
+    return lat, raw_rate(sock, n * 4, inflight, payload)
+
+
+def raw_rate(sock: zmq.Socket[bytes], total: int, inflight: int,
+             payload: bytes | None = None) -> float:
     """Requests per second of ``total`` echo round trips with ``inflight`` in flight."""
+    msg = PAYLOAD if payload is None else payload
     t = time.perf_counter()
     for _ in range(inflight):
-        sock.send(PAYLOAD)
+        sock.send(msg)
     for i in range(total):
         sock.recv()
         if i + inflight < total:
-            sock.send(PAYLOAD)
+            sock.send(msg)
     return total / (time.perf_counter() - t)
 
 

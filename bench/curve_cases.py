@@ -224,24 +224,8 @@ def reqrep_raw_curve(ep: str, n: int, inflight: int, payload: bytes) -> tuple[li
     s.curve_publickey, s.curve_secretkey, s.curve_serverkey = cpub, csec, spub
     s.connect(ep)
     try:
-        for _ in range(200):
-            s.send(payload)
-            s.recv()
-        lat = []
-        for _ in range(n):
-            t = time.perf_counter()
-            s.send(payload)
-            s.recv()
-            lat.append(time.perf_counter() - t)
-        total = n * 4
-        t = time.perf_counter()
-        for _ in range(inflight):
-            s.send(payload)
-        for i in range(total):
-            s.recv()
-            if i + inflight < total:
-                s.send(payload)
-        return lat, total / (time.perf_counter() - t)
+        import bench_reqrep  # sibling benchmark: the same client loop as the plain case
+        return bench_reqrep.raw_client(s, payload, n, inflight)
     finally:
         s.close(0)
         ctx.term()
