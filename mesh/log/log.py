@@ -33,6 +33,7 @@ from mesh.errors import (
     OffsetOutOfRange,
     RecordTooLarge,
 )
+from mesh.log import epochs as _epochs
 from mesh.log import format as fmt
 from mesh.log.segment import BadRegion, Segment, is_full
 
@@ -239,6 +240,7 @@ class Log:
         self._corrupt_records = 0
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
+        self.epochs = _epochs.EpochHistory([])
 
     # -- opening ------------------------------------------------------------------------
 
@@ -267,6 +269,7 @@ class Log:
                 self._take_lock()
             self._load()
             self._check_cipher()
+            self._begin_epoch()
         except OSError as exc:
             self._release()
             raise LogError(f"cannot open log {p}: {exc}") from exc
@@ -278,6 +281,22 @@ class Log:
                                              name=f"log-fsync:{os.path.basename(p)}")
             self._flusher.start()
         return self
+
+    def _begin_epoch(self) -> None:
+        # A writer starts a new epoch at its first offset, durably, before any append: a
+        # reader can then tell offsets of this incarnation from offsets an earlier one handed
+        # out and lost (mesh/log/epochs.py).
+        if self.readonly:
+            self.epochs = _epochs.EpochHistory(_epochs.load(self.path) or [])
+            return
+        self.epochs = _epochs.begin(self.path, self._next_offset, self.first_offset is not None,
+                                    sync=self.config.fsync.kind != "never")
+
+    @property
+    def epoch(self) -> int:
+        """The writer epoch of records appended now (0 for a read-only opener with no
+        history)."""
+        return self.epochs.current
 
     def _check_cipher(self) -> None:
         # Decide before the first read or write whether this key fits this log: a wrong key
