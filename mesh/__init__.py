@@ -40,6 +40,7 @@ from mesh.errors import (
     PeerError,
     PeerUnreachable,
     ProtocolError,
+    SendFailed,
     StateError,
     UnsupportedVersion,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "Reactor",
     "Record",
     "Retention",
+    "SendFailed",
     "StateError",
     "StateStore",
     "UnsupportedVersion",

@@ -54,6 +54,28 @@ class ClosedError(MeshError):
     """The object was closed by its owner and can no longer be used."""
 
 
+class SendFailed(ClosedError):
+    """Events were logged, but sending them live failed (the data socket is gone).
+
+    Durable events are in the log and keep their seqs: subscribers get them by replay once a
+    publisher serves the stream again. Nothing of a best-effort (``durable=False``) stream
+    that failed was kept.
+
+    Attributes:
+        seqs: the seqs assigned to the events of the failed call.
+        durable: True when they are in the log (and will be replayed).
+    """
+
+    def __init__(self, seqs: range, durable: bool, reason: str) -> None:
+        what = (f"events {seqs.start}..{seqs.stop - 1}" if len(seqs) != 1
+                else f"event {seqs.start}")
+        tail = ("are in the log (durable) and will be replayed to subscribers"
+                if durable else "were not kept (best-effort stream)")
+        super().__init__(f"{what} {tail}; sending them live failed: {reason}")
+        self.seqs = seqs
+        self.durable = durable
+
+
 # --- envelope / codec (mesh.envelope) -------------------------------------------------------
 
 

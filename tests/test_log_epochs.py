@@ -44,7 +44,7 @@ def test_a_lost_tail_ends_the_old_epoch_where_the_log_now_ends(tmp_path: Path) -
     with Log.open(d, config=LogConfig()) as log:
         e1 = log.epoch
         log.append_many([b"x" * 10] * 10)
-        seg = [f for f in os.listdir(d) if f.endswith(".log")][0]
+        seg = next(f for f in os.listdir(d) if f.endswith(".log"))
         keep = os.path.getsize(d / seg)
         log.append_many([b"y" * 10] * 10)   # offsets 10..19
     os.truncate(d / seg, keep)                # the power cut lost 10..19

@@ -183,6 +183,12 @@ class ReplayRequest:
         end: one past the last seq wanted, or None for "up to the head".
         max_records: the most records to put in one reply.
         max_bytes: the most envelope bytes to put in one reply.
+        epoch: the writer epoch under which the subscriber saw everything below ``start``
+            (None: unknown, e.g. a position from an older version; the publisher trusts it).
+            The publisher answers from the divergence point when its log no longer agrees
+            (see :attr:`ReplayData.truncate`).
+        max_event: the largest envelope the subscriber accepts (None: no limit said); the
+            publisher skips larger events instead of sending them.
     """
 
     sid: str
@@ -193,12 +199,19 @@ class ReplayRequest:
     end: int | None
     max_records: int
     max_bytes: int
+    epoch: int | None = None
+    max_event: int | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The msgpack-able map for ``node.send``."""
-        return {"v": VERSION, "sid": self.sid, "req": self.req, "stream": self.stream,
+        body = {"v": VERSION, "sid": self.sid, "req": self.req, "stream": self.stream,
                 "from": self.start, "from_time": self.from_time, "to": self.end,
                 "max": self.max_records, "max_bytes": self.max_bytes}
+        if self.epoch is not None:
+            body["epoch"] = self.epoch
+        if self.max_event is not None:
+            body["max_event"] = self.max_event
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +228,19 @@ class ReplayData:
         oldest: the first seq the publisher still holds (retention).
         gone: the requested start was below ``oldest`` (deleted by retention).
         error: a short reason when the publisher could not serve the request, else None.
+        epoch: the publisher's current writer epoch: the events returned (and everything
+            below them) belong to it (0: not said, an older publisher).
+        truncate: set when the request's ``epoch`` and ``from`` disagree with the log: the
+            divergence point (< ``from``); ``first`` starts there. Everything the subscriber
+            saw at or after it is not in the log any more.
+        skip: ``(start, end, reason)``: seqs ``start..end-1`` will never be served (reason
+            ``"damaged"``: unreadable in the log; ``"oversize"``: larger than the request's
+            ``max_event``); ``first`` is at or after ``end``.
+        epoch_end: where the request's ``epoch`` ended in this log (the next epoch's start),
+            when it is known and not the current one; None otherwise. A subscriber that knew
+            of seqs of that epoch at or beyond it learns they are lost.
+        oversize: envelopes the subscriber dropped from this chunk as larger than its limit
+            (filled by the decoder, never sent).
     """
 
     sid: str
@@ -226,12 +252,25 @@ class ReplayData:
     oldest: int
     gone: bool = False
     error: str | None = None
+    epoch: int = 0
+    truncate: int | None = None
+    skip: tuple[int, int, str] | None = None
+    epoch_end: int | None = None
+    oversize: int = 0
 
     def to_body(self) -> dict[str, Any]:
         """The msgpack-able map for ``node.send``."""
-        return {"v": VERSION, "sid": self.sid, "req": self.req, "stream": self.stream,
+        body = {"v": VERSION, "sid": self.sid, "req": self.req, "stream": self.stream,
                 "first": self.first, "events": self.events, "head": self.head,
-                "oldest": self.oldest, "gone": self.gone, "error": self.error}
+                "oldest": self.oldest, "gone": self.gone, "error": self.error,
+                "epoch": self.epoch}
+        if self.truncate is not None:
+            body["truncate"] = self.truncate
+        if self.skip is not None:
+            body["skip"] = list(self.skip)
+        if self.epoch_end is not None:
+            body["epoch_end"] = self.epoch_end
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,27 +340,46 @@ def decode_replay_request(body: object) -> ReplayRequest:
     max_bytes = _req_int(m, "max_bytes", kind)
     if max_records == 0 or max_bytes == 0:
         raise ProtocolError(f"{kind}.max and max_bytes must be positive")
+    epoch = _int(m, "epoch", kind, optional=True)
+    if epoch is not None and epoch >= 1 << 32:
+        raise ProtocolError(f"{kind}.epoch must be a 32-bit integer")
+    max_event = _int(m, "max_event", kind, optional=True)
     return ReplayRequest(_str(m, "sid", kind), _req_int(m, "req", kind),
                          _str(m, "stream", kind, limit=MAX_TOPIC), start, from_time,
-                         _int(m, "to", kind, optional=True), max_records, max_bytes)
+                         _int(m, "to", kind, optional=True), max_records, max_bytes, epoch,
+                         max_event or None)
 
 
 def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
     """Validate a ``pubsub.replay_data`` body.
 
+    An envelope larger than ``max_event_size`` ends the chunk there (``events`` keeps the
+    ones before it; ``oversize`` is 1): one oversize event never costs the whole chunk.
+
     Raises:
         ProtocolError: a field is missing or mistyped.
         UnsupportedVersion: ``v`` is not a version this build speaks.
-        EventTooLarge: an envelope is larger than ``max_event_size``.
     """
     kind = CTRL_REPLAY_DATA
     m = _check_map(body, kind)
     events = m.get("events")
     if not isinstance(events, list) or not all(isinstance(e, bytes) for e in events):
         raise ProtocolError(f"{kind}.events must be a list of bytes")
-    for env in events:
+    oversize = 0
+    for i, env in enumerate(events):
         if len(env) > max_event_size:
-            raise EventTooLarge(len(env), max_event_size)
+            events = events[:i]
+            oversize = 1
+            break
+    epoch = _int(m, "epoch", kind, optional=True) or 0
+    truncate = _int(m, "truncate", kind, optional=True)
+    skip = m.get("skip")
+    if skip is not None:
+        if (not isinstance(skip, list) or len(skip) != 3 or not isinstance(skip[2], str)
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
+                           for x in skip[:2]) or skip[0] >= skip[1] or len(skip[2]) > 64):
+            raise ProtocolError(f"{kind}.skip must be [start, end, reason] with start < end")
+        skip = (skip[0], skip[1], skip[2])
     error = m.get("error")
     if error is not None and not isinstance(error, str):
         raise ProtocolError(f"{kind}.error must be a string or nil")
@@ -330,7 +388,9 @@ def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
         raise ProtocolError(f"{kind}.gone must be a bool")
     return ReplayData(_str(m, "sid", kind), _req_int(m, "req", kind),
                       _str(m, "stream", kind, limit=MAX_TOPIC), _req_int(m, "first", kind),
-                      events, _req_int(m, "head", kind), _req_int(m, "oldest", kind), gone, error)
+                      events, _req_int(m, "head", kind), _req_int(m, "oldest", kind), gone, error,
+                      epoch, truncate, skip, _int(m, "epoch_end", kind, optional=True),
+                      oversize)
 
 
 def decode_ack(body: object) -> Ack:

@@ -26,12 +26,16 @@ class ReplayAsk:
         start: first seq wanted.
         from_time: resolve the start from this UTC time in ns (start positions by time).
         end: one past the last seq wanted (None: up to the publisher's head).
+        epoch: the writer epoch under which everything below ``start`` was seen (None: not
+            known yet); the publisher answers from the divergence point when its log no
+            longer agrees.
     """
 
     req: int
     start: int | None
     from_time: int | None
     end: int | None
+    epoch: int | None = None
 
 
 @dataclass(slots=True)
@@ -41,13 +45,24 @@ class Step:
     Attributes:
         deliver: contiguous runs ``(first_seq, payloads)`` to hand to the application, in order.
         ask: a replay request to send, or None.
-        skipped: a range ``(start, end)`` that will never be delivered (best-effort loss, or
-            deleted by the publisher's retention), or None.
+        skipped: a range ``(start, end)`` that will never be delivered, or None.
+        skip_reason: why: ``"retention"`` (deleted by the publisher's retention, or
+            best-effort loss), ``"damaged"`` (unreadable in the publisher's log) or
+            ``"oversize"`` (over this subscriber's ``max_event_size``).
+        epoch: the tracker adopted a new writer epoch, before ``skipped`` and ``deliver``:
+            ``(epoch, rewind_to, lost)``. ``rewind_to`` is set when the publisher's log no
+            longer holds seqs at and after it that this subscriber already delivered (a lost
+            tail, a wiped or restored log): delivery goes on from there with new events
+            under the same seqs. ``lost`` is ``(start, end, delivered)``: the seqs of the
+            old epoch this subscriber saw or knew of that the log no longer has, and how
+            many of them it had delivered; None when nothing it knew of was lost.
     """
 
     deliver: list[tuple[int, list[bytes]]] = field(default_factory=list)
     ask: ReplayAsk | None = None
     skipped: tuple[int, int] | None = None
+    skip_reason: str = "retention"
+    epoch: tuple[int, int | None, tuple[int, int, int] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -64,6 +79,9 @@ class TrackerStats:
     replay_retries: int = 0
     stale_replies: int = 0
     skipped: int = 0  #: seqs that will never be delivered (best-effort loss, retention)
+    epochs: int = 0  #: new writer epochs adopted (publisher restarts)
+    resets: int = 0  #: epochs that took back seqs this subscriber knew of
+    lost: int = 0  #: seqs of an old epoch this subscriber knew of that the log lost
 
 
 class StreamTracker:
@@ -77,11 +95,19 @@ class StreamTracker:
         max_buffer: the most live events held while a hole is being replayed.
         from_time: start at the first record at or after this UTC time (ns).
         retry_s: re-send an unanswered replay request after this many seconds.
+        epoch: the writer epoch ``next_seq`` was reached under (a committed cursor's), or
+            None when unknown (a fresh start, or a cursor from an older version).
+
+    Epochs: every publisher incarnation of a durable stream has its own writer epoch. When
+    live traffic shows a new one, the tracker holds live events and asks the publisher, with
+    the epoch it knows, whether its log still agrees up to ``expected``; the answer says from
+    where to read again (see :attr:`Step.epoch`). Nothing of the new epoch is delivered
+    before that answer.
     """
 
     def __init__(self, next_seq: int | None, *, replayable: bool = True,
                  max_buffer: int = 10_000, from_time: int | None = None,
-                 retry_s: float = 2.0) -> None:
+                 retry_s: float = 2.0, epoch: int | None = None) -> None:
         self.expected = next_seq
         self.replayable = replayable
         self.max_buffer = max_buffer
@@ -93,6 +119,9 @@ class StreamTracker:
         self._req = 0
         self._outstanding: ReplayAsk | None = None
         self._sent_at = 0.0
+        self.epoch = epoch
+        self._pending_epoch: int | None = None  # seen live, not yet confirmed by a reply
+        self._old_head = 0  # the head known under self.epoch when a new one appeared
 
     # --- inputs ------------------------------------------------------------------------------
 
@@ -115,6 +144,10 @@ class StreamTracker:
         if end > self.known_head:
             self.known_head = end
         expected = self.expected
+        if self._pending_epoch is not None:
+            # A new epoch not yet confirmed: hold it until the publisher said where it starts.
+            self._hold(first, payloads)
+            return step
         if expected is None:
             if self.from_time is not None:
                 # Start not resolved yet (waiting for the time lookup): hold the batch.
@@ -156,6 +189,34 @@ class StreamTracker:
         self.stats.delivered += count
         return True
 
+    def on_epoch(self, epoch: int, now: float) -> Step:
+        """Live traffic (DATA or HEARTBEAT) carries writer epoch ``epoch``, not ours."""
+        step = Step()
+        if epoch == self.epoch or epoch == self._pending_epoch or not self.replayable:
+            return step
+        if self.epoch is None or self.expected is None:
+            # Nothing seen under an epoch yet: any lineage agrees with a fresh start.
+            self._adopt(step, epoch, None, None)
+            return step
+        if self._pending_epoch is None:
+            self._old_head = self.known_head
+        self._pending_epoch = epoch
+        self._buffer.clear()  # may hold the old epoch's events beyond a hole
+        self._outstanding = None  # a request of the old epoch: ask again, with the check
+        step.ask = self._ask(now, self.expected, None, None)
+        return step
+
+    def _adopt(self, step: Step, epoch: int, rewind_to: int | None,
+               lost: tuple[int, int, int] | None) -> None:
+        self.epoch = epoch
+        self._pending_epoch = None
+        self._old_head = 0
+        self.stats.epochs += 1
+        if lost is not None:
+            self.stats.resets += 1
+            self.stats.lost += max(0, lost[1] - lost[0] - lost[2])
+        step.epoch = (epoch, rewind_to, lost)
+
     def on_heartbeat(self, head: int, now: float) -> Step:
         """A HEARTBEAT announced the publisher's head (next seq it will assign)."""
         step = Step()
@@ -176,14 +237,40 @@ class StreamTracker:
         return step
 
     def on_replay(self, req: int, first: int, events: list[bytes], head: int, oldest: int,
-                  gone: bool, now: float) -> Step:
-        """A replay chunk arrived (``first`` = seq of ``events[0]``)."""
+                  gone: bool, now: float, *, epoch: int = 0, truncate: int | None = None,
+                  skip: tuple[int, int, str] | None = None,
+                  epoch_end: int | None = None) -> Step:
+        """A replay chunk arrived (``first`` = seq of ``events[0]``).
+
+        ``epoch`` is the publisher's writer epoch (0: an older publisher that does not say);
+        ``truncate``, ``skip`` and ``epoch_end`` as in
+        :class:`patterns.pubsub.frames.ReplayData`.
+        """
         step = Step()
         ask = self._outstanding
         if ask is None or ask.req != req:
             self.stats.stale_replies += 1
             return step
         self._outstanding = None
+        if epoch and epoch != self.epoch:
+            exp = self.expected
+            if self.epoch is None or exp is None:
+                self._adopt(step, epoch, None, None)
+            else:
+                known = max(exp, self._old_head)
+                if truncate is not None and truncate < exp:
+                    # The log lost seqs we delivered: they come again, as new events.
+                    self._adopt(step, epoch, truncate, (truncate, known, exp - truncate))
+                    self.expected = truncate
+                    self._buffer.clear()
+                elif epoch_end is not None and epoch_end < known:
+                    # Seqs we knew of (not delivered) were lost with the old epoch.
+                    self._adopt(step, epoch, None, (max(epoch_end, exp), known, 0))
+                else:
+                    self._adopt(step, epoch, None, None)
+            self.known_head = head
+        elif epoch:
+            self._pending_epoch = None  # the publisher is on our epoch: stale live traffic
         if head > self.known_head:
             self.known_head = head
         if self.expected is None:
@@ -195,6 +282,12 @@ class StreamTracker:
             self._skip(step, self.expected, oldest)
             self.expected = oldest
             self._purge_below(oldest)
+        if skip is not None and skip[0] <= self.expected < skip[1]:
+            self._skip(step, self.expected, skip[1])
+            step.skip_reason = skip[2]
+            self.expected = skip[1]
+            self._purge_below(skip[1])
+            self._drain(step)
         if events:
             self.stats.replayed += max(0, first + len(events) - max(first, self.expected))
             self._absorb(step, first, events)
@@ -258,7 +351,7 @@ class StreamTracker:
     def _ask(self, now: float, start: int | None, from_time: int | None,
              end: int | None) -> ReplayAsk:
         self._req += 1
-        ask = ReplayAsk(self._req, start, from_time, end)
+        ask = ReplayAsk(self._req, start, from_time, end, self.epoch)
         self._outstanding = ask
         self._sent_at = now
         self.stats.replay_requests += 1

@@ -26,10 +26,12 @@ from mesh.errors import (
     ClosedError,
     CodecError,
     ConfigError,
+    LogCorruptedRange,
     LogError,
     MeshError,
     OffsetOutOfRange,
     ProtocolError,
+    SendFailed,
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.security.signing import EventSigner
@@ -97,6 +99,11 @@ class PublisherStats:
         replay_requests: replay requests answered for this stream.
         replay_events: events sent in replay chunks.
         replay_gone: requests that asked below ``oldest`` (retention).
+        replay_truncated: requests whose position this log no longer agrees with (a lost
+            tail, a restored or wiped log: a new epoch); answered from the divergence point.
+        replay_skipped: seqs answered as skipped (damaged in the log, or over the asking
+            subscriber's ``max_event_size``).
+        epoch: the writer epoch of the stream (durable: the log's; best-effort: random).
         bad_requests: malformed / wrong-version replay or ack bodies (node-wide).
         positions: durable subscription name -> committed position (next seq it will process).
         lag: durable subscription name -> ``head - position``.
@@ -112,6 +119,9 @@ class PublisherStats:
     replay_requests: int = 0
     replay_events: int = 0
     replay_gone: int = 0
+    replay_truncated: int = 0
+    replay_skipped: int = 0
+    epoch: int = 0
     bad_requests: int = 0
     positions: dict[str, int] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
@@ -127,7 +137,7 @@ class _Stream:
         self.log = log
         self.epoch = epoch
         self.next_seq = log.next_offset if log is not None else 0
-        self.stats = PublisherStats(name, durable, self.next_seq, self.next_seq)
+        self.stats = PublisherStats(name, durable, self.next_seq, self.next_seq, epoch=epoch)
         self.positions: dict[tuple[str, str], int] = {}  # (peer id, name) -> position
         self.linger_s = 0.0
         self.pending: list[bytes] = []  # logged, not sent yet (coalescing)
@@ -304,45 +314,97 @@ class _PubHub:
             err = "unknown_stream" if st is None else "not_durable"
             head = st.next_seq if st is not None else 0
             return frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], head, head,
-                                     False, err)
+                                     False, err, st.epoch if st is not None else 0)
         log = st.log
         st.stats.replay_requests += 1
         head = st.next_seq
+        epoch = st.epoch
         first_kept = log.first_offset
         oldest = head if first_kept is None else first_kept
         try:
             start = rq.start if rq.start is not None else log.offset_for_time(rq.from_time)
         except LogError as exc:
             return frames.ReplayData(rq.sid, rq.req, rq.stream, 0, [], head, oldest, False,
-                                     f"log_error: {exc}")
+                                     f"log_error: {exc}", epoch)
+        truncate = None
+        epoch_end = None
+        if rq.epoch is not None and rq.epoch != epoch:
+            epoch_end = log.epochs.end_of(rq.epoch)
+        if rq.start is not None and rq.epoch is not None:
+            # Does the subscriber's view up to `start` (seen under rq.epoch) still hold? After
+            # a lost tail, a wiped or restored log, answer from where it stops holding.
+            d = log.epochs.divergence(rq.epoch, min(rq.start, head))
+            if rq.start > head:
+                d = min(d, head)  # it saw seqs this log never (or no longer) assigned
+            if d < rq.start:
+                truncate = start = d
+                st.stats.replay_truncated += 1
         gone = start < oldest
         if gone:
             st.stats.replay_gone += 1
             start = oldest
-        end = head if rq.end is None else min(rq.end, head)
+        end = head if rq.end is None or truncate is not None else min(rq.end, head)
         n = min(rq.max_records, MAX_REPLAY_RECORDS, max(0, end - start))
         events: list[bytes] = []
         first = start
+        skip: tuple[int, int, str] | None = None
         if n:
             try:
-                first, events = log.read_batch_payloads(start, n)
+                first, events = self._read(log, start, n)
             except OffsetOutOfRange as exc:
                 # Retention ran between our check and the read: report it the same way.
                 gone = True
                 oldest = exc.first if exc.first is not None else head
                 first, events = oldest, []
+            except LogCorruptedRange as exc:
+                # Unreadable records (damage, a deleted segment): never stall the subscriber
+                # on them; say which seqs will never come, and go on after them.
+                nxt = exc.next_offset if exc.next_offset is not None else head
+                skip = (start, max(nxt, start + 1), "damaged")
+                first = skip[1]
             except LogError as exc:
                 return frames.ReplayData(rq.sid, rq.req, rq.stream, start, [], head, oldest,
-                                         gone, f"log_error: {exc}")
+                                         gone, f"log_error: {exc}", epoch)
             budget = min(rq.max_bytes, MAX_REPLAY_BYTES)
+            limit = rq.max_event if rq.max_event is not None else 1 << 62
             total = 0
             for i, env in enumerate(events):
-                total += len(env)
+                size = len(env)
+                if size > limit:
+                    # Over the subscriber's limit: it would refuse it (and the whole chunk
+                    # with it, an older one forever). Stop before it, or skip it when first.
+                    del events[i:]
+                    if i == 0:
+                        skip = (first, first + 1, "oversize")
+                        first += 1
+                    break
+                total += size
                 if total > budget and i > 0:
                     del events[i:]
                     break
+        if skip is not None:
+            st.stats.replay_skipped += skip[1] - skip[0]
         st.stats.replay_events += len(events)
-        return frames.ReplayData(rq.sid, rq.req, rq.stream, first, events, head, oldest, gone)
+        return frames.ReplayData(rq.sid, rq.req, rq.stream, first, events, head, oldest, gone,
+                                 None, epoch, truncate, skip, epoch_end)
+
+    @staticmethod
+    def _read(log: Any, start: int, n: int) -> tuple[int, list[bytes]]:
+        """Contiguous payloads from ``start``. Under ``corruption="skip"`` the log may skip a
+        damaged range inside one read; a replay chunk must stay contiguous, so a skip there
+        ends the chunk (and a skip at its start is raised as the damage it is)."""
+        if log.config.corruption != "skip":
+            return log.read_batch_payloads(start, n)  # type: ignore[no-any-return]
+        recs = log.read(start, n)
+        if recs and recs[0].offset > start:
+            raise LogCorruptedRange(log.path, 0, "damaged records skipped", offset=start,
+                                    next_offset=recs[0].offset)
+        out = []
+        for i, r in enumerate(recs):
+            if r.offset != start + i:
+                break
+            out.append(r.payload)
+        return start, out
 
     def _on_ack(self, peer_id: str, body: object) -> None:
         try:
@@ -431,7 +493,9 @@ class Publisher:
                 if log is not None:
                     log.close()
                 raise ConfigError(f"stream {stream!r} already has a publisher on this node")
-            epoch = 0 if durable else secrets.randbits(32) or 1
+            # Durable: the log's writer epoch (new at every open, mesh/log/epochs.py), so a
+            # subscriber tells this incarnation's seqs from ones an earlier one lost.
+            epoch = log.epoch if log is not None else secrets.randbits(32) or 1
             self._st = st = _Stream(stream, durable, log, epoch)
             st.linger_s = linger_s
             hub.streams[stream] = st
@@ -515,7 +579,10 @@ class Publisher:
                     except ClosedError:
                         hub.flush(st)
             else:
-                hub.send_data(st, seq, [env])
+                try:
+                    hub.send_data(st, seq, [env])
+                except ClosedError as exc:
+                    raise SendFailed(range(seq, seq + 1), st.durable, str(exc)) from exc
             st.stats.published += 1
         return seq
 
@@ -598,14 +665,22 @@ class Publisher:
 
     def _log_and_send(self, st: _Stream, start: int, envs: list[bytes]) -> None:
         # Under hub.lock: log and send in chunks of BATCH_EVENTS (one log batch, one message).
+        # The seq moves with the log, before the send: a failed send must never leave seqs
+        # behind the log's offsets (the next publish would reuse logged seqs).
         hub = self._hub
         for i in range(0, len(envs), BATCH_EVENTS):
             chunk = envs[i:i + BATCH_EVENTS]
             if self._log is not None:
                 self._log.append_many(chunk)
-            hub.flush(st)  # held single events go out before these
-            hub.send_data(st, start + i, chunk)
-            st.next_seq = start + i + len(chunk)
+            first = start + i
+            st.next_seq = first + len(chunk)
+            try:
+                hub.flush(st)  # held single events go out before these
+                hub.send_data(st, first, chunk)
+            except ClosedError as exc:
+                st.stats.published += first + len(chunk) - start
+                raise SendFailed(range(start, first + len(chunk)), st.durable,
+                                 str(exc)) from exc
         st.stats.published += len(envs)
 
     # -- introspection ----------------------------------------------------------------------

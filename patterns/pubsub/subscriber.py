@@ -42,7 +42,7 @@ from patterns._metrics import Processing, attach, subscriber_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
 
-__all__ = ["RetentionGap", "Start", "Subscriber", "SubscriberStats"]
+__all__ = ["RetentionGap", "Start", "StreamGap", "StreamReset", "Subscriber", "SubscriberStats"]
 
 _log = logging.getLogger("zeromesh.pubsub")
 
@@ -55,26 +55,91 @@ _NOBLOCK = int(zmq.NOBLOCK)
 Key = tuple[str, str]  # (publisher node id, stream)
 
 
-class RetentionGap(MeshError):
-    """Events a subscriber asked for were deleted by the publisher's retention.
+class StreamGap(MeshError):
+    """Seqs of a stream that will never be delivered: a typed, counted gap, never silence.
 
-    Raised from iteration when the subscriber was made with ``on_retention="error"``; the
-    subscriber has moved past the hole, so iterating again continues after it.
+    Raised from iteration (in order: every event before it was handed out first) when the
+    subscriber was made with ``on_gap="error"``; iterating again continues after it. With
+    ``on_gap="skip"`` (default) it is counted in :class:`SubscriberStats`, logged, and kept in
+    :meth:`Subscriber.gaps`. The committed position moves past it only when it is reached.
 
     Attributes:
         publisher: the publisher's node id.
         stream: the stream.
         start: first seq lost.
         end: one past the last seq lost.
+        reason: ``"retention"`` (deleted by the publisher's retention), ``"damaged"``
+            (unreadable in the publisher's log), ``"oversize"`` (larger than this
+            subscriber's ``max_event_size``), ``"undecodable"`` (not an envelope this build
+            reads, e.g. a future major version) or ``"lost"`` (:class:`StreamReset`).
     """
 
-    def __init__(self, publisher: str, stream: str, start: int, end: int) -> None:
-        super().__init__(f"events {start}..{end - 1} of stream {stream!r} from {publisher} "
-                         "were deleted by the publisher's retention")
+    def __init__(self, publisher: str, stream: str, start: int, end: int,
+                 reason: str = "retention", message: str | None = None) -> None:
+        why = {"retention": "were deleted by the publisher's retention",
+               "damaged": "are unreadable in the publisher's log",
+               "oversize": "are larger than this subscriber's max_event_size",
+               "undecodable": "could not be decoded"}.get(reason, f"were lost ({reason})")
+        super().__init__(message or f"events {start}..{end - 1} of stream {stream!r} from "
+                         f"{publisher} {why}")
         self.publisher = publisher
         self.stream = stream
         self.start = start
         self.end = end
+        self.reason = reason
+
+
+class RetentionGap(StreamGap):
+    """Events a subscriber asked for were deleted by the publisher's retention (a
+    :class:`StreamGap` with reason ``"retention"``; raised with ``on_retention="error"``)."""
+
+    def __init__(self, publisher: str, stream: str, start: int, end: int) -> None:
+        super().__init__(publisher, stream, start, end, "retention")
+
+
+class StreamReset(StreamGap):
+    """The publisher's log lost seqs this subscriber saw or knew of: a new writer epoch.
+
+    A power cut that took the publisher's unsynced tail, a deleted last segment, a wiped
+    stream directory or a data dir restored from an older backup: the publisher now assigns
+    seqs from ``resume_at`` again, to new events. The subscriber re-reads from ``resume_at``
+    (the new events come next, with those seqs); ``start..end-1`` are the old epoch's seqs it
+    saw or knew of that no longer exist, ``delivered`` of them were handed out before.
+
+    Attributes:
+        epoch: the publisher's new writer epoch.
+        resume_at: the seq delivery continues at (new events).
+        delivered: how many of the lost seqs this subscriber had already handed out.
+    """
+
+    def __init__(self, publisher: str, stream: str, start: int, end: int, *, epoch: int,
+                 resume_at: int, delivered: int) -> None:
+        super().__init__(publisher, stream, start, end, "lost",
+                         f"the log of stream {stream!r} on {publisher} lost seqs "
+                         f"{start}..{end - 1} (a new writer epoch {epoch}; {delivered} of "
+                         f"them were delivered here): delivery continues at {resume_at} "
+                         "with new events")
+        self.epoch = epoch
+        self.resume_at = resume_at
+        self.delivered = delivered
+
+
+class _Mark:
+    """A ready-queue item that is not an event: applied in order when iteration reaches it.
+
+    ``pos`` is the position it sets (None: unchanged), ``epoch`` the writer epoch positions
+    are under from then on (None: unchanged), ``gap`` the notice it records (and raises to
+    the application when ``raise_it``).
+    """
+
+    __slots__ = ("epoch", "gap", "pos", "raise_it")
+
+    def __init__(self, pos: int | None, epoch: int | None, gap: StreamGap | None,
+                 raise_it: bool = False) -> None:
+        self.pos = pos
+        self.epoch = epoch
+        self.gap = gap
+        self.raise_it = raise_it
 
 
 @dataclass(frozen=True)
@@ -151,6 +216,21 @@ class SubscriberStats:
     streams: int = 0
     forbidden: int = 0
     bad_signatures: int = 0
+    gap_notices: int = 0
+    epochs: int = 0
+    resets: int = 0
+    lost: int = 0
+
+
+def _cursor_value(v: object) -> tuple[int, int | None] | None:
+    """A stored cursor: ``[position, epoch]`` (epoch None: unknown), or a bare position from
+    a version without epochs; None when it is neither."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v, None
+    if isinstance(v, list | tuple) and len(v) == 2 and isinstance(v[0], int) and v[0] >= 0 \
+            and (v[1] is None or isinstance(v[1], int)):
+        return v[0], v[1]
+    return None
 
 
 def _resolve_verifier(node: Any, verify: bool | EventVerifier | None) -> EventVerifier | None:
@@ -226,6 +306,10 @@ class Subscriber:
         endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``).
         on_retention: ``"skip"`` (count and go on at the oldest kept event) or ``"error"``
             (raise :class:`RetentionGap` from the iteration, then go on).
+        on_gap: what every other gap does (:class:`StreamGap`: damaged in the publisher's
+            log, oversize, undecodable, and :class:`StreamReset` when the publisher's log lost
+            seqs): ``"skip"`` counts, logs and records it (:meth:`gaps`), ``"error"`` raises it
+            from the iteration in order, then goes on. Default: as ``on_retention``.
         rcvhwm: the SUB receive high-water mark (messages).
         max_buffer: live events held per stream while a hole is replayed.
         replay_chunk: events per replay reply.
@@ -252,7 +336,8 @@ class Subscriber:
                  on_retention: Literal["skip", "error"] = "skip", rcvhwm: int | None = None,
                  max_buffer: int = 10_000, replay_chunk: int = 2000,
                  max_event_size: int = DEFAULT_MAX_EVENT_BYTES, retry_s: float = 2.0,
-                 verify: bool | EventVerifier | None = None) -> None:
+                 verify: bool | EventVerifier | None = None,
+                 on_gap: Literal["skip", "error"] | None = None) -> None:
         if not topic:
             raise ConfigError("topic must not be empty")
         if on_retention not in ("skip", "error"):
@@ -268,6 +353,10 @@ class Subscriber:
         self.auto_commit = auto_commit
         self.commit_interval_s = commit_interval_s
         self.on_retention = on_retention
+        if on_gap not in (None, "skip", "error"):
+            raise ConfigError(f"on_gap must be 'skip' or 'error', got {on_gap!r}")
+        self.on_gap = on_gap or on_retention
+        self._gaps: collections.deque[StreamGap] = collections.deque(maxlen=100)
         self.max_buffer = max_buffer
         self.replay_chunk = replay_chunk
         self.replay_bytes = min(1 << 20, max(64 << 10, node.config.max_message_bytes // 4))
@@ -279,11 +368,14 @@ class Subscriber:
         self._lock = threading.RLock()
         self._closed = False
         self._trackers: dict[Key, tuple[int, StreamTracker]] = {}
-        self._ready: collections.deque[tuple[Key, int, Event | RetentionGap]] = (
+        self._ready: collections.deque[tuple[Key, int, Event | _Mark]] = (
             collections.deque())
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._positions: dict[Key, int] = {}
-        self._committed: dict[Key, int] = {}
+        # The writer epoch each position was reached under (None: unknown, older cursor);
+        # committed with it, so a restart can ask the publisher whether its log still agrees.
+        self._pos_epoch: dict[Key, int | None] = {}
+        self._committed: dict[Key, tuple[int, int | None]] = {}
         # Events handed out and not yet known to be processed (oldest first).
         self._handed: collections.deque[tuple[Key, int]] = collections.deque()
         self._connected: set[str] = set()
@@ -297,9 +389,11 @@ class Subscriber:
             self._store = StateStore(Path(node.data_dir) / "pubsub-cursors.db")
             for k, v in self._store.items(self._cursor_ns):
                 pub, _, stream = k.partition("/")
-                if isinstance(v, int) and stream:
-                    self._committed[(pub, stream)] = v
-                    self._positions[(pub, stream)] = v
+                cur = _cursor_value(v)
+                if cur is not None and stream:
+                    self._committed[(pub, stream)] = cur
+                    self._positions[(pub, stream)] = cur[0]
+                    self._pos_epoch[(pub, stream)] = cur[1]
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -349,7 +443,7 @@ class Subscriber:
         """
         if self._store is None:
             return
-        for (p, stream), pos in list(self._committed.items()):
+        for (p, stream), (pos, _epoch) in list(self._committed.items()):
             if p == pub:
                 try:
                     self.node.send(pub, frames.CTRL_ACK,
@@ -412,7 +506,7 @@ class Subscriber:
                 entry = self._trackers.get(key)
                 if entry is None:
                     tracker = self._new_tracker(key, replayable=True)
-                    self._trackers[key] = (0, tracker)
+                    self._trackers[key] = (tracker.epoch or 0, tracker)
                     self._apply(key, tracker, tracker.start(now))
                 elif moved:
                     # A replay request in flight went to the old incarnation: ask again now.
@@ -438,7 +532,8 @@ class Subscriber:
                 pos = st.value
         from_time = st.value if pos is None and st.kind == "time" and replayable else None
         return StreamTracker(pos, replayable=replayable, max_buffer=self.max_buffer,
-                             from_time=from_time, retry_s=self.retry_s)
+                             from_time=from_time, retry_s=self.retry_s,
+                             epoch=self._pos_epoch.get(key) if replayable else None)
 
     # --- the pump (iterating thread) -------------------------------------------------------
 
@@ -514,27 +609,46 @@ class Subscriber:
             key = (head.publisher, stream)
             entry = trackers.get(key)
             if entry is None or entry[0] != head.epoch:
-                if entry is None and not self.node.permits(head.publisher, "publish", stream):
-                    stats.forbidden += 1  # checked once per (publisher, stream), not per event
+                entry = self._epoch_changed(key, entry, head, now)
+                if entry is None:
                     continue
-                if entry is not None:
-                    _log.info("pubsub: %s restarted (new epoch); resetting", key)
-                tracker = self._new_tracker(key, replayable=head.durable)
-                if not head.durable and tracker.expected is None:
-                    tracker.expected = head.seq if head.kind == frames.KIND_HEARTBEAT else None
-                trackers[key] = (head.epoch, tracker)
-                if head.durable:
-                    self._apply(key, tracker, tracker.start(now))
-            else:
-                tracker = entry[1]
+            tracker = entry[1]
             if head.kind == frames.KIND_DATA:
-                if tracker.in_order(head.seq, head.count):
+                if entry[0] == head.epoch and tracker.in_order(head.seq, head.count):
                     self._deliver(key, head.seq, envs)  # the common case: no Step, no copy
                 else:
                     self._apply(key, tracker, tracker.on_live(head.seq, envs, now))
             else:
                 stats.heartbeats += 1
                 self._apply(key, tracker, tracker.on_heartbeat(head.seq, now))
+
+    def _epoch_changed(self, key: Key, entry: tuple[int, StreamTracker] | None,
+                       head: frames.Header, now: float) -> tuple[int, StreamTracker] | None:
+        """Live traffic of a (publisher, stream) we have no tracker for, or under another
+        epoch than the tracker's: the new entry, or None to drop the message."""
+        trackers = self._trackers
+        if entry is None and not self.node.permits(head.publisher, "publish", key[1]):
+            self._stats.forbidden += 1  # checked once per (publisher, stream), not per event
+            return None
+        if entry is None or not head.durable or not entry[1].replayable:
+            # New, or a best-effort stream restarted (seqs from 0 under a new epoch: what
+            # it missed is lost, counted).
+            if entry is not None:
+                _log.info("pubsub: %s restarted (new epoch); resetting", key)
+            tracker = self._new_tracker(key, replayable=head.durable)
+            if not head.durable and tracker.expected is None:
+                tracker.expected = head.seq if head.kind == frames.KIND_HEARTBEAT else None
+            entry = trackers[key] = ((tracker.epoch or 0) if head.durable else head.epoch,
+                                     tracker)
+            if head.durable:
+                self._apply(key, tracker, tracker.start(now))
+            if not head.durable or entry[0] == head.epoch:
+                return entry
+        # Durable under a new writer epoch: confirm with the publisher where it starts
+        # before delivering any of it (the tracker holds it meanwhile).
+        tracker = entry[1]
+        self._apply(key, tracker, tracker.on_epoch(head.epoch, now))
+        return trackers[key]
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
@@ -558,20 +672,53 @@ class Subscriber:
                 _log.info("pubsub: replay of %s refused: %s", key, data.error)
                 continue
             self._stats.replay_chunks += 1
+            skip = data.skip
+            if data.oversize:
+                self._stats.oversize += 1
+                if not data.events and skip is None:
+                    # The chunk starts with an event over our limit (a publisher that does not
+                    # read max_event): skip that one rather than ask for it forever.
+                    skip = (data.first, data.first + 1, "oversize")
             self._apply(key, tracker, tracker.on_replay(
-                data.req, data.first, data.events, data.head, data.oldest, data.gone, now))
+                data.req, data.first, data.events, data.head, data.oldest, data.gone, now,
+                epoch=data.epoch, truncate=data.truncate, skip=skip,
+                epoch_end=data.epoch_end))
 
     def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:
         ready = self._ready
+        if step.epoch is not None:
+            epoch, rewind_to, lost = step.epoch
+            self._trackers[key] = (epoch, tracker)
+            gap: StreamGap | None = None
+            if lost is not None:
+                gap = StreamReset(key[0], key[1], lost[0], lost[1], epoch=epoch,
+                                  resume_at=tracker.expected or 0, delivered=lost[2])
+                self._stats.resets += 1
+                self._stats.lost += max(0, lost[1] - lost[0] - lost[2])
+                _log.warning("pubsub: %s", gap)
+            self._stats.epochs += 1
+            # In order: positions before it stay under the old epoch until it is reached.
+            ready.append((key, rewind_to if rewind_to is not None else -1,
+                          _Mark(rewind_to, epoch, gap, self.on_gap == "error")))
         if step.skipped is not None:
             a, b = step.skipped
+            reason = step.skip_reason
+            gap = None
             self._stats.skipped += b - a
-            _log.warning("pubsub: %s events %d..%d will not be delivered", key, a, b - 1)
-            # "From the beginning" means from the oldest kept: losing 0.. there is expected.
-            expected_loss = (self.start.kind == "beginning" and key not in self._committed
-                             and a == 0)
-            if self.on_retention == "error" and tracker.replayable and not expected_loss:
-                ready.append((key, b - 1, RetentionGap(key[0], key[1], a, b)))
+            _log.warning("pubsub: %s events %d..%d will not be delivered (%s)", key, a, b - 1,
+                         reason)
+            if reason == "retention":
+                # "From the beginning" means from the oldest kept: losing 0.. is expected.
+                expected = (self.start.kind == "beginning" and key not in self._committed
+                            and a == 0)
+                gap = None if expected or not tracker.replayable else \
+                    RetentionGap(key[0], key[1], a, b)
+                policy = self.on_retention
+            else:
+                gap = StreamGap(key[0], key[1], a, b, reason)
+                policy = self.on_gap
+            # The position passes the gap only when iteration reaches it (in order).
+            ready.append((key, b - 1, _Mark(b, None, gap, policy == "error")))
         for first, payloads in step.deliver:
             self._deliver(key, first, payloads)
         if step.ask is not None:
@@ -589,11 +736,18 @@ class Subscriber:
             try:
                 ready.append((key, seq, decode(buf, maxsz)))
             except CodecError as exc:
-                # Logged but undecodable: skip it (counted) rather than stall the stream.
-                self._stats.bad_events += 1
-                _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
-                self._positions[key] = seq + 1
+                self._undecodable(key, seq, exc)
             seq += 1
+
+    def _undecodable(self, key: Key, seq: int, exc: CodecError) -> None:
+        # Logged but undecodable: a typed gap (counted), never a stall; the position passes
+        # it only when iteration reaches it, never over events still waiting before it.
+        self._stats.bad_events += 1
+        _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
+        reason = "oversize" if isinstance(exc, EventTooLarge) else "undecodable"
+        self._ready.append((key, seq, _Mark(seq + 1, None,
+                                            StreamGap(key[0], key[1], seq, seq + 1, reason),
+                                            self.on_gap == "error")))
 
     def _deliver_verified(self, key: Key, first: int, payloads: list[bytes],
                           verifier: EventVerifier) -> None:
@@ -605,9 +759,7 @@ class Subscriber:
             try:
                 ev = decode(buf, maxsz)
             except CodecError as exc:
-                self._stats.bad_events += 1
-                _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
-                self._positions[key] = seq + 1
+                self._undecodable(key, seq, exc)
                 seq += 1
                 continue
             try:
@@ -615,18 +767,16 @@ class Subscriber:
             except SignatureInvalid as exc:
                 self._stats.bad_signatures += 1
                 _log.warning("pubsub: event %s #%d refused: %s", key, seq, exc)
-                # Move the cursor past it only when nothing before it is still pending
-                # (moving it over undelivered events would lose them at a restart); else
-                # the next processed event carries the cursor past it.
-                if not ready and not self._handed:
-                    self._positions[key] = seq + 1
+                # The cursor passes it in order, when iteration reaches it.
+                ready.append((key, seq, _Mark(seq + 1, None, None)))
             else:
                 ready.append((key, seq, ev))
             seq += 1
 
     def _send_ask(self, key: Key, ask: ReplayAsk) -> None:
         body = frames.ReplayRequest(self.sid, ask.req, key[1], ask.start, ask.from_time,
-                                    ask.end, self.replay_chunk, self.replay_bytes).to_body()
+                                    ask.end, self.replay_chunk, self.replay_bytes, ask.epoch,
+                                    self.max_event_size).to_body()
         try:
             self.node.send(key[0], frames.CTRL_REPLAY, body)
         except MeshError as exc:
@@ -643,15 +793,37 @@ class Subscriber:
             key, seq = handed.popleft()
             positions[key] = seq + 1
 
+    def _reach(self, key: Key, mark: _Mark) -> None:
+        """Iteration reached a mark (every event before it is processed): apply it."""
+        if mark.epoch is not None:
+            self._pos_epoch[key] = mark.epoch
+        if mark.pos is not None:
+            self._positions[key] = mark.pos
+        gap = mark.gap
+        if gap is not None:
+            self._stats.gap_notices += 1
+            self._gaps.append(gap)
+            if mark.raise_it:
+                raise gap
+
+    def gaps(self) -> list[StreamGap]:
+        """The most recent gap notices (at most 100, oldest first), raised or not."""
+        with self._lock:
+            return list(self._gaps)
+
     def _commit_positions(self) -> None:
-        dirty = {k: v for k, v in self._positions.items() if self._committed.get(k) != v}
+        pe = self._pos_epoch
+        committed = self._committed
+        dirty = {k: (v, pe.get(k)) for k, v in self._positions.items()
+                 if committed.get(k) != (v, pe.get(k))}
         if not dirty:
             return
         if self._store is not None:
-            self._store.put_many(self._cursor_ns, {f"{p}/{s}": v for (p, s), v in dirty.items()})
-            self._committed.update(dirty)
+            self._store.put_many(self._cursor_ns, {f"{p}/{s}": list(v)
+                                                   for (p, s), v in dirty.items()})
+            committed.update(dirty)
             self._stats.commits += 1
-            for (pub, stream), pos in dirty.items():
+            for (pub, stream), (pos, _epoch) in dirty.items():
                 try:
                     self.node.send(pub, frames.CTRL_ACK,
                                    frames.Ack(self.durable or "", stream, pos).to_body())
@@ -686,29 +858,39 @@ class Subscriber:
         with self._lock:
             if self._closed:
                 return []
+            # Called when the wrapper asks for more: what it handed out before is processed.
+            self._done()
             deadline = time.monotonic() + timeout
-            while not self._ready:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-                self._pump(int(left * 1000) + 1)
             out: list[Event] = []
             ready = self._ready
-            while ready and len(out) < max_events:
-                if isinstance(ready[0][2], RetentionGap) and out:
-                    break
-                out.append(self._take())
+            while not out:
+                while not ready:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return []
+                    self._pump(int(left * 1000) + 1)
+                while ready and len(out) < max_events:
+                    if ready[0][2].__class__ is _Mark and out:
+                        break  # a mark applies once what is before it was processed
+                    ev = self._take()
+                    if ev is not None:
+                        out.append(ev)
             return out
 
     # --- receiving -------------------------------------------------------------------------
 
-    def _take(self) -> Event:
-        key, seq, ev = self._ready.popleft()
-        if isinstance(ev, RetentionGap):
-            self._positions[key] = ev.end
-            raise ev
-        self._handed.append((key, seq))
-        return ev
+    def _take(self) -> Event | None:
+        """The next event of the ready queue, applying the marks before it (None: only
+        marks were there). Raises a gap notice whose policy is "error"."""
+        ready = self._ready
+        while ready:
+            key, seq, ev = ready.popleft()
+            if isinstance(ev, _Mark):
+                self._reach(key, ev)
+                continue
+            self._handed.append((key, seq))
+            return ev
+        return None
 
     def recv(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds (None: wait forever).
@@ -727,15 +909,18 @@ class Subscriber:
                 # Draining a backlog (a replay) never waits on the socket, where the periodic
                 # commit otherwise runs: commit here too, or a crash mid catch-up redoes it all.
                 self._maybe_commit(time.monotonic())
-            while not self._ready:
-                wait = 100
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    wait = min(wait, int(left * 1000) + 1)
-                self._pump(wait)
-            return self._take()
+            while True:
+                while not self._ready:
+                    wait = 100
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return None
+                        wait = min(wait, int(left * 1000) + 1)
+                    self._pump(wait)
+                ev = self._take()
+                if ev is not None:
+                    return ev
 
     def recv_batch(self, timeout: float | None = None, max_events: int = 1000) -> list[Event]:
         """Up to ``max_events`` events (at least one unless ``timeout`` passed).
@@ -762,8 +947,8 @@ class Subscriber:
             last: tuple[Key, int] | None = None
             for _ in range(min(len(ready), max_events - 1)):
                 item = ready[0]
-                if item[2].__class__ is RetentionGap:
-                    break
+                if item[2].__class__ is _Mark:
+                    break  # applied by the next call, once what is before it is processed
                 ready.popleft()
                 if last is not None:
                     positions[last[0]] = last[1] + 1
