@@ -55,7 +55,8 @@ class Step:
             tail, a wiped or restored log): delivery goes on from there with new events
             under the same seqs. ``lost`` is ``(start, end, delivered)``: the seqs of the
             old epoch this subscriber saw or knew of that the log no longer has, and how
-            many of them it had delivered; None when nothing it knew of was lost.
+            many of them it had delivered; None when nothing it knew of was lost. With
+            ``lost`` set, ``rewind_to`` is always set (delivery continues there).
     """
 
     deliver: list[tuple[int, list[bytes]]] = field(default_factory=list)
@@ -265,7 +266,7 @@ class StreamTracker:
                     self._buffer.clear()
                 elif epoch_end is not None and epoch_end < known:
                     # Seqs we knew of (not delivered) were lost with the old epoch.
-                    self._adopt(step, epoch, None, (max(epoch_end, exp), known, 0))
+                    self._adopt(step, epoch, exp, (max(epoch_end, exp), known, 0))
                 else:
                     self._adopt(step, epoch, None, None)
             self.known_head = head

@@ -692,7 +692,8 @@ class Subscriber:
             gap: StreamGap | None = None
             if lost is not None:
                 gap = StreamReset(key[0], key[1], lost[0], lost[1], epoch=epoch,
-                                  resume_at=tracker.expected or 0, delivered=lost[2])
+                                  resume_at=rewind_to if rewind_to is not None else lost[0],
+                                  delivered=lost[2])
                 self._stats.resets += 1
                 self._stats.lost += max(0, lost[1] - lost[0] - lost[2])
                 _log.warning("pubsub: %s", gap)
