@@ -25,6 +25,8 @@ from patterns.pubsub import (
     Publisher,
     RetentionGap,
     Start,
+    StreamGap,
+    StreamReset,
     Subscriber,
 )
 from patterns.reqrep import (
@@ -61,6 +63,8 @@ __all__ = [
     "Service",
     "ServiceConfig",
     "Start",
+    "StreamGap",
+    "StreamReset",
     "Subscriber",
     "Task",
     "TaskTerminated",

@@ -8,7 +8,14 @@ node's public API.
 from patterns.pubsub.aio import AsyncPublisher, AsyncSubscriber
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher, PublisherStats
-from patterns.pubsub.subscriber import RetentionGap, Start, Subscriber, SubscriberStats
+from patterns.pubsub.subscriber import (
+    RetentionGap,
+    Start,
+    StreamGap,
+    StreamReset,
+    Subscriber,
+    SubscriberStats,
+)
 
 __all__ = [
     "AsyncPublisher",
@@ -18,6 +25,8 @@ __all__ = [
     "PublisherStats",
     "RetentionGap",
     "Start",
+    "StreamGap",
+    "StreamReset",
     "Subscriber",
     "SubscriberStats",
 ]

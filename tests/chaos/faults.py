@@ -17,6 +17,16 @@ Kinds (``Fault.kind``):
   segment (writes then fail with EFBIG); ``duration`` s later restart it without the limit.
 * ``torn_tail``: SIGKILL the role, append a torn half-batch of garbage to the newest segment
   of each of its logs (what a crash mid-write leaves), restart it.
+* ``lost_tail``: a power cut under the default fsync policy: SIGKILL the role, then cut the
+  newest segment of each of its stream logs back to the start of one of its last three
+  batches (records the publisher acknowledged, written but not yet fsynced), restart it. The
+  harness writes ``{"ev": "lost_tail", "stream", "from"}`` into the role's output, so the
+  checker knows which acknowledged seqs the cut took and that their seqs are reused under a
+  new writer epoch; subscribers must report a ``StreamReset`` wherever they had passed them.
+* ``clock_jump``: restart the role with its wall clock a year ahead (``CHAOS_CLOCK_SKEW_S``:
+  ``time.time``/``time.time_ns`` patched in the role), for ``duration`` s, then restart it
+  with the real clock: what it logged meanwhile carries far-future timestamps, and the
+  records after must carry real ones again (the final check compares them with the clock).
 * ``flood``: for ``duration`` s, send garbage at every endpoint any role bound: random ZeroMQ
   multiparts through a DEALER, and random bytes on raw TCP connections.
 * ``wrong_key``: for ``duration`` s, CURVE DEALERs with a fresh random keypair (and a random
@@ -48,6 +58,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "partition": ("pub", "sub", "producer", "worker", "resp", "client"),
     "disk_full": ("pub", "producer"),
     "torn_tail": ("pub", "producer"),
+    "lost_tail": ("pub",),
+    "clock_jump": ("pub",),
     "flood": ("*",),
     "wrong_key": ("*",),
 }
@@ -121,6 +133,45 @@ def tear_tail(data_dir: str, rng: random.Random) -> list[str]:
             f.write(junk)
         touched.append(path)
     return touched
+
+
+#: How far ahead the wall clock jumps in a ``clock_jump`` fault.
+CLOCK_JUMP_S = 365 * 24 * 3600
+
+
+def lose_tail(data_dir: str, rng: random.Random) -> list[tuple[str, int]]:
+    """Cut the newest segment of every stream log under ``data_dir`` back to the start of
+    one of its last three batches (a power cut took what was not fsynced); return
+    ``(stream, first lost offset)`` per log cut."""
+    from mesh.log import format as fmt
+    cuts = []
+    streams = os.path.join(data_dir, "streams")
+    for name in sorted(os.listdir(streams)) if os.path.isdir(streams) else []:
+        d = os.path.join(streams, name)
+        segs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
+        if not segs:
+            continue
+        path = os.path.join(d, segs[-1])
+        with open(path, "rb") as f:
+            buf = f.read()
+        starts: list[tuple[int, int]] = []  # (byte position, base offset) of each valid batch
+        p = 0
+        while p < len(buf):
+            try:
+                hdr = fmt.check_batch(buf, p)
+            except fmt.FrameError:
+                break
+            starts.append((p, hdr.base_offset))
+            p += hdr.length
+        if not starts:
+            continue
+        pos, off = rng.choice(starts[-3:])
+        os.truncate(path, pos)
+        for f in os.listdir(d):
+            if f.endswith(".index"):
+                os.unlink(os.path.join(d, f))  # may point past the cut; rebuilt on open
+        cuts.append((name, off))
+    return cuts
 
 
 def newest_segment_size(data_dir: str) -> int:

@@ -125,11 +125,14 @@ class Harness:
     def out(self, role: str) -> list[dict[str, Any]]:
         return read_jsonl(self.run_dir / "out" / f"{role}.jsonl")
 
-    def start(self, role: str, fsize: int | None = None) -> None:
+    def start(self, role: str, fsize: int | None = None, clock_skew: int | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
         env.pop("CHAOS_FSIZE", None)
+        env.pop("CHAOS_CLOCK_SKEW_S", None)
         if fsize is not None:
             env["CHAOS_FSIZE"] = str(fsize)
+        if clock_skew is not None:
+            env["CHAOS_CLOCK_SKEW_S"] = str(clock_skew)
         argv = [sys.executable, "-m", "tests.chaos.roles", role, str(self.run_dir)]
         if self.net is not None and role in self.net.members:
             argv = self.net.exec_argv(role) + argv  # restarts land in the same namespace
@@ -257,6 +260,28 @@ class Harness:
             self.result.notes.append(f"torn tail on {len(touched)} segment(s) of {role}")
             self.start(role)
             self.idle(f.duration)
+        elif f.kind == "lost_tail":
+            self.kill(role)
+            cuts = F.lose_tail(str(self.run_dir / "data" / role), self.rng)
+            # In the role's own output, between its incarnations: the checker reads the
+            # acknowledged publishes the cut took from there.
+            fd = os.open(self.run_dir / "out" / f"{role}.jsonl",
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                for stream, off in cuts:
+                    os.write(fd, (json.dumps({"ev": "lost_tail", "stream": stream,
+                                              "from": off, "r": 0}) + "\n").encode())
+            finally:
+                os.close(fd)
+            self.result.notes.append(f"lost tail of {role}: {cuts}")
+            self.start(role)
+            self.idle(f.duration)
+        elif f.kind == "clock_jump":
+            self.kill(role)
+            self.start(role, clock_skew=F.CLOCK_JUMP_S)
+            self.idle(f.duration)
+            self.kill(role)
+            self.start(role)
         elif f.kind in ("flood", "wrong_key"):
             flood = F.Flood(self.endpoints(), self.seed, self.ctx, curve=f.kind == "wrong_key")
             self.idle(f.duration)

@@ -38,7 +38,9 @@ def _lines(run_dir: Path, role: str) -> list[dict[str, Any]]:
 
 
 def acked_publishes(run_dir: Path) -> dict[tuple[str, int], str]:
-    """(stream, seq) -> data of every publish that returned (all incarnations)."""
+    """(stream, seq) -> data of every publish that returned and is still in the publisher's
+    log: a ``lost_tail`` fault (a power cut) takes the acknowledged seqs from its cut on, and
+    the next incarnation assigns them again, to other events (under a new writer epoch)."""
     acked: dict[tuple[str, int], str] = {}
     for role in ROLES:
         if not role.startswith("pub"):
@@ -48,51 +50,107 @@ def acked_publishes(run_dir: Path) -> dict[tuple[str, int], str]:
                 pid, i0 = e["d0"].rsplit("-", 1)
                 for k in range(e["n"]):
                     acked[("chaos." + role, e["first"] + k)] = f"{pid}-{int(i0) + k}"
+            elif e["ev"] == "lost_tail":
+                for key in [k for k in acked if k[0] == e["stream"] and k[1] >= e["from"]]:
+                    del acked[key]
     return acked
+
+
+def lost_by_power_cuts(run_dir: Path) -> int:
+    """How many acknowledged publishes ``lost_tail`` faults took (reported, not restored)."""
+    n = 0
+    for role in ROLES:
+        if role.startswith("pub"):
+            live: set[int] = set()
+            for e in _lines(run_dir, role):
+                if e["ev"] == "ack":
+                    live.update(range(e["first"], e["first"] + e["n"]))
+                elif e["ev"] == "lost_tail":
+                    gone = {q for q in live if q >= e["from"]}
+                    n += len(gone)
+                    live -= gone
+    return n
+
+
+def delivered_view(run_dir: Path, sub: str) -> tuple[dict[str, list[tuple[int, str, str]]],
+                                                       list[str], int, int]:
+    """What ``sub`` ends up holding per stream, replaying its output in order: events
+    (deduplicated by id: at-least-once redelivery after its own restarts), and every
+    ``StreamReset`` notice taking back the seqs from its ``resume`` on (the publisher's log
+    lost them). Returns (view, violations, deliveries, resets)."""
+    view: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    seen: dict[str, set[str]] = defaultdict(set)
+    stream_of: dict[str, str] = {}
+    bad: list[str] = []
+    deliveries = resets = 0
+    for e in _lines(run_dir, sub):
+        if e["ev"] == "gap":
+            if e["reason"] == "lost":
+                resets += 1
+                rows = view[e["s"]]
+                while rows and rows[-1][0] >= e["resume"]:
+                    seen[e["s"]].discard(rows.pop()[1])
+            else:
+                bad.append(f"{sub}: unexpected gap notice {e}")
+            continue
+        if e["ev"] != "got":
+            continue
+        deliveries += 1
+        s, q, eid = e["s"], e["q"], e["id"]
+        if stream_of.setdefault(eid, s) != s:
+            bad.append(f"{sub}: event {eid} delivered on two streams")
+        if eid in seen[s]:
+            continue  # redelivered after a restart of the subscriber
+        rows = view[s]
+        if q != (rows[-1][0] + 1 if rows else 0):
+            bad.append(f"{sub}: {s} out of order or with a hole: seq {q} after "
+                       f"{rows[-1][0] if rows else None}")
+            continue
+        seen[s].add(eid)
+        rows.append((q, eid, e["d"]))
+    return view, bad, deliveries, resets
 
 
 def pubsub_complete(run_dir: Path, sub: str) -> bool:
     """Has ``sub`` received every acknowledged publish (used to know the drain is over)?"""
-    got = {(e["s"], e["q"]) for e in _lines(run_dir, sub) if e["ev"] == "got"}
-    return set(acked_publishes(run_dir)) <= got
+    view, _, _, _ = delivered_view(run_dir, sub)
+    have = {(s, q): d for s, rows in view.items() for q, _id, d in rows}
+    return all(have.get(k) == d for k, d in acked_publishes(run_dir).items())
 
 
 def check_pubsub(run_dir: Path, subs: list[str], rep: Report) -> None:
     acked = acked_publishes(run_dir)
     rep.facts["acked_publishes"] = len(acked)
+    rep.facts["acked_lost_by_power_cuts"] = lost_by_power_cuts(run_dir)
     for sub in subs:
-        got = [e for e in _lines(run_dir, sub) if e["ev"] == "got"]
-        rep.facts[f"{sub}_deliveries"] = len(got)
-        data: dict[tuple[str, int], str] = {}
-        seq_of_id: dict[str, tuple[str, int]] = {}
-        order: dict[str, list[int]] = defaultdict(list)
-        for e in got:
-            key = (e["s"], e["q"])
-            if data.setdefault(key, e["d"]) != e["d"]:
-                rep.violations.append(f"{sub}: {key} delivered with two payloads")
-            if seq_of_id.setdefault(e["id"], key) != key:
-                rep.violations.append(f"{sub}: event {e['id']} delivered as two (stream, seq)")
-        # Per-stream order after dedup by event id: strictly increasing, no hole from 0.
-        seen: set[str] = set()
-        for e in got:
-            if e["id"] in seen:
-                continue
-            seen.add(e["id"])
-            order[e["s"]].append(e["q"])
-        rep.facts[f"{sub}_duplicates"] = len(got) - len(seen)
-        for stream, seqs in order.items():
-            if seqs != list(range(len(seqs))):
-                bad = next(i for i, s in enumerate(seqs) if s != i)
-                rep.violations.append(f"{sub}: {stream} out of order or with a hole after "
-                                      f"dedup at position {bad}: {seqs[max(0, bad - 2):bad + 3]}")
-        missing = [k for k in acked if k not in data]
+        view, bad, deliveries, resets = delivered_view(run_dir, sub)
+        rep.violations.extend(bad)
+        rep.facts[f"{sub}_deliveries"] = deliveries
+        rep.facts[f"{sub}_resets"] = resets
+        have = {(s, q): d for s, rows in view.items() for q, _id, d in rows}
+        rep.facts[f"{sub}_duplicates"] = deliveries - len(have)
+        missing = [k for k in acked if k not in have]
         if missing:
             rep.violations.append(f"{sub}: {len(missing)} acknowledged publishes never "
                                   f"delivered, e.g. {sorted(missing)[:5]}")
-        wrong = [k for k, d in acked.items() if k in data and data[k] != d]
+        wrong = [k for k, d in acked.items() if k in have and have[k] != d]
         if wrong:
             rep.violations.append(f"{sub}: {len(wrong)} delivered with other data than "
-                                  f"published, e.g. {wrong[:3]}")
+                                  f"published (a seq reused silently?), e.g. {wrong[:3]}")
+
+
+def check_clock(run_dir: Path, rep: Report) -> None:
+    """After a clock jump forward and back, the publisher's newest records carry real time."""
+    for role in ROLES:
+        if not role.startswith("pub"):
+            continue
+        finals = [e for e in _lines(run_dir, role) if e["ev"] == "final"]
+        if finals and finals[-1].get("last_ts_ns") is not None:
+            skew = abs(finals[-1]["last_ts_ns"] - finals[-1]["now_ns"]) / 1e9
+            rep.facts[f"{role}_last_record_clock_skew_s"] = round(skew, 3)
+            if skew > 30:
+                rep.violations.append(f"{role}: newest log record is {skew:.0f} s off the "
+                                      "clock (timestamps frozen by a past clock jump?)")
 
 
 def check_pipeline(run_dir: Path, rep: Report) -> None:
@@ -218,6 +276,7 @@ def check(result: RunResult, subs: list[str]) -> Report:
     rep = Report()
     run_dir = result.run_dir
     check_pubsub(run_dir, subs, rep)
+    check_clock(run_dir, rep)
     check_pipeline(run_dir, rep)
     check_reqrep(run_dir, result, rep)
     check_resources(result, rep)

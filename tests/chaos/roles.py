@@ -17,12 +17,26 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
-from mesh.errors import LogError, MeshError
-from mesh.node import Node, PresenceConfig
-from tests.util import poll_until
+
+def _jump_clock() -> None:
+    # A wall clock that jumped (the clock_jump fault): patched before anything of the mesh is
+    # imported, so module-level `from time import time_ns` bindings see it too.
+    skew = os.environ.get("CHAOS_CLOCK_SKEW_S")
+    if skew:
+        real_ns, off = time.time_ns, int(skew) * 1_000_000_000
+        time.time_ns = lambda: real_ns() + off
+        time.time = lambda: (real_ns() + off) / 1e9
+
+
+_jump_clock()
+
+from mesh.errors import LogError, MeshError  # noqa: E402 - after the clock patch
+from mesh.node import Node, PresenceConfig  # noqa: E402
+from tests.util import poll_until  # noqa: E402
 
 PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.4, gone_s=1.0)
 QUEUE = "chaos-q"
@@ -128,23 +142,34 @@ def publisher(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
                 out(ev="ack", first=seqs.start, n=len(seqs), d0=batch[0])
                 i += 10
                 pace(run_dir, 10 / rate)
+            # The timestamp of the newest record beside the clock as publishing stopped:
+            # after a clock jump forward and back, records written since carry real time.
+            log = pub._log
+            last = log.read(log.next_offset - 1, 1)[0].timestamp_ns if pub.head else None
+            now = time.time_ns()
             names = cfg["subscribers"]
             until(lambda: phase(run_dir, "stop")
                   or all(pub.stats().lag.get(n, 1) == 0 for n in names), cfg["drain_s"], 0.05)
             st = pub.stats()
             out(ev="drained", head=st.head, lag=st.lag, positions=st.positions)
             until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
-            final(out, nd, head=pub.stats().head, lag=pub.stats().lag)
+            final(out, nd, head=pub.stats().head, lag=pub.stats().lag, last_ts_ns=last,
+                  now_ns=now)
 
 
 def subscriber(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
-    from patterns.pubsub import Start, Subscriber
+    from patterns.pubsub import Start, StreamGap, Subscriber
     with make_node(run_dir, role, cfg) as nd:
         report_node(out, nd)
         with Subscriber(nd, STREAM_PREFIX, durable=role, start=Start.beginning(),
-                        commit_interval_s=0.2) as sub:
+                        commit_interval_s=0.2, on_gap="error") as sub:
             while not phase(run_dir, "stop"):
-                ev = sub.recv(timeout=0.1)
+                try:
+                    ev = sub.recv(timeout=0.1)
+                except StreamGap as gap:
+                    out(ev="gap", s=gap.stream, start=gap.start, end=gap.end,
+                        reason=gap.reason, resume=getattr(gap, "resume_at", None))
+                    continue
                 if ev is not None:
                     out(ev="got", s=ev.stream, q=ev.seq, d=ev.data, id=ev.id)
             sub.commit()

@@ -20,8 +20,8 @@ from tests.chaos import faults
 from tests.chaos.harness import ROLES
 from tests.chaos.run import run
 
-DURATION = 12.0
-SEED = 44
+DURATION = 16.0
+SEED = 1987
 
 
 def _run(seed: int, tmp_path: Path, kinds: list[str] | None = None) -> None:
@@ -35,9 +35,9 @@ def _run(seed: int, tmp_path: Path, kinds: list[str] | None = None) -> None:
 
 @pytest.mark.timeout(110)
 def test_fixed_seed_every_fault_kind(tmp_path: Path) -> None:
-    # Seed 44's schedule holds all 9 kinds within DURATION where the roles run in network
-    # namespaces (two partitions); without namespaces (not root) the same seed draws 7 kinds,
-    # no partition, and the run says so.
+    # Seed 1987's schedule holds all 11 kinds within DURATION where the roles run in network
+    # namespaces (a clock jump and then a lost tail on pub0, among them); without namespaces
+    # (not root) the same seed draws 6 kinds, no partition, and the run says so.
     netns_ok = netns.available() is None
     sched = faults.schedule(SEED, DURATION, ROLES, netns=netns_ok)
     kinds = {f.kind for f in sched}
@@ -45,7 +45,7 @@ def test_fixed_seed_every_fault_kind(tmp_path: Path) -> None:
         assert "partition" in kinds and len(kinds) == len(faults.TARGETS), sched
     else:
         print(f"chaos CI run without partition faults: {netns.available()}")
-        assert "partition" not in kinds and len(kinds) >= 7, sched
+        assert "partition" not in kinds and len(kinds) >= 6, sched
     _run(SEED, tmp_path)
 
 
