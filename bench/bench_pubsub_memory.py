@@ -236,8 +236,9 @@ def main() -> None:
     modes = ("batch", "single") if a.mode == "both" else (a.mode,)
     if not a.json:
         print(f"stuck subscriber, {a.n:,} events of {a.size} B, durable, tcp loopback")
-        print("| publish | publish s | publisher RSS MiB (base / peak) | subscriber RSS MiB "
-              "(base / peak stuck / peak incl. catch-up) | catch-up s | replayed | complete |")
+        print("| publish | publish s | publisher RSS MiB (base / peak stuck / peak incl. "
+              "catch-up) | subscriber RSS MiB (base / peak stuck / peak incl. catch-up) | "
+              "catch-up s | replayed | complete |")
         print("|---|---:|---:|---:|---:|---:|---|")
     for mode in modes:
         r = run(a.n, mode, a.size, a.batch)
@@ -246,7 +247,8 @@ def main() -> None:
             continue
         how = f"publish_many({a.batch})" if mode == "batch" else "publish()"
         ok = "yes" if r["complete"] else f"NO (got {r['got']}, {r['bad']} out of order)"
-        print(f"| {how} | {r['publish_s']:.1f} | {r['base_pub_mib']:.0f} / {r['pub_mib']:.0f} | "
+        print(f"| {how} | {r['publish_s']:.1f} | {r['base_pub_mib']:.0f} / {r['pub_mib']:.0f} / "
+              f"{r['pub_hwm_mib']:.0f} | "
               f"{r['base_sub_mib']:.0f} / {r['sub_mib']:.0f} / {r['sub_hwm_mib']:.0f} | "
               f"{r['catchup_s']:.1f} | {r['replayed']:,} | "
               f"{ok} |", flush=True)
