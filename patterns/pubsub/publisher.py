@@ -46,8 +46,19 @@ _log = logging.getLogger("zeromesh.pubsub")
 #: Largest replay chunk the publisher sends, whatever the subscriber asks (records / bytes).
 MAX_REPLAY_RECORDS = 5000
 MAX_REPLAY_BYTES = 4 << 20
-#: Envelopes per DATA message in publish_many (one multipart; bounds a message's size).
+#: Envelopes per log batch in publish_many (one ``append_many``).
 BATCH_EVENTS = 1000
+#: Memory is bounded in bytes, not only in messages: libzmq's queues count messages (SNDHWM /
+#: RCVHWM), so every DATA message is cut at DATA_MESSAGE_BYTES (envelopes plus FRAME_COST per
+#: frame: libzmq's msg_t and content header; one event larger than that goes alone) and the
+#: data sockets' HWM is DATA_HWM = QUEUE_BYTES / DATA_MESSAGE_BYTES messages, so one queue (the
+#: publisher's per-subscriber pipe, the subscriber's receive pipe) holds at most QUEUE_BYTES
+#: (32 MiB) while events are up to 32 KiB (one larger event is one message: then HWM x its
+#: size). Beyond the HWM a PUB drops, and a durable subscriber replays from the log.
+DATA_MESSAGE_BYTES = 32 << 10
+FRAME_COST = 128
+QUEUE_BYTES = 32 << 20
+DATA_HWM = QUEUE_BYTES // DATA_MESSAGE_BYTES
 
 # pyzmq's Socket.send/send_multipart wrappers cost ~3 µs per frame in Python (argument checks,
 # enum flag arithmetic); the backend method with int flags costs a fraction of that, and a DATA
@@ -157,7 +168,8 @@ class _PubHub:
         self.bad_requests = 0
         self.pub_id = frames.node_id_bytes(node.id)
         sock = node.socket(zmq.XPUB, "pub")
-        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        # Per subscriber connection: at most DATA_HWM messages of DATA_MESSAGE_BYTES queued.
+        sock.setsockopt(zmq.SNDHWM, min(sndhwm, DATA_HWM))
         sock.setsockopt(zmq.LINGER, 0)
         # With security on, subscriptions are applied by hand (XPUB_MANUAL) per connection,
         # after checking the subscriber's "subscribe" permission (see _admit_subscription).
@@ -184,12 +196,28 @@ class _PubHub:
     # -- reactor thread ---------------------------------------------------------------------
 
     def send_data(self, st: _Stream, first: int, envs: list[bytes]) -> None:
-        """Send one DATA message (under ``lock``). PUB semantics: at the HWM the message is
-        dropped, never blocks; the subscriber notices the hole and replays it from the log.
+        """Send ``envs`` (seqs from ``first``) as DATA messages of at most
+        :data:`DATA_MESSAGE_BYTES` each (under ``lock``). PUB semantics: at the HWM a message
+        is dropped, never blocks; the subscriber notices the hole and replays it from the log.
 
         Raises:
             ClosedError: the socket failed.
         """
+        n = len(envs)
+        if n > 1 and sum(map(len, envs)) + n * FRAME_COST > DATA_MESSAGE_BYTES:
+            i = 0
+            while i < n:
+                j, nb = i + 1, len(envs[i]) + FRAME_COST  # one event always fits
+                while j < n and nb + len(envs[j]) + FRAME_COST <= DATA_MESSAGE_BYTES:
+                    nb += len(envs[j]) + FRAME_COST
+                    j += 1
+                self._send_message(st, first + i, envs[i:j])
+                i = j
+            return
+        self._send_message(st, first, envs)
+
+    def _send_message(self, st: _Stream, first: int, envs: list[bytes]) -> None:
+        # One DATA message (one multipart): topic, header, one frame per envelope.
         sock = self.sock
         n = len(envs)
         copy = len(envs[0]) <= 4096  # zero-copy only pays for big frames
@@ -444,7 +472,8 @@ class Publisher:
         log_config: the log's settings (fsync policy, retention); default fsync every 10 ms.
         source: the events' ``source``; default the node's name.
         heartbeat_s: interval of the head-seq heartbeat (node-wide, set by the first publisher).
-        sndhwm: the XPUB send high-water mark in messages (node-wide, first publisher).
+        sndhwm: the XPUB send high-water mark in messages (node-wide, first publisher),
+            at most :data:`DATA_HWM` (1024: 32 MiB of 32 KiB messages per subscriber).
         max_event_size: refuse events that encode larger than this.
         linger_s: when ``publish()`` is called again within 100 µs of this stream's last send,
             hold the event (at most this long, at most 64 events) and send it with the next
@@ -600,8 +629,8 @@ class Publisher:
                      subject: str | None = None) -> range:
         """Publish many payloads as events of one ``type``; returns their seqs.
 
-        One log batch and one DATA message per :data:`BATCH_EVENTS` events: the way to
-        throughput (per-batch costs instead of per-event ones).
+        One log batch per :data:`BATCH_EVENTS` events, sent as DATA messages of up to
+        :data:`DATA_MESSAGE_BYTES`: the way to throughput (per-batch costs, not per-event).
 
         Raises:
             ClosedError: the publisher is closed.
@@ -664,9 +693,9 @@ class Publisher:
         return range(start, start + len(envs))
 
     def _log_and_send(self, st: _Stream, start: int, envs: list[bytes]) -> None:
-        # Under hub.lock: log and send in chunks of BATCH_EVENTS (one log batch, one message).
-        # The seq moves with the log, before the send: a failed send must never leave seqs
-        # behind the log's offsets (the next publish would reuse logged seqs).
+        # Under hub.lock: log and send in chunks of BATCH_EVENTS (one log batch; send_data
+        # cuts it into messages of at most DATA_MESSAGE_BYTES). The seq moves with the log,
+        # before the send: a failed send must never leave seqs behind the log's offsets.
         hub = self._hub
         for i in range(0, len(envs), BATCH_EVENTS):
             chunk = envs[i:i + BATCH_EVENTS]

@@ -51,6 +51,12 @@ _log = logging.getLogger("zeromesh.pubsub")
 # Frame.more for the message boundary, a fraction of that (see _drain_sub).
 _zrecv: Any = zmq.backend.Socket.recv
 _NOBLOCK = int(zmq.NOBLOCK)
+#: The SUB socket's default RCVHWM in messages (publisher.DATA_HWM: 32 MiB of 32 KiB messages).
+_DATA_HWM = 1024
+#: One pump decodes at most about this many bytes of DATA (some 1,300 events of 100 B, and
+#: at least one message) into the ready queue however much is queued: what a stuck or slow
+#: handler holds decoded stays small (it was up to 1,000 messages of 1,000 events).
+_PUMP_BYTES = 256 << 10
 
 Key = tuple[str, str]  # (publisher node id, stream)
 
@@ -310,7 +316,8 @@ class Subscriber:
             log, oversize, undecodable, and :class:`StreamReset` when the publisher's log lost
             seqs): ``"skip"`` counts, logs and records it (:meth:`gaps`), ``"error"`` raises it
             from the iteration in order, then goes on. Default: as ``on_retention``.
-        rcvhwm: the SUB receive high-water mark (messages).
+        rcvhwm: the SUB receive high-water mark in messages (default 1024: 32 MiB of the
+            publishers' messages of up to 32 KiB).
         max_buffer: live events held per stream while a hole is replayed.
         replay_chunk: events per replay reply.
         max_event_size: larger envelopes are counted and dropped.
@@ -398,8 +405,9 @@ class Subscriber:
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         sock = node.socket(zmq.SUB, "sub")
-        if rcvhwm is not None:
-            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        # Bounded in bytes: publishers cut DATA messages at 32 KiB, so 1024 of them queue at
+        # most 32 MiB (publisher.DATA_HWM); beyond that the publisher drops and we replay.
+        sock.setsockopt(zmq.RCVHWM, rcvhwm if rcvhwm is not None else _DATA_HWM)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self._match.encode())
         self._sock = sock
@@ -571,7 +579,10 @@ class Subscriber:
         maxsz = self.max_event_size
         decode_message = frames.decode_message
         now = time.monotonic()
+        budget = _PUMP_BYTES
         for _ in range(1000):
+            if budget <= 0:
+                return
             # Frames (copy=False) rather than bytes + get(RCVMORE): pyzmq's get() builds a
             # SocketOption enum per call, while a Frame's `more` is filled in C by the recv
             # itself. Measured (inproc, 170 B frames, timeit): receiving costs 0.70 -> 0.40 µs
@@ -590,6 +601,7 @@ class Subscriber:
                 nb += len(b)
             stats.messages += 1
             stats.bytes_in += nb
+            budget -= nb
             try:
                 stream, head, envs = decode_message(msg, max_event_size=maxsz)
             except UnsupportedVersion as exc:
