@@ -67,7 +67,7 @@ def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[Any]]:
     def run() -> None:
         try:
             out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             out.append(exc)
 
     t = threading.Thread(target=run, daemon=True)
@@ -84,15 +84,14 @@ def test_recv_batch_handler_failing_on_4th_event_resumes_at_4th(
     with Publisher(a, stream) as pub:
         pub.publish_many(range(10))
         sizes: list[int] = []
-        with pytest.raises(Boom):
-            with Subscriber(b, stream, durable="agg") as sub:
-                while True:
-                    batch = sub.recv_batch(timeout=5)
-                    assert isinstance(batch, Batch)
-                    sizes.append(len(batch))
-                    for ev in batch:
-                        if ev.data == 3:
-                            raise Boom
+        with pytest.raises(Boom), Subscriber(b, stream, durable="agg") as sub:
+            while True:
+                batch = sub.recv_batch(timeout=5)
+                assert isinstance(batch, Batch)
+                sizes.append(len(batch))
+                for ev in batch:
+                    if ev.data == 3:
+                        raise Boom
         assert max(sizes) > 1  # a real batch, not one event per call
         assert first_data(b, stream, "agg") == 3
 
@@ -149,7 +148,7 @@ def test_async_recv_cancelled_by_wait_for_loses_nothing(pair: tuple[Node, Node])
             while len(got) < n and time.monotonic() < deadline:
                 try:
                     ev = await asyncio.wait_for(sub.recv(), 0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     timeouts += 1
                     continue
                 assert ev is not None
@@ -266,33 +265,30 @@ def test_undecodable_event_never_moves_the_cursor_over_earlier_events(
     ep = f"tcp://127.0.0.1:{port}"
     try:
         # The handler fails on e0: nothing may be committed, e0 comes again.
-        with pytest.raises(Boom):
-            with Subscriber(nd, stream, durable="u", endpoints=[ep]) as sub:
-                holder: list[Event | None] = []
-                wait_until(lambda: (raw.send_multipart(msg),
-                                    holder.append(sub.recv(timeout=0.05)))
-                           and holder[-1] is not None, 5, what="first event")
-                assert holder[-1] is not None and holder[-1].data == "e0"
-                assert sub.stats().bad_events >= 1  # seq 1 was already seen and refused
-                raise Boom
+        with pytest.raises(Boom), Subscriber(nd, stream, durable="u", endpoints=[ep]) as sub:
+            holder: list[Event | None] = []
+            wait_until(lambda: (raw.send_multipart(msg), holder.append(sub.recv(timeout=0.05)))
+                       and holder[-1] is not None, 5, what="first event")
+            assert holder[-1] is not None and holder[-1].data == "e0"
+            assert sub.stats().bad_events >= 1  # seq 1 was already seen and refused
+            raise Boom
         with Subscriber(nd, stream, durable="u", endpoints=[ep]) as sub:
             assert all(v == 0 for v in sub.positions().values()), sub.positions()
         # In order: once e0 is processed the cursor passes the skipped seq 1 with it.
-        with pytest.raises(Boom):
-            with Subscriber(nd, stream, durable="u2", endpoints=[ep],
-                            start=Start.beginning()) as sub:
-                seen: list[Any] = []
+        with pytest.raises(Boom), Subscriber(nd, stream, durable="u2", endpoints=[ep],
+                        start=Start.beginning()) as sub:
+            seen: list[Any] = []
 
-                def step() -> bool:
-                    raw.send_multipart(msg)
-                    ev = sub.recv(timeout=0.05)
-                    if ev is not None:
-                        seen.append(ev.data)
-                    return len(seen) >= 2
+            def step() -> bool:
+                raw.send_multipart(msg)
+                ev = sub.recv(timeout=0.05)
+                if ev is not None:
+                    seen.append(ev.data)
+                return len(seen) >= 2
 
-                wait_until(step, 5, what="both events")
-                assert seen[:2] == ["e0", "e2"]
-                raise Boom  # e0 was handled (e2 was asked for); e2 failed
+            wait_until(step, 5, what="both events")
+            assert seen[:2] == ["e0", "e2"]
+            raise Boom  # e0 was handled (e2 was asked for); e2 failed
         with Subscriber(nd, stream, durable="u2", endpoints=[ep]) as sub:
             assert set(sub.positions().values()) == {2}
     finally:
