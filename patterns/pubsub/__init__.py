@@ -8,11 +8,12 @@ node's public API.
 from patterns.pubsub.aio import AsyncPublisher, AsyncSubscriber
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher, PublisherStats
-from patterns.pubsub.subscriber import RetentionGap, Start, Subscriber, SubscriberStats
+from patterns.pubsub.subscriber import Batch, RetentionGap, Start, Subscriber, SubscriberStats
 
 __all__ = [
     "AsyncPublisher",
     "AsyncSubscriber",
+    "Batch",
     "Dedup",
     "Publisher",
     "PublisherStats",

@@ -177,7 +177,16 @@ class Start:
 
     @classmethod
     def new(cls) -> Start:
-        """Only events published after the subscriber found the publisher."""
+        """Only events published after the subscriber started.
+
+        A stream already offered when the subscriber is made starts at its head (the first
+        event or heartbeat seen). A durable stream first seen later (its publisher joined,
+        or began offering it, after the subscriber started) starts at the first event its
+        publisher logged at or after the subscriber's start time minus
+        ``Subscriber(new_stream_skew_s=...)``: nothing published after the subscriber started
+        is missed, within that clock-skew allowance. A best-effort stream starts at the first
+        event seen.
+        """
         return cls("new", 0)
 
 
@@ -438,7 +447,8 @@ class Subscriber:
     def _on_peer_event(self, ev: PeerEvent) -> None:
         if ev.kind is PeerEventKind.LEFT:
             # Single dict operations: atomic under the GIL, read by the owner's tick.
-            self._left[ev.peer.node_id] = time.monotonic()
+            if ev.peer.node_id in self._peer_eps:
+                self._left[ev.peer.node_id] = time.monotonic()
             return
         if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED):
             self._left.pop(ev.peer.node_id, None)
@@ -1057,7 +1067,9 @@ class Subscriber:
             wall = time.time_ns()
             limit = int(self.forget_cursors_after_s * 1e9)
             for pub, since in list(self._gone.items()):
-                if wall - since >= limit and pub not in self._peer_eps:
+                if pub in self._peer_eps or any(k[0] == pub for k in self._trackers):
+                    self._seen(pub)  # alive (maybe through a static endpoint)
+                elif wall - since >= limit:
                     with self._lock:
                         self._drop_publisher(pub, cursors=True)
 
@@ -1073,7 +1085,7 @@ class Subscriber:
             for key in [k for k in self._positions if k[0] == pub]:
                 del self._positions[key]
             return
-        if pub not in self._gone:
+        if pub not in self._gone and any(k[0] == pub for k in self._positions):
             self._gone[pub] = time.time_ns()
             self._store.put(self._gone_ns, pub, self._gone[pub])
         if cursors:
