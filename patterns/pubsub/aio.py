@@ -158,6 +158,9 @@ class AsyncSubscriber:
             if cur is not None and not failed:
                 sync._positions[cur[0]] = cur[1] + 1
         self._pending.clear()  # taken, never handed out: not committed, they come again
+        fut, self._fut = self._fut, None
+        if fut is not None:  # its batch is dropped uncommitted; its ClosedError is expected
+            fut.add_done_callback(_retrieve)
         sync.close()
         self._exec.shutdown(wait=False)
 
@@ -167,6 +170,11 @@ class AsyncSubscriber:
     async def __aexit__(self, et: type[BaseException] | None, *exc: object) -> None:
         # Left by an exception: the event being handled failed; do not commit past it.
         await self._close(failed=et is not None)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" at GC
 
 
 class AsyncPublisher:

@@ -1067,11 +1067,13 @@ class Subscriber:
             wall = time.time_ns()
             limit = int(self.forget_cursors_after_s * 1e9)
             for pub, since in list(self._gone.items()):
+                if wall - since < limit:
+                    continue
                 if pub in self._peer_eps or any(k[0] == pub for k in self._trackers):
-                    self._seen(pub)  # alive (maybe through a static endpoint)
-                elif wall - since >= limit:
-                    with self._lock:
-                        self._drop_publisher(pub, cursors=True)
+                    self._seen(pub)  # alive after all (maybe through a static endpoint)
+                    continue
+                with self._lock:
+                    self._drop_publisher(pub, cursors=True)
 
     def _drop_publisher(self, pub: str, *, cursors: bool) -> None:
         """Drop a publisher's trackers and data connection; with ``cursors`` (or for a
