@@ -114,6 +114,28 @@ def test_recv_batch_not_iterated_counts_processed_at_next_call(
         assert Subscriber(b, stream, durable="agg").positions()[(a.id, stream)] == 10
 
 
+def test_commit_while_iterating_a_batch_commits_up_to_the_current_event(
+        pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    stream = unique("rb")
+    with Publisher(a, stream) as pub:
+        pub.publish_many(range(10))
+        with Subscriber(b, stream, durable="agg", auto_commit=False) as sub:
+            seen = 0
+            while seen < 6:
+                batch = sub.recv_batch(timeout=5)
+                for ev in batch:
+                    seen += 1
+                    if ev.data == 2:
+                        assert batch[-1].data > 2  # events after it in the same batch
+                        sub.commit()  # past 0..2, not past the events still to come
+                        assert sub.positions()[(a.id, stream)] == 3
+                    if ev.data == 5:
+                        break
+            sub.commit()  # break left the loop on 5: it was handed out (and handled)
+            assert sub.positions()[(a.id, stream)] == 6
+
+
 # --- 2. AsyncSubscriber -------------------------------------------------------------------------
 
 def test_async_with_left_by_exception_does_not_commit_the_failing_event(

@@ -96,21 +96,37 @@ class Batch(list[Event]):
     """
 
     _items: list[ReadyItem] = []
-    _passed = 0
+    _at = -1  # index of the event the iteration handed out last; -1: never iterated
+    _settled = 0  # events whose positions were applied already
 
     def __iter__(self) -> Iterator[Event]:
         i = 0
         for ev in list.__iter__(self):
-            self._passed = i
+            self._at = i
             yield ev
             i += 1
-        self._passed = i
+        self._at = i  # the iteration ended: every event was passed
+
+    @property
+    def _passed(self) -> int:
+        """Events the iteration fully passed (the one it is on is not)."""
+        return max(0, self._at)
+
+    @property
+    def _handed(self) -> int:
+        """Events handed out: all when not iterated, else those taken so far."""
+        return len(self._items) if self._at < 0 else min(self._at + 1, len(self._items))
 
     def _settle(self, positions: dict[Key, int], n: int) -> None:
-        """Move ``positions`` past the first ``n`` events (under the subscriber's lock)."""
+        """Move ``positions`` past the first ``n`` events (under the subscriber's lock);
+        never back over events settled before."""
+        done = self._settled
+        if n <= done:
+            return
         items = self._items
-        for key, seq, _ in (items if n >= len(items) else items[:n]):
+        for key, seq, _ in (items if done == 0 and n >= len(items) else items[done:n]):
             positions[key] = seq + 1
+        self._settled = n
 
 
 class RetentionGap(MeshError):
@@ -794,7 +810,8 @@ class Subscriber:
 
 
     def commit(self) -> None:
-        """Commit the position past every event handed out so far (including the current one).
+        """Commit the position past every event handed out so far (including the current one;
+        in a :class:`Batch` being iterated, up to the event the iteration is on).
 
         From a thread other than the owner, commits what the owner has finished (never the
         event it is handling).
@@ -804,8 +821,19 @@ class Subscriber:
         """
         with self._lock:
             if self._owner is None or self._owner == threading.get_ident():
-                self._done()
+                self._done_handed()
             self._commit_positions()
+
+    def _done_handed(self) -> None:
+        """The owner's commit (under ``_lock``): what was handed out counts processed."""
+        batch = self._batch
+        if batch is None:
+            self._done()
+            return
+        n = batch._handed
+        batch._settle(self._positions, n)
+        if n >= len(batch._items):
+            self._batch = None
 
     def commit_upto(self, keep: int) -> None:
         """Commit; with ``keep`` > 0 the events still handed out are not counted processed.
@@ -815,7 +843,7 @@ class Subscriber:
         """
         with self._lock:
             if keep <= 0 and (self._owner is None or self._owner == threading.get_ident()):
-                self._done()
+                self._done_handed()
             self._commit_positions()
 
     @property
@@ -1173,7 +1201,7 @@ class Subscriber:
                     if unhanded:
                         self._abandon()
                     elif self._owner is None or self._owner == threading.get_ident():
-                        self._done()
+                        self._done_handed()
                     self._commit_positions()
             finally:
                 if self._store is not None:
