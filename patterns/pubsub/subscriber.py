@@ -96,26 +96,38 @@ class Batch(list[Event]):
     """
 
     _items: list[ReadyItem] = []
-    _at = -1  # index of the event the iteration handed out last; -1: never iterated
+    _it: Any = None  # the list iterator of the last iteration (None: never iterated)
     _settled = 0  # events whose positions were applied already
 
     def __iter__(self) -> Iterator[Event]:
-        i = 0
-        for ev in list.__iter__(self):
-            self._at = i
-            yield ev
-            i += 1
-        self._at = i  # the iteration ended: every event was passed
+        # The plain C list iterator: no per-event Python work. How far it got is read back
+        # only when needed (once per batch), from its pickling state: ``(iter, (list,), i)``
+        # while it can still yield (``i`` = events taken so far), ``(iter, ([],))`` once it
+        # ran out, i.e. after the loop body of the last event finished.
+        it = list.__iter__(self)
+        self._it = it
+        return it
+
+    def _taken(self) -> int:
+        """Events the last iteration took; -1 when it ran to its end (all passed)."""
+        red = self._it.__reduce__()
+        return int(red[2]) if len(red) > 2 else -1
 
     @property
     def _passed(self) -> int:
         """Events the iteration fully passed (the one it is on is not)."""
-        return max(0, self._at)
+        if self._it is None:
+            return 0
+        taken = self._taken()
+        return len(self._items) if taken < 0 else max(0, taken - 1)
 
     @property
     def _handed(self) -> int:
         """Events handed out: all when not iterated, else those taken so far."""
-        return len(self._items) if self._at < 0 else min(self._at + 1, len(self._items))
+        if self._it is None:
+            return len(self._items)
+        taken = self._taken()
+        return len(self._items) if taken < 0 else min(taken, len(self._items))
 
     def _settle(self, positions: dict[Key, int], n: int) -> None:
         """Move ``positions`` past the first ``n`` events (under the subscriber's lock);
