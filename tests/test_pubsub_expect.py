@@ -192,3 +192,21 @@ def test_same_node_delivery_over_curve(tmp_path: Path) -> None:
             pub.publish(20)
             ev = sub.recv(timeout=5)  # live over the node's own CURVE data socket
             assert ev is not None and ev.data == 20
+
+
+def test_cursor_rows_of_a_publisher_never_seen_again_age_across_restarts(node: Node) -> None:
+    ghost = "ab" * 16  # a publisher that left before this run and never comes back
+    stream = unique("ghost")
+    with StateStore(node.data_dir / "pubsub-cursors.db") as st:
+        st.put("pubsub.cursor.g", f"{ghost}/{stream}", 42)
+    with Subscriber(node, stream, durable="g", forget_cursors_after_s=3600) as sub:
+        assert sub.positions() == {(ghost, stream): 42}
+    with StateStore(node.data_dir / "pubsub-cursors.db") as st:
+        since = st.get("pubsub.gone.g", ghost)
+        assert isinstance(since, int)  # its clock started at the first run, and is kept
+        st.put("pubsub.gone.g", ghost, since - 2 * 3600 * 10**9)  # as if two hours passed
+    with Subscriber(node, stream, durable="g", forget_cursors_after_s=3600) as sub:
+        wait_until(lambda: sub.recv(timeout=0.05) is None and not sub.positions(), 5,
+                   what="orphaned cursor rows dropped")
+    with StateStore(node.data_dir / "pubsub-cursors.db") as st:
+        assert list(st.items("pubsub.cursor.g")) == []
