@@ -346,9 +346,10 @@ class Subscriber:
         forget_after_s: a publisher that left the mesh (``PeerEventKind.LEFT``) and did not
             come back for this long is forgotten: its trackers are dropped and its data
             endpoint disconnected (it is found again if it returns).
-        forget_cursors_after_s: a durable subscription's cursor rows of a publisher gone this
-            long (wall clock, counted across restarts) are deleted; until then a returning
-            publisher resumes at its cursor. :meth:`forget` deletes them at once.
+        forget_cursors_after_s: the positions of a publisher gone this long (a durable
+            subscription's cursor rows: wall clock, counted across restarts) are deleted;
+            until then a returning publisher resumes at them. :meth:`forget` deletes them at
+            once. A publisher that returns after that starts as a new one (per ``start``).
 
     Threading: one owner thread receives (``recv``, ``recv_batch``, iteration, ``run``): the
     first thread that does; any other thread gets :class:`~mesh.errors.WrongThread`.
@@ -1103,7 +1104,7 @@ class Subscriber:
                 with self._lock:
                     self._drop_publisher(pub, cursors=False)
                 _log.info("pubsub: forgot publisher %s (gone %.0f s)", pub, now - left_at)
-        if self._gone and self._store is not None:
+        if self._gone:
             wall = time.time_ns()
             limit = int(self.forget_cursors_after_s * 1e9)
             for pub, since in list(self._gone.items()):
@@ -1116,27 +1117,29 @@ class Subscriber:
                     self._drop_publisher(pub, cursors=True)
 
     def _drop_publisher(self, pub: str, *, cursors: bool) -> None:
-        """Drop a publisher's trackers and data connection; with ``cursors`` (or for a
-        non-durable subscription) its positions and cursor rows too."""
+        """Drop a publisher's trackers and data connection; with ``cursors`` its positions
+        and cursor rows too (else start their forget_cursors_after_s clock)."""
         for key in [k for k in self._trackers if k[0] == pub]:
             del self._trackers[key]
         ep = self._peer_eps.pop(pub, None)
         if ep is not None:
             self._disconnect(ep)
-        if self._store is None:
-            for key in [k for k in self._positions if k[0] == pub]:
-                del self._positions[key]
+        store = self._store
+        if not cursors:
+            # Positions stay (a returning publisher continues where we were) until it has
+            # been gone forget_cursors_after_s; durable: the clock is persisted.
+            if pub not in self._gone and any(k[0] == pub for k in self._positions):
+                self._gone[pub] = time.time_ns()
+                if store is not None:
+                    store.put(self._gone_ns, pub, self._gone[pub])
             return
-        if pub not in self._gone and any(k[0] == pub for k in self._positions):
-            self._gone[pub] = time.time_ns()
-            self._store.put(self._gone_ns, pub, self._gone[pub])
-        if cursors:
-            for key in [k for k in self._positions if k[0] == pub]:
-                del self._positions[key]
-                self._committed.pop(key, None)
-                self._store.delete(self._cursor_ns, f"{key[0]}/{key[1]}")
-            self._gone.pop(pub, None)
-            self._store.delete(self._gone_ns, pub)
+        for key in [k for k in self._positions if k[0] == pub]:
+            del self._positions[key]
+            self._committed.pop(key, None)
+            if store is not None:
+                store.delete(self._cursor_ns, f"{key[0]}/{key[1]}")
+        if self._gone.pop(pub, None) is not None and store is not None:
+            store.delete(self._gone_ns, pub)
 
     def forget(self, publisher: str) -> None:
         """Forget ``publisher`` now: its trackers, its data connection and (durable) its
@@ -1153,8 +1156,6 @@ class Subscriber:
         with self._pump_lock, self._lock:
             self._left.pop(publisher, None)
             self._drop_publisher(publisher, cursors=True)
-            for key in [k for k in self._positions if k[0] == publisher]:
-                del self._positions[key]
 
     # --- introspection / lifecycle ---------------------------------------------------------
 
