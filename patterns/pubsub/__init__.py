@@ -9,6 +9,7 @@ from patterns.pubsub.aio import AsyncPublisher, AsyncSubscriber
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher, PublisherStats
 from patterns.pubsub.subscriber import (
+    Batch,
     RetentionGap,
     Start,
     StreamGap,
@@ -20,6 +21,7 @@ from patterns.pubsub.subscriber import (
 __all__ = [
     "AsyncPublisher",
     "AsyncSubscriber",
+    "Batch",
     "Dedup",
     "Publisher",
     "PublisherStats",

@@ -34,3 +34,9 @@ def drop(node: object, kind: str, item: object) -> None:
         if _items.get(key) is item:
             del _items[key]
 
+
+
+def peek(node: object, kind: str) -> Any:
+    """The shared object of ``kind`` for ``node`` if one exists now (never creates one)."""
+    with _lock:
+        return _items.get((id(node), kind))

@@ -2,7 +2,7 @@
 
 The hot path stays on plain sockets (DESIGN.md, "Concurrency": one await per message is ~15x
 slower). :class:`AsyncSubscriber` runs the sync subscriber's blocking receive in the loop's
-default executor and hands back a *batch* (up to ``batch`` events) per hop, so the thread hop
+own single worker thread (the sync subscriber's owner) and hands back a *batch* (up to ``batch`` events) per hop, so the thread hop
 costs once per batch, then yields the batch's events one by one without awaiting.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mesh.envelope import Event
+from mesh.errors import ClosedError
 from mesh.tracing import use_event
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Subscriber
@@ -30,6 +32,13 @@ class AsyncSubscriber:
                 await handle(event)
 
     An event counts as processed when the next one is asked for (as with the sync iterator).
+    Leaving ``async with`` by an exception commits nothing past the last event fully handled
+    (the failing one comes again after a restart). Cancelling a ``recv()`` (e.g.
+    ``asyncio.wait_for(sub.recv(), 0.05)``) loses nothing: the receive already under way in
+    the worker thread keeps its batch, and the next ``recv()`` takes it.
+
+    Threading: the blocking receives run on one dedicated thread of this object (the sync
+    subscriber's owner thread, see :class:`Subscriber`); use the object from one event loop.
 
     Args:
         *args: as :class:`Subscriber`.
@@ -43,7 +52,12 @@ class AsyncSubscriber:
     def __init__(self, *args: Any, batch: int = 1000, **kwargs: Any) -> None:
         self.sync = Subscriber(*args, **kwargs)
         self._batch = batch
-        self._pending: collections.deque[Event] = collections.deque()
+        # Raw ready items taken from the sync subscriber, not handed out yet, and the one
+        # handed out last (processed once the next is asked for).
+        self._pending: collections.deque[Any] = collections.deque()
+        self._cur: Any = None
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="zeromesh-asub")
+        self._fut: asyncio.Future[list[Any]] | None = None  # the receive under way
 
     def __aiter__(self) -> AsyncSubscriber:
         return self
@@ -57,32 +71,61 @@ class AsyncSubscriber:
         use_event(ev)
         return ev
 
+    def _hand_out(self) -> Event | None:
+        """Mark the current event processed; the next pending event (markers passed)."""
+        sync = self.sync
+        pending = self._pending
+        if self._cur is None and not pending:
+            return None
+        with sync._lock:
+            positions = sync._positions
+            cur = self._cur
+            if cur is not None:
+                self._cur = None
+                positions[cur[0]] = cur[1] + 1
+            while pending:
+                item = pending.popleft()
+                ev = item[2]
+                if isinstance(ev, Event):
+                    self._cur = item
+                    return ev
+                sync._reach(item[0], ev)  # a mark (gap, skipped event): applied in order
+        return None
+
     async def recv(self, timeout: float | None = None) -> Event | None:
         """The next event; None when closed or after ``timeout`` seconds.
 
         Raises:
-            RetentionGap: with ``on_retention="error"``.
+            StreamGap: a gap whose policy is "error" (``on_gap``/``on_retention``).
         """
-        if self._pending:
-            ev = self._pending.popleft()
-            # Everything before the event returned now is processed.
-            with self.sync._lock:
-                self.sync._done(len(self._pending) + 1)
+        ev = self._hand_out()
+        if ev is not None:
             return ev
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             if self.sync.closed:
                 return None
-            # Short blocking waits so close() and cancellation are noticed promptly.
-            wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - loop.time()))
-            batch = await loop.run_in_executor(None, self.sync._recv_batch_async, wait,
-                                               self._batch)
-            if batch:
-                self._pending.extend(batch[1:])
-                with self.sync._lock:
-                    self.sync._done(len(self._pending) + 1)
-                return batch[0]
+            fut = self._fut
+            if fut is None:
+                # Short blocking waits so close() and cancellation are noticed promptly.
+                wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - loop.time()))
+                fut = self._fut = loop.run_in_executor(self._exec, self.sync._recv_items, wait,
+                                                       self._batch)
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            # asyncio.wait neither cancels ``fut`` on timeout nor when this task is
+            # cancelled: its batch stays in self._fut for the next recv().
+            await asyncio.wait((fut,), timeout=left)
+            if fut.done():
+                self._fut = None
+                try:
+                    items = fut.result()
+                except ClosedError:
+                    return None
+                self._pending.extend(items)
+                ev = self._hand_out()
+                if ev is not None:
+                    return ev
             if deadline is not None and loop.time() >= deadline:
                 return None
 
@@ -92,18 +135,43 @@ class AsyncSubscriber:
         Raises:
             StateError: the cursor store failed.
         """
-        self.sync.commit_upto(len(self._pending))
+        sync = self.sync
+        with sync._lock:
+            cur = self._cur
+            if cur is not None:
+                self._cur = None
+                sync._positions[cur[0]] = cur[1] + 1
+            sync._commit_positions()
 
     async def aclose(self) -> None:
         """Close the subscriber (commits with auto commit). Idempotent."""
-        self.sync.close(unhanded=len(self._pending))
-        self._pending.clear()
+        await self._close(failed=False)
+
+    async def _close(self, *, failed: bool) -> None:
+        sync = self.sync
+        with sync._lock:
+            cur = self._cur
+            self._cur = None
+            if cur is not None and not failed:
+                sync._positions[cur[0]] = cur[1] + 1
+        self._pending.clear()  # taken, never handed out: not committed, they come again
+        fut, self._fut = self._fut, None
+        if fut is not None:  # its batch is dropped uncommitted; its ClosedError is expected
+            fut.add_done_callback(_retrieve)
+        sync.close()
+        self._exec.shutdown(wait=False)
 
     async def __aenter__(self) -> AsyncSubscriber:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, et: type[BaseException] | None, *exc: object) -> None:
+        # Left by an exception: the event being handled failed; do not commit past it.
+        await self._close(failed=et is not None)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" at GC
 
 
 class AsyncPublisher:

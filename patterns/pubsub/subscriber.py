@@ -1,7 +1,11 @@
 """The subscribing side: a SUB socket, one gap tracker per (publisher, stream), replay, cursors.
 
-Threading: the SUB socket belongs to the Subscriber and is only touched by the thread that is
-iterating (guarded by a lock). Control replies (``pubsub.replay_data``) and peer events arrive on
+Threading: the SUB socket, the trackers and the ready queue belong to the owner thread (the
+first thread that receives; any other gets :class:`~mesh.errors.WrongThread`), which polls the
+socket holding only ``_pump_lock`` (so :meth:`Subscriber.close` can wait for the poll in
+progress); positions and commits are guarded by ``_lock``, which is never held across a
+blocking wait, so ``stats()``, ``positions()``, ``commit()`` and ``close()`` from other threads
+return at once (``stats()`` reads a lock-free snapshot). Control replies (``pubsub.replay_data``) and peer events arrive on
 the node's reactor thread; they are validated there and handed over through a deque plus a
 one-byte wake-up on a pipe the iterating thread polls beside the SUB socket: one hand-over per
 replay chunk, never one per event.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import os
 import threading
 import time
@@ -21,8 +26,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import msgpack
 import zmq
 
+from mesh import control
 from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode
 from mesh.errors import (
     ClosedError,
@@ -33,6 +40,7 @@ from mesh.errors import (
     ProtocolError,
     SignatureInvalid,
     UnsupportedVersion,
+    WrongThread,
 )
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.security.signing import EventVerifier
@@ -42,7 +50,8 @@ from patterns._metrics import Processing, attach, subscriber_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
 
-__all__ = ["RetentionGap", "Start", "StreamGap", "StreamReset", "Subscriber", "SubscriberStats"]
+__all__ = ["Batch", "RetentionGap", "Start", "StreamGap", "StreamReset", "Subscriber",
+           "SubscriberStats"]
 
 _log = logging.getLogger("zeromesh.pubsub")
 
@@ -59,6 +68,72 @@ _DATA_HWM = 1024
 _PUMP_BYTES = 256 << 10
 
 Key = tuple[str, str]  # (publisher node id, stream)
+
+#: Default clock-skew allowance of :meth:`Start.new` for streams first seen after the
+#: subscriber started (see ``Subscriber(new_stream_skew_s=...)``).
+NEW_STREAM_SKEW_S = 0.5
+
+
+_third = operator.itemgetter(2)
+ReadyItem = tuple[Key, int, "Event | _Mark"]
+
+
+class Batch(list[Event]):
+    """The events of one :meth:`Subscriber.recv_batch` call (a plain list of events).
+
+    Commit means handled: iterating the batch marks event ``i - 1`` processed when event ``i``
+    is taken, and the last one when the iteration ends, as the subscriber's own iterator does.
+    A batch that was not iterated (indexed, sliced, handed to a bulk call) counts as processed
+    as a whole when the next ``recv``/``recv_batch``/``commit`` call is made. Leaving the
+    ``with Subscriber(...)`` block (or :meth:`Subscriber.run`) by an exception commits nothing
+    past the last event the iteration fully passed: after a restart a durable subscription
+    resumes at the event that failed.
+    """
+
+    _items: list[ReadyItem] = []
+    _it: Any = None  # the list iterator of the last iteration (None: never iterated)
+    _settled = 0  # events whose positions were applied already
+
+    def __iter__(self) -> Iterator[Event]:
+        # The plain C list iterator: no per-event Python work. How far it got is read back
+        # only when needed (once per batch), from its pickling state: ``(iter, (list,), i)``
+        # while it can still yield (``i`` = events taken so far), ``(iter, ([],))`` once it
+        # ran out, i.e. after the loop body of the last event finished.
+        it = list.__iter__(self)
+        self._it = it
+        return it
+
+    def _taken(self) -> int:
+        """Events the last iteration took; -1 when it ran to its end (all passed)."""
+        red = self._it.__reduce__()
+        return int(red[2]) if len(red) > 2 else -1
+
+    @property
+    def _passed(self) -> int:
+        """Events the iteration fully passed (the one it is on is not)."""
+        if self._it is None:
+            return 0
+        taken = self._taken()
+        return len(self._items) if taken < 0 else max(0, taken - 1)
+
+    @property
+    def _handed(self) -> int:
+        """Events handed out: all when not iterated, else those taken so far."""
+        if self._it is None:
+            return len(self._items)
+        taken = self._taken()
+        return len(self._items) if taken < 0 else min(taken, len(self._items))
+
+    def _settle(self, positions: dict[Key, int], n: int) -> None:
+        """Move ``positions`` past the first ``n`` events (under the subscriber's lock);
+        never back over events settled before."""
+        done = self._settled
+        if n <= done:
+            return
+        items = self._items
+        for key, seq, _ in (items if done == 0 and n >= len(items) else items[done:n]):
+            positions[key] = seq + 1
+        self._settled = n
 
 
 class StreamGap(MeshError):
@@ -190,7 +265,16 @@ class Start:
 
     @classmethod
     def new(cls) -> Start:
-        """Only events published after the subscriber found the publisher."""
+        """Only events published after the subscriber started.
+
+        A stream already offered when the subscriber is made starts at its head (the first
+        event or heartbeat seen). A durable stream first seen later (its publisher joined,
+        or began offering it, after the subscriber started) starts at the first event its
+        publisher logged at or after the subscriber's start time minus
+        ``Subscriber(new_stream_skew_s=...)``: nothing published after the subscriber started
+        is missed, within that clock-skew allowance. A best-effort stream starts at the first
+        event seen.
+        """
         return cls("new", 0)
 
 
@@ -329,8 +413,30 @@ class Subscriber:
             ``None`` (default) exactly when the node's ``SecurityConfig.event_keys`` is not
             empty. An event that fails (unsigned, unknown key, altered) is not delivered: it
             is counted (``SubscriberStats.bad_signatures``), logged, and the stream moves on
-            past it in order (it is never retried; the cursor passes it with the next event
-            processed after it).
+            past it in order (it is never retried; the cursor passes it once every event before
+            it was processed).
+        new_stream_skew_s: with :meth:`Start.new`, a durable stream first seen after the
+            subscriber started (its publisher joined later, or began offering it later) starts
+            at the first event its publisher logged at or after the subscriber's start time
+            minus this allowance, so no event published after the subscriber started is
+            missed. Timestamps are the publisher's wall clock: a publisher whose clock is
+            behind ours by more than this may lose its first events; one ahead (or this
+            allowance) may add events published up to this long before we subscribed.
+            Streams already offered when the subscriber is made start at their head.
+        forget_after_s: a publisher that left the mesh (``PeerEventKind.LEFT``) and did not
+            come back for this long is forgotten: its trackers are dropped and its data
+            endpoint disconnected (it is found again if it returns).
+        forget_cursors_after_s: the positions of a publisher gone this long (a durable
+            subscription's cursor rows: wall clock, counted across restarts) are deleted;
+            until then a returning publisher resumes at them. :meth:`forget` deletes them at
+            once. A publisher that returns after that starts as a new one (per ``start``).
+
+    Threading: one owner thread receives (``recv``, ``recv_batch``, iteration, ``run``): the
+    first thread that does; any other thread gets :class:`~mesh.errors.WrongThread`.
+    ``close()``, ``stats()``, ``positions()``, ``commit()`` and ``forget()`` may be called
+    from any thread and never wait on a receive in progress for longer than one socket poll
+    slice (``stats()`` and ``positions()`` not at all). ``commit()`` from another thread
+    commits what the owner has finished, never the event it is handling.
 
     Raises:
         ConfigError: bad arguments (``verify=True`` on a node without security).
@@ -344,6 +450,9 @@ class Subscriber:
                  max_buffer: int = 10_000, replay_chunk: int = 2000,
                  max_event_size: int = DEFAULT_MAX_EVENT_BYTES, retry_s: float = 2.0,
                  verify: bool | EventVerifier | None = None,
+                 new_stream_skew_s: float = NEW_STREAM_SKEW_S,
+                 forget_after_s: float = 24 * 3600.0,
+                 forget_cursors_after_s: float = 30 * 24 * 3600.0,
                  on_gap: Literal["skip", "error"] | None = None) -> None:
         if not topic:
             raise ConfigError("topic must not be empty")
@@ -351,6 +460,9 @@ class Subscriber:
             raise ConfigError(f"on_retention must be 'skip' or 'error', got {on_retention!r}")
         if replay_chunk <= 0 or max_buffer < 0:
             raise ConfigError("replay_chunk must be > 0 and max_buffer >= 0")
+        if new_stream_skew_s < 0 or forget_after_s < 0 or forget_cursors_after_s < 0:
+            raise ConfigError("new_stream_skew_s, forget_after_s and forget_cursors_after_s "
+                              "must be >= 0")
         self.node = node
         self.topic = topic
         self.prefix = topic.endswith((".", "*"))
@@ -372,19 +484,31 @@ class Subscriber:
         self._verifier = _resolve_verifier(node, verify)
         self.sid = uuid.uuid4().hex
         self._stats = SubscriberStats()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # positions, commits; never held across a wait
+        self._pump_lock = threading.Lock()  # held by the owner across one poll slice
+        self._owner: int | None = None
         self._closed = False
+        self.new_stream_skew_s = new_stream_skew_s
+        self.forget_after_s = forget_after_s
+        self.forget_cursors_after_s = forget_cursors_after_s
+        self._started_ns = time.time_ns()
+        self._constructing = True  # streams found now start at their head (Start.new)
+        self._self_info: PeerInfo | None = None
+        self._left: dict[str, float] = {}  # publisher -> monotonic time it left
+        self._gone: dict[str, int] = {}  # publisher -> wall ns since its cursors are orphaned
+        self._gone_ns = f"pubsub.gone.{durable}" if durable else ""
         self._trackers: dict[Key, tuple[int, StreamTracker]] = {}
-        self._ready: collections.deque[tuple[Key, int, Event | _Mark]] = (
-            collections.deque())
+        self._ready: collections.deque[ReadyItem] = collections.deque()
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._positions: dict[Key, int] = {}
         # The writer epoch each position was reached under (None: unknown, older cursor);
         # committed with it, so a restart can ask the publisher whether its log still agrees.
         self._pos_epoch: dict[Key, int | None] = {}
         self._committed: dict[Key, tuple[int, int | None]] = {}
-        # Events handed out and not yet known to be processed (oldest first).
-        self._handed: collections.deque[tuple[Key, int]] = collections.deque()
+        # Handed out and not yet known to be processed: the event of the last recv(), or the
+        # last recv_batch() (see Batch). Nothing else is ever outstanding.
+        self._cur: ReadyItem | None = None
+        self._batch: Batch | None = None
         self._connected: set[str] = set()
         self._static = set(endpoints)
         self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
@@ -401,6 +525,7 @@ class Subscriber:
                     self._committed[(pub, stream)] = cur
                     self._positions[(pub, stream)] = cur[0]
                     self._pos_epoch[(pub, stream)] = cur[1]
+            self._load_gone()
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -424,11 +549,15 @@ class Subscriber:
         with self._lock:
             for peer in self._offering_peers():
                 self._add_peer(peer)
+            self._add_self()
+        self._constructing = False
 
     # --- cross-thread hand-over ------------------------------------------------------------
 
     def _post(self, item: tuple[Any, ...]) -> None:
         """Called on the reactor thread: queue ``item`` and wake the iterating thread."""
+        if self._closed:
+            return
         self._inbox.append(item)
         try:
             os.write(self._wfd, b"\0")
@@ -436,6 +565,13 @@ class Subscriber:
             pass  # the pipe is full (already awake) or closed
 
     def _on_peer_event(self, ev: PeerEvent) -> None:
+        if ev.kind is PeerEventKind.LEFT:
+            # Single dict operations: atomic under the GIL, read by the owner's tick.
+            if ev.peer.node_id in self._peer_eps:
+                self._left[ev.peer.node_id] = time.monotonic()
+            return
+        if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED):
+            self._left.pop(ev.peer.node_id, None)
         if ev.kind in (PeerEventKind.JOINED, PeerEventKind.CHANGED) and self._offers_match(
                 ev.peer):
             self._post(("peer", ev.peer))
@@ -502,6 +638,7 @@ class Subscriber:
         old = self._peer_eps.get(peer.node_id)
         self._peer_eps[peer.node_id] = ep
         self._connect(ep)
+        self._seen(peer.node_id)
         moved = old is not None and old != ep
         if old is not None and moved:
             # Restarted (same id, new address), maybe without a LEFT in between: stop
@@ -539,6 +676,8 @@ class Subscriber:
             elif st.kind == "offset":
                 pos = st.value
         from_time = st.value if pos is None and st.kind == "time" and replayable else None
+        if pos is None and st.kind == "new" and replayable:
+            from_time = self._new_stream_from_time()
         return StreamTracker(pos, replayable=replayable, max_buffer=self.max_buffer,
                              from_time=from_time, retry_s=self.retry_s,
                              epoch=self._pos_epoch.get(key) if replayable else None)
@@ -565,12 +704,17 @@ class Subscriber:
             self._next_tick = now + 0.1
             for key, (_, tracker) in list(self._trackers.items()):
                 self._apply(key, tracker, tracker.on_tick(now))
+            if self.node.info() is not self._self_info:
+                self._add_self()  # a publisher on this node began (or stopped) offering
+            if self._left or self._gone:
+                self._prune_gone(now)
             self._maybe_commit(now)
 
     def _maybe_commit(self, now: float) -> None:
         if self.auto_commit and self._store is not None and now >= self._next_commit:
             self._next_commit = now + self.commit_interval_s
-            self._commit_positions()
+            with self._lock:
+                self._commit_positions()
 
     def _drain_sub(self) -> None:
         sock = self._sock
@@ -696,6 +840,7 @@ class Subscriber:
                 epoch=data.epoch, truncate=data.truncate, skip=skip,
                 epoch_end=data.epoch_end))
 
+
     def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:
         ready = self._ready
         if step.epoch is not None:
@@ -791,20 +936,31 @@ class Subscriber:
                                     ask.end, self.replay_chunk, self.replay_bytes, ask.epoch,
                                     self.max_event_size).to_body()
         try:
-            self.node.send(key[0], frames.CTRL_REPLAY, body)
+            self._ctrl_send(key[0], frames.CTRL_REPLAY, body)
         except MeshError as exc:
             # Unreachable for now: the tracker re-sends after retry_s.
             _log.info("pubsub: replay request to %s not sent: %s", key[0], exc)
 
     # --- positions and commits -------------------------------------------------------------
 
-    def _done(self, keep: int = 0) -> None:
-        """Mark handed-out events processed, all but the last ``keep``."""
-        handed = self._handed
-        positions = self._positions
-        while len(handed) > keep:
-            key, seq = handed.popleft()
-            positions[key] = seq + 1
+    def _done(self) -> None:
+        """Mark what was handed out processed (under ``_lock``): the next one is asked for."""
+        cur = self._cur
+        if cur is not None:
+            self._cur = None
+            self._positions[cur[0]] = cur[1] + 1
+        batch = self._batch
+        if batch is not None:
+            self._batch = None
+            batch._settle(self._positions, len(batch._items))
+
+    def _abandon(self) -> None:
+        """The handler failed (under ``_lock``): keep only what a batch iteration passed."""
+        self._cur = None
+        batch = self._batch
+        if batch is not None:
+            self._batch = None
+            batch._settle(self._positions, batch._passed)
 
     def _reach(self, key: Key, mark: _Mark) -> None:
         """Iteration reached a mark (every event before it is processed): apply it."""
@@ -827,7 +983,7 @@ class Subscriber:
     def _commit_positions(self) -> None:
         pe = self._pos_epoch
         committed = self._committed
-        dirty = {k: (v, pe.get(k)) for k, v in self._positions.items()
+        dirty = {k: (v, pe.get(k)) for k, v in list(self._positions.items())
                  if committed.get(k) != (v, pe.get(k))}
         if not dirty:
             return
@@ -838,27 +994,47 @@ class Subscriber:
             self._stats.commits += 1
             for (pub, stream), (pos, _epoch) in dirty.items():
                 try:
-                    self.node.send(pub, frames.CTRL_ACK,
-                                   frames.Ack(self.durable or "", stream, pos).to_body())
+                    self._ctrl_send(pub, frames.CTRL_ACK,
+                                    frames.Ack(self.durable or "", stream, pos).to_body())
                 except MeshError:
                     pass  # the publisher learns it at the next commit
 
+
     def commit(self) -> None:
-        """Commit the position past every event handed out so far (including the current one).
+        """Commit the position past every event handed out so far (including the current one;
+        in a :class:`Batch` being iterated, up to the event the iteration is on).
 
-        Raises:
-            StateError: the cursor store failed.
-        """
-        self.commit_upto(0)
-
-    def commit_upto(self, keep: int) -> None:
-        """Commit past every event handed out except the last ``keep`` (async buffering).
+        From a thread other than the owner, commits what the owner has finished (never the
+        event it is handling).
 
         Raises:
             StateError: the cursor store failed.
         """
         with self._lock:
-            self._done(keep)
+            if self._owner is None or self._owner == threading.get_ident():
+                self._done_handed()
+            self._commit_positions()
+
+    def _done_handed(self) -> None:
+        """The owner's commit (under ``_lock``): what was handed out counts processed."""
+        batch = self._batch
+        if batch is None:
+            self._done()
+            return
+        n = batch._handed
+        batch._settle(self._positions, n)
+        if n >= len(batch._items):
+            self._batch = None
+
+    def commit_upto(self, keep: int) -> None:
+        """Commit; with ``keep`` > 0 the events still handed out are not counted processed.
+
+        Raises:
+            StateError: the cursor store failed.
+        """
+        with self._lock:
+            if keep <= 0 and (self._owner is None or self._owner == threading.get_ident()):
+                self._done_handed()
             self._commit_positions()
 
     @property
@@ -866,44 +1042,59 @@ class Subscriber:
         """True once :meth:`close` was called."""
         return self._closed
 
-    def _recv_batch_async(self, timeout: float, max_events: int) -> list[Event]:
-        """For AsyncSubscriber: a batch whose events stay 'handed out' (not done)."""
+    # --- receiving (owner thread) ----------------------------------------------------------
+
+    def _claim(self) -> None:
+        """Make the calling thread the owner, or refuse (WrongThread)."""
+        me = threading.get_ident()
         with self._lock:
-            if self._closed:
-                return []
-            # Called when the wrapper asks for more: what it handed out before is processed.
-            self._done()
-            deadline = time.monotonic() + timeout
-            out: list[Event] = []
-            ready = self._ready
-            while not out:
-                while not ready:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return []
-                    self._pump(int(left * 1000) + 1)
-                while ready and len(out) < max_events:
-                    if ready[0][2].__class__ is _Mark and out:
-                        break  # a mark applies once what is before it was processed
-                    ev = self._take()
-                    if ev is not None:
-                        out.append(ev)
-            return out
+            if self._owner is None:
+                self._owner = me
+                return
+        if self._owner != me:
+            raise WrongThread(f"subscriber of {self.topic!r} is owned by another thread "
+                              "(one thread receives; see the class docstring)")
 
-    # --- receiving -------------------------------------------------------------------------
+    def _pump_slice(self, timeout_ms: int) -> None:
+        """One poll slice of the owner, holding only ``_pump_lock`` (close() waits for it)."""
+        with self._pump_lock:
+            self._pump(timeout_ms)
 
-    def _take(self) -> Event | None:
-        """The next event of the ready queue, applying the marks before it (None: only
-        marks were there). Raises a gap notice whose policy is "error"."""
+    def _next_ready(self) -> Event | None:
+        """Under ``_lock``, nothing handed out: the next event, passing markers in order."""
         ready = self._ready
         while ready:
-            key, seq, ev = ready.popleft()
-            if isinstance(ev, _Mark):
-                self._reach(key, ev)
-                continue
-            self._handed.append((key, seq))
-            return ev
+            item = ready.popleft()
+            ev = item[2]
+            if ev.__class__ is Event:
+                self._cur = item
+                return ev
+            self._reach(item[0], ev)  # type: ignore[arg-type]  # a mark, applied in order
         return None
+
+    def _wait_ready(self, deadline: float | None) -> bool:
+        """Pump until the ready queue has something (True) or ``deadline`` passed (False)."""
+        while not self._ready:
+            wait = 100
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait = min(wait, int(left * 1000) + 1)
+            self._pump_slice(wait)
+        return True
+
+    def _recv_items(self, timeout: float, max_events: int) -> list[ReadyItem]:
+        """For AsyncSubscriber (its one executor thread owns the subscriber): up to
+        ``max_events`` raw ready items (events, skip markers, gaps). They belong to the
+        caller, which moves the positions as it hands them out."""
+        if self._owner != threading.get_ident():
+            self._claim()
+        if self._closed or not self._wait_ready(time.monotonic() + timeout):
+            return []
+        ready = self._ready
+        n = min(len(ready), max_events)
+        return [ready.popleft() for _ in range(n)]
 
     def recv(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds (None: wait forever).
@@ -913,62 +1104,64 @@ class Subscriber:
 
         Raises:
             ClosedError: the subscriber is closed.
+            WrongThread: another thread owns the subscriber.
             RetentionGap: with ``on_retention="error"``, events were deleted before delivery.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._owner != threading.get_ident():
+            self._claim()
         with self._lock:
             self._done()
             if self._ready:
-                # Draining a backlog (a replay) never waits on the socket, where the periodic
-                # commit otherwise runs: commit here too, or a crash mid catch-up redoes it all.
-                self._maybe_commit(time.monotonic())
-            while True:
-                while not self._ready:
-                    wait = 100
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            return None
-                        wait = min(wait, int(left * 1000) + 1)
-                    self._pump(wait)
-                ev = self._take()
+                ev = self._next_ready()
                 if ev is not None:
+                    if self._ready:
+                        # Draining a backlog (a replay) never waits on the socket, where the
+                        # periodic commit otherwise runs: commit here too, or a crash mid
+                        # catch-up redoes it all.
+                        self._maybe_commit(time.monotonic())
                     return ev
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._wait_ready(deadline):
+            with self._lock:
+                ev = self._next_ready()
+            if ev is not None:
+                return ev
+        return None
 
-    def recv_batch(self, timeout: float | None = None, max_events: int = 1000) -> list[Event]:
+    def recv_batch(self, timeout: float | None = None, max_events: int = 1000) -> Batch:
         """Up to ``max_events`` events (at least one unless ``timeout`` passed).
 
-        All of them count as processed when the next call asks for more.
+        Commit means handled (see :class:`Batch`): iterating the batch marks each event
+        processed when the next is taken; a batch not iterated counts as processed when the
+        next call asks for more.
 
         Raises:
             ClosedError: the subscriber is closed.
+            WrongThread: another thread owns the subscriber.
             RetentionGap: as :meth:`recv` (events before the gap are returned first).
         """
         first = self.recv(timeout)
+        out = Batch()
         if first is None:
-            return []
-        out = [first]
+            return out
         with self._lock:
+            item = self._cur
+            assert item is not None
+            self._cur = None
+            items = [item]
             ready = self._ready
-            if not ready or max_events <= 1:
-                return out
-            # In bulk: every event but the last is processed once the next is taken, so only
-            # the last stays "handed out" (what _done() + _take() per event would leave).
-            self._done()
-            positions = self._positions
-            append = out.append
-            last: tuple[Key, int] | None = None
-            for _ in range(min(len(ready), max_events - 1)):
-                item = ready[0]
-                if item[2].__class__ is _Mark:
-                    break  # applied by the next call, once what is before it is processed
-                ready.popleft()
-                if last is not None:
-                    positions[last[0]] = last[1] + 1
-                last = (item[0], item[1])
-                append(item[2])  # type: ignore[arg-type]
-            if last is not None:
-                self._handed.append(last)
+            if ready and max_events > 1:
+                append = items.append
+                popleft = ready.popleft
+                for _ in range(min(len(ready), max_events - 1)):
+                    if ready[0][2].__class__ is not Event:
+                        break  # a gap or a skipped event: handled in order by the next call
+                    append(popleft())
+                out.extend(map(_third, items))
+            else:
+                out.append(first)
+            out._items = items
+            self._batch = out
         return out
 
     def __iter__(self) -> Iterator[Event]:
@@ -990,6 +1183,7 @@ class Subscriber:
         raises, the exception propagates and the event stays uncommitted.
 
         Raises:
+            WrongThread: another thread owns the subscriber.
             RetentionGap: with ``on_retention="error"``.
         """
         while stop is None or not stop.is_set():
@@ -1006,47 +1200,185 @@ class Subscriber:
             except BaseException:
                 self._processing.observe(started, True)
                 with self._lock:
-                    self._handed.clear()  # not processed: never committed, comes again
+                    self._abandon()  # not processed: never committed, comes again
                 raise
             self._processing.observe(started, False)
             with self._lock:
                 self._done()
 
+    # --- same node, peers that left, start times -------------------------------------------
+
+    def _new_stream_from_time(self) -> int | None:
+        """Start.new for a durable stream first seen after construction: from our start
+        time (UTC ns) minus the skew allowance; streams found at construction: the head."""
+        if self._constructing:
+            return None
+        return max(0, self._started_ns - int(self.new_stream_skew_s * 1e9))
+
+    def _add_self(self) -> None:
+        """Subscribe to this node's own publishers (who_offers and peer events never list
+        the node itself). Owner thread, or construction."""
+        info = self.node.info()
+        self._self_info = info
+        if self._offers_match(info):
+            self._add_peer(info)
+
+    def _ctrl_send(self, peer: str, kind: str, body: object) -> None:
+        """``node.send``, except to this node itself (which the node cannot send to): then
+        the node's own pub hub answers on the reactor thread, as it would a peer."""
+        if peer != self.node.id:
+            self.node.send(peer, kind, body)
+            return
+        raw = control.encode_body(body, self.node.config.max_message_bytes)  # as on the wire
+        self.node.reactor.call_soon(self._local_ctrl, kind, raw)
+
+    def _local_ctrl(self, kind: str, raw: bytes) -> None:
+        """Reactor thread: a replay request or ack addressed to this node's own hub."""
+        hub = _registry.peek(self.node, "pubsub.pub")
+        if hub is None:
+            return  # no publisher here (any more): the tracker retries after retry_s
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        me = self.node.id
+        if kind == frames.CTRL_ACK:
+            hub._on_ack(me, body)
+            return
+        try:
+            rq = frames.decode_replay_request(body)
+        except (ProtocolError, CodecError) as exc:
+            _log.warning("pubsub: bad local replay request: %s", exc)
+            return
+        reply = hub._serve(rq).to_body()
+        self._router._on_data(me, msgpack.unpackb(
+            control.encode_body(reply, 1 << 62), raw=False, strict_map_key=False))
+
+    def _seen(self, pub: str) -> None:
+        """A publisher is (back) in the mesh: its cursor rows are not orphaned."""
+        self._left.pop(pub, None)
+        if self._gone.pop(pub, None) is not None and self._store is not None:
+            self._store.delete(self._gone_ns, pub)
+
+    def _load_gone(self) -> None:
+        """Durable: when each cursor row's publisher was last known gone (across restarts).
+        A publisher with cursor rows that is not seen while we run ages from now."""
+        assert self._store is not None
+        for pub, v in self._store.items(self._gone_ns):
+            if isinstance(v, int):
+                self._gone[pub] = v
+        now = time.time_ns()
+        fresh = {p: now for p, _ in self._committed if p not in self._gone}
+        if fresh:
+            self._gone.update(fresh)
+            self._store.put_many(self._gone_ns, fresh)
+
+    def _prune_gone(self, now: float) -> None:
+        """Owner tick: forget publishers gone past ``forget_after_s``, and durable cursor
+        rows orphaned past ``forget_cursors_after_s``."""
+        for pub, left_at in list(self._left.items()):
+            if now - left_at >= self.forget_after_s and pub != self.node.id:
+                self._left.pop(pub, None)
+                with self._lock:
+                    self._drop_publisher(pub, cursors=False)
+                _log.info("pubsub: forgot publisher %s (gone %.0f s)", pub, now - left_at)
+        if self._gone:
+            wall = time.time_ns()
+            limit = int(self.forget_cursors_after_s * 1e9)
+            for pub, since in list(self._gone.items()):
+                if wall - since < limit:
+                    continue
+                if pub in self._peer_eps or any(k[0] == pub for k in self._trackers):
+                    self._seen(pub)  # alive after all (maybe through a static endpoint)
+                    continue
+                with self._lock:
+                    self._drop_publisher(pub, cursors=True)
+
+    def _drop_publisher(self, pub: str, *, cursors: bool) -> None:
+        """Drop a publisher's trackers and data connection; with ``cursors`` its positions
+        and cursor rows too (else start their forget_cursors_after_s clock)."""
+        for key in [k for k in self._trackers if k[0] == pub]:
+            del self._trackers[key]
+        ep = self._peer_eps.pop(pub, None)
+        if ep is not None:
+            self._disconnect(ep)
+        store = self._store
+        if not cursors:
+            # Positions stay (a returning publisher continues where we were) until it has
+            # been gone forget_cursors_after_s; durable: the clock is persisted.
+            if pub not in self._gone and any(k[0] == pub for k in self._positions):
+                self._gone[pub] = time.time_ns()
+                if store is not None:
+                    store.put(self._gone_ns, pub, self._gone[pub])
+            return
+        for key in [k for k in self._positions if k[0] == pub]:
+            del self._positions[key]
+            self._committed.pop(key, None)
+            if store is not None:
+                store.delete(self._cursor_ns, f"{key[0]}/{key[1]}")
+        if self._gone.pop(pub, None) is not None and store is not None:
+            store.delete(self._gone_ns, pub)
+
+    def forget(self, publisher: str) -> None:
+        """Forget ``publisher`` now: its trackers, its data connection and (durable) its
+        cursor rows. If it comes back, its streams start as new ones (per ``start``).
+
+        Safe from any thread (waits for the owner's current poll slice).
+
+        Raises:
+            ClosedError: the subscriber is closed.
+            StateError: the cursor store failed.
+        """
+        if self._closed:
+            raise ClosedError("subscriber is closed")
+        with self._pump_lock, self._lock:
+            self._left.pop(publisher, None)
+            self._drop_publisher(publisher, cursors=True)
+
     # --- introspection / lifecycle ---------------------------------------------------------
 
     def stats(self) -> SubscriberStats:
-        """Counters (summed over the streams) and the current lag."""
-        with self._lock:
-            s = SubscriberStats(**self._stats.__dict__)
-            s.streams = len(self._trackers)
-            for _, t in self._trackers.values():
-                ts = t.stats
-                s.delivered += ts.delivered
-                s.duplicates += ts.duplicates
-                s.gaps += ts.gaps
-                s.buffered += ts.buffered
-                s.buffer_dropped += ts.buffer_dropped
-                s.replayed += ts.replayed
-                s.replay_requests += ts.replay_requests
-                s.replay_retries += ts.replay_retries
-                s.lag += t.lag
-            return s
+        """Counters (summed over the streams) and the current lag.
+
+        Lock free (a snapshot that may be one receive behind): never waits on a thread
+        blocked in :meth:`recv`, so ``node.stats()`` and metric scrapes never do either.
+        """
+        s = SubscriberStats(**self._stats.__dict__)
+        trackers = list(self._trackers.values())  # one C call: safe against the owner
+        s.streams = len(trackers)
+        for _, t in trackers:
+            ts = t.stats
+            s.delivered += ts.delivered
+            s.duplicates += ts.duplicates
+            s.gaps += ts.gaps
+            s.buffered += ts.buffered
+            s.buffer_dropped += ts.buffer_dropped
+            s.replayed += ts.replayed
+            s.replay_requests += ts.replay_requests
+            s.replay_retries += ts.replay_retries
+            s.lag += t.lag
+        return s
 
     def positions(self) -> dict[Key, int]:
-        """The position (next seq to process) per (publisher, stream) handed out so far."""
-        with self._lock:
+        """The position (next seq to process) per (publisher, stream) processed so far."""
+        with self._lock:  # never held across a wait
             return dict(self._positions)
 
     def close(self, unhanded: int = 0) -> None:
         """Commit (with auto commit), close the socket and the cursor store. Idempotent.
 
+        Safe from any thread: a receive in progress on the owner thread is woken and ends
+        with :class:`~mesh.errors.ClosedError` (``for event in sub`` simply stops).
+
         Args:
-            unhanded: the last N events handed out were not processed (async buffering).
+            unhanded: non-zero: what is handed out now was not processed (not committed).
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        try:
+            os.write(self._wfd, b"\0")  # wake the owner's poll
+        except OSError:
+            pass
+        with self._pump_lock, self._lock:
             self._unmetrics()
             self._unsubscribe_peers()
             self._router.subs.pop(self.sid, None)
@@ -1054,7 +1386,10 @@ class Subscriber:
                 _registry.drop(self.node, "pubsub.sub", self._router)
             try:
                 if self.auto_commit and self._store is not None:
-                    self._done(unhanded)
+                    if unhanded:
+                        self._abandon()
+                    elif self._owner is None or self._owner == threading.get_ident():
+                        self._done_handed()
                     self._commit_positions()
             finally:
                 if self._store is not None:
@@ -1070,5 +1405,6 @@ class Subscriber:
         if et is not None:
             # The block failed while handling the current event: do not commit past it.
             with self._lock:
-                self._handed.clear()
+                self._abandon()
         self.close()
+
