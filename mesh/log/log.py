@@ -342,6 +342,7 @@ class Log:
         self._interval = config.fsync.kind == "interval"
         self._flush_armed = False
         self._house_armed = False
+        self._dir_dirty = False  # files were created in the directory since its last fsync
         self._gaps: list[_Gap] = []
         self._fsyncs = 0
         self._fsync_total = 0.0
@@ -474,7 +475,7 @@ class Log:
             self._active = self._segs[-1]
             self._active.open_for_append()
             WRITE_FDS.opened(self)
-            self._sync_dir()
+            self._dir_dirty = True  # synced with the first fsync of data, not on this path
             self._durable_next = self._sync_at_open()
 
     def _recover(self, seg: Segment) -> None:
@@ -532,11 +533,10 @@ class Log:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self._sync_dir()
+            self._dir_dirty = False
             self._count_fsync(time.perf_counter() - t0)
-        return self._next_offset_of_segs()
-
-    def _next_offset_of_segs(self) -> int:
-        return self._segs[-1].next_offset if self._segs else 0
+        return self._next_offset
 
     def _check_marker(self) -> None:
         # The marker says how far the log durably got; ending short of it means a deleted
@@ -557,7 +557,12 @@ class Log:
         reach = int(m["next_offset"])  # type: ignore[call-overload]
         have = self._segs[-1].next_offset if self._segs else \
             int(m.get("first_offset") or 0)  # type: ignore[call-overload]
+        top = m.get("max_base")
         if reach <= have:
+            if isinstance(top, int) and (not self._segs or self._segs[-1].base < top):
+                log.warning("log %s: segment %s is missing: records from offset %d on are "
+                            "lost (how many is unknown)", self.path, fmt.segment_name(top),
+                            top)
             return
         log.warning("log %s: the log once reached offset %d but now ends at %d: records "
                     "%d..%d are lost (last segment deleted or cut back?)", self.path, reach,
@@ -750,6 +755,7 @@ class Log:
             log.warning("log %s: cannot write %s: %s", self.path, MARKER_NAME, exc)
         try:
             self._sync_dir()
+            self._dir_dirty = False
         except OSError as exc:
             raise LogError(f"log {self.path}: cannot sync the directory: {exc}") from exc
         self._enforce_retention_locked()
@@ -790,7 +796,11 @@ class Log:
             t0 = time.perf_counter()
             try:
                 os.fsync(fd)
+                if self._dir_dirty:  # a new segment's name must survive a power cut too
+                    self._dir_dirty = False
+                    self._sync_dir()
             except OSError as exc:
+                self._dir_dirty = True
                 raise LogError(f"log {self.path}: fsync failed: {exc}") from exc
             finally:
                 os.close(fd)
@@ -981,7 +991,7 @@ class Log:
         while len(out) < max_records and cur < limit and 0 <= i < len(segs):
             seg = segs[i]
             if cur < seg.base:  # offsets missing before this segment (one was deleted)
-                region = BadRegion(0, 0, cur, seg.base, "records missing (segment deleted?)")
+                region = BadRegion(0, 0, cur, seg.base, self._gap_reason(cur))
                 before = len(out)
                 cur = self._damaged(seg, region, out)
                 if cur < 0:
@@ -1014,6 +1024,13 @@ class Log:
                 break  # max_records reached
             i += 1
         return first, out, stamps, offs
+
+    def _gap_reason(self, offset: int) -> str:
+        holes = self._marker.get("holes")
+        if isinstance(holes, list) and any(
+                isinstance(h, list) and len(h) >= 2 and h[0] <= offset < h[1] for h in holes):
+            return "records missing (cut out by mesh log repair)"
+        return "records missing (segment deleted?)"
 
     def _damaged(self, seg: Segment, region: BadRegion, out: list[bytes]) -> int:
         """Apply the corruption policy; returns where to continue, or -1 to stop here."""
@@ -1423,6 +1440,8 @@ class Log:
                         self.config.fsync.kind == "never" else self._durable_next
                     if reach != self._marker.get("next_offset"):
                         self._write_marker(reach)
+                        self._sync_dir()
+                    elif self._dir_dirty:
                         self._sync_dir()
                 except OSError as exc:
                     log.warning("log %s: cannot write %s at close: %s", self.path,
