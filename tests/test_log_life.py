@@ -234,7 +234,7 @@ def test_verify_names_middle_gap_and_bit_flip_with_offset_ranges(data_dir: Path)
     out = _verify(data_dir / "gap")
     assert out.returncode == 1 and f"gap: gap offsets {a}..{b - 1} in" in out.stdout, out.stdout
     with Log.open(data_dir / "flip", config=cfg) as lg:
-        for i in range(40):
+        for _ in range(40):
             lg.append(b"f" * 60)
     seg = data_dir / "flip" / "00000000000000000000.log"
     pos = 10 * (36 + 60)
@@ -315,7 +315,7 @@ def test_publisher_registers_acked_position_as_floor_across_restart(tmp_path: Pa
                 sub.close()
                 pub.close()
             with Publisher(pn, stream, log_config=cfg, heartbeat_s=0.1) as pub2:
-                for i in range(20):
+                for _ in range(20):
                     pub2.publish_many(range(30), type="more")
                 lg = pub2._st.log
                 assert lg.first_offset is not None and lg.first_offset <= floor

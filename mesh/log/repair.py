@@ -208,6 +208,16 @@ def _repair_locked(path: str, cut: tuple[int, int] | None) -> RepairReport:
         else:
             os.unlink(seg_path)
         _fsync_path(path)
+    reach = marker.get("next_offset")
+    if cut is None and isinstance(reach, int) and reach > last_next:
+        # A lost tail (deleted or cut-back last segment): an empty segment at the offset
+        # the log had reached keeps those offsets from being handed out again.
+        start = last_next if bases else int(marker.get("first_offset") or 0)  # type: ignore[call-overload]
+        _write_segment(path, reach, b"")
+        _fsync_path(path)
+        rep.acknowledged.append((start, reach, "lost tail"))
+        holes.append([start, reach, "lost tail, acknowledged by repair"])
+        last_next = reach
     if cut is None:
         for e in marker.get("lost") or []:  # type: ignore[attr-defined]
             rep.acknowledged.append((int(e[0]), int(e[1]), "lost tail"))
@@ -216,7 +226,6 @@ def _repair_locked(path: str, cut: tuple[int, int] | None) -> RepairReport:
     if not rep.changed:
         return rep
     bases = _bases(path)
-    reach = marker.get("next_offset")
     marker.update({"version": 1, "holes": holes,
                    "next_offset": max(last_next, reach if isinstance(reach, int) else 0),
                    "max_base": bases[-1] if bases else 0,
