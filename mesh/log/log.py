@@ -13,6 +13,7 @@ import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -114,7 +115,8 @@ class _WriteFds:
             self.open.move_to_end(lg)
             if len(self.open) <= self.cap:
                 return
-            victims = [v for v in self.open if v is not lg][: len(self.open) - self.cap]
+            excess = len(self.open) - self.cap
+            victims = [v for v in itertools.islice(self.open, excess + 1) if v is not lg]
         for v in victims:
             # Never wait for another log's lock while holding our own: skip a busy one.
             if v._lock.acquire(blocking=False):

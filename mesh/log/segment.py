@@ -365,7 +365,6 @@ class Segment:
         """Close the write descriptor (no fsync); :meth:`open_for_append` reopens it."""
         fd, self.wfd = self.wfd, None
         if fd is not None:
-            self.flush_index()
             try:
                 os.close(fd)
             except OSError:
@@ -440,6 +439,8 @@ class Segment:
 
     def close(self) -> None:
         """Close every descriptor (no fsync); buffered index entries are written first."""
+        if self.wfd is not None or len(self.idx_off) > self._idx_written or self._idx_dirty:
+            self.flush_index()
         self.close_write()
         READ_FDS.drop(self)
 
