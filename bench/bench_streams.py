@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mesh.log import FsyncPolicy, Log, LogConfig  # noqa: E402
+from mesh.log import FsyncPolicy, Log, LogConfig
 
 
 def fds() -> int:
@@ -79,7 +79,7 @@ def part_log(root: str, n: int, idle_s: float) -> None:
     print(f"  (close of all {n:,}: {time.perf_counter() - t1:.2f} s)")
 
 
-def part_node(root: str, n: int, idle_s: float, budget: float) -> None:
+def part_node(root: str, n: int, idle_s: float, budget: float, heartbeat_s: float) -> None:
     from mesh.node import Node
     from patterns.pubsub.publisher import Publisher
 
@@ -91,7 +91,7 @@ def part_node(root: str, n: int, idle_s: float, budget: float) -> None:
     marks: list[tuple[int, float]] = []
     try:
         for i in range(n):
-            pub = Publisher(node, f"s{i}")
+            pub = Publisher(node, f"s{i}", heartbeat_s=heartbeat_s)
             pub.publish({"i": i})
             pubs.append(pub)
             if (i + 1) % 1000 == 0:
@@ -102,7 +102,7 @@ def part_node(root: str, n: int, idle_s: float, budget: float) -> None:
         logs = [p._st.log for p in pubs]
         wait_for(lambda: all(lg.stats().durable_offset == 0 for lg in logs), 120)
         idle = idle_cpu(idle_s)
-        report("Publisher on a real Node", len(pubs), created,
+        report(f"Publisher on a Node, heartbeat {heartbeat_s:g} s", len(pubs), created,
                threading.active_count() - t0_threads, fds() - t0_fds, idle,
                "stopped at the budget" if len(pubs) < n else "")
         if marks:
@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU measurement")
     ap.add_argument("--budget", type=float, default=120.0,
                     help="seconds of node-part creation before it stops")
+    ap.add_argument("--heartbeat", type=float, default=0.5,
+                    help="Publisher heartbeat_s of the node part (default 0.5, the default)")
     ap.add_argument("--dir", default=None, help="where to create the logs (default /tmp)")
     args = ap.parse_args()
     import resource
@@ -143,7 +145,7 @@ def main() -> None:
             if part == "log":
                 part_log(root, args.streams, args.idle)
             else:
-                part_node(root, args.streams, args.idle, args.budget)
+                part_node(root, args.streams, args.idle, args.budget, args.heartbeat)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

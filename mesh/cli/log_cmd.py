@@ -86,7 +86,7 @@ def _iso(ns: int | None) -> str | None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``mesh log info DIR``."""
-    out = []
+    out: list[dict[str, Any]] = []
     for name, path in _stream_dirs(args.dir).items():
         with Log.open(path, readonly=True) as lg:
             st = lg.stats()
@@ -95,7 +95,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                     "segments": st.segments, "oldest": _iso(st.oldest_timestamp_ns),
                     "newest": _iso(st.newest_timestamp_ns),
                     "missing_records": st.missing_records,
-                    "corrupt_regions": st.corrupt_regions})
+                    "corrupt_regions": st.corrupt_regions,
+                    "lost_ranges": [list(r) for r in st.lost_ranges]})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -104,8 +105,14 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{s['records']} records, {s['bytes']} bytes, {s['segments']} segment(s), "
               f"oldest {s['oldest']}, newest {s['newest']}"
               + (f", {s['missing_records']} MISSING" if s["missing_records"] else "")
-              + (f", {s['corrupt_regions']} CORRUPT region(s)" if s["corrupt_regions"] else ""))
+              + (f", {s['corrupt_regions']} CORRUPT region(s)" if s["corrupt_regions"] else "")
+              + "".join(f", LOST offsets {a}..{b - 1}" for a, b in lost_of(s)))
     return 0
+
+
+def lost_of(info: dict[str, Any]) -> list[tuple[int, int]]:
+    """The lost ranges of one ``mesh log info`` row."""
+    return [(int(a), int(b)) for a, b in info.get("lost_ranges") or []]
 
 
 def _decoder() -> Callable[[bytes], Any] | None:
