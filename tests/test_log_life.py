@@ -37,7 +37,9 @@ def test_thousand_interval_logs_share_one_thread_bounded_fds_and_idle_cpu(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if hasattr(logmod, "_WriteFds"):  # (the check against the old code runs without it)
         monkeypatch.setattr(logmod, "WRITE_FDS", logmod._WriteFds(64))
-    read_cap = segmod.READ_FDS.cap if hasattr(segmod, "READ_FDS") else 256
+    read_cap = 16
+    if hasattr(segmod, "ReadFds"):
+        monkeypatch.setattr(segmod, "READ_FDS", segmod.ReadFds(read_cap))
     n = 1000
     threads0, fds0 = threading.active_count(), _fds()
     logs = []
@@ -57,6 +59,19 @@ def test_thousand_interval_logs_share_one_thread_bounded_fds_and_idle_cpu(
         assert held <= n + 64 + read_cap + 8, held
         for lg in logs[:200]:  # reads open descriptors on demand, bounded too
             assert lg.read(0)[0].payload == b"x" * 100
+        bad: list[object] = []
+
+        def read_all(part: list[Log]) -> None:  # threads share the bounded descriptor set
+            for lg in part:
+                if lg.read(0)[0].payload != b"x" * 100:
+                    bad.append(lg)
+
+        readers = [threading.Thread(target=read_all, args=(logs[k::4],)) for k in range(4)]
+        for th in readers:
+            th.start()
+        for th in readers:
+            th.join()
+        assert not bad
         assert _fds() - fds0 <= n + 64 + read_cap + 8
         c0, w0 = _cpu_s(), time.monotonic()
         wait_until(lambda: time.monotonic() - w0 >= 1.0, 5, interval=0.2, what="1 s idle")
