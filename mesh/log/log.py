@@ -61,6 +61,8 @@ CLOCK_SKEW_NS = 10 * 60 * 10**9
 RETENTION_INTERVAL_S = (1.0, 60.0)
 #: A floor moved by less than a segment is rewritten to disk at most this often.
 FLOORS_SAVE_S = (1.0, 60.0)
+#: At most this many floors per log; past it the least recently set one is dropped.
+MAX_FLOORS = 10_000
 
 
 def read_marker(path: str) -> dict[str, object] | None:
@@ -561,7 +563,8 @@ class Log:
             int(m.get("first_offset") or 0)  # type: ignore[call-overload]
         top = m.get("max_base")
         if reach <= have:
-            if isinstance(top, int) and (not self._segs or self._segs[-1].base < top):
+            if isinstance(top, int) and (not self._segs or self._segs[-1].base < top) and \
+                    not self.readonly:  # (a reader may race a roll; verify reports it)
                 log.warning("log %s: segment %s is missing: records from offset %d on are "
                             "lost (how many is unknown)", self.path, fmt.segment_name(top),
                             top)
@@ -1233,6 +1236,11 @@ class Log:
         with self._lock:
             old = self._floors.get(name)
             self._floors[name] = (offset, _clock() / 1e9)
+            if old is None and len(self._floors) > MAX_FLOORS:
+                stale = min(self._floors, key=lambda k: self._floors[k][1])
+                log.warning("log %s: more than %d retention floors: dropped %r", self.path,
+                            MAX_FLOORS, stale)
+                del self._floors[stale]
             if old is None or self._seg_index(old[0]) != self._seg_index(offset):
                 self._floors_dirty = 2
                 urgent = not self._floor_save_armed and not self._closed

@@ -85,14 +85,15 @@ def verify_log(path: str, progress: Callable[[int], None] | None = None) -> Veri
             the calls of one scan add up to ``VerifyReport.bytes``.
     """
     rep = VerifyReport(path)
-    bases = sorted(b for b in (fmt.parse_segment_name(n) for n in os.listdir(path))
-                   if b is not None)
+    # The marker first: a writer rolling meanwhile only makes the listing newer than it.
     marker_path = os.path.join(path, MARKER_NAME)
     try:
         marker = read_marker(path) or {}
     except ValueError as exc:
         rep.problems.append(Problem("marker", marker_path, 0, str(exc)))
         marker = {}
+    bases = sorted(b for b in (fmt.parse_segment_name(n) for n in os.listdir(path))
+                   if b is not None)
     holes = {(h[0], h[1]) for h in _entries(marker, "holes")}
     expected: int | None = None
     for base in bases:
