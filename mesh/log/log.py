@@ -169,7 +169,10 @@ class FsyncPolicy:
 
     @classmethod
     def interval(cls, ms: float) -> FsyncPolicy:
-        """fsync from a background thread every ``ms`` milliseconds when there is new data.
+        """fsync within ``ms`` milliseconds of the first append not yet synced.
+
+        The fsync runs on the process's one log background thread (shared by every log), so
+        an idle log costs nothing.
 
         Raises:
             ConfigError: ``ms`` is not positive.
@@ -200,8 +203,11 @@ class Retention:
     """Which old segments :meth:`Log.enforce_retention` deletes (None: no limit).
 
     Whole segments only, oldest first, never the active one. ``max_age_s`` applies to a
-    segment's newest record; ``max_bytes`` and ``max_records`` delete the oldest segments
-    while the log is over the limit.
+    segment's newest record (its stamp, capped by the file's modification time so a bogus
+    future stamp cannot pin it) and is also enforced on a timer, every ``max_age_s / 4``
+    (1-60 s), sealing a quiet stream's active segment once its first record is that old;
+    ``max_bytes`` and ``max_records`` delete the oldest segments while the log is over the
+    limit (at each segment roll).
     """
 
     max_age_s: float | None = None
