@@ -1,4 +1,8 @@
-"""``mesh log info|tail|verify``: inspect durable logs from the command line (read-only)."""
+"""``mesh log info|tail|verify|repair``: inspect durable logs from the command line.
+
+Everything is read-only except ``repair``, which cuts damaged ranges out (see
+:mod:`mesh.log.repair`).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from mesh.log import format as fmt
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``mesh log`` and its sub-commands."""
-    p = subparsers.add_parser("log", help="inspect durable logs (read-only)")
+    p = subparsers.add_parser("log", help="inspect (and repair) durable logs")
     sub = p.add_subparsers(dest="log_command", metavar="ACTION", required=True)
 
     info = sub.add_parser("info", help="offsets, sizes and times of every stream")
@@ -47,6 +51,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=cmd_verify)
 
+    repair = sub.add_parser("repair", help="cut damaged ranges out, leaving recorded holes "
+                            "(the stream's writer must be stopped)")
+    repair.add_argument("dir", help="a data directory (with streams/) or one stream's directory")
+    repair.add_argument("stream", nargs="?", default=None,
+                        help="the stream (omit when DIR is a stream's directory)")
+    repair.add_argument("--cut", default=None, metavar="A..B",
+                        help="cut these offsets (inclusive) instead of the damaged ranges")
+    repair.add_argument("--json", action="store_true", help="machine-readable output")
+    repair.set_defaults(func=cmd_repair)
+
 
 def _is_stream_dir(path: str) -> bool:
     return any(fmt.parse_segment_name(n) is not None for n in os.listdir(path))
@@ -72,7 +86,7 @@ def _iso(ns: int | None) -> str | None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``mesh log info DIR``."""
-    out = []
+    out: list[dict[str, Any]] = []
     for name, path in _stream_dirs(args.dir).items():
         with Log.open(path, readonly=True) as lg:
             st = lg.stats()
@@ -81,7 +95,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                     "segments": st.segments, "oldest": _iso(st.oldest_timestamp_ns),
                     "newest": _iso(st.newest_timestamp_ns),
                     "missing_records": st.missing_records,
-                    "corrupt_regions": st.corrupt_regions})
+                    "corrupt_regions": st.corrupt_regions,
+                    "lost_ranges": [list(r) for r in st.lost_ranges]})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -90,8 +105,14 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{s['records']} records, {s['bytes']} bytes, {s['segments']} segment(s), "
               f"oldest {s['oldest']}, newest {s['newest']}"
               + (f", {s['missing_records']} MISSING" if s["missing_records"] else "")
-              + (f", {s['corrupt_regions']} CORRUPT region(s)" if s["corrupt_regions"] else ""))
+              + (f", {s['corrupt_regions']} CORRUPT region(s)" if s["corrupt_regions"] else "")
+              + "".join(f", LOST offsets {a}..{b - 1}" for a, b in lost_of(s)))
     return 0
+
+
+def lost_of(info: dict[str, Any]) -> list[tuple[int, int]]:
+    """The lost ranges of one ``mesh log info`` row."""
+    return [(int(a), int(b)) for a, b in info.get("lost_ranges") or []]
 
 
 def _decoder() -> Callable[[bytes], Any] | None:
@@ -132,17 +153,20 @@ def _parse_since(value: str) -> int:
     return int(t.timestamp() * 1e9)
 
 
-def cmd_tail(args: argparse.Namespace) -> int:
-    """``mesh log tail DIR STREAM``."""
+def _one_stream(args: argparse.Namespace) -> str:
     streams = _stream_dirs(args.dir)
     if args.stream is None:
         if len(streams) != 1:
             raise ConfigError(f"name a stream: {', '.join(sorted(streams))}")
-        path = next(iter(streams.values()))
-    elif args.stream in streams:
-        path = streams[args.stream]
-    else:
-        raise LogError(f"no stream {args.stream!r} in {args.dir}")
+        return next(iter(streams.values()))
+    if args.stream in streams:
+        return streams[args.stream]
+    raise LogError(f"no stream {args.stream!r} in {args.dir}")
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """``mesh log tail DIR STREAM``."""
+    path = _one_stream(args)
     decode = _decoder()
     with Log.open(path, readonly=True) as lg:
         lg.stats()  # refresh to the writer's current tail
@@ -196,7 +220,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps([{"stream": n, "ok": r.ok, "segments": r.segments,
                            "records": r.records, "bytes": r.bytes,
                            "first_offset": r.first_offset, "next_offset": r.next_offset,
-                           "problems": [p.__dict__ for p in r.problems]}
+                           "problems": [dict(p.__dict__, stream=n) for p in r.problems]}
                           for n, r in reports], indent=2))
     else:
         for name, r in reports:
@@ -204,5 +228,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{name}: {status}: {r.segments} segment(s), {r.records} records, "
                   f"{r.bytes} bytes")
             for p in r.problems:
-                print(f"  {p.kind}: {p.path} at byte {p.position}: {p.reason}")
+                where = f"{p.range_text} " if p.range_text else ""
+                print(f"  {p.kind}: {name} {where}in {p.path} at byte {p.position}: "
+                      f"{p.reason}")
     return 1 if bad else 0
+
+
+def _parse_cut(value: str) -> tuple[int, int]:
+    a, sep, b = value.partition("..")
+    try:
+        if not sep:
+            return int(a), int(a)
+        return int(a), int(b)
+    except ValueError:
+        raise ConfigError(f"--cut: expected A..B (offsets), got {value!r}") from None
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    """``mesh log repair DIR [STREAM] [--cut A..B]``: exit 0 once the log reads cleanly."""
+    from mesh.log.repair import repair_log
+
+    path = _one_stream(args)
+    cut = _parse_cut(args.cut) if args.cut is not None else None
+    rep = repair_log(path, cut)
+    with Log.open(path) as lg:  # the writer's open: recovers the rest, proves it opens
+        lg.stats()
+    after = verify_log(path)
+    if args.json:
+        print(json.dumps({"path": path, "cuts": [c.__dict__ for c in rep.cuts],
+                          "acknowledged": [list(a) for a in rep.acknowledged],
+                          "finished_interrupted": rep.finished_interrupted,
+                          "ok": after.ok}, indent=2))
+    else:
+        for c in rep.cuts:
+            print(f"cut offsets {c.offset}..{c.next_offset - 1} ({c.next_offset - c.offset} "
+                  f"records) from {c.path} bytes {c.position}..{c.end_position - 1}: {c.reason}")
+        for a, b, why in rep.acknowledged:
+            print(f"acknowledged offsets {a}..{b - 1} as a hole ({why})")
+        for seg in rep.finished_interrupted:
+            print(f"finished an interrupted repair of {seg}")
+        if not rep.changed:
+            print("nothing to repair")
+        print(f"verify after repair: {'OK' if after.ok else 'CORRUPT'}")
+        for prob in after.problems:
+            if prob.kind != "index":
+                print(f"  {prob.kind}: {prob.range_text} {prob.reason}")
+    return 0 if after.ok else 1

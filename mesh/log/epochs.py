@@ -5,7 +5,7 @@ last segment, or the whole directory (wiped, or restored from an older backup) w
 offsets that subscribers already passed, now for different events. Epochs make that visible,
 the way Kafka's leader epochs do: every writer open starts a new epoch, a random non-zero
 32-bit id, recorded with the offset it starts at in the ``EPOCHS`` file (fsynced before the
-first append of the epoch). The history is a list of ``(epoch, start_offset)`` in the order
+first record of the epoch is). The history is a list of ``(epoch, start_offset)`` in the order
 the epochs began; each epoch's records end where the next epoch starts.
 
 A reader that processed up to ``pos`` under epoch ``E`` asks the writer for the *divergence*
@@ -148,8 +148,24 @@ def save(path: str, entries: list[tuple[int, int]], *, sync: bool = True) -> Non
             os.close(fd)
 
 
+def sync(path: str) -> None:
+    """fsync the ``EPOCHS`` file of log directory ``path`` (its directory entry is synced
+    with the directory, by the caller).
+
+    Raises:
+        OSError: the fsync failed.
+    """
+    fd = os.open(os.path.join(path, EPOCHS_NAME), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def begin(path: str, next_offset: int, has_records: bool, *, sync: bool = True) -> EpochHistory:
-    """Start a new writer epoch at ``next_offset`` and persist it before any append.
+    """Start a new writer epoch at ``next_offset`` and write it before any append (with
+    ``sync`` False the caller must :func:`sync` it, and the directory, before the first
+    record of the epoch is made durable).
 
     A log with records but no history (written by a version without epochs) gets the entry
     ``(0, first)`` for them first.

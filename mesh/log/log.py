@@ -13,10 +13,13 @@ import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
+import json
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -35,13 +38,103 @@ from mesh.errors import (
 )
 from mesh.log import epochs as _epochs
 from mesh.log import format as fmt
-from mesh.log.segment import BadRegion, Segment, is_full
+from mesh.log.background import SCHEDULER
+from mesh.log.segment import BadRegion, Segment, _fd_budget, is_full
 
 log = logging.getLogger("mesh.log")
 
 LOCK_NAME = "LOCK"
 #: Marker of a log encrypted at rest: holds the hex key id of the cipher its records use.
 CIPHER_NAME = "CIPHER"
+#: The log's reach (highest segment base, next offset, lost and cut ranges), see
+#: :func:`read_marker`.
+MARKER_NAME = "MARKER"
+#: The persisted retention floors (consumer positions), see :meth:`Log.set_retention_floor`.
+FLOORS_NAME = "FLOORS"
+
+#: The wall clock of default timestamps, age retention and floor ages (nanoseconds since the
+#: epoch). A module attribute so that tests can make the clock jump.
+_clock = time.time_ns
+#: A stamp more than this far ahead of the wall clock is not believed: time lookups pass over
+#: it and age retention uses the segment's file time instead.
+CLOCK_SKEW_NS = 10 * 60 * 10**9
+#: Age retention runs on the background thread every ``max_age_s / 4``, within these bounds.
+RETENTION_INTERVAL_S = (1.0, 60.0)
+#: A floor moved by less than a segment is rewritten to disk at most this often.
+FLOORS_SAVE_S = (1.0, 60.0)
+#: At most this many floors per log; past it the least recently set one is dropped.
+MAX_FLOORS = 10_000
+
+
+def read_marker(path: str) -> dict[str, object] | None:
+    """The ``MARKER`` of the log in ``path`` (None when absent; raises ValueError if garbled).
+
+    Keys: ``version`` (1), ``max_base`` (highest segment base written), ``next_offset`` (the
+    offset the log had durably reached when the marker was written), ``first_offset``,
+    ``lost`` (``[start, end, reason]`` of tail ranges found missing at an open) and
+    ``holes`` (``[start, end, reason]`` of ranges cut out by ``mesh log repair`` or
+    acknowledged by it).
+    """
+    try:
+        with open(os.path.join(path, MARKER_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable {MARKER_NAME}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("version") != 1 or \
+            not isinstance(data.get("next_offset"), int):
+        raise ValueError(f"{MARKER_NAME} is not a version 1 marker")
+    return data
+
+
+def write_json_atomic(path: str, data: object, sync: bool) -> None:
+    """Replace ``path`` with ``data`` as JSON (temp file, optional fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.write("\n")
+        f.flush()
+        if sync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _WriteFds:
+    """Writers whose active segment has an open write descriptor, oldest opened first.
+
+    Past ``cap`` the oldest idle one is closed (it reopens on its next append), so the
+    process holds at most ``cap`` segment write descriptors however many logs it writes.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.lock = threading.Lock()
+        self.open: OrderedDict[Log, None] = OrderedDict()
+
+    def opened(self, lg: Log) -> None:
+        with self.lock:
+            self.open[lg] = None
+            self.open.move_to_end(lg)
+            if len(self.open) <= self.cap:
+                return
+            excess = len(self.open) - self.cap
+            victims = [v for v in itertools.islice(self.open, excess + 1) if v is not lg]
+        for v in victims:
+            # Never wait for another log's lock while holding our own: skip a busy one.
+            if v._lock.acquire(blocking=False):
+                try:
+                    v._close_write_locked()
+                finally:
+                    v._lock.release()
+
+    def closed(self, lg: Log) -> None:
+        with self.lock:
+            self.open.pop(lg, None)
+
+
+#: Segment write descriptors of this process (an eighth of RLIMIT_NOFILE, 16..1024).
+WRITE_FDS = _WriteFds(_fd_budget(8, 16, 1024))
 
 
 class RecordSealer(Protocol):
@@ -77,7 +170,10 @@ class FsyncPolicy:
 
     @classmethod
     def interval(cls, ms: float) -> FsyncPolicy:
-        """fsync from a background thread every ``ms`` milliseconds when there is new data.
+        """fsync within ``ms`` milliseconds of the first append not yet synced.
+
+        The fsync runs on the process's one log background thread (shared by every log), so
+        an idle log costs nothing.
 
         Raises:
             ConfigError: ``ms`` is not positive.
@@ -108,8 +204,11 @@ class Retention:
     """Which old segments :meth:`Log.enforce_retention` deletes (None: no limit).
 
     Whole segments only, oldest first, never the active one. ``max_age_s`` applies to a
-    segment's newest record; ``max_bytes`` and ``max_records`` delete the oldest segments
-    while the log is over the limit.
+    segment's newest record (its stamp, capped by the file's modification time so a bogus
+    future stamp cannot pin it) and is also enforced on a timer, every ``max_age_s / 4``
+    (1-60 s), sealing a quiet stream's active segment once its first record is that old;
+    ``max_bytes`` and ``max_records`` delete the oldest segments while the log is over the
+    limit (at each segment roll).
     """
 
     max_age_s: float | None = None
@@ -131,7 +230,13 @@ class LogConfig:
             records of the same call are returned first; ``next_offset`` says where good
             data resumes); ``"skip"`` skips it, counts it in stats and logs a warning.
         keep_past_floors: retention never deletes a segment holding a record at or after a
-            floor set with :meth:`Log.set_retention_floor`.
+            floor set with :meth:`Log.set_retention_floor` (a durable subscriber's acked
+            position), within ``floor_ttl_s`` and ``floor_max_bytes``.
+        floor_ttl_s: a floor not set again for this long is dropped (an abandoned
+            subscription); default 7 days, None: never.
+        floor_max_bytes: floors keep at most this many bytes beyond what ``retention``
+            alone would keep (the oldest held segments go first, with a warning), so a dead
+            subscriber cannot fill the disk; default 1 GiB, None: unbounded.
         max_record_bytes: the largest payload ``append`` accepts.
         cipher: optional encryption at rest (a ``RecordCipher``): each payload is sealed at
             append and opened at read; framing, checksums and index stay over the sealed
@@ -148,6 +253,8 @@ class LogConfig:
     keep_past_floors: bool = True
     max_record_bytes: int = 16 << 20
     cipher: RecordSealer | None = None
+    floor_ttl_s: float | None = 7 * 86400.0
+    floor_max_bytes: int | None = 1 << 30
 
     def __post_init__(self) -> None:
         if self.segment_bytes < 4096:
@@ -158,6 +265,11 @@ class LogConfig:
             raise ConfigError(f"corruption must be 'raise' or 'skip', got {self.corruption!r}")
         if not 0 < self.max_record_bytes <= fmt.MAX_RECORD_BYTES:
             raise ConfigError(f"max_record_bytes must be in 1..{fmt.MAX_RECORD_BYTES}")
+        if self.floor_ttl_s is not None and not self.floor_ttl_s > 0:
+            raise ConfigError(f"floor_ttl_s must be > 0 or None, got {self.floor_ttl_s!r}")
+        if self.floor_max_bytes is not None and self.floor_max_bytes < 0:
+            raise ConfigError(f"floor_max_bytes must be >= 0 or None, got "
+                              f"{self.floor_max_bytes!r}")
 
 
 class Record(NamedTuple):
@@ -190,6 +302,11 @@ class LogStats:
     corrupt_records: int
     missing_records: int
     readonly: bool
+    #: Records the log once durably reached but no longer holds (a deleted or cut-back
+    #: last segment found at an open), see :attr:`Log.lost_ranges`.
+    lost_tail_records: int = 0
+    #: Those ranges as ``(start, end)`` offsets, ``end`` exclusive.
+    lost_ranges: tuple[tuple[int, int], ...] = ()
 
 
 class _Bad(Exception):
@@ -226,10 +343,17 @@ class Log:
         self._active: Segment | None = None
         self._next_offset = 0
         self._durable_next = 0
-        self._last_ts = 0
         self._closed = False
         self._lock_fd: int | None = None
-        self._floors: dict[str, int] = {}
+        self._floors: dict[str, tuple[int, float]] = {}  # name -> (offset, set at: unix s)
+        self._floors_dirty = 0  # 1: moved within a segment, 2: added/removed/crossed one
+        self._floor_save_armed = False
+        self._marker: dict[str, object] = {}
+        self._lost: list[tuple[int, int]] = []
+        self._interval = config.fsync.kind == "interval"
+        self._flush_armed = False
+        self._house_armed = False
+        self._dir_dirty = False  # files were created in the directory since its last fsync
         self._gaps: list[_Gap] = []
         self._fsyncs = 0
         self._fsync_total = 0.0
@@ -238,9 +362,8 @@ class Log:
         self._truncated = 0
         self._corrupt_regions = 0
         self._corrupt_records = 0
-        self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
         self.epochs = _epochs.EpochHistory([])
+        self._epochs_dirty = False  # EPOCHS written, not yet fsynced (before the data is)
 
     # -- opening ------------------------------------------------------------------------
 
@@ -270,16 +393,16 @@ class Log:
             self._load()
             self._check_cipher()
             self._begin_epoch()
+            if not readonly:
+                self._load_floors()
         except OSError as exc:
             self._release()
             raise LogError(f"cannot open log {p}: {exc}") from exc
         except BaseException:
             self._release()
             raise
-        if not readonly and self.config.fsync.kind == "interval":
-            self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
-                                             name=f"log-fsync:{os.path.basename(p)}")
-            self._flusher.start()
+        if not readonly:
+            self._arm_housekeeping()
         return self
 
     def _begin_epoch(self) -> None:
@@ -289,8 +412,18 @@ class Log:
         if self.readonly:
             self.epochs = _epochs.EpochHistory(_epochs.load(self.path) or [])
             return
+        # Written now, fsynced with (just before) the first fsync of this epoch's data, like
+        # a new segment's directory entry: opening 10,000 logs costs no fsync each, and no
+        # record of the epoch is durable before the epoch is.
         self.epochs = _epochs.begin(self.path, self._next_offset, self.first_offset is not None,
-                                    sync=self.config.fsync.kind != "never")
+                                    sync=False)
+        if self.config.fsync.kind != "never":
+            self._epochs_dirty = self._dir_dirty = True
+
+    def _sync_epochs(self) -> None:
+        if self._epochs_dirty:
+            _epochs.sync(self.path)
+            self._epochs_dirty = False
 
     @property
     def epoch(self) -> int:
@@ -347,6 +480,7 @@ class Log:
         self._lock_fd = fd
 
     def _release(self) -> None:
+        WRITE_FDS.closed(self)
         for seg in self._segs:
             seg.close()
         if self._lock_fd is not None:
@@ -370,18 +504,19 @@ class Log:
             self._recover(seg)
             self._segs.append(seg)
         self._check_gaps()
+        self._check_marker()
         if not self._segs:
             if self.readonly:
                 return
             seg = Segment(self.path, 0, self.config.index_interval_bytes)
             self._segs.append(seg)
         self._next_offset = self._segs[-1].next_offset
-        self._durable_next = self._next_offset
-        self._last_ts = max((s.last_ts for s in self._segs if s.last_ts is not None), default=0)
         if not self.readonly:
             self._active = self._segs[-1]
             self._active.open_for_append()
-            self._sync_dir()
+            WRITE_FDS.opened(self)
+            self._dir_dirty = True  # synced with the first fsync of data, not on this path
+            self._durable_next = self._sync_at_open()
 
     def _recover(self, seg: Segment) -> None:
         size = seg.file_size()
@@ -424,6 +559,76 @@ class Log:
                     "good records after it are kept", self.path, seg.path, region.position,
                     region.reason, region.offset,
                     "?" if region.next_offset is None else region.next_offset - 1)
+
+    def _sync_at_open(self) -> int:
+        # What a killed writer left may still be only in the page cache: claim it durable
+        # only once it is fsynced here (never under FsyncPolicy.never: nothing is claimed).
+        if self.config.fsync.kind == "never":
+            return self._segs[0].base
+        seg = next((s for s in reversed(self._segs) if s.size > 0), None)
+        if seg is not None:
+            t0 = time.perf_counter()
+            fd = os.open(seg.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._sync_dir()
+            self._dir_dirty = False
+            self._count_fsync(time.perf_counter() - t0)
+        return self._next_offset
+
+    def _check_marker(self) -> None:
+        # The marker says how far the log durably got; ending short of it means a deleted
+        # or cut-back last segment: counted, warned, kept as a lost range (never silent).
+        try:
+            m = read_marker(self.path)
+        except ValueError as exc:
+            log.warning("log %s: %s; ignored (rewritten at the next roll or close)",
+                        self.path, exc)
+            m = None
+        self._marker = dict(m or {})
+        lost = self._marker.get("lost")
+        if isinstance(lost, list):
+            self._lost = [(int(x[0]), int(x[1])) for x in lost
+                          if isinstance(x, list) and len(x) >= 2]
+        if m is None:
+            return
+        reach = int(m["next_offset"])  # type: ignore[call-overload]
+        have = self._segs[-1].next_offset if self._segs else \
+            int(m.get("first_offset") or 0)  # type: ignore[call-overload]
+        top = m.get("max_base")
+        if reach <= have:
+            if isinstance(top, int) and (not self._segs or self._segs[-1].base < top) and \
+                    not self.readonly:  # (a reader may race a roll; verify reports it)
+                log.warning("log %s: segment %s is missing: records from offset %d on are "
+                            "lost (how many is unknown)", self.path, fmt.segment_name(top),
+                            top)
+            return
+        log.warning("log %s: the log once reached offset %d but now ends at %d: records "
+                    "%d..%d are lost (last segment deleted or cut back?)", self.path, reach,
+                    have, have, reach - 1)
+        self._lost.append((have, reach))
+        if not self.readonly:
+            if not self._segs:  # carry on from where the lost segment began: no reuse here
+                self._segs.append(Segment(self.path, have, self.config.index_interval_bytes))
+            entries = list(self._marker.get("lost") or [])  # type: ignore[call-overload]
+            entries.append([have, reach, "tail lost before this open"])
+            self._marker["lost"] = entries
+            self._marker["next_offset"] = have
+            self._write_marker(have)
+
+    def _write_marker(self, reach: int) -> None:
+        """Persist the marker saying the log durably reached ``reach`` (no dir fsync)."""
+        m = self._marker
+        m["version"] = 1
+        m["max_base"] = self._segs[-1].base if self._segs else reach
+        m["next_offset"] = reach
+        m["first_offset"] = self._segs[0].base if self._segs else reach
+        m.setdefault("lost", [])
+        m.setdefault("holes", [])
+        write_json_atomic(os.path.join(self.path, MARKER_NAME), m,
+                          self.config.fsync.kind != "never")
 
     def _check_gaps(self) -> None:
         from mesh.errors import LogCorrupted
@@ -477,9 +682,9 @@ class Log:
             raise LogError(f"log {self.path} was opened read-only")
 
     def _now(self) -> int:
-        # Default timestamps never go backwards, so the time index stays sorted.
-        t = time.time_ns()
-        return t if t > self._last_ts else self._last_ts
+        # Real wall time, never clamped to an earlier (possibly bogus, future) stamp: offsets
+        # order the log, timestamps only say when; lookups cope with stamps out of order.
+        return _clock()
 
     def append(self, payload: bytes, timestamp_ns: int | None = None) -> int:
         """Append one record; returns its offset once ``write()`` (and fsync, per policy) ran.
@@ -500,8 +705,6 @@ class Log:
             off = self._next_offset
             self._write(fmt.encode_one(off, ts, bytes(payload)), off, 1, ts)
             self._next_offset = off + 1
-            if ts > self._last_ts:
-                self._last_ts = ts
         self._after_append(off)
         return off
 
@@ -551,17 +754,18 @@ class Log:
                     self._next_offset = self._active.next_offset
                 raise
             self._next_offset = base + n
-            if ts > self._last_ts:
-                self._last_ts = ts
         self._after_append(base + n - 1)
         return range(base, base + n)
 
     def _write(self, data: bytes, off: int, count: int, ts: int) -> None:
         seg = self._active
         assert seg is not None
-        if seg.size > 0 and seg.size + len(data) > self.config.segment_bytes:
-            seg = self._roll(off)
         try:
+            if seg.size > 0 and seg.size + len(data) > self.config.segment_bytes:
+                seg = self._roll(off)
+            elif seg.wfd is None:  # closed to bound the process's descriptors
+                seg.open_for_append()
+                WRITE_FDS.opened(self)
             seg.write_batch(data, off, count, ts)
         except OSError as exc:
             if is_full(exc):
@@ -574,24 +778,38 @@ class Log:
         assert old is not None
         sync = self.config.fsync.kind != "never"
         try:
+            if sync:
+                self._sync_epochs()
             old.seal(sync=sync)
             if sync:
                 self._durable_next = max(self._durable_next, old.next_offset)
             seg = Segment(self.path, base, self.config.index_interval_bytes)
             seg.open_for_append()
-            self._sync_dir()
         except OSError as exc:
             if is_full(exc):
                 raise LogFull(exc.errno, f"log {self.path} is full ({exc.strerror})") from exc
             raise LogError(f"log {self.path}: cannot start a segment: {exc}") from exc
         self._segs.append(seg)
         self._active = seg
+        WRITE_FDS.opened(self)
+        try:
+            self._write_marker(base)  # the log reached ``base`` (the sealed segment is synced)
+        except OSError as exc:  # advisory: a later roll or the close rewrites it
+            log.warning("log %s: cannot write %s: %s", self.path, MARKER_NAME, exc)
+        try:
+            self._sync_dir()
+            self._dir_dirty = False
+        except OSError as exc:
+            raise LogError(f"log {self.path}: cannot sync the directory: {exc}") from exc
         self._enforce_retention_locked()
         return seg
 
     def _after_append(self, last: int) -> None:
-        kind = self.config.fsync.kind
-        if kind == "always" or (
+        if self._interval:
+            if not self._flush_armed:  # the first unsynced append arms one shared-thread fsync
+                self._flush_armed = True
+                SCHEDULER.call_later(self.config.fsync.value / 1000.0, self._bg_flush)
+        elif (kind := self.config.fsync.kind) == "always" or (
                 kind == "every" and self._next_offset - self._durable_next >= self.config.fsync.value):
             self._sync_upto(last)
         if self._followers:
@@ -607,32 +825,126 @@ class Log:
             if self._durable_next > offset:
                 return
             with self._lock:
-                if self._closed or self._active is None or self._active.wfd is None:
+                if self._closed or self._active is None:
                     return
-                fd = os.dup(self._active.wfd)
                 target = self._next_offset
+                try:
+                    # The write descriptor may be closed (descriptor budget): fsync of any
+                    # descriptor of the file flushes its data.
+                    wfd = self._active.wfd
+                    fd = os.dup(wfd) if wfd is not None else \
+                        os.open(self._active.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise LogError(f"log {self.path}: fsync failed: {exc}") from exc
             t0 = time.perf_counter()
             try:
+                self._sync_epochs()
                 os.fsync(fd)
+                if self._dir_dirty:  # a new segment's name must survive a power cut too
+                    self._dir_dirty = False
+                    self._sync_dir()
             except OSError as exc:
+                self._dir_dirty = True
                 raise LogError(f"log {self.path}: fsync failed: {exc}") from exc
             finally:
                 os.close(fd)
-            dt = time.perf_counter() - t0
-            self._fsyncs += 1
-            self._fsync_total += dt
-            self._fsync_last = dt
-            self._fsync_max = max(self._fsync_max, dt)
+            self._count_fsync(time.perf_counter() - t0)
             self._durable_next = max(self._durable_next, target)
 
-    def _flush_loop(self) -> None:
-        interval = self.config.fsync.value / 1000.0
-        while not self._stop.wait(interval):
-            if self._next_offset > self._durable_next:
-                try:
-                    self._sync_upto(self._next_offset - 1)
-                except Exception:  # keep flushing; the error is also visible to wait_durable
-                    log.exception("log %s: background fsync failed", self.path)
+    def _count_fsync(self, dt: float) -> None:
+        self._fsyncs += 1
+        self._fsync_total += dt
+        self._fsync_last = dt
+        self._fsync_max = max(self._fsync_max, dt)
+
+    def _bg_flush(self) -> None:
+        # Background thread, armed by the first append not yet synced: one fsync covers
+        # everything written until now; the next append after this arms the next one.
+        with self._lock:
+            self._flush_armed = False
+            if self._closed or self._next_offset <= self._durable_next:
+                return
+        try:
+            self._sync_upto(self._next_offset - 1)
+        except LogError as exc:  # also visible to wait_durable, which retries the fsync
+            log.error("log %s: background fsync failed: %s", self.path, exc)
+
+    def _close_write_locked(self) -> None:
+        # Under _lock, from the descriptor budget: the next append reopens it.
+        if self._active is not None and self._active.wfd is not None and not self._closed:
+            self._active.close_write()
+        WRITE_FDS.closed(self)
+
+    # -- background upkeep (age retention, floors) -------------------------------------
+
+    def _house_delay(self) -> float | None:
+        r = self.config.retention
+        if r.max_age_s is not None:
+            lo, hi = RETENTION_INTERVAL_S
+            return min(hi, max(lo, r.max_age_s / 4))
+        if self._floors or self._floors_dirty:
+            return FLOORS_SAVE_S[1]
+        return None
+
+    def _arm_housekeeping(self) -> None:
+        with self._lock:
+            if self._house_armed or self._closed:
+                return
+            delay = self._house_delay()
+            if delay is None:
+                return
+            self._house_armed = True
+        SCHEDULER.call_later(delay, self._housekeep)
+
+    def _housekeep(self) -> float | None:
+        with self._lock:
+            if self._closed:
+                self._house_armed = False
+                return None
+            try:
+                self._age_roll_locked()
+                self._enforce_retention_locked()
+            except LogError as exc:
+                log.warning("log %s: timed retention failed: %s", self.path, exc)
+            delay = self._house_delay()
+            if delay is None:
+                self._house_armed = False
+        self._save_floors()
+        return delay
+
+    def _age_roll_locked(self) -> None:
+        # A quiet stream's old records sit in its active segment, which retention never
+        # deletes: once its first record is past max_age, seal it so the next pass can go.
+        r = self.config.retention
+        seg = self._active
+        if r.max_age_s is None or seg is None or seg.size == 0 or len(self._segs) == 0:
+            return
+        now = _clock()
+        first = self._seg_time(seg, seg.first_ts, now, use_mtime=False)
+        if first is not None and first < now - int(r.max_age_s * 1e9):
+            self._roll(self._next_offset)
+
+    def _seg_time(self, seg: Segment, ts: int | None, now: int, use_mtime: bool = True
+                  ) -> int | None:
+        """A segment time for age retention that one bogus stamp cannot pin in the future.
+
+        ``ts`` is capped by the file's modification time (when its last record really was
+        written); a time still beyond now + skew counts from when it was first seen.
+        """
+        if ts is None:
+            return None
+        if use_mtime:
+            sealed = seg is not self._active
+            m = seg.mtime_cache if sealed and seg.mtime_cache is not None else seg.mtime_ns()
+            if sealed:
+                seg.mtime_cache = m
+            if m is not None and m < ts:
+                ts = m
+        if ts > now + CLOCK_SKEW_NS:
+            if seg.future_seen is None:
+                seg.future_seen = now
+            ts = seg.future_seen
+        return ts
 
     def flush(self, sync: bool = True) -> None:
         """Make everything appended so far durable (``sync``); data is always already written.
@@ -723,7 +1035,7 @@ class Log:
         while len(out) < max_records and cur < limit and 0 <= i < len(segs):
             seg = segs[i]
             if cur < seg.base:  # offsets missing before this segment (one was deleted)
-                region = BadRegion(0, 0, cur, seg.base, "records missing (segment deleted?)")
+                region = BadRegion(0, 0, cur, seg.base, self._gap_reason(cur))
                 before = len(out)
                 cur = self._damaged(seg, region, out)
                 if cur < 0:
@@ -756,6 +1068,13 @@ class Log:
                 break  # max_records reached
             i += 1
         return first, out, stamps, offs
+
+    def _gap_reason(self, offset: int) -> str:
+        holes = self._marker.get("holes")
+        if isinstance(holes, list) and any(
+                isinstance(h, list) and len(h) >= 2 and h[0] <= offset < h[1] for h in holes):
+            return "records missing (cut out by mesh log repair)"
+        return "records missing (segment deleted?)"
 
     def _damaged(self, seg: Segment, region: BadRegion, out: list[bytes]) -> int:
         """Apply the corruption policy; returns where to continue, or -1 to stop here."""
@@ -882,15 +1201,20 @@ class Log:
     def offset_for_time(self, ts_ns: int) -> int:
         """The first offset whose timestamp is >= ``ts_ns`` (``next_offset`` when none is).
 
-        Assumes timestamps are non-decreasing (true for default timestamps).
+        Timestamps need not be monotonic (explicit ``timestamp_ns``, wall-clock jumps): a
+        stamp more than :data:`CLOCK_SKEW_NS` ahead of the wall clock is passed over, so one
+        bogus future record cannot turn a ``--since`` lookup into "from that record on".
+        The search is guided by the sparse index, so with stamps out of order it may start
+        a little later than the earliest match.
         """
         if self.readonly:
             with self._lock:
                 self._refresh()
+        limit = _clock() + CLOCK_SKEW_NS
         for seg in list(self._segs):
-            if seg.last_ts is None or seg.last_ts < ts_ns or seg.size == 0:
+            if seg.max_ts is None or seg.max_ts < ts_ns or seg.size == 0:
                 continue
-            pos = seg.locate_time(ts_ns)
+            pos = seg.locate_time(ts_ns, limit)
             buf = seg.pread(seg.size - pos, pos)
             p = 0
             while p < len(buf):
@@ -898,10 +1222,9 @@ class Log:
                     hdr = fmt.read_header(buf, p)
                 except fmt.FrameError:
                     break
-                if hdr.timestamp_ns >= ts_ns:
+                if ts_ns <= hdr.timestamp_ns <= limit:
                     return hdr.base_offset
                 p += hdr.length
-            return seg.next_offset
         return self._next_offset
 
     def _refresh(self) -> None:
@@ -940,14 +1263,95 @@ class Log:
     # -- retention ----------------------------------------------------------------------
 
     def set_retention_floor(self, name: str, offset: int) -> None:
-        """Register a consumer position: retention keeps every record at or after it."""
+        """Register or move a consumer position: retention keeps every record at or after it.
+
+        Floors are persisted in the log's ``FLOORS`` file (rewritten at most once a second
+        when one is added or crosses a segment, at least every minute otherwise, and at
+        close), so they hold across restarts. A floor not set again for
+        ``config.floor_ttl_s`` is dropped, and together floors keep at most
+        ``config.floor_max_bytes`` beyond what retention alone keeps.
+        """
+        urgent = False
         with self._lock:
-            self._floors[name] = offset
+            old = self._floors.get(name)
+            self._floors[name] = (offset, _clock() / 1e9)
+            if old is None and len(self._floors) > MAX_FLOORS:
+                stale = min(self._floors, key=lambda k: self._floors[k][1])
+                log.warning("log %s: more than %d retention floors: dropped %r", self.path,
+                            MAX_FLOORS, stale)
+                del self._floors[stale]
+            if old is None or self._seg_index(old[0]) != self._seg_index(offset):
+                self._floors_dirty = 2
+                urgent = not self._floor_save_armed and not self._closed
+                if urgent:
+                    self._floor_save_armed = True
+            elif not self._floors_dirty:
+                self._floors_dirty = 1
+        if urgent:
+            SCHEDULER.call_later(FLOORS_SAVE_S[0], self._save_floors_task)
+        if not self._house_armed:
+            self._arm_housekeeping()
 
     def clear_retention_floor(self, name: str) -> None:
         """Forget a consumer position registered with :meth:`set_retention_floor`."""
         with self._lock:
-            self._floors.pop(name, None)
+            if self._floors.pop(name, None) is not None:
+                self._floors_dirty = 2
+        self._save_floors()
+
+    @property
+    def retention_floors(self) -> dict[str, int]:
+        """The floors in force: name -> offset."""
+        with self._lock:
+            return {k: v[0] for k, v in self._floors.items()}
+
+    def _seg_index(self, offset: int) -> int:
+        return bisect.bisect_right([s.base for s in self._segs], offset)
+
+    def _save_floors_task(self) -> None:
+        with self._lock:
+            self._floor_save_armed = False
+        self._save_floors()
+
+    def _load_floors(self) -> None:
+        try:
+            with open(os.path.join(self.path, FLOORS_NAME), encoding="utf-8") as f:
+                data = json.load(f)
+            floors = data["floors"]
+            self._floors = {str(k): (int(v[0]), float(v[1])) for k, v in floors.items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.warning("log %s: unreadable %s (%s): floors start empty", self.path,
+                        FLOORS_NAME, exc)
+            self._floors = {}
+        self._expire_floors_locked()
+
+    def _save_floors(self) -> None:
+        with self._lock:
+            if not self._floors_dirty or self.readonly:
+                return
+            data = {"version": 1, "floors": {k: [v[0], round(v[1], 3)]
+                                             for k, v in self._floors.items()}}
+            self._floors_dirty = 0
+        try:
+            write_json_atomic(os.path.join(self.path, FLOORS_NAME), data,
+                              self.config.fsync.kind != "never")
+        except OSError as exc:
+            log.warning("log %s: cannot save %s: %s", self.path, FLOORS_NAME, exc)
+            with self._lock:
+                self._floors_dirty = 2
+
+    def _expire_floors_locked(self) -> None:
+        ttl = self.config.floor_ttl_s
+        if ttl is None or not self._floors:
+            return
+        cut = _clock() / 1e9 - ttl
+        for name in [k for k, v in self._floors.items() if v[1] < cut]:
+            log.warning("log %s: retention floor %r was not refreshed for %.0f s: dropped",
+                        self.path, name, ttl)
+            del self._floors[name]
+            self._floors_dirty = 2
 
     def enforce_retention(self) -> int:
         """Delete old segments as ``config.retention`` says; returns how many were deleted.
@@ -964,32 +1368,47 @@ class Log:
         r = self.config.retention
         if r.max_age_s is None and r.max_bytes is None and r.max_records is None:
             return 0
-        floor = min(self._floors.values()) if self.config.keep_past_floors and self._floors \
-            else None
-        now = time.time_ns()
-        deleted = 0
-        total = sum(s.size for s in self._segs)
-        while len(self._segs) > 1:
-            seg = self._segs[0]
+        self._expire_floors_locked()
+        floor = min(v[0] for v in self._floors.values()) \
+            if self.config.keep_past_floors and self._floors else None
+        now = _clock()
+        segs = self._segs
+        total = sum(s.size for s in segs)
+        k = 0  # retention alone would delete segs[:k]
+        while k < len(segs) - 1:
+            seg = segs[k]
+            age = None if r.max_age_s is None else self._seg_time(seg, seg.max_ts, now)
             drop = (
                 (r.max_bytes is not None and total > r.max_bytes)
                 or (r.max_records is not None
                     and self._next_offset - seg.base > r.max_records)
-                or (r.max_age_s is not None and seg.last_ts is not None
-                    and seg.last_ts < now - int(r.max_age_s * 1e9))
+                or (age is not None and age < now - int(r.max_age_s * 1e9))  # type: ignore[operator]
             )
-            if not drop or (floor is not None and seg.next_offset > floor):
+            if not drop:
                 break
-            seg.delete()
-            self._segs.pop(0)
             total -= seg.size
-            deleted += 1
+            k += 1
+        n = k
+        if floor is not None:
+            n = next((i for i in range(k) if segs[i].next_offset > floor), k)
+            cap = self.config.floor_max_bytes
+            held = sum(s.size for s in segs[n:k])
+            if cap is not None and held > cap:
+                while n < k and held > cap:
+                    held -= segs[n].size
+                    n += 1
+                log.warning("log %s: retention floors held over floor_max_bytes=%d; deleting "
+                            "up to offset %d past the lowest floor %d", self.path, cap,
+                            segs[n].base - 1, floor)
+        for seg in segs[:n]:
+            seg.delete()
             log.info("log %s: retention deleted %s (offsets %d..%d)", self.path, seg.path,
                      seg.base, seg.next_offset - 1)
-        if deleted:
-            first = self._segs[0].base
+        if n:
+            del segs[:n]
+            first = segs[0].base
             self._gaps = [g for g in self._gaps if g.start >= first]
-        return deleted
+        return n
 
     # -- stats and closing --------------------------------------------------------------
 
@@ -1022,7 +1441,21 @@ class Log:
                 corrupt_records=self._corrupt_records,
                 missing_records=missing,
                 readonly=self.readonly,
+                lost_tail_records=sum(b - a for a, b in self._lost),
+                lost_ranges=tuple(self._lost),
             )
+
+    @property
+    def lost_ranges(self) -> list[tuple[int, int]]:
+        """Offset ranges ``(start, end)`` (end exclusive) the log once durably reached and
+        then found missing at an open (a deleted or cut-back last segment), oldest first.
+
+        Recorded in the log's ``MARKER`` until ``mesh log repair`` acknowledges them, so a
+        publisher can announce them. Offsets from ``start`` on are written again after such
+        a loss; the writer epoch tells the two apart. A missing middle segment is not here:
+        reads raise :class:`~mesh.errors.LogCorruptedRange` for it.
+        """
+        return list(self._lost)
 
     @staticmethod
     def _last_ts_of(segs: list[Segment]) -> int | None:
@@ -1031,21 +1464,37 @@ class Log:
     def close(self) -> None:
         """fsync what is pending (unless the policy is ``never``) and release everything.
 
+        A writer also records how far the log got (``MARKER``) and its floors (``FLOORS``).
         Idempotent. Raises nothing on a second call.
         """
         with self._lock:
             if self._closed:
                 return
             pending = not self.readonly and self._next_offset > self._durable_next
-        self._stop.set()
-        if self._flusher is not None:
-            self._flusher.join()
+        synced = not pending
         if pending and self.config.fsync.kind != "never":
             try:
                 self._sync_upto(self._next_offset - 1)
+                synced = True
             except LogError as exc:
                 log.error("log %s: final fsync failed: %s", self.path, exc)
+        if not self.readonly:
+            self._save_floors()
         with self._lock:
+            if not self.readonly and self._segs:
+                try:
+                    if self._active is not None:
+                        self._active.flush_index()
+                    reach = self._next_offset if synced or \
+                        self.config.fsync.kind == "never" else self._durable_next
+                    if reach != self._marker.get("next_offset"):
+                        self._write_marker(reach)
+                        self._sync_dir()
+                    elif self._dir_dirty:
+                        self._sync_dir()
+                except OSError as exc:
+                    log.warning("log %s: cannot write %s at close: %s", self.path,
+                                MARKER_NAME, exc)
             self._closed = True
             self._release()
         with self._cond:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.log import format as fmt
+from mesh.log.log import MARKER_NAME, read_marker
 
 
 @dataclass(frozen=True)
@@ -16,16 +17,36 @@ class Problem:
     Attributes:
         kind: ``"corrupt"`` (damaged batch with good data after it), ``"torn"`` (damaged or
             cut-short tail, which the next writer truncates), ``"gap"`` (offsets missing
-            between segments), ``"index"`` (an index that will be rebuilt; not data loss).
+            between segments: a deleted middle segment), ``"lost"`` (the log once reached
+            further than it now holds: a deleted or cut-back last segment, per its
+            ``MARKER``), ``"index"`` (an index that will be rebuilt; not data loss),
+            ``"hole"`` (a range cut out or acknowledged by ``mesh log repair``; not a
+            problem any more), ``"marker"`` (an unreadable ``MARKER``; not data loss).
         path: the file.
         position: byte position in that file.
         reason: what check failed.
+        offset: the first offset affected (None when unknown).
+        next_offset: the first offset after the affected range (None when unknown).
     """
 
     kind: str
     path: str
     position: int
     reason: str
+    offset: int | None = None
+    next_offset: int | None = None
+
+    @property
+    def range_text(self) -> str:
+        """``"offsets a..b"`` (inclusive) or ``""`` when the range is unknown."""
+        if self.offset is None:
+            return ""
+        end = "?" if self.next_offset is None else str(self.next_offset - 1)
+        return f"offsets {self.offset}..{end}"
+
+
+#: Problem kinds that are not data damage.
+NOT_DAMAGE = frozenset({"index", "hole", "marker"})
 
 
 @dataclass
@@ -44,7 +65,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """True when no data problem was found (index notes do not count)."""
-        return not any(p.kind != "index" for p in self.problems)
+        return not any(p.kind not in NOT_DAMAGE for p in self.problems)
 
 
 #: Scanned bytes between two progress callbacks inside one segment.
@@ -64,8 +85,16 @@ def verify_log(path: str, progress: Callable[[int], None] | None = None) -> Veri
             the calls of one scan add up to ``VerifyReport.bytes``.
     """
     rep = VerifyReport(path)
+    # The marker first: a writer rolling meanwhile only makes the listing newer than it.
+    marker_path = os.path.join(path, MARKER_NAME)
+    try:
+        marker = read_marker(path) or {}
+    except ValueError as exc:
+        rep.problems.append(Problem("marker", marker_path, 0, str(exc)))
+        marker = {}
     bases = sorted(b for b in (fmt.parse_segment_name(n) for n in os.listdir(path))
                    if b is not None)
+    holes = {(h[0], h[1]) for h in _entries(marker, "holes")}
     expected: int | None = None
     for base in bases:
         seg_path = os.path.join(path, fmt.segment_name(base))
@@ -74,9 +103,13 @@ def verify_log(path: str, progress: Callable[[int], None] | None = None) -> Veri
         rep.segments += 1
         rep.bytes += len(buf)
         if expected is not None and base != expected:
-            if base > expected:
+            if base > expected and (expected, base) in holes:
+                rep.problems.append(Problem("hole", seg_path, 0, "cut out by mesh log repair",
+                                            expected, base))
+            elif base > expected:
                 rep.problems.append(Problem("gap", seg_path, 0,
-                                            f"offsets {expected}..{base - 1} missing"))
+                                            f"offsets {expected}..{base - 1} missing (a "
+                                            "segment was deleted or lost)", expected, base))
             else:
                 rep.problems.append(Problem("corrupt", seg_path, 0,
                                             f"segment starts at {base}, overlaps up to "
@@ -98,11 +131,13 @@ def verify_log(path: str, progress: Callable[[int], None] | None = None) -> Veri
                 found = fmt.find_next_batch(buf, pos + 1, len(buf), cur)
                 if found is None:
                     rep.problems.append(Problem("torn", seg_path, pos,
-                                                f"{exc.reason}; {len(buf) - pos} bytes to end"))
+                                                f"{exc.reason}; {len(buf) - pos} bytes to end",
+                                                cur, None))
                     break
                 rep.problems.append(Problem("corrupt", seg_path, pos,
                                             f"{exc.reason}; offsets {cur}.."
-                                            f"{found[1].base_offset - 1} unreadable"))
+                                            f"{found[1].base_offset - 1} unreadable", cur,
+                                            found[1].base_offset))
                 pos, cur = found[0], found[1].base_offset
                 continue
             positions.add(pos)
@@ -115,7 +150,42 @@ def verify_log(path: str, progress: Callable[[int], None] | None = None) -> Veri
         expected = cur
         rep.problems.extend(_check_index(path, base, positions))
     rep.next_offset = expected
+    _check_reach(rep, marker, marker_path, bases)
     return rep
+
+
+def _entries(marker: dict[str, object], key: str) -> list[tuple[int, int]]:
+    v = marker.get(key)
+    if not isinstance(v, list):
+        return []
+    return [(e[0], e[1]) for e in v if isinstance(e, list) and len(e) >= 2
+            and isinstance(e[0], int) and isinstance(e[1], int)]
+
+
+def _check_reach(rep: VerifyReport, marker: dict[str, object], marker_path: str,
+                 bases: list[int]) -> None:
+    # The MARKER says how far the log durably got and which losses are known.
+    for a, b in _entries(marker, "lost"):
+        rep.problems.append(Problem("lost", marker_path, 0, f"offsets {a}..{b - 1} lost "
+                                    "(found missing at an open; `mesh log repair` "
+                                    "acknowledges it)", a, b))
+    reach = marker.get("next_offset")
+    if not isinstance(reach, int):
+        return
+    have = rep.next_offset if rep.next_offset is not None else \
+        int(marker.get("first_offset") or 0)  # type: ignore[call-overload]
+    if reach > have:
+        rep.problems.append(Problem("lost", marker_path, 0,
+                                    f"offsets {have}..{reach - 1} missing at the end: the log "
+                                    f"reached offset {reach} (last segment deleted or cut "
+                                    "back?)", have, reach))
+        return
+    top = marker.get("max_base")
+    if isinstance(top, int) and (not bases or bases[-1] < top):
+        rep.problems.append(Problem("lost", os.path.join(rep.path, fmt.segment_name(top)), 0,
+                                    f"segment {fmt.segment_name(top)} is missing: records from "
+                                    f"offset {top} on are lost (how many is unknown)", top,
+                                    None))
 
 
 def _check_index(path: str, base: int, positions: set[int]) -> list[Problem]:

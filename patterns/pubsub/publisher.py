@@ -444,6 +444,10 @@ class _PubHub:
         st = self.streams.get(ack.stream)
         if st is not None:
             st.positions[(peer_id, ack.name)] = ack.position
+            if st.log is not None:
+                # The committed position is a retention floor: the log keeps (persisted,
+                # within its floor TTL and byte cap) what this subscriber has not handled.
+                st.log.set_retention_floor(f"{peer_id}/{ack.name}", ack.position)
 
 
 def _hub_for(node: Any, heartbeat_s: float, sndhwm: int) -> _PubHub:
