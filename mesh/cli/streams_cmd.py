@@ -53,9 +53,11 @@ def _cursors(root: Path) -> list[tuple[str, str, str, int]]:
             if not ns.startswith("pubsub.cursor."):
                 continue
             name = ns[len("pubsub.cursor."):]
-            for key, pos in store.items(ns):
+            for key, val in store.items(ns):
                 pub, _, stream = key.partition("/")
-                if isinstance(pos, int) and stream:
+                # [position, writer epoch] (protocol 1.1), or a bare position (1.0).
+                pos = val[0] if isinstance(val, list) and val else val
+                if isinstance(pos, int) and not isinstance(pos, bool) and stream:
                     out.append((name, pub, stream, pos))
     return out
 
