@@ -70,6 +70,8 @@ _zsend: Any = zmq.backend.Socket.send
 #: following ones as one DATA message. At a moderate rate every event goes out at once.
 COALESCE_GAP_S = 100e-6
 COALESCE_MAX = 64
+#: The longest interval between heartbeats of a stream whose head does not move.
+IDLE_BEAT_MAX_S = 10.0
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
@@ -156,13 +158,25 @@ class _Stream:
         self.pending_since = 0.0
         self.last_send = 0.0
         self.timer_armed = False
+        self.beat_head = -1  # the head the last heartbeat announced
+        self.beat_gap = 0.0  # the current interval between this stream's heartbeats
+        self.beat_due = 0.0  # monotonic time of its next heartbeat
 
 
 class _PubHub:
     """The node's XPUB socket, its lock, heartbeats, and the replay/ack handlers."""
 
-    def __init__(self, node: Any, *, heartbeat_s: float, sndhwm: int) -> None:
+    def __init__(self, node: Any, *, heartbeat_s: float, sndhwm: int,
+                 forget_after_s: float = 24 * 3600.0) -> None:
         self.node = node
+        self.heartbeat_s = heartbeat_s
+        # An idle stream (head unchanged) beats less and less often, up to this: what its
+        # subscribers need is one beat after the last DATA (a lost tail shows at once), not
+        # one per heartbeat_s forever (10,000 idle streams were 20,000 sends a second).
+        self.idle_beat_s = max(heartbeat_s, min(IDLE_BEAT_MAX_S, 20 * heartbeat_s))
+        self.forget_after_s = forget_after_s
+        self.left: dict[str, float] = {}  # peer id -> monotonic time it left
+        self._beat_all = False
         self.lock = threading.Lock()
         self.streams: dict[str, _Stream] = {}
         self.bad_requests = 0
@@ -176,6 +190,8 @@ class _PubHub:
         self.secure = getattr(node, "security", None) is not None
         if self.secure:
             sock.setsockopt(zmq.XPUB_MANUAL, 1)
+        else:
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every new subscriber's notice, not the first
         self.sock = sock
         self.endpoints = node.bind(sock, "pub")
         self.subscriptions = 0
@@ -184,14 +200,24 @@ class _PubHub:
         node.handle(frames.CTRL_REPLAY, self._on_replay)
         node.handle(frames.CTRL_ACK, self._on_ack)
         self.timer = node.reactor.call_every(heartbeat_s, self._beat)
+        self._unpeer = node.on_peer(self._on_peer)
         self.users = 0
 
     # -- user threads -----------------------------------------------------------------------
 
     def close(self) -> None:
         self.timer.cancel()
+        self._unpeer()
         with self.lock:
             self.sock.close(linger=0)
+
+    def _on_peer(self, ev: Any) -> None:
+        # Reactor thread. Positions of subscribers whose node left and stayed away
+        # forget_after_s are dropped at a beat (their log retention floors have their own TTL).
+        if ev.kind.name == "LEFT":
+            self.left[ev.peer.node_id] = time.monotonic()
+        else:
+            self.left.pop(ev.peer.node_id, None)
 
     # -- reactor thread ---------------------------------------------------------------------
 
@@ -267,6 +293,7 @@ class _PubHub:
                 return
             # Drain subscription notices so they never pile up; they also tell us someone
             # listens (XPUB delivers b"\x01topic" / b"\x00topic").
+            subs = self.subscriptions
             try:
                 while True:
                     if self.secure:
@@ -277,17 +304,43 @@ class _PubHub:
                         self.subscriptions += 1
             except zmq.Again:
                 pass
+            # A new subscriber hears every stream's head at this beat, idle or not.
+            every = self.subscriptions != subs or self._beat_all
+            self._beat_all = False
+            now = time.monotonic()
+            base, cap = self.heartbeat_s, self.idle_beat_s
             for st in self.streams.values():
-                try:
-                    # Held events first: a head beyond what was sent would look like a hole.
-                    self.flush(st)
-                except ClosedError:
-                    return
+                if st.pending:
+                    try:
+                        # Held events first: a head beyond what was sent would look like a hole.
+                        self.flush(st)
+                    except ClosedError:
+                        return
+                head = st.next_seq
+                if head != st.beat_head or every:
+                    st.beat_head, st.beat_gap = head, base  # busy (or new listener): every beat
+                elif now < st.beat_due:
+                    continue
+                else:
+                    st.beat_gap = min(st.beat_gap * 2, cap)  # idle: back off
+                st.beat_due = now + st.beat_gap - 0.001
                 try:
                     self.sock.send_multipart(frames.encode_heartbeat(
-                        st.topic, self.pub_id, st.epoch, st.next_seq, st.durable), zmq.NOBLOCK)
+                        st.topic, self.pub_id, st.epoch, head, st.durable), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # a PUB never blocks; a full pipe only means this beat is dropped
+            if self.left:
+                self._forget_left(now)
+
+    def _forget_left(self, now: float) -> None:
+        # Under lock, at a beat: drop the positions (lag rows) of subscribers gone too long.
+        for peer, since in list(self.left.items()):
+            if now - since < self.forget_after_s:
+                continue
+            del self.left[peer]
+            for st in self.streams.values():
+                for k in [k for k in st.positions if k[0] == peer]:
+                    del st.positions[k]
 
     def _admit_subscription(self, frame: zmq.Frame) -> None:
         # XPUB_MANUAL: ZMQ_SUBSCRIBE/UNSUBSCRIBE apply to the connection this notice came
@@ -450,9 +503,10 @@ class _PubHub:
                 st.log.set_retention_floor(f"{peer_id}/{ack.name}", ack.position)
 
 
-def _hub_for(node: Any, heartbeat_s: float, sndhwm: int) -> _PubHub:
+def _hub_for(node: Any, heartbeat_s: float, sndhwm: int, forget_after_s: float) -> _PubHub:
     return _registry.get_or_create(
-        node, "pubsub.pub", lambda: _PubHub(node, heartbeat_s=heartbeat_s, sndhwm=sndhwm))
+        node, "pubsub.pub", lambda: _PubHub(node, heartbeat_s=heartbeat_s, sndhwm=sndhwm,
+                                            forget_after_s=forget_after_s))
 
 
 class Publisher:
@@ -476,6 +530,12 @@ class Publisher:
         log_config: the log's settings (fsync policy, retention); default fsync every 10 ms.
         source: the events' ``source``; default the node's name.
         heartbeat_s: interval of the head-seq heartbeat (node-wide, set by the first publisher).
+            A stream whose head does not move beats at doubling intervals, up to
+            ``min(10 s, 20 * heartbeat_s)``; the first beat after new events, and the next
+            beat after a new subscription, go out at ``heartbeat_s``.
+        forget_after_s: the durable-subscriber positions (``stats().positions``/``lag``) of
+            a node that left the mesh and stayed away this long are dropped (node-wide, first
+            publisher). Its retention floors have their own TTL (``LogConfig.floor_ttl_s``).
         sndhwm: the XPUB send high-water mark in messages (node-wide, first publisher),
             at most :data:`DATA_HWM` (1024: 32 MiB of 32 KiB messages per subscriber).
         max_event_size: refuse events that encode larger than this.
@@ -502,6 +562,7 @@ class Publisher:
     def __init__(self, node: Any, stream: str, *, durable: bool = True,
                  log_config: LogConfig | None = None, source: str | None = None,
                  heartbeat_s: float = 0.5, sndhwm: int = 10_000,
+                 forget_after_s: float = 24 * 3600.0,
                  max_event_size: int = DEFAULT_MAX_EVENT_BYTES, linger_s: float = 0.0005,
                  sign: bool | EventSigner | None = None) -> None:
         if not stream or len(stream.encode()) > frames.MAX_TOPIC:
@@ -520,7 +581,9 @@ class Publisher:
         log = None
         if durable:
             log = LogDirectory(node.data_dir).open(stream, log_config or LogConfig())
-        hub = _hub_for(node, heartbeat_s, sndhwm)
+        if forget_after_s < 0:
+            raise ConfigError("forget_after_s must be >= 0")
+        hub = _hub_for(node, heartbeat_s, sndhwm, forget_after_s)
         with hub.lock:
             if stream in hub.streams:
                 if log is not None:

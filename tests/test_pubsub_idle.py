@@ -1,0 +1,73 @@
+"""Many idle streams cost little: heartbeats back off while a head does not move, and the
+publisher forgets the positions of subscribers that left (real sockets, real nodes)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import zmq
+
+from mesh.node import Node
+from patterns.pubsub import frames
+from patterns.pubsub.publisher import Publisher
+from patterns.pubsub.subscriber import Start, Subscriber
+from tests.util import unique, wait_until
+
+
+def node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
+    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
+                static_peers=peers)
+
+
+def test_an_idle_stream_beats_less_and_a_moved_head_is_announced_at_once(
+        tmp_path: Path) -> None:
+    ctx = zmq.Context.instance()
+    with node(tmp_path / "p", unique("idle")) as nd, \
+            Publisher(nd, "idle.s", heartbeat_s=0.05) as pub:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"idle.s")
+        sub.connect(pub.endpoints[0])
+        try:
+            pub.publish(b"x")
+
+            def beats(seconds: float) -> list[int]:
+                heads = []
+                end = time.monotonic() + seconds
+                while (left := end - time.monotonic()) > 0:
+                    if sub.poll(int(left * 1000) + 1):
+                        _, h, _ = frames.decode_message(sub.recv_multipart(),
+                                                        max_event_size=1 << 20)
+                        if h.kind == frames.KIND_HEARTBEAT:
+                            heads.append(h.seq)
+                return heads
+
+            wait_until(lambda: beats(0.2), timeout=5, what="the first heartbeat")
+            # Idle for 2 s at heartbeat_s=0.05: 40 beats without backoff; doubling intervals
+            # (0.05, 0.1, ... capped at 1 s) make it a handful.
+            idle = beats(2.0)
+            assert 1 <= len(idle) <= 10, idle
+            pub.publish(b"y")                 # the head moved: the next beat says so at once
+            t0 = time.monotonic()
+            got = wait_until(lambda: 2 in beats(0.05), timeout=2, what="the new head")
+            assert got and time.monotonic() - t0 < 1.0
+        finally:
+            sub.close(0)
+
+
+def test_positions_of_a_subscriber_node_that_left_are_forgotten(tmp_path: Path) -> None:
+    mesh = unique("idle")
+    with node(tmp_path / "p", mesh) as nd, \
+            Publisher(nd, "fg.s", heartbeat_s=0.05, forget_after_s=0.3) as pub:
+        pub.publish_many([1, 2, 3])
+        ep = next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
+        with node(tmp_path / "s", mesh, (ep,)) as ns, Subscriber(
+                ns, "fg.s", durable="agg", start=Start.beginning()) as sub:
+            for _ in range(3):
+                assert sub.recv(timeout=10) is not None
+            sub.commit()
+            wait_until(lambda: pub.stats().positions.get("agg") == 3, timeout=10,
+                       what="the ack")
+        # The subscriber node said BYE: after forget_after_s its row goes.
+        wait_until(lambda: "agg" not in pub.stats().positions, timeout=10,
+                   what="the position forgotten")
