@@ -283,6 +283,7 @@ class Node:
         self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
         self._flush_scheduled = False
         self._gossip_scheduled = False
+        self._update_scheduled = False
         self._ticks = 0
         self._heartbeat: Timer | None = None
         # cross-thread send queue (one wake-up per batch, not per message)
@@ -558,10 +559,14 @@ class Node:
     def _info_changed(self) -> None:
         if self._closed:
             return
-        try:
-            self.reactor.call_soon(self._announce_update)
-        except ClosedError:
-            return
+        # One UPDATE per burst of changes (10,000 offers made in a loop were 10,000 encodings
+        # of a growing HELLO on the reactor: O(n^2), a busy core for a minute).
+        if not self._update_scheduled:
+            self._update_scheduled = True
+            try:
+                self.reactor.call_soon(self._announce_update)
+            except ClosedError:
+                return
         if self._discovery is not None:
             try:
                 self._discovery.update()
@@ -1348,6 +1353,9 @@ class Node:
         self._flush()
 
     def _announce_update(self) -> None:
+        self._update_scheduled = False  # before reading info(): a later change sends again
+        if not self._links and not self._dials:
+            return
         body = control.hello_to_wire(Hello(self.info()))
         raw = control.encode_body(body, self.config.max_message_bytes)
         # Every link and pending dial, live or not: a HELLO that left before this change

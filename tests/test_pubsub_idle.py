@@ -71,3 +71,21 @@ def test_positions_of_a_subscriber_node_that_left_are_forgotten(tmp_path: Path) 
         # The subscriber node said BYE: after forget_after_s its row goes.
         wait_until(lambda: "agg" not in pub.stats().positions, timeout=10,
                    what="the position forgotten")
+
+
+def test_a_burst_of_offers_is_one_update_not_one_per_offer(tmp_path: Path) -> None:
+    # 3,000 streams offered in a loop: each offer used to encode and send the whole (growing)
+    # node info to every peer (O(n^2) bytes and CPU); a burst now costs a few UPDATEs.
+    mesh = unique("idle")
+    with node(tmp_path / "a", mesh) as a:
+        ep = next(e for e in a.info().endpoints["control"] if e.startswith("tcp://"))
+        with node(tmp_path / "b", mesh, (ep,)) as b:
+            wait_until(lambda: a.peers.list() and b.peers.list(), timeout=10, what="joined")
+            before = a.stats()["control_bytes_out"]
+            for i in range(3000):
+                a.offer("stream", f"burst.{i}")
+            wait_until(lambda: any(len(p.offers.get("stream", ())) == 3000
+                                   for p in b.peers.list()), timeout=10, what="offers seen")
+            # The final info is about 32 KB; one UPDATE per offer was 2.7 MB here.
+            sent = a.stats()["control_bytes_out"] - before
+            assert sent < 300_000, sent
