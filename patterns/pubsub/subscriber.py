@@ -1310,6 +1310,7 @@ class Subscriber:
             return
         for key in [k for k in self._positions if k[0] == pub]:
             del self._positions[key]
+            self._pos_epoch.pop(key, None)
             self._committed.pop(key, None)
             if store is not None:
                 store.delete(self._cursor_ns, f"{key[0]}/{key[1]}")
