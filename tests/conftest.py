@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +53,14 @@ def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 def pytest_report_header() -> str:
     return f"zmq {zmq.zmq_version()}, pyzmq {zmq.__version__}, pid {os.getpid()}"
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes a test starts: killed (if still running) and reaped at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)

@@ -21,7 +21,7 @@ from patterns.bridge.bridge import KILL_BEFORE_APPEND_ENV
 from patterns.pipeline.dlq import DeadLetters
 from patterns.pubsub import Publisher, Start, Subscriber
 from tests.brokers import Broker, mosquitto, nats_js  # noqa: F401 - fixtures
-from tests.util import python_child, unique, wait_until
+from tests.util import ctrl, make_node, python_child, unique, wait_until
 
 paho = pytest.importorskip("paho.mqtt.client", reason="pip install 'zeromesh[mqtt]'")
 nats = pytest.importorskip("nats", reason="pip install 'zeromesh[nats]'")
@@ -29,13 +29,6 @@ nats = pytest.importorskip("nats", reason="pip install 'zeromesh[nats]'")
 CHILD = "import tests.bridge_child as c; c.main()"
 
 
-def make_node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
-
-
-def ctrl(nd: Node) -> str:
-    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
 
 
 # --- broker-side observers ---------------------------------------------------------------------

@@ -11,12 +11,7 @@ from mesh.errors import ConfigError
 from mesh.node import Node
 from patterns.pubsub.publisher import COALESCE_MAX, Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
-
-
-def make_node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
+from tests.util import make_node, unique, wait_until
 
 
 @pytest.fixture

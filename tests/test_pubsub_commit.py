@@ -25,20 +25,13 @@ from patterns.pubsub import frames
 from patterns.pubsub.aio import AsyncSubscriber
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Batch, Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import ctrl, make_node, unique, wait_until
 
 
 class Boom(Exception):
     pass
 
 
-def make_node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
-
-
-def ctrl(nd: Node) -> str:
-    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
 
 
 @pytest.fixture

@@ -12,38 +12,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mesh.errors import SendFailed
 from mesh.log import format as fmt
-from mesh.node import Node
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, StreamGap, StreamReset, Subscriber
-from tests.util import REPO, poll_until, unique
+from tests.util import REPO, ctrl, make_node, poll_until, unique
 
 CHILD = os.path.join(REPO, "tests", "pubsub_child.py")
 
 
-def make_node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
 
-
-def ctrl(nd: Node) -> str:
-    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=10)
 
 
 def start_pub(procs: list[subprocess.Popen[bytes]], *args: str) -> subprocess.Popen[bytes]:

@@ -14,16 +14,7 @@ from mesh.node import Node
 from mesh.state import StateStore
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
-
-
-def make_node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
-
-
-def ctrl(nd: Node) -> str:
-    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
+from tests.util import ctrl, make_node, unique, wait_until
 
 
 def drain(sub: Subscriber, n: int, timeout: float = 10.0) -> list[Event]:

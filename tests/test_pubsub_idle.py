@@ -8,22 +8,16 @@ from pathlib import Path
 
 import zmq
 
-from mesh.node import Node
 from patterns.pubsub import frames
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
-
-
-def node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
+from tests.util import ctrl, make_node, unique, wait_until
 
 
 def test_an_idle_stream_beats_less_and_a_moved_head_is_announced_at_once(
         tmp_path: Path) -> None:
     ctx = zmq.Context.instance()
-    with node(tmp_path / "p", unique("idle")) as nd, \
+    with make_node(tmp_path / "p", unique("idle")) as nd, \
             Publisher(nd, "idle.s", heartbeat_s=0.05) as pub:
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"idle.s")
@@ -57,11 +51,10 @@ def test_an_idle_stream_beats_less_and_a_moved_head_is_announced_at_once(
 
 def test_positions_of_a_subscriber_node_that_left_are_forgotten(tmp_path: Path) -> None:
     mesh = unique("idle")
-    with node(tmp_path / "p", mesh) as nd, \
+    with make_node(tmp_path / "p", mesh) as nd, \
             Publisher(nd, "fg.s", heartbeat_s=0.05, forget_after_s=0.3) as pub:
         pub.publish_many([1, 2, 3])
-        ep = next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
-        with node(tmp_path / "s", mesh, (ep,)) as ns, Subscriber(
+        with make_node(tmp_path / "s", mesh, (ctrl(nd),)) as ns, Subscriber(
                 ns, "fg.s", durable="agg", start=Start.beginning()) as sub:
             for _ in range(3):
                 assert sub.recv(timeout=10) is not None
@@ -77,15 +70,13 @@ def test_a_burst_of_offers_is_one_update_not_one_per_offer(tmp_path: Path) -> No
     # 3,000 streams offered in a loop: each offer used to encode and send the whole (growing)
     # node info to every peer (O(n^2) bytes and CPU); a burst now costs a few UPDATEs.
     mesh = unique("idle")
-    with node(tmp_path / "a", mesh) as a:
-        ep = next(e for e in a.info().endpoints["control"] if e.startswith("tcp://"))
-        with node(tmp_path / "b", mesh, (ep,)) as b:
-            wait_until(lambda: a.peers.list() and b.peers.list(), timeout=10, what="joined")
-            before = a.stats()["control_bytes_out"]
-            for i in range(3000):
-                a.offer("stream", f"burst.{i}")
-            wait_until(lambda: any(len(p.offers.get("stream", ())) == 3000
-                                   for p in b.peers.list()), timeout=10, what="offers seen")
-            # The final info is about 32 KB; one UPDATE per offer was 2.7 MB here.
-            sent = a.stats()["control_bytes_out"] - before
-            assert sent < 300_000, sent
+    with make_node(tmp_path / "a", mesh) as a, make_node(tmp_path / "b", mesh, (ctrl(a),)) as b:
+        wait_until(lambda: a.peers.list() and b.peers.list(), timeout=10, what="joined")
+        before = a.stats()["control_bytes_out"]
+        for i in range(3000):
+            a.offer("stream", f"burst.{i}")
+        wait_until(lambda: any(len(p.offers.get("stream", ())) == 3000
+                               for p in b.peers.list()), timeout=10, what="offers seen")
+        # The final info is about 32 KB; one UPDATE per offer was 2.7 MB here.
+        sent = a.stats()["control_bytes_out"] - before
+        assert sent < 300_000, sent

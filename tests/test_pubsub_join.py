@@ -15,7 +15,7 @@ from mesh.node import Node
 from patterns.pubsub.gaps import StreamTracker
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import ctrl, unique, wait_until
 
 
 def make_node(path: Path, mesh: str, peers: tuple[str, ...] = (),
@@ -23,9 +23,6 @@ def make_node(path: Path, mesh: str, peers: tuple[str, ...] = (),
     return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
                 static_peers=peers, transports=transports)
 
-
-def ctrl(nd: Node) -> str:
-    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
 
 
 def test_offer_made_before_hello_answered_still_reaches_subscriber(tmp_path: Path) -> None:

@@ -9,15 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mesh.node import Node
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import REPO, unique, wait_until
+from tests.util import REPO, ctrl, make_node, unique, wait_until
 
 CHILD = os.path.join(REPO, "tests", "pubsub_child.py")
 
@@ -32,13 +30,6 @@ def mesh_name() -> str:
     return unique("ps")
 
 
-def make_node(path: Path, mesh: str, peers: tuple[str, ...] = ()) -> Node:
-    return Node(data_dir=path, name=path.name, mesh=mesh, mdns=False, interface="127.0.0.1",
-                static_peers=peers)
-
-
-def ctrl(nd: Node) -> str:
-    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
 
 
 def read_lines(path: Path) -> list[tuple[str, int, int]]:
@@ -50,15 +41,6 @@ def read_lines(path: Path) -> list[tuple[str, int, int]]:
         out.append((i, int(s), int(d)))
     return out
 
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=10)
 
 
 def test_subscriber_killed_many_times_gets_everything_once_in_order(

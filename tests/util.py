@@ -8,7 +8,10 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from mesh.node import Node
 
 T = TypeVar("T")
 
@@ -69,3 +72,16 @@ def python_child(code: str, *args: str, env: dict[str, str] | None = None,
     return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
         [sys.executable, "-c", code, *args], env=full_env, **popen
     )
+
+
+def make_node(path: os.PathLike[str] | str, mesh: str, peers: tuple[str, ...] = ()) -> Node:
+    """A node of mesh ``mesh`` on loopback (no mDNS), named after its directory, dialling
+    ``peers`` (control endpoints) as static peers."""
+    from mesh.node import Node
+    return Node(data_dir=path, name=os.path.basename(os.fspath(path)), mesh=mesh, mdns=False,
+                interface="127.0.0.1", static_peers=peers)
+
+
+def ctrl(nd: Node) -> str:
+    """The node's tcp control endpoint (what another node's ``static_peers`` takes)."""
+    return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
