@@ -73,3 +73,17 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = mesh("tail", str(tmp_path), "x")
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_info_shows_the_writer_epochs(tmp_path: Path) -> None:
+    from mesh.log import LogDirectory
+
+    for _ in range(2):                     # two writer incarnations: two epochs
+        with LogDirectory(tmp_path).open("ep.s") as lg:
+            lg.append(b"x")
+    r = mesh("info", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    row = next(x for x in json.loads(r.stdout) if x["stream"] == "ep.s")
+    assert [s for _e, s in row["epochs"]] == [0, 1] and all(e for e, _s in row["epochs"])
+    r = mesh("info", str(tmp_path))
+    assert f"epoch {row['epochs'][-1][0]} from offset 1 (2 epoch(s))" in r.stdout

@@ -90,13 +90,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, path in _stream_dirs(args.dir).items():
         with Log.open(path, readonly=True) as lg:
             st = lg.stats()
+            epochs = [list(e) for e in lg.epochs.entries]
         out.append({"stream": name, "path": path, "first_offset": st.first_offset,
                     "last_offset": st.last_offset, "records": st.records, "bytes": st.bytes,
                     "segments": st.segments, "oldest": _iso(st.oldest_timestamp_ns),
                     "newest": _iso(st.newest_timestamp_ns),
                     "missing_records": st.missing_records,
                     "corrupt_regions": st.corrupt_regions,
-                    "lost_ranges": [list(r) for r in st.lost_ranges]})
+                    "lost_ranges": [list(r) for r in st.lost_ranges],
+                    # [epoch, first offset] per writer incarnation, oldest first.
+                    "epochs": epochs})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -104,6 +107,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{s['stream']}: offsets {s['first_offset']}..{s['last_offset']}, "
               f"{s['records']} records, {s['bytes']} bytes, {s['segments']} segment(s), "
               f"oldest {s['oldest']}, newest {s['newest']}"
+              + (f", epoch {s['epochs'][-1][0]} from offset {s['epochs'][-1][1]} "
+                 f"({len(s['epochs'])} epoch(s))" if s["epochs"] else "")
               + (f", {s['missing_records']} MISSING" if s["missing_records"] else "")
               + (f", {s['corrupt_regions']} CORRUPT region(s)" if s["corrupt_regions"] else "")
               + "".join(f", LOST offsets {a}..{b - 1}" for a, b in lost_of(s)))
