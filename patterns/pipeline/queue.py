@@ -27,7 +27,7 @@ from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
-from .dlq import DeadLetters, encode_dead_letter
+from .dlq import DeadLetters, encode_dead_letter, open_dlq_log
 from .store import QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,15 @@ class WorkQueue:
         self.name = name
         self.config = config or DispatchConfig()
         self._store = QueueStore(node.data_dir, name, fsync)
-        self.dlq = DeadLetters(node.data_dir, name, push=self.push, actor="producer")
-        self._dlq_log = self._store.root.open(f"{name}.dlq")
+        try:
+            self._dlq_log = open_dlq_log(self._store.root, name)
+        except BaseException:
+            self._store.close()
+            raise
+        #: The queue's dead letters. Its index, redrive requests from other processes and
+        #: compaction run on a DLQ thread of the queue, never on the I/O thread.
+        self.dlq = DeadLetters(node.data_dir, name, push=self._push_traced, actor="producer",
+                               log=self._dlq_log)
         self._lock = threading.Lock()
         # batches (ids, key, datas) pushed since the I/O thread last looked
         self._new: list[tuple[Sequence[int], Hashable | None, Sequence[Any]]] = []
@@ -114,6 +121,10 @@ class WorkQueue:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
         self._thread.start()
+        self._dlq_stop = threading.Event()
+        self._dlq_thread = threading.Thread(target=self._run_dlq, name=f"pipe-dlq:{name}",
+                                            daemon=True)
+        self._dlq_thread.start()
         node.offer("queue", name)
         self._unmetrics = attach(node, queue_collector(self))
 
@@ -130,8 +141,11 @@ class WorkQueue:
             raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
         if key is not None and not isinstance(key, (str, bytes)):
             raise ConfigError(f"key must be str, bytes or None, got {type(key).__name__}")
-        payload = bytes(payload)
-        trace = _trace_here()
+        return self._push_traced(bytes(payload), key, _trace_here())
+
+    def _push_traced(self, payload: bytes, key: Hashable | None,
+                     trace: tuple[str | None, str | None, str | None] | None) -> int:
+        # push() with an explicit trace context (a redrive keeps the original task's).
         rec = encode_task(key, payload, trace)
         # A traced task travels through the dispatcher as (payload, trace) (its data is opaque).
         data: Any = payload if trace is None else (payload, trace)
@@ -233,6 +247,8 @@ class WorkQueue:
             pass  # the node may already be closed
         self._unsub()
         self._thread.join(10.0)
+        self._dlq_stop.set()
+        self._dlq_thread.join(10.0)
         os.close(self._rfd)
         os.close(self._wfd)
         try:
@@ -260,7 +276,6 @@ class WorkQueue:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
-        last_ops_check = 0.0
         last_snap = 0.0
         dirty = False
         try:
@@ -285,12 +300,6 @@ class WorkQueue:
                     dirty = False
                 else:
                     dirty = True
-                if now - last_ops_check >= 1.0:
-                    last_ops_check = now
-                    try:
-                        self.dlq.fulfil_requests()
-                    except Exception:
-                        log.exception("queue %s: DLQ redrive requests failed", self.name)
         except Exception as exc:
             log.exception("queue %s: I/O thread crashed", self.name)
             self._failed = exc
@@ -298,6 +307,22 @@ class WorkQueue:
             self._persist_effects()
             self._snapshot()
             self._router.close(linger=0)
+
+    # ------------------------------------------------------------------ DLQ thread
+    def _run_dlq(self) -> None:
+        # Builds the DLQ index once, then follows it: redrive requests recorded by other
+        # processes (within about a second) and compaction. Off the I/O thread, so a large
+        # DLQ never delays dispatch or acks.
+        while True:
+            try:
+                self.dlq.fulfil_requests()
+                self.dlq.maybe_compact()
+            except ClosedError:
+                return
+            except Exception:
+                log.exception("queue %s: DLQ work failed", self.name)
+            if self._dlq_stop.wait(0.5):
+                return
 
     def _snapshot(self) -> None:
         s = self._dispatcher.stats()
@@ -422,8 +447,8 @@ class WorkQueue:
             recs = []
             now = time.time()
             for dl in eff.dead:
-                payload = dl.data[0] if type(dl.data) is tuple else dl.data
-                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now))
+                payload, trace = dl.data if type(dl.data) is tuple else (dl.data, None)
+                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now, trace))
                 dead_ids.append(dl.task_id)
             # The DLQ record first: a crash before the journal's X record keeps the task owed
             # (redelivered, maybe dead-lettered twice), never lost.

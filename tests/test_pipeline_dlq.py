@@ -1,0 +1,162 @@
+"""The DLQ over a long life: an index instead of scans, redrive off the queue's I/O thread,
+compaction that shrinks the files, and redriven tasks that keep their trace context.
+
+Real files, real sockets, a real `mesh dlq` child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import DLQEntryNotFound
+from mesh.node import Node
+from mesh.tracing import consuming, context_from, parse_traceparent
+from patterns.pipeline.dispatch import Attempt, DeadLetter, DispatchConfig
+from patterns.pipeline.dlq import encode_dead_letter, open_dlq_log
+from patterns.pipeline.queue import WorkQueue
+from patterns.pipeline.store import pipeline_root
+from patterns.pipeline.worker import Worker
+from tests.util import REPO, unique, wait_until
+
+N_DEAD = 20_000
+ROOT_TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _node(data_dir: Path) -> Node:
+    return Node(data_dir=data_dir, mesh=unique("m"), interface="127.0.0.1", mdns=False)
+
+
+def write_dead_letters(data_dir: Path, queue: str, n: int) -> None:
+    """A DLQ of ``n`` entries in the producer's own record format (payload ``dead-<i>``)."""
+    att = Attempt(1, "w", 1.0, 2.0, "nack", "RuntimeError", "disk on fire",
+                  "Traceback (most recent call last):\n  ...\nRuntimeError: disk on fire\n")
+    lg = open_dlq_log(pipeline_root(data_dir), queue)
+    try:
+        for k in range(0, n, 1000):
+            lg.append_many([
+                encode_dead_letter(queue, "node-x",
+                                   DeadLetter(i, None, "max_deliveries", 1, [att]),
+                                   f"dead-{i}".encode(), 1.0)
+                for i in range(k, min(n, k + 1000))
+            ])
+    finally:
+        lg.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_100_redrives_of_a_20k_dlq_while_tasks_flow_then_compaction(tmp_path: Path) -> None:
+    queue = unique("q")
+    write_dead_letters(tmp_path, queue, N_DEAD)
+    seen: Counter[bytes] = Counter()
+    deliveries: Counter[int] = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+    pushed: list[int] = []
+    with _node(tmp_path) as node, \
+            WorkQueue(node, queue, config=DispatchConfig(ack_wait=5.0)) as q, \
+            Worker(node, queue, credit=20) as w:
+
+        def work() -> None:
+            while not stop.is_set():
+                t = w.get(timeout=0.05)
+                if t is None:
+                    continue
+                with lock:
+                    seen[t.payload] += 1
+                    deliveries[t.delivery] += 1
+                t.ack()
+
+        def push() -> None:
+            i = 0
+            while not stop.wait(0.002):
+                q.push(f"job-{i}".encode())
+                pushed.append(i)
+                i += 1
+
+        threads = [threading.Thread(target=work), threading.Thread(target=push)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: q.stats().get("acked", 0) >= 50, 10, what="tasks flowing")
+            # 100 redrives recorded by another process (the running producer fulfils them on
+            # its DLQ thread) and 100 more from this process, through the producer's API.
+            r = _cli("dlq", "redrive", str(tmp_path), queue, *map(str, range(100)), "--json")
+            assert r.returncode == 0, r.stderr
+            for o in range(100, 200):
+                assert q.dlq.redrive(o).status == "redriven"
+            wait_until(lambda: all(seen[f"dead-{i}".encode()] for i in range(200)), 20,
+                       what="the 200 redriven tasks")
+            stop.set()
+            for t in threads:
+                t.join(10)
+            w.flush()
+            q.wait_idle(10)
+        finally:
+            stop.set()
+        s = q.stats()
+        # Push-to-ack stayed bounded: no in-flight task timed out and ran again.
+        assert s["timeouts"] == 0 and s["redelivered"] == 0, s
+        assert set(deliveries) == {1}
+        assert all(seen[f"job-{i}".encode()] == 1 for i in pushed)
+        assert all(seen[f"dead-{i}".encode()] == 1 for i in range(200))
+        assert q.dlq.counts() == {"dead": N_DEAD - 200, "redrive_requested": 0,
+                                  "redriven": 200, "discarded": 0}
+
+        # Compaction: resolve most entries; the producer's DLQ thread drops them from disk.
+        before = q.dlq.disk_bytes()
+        q.dlq.discard_many(range(200, N_DEAD - 500))
+        wait_until(lambda: q.dlq.compactions >= 1, 10, what="compaction")
+        after = q.dlq.disk_bytes()
+        assert after < before / 4, (before, after)
+        assert len(q.dlq.list()) == 500
+        shown = q.dlq.show(N_DEAD - 1)  # a live entry keeps its id and content
+        assert (shown.offset, shown.payload, shown.status) == \
+            (N_DEAD - 1, f"dead-{N_DEAD - 1}".encode(), "dead")
+    # After a restart the index is rebuilt from the compacted files: same ids, same statuses.
+    with _node(tmp_path) as node, WorkQueue(node, queue) as q:
+        live = q.dlq.list()
+        assert [e.offset for e in live] == list(range(N_DEAD - 500, N_DEAD))
+        assert [e.payload for e in live[:2]] == [b"dead-19500", b"dead-19501"]
+        with pytest.raises(DLQEntryNotFound):
+            q.dlq.show(5)  # redriven, then compacted away
+        assert q.dlq.redrive(N_DEAD - 1).redriven_task_id is not None
+    r = _cli("dlq", "list", str(tmp_path), queue, "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('"offset"') == 499
+
+
+def test_redriven_task_keeps_its_original_trace(tmp_path: Path) -> None:
+    queue = unique("q")
+    with _node(tmp_path) as node, \
+            WorkQueue(node, queue, config=DispatchConfig(max_deliveries=1)) as q, \
+            Worker(node, queue, credit=5) as w:
+        with consuming(ctx=context_from(event_id="0" * 31 + "1", traceparent=ROOT_TP,
+                                        correlationid="conv-9")):
+            q.push(b"traced-job")
+        t = wait_until(lambda: w.get(timeout=0.05), 10, what="task")
+        t.nack(error=RuntimeError("boom"))
+        w.flush()
+        [e] = wait_until(lambda: q.dlq.list(), 10, what="dead letter")
+        original = t.trace
+        assert original is not None and e.trace == original  # kept in the DLQ record
+        assert e.to_dict()["traceparent"] == original[0]
+        q.dlq.redrive(e.offset)
+        t2 = wait_until(lambda: w.get(timeout=0.05), 10, what="redriven task")
+        assert t2.payload == b"traced-job" and t2.trace is not None
+        parsed = parse_traceparent(t2.trace[0])
+        assert parsed is not None and parsed[0] == "4bf92f3577b34da6a3ce929d0e0e4736"
+        assert t2.trace == original  # the original task's traceparent and correlation
+        t2.ack()
+        w.flush()
