@@ -140,6 +140,7 @@ def test_100_redrives_of_a_20k_dlq_while_tasks_flow_then_compaction(tmp_path: Pa
         after = q.dlq.disk_bytes()
         assert after < before / 4, (before, after)
         assert len(q.dlq.list()) == 500
+        assert q.dlq.total() == N_DEAD  # dead letters ever: compaction copies do not count
         shown = q.dlq.show(N_DEAD - 1)  # a live entry keeps its id and content
         assert (shown.offset, shown.payload, shown.status) == \
             (N_DEAD - 1, f"dead-{N_DEAD - 1}".encode(), "dead")
@@ -148,6 +149,7 @@ def test_100_redrives_of_a_20k_dlq_while_tasks_flow_then_compaction(tmp_path: Pa
         live = q.dlq.list()
         assert [e.offset for e in live] == list(range(N_DEAD - 500, N_DEAD))
         assert [e.payload for e in live[:2]] == [b"dead-19500", b"dead-19501"]
+        assert q.dlq.total() == N_DEAD
         with pytest.raises(DLQEntryNotFound):
             q.dlq.show(5)  # redriven, then compacted away
         assert q.dlq.redrive(N_DEAD - 1).redriven_task_id is not None

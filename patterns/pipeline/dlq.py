@@ -263,7 +263,9 @@ class DeadLetters:
         self._requested: set[int] = set()
         self._dlq_next = 0  # next <queue>.dlq offset to index
         self._ops_next = 0  # next <queue>.dlq-ops offset to apply
-        self.compactions = 0
+        self.compactions = 0  # compactions run by this object
+        self._copies = 0  # records ever copied forward by compaction (from the ops stream)
+        self._compacted_seq: int | None = None  # ops offset of the newest "compacted" record
         self.root.path_for(dlq_stream(queue))  # validates the name
 
     # -- the index ------------------------------------------------------------------------
@@ -324,6 +326,10 @@ class DeadLetters:
             if not isinstance(m, dict):
                 continue
             m["seq"] = r.offset
+            if m.get("op") == "compacted":
+                self._copies = int(m.get("copies_total", 0))
+                self._compacted_seq = r.offset
+                continue
             slot = self._slots.get(m.get("entry", -1))
             if slot is None:
                 continue  # an entry compacted away
@@ -573,6 +579,7 @@ class DeadLetters:
                 for (_, eid), off in zip(chunk, lg.append_many(recs), strict=True):
                     self._slots[eid].pos = off
                     self._dlq_next = max(self._dlq_next, off + 1)
+                self._copies += len(chunk)
             lg.flush(sync=True)  # the copies are durable before the originals can go
             lg.set_retention_floor(FLOOR, cut)
             lg.enforce_retention()
@@ -581,19 +588,30 @@ class DeadLetters:
                     if s.status not in _LIVE and (first is None or s.pos < first)]
             for i in gone:
                 del self._slots[i]
-            path = self.root.path_for(ops_stream(self.queue))
-            if os.path.isdir(path):
-                ol = _open_retrying(path)
-                try:
-                    if ol.next_offset > self._ops_next:
-                        self._apply_ops(ol)
-                    needed = [op["seq"] for s in self._slots.values() for op in s.ops]
-                    ol.set_retention_floor(FLOOR, min(needed, default=self._ops_next))
-                    ol.enforce_retention()
-                finally:
-                    ol.close()
+            ol = _open_retrying(self.root.path_for(ops_stream(self.queue)))
+            try:
+                if ol.next_offset > self._ops_next:
+                    self._apply_ops(ol)
+                # The copies made so far, so the count of dead letters ever stays exact.
+                ol.append(msgpack.packb({"op": "compacted", "copies_total": self._copies,
+                                         "removed": len(gone), "at": time.time(),
+                                         "by": self.actor}, use_bin_type=True))
+                self._apply_ops(ol)
+                needed = [op["seq"] for s in self._slots.values() for op in s.ops]
+                if self._compacted_seq is not None:
+                    needed.append(self._compacted_seq)
+                ol.set_retention_floor(FLOOR, min(needed, default=self._ops_next))
+                ol.enforce_retention()
+            finally:
+                ol.close()
             self.compactions += 1
             return len(gone)
+
+    def total(self) -> int:
+        """Tasks dead-lettered ever (DLQ records, less the copies compaction made)."""
+        with self._lock:
+            self._refresh()
+            return self._dlq_next - self._copies
 
     def disk_bytes(self) -> int:
         """Bytes of both DLQ streams on disk."""
