@@ -181,3 +181,27 @@ def test_redriven_task_keeps_its_original_trace(tmp_path: Path) -> None:
         assert t2.trace == original  # the original task's traceparent and correlation
         t2.ack()
         w.flush()
+
+
+def test_an_unreadable_dlq_record_is_counted_and_skipped(tmp_path: Path) -> None:
+    queue = unique("q")
+    write_dead_letters(tmp_path, queue, 2)
+    lg = pipeline_root(tmp_path).open(dlq_stream(queue))
+    try:
+        lg.append(b"\xc1 not a dead letter")  # a good log record with a bad body
+    finally:
+        lg.close()
+    lg2 = pipeline_root(tmp_path).open(dlq_stream(queue))
+    try:
+        lg2.append(
+            encode_dead_letter(queue, "node-x", DeadLetter(9, None, "term", 1, []), b"dead-9",
+                               1.0))
+    finally:
+        lg2.close()
+    r = _cli("dlq", "list", str(tmp_path), queue, "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('"offset"') == 3
+    with _node(tmp_path) as node, WorkQueue(node, queue) as q:
+        assert [e.payload for e in q.dlq.list()] == [b"dead-0", b"dead-1", b"dead-9"]
+        assert q.dlq.unreadable == 1
+        assert q.dlq.redrive(3).redriven_task_id is not None

@@ -29,6 +29,7 @@ so disk use follows the live entries, not history. Both streams use small segmen
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,8 @@ from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention
 
 from .dispatch import Attempt, DeadLetter
 from .store import attempt_from, encode_task, pipeline_root
+
+_log = logging.getLogger(__name__)
 
 DLQ_VERSION = 1
 
@@ -80,9 +83,10 @@ def ops_stream(queue: str) -> str:
 def _config(segment_bytes: int, fsync: FsyncPolicy | None = None) -> LogConfig:
     # Retention would drop every sealed segment; the FLOOR (set before any append) keeps all
     # from the lowest record still needed: only compaction moves it up.
+    # A damaged record is skipped and counted by the log (stats), never a stall.
     return LogConfig(fsync=fsync or FsyncPolicy.interval(10.0), segment_bytes=segment_bytes,
                      retention=Retention(max_records=1), keep_past_floors=True,
-                     floor_ttl_s=None, floor_max_bytes=None)
+                     floor_ttl_s=None, floor_max_bytes=None, corruption="skip")
 
 
 def _guard(lg: Log) -> Log:
@@ -264,6 +268,9 @@ class DeadLetters:
         self._dlq_next = 0  # next <queue>.dlq offset to index
         self._ops_next = 0  # next <queue>.dlq-ops offset to apply
         self.compactions = 0  # compactions run by this object
+        #: DLQ records that could not be decoded (skipped with a warning; see ``mesh log
+        #: verify`` for damage the log itself found).
+        self.unreadable = 0
         self._copies = 0  # records ever copied forward by compaction (from the ops stream)
         self._compacted_seq: int | None = None  # ops offset of the newest "compacted" record
         self.root.path_for(dlq_stream(queue))  # validates the name
@@ -273,7 +280,9 @@ class DeadLetters:
         if self._log is not None:
             return self._log
         path = self.root.path_for(dlq_stream(self.queue))
-        return Log.open(path, readonly=True) if os.path.isdir(path) else None
+        if not os.path.isdir(path):
+            return None
+        return Log.open(path, readonly=True, config=_config(DLQ_SEGMENT_BYTES))
 
     def _refresh(self) -> None:
         """Index the records appended to both streams since the last call."""
@@ -287,7 +296,7 @@ class DeadLetters:
                 if attempt == 2 or self._log is not None:
                     raise
                 self._slots, self._requested = {}, set()
-                self._dlq_next = self._ops_next = 0
+                self._dlq_next = self._ops_next = self.unreadable = 0
 
     def _refresh_once(self) -> None:
         lg = self._dlq_reader()
@@ -295,8 +304,14 @@ class DeadLetters:
             try:
                 if lg.next_offset > self._dlq_next:
                     for r in lg.iter(self._dlq_next):
-                        m = _unpack(r.offset, r.payload)
-                        eid = int(m.get("id", r.offset))
+                        self._dlq_next = r.offset + 1
+                        try:
+                            m = _unpack(r.offset, r.payload)
+                            eid = int(m.get("id", r.offset))
+                        except (LogError, TypeError, ValueError) as exc:
+                            self.unreadable += 1  # counted, skipped: the others stay usable
+                            _log.warning("queue %s: %s (skipped)", self.queue, exc)
+                            continue
                         slot = self._slots.get(eid)
                         if slot is None:
                             self._slots[eid] = _Slot(r.offset)
@@ -309,7 +324,7 @@ class DeadLetters:
         path = self.root.path_for(ops_stream(self.queue))
         if not os.path.isdir(path):
             return
-        ol = Log.open(path, readonly=True)
+        ol = Log.open(path, readonly=True, config=_config(OPS_SEGMENT_BYTES))
         try:
             if ol.next_offset > self._ops_next:
                 self._apply_ops(ol)
@@ -478,13 +493,16 @@ class DeadLetters:
             ids = self._live(offsets)
             entries = self._entries(ids)
             if self._push is not None:
-                ops = []
-                for e in entries:
-                    e.redriven_task_id = self._push(e.payload, e.key, e.trace)
-                    e.producer_running = True
-                    ops.append({"op": "redriven", "entry": e.offset,
-                                "task_id": e.redriven_task_id})
-                self._record(ops)
+                ops: _List[dict[str, Any]] = []
+                try:
+                    for e in entries:
+                        e.redriven_task_id = self._push(e.payload, e.key, e.trace)
+                        e.producer_running = True
+                        ops.append({"op": "redriven", "entry": e.offset,
+                                    "task_id": e.redriven_task_id})
+                finally:
+                    if ops:  # what was pushed is recorded even if a later push failed
+                        self._record(ops)
                 return self._reread(entries)
             try:
                 tasks = Log.open(self.root.path_for(f"{self.queue}.tasks"), config=LogConfig())
