@@ -249,18 +249,22 @@ class DeadLetters:
             :class:`WorkQueue`. When None, redrive appends to ``<queue>.tasks`` itself, or
             records a request for the running producer when that log is locked.
         log: the running producer's writer of ``<queue>.dlq`` (enables :meth:`compact`).
+        durable: makes the tasks ``push`` appended durable (fsync), called before a redrive is
+            recorded.
         compact_min: resolved entries before :meth:`maybe_compact` compacts.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], queue: str, *,
                  push: Callable[[bytes, Hashable | None, Trace | None], int] | None = None,
                  actor: str = "api", log: Log | None = None,
+                 durable: Callable[[], None] | None = None,
                  compact_min: int = COMPACT_MIN) -> None:
         self.root = pipeline_root(data_dir)
         self.queue = queue
         self._push = push
         self.actor = actor
         self._log = log
+        self._durable = durable
         self.compact_min = compact_min
         self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
@@ -502,6 +506,8 @@ class DeadLetters:
                                     "task_id": e.redriven_task_id})
                 finally:
                     if ops:  # what was pushed is recorded even if a later push failed
+                        if self._durable is not None:
+                            self._durable()  # the new tasks survive a power cut before the op
                         self._record(ops)
                 return self._reread(entries)
             try:
@@ -516,12 +522,17 @@ class DeadLetters:
                     e.producer_running = True
                 return out
             try:
+                # Under the queue's lock: check again (another CLI may just have redriven),
+                # make the tasks durable, then record, so no redrive is done twice or lost.
+                self._refresh()
+                self._live(ids)
                 new_ids = tasks.append_many([encode_task(e.key, e.payload, e.trace)
                                              for e in entries])
+                tasks.flush()
+                self._record([{"op": "redriven", "entry": e.offset, "task_id": t}
+                              for e, t in zip(entries, new_ids, strict=True)])
             finally:
                 tasks.close()
-            self._record([{"op": "redriven", "entry": e.offset, "task_id": t}
-                          for e, t in zip(entries, new_ids, strict=True)])
             out = self._reread(entries)
             for e, t in zip(out, new_ids, strict=True):
                 e.redriven_task_id, e.producer_running = t, False

@@ -80,7 +80,7 @@ class WorkQueue:
         #: The queue's dead letters. Its index, redrive requests from other processes and
         #: compaction run on a DLQ thread of the queue, never on the I/O thread.
         self.dlq = DeadLetters(node.data_dir, name, push=self._push_traced, actor="producer",
-                               log=self._dlq_log)
+                               log=self._dlq_log, durable=self._store.tasks.flush)
         self._lock = threading.Lock()
         # batches (ids, key, datas) pushed since the I/O thread last looked
         self._new: list[tuple[Sequence[int], Hashable | None, Sequence[Any]]] = []
