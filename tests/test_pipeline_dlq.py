@@ -5,6 +5,7 @@ Real files, real sockets, a real `mesh dlq` child process."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,11 +21,11 @@ from mesh.errors import DLQEntryNotFound
 from mesh.node import Node
 from mesh.tracing import consuming, context_from, parse_traceparent
 from patterns.pipeline.dispatch import Attempt, DeadLetter, DispatchConfig
-from patterns.pipeline.dlq import dlq_stream, encode_dead_letter, ops_stream
+from patterns.pipeline.dlq import KILL_IN_COMPACTION_ENV, dlq_stream, encode_dead_letter, ops_stream
 from patterns.pipeline.queue import WorkQueue
 from patterns.pipeline.store import pipeline_root
 from patterns.pipeline.worker import Worker
-from tests.util import REPO, unique, wait_until
+from tests.util import REPO, python_child, unique, wait_until
 
 N_DEAD = 20_000
 LATE_S = 3.0  # a generous bound (ack_wait is 5 s): normal push-to-delivery takes milliseconds
@@ -205,3 +206,53 @@ def test_an_unreadable_dlq_record_is_counted_and_skipped(tmp_path: Path) -> None
         assert [e.payload for e in q.dlq.list()] == [b"dead-0", b"dead-1", b"dead-9"]
         assert q.dlq.unreadable == 1
         assert q.dlq.redrive(3).redriven_task_id is not None
+
+
+_COMPACT_CHILD = """
+import json, os, sys
+from pathlib import Path
+from mesh.node import Node
+from patterns.pipeline.queue import WorkQueue
+from patterns.pipeline.dlq import dlq_stream
+from patterns.pipeline.store import pipeline_root
+d, queue = Path(sys.argv[1]), sys.argv[2]
+with Node(data_dir=d, mesh="m-" + queue, interface="127.0.0.1", mdns=False) as node, \\
+        WorkQueue(node, queue) as q:
+    q.dlq.redrive_many(range(100))
+    q.dlq.discard_many(range(200, 5800))
+    path = pipeline_root(d).path_for(dlq_stream(queue))
+    print(json.dumps({f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)}),
+          flush=True)
+    q.dlq.compact()
+print("compacted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("step", ["copied", "trimmed", "ops"])
+def test_kill_9_at_each_step_of_compaction_loses_and_revives_nothing(tmp_path: Path,
+                                                                     step: str) -> None:
+    queue = unique("q")
+    write_dead_letters(tmp_path, queue, 6000)
+    p = python_child(_COMPACT_CHILD, str(tmp_path), queue,
+                     env={KILL_IN_COMPACTION_ENV: step}, stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == -9, out
+    if step == "copied":
+        # A power cut: the copies were not fsynced yet; cut the grown files back.
+        sizes = json.loads(out.decode().splitlines()[0])
+        path = pipeline_root(tmp_path).path_for(dlq_stream(queue))
+        for f, size in sizes.items():
+            full = os.path.join(path, f)
+            if f.endswith(".log") and os.path.getsize(full) > size:
+                os.truncate(full, size)
+    live = set(range(100, 200)) | set(range(5800, 6000))
+    with _node(tmp_path) as node, WorkQueue(node, queue) as q:
+        assert q.recovered == 100  # the redriven tasks are owed, once
+        got = q.dlq.list()
+        assert {e.offset for e in got} == live  # nothing lost, nothing resolved came back
+        assert all(e.payload == f"dead-{e.offset}".encode() for e in got)
+        q.dlq.compact()
+        assert {e.offset for e in q.dlq.list()} == live
+        assert q.dlq.total() == 6000
+    with _node(tmp_path) as node, WorkQueue(node, queue) as q:
+        assert {e.offset for e in q.dlq.list()} == live

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -65,6 +66,10 @@ OPS_SEGMENT_BYTES = 64 << 10
 FLOOR = "dlq-live"
 #: Resolved entries before a running producer compacts (and they must outnumber live ones).
 COMPACT_MIN = 1000
+#: Test hook: SIGKILL this process at that step of :meth:`DeadLetters.compact` (``copied``:
+#: live records appended, not yet fsynced; ``trimmed``: DLQ segments deleted, ops not yet;
+#: ``ops``: ops segments deleted, before closing) to prove every crash point is safe.
+KILL_IN_COMPACTION_ENV = "ZEROMESH_DLQ_TEST_KILL_IN_COMPACTION"
 
 Trace = tuple[str | None, str | None, str | None]
 _List = list  # DeadLetters.list shadows the builtin in its class body
@@ -227,6 +232,11 @@ def _open_retrying(path: str, timeout: float = 5.0) -> Log:
             time.sleep(0.01)  # waiting for another process's short critical section
 
 
+def _maybe_die(step: str) -> None:
+    if os.environ.get(KILL_IN_COMPACTION_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _Slot:
     __slots__ = ("ops", "pos", "status")
 
@@ -275,7 +285,11 @@ class DeadLetters:
         #: DLQ records that could not be decoded (skipped with a warning; see ``mesh log
         #: verify`` for damage the log itself found).
         self.unreadable = 0
-        self._copies = 0  # records ever copied forward by compaction (from the ops stream)
+        # Records ever copied forward by compaction: copies_total of the newest "compacted"
+        # op (which covers the DLQ below its dlq_end) + the copies found past dlq_end.
+        self._copies_base = 0
+        self._copies_end = 0
+        self._copy_offsets: _List[int] = []  # offsets of records with "id" at >= _copies_end
         self._compacted_seq: int | None = None  # ops offset of the newest "compacted" record
         self.root.path_for(dlq_stream(queue))  # validates the name
 
@@ -301,6 +315,8 @@ class DeadLetters:
                     raise
                 self._slots, self._requested = {}, set()
                 self._dlq_next = self._ops_next = self.unreadable = 0
+                self._copies_base = self._copies_end = 0
+                self._copy_offsets = []
 
     def _refresh_once(self) -> None:
         lg = self._dlq_reader()
@@ -316,6 +332,8 @@ class DeadLetters:
                             self.unreadable += 1  # counted, skipped: the others stay usable
                             _log.warning("queue %s: %s (skipped)", self.queue, exc)
                             continue
+                        if "id" in m and r.offset >= self._copies_end:
+                            self._copy_offsets.append(r.offset)
                         slot = self._slots.get(eid)
                         if slot is None:
                             self._slots[eid] = _Slot(r.offset)
@@ -346,7 +364,9 @@ class DeadLetters:
                 continue
             m["seq"] = r.offset
             if m.get("op") == "compacted":
-                self._copies = int(m.get("copies_total", 0))
+                self._copies_base = int(m.get("copies_total", 0))
+                self._copies_end = int(m.get("dlq_end", 0))
+                self._copy_offsets = [o for o in self._copy_offsets if o >= self._copies_end]
                 self._compacted_seq = r.offset
                 continue
             slot = self._slots.get(m.get("entry", -1))
@@ -605,32 +625,36 @@ class DeadLetters:
                     m = _unpack(pos, got[0].payload)
                     m["id"] = eid
                     recs.append(msgpack.packb(m, use_bin_type=True))
-                for (_, eid), off in zip(chunk, lg.append_many(recs), strict=True):
-                    self._slots[eid].pos = off
-                    self._dlq_next = max(self._dlq_next, off + 1)
-                self._copies += len(chunk)
+                lg.append_many(recs)
+            # Index the copies (and any dead letter the I/O thread appended meanwhile).
+            self._refresh()
+            _maybe_die("copied")
             lg.flush(sync=True)  # the copies are durable before the originals can go
-            lg.set_retention_floor(FLOOR, cut)
-            lg.enforce_retention()
-            first = lg.first_offset
-            gone = [i for i, s in self._slots.items()
-                    if s.status not in _LIVE and (first is None or s.pos < first)]
-            for i in gone:
-                del self._slots[i]
             ol = _open_retrying(self.root.path_for(ops_stream(self.queue)))
             try:
                 if ol.next_offset > self._ops_next:
                     self._apply_ops(ol)
-                # The copies made so far, so the count of dead letters ever stays exact.
-                ol.append(msgpack.packb({"op": "compacted", "copies_total": self._copies,
-                                         "removed": len(gone), "at": time.time(),
+                # Every copy so far, durable before any record can go: total() stays exact
+                # whatever step a crash interrupts (copies past dlq_end are counted at open).
+                ol.append(msgpack.packb({"op": "compacted", "copies_total": self._copies(),
+                                         "dlq_end": self._dlq_next, "at": time.time(),
                                          "by": self.actor}, use_bin_type=True))
+                ol.flush()
                 self._apply_ops(ol)
+                lg.set_retention_floor(FLOOR, cut)
+                lg.enforce_retention()
+                _maybe_die("trimmed")
+                first = lg.first_offset
+                gone = [i for i, s in self._slots.items()
+                        if s.status not in _LIVE and (first is None or s.pos < first)]
+                for i in gone:
+                    del self._slots[i]
                 needed = [op["seq"] for s in self._slots.values() for op in s.ops]
                 if self._compacted_seq is not None:
                     needed.append(self._compacted_seq)
                 ol.set_retention_floor(FLOOR, min(needed, default=self._ops_next))
                 ol.enforce_retention()
+                _maybe_die("ops")
             finally:
                 ol.close()
             self.compactions += 1
@@ -640,7 +664,10 @@ class DeadLetters:
         """Tasks dead-lettered ever (DLQ records, less the copies compaction made)."""
         with self._lock:
             self._refresh()
-            return self._dlq_next - self._copies
+            return self._dlq_next - self._copies()
+
+    def _copies(self) -> int:
+        return self._copies_base + sum(1 for o in self._copy_offsets if o >= self._copies_end)
 
     def disk_bytes(self) -> int:
         """Bytes of both DLQ streams on disk."""
