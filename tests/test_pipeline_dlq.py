@@ -256,3 +256,19 @@ def test_kill_9_at_each_step_of_compaction_loses_and_revives_nothing(tmp_path: P
         assert q.dlq.total() == 6000
     with _node(tmp_path) as node, WorkQueue(node, queue) as q:
         assert {e.offset for e in q.dlq.list()} == live
+
+
+def test_one_dlq_thread_serves_every_queue_of_a_process(tmp_path: Path) -> None:
+    def dlq_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "pipe-dlq")
+
+    with _node(tmp_path) as node:
+        queues = [WorkQueue(node, unique("q")) for _ in range(40)]
+        try:
+            assert dlq_threads() == 1
+            for q in queues:
+                assert q.dlq.counts()["dead"] == 0
+        finally:
+            for q in queues:
+                q.close()
+    wait_until(lambda: dlq_threads() == 0, 5, what="the DLQ thread to exit")

@@ -19,7 +19,7 @@ producer picks up within about a second and fulfils.
 Index and compaction: :class:`DeadLetters` keeps an index (entry id -> record offset, status,
 operations) built once by one scan and then updated incrementally from the two streams' new
 records, so ``show``/``redrive``/``discard`` cost O(1) reads, not a scan. A running producer
-does that work on a DLQ thread of its own, never on the queue's I/O thread, and compacts: when
+does that work on the process's one DLQ thread (:data:`DLQ_THREAD`), never on the queue's I/O thread, and compacts: when
 resolved entries (redriven / discarded) outnumber the live ones (and at least
 ``compact_min``), it copies the live records forward (fsynced), then deletes the whole
 segments below them (a retention floor ``dlq-live`` on both streams keeps everything above),
@@ -40,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from mesh.errors import ConfigError, DLQEntryNotFound, LogError, LogLocked
+from mesh.errors import ClosedError, ConfigError, DLQEntryNotFound, LogError, LogLocked
 from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention
 
 from .dispatch import Attempt, DeadLetter
@@ -232,6 +232,16 @@ def _open_retrying(path: str, timeout: float = 5.0) -> Log:
             time.sleep(0.01)  # waiting for another process's short critical section
 
 
+def _files_sig(path: str) -> tuple[Any, ...] | None:
+    # (name, size, mtime) of a log directory's segment files: changes with every append.
+    try:
+        with os.scandir(path) as it:
+            return tuple(sorted((e.name, st.st_size, st.st_mtime_ns) for e in it
+                                if e.name.endswith(".log") for st in (e.stat(),)))
+    except FileNotFoundError:
+        return None
+
+
 def _maybe_die(step: str) -> None:
     if os.environ.get(KILL_IN_COMPACTION_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -285,6 +295,8 @@ class DeadLetters:
         #: DLQ records that could not be decoded (skipped with a warning; see ``mesh log
         #: verify`` for damage the log itself found).
         self.unreadable = 0
+        self._resolved = 0  # entries in the index that are redriven or discarded
+        self._ops_sig: tuple[Any, ...] | None = None  # the ops files as last read
         # Records ever copied forward by compaction: copies_total of the newest "compacted"
         # op (which covers the DLQ below its dlq_end) + the copies found past dlq_end.
         self._copies_base = 0
@@ -314,7 +326,8 @@ class DeadLetters:
                 if attempt == 2 or self._log is not None:
                     raise
                 self._slots, self._requested = {}, set()
-                self._dlq_next = self._ops_next = self.unreadable = 0
+                self._dlq_next = self._ops_next = self.unreadable = self._resolved = 0
+                self._ops_sig = None
                 self._copies_base = self._copies_end = 0
                 self._copy_offsets = []
 
@@ -344,12 +357,14 @@ class DeadLetters:
                 if lg is not self._log:
                     lg.close()
         path = self.root.path_for(ops_stream(self.queue))
-        if not os.path.isdir(path):
-            return
+        sig = _files_sig(path)
+        if sig is None or sig == self._ops_sig:
+            return  # no operation recorded since the last read: no open, no read
         ol = Log.open(path, readonly=True, config=_config(OPS_SEGMENT_BYTES))
         try:
             if ol.next_offset > self._ops_next:
                 self._apply_ops(ol)
+            self._ops_sig = sig
         finally:
             ol.close()
 
@@ -373,7 +388,9 @@ class DeadLetters:
             if slot is None:
                 continue  # an entry compacted away
             slot.ops.append(m)
+            was_live = slot.status in _LIVE
             slot.status = _OP_STATUS.get(str(m.get("op")), slot.status)
+            self._resolved += was_live and slot.status not in _LIVE
             eid = int(m["entry"])
             if slot.status == REDRIVE_REQUESTED:
                 self._requested.add(eid)
@@ -596,7 +613,7 @@ class DeadLetters:
         ``compact_min`` and outnumber the live ones; returns entries removed."""
         with self._lock:
             self._refresh()
-            resolved = sum(1 for s in self._slots.values() if s.status not in _LIVE)
+            resolved = self._resolved
             if resolved < self.compact_min or resolved <= len(self._slots) - resolved:
                 return 0
             return self.compact()
@@ -649,6 +666,7 @@ class DeadLetters:
                         if s.status not in _LIVE and (first is None or s.pos < first)]
                 for i in gone:
                     del self._slots[i]
+                self._resolved -= len(gone)
                 needed = [op["seq"] for s in self._slots.values() for op in s.ops]
                 if self._compacted_seq is not None:
                     needed.append(self._compacted_seq)
@@ -681,3 +699,70 @@ class DeadLetters:
                     except OSError:
                         continue
         return total
+
+
+    def tick(self) -> None:
+        """(Producer side) one round of background work: fulfil redrive requests recorded by
+        other processes, then compact if due. Run by the process's DLQ thread."""
+        self.fulfil_requests()
+        self.maybe_compact()
+
+
+#: Seconds between two rounds of the DLQ thread (redrive requests are fulfilled within this).
+TICK_S = 1.0
+
+
+class _DlqThread:
+    """One thread per process does the DLQ work of every running producer (bounded threads
+    with thousands of queues), off their I/O threads. Exits when no producer is left."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._items: dict[int, DeadLetters] = {}
+        self._busy: DeadLetters | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, d: DeadLetters) -> None:
+        with self._cv:
+            self._items[id(d)] = d
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pipe-dlq", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def remove(self, d: DeadLetters) -> None:
+        """Stop serving ``d``; returns once no round is running on it."""
+        with self._cv:
+            self._items.pop(id(d), None)
+            self._cv.notify_all()  # an idle thread exits now
+            while self._busy is d:
+                self._cv.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._items:
+                    self._thread = None
+                    return
+                items = list(self._items.values())
+            start = time.monotonic()
+            for d in items:
+                with self._cv:
+                    if id(d) not in self._items:
+                        continue
+                    self._busy = d
+                try:
+                    d.tick()
+                except ClosedError:
+                    pass  # its queue is closing
+                except Exception:
+                    _log.exception("queue %s: DLQ work failed", d.queue)
+                finally:
+                    with self._cv:
+                        self._busy = None
+                        self._cv.notify_all()
+            with self._cv:
+                self._cv.wait(max(0.05, TICK_S - (time.monotonic() - start)))
+
+
+DLQ_THREAD = _DlqThread()

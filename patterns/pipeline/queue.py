@@ -27,7 +27,7 @@ from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
-from .dlq import DeadLetters, encode_dead_letter, open_dlq_log
+from .dlq import DLQ_THREAD, DeadLetters, encode_dead_letter, open_dlq_log
 from .store import QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class WorkQueue:
             self._store.close()
             raise
         #: The queue's dead letters. Its index, redrive requests from other processes and
-        #: compaction run on a DLQ thread of the queue, never on the I/O thread.
+        #: compaction run on the process's DLQ thread (one for all queues), never on the
+        #: queue's I/O thread.
         self.dlq = DeadLetters(node.data_dir, name, push=self._push_traced, actor="producer",
                                log=self._dlq_log, durable=self._store.tasks.flush)
         self._lock = threading.Lock()
@@ -121,10 +122,7 @@ class WorkQueue:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
         self._thread.start()
-        self._dlq_stop = threading.Event()
-        self._dlq_thread = threading.Thread(target=self._run_dlq, name=f"pipe-dlq:{name}",
-                                            daemon=True)
-        self._dlq_thread.start()
+        DLQ_THREAD.add(self.dlq)
         node.offer("queue", name)
         self._unmetrics = attach(node, queue_collector(self))
 
@@ -247,8 +245,7 @@ class WorkQueue:
             pass  # the node may already be closed
         self._unsub()
         self._thread.join(10.0)
-        self._dlq_stop.set()
-        self._dlq_thread.join(10.0)
+        DLQ_THREAD.remove(self.dlq)
         os.close(self._rfd)
         os.close(self._wfd)
         try:
@@ -307,22 +304,6 @@ class WorkQueue:
             self._persist_effects()
             self._snapshot()
             self._router.close(linger=0)
-
-    # ------------------------------------------------------------------ DLQ thread
-    def _run_dlq(self) -> None:
-        # Builds the DLQ index once, then follows it: redrive requests recorded by other
-        # processes (within about a second) and compaction. Off the I/O thread, so a large
-        # DLQ never delays dispatch or acks.
-        while True:
-            try:
-                self.dlq.fulfil_requests()
-                self.dlq.maybe_compact()
-            except ClosedError:
-                return
-            except Exception:
-                log.exception("queue %s: DLQ work failed", self.name)
-            if self._dlq_stop.wait(0.5):
-                return
 
     def _snapshot(self) -> None:
         s = self._dispatcher.stats()
