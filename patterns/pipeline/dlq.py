@@ -19,10 +19,10 @@ producer picks up within about a second and fulfils.
 Index and compaction: :class:`DeadLetters` keeps an index (entry id -> record offset, status,
 operations) built once by one scan and then updated incrementally from the two streams' new
 records, so ``show``/``redrive``/``discard`` cost O(1) reads, not a scan. A running producer
-does that work on the process's one DLQ thread (:data:`DLQ_THREAD`), never on the queue's I/O thread, and compacts: when
-resolved entries (redriven / discarded) outnumber the live ones (and at least
-``compact_min``), it copies the live records forward (fsynced), then deletes the whole
-segments below them (a retention floor ``dlq-live`` on both streams keeps everything above),
+does that work on the process's one DLQ thread (:data:`DLQ_THREAD`), never on the queue's I/O
+thread, and compacts: when resolved entries (redriven / discarded) outnumber the live ones
+(and at least ``compact_min``), it copies the live records forward (fsynced), then deletes the
+whole segments below them (a retention floor ``dlq-live`` on both streams keeps everything above),
 so disk use follows the live entries, not history. Both streams use small segments
 (:data:`DLQ_SEGMENT_BYTES`, :data:`OPS_SEGMENT_BYTES`) so whole segments can go.
 """
