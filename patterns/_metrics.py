@@ -169,12 +169,12 @@ def queue_collector(q: Any) -> Callable[[Collect], None]:
                   stream=name, consumer="*", side="queue")
         for g in ("pending", "inflight", "delayed", "workers"):
             out.gauge(f"queue_{g}", s.get(g, 0), f"Queue gauge: {g}.", queue=name)
-        dlq_log = q._dlq_log
-        total = int(dlq_log.next_offset)
+        total = int(q.dlq.total())  # the DLQ's index follows its files: no record scan
         out.counter("dlq_events_total", total, "Tasks dead-lettered (ever).", queue=name)
         key = (total, q.dlq.ops_count())
         if key != cache.key:
-            cache.value = len(q.dlq.list())
+            c = q.dlq.counts()
+            cache.value = c["dead"] + c["redrive_requested"]
             cache.key = key
         out.gauge("dlq_events_pending", cache.value,
                   "Dead letters neither redriven nor discarded.", queue=name)

@@ -46,7 +46,8 @@ def test_dlq_cli_list_show_redrive_discard(tmp_path: Path,
     shown = capsys.readouterr().out
     assert "disk on fire" in shown and "Traceback" in shown
     assert main(["dlq", "redrive", str(tmp_path), queue, "0", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == [{"offset": 0, "status": "redriven"}]
+    [done] = json.loads(capsys.readouterr().out)
+    assert (done["offset"], done["status"], done["producer_running"]) == (0, "redriven", False)
     assert main(["dlq", "discard", str(tmp_path), queue, "1"]) == 0
     capsys.readouterr()
     # Both operations are recorded; the redriven task is a new record of the queue's log.
@@ -74,7 +75,9 @@ def test_cli_redrive_while_producer_runs_is_fulfilled_by_it(
             WorkQueue(node, queue) as q, Worker(node, queue, credit=5) as w:
         # The running producer holds <queue>.tasks: the CLI records a request instead.
         assert main(["dlq", "redrive", str(tmp_path), queue, "0", "--json"]) == 0
-        assert json.loads(capsys.readouterr().out) == [{"offset": 0, "status": "redrive_requested"}]
+        [done] = json.loads(capsys.readouterr().out)
+        assert (done["offset"], done["status"], done["producer_running"]) == \
+            (0, "redrive_requested", True)
         task = wait_until(lambda: w.get(timeout=0.05), timeout=10, what="redriven task")
         assert task.payload == b"job-0" and task.delivery == 1
         task.ack()

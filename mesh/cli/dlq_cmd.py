@@ -1,7 +1,9 @@
 """``mesh dlq list|show|redrive|discard DIR QUEUE``: inspect and operate a queue's DLQ.
 
 DIR is the producer node's data directory. ``redrive`` pushes the original task back onto the
-queue (or, when a producer is running, records a request it fulfils within about a second);
+queue with its original trace context (or, when a producer is running, records a request it
+fulfils within about a second); with no producer running the task waits in the queue's log
+and the output says so: it runs when the producer starts;
 ``discard`` records a tombstone. Both are recorded in ``<queue>.dlq-ops``.
 """
 
@@ -98,13 +100,28 @@ def _apply(args: argparse.Namespace, action: str) -> int:
     done = []
     for o in args.offsets:
         e = getattr(d, action)(o)
-        done.append({"offset": o, "status": e.status})
+        m: dict[str, Any] = {"offset": o, "status": e.status}
+        if action == "redrive":
+            m["task_id"] = e.redriven_task_id
+            m["producer_running"] = e.producer_running
+            if e.status == "redriven" and e.producer_running is False:
+                m["note"] = (f"queued for redrive: the producer of {args.queue} is not running; "
+                             f"it will redeliver when it starts")
+            elif e.status == "redrive_requested":
+                m["note"] = (f"the running producer of {args.queue} will push it within about "
+                             f"a second")
+        done.append(m)
     if args.json:
         json.dump(done, sys.stdout)
         print()
     else:
         for m in done:
-            print(f"{m['offset']}: {m['status']}")
+            if "note" in m and m["status"] == "redriven":
+                print(f"{m['offset']}: {m['note']} (task {m['task_id']})")
+            elif "note" in m:
+                print(f"{m['offset']}: {m['status']}: {m['note']}")
+            else:
+                print(f"{m['offset']}: {m['status']}")
     return 0
 
 

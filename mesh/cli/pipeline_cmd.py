@@ -3,7 +3,8 @@
 ``mesh work`` prints its node's control endpoint on stderr; ``mesh push --peer ENDPOINT``
 reaches it without mDNS. ``mesh push`` is the queue's producer: it logs the task in its data
 directory, dispatches it, and (unless ``--no-wait``) waits until a worker acknowledged it or it
-was dead-lettered. Without ``--data-dir`` the log is temporary: a task nobody took within
+was dead-lettered: a dead-lettered task is reported with its error (and its DLQ offset) and the
+exit code is 1. Without ``--data-dir`` the log is temporary: a task nobody took within
 ``--wait`` seconds is reported as not delivered (exit 1).
 """
 
@@ -64,15 +65,32 @@ def cmd_push(args: argparse.Namespace) -> int:
                                               " (temporary data dir: they are dropped)")
                     ) from None
             st = q.stats()
+            dead = [] if args.no_wait or not int(st.get("dead_lettered", 0) or 0) else \
+                [e for e in q.dlq.list(include_all=True) if e.task_id in set(ids)]
         finally:
             q.close()
-    dead = int(st.get("dead", 0) or 0)
+    dead_out = [{"id": e.task_id, "dlq_offset": e.offset, "reason": e.reason,
+                 "deliveries": e.deliveries, "error_type": e.error_type,
+                 "error_message": e.error_message} for e in dead]
+    status = "logged" if args.no_wait else "dead_lettered" if dead else "acked"
     if args.json:
-        print(json.dumps({"queue": args.queue, "ids": ids, "dead": dead}))
+        print(json.dumps({"queue": args.queue, "ids": ids, "status": status,
+                          "acked": len(ids) - len(dead) if not args.no_wait else 0,
+                          "dead": len(dead), "dead_lettered": dead_out}))
     else:
-        print(f"pushed {len(ids)} task(s) to {args.queue}"
-              + ("" if args.no_wait else f": acked{f', {dead} dead-lettered' if dead else ''}"))
-    return 0
+        if args.no_wait:
+            print(f"pushed {len(ids)} task(s) to {args.queue}")
+        elif not dead:
+            print(f"pushed {len(ids)} task(s) to {args.queue}: acked")
+        else:
+            print(f"pushed {len(ids)} task(s) to {args.queue}: {len(ids) - len(dead)} acked, "
+                  f"{len(dead)} dead-lettered")
+            for d in dead_out:
+                err = f"{d['error_type'] or ''}: {d['error_message'] or ''}".strip(": ")
+                print(f"task {d['id']} dead-lettered ({d['reason']}, {d['deliveries']} "
+                      f"deliveries, DLQ offset {d['dlq_offset']}): {err or 'no error given'}")
+    # A dead-lettered task was not done: scripts see it in the exit code.
+    return 1 if dead else 0
 
 
 def cmd_work(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
-from .dlq import DeadLetters, encode_dead_letter
+from .dlq import DLQ_THREAD, DeadLetters, encode_dead_letter, open_dlq_log
 from .store import QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,16 @@ class WorkQueue:
         self.name = name
         self.config = config or DispatchConfig()
         self._store = QueueStore(node.data_dir, name, fsync)
-        self.dlq = DeadLetters(node.data_dir, name, push=self.push, actor="producer")
-        self._dlq_log = self._store.root.open(f"{name}.dlq")
+        try:
+            self._dlq_log = open_dlq_log(self._store.root, name)
+        except BaseException:
+            self._store.close()
+            raise
+        #: The queue's dead letters. Its index, redrive requests from other processes and
+        #: compaction run on the process's DLQ thread (one for all queues), never on the
+        #: queue's I/O thread.
+        self.dlq = DeadLetters(node.data_dir, name, push=self._push_traced, actor="producer",
+                               log=self._dlq_log, durable=self._store.tasks.flush)
         self._lock = threading.Lock()
         # batches (ids, key, datas) pushed since the I/O thread last looked
         self._new: list[tuple[Sequence[int], Hashable | None, Sequence[Any]]] = []
@@ -114,6 +122,7 @@ class WorkQueue:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
         self._thread.start()
+        DLQ_THREAD.add(self.dlq)
         node.offer("queue", name)
         self._unmetrics = attach(node, queue_collector(self))
 
@@ -130,8 +139,11 @@ class WorkQueue:
             raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
         if key is not None and not isinstance(key, (str, bytes)):
             raise ConfigError(f"key must be str, bytes or None, got {type(key).__name__}")
-        payload = bytes(payload)
-        trace = _trace_here()
+        return self._push_traced(bytes(payload), key, _trace_here())
+
+    def _push_traced(self, payload: bytes, key: Hashable | None,
+                     trace: tuple[str | None, str | None, str | None] | None) -> int:
+        # push() with an explicit trace context (a redrive keeps the original task's).
         rec = encode_task(key, payload, trace)
         # A traced task travels through the dispatcher as (payload, trace) (its data is opaque).
         data: Any = payload if trace is None else (payload, trace)
@@ -233,6 +245,7 @@ class WorkQueue:
             pass  # the node may already be closed
         self._unsub()
         self._thread.join(10.0)
+        DLQ_THREAD.remove(self.dlq)
         os.close(self._rfd)
         os.close(self._wfd)
         try:
@@ -260,7 +273,6 @@ class WorkQueue:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
-        last_ops_check = 0.0
         last_snap = 0.0
         dirty = False
         try:
@@ -285,12 +297,6 @@ class WorkQueue:
                     dirty = False
                 else:
                     dirty = True
-                if now - last_ops_check >= 1.0:
-                    last_ops_check = now
-                    try:
-                        self.dlq.fulfil_requests()
-                    except Exception:
-                        log.exception("queue %s: DLQ redrive requests failed", self.name)
         except Exception as exc:
             log.exception("queue %s: I/O thread crashed", self.name)
             self._failed = exc
@@ -422,8 +428,8 @@ class WorkQueue:
             recs = []
             now = time.time()
             for dl in eff.dead:
-                payload = dl.data[0] if type(dl.data) is tuple else dl.data
-                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now))
+                payload, trace = dl.data if type(dl.data) is tuple else (dl.data, None)
+                recs.append(encode_dead_letter(self.name, self.node.id, dl, payload, now, trace))
                 dead_ids.append(dl.task_id)
             # The DLQ record first: a crash before the journal's X record keeps the task owed
             # (redelivered, maybe dead-lettered twice), never lost.
