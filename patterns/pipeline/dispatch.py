@@ -799,6 +799,25 @@ class Dispatcher:
             w.ident: (len(w.inflight) + len(w.zombies), w.credit) for w in self._workers.values()
         }
 
+    def owed(self) -> list[tuple[int, int, list[Attempt]]]:
+        """``(id, deliveries, failure history)`` of every task not yet acked nor dead (for a
+        journal snapshot), sorted by id."""
+        out: list[tuple[int, int, list[Attempt]]] = [
+            (tid, 1 if tid in self._flying else 0, []) for tid in self._fresh]
+        out.extend((t.id, t.deliveries, list(t.history or ())) for t in self._tasks.values())
+        out.sort(key=lambda x: x[0])
+        return out
+
+    @property
+    def high(self) -> int:
+        """1 + the highest task id ever added (ids below it were all handed to the
+        dispatcher)."""
+        return self._high
+
+    def owed_count(self) -> int:
+        """How many tasks are not yet acked nor dead (O(1))."""
+        return len(self._tasks) + len(self._fresh)
+
     def unacked_ids(self) -> list[int]:
         """Ids not yet acked nor dead-lettered, sorted."""
         return sorted([*self._tasks, *self._fresh])

@@ -28,7 +28,7 @@ from patterns._metrics import attach, queue_collector
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
 from .dlq import DeadLetters, encode_dead_letter
-from .store import QueueStore, encode_task, journal_dispatch, journal_records
+from .store import COMPACT_BYTES, QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,10 @@ class WorkQueue:
                 if not self._unwritten:  # a full disk pauses dispatch (back-pressure)
                     self._dispatch(now)
                 self._persist_effects()
+                st = self._store
+                if (st.journal_bytes > COMPACT_BYTES
+                        and st.journal_bytes > 64 * d.owed_count() and not self._unwritten):
+                    self._compact_online()
                 if now - last_snap >= 0.005:  # stats() / wait_idle() stay within 5 ms
                     last_snap = now
                     self._snapshot()
@@ -497,6 +501,8 @@ class WorkQueue:
             return False
         try:
             lg.append_many(recs)
+            if lg is self._store.journal:
+                self._store.journal_bytes += sum(map(len, recs))
             return True
         except LogFull as exc:
             self._unwritten.append((lg, recs))
@@ -506,6 +512,16 @@ class WorkQueue:
             log.warning("queue %s: disk full (%s): dispatch paused, retrying the journal write "
                         "with backoff", self.name, exc)
             return False
+
+    def _compact_online(self) -> None:
+        # Every fact and dead letter is written (the caller checked): the snapshot may call
+        # every id below the dispatcher's high mark that it does not list done.
+        d = self._dispatcher
+        try:
+            self._store.compact_online(d.high, d.owed())
+        except LogFull:
+            self._store.journal_bytes = 0  # try again after as many bytes more
+            log.warning("queue %s: disk full: journal compaction postponed", self.name)
 
     def _retry_unwritten(self, now: float) -> None:
         while self._unwritten:

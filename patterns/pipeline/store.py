@@ -48,7 +48,7 @@ from typing import Any
 import msgpack
 
 from mesh.errors import LogError, QueueStateMissing
-from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory
+from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention
 
 from .dispatch import Attempt
 
@@ -247,6 +247,15 @@ class Recovered:
 
 #: Journal records beyond which recovery rewrites the journal as a compact snapshot.
 COMPACT_AFTER = 1000
+#: Journal bytes written since the last snapshot beyond which a running producer rewrites it
+#: (online compaction; also at least 64 bytes per task owed, so a big backlog is not
+#: rewritten too often): bounds the journal's disk, and recovery's time and memory.
+COMPACT_BYTES = 2 << 20
+#: Segment size of ``<queue>.tasks``: segments wholly below the lowest owed id are deleted,
+#: so this is the granularity of its disk use.
+TASKS_SEGMENT_BYTES = 8 << 20
+#: The retention floor of ``<queue>.tasks`` that keeps every owed task (see QueueStore.trim).
+OWED_FLOOR = "owed"
 
 
 class QueueStore:
@@ -272,13 +281,23 @@ class QueueStore:
         # A damaged record costs a count, not the queue (journal facts are idempotent; a
         # damaged task record is a lost task, counted and warned about by the log).
         self._cfg = LogConfig(fsync=fsync or FsyncPolicy.interval(10.0), corruption="skip")
+        # .tasks keeps only segments holding an owed task: retention would delete every
+        # closed segment (max_bytes 0) but the "owed" floor (the lowest owed id, moved by
+        # trim()) keeps those at or after it, with no cap and no expiry.
+        self._tasks_cfg = LogConfig(
+            fsync=self._cfg.fsync, corruption="skip", segment_bytes=TASKS_SEGMENT_BYTES,
+            retention=Retention(max_bytes=0), floor_ttl_s=None, floor_max_bytes=None)
         self._gen_file = os.path.join(self.root.root, "pipeline", f"{queue}.journal-gen")
         self.gen = self._read_gen()
         tasks_path = self.root.path_for(f"{queue}.tasks")
         journal_path = self.root.path_for(self._journal_name(self.gen))
         tasks_existed = os.path.isdir(tasks_path)
         journal_existed = os.path.isdir(journal_path)
-        self.tasks: Log = self.root.open(f"{queue}.tasks", self._cfg)
+        self.tasks: Log = self.root.open(f"{queue}.tasks", self._tasks_cfg)
+        # Until recovery knows better, nothing may be deleted (an older version had no floor).
+        floors = self.tasks.retention_floors
+        self.tasks.set_retention_floor(OWED_FLOOR, floors.get(OWED_FLOOR, 0))
+        self.journal_bytes = 0  # written since the last snapshot (see compact_online)
         try:
             self.journal: Log = self.root.open(self._journal_name(self.gen), self._cfg)
         except BaseException:
@@ -448,12 +467,36 @@ class QueueStore:
             log.warning("work queue %s: skipped %d damaged journal record(s) and %d damaged "
                         "task record(s); `mesh log repair` cuts the damage out", self.queue,
                         out.journal_corrupt_records, out.tasks_corrupt_records)
+        self.trim(min((t[0] for t in out.tasks), default=out.next_id))
         # Also rewrite a journal with facts about a lost tail (so they are dropped once) or
         # facts of many old epochs (the EPOCHS file keeps the newest 1000 only).
         if (self.journal.next_offset > self.compact_after or (old_epochs and stale)
                 or len(ends) > 100):
             self._compact(out)
         return out
+
+    def trim(self, lowest_owed: int) -> None:
+        """Let ``.tasks`` drop its segments wholly below ``lowest_owed`` (at its next roll).
+
+        ``lowest_owed`` must be at most the lowest id still owed (or, with none owed, the next
+        id the dispatcher has not seen); it never moves down."""
+        cur = self.tasks.retention_floors.get(OWED_FLOOR, 0)
+        if lowest_owed > cur:
+            self.tasks.set_retention_floor(OWED_FLOOR, lowest_owed)
+
+    def compact_online(self, next_id: int, owed: list[tuple[int, int, list[Attempt]]]) -> None:
+        """Rewrite the journal as a snapshot while the producer runs: every id below
+        ``next_id`` not in ``owed`` (``(id, deliveries, history)``) is done. The caller must
+        have written every fact and dead letter of the ids it no longer lists first.
+
+        Raises:
+            LogError: the new generation could not be written (the old one stays in use).
+        """
+        rec = Recovered(tasks=[(tid, None, None, n, hist) for tid, n, hist in owed],
+                        next_id=next_id)
+        self._compact(rec)
+        self.journal_bytes = 0
+        self.trim(min((t[0] for t in owed), default=next_id))
 
     def _compact(self, rec: Recovered) -> None:
         new_gen = self.gen + 1
