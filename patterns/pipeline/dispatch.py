@@ -814,6 +814,17 @@ class Dispatcher:
         dispatcher)."""
         return self._high
 
+    def lowest_owed(self) -> int:
+        """The lowest id not yet acked nor dead, or :attr:`high` when none is owed (cheap:
+        fresh tasks are kept in id order, and other tasks are the few being retried)."""
+        low = self._high
+        for tid in self._fresh:  # insertion order is id order: the first is the lowest
+            low = tid
+            break
+        if self._tasks:
+            low = min(low, min(self._tasks))
+        return low
+
     def owed_count(self) -> int:
         """How many tasks are not yet acked nor dead (O(1))."""
         return len(self._tasks) + len(self._fresh)

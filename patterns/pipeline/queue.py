@@ -328,6 +328,7 @@ class WorkQueue:
                     dirty = True
                 if now - last_ops_check >= 1.0:
                     last_ops_check = now
+                    self._store.trim(d.lowest_owed())  # .tasks: drop what nothing owes
                     try:
                         self.dlq.fulfil_requests()
                     except Exception:
