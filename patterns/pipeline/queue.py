@@ -221,7 +221,16 @@ class WorkQueue:
             os.write(self._wfd, b"x")
 
     def stats(self) -> dict[str, Any]:
-        """Dispatcher counters and gauges (a snapshot refreshed by the I/O thread)."""
+        """Dispatcher counters and gauges (a snapshot refreshed by the I/O thread), plus:
+
+        * ``disk_full`` (journal or DLQ writes waiting for space: dispatch paused) and
+          ``disk_full_events`` (times it began);
+        * from the last recovery: ``lost_tasks`` / ``lost_ranges`` (ids the journal knew that
+          ``.tasks`` no longer holds: a lost unsynced tail or a deleted log),
+          ``stale_journal_facts`` (facts about those ids, dropped), ``journal_corrupt_records``
+          and ``tasks_corrupt_records`` (damaged records skipped), ``journal_missing`` and
+          ``tasks_missing`` (opened with ``accept_loss=True`` over a deleted log).
+        """
         with self._stats_lock:
             out = dict(self._stats_snapshot)
         out["malformed_frames"] = self._bad_frames
