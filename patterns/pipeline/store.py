@@ -177,8 +177,11 @@ def migrate_queue_log(data_dir: str, name: str, new_path: str) -> bool:
     """Move ``<data_dir>/streams/<name>`` to ``new_path`` when it is a queue's internal log
     left by an older version and ``new_path`` does not exist yet; returns whether it moved.
 
-    A log counts as a queue's only if its queue also has a journal (old or new place) or a
-    journal generation file, so a user stream that merely ends in ``.tasks`` stays put.
+    A ``.tasks`` or ``.journal*`` log counts as a queue's only if its queue also has a journal
+    (old or new place) or a journal generation file, so a user stream that merely ends in
+    ``.tasks`` stays put; a ``.dlq`` / ``.dlq-ops`` log (a queue's or a bridge's dead letters,
+    only ever opened through :class:`~patterns.pipeline.dlq.DeadLetters` or a producer) moves
+    when it is opened here.
     """
     old = os.path.join(data_dir, "streams", name)
     if os.path.lexists(new_path) or not os.path.isdir(old):
@@ -190,7 +193,7 @@ def migrate_queue_log(data_dir: str, name: str, new_path: str) -> bool:
     evidence = (os.path.isdir(os.path.join(data_dir, "streams", f"{queue}.journal"))
                 or os.path.isdir(os.path.join(new_streams, f"{queue}.journal"))
                 or os.path.exists(os.path.join(data_dir, "pipeline", f"{queue}.journal-gen")))
-    if not evidence:
+    if not evidence and not name.endswith((".dlq", ".dlq-ops")):
         return False
     os.makedirs(new_streams, exist_ok=True)
     os.rename(old, new_path)
