@@ -337,7 +337,10 @@ class WorkQueue:
                     dirty = True
                 if now - last_ops_check >= 1.0:
                     last_ops_check = now
-                    self._store.trim(d.lowest_owed())  # .tasks: drop what nothing owes
+                    if not self._unwritten:
+                        # .tasks: drop what nothing owes (never while a dead letter or fact
+                        # waits for disk space: its task record must outlive it).
+                        self._store.trim(d.lowest_owed())
                     try:
                         self.dlq.fulfil_requests()
                     except Exception:
