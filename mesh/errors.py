@@ -165,6 +165,12 @@ class LogError(MeshError):
     """An error of the durable log."""
 
 
+class QueueStateMissing(LogError):
+    """A work queue's task log or journal is missing while the other one has records (a
+    deleted directory): opening it would silently lose every pending task or re-run every
+    acked one. Restore the directory, or open the queue with ``accept_loss=True``."""
+
+
 class LogCorrupted(LogError):
     """A record failed its checksum or framing check.
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from mesh.cli import main
-from mesh.log import LogDirectory
 from mesh.node import Node
 from patterns.pipeline.dispatch import DispatchConfig
 from patterns.pipeline.queue import WorkQueue
+from patterns.pipeline.store import pipeline_root
 from patterns.pipeline.worker import Worker
 from tests.util import unique, wait_until
 
@@ -54,7 +54,7 @@ def test_dlq_cli_list_show_redrive_discard(tmp_path: Path,
     assert main(["dlq", "list", str(tmp_path), queue, "--all", "--json"]) == 0
     statuses = [e["status"] for e in json.loads(capsys.readouterr().out)]
     assert statuses == ["redriven", "discarded"]
-    tasks = LogDirectory(tmp_path).open(f"{queue}.tasks", readonly=True)
+    tasks = pipeline_root(tmp_path).open(f"{queue}.tasks", readonly=True)
     try:
         assert tasks.next_offset == 3
     finally:

@@ -16,12 +16,12 @@ import msgpack
 import pytest
 import zmq
 
-from mesh.log import LogDirectory
 from mesh.node import Node, PresenceConfig
 from patterns.pipeline import frames as fr
 from patterns.pipeline.backoff import Backoff
 from patterns.pipeline.dispatch import DispatchConfig
 from patterns.pipeline.queue import WorkQueue, role_for
+from patterns.pipeline.store import pipeline_root
 from patterns.pipeline.worker import Task, Worker
 from tests.util import python_child, unique, wait_until
 
@@ -61,7 +61,7 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def journal_acks(data_dir: Path, queue: str) -> list[int]:
-    log = LogDirectory(data_dir).open(f"{queue}.journal", readonly=True)
+    log = pipeline_root(data_dir).open(f"{queue}.journal", readonly=True)
     try:
         out: list[int] = []
         for r in log.iter(0):
@@ -341,7 +341,7 @@ def test_role_name_and_push_validation(hub: Node) -> None:
     q.close()
     with pytest.raises(ClosedError):
         q.push(b"x")
-    assert os.path.isdir(LogDirectory(hub.data_dir).path_for(f"{queue}.tasks"))
+    assert os.path.isdir(pipeline_root(hub.data_dir).path_for(f"{queue}.tasks"))
 
 
 def test_two_producers_and_two_workers_share_one_queue(

@@ -9,9 +9,14 @@ import msgpack
 import pytest
 
 from mesh.errors import LogError
-from mesh.log import LogDirectory
 from patterns.pipeline.dispatch import Attempt
-from patterns.pipeline.store import QueueStore, decode_task, encode_task, journal_records
+from patterns.pipeline.store import (
+    QueueStore,
+    decode_task,
+    encode_task,
+    journal_records,
+    pipeline_root,
+)
 
 
 def test_task_records_round_trip_and_refuse_garbage() -> None:
@@ -44,7 +49,7 @@ def test_recovery_and_compaction_keep_exactly_the_owed_tasks(tmp_path: Path) -> 
     first = owed(s)  # recovers, then compacts (the journal had > 10 records)
     assert first == {5: (2, 1), **{i: (1, 0) for i in range(40, 50) if i != 45}}
     assert s.gen == 1
-    assert not os.path.isdir(LogDirectory(tmp_path).path_for("jobs.journal"))
+    assert not os.path.isdir(pipeline_root(tmp_path).path_for("jobs.journal"))
     s.close()
 
     s = QueueStore(tmp_path, "jobs", compact_after=10)

@@ -71,8 +71,14 @@ def _stream_dirs(path: str) -> dict[str, str]:
         raise LogError(f"no such directory: {path}")
     d = LogDirectory(path)
     streams = d.streams()
-    if streams:
-        return {s: d.path_for(s) for s in streams}
+    # A data directory's work queues keep their logs in their own namespace: listed as
+    # "queues/<queue>.tasks" etc. (pipeline_root is the one place that knows where).
+    from patterns.pipeline.store import pipeline_root  # the CLI is where mesh sees patterns
+
+    q = pipeline_root(path)
+    qlogs = {f"queues/{s}": os.path.join(q.streams_dir, s) for s in q.streams()}
+    if streams or qlogs:
+        return {**{s: d.path_for(s) for s in streams}, **qlogs}
     if _is_stream_dir(path):
         return {os.path.basename(os.path.abspath(path)): path}
     raise LogError(f"{path} holds no streams/ directory and no log segments")

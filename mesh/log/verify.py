@@ -21,7 +21,11 @@ class Problem:
             further than it now holds: a deleted or cut-back last segment, per its
             ``MARKER``), ``"index"`` (an index that will be rebuilt; not data loss),
             ``"hole"`` (a range cut out or acknowledged by ``mesh log repair``; not a
-            problem any more), ``"marker"`` (an unreadable ``MARKER``; not data loss).
+            problem any more), ``"marker"`` (an unreadable ``MARKER``; not data loss),
+            ``"missing"`` (a work queue's log whose partner is gone: a ``<queue>.journal``
+            with records but no ``<queue>.tasks``, every owed task lost, or a
+            ``<queue>.tasks`` with records but no journal, every acked task would run
+            again).
         path: the file.
         position: byte position in that file.
         reason: what check failed.
@@ -151,7 +155,48 @@ def verify_log(path: str, progress: Callable[[int], None] | None = None) -> Veri
         rep.problems.extend(_check_index(path, base, positions))
     rep.next_offset = expected
     _check_reach(rep, marker, marker_path, bases)
+    _check_queue_pair(rep)
     return rep
+
+
+def _has_log(path: str) -> bool:
+    try:
+        return any(fmt.parse_segment_name(n) is not None for n in os.listdir(path))
+    except OSError:
+        return False
+
+
+def _check_queue_pair(rep: VerifyReport) -> None:
+    # A work queue's task log and journal live side by side (patterns.pipeline.store); one
+    # without the other is a silent loss at the producer's next open unless reported here.
+    path = rep.path.rstrip(os.sep)
+    parent, name = os.path.split(path)
+    if os.path.basename(parent) != "streams" or not rep.records:
+        return
+    if os.path.basename(os.path.dirname(parent)) != "queues":
+        return  # only the queues' namespace: a user stream may end in .tasks
+    head, dot, gen = name.rpartition(".journal")
+    if name.endswith(".tasks"):
+        queue = name[: -len(".tasks")]
+        try:
+            siblings = os.listdir(parent)
+        except OSError:
+            siblings = []
+        if not any(n == f"{queue}.journal" or n.startswith(f"{queue}.journal.")
+                   for n in siblings):
+            rep.problems.append(Problem(
+                "missing", os.path.join(parent, f"{queue}.journal"), 0,
+                f"work queue {queue}: its journal is missing while {name} holds "
+                f"{rep.records} task record(s): every acked task would run again (restore it, "
+                "or open the queue with accept_loss=True)", rep.first_offset, rep.next_offset))
+    elif head and dot and (gen == "" or (gen.startswith(".") and gen[1:].isdigit())):
+        tasks = os.path.join(parent, f"{head}.tasks")
+        if not _has_log(tasks):
+            rep.problems.append(Problem(
+                "missing", tasks, 0,
+                f"work queue {head}: its task log is missing while {name} holds "
+                f"{rep.records} journal record(s): every task still owed is lost (restore it, "
+                "or open the queue with accept_loss=True)"))
 
 
 def _entries(marker: dict[str, object], key: str) -> list[tuple[int, int]]:

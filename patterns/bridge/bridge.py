@@ -15,8 +15,8 @@ Inbound, on the broker client's thread::
     broker message -> loop check -> map -> Publisher.publish_event (mesh log append) -> ack
 
 A message that cannot be mapped (it claims to be a CloudEvent and is not a valid one, has no
-route, or is too large) is written to the DLQ stream ``<bridge name>.dlq`` of the node's data
-directory in the pipeline's dead-letter record layout (``mesh dlq list DIR NAME`` shows it),
+route, or is too large) is written to the DLQ log ``<bridge name>.dlq`` of the node's data
+directory (``queues/streams/``, see :func:`patterns.pipeline.store.pipeline_root`) in the pipeline's dead-letter record layout (``mesh dlq list DIR NAME`` shows it),
 then acked: it would fail the same way again. A mesh log failure is not acked: the broker
 redelivers.
 """
@@ -38,7 +38,7 @@ import msgpack
 
 from mesh.envelope import Event
 from mesh.errors import ClosedError, CodecError, ConfigError, LogError, MeshError
-from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory
+from mesh.log import FsyncPolicy, Log, LogConfig
 from patterns.bridge.base import BrokerClient
 from patterns.bridge.config import BridgeConfig
 from patterns.bridge.mapping import (
@@ -49,6 +49,7 @@ from patterns.bridge.mapping import (
     origin_of,
     safe_message_to_event,
 )
+from patterns.pipeline.store import pipeline_root
 from patterns.pubsub import Publisher, Start, Subscriber
 
 __all__ = ["Bridge", "BridgeStats"]
@@ -322,7 +323,8 @@ class Bridge:
         """Append ``msg`` with the reason to ``<name>.dlq`` (pipeline DLQ record layout)."""
         with self._lock:
             if self._dlq is None:
-                root = LogDirectory(Path(self.node.data_dir))
+                # The DLQ namespace of the data directory (read by DeadLetters / mesh dlq).
+                root = pipeline_root(Path(self.node.data_dir))
                 self._dlq = root.open(f"{self.config.name}.dlq",
                                       LogConfig(fsync=FsyncPolicy.always()))
             now = time.time()

@@ -44,7 +44,7 @@ from mesh.errors import ClosedError, ConfigError, DLQEntryNotFound, LogError, Lo
 from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention
 
 from .dispatch import Attempt, DeadLetter
-from .store import attempt_from, encode_task, pipeline_root
+from .store import attempt_from, encode_task, ensure_journal, pipeline_root
 
 _log = logging.getLogger(__name__)
 
@@ -548,6 +548,7 @@ class DeadLetters:
                         self._record(ops)
                 return self._reread(entries)
             try:
+                ensure_journal(self.root, self.queue)
                 tasks = Log.open(self.root.path_for(f"{self.queue}.tasks"), config=LogConfig())
             except LogLocked:
                 new: _List[dict[str, Any]] = [{"op": "redrive_requested", "entry": e.offset}

@@ -19,8 +19,8 @@ from typing import Any
 
 import zmq
 
-from mesh.errors import ClosedError, ConfigError, MeshTimeout, ProtocolError
-from mesh.log import FsyncPolicy
+from mesh.errors import ClosedError, ConfigError, LogFull, MeshTimeout, ProtocolError
+from mesh.log import FsyncPolicy, Log
 from mesh.peers import PeerEvent, PeerEventKind
 from mesh.tracing import current
 from patterns._metrics import attach, queue_collector
@@ -28,11 +28,14 @@ from patterns._metrics import attach, queue_collector
 from . import frames as fr
 from .dispatch import DispatchConfig, Dispatcher
 from .dlq import DLQ_THREAD, DeadLetters, encode_dead_letter, open_dlq_log
-from .store import QueueStore, encode_task, journal_dispatch, journal_records
+from .store import COMPACT_BYTES, QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
 
 _RECV_BATCH = 2000
+#: Backoff of journal / DLQ writes retried while the disk is full (seconds, doubling).
+_FULL_RETRY_MIN = 0.05
+_FULL_RETRY_MAX = 2.0
 
 
 def role_for(queue: str) -> str:
@@ -53,10 +56,21 @@ class WorkQueue:
         config: dispatch rules (ack wait, max deliveries, backoff, retry budget, ordering).
         fsync: fsync policy of the queue's logs (default every 10 ms).
         seed: seed of the backoff jitter (tests).
+        accept_loss: open even when the task log or the journal is missing (deleted) while
+            the other has records; the loss is logged and counted in :meth:`stats`
+            (``tasks_missing`` / ``journal_missing``). Default: refuse with
+            :class:`~mesh.errors.QueueStateMissing`.
+
+    A full disk under the journal or the DLQ is back-pressure, not death: dispatching pauses,
+    the pending writes are retried with backoff (50 ms doubling to 2 s), and the queue resumes
+    by itself once they succeed (``disk_full`` / ``disk_full_events`` in :meth:`stats`, a
+    warning and a "resumed" line in the log). Pushes meanwhile raise
+    :class:`~mesh.errors.LogFull` only if ``.tasks`` itself cannot take them.
 
     Raises:
         ConfigError: invalid name or configuration.
         LogLocked: another process is already the producer of this queue in this data dir.
+        QueueStateMissing: the task log or the journal was deleted (see ``accept_loss``).
     """
 
     def __init__(
@@ -67,11 +81,19 @@ class WorkQueue:
         config: DispatchConfig | None = None,
         fsync: FsyncPolicy | None = None,
         seed: int | None = None,
+        accept_loss: bool = False,
     ) -> None:
         self.node = node
         self.name = name
         self.config = config or DispatchConfig()
-        self._store = QueueStore(node.data_dir, name, fsync)
+        self._store = QueueStore(node.data_dir, name, fsync, accept_loss=accept_loss)
+        self._epoch = self._store.tasks.epoch  # tags every journal fact (see store.py)
+        # Writes the full disk refused, in order, retried by the I/O thread (back-pressure).
+        self._unwritten: list[tuple[Log, list[bytes]]] = []
+        self._held_sends: list[tuple[bytes, list[tuple[int, int, int, Any, Any]]]] = []
+        self._full_retry_at = 0.0
+        self._full_backoff = _FULL_RETRY_MIN
+        self._full_events = 0
         try:
             self._dlq_log = open_dlq_log(self._store.root, name)
         except BaseException:
@@ -104,6 +126,13 @@ class WorkQueue:
             self.config, time.monotonic(), rng=random.Random(seed)
         )
         rec = self._store.recover()
+        self._recovery: dict[str, Any] = {
+            "lost_tasks": rec.lost_tasks, "lost_ranges": [list(r) for r in rec.lost_ranges],
+            "stale_journal_facts": rec.stale_facts,
+            "journal_corrupt_records": rec.journal_corrupt_records,
+            "tasks_corrupt_records": rec.tasks_corrupt_records,
+            "journal_missing": rec.journal_missing, "tasks_missing": rec.tasks_missing,
+        }
         self._dispatcher.mark_high(rec.next_id)
         # Set once any task carries a trace: only then does a dispatch pass unpack
         # (payload, trace) data (see _dispatch), so untraced queues pay nothing.
@@ -204,13 +233,25 @@ class WorkQueue:
             os.write(self._wfd, b"x")
 
     def stats(self) -> dict[str, Any]:
-        """Dispatcher counters and gauges (a snapshot refreshed by the I/O thread)."""
+        """Dispatcher counters and gauges (a snapshot refreshed by the I/O thread), plus:
+
+        * ``disk_full`` (journal or DLQ writes waiting for space: dispatch paused) and
+          ``disk_full_events`` (times it began);
+        * from the last recovery: ``lost_tasks`` / ``lost_ranges`` (ids the journal knew that
+          ``.tasks`` no longer holds: a lost unsynced tail or a deleted log),
+          ``stale_journal_facts`` (facts about those ids, dropped), ``journal_corrupt_records``
+          and ``tasks_corrupt_records`` (damaged records skipped), ``journal_missing`` and
+          ``tasks_missing`` (opened with ``accept_loss=True`` over a deleted log).
+        """
         with self._stats_lock:
             out = dict(self._stats_snapshot)
         out["malformed_frames"] = self._bad_frames
         out["forbidden"] = self._forbidden
         out["bytes_in"] = self._bytes_in
         out["bytes_out"] = self._bytes_out
+        out["disk_full"] = bool(self._unwritten)
+        out["disk_full_events"] = self._full_events
+        out.update(self._recovery)
         return out
 
     def wait_idle(self, timeout: float = 10.0) -> None:
@@ -274,6 +315,7 @@ class WorkQueue:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
         last_snap = 0.0
+        last_trim = 0.0
         dirty = False
         try:
             while True:
@@ -283,25 +325,50 @@ class WorkQueue:
                 timeout = 5.0 if dirty else 100.0
                 if nd is not None:
                     timeout = max(0.0, min(timeout, (nd - now) * 1000.0))
+                if self._unwritten:
+                    timeout = max(0.0, min(timeout, (self._full_retry_at - now) * 1000.0))
                 poller.poll(int(timeout))
                 now = time.monotonic()
                 self._drain_router(now)
                 if self._drain_wake(now):
                     break
                 d.tick(now)
-                self._dispatch(now)
+                if self._unwritten and now >= self._full_retry_at:
+                    self._retry_unwritten(now)
+                if not self._unwritten:  # a full disk pauses dispatch (back-pressure)
+                    self._dispatch(now)
                 self._persist_effects()
+                st = self._store
+                if (st.journal_bytes > COMPACT_BYTES
+                        and st.journal_bytes > 64 * d.owed_count() and not self._unwritten):
+                    self._compact_online()
                 if now - last_snap >= 0.005:  # stats() / wait_idle() stay within 5 ms
                     last_snap = now
                     self._snapshot()
                     dirty = False
                 else:
                     dirty = True
+                if now - last_trim >= 1.0:
+                    last_trim = now
+                    if not self._unwritten:
+                        # .tasks: drop what nothing owes (never while a dead letter or fact
+                        # waits for disk space: its task record must outlive it).
+                        self._store.trim(d.lowest_owed())
         except Exception as exc:
             log.exception("queue %s: I/O thread crashed", self.name)
             self._failed = exc
         finally:
-            self._persist_effects()
+            try:
+                self._persist_effects()
+                if self._unwritten:
+                    self._retry_unwritten(time.monotonic())
+                if self._unwritten:
+                    n = sum(len(r) for _, r in self._unwritten)
+                    log.error("queue %s: closing with %d journal/DLQ record(s) unwritten (disk "
+                              "full): those facts are lost; the tasks stay owed and run again",
+                              self.name, n)
+            except Exception:
+                log.exception("queue %s: final journal write failed", self.name)
             self._snapshot()
             self._router.close(linger=0)
 
@@ -402,8 +469,16 @@ class WorkQueue:
         sends = d.dispatch(now)
         if not sends:
             return
-        # Persist the delivery numbers before any frame leaves (poison detection).
-        self._store.journal.append_many([journal_dispatch(sends)])
+        # Persist the delivery numbers before any frame leaves (poison detection). On a full
+        # disk the frames wait (held) until the record is written: like a slow network.
+        if not self._write(self._store.journal, [journal_dispatch(sends, self._epoch)], now):
+            self._held_sends.extend(sends)
+            return
+        self._send(sends, now)
+
+    def _send(self, sends: list[tuple[bytes, list[tuple[int, int, int, Any, Any]]]],
+              now: float) -> None:
+        d = self._dispatcher
         for ident, items in sends:
             if self._traced:
                 # (payload, trace) data becomes the TASK item's payload + trace elements.
@@ -433,8 +508,58 @@ class WorkQueue:
                 dead_ids.append(dl.task_id)
             # The DLQ record first: a crash before the journal's X record keeps the task owed
             # (redelivered, maybe dead-lettered twice), never lost.
-            self._dlq_log.append_many(recs)
-        self._store.journal.append_many(journal_records([], eff.acked, eff.failed, dead_ids))
+            self._write(self._dlq_log, recs, time.monotonic())
+        self._write(self._store.journal,
+                    journal_records([], eff.acked, eff.failed, dead_ids, self._epoch),
+                    time.monotonic())
+
+    def _write(self, lg: Log, recs: list[bytes], now: float) -> bool:
+        """Append ``recs`` to ``lg`` after the writes a full disk refused (kept in order);
+        False when the disk is full (then they wait in ``_unwritten`` for a retry)."""
+        if not recs:
+            return True
+        if self._unwritten:
+            self._unwritten.append((lg, recs))
+            return False
+        try:
+            lg.append_many(recs)
+            if lg is self._store.journal:
+                self._store.journal_bytes += sum(map(len, recs))
+            return True
+        except LogFull as exc:
+            self._unwritten.append((lg, recs))
+            self._full_events += 1
+            self._full_backoff = _FULL_RETRY_MIN
+            self._full_retry_at = now + self._full_backoff
+            log.warning("queue %s: disk full (%s): dispatch paused, retrying the journal write "
+                        "with backoff", self.name, exc)
+            return False
+
+    def _compact_online(self) -> None:
+        # Every fact and dead letter is written (the caller checked): the snapshot may call
+        # every id below the dispatcher's high mark that it does not list done.
+        d = self._dispatcher
+        try:
+            self._store.compact_online(d.high, d.owed())
+        except LogFull:
+            self._store.journal_bytes = 0  # try again after as many bytes more
+            log.warning("queue %s: disk full: journal compaction postponed", self.name)
+
+    def _retry_unwritten(self, now: float) -> None:
+        while self._unwritten:
+            lg, recs = self._unwritten[0]
+            try:
+                lg.append_many(recs)
+            except LogFull:
+                self._full_backoff = min(self._full_backoff * 2, _FULL_RETRY_MAX)
+                self._full_retry_at = now + self._full_backoff
+                return
+            self._unwritten.pop(0)
+        log.warning("queue %s: disk space is back: journal written, dispatch resumed",
+                    self.name)
+        held, self._held_sends = self._held_sends, []
+        if held:
+            self._send(held, now)
 
 
 def _trace_here() -> tuple[str | None, str | None, str | None] | None:
