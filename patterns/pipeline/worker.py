@@ -1,15 +1,25 @@
 """Worker: the consumer side of a pipeline queue.
 
 Threading model: the Worker's DEALER sockets are owned by the thread that first iterates it (or
-calls ``get`` / ``run``); any other thread gets :class:`WrongThread`. Peer events arrive on the
-node's reactor thread and are handed over through a lock-protected list. Answers (ack, nack,
-term) are buffered and flushed as one frame per producer before the worker blocks for more
-work, so the per-task cost is one list append.
+calls ``get`` / ``run``); any other thread calling ``get`` / ``run`` gets :class:`WrongThread`.
+Peer events arrive on the node's reactor thread and are handed over through a lock-protected
+list.
+
+Answers (ack, nack, term, in_progress) may be given from any thread. On the owner thread they
+are buffered and sent as one frame per producer, at the latest :data:`FLUSH_DELAY_S` after the
+first buffered one (checked at every ``get``) and always before the worker blocks for more work,
+so the per-task cost is one list append and no ack waits for the local buffer to empty. From
+another thread (a handler that hands tasks to a thread pool) an answer goes into a thread-safe
+queue and one byte on a wake-up pipe the owner polls beside its sockets: the owner sends it
+within milliseconds while it waits in ``get`` / ``run`` (or at its next ``get`` when it is busy
+in user code). Ending a task twice, from any threads, raises :class:`ConfigError` exactly once
+per extra call; no answer is lost or sent twice.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -33,6 +43,7 @@ from .queue import role_for
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 256  #: answers buffered per producer before a flush even mid-batch
+FLUSH_DELAY_S = 0.002  #: most time an answer waits in the owner's buffer while tasks are handed out
 
 
 class TaskTerminated(Exception):
@@ -57,7 +68,12 @@ class _Conn:
 
 class Task:
     """One delivery of a task. End it exactly once with :meth:`ack`, :meth:`nack` or
-    :meth:`term`; :meth:`in_progress` may be called any number of times before."""
+    :meth:`term`; :meth:`in_progress` may be called any number of times before.
+
+    Thread-safe: any thread may end the task (e.g. a thread pool the handler hands it to); the
+    answer is sent by the worker's owner thread, which a wake-up pipe rouses at once. Ending
+    it a second time raises :class:`ConfigError` (only one of two racing calls wins). After
+    the worker closed, an answer is dropped (the producer redelivers the task)."""
 
     __slots__ = ("_conn", "_done", "_worker", "delivery", "id", "key", "payload", "trace")
 
@@ -75,11 +91,17 @@ class Task:
     def __repr__(self) -> str:
         return f"Task(id={self.id}, delivery={self.delivery}, {len(self.payload)} bytes)"
 
-    def _end(self) -> None:
-        if self._done:
-            raise ConfigError(f"task {self.id} was already ended")
-        self._done = True
-        self._worker._inflight -= 1
+    def _end(self) -> bool:
+        """Mark ended; True on the owner thread (answer inline), False elsewhere (hand over)."""
+        w = self._worker
+        with w._answers_lock:
+            if self._done:
+                raise ConfigError(f"task {self.id} was already ended")
+            self._done = True
+        if threading.get_ident() == w._owner:
+            w._inflight -= 1
+            return True
+        return False
 
     def ack(self) -> None:
         """Done: the producer forgets the task.
@@ -87,11 +109,12 @@ class Task:
         Raises:
             ConfigError: the task was already ended.
         """
-        self._end()
+        if not self._end():
+            self._worker._hand_over(self, fr.ACK, None)
+            return
         c = self._conn
         c.acks.append(self.id)
-        if len(c.acks) >= _FLUSH_AT:
-            self._worker._flush_conn(c)
+        self._worker._buffered(c, len(c.acks))
 
     def nack(self, delay: float | None = None, *, error: BaseException | None = None) -> None:
         """Failed: retry after ``delay`` seconds (None: the producer's backoff).
@@ -105,8 +128,12 @@ class Task:
         """
         if delay is not None and not delay >= 0:
             raise ConfigError(f"delay must be >= 0, got {delay}")
-        self._end()
-        self._conn.fails.append(fr.Failure(self.id, delay, "", *_error_facts(error)))
+        f = fr.Failure(self.id, delay, "", *_error_facts(error))
+        if not self._end():
+            self._worker._hand_over(self, fr.NACK, f)
+            return
+        self._conn.fails.append(f)
+        self._worker._buffered(self._conn, len(self._conn.fails))
 
     def term(self, reason: str = "", *, error: BaseException | None = None) -> None:
         """Never retry: the task goes straight to the DLQ with ``reason``.
@@ -114,14 +141,41 @@ class Task:
         Raises:
             ConfigError: the task was already ended.
         """
-        self._end()
-        self._conn.terms.append(fr.Failure(self.id, None, reason, *_error_facts(error)))
+        f = fr.Failure(self.id, None, reason, *_error_facts(error))
+        if not self._end():
+            self._worker._hand_over(self, fr.TERM, f)
+            return
+        self._conn.terms.append(f)
+        self._worker._buffered(self._conn, len(self._conn.terms))
 
     def in_progress(self) -> None:
-        """Still working: push the ack deadline forward by one ack wait (sent at once)."""
+        """Still working: push the ack deadline forward by one ack wait (sent at once from
+        the owner thread; from another thread, as soon as the owner wakes)."""
         if self._done:
             raise ConfigError(f"task {self.id} was already ended")
-        self._worker._send(self._conn, fr.encode_ids(fr.IN_PROGRESS, [self.id]))
+        w = self._worker
+        if threading.get_ident() != w._owner:
+            w._hand_over(self, fr.IN_PROGRESS, None)
+            return
+        w._send(self._conn, fr.encode_ids(fr.IN_PROGRESS, [self.id]))
+
+
+def _end_from_future(task: Task, fut: concurrent.futures.Future[Any]) -> None:
+    # Runs on the pool's thread (or the owner's, if already done): a cross-thread answer.
+    if task._done:
+        return
+    exc = None if fut.cancelled() else fut.exception()
+    try:
+        if fut.cancelled():
+            task.nack()
+        elif exc is None:
+            task.ack()
+        elif isinstance(exc, TaskTerminated):
+            task.term(exc.reason, error=exc)
+        else:
+            task.nack(error=exc)
+    except ConfigError:
+        pass  # the work ended it meanwhile
 
 
 def _error_facts(error: BaseException | None) -> tuple[str | None, str | None, str | None]:
@@ -167,6 +221,18 @@ class Worker:
         self._events: list[PeerEvent] = []
         self._last_ready = 0.0
         self._poller = zmq.Poller()
+        # Answers given on other threads: (task, command, failure) handed to the owner, which
+        # polls the read end of the pipe beside its sockets (one byte per batch).
+        self._answers_lock = threading.Lock()
+        self._xq: collections.deque[tuple[Task, int, fr.Failure | None]] = collections.deque()
+        self._woken = False
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._pipe_open = True
+        self._poller.register(self._rfd, zmq.POLLIN)
+        self._last_flush = 0.0
+        self._pending = False  # answers buffered on the owner thread, not sent yet
         self.bad_frames = 0
         self.bytes_in = self.bytes_out = 0  # data-socket bytes
         self._handler: Callable[[Task], object] | None = None
@@ -188,6 +254,52 @@ class Worker:
             raise WrongThread(f"worker of {self.queue!r} is owned by another thread")
         if self._closed:
             raise ClosedError(f"worker of {self.queue!r} is closed")
+
+    def _buffered(self, c: _Conn, n: int) -> None:
+        self._pending = True
+        if n >= _FLUSH_AT:
+            self._flush_conn(c)
+
+    def _hand_over(self, task: Task, cmd: int, failure: fr.Failure | None) -> None:
+        # Any thread but the owner: queue the answer and wake the owner (one byte per batch).
+        self._xq.append((task, cmd, failure))
+        with self._answers_lock:
+            if self._woken or not self._pipe_open:
+                return
+            self._woken = True
+            try:
+                os.write(self._wfd, b"x")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the owner is being woken already
+
+    def _drain_answers(self) -> None:
+        """Owner thread: take the answers other threads gave into the send buffers."""
+        with self._answers_lock:
+            self._woken = False
+            try:
+                os.read(self._rfd, 4096)
+            except (BlockingIOError, OSError):
+                pass
+        xq = self._xq
+        while xq:
+            task, cmd, f = xq.popleft()
+            if cmd != fr.IN_PROGRESS:
+                self._inflight -= 1
+            c = task._conn
+            if self._conns.get(c.node_id) is not c:
+                continue  # that producer is gone: it redelivers the task anyway
+            if cmd == fr.ACK:
+                c.acks.append(task.id)
+            elif cmd == fr.NACK:
+                assert f is not None
+                c.fails.append(f)
+            elif cmd == fr.TERM:
+                assert f is not None
+                c.terms.append(f)
+            else:
+                self._send(c, fr.encode_ids(fr.IN_PROGRESS, [task.id]))
+                continue
+            self._pending = True
 
     def _candidates(self) -> list[PeerInfo]:
         peers = list(self.node.who_offers("queue", self.queue))
@@ -281,14 +393,23 @@ class Worker:
             c.terms = []
 
     def flush(self) -> None:
-        """Send buffered answers now (done automatically before waiting for work)."""
+        """Send buffered answers now (done automatically: before waiting for work, and at a
+        ``get`` once :data:`FLUSH_DELAY_S` passed since the last flush). Owner thread only."""
+        if self._xq:
+            self._drain_answers()
         for c in self._conns.values():
             self._flush_conn(c)
+        self._pending = False
+        self._last_flush = time.monotonic()
 
     def _receive(self, timeout: float) -> None:
         events = dict(self._poller.poll(int(timeout * 1000)))
+        if self._rfd in events:
+            self.flush()  # answers from other threads: out at once
         by_sock = {id(c.sock): c for c in self._conns.values()}
         for sock in events:
+            if type(sock) is int:
+                continue
             c = by_sock.get(id(sock))
             if c is None:
                 continue
@@ -321,6 +442,10 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._local:
+                # Bounded delay: an answer never waits for the local buffer to empty.
+                if (self._pending or self._xq) and (
+                        time.monotonic() - self._last_flush >= FLUSH_DELAY_S):
+                    self.flush()
                 return self._local.popleft()
             self.flush()
             now = time.monotonic()
@@ -354,6 +479,10 @@ class Worker:
         """Run ``handler`` on ``task``: return = ACK, :class:`TaskTerminated` = TERM, any
         other exception = NACK with the error kept (type, message, traceback).
 
+        A handler that hands the task to a thread pool returns the pool's
+        :class:`concurrent.futures.Future`: the task then ends when the future does (its
+        result = ACK, its exception = TERM or NACK as above), unless the work ended it first.
+
         The handler runs in the trace context of the code that pushed the task (same trace
         id, correlation id and causation id), or in a new trace when the push was made outside
         any handler, so what it publishes or requests is correlated to the pusher's work."""
@@ -361,7 +490,7 @@ class Worker:
         failed = False
         try:
             with consuming(ctx=self._context_of(task), kind="process"):
-                handler(task)
+                result = handler(task)
         except TaskTerminated as exc:
             failed = True
             if not task._done:
@@ -374,6 +503,9 @@ class Worker:
             return
         finally:
             self._processing.observe(started, failed)
+        if isinstance(result, concurrent.futures.Future):
+            result.add_done_callback(lambda fut: _end_from_future(task, fut))
+            return
         if not task._done:
             task.ack()
 
@@ -441,6 +573,8 @@ class Worker:
         self._unmetrics()
         me = threading.get_ident()
         if self._owner in (None, me):
+            if self._xq:
+                self._drain_answers()
             for c in self._conns.values():
                 try:
                     self._flush_conn(c)
@@ -451,6 +585,11 @@ class Worker:
         self._closed = True
         self._conns.clear()
         self._local.clear()
+        with self._answers_lock:
+            if self._pipe_open:
+                self._pipe_open = False
+                os.close(self._rfd)
+                os.close(self._wfd)
 
     def __enter__(self) -> Worker:
         return self
