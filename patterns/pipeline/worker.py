@@ -191,6 +191,11 @@ class Worker:
     ``for task in worker:`` yields :class:`Task` objects (blocking); or :meth:`run` a handler
     (an exception is a NACK with the error kept; :class:`TaskTerminated` is a TERM).
 
+    Threads: the first thread to ``get`` / iterate / ``run`` owns the worker (others get
+    :class:`WrongThread` there); tasks may be ended from any thread. Answers leave within
+    :data:`FLUSH_DELAY_S` of the previous send (at the next ``get``) or before the worker
+    waits; answers from other threads wake the owner through a pipe (see the module notes).
+
     Args:
         node: the node to run on.
         queue: the queue name.
