@@ -5,6 +5,7 @@ Real nodes, real sockets, a real producer journal."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import random
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 from mesh.errors import ConfigError
 from mesh.node import Node
+from patterns.pipeline.aio import AsyncWorker
 from patterns.pipeline.dispatch import DispatchConfig
 from patterns.pipeline.queue import WorkQueue
 from patterns.pipeline.worker import Task, Worker
@@ -161,3 +163,32 @@ def test_thread_pool_handler_every_task_acked_exactly_once(
             t.join(5)
     assert sorted(journal_acks(hub.data_dir, queue)) == list(range(n))
     assert len(seen) == n and set(seen.values()) == {1}
+
+
+def test_async_worker_is_woken_by_an_ack_from_an_executor_thread(
+    pair: tuple[Node, Node],
+) -> None:
+    hub, wnode = pair
+    queue = unique("q")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with WorkQueue(hub, queue) as q:
+            async with AsyncWorker(wnode, queue, credit=4, ready_interval=5.0) as w:
+                first = asyncio.create_task(w.get(timeout=10))  # connects, sends READY
+                await loop.run_in_executor(None, lambda: wait_until(
+                    lambda: q.stats().get("workers") == 1, timeout=10, what="worker ready"))
+                q.push(b"x")
+                task = await first
+                assert task is not None
+                waiting = asyncio.create_task(w.get(timeout=3.0))  # blocks on the loop
+                await asyncio.sleep(0.05)  # let it reach its wait (not a wait for an outcome)
+                started = loop.time()
+                await loop.run_in_executor(None, task.ack)
+                await loop.run_in_executor(None, lambda: wait_until(
+                    lambda: q.stats().get("acked") == 1, timeout=0.25,
+                    what="ack from an executor thread sent by the loop promptly"))
+                assert loop.time() - started < 0.25  # (it took 0.5 s before the wake-up pipe)
+                waiting.cancel()
+
+    asyncio.run(main())
