@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.errors import ConfigError
+from mesh.errors import ClosedError, ConfigError
 from mesh.node import Node
 from patterns.pipeline.aio import AsyncWorker
 from patterns.pipeline.dispatch import DispatchConfig
@@ -192,3 +192,29 @@ def test_async_worker_is_woken_by_an_ack_from_an_executor_thread(
                 waiting.cancel()
 
     asyncio.run(main())
+
+
+def test_close_from_another_thread_wakes_the_blocked_owner(pair: tuple[Node, Node]) -> None:
+    hub, wnode = pair
+    queue = unique("q")
+    with WorkQueue(hub, queue) as q:
+        w = Worker(wnode, queue, credit=4, ready_interval=5.0)
+        raised: list[BaseException] = []
+        blocked = threading.Event()
+
+        def owner() -> None:
+            try:
+                w.get(timeout=0.05)  # connects and registers
+                blocked.set()
+                w.get(timeout=10.0)
+            except ClosedError as exc:
+                raised.append(exc)
+
+        t = _run_in_thread(owner)
+        wait_until(lambda: q.stats().get("workers") == 1, timeout=10, what="worker ready")
+        wait_until(blocked.is_set, timeout=5, what="owner waiting")
+        started = time.monotonic()
+        w.close()
+        t.join(5)
+        assert raised and time.monotonic() - started < 1.0
+        assert not w._pipe_open  # the owner closed the wake-up pipe

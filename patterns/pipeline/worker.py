@@ -258,6 +258,7 @@ class Worker:
         elif self._owner != me:
             raise WrongThread(f"worker of {self.queue!r} is owned by another thread")
         if self._closed:
+            self._close_pipe()
             raise ClosedError(f"worker of {self.queue!r} is closed")
 
     def _buffered(self, c: _Conn, n: int) -> None:
@@ -472,6 +473,7 @@ class Worker:
                 continue
             self._receive(wait)
             if self._closed:
+                self._close_pipe()
                 raise ClosedError(f"worker of {self.queue!r} is closed")
 
     def __iter__(self) -> Iterator[Task]:
@@ -557,6 +559,8 @@ class Worker:
                 break
         if not self._closed:
             self.flush()
+        else:
+            self._close_pipe()
         return n
 
     def stats(self) -> dict[str, int]:
@@ -590,6 +594,19 @@ class Worker:
         self._closed = True
         self._conns.clear()
         self._local.clear()
+        if self._owner in (None, me):
+            self._close_pipe()
+        else:
+            # The owner may be polling the pipe: wake it (it raises ClosedError at once) and
+            # let it close the pipe, never close an fd under another thread's poll.
+            with self._answers_lock:
+                if self._pipe_open:
+                    try:
+                        os.write(self._wfd, b"q")
+                    except OSError:
+                        pass
+
+    def _close_pipe(self) -> None:
         with self._answers_lock:
             if self._pipe_open:
                 self._pipe_open = False
