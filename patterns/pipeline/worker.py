@@ -43,6 +43,8 @@ from .queue import role_for
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 256  #: answers buffered per producer before a flush even mid-batch
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
 FLUSH_DELAY_S = 0.002  #: most time an answer waits in the owner's buffer while tasks are handed out
 
 
@@ -103,7 +105,7 @@ class Task:
         except IndexError:
             raise ConfigError(f"task {self.id} was already ended") from None
         self._done = True
-        if threading.get_ident() == w._owner:
+        if _get_ident() == w._owner:
             w._inflight -= 1
             return True
         return False
@@ -114,14 +116,21 @@ class Task:
         Raises:
             ConfigError: the task was already ended.
         """
-        if not self._end():
-            self._worker._hand_over(self, fr.ACK, None)
-            return
-        c = self._conn
-        c.acks.append(self.id)
+        # (_end inlined: this is the per-task hot path)
+        try:
+            self._once.pop()
+        except IndexError:
+            raise ConfigError(f"task {self.id} was already ended") from None
+        self._done = True
         w = self._worker
-        w._pending = True
-        if len(c.acks) >= _FLUSH_AT:
+        if _get_ident() != w._owner:
+            w._hand_over(self, fr.ACK, None)
+            return
+        w._inflight -= 1
+        c = self._conn
+        acks = c.acks
+        acks.append(self.id)
+        if len(acks) >= _FLUSH_AT:
             w._flush_conn(c)
 
     def nack(self, delay: float | None = None, *, error: BaseException | None = None) -> None:
@@ -245,7 +254,6 @@ class Worker:
         self._pipe_open = True
         self._poller.register(self._rfd, zmq.POLLIN)
         self._last_flush = 0.0
-        self._pending = False  # answers buffered on the owner thread, not sent yet
         self.bad_frames = 0
         self.bytes_in = self.bytes_out = 0  # data-socket bytes
         self._handler: Callable[[Task], object] | None = None
@@ -270,7 +278,6 @@ class Worker:
             raise ClosedError(f"worker of {self.queue!r} is closed")
 
     def _buffered(self, c: _Conn, n: int) -> None:
-        self._pending = True
         if n >= _FLUSH_AT:
             self._flush_conn(c)
 
@@ -312,8 +319,6 @@ class Worker:
                 c.terms.append(f)
             else:
                 self._send(c, fr.encode_ids(fr.IN_PROGRESS, [task.id]))
-                continue
-            self._pending = True
 
     def _candidates(self) -> list[PeerInfo]:
         peers = list(self.node.who_offers("queue", self.queue))
@@ -413,8 +418,7 @@ class Worker:
             self._drain_answers()
         for c in self._conns.values():
             self._flush_conn(c)
-        self._pending = False
-        self._last_flush = time.monotonic()
+        self._last_flush = _monotonic()
 
     def _receive(self, timeout: float) -> None:
         events = dict(self._poller.poll(int(timeout * 1000)))
@@ -456,9 +460,9 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._local:
-                # Bounded delay: an answer never waits for the local buffer to empty.
-                if (self._pending or self._xq) and (
-                        time.monotonic() - self._last_flush >= FLUSH_DELAY_S):
+                # Bounded delay: an answer never waits for the local buffer to empty (a
+                # flush with nothing buffered costs next to nothing, once per FLUSH_DELAY_S).
+                if _monotonic() - self._last_flush >= FLUSH_DELAY_S:
                     self.flush()
                 return self._local.popleft()
             self.flush()
