@@ -12,8 +12,8 @@ so the per-task cost is one list append and no ack waits for the local buffer to
 another thread (a handler that hands tasks to a thread pool) an answer goes into a thread-safe
 queue and one byte on a wake-up pipe the owner polls beside its sockets: the owner sends it
 within milliseconds while it waits in ``get`` / ``run`` (or at its next ``get`` when it is busy
-in user code). Ending a task twice, from any threads, raises :class:`ConfigError` exactly once
-per extra call; no answer is lost or sent twice.
+in user code). Ending a task twice raises :class:`ConfigError`; two ends racing on two threads
+send exactly one answer (the other is dropped and counted): no answer is lost or sent twice.
 """
 
 from __future__ import annotations
@@ -74,11 +74,12 @@ class Task:
 
     Thread-safe: any thread may end the task (e.g. a thread pool the handler hands it to); the
     answer is sent by the worker's owner thread, which a wake-up pipe rouses at once. Ending
-    it a second time raises :class:`ConfigError` (only one of two racing calls wins). After
-    the worker closed, an answer is dropped (the producer redelivers the task)."""
+    it a second time raises :class:`ConfigError`; when the owner and another thread end it at
+    the same instant, exactly one answer is sent and the other is dropped and counted
+    (``duplicate_answers`` in :meth:`Worker.stats`). After the worker closed, an answer is
+    dropped (the producer redelivers the task)."""
 
-    __slots__ = ("_conn", "_done", "_once", "_worker", "delivery", "id", "key", "payload",
-                 "trace")
+    __slots__ = ("_conn", "_done", "_worker", "delivery", "id", "key", "payload", "trace")
 
     def __init__(self, worker: Worker, conn: _Conn, d: fr.Delivery) -> None:
         self._worker = worker
@@ -89,10 +90,11 @@ class Task:
         self.payload = d.payload
         #: ``(traceparent, correlationid, causationid)`` where the task was pushed, or None.
         self.trace = d.trace
-        self._done = False
-        # One token: list.pop() is atomic under the GIL, so exactly one of several threads
-        # ending the task at once takes it (a lock per end cost ~0.1 µs on the hot path).
-        self._once = [1]
+        # 0: not ended; 1: ended on the owner thread (answered inline); 2: ended on another
+        # thread (handed to the owner). Only the owner writes 1, others write 2 under a lock:
+        # if both race, the owner's 1 wins and the handed answer is dropped when drained, so
+        # exactly one answer is sent, with no lock and no allocation on the owner's hot path.
+        self._done = 0
 
     def __repr__(self) -> str:
         return f"Task(id={self.id}, delivery={self.delivery}, {len(self.payload)} bytes)"
@@ -100,14 +102,16 @@ class Task:
     def _end(self) -> bool:
         """Mark ended; True on the owner thread (answer inline), False elsewhere (hand over)."""
         w = self._worker
-        try:
-            self._once.pop()
-        except IndexError:
-            raise ConfigError(f"task {self.id} was already ended") from None
-        self._done = True
         if _get_ident() == w._owner:
+            if self._done:
+                raise ConfigError(f"task {self.id} was already ended")
+            self._done = 1
             w._inflight -= 1
             return True
+        with w._answers_lock:
+            if self._done:
+                raise ConfigError(f"task {self.id} was already ended")
+            self._done = 2
         return False
 
     def ack(self) -> None:
@@ -116,16 +120,15 @@ class Task:
         Raises:
             ConfigError: the task was already ended.
         """
-        # (_end inlined: this is the per-task hot path)
-        try:
-            self._once.pop()
-        except IndexError:
-            raise ConfigError(f"task {self.id} was already ended") from None
-        self._done = True
         w = self._worker
         if _get_ident() != w._owner:
-            w._hand_over(self, fr.ACK, None)
+            if not self._end():
+                w._hand_over(self, fr.ACK, None)
             return
+        # (the owner's _end inlined: this is the per-task hot path)
+        if self._done:
+            raise ConfigError(f"task {self.id} was already ended")
+        self._done = 1
         w._inflight -= 1
         c = self._conn
         acks = c.acks
@@ -255,6 +258,7 @@ class Worker:
         self._poller.register(self._rfd, zmq.POLLIN)
         self._last_flush = 0.0
         self.bad_frames = 0
+        self.duplicate_answers = 0  # a racing second end of a task, dropped (one answer sent)
         self.bytes_in = self.bytes_out = 0  # data-socket bytes
         self._handler: Callable[[Task], object] | None = None
         self._unsub = node.on_peer(self._on_peer)
@@ -305,6 +309,10 @@ class Worker:
         while xq:
             task, cmd, f = xq.popleft()
             if cmd != fr.IN_PROGRESS:
+                if task._done != 2:
+                    # The owner ended it too, at the same moment: its answer already counts.
+                    self.duplicate_answers += 1
+                    continue
                 self._inflight -= 1
             c = task._conn
             if self._conns.get(c.node_id) is not c:
@@ -579,12 +587,14 @@ class Worker:
         return n
 
     def stats(self) -> dict[str, int]:
-        """Local buffer, un-ended tasks held, producers connected, malformed frames."""
+        """Local buffer, un-ended tasks held, producers connected, malformed frames, and
+        answers dropped because another thread ended the same task at the same moment."""
         return {
             "buffered": len(self._local),
             "held": self._inflight,
             "producers": len(self._conns),
             "malformed_frames": self.bad_frames,
+            "duplicate_answers": self.duplicate_answers,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
