@@ -25,7 +25,7 @@ import socket as _socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -466,6 +466,28 @@ class Node:
         if self._router is not None:  # after start: tell peers and discovery
             self._info_changed()
         return tuple(endpoints)
+
+    def unbind(self, role: str, endpoints: Sequence[str]) -> None:
+        """Stop announcing ``endpoints`` (returned by :meth:`bind`) under ``role``.
+
+        A pattern calls it when it closes the socket it bound them for, so peers and
+        discovery learn at once (one UPDATE) that they are gone: a later :meth:`bind` of the
+        same role (a reopened queue, a new publisher hub) is then the only one announced, and
+        nobody connects to a closed endpoint. Idempotent; a no-op once the node is closed.
+        """
+        gone = set(endpoints)
+        with self._info_lock:
+            had = self._endpoints.get(role, ())
+            left = tuple(e for e in had if e not in gone)
+            if len(left) == len(had):
+                return
+            if left:
+                self._endpoints[role] = left
+            else:
+                del self._endpoints[role]
+            self._info = None
+        if self._router is not None:
+            self._info_changed()
 
     def _secure_bind(self, sock: zmq.Socket[Any]) -> None:
         sec = self.security

@@ -3,7 +3,8 @@
 Usage: ``python -c "import tests.pipeline_child as c; c.main()" ROLE ARGS...``
 
 * ``worker DATA_DIR MESH PEER QUEUE CREDIT BEHAVIOUR``: a node + Worker. BEHAVIOUR is ``ack``
-  (ack all), ``slow`` (3 ms of work, then ack), ``raise`` (always raise ValueError), or ``poison`` (SIGKILL itself on the payload
+  (ack all), ``slow`` (3 ms of work, then ack), ``hold`` (take tasks, never end them),
+  ``raise`` (always raise ValueError), or ``poison`` (SIGKILL itself on the payload
   ``b"poison"``, ack the rest). Prints ``acked <id>`` lines (flushed per batch).
 * ``producer DATA_DIR MESH PEER QUEUE N``: a node + WorkQueue pushing tasks ``0..N-1`` (those
   not already in its log) in batches of 50, printing ``pushed <last id>`` after each returned;
@@ -36,6 +37,9 @@ def worker(data_dir: str, mesh: str, peer: str, queue: str, credit: str, behavio
         while True:
             task: Task | None = w.get(timeout=0.2)
             if task is None:
+                continue
+            if behaviour == "hold":
+                sys.stdout.write(f"got {task.id}\n")
                 continue
             if behaviour == "raise":
                 try:

@@ -108,7 +108,9 @@ def test_workers_sigkilled_at_random_every_task_acked_once(
         s = q.stats()
         assert kills >= 3, f"only {kills} kills happened: {s}"
         assert s["acked"] == n and s["unacked"] == 0 and s["dead_lettered"] == 0
-        assert s["workers_lost"] >= kills
+        # (No count of workers_lost: a killed worker is removed by presence, by its
+        # connection's end or by a failed send, and when depends on load; what matters is
+        # below: every task acked, none twice.)
     acks = journal_acks(hub.data_dir, queue)
     assert sorted(acks) == list(range(n))  # complete, and no id acked twice
 

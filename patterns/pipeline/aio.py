@@ -66,7 +66,8 @@ class AsyncWorkQueue:
 class AsyncWorker:
     """asyncio worker: ``async for task in w: ...; task.ack()``, or ``await w.run(handler)``.
 
-    Same arguments as :class:`Worker`. Use it from one event loop only.
+    Same arguments as :class:`Worker`. Use it from one event loop only; tasks may be ended
+    from any thread (``loop.run_in_executor`` work can ack): the loop is woken to send it.
     """
 
     def __init__(self, node: Any, queue: str, *, credit: int = 10,
@@ -90,6 +91,10 @@ class AsyncWorker:
             fd = int(c.sock.getsockopt(zmq.FD))
             fds.append(fd)
             loop.add_reader(fd, wake)
+        if self.sync._pipe_open:
+            # Answers given on other threads wake the loop too (the pipe is level-triggered).
+            fds.append(self.sync._rfd)
+            loop.add_reader(self.sync._rfd, wake)
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:

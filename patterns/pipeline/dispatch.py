@@ -312,6 +312,10 @@ class Dispatcher:
         """Whether ``ident`` is a registered worker."""
         return ident in self._workers
 
+    def worker_idents(self) -> list[bytes]:
+        """Idents of every registered worker."""
+        return list(self._workers)
+
     def workers_of_node(self, node_id: str) -> list[bytes]:
         """Idents of the workers living on node ``node_id``."""
         return [w.ident for w in self._workers.values() if w.node_id == node_id]
@@ -327,8 +331,9 @@ class Dispatcher:
         return t
 
     def worker_gone(self, ident: bytes, now: float) -> int:
-        """The worker is gone (BYE, presence LEFT): its tasks go back to the front of the
-        queue at once. Returns how many tasks were returned."""
+        """The worker is gone (BYE, presence LEFT, its connection ended, a send to it failed):
+        its tasks go back to the front of the queue at once. Returns how many tasks were
+        returned."""
         w = self._workers.pop(ident, None)
         if w is None:
             return 0

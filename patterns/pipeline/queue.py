@@ -36,6 +36,10 @@ _RECV_BATCH = 2000
 #: Backoff of journal / DLQ writes retried while the disk is full (seconds, doubling).
 _FULL_RETRY_MIN = 0.05
 _FULL_RETRY_MAX = 2.0
+#: An empty TASK batch: a liveness probe (a worker ignores it; a send to a routing id whose
+#: connection ended fails with EHOSTUNREACH under ROUTER_MANDATORY).
+_PROBE = fr.encode_tasks([])
+PROBE_INTERVAL_S = 0.5  #: how often registered workers are probed when no disconnect is seen
 
 
 def role_for(queue: str) -> str:
@@ -147,6 +151,16 @@ class WorkQueue:
         # A worker reconnecting with the same identity (after a network blip) takes over.
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.endpoints = node.bind(self._router, role_for(name))
+        # The connection's end removes a worker at once (a SIGKILLed worker's socket closes
+        # long before presence calls its node gone): a socket monitor's DISCONNECTED event
+        # makes the I/O thread probe every worker. Under security the node may monitor this
+        # socket already (one monitor per socket); the periodic probe then does the job.
+        self._mon: zmq.Socket[Any] | None = None
+        sec = getattr(node, "security", None)
+        if sec is None or not sec.config.monitor:
+            self._mon = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._probe_due: list[float] = []
+        self._conn_lost = 0
         self._unsub = node.on_peer(self._on_peer)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
@@ -247,6 +261,7 @@ class WorkQueue:
             out = dict(self._stats_snapshot)
         out["malformed_frames"] = self._bad_frames
         out["forbidden"] = self._forbidden
+        out["disconnects"] = self._conn_lost  # workers removed because their connection ended
         out["bytes_in"] = self._bytes_in
         out["bytes_out"] = self._bytes_out
         out["disk_full"] = bool(self._unwritten)
@@ -282,6 +297,9 @@ class WorkQueue:
         self._unmetrics()
         try:
             self.node.withdraw("queue", self.name)
+            # What is closed is no longer announced: a reopened queue's endpoints are then
+            # the only ones a worker can pick.
+            self.node.unbind(role_for(self.name), self.endpoints)
         except Exception:
             pass  # the node may already be closed
         self._unsub()
@@ -314,6 +332,9 @@ class WorkQueue:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
+        if self._mon is not None:
+            poller.register(self._mon, zmq.POLLIN)
+        last_probe = 0.0
         last_snap = 0.0
         last_trim = 0.0
         dirty = False
@@ -327,11 +348,21 @@ class WorkQueue:
                     timeout = max(0.0, min(timeout, (nd - now) * 1000.0))
                 if self._unwritten:
                     timeout = max(0.0, min(timeout, (self._full_retry_at - now) * 1000.0))
-                poller.poll(int(timeout))
+                if self._probe_due:
+                    timeout = max(0.0, min(timeout, (self._probe_due[0] - now) * 1000.0))
+                ready = dict(poller.poll(int(timeout)))
                 now = time.monotonic()
                 self._drain_router(now)
                 if self._drain_wake(now):
                     break
+                if self._mon is not None and self._mon in ready:
+                    self._drain_monitor(now)
+                due = self._probe_due and self._probe_due[0] <= now
+                if due or now - last_probe >= PROBE_INTERVAL_S:
+                    while self._probe_due and self._probe_due[0] <= now:
+                        self._probe_due.pop(0)
+                    last_probe = now
+                    self._probe_workers(now)
                 d.tick(now)
                 if self._unwritten and now >= self._full_retry_at:
                     self._retry_unwritten(now)
@@ -370,7 +401,46 @@ class WorkQueue:
             except Exception:
                 log.exception("queue %s: final journal write failed", self.name)
             self._snapshot()
+            if self._mon is not None:
+                try:
+                    self._router.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                self._mon.close(linger=0)
             self._router.close(linger=0)
+
+    def _drain_monitor(self, now: float) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        assert self._mon is not None
+        seen = False
+        while True:
+            try:
+                ev = recv_monitor_message(self._mon, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                break
+            if int(ev["event"]) == zmq.EVENT_DISCONNECTED:
+                seen = True
+        if seen:
+            # The routing id of the ended connection is not in the event: probe every worker
+            # now, and again shortly (the ROUTER drops the pipe asynchronously).
+            self._probe_due = sorted({*self._probe_due, now, now + 0.05, now + 0.3})
+
+    def _probe_workers(self, now: float) -> None:
+        """Send each registered worker an empty TASK; one whose connection ended is gone."""
+        d = self._dispatcher
+        for ident in d.worker_idents():
+            try:
+                self._router.send_multipart([ident, *_PROBE], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._conn_lost += 1
+                    log.info("queue %s: worker %s disconnected: its tasks go back",
+                             self.name, ident.hex())
+                    d.worker_gone(ident, now)
+                # EAGAIN: at its HWM, alive but slow: not a loss
 
     def _snapshot(self) -> None:
         s = self._dispatcher.stats()

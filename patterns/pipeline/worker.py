@@ -1,15 +1,25 @@
 """Worker: the consumer side of a pipeline queue.
 
 Threading model: the Worker's DEALER sockets are owned by the thread that first iterates it (or
-calls ``get`` / ``run``); any other thread gets :class:`WrongThread`. Peer events arrive on the
-node's reactor thread and are handed over through a lock-protected list. Answers (ack, nack,
-term) are buffered and flushed as one frame per producer before the worker blocks for more
-work, so the per-task cost is one list append.
+calls ``get`` / ``run``); any other thread calling ``get`` / ``run`` gets :class:`WrongThread`.
+Peer events arrive on the node's reactor thread and are handed over through a lock-protected
+list.
+
+Answers (ack, nack, term, in_progress) may be given from any thread. On the owner thread they
+are buffered and sent as one frame per producer, at the latest :data:`FLUSH_DELAY_S` after the
+first buffered one (checked at every ``get``) and always before the worker blocks for more work,
+so the per-task cost is one list append and no ack waits for the local buffer to empty. From
+another thread (a handler that hands tasks to a thread pool) an answer goes into a thread-safe
+queue and one byte on a wake-up pipe the owner polls beside its sockets: the owner sends it
+within milliseconds while it waits in ``get`` / ``run`` (or at its next ``get`` when it is busy
+in user code). Ending a task twice raises :class:`ConfigError`; two ends racing on two threads
+send exactly one answer (the other is dropped and counted): no answer is lost or sent twice.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -33,6 +43,9 @@ from .queue import role_for
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 256  #: answers buffered per producer before a flush even mid-batch
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
+FLUSH_DELAY_S = 0.002  #: most time an answer waits in the owner's buffer while tasks are handed out
 
 
 class TaskTerminated(Exception):
@@ -57,7 +70,14 @@ class _Conn:
 
 class Task:
     """One delivery of a task. End it exactly once with :meth:`ack`, :meth:`nack` or
-    :meth:`term`; :meth:`in_progress` may be called any number of times before."""
+    :meth:`term`; :meth:`in_progress` may be called any number of times before.
+
+    Thread-safe: any thread may end the task (e.g. a thread pool the handler hands it to); the
+    answer is sent by the worker's owner thread, which a wake-up pipe rouses at once. Ending
+    it a second time raises :class:`ConfigError`; when the owner and another thread end it at
+    the same instant, exactly one answer is sent and the other is dropped and counted
+    (``duplicate_answers`` in :meth:`Worker.stats`). After the worker closed, an answer is
+    dropped (the producer redelivers the task)."""
 
     __slots__ = ("_conn", "_done", "_worker", "delivery", "id", "key", "payload", "trace")
 
@@ -70,16 +90,29 @@ class Task:
         self.payload = d.payload
         #: ``(traceparent, correlationid, causationid)`` where the task was pushed, or None.
         self.trace = d.trace
-        self._done = False
+        # 0: not ended; 1: ended on the owner thread (answered inline); 2: ended on another
+        # thread (handed to the owner). Only the owner writes 1, others write 2 under a lock:
+        # if both race, the owner's 1 wins and the handed answer is dropped when drained, so
+        # exactly one answer is sent, with no lock and no allocation on the owner's hot path.
+        self._done = 0
 
     def __repr__(self) -> str:
         return f"Task(id={self.id}, delivery={self.delivery}, {len(self.payload)} bytes)"
 
-    def _end(self) -> None:
-        if self._done:
-            raise ConfigError(f"task {self.id} was already ended")
-        self._done = True
-        self._worker._inflight -= 1
+    def _end(self) -> bool:
+        """Mark ended; True on the owner thread (answer inline), False elsewhere (hand over)."""
+        w = self._worker
+        if _get_ident() == w._owner:
+            if self._done:
+                raise ConfigError(f"task {self.id} was already ended")
+            self._done = 1
+            w._inflight -= 1
+            return True
+        with w._answers_lock:
+            if self._done:
+                raise ConfigError(f"task {self.id} was already ended")
+            self._done = 2
+        return False
 
     def ack(self) -> None:
         """Done: the producer forgets the task.
@@ -87,11 +120,21 @@ class Task:
         Raises:
             ConfigError: the task was already ended.
         """
-        self._end()
+        w = self._worker
+        if _get_ident() != w._owner:
+            if not self._end():
+                w._hand_over(self, fr.ACK, None)
+            return
+        # (the owner's _end inlined: this is the per-task hot path)
+        if self._done:
+            raise ConfigError(f"task {self.id} was already ended")
+        self._done = 1
+        w._inflight -= 1
         c = self._conn
-        c.acks.append(self.id)
-        if len(c.acks) >= _FLUSH_AT:
-            self._worker._flush_conn(c)
+        acks = c.acks
+        acks.append(self.id)
+        if len(acks) >= _FLUSH_AT:
+            w._flush_conn(c)
 
     def nack(self, delay: float | None = None, *, error: BaseException | None = None) -> None:
         """Failed: retry after ``delay`` seconds (None: the producer's backoff).
@@ -105,8 +148,12 @@ class Task:
         """
         if delay is not None and not delay >= 0:
             raise ConfigError(f"delay must be >= 0, got {delay}")
-        self._end()
-        self._conn.fails.append(fr.Failure(self.id, delay, "", *_error_facts(error)))
+        f = fr.Failure(self.id, delay, "", *_error_facts(error))
+        if not self._end():
+            self._worker._hand_over(self, fr.NACK, f)
+            return
+        self._conn.fails.append(f)
+        self._worker._buffered(self._conn, len(self._conn.fails))
 
     def term(self, reason: str = "", *, error: BaseException | None = None) -> None:
         """Never retry: the task goes straight to the DLQ with ``reason``.
@@ -114,14 +161,41 @@ class Task:
         Raises:
             ConfigError: the task was already ended.
         """
-        self._end()
-        self._conn.terms.append(fr.Failure(self.id, None, reason, *_error_facts(error)))
+        f = fr.Failure(self.id, None, reason, *_error_facts(error))
+        if not self._end():
+            self._worker._hand_over(self, fr.TERM, f)
+            return
+        self._conn.terms.append(f)
+        self._worker._buffered(self._conn, len(self._conn.terms))
 
     def in_progress(self) -> None:
-        """Still working: push the ack deadline forward by one ack wait (sent at once)."""
+        """Still working: push the ack deadline forward by one ack wait (sent at once from
+        the owner thread; from another thread, as soon as the owner wakes)."""
         if self._done:
             raise ConfigError(f"task {self.id} was already ended")
-        self._worker._send(self._conn, fr.encode_ids(fr.IN_PROGRESS, [self.id]))
+        w = self._worker
+        if threading.get_ident() != w._owner:
+            w._hand_over(self, fr.IN_PROGRESS, None)
+            return
+        w._send(self._conn, fr.encode_ids(fr.IN_PROGRESS, [self.id]))
+
+
+def _end_from_future(task: Task, fut: concurrent.futures.Future[Any]) -> None:
+    # Runs on the pool's thread (or the owner's, if already done): a cross-thread answer.
+    if task._done:
+        return
+    exc = None if fut.cancelled() else fut.exception()
+    try:
+        if fut.cancelled():
+            task.nack()
+        elif exc is None:
+            task.ack()
+        elif isinstance(exc, TaskTerminated):
+            task.term(exc.reason, error=exc)
+        else:
+            task.nack(error=exc)
+    except ConfigError:
+        pass  # the work ended it meanwhile
 
 
 def _error_facts(error: BaseException | None) -> tuple[str | None, str | None, str | None]:
@@ -136,6 +210,11 @@ class Worker:
 
     ``for task in worker:`` yields :class:`Task` objects (blocking); or :meth:`run` a handler
     (an exception is a NACK with the error kept; :class:`TaskTerminated` is a TERM).
+
+    Threads: the first thread to ``get`` / iterate / ``run`` owns the worker (others get
+    :class:`WrongThread` there); tasks may be ended from any thread. Answers leave within
+    :data:`FLUSH_DELAY_S` of the previous send (at the next ``get``) or before the worker
+    waits; answers from other threads wake the owner through a pipe (see the module notes).
 
     Args:
         node: the node to run on.
@@ -167,7 +246,19 @@ class Worker:
         self._events: list[PeerEvent] = []
         self._last_ready = 0.0
         self._poller = zmq.Poller()
+        # Answers given on other threads: (task, command, failure) handed to the owner, which
+        # polls the read end of the pipe beside its sockets (one byte per batch).
+        self._answers_lock = threading.Lock()
+        self._xq: collections.deque[tuple[Task, int, fr.Failure | None]] = collections.deque()
+        self._woken = False
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._pipe_open = True
+        self._poller.register(self._rfd, zmq.POLLIN)
+        self._last_flush = 0.0
         self.bad_frames = 0
+        self.duplicate_answers = 0  # a racing second end of a task, dropped (one answer sent)
         self.bytes_in = self.bytes_out = 0  # data-socket bytes
         self._handler: Callable[[Task], object] | None = None
         self._unsub = node.on_peer(self._on_peer)
@@ -187,7 +278,55 @@ class Worker:
         elif self._owner != me:
             raise WrongThread(f"worker of {self.queue!r} is owned by another thread")
         if self._closed:
+            self._close_pipe()
             raise ClosedError(f"worker of {self.queue!r} is closed")
+
+    def _buffered(self, c: _Conn, n: int) -> None:
+        if n >= _FLUSH_AT:
+            self._flush_conn(c)
+
+    def _hand_over(self, task: Task, cmd: int, failure: fr.Failure | None) -> None:
+        # Any thread but the owner: queue the answer and wake the owner (one byte per batch).
+        self._xq.append((task, cmd, failure))
+        with self._answers_lock:
+            if self._woken or not self._pipe_open:
+                return
+            self._woken = True
+            try:
+                os.write(self._wfd, b"x")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the owner is being woken already
+
+    def _drain_answers(self) -> None:
+        """Owner thread: take the answers other threads gave into the send buffers."""
+        with self._answers_lock:
+            self._woken = False
+            try:
+                os.read(self._rfd, 4096)
+            except (BlockingIOError, OSError):
+                pass
+        xq = self._xq
+        while xq:
+            task, cmd, f = xq.popleft()
+            if cmd != fr.IN_PROGRESS:
+                if task._done != 2:
+                    # The owner ended it too, at the same moment: its answer already counts.
+                    self.duplicate_answers += 1
+                    continue
+                self._inflight -= 1
+            c = task._conn
+            if self._conns.get(c.node_id) is not c:
+                continue  # that producer is gone: it redelivers the task anyway
+            if cmd == fr.ACK:
+                c.acks.append(task.id)
+            elif cmd == fr.NACK:
+                assert f is not None
+                c.fails.append(f)
+            elif cmd == fr.TERM:
+                assert f is not None
+                c.terms.append(f)
+            else:
+                self._send(c, fr.encode_ids(fr.IN_PROGRESS, [task.id]))
 
     def _candidates(self) -> list[PeerInfo]:
         peers = list(self.node.who_offers("queue", self.queue))
@@ -281,14 +420,22 @@ class Worker:
             c.terms = []
 
     def flush(self) -> None:
-        """Send buffered answers now (done automatically before waiting for work)."""
+        """Send buffered answers now (done automatically: before waiting for work, and at a
+        ``get`` once :data:`FLUSH_DELAY_S` passed since the last flush). Owner thread only."""
+        if self._xq:
+            self._drain_answers()
         for c in self._conns.values():
             self._flush_conn(c)
+        self._last_flush = _monotonic()
 
     def _receive(self, timeout: float) -> None:
         events = dict(self._poller.poll(int(timeout * 1000)))
+        if self._rfd in events:
+            self.flush()  # answers from other threads: out at once
         by_sock = {id(c.sock): c for c in self._conns.values()}
         for sock in events:
+            if type(sock) is int:
+                continue
             c = by_sock.get(id(sock))
             if c is None:
                 continue
@@ -321,6 +468,10 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._local:
+                # Bounded delay: an answer never waits for the local buffer to empty (a
+                # flush with nothing buffered costs next to nothing, once per FLUSH_DELAY_S).
+                if _monotonic() - self._last_flush >= FLUSH_DELAY_S:
+                    self.flush()
                 return self._local.popleft()
             self.flush()
             now = time.monotonic()
@@ -342,6 +493,7 @@ class Worker:
                 continue
             self._receive(wait)
             if self._closed:
+                self._close_pipe()
                 raise ClosedError(f"worker of {self.queue!r} is closed")
 
     def __iter__(self) -> Iterator[Task]:
@@ -354,6 +506,10 @@ class Worker:
         """Run ``handler`` on ``task``: return = ACK, :class:`TaskTerminated` = TERM, any
         other exception = NACK with the error kept (type, message, traceback).
 
+        A handler that hands the task to a thread pool returns the pool's
+        :class:`concurrent.futures.Future`: the task then ends when the future does (its
+        result = ACK, its exception = TERM or NACK as above), unless the work ended it first.
+
         The handler runs in the trace context of the code that pushed the task (same trace
         id, correlation id and causation id), or in a new trace when the push was made outside
         any handler, so what it publishes or requests is correlated to the pusher's work."""
@@ -361,7 +517,7 @@ class Worker:
         failed = False
         try:
             with consuming(ctx=self._context_of(task), kind="process"):
-                handler(task)
+                result = handler(task)
         except TaskTerminated as exc:
             failed = True
             if not task._done:
@@ -374,8 +530,14 @@ class Worker:
             return
         finally:
             self._processing.observe(started, failed)
+        if isinstance(result, concurrent.futures.Future):
+            result.add_done_callback(lambda fut: _end_from_future(task, fut))
+            return
         if not task._done:
-            task.ack()
+            try:
+                task.ack()
+            except ConfigError:
+                pass  # ended meanwhile on another thread the handler gave it to
 
     def _context_of(self, task: Task) -> TraceContext:
         tr = task.trace
@@ -420,15 +582,19 @@ class Worker:
                 break
         if not self._closed:
             self.flush()
+        else:
+            self._close_pipe()
         return n
 
     def stats(self) -> dict[str, int]:
-        """Local buffer, un-ended tasks held, producers connected, malformed frames."""
+        """Local buffer, un-ended tasks held, producers connected, malformed frames, and
+        answers dropped because another thread ended the same task at the same moment."""
         return {
             "buffered": len(self._local),
             "held": self._inflight,
             "producers": len(self._conns),
             "malformed_frames": self.bad_frames,
+            "duplicate_answers": self.duplicate_answers,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
@@ -441,6 +607,8 @@ class Worker:
         self._unmetrics()
         me = threading.get_ident()
         if self._owner in (None, me):
+            if self._xq:
+                self._drain_answers()
             for c in self._conns.values():
                 try:
                     self._flush_conn(c)
@@ -451,6 +619,24 @@ class Worker:
         self._closed = True
         self._conns.clear()
         self._local.clear()
+        if self._owner in (None, me):
+            self._close_pipe()
+        else:
+            # The owner may be polling the pipe: wake it (it raises ClosedError at once) and
+            # let it close the pipe, never close an fd under another thread's poll.
+            with self._answers_lock:
+                if self._pipe_open:
+                    try:
+                        os.write(self._wfd, b"q")
+                    except OSError:
+                        pass
+
+    def _close_pipe(self) -> None:
+        with self._answers_lock:
+            if self._pipe_open:
+                self._pipe_open = False
+                os.close(self._rfd)
+                os.close(self._wfd)
 
     def __enter__(self) -> Worker:
         return self

@@ -208,6 +208,11 @@ class _PubHub:
     def close(self) -> None:
         self.timer.cancel()
         self._unpeer()
+        # The next hub binds new endpoints: stop announcing these so subscribers move there.
+        try:
+            self.node.unbind("pub", self.endpoints)
+        except MeshError:
+            pass
         with self.lock:
             self.sock.close(linger=0)
 

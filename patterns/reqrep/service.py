@@ -308,6 +308,7 @@ class Service:
         self._unmetrics()
         try:
             self.node.withdraw("service", self.name)
+            self.node.unbind(service_role(self.name), self.endpoints)
         except MeshError:
             pass
         for _ in self._workers:

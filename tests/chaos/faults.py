@@ -51,11 +51,11 @@ import zmq
 
 #: Which fault kinds make sense for which role kinds (roles with a log for the disk faults).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "kill": ("pub", "sub", "producer", "worker", "resp", "client"),
-    "stop": ("pub", "sub", "producer", "worker", "resp"),
-    "stall": ("pub", "sub", "producer", "worker", "resp", "client"),
-    "cut": ("pub", "sub", "producer", "worker", "resp", "client"),
-    "partition": ("pub", "sub", "producer", "worker", "resp", "client"),
+    "kill": ("pub", "sub", "producer", "worker", "poolworker", "resp", "client"),
+    "stop": ("pub", "sub", "producer", "worker", "poolworker", "resp"),
+    "stall": ("pub", "sub", "producer", "worker", "poolworker", "resp", "client"),
+    "cut": ("pub", "sub", "producer", "worker", "poolworker", "resp", "client"),
+    "partition": ("pub", "sub", "producer", "worker", "poolworker", "resp", "client"),
     "disk_full": ("pub", "producer"),
     "torn_tail": ("pub", "producer"),
     "lost_tail": ("pub",),

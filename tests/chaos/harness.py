@@ -3,7 +3,8 @@ samples every process's file descriptors and RSS, and drains the mesh for the ch
 
 Roles: ``hub`` (the seed every node dials, through its own proxy, never faulted), ``pub0``
 ``pub1`` (durable publishers), ``sub0`` ``sub1`` (durable subscribers of both streams),
-``producer`` + ``worker0..2`` (a work queue), ``resp0`` ``resp1`` + ``client`` (a service).
+``producer`` + ``worker0`` ``worker1`` + ``poolworker2`` (a work queue; ``poolworker2``
+answers every task from a thread pool), ``resp0`` ``resp1`` + ``client`` (a service).
 
 Network: where namespaces work (root, ``ip netns``), every role but the hub runs in its own
 namespace on a port of a bridge in the root namespace (:class:`tests.netns.HostBridge`): the
@@ -34,7 +35,9 @@ from tests.tcp_proxy import Proxy
 from tests.util import poll_until
 
 REPO = str(Path(__file__).resolve().parents[2])
-ROLES = ["pub0", "pub1", "sub0", "sub1", "producer", "worker0", "worker1", "worker2",
+# poolworker2 takes the third worker's place (same position, same fault targets): a seed's
+# schedule is unchanged, its faults on the third worker now hit the thread-pool worker.
+ROLES = ["pub0", "pub1", "sub0", "sub1", "producer", "worker0", "worker1", "poolworker2",
          "resp0", "resp1", "client"]
 
 
@@ -203,7 +206,7 @@ class Harness:
         def has(role: str, ev: str) -> bool:
             return any(e["ev"] == ev for e in self.out(role))
         return (has("sub0", "got") and has("sub1", "got") and has("client", "ok")
-                and any(has(f"worker{i}", "exec") for i in range(3)))
+                and any(has(r, "exec") for r in ("worker0", "worker1", "poolworker2")))
 
     def endpoints(self) -> list[str]:
         eps: set[str] = set()

@@ -163,7 +163,7 @@ def check_pipeline(run_dir: Path, rep: Report) -> None:
             fails.update(e["fail"])
     execs: Counter[int] = Counter()
     for role in ROLES:
-        if role.startswith("worker"):
+        if role.startswith(("worker", "poolworker")):
             execs.update(e["id"] for e in _lines(run_dir, role) if e["ev"] == "exec")
     drained = [e for e in prod if e["ev"] == "drained"]
     rep.facts["tasks_pushed"] = len(pushed)

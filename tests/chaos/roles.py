@@ -231,6 +231,31 @@ def worker(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             final(out, nd, stats=w.stats())
 
 
+def pool_worker(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    """A worker whose handler hands each task to a ThreadPoolExecutor: every answer (ack,
+    nack) is given on a pool thread, never on the thread that owns the worker's sockets."""
+    import concurrent.futures
+
+    from patterns.pipeline import Task, Worker
+
+    def work(task: Task) -> None:
+        if task.payload.startswith(b"fail"):
+            task.nack(error=ValueError(f"task {task.id} always fails"))
+            return
+        out(ev="exec", id=task.id)  # before the ack, as in worker()
+        task.ack()
+
+    with make_node(run_dir, role, cfg) as nd, \
+            concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="chaos-pool") as pool:
+        report_node(out, nd)
+        with Worker(nd, QUEUE, credit=10) as w:
+            while not phase(run_dir, "stop"):
+                task = w.get(timeout=0.1)
+                if task is not None:
+                    pool.submit(work, task)
+            final(out, nd, stats=w.stats())
+
+
 def responder(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
     from patterns.reqrep import Incoming, Service
 
@@ -268,7 +293,7 @@ def client(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
 
 
 ROLES = {"hub": hub, "pub": publisher, "sub": subscriber, "producer": producer,
-         "worker": worker, "resp": responder, "client": client}
+         "worker": worker, "poolworker": pool_worker, "resp": responder, "client": client}
 
 
 def kind_of(role: str) -> str:
