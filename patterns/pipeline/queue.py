@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from mesh.errors import ClosedError, ConfigError, LogFull, MeshTimeout, ProtocolError
+from mesh.errors import ClosedError, ConfigError, LogError, LogFull, MeshTimeout, ProtocolError
 from mesh.log import FsyncPolicy, Log
 from mesh.peers import PeerEvent, PeerEventKind
 from mesh.tracing import current
@@ -592,7 +592,7 @@ class WorkQueue:
             self._unwritten.append((lg, recs))
             return False
         try:
-            lg.append_many(recs)
+            self._append(lg, recs)
             if lg is self._store.journal:
                 self._store.journal_bytes += sum(map(len, recs))
             return True
@@ -615,11 +615,22 @@ class WorkQueue:
             self._store.journal_bytes = 0  # try again after as many bytes more
             log.warning("queue %s: disk full: journal compaction postponed", self.name)
 
+    def _append(self, lg: Log, recs: list[bytes]) -> None:
+        lg.append_many(recs)
+        if lg is self._dlq_log:
+            # A dead letter is fsynced before the journal's X says its task ended: the two
+            # logs are fsynced apart, and a power cut that kept the X but not the DLQ record
+            # would lose the task without a trace. Dead letters are rare: one fsync each batch.
+            try:
+                lg.flush(sync=True)
+            except LogError as exc:  # written, only not yet known durable: keep serving
+                log.warning("queue %s: fsync of the DLQ failed: %s", self.name, exc)
+
     def _retry_unwritten(self, now: float) -> None:
         while self._unwritten:
             lg, recs = self._unwritten[0]
             try:
-                lg.append_many(recs)
+                self._append(lg, recs)
             except LogFull:
                 self._full_backoff = min(self._full_backoff * 2, _FULL_RETRY_MAX)
                 self._full_retry_at = now + self._full_backoff

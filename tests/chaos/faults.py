@@ -18,11 +18,13 @@ Kinds (``Fault.kind``):
 * ``torn_tail``: SIGKILL the role, append a torn half-batch of garbage to the newest segment
   of each of its logs (what a crash mid-write leaves), restart it.
 * ``lost_tail``: a power cut under the default fsync policy: SIGKILL the role, then cut the
-  newest segment of each of its stream logs back to the start of one of its last three
-  batches (records the publisher acknowledged, written but not yet fsynced), restart it. The
-  harness writes ``{"ev": "lost_tail", "stream", "from"}`` into the role's output, so the
-  checker knows which acknowledged seqs the cut took and that their seqs are reused under a
-  new writer epoch; subscribers must report a ``StreamReset`` wherever they had passed them.
+  newest segment of each of its logs back to the start of one of its last three batches
+  (records acknowledged, written but not yet fsynced), each log at its own point, restart it.
+  A publisher's stream logs, or a producer's ``.tasks`` and ``.journal`` (fsynced by separate
+  flushers, so cut apart). The harness writes ``{"ev": "lost_tail", "stream", "from"}`` into
+  the role's output, so the checker knows which acknowledged seqs (task ids) the cut took and
+  that they are reused under a new writer epoch: subscribers must report a ``StreamReset``
+  wherever they had passed them, and no journal fact of a lost task may apply to a new one.
 * ``clock_jump``: restart the role with its wall clock a year ahead (``CHAOS_CLOCK_SKEW_S``:
   ``time.time``/``time.time_ns`` patched in the role), for ``duration`` s, then restart it
   with the real clock: what it logged meanwhile carries far-future timestamps, and the
@@ -58,7 +60,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "partition": ("pub", "sub", "producer", "worker", "poolworker", "resp", "client"),
     "disk_full": ("pub", "producer"),
     "torn_tail": ("pub", "producer"),
-    "lost_tail": ("pub",),
+    "lost_tail": ("pub", "producer"),
     "clock_jump": ("pub",),
     "flood": ("*",),
     "wrong_key": ("*",),
@@ -139,15 +141,21 @@ def tear_tail(data_dir: str, rng: random.Random) -> list[str]:
 CLOCK_JUMP_S = 365 * 24 * 3600
 
 
+def top_is_queue(log_dir: str) -> bool:
+    return os.path.basename(os.path.dirname(os.path.dirname(log_dir))) == "queues"
+
+
 def lose_tail(data_dir: str, rng: random.Random) -> list[tuple[str, int]]:
-    """Cut the newest segment of every stream log under ``data_dir`` back to the start of
-    one of its last three batches (a power cut took what was not fsynced); return
-    ``(stream, first lost offset)`` per log cut."""
+    """Cut the newest segment of every stream and queue log under ``data_dir`` back to the
+    start of one of its last three batches (a power cut took what was not fsynced); return
+    ``(log name, first lost offset)`` per log cut."""
     from mesh.log import format as fmt
     cuts = []
-    streams = os.path.join(data_dir, "streams")
-    for name in sorted(os.listdir(streams)) if os.path.isdir(streams) else []:
-        d = os.path.join(streams, name)
+    dirs = [os.path.join(data_dir, "streams"), os.path.join(data_dir, "queues", "streams")]
+    for name, d in [(n, os.path.join(top, n)) for top in dirs if os.path.isdir(top)
+                    for n in sorted(os.listdir(top))]:
+        if top_is_queue(d) and not (name.endswith(".tasks") or ".journal" in name):
+            continue  # the DLQ logs are fsynced at every write: a power cut keeps them
         segs = sorted(f for f in os.listdir(d) if f.endswith(".log"))
         if not segs:
             continue

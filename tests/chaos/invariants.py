@@ -154,19 +154,29 @@ def check_clock(run_dir: Path, rep: Report) -> None:
 
 
 def check_pipeline(run_dir: Path, rep: Report) -> None:
+    """Every task pushed and still in the task log is acked (executed) or, for the always
+    failing ones, dead-lettered; tasks are known by payload (unique per producer
+    incarnation), because a ``lost_tail`` fault (a power cut of ``.tasks``) hands their ids
+    out again to new tasks."""
     prod = _lines(run_dir, "producer")
-    pushed: set[int] = set()
-    fails: set[int] = set()
+    owed: dict[int, str] = {}  # task id -> payload, for the task log's current lineage
+    lost = 0
     for e in prod:
         if e["ev"] == "pushed":
-            pushed.update(range(e["first"], e["first"] + e["n"]))
-            fails.update(e["fail"])
-    execs: Counter[int] = Counter()
+            for k, p in enumerate(e.get("ps") or []):
+                owed[e["first"] + k] = p
+        elif e["ev"] == "lost_tail" and e["stream"].endswith(".tasks"):
+            gone = [t for t in owed if t >= e["from"]]
+            lost += len(gone)
+            for t in gone:
+                del owed[t]
+    execs: Counter[str] = Counter()
     for role in ROLES:
         if role.startswith(("worker", "poolworker")):
-            execs.update(e["id"] for e in _lines(run_dir, role) if e["ev"] == "exec")
+            execs.update(e["p"] for e in _lines(run_dir, role) if e["ev"] == "exec")
     drained = [e for e in prod if e["ev"] == "drained"]
-    rep.facts["tasks_pushed"] = len(pushed)
+    rep.facts["tasks_pushed"] = len(owed)
+    rep.facts["tasks_lost_by_power_cuts"] = lost
     rep.facts["tasks_executed_more_than_once"] = sum(1 for n in execs.values() if n > 1)
     if not drained:
         rep.violations.append("producer never reported its drained state")
@@ -174,21 +184,22 @@ def check_pipeline(run_dir: Path, rep: Report) -> None:
     last = drained[-1]
     if not last["idle"]:
         rep.violations.append(f"work queue not idle at the end: {last['stats']}")
-    dlq = {d["task"]: d for d in last["dlq"]}
+    dlq = {d["p"]: d for d in last["dlq"]}
     rep.facts["dlq_entries"] = len(dlq)
-    for tid in sorted(pushed):
-        if tid in fails:
-            if tid in execs:
-                rep.violations.append(f"task {tid} always fails but was executed")
-            if tid not in dlq:
-                rep.violations.append(f"failing task {tid} is not in the DLQ")
-        elif tid not in execs and tid not in dlq:
-            rep.violations.append(f"task {tid} was pushed but neither acked nor dead-lettered")
-    for tid, d in dlq.items():
+    for tid, p in sorted(owed.items()):
+        if p.startswith("fail"):
+            if p in execs:
+                rep.violations.append(f"task {tid} ({p}) always fails but was executed")
+            if p not in dlq:
+                rep.violations.append(f"failing task {tid} ({p}) is not in the DLQ")
+        elif p not in execs and p not in dlq:
+            rep.violations.append(f"task {tid} ({p}) was pushed but neither acked nor "
+                                  "dead-lettered")
+    for p, d in dlq.items():
         if not d["history"] or d["deliveries"] < 1:
-            rep.violations.append(f"DLQ entry of task {tid} has no delivery history: {d}")
-        if tid not in fails:
-            rep.facts.setdefault("ok_tasks_dead_lettered", []).append(tid)
+            rep.violations.append(f"DLQ entry of task {d['task']} has no delivery history: {d}")
+        if not p.startswith("fail"):
+            rep.facts.setdefault("ok_tasks_dead_lettered", []).append(d["task"])
     if last["stats"].get("unacked", 0) != 0:
         rep.violations.append(f"queue still owes {last['stats'].get('unacked')} tasks")
 

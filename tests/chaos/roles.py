@@ -188,15 +188,16 @@ def producer(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             rate = cfg["push_rate"]
             while not phase(run_dir, "quiesce"):
                 # One task in 25 always fails: it must end in the DLQ with its history.
-                payloads = [(b"fail-" if (i + k) % 25 == 7 else b"ok-") + str(i + k).encode()
-                            for k in range(5)]
+                # Unique across incarnations (the pid): after a lost tail, ids are reused.
+                payloads = [(b"fail-" if (i + k) % 25 == 7 else b"ok-")
+                            + f"{out.pid}-{i + k}".encode() for k in range(5)]
                 try:
                     ids = q.push_many(payloads)
                 except LogError as exc:
                     out(ev="push_failed", error=type(exc).__name__)
                     pace(run_dir, 0.1)  # back off while the disk is full
                     continue
-                out(ev="pushed", first=ids.start, n=len(ids),
+                out(ev="pushed", first=ids.start, n=len(ids), ps=[p.decode() for p in payloads],
                     fail=[ids.start + k for k, p in enumerate(payloads) if p.startswith(b"fail")])
                 i += 5
                 pace(run_dir, 5 / rate)
@@ -206,7 +207,7 @@ def producer(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             except MeshError:
                 idle = False
             dead = [{"task": e.task_id, "deliveries": e.deliveries, "history": len(e.history),
-                     "reason": e.reason} for e in q.dlq.list()]
+                     "reason": e.reason, "p": e.payload.decode()} for e in q.dlq.list()]
             out(ev="drained", idle=idle, stats=q.stats(), dlq=dead)
             until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
             final(out, nd, stats=q.stats())
@@ -226,7 +227,7 @@ def worker(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
                     continue
                 # Recorded before the ack: a kill between the two redelivers (a second line),
                 # never loses the record of an acknowledged task.
-                out(ev="exec", id=task.id)
+                out(ev="exec", id=task.id, p=task.payload.decode())
                 task.ack()
             final(out, nd, stats=w.stats())
 
@@ -242,7 +243,7 @@ def pool_worker(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
         if task.payload.startswith(b"fail"):
             task.nack(error=ValueError(f"task {task.id} always fails"))
             return
-        out(ev="exec", id=task.id)  # before the ack, as in worker()
+        out(ev="exec", id=task.id, p=task.payload.decode())  # before the ack, as in worker()
         task.ack()
 
     with make_node(run_dir, role, cfg) as nd, \
