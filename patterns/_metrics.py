@@ -178,6 +178,16 @@ def queue_collector(q: Any) -> Callable[[Collect], None]:
             cache.key = key
         out.gauge("dlq_events_pending", cache.value,
                   "Dead letters neither redriven nor discarded.", queue=name)
+        out.gauge("queue_disk_full", int(bool(s.get("disk_full"))),
+                  "1 while a full disk holds the queue's journal writes (dispatch paused).",
+                  queue=name)
+        out.counter("queue_disk_full_events_total", s.get("disk_full_events", 0),
+                    "Times a full disk paused the queue.", queue=name)
+        out.gauge("queue_lost_tasks", s.get("lost_tasks", 0),
+                  "Task ids the journal knew that the task log lost (last recovery).",
+                  queue=name)
+        out.counter("queue_worker_disconnects_total", s.get("disconnects", 0),
+                    "Workers removed because their connection ended.", queue=name)
         lab = {"pattern": "pipeline", "side": "queue", "queue": name}
         out.counter("data_bytes_in_total", s.get("bytes_in", 0),
                     "Bytes received on the patterns' data sockets.", **lab)

@@ -77,6 +77,9 @@ def test_endpoint_serves_the_issue_metrics_in_text_format(node_pair: tuple[Node,
     assert _value(sb, "event_processing_errors_total", kind="pipeline", name=queue) == 1
     assert _value(sa, "dlq_events_total", queue=queue) == 1
     assert _value(sa, "dlq_events_pending", queue=queue) == 1
+    assert _value(sa, "queue_disk_full", queue=queue) == 0
+    assert _value(sa, "queue_lost_tasks", queue=queue) == 0
+    assert _value(sa, "queue_worker_disconnects_total", queue=queue) >= 0
     assert _value(sb, "consumer_lag", stream=topic, consumer="agg", side="subscriber") == 0
     assert _value(sa, "peers", state="joined") == 1
     assert _value(sa, "control_bytes_in_total") > 0 and _value(sa, "control_bytes_out_total") > 0
