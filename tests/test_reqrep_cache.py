@@ -26,6 +26,7 @@ from patterns.reqrep import (
     Service,
     ServiceConfig,
 )
+from patterns.reqrep.cache import Lookup, ReplyCache
 from tests.util import REPO, unique, wait_until
 
 PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6)
@@ -266,3 +267,56 @@ def test_no_linux_only_call_outside_a_guarded_path() -> None:
                         _GUARD.search(prev) for prev in src[max(0, i - 6):i + 1]):
                     bad.append(f"{path.relative_to(REPO)}:{i + 1}: {line.strip()}")
     assert not bad, "Linux-only calls outside a guarded path:\n" + "\n".join(bad)
+
+
+def test_cache_unit_conflict_and_byte_accounting() -> None:
+    now = [0.0]
+    cache: ReplyCache[str, str] = ReplyCache(10.0, 100, lambda: now[0], max_bytes=100)
+    assert cache.begin(("a", "1"), "w1", b"d1") == (Lookup.NEW, None)
+    assert cache.begin(("a", "1"), "w2", b"d2") == (Lookup.CONFLICT, None)  # while running
+    assert cache.begin(("b", "1"), "w3", b"d2") == (Lookup.NEW, None)  # another caller
+    assert cache.finish(("a", "1"), "A", size=60) == ["w1"]
+    assert cache.begin(("a", "1"), "w1", b"d2") == (Lookup.CONFLICT, None)  # once finished
+    assert cache.begin(("a", "1"), "w1", b"d1") == (Lookup.CACHED, "A")
+    cache.finish(("b", "1"), "B", size=60)  # 120 > 100: the oldest goes
+    assert cache.bytes == 60 and cache.state(("a", "1")) is None
+    assert cache.conflicts == 2
+    now[0] = 11.0
+    cache.expire()
+    assert cache.bytes == 0 and len(cache) == 0
+
+
+def test_iterator_style_skips_a_request_that_expired_in_its_queue(
+        mesh3: tuple[Node, Node, Node]) -> None:
+    hub, a, _ = mesh3
+    name = unique("svc")
+    svc = Service(hub, name, concurrency=1)
+    seen: list[Any] = []
+    got = threading.Event()
+
+    def serve() -> None:
+        for req in svc.requests(timeout=10):
+            seen.append(req.payload)
+            got.set()
+            if req.payload == "slow":
+                wait_until(lambda: late_done.is_set(), 10, what="late call timed out")
+            req.reply(req.payload)
+
+    late_done = threading.Event()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        _offered(a, name)
+        with Client(a) as ca:
+            slow = threading.Thread(target=lambda: ca.request(name, "slow", timeout=10))
+            slow.start()
+            got.wait(5)
+            with pytest.raises(RequestTimeout):
+                ca.request(name, "late", timeout=0.4, request_id="it-late")
+            late_done.set()
+            slow.join(10)
+            wait_until(lambda: svc.stats().expired >= 1, 5, what="late request dropped")
+            assert seen == ["slow"]
+    finally:
+        svc.close()
+        t.join(5)
