@@ -6,7 +6,14 @@ from patterns.reqrep.aio import AsyncClient
 from patterns.reqrep.call import CallConfig
 from patterns.reqrep.client import Client, ClientConfig, ClientStats
 from patterns.reqrep.durable import DurableClient
-from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
+from patterns.reqrep.errors import (
+    NoResponders,
+    RemoteError,
+    ReplyNotCached,
+    RequestIdReused,
+    RequestTimeout,
+    ServiceBusy,
+)
 from patterns.reqrep.retry import Backoff
 from patterns.reqrep.service import Incoming, Service, ServiceConfig, ServiceStats
 
@@ -22,6 +29,8 @@ __all__ = [
     "Incoming",
     "NoResponders",
     "RemoteError",
+    "ReplyNotCached",
+    "RequestIdReused",
     "RequestTimeout",
     "Service",
     "ServiceBusy",

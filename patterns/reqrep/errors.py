@@ -9,7 +9,9 @@ They derive from :mod:`mesh.errors` so callers can catch the mesh-wide classes::
     │   └── PeerUnreachable
     │       └── NoResponders          nobody offered the service before the deadline
     ├── RemoteError                   the handler raised; carries its type and message
-    │   └── ServiceBusy               every responder refused for lack of capacity
+    │   ├── ServiceBusy               every responder refused for lack of capacity
+    │   ├── RequestIdReused           same caller, same request id, another payload: refused
+    │   └── ReplyNotCached            it ran once; its reply was too large to keep for a retry
     └── MeshTimeout (TimeoutError)
         └── RequestTimeout            responders exist but no reply came before the deadline
 """
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 from mesh.errors import MeshError, MeshTimeout, PeerUnreachable
 
-__all__ = ["NoResponders", "RemoteError", "RequestTimeout", "ServiceBusy"]
+__all__ = ["NoResponders", "RemoteError", "ReplyNotCached", "RequestIdReused", "RequestTimeout",
+           "ServiceBusy"]
 
 
 class NoResponders(PeerUnreachable):
@@ -66,6 +69,15 @@ class RemoteError(MeshError):
         responder: node id of the responder that ran the handler.
     """
 
+    def __new__(cls, type: str = "", message: str = "", **kw: str) -> RemoteError:
+        # A reserved error code of the responder (frames.ERR_*) becomes its own class, so
+        # ``RemoteError(reply.error_type, ...)`` raised by any client is already typed.
+        if cls is RemoteError:
+            sub = _CODED.get(type)
+            if sub is not None:
+                return super().__new__(sub)
+        return super().__new__(cls)
+
     def __init__(self, type: str, message: str, *, service: str = "", responder: str = "") -> None:
         super().__init__(f"{type}: {message}" + (f" (service {service!r})" if service else ""))
         self.type = type
@@ -76,3 +88,21 @@ class RemoteError(MeshError):
 
 class ServiceBusy(RemoteError):
     """Every responder tried refused the request because its queue was full."""
+
+
+class RequestIdReused(RemoteError):
+    """The responder already holds this request id from this caller with another payload.
+
+    Not run. Request ids must be unique per logical request; reuse one only to retry the very
+    same payload (then the stored reply comes back)."""
+
+
+class ReplyNotCached(RemoteError):
+    """The request ran once, but its reply was larger than the responder's per-entry cache
+    limit, so a retry cannot get it again; the request is not run a second time."""
+
+
+_CODED: dict[str, type[RemoteError]] = {
+    "zeromesh.RequestIdReused": RequestIdReused,
+    "zeromesh.ReplyNotCached": ReplyNotCached,
+}

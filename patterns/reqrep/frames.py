@@ -30,6 +30,8 @@ from mesh.errors import ProtocolError
 
 __all__ = [
     "COMPACT_MAX",
+    "ERR_ID_REUSED",
+    "ERR_NOT_CACHED",
     "SIGNATURE",
     "Command",
     "Format",
@@ -57,6 +59,15 @@ _MAX_HEADERS = 64
 COMPACT_MAX = 65536
 
 
+#: Reserved ``error_type`` values of an ERROR REPLY sent by the responder itself (no handler ran
+#: for this copy). Carried in the existing field so every ZRR/1 client reads them; the client
+#: raises the matching :class:`~patterns.reqrep.errors.RemoteError` subclass.
+#: The same caller sent the same request id with another payload: refused, never run.
+ERR_ID_REUSED = "zeromesh.RequestIdReused"
+#: The request ran once but its reply was too large to keep for retries: not run again.
+ERR_NOT_CACHED = "zeromesh.ReplyNotCached"
+
+
 class Command(enum.IntEnum):
     """Frame 1 of every message."""
 
@@ -79,7 +90,7 @@ class Status(enum.IntEnum):
     OK = 0  #: BODY is the handler's result
     ERROR = 1  #: the handler raised; META carries type and message
     BUSY = 2  #: refused, queue full: try another responder after a backoff
-    EXPIRED = 3  #: the request's deadline had already passed when it arrived
+    EXPIRED = 3  #: the request's deadline passed before it could start: it was never run
     UNKNOWN_SERVICE = 4  #: this responder does not offer that name
 
 
