@@ -74,7 +74,6 @@ class Balancer:
         view = self.responders.get(node_id)
         if view is not None:
             view.silent_until = self._clock() + self.silent_s
-            view.inflight = 0
 
     def is_silent(self, node_id: str) -> bool:
         """True while the responder is being skipped."""
@@ -88,7 +87,8 @@ class Balancer:
             view.inflight += 1
 
     def finished(self, node_id: str) -> None:
-        """A request sent to it completed, failed over or was given up."""
+        """A request sent to it ended: replied, failed over, timed out, cancelled or closed
+        (each call releases exactly once per send, see :meth:`Call.release`)."""
         view = self.responders.get(node_id)
         if view is not None and view.inflight > 0:
             view.inflight -= 1

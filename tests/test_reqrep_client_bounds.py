@@ -1,0 +1,64 @@
+"""Client-side bounds of request/reply (issue 16): the balancer's in-flight count, durable
+requests that outlast a round, and the durable client's pruning. Real nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from mesh.node import Node
+from patterns.reqrep import Client, Incoming, RequestTimeout, Service
+from tests.test_reqrep_real import ctrl, make_node, responders
+from tests.util import unique, wait_until
+
+
+def test_timed_out_calls_release_the_balancer_and_the_responder_is_used_again(
+        tmp_path: Path) -> None:
+    mesh, name = unique("m"), unique("svc")
+    hub = make_node(tmp_path / "hub", mesh)
+    a = make_node(tmp_path / "a", mesh, ctrl(hub))
+    gate = threading.Event()
+    served: list[str] = []
+
+    def slow(req: Incoming) -> object:
+        gate.wait(10)
+        served.append("a")
+        return "a"
+
+    def fast(req: Incoming) -> object:
+        served.append("b")
+        return "b"
+
+    svc_a = Service(a, name, slow, concurrency=4)
+    b: Node | None = None
+    svc_b: Service | None = None
+    client = Client(hub, heartbeat_s=0.05)
+    try:
+        responders(hub, name, 1)
+        for _ in range(4):  # A's whole capacity: old code left 4 in flight forever
+            with pytest.raises(RequestTimeout):
+                client.request(name, b"x", timeout=0.3)
+        bal = client.responders.balancers[name]
+        assert bal.responders[a.id].inflight == 0
+        gate.set()
+        wait_until(lambda: served.count("a") == 4, 10, what="A drained")
+        # a second responder with less capacity appears: the healthy A must still win
+        b = make_node(tmp_path / "b", mesh, ctrl(hub))
+        svc_b = Service(b, name, fast, concurrency=1)
+        responders(hub, name, 2)
+        wait_until(lambda: len(bal.responders) == 2, 10, what="client sees B")
+        served.clear()
+        assert client.request(name, b"y", timeout=5) == "a"
+        assert all(v.inflight == 0 for v in bal.responders.values())
+    finally:
+        gate.set()
+        client.close()
+        if svc_b is not None:
+            svc_b.close()
+        if b is not None:
+            b.close()
+        svc_a.close()
+        a.close()
+        hub.close()
