@@ -4,12 +4,14 @@ requests that outlast a round, and the durable client's pruning. Real nodes on 1
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mesh.node import Node
-from patterns.reqrep import Client, Incoming, RequestTimeout, Service
+from patterns.reqrep import Client, DurableClient, Incoming, RequestTimeout, Service
 from tests.test_reqrep_real import ctrl, make_node, responders
 from tests.util import unique, wait_until
 
@@ -44,6 +46,7 @@ def test_timed_out_calls_release_the_balancer_and_the_responder_is_used_again(
         assert bal.responders[a.id].inflight == 0
         gate.set()
         wait_until(lambda: served.count("a") == 4, 10, what="A drained")
+        assert client.request(name, b"w", timeout=5) == "a"  # hears A's free slots again
         # a second responder with less capacity appears: the healthy A must still win
         b = make_node(tmp_path / "b", mesh, ctrl(hub))
         svc_b = Service(b, name, fast, concurrency=1)
@@ -61,4 +64,36 @@ def test_timed_out_calls_release_the_balancer_and_the_responder_is_used_again(
             b.close()
         svc_a.close()
         a.close()
+        hub.close()
+
+
+def test_durable_request_longer_than_its_attempt_timeout_runs_once(tmp_path: Path) -> None:
+    mesh, name = unique("m"), unique("svc")
+    hub = make_node(tmp_path / "hub", mesh)
+    nodes = [make_node(tmp_path / n, mesh, ctrl(hub)) for n in ("a", "b")]
+    runs: dict[str, list[object]] = {"a": [], "b": []}
+    lock = threading.Lock()
+
+    def handler_of(who: str) -> Callable[[Incoming], object]:
+        def handler(req: Incoming) -> object:
+            with lock:
+                runs[who].append(req.payload)
+            time.sleep(1.0)  # longer than two rounds of attempt_timeout
+            return req.payload
+
+        return handler
+
+    svcs = [Service(n, name, handler_of(w)) for n, w in zip(nodes, ("a", "b"), strict=True)]
+    try:
+        responders(hub, name, 2)
+        with DurableClient(hub, attempt_timeout=0.4) as dc:
+            ids = [dc.submit(name, i) for i in range(3)]
+            assert [dc.result(rid, timeout=15) for rid in ids] == [0, 1, 2]
+        with lock:
+            assert sorted(runs["a"] + runs["b"]) == [0, 1, 2], runs  # each ran exactly once
+    finally:
+        for s in svcs:
+            s.close()
+        for n in nodes:
+            n.close()
         hub.close()

@@ -28,7 +28,8 @@ from mesh.log import FsyncPolicy, Log, LogConfig
 from mesh.state import StateStore
 from mesh.uuid7 import uuid7
 from patterns.reqrep import frames as fr
-from patterns.reqrep.client import Client
+from patterns.reqrep.call import Call
+from patterns.reqrep.client import Client, prepare_call
 from patterns.reqrep.errors import RemoteError, RequestTimeout
 from patterns.reqrep.retry import Backoff
 from patterns.reqrep.service import RawBody, decode_body, encode_body
@@ -62,6 +63,8 @@ class DurableClient:
         self._backoff = backoff or Backoff(0.05, 2.0)
         self._cond = threading.Condition()
         self._pending: dict[str, dict[str, Any]] = {}
+        # One call per request across rounds, so a responder that said RUNNING keeps it.
+        self._calls: dict[str, tuple[Call, fr.Request]] = {}
         self._closed = False
         self._recover()
         self._thread = threading.Thread(target=self._run, name="rpc-titanic", daemon=True)
@@ -150,9 +153,7 @@ class DurableClient:
                 if self._is_closed():
                     return
                 try:
-                    value = self._client.request(
-                        item["service"], RawBody(fr.Format(item["format"]), item["body"]), timeout=self._timeout,
-                        headers=item["headers"], request_id=item["id"])
+                    value = self._attempt(item)
                     outcome: list[Any] = [True, *encode_body(value)]
                     outcome[1] = int(outcome[1])
                 except RemoteError as exc:
@@ -160,6 +161,7 @@ class DurableClient:
                 except MeshError as exc:  # no responder / timeout / closed: retry later
                     log.debug("titanic: %s not answered yet: %s", item["id"], exc)
                     continue
+                self._calls.pop(item["id"], None)
                 self._state.put(_NS, item["id"], outcome)
                 progress = True
                 with self._cond:
@@ -169,6 +171,28 @@ class DurableClient:
             with self._cond:
                 if self._pending and not self._closed:
                     self._cond.wait(self._backoff.delay(round_))
+
+    def _attempt(self, item: dict[str, Any]) -> Any:
+        """One round of ``attempt_timeout`` seconds for ``item``. The first round builds its
+        call; later rounds reopen the same call (:meth:`Call.extend`), which stays with the
+        responder holding the request while that responder is present and not silent, so a
+        handler longer than a round runs once."""
+        c = self._client
+        rid = item["id"]
+        entry = self._calls.get(rid)
+        if entry is None:
+            entry = prepare_call(item["service"], RawBody(fr.Format(item["format"]), item["body"]),
+                                 self._timeout, item["headers"], None, None, rid,
+                                 config=c.config, call_config=c._call_cfg, now=c._clock(),
+                                 stats=c._stats)
+            self._calls[rid] = entry
+        else:
+            bal = c.responders.track(entry[0].service)
+            with c.responders.lock:
+                entry[0].extend(c._clock(), self._timeout, bal)
+        if c._closed:
+            raise ClosedError("durable client is closed")
+        return c._call(*entry)
 
     def _is_closed(self) -> bool:
         return self._closed
