@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh.errors import ConfigError
 from mesh.node import Node
 from patterns.reqrep import Client, DurableClient, Incoming, RequestTimeout, Service
 from tests.test_reqrep_real import ctrl, make_node, responders
@@ -96,4 +97,41 @@ def test_durable_request_longer_than_its_attempt_timeout_runs_once(tmp_path: Pat
             s.close()
         for n in nodes:
             n.close()
+        hub.close()
+
+
+def _log_bytes(node: Node) -> int:
+    d = Path(node.data_dir) / "reqrep" / "titanic"
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+
+
+def test_durable_outcomes_and_log_are_pruned_after_their_ttl(tmp_path: Path) -> None:
+    mesh, name = unique("m"), unique("svc")
+    hub = make_node(tmp_path / "hub", mesh)
+    srv = make_node(tmp_path / "srv", mesh, ctrl(hub))
+    svc = Service(srv, name, lambda req: len(req.payload))
+    body = b"x" * 8192
+    try:
+        responders(hub, name, 1)
+        with DurableClient(hub, outcome_ttl=0.5) as dc:
+            ids = [dc.submit(name, body) for _ in range(60)]  # ~500 KB: more than one segment
+            assert [dc.result(rid, timeout=15) for rid in ids] == [8192] * 60
+            full = _log_bytes(hub)
+            assert full > 400_000
+            wait_until(lambda: not list(dc._state.items("reqrep.titanic")), 10,
+                       what="outcomes pruned")
+            wait_until(lambda: _log_bytes(hub) < full / 2, 10, what="log trimmed")
+            with pytest.raises(ConfigError):  # pruned: no longer known
+                dc.result(ids[0])
+            end = dc._log.next_offset
+        with DurableClient(hub, outcome_ttl=0.5) as dc:
+            # reopening starts at the stored floor: nothing below it is read again
+            assert dc._state.get("reqrep.titanic.meta", "floor") == end
+            assert dc.pending() == []
+            assert (dc._log.first_offset or 0) > 0
+            rid = dc.submit(name, b"abc")  # and it still works
+            assert dc.result(rid, timeout=10) == 3
+    finally:
+        svc.close()
+        srv.close()
         hub.close()
