@@ -3,6 +3,7 @@ requests that outlast a round, and the durable client's pruning. Real nodes on 1
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,10 @@ import pytest
 
 from mesh.errors import ConfigError
 from mesh.node import Node
-from patterns.reqrep import Client, DurableClient, Incoming, RequestTimeout, Service
+from patterns.reqrep import AsyncClient, Client, DurableClient, Incoming, RequestTimeout, Service
+from patterns.reqrep import frames as fr
+from patterns.reqrep.balancer import Balancer
+from patterns.reqrep.call import Call, CallConfig, Ping, Send
 from tests.test_reqrep_real import ctrl, make_node, responders
 from tests.util import unique, wait_until
 
@@ -132,6 +136,76 @@ def test_durable_outcomes_and_log_are_pruned_after_their_ttl(tmp_path: Path) -> 
             rid = dc.submit(name, b"abc")  # and it still works
             assert dc.result(rid, timeout=10) == 3
     finally:
+        svc.close()
+        srv.close()
+        hub.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_call_extend_stays_with_the_responder_holding_it_even_when_another_scores_better(
+        ) -> None:
+    c = _Clock()
+    bal = Balancer(c, rand=lambda: 0.0)
+    bal.add("x")
+    bal.add("y")
+    bal.heard("x", free=1)
+    call = Call("r1", "svc", 0.4, c.t, CallConfig(heartbeat_s=0.1))
+    assert call.step(c.t, bal) == [Send("x", 0)]
+    assert bal.responders["x"].inflight == 1
+    bal.heard("y", free=8)  # y now looks far better
+    running = fr.Pong(1, 0, call.id, fr.TaskState.RUNNING)  # x is full
+    c.t += 0.4
+    call.on_pong("x", running, c.t - 0.01, bal)
+    assert call.step(c.t, bal) == [] and isinstance(call.error, RequestTimeout)
+    assert bal.responders["x"].inflight == 0  # the round's end gave the slot back
+    call.extend(c.t, 0.4, bal)
+    assert call.step(c.t, bal) == [Ping("x")]  # asks x again, does not send to y
+    assert bal.responders["x"].inflight == 1 and bal.responders["y"].inflight == 0
+    call.release(bal)
+    call.release(bal)  # idempotent
+    assert bal.responders["x"].inflight == 0
+    bal.remove("x")  # x left the mesh: the next round chooses again
+    call.extend(c.t, 0.4, bal)
+    assert call.step(c.t, bal) == [Send("y", call.attempts - 1)]
+
+
+def test_a_cancelled_async_call_releases_its_slot(tmp_path: Path) -> None:
+    mesh, name = unique("m"), unique("svc")
+    hub = make_node(tmp_path / "hub", mesh)
+    srv = make_node(tmp_path / "srv", mesh, ctrl(hub))
+    gate = threading.Event()
+    svc = Service(srv, name, lambda req: gate.wait(10))
+
+    async def main() -> None:
+        client = AsyncClient(hub)
+        try:
+            task = asyncio.ensure_future(client.request(name, b"x", timeout=10))
+            view = None
+            deadline = time.monotonic() + 10
+            while view is None or view.inflight != 1:
+                assert time.monotonic() < deadline, "the call never started"
+                await asyncio.sleep(0.01)
+                bal = client.responders.balancers.get(name)
+                view = bal.responders.get(srv.id) if bal is not None else None
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert view.inflight == 0
+        finally:
+            client.close()
+
+    try:
+        responders(hub, name, 1)
+        asyncio.run(main())
+    finally:
+        gate.set()
         svc.close()
         srv.close()
         hub.close()
