@@ -209,3 +209,19 @@ def test_a_cancelled_async_call_releases_its_slot(tmp_path: Path) -> None:
         svc.close()
         srv.close()
         hub.close()
+
+
+def test_a_call_of_a_responder_s_previous_life_does_not_release_a_slot_of_the_new_one() -> None:
+    c = _Clock()
+    bal = Balancer(c)
+    bal.add("x")
+    old = Call("r1", "svc", 5.0, c.t, CallConfig())
+    assert old.step(c.t, bal) == [Send("x", 0)]
+    bal.remove("x")  # left, and came back
+    bal.add("x")
+    new = Call("r2", "svc", 5.0, c.t, CallConfig())
+    assert new.step(c.t, bal) == [Send("x", 0)]
+    old.release(bal)
+    assert bal.responders["x"].inflight == 1  # still r2's
+    new.release(bal)
+    assert bal.responders["x"].inflight == 0

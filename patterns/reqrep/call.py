@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.errors import ConfigError, MeshError
-from patterns.reqrep.balancer import Balancer
+from patterns.reqrep.balancer import Balancer, ResponderView
 from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
 from patterns.reqrep.frames import Pong, Reply, Status, TaskState
 from patterns.reqrep.retry import Backoff
@@ -98,7 +98,8 @@ class Call:
         self.done = False
         self.reply: Reply | None = None
         self.error: MeshError | None = None
-        self._held: str | None = None  # the responder whose balancer in-flight count we hold
+        # the responder (and its balancer view) whose in-flight count this call holds
+        self._held: tuple[str, ResponderView | None] | None = None
 
     # --- balancer accounting ------------------------------------------------------------------
 
@@ -110,7 +111,7 @@ class Call:
         """
         held, self._held = self._held, None
         if held is not None:
-            balancer.finished(held)
+            balancer.finished(*held)
 
     def extend(self, now: float, timeout: float, balancer: Balancer) -> None:
         """Reopen a call that timed out for another round of ``timeout`` seconds (durable
@@ -129,8 +130,7 @@ class Call:
         if r is not None:
             self._last_heard = now
             self._next_ping = now  # ask it at once whether it still holds the request
-            self._held = r
-            balancer.started(r)
+            self._held = (r, balancer.started(r))
         else:
             self._next_send = now
 
@@ -228,8 +228,7 @@ class Call:
         self._last_heard = now
         self._next_ping = now + self.config.heartbeat_s
         self.release(balancer)
-        self._held = chosen
-        balancer.started(chosen)
+        self._held = (chosen, balancer.started(chosen))
         return [Send(chosen, self.attempts - 1)]
 
     def wake_at(self) -> float:
