@@ -120,8 +120,10 @@ class AsyncClient(ClientCore):
                     await fut
                 finally:
                     pend.waker = None
-        finally:
+        finally:  # cancelled, closed or done: give back the in-flight slot
             del self._pending[call.id]
+            with self.responders.lock:
+                call.release(bal)
         return finish_call(call, self._stats)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float, now: float) -> None:
@@ -155,7 +157,7 @@ class AsyncClient(ClientCore):
                 with self.responders.lock:
                     if isinstance(a, Ping):
                         bal.mark_silent(a.responder)
-                        call.on_silent(a.responder, now)
+                        call.on_silent(a.responder, now, bal)
                     else:
                         call.on_send_failed(a.responder, now, bal)
         # a send can consume the FD's edge: look for already-queued replies soon

@@ -74,24 +74,29 @@ class Balancer:
         view = self.responders.get(node_id)
         if view is not None:
             view.silent_until = self._clock() + self.silent_s
-            view.inflight = 0
 
     def is_silent(self, node_id: str) -> bool:
         """True while the responder is being skipped."""
         view = self.responders.get(node_id)
         return view is not None and view.silent_until > self._clock()
 
-    def started(self, node_id: str) -> None:
-        """A request was sent to it."""
+    def started(self, node_id: str) -> ResponderView | None:
+        """A request was sent to it; returns the view whose count was raised (give it to
+        :meth:`finished`, so a responder that left and came back is not decremented for a
+        request of its previous life)."""
         view = self.responders.get(node_id)
         if view is not None:
             view.inflight += 1
+        return view
 
-    def finished(self, node_id: str) -> None:
-        """A request sent to it completed, failed over or was given up."""
-        view = self.responders.get(node_id)
-        if view is not None and view.inflight > 0:
-            view.inflight -= 1
+    def finished(self, node_id: str, view: ResponderView | None = None) -> None:
+        """A request sent to it ended: replied, failed over, timed out, cancelled or closed
+        (each call releases exactly once per send, see :meth:`Call.release`)."""
+        current = self.responders.get(node_id)
+        if view is not None and current is not view:
+            return  # counted on a view that was removed since
+        if current is not None and current.inflight > 0:
+            current.inflight -= 1
 
     def choose(self, exclude: Collection[str] = ()) -> str | None:
         """The responder to send to: best score among the live ones not in ``exclude``; when

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.errors import ConfigError, MeshError
-from patterns.reqrep.balancer import Balancer
+from patterns.reqrep.balancer import Balancer, ResponderView
 from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
 from patterns.reqrep.frames import Pong, Reply, Status, TaskState
 from patterns.reqrep.retry import Backoff
@@ -98,6 +98,41 @@ class Call:
         self.done = False
         self.reply: Reply | None = None
         self.error: MeshError | None = None
+        # the responder (and its balancer view) whose in-flight count this call holds
+        self._held: tuple[str, ResponderView | None] | None = None
+
+    # --- balancer accounting ------------------------------------------------------------------
+
+    def release(self, balancer: Balancer) -> None:
+        """Give back the in-flight slot this call holds on its responder, if any (idempotent).
+
+        Called on every end of a call: reply, timeout, error, failover, cancel, close. The
+        clients call it in a ``finally`` so a cancelled or closed call never leaks a slot.
+        """
+        held, self._held = self._held, None
+        if held is not None:
+            balancer.finished(*held)
+
+    def extend(self, now: float, timeout: float, balancer: Balancer) -> None:
+        """Reopen a call that timed out for another round of ``timeout`` seconds (durable
+        requests), keeping its id, its attempts and the responder holding it while that
+        responder is still present and not silent: a request it said RUNNING is not sent to
+        another responder just because a round ended."""
+        self.done = False
+        self.error = None
+        self.reply = None
+        self.timeout = timeout
+        self.deadline = now + timeout
+        self._busy_from.clear()
+        r = self.responder
+        if r is not None and (r not in balancer.responders or balancer.is_silent(r)):
+            r = self.responder = None  # it left the mesh (or went silent): choose again
+        if r is not None:
+            self._last_heard = now
+            self._next_ping = now  # ask it at once whether it still holds the request
+            self._held = (r, balancer.started(r))
+        else:
+            self._next_send = now
 
     # --- events -------------------------------------------------------------------------------
 
@@ -107,8 +142,9 @@ class Call:
         if self.done:
             return
         if responder == self.responder:
-            balancer.finished(responder)
+            self.release(balancer)
         if reply.status in (Status.OK, Status.ERROR):
+            self.release(balancer)
             self.done = True
             self.reply = reply
             if reply.status == Status.ERROR:
@@ -144,13 +180,14 @@ class Call:
     def on_send_failed(self, responder: str, now: float, balancer: Balancer) -> None:
         """The socket could not route to ``responder`` (not connected yet, or gone)."""
         if responder == self.responder:
-            balancer.finished(responder)
+            self.release(balancer)
             self.responder = None
             self._back_off(now)
 
-    def on_silent(self, responder: str, now: float) -> None:
+    def on_silent(self, responder: str, now: float, balancer: Balancer) -> None:
         """Another call (or the client) found ``responder`` silent: fail over now."""
         if not self.done and responder == self.responder:
+            self.release(balancer)
             self.responder = None
             self.failovers += 1
             self._next_send = now
@@ -163,10 +200,12 @@ class Call:
             return []
         if now >= self.deadline:
             self._finish_timeout()
+            self.release(balancer)
             return []
         r = self.responder
         if r is not None:
             if now - self._last_heard >= self.config.heartbeat_s * self.config.liveness:
+                self.release(balancer)
                 balancer.mark_silent(r)
                 self.responder = None
                 self.failovers += 1
@@ -188,7 +227,8 @@ class Call:
         self.attempts += 1
         self._last_heard = now
         self._next_ping = now + self.config.heartbeat_s
-        balancer.started(chosen)
+        self.release(balancer)
+        self._held = (chosen, balancer.started(chosen))
         return [Send(chosen, self.attempts - 1)]
 
     def wake_at(self) -> float:

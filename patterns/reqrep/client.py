@@ -382,9 +382,17 @@ class Client(ClientCore):
                                  traceparent, request_id, config=self.config,
                                  call_config=self._call_cfg, now=self._clock(),
                                  stats=self._stats)
-        bal = self.responders.track(service)
+        return self._call(call, req)
+
+    def _call(self, call: Call, req: fr.Request) -> Any:
+        """Run a prepared (or reopened, see :meth:`Call.extend`) call to its end."""
+        bal = self.responders.track(call.service)
         wire = self._wire()
-        self._run(wire, bal, call, req)
+        try:
+            self._run(wire, bal, call, req)
+        finally:  # every end of a call gives back its in-flight slot (timeout, close, error)
+            with self.responders.lock:
+                call.release(bal)
         return finish_call(call, self._stats)
 
     def _act(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
@@ -396,7 +404,7 @@ class Client(ClientCore):
                     if isinstance(a, Ping):
                         # gone from under us (ROUTER_MANDATORY): as good as silent
                         bal.mark_silent(a.responder)
-                        call.on_silent(a.responder, now)
+                        call.on_silent(a.responder, now, bal)
                     else:
                         call.on_send_failed(a.responder, now, bal)
 
