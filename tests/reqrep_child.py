@@ -3,8 +3,9 @@
 Usage: python -c "import tests.reqrep_child as c; c.main()" DATA_DIR MESH PEER NAME RECORD
        CONCURRENCY DELAY_MS DROP_REPLIES
 
-The handler sleeps DELAY_MS, then appends the request id to RECORD (one line per completed
-execution, O_APPEND so a kill never interleaves lines) and returns the payload. Prints
+The handler appends the request id to RECORD.started when it starts, sleeps DELAY_MS, then
+appends the request id to RECORD (one line per completed execution, O_APPEND so a kill never
+interleaves lines) and returns the payload. Prints
 ``READY <node id>`` once the service is offered, then runs until killed.
 """
 
@@ -25,8 +26,10 @@ def main() -> None:
     data_dir, mesh, peer, name, record = sys.argv[1:6]
     concurrency, delay_ms, drop = (int(x) for x in sys.argv[6:9])
     fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    started = os.open(record + ".started", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def handler(req: Incoming) -> object:
+        os.write(started, f"{req.id}\n".encode())
         if delay_ms:
             time.sleep(delay_ms / 1000)
         os.write(fd, f"{req.id}\n".encode())

@@ -8,6 +8,7 @@ from patterns.reqrep.client import Client, ClientConfig, ClientStats
 from patterns.reqrep.durable import DurableClient
 from patterns.reqrep.errors import (
     NoResponders,
+    OutcomeUnknown,
     RemoteError,
     ReplyNotCached,
     RequestIdReused,
@@ -28,6 +29,7 @@ __all__ = [
     "DurableClient",
     "Incoming",
     "NoResponders",
+    "OutcomeUnknown",
     "RemoteError",
     "ReplyNotCached",
     "RequestIdReused",

@@ -106,6 +106,20 @@ class ReplyCache(Generic[R, W]):
         self._running[key] = _Entry(digest, waiters=[waiter])
         return Lookup.NEW, None
 
+    def restore(self, key: Hashable, digest: bytes, reply: R, done_at: float,
+                size: int = 0) -> None:
+        """Put back a finished entry (read from a durable outcome log at start); call in
+        ``done_at`` order, oldest first, before any :meth:`begin`."""
+        old = self._done.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._done[key] = _Entry(digest, reply=reply, done_at=done_at, size=size)
+        self._bytes += size
+        while self._done and (len(self._done) > self.max_entries
+                              or self._bytes > self.max_bytes):
+            _, dropped = self._done.popitem(last=False)
+            self._bytes -= dropped.size
+
     def state(self, key: Hashable) -> Lookup | None:
         """NEW-less view for pings: ATTACHED (running), CACHED (finished) or None (unknown)."""
         if key in self._running:

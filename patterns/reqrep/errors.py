@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from mesh.errors import MeshError, MeshTimeout, PeerUnreachable
 
-__all__ = ["NoResponders", "RemoteError", "ReplyNotCached", "RequestIdReused", "RequestTimeout",
-           "ServiceBusy"]
+__all__ = ["NoResponders", "OutcomeUnknown", "RemoteError", "ReplyNotCached", "RequestIdReused",
+           "RequestTimeout", "ServiceBusy"]
 
 
 class NoResponders(PeerUnreachable):
@@ -102,7 +102,15 @@ class ReplyNotCached(RemoteError):
     limit, so a retry cannot get it again; the request is not run a second time."""
 
 
+class OutcomeUnknown(RemoteError):
+    """The request was running when the responder died (kill -9, crash): its durable outcome
+    log recorded RUNNING but no reply. It may or may not have taken effect; the responder does
+    not run it again under the same request id. Check the effect before resubmitting it under
+    a new id."""
+
+
 _CODED: dict[str, type[RemoteError]] = {
     "zeromesh.RequestIdReused": RequestIdReused,
     "zeromesh.ReplyNotCached": ReplyNotCached,
+    "zeromesh.OutcomeUnknown": OutcomeUnknown,
 }

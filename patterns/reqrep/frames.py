@@ -32,6 +32,7 @@ __all__ = [
     "COMPACT_MAX",
     "ERR_ID_REUSED",
     "ERR_NOT_CACHED",
+    "ERR_OUTCOME_UNKNOWN",
     "SIGNATURE",
     "Command",
     "Format",
@@ -66,6 +67,9 @@ COMPACT_MAX = 65536
 ERR_ID_REUSED = "zeromesh.RequestIdReused"
 #: The request ran once but its reply was too large to keep for retries: not run again.
 ERR_NOT_CACHED = "zeromesh.ReplyNotCached"
+#: The request was running when this responder died (its outcome log says RUNNING, no reply):
+#: it may or may not have taken effect; it is not run again.
+ERR_OUTCOME_UNKNOWN = "zeromesh.OutcomeUnknown"
 
 
 class Command(enum.IntEnum):

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -25,6 +26,7 @@ import zmq
 from zmq.backend import zmq_poll
 
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
+from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention, validate_stream_name
 from mesh.tracing import consuming, context_of_request
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
@@ -46,9 +48,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RECV_BATCH = 512
+_packb = msgpack.Packer(use_bin_type=True).pack
 _blake2b = hashlib.blake2b
 _PERSON = {f: bytes([int(f)]) for f in fr.Format}
 _TICK_S = 0.5  # cache expiry / close checks when idle
+_RUNNING, _DONE = 1, 2  # outcome log record kinds
+_FLOOR = "running"  # retention floor: the oldest RUNNING record still without its reply
 
 
 def service_role(name: str) -> str:
@@ -112,6 +117,14 @@ class ServiceConfig:
         cache_entry_max_bytes: a reply larger than this is sent but not kept: a retry of its
             id gets :class:`~patterns.reqrep.errors.ReplyNotCached`, never a second run.
         max_queue: requests waiting for a free handler beyond which new ones get BUSY.
+        outcome_log: keep a durable outcome log in the node's data directory
+            (``<data_dir>/reqrep/streams/<name>.outcomes``): RUNNING is written (``write()``,
+            so it survives kill -9 of this process) before the handler runs and the reply
+            before it is sent; a restarted service answers a retry with the stored reply,
+            or with :class:`~patterns.reqrep.errors.OutcomeUnknown` if it was running when
+            the process died, never by running it again. Bounded like the cache (window,
+            ``cache_max_bytes``). False: replies are kept in memory only, and a retry after
+            a restart runs the request again.
     """
 
     concurrency: int = 4
@@ -121,6 +134,7 @@ class ServiceConfig:
     cache_max_bytes: int = 64 << 20
     cache_entry_max_bytes: int = 1 << 20
     max_queue: int = 1000
+    outcome_log: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_queue < 0:
@@ -145,6 +159,9 @@ class ServiceStats:
     not_cached: int = 0
     cache_bytes: int = 0
     pings: int = 0
+    restored: int = 0
+    outcome_unknown: int = 0
+    outcome_log_errors: int = 0
     garbage: int = 0
     unroutable: int = 0
     dropped_by_hook: int = 0
@@ -177,6 +194,7 @@ class Incoming:
     _finish: Callable[[Incoming, fr.Reply], None] = field(repr=False, default=lambda i, r: None)
     _answered: bool = field(default=False, repr=False)
     _key: Any = field(default=None, repr=False)  # (caller, id): the reply cache's key
+    _digest: bytes = field(default=b"", repr=False)  # of the payload (for the outcome log)
 
     def _expire_if_late(self) -> bool:
         """Answer EXPIRED (without running) if the deadline passed; True if it did."""
@@ -262,6 +280,11 @@ class Service:
         self._cache: ReplyCache[list[bytes], bytes] = ReplyCache(
             cfg.cache_window_s, cfg.cache_max, time.monotonic, max_bytes=cfg.cache_max_bytes)
         self._stats = ServiceStats()
+        self._olog: Log | None = None
+        self._run_off: dict[tuple[Any, str], int] = {}  # running key -> offset of its RUNNING record
+        self._floor_due = 0
+        if cfg.outcome_log and getattr(node, "data_dir", None) is not None:
+            self._open_outcomes(Path(node.data_dir))
         self._busy = 0  # dispatched and not finished (I/O thread only)
         self._closed = False
         #: test hook: drop this many replies after caching them (simulates a lost reply).
@@ -356,6 +379,11 @@ class Service:
                 os.close(fd)
             except OSError:
                 pass
+        if self._olog is not None:
+            try:
+                self._olog.close()
+            except MeshError:
+                pass
 
     def __enter__(self) -> Service:
         return self
@@ -364,6 +392,77 @@ class Service:
         self.close()
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _open_outcomes(self, data_dir: Path) -> None:
+        """Open the outcome log and rebuild the reply cache from it (before the I/O thread)."""
+        cfg = self.config
+        stream = f"{self.name}.outcomes"
+        try:
+            validate_stream_name(stream)
+        except ConfigError:  # a name that is no file name: a digest of it
+            stream = "svc-" + _blake2b(self.name.encode(), digest_size=16).hexdigest() + \
+                ".outcomes"
+        seg = max(64 << 10, min(cfg.cache_max_bytes // 4, 16 << 20))
+        lg = LogDirectory(data_dir / "reqrep").open(stream, LogConfig(
+            fsync=FsyncPolicy.interval(100.0), segment_bytes=seg,
+            retention=Retention(max_age_s=cfg.cache_window_s, max_bytes=cfg.cache_max_bytes),
+            corruption="skip", keep_past_floors=True, floor_ttl_s=None,
+            floor_max_bytes=cfg.cache_max_bytes,
+            max_record_bytes=max(16 << 20, cfg.cache_entry_max_bytes + (64 << 10))))
+        self._olog = lg
+        lg.enforce_retention()
+        running: dict[tuple[Any, str], bytes] = {}
+        done: dict[tuple[Any, str], tuple[bytes, list[bytes], int]] = {}
+        for rec in lg.iter(lg.first_offset or 0):
+            try:
+                kind, caller, rid, digest, frames = msgpack.unpackb(rec.payload, raw=False)
+                key = (caller, rid)
+            except Exception:  # damaged (and skipped by the log) or foreign: count it
+                self._stats.outcome_log_errors += 1
+                continue
+            if kind == _RUNNING:
+                running[key] = digest
+                done.pop(key, None)
+            else:
+                running.pop(key, None)
+                done[key] = (digest, list(frames), rec.timestamp_ns)
+        now_ns, now = time.time_ns(), time.monotonic()
+        window = cfg.cache_window_s
+        # a stamp from the future (the clock went back) counts as now: kept one window
+        restore = [(min(window, max(0.0, (now_ns - ts) / 1e9)), key, d, frames)
+                   for key, (d, frames, ts) in done.items()]
+        restore.sort(key=lambda t: -t[0])
+        for age, key, d, frames in restore:
+            if age < window:
+                self._cache.restore(key, d, frames, now - age, _size(frames))
+                self._stats.restored += 1
+        for key, d in running.items():
+            rid = key[1]
+            frames = fr.encode_reply(fr.Reply(
+                rid, fr.Status.ERROR, 0, fr.Format.BYTES, fr.ERR_OUTCOME_UNKNOWN,
+                f"outcome unknown: request {rid} was running when this responder died"))
+            self._cache.restore(key, d, frames, now, _size(frames))
+            self._log_outcome(_DONE, key, d, frames)
+            self._stats.outcome_unknown += 1
+        lg.set_retention_floor(_FLOOR, lg.next_offset)
+
+    def _log_outcome(self, kind: int, key: tuple[Any, str], digest: bytes,
+                     frames: list[bytes] | None) -> int:
+        """Append one outcome record (I/O thread, or __init__); -1 when it failed."""
+        assert self._olog is not None
+        try:
+            return self._olog.append(_packb([kind, key[0], key[1], digest, frames]))
+        except MeshError as exc:  # disk full, closed: serve on, counted and logged
+            self._stats.outcome_log_errors += 1
+            log.warning("service %s: outcome log append failed: %s", self.name, exc)
+            return -1
+
+    def _move_floor(self) -> None:
+        # lazily: a floor lower than the oldest RUNNING record is only more kept, never less
+        assert self._olog is not None
+        self._floor_due = 0
+        floor = min(self._run_off.values(), default=self._olog.next_offset)
+        self._olog.set_retention_floor(_FLOOR, floor)
 
     def _start(self) -> None:
         with self._start_lock:
@@ -479,6 +578,11 @@ class Service:
             return
         inc = Incoming(req.id, req.service, payload, req.headers, req.attempt,
                        time.monotonic() + req.ttl_ms / 1000.0, self._finish, _key=key)
+        if self._olog is not None:  # RUNNING is written before the handler can start
+            inc._digest = digest
+            off = self._log_outcome(_RUNNING, key, digest, None)
+            if off >= 0:
+                self._run_off[key] = off
         self._busy += 1
         if self._iter_q is not None:
             self._iter_q.put(inc)
@@ -506,7 +610,14 @@ class Service:
                 f"reply too large to cache ({size} bytes): the request ran once"))
             waiters = self._cache.finish(inc._key, kept, size=_size(kept))
         else:
+            kept = frames
             waiters = self._cache.finish(inc._key, frames, size=size)
+        if self._olog is not None:  # the reply is written before it is sent
+            self._run_off.pop(inc._key, None)
+            self._log_outcome(_DONE, inc._key, inc._digest, kept)
+            self._floor_due += 1
+            if self._floor_due >= 256:
+                self._move_floor()
         if self.drop_replies > 0:
             self.drop_replies -= 1
             st.dropped_by_hook += 1
@@ -605,6 +716,8 @@ class Service:
                     self._complete(inc, rep)
                 if not ready:
                     self._cache.expire()
+                    if self._olog is not None and self._floor_due:
+                        self._move_floor()
         except Exception:
             log.exception("service %s: I/O thread failed", self.name)
         finally:

@@ -1,0 +1,105 @@
+"""A request id survives a responder restart: a real responder process is SIGKILLed in the
+middle of a handler, or after its reply, and restarted on the same data directory; the retry
+(same id, same payload) gets OutcomeUnknown or the original reply, never a second run."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import MeshError
+from mesh.node import Node
+from patterns.reqrep import Client, OutcomeUnknown, Service
+from tests.test_reqrep_real import hub, kill, lines, make_node, responders, start_child
+from tests.util import unique, wait_until
+
+__all__ = ["hub"]  # the fixture, imported for pytest
+
+
+def _restart(tmp_path: Path, hub: Node, name: str, rec: Path, data: Path, **kw: int
+             ) -> object:
+    # wait for the mesh to see the dead one gone first (see test_reqrep_real)
+    wait_until(lambda: not hub.who_offers("service", name), 10, what="responder gone")
+    p = start_child(tmp_path, hub, name, rec, data=data, **kw)
+    responders(hub, name, 1)
+    return p
+
+
+def test_killed_mid_handler_retry_after_restart_gets_outcome_unknown(
+        tmp_path: Path, hub: Node) -> None:
+    name, rid = unique("svc"), unique("rid")
+    rec, data = tmp_path / "a.rec", tmp_path / "a"
+    started = Path(str(rec) + ".started")
+    p = start_child(tmp_path, hub, name, rec, delay_ms=60_000, data=data)
+    p2 = None
+    client = Client(hub, heartbeat_s=0.1, liveness=3)
+    try:
+        responders(hub, name, 1)
+        first: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.request(name, {"x": 1}, timeout=1.5, request_id=rid)
+            except MeshError as exc:
+                first.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        wait_until(lambda: rid in lines(started), 10, what="handler started")
+        kill(p)  # in the middle of the handler
+        t.join(10)
+        assert first, "the first call cannot have succeeded"
+        p2 = _restart(tmp_path, hub, name, rec, data, delay_ms=0)
+        with pytest.raises(OutcomeUnknown) as info:
+            client.request(name, {"x": 1}, timeout=5, request_id=rid)
+        assert "running when this responder died" in info.value.message
+        # once more: the restarted responder keeps answering the same way
+        with pytest.raises(OutcomeUnknown):
+            client.request(name, {"x": 1}, timeout=5, request_id=rid)
+        assert lines(started) == [rid], "the handler ran again after the restart"
+        assert rid not in lines(rec)
+        # a new id runs normally on the restarted responder
+        assert client.request(name, {"x": 2}, timeout=5, request_id=rid + "b") == {"x": 2}
+    finally:
+        client.close()
+        kill(p)
+        if p2 is not None:
+            kill(p2)  # type: ignore[arg-type]
+
+
+def test_killed_after_reply_retry_after_restart_gets_the_stored_reply(
+        tmp_path: Path, hub: Node) -> None:
+    name, rid = unique("svc"), unique("rid")
+    rec, data = tmp_path / "a.rec", tmp_path / "a"
+    p = start_child(tmp_path, hub, name, rec, delay_ms=0, data=data)
+    p2 = None
+    client = Client(hub, heartbeat_s=0.1, liveness=3)
+    try:
+        responders(hub, name, 1)
+        assert client.request(name, {"v": "one"}, timeout=5, request_id=rid) == {"v": "one"}
+        assert client.request(name, "boom-free", timeout=5, request_id=rid + "e") == "boom-free"
+        kill(p)  # after the reply
+        p2 = _restart(tmp_path, hub, name, rec, data, delay_ms=0)
+        assert client.request(name, {"v": "one"}, timeout=5, request_id=rid) == {"v": "one"}
+        assert client.request(name, "boom-free", timeout=5, request_id=rid + "e") == "boom-free"
+        assert lines(rec) == [rid, rid + "e"], "a request ran again after the restart"
+    finally:
+        client.close()
+        kill(p)
+        if p2 is not None:
+            kill(p2)  # type: ignore[arg-type]
+
+
+def test_outcome_log_off_keeps_replies_in_memory_only(tmp_path: Path) -> None:
+    node = make_node(tmp_path / "n", unique("m"))
+    try:
+        with Service(node, "plain", lambda r: r.payload, outcome_log=False):
+            pass
+        assert not (tmp_path / "n" / "reqrep" / "streams" / "plain.outcomes").exists()
+        with Service(node, "logged", lambda r: r.payload):
+            pass
+        assert (tmp_path / "n" / "reqrep" / "streams" / "logged.outcomes").is_dir()
+    finally:
+        node.close()
