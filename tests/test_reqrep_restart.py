@@ -103,3 +103,57 @@ def test_outcome_log_off_keeps_replies_in_memory_only(tmp_path: Path) -> None:
         assert (tmp_path / "n" / "reqrep" / "streams" / "logged.outcomes").is_dir()
     finally:
         node.close()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_outcome_log_is_bounded_and_keeps_a_long_running_request_across_trims(
+        tmp_path: Path) -> None:
+    mesh = unique("m")
+    s = make_node(tmp_path / "s", mesh)
+    ctrl = next(e for e in s.info().endpoints["control"] if e.startswith("tcp://"))
+    c = make_node(tmp_path / "c", mesh, ctrl)
+    name = unique("svc")
+    limit = 256 << 10
+    svc = Service(s, name, cache_max_bytes=limit)
+    client = Client(c, heartbeat_s=0.1, liveness=3)
+    held: list[object] = []
+    answered: list[str] = []
+    try:
+        def serve() -> None:
+            for req in svc.requests():
+                if req.id == "long":
+                    held.append(req)  # never answered: still running at the "crash"
+                else:
+                    req.reply(req.payload)
+                    answered.append(req.id)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        wait_until(lambda: c.who_offers("service", name), 10, what="offer")
+        with pytest.raises(MeshError):
+            client.request(name, "x", timeout=0.3, request_id="long")
+        assert held
+        body = b"b" * 1024
+        for i in range(600):  # about 2.4 x cache_max_bytes of replies
+            assert client.request(name, body, timeout=5, request_id=f"r{i}") == body
+        olog = tmp_path / "s" / "reqrep" / "streams" / f"{name}.outcomes"
+        # retention (window, cache_max_bytes) plus the floor of the running request (capped
+        # at cache_max_bytes more) plus the active segment
+        assert _dir_bytes(olog) < 2 * limit + (64 << 10) + (32 << 10), _dir_bytes(olog)
+        svc.close()
+        t.join(5)
+        svc = Service(s, name, lambda r: r.payload, cache_max_bytes=limit)
+        wait_until(lambda: c.who_offers("service", name), 10, what="offer again")
+        with pytest.raises(OutcomeUnknown):
+            client.request(name, "x", timeout=5, request_id="long")
+        assert client.request(name, body, timeout=5, request_id="r599") == body
+        assert svc.stats().executed == 0, "a request ran again after the restart"
+        assert svc.stats().outcome_unknown == 1
+    finally:
+        client.close()
+        svc.close()
+        c.close()
+        s.close()

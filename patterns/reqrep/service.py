@@ -281,7 +281,10 @@ class Service:
             cfg.cache_window_s, cfg.cache_max, time.monotonic, max_bytes=cfg.cache_max_bytes)
         self._stats = ServiceStats()
         self._olog: Log | None = None
-        self._run_off: dict[tuple[Any, str], int] = {}  # running key -> offset of its RUNNING record
+        # running key -> (offset, bytes appended up to it, digest) of its RUNNING record, in
+        # append order (the first is the oldest)
+        self._run_off: dict[tuple[Any, str], tuple[int, int, bytes]] = {}
+        self._obytes = 0  # bytes appended to the outcome log by this process
         self._floor_due = 0
         if cfg.outcome_log and getattr(node, "data_dir", None) is not None:
             self._open_outcomes(Path(node.data_dir))
@@ -451,7 +454,10 @@ class Service:
         """Append one outcome record (I/O thread, or __init__); -1 when it failed."""
         assert self._olog is not None
         try:
-            return self._olog.append(_packb([kind, key[0], key[1], digest, frames]))
+            data = _packb([kind, key[0], key[1], digest, frames])
+            off = self._olog.append(data)
+            self._obytes += len(data)
+            return off
         except MeshError as exc:  # disk full, closed: serve on, counted and logged
             self._stats.outcome_log_errors += 1
             log.warning("service %s: outcome log append failed: %s", self.name, exc)
@@ -461,8 +467,28 @@ class Service:
         # lazily: a floor lower than the oldest RUNNING record is only more kept, never less
         assert self._olog is not None
         self._floor_due = 0
-        floor = min(self._run_off.values(), default=self._olog.next_offset)
-        self._olog.set_retention_floor(_FLOOR, floor)
+        first = next(iter(self._run_off.values()), None)
+        self._olog.set_retention_floor(_FLOOR, self._olog.next_offset if first is None
+                                       else first[0])
+
+    def _renew_running(self) -> None:
+        # A request running while half of cache_max_bytes was appended after its RUNNING
+        # record gets it written again at the end, so the retention floor never holds more
+        # than about that much (at most concurrency + max_queue small records per renewal).
+        lim = self.config.cache_max_bytes // 2
+        moved = False
+        while self._run_off:
+            key, (_off, cum, digest) = next(iter(self._run_off.items()))
+            if self._obytes - cum <= lim:
+                break
+            off = self._log_outcome(_RUNNING, key, digest, None)
+            if off < 0:
+                break
+            del self._run_off[key]
+            self._run_off[key] = (off, self._obytes, digest)
+            moved = True
+        if moved:
+            self._move_floor()
 
     def _start(self) -> None:
         with self._start_lock:
@@ -582,7 +608,7 @@ class Service:
             inc._digest = digest
             off = self._log_outcome(_RUNNING, key, digest, None)
             if off >= 0:
-                self._run_off[key] = off
+                self._run_off[key] = (off, self._obytes, digest)
         self._busy += 1
         if self._iter_q is not None:
             self._iter_q.put(inc)
@@ -616,6 +642,8 @@ class Service:
             self._run_off.pop(inc._key, None)
             self._log_outcome(_DONE, inc._key, inc._digest, kept)
             self._floor_due += 1
+            if self._run_off:
+                self._renew_running()
             if self._floor_due >= 256:
                 self._move_floor()
         if self.drop_replies > 0:
