@@ -157,3 +157,39 @@ def test_outcome_log_is_bounded_and_keeps_a_long_running_request_across_trims(
         svc.close()
         c.close()
         s.close()
+
+
+def test_damaged_outcome_log_never_runs_a_retry_again(tmp_path: Path) -> None:
+    mesh = unique("m")
+    s = make_node(tmp_path / "s", mesh)
+    ctrl = next(e for e in s.info().endpoints["control"] if e.startswith("tcp://"))
+    c = make_node(tmp_path / "c", mesh, ctrl)
+    name = unique("svc")
+    svc = Service(s, name, lambda r: r.payload)
+    client = Client(c)
+    try:
+        wait_until(lambda: c.who_offers("service", name), 10, what="offer")
+        for i in range(40):
+            assert client.request(name, f"p{i}", timeout=5, request_id=f"r{i}") == f"p{i}"
+        svc.close()
+        seg = next((tmp_path / "s" / "reqrep" / "streams").glob("*.outcomes/*.log"))
+        raw = bytearray(seg.read_bytes())
+        for where in (len(raw) // 3, 2 * len(raw) // 3):  # two records in the middle
+            raw[where] ^= 0xFF
+        seg.write_bytes(bytes(raw))
+        svc = Service(s, name, lambda r: r.payload)  # opens: the damage is skipped
+        assert svc._olog is not None and svc._olog.stats().corrupt_records >= 1
+        wait_until(lambda: c.who_offers("service", name), 10, what="offer again")
+        unknown = 0
+        for i in range(40):
+            try:
+                assert client.request(name, f"p{i}", timeout=5, request_id=f"r{i}") == f"p{i}"
+            except OutcomeUnknown:
+                unknown += 1  # its reply record was the damaged one
+        assert svc.stats().executed == 0, "a retry ran again after the restart"
+        assert unknown <= 2
+    finally:
+        client.close()
+        svc.close()
+        c.close()
+        s.close()
