@@ -257,6 +257,8 @@ class Service:
     Raises:
         ConfigError: bad name or settings.
         PeerError: the socket could not be bound.
+        LogLocked: another process has this service's outcome log open (same data directory).
+        LogError: the outcome log cannot be opened.
     """
 
     def __init__(self, node: Any, name: str, handler: Handler | None = None, *,
@@ -287,7 +289,12 @@ class Service:
         self._obytes = 0  # bytes appended to the outcome log by this process
         self._floor_due = 0
         if cfg.outcome_log and getattr(node, "data_dir", None) is not None:
-            self._open_outcomes(Path(node.data_dir))
+            try:
+                self._open_outcomes(Path(node.data_dir))
+            except BaseException:
+                os.close(self._rfd)
+                os.close(self._wfd)
+                raise
         self._busy = 0  # dispatched and not finished (I/O thread only)
         self._closed = False
         #: test hook: drop this many replies after caching them (simulates a lost reply).
@@ -420,15 +427,15 @@ class Service:
             try:
                 kind, caller, rid, digest, frames = msgpack.unpackb(rec.payload, raw=False)
                 key = (caller, rid)
-            except Exception:  # damaged (and skipped by the log) or foreign: count it
+                if kind == _RUNNING:
+                    running[key] = digest
+                    done.pop(key, None)
+                else:
+                    running.pop(key, None)
+                    done[key] = (digest, list(frames), rec.timestamp_ns)
+            except Exception:  # a record that is not ours (the log skips damaged ones): count
                 self._stats.outcome_log_errors += 1
                 continue
-            if kind == _RUNNING:
-                running[key] = digest
-                done.pop(key, None)
-            else:
-                running.pop(key, None)
-                done[key] = (digest, list(frames), rec.timestamp_ns)
         now_ns, now = time.time_ns(), time.monotonic()
         window = cfg.cache_window_s
         # a stamp from the future (the clock went back) counts as now: kept one window
