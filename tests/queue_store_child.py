@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import threading
-import time
 
 from mesh.node import Node, PresenceConfig
 from patterns.pipeline.dispatch import DispatchConfig
@@ -61,12 +60,10 @@ def main() -> None:
         q._store.tasks.flush()
         _print(f"pushed {ids[0]} {ids[-1]}")
     if work == "1":
-        while q.stats().get("unacked", 1) != 0:
-            time.sleep(0.02)  # poll interval on the queue's snapshot
+        q.wait_idle(timeout=60)
         q._store.journal.flush()
         _print("idle")
-    while True:
-        time.sleep(1)  # stay up until the test kills us
+    threading.Event().wait()  # stay up until the test kills us
 
 
 if __name__ == "__main__":

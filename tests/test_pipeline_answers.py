@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import random
 import threading
 import time
@@ -85,9 +86,12 @@ def test_ack_from_another_thread_wakes_the_owner(pair: tuple[Node, Node]) -> Non
     with WorkQueue(hub, queue) as q, Worker(wnode, queue, credit=4, ready_interval=5.0) as w:
         got: list[Task] = []
         stop = threading.Event()
+        blocking = threading.Event()  # set as the owner enters its 3 s get()
 
         def owner() -> None:
             while not stop.is_set():
+                if got:
+                    blocking.set()
                 task = w.get(timeout=0.05) if not got else w.get(timeout=3.0)
                 if task is not None:
                     got.append(task)
@@ -97,7 +101,7 @@ def test_ack_from_another_thread_wakes_the_owner(pair: tuple[Node, Node]) -> Non
             wait_until(lambda: q.stats().get("workers") == 1, timeout=10, what="worker ready")
             q.push(b"x")
             wait_until(lambda: got, timeout=5, what="task delivered")
-            time.sleep(0.1)  # let the owner block in its 3 s get()
+            wait_until(blocking.is_set, timeout=5, what="the owner in its 3 s get()")
             started = time.monotonic()
             other = _run_in_thread(got[0].ack)
             other.join(5)
@@ -125,7 +129,7 @@ def test_thread_pool_handler_every_task_acked_exactly_once(
 
     def work(task: Task) -> None:
         if rng.random() < 0.05:
-            time.sleep(0.001)  # simulated work: some tasks are slower
+            os.sched_yield()  # some tasks let the other pool threads go first: out of order
         with seen_lock:
             seen[task.id] = seen.get(task.id, 0) + 1
 

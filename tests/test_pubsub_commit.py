@@ -165,6 +165,7 @@ def test_async_recv_cancelled_by_wait_for_loses_nothing(pair: tuple[Node, Node])
                     ev = await asyncio.wait_for(sub.recv(), 0.05)
                 except TimeoutError:
                     timeouts += 1
+                    cancelled.set()
                     continue
                 assert ev is not None
                 got.append(ev.data)
@@ -172,13 +173,17 @@ def test_async_recv_cancelled_by_wait_for_loses_nothing(pair: tuple[Node, Node])
             await sub.aclose()
         return timeouts
 
+    # Paced by the consumer: after every 30 events the producer waits until a receive has
+    # been cancelled by wait_for (so cancellations really land between events).
+    cancelled = threading.Event()
+
     with Publisher(a, stream) as pub:
         def produce() -> None:
             for i in range(n):
                 pub.publish(i)
                 if i % 30 == 29:
-                    # Paced: receives wait longer than wait_for allows, and are cancelled.
-                    time.sleep(0.12)
+                    cancelled.clear()
+                    cancelled.wait(5)
 
         t = threading.Thread(target=produce)
         t.start()
