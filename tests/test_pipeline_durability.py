@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -28,16 +27,6 @@ from tests.util import python_child, unique, wait_until
 
 CHILD = "import tests.queue_store_child as c; c.main()"
 PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6)
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(5)
 
 
 class Child:
@@ -96,24 +85,24 @@ def cut_log_at(log_dir: str, offset: int) -> None:
 
 
 def test_power_cut_tasks_tail_lost_new_tasks_never_take_old_journal_facts(
-    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     mesh, queue, data = unique("qd"), unique("q"), tmp_path / "p"
     # 1. 200 tasks pushed (4 log batches) and acked; then kill -9.
-    a = Child(children, data, mesh, queue, 200, work=True)
+    a = Child(procs, data, mesh, queue, 200, work=True)
     a.wait_for("idle")
     a.kill()
     # 2. Power cut: .tasks loses its tail from id 100 on; the journal keeps the acks of 100..199.
     cut_log_at(pipeline_root(data).path_for(f"{queue}.tasks"), 100)
     # 3. A producer with no worker pushes 200 new tasks: ids 100..299 are handed out again.
-    b = Child(children, data, mesh, queue, 200, work=False)
+    b = Child(procs, data, mesh, queue, 200, work=False)
     stats = json.loads(b.wait_for("stats ")[6:])
     assert b.wait_for("pushed ") == "pushed 100 299"
     assert stats["lost_tasks"] == 100 and stats["lost_ranges"] == [[100, 200]]
     b.kill()
     # 4. A producer with a worker: every one of the 200 new tasks runs (none is taken for
     # acked by the old journal's facts about ids 100..199).
-    c = Child(children, data, mesh, queue, 0, work=True)
+    c = Child(procs, data, mesh, queue, 0, work=True)
     want = {f"{b.p.pid}-{i}" for i in range(200)}
     wait_until(lambda: want <= c.acked(), timeout=20,
                what=f"the new tasks run ({len(want & c.acked())} of 200)")
@@ -422,10 +411,10 @@ def test_power_cut_below_a_journal_snapshot_keeps_new_tasks_owed(tmp_path: Path)
 
 
 def test_power_cut_of_both_files_at_different_points_loses_no_acked_task(
-    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     mesh, queue, data = unique("qd"), unique("q"), tmp_path / "p"
-    a = Child(children, data, mesh, queue, 300, work=True)
+    a = Child(procs, data, mesh, queue, 300, work=True)
     a.wait_for("idle")
     a.kill()
     root = pipeline_root(data)
@@ -440,11 +429,11 @@ def test_power_cut_of_both_files_at_different_points_loses_no_acked_task(
         starts.append(hdr.base_offset)
         pos += hdr.length
     cut_log_at(jdir, starts[len(starts) * 2 // 3])
-    b = Child(children, data, mesh, queue, 100, work=False)  # new tasks get ids 200..299
+    b = Child(procs, data, mesh, queue, 100, work=False)  # new tasks get ids 200..299
     assert b.wait_for("pushed ") == "pushed 200 299"
     stats = json.loads(b.wait_for("stats ")[6:])
     b.kill()
-    c = Child(children, data, mesh, queue, 0, work=True)
+    c = Child(procs, data, mesh, queue, 0, work=True)
     c.wait_for("idle")
     # No new task was taken for an old one (all 100 new payloads ran), and every task still
     # in .tasks whose ack the journal lost ran again (at-least-once), never lost.

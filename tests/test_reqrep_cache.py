@@ -27,30 +27,19 @@ from patterns.reqrep import (
     ServiceConfig,
 )
 from patterns.reqrep.cache import Lookup, ReplyCache
+from tests.test_reqrep_real import ctrl, make_node
 from tests.util import REPO, unique, wait_until
 
 PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6)
-
-
-def _node(path: Path, mesh: str, peer: str | None = None) -> Node:
-    node = Node(data_dir=path, name=path.name, mesh=mesh, interface="127.0.0.1", mdns=False,
-                presence=PRESENCE, static_peers=(peer,) if peer else ())
-    if peer:
-        wait_until(node.peers.list, 10, what="hub live")
-    return node
-
-
-def _ctrl(node: Node) -> str:
-    return next(e for e in node.info().endpoints["control"] if e.startswith("tcp://"))
 
 
 @pytest.fixture
 def mesh3(tmp_path: Path) -> Iterator[tuple[Node, Node, Node]]:
     """A hub (runs the services) and two caller nodes, A and B."""
     mesh = unique("m")
-    hub = _node(tmp_path / "hub", mesh)
-    a = _node(tmp_path / "a", mesh, _ctrl(hub))
-    b = _node(tmp_path / "b", mesh, _ctrl(hub))
+    hub = make_node(tmp_path / "hub", mesh)
+    a = make_node(tmp_path / "a", mesh, ctrl(hub))
+    b = make_node(tmp_path / "b", mesh, ctrl(hub))
     yield hub, a, b
     for n in (a, b, hub):
         n.close()

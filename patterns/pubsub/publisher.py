@@ -34,6 +34,7 @@ from mesh.errors import (
     SendFailed,
 )
 from mesh.log import LogConfig, LogDirectory
+from mesh.peers import PeerEventKind
 from mesh.security.signing import EventSigner
 from mesh.tracing import OTEL, child_fields, otel_active, span
 from patterns._metrics import attach, publisher_collector
@@ -219,7 +220,7 @@ class _PubHub:
     def _on_peer(self, ev: Any) -> None:
         # Reactor thread. Positions of subscribers whose node left and stayed away
         # forget_after_s are dropped at a beat (their log retention floors have their own TTL).
-        if ev.kind.name == "LEFT":
+        if ev.kind is PeerEventKind.LEFT:
             self.left[ev.peer.node_id] = time.monotonic()
         else:
             self.left.pop(ev.peer.node_id, None)
