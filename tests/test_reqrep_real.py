@@ -49,11 +49,11 @@ def hub(tmp_path: Path) -> Iterator[Node]:
 
 
 def start_child(tmp: Path, hub: Node, name: str, record: Path, *, concurrency: int = 4,
-                delay_ms: int = 0, drop: int = 0, data: Path | None = None
-                ) -> subprocess.Popen[bytes]:
+                delay_ms: int = 0, drop: int = 0, data: Path | None = None,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     data = data or tmp / unique("svc")
     p = python_child(CODE, str(data), hub.mesh, ctrl(hub), name, str(record), str(concurrency),
-                     str(delay_ms), str(drop), stdout=subprocess.PIPE)
+                     str(delay_ms), str(drop), stdout=subprocess.PIPE, env=env)
     assert p.stdout is not None
     line = p.stdout.readline().decode()
     assert line.startswith("READY "), line

@@ -11,7 +11,13 @@ from patterns.reqrep import frames as fr
 from patterns.reqrep.balancer import Balancer
 from patterns.reqrep.cache import Lookup, ReplyCache
 from patterns.reqrep.call import Call, CallConfig, Ping, Send
-from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
+from patterns.reqrep.errors import (
+    NoResponders,
+    OutcomeUnknown,
+    RemoteError,
+    RequestTimeout,
+    ServiceBusy,
+)
 from patterns.reqrep.retry import Backoff, Deadline
 
 
@@ -159,23 +165,58 @@ def ok(rid: str, free: int = 1) -> fr.Reply:
     return fr.Reply(rid, fr.Status.OK, free, fr.Format.BYTES, body=b"r")
 
 
-def test_call_fails_over_when_the_responder_goes_silent() -> None:
+def test_silence_is_not_death_the_call_stays_and_keeps_asking() -> None:
     c = Clock()
     b = Balancer(c, rand=lambda: 0.0)
     b.add("a")
     b.add("b")
-    call = Call("r", "s", 2.0, c.t, CFG)
+    call = Call("r", "s", 5.0, c.t, CFG)
     first = call.step(c.t, b)
     assert len(first) == 1 and isinstance(first[0], Send)
     r1 = first[0].responder
-    c.t += 0.1
-    assert call.step(c.t, b) == [Ping(r1)]
-    c.t += 0.25
-    actions = call.step(c.t, b)  # 0.35 s of silence = 3 heartbeats: fail over
+    for _ in range(30):  # 3 s of silence (a GIL-holding handler, SIGSTOP, a partition)
+        c.t += 0.1
+        assert call.step(c.t, b) == [Ping(r1)]
+    assert call.responder == r1 and call.failovers == 0 and call.attempts == 1
+    assert b.is_silent(r1)  # new calls avoid it ...
+    assert b.choose() != r1
+    call.on_reply(r1, ok("r"), c.t, b)  # ... but its reply is still the one we wait for
+    assert call.done and call.error is None and not b.is_silent(r1)
+
+
+def test_left_before_running_fails_over_left_after_running_is_outcome_unknown() -> None:
+    c = Clock()
+    b = Balancer(c, rand=lambda: 0.0)
+    b.add("a")
+    b.add("b")
+    call = Call("r", "s", 5.0, c.t, CFG)
+    r1 = call.step(c.t, b)[0].responder
+    b.remove(r1)  # presence LEFT before it ever said RUNNING: fail over
+    actions = call.step(c.t, b)
     assert len(actions) == 1 and isinstance(actions[0], Send) and actions[0].responder != r1
-    assert b.is_silent(r1) and call.failovers == 1
-    call.on_reply(actions[0].responder, ok("r"), c.t, b)
-    assert call.done and call.error is None and call.reply is not None
+    assert call.failovers == 1
+    r2 = actions[0].responder
+    c.t += 0.1
+    assert call.step(c.t, b) == [Ping(r2)]
+    assert call.on_pong(r2, fr.Pong(1, 0, "r", fr.TaskState.RUNNING), c.t, b) is None
+    call.on_lost(r2, c.t, b)  # its PING was unroutable: the process is gone, mid-handler
+    assert call.done and isinstance(call.error, OutcomeUnknown)
+    assert call.error.responder == r2 and call.failovers == 1
+
+
+def test_retry_on_death_fails_over_a_running_request() -> None:
+    c = Clock()
+    b = Balancer(c, rand=lambda: 0.0)
+    b.add("a")
+    b.add("b")
+    cfg = CallConfig(heartbeat_s=0.1, liveness=3, backoff=Backoff(0.01, 0.1), poll_s=0.05,
+                     retry_on_death=True)
+    call = Call("r", "s", 5.0, c.t, cfg)
+    r1 = call.step(c.t, b)[0].responder
+    call.on_pong(r1, fr.Pong(1, 0, "r", fr.TaskState.RUNNING), c.t, b)
+    b.remove(r1)
+    actions = call.step(c.t, b)
+    assert isinstance(actions[0], Send) and actions[0].responder != r1 and not call.done
 
 
 def test_call_resends_on_done_pong_and_waits_on_running() -> None:

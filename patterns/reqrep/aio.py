@@ -96,6 +96,7 @@ class AsyncClient(ClientCore):
                                  stats=self._stats)
         bal = self.responders.track(service)
         wire = self._start()
+        self.responders.prefer(call)
         loop = asyncio.get_running_loop()
         pend = self._pending[call.id] = _Pending(call, req)
         try:
@@ -124,6 +125,7 @@ class AsyncClient(ClientCore):
             del self._pending[call.id]
             with self.responders.lock:
                 call.release(bal)
+            self.responders.remember(call)
         return finish_call(call, self._stats)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float, now: float) -> None:
@@ -157,7 +159,7 @@ class AsyncClient(ClientCore):
                 with self.responders.lock:
                     if isinstance(a, Ping):
                         bal.mark_silent(a.responder)
-                        call.on_silent(a.responder, now, bal)
+                        call.on_lost(a.responder, now, bal)
                     else:
                         call.on_send_failed(a.responder, now, bal)
         # a send can consume the FD's edge: look for already-queued replies soon

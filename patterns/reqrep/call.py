@@ -7,10 +7,20 @@ Life of a call: pick a responder (:class:`~patterns.reqrep.balancer.Balancer`), 
 waiting, PING that responder every ``heartbeat_s`` with the request id; its PONG says whether
 the request is RUNNING (keep waiting: a slow handler is never run twice), DONE (the reply was
 lost: resend, the responder answers from its reply cache) or UNKNOWN (the request was lost:
-resend). No frame from it for ``heartbeat_s * liveness`` marks it silent and fails the call
-over to another responder at once (Paranoid Pirate + Freelance). BUSY replies and send failures
-back off with full jitter (Lazy Pirate). At the deadline the call fails with
-:class:`NoResponders` if it never reached a responder, else :class:`RequestTimeout`.
+resend).
+
+Silence is not death. A responder that does not answer for ``heartbeat_s * liveness`` is marked
+silent, so *new* calls prefer others, but the call it holds stays with it and keeps asking: a
+handler holding the GIL, a SIGSTOPped process or a short partition delays the reply, it does not
+run the request a second time elsewhere. The call leaves its responder only on evidence of
+death: the node left the mesh (presence LEFT, after ``gone_s`` without a word from it), or the
+connection is gone (a PING that cannot be routed: the process died and the kernel closed its
+sockets). If the responder had said RUNNING, the request started there and may have taken
+effect: the call then fails with :class:`OutcomeUnknown` (never a silent second run) unless
+``retry_on_death`` is set for an idempotent handler; if it never said RUNNING, the call fails
+over to another responder (Paranoid Pirate + Freelance). BUSY replies and send failures back off
+with full jitter (Lazy Pirate). At the deadline the call fails with :class:`NoResponders` if it
+never reached a responder, else :class:`RequestTimeout`.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from dataclasses import dataclass, field
 from mesh.errors import ConfigError, MeshError
 from patterns.reqrep.balancer import Balancer, ResponderView
 from patterns.reqrep.errors import NoResponders, RemoteError, RequestTimeout, ServiceBusy
-from patterns.reqrep.frames import Pong, Reply, Status, TaskState
+from patterns.reqrep.frames import ERR_OUTCOME_UNKNOWN, Pong, Reply, Status, TaskState
 from patterns.reqrep.retry import Backoff
 
 __all__ = ["Call", "CallConfig", "Ping", "Send"]
@@ -34,15 +44,19 @@ class CallConfig:
 
     Attributes:
         heartbeat_s: interval of PINGs to the responder holding a request.
-        liveness: missed heartbeats after which that responder is silent (failover).
+        liveness: missed heartbeats after which that responder is marked silent (new calls
+            avoid it; the calls it holds stay with it).
         backoff: waits after BUSY replies and failed sends.
         poll_s: how often to look again for a responder when none is known.
+        retry_on_death: when the responder died after saying RUNNING, send the request to
+            another one (for idempotent handlers) instead of failing with OutcomeUnknown.
     """
 
     heartbeat_s: float = 0.2
     liveness: int = 3
     backoff: Backoff = field(default_factory=Backoff)
     poll_s: float = 0.05
+    retry_on_death: bool = False
 
     def __post_init__(self) -> None:
         if not self.heartbeat_s > 0 or self.liveness < 1 or not self.poll_s > 0:
@@ -90,6 +104,10 @@ class Call:
         self.failovers = 0
         self.tried: set[str] = set()
         self.ever_sent = False
+        self.running_on: str | None = None  # the responder that said RUNNING for this send
+        self.prefer: str | None = None  # send first to this one (it held this id before)
+        self._marked_silent = False
+        self.counted = (0, 0)  # (retries, failovers) already added to the client's counters
         self._busy_from: set[str] = set()
         self._next_send = now
         self._next_ping = 0.0
@@ -116,8 +134,8 @@ class Call:
     def extend(self, now: float, timeout: float, balancer: Balancer) -> None:
         """Reopen a call that timed out for another round of ``timeout`` seconds (durable
         requests), keeping its id, its attempts and the responder holding it while that
-        responder is still present and not silent: a request it said RUNNING is not sent to
-        another responder just because a round ended."""
+        responder is still present (silent or not): a request it holds is not sent to another
+        responder just because a round ended."""
         self.done = False
         self.error = None
         self.reply = None
@@ -125,8 +143,10 @@ class Call:
         self.deadline = now + timeout
         self._busy_from.clear()
         r = self.responder
-        if r is not None and (r not in balancer.responders or balancer.is_silent(r)):
-            r = self.responder = None  # it left the mesh (or went silent): choose again
+        if r is not None and r not in balancer.responders:
+            if self._lost(r, now, balancer):  # it left the mesh while we were away
+                return
+            r = None
         if r is not None:
             self._last_heard = now
             self._next_ping = now  # ask it at once whether it still holds the request
@@ -169,7 +189,9 @@ class Call:
         if self.done or responder != self.responder or pong.request_id != self.id:
             return None
         self._last_heard = now
+        self._marked_silent = False
         if pong.state == TaskState.RUNNING:
+            self.running_on = responder
             return None
         # UNKNOWN: the request was lost on the way; DONE: the reply was. Either way resend the
         # same id: the responder runs it (UNKNOWN) or answers from its cache (DONE).
@@ -184,13 +206,11 @@ class Call:
             self.responder = None
             self._back_off(now)
 
-    def on_silent(self, responder: str, now: float, balancer: Balancer) -> None:
-        """Another call (or the client) found ``responder`` silent: fail over now."""
+    def on_lost(self, responder: str, now: float, balancer: Balancer) -> None:
+        """Evidence that ``responder`` is dead: a PING to it could not be routed (its
+        connection is gone). See the module doc for what the call does."""
         if not self.done and responder == self.responder:
-            self.release(balancer)
-            self.responder = None
-            self.failovers += 1
-            self._next_send = now
+            self._lost(responder, now, balancer)
 
     # --- timer --------------------------------------------------------------------------------
 
@@ -203,25 +223,31 @@ class Call:
             self.release(balancer)
             return []
         r = self.responder
+        if r is not None and r not in balancer.responders:
+            if self._lost(r, now, balancer):  # presence LEFT: the node is gone from the mesh
+                return []
+            r = None
         if r is not None:
-            if now - self._last_heard >= self.config.heartbeat_s * self.config.liveness:
-                self.release(balancer)
+            if not self._marked_silent and \
+                    now - self._last_heard >= self.config.heartbeat_s * self.config.liveness:
+                # Silent, not dead: new calls avoid it; this one keeps asking it.
                 balancer.mark_silent(r)
-                self.responder = None
-                self.failovers += 1
-                self._next_send = now
-            elif now >= self._next_ping:
+                self._marked_silent = True
+            if now >= self._next_ping:
                 self._next_ping = now + self.config.heartbeat_s
                 return [Ping(r)]
-            else:
-                return []
+            return []
         if now < self._next_send:
             return []
-        chosen = balancer.choose(self.tried)
+        chosen, self.prefer = self.prefer, None
+        if chosen not in balancer.responders:
+            chosen = balancer.choose(self.tried)
         if chosen is None:
             self._next_send = now + self.config.poll_s
             return []
         self.responder = chosen
+        self.running_on = None
+        self._marked_silent = False
         self.tried.add(chosen)
         self.ever_sent = True
         self.attempts += 1
@@ -237,11 +263,26 @@ class Call:
             return float("inf")
         if self.responder is None:
             return min(self.deadline, self._next_send)
-        hb = self.config
-        return min(self.deadline, self._next_ping,
-                   self._last_heard + hb.heartbeat_s * hb.liveness)
+        return min(self.deadline, self._next_ping)
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _lost(self, responder: str, now: float, balancer: Balancer) -> bool:
+        # The responder holding the call is dead (left the mesh, or its connection is gone).
+        # True when that ends the call.
+        self.release(balancer)
+        self.responder = None
+        if self.running_on == responder and not self.config.retry_on_death:
+            # It started the handler: the effect may have happened. Say so, never rerun it.
+            self.done = True
+            self.error = RemoteError(
+                ERR_OUTCOME_UNKNOWN, f"request {self.id} was running on {responder} when it "
+                "died (left the mesh or lost its connection); it may or may not have taken "
+                "effect", service=self.service, responder=responder)
+            return True
+        self.failovers += 1
+        self._next_send = now
+        return False
 
     def _back_off(self, now: float) -> None:
         self._next_send = now + self.config.backoff.delay(self._retries, self._rand)

@@ -32,6 +32,7 @@ from patterns.reqrep import frames as fr
 from patterns.reqrep._zio import POLLIN, recv_frames, send_frames
 from patterns.reqrep.balancer import Balancer
 from patterns.reqrep.call import Call, CallConfig, Ping, Send
+from patterns.reqrep.errors import RequestTimeout
 from patterns.reqrep.retry import Backoff
 from patterns.reqrep.service import decode_body, encode_body, routing_id, service_role
 
@@ -50,6 +51,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAX_WAIT_S = 0.05  # re-check the responder table at least this often while waiting
+_MAX_HOLDERS = 4096  # timed-out request ids remembered with their responder, for retries
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,14 @@ class ClientConfig:
     Attributes:
         timeout: default total deadline of a request, in seconds.
         heartbeat_s: PING interval to the responder holding a request.
-        liveness: missed heartbeats after which a responder is silent (failover).
-        silent_s: how long a silent responder is skipped (unless it re-announces itself).
+        liveness: missed heartbeats after which a responder is marked silent: new requests
+            avoid it, but a request it holds stays with it (silence is not death; see
+            :mod:`patterns.reqrep.call`).
+        silent_s: how long a silent responder is skipped (unless it is heard from again).
         backoff: waits after BUSY replies and failed sends.
+        retry_on_death: when the responder holding a request dies after saying RUNNING,
+            send it to another responder (set it only for idempotent handlers) instead of
+            raising :class:`~patterns.reqrep.errors.OutcomeUnknown`.
     """
 
     timeout: float = 5.0
@@ -69,10 +76,12 @@ class ClientConfig:
     liveness: int = 3
     silent_s: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
+    retry_on_death: bool = False
 
     def call_config(self) -> CallConfig:
         """The per-call timing derived from these settings."""
-        return CallConfig(self.heartbeat_s, self.liveness, self.backoff)
+        return CallConfig(self.heartbeat_s, self.liveness, self.backoff,
+                          retry_on_death=self.retry_on_death)
 
 
 @dataclass
@@ -103,6 +112,9 @@ class Responders:
         self.generation = 0
         self.endpoints: dict[str, dict[str, str]] = {}  # service -> node id -> endpoint
         self.balancers: dict[str, Balancer] = {}
+        # (service, request id) -> responder that held it when its call timed out, so a retry
+        # with the same id goes back there (its reply cache knows the id; another would run it)
+        self._holders: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._unsubscribe = node.on_peer(self._on_peer)
 
     def track(self, service: str) -> Balancer:
@@ -150,6 +162,21 @@ class Responders:
         elif ev.kind == PeerEventKind.LEFT:
             self._remove(ev.peer.node_id)
 
+    def prefer(self, call: Call) -> None:
+        """Point a new call at the responder that held its id when an earlier call with the
+        same id timed out (if that responder is still present)."""
+        if self._holders:
+            with self.lock:
+                call.prefer = self._holders.pop((call.service, call.id), None)
+
+    def remember(self, call: Call) -> None:
+        """After a call ends: keep who held it if it timed out (bounded, oldest forgotten)."""
+        if call.responder is not None and isinstance(call.error, RequestTimeout):
+            with self.lock:
+                self._holders[(call.service, call.id)] = call.responder
+                while len(self._holders) > _MAX_HOLDERS:
+                    self._holders.popitem(last=False)
+
     def snapshot(self) -> tuple[int, dict[bytes, str]]:
         """(generation, routing id -> endpoint) of every responder of every tracked service."""
         with self.lock:
@@ -170,6 +197,12 @@ class Wire:
         self.sock = node.socket(zmq.ROUTER, "rpc-client")
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable -> error, not a silent drop
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted responder takes its id back
+        # IMMEDIATE: a pipe exists only while its connection does, so when a responder's process
+        # dies (the kernel closes its sockets) its routing id becomes unroutable at once and
+        # the next PING fails: that is the client's evidence of death. Without it the pipe
+        # outlives the connection (libzmq keeps it for the reconnect) and PINGs queue silently.
+        # A SIGSTOPped or GIL-bound responder keeps its connection, so it keeps its requests.
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.owner = threading.get_ident()
         self.generation = -1
         self.connected: dict[bytes, str] = {}
@@ -274,8 +307,11 @@ def finish_call(call: Call, stats: collections.Counter[str]) -> Any:
     Raises:
         MeshError: the call's error (RemoteError, NoResponders, RequestTimeout...).
     """
-    stats["retries"] += max(0, call.attempts - 1)
-    stats["failovers"] += call.failovers
+    # A durable request ends several rounds of one call: count only what is new this round.
+    retries, failovers = max(0, call.attempts - 1), call.failovers
+    stats["retries"] += retries - call.counted[0]
+    stats["failovers"] += failovers - call.counted[1]
+    call.counted = (retries, failovers)
     if call.error is not None:
         stats[type(call.error).__name__] += 1
         raise call.error
@@ -362,7 +398,11 @@ class Client(ClientCore):
             RemoteError: the handler raised (``.type``, ``.message``).
             ServiceBusy: every responder refused for lack of capacity until the deadline.
             NoResponders: no responder was found before the deadline.
-            RequestTimeout: responders were tried but no reply came before the deadline.
+            RequestTimeout: responders were tried but no reply came before the deadline; the
+                request may or may not have run. Retry with the same ``request_id``: the
+                responder holding it answers from its reply cache instead of running it again.
+            OutcomeUnknown: the responder died while running the request (it may or may not
+                have taken effect); not retried elsewhere unless ``retry_on_death``.
             ConfigError: bad timeout, payload or headers.
             ClosedError: the client is closed.
         """
@@ -388,11 +428,14 @@ class Client(ClientCore):
         """Run a prepared (or reopened, see :meth:`Call.extend`) call to its end."""
         bal = self.responders.track(call.service)
         wire = self._wire()
+        if not call.ever_sent:
+            self.responders.prefer(call)
         try:
             self._run(wire, bal, call, req)
         finally:  # every end of a call gives back its in-flight slot (timeout, close, error)
             with self.responders.lock:
                 call.release(bal)
+            self.responders.remember(call)
         return finish_call(call, self._stats)
 
     def _act(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
@@ -402,9 +445,9 @@ class Client(ClientCore):
                 now = self._clock()
                 with self.responders.lock:
                     if isinstance(a, Ping):
-                        # gone from under us (ROUTER_MANDATORY): as good as silent
+                        # its connection is gone (ROUTER_MANDATORY): evidence of death
                         bal.mark_silent(a.responder)
-                        call.on_silent(a.responder, now, bal)
+                        call.on_lost(a.responder, now, bal)
                     else:
                         call.on_send_failed(a.responder, now, bal)
 
