@@ -121,15 +121,17 @@ def test_durable_outcomes_and_log_are_pruned_after_their_ttl(tmp_path: Path) -> 
     mesh, name = unique("m"), unique("svc")
     hub = make_node(tmp_path / "hub", mesh)
     srv = make_node(tmp_path / "srv", mesh, ctrl(hub))
-    svc = Service(srv, name, lambda req: len(req.payload))
+    gate = threading.Event()  # nothing is answered (so nothing pruned) until all are logged
+    svc = Service(srv, name, lambda req: gate.wait(10) and len(req.payload))
     body = b"x" * 8192
     try:
         responders(hub, name, 1)
         with DurableClient(hub, outcome_ttl=0.5) as dc:
             ids = [dc.submit(name, body) for _ in range(60)]  # ~500 KB: more than one segment
-            assert [dc.result(rid, timeout=15) for rid in ids] == [8192] * 60
             full = _log_bytes(hub)
             assert full > 400_000
+            gate.set()
+            assert [dc.result(rid, timeout=15) for rid in ids] == [8192] * 60
             wait_until(lambda: not list(dc._state.items("reqrep.titanic")), 10,
                        what="outcomes pruned")
             wait_until(lambda: _log_bytes(hub) < full / 2, 10, what="log trimmed")

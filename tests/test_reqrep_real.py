@@ -18,6 +18,7 @@ from patterns.reqrep import (
     Client,
     Incoming,
     NoResponders,
+    OutcomeUnknown,
     RemoteError,
     RequestTimeout,
     Service,
@@ -122,15 +123,13 @@ def test_sigkill_one_of_two_responders_under_load_every_request_completes_once(
             stop.set()
             for t in threads:
                 t.join(15)
-        assert not errors, errors[:3]
+        # Only the requests A held when it was killed fail, each with OutcomeUnknown (they may
+        # have run): at most one per calling thread. None is run again on B.
+        assert all(isinstance(e, OutcomeUnknown) for e in errors), errors[:3]
+        assert len(errors) <= 4, errors
         assert all(elapsed < timeout for _, elapsed in done)
-        ra, rb = lines(rec_a), lines(rec_b)
-        assert len(ra) == len(set(ra)), "a request ran twice on responder A"
-        assert len(rb) == len(set(rb)), "a request ran twice on responder B"
-        # Across responders only a request A finished but could not answer before SIGKILL may
-        # run again on B: at most A's handlers in flight at the kill, and only A's last ones.
-        both = set(ra) & set(rb)
-        assert len(both) <= 4, both
+        started = lines(Path(f"{rec_a}.started")) + lines(Path(f"{rec_b}.started"))
+        assert len(started) == len(set(started)), "a request started twice"
         assert len({rid for rid, _ in done}) == len(done)
         st = client.stats()
         assert st.replies == len(done)

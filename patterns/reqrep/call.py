@@ -12,13 +12,13 @@ resend).
 Silence is not death. A responder that does not answer for ``heartbeat_s * liveness`` is marked
 silent, so *new* calls prefer others, but the call it holds stays with it and keeps asking: a
 handler holding the GIL, a SIGSTOPped process or a short partition delays the reply, it does not
-run the request a second time elsewhere. The call leaves its responder only on evidence of
-death: the node left the mesh (presence LEFT, after ``gone_s`` without a word from it), or the
-connection is gone (a PING that cannot be routed: the process died and the kernel closed its
-sockets). If the responder had said RUNNING, the request started there and may have taken
-effect: the call then fails with :class:`OutcomeUnknown` (never a silent second run) unless
-``retry_on_death`` is set for an idempotent handler; if it never said RUNNING, the call fails
-over to another responder (Paranoid Pirate + Freelance). BUSY replies and send failures back off
+run the request a second time elsewhere. Once sent, a request goes to no other responder unless
+this one refused it (BUSY, no such service) or the send itself failed. If the responder dies
+holding it (the node left the mesh: ``gone_s`` without a word from it; or its connection is
+gone: a PING that cannot be routed because the process died and the kernel closed its sockets),
+the request may have run there: the call fails with :class:`OutcomeUnknown`, never a silent
+second run, unless ``retry_on_death`` is set for an idempotent handler, which fails over to
+another responder (Paranoid Pirate + Freelance). BUSY replies and send failures back off
 with full jitter (Lazy Pirate). At the deadline the call fails with :class:`NoResponders` if it
 never reached a responder, else :class:`RequestTimeout`.
 """
@@ -48,8 +48,8 @@ class CallConfig:
             avoid it; the calls it holds stay with it).
         backoff: waits after BUSY replies and failed sends.
         poll_s: how often to look again for a responder when none is known.
-        retry_on_death: when the responder died after saying RUNNING, send the request to
-            another one (for idempotent handlers) instead of failing with OutcomeUnknown.
+        retry_on_death: when the responder holding a request dies, send it to another one
+            (for idempotent handlers) instead of failing with OutcomeUnknown.
     """
 
     heartbeat_s: float = 0.2
@@ -272,13 +272,14 @@ class Call:
         # True when that ends the call.
         self.release(balancer)
         self.responder = None
-        if self.running_on == responder and not self.config.retry_on_death:
-            # It started the handler: the effect may have happened. Say so, never rerun it.
+        if not self.config.retry_on_death:
+            # It may have run (or be running) the handler: say so, never run it elsewhere.
+            what = "was running on" if self.running_on == responder else "was sent to"
             self.done = True
             self.error = RemoteError(
-                ERR_OUTCOME_UNKNOWN, f"request {self.id} was running on {responder} when it "
-                "died (left the mesh or lost its connection); it may or may not have taken "
-                "effect", service=self.service, responder=responder)
+                ERR_OUTCOME_UNKNOWN, f"request {self.id} {what} {responder}, which died before "
+                "replying (it left the mesh or lost its connection); it may or may not have "
+                "taken effect", service=self.service, responder=responder)
             return True
         self.failovers += 1
         self._next_send = now

@@ -66,9 +66,9 @@ class ClientConfig:
             :mod:`patterns.reqrep.call`).
         silent_s: how long a silent responder is skipped (unless it is heard from again).
         backoff: waits after BUSY replies and failed sends.
-        retry_on_death: when the responder holding a request dies after saying RUNNING,
-            send it to another responder (set it only for idempotent handlers) instead of
-            raising :class:`~patterns.reqrep.errors.OutcomeUnknown`.
+        retry_on_death: when the responder holding a request dies, send the request to
+            another responder (set it only for idempotent handlers) instead of raising
+            :class:`~patterns.reqrep.errors.OutcomeUnknown`.
     """
 
     timeout: float = 5.0
@@ -401,8 +401,8 @@ class Client(ClientCore):
             RequestTimeout: responders were tried but no reply came before the deadline; the
                 request may or may not have run. Retry with the same ``request_id``: the
                 responder holding it answers from its reply cache instead of running it again.
-            OutcomeUnknown: the responder died while running the request (it may or may not
-                have taken effect); not retried elsewhere unless ``retry_on_death``.
+            OutcomeUnknown: the responder holding the request died before replying (it may or
+                may not have taken effect); not sent elsewhere unless ``retry_on_death``.
             ConfigError: bad timeout, payload or headers.
             ClosedError: the client is closed.
         """

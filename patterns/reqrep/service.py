@@ -3,8 +3,12 @@
 Threads: one I/O thread per service owns the ROUTER (receives, answers PINGs, consults the
 reply cache, sends replies); handlers run on ``concurrency`` worker threads and hand results
 back through a deque plus one wake-up byte on a pipe per batch (portable: no eventfd).
-``inline=True`` runs the handler on the I/O thread instead: one thread hop less per request (measured: p50 about 60 µs better on
-ipc), but PINGs wait while a handler runs, so use it only for handlers that take microseconds.
+``inline=True`` runs the handler on the I/O thread instead: one thread hop less per request
+(measured: p50 about 60 µs better on ipc), but PINGs and every other request wait while a
+handler runs, so use it only for handlers that take microseconds. Callers do not take that
+silence for death (they keep waiting; see :mod:`patterns.reqrep.call`), but any handler that
+holds the GIL longer than presence ``gone_s`` (10 s by default) stops the node's heartbeats
+too, and its peers then count it as gone: its callers get ``OutcomeUnknown``.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ class ServiceConfig:
 
     Attributes:
         concurrency: handlers running at once (worker threads).
-        inline: run the handler on the I/O thread (fast handlers only; see module doc).
+        inline: run the handler on the I/O thread (handlers of microseconds only: PINGs and
+            other requests wait while it runs; see the module doc).
         cache_window_s: how long a reply is kept for retries of the same request id.
         cache_max: most replies kept.
         cache_max_bytes: most bytes of encoded replies kept (oldest dropped first).
