@@ -193,3 +193,64 @@ def test_damaged_outcome_log_never_runs_a_retry_again(tmp_path: Path) -> None:
         svc.close()
         c.close()
         s.close()
+
+
+def test_a_full_disk_never_runs_a_request_whose_running_mark_was_not_written(
+        tmp_path: Path) -> None:
+    # A request run without its RUNNING record could run again after a crash and restart
+    # (nothing says it started). With the disk full such requests are refused unrun (BUSY):
+    # every request that ran has its RUNNING record in the log.
+    import os
+    import subprocess
+
+    import msgpack
+
+    from mesh.log import LogDirectory
+    from patterns.reqrep import ServiceBusy
+
+    odir = tmp_path / "srv" / "reqrep" / "streams" / "full.outcomes"
+    odir.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(odir)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    mesh = unique("m")
+    hub = make_node(tmp_path / "hub", mesh)
+    srv = make_node(tmp_path / "srv", mesh, next(
+        e for e in hub.info().endpoints["control"] if e.startswith("tcp://")))
+    ran: list[str] = []
+    busy: list[str] = []
+    try:
+        with Service(srv, "full", lambda r: ran.append(r.id) or r.payload) as svc, \
+                Client(hub, heartbeat_s=0.05) as client:
+            responders(hub, "full", 1)
+            assert client.request("full", b"before", timeout=5.0) == b"before"
+            filler = odir / "filler"
+            with open(filler, "wb", buffering=0) as f:  # to the last byte
+                for chunk in (65536, 4096, 64, 1):
+                    try:
+                        while True:
+                            f.write(b"\0" * chunk)
+                    except OSError:
+                        pass
+            for i in range(40):
+                try:
+                    client.request("full", b"x" * 512, timeout=0.3, request_id=f"full-{i}")
+                except ServiceBusy:
+                    busy.append(f"full-{i}")
+            assert svc.stats().outcome_log_errors >= 1
+            os.unlink(filler)
+        marked = set()
+        lg = LogDirectory(tmp_path / "srv" / "reqrep").open("full.outcomes")
+        try:
+            for rec in lg.iter(lg.first_offset or 0):
+                kind, _caller, rid, _digest, _frames = msgpack.unpackb(rec.payload, raw=False)
+                if kind == 1:
+                    marked.add(rid)
+        finally:
+            lg.close()
+        unmarked = [rid for rid in ran if rid not in marked]
+        assert not unmarked, f"ran without a RUNNING record: {unmarked} (busy: {busy})"
+    finally:
+        srv.close()
+        hub.close()
+        subprocess.run(["umount", "-l", str(odir)], capture_output=True)

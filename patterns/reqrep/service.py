@@ -29,6 +29,7 @@ import msgpack
 import zmq
 from zmq.backend import zmq_poll
 
+from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
 from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention, validate_stream_name
 from mesh.tracing import consuming, context_of_request
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_limited = LogLimiter(log)
 
 _RECV_BATCH = 512
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -470,9 +472,10 @@ class Service:
             off = self._olog.append(data)
             self._obytes += len(data)
             return off
-        except MeshError as exc:  # disk full, closed: serve on, counted and logged
+        except MeshError as exc:  # disk full, closed: counted, logged at a bounded rate
             self._stats.outcome_log_errors += 1
-            log.warning("service %s: outcome log append failed: %s", self.name, exc)
+            _limited.warning("outcome-append", "service %s: outcome log append failed: %s",
+                             self.name, exc)
             return -1
 
     def _move_floor(self) -> None:
@@ -619,8 +622,15 @@ class Service:
         if self._olog is not None:  # RUNNING is written before the handler can start
             inc._digest = digest
             off = self._log_outcome(_RUNNING, key, digest, None)
-            if off >= 0:
-                self._run_off[key] = (off, self._obytes, digest)
+            if off < 0:
+                # Not recorded (disk full): running it anyway could run it again after a
+                # restart. Refuse it unrun, as BUSY, so the caller tries another responder.
+                self._cache.finish(key, [], keep=False)
+                st.busy += 1
+                self._send(rid, fr.encode_reply(fr.Reply(req.id, fr.Status.BUSY, self._free(),
+                                                         fr.Format.BYTES)))
+                return
+            self._run_off[key] = (off, self._obytes, digest)
         self._busy += 1
         if self._iter_q is not None:
             self._iter_q.put(inc)
