@@ -18,6 +18,8 @@ import msgpack
 
 from mesh.errors import ClosedError, StateError
 
+_WAL_LIMIT = 4 << 20  # bytes of write-ahead log kept after a checkpoint
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
     ns    TEXT NOT NULL,
@@ -48,6 +50,9 @@ class StateStore:
                 self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # The write-ahead file is cut back to this after each checkpoint; without it, it
+            # keeps the size of the largest transaction (or checkpoint backlog) forever.
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             self._db.execute(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StateError(f"cannot open state store {self.path}: {exc}") from exc

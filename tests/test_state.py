@@ -86,3 +86,19 @@ def test_sigkilled_writer_loses_no_acknowledged_put(data_dir: Path) -> None:
             n = st.get("c", "n")
             assert n >= acked and st.get("c", "copy") == n  # both keys of one put_many
     assert acked > 5
+
+
+def test_the_write_ahead_file_shrinks_after_a_large_transaction(tmp_path: Path) -> None:
+    # One 24 MB transaction grows the WAL to about that; later commits checkpoint it, and it
+    # is cut back (before: it kept its largest size forever).
+    store = StateStore(tmp_path / "s.db")
+    wal = tmp_path / "s.db-wal"
+    try:
+        store.put_many("big", {str(i): b"x" * 1024 for i in range(24_000)})
+        peak = wal.stat().st_size
+        assert peak > 20 << 20
+        for i in range(5):
+            store.delete("big", str(i))  # small commits: the auto-checkpoint runs
+        assert wal.stat().st_size <= 4 << 20, (peak, wal.stat().st_size)
+    finally:
+        store.close()
