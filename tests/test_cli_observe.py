@@ -20,26 +20,28 @@ from tests.util import REPO, unique, wait_until
 LOOP = ["--interface", "127.0.0.1", "--no-mdns"]
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
-def mesh(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def mesh(*args: str, timeout: float = 20, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+                          env=_env(env), timeout=timeout)
 
 
 class Bg:
     """A long-running `mesh` command; its control endpoint is read from stderr."""
 
-    def __init__(self, *args: str, tmp: Path) -> None:
+    def __init__(self, *args: str, tmp: Path, env: dict[str, str] | None = None) -> None:
         self.err_path = tmp / f"err-{unique()}"
         self.err = open(self.err_path, "w")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen([sys.executable, "-m", "mesh", *args], stdout=subprocess.PIPE,
-                                  stderr=self.err, text=True, env=_env())
+                                  stderr=self.err, text=True, env=_env(env))
 
     def endpoint(self) -> str:
         def find() -> str | None:

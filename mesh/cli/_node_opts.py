@@ -4,6 +4,16 @@ A one-shot command runs its own short-lived node: in a fresh temporary data dire
 ``--data-dir`` is given (then its logs, cursors and node id persist there). It finds the rest of
 the mesh by mDNS, or through ``--peer ENDPOINT`` (a static peer's control endpoint, printed by
 every long-running command on stderr); mDNS is off by default when a peer is given.
+
+Security (CURVE, mesh.security): ``--key-file`` (this node's secret key, from ``mesh keygen``),
+``--allowlist DIR`` (the admitted public keys) or ``--authority DIR`` (``ca.pub`` and the
+certificates, from ``mesh ca``), ``--allow RULE`` (permissions granted to every admitted peer;
+default ``*:*`` with an allowlist, none beyond the certificates' with an authority) and
+``--peer-key ENDPOINT=KEY`` (the CURVE key of a ``--peer``, needed before it says anything).
+Every option also comes from ``$ZEROMESH_<OPTION>`` (``ZEROMESH_KEY_FILE``, ``ZEROMESH_PEER``
+comma-separated, ...) and from a TOML file given by ``--config`` or ``$ZEROMESH_CONFIG`` (keys
+are option names with ``_``: ``key_file = "..."``, ``peer = ["tcp://..."]``). The command
+line wins over the environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -21,15 +31,33 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mesh.errors import ConfigError, MeshTimeout
+from mesh.errors import ConfigError, MeshError, MeshTimeout, PeerUnreachable
 
 
 def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
-    """Add ``--data-dir --mesh --interface --peer --mdns/--no-mdns --json --name``."""
+    """Add ``--data-dir --mesh --interface --peer --mdns/--no-mdns --json --name``, the
+    security options, ``--config`` and ``--metrics-port``."""
     p.add_argument("--data-dir", default=None,
                    help="the node's data directory (default: a temporary one, deleted at exit)"
                    if one_shot else "the node's data directory (default: a temporary one)")
-    p.add_argument("--mesh", default="default", help="mesh name (default: %(default)s)")
+    p.add_argument("--mesh", default=None, help="mesh name (default: default)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML file of defaults for these options (default: $ZEROMESH_CONFIG)")
+    sec = p.add_argument_group("security (CURVE)")
+    sec.add_argument("--key-file", default=None, metavar="FILE",
+                     help="this node's secret key (<name>.key_secret from mesh keygen); "
+                          "turns CURVE on")
+    sec.add_argument("--allowlist", default=None, metavar="DIR",
+                     help="directory of admitted public keys (*.key)")
+    sec.add_argument("--authority", default=None, metavar="DIR",
+                     help="mesh authority directory (ca.pub, and certificates unless --certs)")
+    sec.add_argument("--certs", default=None, metavar="DIR",
+                     help="directory of signed certificates (default: the --authority dir)")
+    sec.add_argument("--allow", action="append", default=None, metavar="RULE",
+                     help="permission rule for every admitted peer, e.g. 'subscribe:sensors.*'"
+                          " (repeatable; default '*:*' with --allowlist)")
+    sec.add_argument("--peer-key", action="append", default=None, metavar="ENDPOINT=KEY",
+                     help="the Z85 CURVE key of a --peer endpoint (repeatable)")
     p.add_argument("--interface", default=None,
                    help="address or interface to bind and announce on (default: "
                         "$ZEROMESH_INTERFACE, else all)")
@@ -41,10 +69,122 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
     p.add_argument("--no-mdns", dest="mdns", action="store_false")
     p.add_argument("--name", default=None, help="this node's name (default host-pid)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
-    if not one_shot:
-        p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help="serve this node's metrics on 127.0.0.1:PORT (0: any free port; "
-                            "read them with `mesh stats --port PORT`)")
+    p.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
+                   help="serve this node's metrics on 127.0.0.1:PORT (0: any free port; "
+                        "read them with `mesh stats --port PORT`)")
+
+
+# option -> kind: what resolve_options fills from $ZEROMESH_<OPTION> and the --config file
+# when the command line left it unset
+_SETTINGS: dict[str, str] = {
+    "mesh": "str", "data_dir": "str", "interface": "str", "name": "str", "peer": "list",
+    "key_file": "str", "allowlist": "str", "authority": "str", "certs": "str",
+    "allow": "list", "peer_key": "list", "metrics_port": "port",
+}
+
+
+def resolve_options(args: argparse.Namespace) -> None:
+    """Fill unset node options from ``$ZEROMESH_<OPTION>``, then from the TOML ``--config``
+    file (or ``$ZEROMESH_CONFIG``). Validates what it fills.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value has the wrong type.
+    """
+    import os
+
+    path = getattr(args, "config", None) or os.environ.get("ZEROMESH_CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        import tomllib
+        try:
+            with open(path, "rb") as f:
+                file_values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"--config {path}: {exc}") from exc
+        unknown = sorted(set(file_values) - set(_SETTINGS))
+        if unknown:
+            raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(_SETTINGS))}")
+    for opt, kind in _SETTINGS.items():
+        if not hasattr(args, opt):
+            continue
+        cur = getattr(args, opt)
+        if cur not in (None, []):
+            continue
+        env = os.environ.get("ZEROMESH_" + opt.upper())
+        value: Any = None
+        if env:
+            value = [x for x in env.split(",") if x] if kind == "list" else env
+        elif opt in file_values:
+            value = file_values[opt]
+        if value is None:
+            continue
+        if kind == "list":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{opt} must be a list of strings, got {value!r}")
+        elif kind == "port":
+            try:
+                value = port_number(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"{opt}: {exc}") from None
+        elif not isinstance(value, str):
+            raise ConfigError(f"{opt} must be a string, got {value!r}")
+        setattr(args, opt, value)
+    if getattr(args, "mesh", "") is None:
+        args.mesh = "default"
+
+
+def security_config(args: argparse.Namespace) -> Any:
+    """The node's SecurityConfig from the security options, or None (plaintext).
+
+    Raises:
+        ConfigError: an incomplete or malformed combination.
+    """
+    key_file = getattr(args, "key_file", None)
+    allowlist = getattr(args, "allowlist", None)
+    authority = getattr(args, "authority", None)
+    if not (key_file or allowlist or authority):
+        for opt in ("certs", "allow", "peer_key"):
+            if getattr(args, opt, None):
+                raise ConfigError(f"--{opt.replace('_', '-')} needs CURVE: give --allowlist "
+                                  "or --authority (and --key-file)")
+        return None
+    if not (allowlist or authority):
+        raise ConfigError("--key-file turns CURVE on: give --allowlist DIR or --authority DIR "
+                          "too (whom to admit)")
+    from mesh.security import SecurityConfig
+
+    for what, d in (("--allowlist", allowlist), ("--authority", authority)):
+        if d and not Path(d).is_dir():
+            raise ConfigError(f"{what} {d}: not a directory")
+    peer_keys: dict[str, str] = {}
+    for item in getattr(args, "peer_key", None) or ():
+        ep, sep, key = item.partition("=")
+        if not sep or not ep.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"--peer-key wants ENDPOINT=KEY, got {item!r}")
+        peer_keys[ep] = key
+    rules = list(getattr(args, "allow", None) or ())
+    if not rules and allowlist:
+        rules = ["*:*"]
+    kw: dict[str, Any] = {"key_file": key_file, "allowlist_dir": allowlist,
+                          "peer_keys": peer_keys, "permissions": {"*": rules} if rules else {}}
+    if authority:
+        kw["authority"] = str(Path(authority) / "ca.pub")
+        kw["certs_dir"] = getattr(args, "certs", None) or authority
+    return SecurityConfig(**kw)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0: any free port)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {n}")
+    return n
 
 
 @contextlib.contextmanager
@@ -56,18 +196,20 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
     """
     from mesh.node import Node, NodeConfig
 
+    resolve_options(args)
+    security = security_config(args)
     tmp: str | None = None
     data_dir = args.data_dir
-    if data_dir is None:
-        tmp = data_dir = tempfile.mkdtemp(prefix=f"zeromesh-{role}-")
     for ep in args.peer:
         if not ep.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"--peer must be tcp://host:port or ipc://path, got {ep!r}")
+    if data_dir is None:
+        tmp = data_dir = tempfile.mkdtemp(prefix=f"zeromesh-{role}-")
     mdns = args.mdns if args.mdns is not None else not args.peer
     try:
         node = Node(NodeConfig(data_dir=data_dir, name=args.name or None, mesh=args.mesh,
                                interface=args.interface, static_peers=tuple(args.peer),
-                               mdns=mdns))
+                               mdns=mdns, security=security))
         server = None
         try:
             eps = node.info().endpoints.get("control", ())
@@ -77,7 +219,15 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
 
                 server, port = serve_prometheus(node, port=args.metrics_port)
                 note(f"metrics on http://127.0.0.1:{port}/metrics")
-            yield node
+            try:
+                yield node
+            except (MeshTimeout, PeerUnreachable) as exc:
+                if security is None and not node.peers.list():
+                    # Nobody answered in plaintext: the usual cause is a CURVE-only mesh.
+                    raise MeshError(f"{exc} (no plaintext peer answered; if the mesh requires "
+                                    "CURVE, give --key-file and --allowlist or --authority)"
+                                    ) from exc
+                raise
         finally:
             if server is not None:
                 server.close()
