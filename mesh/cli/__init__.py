@@ -60,12 +60,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    _stop_on_signals()
     try:
         return int(func(args))
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # SIGINT or SIGTERM: the node said goodbye and closed
+        return 0
     except BrokenPipeError:
         return 0
     except (MeshError, OSError) as exc:
         print(f"mesh {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT both stop a command the same way: KeyboardInterrupt in the main
+    thread, so every ``with`` block unwinds (the node sends its mDNS goodbye and BYE, logs are
+    flushed and closed) and the command exits 0. Further signals are ignored meanwhile, so a
+    second Ctrl-C or ``kill`` cannot cut the cleanup short."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # main() called from a thread (tests): signals are the main thread's
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
