@@ -258,6 +258,27 @@ def read_data(text: str) -> bytes:
     return text.encode()
 
 
+def data_items(text: str, lines: bool) -> Iterator[bytes]:
+    """The payloads of a DATA argument: one, or (``lines``) one per non-empty line. From stdin
+    (``-``) lines are yielded as they arrive, so a producer piped into ``mesh pub - --lines``
+    publishes each line at once (like ``mosquitto_pub -l``), not at end of input.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    if lines and text == "-":
+        for line in iter(sys.stdin.buffer.readline, b""):
+            line = line.rstrip(b"\r\n")
+            if line:
+                yield line
+        return
+    raw = read_data(text)
+    if lines:
+        yield from (ln for ln in raw.splitlines() if ln)
+    else:
+        yield raw
+
+
 def payload_value(raw: bytes, as_json: bool) -> Any:
     """Bytes as sent, or (``--data-json``) the JSON value they hold.
 

@@ -14,7 +14,16 @@ import argparse
 import json
 from typing import Any
 
-from mesh.cli._node_opts import add_node_args, human, note, open_node, positive, read_data
+from mesh.cli._node_opts import (
+    add_node_args,
+    data_items,
+    human,
+    note,
+    open_node,
+    positive,
+    positive_seconds,
+    seconds,
+)
 from mesh.errors import MeshTimeout
 
 
@@ -25,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("data", help="payload: text, @file, or - for stdin")
     p.add_argument("--key", default=None, help="ordering key (tasks of one key run in order)")
     p.add_argument("--lines", action="store_true", help="one task per line of DATA")
-    p.add_argument("--wait", type=float, default=10.0,
+    p.add_argument("--wait", type=seconds, default=10.0,
                    help="seconds to wait for the tasks to be acked (default 10)")
     p.add_argument("--no-wait", dest="no_wait", action="store_true",
                    help="exit once logged (use with --data-dir and a producer that stays up)")
@@ -36,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                               description=__doc__)
     w.add_argument("queue")
     w.add_argument("--count", type=positive, default=None, help="exit after N tasks")
-    w.add_argument("--timeout", type=float, default=None,
+    w.add_argument("--timeout", type=positive_seconds, default=None,
                    help="give up after this many seconds (exit 1 if --count was not reached)")
     w.add_argument("--fail", action="store_true",
                    help="nack every task instead (to watch redelivery and the DLQ)")
@@ -49,12 +58,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     """``mesh push``."""
     from patterns.pipeline import WorkQueue
 
-    raw = read_data(args.data)
-    items = [ln for ln in raw.splitlines() if ln] if args.lines else [raw]
+    items = data_items(args.data, args.lines)
+    if args.data != "-" or not args.lines:
+        items = iter(list(items))  # read (and validate) a file or argument before the node starts
     with open_node(args, "push") as node:
         q = WorkQueue(node, args.queue)
         try:
-            ids = [q.push(x, key=args.key) for x in items]
+            ids = [q.push(x, key=args.key) for x in items]  # stdin lines: each as it arrives
             if not args.no_wait:
                 try:
                     q.wait_idle(timeout=args.wait)

@@ -16,13 +16,15 @@ from typing import Any
 
 from mesh.cli._node_opts import (
     add_node_args,
+    data_items,
     human,
     note,
     open_node,
     parse_since,
     payload_value,
     positive,
-    read_data,
+    positive_seconds,
+    seconds,
     show_value,
 )
 from mesh.errors import ConfigError, MeshTimeout
@@ -38,9 +40,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--subject", default=None)
     p.add_argument("--data-json", action="store_true", help="DATA is JSON: send its value")
     p.add_argument("--lines", action="store_true", help="one event per line of DATA")
-    p.add_argument("--wait", type=float, default=3.0,
+    p.add_argument("--wait", type=seconds, default=3.0,
                    help="seconds to wait for a subscriber before publishing (default 3)")
-    p.add_argument("--linger", type=float, default=1.0,
+    p.add_argument("--linger", type=seconds, default=1.0,
                    help="seconds to stay up after publishing (default 1)")
     add_node_args(p)
     p.set_defaults(func=cmd_pub)
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("--durable", default=None, metavar="NAME",
                    help="a durable subscription: resumes where it stopped (use --data-dir)")
     s.add_argument("--count", type=positive, default=None, help="exit after N events")
-    s.add_argument("--timeout", type=float, default=None,
+    s.add_argument("--timeout", type=positive_seconds, default=None,
                    help="give up after this many seconds (exit 1 if --count was not reached)")
     s.add_argument("--endpoint", action="append", default=[],
                    help="a publisher's data endpoint to connect to directly (repeatable)")
@@ -93,9 +95,9 @@ def cmd_pub(args: argparse.Namespace) -> int:
     """``mesh pub``."""
     from patterns.pubsub import Publisher
 
-    raw = read_data(args.data)
-    items = [ln for ln in raw.splitlines() if ln] if args.lines else [raw]
-    values = [payload_value(x, args.data_json) for x in items]
+    items = data_items(args.data, args.lines)
+    if args.data != "-" or not args.lines:
+        items = iter(list(items))  # read (and validate) a file or argument before the node starts
     with open_node(args, "pub") as node, Publisher(node, args.topic) as pub:
         # The hub counts subscription frames on its XPUB: the one sure sign that a subscriber
         # is connected (publishing before that is the slow-joiner loss, though the event is
@@ -106,21 +108,30 @@ def cmd_pub(args: argparse.Namespace) -> int:
             time.sleep(0.01)
         if hub.subscriptions == 0:
             note(f"no subscriber connected within {args.wait:g} s; publishing anyway")
-        seqs = [pub.publish(v, type=args.type, subject=args.subject) for v in values]
+        seqs = [pub.publish(payload_value(x, args.data_json), type=args.type,
+                            subject=args.subject) for x in items]
         out = {"stream": args.topic, "seqs": seqs, "node": node.id}
         if args.json:
             print(json.dumps(out), flush=True)
-        else:
+        elif seqs:
             print(f"published {len(seqs)} event(s) to {args.topic} at seq "
                   f"{seqs[0]}{'..' + str(seqs[-1]) if len(seqs) > 1 else ''}", flush=True)
+        else:
+            print(f"published nothing to {args.topic} (no data)", flush=True)
         # Stay up so subscribers can fetch what they missed; leave early once every durable
         # subscriber acknowledged the head.
         end = time.monotonic() + max(0.0, args.linger)
+        lag: dict[Any, int] = {}
         while time.monotonic() < end:
-            st = pub.stats()
-            if st.lag and all(v == 0 for v in st.lag.values()):
+            lag = pub.stats().lag
+            if lag and all(v == 0 for v in lag.values()):
                 break
             time.sleep(0.02)
+        owed = {k: v for k, v in lag.items() if v}
+        if owed:
+            note(f"exiting with {max(owed.values())} event(s) not yet acked by "
+                 f"{len(owed)} durable subscriber(s); they stay in the log"
+                 + ("" if args.data_dir else " (temporary data dir: deleted now)"))
     return 0
 
 
