@@ -34,6 +34,15 @@ def mesh(*args: str, timeout: float = 20, env: dict[str, str] | None = None
                           env=_env(env), timeout=timeout)
 
 
+def ce_text(ce: dict[str, object]) -> str:
+    """The data of a CloudEvents JSON event as text (bytes travel as data_base64)."""
+    import base64
+
+    if "data_base64" in ce:
+        return base64.b64decode(str(ce["data_base64"])).decode()
+    return str(ce["data"])
+
+
 class Bg:
     """A long-running `mesh` command; its control endpoint is read from stderr."""
 
@@ -79,9 +88,10 @@ def test_pub_to_sub_round_trip_between_two_cli_processes(tmp_path: Path, bgs: li
     assert json.loads(r.stdout)["seqs"] == [0, 1]
     rc, out, err = sub.finish()
     assert rc == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    assert [e["data"] for e in events] == ['{"c": 21.5}', "plain text"]
-    assert [e["seq"] for e in events] == [0, 1] and events[0]["stream"] == topic
+    events = [json.loads(line) for line in out.splitlines()]  # CloudEvents JSON
+    assert [ce_text(e) for e in events] == ['{"c": 21.5}', "plain text"]
+    assert [e["meshseq"] for e in events] == [0, 1] and events[0]["meshstream"] == topic
+    assert events[0]["specversion"] == "1.0" and events[0]["source"]
 
 
 def test_push_to_work_between_two_cli_processes(tmp_path: Path, bgs: list[Bg]) -> None:
@@ -178,3 +188,20 @@ def test_user_mistakes_are_one_line_errors(args: tuple[str, ...], msg: str) -> N
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if "error" in ln]) == 1
+
+
+def test_sub_text_output_names_the_publisher(tmp_path: Path, bgs: list[Bg]) -> None:
+    # two `mesh pub` runs both printed "topic #0": the publisher (the event's source) tells
+    # them apart
+    topic = unique("who")
+    sub = Bg("sub", topic, "--count", "2", "--timeout", "30", *LOOP, tmp=tmp_path)
+    bgs.append(sub)
+    ep = sub.endpoint()
+    for name in ("pub-a", "pub-b"):
+        r = mesh("pub", topic, "x", "--name", name, "--peer", ep, *LOOP)
+        assert r.returncode == 0, r.stderr
+    rc, out, err = sub.finish()
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{topic} #0 from pub-a ") and \
+        lines[1].startswith(f"{topic} #0 from pub-b "), lines

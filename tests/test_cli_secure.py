@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.test_cli_observe import LOOP, Bg, mesh
+from tests.test_cli_observe import LOOP, Bg, ce_text, mesh
 from tests.util import unique
 
 
@@ -47,7 +47,7 @@ def test_pub_and_sub_over_curve_with_flags_env_and_config(tmp_path: Path) -> Non
         rc, out, err = sub.finish()
         assert rc == 0, err
         ev = json.loads(out.splitlines()[0])
-        assert ev["data"] == "over-curve" and ev["stream"] == topic
+        assert ce_text(ev) == "over-curve" and ev["meshstream"] == topic
     finally:
         sub.stop()
 

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.test_cli_observe import LOOP, Bg, _env, mesh
+from tests.test_cli_observe import LOOP, Bg, _env, ce_text, mesh
 from tests.util import unique, wait_until
 
 
@@ -49,7 +49,7 @@ def test_pub_lines_from_stdin_go_out_one_by_one(tmp_path: Path) -> None:
             wait_until(lambda i=i: len(seen.got) > i, 20, what=f"line {i + 1} delivered")
         feeder.stdin.close()
         assert feeder.wait(20) == 0, feeder.stderr.read() if feeder.stderr else ""
-        assert [json.loads(x)["data"] for x in seen.got] == ["one", "two", "three"]
+        assert [ce_text(json.loads(x)) for x in seen.got] == ["one", "two", "three"]
         assert sub.p.wait(20) == 0
     finally:
         if feeder is not None and feeder.poll() is None:

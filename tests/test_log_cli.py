@@ -87,3 +87,22 @@ def test_info_shows_the_writer_epochs(tmp_path: Path) -> None:
     assert [s for _e, s in row["epochs"]] == [0, 1] and all(e for e, _s in row["epochs"])
     r = mesh("info", str(tmp_path))
     assert f"epoch {row['epochs'][-1][0]} from offset 1 (2 epoch(s))" in r.stdout
+
+
+def test_tail_json_events_are_cloudevents_data_and_since_takes_an_age(data_dir: Path) -> None:
+    from mesh.envelope import Event, encode
+
+    d = LogDirectory(data_dir)
+    with d.open("ev", LogConfig(fsync=FsyncPolicy.never())) as lg:
+        lg.append(encode(Event(type="t", source="sensor-1", stream="ev", data={"c": 21.5})))
+    r = mesh("tail", str(data_dir), "ev", "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)
+    # before: "event" held a Python repr in a string
+    assert row["event"]["data"] == {"c": 21.5} and row["event"]["source"] == "sensor-1"
+    assert row["event"]["specversion"] == "1.0"
+    r = mesh("tail", str(data_dir), "ev", "--since", "10m")  # the same forms as `mesh sub`
+    assert r.returncode == 0 and r.stdout.startswith("0\t"), r.stderr
+    for bad in (["--from", "-5"], ["--limit", "0"]):
+        r = mesh("tail", str(data_dir), "ev", *bad)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (bad, r.stderr)

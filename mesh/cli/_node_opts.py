@@ -315,12 +315,16 @@ def human(value: Any) -> str:
 
 
 def parse_since(text: str) -> dt.datetime:
-    """``--since``: ISO 8601 (naive means UTC), or a relative age like ``90s``, ``10m``,
-    ``2h``, ``1d``.
+    """``--since`` (the same forms in every command): ISO 8601 (naive means UTC), an age like
+    ``90s``, ``10m``, ``2h``, ``1d``, or a Unix time in seconds.
 
     Raises:
-        ConfigError: neither form.
+        ConfigError: none of these forms.
     """
+    try:
+        return dt.datetime.fromtimestamp(float(text), dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text and text[-1] in units:
         try:
@@ -332,7 +336,8 @@ def parse_since(text: str) -> dt.datetime:
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ConfigError(f"--since: not a time (ISO 8601 or 90s/10m/2h/1d): {text!r}") from exc
+        raise ConfigError(f"--since: not a time (ISO 8601, an age like 90s/10m/2h/1d, or Unix "
+                          f"seconds): {text!r}") from exc
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
@@ -380,3 +385,14 @@ def seconds(text: str) -> float:
     if not x >= 0 or x == float("inf"):
         raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
     return x
+
+
+def non_negative(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n

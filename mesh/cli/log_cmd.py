@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from mesh.cli._node_opts import non_negative, parse_since, positive
+from mesh.envelope import to_cloudevent
 from mesh.errors import ConfigError, LogError
 from mesh.log import Log, LogDirectory, Record, verify_log
 from mesh.log import format as fmt
@@ -36,12 +38,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     tail.add_argument("stream", nargs="?", default=None,
                       help="the stream (omit when DIR is a stream's directory)")
     where = tail.add_mutually_exclusive_group()
-    where.add_argument("--from", dest="from_offset", type=int, default=None,
+    where.add_argument("--from", dest="from_offset", type=non_negative, default=None,
                        help="start at this offset (default: the last --limit records)")
     where.add_argument("--since", default=None,
-                       help="start at this time (ISO 8601, or a Unix time in seconds)")
+                       help="start at this time (ISO 8601, an age like 10m, or Unix seconds)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records")
-    tail.add_argument("--limit", "-n", type=int, default=10,
+    tail.add_argument("--limit", "-n", type=positive, default=10,
                       help="how many records without --from/--since/--follow (default 10)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=cmd_tail)
@@ -151,17 +153,7 @@ def _show(payload: bytes, decode: Callable[[bytes], Any] | None) -> tuple[str, A
 
 
 def _parse_since(value: str) -> int:
-    try:
-        return int(float(value) * 1e9)
-    except ValueError:
-        pass
-    try:
-        t = dt.datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise ConfigError(f"--since: not an ISO 8601 time or Unix seconds: {value!r}") from exc
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return int(t.timestamp() * 1e9)
+    return int(parse_since(value).timestamp() * 1e9)
 
 
 def _one_stream(args: argparse.Namespace) -> str:
@@ -192,11 +184,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
         def emit(rec: Record) -> None:
             kind, value = _show(rec.payload, decode)
-            if args.json:
+            if args.json:  # events as CloudEvents JSON, like `mesh sub --json`
                 if kind == "event":
-                    value = repr(value)
+                    value = to_cloudevent(value)
                 print(json.dumps({"offset": rec.offset, "time": _iso(rec.timestamp_ns),
-                                  kind: value}), flush=args.follow)
+                                  kind: value}, ensure_ascii=False), flush=args.follow)
             else:
                 shown = repr(value) if kind == "event" else value
                 print(f"{rec.offset}\t{_iso(rec.timestamp_ns)}\t{kind}\t{shown}",

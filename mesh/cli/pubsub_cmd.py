@@ -25,7 +25,6 @@ from mesh.cli._node_opts import (
     positive,
     positive_seconds,
     seconds,
-    show_value,
 )
 from mesh.errors import ConfigError, MeshTimeout
 
@@ -84,11 +83,11 @@ def _start(args: argparse.Namespace) -> Any:
 
 
 def event_dict(ev: Any) -> dict[str, Any]:
-    """An event as JSON-ready data."""
-    return {"stream": ev.stream, "seq": ev.seq, "id": ev.id, "type": ev.type,
-            "source": ev.source, "time": ev.time.isoformat(), "subject": ev.subject,
-            "correlationid": ev.correlationid, "causationid": ev.causationid,
-            "traceparent": ev.traceparent, "data": show_value(ev.data)}
+    """An event as CloudEvents 1.0 structured JSON (what :func:`mesh.envelope.to_cloudevent`
+    produces: ``meshstream``/``meshseq`` say where it sits, ``source`` who published it)."""
+    from mesh.envelope import to_cloudevent
+
+    return to_cloudevent(ev)
 
 
 def cmd_pub(args: argparse.Namespace) -> int:
@@ -168,7 +167,8 @@ def cmd_sub(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
             else:
-                print(f"{ev.stream} #{ev.seq} {ev.type} {human(ev.data)}", flush=True)
+                print(f"{ev.stream} #{ev.seq} from {ev.source} {ev.type} {human(ev.data)}",
+                      flush=True)
     if sys.stdout.isatty() and not args.json:
         note(f"{got} event(s)")
     return 0
