@@ -779,10 +779,11 @@ class MdnsDiscovery:
         # the node redials peers it lost while the link was down.
         old = self._browser
         assert old is not None
-        self._browser = self._new_browser()
-        self._browser.inherit(old)
-        old.close()
-        self._browser.start()
+        old.close()  # first: its handlers have stopped before the budgets change hands
+        browser = self._new_browser()
+        browser.inherit(old)
+        self._browser = browser
+        browser.start()
         with self._lock:
             self._stats["link_changes"] += 1
 
