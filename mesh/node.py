@@ -785,7 +785,8 @@ class Node:
         return None
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the control channel and the peer table (a snapshot)."""
+        """Counters of the control channel, the peer table and mDNS discovery (``mdns_*``,
+        see :meth:`mesh.discovery.MdnsDiscovery.stats`), a snapshot."""
         out: dict[str, Any] = dict(self._counters)
         by_state = collections.Counter(r.state.value for r in self.peers.records())
         for st in PeerState:
