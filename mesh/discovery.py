@@ -277,7 +277,8 @@ class MdnsBrowser:
         self._services = Budget("services", max_services_per_address, max_services)
         self._pending = Budget("pending_resolves", 1, max_pending_resolves)
         self._futures: dict[str, concurrent.futures.Future[bool]] = {}  # resolves in flight
-        self._logged: set[tuple[str, str]] = set()
+        # (name, reason) of bad records already logged: each is logged once
+        self._logged = Budget("malformed_seen", 1, 1024)
         self._limiter = limiter or LogLimiter(log)
         self._browser: Any = None
         self._closed = False
@@ -305,12 +306,14 @@ class MdnsBrowser:
 
     def stats(self) -> dict[str, int]:
         """Counters: resolved, accepted, goodbyes, ignored_*, malformed, resolve_failed,
-        callback_errors; the budgets' ``services_*`` and ``pending_resolves_*`` (held, keys,
-        refused); ``log_suppressed`` (lines the rate limit held back)."""
+        callback_errors; the budgets' ``services_*``, ``pending_resolves_*`` and
+        ``malformed_seen_*`` (held, keys, refused); ``log_suppressed`` (lines the rate limit
+        held back)."""
         with self._lock:
             out = dict(self._stats)
             out.update(self._services.stats())
             out.update(self._pending.stats())
+            out.update(self._logged.stats())
         out["log_suppressed"] = self._limiter.suppressed
         return out
 
@@ -403,11 +406,9 @@ class MdnsBrowser:
             # lines together are rate-limited, so unique names cannot flood the log either.
             key = (name, str(exc))
             with self._lock:
-                first = key not in self._logged
-                if first:
-                    if len(self._logged) >= 1024:
-                        self._logged.clear()
-                    self._logged.add(key)
+                first = not self._logged.held(key)
+                if first:  # past the budget a record is not remembered (counted): the
+                    self._logged.take(key)  # rate limit still bounds its lines
             if first:
                 self._limiter.warning("malformed",
                                       "mdns: ignoring malformed zeromesh record %s: %s", name, exc)
@@ -596,7 +597,8 @@ class MdnsDiscovery:
         ``pending_refreshes_{held,keys,refused}``, and the browser's resolved, accepted,
         goodbyes, ignored_self, ignored_other_mesh, ignored_name_mismatch, malformed,
         resolve_failed, callback_errors, ``services_{held,keys,refused}``,
-        ``pending_resolves_{held,keys,refused}`` and log_suppressed. The node reports them
+        ``pending_resolves_{held,keys,refused}``, ``malformed_seen_{held,keys,refused}`` and
+        log_suppressed. The node reports them
         in ``node.stats()`` with the prefix ``mdns_`` and in its metrics (:meth:`collect`).
         """
         with self._lock:
@@ -629,7 +631,7 @@ class MdnsDiscovery:
         out.counter("discovery_goodbyes_total", st.get("goodbyes", 0),
                     "mDNS goodbyes heard for accepted services (a hint: presence is not "
                     "changed by them).")
-        for budget in ("services", "pending_resolves", "pending_refreshes"):
+        for budget in ("services", "pending_resolves", "pending_refreshes", "malformed_seen"):
             out.counter("discovery_budget_refused_total", st.get(f"{budget}_refused", 0),
                         "Discovery work refused because a budget was full.", budget=budget)
             out.gauge("discovery_budget_held", st.get(f"{budget}_held", 0),

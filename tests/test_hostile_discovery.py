@@ -207,7 +207,7 @@ def test_discovery_counters_reach_node_stats_and_metrics(
         assert by["malformed"] >= 3 and by["ignored_other_mesh"] >= 1
         assert by["ignored_name_mismatch"] >= 1 and by["accepted"] == 0
         budgets = {s[0]["budget"] for s in fams["discovery_budget_refused_total"]}
-        assert budgets == {"services", "pending_resolves", "pending_refreshes"}
+        assert budgets == {"services", "pending_resolves", "pending_refreshes", "malformed_seen"}
     finally:
         a.close()
 
