@@ -16,13 +16,24 @@ of :class:`MdnsDiscovery` ("zeromesh-mdns"); the node's reactor only ever enqueu
 (``update()``) or waits a bounded time for the worker to finish (``close()``).
 
 Presence is not decided here: mDNS record expiry does not mean a peer died (the node's
-heartbeats do). Discovery only says "this peer exists, here is how to reach it" and "it said
-goodbye". A peer's record that is heard again (a periodic re-announcement after a link came
-back) is upserted again, so that the node can reconnect a peer its heartbeats declared gone.
+heartbeats do). Discovery only says "this peer exists, here is how to reach it" and "its record
+said goodbye". mDNS is unauthenticated multicast, so anyone on the LAN can send a goodbye for
+any instance name: the node counts a discovery goodbye and changes nothing (only the peer's own
+control channel, BYE or silence past ``gone_s``, takes a peer away). A peer's record that is
+heard again (a periodic re-announcement after a link came back) is upserted again, so that the
+node can reconnect a peer its heartbeats declared gone.
+
+Budgets (:mod:`mesh.budget`). Everything a LAN stranger can make discovery hold is bounded and
+counted: accepted services (per announced address and in all, ``services_*``), resolves in
+flight (``pending_resolves_*``; a resolve never blocks zeroconf's browser thread) and refreshes
+queued for the worker (``pending_refreshes_*``). Every log line a record can trigger goes
+through a :class:`mesh.budget.LogLimiter` (``log_suppressed``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import os
@@ -43,8 +54,11 @@ from zeroconf import (
     ServiceStateChange,
     Zeroconf,
 )
+from zeroconf.asyncio import AsyncServiceInfo
 
+from mesh.budget import Budget, LogLimiter
 from mesh.errors import ClosedError, ConfigError, MeshError, TxtRecordError
+from mesh.metrics import Collect
 from mesh.peers import PeerInfo
 from mesh.txt import DEFAULT_TXT_BUDGET, EncodedTxt, TxtRecord, decode_txt, encode_txt
 
@@ -93,6 +107,17 @@ class DiscoveryConfig:
         link_check_interval: seconds between checks of the mDNS interfaces' link state; on a
             link coming up we re-announce and browse afresh (RFC 6762 section 8.3). None
             disables the checks.
+        max_services: accepted services held at once (budget ``services``); a record past it
+            is ignored and counted (``services_refused``) until a name is removed.
+        max_services_per_address: accepted services per announced control address (the host
+            of the first control endpoint, ``ipc`` for ipc-only records). mDNS proves no
+            sender, so this only stops one address taking the whole table.
+        max_pending_resolves: services being resolved at once (budget ``pending_resolves``,
+            one per name); past it a service is not resolved (``pending_resolves_refused``)
+            until it is announced again.
+        max_pending_refreshes: re-heard records queued for the worker (budget
+            ``pending_refreshes``, one per name); past it a re-announcement is dropped
+            (``pending_refreshes_refused``).
     """
 
     service_type: str = field(
@@ -104,6 +129,10 @@ class DiscoveryConfig:
     reannounce_interval: float | None = 20.0
     refresh_min_interval: float = 1.0
     link_check_interval: float | None = 1.0
+    max_services: int = 1024
+    max_services_per_address: int = 64
+    max_pending_resolves: int = 32
+    max_pending_refreshes: int = 64
 
     def __post_init__(self) -> None:
         if not (self.service_type.endswith("._tcp.local.") and self.service_type.startswith("_")):
@@ -113,6 +142,9 @@ class DiscoveryConfig:
             raise ConfigError("reannounce_interval must be >= 1 s")
         if self.resolve_timeout <= 0 or self.close_timeout <= 0:
             raise ConfigError("timeouts must be positive")
+        if min(self.max_services, self.max_services_per_address, self.max_pending_resolves,
+               self.max_pending_refreshes) < 1:
+            raise ConfigError("discovery budgets must be >= 1")
 
 
 def _split_interface_spec(spec: str) -> list[str]:
@@ -197,10 +229,18 @@ class _Sink(Protocol):
 class MdnsBrowser:
     """Browse, resolve and decode zeromesh announcements (passive: announces nothing).
 
-    Callbacks run on zeroconf's browser thread (or the discovery worker for refreshes); they
-    must be quick and thread-safe. ``on_peer`` gets every accepted record, new or changed (or
-    heard again when ``refresh`` is used); ``on_goodbye`` gets the node id of a peer whose
-    service was removed (goodbye or expiry).
+    Callbacks run on zeroconf's threads (its browser thread, or its event loop when a resolve
+    completes) or on the discovery worker for refreshes; they must be quick and thread-safe.
+    ``on_peer`` gets every accepted record, new or changed (or heard again when ``refresh`` is
+    used); ``on_goodbye`` gets the node id of a peer whose service was removed (goodbye or
+    expiry). A goodbye is unauthenticated (anyone on the LAN can send one): it is a hint, never
+    proof that the peer left.
+
+    Resolving never blocks zeroconf's browser thread: a record already in zeroconf's cache (a
+    normal announcement carries PTR, SRV, TXT and addresses in one packet) is accepted at once;
+    otherwise a resolve runs in zeroconf's event loop, at most ``max_pending_resolves`` at a
+    time. Accepted services are bounded per announced address and in all. A record whose
+    instance name is not ``<its id>.<service type>`` is ignored (``ignored_name_mismatch``).
 
     Args:
         zc: an open ``zeroconf.Zeroconf``; the browser does not close it.
@@ -210,11 +250,20 @@ class MdnsBrowser:
         on_goodbye: called with a node id.
         ignore_id: our own node id (ignored).
         resolve_timeout: seconds to wait for a service's records.
+        max_services: accepted services held at once.
+        max_services_per_address: accepted services per announced control address.
+        max_pending_resolves: resolves in flight at once.
+        limiter: rate limit for the log lines a record can trigger (one is made if None).
+
+    Raises:
+        ConfigError: a budget below 1.
     """
 
     def __init__(self, zc: Any, *, service_type: str = SERVICE_TYPE, mesh: str | None,
                  on_peer: Callable[[TxtRecord], None], on_goodbye: Callable[[str], None],
-                 ignore_id: str | None = None, resolve_timeout: float = 3.0) -> None:
+                 ignore_id: str | None = None, resolve_timeout: float = 3.0,
+                 max_services: int = 1024, max_services_per_address: int = 64,
+                 max_pending_resolves: int = 32, limiter: LogLimiter | None = None) -> None:
         self._zc = zc
         self._type = service_type
         self._mesh = mesh
@@ -223,13 +272,19 @@ class MdnsBrowser:
         self._ignore_id = ignore_id
         self._resolve_ms = int(resolve_timeout * 1000)
         self._lock = threading.Lock()
-        self._names: dict[str, str] = {}  # service name -> node id, for accepted records only
-        self._logged: set[tuple[str, str]] = set()
+        # service name -> (node id, budget key), for accepted records only
+        self._names: dict[str, tuple[str, str]] = {}
+        self._services = Budget("services", max_services_per_address, max_services)
+        self._pending = Budget("pending_resolves", 1, max_pending_resolves)
+        self._futures: dict[str, concurrent.futures.Future[bool]] = {}  # resolves in flight
+        # (name, reason) of bad records already logged: each is logged once
+        self._logged = Budget("malformed_seen", 1, 1024)
+        self._limiter = limiter or LogLimiter(log)
         self._browser: Any = None
         self._closed = False
         self._stats: dict[str, int] = dict.fromkeys(
             ("resolved", "accepted", "goodbyes", "ignored_self", "ignored_other_mesh",
-             "malformed", "resolve_failed", "callback_errors"), 0)
+             "ignored_name_mismatch", "malformed", "resolve_failed", "callback_errors"), 0)
 
     def start(self) -> None:
         """Start browsing (returns at once; results arrive through the callbacks)."""
@@ -243,13 +298,24 @@ class MdnsBrowser:
             if self._closed:
                 return
             self._closed = True
+            futures = list(self._futures.values())
+        for fut in futures:  # resolves in flight end with the browser
+            fut.cancel()
         if self._browser is not None:
             self._browser.cancel()
 
     def stats(self) -> dict[str, int]:
-        """Counters: resolved, accepted, goodbyes, ignored_*, malformed, resolve_failed."""
+        """Counters: resolved, accepted, goodbyes, ignored_*, malformed, resolve_failed,
+        callback_errors; the budgets' ``services_*``, ``pending_resolves_*`` and
+        ``malformed_seen_*`` (held, keys, refused); ``log_suppressed`` (lines the rate limit
+        held back)."""
         with self._lock:
-            return dict(self._stats)
+            out = dict(self._stats)
+            out.update(self._services.stats())
+            out.update(self._pending.stats())
+            out.update(self._logged.stats())
+        out["log_suppressed"] = self._limiter.suppressed
+        return out
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -261,65 +327,134 @@ class MdnsBrowser:
         try:
             if state_change is ServiceStateChange.Removed:
                 with self._lock:
-                    node_id = self._names.pop(name, None)
-                if node_id is not None:
-                    self._count("goodbyes")
-                    self._on_goodbye(node_id)
+                    entry = self._names.pop(name, None)
+                    if entry is not None:
+                        self._services.give(entry[1])
+                        self._stats["goodbyes"] += 1
+                if entry is not None:
+                    self._on_goodbye(entry[0])
                 return
-            info = zeroconf.get_service_info(service_type, name, timeout=self._resolve_ms,
-                                             question_type=DNSQuestionType.QM)
-            if info is None:
+            info = ServiceInfo(service_type, name)
+            if info.load_from_cache(zeroconf):
+                self.accept(name, info.properties)
+            else:
+                self._resolve(zeroconf, service_type, name)
+        except Exception as exc:  # a bug in a callback must not kill zeroconf's browser thread
+            self._count("callback_errors")
+            self._limiter.log(logging.ERROR, "callback_error", "mdns: error handling %s %s: %r",
+                              state_change, name, exc)
+
+    def _resolve(self, zc: Any, service_type: str, name: str) -> None:
+        """Ask for a service's records in zeroconf's loop, without waiting here."""
+        with self._lock:
+            if self._pending.held(name):
+                return  # already being resolved
+            taken = self._pending.take(name)
+        if not taken:
+            self._limiter.log(logging.INFO, "resolve_refused",
+                              "mdns: %d resolves in flight; not resolving %s (counted)",
+                              self._pending.total, name)
+            return
+        info = AsyncServiceInfo(service_type, name)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(
+                info.async_request(zc, self._resolve_ms, question_type=DNSQuestionType.QM),
+                zc.loop)
+        except RuntimeError:  # zeroconf's loop is closed: we are closing too
+            with self._lock:
+                self._pending.give(name)
+            return
+        with self._lock:
+            self._futures[name] = fut
+        fut.add_done_callback(lambda f: self._resolved(name, info, f))
+
+    def _resolved(self, name: str, info: Any, fut: concurrent.futures.Future[bool]) -> None:
+        # zeroconf's loop thread: quick work only (accept decodes and hands over).
+        with self._lock:
+            self._pending.give(name)
+            if self._futures.get(name) is fut:
+                del self._futures[name]
+        if self._closed:
+            return
+        try:
+            ok = not fut.cancelled() and fut.exception() is None and fut.result()
+            if not ok:
                 self._count("resolve_failed")
-                log.info("mdns: could not resolve %s within %d ms", name, self._resolve_ms)
+                self._limiter.log(logging.INFO, "resolve_failed",
+                                  "mdns: could not resolve %s within %d ms", name,
+                                  self._resolve_ms)
                 return
             self.accept(name, info.properties)
-        except Exception:  # a bug in a callback must not kill zeroconf's browser thread
+        except Exception as exc:
             self._count("callback_errors")
-            log.exception("mdns: error handling %s %s", state_change, name)
+            self._limiter.log(logging.ERROR, "callback_error", "mdns: error resolving %s: %r",
+                              name, exc)
 
     def accept(self, name: str, properties: Mapping[Any, Any] | None) -> bool:
         """Decode a resolved record and report it; return whether it was accepted.
 
-        Used by the browser thread and by refreshes. Never raises for a bad record: it logs
-        one line and counts it under ``malformed``.
+        Used by the browser and by refreshes. Never raises for a bad record: it counts it
+        under ``malformed`` and logs one line per distinct record and reason (rate-limited).
+        A record past the ``services`` budget is counted (``services_refused``), not kept.
         """
         self._count("resolved")
         try:
             record = decode_txt(properties)
         except TxtRecordError as exc:
             self._count("malformed")
-            # Every rejection is counted, but a record repeated by a hostile or broken sender
-            # is logged once, so it cannot flood the log.
+            # A record repeated by a hostile or broken sender is logged once, and all such
+            # lines together are rate-limited, so unique names cannot flood the log either.
             key = (name, str(exc))
             with self._lock:
-                first = key not in self._logged
-                if first and len(self._logged) < 1024:
-                    self._logged.add(key)
+                first = not self._logged.held(key)
+                if first:  # past the budget a record is not remembered (counted): the
+                    self._logged.take(key)  # rate limit still bounds its lines
             if first:
-                log.warning("mdns: ignoring malformed zeromesh record %s: %s", name, exc)
+                self._limiter.warning("malformed",
+                                      "mdns: ignoring malformed zeromesh record %s: %s", name, exc)
             return False
-        if record.info.node_id == self._ignore_id:
+        node_id = record.info.node_id
+        if node_id == self._ignore_id:
             self._count("ignored_self")
             return False
         if self._mesh is not None and record.info.mesh != self._mesh:
             self._count("ignored_other_mesh")
-            log.debug("mdns: ignoring %s of mesh %r", name, record.info.mesh)
+            self._limiter.log(logging.DEBUG, "other_mesh", "mdns: ignoring %s of mesh %r",
+                              name, record.info.mesh)
+            return False
+        if name.lower() != f"{node_id}.{self._type}".lower():
+            self._count("ignored_name_mismatch")
+            self._limiter.warning("name_mismatch",
+                                  "mdns: ignoring %s: its record is for node %s", name, node_id)
             return False
         with self._lock:
             if self._closed:
                 return False
-            self._names[name] = record.info.node_id
-            self._stats["accepted"] += 1
+            refused = False
+            if name not in self._names:
+                where = _address_key(record.info)
+                refused = not self._services.take(where)
+                if not refused:
+                    self._names[name] = (node_id, where)
+            if not refused:
+                self._stats["accepted"] += 1
+        if refused:
+            self._limiter.warning("services_refused",
+                                  "mdns: services budget full (%d, %d per address); ignoring %s",
+                                  self._services.total, self._services.per_key, name)
+            return False
         self._on_peer(record)
         return True
 
     def inherit(self, other: MdnsBrowser) -> None:
-        """Take over another browser's counters and accepted names (used on link changes)."""
+        """Take over another browser's counters, accepted names and services budget (used on
+        link changes)."""
         with other._lock:
-            stats, names = dict(other._stats), dict(other._names)
+            stats, names, services = dict(other._stats), dict(other._names), other._services
         with self._lock:
             self._stats = stats
             self._names.update(names)
+            self._services = services
 
     def known(self, name: str) -> bool:
         """Whether ``name`` is a service whose record was accepted and not removed."""
@@ -327,10 +462,19 @@ class MdnsBrowser:
             return name in self._names
 
 
+def _address_key(info: PeerInfo) -> str:
+    """The budget key of a record: the host of its first control endpoint ("ipc" if none is
+    tcp). Announced, not proven: mDNS carries no sender identity."""
+    for ep in info.endpoints.get("control", ()):
+        if ep.startswith("tcp://"):
+            return ep[6:].rpartition(":")[0].lower()
+    return "ipc"
+
+
 class _RefreshListener(RecordUpdateListener):
     """Hears TXT records of our type arriving again unchanged (zeroconf's browser does not
     report those) and asks the discovery worker to re-upsert the peer. Runs in zeroconf's loop:
-    it only enqueues."""
+    it only enqueues (bounded: see ``MdnsDiscovery._post_refresh``)."""
 
     def __init__(self, service_suffix: str, post: Callable[[str], None]) -> None:
         super().__init__()
@@ -388,6 +532,8 @@ class MdnsDiscovery:
             ("registered", "reannounced", "updates_sent", "upserts", "refreshes",
              "link_changes", "truncated", "errors", "txt_bytes"), 0)
         self._instance = f"{node.id}.{self._config.service_type}"
+        self._limiter = LogLimiter(log)
+        self._refreshes = Budget("pending_refreshes", 1, self._config.max_pending_refreshes)
 
     # --- API used by the node ----------------------------------------------------------------
 
@@ -406,12 +552,18 @@ class MdnsDiscovery:
             cfg_iface = getattr(self._node.config, "interface", None)
             self._addresses = choose_interfaces(cfg_iface, self._config.interfaces)
             self._zc = open_zeroconf(self._addresses)
-            self._browser = MdnsBrowser(
-                self._zc, service_type=self._config.service_type, mesh=self._node.mesh,
-                on_peer=self._on_peer, on_goodbye=self._on_goodbye, ignore_id=self._node.id,
-                resolve_timeout=self._config.resolve_timeout)
+            self._browser = self._new_browser()
             self._thread = threading.Thread(target=self._run, name="zeromesh-mdns", daemon=True)
             self._thread.start()
+
+    def _new_browser(self) -> MdnsBrowser:
+        cfg = self._config
+        return MdnsBrowser(
+            self._zc, service_type=cfg.service_type, mesh=self._node.mesh,
+            on_peer=self._on_peer, on_goodbye=self._on_goodbye, ignore_id=self._node.id,
+            resolve_timeout=cfg.resolve_timeout, max_services=cfg.max_services,
+            max_services_per_address=cfg.max_services_per_address,
+            max_pending_resolves=cfg.max_pending_resolves, limiter=self._limiter)
 
     def update(self) -> None:
         """The node's info changed: re-announce the new TXT record (in the background)."""
@@ -441,16 +593,56 @@ class MdnsDiscovery:
         """Counters of announcements and of what the browser accepted or ignored.
 
         Keys: registered, reannounced, updates_sent, upserts, refreshes, link_changes,
-        truncated (1 when our
-        own record had to set ``more=1``), errors, txt_bytes, and the browser's resolved,
-        accepted, goodbyes, ignored_self, ignored_other_mesh, malformed, resolve_failed,
-        callback_errors.
+        truncated (1 when our own record had to set ``more=1``), errors, txt_bytes,
+        ``pending_refreshes_{held,keys,refused}``, and the browser's resolved, accepted,
+        goodbyes, ignored_self, ignored_other_mesh, ignored_name_mismatch, malformed,
+        resolve_failed, callback_errors, ``services_{held,keys,refused}``,
+        ``pending_resolves_{held,keys,refused}``, ``malformed_seen_{held,keys,refused}`` and
+        log_suppressed. The node reports them
+        in ``node.stats()`` with the prefix ``mdns_`` and in its metrics (:meth:`collect`).
         """
         with self._lock:
             out = dict(self._stats)
-        if self._browser is not None:
-            out.update(self._browser.stats())
+            out.update(self._refreshes.stats())
+        browser = self._browser
+        if browser is not None:
+            out.update(browser.stats())
+        else:
+            out["log_suppressed"] = self._limiter.suppressed
         return out
+
+    def collect(self, out: Collect) -> None:
+        """Report the counters as metric families (the node's collector calls this).
+
+        ``discovery_records_total{result}`` (accepted, malformed, ignored_self,
+        ignored_other_mesh, ignored_name_mismatch, resolve_failed, refused),
+        ``discovery_goodbyes_total``, ``discovery_budget_refused_total{budget}``,
+        ``discovery_budget_held{budget}``, ``discovery_errors_total{kind}`` and
+        ``discovery_log_lines_suppressed_total``.
+        """
+        st = self.stats()
+        help_records = "mDNS records decoded or resolved, by what was done with them."
+        for result in ("accepted", "malformed", "ignored_self", "ignored_other_mesh",
+                       "ignored_name_mismatch", "resolve_failed"):
+            out.counter("discovery_records_total", st.get(result, 0), help_records,
+                        result=result)
+        out.counter("discovery_records_total", st.get("services_refused", 0), help_records,
+                    result="refused")
+        out.counter("discovery_goodbyes_total", st.get("goodbyes", 0),
+                    "mDNS goodbyes heard for accepted services (a hint: presence is not "
+                    "changed by them).")
+        for budget in ("services", "pending_resolves", "pending_refreshes", "malformed_seen"):
+            out.counter("discovery_budget_refused_total", st.get(f"{budget}_refused", 0),
+                        "Discovery work refused because a budget was full.", budget=budget)
+            out.gauge("discovery_budget_held", st.get(f"{budget}_held", 0),
+                      "Units a discovery budget holds now.", budget=budget)
+        for kind in ("callback_errors", "errors"):
+            out.counter("discovery_errors_total", st.get(kind, 0),
+                        "Discovery errors (callback: a record's handling raised; worker: "
+                        "announcing or closing failed).",
+                        kind="callback" if kind == "callback_errors" else "worker")
+        out.counter("discovery_log_lines_suppressed_total", st.get("log_suppressed", 0),
+                    "Discovery log lines a rate limit held back.")
 
     @property
     def interfaces(self) -> list[str] | None:
@@ -462,15 +654,25 @@ class MdnsDiscovery:
     def _on_peer(self, record: TxtRecord) -> None:
         # A partial record (more=1) is upserted too: the node connects, and its HELLO
         # carries the full PeerInfo, which completes the entry.
+        now = time.monotonic()
         with self._lock:
             self._stats["upserts"] += 1
-            self._last_upsert[record.info.node_id] = time.monotonic()
+            last = self._last_upsert
+            if len(last) >= self._config.max_services:  # only rate-limits refreshes: prune
+                horizon = now - self._config.refresh_min_interval
+                for nid in [n for n, t in last.items() if t < horizon]:
+                    del last[nid]
+                if len(last) >= self._config.max_services:
+                    last.clear()
+            last[record.info.node_id] = now
         try:
             self._node.peers.upsert(record.info, source="mdns")
         except ClosedError:
             pass  # the node is closing; close() follows
 
     def _on_goodbye(self, node_id: str) -> None:
+        # Reported as a hint: the node counts it and keeps the peer (anyone on the LAN can
+        # send a goodbye for any instance name; the peer's control channel decides).
         with self._lock:
             self._last_upsert.pop(node_id, None)
         try:
@@ -496,6 +698,15 @@ class MdnsDiscovery:
             self._shutdown()
 
     def _post_refresh(self, name: str) -> None:
+        # zeroconf's loop: a stranger can re-multicast records as fast as it likes, so at
+        # most one refresh per name is queued, and at most max_pending_refreshes in all.
+        if name.lower() == self._instance.lower():
+            return
+        with self._lock:
+            if self._refreshes.held(name):
+                return
+            if not self._refreshes.take(name):
+                return  # counted in pending_refreshes_refused
         self._commands.put(("refresh", name))
 
     def _loop(self) -> None:
@@ -529,6 +740,8 @@ class MdnsDiscovery:
                 elif cmd == "update":
                     self._update()
                 elif cmd == "refresh":
+                    with self._lock:
+                        self._refreshes.give(arg)
                     self._refresh_peer(arg)
                 elif cmd == "reannounce" and self._announce is not None:
                     self._zc.send(self._zc.generate_service_broadcast(self._announce.info, None))
@@ -537,7 +750,7 @@ class MdnsDiscovery:
             except MeshError as exc:
                 with self._lock:
                     self._stats["errors"] += 1
-                log.warning("mdns: %s failed: %s", cmd, exc)
+                self._limiter.warning(f"failed:{cmd}", "mdns: %s failed: %s", cmd, exc)
             if interval is not None and (cmd in ("reannounce", "update")
                                          or time.monotonic() >= (next_announce or 0)):
                 next_announce = time.monotonic() + interval
@@ -568,13 +781,11 @@ class MdnsDiscovery:
         # the node redials peers it lost while the link was down.
         old = self._browser
         assert old is not None
-        self._browser = MdnsBrowser(
-            self._zc, service_type=self._config.service_type, mesh=self._node.mesh,
-            on_peer=self._on_peer, on_goodbye=self._on_goodbye, ignore_id=self._node.id,
-            resolve_timeout=self._config.resolve_timeout)
-        self._browser.inherit(old)
-        old.close()
-        self._browser.start()
+        old.close()  # first: its handlers have stopped before the budgets change hands
+        browser = self._new_browser()
+        browser.inherit(old)
+        self._browser = browser
+        browser.start()
         with self._lock:
             self._stats["link_changes"] += 1
 

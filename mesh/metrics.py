@@ -10,8 +10,9 @@ Two ways to feed a :class:`Registry`:
   preferred way: it costs nothing per event, only per scrape.
 
 Rendering: :func:`render_prometheus` writes the text exposition format 0.0.4;
-:func:`serve_prometheus` serves it on a stdlib HTTP thread (``GET /metrics``), with the same
-data as JSON on ``GET /metrics.json``. :func:`parse_prometheus` reads the text format back
+:func:`serve_prometheus` serves it on a stdlib HTTP thread (``GET``/``HEAD /metrics``), with the
+same data as JSON on ``GET /metrics.json``; any other path is a 404. Connections are bounded (a
+read timeout, a deadline, a cap per client address and in all; see :class:`MetricsServer`). :func:`parse_prometheus` reads the text format back
 (``mesh stats`` and the tests use it). ``prometheus-client`` is not needed.
 
 Example::
@@ -26,13 +27,18 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+from mesh.budget import Budget, LogLimiter
 from mesh.errors import ConfigError
 
 __all__ = [
@@ -52,6 +58,8 @@ __all__ = [
 ]
 
 Kind = Literal["counter", "gauge", "histogram"]
+
+log = logging.getLogger("mesh.metrics")
 
 #: Seconds: from 50 µs (a cheap in-process handler) to 10 s (a stuck one).
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -588,30 +596,189 @@ def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]
 
 # --- the HTTP endpoint ----------------------------------------------------------------------
 
+_REFUSED_BODY = b"too many open connections\n"
+_REFUSED = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_REFUSED_BODY)
+            + _REFUSED_BODY)
+
 
 class MetricsServer(ThreadingHTTPServer):
-    """The scrape endpoint; :meth:`close` stops the thread and frees the port."""
+    """The scrape endpoint; :meth:`close` stops the thread and frees the port.
+
+    Bounded against idle or slow clients (anyone who can reach the port): each connection has
+    a read timeout (``read_timeout_s`` per read) and a deadline (``deadline_s`` from accept,
+    after which the server cuts it), and at most ``max_connections`` are open at once, at most
+    ``max_per_source`` from one address (a :class:`mesh.budget.Budget`), each on its own
+    thread. A connection past a cap gets a 503 and is closed at once (counted ``refused``).
+    One request per connection (HTTP/1.0). Counters: :meth:`stats`, and the families
+    ``metrics_http_*`` in the registry served.
+
+    Args:
+        server_address: ``(host, port)``.
+        handler: the request handler class.
+        max_connections: connections (and handler threads) open at once.
+        max_per_source: connections open at once from one client address.
+        read_timeout_s: seconds one read (or write) of a connection may block.
+        deadline_s: seconds a connection may stay open in all.
+
+    Raises:
+        ConfigError: a bound below 1 (a timeout not positive).
+        OSError: the address cannot be bound.
+    """
 
     daemon_threads = True
+    block_on_close = False  # close() cuts open connections instead of waiting for them
+    request_queue_size = 128
     registry: Registry
     thread: threading.Thread
 
+    def __init__(self, server_address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 *, max_connections: int = 16, max_per_source: int = 8,
+                 read_timeout_s: float = 5.0, deadline_s: float = 30.0) -> None:
+        if read_timeout_s <= 0 or deadline_s <= 0:
+            raise ConfigError("metrics server timeouts must be positive")
+        self._budget = Budget("connections", max_per_source, max_connections)
+        self.read_timeout_s = read_timeout_s
+        self.deadline_s = deadline_s
+        self._conn_lock = threading.Lock()
+        self._open: dict[int, list[Any]] = {}  # id(socket) -> [socket, source, opened, cut]
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("accepted", "refused", "timed_out", "cut", "errors", "open_peak"), 0)
+        self._codes: dict[int, int] = {}
+        self.limiter = LogLimiter(log)
+        self._unregister: Callable[[], None] | None = None
+        super().__init__(server_address, handler)
+
+    # socketserver hooks (the accept thread: verify_request, service_actions; any handler
+    # thread: shutdown_request, handle_error)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        source = str(client_address[0])
+        with self._conn_lock:
+            ok = self._budget.take(source)
+            if ok:
+                self._open[id(request)] = [request, source, time.monotonic(), False]
+                self._counts["accepted"] += 1
+                self._counts["open_peak"] = max(self._counts["open_peak"], len(self._open))
+            else:
+                self._counts["refused"] += 1
+        if not ok:
+            try:
+                request.setblocking(False)
+                request.send(_REFUSED)  # a fresh socket's buffer is empty: never blocks
+            except OSError:
+                pass
+            self.limiter.warning("refused", "metrics: connection from %s refused (%d open, "
+                                 "at most %d, %d per source)", source, self._budget.held(),
+                                 self._budget.total, self._budget.per_key)
+        return ok
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conn_lock:
+            entry = self._open.pop(id(request), None)
+            if entry is not None:
+                self._budget.give(entry[1])
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Cut connections open longer than ``deadline_s`` (runs every poll interval)."""
+        horizon = time.monotonic() - self.deadline_s
+        with self._conn_lock:
+            late = [e for e in self._open.values() if e[2] < horizon and not e[3]]
+            for e in late:
+                e[3] = True
+                self._counts["cut"] += 1
+        for e in late:
+            self._cut(e[0])
+
+    @staticmethod
+    def _cut(sock: Any) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # the handler's blocked read or write returns
+        except OSError:
+            pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        with self._conn_lock:
+            self._counts["errors"] += 1
+        self.limiter.log(logging.INFO, "error", "metrics: error serving %s: %r",
+                         client_address[0] if client_address else "?", exc)
+
+    def _counted(self, key: str) -> None:
+        with self._conn_lock:
+            self._counts[key] += 1
+
+    def _code(self, code: int) -> None:
+        with self._conn_lock:
+            self._codes[code] = self._codes.get(code, 0) + 1
+
+    def stats(self) -> dict[str, int]:
+        """``accepted``, ``refused``, ``timed_out`` (a read or write timed out), ``cut`` (past
+        the deadline), ``errors``, ``open`` (connections now), ``open_peak`` (most open at
+        once), ``log_suppressed`` and ``requests_<code>`` per HTTP status sent."""
+        with self._conn_lock:
+            out = dict(self._counts)
+            out["open"] = self._budget.held()
+            out.update({f"requests_{c}": n for c, n in sorted(self._codes.items())})
+        out["log_suppressed"] = self.limiter.suppressed
+        return out
+
+    def collect(self, out: Collect) -> None:
+        """Report :meth:`stats` as ``metrics_http_*`` families (registered on the registry
+        served)."""
+        st = self.stats()
+        for result in ("accepted", "refused"):
+            out.counter("metrics_http_connections_total", st[result],
+                        "Connections to the metrics endpoint (refused: past a cap).",
+                        result=result)
+        out.gauge("metrics_http_connections_open", st["open"],
+                  "Connections to the metrics endpoint open now.")
+        out.counter("metrics_http_timeouts_total", st["timed_out"],
+                    "Metrics connections closed by a timeout.", kind="read")
+        out.counter("metrics_http_timeouts_total", st["cut"],
+                    "Metrics connections closed by a timeout.", kind="deadline")
+        out.counter("metrics_http_errors_total", st["errors"],
+                    "Metrics connections that failed (reset, broken pipe).")
+        for k, v in st.items():
+            if k.startswith("requests_"):
+                out.counter("metrics_http_requests_total", v,
+                            "Metrics requests answered, by HTTP status.", code=k[9:])
+
     def close(self) -> None:
-        """Stop serving and close the socket. Idempotent."""
+        """Stop serving, cut open connections and close the socket. Idempotent."""
         if getattr(self, "_stopped", False):
             return
         self._stopped = True
+        if self._unregister is not None:
+            self._unregister()
         self.shutdown()
         self.server_close()
+        with self._conn_lock:
+            socks = [e[0] for e in self._open.values()]
+        for s in socks:
+            self._cut(s)
         self.thread.join(timeout=5)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
 
+    def setup(self) -> None:
+        # StreamRequestHandler.setup applies the class attribute ``timeout``: this connection's
+        # per read (or write) timeout comes from the server instead.
+        self.request.settimeout(self.server.read_timeout_s)
+        super().setup()
+
     def do_GET(self) -> None:
+        self._respond(head=False)
+
+    def do_HEAD(self) -> None:
+        self._respond(head=True)
+
+    def _respond(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path in ("/", "/metrics"):
+        if path == "/metrics":
             body = render_prometheus(self.server.registry).encode()
             ctype = CONTENT_TYPE
         elif path == "/metrics.json":
@@ -624,33 +791,53 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if isinstance(code, int):  # counted, not logged
+            self.server._code(code)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        if format.startswith("Request timed out"):
+            self.server._counted("timed_out")
+        # other errors are the client's (a bad request line, 404): answered, never logged
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes every few seconds must not fill stderr
 
 
-def serve_prometheus(node_or_registry: Any, host: str = "127.0.0.1",
-                     port: int = 0) -> tuple[MetricsServer, int]:
-    """Serve ``GET /metrics`` (text format 0.0.4) and ``/metrics.json`` on a daemon thread.
+def serve_prometheus(node_or_registry: Any, host: str = "127.0.0.1", port: int = 0, *,
+                     max_connections: int = 16, max_per_source: int = 8,
+                     read_timeout_s: float = 5.0,
+                     deadline_s: float = 30.0) -> tuple[MetricsServer, int]:
+    """Serve ``GET``/``HEAD`` ``/metrics`` (text format 0.0.4) and ``/metrics.json`` on a daemon
+    thread; any other path is a 404.
 
     Args:
         node_or_registry: a node (its ``metrics``) or a :class:`Registry`.
         host: the address to bind (default loopback only).
         port: the port; 0 lets the OS choose.
+        max_connections: connections (and threads) open at once; more get a 503, counted.
+        max_per_source: connections open at once from one client address.
+        read_timeout_s: seconds one read or write of a connection may block.
+        deadline_s: seconds a connection may stay open in all.
 
     Returns:
         The server (call ``close()`` to stop it) and the bound port.
 
     Raises:
-        ConfigError: not a node or registry, or the address cannot be bound.
+        ConfigError: not a node or registry, a bad bound, or the address cannot be bound.
     """
     reg = registry_of(node_or_registry)
     try:
-        server = MetricsServer((host, port), _Handler)
+        server = MetricsServer((host, port), _Handler, max_connections=max_connections,
+                               max_per_source=max_per_source, read_timeout_s=read_timeout_s,
+                               deadline_s=deadline_s)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
     server.registry = reg
+    server._unregister = reg.register_collector(server.collect)
     server.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                      name="zeromesh-metrics", daemon=True)
     server.thread.start()

@@ -785,7 +785,8 @@ class Node:
         return None
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the control channel and the peer table (a snapshot)."""
+        """Counters of the control channel, the peer table and mDNS discovery (``mdns_*``,
+        see :meth:`mesh.discovery.MdnsDiscovery.stats`), a snapshot."""
         out: dict[str, Any] = dict(self._counters)
         by_state = collections.Counter(r.state.value for r in self.peers.records())
         for st in PeerState:
@@ -797,6 +798,9 @@ class Node:
             out["dropped_outq"] = self._outq_dropped
         if self.security is not None:
             out.update(self.security.stats())
+        discovery = self._discovery
+        if discovery is not None:  # mDNS counters and budgets, prefixed mdns_
+            out.update({f"mdns_{k}": v for k, v in discovery.stats().items()})
         out["metrics"] = self.metrics.as_dict()
         return out
 
@@ -828,6 +832,9 @@ class Node:
         for reason, v in failures.items():
             out.counter("handshake_failures_total", v, "CURVE handshakes refused.",
                         reason=reason)
+        discovery = self._discovery
+        if discovery is not None:
+            discovery.collect(out)
 
     # --- discovery hook (any thread) ------------------------------------------------------------
 
@@ -1298,13 +1305,10 @@ class Node:
             self._flush()
 
     def _on_discovery_goodbye(self, node_id: str) -> None:
-        with self.peers.lock:
-            events = self._presence.goodbye(node_id, self._clock())
-        link = self._links.pop(node_id, None)
-        if link is not None:
-            self._drop_link(link)
-        self._emit(events)
-        self._flush()
+        # An mDNS goodbye is unauthenticated multicast: anyone on the LAN can send one for
+        # any instance name. It takes nobody away; only the peer's own control channel does
+        # (BYE, or silence past gone_s). Counted only.
+        self._count("discovery_goodbyes_ignored")
 
     # --- periodic work --------------------------------------------------------------------------
 

@@ -191,7 +191,7 @@ class Presence:
         return [PeerEvent(PeerEventKind.JOINED, row.info)]
 
     def goodbye(self, node_id: str, now: float) -> list[PeerEvent]:
-        """The peer said goodbye (BYE, or an mDNS goodbye): GONE at once.
+        """The peer said goodbye on its control channel (BYE): GONE at once.
 
         Returns:
             [LEFT] when it was live; [] otherwise.
@@ -309,7 +309,9 @@ class PeerTable:
             self._on_upsert(info, source)
 
     def goodbye(self, node_id: str) -> None:
-        """Report a discovery goodbye for ``node_id``; thread-safe. The peer becomes GONE.
+        """Report a discovery goodbye for ``node_id``; thread-safe. A hint only: the node
+        counts it and presence does not change (an mDNS goodbye proves nothing about who sent
+        it; only the peer's control channel, BYE or silence past ``gone_s``, takes it away).
 
         Raises:
             ClosedError: the node is closed.
