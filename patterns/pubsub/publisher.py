@@ -610,10 +610,11 @@ class _PubHub:
                     self._refuse_ack(peer_id, ack)
                     return
             st.positions[key] = ack.position
-            if st.log is not None:
-                # The committed position is a retention floor: the log keeps (persisted,
-                # within its floor TTL and byte cap) what this subscriber has not handled.
-                st.log.set_retention_floor(f"{peer_id}/{ack.name}", ack.position)
+            log = st.log
+        if log is not None:
+            # The committed position is a retention floor: the log keeps (persisted, within
+            # its floor TTL and byte cap) what this subscriber has not handled.
+            log.set_retention_floor(f"{peer_id}/{ack.name}", ack.position)
 
     def _refuse_ack(self, peer_id: str, ack: frames.Ack) -> None:
         self.acks_refused += 1
