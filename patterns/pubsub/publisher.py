@@ -5,7 +5,10 @@ owned by a :class:`_PubHub` shared by the node's publishers and guarded by one l
 ``publish()`` runs on user threads while heartbeats and replay reads run on the reactor thread.
 Replay requests (``pubsub.replay``) are answered on the reactor thread straight from the log, one
 bounded chunk per request: the subscriber asks for the next chunk when it has consumed one, so
-neither side ever holds more than one chunk per (subscriber, stream).
+neither side ever holds more than one chunk per (subscriber, stream). A peer that does not play
+by that (asks again and again, never reads) is held to its replay byte budget
+(:data:`REPLAY_PEER_BYTES`): a reply counts until a later request echoes its ``tok`` (proof the
+peer read it and everything before it), and a peer over budget is answered ``"busy"``.
 """
 
 from __future__ import annotations
