@@ -246,6 +246,28 @@ def test_replay_amplification_is_bounded_curve_insider(
             attacker.close()
 
 
+def test_backlogged_peer_is_not_served(tmp_path: Path) -> None:
+    """Small replies (the byte budget is far away) to a peer that never reads: once the
+    node's connection to it is at its HWM, requests are answered "busy", not read from the
+    log and queued."""
+    with _node(tmp_path, "victim", unique("bl"), hwm=4) as victim, \
+            Publisher(victim, unique("s")) as pub:
+        pub.publish_many(["y" * 100 for _ in range(60)])
+        attacker = RawPeer(victim, reads=False)
+        try:
+            attacker.hello()
+            for i in range(3000):
+                attacker.send([(frames.CTRL_REPLAY, _replay(pub.stream, i))])
+            wait_until(lambda: (lambda s: s.replay_requests + s.replay_busy)(pub.stats())
+                       >= 3000, 20, what="all requests handled")
+            s = pub.stats()
+            assert victim.stats().get("dropped_hwm", 0) >= 1
+            assert s.replay_busy >= 1000 and s.replay_requests < 2000, s
+            assert s.replay_bytes_held < pubmod.REPLAY_PEER_BYTES // 2, s
+        finally:
+            attacker.close()
+
+
 def test_reading_peer_gets_its_budget_back(tmp_path: Path) -> None:
     """The budget is not a cap on replay volume: a peer that reads, and proves it by echoing
     the latest reply's ``tok``, is served for ever (here 3x its budget)."""
