@@ -362,6 +362,27 @@ def test_subscriber_replay_requests_bounded_per_publisher(tmp_path: Path) -> Non
             evil.close()
 
 
+def test_unsolicited_replay_data_is_counted_and_logs_are_limited(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "zeromesh.pubsub")
+    with _node(tmp_path, "victim", unique("rd")) as victim, \
+            Subscriber(victim, unique("s")) as sub:
+        evil = RawPeer(victim)
+        try:
+            evil.hello()
+            junk = [(frames.CTRL_REPLAY_DATA, frames.ReplayData(
+                uuid.uuid4().hex, i, "x", 0, [b"e"], 1, 0).to_body()) for i in range(500)]
+            junk += [(frames.CTRL_REPLAY_DATA, {"v": 1, "sid": sub.sid, "events": 3})] * 500
+            for i in range(0, len(junk), 100):
+                evil.send(junk[i:i + 100])
+            wait_until(lambda: sub._router.bad >= 500 and sub.stats().bad_replies >= 500, 5,
+                       what="unsolicited replies counted")
+            lines = sum(1 for r in caplog.records if r.name == "zeromesh.pubsub")
+            assert lines <= 2 * 12, lines  # two kinds: 10 each, then one per 10 s
+        finally:
+            evil.close()
+
+
 def _ack(stream: str, name: str, pos: int) -> dict[str, Any]:
     return frames.Ack(name, stream, pos).to_body()
 

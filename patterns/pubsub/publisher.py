@@ -484,7 +484,8 @@ class _PubHub:
         except MeshError as exc:
             del sent[tok]
             budget.give(peer_id, cost)
-            _log.info("pubsub: replay reply to %s not sent: %s", peer_id, exc)
+            self.logs.log(logging.INFO, "replay_unsent", "pubsub: replay reply to %s not "
+                          "sent: %s", peer_id, exc)
 
     def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:
         st = self.streams.get(rq.stream)

@@ -30,6 +30,7 @@ import msgpack
 import zmq
 
 from mesh import control
+from mesh.budget import LogLimiter
 from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode
 from mesh.errors import (
     ClosedError,
@@ -356,6 +357,8 @@ class _SubRouter:
         #: publisher node id -> the ``tok`` of the latest reply read from it (echoed in the
         #: next request: it returns the bytes sent to us to the publisher's budget for us).
         self.last_tok: dict[str, int] = {}
+        #: every line a remote peer's replies can trigger goes through it (per node)
+        self.logs = LogLimiter(_log)
         node.handle(frames.CTRL_REPLAY_DATA, self._on_data)
 
     def _on_data(self, peer_id: str, body: object) -> None:
@@ -367,13 +370,15 @@ class _SubRouter:
         sub = self.subs.get(sid) if isinstance(sid, str) else None
         if sub is None:
             self.bad += 1
-            _log.warning("pubsub: replay data from %s for no subscriber", peer_id)
+            self.logs.warning(f"nosub:{peer_id}", "pubsub: replay data from %s for no "
+                              "subscriber", peer_id)
             return
         try:
             data = frames.decode_replay_data(body, max_event_size=sub.max_event_size)
         except (ProtocolError, CodecError) as exc:
             sub._count_bad_reply(exc)
-            _log.warning("pubsub: bad replay data from %s: %s", peer_id, exc)
+            self.logs.warning(f"bad:{peer_id}", "pubsub: bad replay data from %s: %s",
+                              peer_id, exc)
             return
         sub._post(("replay", peer_id, data))
 
@@ -861,7 +866,8 @@ class Subscriber:
                 self._stats.replay_errors += 1
                 if data.error in ("not_durable", "forbidden"):
                     tracker.replayable = False
-                _log.info("pubsub: replay of %s refused: %s", key, data.error)
+                self._router.logs.log(logging.INFO, f"refused:{peer_id}",
+                                      "pubsub: replay of %s refused: %s", key, data.error)
                 continue
             self._stats.replay_chunks += 1
             skip = data.skip
@@ -889,7 +895,7 @@ class Subscriber:
                                   delivered=lost[2])
                 self._stats.resets += 1
                 self._stats.lost += max(0, lost[1] - lost[0] - lost[2])
-                _log.warning("pubsub: %s", gap)
+                self._router.logs.warning(f"gap:{key[0]}", "pubsub: %s", gap)
             self._stats.epochs += 1
             # In order: positions before it stay under the old epoch until it is reached.
             ready.append((key, rewind_to if rewind_to is not None else -1,
@@ -899,8 +905,8 @@ class Subscriber:
             reason = step.skip_reason
             gap = None
             self._stats.skipped += b - a
-            _log.warning("pubsub: %s events %d..%d will not be delivered (%s)", key, a, b - 1,
-                         reason)
+            self._router.logs.warning(f"gap:{key[0]}", "pubsub: %s events %d..%d will not be "
+                                      "delivered (%s)", key, a, b - 1, reason)
             if reason == "retention":
                 # "From the beginning" means from the oldest kept: losing 0.. is expected.
                 expected = (self.start.kind == "beginning" and key not in self._committed
@@ -1005,7 +1011,8 @@ class Subscriber:
             self._ctrl_send(key[0], frames.CTRL_REPLAY, body)
         except MeshError as exc:
             # Unreachable for now: the tracker re-sends after retry_s.
-            _log.info("pubsub: replay request to %s not sent: %s", key[0], exc)
+            self._router.logs.log(logging.INFO, f"unsent:{key[0]}", "pubsub: replay request to "
+                                  "%s not sent: %s", key[0], exc)
 
     # --- positions and commits -------------------------------------------------------------
 
