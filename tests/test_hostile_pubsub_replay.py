@@ -362,6 +362,51 @@ def test_subscriber_replay_requests_bounded_per_publisher(tmp_path: Path) -> Non
             evil.close()
 
 
+def test_forged_head_for_the_real_publisher_bounded(tmp_path: Path) -> None:
+    """The issue's case: a peer offering the same stream on its own PUB sends heartbeats with
+    the real publisher's id and head 2^62. Whether or not the head is believed (the data path
+    binds heads to the connection they came on), the real publisher gets a bounded trickle of
+    replay requests, not ~2,200 a second, and real events still arrive."""
+    m = unique("fh")
+    stream = unique("s")
+    with _node(tmp_path, "pub", m) as a, Publisher(a, stream) as pub:
+        pub.publish_many(list(range(20)))
+        with _node(tmp_path, "sub", m, static_peers=(
+                a.info().endpoints["control"][0],)) as b:
+            wait_until(lambda: b.peers.get(a.id) is not None, 5, what="joined")
+            evil = RawPeer(b, streams=(stream,))
+            try:
+                evil.hello()
+                with Subscriber(b, stream, start=Start.beginning()) as sub:
+                    got: list[Any] = []
+                    wait_until(lambda: (got.extend(sub.recv_batch(timeout=0.05)),
+                                        len(got) >= 20)[1], 10, what="history")
+                    assert evil.pub is not None
+                    forged = frames.encode_heartbeat(stream.encode(), frames.node_id_bytes(a.id),
+                                                     pub.stats().epoch, 1 << 62, True)
+                    xpub = evil.pub
+
+                    def subscribed() -> bool:  # the SUB is connected to the forger's XPUB
+                        sub.recv_batch(timeout=0.01)
+                        return bool(xpub.poll(0)) and xpub.recv()[:1] == b"\x01"
+
+                    wait_until(subscribed, 5, what="subscriber connected to the forger")
+                    before = pub.stats().replay_requests
+                    t0 = time.monotonic()
+                    while time.monotonic() - t0 < 2.0:
+                        xpub.send_multipart(forged)
+                        got.extend(sub.recv_batch(timeout=0.005))
+                    asked = pub.stats().replay_requests - before
+                    # Backoff 0.05 s doubling to retry_s (2 s): a handful in 2 s.
+                    assert asked <= 12, asked
+                    pub.publish("live")
+                    wait_until(lambda: (got.extend(sub.recv_batch(timeout=0.05)),
+                                        got[-1].data == "live")[1], 10, what="live event")
+                    assert [e.seq for e in got] == list(range(21))
+            finally:
+                evil.close()
+
+
 def test_unsolicited_replay_data_is_counted_and_logs_are_limited(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "zeromesh.pubsub")
