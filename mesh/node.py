@@ -203,7 +203,8 @@ def load_node_id(data_dir: Path) -> str:
 class _Link:
     """Our DEALER to one peer's control ROUTER, with its outgoing batch."""
 
-    __slots__ = ("created", "endpoint", "last_sent", "node_id", "out", "sock", "static", "token")
+    __slots__ = ("created", "endpoint", "full", "last_sent", "node_id", "out", "sock", "static",
+                 "token")
 
     def __init__(
         self, sock: zmq.Socket[Any], endpoint: str, token: int, node_id: str | None,
@@ -217,6 +218,7 @@ class _Link:
         self.last_sent = 0.0
         self.created = now
         self.out: list[tuple[str, bytes]] = []
+        self.full = False  # the last send hit the HWM (the peer does not read)
 
 
 _CLOSED = object()
@@ -740,6 +742,16 @@ class Node:
             self._out_scheduled = True
         self.reactor.call_soon(self._drain_outq)
 
+    def backlogged(self, peer_id: str) -> bool:
+        """True when this node's connection to ``peer_id`` is backed up: its last send hit the
+        high-water mark (the peer does not read; what was sent then was dropped), or more than
+        :data:`_SEND_BATCH` messages wait for the next flush. Reactor thread only.
+
+        Patterns that answer a peer with much data (replay) stop serving it while this holds.
+        """
+        link = self._links.get(peer_id)
+        return link is not None and (link.full or len(link.out) > _SEND_BATCH)
+
     def permits(self, peer_id: str, action: str, resource: str) -> bool:
         """True when ``peer_id`` may do ``action`` on ``resource`` (mesh.security.perms).
 
@@ -953,9 +965,11 @@ class Node:
                 try:
                     wire = control.encode_frames(chunk)
                     link.sock.send_multipart(wire, zmq.NOBLOCK)
+                    link.full = False
                     self._count("control_out", len(chunk))
                     self._count("control_bytes_out", sum(map(len, wire)))
                 except zmq.Again:
+                    link.full = True
                     self._bad("dropped_hwm", "peer %s at its HWM: dropped %d", link.node_id, len(chunk))
                 except zmq.ZMQError as exc:
                     self._bad("send_errors", "send to %s failed: %s", link.node_id, exc)

@@ -19,6 +19,7 @@ __all__ = [
     "Processing",
     "attach",
     "client_collector",
+    "pubhub_collector",
     "publisher_collector",
     "queue_collector",
     "service_collector",
@@ -114,6 +115,28 @@ def publisher_collector(pub: Any) -> Callable[[Collect], None]:
     return collect
 
 
+def pubhub_collector(hub: Any) -> Callable[[Collect], None]:
+    """Node-wide families of the pub/sub publishing hub: what its budgets refused (one
+    sample per node, whatever the number of publishers)."""
+
+    def collect(out: Collect) -> None:
+        with hub.lock:  # positions budgets change under it; the rest are plain ints
+            acks_held = hub.ack_peer_budget.held()
+            acks_refused = hub.acks_refused
+        for reason, v in (("busy", hub.replay_busy), ("dropped", hub.replay_dropped),
+                          ("forbidden", hub.refused_replays)):
+            out.counter("replay_refused_total", v, "Replay requests refused: over the "
+                        "peer's replay byte budget or backed up (busy), not even answered "
+                        "(dropped), not permitted (forbidden).", reason=reason)
+        out.gauge("replay_bytes_held", hub.replay_budget.held(),
+                  "Replay bytes sent to peers and not yet proven read.")
+        out.counter("acks_refused_total", acks_refused,
+                    "Acks refused: not permitted, or the positions budget was full.")
+        out.gauge("ack_positions", acks_held, "Durable-subscriber positions held.")
+
+    return collect
+
+
 def subscriber_collector(sub: Any) -> Callable[[Collect], None]:
     """Families of one :class:`~patterns.pubsub.Subscriber` (labels ``stream``=its topic and
     ``consumer``=its durable name, or ``~`` + a short id for an ephemeral one)."""
@@ -137,6 +160,12 @@ def subscriber_collector(sub: Any) -> Callable[[Collect], None]:
                     "Events skipped for good (best-effort streams, retention).", **lab)
         out.counter("events_malformed_total", s.bad_frames + s.bad_version + s.oversize
                     + s.bad_events, "Malformed, oversized or unknown-version messages.", **lab)
+        out.counter("replay_requests_deferred_total", s.replay_deferred,
+                    "Replay requests held back by the per-publisher rate or outstanding "
+                    "limit.", **lab)
+        out.counter("replay_busy_total", s.replay_busy,
+                    "Replay requests a publisher refused as busy (retried with backoff).",
+                    **lab)
 
     return collect
 

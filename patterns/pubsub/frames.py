@@ -189,6 +189,10 @@ class ReplayRequest:
             (see :attr:`ReplayData.truncate`).
         max_event: the largest envelope the subscriber accepts (None: no limit said); the
             publisher skips larger events instead of sending them.
+        tok: the :attr:`ReplayData.tok` of the latest reply this node received from the
+            publisher's node (None: none yet). It proves that reply, and everything the
+            publisher sent this node before it, was read: the publisher returns those bytes
+            to the asking peer's replay budget.
     """
 
     sid: str
@@ -201,6 +205,7 @@ class ReplayRequest:
     max_bytes: int
     epoch: int | None = None
     max_event: int | None = None
+    tok: int | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The msgpack-able map for ``node.send``."""
@@ -211,6 +216,8 @@ class ReplayRequest:
             body["epoch"] = self.epoch
         if self.max_event is not None:
             body["max_event"] = self.max_event
+        if self.tok is not None:
+            body["tok"] = self.tok
         return body
 
 
@@ -241,6 +248,11 @@ class ReplayData:
             of seqs of that epoch at or beyond it learns they are lost.
         oversize: envelopes the subscriber dropped from this chunk as larger than its limit
             (filled by the decoder, never sent).
+        tok: an unguessable number naming this reply (None: an older publisher, or the
+            node's own hub); the asking node echoes the latest one in its next request
+            (:attr:`ReplayRequest.tok`).
+        retry_ms: with ``error="busy"`` (the asking peer is over its replay budget, or its
+            connection is backed up): ask again no sooner than this.
     """
 
     sid: str
@@ -257,6 +269,8 @@ class ReplayData:
     skip: tuple[int, int, str] | None = None
     epoch_end: int | None = None
     oversize: int = 0
+    tok: int | None = None
+    retry_ms: int | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The msgpack-able map for ``node.send``."""
@@ -270,6 +284,10 @@ class ReplayData:
             body["skip"] = list(self.skip)
         if self.epoch_end is not None:
             body["epoch_end"] = self.epoch_end
+        if self.tok is not None:
+            body["tok"] = self.tok
+        if self.retry_ms is not None:
+            body["retry_ms"] = self.retry_ms
         return body
 
 
@@ -347,7 +365,7 @@ def decode_replay_request(body: object) -> ReplayRequest:
     return ReplayRequest(_str(m, "sid", kind), _req_int(m, "req", kind),
                          _str(m, "stream", kind, limit=MAX_TOPIC), start, from_time,
                          _int(m, "to", kind, optional=True), max_records, max_bytes, epoch,
-                         max_event or None)
+                         max_event or None, _int(m, "tok", kind, optional=True))
 
 
 def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
@@ -390,7 +408,8 @@ def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
                       _str(m, "stream", kind, limit=MAX_TOPIC), _req_int(m, "first", kind),
                       events, _req_int(m, "head", kind), _req_int(m, "oldest", kind), gone, error,
                       epoch, truncate, skip, _int(m, "epoch_end", kind, optional=True),
-                      oversize)
+                      oversize, _int(m, "tok", kind, optional=True),
+                      _int(m, "retry_ms", kind, optional=True))
 
 
 def decode_ack(body: object) -> Ack:

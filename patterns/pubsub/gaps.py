@@ -7,7 +7,9 @@ what was skipped. It never does I/O, so every path is unit-tested without socket
 
 Invariants: ``expected`` only grows; every seq is delivered at most once and in order; the
 live buffer holds at most ``max_buffer`` events (beyond that live events are dropped and the
-replay fetches them again); at most one replay request is outstanding.
+replay fetches them again); at most one replay request is outstanding; a reply that moved
+nothing (a head that is not really there), or a publisher's ``"busy"``, makes the next request
+wait (doubling backoff up to ``retry_s``), so no input can make the tracker ask in a loop.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class TrackerStats:
     replayed: int = 0  #: events delivered from replay chunks
     replay_requests: int = 0
     replay_retries: int = 0
+    replay_deferred: int = 0  #: requests held back by the subscriber's per-publisher limits
+    replay_busy: int = 0  #: "busy" refusals from the publisher (its budget for us was full)
+    replay_idle: int = 0  #: replies that moved nothing while a head said there was more
     stale_replies: int = 0
     skipped: int = 0  #: seqs that will never be delivered (best-effort loss, retention)
     epochs: int = 0  #: new writer epochs adopted (publisher restarts)
@@ -120,6 +125,10 @@ class StreamTracker:
         self._req = 0
         self._outstanding: ReplayAsk | None = None
         self._sent_at = 0.0
+        self._due = 0.0  # when the outstanding request is (re-)sent
+        self._unsent = False  # the outstanding request was deferred, never sent
+        self._not_before = 0.0  # no new request before this (backoff)
+        self._backoff = 0.0
         self.epoch = epoch
         self._pending_epoch: int | None = None  # seen live, not yet confirmed by a reply
         self._old_head = 0  # the head known under self.epoch when a new one appeared
@@ -249,10 +258,11 @@ class StreamTracker:
         """
         step = Step()
         ask = self._outstanding
-        if ask is None or ask.req != req:
+        if ask is None or ask.req != req or self._unsent:
             self.stats.stale_replies += 1
             return step
         self._outstanding = None
+        before = (self.expected, self.epoch)
         if epoch and epoch != self.epoch:
             exp = self.expected
             if self.epoch is None or exp is None:
@@ -297,8 +307,43 @@ class StreamTracker:
             self._skip(step, self.expected, first)
             self.expected = first
             self._drain(step)
+        if (self.expected, self.epoch) == before and not step.deliver and step.skipped is None:
+            # Nothing moved: the publisher has nothing more for us now although a head said
+            # so (a head beyond its log, or events not logged yet). Ask again only later.
+            self.stats.replay_idle += 1
+            self._back_off(now, 0.0)
+        else:
+            self._backoff = 0.0
+            self._not_before = 0.0
         self._maybe_ask(step, now)
         return step
+
+    def on_replay_busy(self, req: int, now: float, retry_after: float) -> None:
+        """The publisher refused request ``req`` as ``"busy"`` (over its budget for this
+        node, or our connection is backed up): re-send it after ``retry_after`` at least,
+        doubling while it stays busy (up to ``retry_s``)."""
+        ask = self._outstanding
+        if ask is None or ask.req != req or self._unsent:
+            self.stats.stale_replies += 1
+            return
+        self.stats.replay_busy += 1
+        self._back_off(now, retry_after)
+        self._due = self._not_before
+
+    def defer(self, now: float, delay: float) -> None:
+        """The request just asked for was not sent (the subscriber's per-publisher rate or
+        outstanding limit): keep it, and send it after ``delay``."""
+        if self._outstanding is None:
+            return
+        if not self._unsent:
+            self.stats.replay_requests -= 1
+        self._unsent = True
+        self.stats.replay_deferred += 1
+        self._due = now + delay
+
+    def _back_off(self, now: float, at_least: float) -> None:
+        self._backoff = min(self.retry_s, max(at_least, 0.05, self._backoff * 2))
+        self._not_before = now + self._backoff
 
     def on_replay_error(self, req: int) -> None:
         """The publisher could not serve request ``req``; it is retried after ``retry_s``."""
@@ -321,8 +366,9 @@ class StreamTracker:
             return step
         ask = self._outstanding
         if ask is not None:
-            if force or now - self._sent_at >= self.retry_s:
-                self.stats.replay_retries += 1
+            if force or now >= self._due:
+                if not self._unsent:
+                    self.stats.replay_retries += 1
                 self._outstanding = None
                 step.ask = self._ask(now, ask.start if self.expected is None else self.expected,
                                      ask.from_time if self.expected is None else None, ask.end)
@@ -355,12 +401,14 @@ class StreamTracker:
         ask = ReplayAsk(self._req, start, from_time, end, self.epoch)
         self._outstanding = ask
         self._sent_at = now
+        self._due = now + self.retry_s
+        self._unsent = False
         self.stats.replay_requests += 1
         return ask
 
     def _maybe_ask(self, step: Step, now: float) -> None:
         if (self.replayable and self._outstanding is None and self.expected is not None
-                and self.expected < self.known_head):
+                and self.expected < self.known_head and now >= self._not_before):
             step.ask = self._ask(now, self.expected, None, self.known_head)
 
     def _skip(self, step: Step, start: int, end: int) -> None:

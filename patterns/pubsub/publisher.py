@@ -5,15 +5,20 @@ owned by a :class:`_PubHub` shared by the node's publishers and guarded by one l
 ``publish()`` runs on user threads while heartbeats and replay reads run on the reactor thread.
 Replay requests (``pubsub.replay``) are answered on the reactor thread straight from the log, one
 bounded chunk per request: the subscriber asks for the next chunk when it has consumed one, so
-neither side ever holds more than one chunk per (subscriber, stream).
+neither side ever holds more than one chunk per (subscriber, stream). A peer that does not play
+by that (asks again and again, never reads) is held to its replay byte budget
+(:data:`REPLAY_PEER_BYTES`): a reply counts until a later request echoes its ``tok`` (proof the
+peer read it and everything before it), and a peer over budget is answered ``"busy"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from mesh.budget import Budget, LogLimiter
 from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, encode, encode_new, encode_new_many
 from mesh.errors import (
     ClosedError,
@@ -37,7 +43,7 @@ from mesh.log import LogConfig, LogDirectory
 from mesh.peers import PeerEventKind
 from mesh.security.signing import EventSigner
 from mesh.tracing import OTEL, child_fields, otel_active, span
-from patterns._metrics import attach, publisher_collector
+from patterns._metrics import attach, pubhub_collector, publisher_collector
 from patterns.pubsub import _registry, frames
 
 __all__ = ["Publisher", "PublisherStats"]
@@ -47,6 +53,23 @@ _log = logging.getLogger("zeromesh.pubsub")
 #: Largest replay chunk the publisher sends, whatever the subscriber asks (records / bytes).
 MAX_REPLAY_RECORDS = 5000
 MAX_REPLAY_BYTES = 4 << 20
+#: Replay bytes one peer (node id) may have outstanding: sent in replies it has not yet proven
+#: read (see ReplayRequest.tok), and all peers together. A peer over it is answered
+#: ``error="busy"`` with ``retry_ms``; a peer that never reads gets at most this much, ever.
+REPLAY_PEER_BYTES = 32 << 20
+REPLAY_NODE_BYTES = 128 << 20
+#: What one reply costs in that budget beyond its envelopes (map, fields, frames): refusals
+#: and empty replies cost it too, so a flood of small requests is bounded the same way.
+REPLY_COST = 1024
+#: A reply is cut to what the peer's budget has left; below this, the peer is told "busy".
+REPLAY_MIN_CHUNK = 64 << 10
+#: "busy": the subscriber asks again no sooner than this.
+REPLAY_RETRY_MS = 500
+#: Durable-subscriber positions (pubsub.ack: one per (peer, name) per stream) one peer may
+#: hold, one stream may hold, and the node may hold. An ack beyond them is refused, counted.
+ACK_POSITIONS_PER_PEER = 256
+ACK_POSITIONS_PER_STREAM = 4096
+ACK_POSITIONS_NODE = 16384
 #: Envelopes per log batch in publish_many (one ``append_many``).
 BATCH_EVENTS = 1000
 #: Memory is bounded in bytes, not only in messages: libzmq's queues count messages (SNDHWM /
@@ -119,6 +142,13 @@ class PublisherStats:
             subscriber's ``max_event_size``).
         epoch: the writer epoch of the stream (durable: the log's; best-effort: random).
         bad_requests: malformed / wrong-version replay or ack bodies (node-wide).
+        replay_busy: replay requests answered ``"busy"`` (node-wide): the asking peer was
+            over its replay byte budget or its connection was backed up.
+        replay_dropped: replay requests not answered at all (node-wide): the peer's budget
+            could not even hold the refusal.
+        replay_bytes_held: replay bytes sent and not yet proven read (node-wide).
+        acks_refused: acks refused (node-wide): the peer may not subscribe the stream, or
+            the positions budget (per peer, per stream, node) was full.
         positions: durable subscription name -> committed position (next seq it will process).
         lag: durable subscription name -> ``head - position``.
     """
@@ -137,6 +167,10 @@ class PublisherStats:
     replay_skipped: int = 0
     epoch: int = 0
     bad_requests: int = 0
+    replay_busy: int = 0
+    replay_dropped: int = 0
+    replay_bytes_held: int = 0
+    acks_refused: int = 0
     positions: dict[str, int] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
 
@@ -198,8 +232,23 @@ class _PubHub:
         self.subscriptions = 0
         self.refused_subscriptions = 0
         self.refused_replays = 0
+        # Replay bytes sent per peer and not proven read: peer -> {tok: bytes}, oldest first
+        # (reactor thread only). A request echoing tok proves that reply and every earlier
+        # one left our queues (one ordered connection), so they are returned to the budget.
+        self.replay_budget = Budget("replay_bytes", REPLAY_PEER_BYTES, REPLAY_NODE_BYTES)
+        self.replay_sent: dict[str, OrderedDict[int, int]] = {}
+        self.replay_busy = 0
+        self.replay_dropped = 0
+        # Ack positions: per peer (node-wide cap) and per stream (written under the lock).
+        self.ack_peer_budget = Budget("ack_positions", ACK_POSITIONS_PER_PEER,
+                                      ACK_POSITIONS_NODE)
+        self.ack_stream_budget = Budget("ack_positions_stream", ACK_POSITIONS_PER_STREAM,
+                                        ACK_POSITIONS_NODE)
+        self.acks_refused = 0
+        self.logs = LogLimiter(_log)
         node.handle(frames.CTRL_REPLAY, self._on_replay)
         node.handle(frames.CTRL_ACK, self._on_ack)
+        self._unmetrics = attach(node, pubhub_collector(self))
         self.timer = node.reactor.call_every(heartbeat_s, self._beat)
         self._unpeer = node.on_peer(self._on_peer)
         self.users = 0
@@ -209,6 +258,7 @@ class _PubHub:
     def close(self) -> None:
         self.timer.cancel()
         self._unpeer()
+        self._unmetrics()
         # The next hub binds new endpoints: stop announcing these so subscribers move there.
         try:
             self.node.unbind("pub", self.endpoints)
@@ -222,6 +272,9 @@ class _PubHub:
         # forget_after_s are dropped at a beat (their log retention floors have their own TTL).
         if ev.kind is PeerEventKind.LEFT:
             self.left[ev.peer.node_id] = time.monotonic()
+            # Its connection is closed: nothing sent to it is held any more.
+            self.replay_sent.pop(ev.peer.node_id, None)
+            self.replay_budget.drop(ev.peer.node_id)
         else:
             self.left.pop(ev.peer.node_id, None)
 
@@ -347,6 +400,8 @@ class _PubHub:
             for st in self.streams.values():
                 for k in [k for k in st.positions if k[0] == peer]:
                     del st.positions[k]
+                    self.ack_stream_budget.give(st.name)
+            self.ack_peer_budget.drop(peer)
 
     def _admit_subscription(self, frame: zmq.Frame) -> None:
         # XPUB_MANUAL: ZMQ_SUBSCRIBE/UNSUBSCRIBE apply to the connection this notice came
@@ -372,28 +427,65 @@ class _PubHub:
                 not all(self.node.permits(peer, "subscribe", s) for s in self.streams
                         if s.startswith(name)):
             self.refused_subscriptions += 1
-            _log.warning("pubsub: subscription %r from %s refused", prefix[:64], peer or uid)
+            self.logs.warning("subscription", "pubsub: subscription %r from %s refused",
+                              prefix[:64], peer or uid)
             return
         self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
         self.subscriptions += 1
 
     def _on_replay(self, peer_id: str, body: object) -> None:
+        # Reactor thread. Every reply costs the asking peer's replay budget (its envelopes
+        # plus REPLY_COST) until a later request proves it read (tok); see _PubHub.__init__.
         try:
             rq = frames.decode_replay_request(body)
         except (ProtocolError, CodecError) as exc:
             self.bad_requests += 1
-            _log.warning("pubsub: bad replay request from %s: %s", peer_id, exc)
+            self.logs.warning("bad_replay", "pubsub: bad replay request from %s: %s",
+                              peer_id, exc)
             return
+        budget = self.replay_budget
+        sent = self.replay_sent.get(peer_id)
+        if rq.tok is not None and sent is not None and rq.tok in sent:
+            while sent:  # that reply and every one before it were read
+                tok, n = sent.popitem(last=False)
+                budget.give(peer_id, n)
+                if tok == rq.tok:
+                    break
+        room = min(budget.per_key - budget.held(peer_id), budget.total - budget.held())
         if not self.node.permits(peer_id, "replay", rq.stream):
             self.refused_replays += 1
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0, False,
                                       "forbidden")
+        elif room - REPLY_COST < REPLAY_MIN_CHUNK or self.node.backlogged(peer_id):
+            # Over its budget, or it does not read what we send: refuse (typed, cheap);
+            # the subscriber asks again after retry_ms, with backoff.
+            self.replay_busy += 1
+            budget.refused += 1
+            reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0, False,
+                                      "busy", retry_ms=REPLAY_RETRY_MS)
         else:
+            if rq.max_bytes > room - REPLY_COST:
+                rq = dataclasses.replace(rq, max_bytes=room - REPLY_COST)
             reply = self._serve(rq)
+        cost = REPLY_COST + sum(map(len, reply.events))
+        if not budget.take(peer_id, cost):
+            # Not even a refusal fits: no answer (the subscriber's retry_s covers it).
+            self.replay_dropped += 1
+            self.logs.warning("replay_dropped", "pubsub: replay budget of %s full: request "
+                              "not answered", peer_id)
+            return
+        tok = secrets.randbits(63)
+        if sent is None:
+            sent = self.replay_sent[peer_id] = OrderedDict()
+        sent[tok] = cost
+        reply = dataclasses.replace(reply, tok=tok)
         try:
             self.node.send(peer_id, frames.CTRL_REPLAY_DATA, reply.to_body())
         except MeshError as exc:
-            _log.info("pubsub: replay reply to %s not sent: %s", peer_id, exc)
+            del sent[tok]
+            budget.give(peer_id, cost)
+            self.logs.log(logging.INFO, "replay_unsent", "pubsub: replay reply to %s not "
+                          "sent: %s", peer_id, exc)
 
     def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:
         st = self.streams.get(rq.stream)
@@ -494,19 +586,44 @@ class _PubHub:
         return start, out
 
     def _on_ack(self, peer_id: str, body: object) -> None:
+        # Reactor thread; positions are read by stats() and scrapes on other threads, so
+        # they change under the lock. Only a peer allowed to subscribe the stream may ack
+        # it, and a new (peer, name) needs room in the per-peer and per-stream budgets.
         try:
             ack = frames.decode_ack(body)
         except (ProtocolError, CodecError) as exc:
             self.bad_requests += 1
-            _log.warning("pubsub: bad ack from %s: %s", peer_id, exc)
+            self.logs.warning("bad_ack", "pubsub: bad ack from %s: %s", peer_id, exc)
             return
-        st = self.streams.get(ack.stream)
-        if st is not None:
-            st.positions[(peer_id, ack.name)] = ack.position
-            if st.log is not None:
-                # The committed position is a retention floor: the log keeps (persisted,
-                # within its floor TTL and byte cap) what this subscriber has not handled.
-                st.log.set_retention_floor(f"{peer_id}/{ack.name}", ack.position)
+        if not self.node.permits(peer_id, "subscribe", ack.stream):
+            self.acks_refused += 1
+            self.logs.warning("ack_forbidden", "pubsub: ack of %r from %s refused (not "
+                              "allowed to subscribe it)", ack.stream[:64], peer_id)
+            return
+        with self.lock:
+            st = self.streams.get(ack.stream)
+            if st is None:
+                return
+            key = (peer_id, ack.name)
+            if key not in st.positions:
+                if not self.ack_peer_budget.take(peer_id):
+                    self._refuse_ack(peer_id, ack)
+                    return
+                if not self.ack_stream_budget.take(st.name):
+                    self.ack_peer_budget.give(peer_id)
+                    self._refuse_ack(peer_id, ack)
+                    return
+            st.positions[key] = ack.position
+            log = st.log
+        if log is not None:
+            # The committed position is a retention floor: the log keeps (persisted, within
+            # its floor TTL and byte cap) what this subscriber has not handled.
+            log.set_retention_floor(f"{peer_id}/{ack.name}", ack.position)
+
+    def _refuse_ack(self, peer_id: str, ack: frames.Ack) -> None:
+        self.acks_refused += 1
+        self.logs.warning("ack_budget", "pubsub: ack %r/%r from %s refused: positions budget "
+                          "full", ack.stream[:64], ack.name[:64], peer_id)
 
 
 def _hub_for(node: Any, heartbeat_s: float, sndhwm: int, forget_after_s: float) -> _PubHub:
@@ -805,7 +922,12 @@ class Publisher:
             s.head = st.next_seq
             first = self._log.first_offset if self._log is not None else None
             s.oldest = st.next_seq if first is None else first
-            s.bad_requests = self._hub.bad_requests
+            hub = self._hub
+            s.bad_requests = hub.bad_requests
+            s.replay_busy = hub.replay_busy
+            s.replay_dropped = hub.replay_dropped
+            s.replay_bytes_held = hub.replay_budget.held()
+            s.acks_refused = hub.acks_refused
             s.positions = {}
             for (_peer, name), pos in st.positions.items():
                 s.positions[name] = max(pos, s.positions.get(name, 0))
@@ -825,7 +947,10 @@ class Publisher:
                 hub.flush(self._st)
             except ClosedError:
                 pass  # durable events are in the log; best-effort ones are lost as on any drop
-            hub.streams.pop(self.stream, None)
+            if hub.streams.pop(self.stream, None) is not None:
+                for peer, _name in self._st.positions:
+                    hub.ack_peer_budget.give(peer)
+                hub.ack_stream_budget.drop(self.stream)
             hub.users -= 1
             last = hub.users == 0
         self._unmetrics()  # before the log closes: a scrape must not read a closed log

@@ -30,6 +30,7 @@ import msgpack
 import zmq
 
 from mesh import control
+from mesh.budget import LogLimiter
 from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode
 from mesh.errors import (
     ClosedError,
@@ -72,6 +73,11 @@ Key = tuple[str, str]  # (publisher node id, stream)
 #: Default clock-skew allowance of :meth:`Start.new` for streams first seen after the
 #: subscriber started (see ``Subscriber(new_stream_skew_s=...)``).
 NEW_STREAM_SKEW_S = 0.5
+#: Replay requests per second, and unanswered ones, per publisher (Subscriber defaults).
+REPLAY_RATE = 200.0
+REPLAY_OUTSTANDING = 16
+#: Publishers whose latest replay token the node remembers (_SubRouter.last_tok).
+_MAX_TOK_PEERS = 4096
 
 
 _third = operator.itemgetter(2)
@@ -294,6 +300,9 @@ class SubscriberStats:
     replay_retries: int = 0
     replay_chunks: int = 0
     replay_errors: int = 0
+    replay_deferred: int = 0
+    replay_busy: int = 0
+    replay_idle: int = 0
     skipped: int = 0
     bad_frames: int = 0
     bad_version: int = 0
@@ -345,20 +354,31 @@ class _SubRouter:
     def __init__(self, node: Any) -> None:
         self.subs: dict[str, Subscriber] = {}
         self.bad = 0
+        #: publisher node id -> the ``tok`` of the latest reply read from it (echoed in the
+        #: next request: it returns the bytes sent to us to the publisher's budget for us).
+        self.last_tok: dict[str, int] = {}
+        #: every line a remote peer's replies can trigger goes through it (per node)
+        self.logs = LogLimiter(_log)
         node.handle(frames.CTRL_REPLAY_DATA, self._on_data)
 
     def _on_data(self, peer_id: str, body: object) -> None:
+        tok = body.get("tok") if isinstance(body, dict) else None
+        if isinstance(tok, int) and not isinstance(tok, bool) and 0 <= tok < 1 << 63 and (
+                peer_id in self.last_tok or len(self.last_tok) < _MAX_TOK_PEERS):
+            self.last_tok[peer_id] = tok
         sid = body.get("sid") if isinstance(body, dict) else None
         sub = self.subs.get(sid) if isinstance(sid, str) else None
         if sub is None:
             self.bad += 1
-            _log.warning("pubsub: replay data from %s for no subscriber", peer_id)
+            self.logs.warning(f"nosub:{peer_id}", "pubsub: replay data from %s for no "
+                              "subscriber", peer_id)
             return
         try:
             data = frames.decode_replay_data(body, max_event_size=sub.max_event_size)
         except (ProtocolError, CodecError) as exc:
             sub._count_bad_reply(exc)
-            _log.warning("pubsub: bad replay data from %s: %s", peer_id, exc)
+            self.logs.warning(f"bad:{peer_id}", "pubsub: bad replay data from %s: %s",
+                              peer_id, exc)
             return
         sub._post(("replay", peer_id, data))
 
@@ -406,6 +426,11 @@ class Subscriber:
         replay_chunk: events per replay reply.
         max_event_size: larger envelopes are counted and dropped.
         retry_s: re-send an unanswered replay request after this long.
+        replay_rate: the most replay requests per second sent to one publisher (a token
+            bucket with a burst of as many); more are held back and sent later, counted in
+            ``SubscriberStats.replay_deferred``.
+        replay_outstanding: the most replay requests waiting for an answer from one
+            publisher (over all its streams); more are held back the same way.
         verify: end-to-end signature check of every delivered event, live or replayed
             (mesh.security.signing): ``True`` with the node's verifier (the keys of
             ``SecurityConfig.event_keys``, plus the node's own signing key), an
@@ -449,6 +474,7 @@ class Subscriber:
                  on_retention: Literal["skip", "error"] = "skip", rcvhwm: int | None = None,
                  max_buffer: int = 10_000, replay_chunk: int = 2000,
                  max_event_size: int = DEFAULT_MAX_EVENT_BYTES, retry_s: float = 2.0,
+                 replay_rate: float = REPLAY_RATE, replay_outstanding: int = REPLAY_OUTSTANDING,
                  verify: bool | EventVerifier | None = None,
                  new_stream_skew_s: float = NEW_STREAM_SKEW_S,
                  forget_after_s: float = 24 * 3600.0,
@@ -460,6 +486,8 @@ class Subscriber:
             raise ConfigError(f"on_retention must be 'skip' or 'error', got {on_retention!r}")
         if replay_chunk <= 0 or max_buffer < 0:
             raise ConfigError("replay_chunk must be > 0 and max_buffer >= 0")
+        if replay_rate <= 0 or replay_outstanding < 1:
+            raise ConfigError("replay_rate must be > 0 and replay_outstanding >= 1")
         if new_stream_skew_s < 0 or forget_after_s < 0 or forget_cursors_after_s < 0:
             raise ConfigError("new_stream_skew_s, forget_after_s and forget_cursors_after_s "
                               "must be >= 0")
@@ -481,6 +509,12 @@ class Subscriber:
         self.replay_bytes = min(1 << 20, max(64 << 10, node.config.max_message_bytes // 4))
         self.max_event_size = max_event_size
         self.retry_s = retry_s
+        self.replay_rate = replay_rate
+        self.replay_outstanding = replay_outstanding
+        # Per publisher (owner thread): [tokens, last refill] and {stream key: sent at} of
+        # the requests waiting for an answer. Bounded by the publishers we track.
+        self._replay_bucket: dict[str, list[float]] = {}
+        self._replay_inflight: dict[str, dict[Key, float]] = {}
         self._verifier = _resolve_verifier(node, verify)
         self.sid = uuid.uuid4().hex
         self._stats = SubscriberStats()
@@ -821,11 +855,19 @@ class Subscriber:
                 self._stats.bad_replies += 1
                 continue
             tracker = entry[1]
+            inflight = self._replay_inflight.get(peer_id)
+            if inflight is not None:
+                inflight.pop(key, None)
+            if data.error == "busy":
+                self._stats.replay_busy += 1
+                tracker.on_replay_busy(data.req, now, (data.retry_ms or 500) / 1000)
+                continue
             if data.error is not None:
                 self._stats.replay_errors += 1
                 if data.error in ("not_durable", "forbidden"):
                     tracker.replayable = False
-                _log.info("pubsub: replay of %s refused: %s", key, data.error)
+                self._router.logs.log(logging.INFO, f"refused:{peer_id}",
+                                      "pubsub: replay of %s refused: %s", key, data.error)
                 continue
             self._stats.replay_chunks += 1
             skip = data.skip
@@ -853,7 +895,7 @@ class Subscriber:
                                   delivered=lost[2])
                 self._stats.resets += 1
                 self._stats.lost += max(0, lost[1] - lost[0] - lost[2])
-                _log.warning("pubsub: %s", gap)
+                self._router.logs.warning(f"gap:{key[0]}", "pubsub: %s", gap)
             self._stats.epochs += 1
             # In order: positions before it stay under the old epoch until it is reached.
             ready.append((key, rewind_to if rewind_to is not None else -1,
@@ -863,8 +905,8 @@ class Subscriber:
             reason = step.skip_reason
             gap = None
             self._stats.skipped += b - a
-            _log.warning("pubsub: %s events %d..%d will not be delivered (%s)", key, a, b - 1,
-                         reason)
+            self._router.logs.warning(f"gap:{key[0]}", "pubsub: %s events %d..%d will not be "
+                                      "delivered (%s)", key, a, b - 1, reason)
             if reason == "retention":
                 # "From the beginning" means from the oldest kept: losing 0.. is expected.
                 expected = (self.start.kind == "beginning" and key not in self._committed
@@ -880,7 +922,7 @@ class Subscriber:
         for first, payloads in step.deliver:
             self._deliver(key, first, payloads)
         if step.ask is not None:
-            self._send_ask(key, step.ask)
+            self._send_ask(key, tracker, step.ask)
 
     def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
         """Decode a contiguous run of envelopes into the ready queue."""
@@ -931,15 +973,46 @@ class Subscriber:
                 ready.append((key, seq, ev))
             seq += 1
 
-    def _send_ask(self, key: Key, ask: ReplayAsk) -> None:
+    def _replay_slot(self, pub: str, key: Key, now: float) -> float:
+        """0.0 when a request to ``pub`` may go now (and it is counted), else how long to
+        wait: at most ``replay_rate`` requests a second and ``replay_outstanding`` unanswered
+        ones per publisher, whatever heads and replies it (or anyone) sends."""
+        inflight = self._replay_inflight.setdefault(pub, {})
+        inflight.pop(key, None)  # this stream's earlier request is answered or abandoned
+        if len(inflight) >= self.replay_outstanding:
+            for k in [k for k, t in inflight.items() if now - t >= self.retry_s]:
+                del inflight[k]  # unanswered past retry_s: lost, not outstanding
+            if len(inflight) >= self.replay_outstanding:
+                return 0.1
+        b = self._replay_bucket.get(pub)
+        if b is None:
+            b = self._replay_bucket[pub] = [self.replay_rate, now]
+        b[0] = min(self.replay_rate, b[0] + (now - b[1]) * self.replay_rate)
+        b[1] = now
+        if b[0] < 1.0:
+            return (1.0 - b[0]) / self.replay_rate
+        b[0] -= 1.0
+        inflight[key] = now
+        return 0.0
+
+    def _send_ask(self, key: Key, tracker: StreamTracker, ask: ReplayAsk) -> None:
+        now = time.monotonic()
+        if key[0] != self.node.id:
+            wait = self._replay_slot(key[0], key, now)
+            if wait:
+                self._stats.replay_deferred += 1
+                tracker.defer(now, wait)
+                return
         body = frames.ReplayRequest(self.sid, ask.req, key[1], ask.start, ask.from_time,
                                     ask.end, self.replay_chunk, self.replay_bytes, ask.epoch,
-                                    self.max_event_size).to_body()
+                                    self.max_event_size,
+                                    self._router.last_tok.get(key[0])).to_body()
         try:
             self._ctrl_send(key[0], frames.CTRL_REPLAY, body)
         except MeshError as exc:
             # Unreachable for now: the tracker re-sends after retry_s.
-            _log.info("pubsub: replay request to %s not sent: %s", key[0], exc)
+            self._router.logs.log(logging.INFO, f"unsent:{key[0]}", "pubsub: replay request to "
+                                  "%s not sent: %s", key[0], exc)
 
     # --- positions and commits -------------------------------------------------------------
 
@@ -1296,6 +1369,8 @@ class Subscriber:
         and cursor rows too (else start their forget_cursors_after_s clock)."""
         for key in [k for k in self._trackers if k[0] == pub]:
             del self._trackers[key]
+        self._replay_bucket.pop(pub, None)
+        self._replay_inflight.pop(pub, None)
         ep = self._peer_eps.pop(pub, None)
         if ep is not None:
             self._disconnect(ep)
@@ -1354,6 +1429,7 @@ class Subscriber:
             s.replayed += ts.replayed
             s.replay_requests += ts.replay_requests
             s.replay_retries += ts.replay_retries
+            s.replay_idle += ts.replay_idle
             s.lag += t.lag
         return s
 
