@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -49,11 +50,49 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    _polish(parser)
     return parser
+
+
+_REST = re.compile(r":[a-z]+:`~?([^`]+)`|``([^`]+)``")
+
+
+def _plain(text: str | None) -> str | None:
+    """Help text without reST markup (``x``, :func:`x`): a terminal shows it literally."""
+    if not text:
+        return text
+    return _REST.sub(lambda m: (m.group(1) or m.group(2)).rsplit(".", 1)[-1]
+                     if m.group(1) else m.group(2), text)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' paragraphs and shows every option's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or \
+                not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _polish(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter
+    parser.description = _plain(parser.description)
+    for action in parser._actions:
+        action.help = _plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = _plain(choice.help)
+            for child in action.choices.values():
+                _polish(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mesh`` command line; returns the process exit code."""
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"zeromesh {__version__}")  # without importing every command
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

@@ -66,7 +66,8 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
                         "repeatable")
     p.add_argument("--mdns", dest="mdns", action="store_true", default=None,
                    help="use mDNS discovery (default: on unless --peer is given)")
-    p.add_argument("--no-mdns", dest="mdns", action="store_false")
+    p.add_argument("--no-mdns", dest="mdns", action="store_false",
+                   help="no mDNS: find peers only through --peer")
     p.add_argument("--name", default=None, help="this node's name (default host-pid)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
     p.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",

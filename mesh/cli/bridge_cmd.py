@@ -30,9 +30,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-mdns", action="store_true", help="static peers only")
     p.add_argument("--interface", default=None, help="interface/IP to bind the mesh side on")
     p.add_argument("--name", help="bridge name (durable subscription, DLQ, origin)")
-    p.add_argument("--kind", choices=("mqtt", "nats"))
+    p.add_argument("--kind", choices=("mqtt", "nats"), help="the broker kind")
     p.add_argument("--broker", help="MQTT host:port, or NATS server URL(s), comma-separated")
-    p.add_argument("--mode", choices=("binary", "structured"), default="binary")
+    p.add_argument("--mode", choices=("binary", "structured"), default="binary",
+                   help="CloudEvents mode on the broker side: attributes as headers or user "
+                        "properties (binary), or one JSON document (structured)")
     p.add_argument("--out", action="append", default=[], metavar="MESH=REMOTE",
                    help="outbound route: mesh stream pattern = topic/subject (repeatable)")
     p.add_argument("--in", dest="inbound", action="append", default=[], metavar="REMOTE=MESH",

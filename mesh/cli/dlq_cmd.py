@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     ls = sub.add_parser("list", help="dead letters of a queue")
     ls.add_argument("dir", help="the producer node's data directory")
-    ls.add_argument("queue")
+    ls.add_argument("queue", help="the queue name")
     ls.add_argument("--all", action="store_true", help="include discarded and redriven ones")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("dir", help="the producer node's data directory")
-        sp.add_argument("queue")
+        sp.add_argument("queue", help="the queue name")
         sp.add_argument("offsets", type=int, nargs="+", metavar="OFFSET",
                         help="DLQ offsets (from `mesh dlq list`)")
         sp.add_argument("--json", action="store_true", help="machine-readable output")

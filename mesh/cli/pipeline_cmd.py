@@ -30,7 +30,7 @@ from mesh.errors import MeshTimeout
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``push`` and ``work``."""
     p = subparsers.add_parser("push", help="push a task onto a work queue", description=__doc__)
-    p.add_argument("queue")
+    p.add_argument("queue", help="the queue name")
     p.add_argument("data", help="payload: text, @file, or - for stdin")
     p.add_argument("--key", default=None, help="ordering key (tasks of one key run in order)")
     p.add_argument("--lines", action="store_true", help="one task per line of DATA")
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     w = subparsers.add_parser("work", help="take tasks from a queue, print and ack them",
                               description=__doc__)
-    w.add_argument("queue")
+    w.add_argument("queue", help="the queue name")
     w.add_argument("--count", type=positive, default=None, help="exit after N tasks")
     w.add_argument("--timeout", type=positive_seconds, default=None,
                    help="give up after this many seconds (exit 1 if --count was not reached)")

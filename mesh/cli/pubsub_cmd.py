@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("topic", help="the stream name")
     p.add_argument("data", help="payload: text, @file, or - for stdin")
     p.add_argument("--type", default="cli", help="the event type (default: %(default)s)")
-    p.add_argument("--subject", default=None)
+    p.add_argument("--subject", default=None, help="the event subject (default: none)")
     p.add_argument("--data-json", action="store_true", help="DATA is JSON: send its value")
     p.add_argument("--lines", action="store_true", help="one event per line of DATA")
     p.add_argument("--wait", type=seconds, default=3.0,

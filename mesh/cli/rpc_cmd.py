@@ -36,7 +36,7 @@ from mesh.cli._node_opts import (
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``call``."""
     p = subparsers.add_parser("call", help="call a request/reply service", description=__doc__)
-    p.add_argument("service")
+    p.add_argument("service", help="the service name")
     p.add_argument("data", help="payload: text, @file, or - for stdin")
     p.add_argument("--data-json", action="store_true", help="DATA is JSON: send its value")
     p.add_argument("--timeout", type=positive_seconds, default=5.0,
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     s = subparsers.add_parser("serve", help="answer a request/reply service's requests",
                               description=__doc__)
-    s.add_argument("service")
+    s.add_argument("service", help="the service name to serve")
     how = s.add_mutually_exclusive_group()
     how.add_argument("--reply", default=None, metavar="DATA",
                      help="answer every request with DATA (text, @file); default: echo")

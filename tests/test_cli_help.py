@@ -1,0 +1,54 @@
+"""Every command's help: a description for every command, option and argument, no reST
+markup, defaults shown; `mesh --version` does not import the commands."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+from mesh.cli import build_parser
+from tests.util import REPO
+
+
+def _parsers(p: argparse.ArgumentParser, path: str = "mesh"
+             ) -> list[tuple[str, argparse.ArgumentParser]]:
+    out = [(path, p)]
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in a._choices_actions}
+            for name, child in a.choices.items():
+                assert helps.get(name), f"{path} {name}: no one-line help"
+                out += _parsers(child, f"{path} {name}")
+    return out
+
+
+def test_every_command_and_option_is_described_without_markup() -> None:
+    missing, markup = [], []
+    for path, p in _parsers(build_parser()):
+        text = p.format_help()
+        if re.search(r"``|:(func|class|meth|mod|data|attr):`", text):
+            markup.append(path)
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction,
+                              argparse._VersionAction)) or a.help == argparse.SUPPRESS:
+                continue
+            if not a.help:
+                missing.append(f"{path} {'/'.join(a.option_strings) or a.dest}")
+    assert not markup, markup
+    assert not missing, missing
+
+
+def test_defaults_are_shown() -> None:
+    text = dict(_parsers(build_parser()))["mesh call"].format_help()
+    assert re.search(r"--timeout.*\(default", text.replace("\n", " "))
+
+
+def test_version_is_quick_to_import() -> None:
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "mesh", "--version"],
+                       capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("zeromesh ")
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines()}
+    assert not imported & {"mesh.node", "mesh.log", "zmq", "zeroconf", "mesh.cli.pubsub_cmd"}, \
+        sorted(imported & {"mesh.node", "mesh.log", "zmq", "zeroconf", "mesh.cli.pubsub_cmd"})
