@@ -52,3 +52,10 @@ def test_version_is_quick_to_import() -> None:
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines()}
     assert not imported & {"mesh.node", "mesh.log", "zmq", "zeroconf", "mesh.cli.pubsub_cmd"}, \
         sorted(imported & {"mesh.node", "mesh.log", "zmq", "zeroconf", "mesh.cli.pubsub_cmd"})
+
+
+def test_every_command_takes_json() -> None:
+    lacking = [path for path, p in _parsers(build_parser())
+               if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)
+               and path != "mesh" and "--json" not in p._option_string_actions]
+    assert not lacking, lacking

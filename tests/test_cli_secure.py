@@ -90,3 +90,24 @@ def test_security_and_number_mistakes_are_one_line_errors(tmp_path: Path) -> Non
         assert "Traceback" not in r.stderr, (argv, r.stderr)
     env_bad = mesh("call", "s", "d", *LOOP, env={"ZEROMESH_METRICS_PORT": "70000"})
     assert env_bad.returncode == 1 and "0-65535" in env_bad.stderr, env_bad.stderr
+
+
+def test_more_mistakes_each_one_line_and_non_zero(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    r = mesh("ca", "init", "--dir", str(ca), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["public_file"].endswith("ca.pub")
+    qdir = tmp_path / "node"
+    qdir.mkdir()
+    cases = [
+        (["ca", "revoke", "--dir", str(ca), "7"], 1, "never issued"),
+        (["dlq", "list", str(tmp_path / "missing"), "q"], 1, "no such data directory"),
+        (["dlq", "list", str(qdir), "q"], 1, "no queue 'q'"),
+        (["sub", "bad topic!", "--timeout", "1"], 1, "not a stream name or prefix"),
+        (["stats", "--port", "1", "--watch", "--interval", "0"], 2, "seconds"),
+    ]
+    for argv, code, text in cases:
+        r = mesh(*argv, *(LOOP if argv[0] == "sub" else ()))
+        assert r.returncode == code, (argv, r.returncode, r.stderr)
+        assert text in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+    r = mesh("keygen", "--dir", str(tmp_path / "k"), "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["public_key"]) == 40

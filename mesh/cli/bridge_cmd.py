@@ -9,11 +9,14 @@ Either ``--config FILE`` (TOML or JSON, see :mod:`patterns.bridge.config`) or fl
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import signal
 import sys
 import threading
 from typing import Any
 
+from mesh.cli._node_opts import port_number
 from mesh.errors import ConfigError
 
 
@@ -29,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="static peer control endpoint (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="static peers only")
     p.add_argument("--interface", default=None, help="interface/IP to bind the mesh side on")
-    p.add_argument("--name", help="bridge name (durable subscription, DLQ, origin)")
+    p.add_argument("--name", help="bridge name: its durable subscription, DLQ and origin "
+                   "(default: bridge-KIND)")
     p.add_argument("--kind", choices=("mqtt", "nats"), help="the broker kind")
     p.add_argument("--broker", help="MQTT host:port, or NATS server URL(s), comma-separated")
     p.add_argument("--mode", choices=("binary", "structured"), default="binary",
@@ -46,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--key-file", help="TLS: client key")
     p.add_argument("--creds", help="NATS .creds file")
     p.add_argument("--stream", default="MESH", help="JetStream stream name")
+    p.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
+                   help="serve this node's metrics on 127.0.0.1:PORT (0: any free port)")
+    p.add_argument("--json", action="store_true",
+                   help="print the final counters as one JSON object on stdout")
     p.set_defaults(func=cmd_bridge)
 
 
@@ -66,8 +74,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     if args.config:
         return load_config(args.config)
-    if not args.name or not args.kind:
-        raise ConfigError("give --config FILE, or --name and --kind with routes")
+    if not args.kind:
+        raise ConfigError("give --config FILE, or --kind with routes")
+    if not args.name:
+        args.name = f"bridge-{args.kind}"
     routes = [{"mesh": m, "remote": r, "direction": "out"}
               for m, r in (_split(s, "--out") for s in args.out)]
     routes += [{"mesh": m, "remote": r, "direction": "in"}
@@ -107,12 +117,24 @@ def cmd_bridge(args: argparse.Namespace) -> int:
               mdns=not args.no_mdns) as node, Bridge(node, cfg) as bridge:
         print(f"mesh bridge {cfg.name}: {cfg.kind}, {len(cfg.routes)} route(s), node {node.id}",
               file=sys.stderr)
+        server = None
+        if args.metrics_port is not None:
+            from mesh.metrics import serve_prometheus
+
+            server, port = serve_prometheus(node, port=args.metrics_port)
+            print(f"mesh: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
         try:
             while not stop.wait(1.0):
                 pass
         except KeyboardInterrupt:
             pass
+        finally:
+            if server is not None:
+                server.close()
     # After close: it waits for the forwarder's batch in flight (its broker acks), so the
     # counters printed include every event the broker acknowledged.
-    print(f"mesh bridge {cfg.name}: {bridge.stats()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(bridge.stats()), default=str))
+    else:
+        print(f"mesh bridge {cfg.name}: {bridge.stats()}", file=sys.stderr)
     return 0

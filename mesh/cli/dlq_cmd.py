@@ -43,8 +43,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _dlq(args: argparse.Namespace) -> Any:
-    from patterns.pipeline.dlq import DeadLetters  # the CLI is the one place mesh sees patterns
+    """The queue's DeadLetters, once DIR and QUEUE are known to exist.
 
+    Raises:
+        ConfigError: DIR is not a directory, or no queue of that name ever ran there.
+    """
+    import os
+
+    from mesh.errors import ConfigError
+    from patterns.pipeline.dlq import DeadLetters  # the CLI is the one place mesh sees patterns
+    from patterns.pipeline.store import pipeline_root
+
+    if not os.path.isdir(args.dir):
+        raise ConfigError(f"no such data directory: {args.dir}")
+    root = pipeline_root(args.dir)
+    suffixes = (".tasks", ".journal", ".dlq")
+    if not any(os.path.isdir(root.path_for(args.queue + suf)) for suf in suffixes):
+        known = sorted({n.rsplit(".", 1)[0] for d in (root.streams_dir,)
+                        if os.path.isdir(d) for n in os.listdir(d) if n.endswith(suffixes)})
+        raise ConfigError(f"no queue {args.queue!r} in {args.dir}"
+                          + (f" (queues there: {', '.join(known)})" if known else
+                             " (no queue has run there)"))
     return DeadLetters(args.dir, args.queue, actor="cli")
 
 

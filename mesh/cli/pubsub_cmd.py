@@ -82,6 +82,24 @@ def _start(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--from must be beginning, new or an offset, got {args.start!r}") from None
 
 
+def _check_topic(topic: str) -> None:
+    """A stream name, or a prefix of one ending in ``.`` or ``*`` (``*`` alone: everything).
+
+    Raises:
+        ConfigError: anything else (it could never match a stream).
+    """
+    from mesh.log import validate_stream_name
+
+    name = topic.rstrip("*") if topic.endswith("*") else topic
+    if name == "" and topic:
+        return
+    try:
+        validate_stream_name(name)
+    except ConfigError:
+        raise ConfigError(f"not a stream name or prefix: {topic!r} (use A-Z a-z 0-9 . _ -, "
+                          "a prefix ends in . or *)") from None
+
+
 def event_dict(ev: Any) -> dict[str, Any]:
     """An event as CloudEvents 1.0 structured JSON (what :func:`mesh.envelope.to_cloudevent`
     produces: ``meshstream``/``meshseq`` say where it sits, ``source`` who published it)."""
@@ -139,6 +157,7 @@ def cmd_sub(args: argparse.Namespace) -> int:
     from mesh.cli._progress import StatusLine
     from patterns.pubsub import Subscriber
 
+    _check_topic(args.topic)
     start = _start(args)
     got = 0
     status = StatusLine()  # "catching up" line for long replays, on a TTY only

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mesh.cli._node_opts import port_number, positive_seconds
 from mesh.errors import ConfigError
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -27,11 +28,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                               description=__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--url", default=None, help="a metrics endpoint URL")
-    src.add_argument("--port", type=int, default=None, help="a metrics port on --host")
+    src.add_argument("--port", type=port_number, default=None, help="a metrics port on --host")
     src.add_argument("--data-dir", default=None, help="read a data directory instead")
     p.add_argument("--host", default="127.0.0.1", help="host for --port (default %(default)s)")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--interval", type=positive_seconds, default=2.0,
+                   help="seconds between refreshes")
     p.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # tests: N rounds
     p.add_argument("--all", action="store_true", help="also show zero values")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -238,6 +238,13 @@ class Authority(TrustAnchor):
         check_secret_permissions(d / _CA_SECRET)
         return cls(d, Ed25519PrivateKey.from_private_bytes(_b64_read(d / _CA_SECRET)))
 
+    def _issued_below(self) -> int:
+        """The next serial to be issued: every issued serial is below it."""
+        try:
+            return int((self.directory / "serial").read_text().strip())
+        except (OSError, ValueError):
+            return 1
+
     def _next_serial(self) -> int:
         from mesh.security.keys import _write_new
 
@@ -298,8 +305,15 @@ class Authority(TrustAnchor):
         Copy that file into every node's certificate directory; nodes reload it on change.
 
         Raises:
+            ConfigError: a serial this authority never issued (a typo would revoke nothing).
             KeyFileError: cannot write.
         """
+        issued = self._issued_below()
+        unknown = sorted(s for s in set(serials) if not 1 <= s < issued)
+        if unknown:
+            have = f"1..{issued - 1}" if issued > 1 else "none"
+            raise ConfigError(f"serial(s) {', '.join(map(str, unknown))} never issued by this "
+                              f"authority (issued: {have})")
         current = self.revocation_list()
         merged = sorted(current.serials | set(serials))
         data = self._sign({"v": CERT_VERSION, "issued": time.time(), "serials": merged})
