@@ -70,6 +70,10 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
                    help="no mDNS: find peers only through --peer")
     p.add_argument("--name", default=None, help="this node's name (default host-pid)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
+    if one_shot:
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also print this node's id and control endpoint on stderr")
+    p.set_defaults(long_running=not one_shot)
     p.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
                    help="serve this node's metrics on 127.0.0.1:PORT (0: any free port; "
                         "read them with `mesh stats --port PORT`)")
@@ -213,8 +217,11 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
                                mdns=mdns, security=security))
         server = None
         try:
-            eps = node.info().endpoints.get("control", ())
-            note(f"node {node.id[:12]} ({node.name}) control {' '.join(eps)}")
+            if getattr(args, "long_running", True) or getattr(args, "verbose", False):
+                # long-running commands always say where they can be reached (a --peer for
+                # the next command); one-shot ones only with -v
+                eps = node.info().endpoints.get("control", ())
+                note(f"node {node.id[:12]} ({node.name}) control {' '.join(eps)}")
             if getattr(args, "metrics_port", None) is not None:
                 from mesh.metrics import serve_prometheus
 
@@ -223,7 +230,7 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
             try:
                 yield node
             except (MeshTimeout, PeerUnreachable) as exc:
-                if security is None and not node.peers.list():
+                if security is None and (args.peer or mdns) and not node.peers.list():
                     # Nobody answered in plaintext: the usual cause is a CURVE-only mesh.
                     raise MeshError(f"{exc} (no plaintext peer answered; if the mesh requires "
                                     "CURVE, give --key-file and --allowlist or --authority)"
