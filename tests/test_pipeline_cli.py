@@ -63,7 +63,8 @@ def test_dlq_cli_list_show_redrive_discard(tmp_path: Path,
     assert main(["dlq", "discard", str(tmp_path), queue, "1"]) == 1
     assert "already discarded" in capsys.readouterr().err
     assert main(["dlq", "show", str(tmp_path), queue, "99"]) == 1
-    assert main(["dlq", "list", str(tmp_path), "no-such-queue"]) == 0
+    assert main(["dlq", "list", str(tmp_path), "no-such-queue"]) == 1  # says so, exits 1
+    assert "no queue 'no-such-queue'" in capsys.readouterr().err
 
 
 def test_cli_redrive_while_producer_runs_is_fulfilled_by_it(
