@@ -1,12 +1,14 @@
-"""Peer-to-peer services with failover: two responders, one stops, calls keep working.
+"""Peer-to-peer services with failover: two responders share the calls; one stops, and
+every later call goes to the other, with no error.
 
     python examples/p2p_failover.py
 
 Two nodes offer the "quote" service; a client node calls it by name (no address). The client
-picks a live responder for each call; then one responder stops and later calls go to the other
-one. The caller sees no error: a request to a responder that went silent is retried on the
-other (with the same request id, so a responder that already ran it answers from its reply
-cache instead of running it twice).
+balances calls by the free capacity each responder advertises, so both serve. Then one
+responder stops: its node says goodbye, the client drops it from the choice at once, and the
+calls go to the other one. (A responder that dies *while* running a call makes that call fail
+with OutcomeUnknown instead of running it twice; set ClientConfig(retry_on_death=True) for
+idempotent handlers. A responder that is only slow or silent keeps its calls.)
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def main(tmp: str) -> None:
             time.sleep(0.01)
         with Client(cnode, timeout=3.0, silent_s=0.5) as client:
             served = Counter(client.request("quote", "ZMQ")["by"] for _ in range(20))
-            print("both up:", dict(served))
+            print("both up:", dict(sorted(served.items())))
+            assert set(served) == {"responder-1", "responder-2"}, served  # load is split
 
             services[0].close()  # responder-1 stops serving
             responders[0].close()

@@ -21,14 +21,16 @@ class ResponderView:
     """What the client knows about one responder."""
 
     node_id: str
-    free: int = 1  #: free slots last advertised (1 until heard: assume it can take one)
+    free: int | None = None  #: free slots last advertised (None until heard)
     inflight: int = 0  #: requests of this client it holds
     last_heard: float = 0.0
     silent_until: float = 0.0
 
-    def score(self) -> int:
-        """Higher is better."""
-        return self.free - self.inflight
+    def score(self, unheard: int = 1) -> int:
+        """Higher is better. A responder not heard from yet counts as ``unheard`` free slots
+        (the choice passes the best capacity heard from its peers, so a new responder ties
+        with the best known one instead of always losing to it)."""
+        return (unheard if self.free is None else self.free) - self.inflight
 
 
 class Balancer:
@@ -110,6 +112,8 @@ class Balancer:
         if not live:
             return None
         fresh = [v for v in live if v.node_id not in exclude] or live
-        best = max(v.score() for v in fresh)
-        ties = [v for v in fresh if v.score() == best]
+        unheard = max((v.free for v in fresh if v.free is not None), default=1)
+        scores = [(v.score(unheard), v) for v in fresh]
+        best = max(sc for sc, _ in scores)
+        ties = [v for sc, v in scores if sc == best]
         return ties[int(self._rand() * len(ties)) % len(ties)].node_id
