@@ -338,6 +338,7 @@ class Node:
         #: this node's metrics (patterns register collectors here); see mesh.metrics.
         self.metrics = Registry()
         self.metrics.register_collector(self._collect_metrics)
+        self.metrics.register_collector(self._collect_budgets)
         self._discovery: Any = None
         # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
         # client in when no handler is there).
@@ -840,6 +841,7 @@ class Node:
             out["dropped_outq"] = self._outq_dropped
         if self.security is not None:
             out.update(self.security.stats())
+        out.update(self._budget_stats())
         out["metrics"] = self.metrics.as_dict()
         return out
 
@@ -871,6 +873,30 @@ class Node:
         for reason, v in failures.items():
             out.counter("handshake_failures_total", v, "CURVE handshakes refused.",
                         reason=reason)
+
+    def _budget_stats(self) -> dict[str, int]:
+        # What remote peers made this node hold, and what it refused (docs/protocol.md,
+        # "Budgets"); read from any thread (ints, one batch behind at worst).
+        out = {**self._peer_budget.stats(), **self._dial_budget.stats()}
+        out["log_lines_suppressed"] = self._log.suppressed
+        out["id_claims_pending"] = len(self._claims)
+        return out
+
+    def _collect_budgets(self, out: Collect) -> None:
+        for b in (self._peer_budget, self._dial_budget):
+            out.gauge("budget_held", b.held(), "Units held under a budget (what peers made "
+                      "this node hold).", budget=b.name)
+            out.counter("budget_refused_total", b.refused, "Takes refused by a budget.",
+                        budget=b.name)
+        c = self._counters
+        for key, text in (("oversize", "Control messages over max_message_bytes dropped."),
+                          ("id_claims_held", "HELLOs for a live node id from another "
+                           "connection held."),
+                          ("id_rebinds", "Node ids moved to a new connection."),
+                          ("socket_refused", "Links refused at the socket or fd limit.")):
+            out.counter(f"control_{key}_total", c.get(key, 0), text)
+        out.counter("log_lines_suppressed_total", self._log.suppressed,
+                    "Log lines held back by the rate limiter.")
 
     # --- discovery hook (any thread) ------------------------------------------------------------
 
