@@ -1598,6 +1598,7 @@ class Node:
                     control.gossip_to_wire(others), self.config.max_message_bytes
                 )
                 self._enqueue(link, control.GOSSIP, raw)
+                self._count("gossip_sent")
         self._flush()
 
     def _announce_update(self) -> None:
