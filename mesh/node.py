@@ -1394,7 +1394,14 @@ class Node:
             # A node id new to this node: charged to the source that introduced it.
             if peer_id not in self._id_src:
                 src = self._source(key, first)
-                if not self._peer_budget.take(src):
+                # Gone rows hold their budget until pruned; a full budget forgets the longest
+                # gone one first, so nodes that come and go with new ids are not locked out.
+                budget = self._peer_budget
+                if budget.held(src) >= budget.per_key:
+                    self._evict_gone(src)
+                elif budget.held() >= budget.total:
+                    self._evict_gone(None)
+                if not budget.take(src):
                     self._bad("peer_ids_refused", "HELLO from %s refused: %s introduced too many "
                               "node ids", peer_id, src)
                     return False
@@ -1422,6 +1429,24 @@ class Node:
         else:
             self._proofs.pop(peer_id, None)
         self._claims.pop(peer_id, None)
+        return True
+
+    def _evict_gone(self, src: object | None) -> bool:
+        """Forget the longest-gone row charged to ``src`` (to anyone when None)."""
+        best: tuple[float, str] | None = None
+        for nid, s in self._id_src.items():
+            if src is not None and s != src:
+                continue
+            row = self._presence.get(nid)
+            if row is not None and row.state is PeerState.GONE and (
+                    best is None or row.since < best[0]):
+                best = (row.since, nid)
+        if best is None:
+            return False
+        with self.peers.lock:
+            self._presence.forget(best[1])
+        self._forget_peer(best[1])
+        self._count("peer_ids_evicted")
         return True
 
     def _forget_peer(self, node_id: str) -> None:

@@ -311,6 +311,24 @@ def test_plaintext_hello_flood_is_bounded_per_source_and_not_gossiped(
     assert _node_lines(caplog, "mesh.node") <= 40
 
 
+def test_nodes_coming_and_going_with_new_ids_are_not_locked_out(
+    make_node: Callable[..., Node]
+) -> None:
+    """The budget's legitimate side: gone rows hold it until pruned (300 s here), but a full
+    budget forgets the longest-gone row of that source, so churn with fresh ids still joins."""
+    a = make_node("a", max_ids_per_source=3,
+                  presence=PresenceConfig(heartbeat_s=HB, evasive_s=0.3, gone_s=1.0))
+    for i in range(6):
+        b = make_node(f"b{i}", static_peers=(_ctl(a),))
+        wait_until(lambda b=b: _joined(a, b), 5, what=f"b{i} joins")
+        b_id = b.id
+        b.close()  # BYE: gone at once, its row stays (prune_s 300)
+        wait_until(lambda b_id=b_id: a.peers.state(b_id) is PeerState.GONE, 5)
+    st = a.stats()
+    assert st["peer_ids_held"] <= 3 and st.get("peer_ids_refused", 0) == 0
+    assert st["peer_ids_evicted"] == 3 and len(a.peers) == 3
+
+
 def test_curve_insider_key_announcing_many_ids_is_bounded_per_key(
     tmp_path: Path, keys: dict[str, Keypair], zctx: zmq.Context[Any]
 ) -> None:
