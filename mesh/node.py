@@ -970,6 +970,10 @@ class Node:
         # connection, the HELLO it carries binds it to our node id, and nobody else can
         # present it (a stranger's DEALER with our node id is just another connection).
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode("ascii") + os.urandom(_RID_SUFFIX))
+        # Nothing legitimate ever arrives on a link (peers answer on their own DEALER to our
+        # ROUTER) and the node never reads it: a hostile ROUTER could otherwise queue HWM
+        # (10,000) messages of up to MAXMSGSIZE in it. One message, then TCP backpressure.
+        sock.setsockopt(zmq.RCVHWM, 1)
         # A gossip dial knows only the id: a certificate names its key.
         if (self.security is not None and node_id is not None
                 and self.security.server_key(endpoint) is None):

@@ -33,7 +33,7 @@ from mesh.security import SecurityConfig
 from mesh.security.keys import Keypair, generate_keypair, write_keypair
 from patterns.reqrep.client import Client
 from patterns.reqrep.service import Service
-from tests.util import python_child, unique, wait_until
+from tests.util import poll_until, python_child, unique, wait_until
 
 HB = 0.1
 FAST = PresenceConfig(heartbeat_s=HB, evasive_s=0.3, gone_s=1.0, prune_s=1.0)
@@ -460,6 +460,38 @@ def test_oversize_multipart_is_refused_whole_and_batches_still_pass(
                    what=lambda: _status_kb("VmRSS") - rss0)
     finally:
         raw.close()
+
+
+def test_a_hostile_router_cannot_fill_our_link_dealer(
+    make_node: Callable[..., Node], zctx: zmq.Context[Any]
+) -> None:
+    """A peer whose control ROUTER we dial can send back to our DEALER (which nothing ever
+    reads): what it can make us hold there is one message, not the HWM's 10,000."""
+    a = make_node("a")
+    evil = zctx.socket(zmq.ROUTER)
+    evil.setsockopt(zmq.LINGER, 0)
+    port = evil.bind_to_random_port("tcp://127.0.0.1")
+    raw = _raw(zctx, _ctl(a), _fake_id(7).encode())
+    try:
+        raw.send_multipart(_hello(_fake_id(7), a.mesh, eps=(f"tcp://127.0.0.1:{port}",)))
+        assert evil.poll(5000), "a never dialled the endpoint the HELLO announced"
+        rid = evil.recv_multipart()[0]
+        rss0 = _status_kb("VmRSS")
+        chunk = b"x" * (1 << 20)
+        for _ in range(200):  # 200 MiB offered; zero-copy on our side of the test
+            evil.send_multipart([rid, chunk], copy=False)
+        # 200 MiB cross loopback well within 3 s: had they been queued, RSS would show it
+        peak = [0]
+
+        def grew() -> bool:
+            peak[0] = max(peak[0], _status_kb("VmRSS") - rss0)
+            return peak[0] > 100_000
+
+        assert poll_until(grew, 3.0) is None, peak[0]
+        assert peak[0] < 40_000, peak[0]  # kB: one message and the TCP buffers, not 200 MiB
+    finally:
+        raw.close()
+        evil.close()
 
 
 # --- 4. log lines --------------------------------------------------------------------------------
