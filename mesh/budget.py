@@ -125,8 +125,11 @@ class LogLimiter:
         self._k: dict[str, list[float]] = {}  # key -> [lines seen, held back, last logged at]
         self.suppressed = 0
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` at ``level`` unless ``key`` is over its rate; True if logged."""
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
+        """Log ``msg % args`` at ``level`` unless ``key`` is over its rate; True if logged.
+
+        ``exc_info`` adds the current exception's traceback (as ``logging`` does).
+        """
         st = self._k.get(key)
         if st is None:
             if len(self._k) >= self.max_keys:
@@ -136,11 +139,12 @@ class LogLimiter:
         now = self.clock()
         if st[0] <= self.burst:
             st[2] = now
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, exc_info=exc_info)
             return True
         if now - st[2] >= self.interval_s:
             held, st[1], st[2] = int(st[1]), 0.0, now
-            self.logger.log(level, msg + " (%d more like this held back)", *args, held)
+            self.logger.log(level, msg + " (%d more like this held back)", *args, held,
+                            exc_info=exc_info)
             return True
         st[1] += 1
         self.suppressed += 1

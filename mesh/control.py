@@ -271,12 +271,18 @@ class Hello:
             (a static peer or seed endpoint); we echo it in ``ack``.
         ack: the ``dial`` token of the HELLO this one answers.
         reply: True when this HELLO answers one (the receiver must not answer it again).
+        proof: the sender's connection proof for the receiver (16 bytes, HMAC of a secret the
+            sending process holds over the receiver's node id; nil when the sender does not
+            know who it dialled). The same process sends the same proof to one receiver on
+            every connection, and no other receiver ever sees it: it lets a new connection of
+            a live node take over at once (docs/protocol.md, "Connections and node ids").
     """
 
     info: PeerInfo
     dial: int | None = None
     ack: int | None = None
     reply: bool = False
+    proof: bytes | None = None
 
 
 def hello_to_wire(hello: Hello) -> dict[str, Any]:
@@ -286,6 +292,7 @@ def hello_to_wire(hello: Hello) -> dict[str, Any]:
         "dial": hello.dial,
         "ack": hello.ack,
         "reply": hello.reply,
+        "proof": hello.proof,
     }
 
 
@@ -304,7 +311,10 @@ def hello_from_wire(obj: object) -> Hello:
             raise ProtocolError(f"hello {name} must be an integer or nil")
     if not isinstance(reply, bool):
         raise ProtocolError("hello reply must be a boolean")
-    return Hello(peerinfo_from_wire(obj.get("info")), dial, ack, reply)
+    proof = obj.get("proof")
+    if proof is not None and (not isinstance(proof, bytes) or not 8 <= len(proof) <= 64):
+        raise ProtocolError("hello proof must be 8-64 bytes or nil")
+    return Hello(peerinfo_from_wire(obj.get("info")), dial, ack, reply, proof)
 
 
 #: One gossip entry: (node_id, mesh, host, control endpoints, CURVE public key or None).

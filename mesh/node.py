@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -34,6 +36,7 @@ from typing import Any
 import zmq
 
 from mesh import control
+from mesh.budget import Budget, LogLimiter
 from mesh.control import Hello
 from mesh.errors import (
     AuthenticationFailed,
@@ -52,6 +55,7 @@ from mesh.peers import (
     PeerEvent,
     PeerEventKind,
     PeerInfo,
+    PeerRecord,
     PeerState,
     PeerTable,
     Presence,
@@ -64,6 +68,7 @@ from mesh.transport import (
     host_id,
     ipc_dir,
     ipc_path,
+    recv_bounded,
     resolve_interface,
 )
 
@@ -80,6 +85,10 @@ _SEND_BATCH = 256
 _MAX_OUTQ = 100_000
 #: Full gossip to every peer once per this many heartbeats (joins also trigger one).
 _GOSSIP_EVERY = 10
+#: Random bytes after the node id in a control DEALER's routing id (one per connection).
+_RID_SUFFIX = 8
+#: Room for headers and the routing id above max_message_bytes in one control multipart.
+_MSG_SLACK = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,12 @@ class NodeConfig:
         hwm: send and receive high-water marks of every socket.
         security: CURVE + ZAP + permissions on every socket (mesh.security); None (the
             default) means plaintext.
+        max_peers: node ids that HELLOs may put in the peer table (and give a link), all
+            sources together; a HELLO past it is refused and counted (``peer_ids_refused``).
+        max_ids_per_source: node ids one source address may introduce (plaintext).
+        max_ids_per_key: node ids one CURVE key may introduce (security on).
+        max_dials: pending dials (gossip and mDNS) at once; past it a dial is skipped and
+            counted (``dials_refused``); one gossiping peer gets at most a quarter of it.
     """
 
     data_dir: str | Path
@@ -149,6 +164,10 @@ class NodeConfig:
     max_message_bytes: int = 4 << 20
     hwm: int = 10000
     security: SecurityConfig | None = None
+    max_peers: int = 512
+    max_ids_per_source: int = 64
+    max_ids_per_key: int = 4
+    max_dials: int = 256
 
     def __post_init__(self) -> None:
         if not isinstance(self.mesh, str) or not 0 < len(self.mesh) <= 64:
@@ -159,7 +178,8 @@ class NodeConfig:
             raise ConfigError(f"transports must be a non-empty subset of tcp, ipc: {self.transports}")
         for ep in (*self.static_peers, *self.seeds):
             _check_endpoint(ep)
-        for key in ("linger_ms", "max_message_bytes", "hwm"):
+        for key in ("linger_ms", "max_message_bytes", "hwm", "max_peers", "max_ids_per_source",
+                    "max_ids_per_key", "max_dials"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0 or (key != "linger_ms" and value == 0):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -203,8 +223,8 @@ def load_node_id(data_dir: Path) -> str:
 class _Link:
     """Our DEALER to one peer's control ROUTER, with its outgoing batch."""
 
-    __slots__ = ("created", "endpoint", "full", "last_sent", "node_id", "out", "sock", "static",
-                 "token")
+    __slots__ = ("created", "endpoint", "full", "last_sent", "node_id", "origin", "out", "sock",
+                 "static", "token", "verified")
 
     def __init__(
         self, sock: zmq.Socket[Any], endpoint: str, token: int, node_id: str | None,
@@ -219,6 +239,11 @@ class _Link:
         self.created = now
         self.out: list[tuple[str, bytes]] = []
         self.full = False  # the last send hit the HWM (the peer does not read)
+        #: the peer answered on this link (a PONG echoing its token, or a HELLO acking it):
+        #: only such peers are gossiped on
+        self.verified = False
+        #: what made this dial (budget key of ``Node._dial_budget``), None when not charged
+        self.origin: object = None
 
 
 _CLOSED = object()
@@ -294,9 +319,27 @@ class Node:
         self._out_scheduled = False
         self._outq_dropped = 0
         self._counters: collections.Counter[str] = collections.Counter()
+        # Connections and node ids (docs/protocol.md, "Connections and node ids"): the
+        # routing id a node id currently speaks through, set by a HELLO the connection carried.
+        self._node_rid: dict[str, bytes] = {}
+        self._proofs: dict[str, bytes] = {}  # node id -> the proof its bound connection showed
+        #: node id -> a HELLO from another connection waiting for the bound one to go quiet
+        self._claims: dict[str, tuple[bytes, str | None, Any, float]] = {}
+        self._claim_answered: dict[str, float] = {}
+        self._id_src: dict[str, object] = {}  # node id -> the source charged for it
+        self._proof_secret = os.urandom(32)
+        self._msg_limit = config.max_message_bytes + _MSG_SLACK
+        self._peer_budget = Budget(
+            "peer_ids",
+            config.max_ids_per_key if config.security is not None else config.max_ids_per_source,
+            config.max_peers)
+        self._dial_budget = Budget("dials", max(1, config.max_dials // 4), config.max_dials)
+        #: every log line a remote peer can trigger goes through here
+        self._log = LogLimiter(log)
         #: this node's metrics (patterns register collectors here); see mesh.metrics.
         self.metrics = Registry()
         self.metrics.register_collector(self._collect_metrics)
+        self.metrics.register_collector(self._collect_budgets)
         self._discovery: Any = None
         # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
         # client in when no handler is there).
@@ -813,6 +856,7 @@ class Node:
         discovery = self._discovery
         if discovery is not None:  # mDNS counters and budgets, prefixed mdns_
             out.update({f"mdns_{k}": v for k, v in discovery.stats().items()})
+        out.update(self._budget_stats())
         out["metrics"] = self.metrics.as_dict()
         return out
 
@@ -848,6 +892,30 @@ class Node:
         if discovery is not None:
             discovery.collect(out)
 
+    def _budget_stats(self) -> dict[str, int]:
+        # What remote peers made this node hold, and what it refused (docs/protocol.md,
+        # "Budgets"); read from any thread (ints, one batch behind at worst).
+        out = {**self._peer_budget.stats(), **self._dial_budget.stats()}
+        out["log_lines_suppressed"] = self._log.suppressed
+        out["id_claims_pending"] = len(self._claims)
+        return out
+
+    def _collect_budgets(self, out: Collect) -> None:
+        for b in (self._peer_budget, self._dial_budget):
+            out.gauge("budget_held", b.held(), "Units held under a budget (what peers made "
+                      "this node hold).", budget=b.name)
+            out.counter("budget_refused_total", b.refused, "Takes refused by a budget.",
+                        budget=b.name)
+        c = self._counters
+        for key, text in (("oversize", "Control messages over max_message_bytes dropped."),
+                          ("id_claims_held", "HELLOs for a live node id from another "
+                           "connection held."),
+                          ("id_rebinds", "Node ids moved to a new connection."),
+                          ("socket_refused", "Links refused at the socket or fd limit.")):
+            out.counter(f"control_{key}_total", c.get(key, 0), text)
+        out.counter("log_lines_suppressed_total", self._log.suppressed,
+                    "Log lines held back by the rate limiter.")
+
     # --- discovery hook (any thread) ------------------------------------------------------------
 
     def _discovered(self, info: PeerInfo, source: str) -> None:
@@ -866,20 +934,20 @@ class Node:
         self._counters[key] += n
 
     def _bad(self, key: str, message: str, *args: object) -> None:
-        # Counted always; logged for the first few and then sparsely, so a flood of garbage
-        # cannot flood the log too.
+        # Counted always; logged through the limiter (the first 10 per key, then one per 10 s
+        # saying how many were held back), so a flood of garbage cannot flood the log too.
         self._counters[key] += 1
-        n = self._counters[key]
-        if n <= 10 or n % 1000 == 0:
-            log.warning("node %s: " + message + " (%s #%d)", self.name, *args, key, n)
+        self._log.warning(key, "node %s: " + message + " (%s #%d)", self.name, *args, key,
+                          self._counters[key])
 
     def _setup(self) -> None:
         router = self.socket(zmq.ROUTER, "control")
-        # ROUTER_HANDOVER: a peer that reconnects with its routing id (a restart, or a new
-        # DEALER after we both marked each other gone) takes over at once. Without it libzmq
-        # parks the newcomer as an anonymous pipe whose messages are never read while the old
-        # (possibly half-dead) connection lives. The node avoids two DEALERs to one peer
-        # (_take_dial) so handovers only happen on real reconnects.
+        # ROUTER_HANDOVER: a DEALER that reconnects (same socket, same routing id) takes over
+        # its half-dead old connection at once. Without it libzmq parks the newcomer as an
+        # anonymous pipe whose messages are never read while the old connection lives. Every
+        # DEALER has its own random routing id (_new_link), so only the socket that owns a
+        # routing id can hand it over: a stranger cannot name one (docs/protocol.md,
+        # "Connections and node ids").
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._router = router
         self.bind(router, "control")
@@ -908,8 +976,22 @@ class Node:
     # --- links ----------------------------------------------------------------------------------
 
     def _new_link(self, endpoint: str, node_id: str | None, static: str | None) -> _Link:
-        sock = self.socket(zmq.DEALER, "control-out")
-        sock.setsockopt(zmq.ROUTING_ID, self.id.encode("ascii"))
+        try:
+            sock = self.socket(zmq.DEALER, "control-out")
+        except ClosedError as exc:
+            if self._closed:
+                raise
+            # libzmq's socket limit or the fd limit: a counted refusal, not a traceback
+            self._count("socket_refused")
+            raise PeerError(f"no socket for a link to {endpoint}: {exc}") from exc
+        # Our node id and random bytes, new for every DEALER: the routing id names the
+        # connection, the HELLO it carries binds it to our node id, and nobody else can
+        # present it (a stranger's DEALER with our node id is just another connection).
+        sock.setsockopt(zmq.ROUTING_ID, self.id.encode("ascii") + os.urandom(_RID_SUFFIX))
+        # Nothing legitimate ever arrives on a link (peers answer on their own DEALER to our
+        # ROUTER) and the node never reads it: a hostile ROUTER could otherwise queue HWM
+        # (10,000) messages of up to MAXMSGSIZE in it. One message, then TCP backpressure.
+        sock.setsockopt(zmq.RCVHWM, 1)
         # A gossip dial knows only the id: a certificate names its key.
         if (self.security is not None and node_id is not None
                 and self.security.server_key(endpoint) is None):
@@ -924,15 +1006,35 @@ class Node:
             raise PeerError(f"cannot connect to {endpoint}: {exc}") from exc
         return _Link(sock, endpoint, next(self._tokens), node_id, static, self._clock())
 
-    def _dial(self, endpoint: str, node_id: str | None, static: str | None) -> None:
-        """Connect a DEALER whose peer has not answered yet, and send it HELLO."""
+    def _dial(self, endpoint: str, node_id: str | None, static: str | None,
+              origin: object = None) -> None:
+        """Connect a DEALER whose peer has not answered yet, and send it HELLO.
+
+        ``origin`` (who made us dial: a gossiping peer, mDNS) is charged to the dial budget
+        until the dial is answered or closed; configured endpoints are not charged.
+        """
+        if origin is not None and not self._dial_budget.take(origin):
+            self._bad("dials_refused", "dial of %s skipped: too many pending dials from %s",
+                      endpoint, origin)
+            return
         try:
             link = self._new_link(endpoint, node_id, static)
         except PeerError as exc:
+            if origin is not None:
+                self._dial_budget.give(origin)
             self._bad("dial_errors", "%s", exc)
             return
+        link.origin = origin
         self._dials[link.token] = link
         self._send_hello(link)
+
+    def _pop_dial(self, token: int) -> _Link | None:
+        """Remove a pending dial (answered, adopted or closed) and return its budget."""
+        d = self._dials.pop(token, None)
+        if d is not None and d.origin is not None:
+            self._dial_budget.give(d.origin)
+            d.origin = None
+        return d
 
     def _close_link(self, link: _Link) -> None:
         self._dirty.pop(id(link), None)
@@ -940,7 +1042,14 @@ class Node:
 
     def _send_hello(self, link: _Link, reply: bool = False, ack: int | None = None) -> None:
         dial = link.token if link.token in self._dials else None
-        body = control.hello_to_wire(Hello(self.info(), dial=dial, ack=ack, reply=reply))
+        proof = None
+        if link.node_id is not None:
+            # Same for every connection of this process to that node at that endpoint, and
+            # seen by nobody else: a new connection showing it is us, not a stranger.
+            proof = hmac.new(self._proof_secret, f"{link.node_id}|{link.endpoint}".encode(),
+                             hashlib.sha256).digest()[:16]
+        body = control.hello_to_wire(Hello(self.info(), dial=dial, ack=ack, reply=reply,
+                                           proof=proof))
         self._enqueue(link, control.HELLO, control.encode_body(body, self.config.max_message_bytes))
 
     def _enqueue(self, link: _Link, kind: str, raw: bytes) -> None:
@@ -960,8 +1069,19 @@ class Node:
             out, link.out = link.out, []
             if link.sock.closed:
                 continue
-            for i in range(0, len(out), _SEND_BATCH):
-                chunk = out[i : i + _SEND_BATCH]
+            limit = self.config.max_message_bytes
+            i = 0
+            while i < len(out):
+                # Up to _SEND_BATCH pairs, and at most max_message_bytes in one multipart (a
+                # receiver refuses a bigger message whole: mesh.transport.recv_bounded).
+                j, size = i, 0
+                while j < len(out) and j - i < _SEND_BATCH:
+                    n = len(out[j][1]) + 4 + control.MAX_KIND_LEN
+                    if j > i and size + n > limit:
+                        break
+                    size += n
+                    j += 1
+                chunk, i = out[i:j], j
                 try:
                     wire = control.encode_frames(chunk)
                     link.sock.send_multipart(wire, zmq.NOBLOCK)
@@ -989,77 +1109,50 @@ class Node:
     # --- receiving ------------------------------------------------------------------------------
 
     def _on_router(self, sock: zmq.Socket[Any]) -> None:
-        if self.security is not None:
-            self._on_router_secure(sock)
-            return
-        for _ in range(_RECV_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._on_frames(frames)
-        self._flush()
-
-    def _on_router_secure(self, sock: zmq.Socket[Any]) -> None:
-        # copy=False only here: it is what exposes the handshake's key (User-Id) per message.
-        assert self.security is not None
-        allow = self.security.buckets.allow
+        # Frame by frame, bounded per message (MAXMSGSIZE bounds only a frame); zero-copy
+        # frames expose the connection's properties (User-Id, Peer-Address).
+        sec = self.security
+        limit = self._msg_limit
         now = self._clock()
         for _ in range(_RECV_BATCH):
             try:
-                zframes = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                zframes = recv_bounded(sock, limit, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            try:
-                uid = zframes[0].get("User-Id")
-                key: str | None = uid if isinstance(uid, str) else None
-            except zmq.ZMQError:
-                key = None
-            # Per-peer token bucket, one token per control message, charged before decoding
-            # so a flood costs almost nothing; keyed by what the handshake proved.
-            if key is not None and not allow(key, max(1, (len(zframes) - 1) // 2), now):
-                self._bad("security_rate_limited", "peer key %s over its rate limit", key)
+            if zframes is None:
+                self._bad("oversize", "control message over %d bytes dropped", limit)
                 continue
-            frames = [f.bytes for f in zframes]
-            if self._check_sender_key(frames, key):
-                self._on_frames(frames)
+            key: str | None = None
+            if sec is not None:
+                try:
+                    uid = zframes[0].get("User-Id")
+                    key = uid if isinstance(uid, str) else None
+                except zmq.ZMQError:
+                    key = None
+                if key is None or len(zframes) < 3:
+                    self._bad("security_no_key", "control message without a CURVE key")
+                    continue
+                # Per-peer token bucket, one token per control message, charged before
+                # decoding so a flood costs almost nothing; keyed by what the handshake proved.
+                if not sec.buckets.allow(key, max(1, (len(zframes) - 1) // 2), now):
+                    self._bad("security_rate_limited", "peer key %s over its rate limit", key)
+                    continue
+            self._on_frames([f.bytes for f in zframes], key, zframes[0])
         self._flush()
 
-    def _check_sender_key(self, frames: list[bytes], key: str | None) -> bool:
-        """The routing id (node id) a peer claims must belong to the key of its handshake."""
-        if key is None or len(frames) < 3:
-            self._bad("security_no_key", "control message without a CURVE key")
-            return False
+    @staticmethod
+    def _rid_node(ident: bytes) -> str | None:
+        """The node id a control routing id starts with (its 32 hex chars), or None."""
+        if not 32 <= len(ident) <= 64:
+            return None
         try:
-            peer_id = frames[0].decode("ascii")
+            nid = ident[:32].decode("ascii")
         except UnicodeDecodeError:
-            return True  # _on_frames counts it
-        row = self._presence.get(peer_id)
-        if row is not None and row.info.public_key == key:
-            return True
-        # Unknown (or re-announcing) peer: only a HELLO announcing this very key may pass.
-        try:
-            messages = control.decode_frames(frames[1:])
-        except ProtocolError:
-            return True  # _on_frames counts it
-        for m in messages:
-            if m.kind != control.HELLO or m.error is not None:
-                continue
-            try:
-                hello = control.hello_from_wire(m.body)
-            except ProtocolError:
-                return True
-            if hello.info.public_key == key and hello.info.node_id == peer_id:
-                return True
-            self._bad("security_key_mismatch", "peer %s announces key %r but its handshake "
-                      "used %r", peer_id, hello.info.public_key, key)
-            return False
-        if row is not None:
-            self._bad("security_key_mismatch", "message for %s under another key %r", peer_id, key)
-            return False
-        return True  # _on_frames counts a message from an unknown sender
+            return None
+        return nid if _NODE_ID_RE.match(nid) else None
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes], key: str | None = None,
+                   first: zmq.Frame | None = None) -> None:
         self._counters["control_bytes_in"] += sum(map(len, frames))
         if len(frames) < 3:
             self._bad("malformed", "control message of %d frames", len(frames))
@@ -1070,29 +1163,35 @@ class Node:
         except ProtocolError as exc:
             self._bad("malformed", "%s", exc)
             return
-        try:
-            peer_id: str | None = ident.decode("ascii")
-        except UnicodeDecodeError:
-            peer_id = None
+        peer_id = self._rid_node(ident)
         now = self._clock()
-        known = peer_id is not None and peer_id in self._presence
-        if known and messages[0].kind != control.HELLO:
+        # Only the connection a node id is bound to (by the HELLO it carried) speaks for it.
+        bound = peer_id is not None and self._node_rid.get(peer_id) == ident
+        if bound and key is not None:
+            assert peer_id is not None
+            row = self._presence.get(peer_id)
+            if row is None or row.info.public_key != key:
+                self._bad("security_key_mismatch", "message for %s under another key %r",
+                          peer_id, key)
+                return
+        if bound and messages[0].kind != control.HELLO:
             assert peer_id is not None
             self._heard(peer_id, now)
         n_in = 0
         for m in messages:
             if m.error is not None:
-                key = "unsupported_version" if isinstance(
+                err = "unsupported_version" if isinstance(
                     m.error, UnsupportedProtocol
                 ) else "malformed"
-                self._bad(key, "from %r: %s", ident[:40], m.error)
+                self._bad(err, "from %r: %s", ident[:40], m.error)
                 continue
             if m.kind == control.HELLO:
-                self._on_hello(peer_id, m.body, now)
-                known = peer_id is not None and peer_id in self._presence
+                self._on_hello(ident, peer_id, key, first, m.body, now)
+                bound = peer_id is not None and self._node_rid.get(peer_id) == ident
                 continue
-            if not known or peer_id is None:
-                self._bad("unknown_sender", "%s from %r, which never sent HELLO", m.kind, ident[:40])
+            if not bound or peer_id is None:
+                self._bad("unknown_sender", "%s from %r, which sent no valid HELLO on this "
+                          "connection", m.kind, ident[:40])
                 continue
             n_in += 1
             self._dispatch(peer_id, m.kind, m.body, now)
@@ -1115,7 +1214,7 @@ class Node:
             if d.node_id == info.node_id or (d.node_id is None and (
                 d.endpoint in peer_eps or self._reached.get(d.endpoint) == info.node_id
             )):
-                del self._dials[token]
+                self._pop_dial(token)
                 d.node_id = info.node_id
                 return d
         return None
@@ -1132,9 +1231,15 @@ class Node:
         if kind == control.PING:
             link = self._links.get(peer_id)
             if link is not None:
-                self._enqueue(link, control.PONG, control.encode_body(None, 64))
+                echo = body if isinstance(body, int) and not isinstance(body, bool) else None
+                self._enqueue(link, control.PONG, control.encode_body(echo, 64))
         elif kind == control.PONG:
-            pass  # liveness was recorded already
+            # Liveness was recorded already. A PONG echoing our link's token proves the node
+            # at the endpoint we dialled answers through this bound connection: verified.
+            link = self._links.get(peer_id)
+            if link is not None and not link.verified and body == link.token:
+                link.verified = True
+                self._schedule_gossip()
         elif kind == control.UPDATE:
             try:
                 hello = control.hello_from_wire(body)
@@ -1144,11 +1249,17 @@ class Node:
             if hello.info.node_id != peer_id or hello.info.mesh != self.mesh:
                 self._bad("malformed", "UPDATE from %s describes another node or mesh", peer_id)
                 return
+            row = self._presence.get(peer_id)
+            if (self.security is not None and row is not None
+                    and hello.info.public_key != row.info.public_key):
+                self._bad("security_key_mismatch", "UPDATE from %s announces another key",
+                          peer_id)
+                return
             with self.peers.lock:
                 events = self._presence.upsert(hello.info, now, "update")
             self._emit(events)
         elif kind == control.GOSSIP:
-            self._on_gossip(body)
+            self._on_gossip(peer_id, body)
         elif kind == control.BYE:
             with self.peers.lock:
                 events = self._presence.goodbye(peer_id, now)
@@ -1165,7 +1276,9 @@ class Node:
                 handler(peer_id, body)
             except Exception:
                 self._count("handler_errors")
-                log.exception("node %s: handler for %r from %s raised", self.name, kind, peer_id)
+                self._log.log(logging.ERROR, f"handler:{kind}",
+                              "node %s: handler for %r from %s raised", self.name, kind, peer_id,
+                              exc_info=True)
 
     def _drop_link(self, link: _Link) -> None:
         """Close a link to a gone peer; a configured endpoint is dialled again."""
@@ -1173,7 +1286,8 @@ class Node:
         if link.static is not None:
             self._dial(link.static, node_id=None, static=link.static)
 
-    def _on_hello(self, peer_id: str | None, body: Any, now: float) -> None:
+    def _on_hello(self, ident: bytes, peer_id: str | None, key: str | None,
+                  first: zmq.Frame | None, body: Any, now: float) -> None:
         try:
             hello = control.hello_from_wire(body)
         except UnsupportedProtocol as exc:
@@ -1187,13 +1301,28 @@ class Node:
             self._bad("wrong_mesh", "HELLO from mesh %r (we are %r)", info.mesh, self.mesh)
             return
         if peer_id != info.node_id:
-            self._bad("malformed", "HELLO node id %s != routing id %r", info.node_id, peer_id)
+            self._bad("malformed", "HELLO node id %s != routing id %r", info.node_id, ident[:40])
             return
         if info.node_id == self.id:
             # We dialled ourselves (our own endpoint in static_peers): forget that dial.
-            if hello.dial is not None and (d := self._dials.pop(hello.dial, None)) is not None:
+            if hello.dial is not None and (d := self._pop_dial(hello.dial)) is not None:
                 self._close_link(d)
             return
+        if self.security is not None:
+            if key is None or info.public_key != key:
+                self._bad("security_key_mismatch", "peer %s announces key %r but its handshake "
+                          "used %r", peer_id, info.public_key, key)
+                return
+            cert_key = self.security.key_for_node(info.node_id)
+            if cert_key is not None and cert_key != key:
+                self._bad("security_key_mismatch", "peer %s: its certificate names another key "
+                          "than %r", peer_id, key)
+                return
+        if self._node_rid.get(info.node_id) != ident:
+            if not self._bind(ident, info.node_id, key, first, hello, body, now):
+                return
+        elif hello.proof is not None:
+            self._proofs[info.node_id] = hello.proof
         self._count("control_in")
         prev = self._presence.get(info.node_id)
         was_live = prev is not None and prev.state is not PeerState.GONE
@@ -1201,13 +1330,15 @@ class Node:
             events = self._presence.upsert(info, now, "hello")
         link = self._links.get(info.node_id)
         # Adopt the dial this HELLO answers, or a dial made for this node id (gossip / mDNS).
-        adopt = self._dials.pop(hello.ack, None) if hello.ack is not None else None
+        adopt = self._pop_dial(hello.ack) if hello.ack is not None else None
         acked = adopt is not None
-        if adopt is not None and adopt.static is not None:
-            self._reached[adopt.static] = info.node_id
+        if adopt is not None:
+            adopt.verified = True  # the node read our dial's HELLO and answered as itself
+            if adopt.static is not None:
+                self._reached[adopt.static] = info.node_id
         for token, d in list(self._dials.items()):
             if d.node_id == info.node_id:
-                del self._dials[token]
+                self._pop_dial(token)
                 if adopt is None:
                     adopt = d
                 else:
@@ -1249,6 +1380,121 @@ class Node:
             self._send_hello(link, reply=True, ack=hello.dial)
         self._emit(events)
 
+    def _source(self, key: str | None, first: zmq.Frame | None) -> object:
+        """What a new node id is charged to: the CURVE key, else the source address."""
+        if key is not None:
+            return ("key", key)
+        addr = ""
+        if first is not None:
+            try:
+                addr = str(first.get("Peer-Address"))
+            except (zmq.ZMQError, ValueError, TypeError):
+                addr = ""
+        return ("addr", addr or "local")
+
+    def _may_take_over(self, peer_id: str, row: PeerRecord, key: str | None, proof: bytes | None,
+                       now: float) -> bool:
+        """May a new connection speak for live ``peer_id`` now (its bound one stops)?"""
+        quiet = now - row.last_heard
+        pres = self.config.presence
+        if row.state is not PeerState.JOINED or quiet > pres.evasive_s:
+            return True  # evasive or gone: its connection has been silent for evasive_s
+        if self.security is not None:
+            # The handshake proves the key: the node id's own key takes over at once (a
+            # restart, a new DEALER); another key waits for the old one's silence above.
+            return row.info.public_key == key
+        # Plaintext proves nothing: the same process (its proof) at once, anyone else only
+        # once the bound connection has been quiet for two heartbeats (it died: a restart).
+        if proof is not None and self._proofs.get(peer_id) == proof:
+            return True
+        return quiet >= min(2 * pres.heartbeat_s, pres.evasive_s)
+
+    def _bind(self, ident: bytes, peer_id: str, key: str | None, first: zmq.Frame | None,
+              hello: Hello, body: Any, now: float) -> bool:
+        """Bind connection ``ident`` to ``peer_id`` (True), or refuse or hold its claim."""
+        cur = self._node_rid.get(peer_id)
+        row = self._presence.get(peer_id)
+        if row is None:
+            # A node id new to this node: charged to the source that introduced it.
+            if peer_id not in self._id_src:
+                src = self._source(key, first)
+                # Gone rows hold their budget until pruned; a full budget forgets the longest
+                # gone one first, so nodes that come and go with new ids are not locked out.
+                budget = self._peer_budget
+                if budget.held(src) >= budget.per_key:
+                    self._evict_gone(src)
+                elif budget.held() >= budget.total:
+                    self._evict_gone(None)
+                if not budget.take(src):
+                    self._bad("peer_ids_refused", "HELLO from %s refused: %s introduced too many "
+                              "node ids", peer_id, src)
+                    return False
+                self._id_src[peer_id] = src
+        elif cur is not None and not self._may_take_over(peer_id, row, key, hello.proof, now):
+            # The node id is live on another connection: this one may be a stranger. Held
+            # (one per node id) until the bound connection is quiet, then retried by _tick.
+            self._claims[peer_id] = (ident, key, body, now)
+            self._bad("id_claims_held", "HELLO for live %s from another connection held",
+                      peer_id)
+            link = self._links.get(peer_id)
+            if (hello.dial is not None and not hello.reply and link is not None
+                    and now - self._claim_answered.get(peer_id, -1e9)
+                    >= self.config.presence.heartbeat_s):
+                # It may be the node's own dial of an endpoint that reached us: the ack goes
+                # out on our link, which reaches only the real node (a stranger learns nothing).
+                self._claim_answered[peer_id] = now
+                self._send_hello(link, reply=True, ack=hello.dial)
+            return False
+        if cur is not None:
+            self._count("id_rebinds")
+        self._node_rid[peer_id] = ident
+        if hello.proof is not None:
+            self._proofs[peer_id] = hello.proof
+        else:
+            self._proofs.pop(peer_id, None)
+        self._claims.pop(peer_id, None)
+        return True
+
+    def _evict_gone(self, src: object | None) -> bool:
+        """Forget the longest-gone row charged to ``src`` (to anyone when None)."""
+        best: tuple[float, str] | None = None
+        for nid, s in self._id_src.items():
+            if src is not None and s != src:
+                continue
+            row = self._presence.get(nid)
+            if row is not None and row.state is PeerState.GONE and (
+                    best is None or row.since < best[0]):
+                best = (row.since, nid)
+        if best is None:
+            return False
+        with self.peers.lock:
+            self._presence.forget(best[1])
+        self._forget_peer(best[1])
+        self._count("peer_ids_evicted")
+        return True
+
+    def _forget_peer(self, node_id: str) -> None:
+        """A pruned row: drop its binding and claim, and return its peer budget."""
+        self._node_rid.pop(node_id, None)
+        self._proofs.pop(node_id, None)
+        self._claims.pop(node_id, None)
+        self._claim_answered.pop(node_id, None)
+        src = self._id_src.pop(node_id, None)
+        if src is not None:
+            self._peer_budget.give(src)
+
+    def _retry_claims(self, now: float) -> None:
+        """Bind held claims whose node's bound connection went quiet; expire old ones."""
+        for peer_id, (ident, key, body, t) in list(self._claims.items()):
+            row = self._presence.get(peer_id)
+            if row is None or now - t > self.config.presence.gone_s:
+                del self._claims[peer_id]
+                continue
+            if self._may_take_over(peer_id, row, key, None, now):
+                del self._claims[peer_id]
+                self._count("id_claims_bound")
+                self._on_hello(ident, peer_id, key, None, body, now)
+
     def _static_for(self, node_id: str) -> str | None:
         """The configured endpoint last seen reaching ``node_id``, if any.
 
@@ -1274,7 +1520,7 @@ class Node:
         self._links[info.node_id] = link
         self._send_hello(link)
 
-    def _on_gossip(self, body: Any) -> None:
+    def _on_gossip(self, sender: str, body: Any) -> None:
         try:
             entries, bad = control.gossip_from_wire(body)
         except ProtocolError as exc:
@@ -1302,7 +1548,7 @@ class Node:
                 self.security.remember(ep, key)
             if ep is not None:
                 self._count("gossip_dials")
-                self._dial(ep, node_id=node_id, static=None)
+                self._dial(ep, node_id=node_id, static=None, origin=("gossip", sender))
                 dialling.add(node_id)
 
     def _on_discovered(self, info: PeerInfo, source: str) -> None:
@@ -1315,7 +1561,7 @@ class Node:
         ep = self.connect_endpoint(info, "control")
         if ep is not None:
             self._count(f"{source}_dials")
-            self._dial(ep, node_id=info.node_id, static=None)
+            self._dial(ep, node_id=info.node_id, static=None, origin=(source, None))
             self._flush()
 
     def _on_discovery_goodbye(self, node_id: str) -> None:
@@ -1334,13 +1580,16 @@ class Node:
             self._on_router(self._router)
         now = self._clock()
         hb = self.config.presence.heartbeat_s
+        if self._claims:
+            self._retry_claims(now)
         with self.peers.lock:
             tick = self._presence.tick(now)
+        for node_id in tick.pruned:
+            self._forget_peer(node_id)
         for node_id in tick.gone:
             link = self._links.pop(node_id, None)
             if link is not None:
                 self._drop_link(link)
-        ping = control.encode_body(None, 64)
         pinged = set(tick.ping)
         for node_id in tick.ping:
             link = self._links.get(node_id)
@@ -1351,12 +1600,14 @@ class Node:
                 # and its reply brings its new info back. A live peer just answers it.
                 self._send_hello(link)
         for node_id, link in self._links.items():
-            # Keepalive: a peer that hears from us every heartbeat never turns evasive.
-            if node_id not in pinged and now - link.last_sent >= hb * 0.9:
-                self._enqueue(link, control.PING, ping)
+            # Keepalive: a peer that hears from us every heartbeat never turns evasive. The
+            # PING carries the link's token; its echo verifies the link (gossip names only
+            # verified peers), so an unverified link is pinged every heartbeat.
+            if node_id not in pinged and (now - link.last_sent >= hb * 0.9 or not link.verified):
+                self._enqueue(link, control.PING, control.encode_body(link.token, 64))
         for token, d in list(self._dials.items()):
             if now - d.created > self.config.presence.gone_s:
-                del self._dials[token]
+                self._pop_dial(token)
                 self._close_link(d)
                 if d.static is not None:
                     # Unanswered for gone_s: its connection may be stranded (a ROUTER that
@@ -1380,7 +1631,10 @@ class Node:
 
     def _gossip(self) -> None:
         self._gossip_scheduled = False
-        live = [r.info for r in self._presence.records() if r.state is not PeerState.GONE]
+        # Only peers this node verified itself (a live link that answered): a HELLO flood of
+        # fake node ids is never passed on to the rest of the mesh.
+        live = [r.info for r in self._presence.records() if r.state is not PeerState.GONE
+                and (lk := self._links.get(r.info.node_id)) is not None and lk.verified]
         entries = [(i.node_id, i.mesh, i.host, i.endpoints.get("control", ()), i.public_key)
                    for i in live]
         for node_id, link in self._links.items():
@@ -1390,6 +1644,7 @@ class Node:
                     control.gossip_to_wire(others), self.config.max_message_bytes
                 )
                 self._enqueue(link, control.GOSSIP, raw)
+                self._count("gossip_sent")
         self._flush()
 
     def _announce_update(self) -> None:
@@ -1417,4 +1672,6 @@ class Node:
                     callback(ev)
                 except Exception:
                     self._count("callback_errors")
-                    log.exception("node %s: peer event callback %r raised", self.name, callback)
+                    self._log.log(logging.ERROR, "callback_errors",
+                                  "node %s: peer event callback %r raised", self.name, callback,
+                                  exc_info=True)

@@ -202,6 +202,10 @@ class Presence:
         self._rows[node_id] = replace(row, state=PeerState.GONE, since=now)
         return [PeerEvent(PeerEventKind.LEFT, row.info)]
 
+    def forget(self, node_id: str) -> bool:
+        """Remove a row now (a gone row evicted to make room); True if there was one."""
+        return self._rows.pop(node_id, None) is not None
+
     def tick(self, now: float) -> Tick:
         """Advance time: mark quiet peers evasive or gone, prune old gone rows."""
         result = Tick([], [], [], [])

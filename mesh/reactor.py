@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import zmq
 
+from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, MeshTimeout
 
 __all__ = ["Reactor", "Timer"]
@@ -93,8 +94,10 @@ class Reactor:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False  # no more calls accepted
-        #: callbacks that raised (logged and survived)
+        #: callbacks that raised (logged through a limiter, per callback, and survived: a
+        #: reader raising on every message a peer sends must not flood the log)
         self.errors = 0
+        self._log = LogLimiter(log)
         #: loop turns, calls and timer runs (for stats and tests)
         self.turns = 0
         self.calls_run = 0
@@ -283,7 +286,8 @@ class Reactor:
             fn(*args)
         except Exception:
             self.errors += 1
-            log.exception("reactor %s: %s %r raised", self.name, what, fn)
+            self._log.log(logging.ERROR, getattr(fn, "__qualname__", what),
+                          "reactor %s: %s %r raised", self.name, what, fn, exc_info=True)
 
     def _run_calls(self) -> None:
         for _ in range(_CALL_BATCH):

@@ -1,6 +1,8 @@
-"""Transport helpers: host identity, interface addresses, ipc paths, endpoint choice.
+"""Transport helpers: host identity, interface addresses, ipc paths, endpoint choice, and a
+receive bounded per message.
 
-Pure or read-only functions: the node (mesh.node) does the binding and connecting.
+Pure or read-only functions (and :func:`recv_bounded`, which only reads a socket): the node
+(mesh.node) does the binding and connecting.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import socket
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal, overload
+
+import zmq
 
 from mesh.errors import ConfigError
 
@@ -24,6 +29,7 @@ __all__ = [
     "interface_addresses",
     "ipc_dir",
     "ipc_path",
+    "recv_bounded",
     "resolve_interface",
 ]
 
@@ -161,3 +167,83 @@ def choose_endpoint(
             if ep.startswith("tcp://"):
                 return ep
     return None
+
+
+@overload
+def recv_bounded(sock: zmq.Socket[Any], max_bytes: int, flags: int = ...,
+                 copy: Literal[True] = ...) -> list[bytes] | None: ...
+
+
+@overload
+def recv_bounded(sock: zmq.Socket[Any], max_bytes: int, flags: int = ...,
+                 *, copy: Literal[False]) -> list[zmq.Frame] | None: ...
+
+
+def recv_bounded(sock: zmq.Socket[Any], max_bytes: int, flags: int = 0,
+                 copy: bool = True) -> list[bytes] | list[zmq.Frame] | None:
+    """Receive one multipart message, refusing it when its frames add up to more than
+    ``max_bytes``.
+
+    ``ZMQ_MAXMSGSIZE`` bounds each *frame* (libzmq drops a connection that sends a larger
+    one), not a message: a peer may send any number of frames of just under that size in one
+    multipart, which ``recv_multipart`` would copy whole into Python. This reads frame by
+    frame; once the running total passes ``max_bytes`` it keeps reading the rest of that
+    message without copying it (zero-copy frames, released at once) and returns None, so the
+    socket stays aligned on message boundaries and the caller only counts the refusal.
+
+    Use it instead of ``recv_multipart`` on every socket a remote peer can write to. It costs
+    what ``recv_multipart`` costs (pyzmq's own is the same frame loop), plus one addition per
+    frame. libzmq itself still assembles a whole multipart before it is readable: what one
+    in-flight message can occupy inside libzmq is not bounded by any 4.3 socket option.
+
+    Args:
+        sock: the socket to read.
+        max_bytes: the largest total of frame sizes accepted for one message.
+        flags: passed to each ``recv`` (e.g. ``zmq.NOBLOCK``); the frames after the first are
+            read without blocking (libzmq delivers a multipart whole).
+        copy: False returns ``zmq.Frame`` objects (e.g. to read ``frame.get("User-Id")``).
+
+    Returns:
+        The frames, or None when the message was over ``max_bytes`` (it is consumed).
+
+    Raises:
+        zmq.Again: ``flags`` has ``NOBLOCK`` and no message is waiting.
+        zmq.ZMQError: the socket failed (closed, context terminated).
+    """
+    if copy:
+        first: bytes = sock.recv(flags)
+        total = len(first)
+        parts: list[bytes] = [first]
+        while sock.get(zmq.RCVMORE):
+            if total > max_bytes:
+                break
+            part: bytes = sock.recv(flags)
+            total += len(part)
+            parts.append(part)
+        if total <= max_bytes:
+            return parts
+        del parts
+        _drain(sock)
+        return None
+    frame: zmq.Frame = sock.recv(flags, copy=False)
+    total = len(frame)
+    frames: list[zmq.Frame] = [frame]
+    while frame.more:
+        if total > max_bytes:
+            break
+        frame = sock.recv(flags, copy=False)
+        total += len(frame)
+        frames.append(frame)
+    if total <= max_bytes:
+        return frames
+    more = frame.more
+    del frames, frame
+    if more:
+        _drain(sock)
+    return None
+
+
+def _drain(sock: zmq.Socket[Any]) -> None:
+    """Read and release the remaining frames of the current message."""
+    while sock.get(zmq.RCVMORE):
+        sock.recv(zmq.NOBLOCK, copy=False)

@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from mesh.budget import LogLimiter
 from mesh.errors import AuthenticationFailed, ConfigError
 from mesh.security.atrest import load_or_create_atrest_key
 from mesh.security.authority import TrustAnchor
@@ -164,6 +165,8 @@ class NodeSecurity:
         self._ep_keys: dict[str, str] = dict(config.peer_keys)
         self._lock = threading.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
+        #: handshake failures are remote-triggered: logged per kind through a limiter
+        self._log = LogLimiter(log)
         self.auth = ZapAuthenticator(context, self.store)
         self.auth.start()
 
@@ -239,7 +242,8 @@ class NodeSecurity:
             name = HANDSHAKE_EVENTS.get(event)
             if name is not None:
                 self.count(name)
-                log.warning("handshake refused (%s) on %s", name, ev.get("endpoint"))
+                self._log.warning(name, "handshake refused (%s) on %s", name,
+                                  ev.get("endpoint"))
             elif event == zmq.EVENT_MONITOR_STOPPED:
                 return False
 

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from mesh.budget import LogLimiter
 from mesh.errors import CertificateError, KeyFileError
 from mesh.security.authority import CERT_SUFFIX, CRL_NAME, Certificate, RevocationList, TrustAnchor
 from mesh.security.keys import load_public_keys
@@ -78,6 +79,7 @@ class TrustStore:
         self._certs_by_node: dict[str, Certificate] = {}
         self._certs_sig: tuple[Any, ...] | None = None
         self.counters: collections.Counter[str] = collections.Counter()
+        self._log = LogLimiter(log)  # a handshake is remote-triggered: so are its log lines
 
     # --- reloading -------------------------------------------------------------------------------
 
@@ -174,7 +176,8 @@ class TrustStore:
         try:
             return self.allowed(key.decode("ascii"))
         except Exception:  # never let a bug turn into "allow": refuse and log
-            log.exception("trust store failed; refusing %r", key[:40])
+            self._log.log(logging.ERROR, "zap_errors", "trust store failed; refusing %r",
+                          key[:40], exc_info=True)
             self.counters["zap_errors"] += 1
             return False
 
