@@ -23,6 +23,7 @@ from mesh.errors import ClosedError, ConfigError, LogError, LogFull, MeshTimeout
 from mesh.log import FsyncPolicy, Log
 from mesh.peers import PeerEvent, PeerEventKind
 from mesh.tracing import current
+from mesh.transport import recv_bounded
 from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
@@ -120,6 +121,8 @@ class WorkQueue:
         self._stats_snapshot: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self._bad_frames = 0
+        # workers send READY/ACK/NACK: one message at most this big in all its frames
+        self._max_in = node.config.max_message_bytes + (64 << 10)
         self._bytes_in = self._bytes_out = 0  # data-socket bytes (written by the I/O thread)
         # Security on: each message's sender is named by its CURVE key (User-Id), never by
         # the routing id it chose; READY needs "work" on this queue (see _sender_ok).
@@ -469,13 +472,14 @@ class WorkQueue:
     def _drain_router(self, now: float) -> None:
         sock = self._router
         d = self._dispatcher
+        limit = self._max_in
         for _ in range(_RECV_BATCH):
             try:
                 if self._secure:
-                    zmsg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    msg = [f.bytes for f in zmsg]
+                    zmsg = recv_bounded(sock, limit, zmq.NOBLOCK, copy=False)
+                    msg = [] if zmsg is None else [f.bytes for f in zmsg]
                 else:
-                    msg = sock.recv_multipart(zmq.NOBLOCK)
+                    msg = recv_bounded(sock, limit, zmq.NOBLOCK) or []
             except zmq.Again:
                 return
             self._bytes_in += sum(map(len, msg))
@@ -488,7 +492,7 @@ class WorkQueue:
             except ProtocolError:
                 self._bad_frames += 1
                 continue
-            if self._secure and not self._sender_ok(zmsg[0], ident, cmd, value):
+            if self._secure and zmsg and not self._sender_ok(zmsg[0], ident, cmd, value):
                 continue
             if cmd == fr.ACK:
                 d.on_ack(ident, value, now)

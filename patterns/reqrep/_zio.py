@@ -35,15 +35,28 @@ def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
     _zsend(sock, frames[last], _NB)
 
 
-def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
-    """Receive one whole multipart message without blocking; None when none is waiting."""
+def recv_frames(sock: zmq.Socket[bytes], max_bytes: int) -> list[bytes] | None:
+    """Receive one whole multipart message without blocking; None when none is waiting.
+
+    A message whose frames add up to more than ``max_bytes`` is drained without copying and
+    returned as ``[]`` (the caller counts it): MAXMSGSIZE bounds each frame, not a message
+    (see :func:`mesh.transport.recv_bounded`, the same rule for the node's sockets).
+    """
     try:
-        out = [_zrecv(sock, _NB)]
+        first = _zrecv(sock, _NB)
     except zmq.Again:
         return None
+    out = [first]
+    total = len(first)
     while _zget(sock, _RCVMORE):
-        out.append(_zrecv(sock, _NB))
-    return out
+        if total > max_bytes:
+            while _zget(sock, _RCVMORE):
+                _zrecv(sock, _NB, False)  # zero-copy frames, released at once
+            return []
+        part = _zrecv(sock, _NB)
+        total += len(part)
+        out.append(part)
+    return out if total <= max_bytes else []
 
 
 def readable(sock: zmq.Socket[bytes]) -> bool:

@@ -175,7 +175,7 @@ class AsyncClient(ClientCore):
         sock = wire.sock
         while readable(sock):
             while True:
-                msg = recv_frames(sock)
+                msg = recv_frames(sock, wire.max_bytes)  # [] if oversize: garbage
                 if msg is None:
                     break
                 nb = 0

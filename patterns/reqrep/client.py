@@ -208,6 +208,8 @@ class Wire:
         self.connected: dict[bytes, str] = {}
         self.nonce = 0
         self.pollitems = [(self.sock, POLLIN)]
+        # one reply at most this big in all its frames (MAXMSGSIZE bounds each frame only)
+        self.max_bytes = node.config.max_message_bytes + (64 << 10)
         self._rids: dict[tuple[str, str], bytes] = {}
         # Data-socket bytes; plain ints: only the owning thread writes them.
         self.bytes_in = 0
@@ -471,7 +473,7 @@ class Client(ClientCore):
             if wait > 0 and not zmq_poll(wire.pollitems, max(1, int(wait * 1000 + 0.999))):
                 continue
             for _ in range(256):
-                msg = recv_frames(sock)
+                msg = recv_frames(sock, wire.max_bytes)  # [] if oversize: garbage
                 if msg is None:
                     break
                 nb = 0

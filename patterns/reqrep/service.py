@@ -33,6 +33,7 @@ from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
 from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention, validate_stream_name
 from mesh.tracing import consuming, context_of_request
+from mesh.transport import recv_bounded
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
 from patterns.reqrep._zio import POLLIN, readable, recv_frames, send_frames
@@ -727,6 +728,8 @@ class Service:
         rfd = self._rfd
         items = [(sock, POLLIN), (rfd, POLLIN)]
         tick_ms = int(_TICK_S * 1000)
+        # one request at most this big in all its frames (MAXMSGSIZE bounds each frame only)
+        limit = self.node.config.max_message_bytes + (64 << 10)
         try:
             while not self._closed:
                 ready = zmq_poll(items, tick_ms)
@@ -742,14 +745,20 @@ class Service:
                     for _ in range(_RECV_BATCH):
                         try:
                             if self._secure:
-                                zmsg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                                zmsg = recv_bounded(sock, limit, zmq.NOBLOCK, copy=False)
+                                if zmsg is None:
+                                    self._stats.garbage += 1  # over the message bound
+                                    continue
                                 caller = self._caller(zmsg[0])
                                 if caller is not None:
                                     self._on_received([f.bytes for f in zmsg], caller)
                             else:
-                                got = recv_frames(sock)
+                                got = recv_frames(sock, limit)
                                 if got is None:
                                     break
+                                if not got:
+                                    self._stats.garbage += 1  # over the message bound
+                                    continue
                                 self._on_received(got)
                         except zmq.Again:
                             break
