@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mesh.errors import MeshTimeout
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a live mesh of processes that survives kill -9")
@@ -123,15 +125,16 @@ class _Demo:
             print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
 
 
-def _mdns_works(interface: str) -> bool:
+def _mdns_problem(interface: str) -> str | None:
+    """None when mDNS (multicast) works on ``interface``, else why not (one line)."""
     try:
         from mesh.discovery import open_zeroconf
 
         zc = open_zeroconf([interface])
         zc.close()
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"[:160]
 
 
 #: What each role may do (deny by default once security is on): least privilege per role.
@@ -159,7 +162,8 @@ def _make_keys(root: Path, names: tuple[str, ...]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     demo = _Demo(args)
     root = Path(tempfile.mkdtemp(prefix="zeromesh-demo-"))
-    mdns = not args.no_mdns and _mdns_works(args.interface)
+    mdns_problem = None if args.no_mdns else _mdns_problem(args.interface)
+    mdns = not args.no_mdns and mdns_problem is None
     cfg: dict[str, Any] = {"root": str(root), "mesh": f"demo-{secrets.token_hex(4)}",
                            "mdns": mdns, "count": args.count, "rate": args.rate,
                            "interface": args.interface,
@@ -176,8 +180,13 @@ def run(args: argparse.Namespace) -> int:
         demo.say("security: CURVE on every socket; only the 5 demo keys are allowed, each "
                  "with the permissions of its role"
                  if keys else "security: off (--no-curve)")
-        demo.say(f"discovery: mDNS on {args.interface}" if mdns else
-                 "discovery: multicast unavailable (or --no-mdns): static seed on loopback")
+        if mdns:
+            demo.say(f"discovery: mDNS on {args.interface}")
+        elif args.no_mdns:
+            demo.say("discovery: mDNS disabled (--no-mdns): a static seed on loopback")
+        else:
+            demo.say(f"discovery: multicast unavailable on {args.interface} ({mdns_problem}): "
+                     "a static seed on loopback instead")
         first = _Proc("sensor", "sensor-1", cfg, demo)
         procs.append(first)
         if not first.up.wait(15):
@@ -205,27 +214,50 @@ def run(args: argparse.Namespace) -> int:
 
         def status() -> str:
             pub, con = published(), consumed()
-            parts = [f"{s.rsplit('.', 1)[-1]} {con.get(s, '-') if con else '-'}/{n}"
+            # A sensor reports its head a moment after publishing: what the aggregator already
+            # consumed was published too, so that is shown as published at least.
+            parts = [f"{s.rsplit('.', 1)[-1]} {con.get(s, '-')}/{max(n, con.get(s, 0))}"
                      for s, n in sorted(pub.items())]
             jobs = first.last.get("jobs", {})
             calls = sensor2.last.get("calls", {})
-            return ("readings consumed/published: " + ", ".join(parts)
+            readings = ", ".join(parts) if parts else "waiting for the sensors' first report"
+            return ("readings consumed/published: " + readings
                     + f" | jobs acked {jobs.get('acked', 0)}/{jobs.get('added', 0)}"
                     + f", dead-lettered {jobs.get('dead_lettered', 0)}"
                     + f" | calls ok {calls.get('ok', 0)}, failed {calls.get('failed', 0)}")
 
+        def wait(cond: Any, timeout: float, what: str) -> None:
+            # poll the reports, one status line a second, until ``cond`` or the deadline
+            end = time.monotonic() + timeout
+            next_line = 0.0
+            while not cond():
+                now = time.monotonic()
+                if now >= end:
+                    raise MeshTimeout(f"demo: no sign of {what} within {timeout:g} s")
+                if now >= next_line:
+                    next_line = now + 1.0
+                    demo.say(status())
+                time.sleep(0.05)
+
         run_s = args.count / args.rate
-        kill_at = demo.t0 + 0.35 * run_s + 1.0
-        while time.monotonic() < kill_at:
-            demo.say(status())
-            time.sleep(1.0)
+        # Kill once the aggregator has consumed part of every stream and worker-1 has handled
+        # jobs, so "before kill" is never 0 (and never a fixed time that a slow start misses).
+        part = max(1, min(args.count // 5, 50))
+        wait(lambda: len(consumed()) == 2 and min(consumed().values()) >= part
+             and first.last.get("jobs", {}).get("acked", 0) >= 1, run_s + 30,
+             "the aggregator consuming and the workers working")
         agg.kill()
         w1.kill()
         before = consumed()
         demo.say("kill -9 aggregator and worker-1 while the sensors keep publishing, pushing "
                  "jobs and calling the service")
         agg.last = {}
-        time.sleep(2.0)  # let the mesh run on while they are dead
+        at_kill = published()
+        # let the mesh run on while they are dead: until every sensor published more (or is
+        # done), so the restarted aggregator has something to replay
+        wait(lambda: all(published().get(s, 0) >= min(n + part, args.count)
+                         for s, n in at_kill.items()), run_s + 30,
+             "the sensors publishing on while the aggregator is dead")
         demo.say(status())
         agg.start()
         w1.start()
@@ -260,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "ok": ok and holes == 0 and resumed_ok and jobs_ok and calls.get("failed", 1) == 0,
             "discovery": "mdns" if mdns else "static",
+            "mdns_off_because": None if mdns else ("--no-mdns" if args.no_mdns else mdns_problem),
             "published": pub, "consumed": con, "holes": holes,
             "consumed_before_kill": before, "resumed_from": firsts,
             "duplicates_removed": agg.last.get("duplicates", 0),
