@@ -20,6 +20,7 @@ __all__ = [
     "attach",
     "client_collector",
     "publisher_collector",
+    "pubsub_hub_collector",
     "queue_collector",
     "service_collector",
     "subscriber_collector",
@@ -106,10 +107,31 @@ def publisher_collector(pub: Any) -> Callable[[Collect], None]:
                     "Events sent in replay replies.", stream=s.stream)
         out.counter("replays_beyond_retention_total", s.replay_gone,
                     "Replay requests for events retention had deleted.", stream=s.stream)
+        out.gauge("stream_subscribers", s.subscribers,
+                  "Subscriber connections a stream is sent to.", stream=s.stream)
         for name, lag in s.lag.items():
             out.gauge("consumer_lag", lag, "Events a consumer still has to process.",
                       stream=s.stream, consumer=name, side="publisher")
         _log_families(out, pub._log, pub._hub.lock, stream=s.stream)
+
+    return collect
+
+
+def pubsub_hub_collector(hub: Any) -> Callable[[Collect], None]:
+    """Node-wide families of the pub/sub data socket (its subscription budgets)."""
+
+    def collect(out: Collect) -> None:
+        with hub.lock:
+            b = hub.budget_stats()
+        out.gauge("pubsub_subscriptions", b["subscriptions_held"],
+                  "Subscriptions the pub/sub data socket holds.")
+        out.gauge("pubsub_subscriber_connections", b["subscriber_connections"],
+                  "Subscriber connections holding a subscription.")
+        out.counter("pubsub_subscriptions_refused_total", b["subscriptions_refused"],
+                    "Subscription requests refused (forbidden, over budget, malformed).")
+        out.counter("pubsub_subscriptions_over_budget_total",
+                    b["subscriptions_refused_by_budget"],
+                    "Subscription requests refused by a per-connection, per-peer or node cap.")
 
     return collect
 
@@ -137,6 +159,11 @@ def subscriber_collector(sub: Any) -> Callable[[Collect], None]:
                     "Events skipped for good (best-effort streams, retention).", **lab)
         out.counter("events_malformed_total", s.bad_frames + s.bad_version + s.oversize
                     + s.bad_events, "Malformed, oversized or unknown-version messages.", **lab)
+        out.counter("forged_data_total", s.forged_data,
+                    "DATA/HEARTBEAT messages dropped: their header named another publisher "
+                    "than the one the connection was made to.", **lab)
+        out.counter("subscriptions_refused_total", s.subscriptions_refused,
+                    "Subscription requests a publisher refused (REFUSED notices).", **lab)
 
     return collect
 

@@ -38,6 +38,15 @@ def _bench() -> ModuleType:
     return mod
 
 
+def _raw_subscriber(zctx: zmq.Context[zmq.Socket[bytes]], pub: Publisher,
+                    stream: str) -> zmq.Socket[bytes]:
+    """A raw pub/sub-2 subscriber: a DEALER on the data ROUTER that asked for ``stream``."""
+    sub = zctx.socket(zmq.DEALER)
+    sub.connect(next(e for e in pub.endpoints if e.startswith("tcp")))
+    sub.send_multipart(frames.encode_subscribe(stream.encode(), prefix=False))
+    return sub
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     nd = Node(data_dir=tmp_path / "n", name="n", mesh=unique("mem"), mdns=False,
@@ -58,9 +67,7 @@ def test_a_big_batch_goes_out_in_messages_under_the_byte_cap(
     stream = unique("cut")
     with Publisher(node, stream, durable=False) as pub:
         assert pub._hub.sock.getsockopt(zmq.SNDHWM) == DATA_HWM
-        sub = zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, stream.encode())
-        sub.connect(next(e for e in pub.endpoints if e.startswith("tcp")))
+        sub = _raw_subscriber(zctx, pub, stream)
         try:
             # Connected once a probe got through (slow joiner), then one 3,000-event call.
             wait_until(lambda: (pub.publish(-1), sub.poll(50))[1], 5, what="connected")
@@ -88,9 +95,7 @@ def test_one_event_larger_than_the_cap_is_still_sent(
     _, DATA_MESSAGE_BYTES, _ = _budget()
     stream = unique("big")
     with Publisher(node, stream, durable=False) as pub:
-        sub = zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, stream.encode())
-        sub.connect(next(e for e in pub.endpoints if e.startswith("tcp")))
+        sub = _raw_subscriber(zctx, pub, stream)
         try:
             wait_until(lambda: (pub.publish(-1), sub.poll(50))[1], 5, what="connected")
             while sub.poll(100):
