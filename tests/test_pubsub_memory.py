@@ -21,6 +21,7 @@ from mesh.node import Node
 from patterns.pubsub import frames, publisher, subscriber
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
+from tests.raw_pubsub import raw_subscriber
 from tests.util import REPO, unique, wait_until
 
 
@@ -40,11 +41,7 @@ def _bench() -> ModuleType:
 
 def _raw_subscriber(zctx: zmq.Context[zmq.Socket[bytes]], pub: Publisher,
                     stream: str) -> zmq.Socket[bytes]:
-    """A raw pub/sub-2 subscriber: a DEALER on the data ROUTER that asked for ``stream``."""
-    sub = zctx.socket(zmq.DEALER)
-    sub.connect(next(e for e in pub.endpoints if e.startswith("tcp")))
-    sub.send_multipart(frames.encode_subscribe(stream.encode(), prefix=False))
-    return sub
+    return raw_subscriber(zctx, next(e for e in pub.endpoints if e.startswith("tcp")), stream)
 
 
 @pytest.fixture

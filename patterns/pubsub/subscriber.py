@@ -686,6 +686,11 @@ class Subscriber:
         self._by_ep[endpoint] = conn
         self._subscribe(conn)
 
+    @property
+    def _connected(self) -> set[str]:
+        """The data endpoints connected now (for tests and diagnostics)."""
+        return set(self._by_ep)
+
     def _subscribe(self, conn: _DataConn) -> None:
         """(Re)send our subscription request on ``conn`` (idempotent at the publisher)."""
         try:
