@@ -97,7 +97,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
     items = [ln for ln in raw.splitlines() if ln] if args.lines else [raw]
     values = [payload_value(x, args.data_json) for x in items]
     with open_node(args, "pub") as node, Publisher(node, args.topic) as pub:
-        # The hub counts subscription frames on its XPUB: the one sure sign that a subscriber
+        # The hub counts subscription requests on its data socket: the one sure sign that a subscriber
         # is connected (publishing before that is the slow-joiner loss, though the event is
         # still logged and replayable while we linger).
         hub = pub._hub

@@ -513,7 +513,7 @@ class _PubHub:
                 conn.subs.discard(item)
                 self.sub_conn.give(rid)
                 self.sub_peer.give(conn.key)
-                self._restream(conn)
+                self._restream(conn, item)
                 if not conn.subs:
                     self.conns.pop(rid, None)
             return
@@ -541,7 +541,7 @@ class _PubHub:
         conn.subs.add(item)
         self.conns[rid] = conn
         self.subscriptions += 1
-        self._restream(conn)
+        self._restream(conn, item)
         self._announce(conn, item)
 
     def _refuse(self, conn: _Conn, topic: bytes, reason: int) -> None:
@@ -556,10 +556,19 @@ class _PubHub:
             return False
         return not self.secure or self.node.permits(conn.peer, "subscribe", st.name)
 
-    def _restream(self, conn: _Conn) -> None:
-        """Recompute which streams go to ``conn`` after its subscriptions changed."""
+    def _covered(self, item: tuple[str, bool]) -> list[_Stream]:
+        """The streams a subscription covers (an exact one: a lookup, not a scan)."""
+        topic, prefix = item
+        if not prefix:
+            st = self.streams.get(topic)
+            return [] if st is None else [st]
+        return [st for name, st in self.streams.items() if name.startswith(topic)]
+
+    def _restream(self, conn: _Conn, item: tuple[str, bool]) -> None:
+        """Recompute which of the streams ``item`` covers go to ``conn`` after it was added
+        to or removed from the connection's subscriptions (the others are unchanged)."""
         rid = conn.rid
-        for st in self.streams.values():
+        for st in self._covered(item):
             want = bool(conn.subs) and self._may_send(conn, st)
             has = rid in st.rids
             if want and not has:
@@ -575,11 +584,8 @@ class _PubHub:
     def _announce(self, conn: _Conn, item: tuple[str, bool]) -> None:
         """A new (or repeated) subscription hears the head of each stream it covers at once
         (held events of the stream go out first)."""
-        topic, prefix = item
-        for st in self.streams.values():
+        for st in self._covered(item):
             if conn.rid not in st.rids:
-                continue
-            if not (st.name.startswith(topic) if prefix else st.name == topic):
                 continue
             if st.pending:
                 self.flush(st)
