@@ -469,3 +469,46 @@ def test_refused_subscriber_counts_it_and_logs_once(tmp_path: Path, pubsub_log: 
         assert len(lines) == 1, [r.getMessage() for r in lines]
     finally:
         m.close()
+
+
+def test_a_protocol_1_publisher_is_counted_and_said_once(tmp_path: Path,
+                                                         pubsub_log: _Count) -> None:
+    # An old publisher announces an XPUB under "pub" and no "pubsub": nothing to connect to.
+    mesh = unique("old")
+    stream = unique("ol")
+    with _node(tmp_path / "a", mesh) as a, _node(tmp_path / "b", mesh, (ctrl(a),)) as b:
+        xpub = a.socket(zmq.XPUB, OLD_ROLE)
+        try:
+            a.bind(xpub, OLD_ROLE)
+            a.offer("stream", stream)
+            with Subscriber(b, stream, start=Start.new()) as sub:
+                wait_until(lambda: (sub.recv(timeout=0.02), sub.stats().old_publishers)[1] >= 1,
+                           10, what="old publisher seen")
+                assert not sub._connected
+                a.offer("stream", stream + ".x")  # a CHANGED event: counted, not logged again
+                wait_until(lambda: (sub.recv(timeout=0.02), sub.stats().old_publishers)[1] >= 2,
+                           10, what="seen again")
+        finally:
+            xpub.close(linger=0)
+    lines = [r for r in pubsub_log.records if "protocol 1" in r.getMessage()]
+    assert len(lines) == 1
+
+
+def test_subscription_request_decoder_refuses_garbage_with_typed_errors() -> None:
+    import random
+
+    from mesh.errors import ProtocolError, UnsupportedVersion
+    rng = random.Random(17)
+    ok = frames.encode_subscribe(b"a.b", prefix=True)
+    assert frames.decode_subscribe(ok) == (frames.OP_SUBSCRIBE, "a.b", True)
+    assert frames.decode_subscribe(frames.encode_subscribe(b"", prefix=True))[1] == ""
+    for _ in range(3000):
+        n = rng.randrange(0, 4)
+        msg = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 8))) for _ in range(n)]
+        if n == 2 and rng.random() < 0.5:
+            msg[0] = bytes([1, rng.randrange(4), rng.randrange(4), 0])
+        try:
+            op, topic, _prefix = frames.decode_subscribe(msg)
+        except (ProtocolError, UnsupportedVersion):
+            continue
+        assert op in (frames.OP_SUBSCRIBE, frames.OP_UNSUBSCRIBE) and len(topic) <= 255

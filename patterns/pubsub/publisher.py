@@ -518,8 +518,8 @@ class _PubHub:
                     self.conns.pop(rid, None)
             return
         if item in conn.subs:
-            # A repeat (the subscriber reconnected, or asks again): tell it the heads again.
-            self._announce(conn, item)
+            # A repeat (the subscriber's periodic request): it has the heads already, and a
+            # prefix over thousands of streams must not cost a heartbeat each every 5 s.
             return
         if self.secure and (conn.peer is None
                             or not self.node.permits(conn.peer, "subscribe", topic)):
@@ -582,8 +582,8 @@ class _PubHub:
         st.rids = [c.rid for c in self.conns.values() if self._may_send(c, st)]
 
     def _announce(self, conn: _Conn, item: tuple[str, bool]) -> None:
-        """A new (or repeated) subscription hears the head of each stream it covers at once
-        (held events of the stream go out first)."""
+        """A new subscription hears the head of each stream it covers at once (held events of
+        the stream go out first)."""
         for st in self._covered(item):
             if conn.rid not in st.rids:
                 continue

@@ -549,7 +549,7 @@ class Subscriber:
         self._by_ep: dict[str, _DataConn] = {}
         self._conn_no = 0
         self._next_resub = time.monotonic() + RESUBSCRIBE_S
-        self._refusals_seen: set[tuple[str, str]] = set()  # logged once each (bounded)
+        self._refusals_seen: set[tuple[str, str]] = set()  # said once each (bounded)
         self._logs = LogLimiter(_log)
         self._sub_frames = frames.encode_subscribe(
             self._match.encode(), prefix=self.prefix)
@@ -709,9 +709,9 @@ class Subscriber:
         if not peer.endpoints.get(frames.DATA_ROLE) and peer.endpoints.get(frames.OLD_DATA_ROLE):
             # A pub/sub protocol 1 publisher (an XPUB): nothing to connect to; said once.
             self._stats.old_publishers += 1
-            self._logs.warning(f"old:{peer.node_id}", "pubsub: %s publishes with pub/sub "
-                               "protocol 1 (XPUB); this subscriber speaks 2 and cannot read it",
-                               peer.node_id)
+            if self._first_time(("old", peer.node_id)):
+                _log.warning("pubsub: %s publishes with pub/sub protocol 1 (XPUB); this "
+                             "subscriber speaks 2 and cannot read it", peer.node_id)
             return
         ep = self.node.connect_endpoint(peer, frames.DATA_ROLE)
         if ep is None:
@@ -884,17 +884,23 @@ class Subscriber:
                 stats.heartbeats += 1
                 self._apply(key, tracker, tracker.on_heartbeat(head.seq, now))
 
+    def _first_time(self, what: tuple[str, str]) -> bool:
+        """True the first time ``what`` is seen (for "logged once"; the set is bounded)."""
+        seen = self._refusals_seen
+        if what in seen:
+            return False
+        if len(seen) >= 1024:
+            seen.clear()
+        seen.add(what)
+        return True
+
     def _on_notice(self, conn: _DataConn, topic: str, head: frames.Header) -> None:
         """A REFUSED notice (counted, logged once per publisher and topic) or a PING."""
         if head.kind != frames.KIND_REFUSED:
             return
         self._stats.subscriptions_refused += 1
-        seen = (head.publisher, topic)
-        if seen in self._refusals_seen:
+        if not self._first_time((head.publisher, topic)):
             return
-        if len(self._refusals_seen) >= 1024:
-            self._refusals_seen.clear()
-        self._refusals_seen.add(seen)
         _log.warning("pubsub: %s refused the subscription to %r (%s)", head.publisher, topic,
                      frames.REFUSED_REASONS.get(head.count, f"reason {head.count}"))
 
