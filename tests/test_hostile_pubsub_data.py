@@ -9,6 +9,12 @@ sockets sending random subscriptions to the publisher's data socket, plaintext a
 with an admitted key that may subscribe to one stream only. After each attack: no forged
 event or head delivered, real traffic correct, the counters moved, RSS and the publisher's
 subscription table back within a stated bound, log lines limited.
+
+Bounds asserted for the floods (2 s, four sockets in a child process): the publisher's reactor
+runs a no-op within 1.5 s throughout, its RSS grows by less than 64 MiB (during and after),
+it holds at most 16 subscriptions per attacking connection and gives them all back within
+10 s of the attacker's SIGKILL, its fds return to within 2 of the start and no thread is
+added, fewer than 100 pub/sub log lines are written, and every real event arrives in order.
 """
 
 from __future__ import annotations
@@ -337,6 +343,7 @@ def _flood_and_check(a: Node, b: Node, stream: str, pubsub_log: _Count,
         ev = sub.recv(timeout=10)
         assert ev is not None and ev.data == "warm"
         base = _rss_bytes()
+        fds0, threads0 = len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
         pubsub_log.records.clear()
         proc = _flood(a.info().endpoints, 2.0, keys)
         try:
@@ -366,6 +373,8 @@ def _flood_and_check(a: Node, b: Node, stream: str, pubsub_log: _Count,
             assert b_stats["subscriptions_held"] <= 4 * 16 + 1, b_stats
             lines = len(pubsub_log.records)
             assert lines < 100, f"{what}: {lines} log lines"
+            print(f"{what} flood: {sent} requests sent, {b_stats}, reactor worst {worst:.3f} s, "
+                  f"RSS +{(peak - base) >> 20} MiB, {lines} log lines")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(5)
@@ -375,6 +384,10 @@ def _flood_and_check(a: Node, b: Node, stream: str, pubsub_log: _Count,
         wait_until(lambda: hub.sub_conn.held() <= 1 and len(hub.conns) <= 1, 10,
                    what="the attacker's subscriptions returned")
         assert _rss_bytes() - base < 64 << 20
+        # The attacker's connections are gone on our side too; no thread was started for it.
+        wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds0 + 2, 10,
+                   what="the attacker's fds closed")
+        assert len(os.listdir("/proc/self/task")) <= threads0
         pub.publish("after")
         wait_until(lambda: any(e.data == "after" for e in sub.recv_batch(timeout=0.05)), 10,
                    what="real traffic after the flood")

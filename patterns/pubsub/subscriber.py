@@ -429,7 +429,10 @@ class Subscriber:
         auto_commit: commit the cursor every ``commit_interval_s`` and at close; else only on
             :meth:`commit`.
         commit_interval_s: how often auto commit writes (and acks the position to publishers).
-        endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``).
+        endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``; the
+            publishers' data ROUTERs, pub/sub protocol 2). Each connection is bound to the
+            first publisher id a valid message on it names (trust on first use): messages
+            naming another are dropped and counted (``forged_data``).
         on_retention: ``"skip"`` (count and go on at the oldest kept event) or ``"error"``
             (raise :class:`RetentionGap` from the iteration, then go on).
         on_gap: what every other gap does (:class:`StreamGap`: damaged in the publisher's
