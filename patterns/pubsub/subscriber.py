@@ -78,6 +78,7 @@ _DATA_HWM = 1024
 #: on the same endpoint, whose peer record did not change, hears it again within this).
 RESUBSCRIBE_S = 5.0
 _CONN_NO = struct.Struct("!I")
+_KIND_HEARTBEAT = frames.KIND_HEARTBEAT  # kinds above it are notices (REFUSED, PING)
 _STATIC_PUB = b"\0" * 16  # routing id prefix of a static endpoint's connection
 #: One pump decodes at most about this many bytes of DATA (some 1,300 events of 100 B, and
 #: at least one message) into the ready queue however much is queued: what a stuck or slow
@@ -866,7 +867,7 @@ class Subscriber:
                                        head.publisher, conn.pub, conn.endpoint)
                     continue
                 conn.pub = head.publisher  # a static endpoint: pinned to its first publisher
-            if head.kind > frames.KIND_HEARTBEAT:
+            if head.kind > _KIND_HEARTBEAT:
                 self._on_notice(conn, stream, head)
                 continue
             if not self._matches(stream):
