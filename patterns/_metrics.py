@@ -19,8 +19,8 @@ __all__ = [
     "Processing",
     "attach",
     "client_collector",
-    "pubhub_collector",
     "publisher_collector",
+    "pubsub_hub_collector",
     "queue_collector",
     "service_collector",
     "subscriber_collector",
@@ -107,6 +107,8 @@ def publisher_collector(pub: Any) -> Callable[[Collect], None]:
                     "Events sent in replay replies.", stream=s.stream)
         out.counter("replays_beyond_retention_total", s.replay_gone,
                     "Replay requests for events retention had deleted.", stream=s.stream)
+        out.gauge("stream_subscribers", s.subscribers,
+                  "Subscriber connections a stream is sent to.", stream=s.stream)
         for name, lag in s.lag.items():
             out.gauge("consumer_lag", lag, "Events a consumer still has to process.",
                       stream=s.stream, consumer=name, side="publisher")
@@ -115,14 +117,25 @@ def publisher_collector(pub: Any) -> Callable[[Collect], None]:
     return collect
 
 
-def pubhub_collector(hub: Any) -> Callable[[Collect], None]:
-    """Node-wide families of the pub/sub publishing hub: what its budgets refused (one
-    sample per node, whatever the number of publishers)."""
+def pubsub_hub_collector(hub: Any) -> Callable[[Collect], None]:
+    """Node-wide families of the pub/sub publishing hub: its subscription budgets on the data
+    socket and what its replay and ack budgets refused (one sample per node, whatever the
+    number of publishers)."""
 
     def collect(out: Collect) -> None:
-        with hub.lock:  # positions budgets change under it; the rest are plain ints
+        with hub.lock:  # budgets change under it; the rest are plain ints
+            b = hub.budget_stats()
             acks_held = hub.ack_peer_budget.held()
             acks_refused = hub.acks_refused
+        out.gauge("pubsub_subscriptions", b["subscriptions_held"],
+                  "Subscriptions the pub/sub data socket holds.")
+        out.gauge("pubsub_subscriber_connections", b["subscriber_connections"],
+                  "Subscriber connections holding a subscription.")
+        out.counter("pubsub_subscriptions_refused_total", b["subscriptions_refused"],
+                    "Subscription requests refused (forbidden, over budget, malformed).")
+        out.counter("pubsub_subscriptions_over_budget_total",
+                    b["subscriptions_refused_by_budget"],
+                    "Subscription requests refused by a per-connection, per-peer or node cap.")
         for reason, v in (("busy", hub.replay_busy), ("dropped", hub.replay_dropped),
                           ("forbidden", hub.refused_replays)):
             out.counter("replay_refused_total", v, "Replay requests refused: over the "
@@ -166,6 +179,11 @@ def subscriber_collector(sub: Any) -> Callable[[Collect], None]:
         out.counter("replay_busy_total", s.replay_busy,
                     "Replay requests a publisher refused as busy (retried with backoff).",
                     **lab)
+        out.counter("forged_data_total", s.forged_data,
+                    "DATA/HEARTBEAT messages dropped: their header named another publisher "
+                    "than the one the connection was made to.", **lab)
+        out.counter("subscriptions_refused_total", s.subscriptions_refused,
+                    "Subscription requests a publisher refused (REFUSED notices).", **lab)
 
     return collect
 

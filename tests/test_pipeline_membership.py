@@ -115,9 +115,9 @@ def test_publisher_closed_and_reopened_reaches_a_remote_subscriber_live(
                 old_eps = set(pub.endpoints)
                 wait_until(lambda: (pub.publish("first"), sub.recv(timeout=0.05))[1]
                            is not None, 5, what="first publisher heard")
-            assert "pub" not in a.info().endpoints  # the hub closed: nothing announced
+            assert "pubsub" not in a.info().endpoints  # the hub closed: nothing announced
             with Publisher(a, stream, durable=False, linger_s=0) as pub2:
-                assert set(a.info().endpoints["pub"]) == set(pub2.endpoints)
+                assert set(a.info().endpoints["pubsub"]) == set(pub2.endpoints)
                 assert not old_eps & set(pub2.endpoints)
 
                 def heard_second() -> bool:

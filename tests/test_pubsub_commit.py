@@ -25,6 +25,7 @@ from patterns.pubsub import frames
 from patterns.pubsub.aio import AsyncSubscriber
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Batch, Start, Subscriber
+from tests.raw_pubsub import RawPublisher
 from tests.util import ctrl, make_node, unique, wait_until
 
 
@@ -273,7 +274,7 @@ def test_stats_and_close_do_not_wait_on_a_thread_blocked_in_recv(
 def test_undecodable_event_never_moves_the_cursor_over_earlier_events(
         tmp_path: Path, zctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     nd = make_node(tmp_path / "n", unique("ud"))
-    raw = zctx.socket(zmq.PUB)
+    raw = RawPublisher(zctx)
     port = raw.bind_to_random_port("tcp://127.0.0.1")
     stream = unique("ud")
     topic = stream.encode()

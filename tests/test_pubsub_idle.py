@@ -11,6 +11,7 @@ import zmq
 from patterns.pubsub import frames
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
+from tests.raw_pubsub import raw_subscriber
 from tests.util import ctrl, make_node, unique, wait_until
 
 
@@ -19,9 +20,7 @@ def test_an_idle_stream_beats_less_and_a_moved_head_is_announced_at_once(
     ctx = zmq.Context.instance()
     with make_node(tmp_path / "p", unique("idle")) as nd, \
             Publisher(nd, "idle.s", heartbeat_s=0.05) as pub:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"idle.s")
-        sub.connect(pub.endpoints[0])
+        sub = raw_subscriber(ctx, pub.endpoints[0], "idle.s")
         try:
             pub.publish(b"x")
 

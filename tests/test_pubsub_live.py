@@ -173,7 +173,7 @@ def test_garbage_to_subscriber_and_replay_endpoint_is_counted_and_ignored(
         pair: tuple[Node, Node], zctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     a, b = pair
     stream = unique("bad")
-    raw = zctx.socket(zmq.PUB)
+    raw = zctx.socket(zmq.ROUTER)  # a static "publisher" speaking pub/sub protocol 2
     port = raw.bind_to_random_port("tcp://127.0.0.1")
     try:
         with Publisher(a, stream) as pub, Subscriber(
@@ -191,8 +191,10 @@ def test_garbage_to_subscriber_and_replay_endpoint_is_counted_and_ignored(
                 frames.encode_data(topic, fake, 0, 0, [b"y" * 20_000], True),
                 frames.encode_data(topic, fake, 5, 0, [b"\xc1not msgpack"], False),
             ]
+            assert raw.poll(5000), "no subscription request"
+            rid = raw.recv_multipart()[0]  # the subscriber's connection
             wait_until(lambda: (
-                [raw.send_multipart(m) for m in bad_msgs],
+                [raw.send_multipart([rid, *m]) for m in bad_msgs],
                 sub.recv(timeout=0.05),
                 sub.stats().bad_frames >= 2 and sub.stats().bad_version >= 1
                 and sub.stats().oversize >= 1 and sub.stats().bad_events >= 1)[2], 5,

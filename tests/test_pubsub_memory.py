@@ -21,6 +21,7 @@ from mesh.node import Node
 from patterns.pubsub import frames, publisher, subscriber
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
+from tests.raw_pubsub import raw_subscriber
 from tests.util import REPO, unique, wait_until
 
 
@@ -36,6 +37,11 @@ def _bench() -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _raw_subscriber(zctx: zmq.Context[zmq.Socket[bytes]], pub: Publisher,
+                    stream: str) -> zmq.Socket[bytes]:
+    return raw_subscriber(zctx, next(e for e in pub.endpoints if e.startswith("tcp")), stream)
 
 
 @pytest.fixture
@@ -58,9 +64,7 @@ def test_a_big_batch_goes_out_in_messages_under_the_byte_cap(
     stream = unique("cut")
     with Publisher(node, stream, durable=False) as pub:
         assert pub._hub.sock.getsockopt(zmq.SNDHWM) == DATA_HWM
-        sub = zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, stream.encode())
-        sub.connect(next(e for e in pub.endpoints if e.startswith("tcp")))
+        sub = _raw_subscriber(zctx, pub, stream)
         try:
             # Connected once a probe got through (slow joiner), then one 3,000-event call.
             wait_until(lambda: (pub.publish(-1), sub.poll(50))[1], 5, what="connected")
@@ -88,9 +92,7 @@ def test_one_event_larger_than_the_cap_is_still_sent(
     _, DATA_MESSAGE_BYTES, _ = _budget()
     stream = unique("big")
     with Publisher(node, stream, durable=False) as pub:
-        sub = zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, stream.encode())
-        sub.connect(next(e for e in pub.endpoints if e.startswith("tcp")))
+        sub = _raw_subscriber(zctx, pub, stream)
         try:
             wait_until(lambda: (pub.publish(-1), sub.poll(50))[1], 5, what="connected")
             while sub.poll(100):

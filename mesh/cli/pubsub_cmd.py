@@ -116,7 +116,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
     if args.data != "-" or not args.lines:
         items = iter(list(items))  # read (and validate) a file or argument before the node starts
     with open_node(args, "pub") as node, Publisher(node, args.topic) as pub:
-        # The hub counts subscription frames on its XPUB: the one sure sign that a subscriber
+        # The hub counts subscription requests on its data socket: the one sure sign that a subscriber
         # is connected (publishing before that is the slow-joiner loss, though the event is
         # still logged and replayable while we linger).
         hub = pub._hub

@@ -1,4 +1,4 @@
-"""One shared helper object per (node, kind): the node's XPUB hub, or its subscriber router.
+"""One shared helper object per (node, kind): the node's pub/sub data hub, or its subscriber router.
 
 Control handlers are registered once per node and kind; several Publisher/Subscriber objects on
 one node share them through this registry.

@@ -1,10 +1,18 @@
 """Pub/sub wire frames: pure encoders and validating decoders, no I/O.
 
-Data socket (XPUB -> SUB), one ZeroMQ multipart message per batch::
+Data connection (pub/sub protocol 2: the publisher's ROUTER, role :data:`DATA_ROLE`, and one
+connection per publisher from the subscriber's ROUTER), one ZeroMQ multipart message per
+batch, publisher -> subscriber::
 
-    frame 0   topic      the stream name, UTF-8 (SUB prefix filtering works on it)
+    frame 0   topic      the stream name, UTF-8 (empty only in a PING)
     frame 1   header     36 bytes, network byte order (see :data:`HEADER`)
     frame 2.. envelopes  one encoded :class:`mesh.envelope.Event` per frame (DATA only)
+
+and subscriber -> publisher, a subscription request (:func:`encode_subscribe`)::
+
+    frame 0   request    4 bytes: version u8, op u8 (SUBSCRIBE / UNSUBSCRIBE), flags u8
+                         (bit 0: prefix), reserved u8
+    frame 1   topic      the stream name or prefix, UTF-8, 0..255 bytes
 
 Control channel bodies (msgpack maps carried by ``node.send``): ``pubsub.replay``,
 ``pubsub.replay_data`` and ``pubsub.ack``. Every decoder here raises a typed error
@@ -20,13 +28,39 @@ from typing import Any, NamedTuple
 
 from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
 
-#: Major version of the pub/sub frames (data header and control bodies).
+#: Version byte of the pub/sub frames (data header, subscription request, control bodies).
+#: The frame layouts are those of protocol 1; protocol 2 changed the data *socket* (a ROUTER
+#: under :data:`DATA_ROLE` instead of an XPUB under ``"pub"``), which old peers simply do not
+#: find (see docs/protocol.md, "Pub/sub protocol").
 VERSION = 1
 SUPPORTED = (VERSION,)
+#: The pub/sub protocol version (major, minor) this build speaks.
+PROTOCOL = (2, 0)
+#: The role the publisher's data ROUTER is announced under (``PeerInfo.endpoints``).
+DATA_ROLE = "pubsub"
+#: The role protocol-1 publishers announced their XPUB under (recognised, never connected).
+OLD_DATA_ROLE = "pub"
 
 KIND_DATA = 1
 KIND_HEARTBEAT = 2
+#: A subscription request was refused: ``count`` is the reason (``REFUSED_*``), the topic
+#: frame the refused topic or prefix (publisher -> subscriber, since 2.0).
+KIND_REFUSED = 3
+#: A liveness probe of the connection (empty topic, ignored by the subscriber; since 2.0).
+KIND_PING = 4
 FLAG_DURABLE = 0x01
+
+#: Subscription request ops and flags.
+OP_SUBSCRIBE = 1
+OP_UNSUBSCRIBE = 2
+SUB_PREFIX = 0x01
+SUBREQ = struct.Struct("!BBBx")
+#: Refusal reasons (the ``count`` of a REFUSED header).
+REFUSED_FORBIDDEN = 1  # the connection's key may not subscribe to it
+REFUSED_BUDGET = 2  # over the per-connection, per-peer or node subscription budget
+REFUSED_MALFORMED = 3  # the request did not decode
+REFUSED_REASONS = {REFUSED_FORBIDDEN: "forbidden", REFUSED_BUDGET: "budget",
+                   REFUSED_MALFORMED: "malformed"}
 
 #: version u8, kind u8, flags u8, reserved u8, publisher node id (16 raw bytes), epoch u32,
 #: seq u64 (first seq of the batch; for a heartbeat the head = next seq to be assigned),
@@ -48,13 +82,14 @@ class Header(NamedTuple):
     tuple is built in one step where a frozen dataclass pays an ``object.__setattr__`` per field.
 
     Attributes:
-        kind: :data:`KIND_DATA` or :data:`KIND_HEARTBEAT`.
+        kind: :data:`KIND_DATA`, :data:`KIND_HEARTBEAT`, :data:`KIND_REFUSED` or
+            :data:`KIND_PING`.
         durable: the stream is logged, so gaps can be replayed.
         publisher: the publisher's node id, 32 lowercase hex chars.
         epoch: 0 for durable streams; a random non-zero id per best-effort publisher instance
             (a restarted best-effort publisher starts again at seq 0 under a new epoch).
         seq: first seq of the batch (DATA) or head seq (HEARTBEAT).
-        count: number of envelopes (DATA) or 0.
+        count: number of envelopes (DATA), the reason (REFUSED) or 0.
     """
 
     kind: int
@@ -110,12 +145,60 @@ def encode_heartbeat(topic: bytes, publisher: bytes, epoch: int, head: int,
                                publisher, epoch, head, 0)]
 
 
+def encode_refused(topic: bytes, publisher: bytes, reason: int) -> list[bytes]:
+    """The frames of a REFUSED notice for the subscription request of ``topic``."""
+    return [topic, HEADER.pack(VERSION, KIND_REFUSED, 0, publisher, 0, 0, reason)]
+
+
+def encode_ping(publisher: bytes) -> list[bytes]:
+    """The frames of a PING (a liveness probe the subscriber ignores)."""
+    return [b"", HEADER.pack(VERSION, KIND_PING, 0, publisher, 0, 0, 0)]
+
+
+def encode_subscribe(topic: bytes, *, prefix: bool, unsubscribe: bool = False) -> list[bytes]:
+    """The frames of a subscription request (subscriber -> publisher on the data connection).
+
+    ``topic`` is a stream name (``prefix`` False: exactly that stream) or a prefix (every
+    stream whose name starts with it; an empty prefix is every stream).
+    """
+    op = OP_UNSUBSCRIBE if unsubscribe else OP_SUBSCRIBE
+    return [SUBREQ.pack(VERSION, op, SUB_PREFIX if prefix else 0), topic]
+
+
+def decode_subscribe(frames: list[bytes]) -> tuple[int, str, bool]:
+    """Validate a subscription request: ``(op, topic, prefix)``.
+
+    Raises:
+        ProtocolError: wrong frame count or size, unknown op or flags, bad topic.
+        UnsupportedVersion: the request's version is not one this build speaks.
+    """
+    if len(frames) != 2:
+        raise ProtocolError(f"subscription request has {len(frames)} frame(s), expected 2")
+    head, topic = frames
+    if len(head) != SUBREQ.size:
+        raise ProtocolError(f"subscription request header is {len(head)} bytes")
+    version, op, flags = SUBREQ.unpack(head)
+    if version != VERSION:
+        raise UnsupportedVersion(version, SUPPORTED)
+    if op not in (OP_SUBSCRIBE, OP_UNSUBSCRIBE) or flags & ~SUB_PREFIX:
+        raise ProtocolError(f"unknown subscription op {op} / flags {flags:#x}")
+    prefix = bool(flags & SUB_PREFIX)
+    if len(topic) > MAX_TOPIC or (not topic and not prefix):
+        raise ProtocolError(f"bad subscription topic length {len(topic)}")
+    try:
+        name = topic.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("subscription topic is not UTF-8") from exc
+    return op, name, prefix
+
+
 def decode_message(frames: list[bytes], *, max_event_size: int,
                    max_batch: int = 100_000) -> tuple[str, Header, list[bytes]]:
     """Validate one message from the data socket.
 
     Returns:
-        (stream, header, envelopes): envelopes is empty for a heartbeat.
+        (stream, header, envelopes): envelopes is empty for a heartbeat, a REFUSED notice
+        (``stream`` is the refused topic, ``count`` the reason) or a PING (``stream`` "").
 
     Raises:
         ProtocolError: wrong frame count, bad topic, bad header, count mismatch.
@@ -125,7 +208,8 @@ def decode_message(frames: list[bytes], *, max_event_size: int,
     if len(frames) < 2:
         raise ProtocolError(f"pub/sub message has {len(frames)} frame(s), expected >= 2")
     topic, head = frames[0], frames[1]
-    if not topic or len(topic) > MAX_TOPIC:
+    if (not topic or len(topic) > MAX_TOPIC) and (
+            len(topic) > MAX_TOPIC or head[1:2] not in (b"\x03", b"\x04")):
         raise ProtocolError(f"bad topic length {len(topic)}")
     if len(head) != HEADER.size:
         if head[:1] and head[0] != VERSION:
@@ -155,6 +239,9 @@ def decode_message(frames: list[bytes], *, max_event_size: int,
     elif kind == KIND_HEARTBEAT:
         if count != 0 or body:
             raise ProtocolError("HEARTBEAT carries no events")
+    elif kind in (KIND_REFUSED, KIND_PING):
+        if body:
+            raise ProtocolError("REFUSED/PING carry no events")
     else:
         raise ProtocolError(f"unknown pub/sub frame kind {kind}")
     if flags & ~FLAG_DURABLE:

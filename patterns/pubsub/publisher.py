@@ -1,8 +1,14 @@
-"""The publishing side: durable (logged) or best-effort streams on the node's XPUB socket.
+"""The publishing side: durable (logged) or best-effort streams on the node's data ROUTER.
 
-One XPUB data socket per node (role ``"pub"``) carries every stream the node publishes; it is
-owned by a :class:`_PubHub` shared by the node's publishers and guarded by one lock, because
-``publish()`` runs on user threads while heartbeats and replay reads run on the reactor thread.
+One ROUTER data socket per node (role :data:`frames.DATA_ROLE`, pub/sub protocol 2) carries
+every stream the node publishes; it is owned by a :class:`_PubHub` shared by the node's
+publishers and guarded by one lock, because ``publish()`` runs on user threads while
+heartbeats, subscription requests and replay reads run on the reactor thread. Each subscriber
+connection asks for streams with a subscription request (permission-checked against the
+connection's CURVE key, bounded by a per-connection, per-peer and node-wide :class:`Budget`)
+and is then sent the matching DATA and HEARTBEAT messages, addressed by the routing id libzmq
+gave that connection: no state a peer can make grow lives inside libzmq (an XPUB keeps every
+distinct subscription of a connection, whatever its options).
 Replay requests (``pubsub.replay``) are answered on the reactor thread straight from the log, one
 bounded chunk per request: the subscriber asks for the next chunk when it has consumed one, so
 neither side ever holds more than one chunk per (subscriber, stream). A peer that does not play
@@ -14,6 +20,7 @@ peer read it and everything before it), and a peer over budget is answered ``"bu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import secrets
 import threading
@@ -43,7 +50,7 @@ from mesh.log import LogConfig, LogDirectory
 from mesh.peers import PeerEventKind
 from mesh.security.signing import EventSigner
 from mesh.tracing import OTEL, child_fields, otel_active, span
-from patterns._metrics import attach, pubhub_collector, publisher_collector
+from patterns._metrics import attach, publisher_collector, pubsub_hub_collector
 from patterns.pubsub import _registry, frames
 
 __all__ = ["Publisher", "PublisherStats"]
@@ -96,8 +103,23 @@ COALESCE_GAP_S = 100e-6
 COALESCE_MAX = 64
 #: The longest interval between heartbeats of a stream whose head does not move.
 IDLE_BEAT_MAX_S = 10.0
+#: Subscription budgets (docs/protocol.md, "Budgets"): subscriptions one connection may hold
+#: (a Subscriber holds one per connection), one peer may hold over all its connections (its
+#: CURVE key; in plaintext its source address), and the node may hold in all.
+MAX_SUBS_PER_CONN = 16
+MAX_SUBS_PER_PEER = 1024
+MAX_SUBS = 16384
+#: Subscription requests read per reactor turn (the rest wait for the next turn).
+SUB_DRAIN = 512
+#: The data ROUTER's receive side carries only subscription requests: small and few.
+SUB_MAX_MESSAGE = 1024
+SUB_RCVHWM = 64
+#: Every connection holding a subscription is probed (a PING) at least this often, so the
+#: subscriptions of a connection that went away are returned within about this long.
+PROBE_S = 2.0
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
+_EHOSTUNREACH = errno.EHOSTUNREACH
 
 if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
     from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found,unused-ignore]
@@ -149,6 +171,10 @@ class PublisherStats:
         replay_bytes_held: replay bytes sent and not yet proven read (node-wide).
         acks_refused: acks refused (node-wide): the peer may not subscribe the stream, or
             the positions budget (per peer, per stream, node) was full.
+        subscribers: subscriber connections this stream is sent to now.
+        subscriptions_refused: subscription requests refused (node-wide: forbidden, over
+            budget or malformed; each answered with a REFUSED notice).
+        subscriptions_held: subscriptions the node's data socket holds now (node-wide).
         positions: durable subscription name -> committed position (next seq it will process).
         lag: durable subscription name -> ``head - position``.
     """
@@ -171,6 +197,9 @@ class PublisherStats:
     replay_dropped: int = 0
     replay_bytes_held: int = 0
     acks_refused: int = 0
+    subscribers: int = 0
+    subscriptions_refused: int = 0
+    subscriptions_held: int = 0
     positions: dict[str, int] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
 
@@ -196,10 +225,26 @@ class _Stream:
         self.beat_head = -1  # the head the last heartbeat announced
         self.beat_gap = 0.0  # the current interval between this stream's heartbeats
         self.beat_due = 0.0  # monotonic time of its next heartbeat
+        self.rids: list[bytes] = []  # routing ids of the connections subscribed to it
+
+
+class _Conn:
+    """One subscriber connection on the data ROUTER that holds subscriptions (hub lock)."""
+
+    __slots__ = ("key", "peer", "rid", "subs")
+
+    def __init__(self, rid: bytes, peer: str | None, key: object) -> None:
+        self.rid = rid
+        self.peer = peer  # the node id its CURVE key proves (None: plaintext / unknown)
+        self.key = key  # the per-peer budget key: its CURVE key, else its source address
+        self.subs: set[tuple[str, bool]] = set()  # (topic, prefix)
+
+    def wants(self, stream: str) -> bool:
+        return any(stream.startswith(t) if p else stream == t for t, p in self.subs)
 
 
 class _PubHub:
-    """The node's XPUB socket, its lock, heartbeats, and the replay/ack handlers."""
+    """The node's data ROUTER, its lock, subscriptions, heartbeats, replay/ack handlers."""
 
     def __init__(self, node: Any, *, heartbeat_s: float, sndhwm: int,
                  forget_after_s: float = 24 * 3600.0) -> None:
@@ -211,26 +256,29 @@ class _PubHub:
         self.idle_beat_s = max(heartbeat_s, min(IDLE_BEAT_MAX_S, 20 * heartbeat_s))
         self.forget_after_s = forget_after_s
         self.left: dict[str, float] = {}  # peer id -> monotonic time it left
-        self._beat_all = False
         self.lock = threading.Lock()
         self.streams: dict[str, _Stream] = {}
         self.bad_requests = 0
         self.pub_id = frames.node_id_bytes(node.id)
-        sock = node.socket(zmq.XPUB, "pub")
+        sock = node.socket(zmq.ROUTER, frames.DATA_ROLE)
         # Per subscriber connection: at most DATA_HWM messages of DATA_MESSAGE_BYTES queued.
         sock.setsockopt(zmq.SNDHWM, min(sndhwm, DATA_HWM))
         sock.setsockopt(zmq.LINGER, 0)
-        # With security on, subscriptions are applied by hand (XPUB_MANUAL) per connection,
-        # after checking the subscriber's "subscribe" permission (see _admit_subscription).
+        # A full connection raises EAGAIN (dropped: PUB semantics), a gone one EHOSTUNREACH
+        # (its subscriptions are returned). No ROUTER_HANDOVER: a routing id is the one libzmq
+        # gave the connection, never one a peer claims.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, SUB_MAX_MESSAGE)
+        sock.setsockopt(zmq.RCVHWM, SUB_RCVHWM)
         self.secure = getattr(node, "security", None) is not None
-        if self.secure:
-            sock.setsockopt(zmq.XPUB_MANUAL, 1)
-        else:
-            sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every new subscriber's notice, not the first
         self.sock = sock
-        self.endpoints = node.bind(sock, "pub")
-        self.subscriptions = 0
+        self.endpoints = node.bind(sock, frames.DATA_ROLE)
+        self.conns: dict[bytes, _Conn] = {}
+        self.sub_conn = Budget("subscriptions", MAX_SUBS_PER_CONN, MAX_SUBS)
+        self.sub_peer = Budget("subscriptions_peer", MAX_SUBS_PER_PEER, MAX_SUBS)
+        self.subscriptions = 0  # subscription requests admitted (mesh pub --wait reads it)
         self.refused_subscriptions = 0
+        self.bad_subscriptions = 0
         self.refused_replays = 0
         # Replay bytes sent per peer and not proven read: peer -> {tok: bytes}, oldest first
         # (reactor thread only). A request echoing tok proves that reply and every earlier
@@ -246,12 +294,20 @@ class _PubHub:
                                         ACK_POSITIONS_NODE)
         self.acks_refused = 0
         self.logs = LogLimiter(_log)
+        self.conns_dropped = 0
+        self._next_probe = 0.0
         node.handle(frames.CTRL_REPLAY, self._on_replay)
         node.handle(frames.CTRL_ACK, self._on_ack)
-        self._unmetrics = attach(node, pubhub_collector(self))
         self.timer = node.reactor.call_every(heartbeat_s, self._beat)
         self._unpeer = node.on_peer(self._on_peer)
         self.users = 0
+        # Subscription requests are read on the reactor thread as they come: the reactor
+        # polls the socket's signalling fd (never the socket itself, which user threads send
+        # on) and reads under the lock; a signal another thread's send consumed is caught up
+        # at the next beat.
+        self.fd = sock.getsockopt(zmq.FD)
+        node.reactor.call_soon(node.reactor.add_reader, self.fd, self._on_readable)
+        self._unmetrics = attach(node, pubsub_hub_collector(self))
 
     # -- user threads -----------------------------------------------------------------------
 
@@ -261,9 +317,17 @@ class _PubHub:
         self._unmetrics()
         # The next hub binds new endpoints: stop announcing these so subscribers move there.
         try:
-            self.node.unbind("pub", self.endpoints)
+            self.node.unbind(frames.DATA_ROLE, self.endpoints)
         except MeshError:
             pass
+        reactor = self.node.reactor
+        if reactor.in_reactor_thread():
+            reactor.remove_reader(self.fd)
+        else:
+            try:  # the fd must leave the reactor's poll set before the socket closes it
+                reactor.run_sync(reactor.remove_reader, self.fd)
+            except (ClosedError, MeshError, RuntimeError):
+                pass  # the reactor is stopped or stopping: it polls nothing any more
         with self.lock:
             self.sock.close(linger=0)
 
@@ -282,8 +346,9 @@ class _PubHub:
 
     def send_data(self, st: _Stream, first: int, envs: list[bytes]) -> None:
         """Send ``envs`` (seqs from ``first``) as DATA messages of at most
-        :data:`DATA_MESSAGE_BYTES` each (under ``lock``). PUB semantics: at the HWM a message
-        is dropped, never blocks; the subscriber notices the hole and replays it from the log.
+        :data:`DATA_MESSAGE_BYTES` each (under ``lock``) to every connection subscribed to the
+        stream. PUB semantics: a connection at its HWM misses the message, never blocks; the
+        subscriber notices the hole and replays it from the log.
 
         Raises:
             ClosedError: the socket failed.
@@ -302,25 +367,39 @@ class _PubHub:
         self._send_message(st, first, envs)
 
     def _send_message(self, st: _Stream, first: int, envs: list[bytes]) -> None:
-        # One DATA message (one multipart): topic, header, one frame per envelope.
+        # One DATA message (one multipart) per subscribed connection: routing id, topic,
+        # header, one frame per envelope.
         sock = self.sock
+        if sock.closed:
+            raise ClosedError("publisher socket is closed")
         n = len(envs)
+        header = frames.data_header(self.pub_id, st.epoch, first, n, st.durable)
+        topic = st.topic
+        last = envs[n - 1]
         copy = len(envs[0]) <= 4096  # zero-copy only pays for big frames
-        try:
-            _zsend(sock, st.topic, _MORE)
-            header = frames.data_header(self.pub_id, st.epoch, first, n, st.durable)
-            _zsend(sock, header, _MORE)
-            nb = len(st.topic) + len(header)
-            for i in range(n - 1):
-                env = envs[i]
-                _zsend(sock, env, _MORE, copy)
-                nb += len(env)
-            _zsend(sock, envs[n - 1], _LAST, copy)
-            st.stats.bytes_out += nb + len(envs[n - 1])
-        except zmq.Again:
-            pass  # only possible on the first frame: (X)PUB takes a message whole or not at all
-        except zmq.ZMQError as exc:
-            raise ClosedError(f"publisher socket failed: {exc}") from exc
+        gone = None
+        for rid in st.rids:
+            try:
+                _zsend(sock, rid, _MORE)
+            except zmq.Again:
+                continue  # this connection is at its HWM: it misses the message
+            except zmq.ZMQError as exc:
+                if exc.errno == _EHOSTUNREACH:
+                    gone = [rid] if gone is None else [*gone, rid]
+                    continue
+                raise ClosedError(f"publisher socket failed: {exc}") from exc
+            try:
+                _zsend(sock, topic, _MORE)
+                _zsend(sock, header, _MORE)
+                for i in range(n - 1):
+                    _zsend(sock, envs[i], _MORE, copy)
+                _zsend(sock, last, _LAST, copy)
+            except zmq.ZMQError as exc:
+                raise ClosedError(f"publisher socket failed: {exc}") from exc
+        if gone is not None:
+            for rid in gone:
+                self._drop_conn(rid)
+        st.stats.bytes_out += len(topic) + len(header) + sum(map(len, envs))
         st.last_send = time.monotonic()
         st.stats.messages += 1
 
@@ -346,50 +425,65 @@ class _PubHub:
             except ClosedError as exc:
                 _log.warning("pubsub: held events of %s not sent: %s", st.name, exc)
 
+    def _send_control(self, rid: bytes, msg: list[bytes]) -> bool:
+        """Under ``lock``: one heartbeat / notice to one connection; False when it is gone
+        (its subscriptions are returned then). A full connection just misses it."""
+        sock = self.sock
+        try:
+            _zsend(sock, rid, _MORE)
+        except zmq.Again:
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno == _EHOSTUNREACH:
+                self._drop_conn(rid)
+                return False
+            raise
+        for f in msg[:-1]:
+            _zsend(sock, f, _MORE)
+        _zsend(sock, msg[-1], _LAST)
+        return True
+
     def _beat(self) -> None:
         with self.lock:
             if self.sock.closed:
                 return
-            # Drain subscription notices so they never pile up; they also tell us someone
-            # listens (XPUB delivers b"\x01topic" / b"\x00topic").
-            subs = self.subscriptions
             try:
-                while True:
-                    if self.secure:
-                        self._admit_subscription(self.sock.recv(zmq.NOBLOCK, copy=False))
-                        continue
-                    msg = self.sock.recv(zmq.NOBLOCK)
-                    if msg[:1] == b"\x01":
-                        self.subscriptions += 1
-            except zmq.Again:
-                pass
-            # A new subscriber hears every stream's head at this beat, idle or not.
-            every = self.subscriptions != subs or self._beat_all
-            self._beat_all = False
-            now = time.monotonic()
-            base, cap = self.heartbeat_s, self.idle_beat_s
-            for st in self.streams.values():
-                if st.pending:
-                    try:
-                        # Held events first: a head beyond what was sent would look like a hole.
-                        self.flush(st)
-                    except ClosedError:
-                        return
-                head = st.next_seq
-                if head != st.beat_head or every:
-                    st.beat_head, st.beat_gap = head, base  # busy (or new listener): every beat
-                elif now < st.beat_due:
-                    continue
-                else:
-                    st.beat_gap = min(st.beat_gap * 2, cap)  # idle: back off
-                st.beat_due = now + st.beat_gap - 0.001
+                self._drain_requests()  # a wake-up another thread's send consumed
+                self._beat_locked()
+            except zmq.ZMQError as exc:
+                self.logs.warning("beat", "pubsub: data socket failed at a beat: %s", exc)
+
+    def _beat_locked(self) -> None:
+        now = time.monotonic()
+        base, cap = self.heartbeat_s, self.idle_beat_s
+        for st in self.streams.values():
+            if st.pending:
                 try:
-                    self.sock.send_multipart(frames.encode_heartbeat(
-                        st.topic, self.pub_id, st.epoch, head, st.durable), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # a PUB never blocks; a full pipe only means this beat is dropped
-            if self.left:
-                self._forget_left(now)
+                    # Held events first: a head beyond what was sent would look like a hole.
+                    self.flush(st)
+                except ClosedError:
+                    return
+            head = st.next_seq
+            if head != st.beat_head:
+                st.beat_head, st.beat_gap = head, base  # busy: every beat
+            elif now < st.beat_due:
+                continue
+            else:
+                st.beat_gap = min(st.beat_gap * 2, cap)  # idle: back off
+            st.beat_due = now + st.beat_gap - 0.001
+            if st.rids:
+                beat = frames.encode_heartbeat(st.topic, self.pub_id, st.epoch, head,
+                                               st.durable)
+                for rid in list(st.rids):
+                    self._send_control(rid, beat)
+        if self.conns and now >= self._next_probe:
+            # Connections that went away answer EHOSTUNREACH: their subscriptions go back.
+            self._next_probe = now + PROBE_S
+            ping = frames.encode_ping(self.pub_id)
+            for rid in list(self.conns):
+                self._send_control(rid, ping)
+        if self.left:
+            self._forget_left(now)
 
     def _forget_left(self, now: float) -> None:
         # Under lock, at a beat: drop the positions (lag rows) of subscribers gone too long.
@@ -403,35 +497,174 @@ class _PubHub:
                     self.ack_stream_budget.give(st.name)
             self.ack_peer_budget.drop(peer)
 
-    def _admit_subscription(self, frame: zmq.Frame) -> None:
-        # XPUB_MANUAL: ZMQ_SUBSCRIBE/UNSUBSCRIBE apply to the connection this notice came
-        # from, so a subscriber its CURVE key does not allow to subscribe is never sent data.
-        msg = frame.bytes
-        if msg[:1] not in (b"\x00", b"\x01"):
-            return
-        prefix = msg[1:]
-        if msg[:1] == b"\x00":
-            self.sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
-            return
+    # -- subscriptions (reactor thread, under lock) -------------------------------------------
+
+    def _on_readable(self, _fd: object) -> None:
+        with self.lock:
+            if self.sock.closed:
+                return
+            try:
+                more = self._drain_requests()
+            except zmq.ZMQError as exc:
+                self.logs.warning("recv", "pubsub: data socket failed: %s", exc)
+                return
+        if more:
+            self.node.reactor.call_soon(self._on_readable, None)  # after other work
+
+    def _drain_requests(self) -> bool:
+        """Read up to :data:`SUB_DRAIN` subscription requests; True when more may wait."""
+        sock = self.sock
+        for _ in range(SUB_DRAIN):
+            try:
+                first = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            parts = [first]
+            while parts[-1].more and len(parts) < 4:
+                parts.append(sock.recv(zmq.NOBLOCK, copy=False))
+            if parts[-1].more:  # a request has 2 frames after the routing id: drop the rest
+                while sock.recv(zmq.NOBLOCK, copy=False).more:
+                    pass
+            self._on_request(parts)
+        return True
+
+    def _on_request(self, parts: list[zmq.Frame]) -> None:
+        rid = parts[0].bytes
+        conn = self.conns.get(rid)
+        if conn is None:
+            uid: object = None
+            if self.secure:
+                try:
+                    uid = parts[-1].get("User-Id")
+                except zmq.ZMQError:
+                    uid = None
+            peer = self.node.peer_by_key(uid if isinstance(uid, str) else None) \
+                if self.secure else None
+            if self.secure:
+                key: object = uid if isinstance(uid, str) else None
+            else:
+                try:
+                    key = parts[-1].get("Peer-Address")
+                except zmq.ZMQError:
+                    key = ""
+            conn = _Conn(rid, peer, key)
+        who = conn.peer or conn.key or "?"
+        raw_topic = parts[2].bytes[:frames.MAX_TOPIC] if len(parts) > 2 else b""
         try:
-            uid = frame.get("User-Id")
-        except zmq.ZMQError:
-            uid = None
-        peer = self.node.peer_by_key(uid if isinstance(uid, str) else None)
-        try:
-            name = prefix.decode("utf-8")
-        except UnicodeDecodeError:
-            name = None
-        # A prefix is granted only when allowed itself and for every stream it covers now.
-        if peer is None or name is None or not self.node.permits(peer, "subscribe", name) or \
-                not all(self.node.permits(peer, "subscribe", s) for s in self.streams
-                        if s.startswith(name)):
-            self.refused_subscriptions += 1
-            self.logs.warning("subscription", "pubsub: subscription %r from %s refused",
-                              prefix[:64], peer or uid)
+            op, topic, prefix = frames.decode_subscribe([p.bytes for p in parts[1:]])
+        except (ProtocolError, CodecError) as exc:
+            self.bad_subscriptions += 1
+            self._refuse(conn, raw_topic, frames.REFUSED_MALFORMED)
+            self.logs.warning(f"bad:{who}", "pubsub: bad subscription request from %s: %s",
+                              who, exc)
             return
-        self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        item = (topic, prefix)
+        if op == frames.OP_UNSUBSCRIBE:
+            if item in conn.subs:
+                conn.subs.discard(item)
+                self.sub_conn.give(rid)
+                self.sub_peer.give(conn.key)
+                self._restream(conn, item)
+                if not conn.subs:
+                    self.conns.pop(rid, None)
+            return
+        if item in conn.subs:
+            # A repeat (the subscriber's periodic request): it has the heads already, and a
+            # prefix over thousands of streams must not cost a heartbeat each every 5 s.
+            return
+        if self.secure and (conn.peer is None
+                            or not self.node.permits(conn.peer, "subscribe", topic)):
+            self._refuse(conn, raw_topic, frames.REFUSED_FORBIDDEN)
+            self.logs.warning(f"forbidden:{who}", "pubsub: subscription %r from %s refused",
+                              topic[:64], who)
+            return
+        if not self.sub_conn.take(rid):
+            self._refuse(conn, raw_topic, frames.REFUSED_BUDGET)
+            self.logs.warning(f"budget:{who}", "pubsub: subscription %r from %s over the "
+                              "per-connection or node budget", topic[:64], who)
+            return
+        if not self.sub_peer.take(conn.key):
+            self.sub_conn.give(rid)
+            self._refuse(conn, raw_topic, frames.REFUSED_BUDGET)
+            self.logs.warning(f"budget:{who}", "pubsub: subscription %r from %s over the "
+                              "per-peer budget", topic[:64], who)
+            return
+        conn.subs.add(item)
+        self.conns[rid] = conn
         self.subscriptions += 1
+        self._restream(conn, item)
+        self._announce(conn, item)
+
+    def _refuse(self, conn: _Conn, topic: bytes, reason: int) -> None:
+        self.refused_subscriptions += 1
+        self._send_control(conn.rid, frames.encode_refused(topic, self.pub_id, reason))
+
+    def _may_send(self, conn: _Conn, st: _Stream) -> bool:
+        """The connection asked for the stream and (secure) its key may subscribe to it."""
+        if not conn.wants(st.name):
+            return False
+        if self.secure and conn.peer is None:
+            return False
+        return not self.secure or self.node.permits(conn.peer, "subscribe", st.name)
+
+    def _covered(self, item: tuple[str, bool]) -> list[_Stream]:
+        """The streams a subscription covers (an exact one: a lookup, not a scan)."""
+        topic, prefix = item
+        if not prefix:
+            st = self.streams.get(topic)
+            return [] if st is None else [st]
+        return [st for name, st in self.streams.items() if name.startswith(topic)]
+
+    def _restream(self, conn: _Conn, item: tuple[str, bool]) -> None:
+        """Recompute which of the streams ``item`` covers go to ``conn`` after it was added
+        to or removed from the connection's subscriptions (the others are unchanged)."""
+        rid = conn.rid
+        for st in self._covered(item):
+            want = bool(conn.subs) and self._may_send(conn, st)
+            has = rid in st.rids
+            if want and not has:
+                st.rids = [*st.rids, rid]  # a new list: a send loop never sees it change
+            elif has and not want:
+                st.rids = [r for r in st.rids if r != rid]
+
+    def add_stream(self, st: _Stream) -> None:
+        """Under lock: a new stream goes to every connection already subscribed to it."""
+        self.streams[st.name] = st
+        st.rids = [c.rid for c in self.conns.values() if self._may_send(c, st)]
+
+    def _announce(self, conn: _Conn, item: tuple[str, bool]) -> None:
+        """A new subscription hears the head of each stream it covers at once (held events of
+        the stream go out first)."""
+        for st in self._covered(item):
+            if conn.rid not in st.rids:
+                continue
+            if st.pending:
+                self.flush(st)
+            if not self._send_control(conn.rid, frames.encode_heartbeat(
+                    st.topic, self.pub_id, st.epoch, st.next_seq, st.durable)):
+                return
+
+    def _drop_conn(self, rid: bytes) -> None:
+        """A connection went away (EHOSTUNREACH): return its subscriptions."""
+        conn = self.conns.pop(rid, None)
+        if conn is None:
+            return
+        self.conns_dropped += 1
+        n = len(conn.subs)
+        self.sub_conn.drop(rid)
+        self.sub_peer.give(conn.key, n)
+        for st in self.streams.values():
+            if rid in st.rids:
+                st.rids = [r for r in st.rids if r != rid]
+
+    def budget_stats(self) -> dict[str, int]:
+        """The subscription budgets' counters (under lock)."""
+        out = {**self.sub_conn.stats(), **self.sub_peer.stats()}
+        out["subscriptions_refused"] = self.refused_subscriptions
+        out["subscriptions_refused_by_budget"] = self.sub_conn.refused + self.sub_peer.refused
+        out["subscriptions_malformed"] = self.bad_subscriptions
+        out["subscriber_connections"] = len(self.conns)
+        return out
 
     def _on_replay(self, peer_id: str, body: object) -> None:
         # Reactor thread. Every reply costs the asking peer's replay budget (its envelopes
@@ -659,8 +892,9 @@ class Publisher:
         forget_after_s: the durable-subscriber positions (``stats().positions``/``lag``) of
             a node that left the mesh and stayed away this long are dropped (node-wide, first
             publisher). Its retention floors have their own TTL (``LogConfig.floor_ttl_s``).
-        sndhwm: the XPUB send high-water mark in messages (node-wide, first publisher),
-            at most :data:`DATA_HWM` (1024: 32 MiB of 32 KiB messages per subscriber).
+        sndhwm: the data socket's send high-water mark in messages per subscriber
+            connection (node-wide, first publisher), at most :data:`DATA_HWM` (1024: 32 MiB
+            of 32 KiB messages per subscriber).
         max_event_size: refuse events that encode larger than this.
         linger_s: when ``publish()`` is called again within 100 µs of this stream's last send,
             hold the event (at most this long, at most 64 events) and send it with the next
@@ -717,7 +951,7 @@ class Publisher:
             epoch = log.epoch if log is not None else secrets.randbits(32) or 1
             self._st = st = _Stream(stream, durable, log, epoch)
             st.linger_s = linger_s
-            hub.streams[stream] = st
+            hub.add_stream(st)
             hub.users += 1
         self._hub = hub
         self._log = log
@@ -928,6 +1162,9 @@ class Publisher:
             s.replay_dropped = hub.replay_dropped
             s.replay_bytes_held = hub.replay_budget.held()
             s.acks_refused = hub.acks_refused
+            s.subscribers = len(st.rids)
+            s.subscriptions_refused = hub.refused_subscriptions
+            s.subscriptions_held = hub.sub_conn.held()
             s.positions = {}
             for (_peer, name), pos in st.positions.items():
                 s.positions[name] = max(pos, s.positions.get(name, 0))

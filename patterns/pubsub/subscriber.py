@@ -1,6 +1,16 @@
-"""The subscribing side: a SUB socket, one gap tracker per (publisher, stream), replay, cursors.
+"""The subscribing side: a data ROUTER, one gap tracker per (publisher, stream), replay, cursors.
 
-Threading: the SUB socket, the trackers and the ready queue belong to the owner thread (the
+Data (pub/sub protocol 2): one ROUTER per subscriber makes one connection per publisher it
+dialled, each with a routing id *we* chose (``ZMQ_CONNECT_ROUTING_ID``: the publisher's node
+id plus a connection number), so every received message names the connection it came on and
+a peer cannot forge that. A DATA or HEARTBEAT whose header names another publisher than the
+connection's is dropped and counted (``forged_data``): ids and heads are believed only from
+the owner's own connection. Each connection asks for the subscriber's topic with a
+subscription request (re-sent every :data:`RESUBSCRIBE_S` and whenever the publisher's peer
+record changes, so a publisher restarted on the same endpoint hears it again); a refusal is
+counted (``subscriptions_refused``) and logged once per publisher and topic.
+
+Threading: the data socket, the trackers and the ready queue belong to the owner thread (the
 first thread that receives; any other gets :class:`~mesh.errors.WrongThread`), which polls the
 socket holding only ``_pump_lock`` (so :meth:`Subscriber.close` can wait for the poll in
 progress); positions and commits are guarded by ``_lock``, which is never held across a
@@ -17,6 +27,7 @@ import collections
 import logging
 import operator
 import os
+import struct
 import threading
 import time
 import uuid
@@ -63,6 +74,12 @@ _zrecv: Any = zmq.backend.Socket.recv
 _NOBLOCK = int(zmq.NOBLOCK)
 #: The SUB socket's default RCVHWM in messages (publisher.DATA_HWM: 32 MiB of 32 KiB messages).
 _DATA_HWM = 1024
+#: Every data connection repeats its subscription request this often (a publisher restarted
+#: on the same endpoint, whose peer record did not change, hears it again within this).
+RESUBSCRIBE_S = 5.0
+_CONN_NO = struct.Struct("!I")
+_KIND_HEARTBEAT = frames.KIND_HEARTBEAT  # kinds above it are notices (REFUSED, PING)
+_STATIC_PUB = b"\0" * 16  # routing id prefix of a static endpoint's connection
 #: One pump decodes at most about this many bytes of DATA (some 1,300 events of 100 B, and
 #: at least one message) into the ready queue however much is queued: what a stuck or slow
 #: handler holds decoded stays small (it was up to 1,000 messages of 1,000 events).
@@ -319,6 +336,25 @@ class SubscriberStats:
     epochs: int = 0
     resets: int = 0
     lost: int = 0
+    forged_data: int = 0
+    subscriptions_refused: int = 0
+    old_publishers: int = 0
+
+
+class _DataConn:
+    """One connection of the data ROUTER to one publisher's data endpoint (owner thread).
+
+    ``pub`` is the node id the connection was made to (None for a static endpoint until its
+    first valid message names one, which is then pinned: trust on first use, documented).
+    """
+
+    __slots__ = ("endpoint", "pub", "rid", "static")
+
+    def __init__(self, rid: bytes, endpoint: str, pub: str | None, static: bool) -> None:
+        self.rid = rid
+        self.endpoint = endpoint
+        self.pub = pub
+        self.static = static
 
 
 def _cursor_value(v: object) -> tuple[int, int | None] | None:
@@ -413,15 +449,18 @@ class Subscriber:
         auto_commit: commit the cursor every ``commit_interval_s`` and at close; else only on
             :meth:`commit`.
         commit_interval_s: how often auto commit writes (and acks the position to publishers).
-        endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``).
+        endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``; the
+            publishers' data ROUTERs, pub/sub protocol 2). Each connection is bound to the
+            first publisher id a valid message on it names (trust on first use): messages
+            naming another are dropped and counted (``forged_data``).
         on_retention: ``"skip"`` (count and go on at the oldest kept event) or ``"error"``
             (raise :class:`RetentionGap` from the iteration, then go on).
         on_gap: what every other gap does (:class:`StreamGap`: damaged in the publisher's
             log, oversize, undecodable, and :class:`StreamReset` when the publisher's log lost
             seqs): ``"skip"`` counts, logs and records it (:meth:`gaps`), ``"error"`` raises it
             from the iteration in order, then goes on. Default: as ``on_retention``.
-        rcvhwm: the SUB receive high-water mark in messages (default 1024: 32 MiB of the
-            publishers' messages of up to 32 KiB).
+        rcvhwm: the data socket's receive high-water mark in messages per publisher
+            connection (default 1024: 32 MiB of the publishers' messages of up to 32 KiB).
         max_buffer: live events held per stream while a hole is replayed.
         replay_chunk: events per replay reply.
         max_event_size: larger envelopes are counted and dropped.
@@ -543,7 +582,14 @@ class Subscriber:
         # last recv_batch() (see Batch). Nothing else is ever outstanding.
         self._cur: ReadyItem | None = None
         self._batch: Batch | None = None
-        self._connected: set[str] = set()
+        self._conns: dict[bytes, _DataConn] = {}  # routing id -> connection
+        self._by_ep: dict[str, _DataConn] = {}
+        self._conn_no = 0
+        self._next_resub = time.monotonic() + RESUBSCRIBE_S
+        self._refusals_seen: set[tuple[str, str]] = set()  # said once each (bounded)
+        self._logs = LogLimiter(_log)
+        self._sub_frames = frames.encode_subscribe(
+            self._match.encode(), prefix=self.prefix)
         self._static = set(endpoints)
         self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
         self._next_tick = 0.0
@@ -563,12 +609,12 @@ class Subscriber:
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
-        sock = node.socket(zmq.SUB, "sub")
+        sock = node.socket(zmq.ROUTER, "sub")
         # Bounded in bytes: publishers cut DATA messages at 32 KiB, so 1024 of them queue at
-        # most 32 MiB (publisher.DATA_HWM); beyond that the publisher drops and we replay.
+        # most 32 MiB (publisher.DATA_HWM) per connection; beyond that the publisher drops
+        # and we replay.
         sock.setsockopt(zmq.RCVHWM, rcvhwm if rcvhwm is not None else _DATA_HWM)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, self._match.encode())
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -649,29 +695,67 @@ class Subscriber:
             return self.node.who_offers("stream", prefix=self._match)  # type: ignore[no-any-return]
         return self.node.who_offers("stream", name=self._match)  # type: ignore[no-any-return]
 
-    def _connect(self, endpoint: str) -> None:
-        if endpoint in self._connected:
+    def _connect(self, endpoint: str, pub: str | None = None) -> None:
+        """Connect the data ROUTER to ``endpoint`` (the data endpoint of node ``pub``; None:
+        a static endpoint) under a routing id of our own, and ask for our topic there."""
+        conn = self._by_ep.get(endpoint)
+        if conn is not None:
+            if pub is not None and conn.pub is None:
+                conn.pub = pub  # a static endpoint turns out to be this peer's
+            elif pub is not None and conn.pub != pub:
+                self._logs.warning(f"clash:{endpoint}", "pubsub: %s is %s's data endpoint "
+                                   "but answers as %s; not used for %s", endpoint, pub,
+                                   conn.pub, pub)
+                return
+            self._subscribe(conn)
             return
+        self._conn_no += 1
+        rid = (frames.node_id_bytes(pub) if pub is not None else _STATIC_PUB) \
+            + _CONN_NO.pack(self._conn_no & 0xFFFFFFFF)
         try:
+            # A routing id libzmq must never have seen on this socket (a duplicate aborts).
+            self._sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot connect to {endpoint!r}: {exc}") from exc
-        self._connected.add(endpoint)
+        conn = _DataConn(rid, endpoint, pub, pub is None)
+        self._conns[rid] = conn
+        self._by_ep[endpoint] = conn
+        self._subscribe(conn)
+
+    @property
+    def _connected(self) -> set[str]:
+        """The data endpoints connected now (for tests and diagnostics)."""
+        return set(self._by_ep)
+
+    def _subscribe(self, conn: _DataConn) -> None:
+        """(Re)send our subscription request on ``conn`` (idempotent at the publisher)."""
+        try:
+            self._sock.send_multipart([conn.rid, *self._sub_frames], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a full pipe: the next resubscribe tries again
 
     def _add_peer(self, peer: PeerInfo) -> None:
-        if peer.node_id == self.node.id and not peer.endpoints.get("pub"):
+        if peer.node_id == self.node.id and not peer.endpoints.get(frames.DATA_ROLE):
             return
         # Security: never connect to a publisher not allowed to publish what we want from it.
         if not any(self._matches(s) and self.node.permits(peer.node_id, "publish", s)
                    for s in peer.offers.get("stream", ())):
             self._stats.forbidden += 1
             return
-        ep = self.node.connect_endpoint(peer, "pub")
+        if not peer.endpoints.get(frames.DATA_ROLE) and peer.endpoints.get(frames.OLD_DATA_ROLE):
+            # A pub/sub protocol 1 publisher (an XPUB): nothing to connect to; said once.
+            self._stats.old_publishers += 1
+            if self._first_time(("old", peer.node_id)):
+                _log.warning("pubsub: %s publishes with pub/sub protocol 1 (XPUB); this "
+                             "subscriber speaks 2 and cannot read it", peer.node_id)
+            return
+        ep = self.node.connect_endpoint(peer, frames.DATA_ROLE)
         if ep is None:
             return
         old = self._peer_eps.get(peer.node_id)
         self._peer_eps[peer.node_id] = ep
-        self._connect(ep)
+        self._connect(ep, peer.node_id)
         self._seen(peer.node_id)
         moved = old is not None and old != ep
         if old is not None and moved:
@@ -694,8 +778,10 @@ class Subscriber:
     def _disconnect(self, endpoint: str) -> None:
         if endpoint in self._static or endpoint in self._peer_eps.values():
             return
-        if endpoint in self._connected:
-            self._connected.discard(endpoint)
+        conn = self._by_ep.pop(endpoint, None)
+        if conn is not None:
+            # Its routing id is retired with it: anything still queued on it is dropped.
+            self._conns.pop(conn.rid, None)
             try:
                 self._sock.disconnect(endpoint)
             except zmq.ZMQError as exc:
@@ -742,6 +828,10 @@ class Subscriber:
                 self._add_self()  # a publisher on this node began (or stopped) offering
             if self._left or self._gone:
                 self._prune_gone(now)
+            if now >= self._next_resub:
+                self._next_resub = now + RESUBSCRIBE_S
+                for conn in list(self._conns.values()):
+                    self._subscribe(conn)
             self._maybe_commit(now)
 
     def _maybe_commit(self, now: float) -> None:
@@ -754,6 +844,7 @@ class Subscriber:
         sock = self._sock
         stats = self._stats
         trackers = self._trackers
+        conns = self._conns
         maxsz = self.max_event_size
         decode_message = frames.decode_message
         now = time.monotonic()
@@ -766,17 +857,21 @@ class Subscriber:
             # itself. Measured (inproc, 170 B frames, timeit): receiving costs 0.70 -> 0.40 µs
             # per frame, and a DATA message carries one frame per event.
             try:
-                f = _zrecv(sock, _NOBLOCK, False)
+                f = _zrecv(sock, _NOBLOCK, False)  # the routing id of the connection: ours
             except zmq.Again:
                 return
+            conn = conns.get(f.bytes)
+            f = _zrecv(sock, _NOBLOCK, False)  # the rest of a message is already here
             b = f.bytes
             msg = [b]
             nb = len(b)
             while f.more:
-                f = _zrecv(sock, _NOBLOCK, False)  # the rest of a message is already here
+                f = _zrecv(sock, _NOBLOCK, False)
                 b = f.bytes
                 msg.append(b)
                 nb += len(b)
+            if conn is None:
+                continue  # a connection we closed: whatever it still held is not ours to read
             stats.messages += 1
             stats.bytes_in += nb
             budget -= nb
@@ -784,18 +879,32 @@ class Subscriber:
                 stream, head, envs = decode_message(msg, max_event_size=maxsz)
             except UnsupportedVersion as exc:
                 stats.bad_version += 1
-                _log.warning("pubsub: dropped a message: %s", exc)
+                self._logs.warning(f"bad:{conn.endpoint}", "pubsub: dropped a message: %s", exc)
                 continue
             except EventTooLarge as exc:
                 stats.oversize += 1
-                _log.warning("pubsub: dropped a message: %s", exc)
+                self._logs.warning(f"bad:{conn.endpoint}", "pubsub: dropped a message: %s", exc)
                 continue
             except ProtocolError as exc:
                 stats.bad_frames += 1
-                _log.warning("pubsub: dropped a malformed message: %s", exc)
+                self._logs.warning(f"bad:{conn.endpoint}",
+                                   "pubsub: dropped a malformed message: %s", exc)
+                continue
+            if head.publisher != conn.pub:
+                if conn.pub is not None:
+                    # Only the owner's connection speaks for a publisher: no forged event,
+                    # head or epoch ever reaches the trackers.
+                    stats.forged_data += 1
+                    self._logs.warning(f"forged:{conn.endpoint}", "pubsub: dropped a message "
+                                       "naming publisher %s on the connection to %s (%s)",
+                                       head.publisher, conn.pub, conn.endpoint)
+                    continue
+                conn.pub = head.publisher  # a static endpoint: pinned to its first publisher
+            if head.kind > _KIND_HEARTBEAT:
+                self._on_notice(conn, stream, head)
                 continue
             if not self._matches(stream):
-                continue  # SUB filtering is by prefix; an exact topic needs this check
+                continue  # not what we asked for
             key = (head.publisher, stream)
             entry = trackers.get(key)
             if entry is None or entry[0] != head.epoch:
@@ -811,6 +920,26 @@ class Subscriber:
             else:
                 stats.heartbeats += 1
                 self._apply(key, tracker, tracker.on_heartbeat(head.seq, now))
+
+    def _first_time(self, what: tuple[str, str]) -> bool:
+        """True the first time ``what`` is seen (for "logged once"; the set is bounded)."""
+        seen = self._refusals_seen
+        if what in seen:
+            return False
+        if len(seen) >= 1024:
+            seen.clear()
+        seen.add(what)
+        return True
+
+    def _on_notice(self, conn: _DataConn, topic: str, head: frames.Header) -> None:
+        """A REFUSED notice (counted, logged once per publisher and topic) or a PING."""
+        if head.kind != frames.KIND_REFUSED:
+            return
+        self._stats.subscriptions_refused += 1
+        if not self._first_time((head.publisher, topic)):
+            return
+        _log.warning("pubsub: %s refused the subscription to %r (%s)", head.publisher, topic,
+                     frames.REFUSED_REASONS.get(head.count, f"reason {head.count}"))
 
     def _epoch_changed(self, key: Key, entry: tuple[int, StreamTracker] | None,
                        head: frames.Header, now: float) -> tuple[int, StreamTracker] | None:
