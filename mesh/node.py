@@ -324,7 +324,8 @@ class Node:
         self._node_rid: dict[str, bytes] = {}
         self._proofs: dict[str, bytes] = {}  # node id -> the proof its bound connection showed
         #: node id -> a HELLO from another connection waiting for the bound one to go quiet
-        self._claims: dict[str, tuple[bytes, str | None, Any, float]] = {}
+        # node id -> (connection, key, HELLO body, time, latest UPDATE body or None)
+        self._claims: dict[str, tuple[bytes, str | None, Any, float, Any]] = {}
         self._claim_answered: dict[str, float] = {}
         self._id_src: dict[str, object] = {}  # node id -> the source charged for it
         self._proof_secret = os.urandom(32)
@@ -1190,6 +1191,13 @@ class Node:
                 bound = peer_id is not None and self._node_rid.get(peer_id) == ident
                 continue
             if not bound or peer_id is None:
+                claim = self._claims.get(peer_id) if peer_id is not None else None
+                if claim is not None and claim[0] == ident and m.kind == control.UPDATE:
+                    # The claimant's latest state (one per claim): applied if the claim is
+                    # bound, so a restarted node's offers made meanwhile are not lost.
+                    assert peer_id is not None
+                    self._claims[peer_id] = (*claim[:4], m.body)
+                    continue
                 self._bad("unknown_sender", "%s from %r, which sent no valid HELLO on this "
                           "connection", m.kind, ident[:40])
                 continue
@@ -1433,7 +1441,7 @@ class Node:
         elif cur is not None and not self._may_take_over(peer_id, row, key, hello.proof, now):
             # The node id is live on another connection: this one may be a stranger. Held
             # (one per node id) until the bound connection is quiet, then retried by _tick.
-            self._claims[peer_id] = (ident, key, body, now)
+            self._claims[peer_id] = (ident, key, body, now, None)
             self._bad("id_claims_held", "HELLO for live %s from another connection held",
                       peer_id)
             link = self._links.get(peer_id)
@@ -1485,7 +1493,7 @@ class Node:
 
     def _retry_claims(self, now: float) -> None:
         """Bind held claims whose node's bound connection went quiet; expire old ones."""
-        for peer_id, (ident, key, body, t) in list(self._claims.items()):
+        for peer_id, (ident, key, body, t, update) in list(self._claims.items()):
             row = self._presence.get(peer_id)
             if row is None or now - t > self.config.presence.gone_s:
                 del self._claims[peer_id]
@@ -1494,6 +1502,8 @@ class Node:
                 del self._claims[peer_id]
                 self._count("id_claims_bound")
                 self._on_hello(ident, peer_id, key, None, body, now)
+                if update is not None and self._node_rid.get(peer_id) == ident:
+                    self._dispatch(peer_id, control.UPDATE, update, now)
 
     def _static_for(self, node_id: str) -> str | None:
         """The configured endpoint last seen reaching ``node_id``, if any.
