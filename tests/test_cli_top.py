@@ -179,7 +179,7 @@ def test_once_text_and_no_peers(busy: Busy, tmp_path: Path) -> None:
     assert r.returncode == 2 and "must be > 0" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mesh", "top", "--no-mdns"], env=_env(),
                        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1 and "use --once" in r.stderr
+    assert r.returncode == 1 and "use --once or --json" in r.stderr
 
 
 # --- tmux ----------------------------------------------------------------------------------------
@@ -275,3 +275,31 @@ def test_screen_too_small_says_so_and_ctrl_c_exits_0(busy: Busy, tmux: Tmux) -> 
     wait_until(lambda: rc.exists() and rc.read_text().strip(), 10, what="mesh top exited")
     assert rc.read_text().strip() == "0"
     assert "Traceback" not in tmux.pane()
+
+
+def test_json_lines_carry_rates_and_sigint_exits_0(busy: Busy) -> None:
+    import signal
+
+    m = busy
+    proc = subprocess.Popen(_top_cmd(m, "--json", "--interval", "0.3"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        rated = None
+        for line in proc.stdout:  # one object per interval; ends if the process dies
+            view = json.loads(line)
+            svc = next((s for s in view["services"] if s["service"] == m.service), None)
+            if svc is not None and svc["calls_rate"] is not None:
+                rated = view
+                break
+        assert rated is not None, proc.stderr.read() if proc.stderr else ""
+        (svc,) = [s for s in rated["services"] if s["service"] == m.service]
+        assert svc["calls_rate"] == 0.0 and svc["calls"] == CALLS  # nothing called meanwhile
+        (st,) = [s for s in rated["streams"] if s["stream"] == m.stream]
+        assert st["publishers"][0]["rate"] == 0.0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,7 +8,8 @@ with calls/s and errors. ``q`` or Ctrl-C quits.
 
 ``--once`` prints one snapshot and exits (a table, or with ``--json`` one JSON object), after
 every node any answering node knows of has answered (or ``--timeout`` passed). Rates need two
-snapshots of a node, so ``--once`` reports them as null. Under CURVE a node answers only peers
+snapshots of a node, so ``--once`` reports them as null. ``--json`` without ``--once`` prints
+one such object per line every ``--interval`` seconds until Ctrl-C (no terminal needed). Under CURVE a node answers only peers
 permitted ``observe`` (its refusal shows as ``forbidden``).
 """
 
@@ -302,13 +303,27 @@ class _Poller:
 
 def cmd_top(args: argparse.Namespace) -> int:
     """``mesh top``."""
-    if not args.once and not (sys.stdout.isatty() and sys.stdin.isatty()):
-        raise ConfigError("mesh top draws on a terminal; use --once (and --json) in scripts")
+    if not args.once and not args.json and not (sys.stdout.isatty() and sys.stdin.isatty()):
+        raise ConfigError("mesh top draws on a terminal; use --once or --json in scripts")
     with open_node(args, "top") as node:
         poller = _Poller(node, args.interval)
         if args.once:
             return _once(poller, args)
+        if args.json:
+            return _json_lines(poller, args.interval)
         return _screen(poller, args.interval)
+
+
+def _json_lines(poller: _Poller, interval: float) -> int:
+    """``--json`` without ``--once``: one view object per line every interval, until Ctrl-C."""
+    next_at = time.monotonic() + interval
+    while True:
+        poller.poll()
+        now = time.monotonic()
+        if now >= next_at:
+            next_at = now + interval
+            print(json.dumps(poller.view()), flush=True)
+        time.sleep(min(0.05, max(0.0, next_at - now)))
 
 
 def _once(poller: _Poller, args: argparse.Namespace) -> int:
