@@ -76,7 +76,7 @@ class StatsResponder:
     """
 
     def __init__(self, node: Any, *, per_peer: RateLimit = PER_PEER,
-                 node_wide: RateLimit = NODE_WIDE, cache_s: float = 0.2) -> None:
+                 node_wide: RateLimit = NODE_WIDE, cache_s: float = 0.5) -> None:
         self.node = node
         self.started = time.monotonic()
         self._peer_buckets = TokenBuckets(per_peer, max_keys=1024)

@@ -273,7 +273,9 @@ class _Poller:
         for nid, rep in self.client.snapshot().items():
             cur = self.latest.get(nid)
             if cur is None or rep.received != cur.received:
-                if cur is not None:
+                # a node may serve one snapshot to several requests (its cache): the one
+                # before is kept for rates only when it is an older snapshot
+                if cur is not None and cur.body.get("uptime_s") != rep.body.get("uptime_s"):
                     self.previous[nid] = cur
                 self.latest[nid] = rep
         known = {r.info.node_id for r in self.node.peers.records()}
