@@ -303,3 +303,17 @@ def test_json_lines_carry_rates_and_sigint_exits_0(busy: Busy) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_screen_without_peers_says_so_and_q_quits(tmux: Tmux) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    rc = tmux.start([sys.executable, "-m", "mesh", "top", "--no-mdns", "--interface",
+                     "127.0.0.1", "--peer", f"tcp://127.0.0.1:{dead}", "--interval", "0.3"],
+                    100, 30)
+    wait_until(lambda: "no peers yet" in tmux.pane(), 20, what="the no-peers line")
+    tmux.run("send-keys", "-t", "top", "q")
+    wait_until(lambda: rc.exists() and rc.read_text().strip(), 10, what="mesh top exited")
+    assert rc.read_text().strip() == "0"

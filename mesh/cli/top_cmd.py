@@ -188,6 +188,17 @@ def _n(v: Any, rate: bool = False) -> str:
     return str(v)
 
 
+def _age(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.1f}s"
+    m, h, d = int(s // 60), int(s // 3600), int(s // 86400)
+    if s < 3600:
+        return f"{m}m{int(s % 60):02d}s"
+    return f"{h}h{m % 60:02d}m" if s < 86400 else f"{d}d{h % 24:02d}h"
+
+
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
@@ -208,7 +219,7 @@ def render(view: dict[str, Any], interval: float | None = None) -> list[str]:
     lines += _table(("NAME", "ID", "STATE", "STATS", "UPTIME", "PEERS"), [
         (n["name"], n["id"][:12], n["state"],
          n["stats"] + (" (truncated)" if n["truncated"] else ""),
-         "-" if n["uptime_s"] is None else f"{n['uptime_s']:.0f}s", _n(n["peers"]))
+         _age(n["uptime_s"]), _n(n["peers"]))
         for n in nodes])
     lines += ["", f"STREAMS ({len(view['streams'])})"]
     rows: list[tuple[str, ...]] = []
