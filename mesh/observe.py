@@ -274,7 +274,21 @@ class StatsClient:
                 return
             del self._pending[peer_id]
             ok = body["ok"]
-            if ok and not isinstance(body.get("metrics"), dict):
+            if ok and not _snapshot_ok(body):
                 self.malformed += 1
                 return
             self.latest[peer_id] = StatsReply(peer_id, ok, time.monotonic(), body)
+
+
+def _num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and \
+        abs(v) != float("inf")
+
+
+def _snapshot_ok(body: dict[str, Any]) -> bool:
+    """The shape an asker relies on (docs/protocol.md, "Stats requests"): anything else in a
+    reply is the answering node's word and is read defensively by whoever shows it."""
+    peers, truncated = body.get("peers"), body.get("truncated", [])
+    return (isinstance(body.get("metrics"), dict) and _num(body.get("uptime_s"))
+            and isinstance(peers, list) and all(isinstance(p, dict) for p in peers)
+            and isinstance(truncated, list) and all(isinstance(t, str) for t in truncated))

@@ -220,3 +220,69 @@ def test_a_snapshot_over_max_message_bytes_is_cut_by_whole_families(tmp_path: Pa
     finally:
         asker.close()
         victim.close()
+
+
+def test_hostile_replies_cannot_crash_mesh_top_or_reach_the_terminal(
+        tmp_path: Path, zctx: zmq.Context[Any]) -> None:
+    from mesh.cli.top_cmd import build_view, render
+
+    mesh = unique("hostile-top")
+    asker = make_node(tmp_path / "asker", mesh)
+    router = zctx.socket(zmq.ROUTER)
+    dealer = zctx.socket(zmq.DEALER)
+    try:
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind("tcp://127.0.0.1:*")
+        fake = _fake_id()
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.ROUTING_ID, fake.encode() + os.urandom(8))
+        dealer.connect(ctrl(asker))
+        info = PeerInfo(node_id=fake, name="evil", mesh=mesh,
+                        endpoints={"control": (router.getsockopt_string(zmq.LAST_ENDPOINT),)})
+        dealer.send_multipart(control.encode_frames(
+            [(control.HELLO, msgpack.packb(control.hello_to_wire(Hello(info))))]))
+        wait_until(lambda: asker.peers.get(fake) is not None and _pairs(router, "hello"), 10)
+        client = StatsClient(asker)
+
+        def ask() -> int:
+            assert client.request(fake)
+            got: list[Any] = []
+            wait_until(lambda: got.extend(_pairs(router, STATS_KIND)) or got, 5)
+            rid: int = got[-1]["rid"]
+            return rid
+
+        def answer(body: object) -> None:
+            dealer.send_multipart(control.encode_frames(
+                [(STATS_REPLY_KIND, msgpack.packb(body, use_bin_type=True))]))
+
+        good = {"v": 1, "ok": True, "uptime_s": 1.0, "peers": [], "truncated": []}
+        for bad in ("garbage", {**good, "uptime_s": "abc"}, {**good, "peers": 7},
+                    {**good, "truncated": [1]}, {**good, "metrics": []}):
+            before = client.malformed
+            answer(bad if isinstance(bad, str) else {**bad, "rid": ask()})
+            wait_until(lambda b=before: client.malformed == b + 1, 5)
+        rid = ask()
+        answer({**good, "rid": rid + 1, "metrics": {}})  # not the outstanding rid
+        wait_until(lambda: client.unexpected == 1, 5)
+        esc = "q\x1b[2J\x1b]0;pwned\x07"
+        answer({**good, "rid": rid, "name": "\x1b[31m", "metrics": {
+            "queue_pending": {"samples": [{"labels": {"queue": esc}, "value": 3},
+                                          {"labels": {"queue": 5}, "value": 1}, "junk",
+                                          {"labels": {"queue": "n"}, "value": float("nan")},
+                                          {"labels": {"queue": "b"}, "value": True}]},
+            "consumer_lag": {"samples": 7}, "requests_served_total": "x",
+            "events_published_total": {"samples": [{"labels": {"pattern": "pubsub",
+                                                               "stream": "s" * 10_000},
+                                                    "value": 1}]}}})
+        wait_until(lambda: fake in client.latest, 5)
+        view = build_view(asker.id, asker.name, mesh, asker.peers.records(),
+                          client.snapshot(), {})
+        assert [(q["queue"], q["depth"]) for q in view["queues"]] == [(esc, 3)]
+        text = "\n".join(render(view))
+        assert "\x1b" not in text and "\x07" not in text and "q?[2J" in text
+        assert max(map(len, text.splitlines())) < 400  # a 10,000-char name is cut
+        json.dumps(view)  # still data
+    finally:
+        dealer.close()
+        router.close()
+        asker.close()

@@ -47,14 +47,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _samples(body: dict[str, Any], name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one family, as far as they have the documented shape (a reply is the
+    answering node's word: anything else in it is skipped, never trusted to be well-formed)."""
     fam = body.get("metrics", {}).get(name)
-    if not isinstance(fam, dict):
+    samples = fam.get("samples") if isinstance(fam, dict) else None
+    if not isinstance(samples, list):
         return []
     out = []
-    for s in fam.get("samples", ()):
-        if isinstance(s, dict) and isinstance(s.get("labels"), dict) and \
-                isinstance(s.get("value"), int | float):
-            out.append((s["labels"], float(s["value"])))
+    for s in samples:
+        if not isinstance(s, dict):
+            continue
+        lab, v = s.get("labels"), s.get("value")
+        if isinstance(lab, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                         for k, x in lab.items()) and \
+                isinstance(v, int | float) and not isinstance(v, bool) and v == v and \
+                abs(v) != float("inf"):
+            out.append((lab, float(v)))
     return out
 
 
@@ -83,11 +91,14 @@ def _int(v: float | None) -> int | None:
 
 
 def build_view(self_id: str, self_name: str, mesh: str, records: list[Any],
-               latest: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+               latest: dict[str, Any], previous: dict[str, Any],
+               stale_after: float | None = None) -> dict[str, Any]:
     """The whole view as plain data (what ``--json`` prints).
 
     ``records``: this node's peer table rows; ``latest`` / ``previous``: node id -> the last
-    and the one before (a :class:`mesh.observe.StatsReply`), for rates.
+    and the one before (a :class:`mesh.observe.StatsReply`), for rates. A node whose last
+    answer is older than ``stale_after`` seconds shows ``stats: "stale"`` (its numbers are
+    still the last it sent; a stopped or overloaded node is not a dead one).
     """
     nodes, streams, queues, services = [], [], [], []
     stream_rows: dict[str, dict[str, Any]] = {}
@@ -106,8 +117,9 @@ def build_view(self_id: str, self_name: str, mesh: str, records: list[Any],
         body = rep.body
         prev_rep = previous.get(nid)
         prev = prev_rep.body if prev_rep is not None and prev_rep.ok else None
-        row["stats"] = "ok"
-        row["age_s"] = round(time.monotonic() - rep.received, 3)
+        age = time.monotonic() - rep.received
+        row["stats"] = "stale" if stale_after is not None and age > stale_after else "ok"
+        row["age_s"] = round(age, 3)
         row["uptime_s"] = round(float(body.get("uptime_s", 0)), 3)
         peers = body.get("peers", [])
         row["peers"] = sum(1 for p in peers if isinstance(p, dict) and p.get("state") == "joined")
@@ -199,7 +211,14 @@ def _age(s: float | None) -> str:
     return f"{h}h{m % 60:02d}m" if s < 86400 else f"{d}d{h % 24:02d}h"
 
 
+def _clean(text: str, limit: int = 80) -> str:
+    """Printable only (names come from peers: no terminal escapes), at most ``limit`` chars."""
+    out = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return out if len(text) <= limit else out[:-1] + "~"
+
+
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [tuple(_clean(c) for c in r) for r in rows]
     widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
             for r in (head, *rows)]
@@ -311,7 +330,8 @@ class _Poller:
 
     def view(self) -> dict[str, Any]:
         return build_view(self.node.id, self.node.name, self.node.mesh,
-                          self.node.peers.records(), self.latest, self.previous)
+                          self.node.peers.records(), self.latest, self.previous,
+                          stale_after=max(3 * self.interval, 5.0))
 
 
 def cmd_top(args: argparse.Namespace) -> int:
