@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,3 +318,51 @@ def test_screen_without_peers_says_so_and_q_quits(tmux: Tmux) -> None:
     tmux.run("send-keys", "-t", "top", "q")
     wait_until(lambda: rc.exists() and rc.read_text().strip(), 10, what="mesh top exited")
     assert rc.read_text().strip() == "0"
+
+
+def test_a_stopped_node_shows_stale_then_ok_again(tmp_path: Path) -> None:
+    """SIGSTOP is a slow, alive peer: its last numbers stay, marked stale; SIGCONT: ok."""
+    import signal
+
+    from tests.node_child import CODE
+    from tests.util import python_child
+
+    mesh = unique("top")
+    child = python_child(CODE, json.dumps({"data_dir": str(tmp_path / "frozen"),
+                                           "name": "frozen", "mesh": mesh,
+                                           "interface": "127.0.0.1"}),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    top = None
+    try:
+        assert child.stdout is not None
+        ready = json.loads(child.stdout.readline())
+        ep = next(e for e in ready["endpoints"]["control"] if e.startswith("tcp://"))
+        top = subprocess.Popen([sys.executable, "-m", "mesh", "top", "--json", "--interval",
+                                "0.3", "--no-mdns", "--interface", "127.0.0.1", "--mesh", mesh,
+                                "--peer", ep], env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+        assert top.stdout is not None
+
+        def until(stats: str, timeout: float = 15.0) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout
+            for line in top.stdout:  # type: ignore[union-attr]  # a line every 0.3 s
+                assert time.monotonic() < deadline, f"frozen never showed {stats}"
+                rows = [n for n in json.loads(line)["nodes"] if n["name"] == "frozen"]
+                if rows and rows[0]["stats"] == stats:
+                    return rows[0]
+            raise AssertionError(f"mesh top ended before frozen showed {stats}")
+
+        until("ok")
+        child.send_signal(signal.SIGSTOP)
+        row = until("stale")
+        assert row["state"] in ("joined", "evasive") and row["uptime_s"] is not None
+        child.send_signal(signal.SIGCONT)
+        assert until("ok")["state"] == "joined"
+        top.send_signal(signal.SIGINT)
+        assert top.wait(timeout=10) == 0
+    finally:
+        child.send_signal(signal.SIGCONT)
+        for p in (top, child):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()

@@ -331,7 +331,7 @@ class _Poller:
     def view(self) -> dict[str, Any]:
         return build_view(self.node.id, self.node.name, self.node.mesh,
                           self.node.peers.records(), self.latest, self.previous,
-                          stale_after=max(3 * self.interval, 5.0))
+                          stale_after=3 * self.interval + 1.0)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
