@@ -59,6 +59,8 @@ NODE_WIDE = RateLimit(rate=50.0, burst=100.0)
 _REPLY_SLACK = 4096
 _MAX_RID = (1 << 63) - 1
 _MAX_PEERS_LISTED = 4096
+#: Names a request may list in ``families``.
+_MAX_FAMILIES = 256
 
 
 def _packed_len(value: object) -> int:
@@ -82,7 +84,8 @@ class StatsResponder:
         self._peer_buckets = TokenBuckets(per_peer, max_keys=1024)
         self._node_bucket = TokenBuckets(node_wide, max_keys=1)
         self._cache_s = cache_s
-        self._cache: tuple[float, dict[str, Any], list[str]] | None = None
+        self._cache: tuple[float, dict[str, Any]] | None = None
+        self._full_cut: tuple[dict[str, Any], list[str]] | None = None
         self._log = LogLimiter(log)
         self.counters: dict[str, int] = dict.fromkeys(
             ("requests", "answered", "rate_limited", "forbidden", "malformed",
@@ -118,20 +121,33 @@ class StatsResponder:
         if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= _MAX_RID:
             self._bad("malformed", "from %s: bad rid", peer_id)
             return
+        families = body.get("families")
+        if families is not None and not (
+                isinstance(families, list) and len(families) <= _MAX_FAMILIES
+                and all(isinstance(f, str) and len(f) <= 200 for f in families)):
+            self._bad("malformed", "from %s: bad families", peer_id)
+            return
         if not self.node.permits(peer_id, "observe", self.node.name):
             self.counters["forbidden"] += 1
             self._reply(peer_id, {"v": STATS_VERSION, "rid": rid, "ok": False,
                                   "error": "forbidden",
                                   "message": f"observe:{self.node.name} not permitted"})
             return
-        self._reply(peer_id, self._answer(rid, now))
+        self._reply(peer_id, self._answer(rid, now, families))
 
-    def _answer(self, rid: int, now: float) -> dict[str, Any]:
+    def _answer(self, rid: int, now: float, families: list[str] | None) -> dict[str, Any]:
         cached = self._cache
         if cached is None or now - cached[0] > self._cache_s:
-            cached = self._cache = (now, *self._snapshot(now))
+            cached = self._cache = (now, self.node.metrics.as_dict())
+            self._full_cut = None
             self.counters["collections"] += 1
-        t, metrics, truncated = cached
+        t, full = cached
+        if families is None:
+            if self._full_cut is None:  # every unfiltered answer of this snapshot is the same
+                self._full_cut = self._cut(full, t)
+            metrics, truncated = self._full_cut
+        else:
+            metrics, truncated = self._cut({k: full[k] for k in families if k in full}, t)
         if truncated:
             self.counters["truncated"] += 1
         return {"v": STATS_VERSION, "rid": rid, "ok": True, **self._head(t),
@@ -144,11 +160,10 @@ class StatsResponder:
         return {"node_id": node.id, "name": node.name, "mesh": node.mesh,
                 "uptime_s": t - self.started, "time": time.time(), "peers": peers}
 
-    def _snapshot(self, now: float) -> tuple[dict[str, Any], list[str]]:
-        """The registry's families, whole ones left out (and named) past the size cap."""
-        families: dict[str, Any] = self.node.metrics.as_dict()
+    def _cut(self, families: dict[str, Any], t: float) -> tuple[dict[str, Any], list[str]]:
+        """``families``, whole ones left out (and named) past the size cap."""
         limit = self.node.config.max_message_bytes - _REPLY_SLACK
-        limit -= _packed_len({"rid": _MAX_RID, **self._head(now)})
+        limit -= _packed_len({"rid": _MAX_RID, **self._head(t)})
         kept: dict[str, Any] = {}
         truncated: list[str] = []
         used = 0
@@ -231,13 +246,17 @@ class StatsClient:
         self.malformed = 0
         node.handle(STATS_REPLY_KIND, self._on_reply)
 
-    def request(self, peer_id: str) -> bool:
-        """Send a ``node.stats`` request to ``peer_id``; False when it is not reachable."""
+    def request(self, peer_id: str, families: list[str] | None = None) -> bool:
+        """Send a ``node.stats`` request to ``peer_id`` (only ``families`` when given: a
+        smaller reply, less held here); False when the peer is not reachable."""
         with self._lock:
             rid = next(self._rids) & _MAX_RID
             self._pending[peer_id] = (rid, time.monotonic())
+        body: dict[str, Any] = {"v": STATS_VERSION, "rid": rid}
+        if families is not None:
+            body["families"] = list(families)
         try:
-            self.node.send(peer_id, STATS_KIND, {"v": STATS_VERSION, "rid": rid})
+            self.node.send(peer_id, STATS_KIND, body)
         except (PeerUnreachable, ClosedError, ProtocolError):
             with self._lock:
                 self._pending.pop(peer_id, None)

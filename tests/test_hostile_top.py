@@ -217,6 +217,19 @@ def test_a_snapshot_over_max_message_bytes_is_cut_by_whole_families(tmp_path: Pa
         assert "peers" in body["metrics"] and "stats_requests_total" in body["metrics"]
         assert len(msgpack.packb(body, use_bin_type=True)) <= limit
         assert victim.stats()["stats_truncated"] == 1
+        # asking for named families only: those (that exist), nothing cut
+        assert c.request(victim.id, ["peers", "zz_many_streams_total", "no_such_family"])
+        wait_until(lambda: c.latest[victim.id].body["rid"] != body["rid"], 10)
+        small = c.latest[victim.id].body
+        assert sorted(small["metrics"]) == ["peers"] and small["truncated"] == [
+            "zz_many_streams_total"]
+        assert c.request(victim.id, ["peers"])
+        wait_until(lambda: c.latest[victim.id].body["rid"] != small["rid"], 10)
+        assert c.latest[victim.id].body["truncated"] == []
+        # a malformed families list is counted and not answered
+        assert c.request(victim.id, [1, 2])  # type: ignore[list-item]
+        wait_until(lambda: victim.stats()["stats_malformed"] == 1, 10)
+        assert c.pending(victim.id)
     finally:
         asker.close()
         victim.close()

@@ -278,6 +278,15 @@ def fit(lines: list[str], cols: int, rows: int) -> list[str]:
 # --- running -----------------------------------------------------------------------------------
 
 
+#: The families the view reads: a node sends only these (smaller replies, less held here).
+FAMILIES = (
+    "consumer_lag", "dlq_events_pending", "event_processing_errors_total",
+    "events_consumed_total", "events_published_total", "queue_delayed", "queue_inflight",
+    "queue_pending", "queue_workers", "redeliveries_total", "requests_busy_total",
+    "requests_running", "requests_served_total", "stream_head", "tasks_acked_total",
+)
+
+
 class _Poller:
     """Asks every live peer for stats once per interval; keeps the last two replies."""
 
@@ -299,7 +308,7 @@ class _Poller:
             t = self.asked.get(nid)
             if t is None or now - t >= self.interval:
                 self.asked[nid] = now
-                self.client.request(nid)
+                self.client.request(nid, list(FAMILIES))
         for nid, rep in self.client.snapshot().items():
             cur = self.latest.get(nid)
             if cur is None or rep.received != cur.received:
