@@ -49,6 +49,7 @@ from mesh.errors import (
 )
 from mesh.log.directory import set_atrest_key
 from mesh.metrics import Collect, Registry
+from mesh.observe import STATS_KIND, StatsResponder
 from mesh.peers import (
     OFFER_KINDS,
     PROTOCOL_VERSION,
@@ -341,6 +342,11 @@ class Node:
         self.metrics = Registry()
         self.metrics.register_collector(self._collect_metrics)
         self.metrics.register_collector(self._collect_budgets)
+        # node.stats on the control channel (mesh.observe): rate-limited, size-capped, and
+        # under CURVE only for peers permitted "observe"
+        self._stats_responder = StatsResponder(self)
+        self.metrics.register_collector(self._stats_responder.collect)
+        self._handlers[STATS_KIND] = self._stats_responder.on_request
         self._discovery: Any = None
         # The ZAP handler must listen before the first CURVE server binds (libzmq lets every
         # client in when no handler is there).
@@ -858,6 +864,7 @@ class Node:
         if discovery is not None:  # mDNS counters and budgets, prefixed mdns_
             out.update({f"mdns_{k}": v for k, v in discovery.stats().items()})
         out.update(self._budget_stats())
+        out.update(self._stats_responder.stats())
         out["metrics"] = self.metrics.as_dict()
         return out
 

@@ -32,6 +32,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.rpc_cmd",
     "mesh.cli.streams_cmd",
     "mesh.cli.stats_cmd",
+    "mesh.cli.top_cmd",
 )
 
 

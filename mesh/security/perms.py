@@ -12,6 +12,7 @@ push        add tasks to a queue (pipeline producer)
 work        take tasks from a queue (pipeline worker)
 call        send requests to a service
 serve       answer a service's requests
+observe     ask a node for its stats (``node.stats``; resource: the node's name)
 ``*``       every action
 =========== ==========================================================================
 
@@ -31,7 +32,7 @@ from mesh.errors import ConfigError, PermissionDenied
 
 __all__ = ["ACTIONS", "PermissionTable", "Permissions", "Rule", "parse_rule"]
 
-ACTIONS = ("publish", "subscribe", "replay", "push", "work", "call", "serve")
+ACTIONS = ("publish", "subscribe", "replay", "push", "work", "call", "serve", "observe")
 
 
 @dataclass(frozen=True)
