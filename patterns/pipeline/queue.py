@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, ConfigError, LogError, LogFull, MeshTimeout, ProtocolError
 from mesh.log import FsyncPolicy, Log
 from mesh.peers import PeerEvent, PeerEventKind
@@ -32,6 +33,7 @@ from .dlq import DLQ_THREAD, DeadLetters, encode_dead_letter, open_dlq_log
 from .store import COMPACT_BYTES, QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
+_limited = LogLimiter(log)  # lines a remote peer can trigger
 
 _RECV_BATCH = 2000
 #: Backoff of journal / DLQ writes retried while the disk is full (seconds, doubling).
@@ -527,7 +529,8 @@ class WorkQueue:
             if (key is None or peer is None or peer != value.node_id
                     or not self.node.permits(peer, "work", self.name)):
                 self._forbidden += 1
-                log.warning("queue %s: READY from %s (key %s) refused", self.name, peer, key)
+                _limited.warning("ready-refused", "queue %s: READY from %s (key %s) refused",
+                                 self.name, peer, key)
                 return False
             self._ident_keys[ident] = key
             return True

@@ -1072,7 +1072,8 @@ class Subscriber:
         # Logged but undecodable: a typed gap (counted), never a stall; the position passes
         # it only when iteration reaches it, never over events still waiting before it.
         self._stats.bad_events += 1
-        _log.warning("pubsub: undecodable event %s #%d: %s", key, seq, exc)
+        self._logs.warning(f"undecodable:{key[0]}", "pubsub: undecodable event %s #%d: %s",
+                           key, seq, exc)
         reason = "oversize" if isinstance(exc, EventTooLarge) else "undecodable"
         self._ready.append((key, seq, _Mark(seq + 1, None,
                                             StreamGap(key[0], key[1], seq, seq + 1, reason),
@@ -1095,7 +1096,8 @@ class Subscriber:
                 verifier.verify(ev)
             except SignatureInvalid as exc:
                 self._stats.bad_signatures += 1
-                _log.warning("pubsub: event %s #%d refused: %s", key, seq, exc)
+                self._logs.warning(f"signature:{key[0]}", "pubsub: event %s #%d refused: %s",
+                                   key, seq, exc)
                 # The cursor passes it in order, when iteration reaches it.
                 ready.append((key, seq, _Mark(seq + 1, None, None)))
             else:
