@@ -1,4 +1,4 @@
-"""Benchmark: a work queue's restart time, RSS and disk after a long life (issue 15).
+"""Benchmark: a work queue's restart time, RSS and disk after a long life.
 
 Run: ``python bench/bench_queue_life.py --tasks 1000000 3000000`` (each size: a child process
 pushes that many tasks through a WorkQueue with two in-process workers, at most ``--window``

@@ -1,4 +1,4 @@
-"""Benchmark: thousands of durable streams in one process (issue 14).
+"""Benchmark: thousands of durable streams in one process.
 
 Run: ``python bench/bench_streams.py`` (10,000 streams, both parts) or
 ``python bench/bench_streams.py --streams 2000 --part log``.

@@ -1,6 +1,6 @@
 """A durable subscription that resumes after a restart, even after kill -9.
 
-    python examples/durable_resume.py
+    python -m examples.durable_resume
 
 A consumer *process* reads a stream through the durable subscription "billing" and is killed
 with SIGKILL part-way. Restarted with the same data directory, it resumes from its last
@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node
 from patterns.pubsub import Publisher
@@ -49,7 +47,7 @@ def main(tmp: str) -> None:
             Publisher(node, "invoices") as pub:
         ep = node.info().endpoints["control"][0]
         pub.publish_many([{"invoice": i} for i in range(N)])
-        args = [sys.executable, __file__, "consumer", f"{tmp}/consumer", ep, out]
+        args = [sys.executable, "-m", __spec__.name if __spec__ else "examples.durable_resume", "consumer", f"{tmp}/consumer", ep, out]
         first = subprocess.run([*args, "120"], timeout=60)
         print("consumer killed:", first.returncode == -signal.SIGKILL)
         second = subprocess.run([*args, "0"], timeout=60)

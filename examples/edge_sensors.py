@@ -1,6 +1,6 @@
 """Edge sensors: store and forward while the consumer is away, then catch up.
 
-    python examples/edge_sensors.py
+    python -m examples.edge_sensors
 
 A sensor node keeps publishing readings to its durable log whether or not anyone listens. The
 aggregator (a durable subscription named "agg") reads a few, goes away (its node is closed, as
@@ -12,11 +12,7 @@ broker: the sensor is the store.
 
 from __future__ import annotations
 
-import sys
 import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node
 from patterns.pubsub import Publisher, Start, Subscriber

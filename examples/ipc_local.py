@@ -1,6 +1,6 @@
 """IPC between local processes: the same API over ipc:// (Unix domain sockets), no TCP.
 
-    python examples/ipc_local.py
+    python -m examples.ipc_local
 
 The parent starts a node that binds only ipc:// endpoints, then starts a child *process* (this
 script with the argument ``child``) whose node also uses only ipc:// and names the parent's
@@ -14,9 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node
 from patterns.pubsub import Publisher, Start, Subscriber
@@ -39,7 +36,7 @@ def main(tmp: str) -> None:
         eps = node.info().endpoints["control"]
         assert all(e.startswith("ipc://") for e in eps), eps
         print("parent control endpoint:", eps[0])
-        proc = subprocess.Popen([sys.executable, __file__, "child", f"{tmp}/child", eps[0]],
+        proc = subprocess.Popen([sys.executable, "-m", __spec__.name if __spec__ else "examples.ipc_local", "child", f"{tmp}/child", eps[0]],
                                 stdin=subprocess.PIPE)
         try:
             got = []

@@ -1,7 +1,7 @@
 """Peer-to-peer services with failover: two responders share the calls; one stops, and
 every later call goes to the other, with no error.
 
-    python examples/p2p_failover.py
+    python -m examples.p2p_failover
 
 Two nodes offer the "quote" service; a client node calls it by name (no address). The client
 balances calls by the free capacity each responder advertises, so both serve. Then one
@@ -13,13 +13,9 @@ idempotent handlers. A responder that is only slow or silent keeps its calls.)
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node
 from patterns.reqrep import Client, Incoming, Service

@@ -1,6 +1,6 @@
 """asyncio work queue: a producer and a decorator-style async worker on one node.
 
-Run: python examples/pipeline_async.py
+Run: python -m examples.pipeline_async
 """
 
 from __future__ import annotations

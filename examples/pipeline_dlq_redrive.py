@@ -1,6 +1,6 @@
 """A work pipeline with a dead-letter queue and redrive.
 
-    python examples/pipeline_dlq_redrive.py
+    python -m examples.pipeline_dlq_redrive
 
 A producer pushes orders; the worker has a bug that makes it fail on one of them. The failing
 task is retried with backoff, then dead-lettered after ``max_deliveries`` with its error and
@@ -11,12 +11,8 @@ The same operations exist on the command line: ``mesh dlq list|show|redrive DIR 
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node
 from patterns.pipeline import Backoff, DispatchConfig, Task, Worker, WorkQueue

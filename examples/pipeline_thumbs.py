@@ -1,6 +1,6 @@
 """A work queue with a producer and a worker on two nodes of one mesh (static peers, no mDNS).
 
-Run: python examples/pipeline_thumbs.py
+Run: python -m examples.pipeline_thumbs
 """
 
 from __future__ import annotations

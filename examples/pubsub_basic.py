@@ -1,4 +1,4 @@
-"""Durable pub/sub between two nodes in one process (run: python examples/pubsub_basic.py)."""
+"""Durable pub/sub between two nodes in one process (run: python -m examples.pubsub_basic)."""
 
 from __future__ import annotations
 

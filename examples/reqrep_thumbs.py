@@ -1,6 +1,6 @@
 """Request/reply example: a "thumbs" service and a client, in one process, two nodes.
 
-    python examples/reqrep_thumbs.py
+    python -m examples.reqrep_thumbs
 
 Shows the sync call, the asyncio call with many in flight, a typed remote error and the
 deadline error when nobody offers a name.
@@ -9,12 +9,8 @@ deadline error when nobody offers a name.
 from __future__ import annotations
 
 import asyncio
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node
 from patterns.reqrep import (

@@ -1,6 +1,6 @@
 """A secured mesh with a mesh authority: CURVE everywhere, signed node keys, permissions.
 
-    python examples/secured_mesh.py
+    python -m examples.secured_mesh
 
 One-time setup (what ``mesh ca init`` / ``mesh keygen`` / ``mesh ca sign`` do on the command
 line): a mesh authority (an Ed25519 key) signs a certificate for each node, binding its node id
@@ -15,13 +15,10 @@ of keys. Then:
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.node import Node, load_node_id
 from mesh.security import SecurityConfig

@@ -186,6 +186,41 @@ class NodeConfig:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
 
 
+def load_proof_key(data_dir: Path) -> bytes:
+    """Read ``data_dir/node.proof_key`` (32 random bytes, mode 0600), creating it when absent.
+
+    A node's HELLOs carry ``HMAC(key, receiver id | endpoint)``; a receiver rebinds a node id
+    at once to a new connection showing the proof the old one showed. The key lives with the
+    node id, so it survives restarts and moves with the data dir, as the id does.
+
+    Raises:
+        ConfigError: the file cannot be read or written, or has the wrong size.
+    """
+    path = data_dir / "node.proof_key"
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        key = os.urandom(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this data dir made it first
+            return load_proof_key(data_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {path}: {exc}") from exc
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if len(key) != 32:
+        raise ConfigError(f"{path} is damaged ({len(key)} bytes, expected 32); delete it "
+                          "(peers then wait a moment before they believe this node's restart)")
+    return key
+
+
 def load_node_id(data_dir: Path) -> str:
     """Read ``data_dir/node.id``, creating it (atomic write + rename + fsync) when absent.
 
@@ -324,12 +359,14 @@ class Node:
         # routing id a node id currently speaks through, set by a HELLO the connection carried.
         self._node_rid: dict[str, bytes] = {}
         self._proofs: dict[str, bytes] = {}  # node id -> the proof its bound connection showed
-        #: node id -> a HELLO from another connection waiting for the bound one to go quiet
-        # node id -> (connection, key, HELLO body, time, latest UPDATE body or None)
+        # A HELLO from another connection waiting for the bound one to go quiet: node id ->
+        # (connection, key, HELLO body, time, latest UPDATE body or None)
         self._claims: dict[str, tuple[bytes, str | None, Any, float, Any]] = {}
         self._claim_answered: dict[str, float] = {}
         self._id_src: dict[str, object] = {}  # node id -> the source charged for it
-        self._proof_secret = os.urandom(32)
+        # Kept in the data dir, so a restart of this node proves it is the one that spoke on
+        # the old connection and rebinds its id at once (in plaintext nothing else can).
+        self._proof_secret = load_proof_key(self.data_dir)
         self._msg_limit = config.max_message_bytes + _MSG_SLACK
         self._peer_budget = Budget(
             "peer_ids",
@@ -1199,11 +1236,14 @@ class Node:
                 continue
             if not bound or peer_id is None:
                 claim = self._claims.get(peer_id) if peer_id is not None else None
-                if claim is not None and claim[0] == ident and m.kind == control.UPDATE:
-                    # The claimant's latest state (one per claim): applied if the claim is
-                    # bound, so a restarted node's offers made meanwhile are not lost.
-                    assert peer_id is not None
-                    self._claims[peer_id] = (*claim[:4], m.body)
+                if claim is not None and claim[0] == ident:
+                    if m.kind == control.UPDATE:
+                        # The claimant's latest state (one per claim): applied if the claim is
+                        # bound, so a restarted node's offers made meanwhile are not lost.
+                        assert peer_id is not None
+                        self._claims[peer_id] = (*claim[:4], m.body)
+                    else:  # expected while its claim is held: counted, not logged
+                        self._count("claimant_messages_dropped")
                     continue
                 self._bad("unknown_sender", "%s from %r, which sent no valid HELLO on this "
                           "connection", m.kind, ident[:40])
@@ -1449,8 +1489,12 @@ class Node:
             # The node id is live on another connection: this one may be a stranger. Held
             # (one per node id) until the bound connection is quiet, then retried by _tick.
             self._claims[peer_id] = (ident, key, body, now, None)
-            self._bad("id_claims_held", "HELLO for live %s from another connection held",
-                      peer_id)
+            # A restart without its proof (it dialled another endpoint, or lost its data dir)
+            # looks exactly like this: counted, and said at INFO, not as a warning.
+            self._count("id_claims_held")
+            self._log.log(logging.INFO, "id_claims_held", "node %s: HELLO for live %s from "
+                           "another connection held until its bound one is quiet",
+                           self.name, peer_id)
             link = self._links.get(peer_id)
             if (hello.dial is not None and not hello.reply and link is not None
                     and now - self._claim_answered.get(peer_id, -1e9)

@@ -56,7 +56,7 @@ def main() -> None:
                 presence=PresenceConfig(0.1, 0.3, GONE_S) if GONE_S else PRESENCE,
                 static_peers=(peer,) if peer else ())
     # Offer only once the hub is live: an offer made before that is not announced to it
-    # (node core issue, /work/briefs/requests-reqrep.md).
+    #.
     deadline = time.monotonic() + 10
     while peer and not node.peers.list() and time.monotonic() < deadline:
         time.sleep(0.005)  # a poll, not a timed wait for an outcome

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +74,27 @@ def test_mesh_bridge_process_forwards_and_stops(tmp_path: Path, mosquitto: Broke
 
 
 def test_example_bridge_mqtt_runs(mosquitto: Broker) -> None:  # noqa: F811
-    r = subprocess.run([sys.executable, "examples/bridge_mqtt.py", "--port", str(mosquitto.port),
-                        "--count", "10"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "examples.bridge_mqtt", "--port",
+                        str(mosquitto.port), "--count", "10"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "forwarded=10" in r.stdout
+    assert "outbound: 10 readings" in r.stdout and "forwarded=10" in r.stdout
+    assert "inbound: site/cmd/kitchen -> mesh stream cmd.kitchen" in r.stdout
+
+
+def test_example_bridge_mqtt_survives_its_broker_restart() -> None:
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed")
+    r = subprocess.run([sys.executable, "-m", "examples.bridge_mqtt", "--count", "10"],
+                       cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "(20 of 20, none lost)" in r.stdout and "inbound:" in r.stdout
+
+
+def test_example_bridge_mqtt_says_when_no_broker_answers() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    r = subprocess.run([sys.executable, "-m", "examples.bridge_mqtt", "--port", str(port)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no MQTT broker answers" in r.stderr, (r.stdout, r.stderr)

@@ -1,4 +1,4 @@
-"""``mesh top`` against a real mesh (issue 19, "The mesh at a glance").
+"""``mesh top`` against a real mesh ("The mesh at a glance").
 
 Two nodes on loopback (no mDNS): alpha runs a Publisher, a WorkQueue and a Service; beta a
 durable Subscriber, a Worker and a Client, dialling alpha. ``mesh top`` is pointed at alpha

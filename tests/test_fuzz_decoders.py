@@ -1,4 +1,4 @@
-"""Fuzzing of every decoder that reads bytes from the network or the disk (issue 9).
+"""Fuzzing of every decoder that reads bytes from the network or the disk.
 
 Each decoder gets hostile input three ways: random bytes, random *well-formed msgpack* of
 random shape (gets past the first parser, exercises the shape checks), and a valid encoding

@@ -1,4 +1,4 @@
-"""Hostile-peer tests of mDNS discovery and the metrics HTTP endpoint (issue 17).
+"""Hostile-peer tests of mDNS discovery and the metrics HTTP endpoint.
 
 The attacker is a stranger on the LAN: a real python-zeroconf instance on 127.0.0.1 sending
 forged goodbyes, bare pointers, floods of records and malformed ones; and raw TCP sockets

@@ -1,4 +1,4 @@
-"""Hostile peers on the node's control channel (issue 17, items of mesh/node.py).
+"""Hostile peers on the node's control channel (items of mesh/node.py).
 
 Attacks with raw pyzmq sockets against real nodes on 127.0.0.1, plaintext and CURVE with an
 insider key (a key the victim's allowlist admits): routing-id takeover, HELLO floods (one

@@ -1,4 +1,4 @@
-"""Hostile peers on the pub/sub data path (issue 17: spoofed publisher, forged heartbeat,
+"""Hostile peers on the pub/sub data path (spoofed publisher, forged heartbeat,
 subscription flood).
 
 Real nodes on 127.0.0.1, attackers with raw pyzmq sockets: an impostor node that offers the

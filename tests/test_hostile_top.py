@@ -1,4 +1,4 @@
-"""Hostile peers against ``node.stats`` (issue 19, the stats request ``mesh top`` uses).
+"""Hostile peers against ``node.stats`` (the stats request ``mesh top`` uses).
 
 - Under CURVE, a peer whose key is admitted but not permitted ``observe`` gets a typed
   refusal (``forbidden``), counted, and no metrics; a permitted one gets the snapshot; ``mesh

@@ -1,5 +1,5 @@
 """The log over a long life: many streams, quiet streams, clock jumps, killed writers,
-deleted segments and retention floors (issue 14). Real files, real processes, real SIGKILL."""
+deleted segments and retention floors. Real files, real processes, real SIGKILL."""
 
 from __future__ import annotations
 

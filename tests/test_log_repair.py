@@ -1,5 +1,5 @@
 """``mesh log repair`` run as a real subprocess: damaged ranges are cut out, the log opens and
-reads cleanly past them, and the hole keeps the LogCorruptedRange contract (issue 14)."""
+reads cleanly past them, and the hole keeps the LogCorruptedRange contract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Work queue durability (issue 15): power cuts, deleted and damaged files, a full disk, the
+"""Work queue durability: power cuts, deleted and damaged files, a full disk, the
 queue logs' own namespace, and memory bounded by what is in flight. Real files, real sockets,
 real child processes killed with SIGKILL."""
 

@@ -1,4 +1,4 @@
-"""Commit means handled (issue 14): recv_batch, AsyncSubscriber exits and cancellation, a
+"""Commit means handled: recv_batch, AsyncSubscriber exits and cancellation, a
 subscriber used from two threads, stats while a consumer waits, and undecodable events.
 
 Real nodes on 127.0.0.1 (mdns off, static peers), real sockets and cursor files; a restart

@@ -1,4 +1,4 @@
-"""What users expect of pub/sub (issue 14): same-node delivery, Start.new for streams that
+"""What users expect of pub/sub: same-node delivery, Start.new for streams that
 appear later, and forgetting publishers that left. Real nodes on 127.0.0.1 (mdns off)."""
 
 from __future__ import annotations

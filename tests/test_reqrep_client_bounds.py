@@ -1,4 +1,4 @@
-"""Client-side bounds of request/reply (issue 16): the balancer's in-flight count, durable
+"""Client-side bounds of request/reply: the balancer's in-flight count, durable
 requests that outlast a round, and the durable client's pruning. Real nodes on 127.0.0.1."""
 
 from __future__ import annotations

