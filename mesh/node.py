@@ -1087,12 +1087,12 @@ class Node:
 
     def _send_hello(self, link: _Link, reply: bool = False, ack: int | None = None) -> None:
         dial = link.token if link.token in self._dials else None
-        proof = None
-        if link.node_id is not None:
-            # Same for every connection of this process to that node at that endpoint, and
-            # seen by nobody else: a new connection showing it is us, not a stranger.
-            proof = hmac.new(self._proof_secret, f"{link.node_id}|{link.endpoint}".encode(),
-                             hashlib.sha256).digest()[:16]
+        # Same for every connection of this node (its data dir's key) to that endpoint, and
+        # seen by nobody else: a new connection showing it is us, not a stranger. Keyed by
+        # the endpoint alone, so a static dial's first HELLO (the receiver's id not known yet)
+        # carries it too, and a receiver cannot replay it to another receiver.
+        proof = hmac.new(self._proof_secret, f"hello-proof|{link.endpoint}".encode(),
+                         hashlib.sha256).digest()[:16]
         body = control.hello_to_wire(Hello(self.info(), dial=dial, ack=ack, reply=reply,
                                            proof=proof))
         self._enqueue(link, control.HELLO, control.encode_body(body, self.config.max_message_bytes))
