@@ -59,3 +59,34 @@ def test_every_command_takes_json() -> None:
                if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)
                and path != "mesh" and "--json" not in p._option_string_actions]
     assert not lacking, lacking
+
+
+def _readme_block() -> list[str]:
+    import pathlib
+
+    text = (pathlib.Path(REPO) / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    return [ln for ln in block.splitlines() if ln.startswith("mesh ")]
+
+
+def test_the_readme_command_list_matches_the_parser() -> None:
+    """Every command the parser has is in README's Command line block, every command and
+    option the block shows exists (so the two cannot drift apart silently)."""
+    parsers = dict(_parsers(build_parser()))
+    top = {path.split()[1] for path in parsers if len(path.split()) == 2}
+    shown: set[str] = set()
+    for line in _readme_block():
+        for part in line.split("#", 1)[0].split("  |  "):
+            words = part.split()
+            if len(words) < 2 or words[0] != "mesh" or words[1].startswith("-"):
+                continue
+            cmd = words[1]
+            shown.add(cmd)
+            assert f"mesh {cmd}" in parsers, f"README shows unknown command {cmd!r}"
+            opts = {w.strip("[]|(),").split("=")[0] for w in words if w.strip("[]").startswith("--")}
+            known = set()
+            for path, p in parsers.items():
+                if path == f"mesh {cmd}" or path.startswith(f"mesh {cmd} "):
+                    known |= set(p._option_string_actions)
+            assert opts <= known, (cmd, opts - known)
+    assert top <= shown, f"commands missing from README: {sorted(top - shown)}"
