@@ -693,7 +693,6 @@ class _PubHub:
         elif room - REPLY_COST < REPLAY_MIN_CHUNK or self.node.backlogged(peer_id):
             # Over its budget, or it does not read what we send: refuse (typed, cheap);
             # the subscriber asks again after retry_ms, with backoff.
-            self.replay_busy += 1
             budget.refused += 1
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0, False,
                                       "busy", retry_ms=REPLAY_RETRY_MS)
@@ -708,6 +707,8 @@ class _PubHub:
             self.logs.warning("replay_dropped", "pubsub: replay budget of %s full: request "
                               "not answered", peer_id)
             return
+        if reply.error == "busy":  # counted once a request is answered busy, not dropped
+            self.replay_busy += 1
         tok = secrets.randbits(63)
         if sent is None:
             sent = self.replay_sent[peer_id] = OrderedDict()
