@@ -6,6 +6,7 @@ what happened, carry their facts as attributes, and also inherit the built-in th
 
     MeshError
     ├── ConfigError (ValueError)              bad configuration or argument
+    │   └── DataDirInUse                      another live Node holds this data dir
     │   └── DLQEntryNotFound (KeyError)       no dead letter at that offset (pipeline)
     ├── ClosedError                           you closed it (node, log, pattern object)
     ├── CodecError (ValueError)               bytes that are not a valid envelope
@@ -48,6 +49,26 @@ class MeshError(Exception):
 
 class ConfigError(MeshError, ValueError):
     """A configuration value or argument is invalid."""
+
+
+class DataDirInUse(ConfigError):
+    """Another live ``Node`` (in this or another process) holds this data directory.
+
+    One node per data dir: two would share one node id (peers could not tell them apart, and
+    their ipc sockets and logs would collide).
+
+    Attributes:
+        path: the data directory.
+        holder: the holder's pid as it wrote it in ``node.lock``, or None.
+    """
+
+    def __init__(self, path: str, holder: str | None) -> None:
+        super().__init__(f"data dir {path} is in use by "
+                         + (f"process {holder}" if holder else "another process")
+                         + " (node.lock): one Node per data dir; stop it or use another "
+                         "--data-dir")
+        self.path = path
+        self.holder = holder
 
 
 class ClosedError(MeshError):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
+import fcntl
 import hashlib
 import hmac
 import itertools
@@ -42,6 +44,7 @@ from mesh.errors import (
     AuthenticationFailed,
     ClosedError,
     ConfigError,
+    DataDirInUse,
     PeerError,
     PeerUnreachable,
     ProtocolError,
@@ -135,6 +138,10 @@ class NodeConfig:
             ``ZEROMESH_INTERFACE`` environment variable, else ``*`` (all interfaces, announced
             with their concrete addresses).
         transports: ``"tcp"`` and/or ``"ipc"``.
+        port: the tcp port of the control endpoint (what ``static_peers`` of other nodes and
+            firewall rules name); None (the default) reads ``ZEROMESH_PORT``, else an
+            OS-chosen port that changes at every start. Data endpoints always take OS-chosen
+            ports: peers learn them from HELLO over the control channel.
         static_peers: control endpoints of peers to dial (and redial) always.
         seeds: control endpoints to dial at start; the rest of the mesh is learnt by gossip.
         mdns: start mDNS discovery (``mesh.discovery``) when it is available.
@@ -157,6 +164,7 @@ class NodeConfig:
     mesh: str = "default"
     interface: str | None = None
     transports: tuple[str, ...] = ("tcp", "ipc")
+    port: int | None = None
     static_peers: tuple[str, ...] = ()
     seeds: tuple[str, ...] = ()
     mdns: bool = True
@@ -179,11 +187,57 @@ class NodeConfig:
             raise ConfigError(f"transports must be a non-empty subset of tcp, ipc: {self.transports}")
         for ep in (*self.static_peers, *self.seeds):
             _check_endpoint(ep)
+        if self.port is not None and (type(self.port) is not int or not 0 < self.port < 65536):
+            raise ConfigError(f"port must be 1-65535 (or None for any), got {self.port!r}")
         for key in ("linger_ms", "max_message_bytes", "hwm", "max_peers", "max_ids_per_source",
                     "max_ids_per_key", "max_dials"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0 or (key != "linger_ms" and value == 0):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _env_port() -> int | None:
+    """``$ZEROMESH_PORT`` (the control port), or None.
+
+    Raises:
+        ConfigError: it is set but not a port number.
+    """
+    text = os.environ.get("ZEROMESH_PORT")
+    if not text:
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise ConfigError(f"ZEROMESH_PORT must be a port number 1-65535, got {text!r}")
+    return port
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take ``data_dir/node.lock`` (an exclusive ``flock``, which dies with its process) and
+    write our pid in it; returns the descriptor to close at the end.
+
+    Raises:
+        DataDirInUse: another live Node holds it (its pid is named).
+        ConfigError: the lock file cannot be opened.
+    """
+    path = data_dir / "node.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or None
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise DataDirInUse(str(data_dir), holder) from None
+        raise ConfigError(f"cannot lock {path}: {exc}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def load_proof_key(data_dir: Path) -> bytes:
@@ -312,6 +366,7 @@ class Node:
         self._bind_host = resolve_interface(
             config.interface or os.environ.get("ZEROMESH_INTERFACE") or "*"
         )
+        self._control_port = config.port if config.port is not None else _env_port()
         p = config.presence
         self._clock = time.monotonic
         self.peers = PeerTable(
@@ -389,6 +444,8 @@ class Node:
         # client in when no handler is there).
         self.security: NodeSecurity | None = None
         self._key_ids: dict[str, str] = {}  # CURVE key -> node id cache (peer_by_key)
+        # One node per data dir: held until close (a killed process's lock goes with it).
+        self._dir_lock: int | None = lock_data_dir(self.data_dir)
         try:
             if config.security is not None:
                 self.security = NodeSecurity(config.security, self.data_dir, self.context)
@@ -477,6 +534,10 @@ class Node:
             closer()
 
     # --- sockets ------------------------------------------------------------------------------
+        fd, self._dir_lock = getattr(self, "_dir_lock", None), None
+        if fd is not None:
+            os.close(fd)  # drops the flock: the data dir is free for the next Node
+
 
     def socket(self, socket_type: int, role: str) -> zmq.Socket[Any]:
         """Create a socket with the node's options; the one place every mesh socket is made.
@@ -536,10 +597,11 @@ class Node:
             self._secure_bind(sock)
         try:
             if "tcp" in self.config.transports:
-                sock.bind(f"tcp://{self._bind_host}:*")
+                fixed = self._control_port if role == "control" else None
+                sock.bind(f"tcp://{self._bind_host}:{fixed or '*'}")
                 last = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-                port = last.rsplit(":", 1)[1]
-                endpoints += [f"tcp://{a}:{port}" for a in announce_addresses(self._bind_host)]
+                bound = last.rsplit(":", 1)[1]
+                endpoints += [f"tcp://{a}:{bound}" for a in announce_addresses(self._bind_host)]
             if "ipc" in self.config.transports:
                 with self._info_lock:
                     index = self._ipc_count.get(role, 0)

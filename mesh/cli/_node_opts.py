@@ -69,6 +69,9 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
     p.add_argument("--no-mdns", dest="mdns", action="store_false",
                    help="no mDNS: find peers only through --peer")
     p.add_argument("--name", default=None, help="this node's name (default host-pid)")
+    p.add_argument("--port", type=port_number, default=None, metavar="PORT",
+                   help="the tcp port of this node's control endpoint, the one other nodes' "
+                        "--peer names (default: $ZEROMESH_PORT, else any free port)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
     if one_shot:
         p.add_argument("-v", "--verbose", action="store_true",
@@ -84,7 +87,7 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
 _SETTINGS: dict[str, str] = {
     "mesh": "str", "data_dir": "str", "interface": "str", "name": "str", "peer": "list",
     "key_file": "str", "allowlist": "str", "authority": "str", "certs": "str",
-    "allow": "list", "peer_key": "list", "metrics_port": "port",
+    "allow": "list", "peer_key": "list", "metrics_port": "port", "port": "port",
 }
 
 
@@ -214,7 +217,7 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
     try:
         node = Node(NodeConfig(data_dir=data_dir, name=args.name or None, mesh=args.mesh,
                                interface=args.interface, static_peers=tuple(args.peer),
-                               mdns=mdns, security=security))
+                               mdns=mdns, security=security, port=args.port or None))
         server = None
         try:
             if getattr(args, "long_running", True) or getattr(args, "verbose", False):
