@@ -130,12 +130,15 @@ def _sec(tmp: Path, name: str, **kw: Any) -> SecurityConfig:
                           allowlist_dir=tmp / "allow", permissions=ALL, **kw)
 
 
-def _attack_for(seconds: float, step: Callable[[], None]) -> None:
-    """Run the attacker's ``step`` in a loop for ``seconds`` (the length of the fault)."""
+def _attack_for(seconds: float, step: Callable[[], None], victim: Node) -> None:
+    """Run the attacker's ``step`` in a loop for ``seconds`` (the length of the fault), each
+    step once the victim has read the previous one (its control bytes in grew)."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        before = victim.stats().get("control_bytes_in", 0)
         step()
-        time.sleep(0.01)  # the attacker's pace, not a wait for an outcome
+        wait_until(lambda: victim.stats().get("control_bytes_in", 0) > before, 5,
+                   what="the victim read the step")
 
 
 # --- 1. routing-id takeover ----------------------------------------------------------------------
@@ -170,7 +173,7 @@ def test_plaintext_routing_id_takeover_neither_flaps_nor_forges(
         b.send(a.id, "t.msg", n[0])
 
     try:
-        _attack_for(2.0, step)  # 20 heartbeats: ten times the quiet a claim would need
+        _attack_for(2.0, step, a)  # 20 heartbeats: ten times the quiet a claim would need
         wait_until(lambda: (b.id, n[0]) in got, 5, what="b's last real message")
     finally:
         for t in thieves:
@@ -220,7 +223,7 @@ def test_curve_insider_cannot_take_over_a_node_id_and_calls_keep_working(
                         t.send_multipart(c)
 
             try:
-                _attack_for(2.0, step)
+                _attack_for(2.0, step, a)
                 wait_until(lambda: a.stats().get("security_key_mismatch", 0) >= 10
                            or any(e.peer.node_id == b.id for e in events), 5,
                            what=lambda: a.stats())

@@ -281,7 +281,7 @@ def test_spoofed_publisher_under_curve_with_an_insider_key(tmp_path: Path) -> No
 # --- subscription flood --------------------------------------------------------------------
 
 FLOOD = r"""
-import os, sys, time, zmq
+import os, signal, sys, time, zmq
 ep, role, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 keys = sys.argv[4:7]
 ctx = zmq.Context()
@@ -294,9 +294,12 @@ for _ in range(4):
         s.setsockopt(zmq.CURVE_SERVERKEY, keys[0].encode())
         s.setsockopt(zmq.CURVE_PUBLICKEY, keys[1].encode())
         s.setsockopt(zmq.CURVE_SECRETKEY, keys[2].encode())
+    s.setsockopt(zmq.IMMEDIATE, 1)  # writable only once connected (and handshaken)
     s.connect(ep)
     socks.append(s)
-time.sleep(0.2)
+for s in socks:  # wait until each is connected, with a deadline
+    if not s.poll(5000, zmq.POLLOUT):
+        sys.exit("not connected within 5 s")
 sent = 0
 end = time.monotonic() + seconds
 while time.monotonic() < end:
@@ -312,7 +315,7 @@ while time.monotonic() < end:
             except zmq.Again:
                 break
 print(sent, flush=True)
-time.sleep(3600)  # connected and silent until killed
+signal.pause()  # connected and silent until killed
 """
 
 
