@@ -137,7 +137,7 @@ def _attack_for(seconds: float, step: Callable[[], None], victim: Node) -> None:
     while time.monotonic() < end:
         before = victim.stats().get("control_bytes_in", 0)
         step()
-        wait_until(lambda: victim.stats().get("control_bytes_in", 0) > before, 5,
+        wait_until(lambda b=before: victim.stats().get("control_bytes_in", 0) > b, 5,
                    what="the victim read the step")
 
 

@@ -184,15 +184,6 @@ def security_config(args: argparse.Namespace) -> Any:
     return SecurityConfig(**kw)
 
 
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0-65535 (0: any free port)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {n}")
-    return n
 
 
 @contextlib.contextmanager
@@ -365,45 +356,28 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def positive(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
+def _number(kind: type, lo: float, lo_open: bool, what: str, bad: str,
+            hi: float = float("inf")) -> Any:
+    """An argparse type: ``kind(text)`` within [lo, hi] (``(lo, hi]`` when ``lo_open``),
+    never inf or nan; anything else is a usage error saying ``what`` it must be."""
+    def parse(text: str) -> Any:
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{bad}: {text!r}") from None
+        if not (x > lo if lo_open else x >= lo) or not x <= hi or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"{what}, got {text}")
+        return x
+    return parse
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds > 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return x
-
-
-def seconds(text: str) -> float:
-    """argparse type: a number of seconds >= 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
-    return x
-
-
-def non_negative(text: str) -> int:
-    """argparse type: an int >= 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+positive = _number(int, 1, False, "must be >= 1", "not an integer")
+positive.__doc__ = "argparse type: an int >= 1."
+non_negative = _number(int, 0, False, "must be >= 0", "not an integer")
+non_negative.__doc__ = "argparse type: an int >= 0."
+positive_seconds = _number(float, 0, True, "must be > 0 seconds", "not a number of seconds")
+positive_seconds.__doc__ = "argparse type: a number of seconds > 0."
+seconds = _number(float, 0, False, "must be >= 0 seconds", "not a number of seconds")
+seconds.__doc__ = "argparse type: a number of seconds >= 0."
+port_number = _number(int, 0, False, "a port is 0-65535", "not a port number", 65535)
+port_number.__doc__ = "argparse type: a TCP port, 0-65535 (0: any free port)."
