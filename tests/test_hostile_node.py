@@ -488,7 +488,6 @@ def test_oversize_multipart_is_refused_whole_and_batches_still_pass(
     try:
         raw.send_multipart(_hello(_fake_id(1), a.mesh))
         wait_until(lambda: a.peers.get(_fake_id(1)) is not None, 5)
-        rss0 = _status_kb("VmRSS")
         # 32 pairs of just under a MiB each: every frame passes MAXMSGSIZE, the message is 32x
         big = control.encode_frames([("t.big", msgpack.packb(b"x" * (mib - 64)))] * 32)
         raw.send_multipart(big)
@@ -500,10 +499,19 @@ def test_oversize_multipart_is_refused_whole_and_batches_still_pass(
             b.send(a.id, "t.big", b"z" * (mib // 2))
         wait_until(lambda: len(got) == 9, 10, what=lambda: (len(got), a.stats()["oversize"]))
         assert a.stats()["oversize"] == 1
-        # held memory, not the allocator's cache of freed pages (glibc keeps those until
-        # malloc_trim; under load the flood's 4 MiB frames stayed cached for seconds)
-        wait_until(lambda: (_trim(), _status_kb("VmRSS") - rss0 < 20_000)[1], 5,
-                   what=lambda: _status_kb("VmRSS") - rss0)
+        # nothing of a refused message is held: after the first flood (which warms the
+        # allocator's caches), eight more of 32 MiB each grow the process by less than one.
+        # Held memory would grow by 256 MiB; glibc's cache of freed pages does not add up.
+        _trim()
+        rss0 = _status_kb("VmRSS")
+        for i in range(8):
+            raw.send_multipart(big)
+            raw.send_multipart(control.encode_frames([("t.big", msgpack.packb(b"y" * 10))]))
+            wait_until(lambda i=i: a.stats().get("oversize") == 2 + i and len(got) == 10 + i, 10,
+                       what=lambda: (len(got), a.stats()["oversize"]))
+        _trim()
+        grown = _status_kb("VmRSS") - rss0
+        assert grown < 32 * 1024, f"RSS grew by {grown} KiB over 8 refused 32 MiB messages"
     finally:
         raw.close()
 

@@ -44,15 +44,19 @@ def poll_until(
 
 
 def wait_until(
-    cond: Callable[[], T], timeout: float = 5.0, interval: float = 0.005, what: str = ""
+    cond: Callable[[], T], timeout: float = 5.0, interval: float = 0.005,
+    what: str | Callable[[], object] = "",
 ) -> T:
     """Poll ``cond`` until it returns a truthy value; return it, or fail after ``timeout``.
 
     This is the only way tests wait: on a condition with a deadline, never a fixed sleep.
+    ``what`` says what was awaited in the failure: a string, or a callable whose value at the
+    deadline is shown (the stats, a count).
     """
     value = poll_until(cond, timeout, interval)
     if not value:
-        raise AssertionError(f"condition not met within {timeout}s: {what or cond!r}")
+        shown = what() if callable(what) else what
+        raise AssertionError(f"condition not met within {timeout}s: {shown or cond!r}")
     return value
 
 
