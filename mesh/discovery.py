@@ -241,6 +241,9 @@ class MdnsBrowser:
     otherwise a resolve runs in zeroconf's event loop, at most ``max_pending_resolves`` at a
     time. Accepted services are bounded per announced address and in all. A record whose
     instance name is not ``<its id>.<service type>`` is ignored (``ignored_name_mismatch``).
+    TXT records are read from their raw rdata (``ServiceInfo.text``), not from zeroconf's
+    ``properties`` dict, so that RFC 6763's rules hold: keys compare case-insensitively and
+    the first of a repeated key wins.
 
     Args:
         zc: an open ``zeroconf.Zeroconf``; the browser does not close it.
@@ -284,7 +287,8 @@ class MdnsBrowser:
         self._closed = False
         self._stats: dict[str, int] = dict.fromkeys(
             ("resolved", "accepted", "goodbyes", "ignored_self", "ignored_other_mesh",
-             "ignored_name_mismatch", "malformed", "resolve_failed", "callback_errors"), 0)
+             "ignored_name_mismatch", "malformed", "resolve_failed", "callback_errors",
+             "txt_skipped"), 0)
 
     def start(self) -> None:
         """Start browsing (returns at once; results arrive through the callbacks)."""
@@ -306,7 +310,8 @@ class MdnsBrowser:
 
     def stats(self) -> dict[str, int]:
         """Counters: resolved, accepted, goodbyes, ignored_*, malformed, resolve_failed,
-        callback_errors; the budgets' ``services_*``, ``pending_resolves_*`` and
+        callback_errors, txt_skipped (malformed or repeated TXT pieces skipped in records
+        otherwise used); the budgets' ``services_*``, ``pending_resolves_*`` and
         ``malformed_seen_*`` (held, keys, refused); ``log_suppressed`` (lines the rate limit
         held back)."""
         with self._lock:
@@ -336,7 +341,7 @@ class MdnsBrowser:
                 return
             info = ServiceInfo(service_type, name)
             if info.load_from_cache(zeroconf):
-                self.accept(name, info.properties)
+                self.accept(name, info.text)
             else:
                 self._resolve(zeroconf, service_type, name)
         except Exception as exc:  # a bug in a callback must not kill zeroconf's browser thread
@@ -384,22 +389,30 @@ class MdnsBrowser:
                                   "mdns: could not resolve %s within %d ms", name,
                                   self._resolve_ms)
                 return
-            self.accept(name, info.properties)
+            self.accept(name, info.text)
         except Exception as exc:
             self._count("callback_errors")
             self._limiter.log(logging.ERROR, "callback_error", "mdns: error resolving %s: %r",
                               name, exc)
 
-    def accept(self, name: str, properties: Mapping[Any, Any] | None) -> bool:
+    def accept(self, name: str, record_txt: bytes | Mapping[Any, Any] | None) -> bool:
         """Decode a resolved record and report it; return whether it was accepted.
+
+        Args:
+            name: the service instance name.
+            record_txt: the raw TXT rdata (``ServiceInfo.text``; RFC 6763 key rules, the first
+                of a repeated key wins) or a mapping of its keys (see :func:`mesh.txt.decode_txt`).
 
         Used by the browser and by refreshes. Never raises for a bad record: it counts it
         under ``malformed`` and logs one line per distinct record and reason (rate-limited).
-        A record past the ``services`` budget is counted (``services_refused``), not kept.
+        A record whose ``id`` is not its instance name's label is refused first
+        (``ignored_name_mismatch``), before it is compared with our own id or mesh. Pieces
+        the codec skipped are counted in ``txt_skipped``. A record past the ``services``
+        budget is counted (``services_refused``), not kept.
         """
         self._count("resolved")
         try:
-            record = decode_txt(properties)
+            record = decode_txt(b"" if record_txt is None else record_txt)
         except TxtRecordError as exc:
             self._count("malformed")
             # A record repeated by a hostile or broken sender is logged once, and all such
@@ -414,6 +427,13 @@ class MdnsBrowser:
                                       "mdns: ignoring malformed zeromesh record %s: %s", name, exc)
             return False
         node_id = record.info.node_id
+        # First: a record claiming an id other than its name's (ours included) is a forgery
+        # or a bug, whatever else it says. DNS names compare case-insensitively.
+        if name.lower() != f"{node_id}.{self._type}".lower():
+            self._count("ignored_name_mismatch")
+            self._limiter.warning("name_mismatch",
+                                  "mdns: ignoring %s: its record is for node %s", name, node_id)
+            return False
         if node_id == self._ignore_id:
             self._count("ignored_self")
             return False
@@ -422,11 +442,11 @@ class MdnsBrowser:
             self._limiter.log(logging.DEBUG, "other_mesh", "mdns: ignoring %s of mesh %r",
                               name, record.info.mesh)
             return False
-        if name.lower() != f"{node_id}.{self._type}".lower():
-            self._count("ignored_name_mismatch")
-            self._limiter.warning("name_mismatch",
-                                  "mdns: ignoring %s: its record is for node %s", name, node_id)
-            return False
+        if record.skipped:
+            with self._lock:
+                self._stats["txt_skipped"] += len(record.skipped)
+            self._limiter.log(logging.DEBUG, "txt_skipped", "mdns: %s: %s", name,
+                              "; ".join(record.skipped))
         with self._lock:
             if self._closed:
                 return False
@@ -596,7 +616,7 @@ class MdnsDiscovery:
         truncated (1 when our own record had to set ``more=1``), errors, txt_bytes,
         ``pending_refreshes_{held,keys,refused}``, and the browser's resolved, accepted,
         goodbyes, ignored_self, ignored_other_mesh, ignored_name_mismatch, malformed,
-        resolve_failed, callback_errors, ``services_{held,keys,refused}``,
+        resolve_failed, callback_errors, txt_skipped, ``services_{held,keys,refused}``,
         ``pending_resolves_{held,keys,refused}``, ``malformed_seen_{held,keys,refused}`` and
         log_suppressed. The node reports them
         in ``node.stats()`` with the prefix ``mdns_`` and in its metrics (:meth:`collect`).
@@ -854,7 +874,7 @@ class MdnsDiscovery:
             return
         with self._lock:
             self._stats["refreshes"] += 1
-        self._browser.accept(name, info.properties)
+        self._browser.accept(name, info.text)
 
     def _shutdown(self) -> None:
         try:

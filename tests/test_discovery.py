@@ -182,8 +182,7 @@ def test_peer_heard_again_is_reupserted(discoveries: list[MdnsDiscovery]) -> Non
 MALFORMED: dict[str, dict[bytes, bytes | None]] = {
     "missing-id": {b"v": b"1", b"mesh": b"M", b"name": b"x"},
     "wrong-version": {b"v": b"9", b"mesh": b"M", b"id": b"a" * 32, b"name": b"x"},
-    "garbage-endpoint": {b"v": b"1", b"mesh": b"M", b"id": b"b" * 32, b"name": b"x",
-                         b"ep.control": b"tcp://nowhere"},
+    "bad-key": {b"v": b"1", b"mesh": b"M", b"id": b"b" * 32, b"name": b"x", b"pk": b"short"},
     "non-utf8": {b"v": b"1", b"mesh": b"M", b"id": b"c" * 32, b"name": b"\xff\xfe"},
     "no-value": {b"v": b"1", b"mesh": b"M", b"id": b"d" * 32, b"name": None},
     "oversize": {b"v": b"1", b"mesh": b"M", b"id": b"e" * 32, b"name": b"x",
