@@ -412,3 +412,48 @@ def test_encode_then_decode_preserves_what_fits(name: str, streams: list[str]) -
     assert set(kept) <= set(streams)
     if not enc.truncated:
         assert kept == tuple(dict.fromkeys(streams))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_rdata_only_raises_typed_errors(raw: bytes) -> None:
+    try:
+        rec = decode_txt(raw)
+    except TxtRecordError:
+        return
+    assert len(rec.info.node_id) == 32
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_mutated_valid_rdata_only_raises_typed_errors(data: st.DataObject) -> None:
+    raw = bytearray(pack_txt(encode_txt(make_info(endpoints=ROLES)).properties.items()))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    try:
+        decode_txt(bytes(raw))
+    except TxtRecordError:
+        pass
+
+
+_queue_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,40}", fullmatch=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(queues=st.lists(_queue_names, max_size=6, unique_by=str.lower),
+       services=st.lists(_queue_names, max_size=6, unique_by=str.lower))
+def test_queue_and_service_roles_round_trip(queues: list[str], services: list[str]) -> None:
+    """Every role name the patterns can make (``pipe.<queue>``, ``rpc.<service>`` with the
+    queue-name alphabet) is written as a key and read back unchanged."""
+    eps = {"control": ("tcp://127.0.0.1:5000",)}
+    for i, q in enumerate(queues):
+        eps[f"pipe.{q}"] = (f"tcp://127.0.0.1:{6000 + i}",)
+    for i, s in enumerate(services):
+        eps[f"rpc.{s}"] = (f"tcp://127.0.0.1:{7000 + i}",)
+    offers = {k: tuple(v) for k, v in (("queue", queues), ("service", services)) if v}
+    info = make_info(endpoints=eps, offers=offers)
+    enc = encode_txt(info)
+    assert not enc.truncated
+    rec = decode_txt(pack_txt(enc.properties.items()))
+    assert rec.info == info and rec.skipped == ()
