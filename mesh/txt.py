@@ -89,8 +89,6 @@ _Z85_RE = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _SCHEME_RE = re.compile(r"([a-z][a-z0-9+.-]{0,15})://(.+)", re.DOTALL)
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
 _KNOWN_SCHEMES = ("tcp", "ipc")
-_KEYS = ("v", "mesh", "id", "name", "host", "pk", "more")  # besides ep.* and o.*
-_MANDATORY = ("v", "mesh", "id", "name")
 
 
 @dataclass(frozen=True)
