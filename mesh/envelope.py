@@ -1011,7 +1011,8 @@ _CE_RESERVED: Final = frozenset(
     }
 )  # fmt: skip
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # RFC 3339 digits are ASCII: without the flag \d also takes U+0662 or U+FF12
 )
 
 
@@ -1242,7 +1243,7 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
         kw["seq"] = seq
     if "meshversion" in attrs:
         v = attrs.pop("meshversion")
-        m = re.fullmatch(r"(\d{1,9})\.(\d{1,9})", v) if type(v) is str else None
+        m = re.fullmatch(r"(\d{1,9})\.(\d{1,9})", v, re.ASCII) if type(v) is str else None
         if m is None:
             _bad("meshversion", f"must be 'MAJOR.MINOR', got {v!r:.40}")
         kw["version"] = (int(m.group(1)), int(m.group(2)))

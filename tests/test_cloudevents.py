@@ -398,3 +398,14 @@ def test_to_cloudevent_refuses_a_decoded_event_with_an_empty_subject() -> None:
     with pytest.raises(MalformedEvent) as ei:
         to_cloudevent(decode(msgpack.packb(arr)))
     assert ei.value.field == "meshstream"
+
+
+@pytest.mark.parametrize("ce", [
+    minimal(time="٢٠٢٠-01-01T00:00:00Z"),  # Arabic-Indic digits: not RFC 3339
+    minimal(time="2020-01-01T00:00:00\uff3a"),
+    minimal(time="\uff12\uff10\uff12\uff10-01-01T00:00:00Z"),  # full-width digits
+    minimal(meshversion="\uff11.0"),
+])
+def test_from_cloudevent_non_ascii_digits_refused(ce: dict[str, Any]) -> None:
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(ce)
