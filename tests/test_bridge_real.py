@@ -484,3 +484,32 @@ def test_cloudevent_attributes_cross_a_real_broker_intact(kind: str, mode: str,
             assert wire["ce-subject"].startswith("%E6%97%A5%E6%9C%AC%E8%AA%9E%20subject%20%252F/")
     finally:
         client.close()
+
+
+def test_outbound_event_that_is_no_cloudevent_is_skipped_not_fatal(
+        tmp_path: Path, mosquitto: Broker, publisher_node: Node) -> None:  # noqa: F811
+    """An envelope from another encoder with an empty subject (the constructor refuses one; the
+    decoder takes it) is skipped and logged; the events after it are still forwarded."""
+    import msgpack
+
+    from mesh.envelope import decode
+
+    cfg = BridgeConfig(name=unique("b"), kind="mqtt", routes=(Route("bad.>", "bad/#", "out"),),
+                       mqtt=MqttConfig(port=mosquitto.port), batch=10, ack_timeout_s=2.0,
+                       retry_s=0.2)
+    coll = MqttCollector(mosquitto.port, "bad/#")
+    bnode = make_node(tmp_path / "bridge", publisher_node.mesh, (ctrl(publisher_node),))
+    try:
+        with Publisher(publisher_node, "bad.x") as pub, Bridge(bnode, cfg) as br:
+            foreign = decode(msgpack.packb([1, 0, "", None, unique("id"), 0, "t", "src", "",
+                                            None, None, None, None, {}, b"x"]))
+            assert foreign.subject == ""
+            good = Event(type="t", source="s", data=b"ok")
+            pub.publish_event(foreign)
+            pub.publish_event(good)
+            wait_until(lambda: good.id in coll.ids(), 15, what="the valid event forwarded")
+            assert foreign.id not in coll.ids()
+            assert br.stats().skipped >= 1 and br.stats().forwarded >= 1
+    finally:
+        coll.close()
+        bnode.close()
