@@ -81,7 +81,8 @@ class BridgeStats:
         forwarded: events acknowledged by the broker (outbound).
         batches: outbound batches committed.
         retries: outbound attempts that did not get every ack (broker away or slow).
-        skipped: outbound events not forwarded (came in through this bridge, or no route).
+        skipped: outbound events not forwarded (came in through this bridge, no route, or not
+            a valid CloudEvent: an envelope from another encoder; logged).
         received: inbound messages received from the broker.
         appended: inbound events appended to the mesh.
         looped: inbound messages recognised as our own events coming back (acked, dropped).
