@@ -98,22 +98,61 @@ def _bad(field: str, message: str) -> NoReturn:
     raise MalformedEvent(f"{field}: {message}", field=field)
 
 
+# CloudEvents 1.0.2 "Type System", String: these code points MUST NOT be used: the control
+# characters U+0000-U+001F and U+007F-U+009F, the Unicode noncharacters (U+FDD0-U+FDEF and the
+# last two code points of every plane) and surrogates (in a Python str a surrogate is always
+# unpaired: a JSON pair "\ud83d\ude00" decodes to one code point).
+_CE_BAD_CHAR: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17))
+    + "]"
+)
+
+
+def _ce_string_ok(s: str) -> bool:
+    """True when ``s`` is a valid CloudEvents String (printable ASCII is the fast path)."""
+    return (s.isascii() and s.isprintable()) or _CE_BAD_CHAR.search(s) is None
+
+
+def _bad_char(field: str, s: str) -> NoReturn:
+    m = _CE_BAD_CHAR.search(s)
+    at = m.start() if m is not None else 0
+    _bad(field, f"U+{ord(s[at]):04X} at index {at} is not allowed in a CloudEvents String "
+                "(control characters, noncharacters and lone surrogates are not)")
+
+
 def _req_str(field: str, value: object) -> str:
     if type(value) is not str:
-        if isinstance(value, str):
-            return str.__str__(value)  # a str subclass (e.g. StrEnum) becomes a plain str
-        _bad(field, f"must be a str, got {type(value).__name__}")
+        if not isinstance(value, str):
+            _bad(field, f"must be a str, got {type(value).__name__}")
+        value = str.__str__(value)  # a str subclass (e.g. StrEnum) becomes a plain str
     if not value:
         _bad(field, "must not be empty")
+    if not _ce_string_ok(value):
+        _bad_char(field, value)
     return value
 
 
 def _opt_str(field: str, value: object) -> str | None:
-    if value is None or type(value) is str:
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    _bad(field, f"must be a str or None, got {type(value).__name__}")
+    # correlationid, causationid, traceparent: CloudEvents extension Strings (may be empty).
+    if value is None:
+        return None
+    if type(value) is not str:
+        if not isinstance(value, str):
+            _bad(field, f"must be a str or None, got {type(value).__name__}")
+        value = str.__str__(value)
+    if not _ce_string_ok(value):
+        _bad_char(field, value)
+    return value
+
+
+def _opt_nonempty(field: str, value: object) -> str | None:
+    # subject, datacontenttype: CloudEvents optional attributes, "if present, MUST be non-empty".
+    if value is None:
+        return None
+    if value == "":
+        _bad(field, "must not be empty when present (CloudEvents 1.0.2); use None for absent")
+    return _opt_str(field, value)
 
 
 def _stream(value: object) -> str:
@@ -274,14 +313,21 @@ class Event(_EventSlots):
     Every argument is keyword-only. Attributes have the argument's name; in addition
     ``time_us`` (int, µs since the Unix epoch, the wire form of ``time``) and ``extras``.
 
+    The eight string attributes below (``type`` to ``traceparent``) are CloudEvents Strings
+    (spec v1.0.2, "Type System"): a control character (U+0000-U+001F, U+007F-U+009F), a Unicode
+    noncharacter or a lone surrogate in one is refused, so every event converts to a valid
+    CloudEvent (:func:`to_cloudevent`). ``headers`` and ``data`` have no such rule.
+
     Args:
         type: what happened, e.g. ``"sensor.reading"`` (non-empty).
         source: who produced it: a stable node/service id (non-empty).
         data: the payload: bytes or any msgpack value (see the module docstring).
         id: unique id (non-empty str); default a fresh UUIDv7.
         time: when it happened (timezone-aware, stored as UTC with µs precision); default now.
-        subject: what the event is about, within the source.
-        datacontenttype: media type of ``data`` (e.g. ``"application/json"``).
+        subject: what the event is about, within the source (None, or non-empty: CloudEvents
+            requires a present ``subject`` to be non-empty).
+        datacontenttype: media type of ``data`` (e.g. ``"application/json"``; None or
+            non-empty, as ``subject``).
         correlationid: id shared by every event of one conversation or workflow.
         causationid: id of the event that caused this one.
         traceparent: W3C trace context header value.
@@ -328,30 +374,48 @@ class Event(_EventSlots):
         else:
             b.id = _req_str("id", id)
             b.time_us = _time_us(time)
-        b.type = type if type.__class__ is str and type else _req_str("type", type)
-        b.source = source if source.__class__ is str and source else _req_str("source", source)
+        # Fast path: a non-empty str of printable ASCII is a valid CloudEvents String.
+        b.type = (
+            type
+            if type.__class__ is str and type and type.isascii() and type.isprintable()
+            else _req_str("type", type)
+        )
+        b.source = (
+            source
+            if source.__class__ is str and source and source.isascii() and source.isprintable()
+            else _req_str("source", source)
+        )
         b.subject = (
-            subject if subject is None or subject.__class__ is str else _opt_str("subject", subject)
+            subject
+            if subject is None
+            or (subject.__class__ is str and subject and subject.isascii() and subject.isprintable())
+            else _opt_nonempty("subject", subject)
         )
         b.datacontenttype = (
             datacontenttype
-            if datacontenttype is None or datacontenttype.__class__ is str
-            else _opt_str("datacontenttype", datacontenttype)
+            if datacontenttype is None
+            or (
+                datacontenttype.__class__ is str
+                and datacontenttype
+                and datacontenttype.isascii()
+                and datacontenttype.isprintable()
+            )
+            else _opt_nonempty("datacontenttype", datacontenttype)
         )
         b.data = data if data.__class__ is bytes else _value("data", data, 0)
         b.correlationid = (
             correlationid
-            if correlationid is None or correlationid.__class__ is str
+            if correlationid is None or (correlationid.__class__ is str and correlationid.isascii() and correlationid.isprintable())
             else _opt_str("correlationid", correlationid)
         )
         b.causationid = (
             causationid
-            if causationid is None or causationid.__class__ is str
+            if causationid is None or (causationid.__class__ is str and causationid.isascii() and causationid.isprintable())
             else _opt_str("causationid", causationid)
         )
         b.traceparent = (
             traceparent
-            if traceparent is None or traceparent.__class__ is str
+            if traceparent is None or (traceparent.__class__ is str and traceparent.isascii() and traceparent.isprintable())
             else _opt_str("traceparent", traceparent)
         )
         b.headers = {} if headers is None else _headers(headers)
@@ -508,12 +572,19 @@ def _r_opt(name: str) -> Any:
     return r
 
 
+def _r_opt_nonempty(name: str) -> Any:
+    def r(b: _EventSlots, v: object) -> None:
+        setattr(b, name, _opt_nonempty(name, v))
+
+    return r
+
+
 _REPLACERS: Final[dict[str, Any]] = {
     "id": _r_req("id"),
     "type": _r_req("type"),
     "source": _r_req("source"),
-    "subject": _r_opt("subject"),
-    "datacontenttype": _r_opt("datacontenttype"),
+    "subject": _r_opt_nonempty("subject"),
+    "datacontenttype": _r_opt_nonempty("datacontenttype"),
     "correlationid": _r_opt("correlationid"),
     "causationid": _r_opt("causationid"),
     "traceparent": _r_opt("traceparent"),
@@ -594,11 +665,22 @@ def _pack(arr: list[Any], max_size: int) -> bytes:
     return buf
 
 
+def _fast_str(s: Any) -> bool:
+    # A plain str of printable ASCII: valid as a CloudEvents String without a closer look.
+    return s.__class__ is str and s.isascii() and s.isprintable()
+
+
+def _fast_nonempty(s: Any) -> bool:
+    return s.__class__ is str and s != "" and s.isascii() and s.isprintable()
+
+
 def _check_new(type: Any, source: Any, stream: object, seq: object) -> tuple[str, str]:
     """Validate the fields every new event has; returns (type, source) as plain str."""
-    if type.__class__ is not str or not type:
+    if type.__class__ is not str or not type or not (type.isascii() and type.isprintable()):
         type = _req_str("type", type)
-    if source.__class__ is not str or not source:
+    if source.__class__ is not str or not source or not (
+        source.isascii() and source.isprintable()
+    ):
         source = _req_str("source", source)
     if stream.__class__ is not str:
         _bad("stream", f"must be a plain str, got {stream.__class__.__name__}")
@@ -639,15 +721,15 @@ def encode_new(
             raise EventTooLarge(len(data), max_size)
     else:
         data = _value("data", data, 0)
-    if subject is not None and subject.__class__ is not str:
-        subject = _opt_str("subject", subject)
-    if datacontenttype is not None and datacontenttype.__class__ is not str:
-        datacontenttype = _opt_str("datacontenttype", datacontenttype)
-    if correlationid is not None and correlationid.__class__ is not str:
+    if subject is not None and not _fast_nonempty(subject):
+        subject = _opt_nonempty("subject", subject)
+    if datacontenttype is not None and not _fast_nonempty(datacontenttype):
+        datacontenttype = _opt_nonempty("datacontenttype", datacontenttype)
+    if correlationid is not None and not _fast_str(correlationid):
         correlationid = _opt_str("correlationid", correlationid)
-    if causationid is not None and causationid.__class__ is not str:
+    if causationid is not None and not _fast_str(causationid):
         causationid = _opt_str("causationid", causationid)
-    if traceparent is not None and traceparent.__class__ is not str:
+    if traceparent is not None and not _fast_str(traceparent):
         traceparent = _opt_str("traceparent", traceparent)
     now_ns = _time_ns()
     return _pack(
@@ -680,8 +762,8 @@ def encode_new_many(
     n = len(items)
     type, source = _check_new(type, source, stream, first_seq)
     _check_new(type, source, stream, first_seq + n)
-    if subject is not None and subject.__class__ is not str:
-        subject = _opt_str("subject", subject)
+    if subject is not None and not _fast_nonempty(subject):
+        subject = _opt_nonempty("subject", subject)
     now_ns = _time_ns()
     t_us = now_ns // 1000
     ids = uuid7_batch(n, now_ns)
@@ -929,7 +1011,8 @@ _CE_RESERVED: Final = frozenset(
     }
 )  # fmt: skip
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # RFC 3339 digits are ASCII: without the flag \d also takes U+0662 or U+FF12
 )
 
 
@@ -973,6 +1056,35 @@ def _json_able(v: Any, depth: int = 0) -> bool:
     return False
 
 
+def _ce_extension_ok(name: str, v: object) -> bool:
+    """True when ``v`` is a valid value of CloudEvents attribute ``name`` (String, Boolean,
+    32-bit Integer; ``dataschema``, a core optional attribute, a non-empty String)."""
+    t = type(v)
+    if t is str:
+        return _ce_string_ok(v) and (v != "" or name != "dataschema")  # type: ignore[arg-type]
+    if name == "dataschema":
+        return False
+    return t is bool or (t is int and _CE_INT_MIN <= v <= _CE_INT_MAX)  # type: ignore[operator]
+
+
+def _lone_surrogate(v: Any, depth: int = 0) -> bool:
+    """True when a string anywhere in ``v`` (a parsed JSON value) holds a surrogate."""
+    t = type(v)
+    if t is str:
+        return not v.isascii() and _SURROGATE.search(v) is not None
+    if depth > MAX_DATA_DEPTH:
+        return False  # the Event constructor refuses the depth
+    if t is list:
+        return any(_lone_surrogate(x, depth + 1) for x in v)
+    if t is dict:
+        return any(_lone_surrogate(k, depth + 1) or _lone_surrogate(x, depth + 1)
+                   for k, x in v.items())
+    return False
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
 def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
@@ -989,14 +1101,25 @@ def to_cloudevent(ev: Event) -> dict[str, Any]:
     ``data_base64``; JSON-able values to ``data``; anything else (bytes inside containers,
     NaN, ...) to ``data_base64`` as msgpack, flagged by ``meshdataenc: "msgpack"``. Extras whose
     name is a valid attribute name and whose value is a str, bool or 32-bit int become extension
-    attributes; the rest travel in ``meshextras`` (base64 of a msgpack map). Nothing is lost:
-    ``from_cloudevent(to_cloudevent(e)) == e``.
+    attributes (a String only when it is a valid CloudEvents String; ``dataschema`` only when a
+    non-empty String); the rest travel in ``meshextras`` (base64 of a msgpack map). Nothing is
+    lost: ``from_cloudevent(to_cloudevent(e)) == e``. ``meshheaders`` is ASCII-escaped JSON.
 
     Raises:
-        MalformedEvent: ``ev`` holds a value msgpack cannot encode (see :func:`encode`).
+        MalformedEvent: ``ev`` holds a value msgpack cannot encode (see :func:`encode`), or an
+            attribute the constructor would refuse (an empty ``subject``, a control character
+            in ``meshstream``, ...: possible only in an event decoded from another encoder).
     """
     if type(ev) is not Event:
         raise MalformedEvent(f"to_cloudevent() takes an Event, got {type(ev).__name__}")
+    # The constructor refuses these; an event decoded from an envelope written by another
+    # encoder can still hold them, and must not become an invalid CloudEvent.
+    for name in ("id", "source", "type"):
+        _req_str(name, getattr(ev, name))
+    _opt_nonempty("subject", ev.subject)
+    _opt_nonempty("datacontenttype", ev.datacontenttype)
+    for name in ("correlationid", "causationid", "traceparent"):
+        _opt_str(name, getattr(ev, name))
     ce: dict[str, Any] = {
         "specversion": "1.0",
         "id": ev.id,
@@ -1009,20 +1132,16 @@ def to_cloudevent(ev: Event) -> dict[str, Any]:
         if value is not None:
             ce[name] = value
     if ev.stream:
-        ce["meshstream"] = ev.stream
+        ce["meshstream"] = _req_str("meshstream", ev.stream)
     if ev.seq is not None:
         ce["meshseq"] = ev.seq if ev.seq <= _CE_INT_MAX else str(ev.seq)
     ce["meshversion"] = f"{ev.version[0]}.{ev.version[1]}"
     if ev.headers:
-        ce["meshheaders"] = json.dumps(ev.headers, ensure_ascii=False, separators=(",", ":"))
+        # ASCII-escaped JSON: a header value may hold characters a CloudEvents String may not.
+        ce["meshheaders"] = json.dumps(ev.headers, ensure_ascii=True, separators=(",", ":"))
     rest: dict[str, Any] = {}
     for k, v in ev._extras.items():
-        t = type(v)
-        if (
-            k not in _CE_RESERVED
-            and _CE_NAME.fullmatch(k)
-            and (t is str or t is bool or (t is int and _CE_INT_MIN <= v <= _CE_INT_MAX))
-        ):
+        if k not in _CE_RESERVED and _CE_NAME.fullmatch(k) and _ce_extension_ok(k, v):
             ce[k] = v
         else:
             rest[k] = v
@@ -1079,7 +1198,10 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
     Raises:
         UnsupportedVersion: ``specversion`` is not "1.0", or ``meshversion`` has another major.
         MalformedEvent: not JSON / not an object, a required attribute missing or mistyped,
-            both ``data`` and ``data_base64``, bad base64, an invalid attribute name or value.
+            both ``data`` and ``data_base64``, bad base64, an invalid attribute name or value:
+            an empty ``subject`` / ``datacontenttype`` / ``dataschema``, an extension Integer
+            outside -2**31..2**31-1, a String attribute with a character CloudEvents forbids,
+            or a lone surrogate in any string (``"\\ud800"`` in JSON without its pair).
     """
     if isinstance(ce, (str, bytes, bytearray)):
         try:
@@ -1088,6 +1210,9 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
             raise MalformedEvent(f"not a JSON CloudEvent: {exc}") from exc
     if not isinstance(ce, Mapping):
         raise MalformedEvent(f"a CloudEvent is a JSON object, got {type(ce).__name__}")
+    if _lone_surrogate(dict(ce)):
+        # JSON's "\ud800" escape without its pair: not a Unicode string (and not UTF-8).
+        raise MalformedEvent("a string holds a lone surrogate (invalid Unicode)")
     attrs = {k: v for k, v in ce.items() if v is not None}
     spec = attrs.pop("specversion", None)
     if spec is None:
@@ -1106,7 +1231,7 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
             value = attrs.pop(name)
             if type(value) is not str:
                 _bad(name, f"must be a string, got {type(value).__name__}")
-            kw[name] = value
+            kw[name] = value  # the Event constructor checks the String rules
     if "meshstream" in attrs:
         kw["stream"] = _req_str("meshstream", attrs.pop("meshstream"))
     if "meshseq" in attrs:
@@ -1118,7 +1243,7 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
         kw["seq"] = seq
     if "meshversion" in attrs:
         v = attrs.pop("meshversion")
-        m = re.fullmatch(r"(\d{1,9})\.(\d{1,9})", v) if type(v) is str else None
+        m = re.fullmatch(r"(\d{1,9})\.(\d{1,9})", v, re.ASCII) if type(v) is str else None
         if m is None:
             _bad("meshversion", f"must be 'MAJOR.MINOR', got {v!r:.40}")
         kw["version"] = (int(m.group(1)), int(m.group(2)))
@@ -1130,6 +1255,8 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
             headers = None
         if type(headers) is not dict:
             _bad("meshheaders", "must be a string holding a JSON object of strings")
+        if _lone_surrogate(headers):
+            _bad("meshheaders", "a header holds a lone surrogate (invalid Unicode)")
         kw["headers"] = headers
     extras: dict[str, Any] = {}
     if "meshextras" in attrs:
@@ -1153,8 +1280,15 @@ def from_cloudevent(ce: Mapping[str, Any] | str | bytes | bytearray) -> Event:
     for name, value in attrs.items():
         if type(name) is not str or _CE_NAME.fullmatch(name) is None:
             _bad("extras", f"invalid CloudEvents attribute name {name!r:.40}")
-        if type(value) is not str and type(value) is not bool and type(value) is not int:
+        t = type(value)
+        if t is not str and t is not bool and t is not int:
             _bad(name, "an extension attribute must be a string, integer or boolean")
+        if t is int and not _CE_INT_MIN <= value <= _CE_INT_MAX:
+            _bad(name, f"integer {value} is outside CloudEvents' 32-bit signed Integer range")
+        if t is str and not _ce_string_ok(value):
+            _bad_char(name, value)
+        if name == "dataschema" and (t is not str or not value):
+            _bad(name, "dataschema, when present, must be a non-empty URI string")
         extras[name] = value
     if extras:
         kw["extras"] = extras

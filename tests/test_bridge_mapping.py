@@ -87,7 +87,11 @@ def test_binary_mode_attribute_names() -> None:
     n = event_to_message(ev, "x", kind="nats", mode="binary", origin="O",
                          extra_attrs={"Nats-Msg-Id": ev.id})
     assert ("ce-id", ev.id) in n.attrs and ("Nats-Msg-Id", ev.id) in n.attrs
-    assert ("content-type", "image/png") in n.attrs
+    # The NATS binding (1.0.3-wip draft) maps datacontenttype to ce-datacontenttype; a
+    # content-type header would mark the message as structured mode.
+    assert ("ce-datacontenttype", "image/png") in n.attrs and n.content_type is None
+    assert all(k.lower() != "content-type" for k, _ in n.attrs)
+    assert ("datacontenttype", "image/png") not in m.attrs  # MQTT: the Content Type property
 
 
 def test_plain_broker_message_is_wrapped() -> None:
@@ -174,3 +178,100 @@ def test_missing_client_library_names_the_extra(kind: str, module: str, extra: s
 
     with pytest.raises(ConfigError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         Bridge(FakeNode(), cfg)
+
+
+# --- CloudEvents protocol bindings: header value encoding (issue 20) ------------------------
+
+TRICKY = ["日本語 subject", "a literal %2F and /", '"quoted" \\ back', "100%", "Euro € 😀", "x"]
+
+
+def _attrs(msg: Message) -> dict[str, str]:
+    return dict(msg.attrs)
+
+
+@pytest.mark.parametrize("subject", TRICKY)
+def test_nats_binary_headers_are_percent_encoded_and_decoded(subject: str) -> None:
+    ev = Event(type="t", source="/ü", data=b"p", subject=subject, datacontenttype="text/plain; "
+               "charset=utf-8", extras={"note": subject})
+    msg = event_to_message(ev, "s", kind="nats", mode="binary", origin="Zürich/b")
+    for k, v in msg.attrs:  # printable ASCII without space or '"' (NATS 1.0.3-wip, 3.1.3.2)
+        assert all(0x21 <= ord(c) <= 0x7E and c != '"' for c in v), (k, v)
+    assert _attrs(msg)["ce-source"] == "/%C3%BC"
+    back = message_to_event(msg, kind="nats", origin="O")
+    assert back.subject == subject and back.extras["note"] == subject
+    assert back.source == "/ü" and back.datacontenttype == "text/plain; charset=utf-8"
+    assert origin_of(msg, "nats") == (ev.id, "Zürich/b")
+
+
+@pytest.mark.parametrize("subject", TRICKY)
+def test_mqtt_binary_user_properties_are_unencoded_utf8(subject: str) -> None:
+    # The MQTT binding (v1.0.2, 3.1.3.2): the canonical string, no percent-encoding.
+    ev = Event(type="t", source="/ü", data=b"p", subject=subject)
+    msg = event_to_message(ev, "s", kind="mqtt", mode="binary", origin="O")
+    assert _attrs(msg)["subject"] == subject and _attrs(msg)["source"] == "/ü"
+    assert message_to_event(msg, kind="mqtt", origin="O").subject == subject
+
+
+def _nats_ce(**headers: str) -> Message:
+    base = {"ce-specversion": "1.0", "ce-id": "i", "ce-source": "s", "ce-type": "t"}
+    base.update(headers)
+    return Message("a.b", b"x", tuple(base.items()))
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ("%e6%97%a5", "日"),  # lower-case hex MUST be accepted
+    ("%41BC", "ABC"),  # unnecessarily encoded: accepted
+    ('"a \\"q\\" b"', 'a "q" b'),  # an RFC 7230 quoted-string (older senders)
+    ('"50%25"', "50%"),  # quoted, then percent-decoded
+    ("%2F", "/"),
+])
+def test_nats_header_decoding_rules(raw: str, value: str) -> None:
+    assert message_to_event(_nats_ce(**{"ce-subject": raw}), kind="nats",
+                            origin="O").subject == value
+
+
+@pytest.mark.parametrize("raw", ["%C0%A0", "%E6%97", "%ZZ", "50%", "%ED%A0%80"])
+def test_nats_header_bad_percent_encoding_is_malformed(raw: str) -> None:
+    # %C0%A0: overlong; %E6%97: truncated; %ED%A0%80: a surrogate; '%' without two hex digits.
+    with pytest.raises(MalformedEvent):
+        message_to_event(_nats_ce(**{"ce-subject": raw}), kind="nats", origin="O")
+    assert origin_of(_nats_ce(**{"ce-bridgeorigin": raw}), "nats") == ("i", None)
+
+
+def test_nats_datacontenttype_header_and_older_content_type() -> None:
+    m = _nats_ce(**{"ce-datacontenttype": "application/json%3B%20charset%3Dutf-8"})
+    assert message_to_event(m, kind="nats", origin="O").datacontenttype == (
+        "application/json; charset=utf-8")
+    old = Message("a.b", b"x", (*_nats_ce().attrs, ("content-type", "image/png")), "image/png")
+    assert message_to_event(old, kind="nats", origin="O").datacontenttype == "image/png"
+
+
+def test_mqtt_content_type_property_wins_over_a_user_property() -> None:
+    attrs = (("specversion", "1.0"), ("id", "i"), ("source", "s"), ("type", "t"),
+             ("datacontenttype", "text/plain"))
+    assert message_to_event(Message("a/b", b"x", attrs, "image/png"), kind="mqtt",
+                            origin="O").datacontenttype == "image/png"
+    assert message_to_event(Message("a/b", b"x", attrs), kind="mqtt",
+                            origin="O").datacontenttype == "text/plain"
+
+
+def test_plain_message_with_an_empty_content_type_is_wrapped() -> None:
+    ev = message_to_event(Message("site/a", b"1", (), ""), kind="mqtt", origin="O")
+    assert ev.datacontenttype is None and ev.data == b"1"
+
+
+def test_default_mode_is_binary_for_mqtt_and_structured_for_nats() -> None:
+    from mesh.cli import build_parser
+    from mesh.cli.bridge_cmd import config_from_args
+
+    r = (Route("a", "b", "out", "nats"),)
+    assert BridgeConfig(name="n", kind="nats", routes=r).mode == "structured"
+    assert BridgeConfig(name="n", kind="nats", routes=r, mode="binary").mode == "binary"
+    assert BridgeConfig(name="m", kind="mqtt", routes=(Route("a", "b"),)).mode == "binary"
+    common = ["bridge", "--data-dir", "d", "--out", "a=b"]
+    assert config_from_args(build_parser().parse_args([*common, "--kind", "nats"])).mode == (
+        "structured")
+    assert config_from_args(build_parser().parse_args([*common, "--kind", "mqtt"])).mode == (
+        "binary")
+    assert config_from_args(build_parser().parse_args(
+        [*common, "--kind", "nats", "--mode", "binary"])).mode == "binary"

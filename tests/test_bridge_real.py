@@ -437,3 +437,79 @@ def test_malformed_to_dlq_and_loop_not_republished(kind: str, request: pytest.Fi
             assert br.stats().looped == 1  # the plain message was not sent out and back
     finally:
         bnode.close()
+
+
+@pytest.mark.parametrize("kind", ["mqtt", "nats"])
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_cloudevent_attributes_cross_a_real_broker_intact(kind: str, mode: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    """Non-ASCII, '%', '/' and '"' in attributes survive the bridge's own clients and the
+    broker both ways (MQTT: unencoded UTF-8 user properties; NATS: percent-encoded headers)."""
+    from patterns.bridge.mapping import event_to_message, message_to_event
+    from patterns.bridge.mqtt import MqttClient
+    from patterns.bridge.nats import NatsClient
+
+    broker: Broker = request.getfixturevalue("mosquitto" if kind == "mqtt" else "nats_js")
+    topic = "ce/x" if kind == "mqtt" else "ce.x"
+    got: list[Any] = []
+    lock = threading.Lock()
+
+    def handler(m: Any, ack: Any) -> None:
+        with lock:
+            got.append(m)
+        ack()
+
+    client: Any
+    if kind == "mqtt":
+        client = MqttClient(MqttConfig(port=broker.port), unique("ce"))
+    else:
+        client = NatsClient(NatsConfig(servers=(f"nats://127.0.0.1:{broker.port}",),
+                                       stream="CE"), unique("ce"), ["ce.>"])
+    ev = Event(type="t", source="/ü", subject='日本語 subject %2F/ "q"', data=b"\x00p",
+               datacontenttype="text/plain; charset=utf-8", extras={"note": "Euro € 😀"})
+    msg = event_to_message(ev, topic, kind=kind, mode=mode,  # type: ignore[arg-type]
+                           origin="Zürich/b")
+    try:
+        client.start([topic], handler)
+        assert client.wait_connected(10)
+        assert client.publish_batch([msg], 5.0) == 1
+        wait_until(lambda: len(got) >= 1, 10, what="the message back from the broker")
+        back = message_to_event(got[0], kind=kind, origin="O")  # type: ignore[arg-type]
+        assert (back.id, back.subject, back.source, back.data) == (ev.id, ev.subject, "/ü",
+                                                                   b"\x00p")
+        assert back.datacontenttype == ev.datacontenttype
+        assert back.extras["note"] == "Euro € 😀"
+        if kind == "nats" and mode == "binary":
+            wire = dict(got[0].attrs)
+            assert wire["ce-subject"].startswith("%E6%97%A5%E6%9C%AC%E8%AA%9E%20subject%20%252F/")
+    finally:
+        client.close()
+
+
+def test_outbound_event_that_is_no_cloudevent_is_skipped_not_fatal(
+        tmp_path: Path, mosquitto: Broker, publisher_node: Node) -> None:  # noqa: F811
+    """An envelope from another encoder with an empty subject (the constructor refuses one; the
+    decoder takes it) is skipped and logged; the events after it are still forwarded."""
+    import msgpack
+
+    from mesh.envelope import decode
+
+    cfg = BridgeConfig(name=unique("b"), kind="mqtt", routes=(Route("bad.>", "bad/#", "out"),),
+                       mqtt=MqttConfig(port=mosquitto.port), batch=10, ack_timeout_s=2.0,
+                       retry_s=0.2)
+    coll = MqttCollector(mosquitto.port, "bad/#")
+    bnode = make_node(tmp_path / "bridge", publisher_node.mesh, (ctrl(publisher_node),))
+    try:
+        with Publisher(publisher_node, "bad.x") as pub, Bridge(bnode, cfg) as br:
+            foreign = decode(msgpack.packb([1, 0, "", None, unique("id"), 0, "t", "src", "",
+                                            None, None, None, None, {}, b"x"]))
+            assert foreign.subject == ""
+            good = Event(type="t", source="s", data=b"ok")
+            pub.publish_event(foreign)
+            pub.publish_event(good)
+            wait_until(lambda: good.id in coll.ids(), 15, what="the valid event forwarded")
+            assert foreign.id not in coll.ids()
+            assert br.stats().skipped >= 1 and br.stats().forwarded >= 1
+    finally:
+        coll.close()
+        bnode.close()

@@ -10,7 +10,15 @@ from typing import Any
 import msgpack
 import pytest
 
-from mesh.envelope import Event, from_cloudevent, to_cloudevent, to_cloudevent_json
+from mesh.envelope import (
+    Event,
+    decode,
+    encode_new,
+    encode_new_many,
+    from_cloudevent,
+    to_cloudevent,
+    to_cloudevent_json,
+)
 from mesh.errors import CodecError, MalformedEvent, UnsupportedVersion
 
 T0 = datetime(2024, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
@@ -271,3 +279,133 @@ def test_from_cloudevent_errors_are_codec_errors() -> None:
     for bad in (None, 5, [1], {"specversion": 1}):
         with pytest.raises(CodecError):
             from_cloudevent(bad)  # type: ignore[arg-type]
+
+
+# --- CloudEvents 1.0.2 attribute rules (issue 20) -------------------------------------------
+
+# Each is forbidden in a CloudEvents String: C0 and C1 controls, DEL, noncharacters, surrogates.
+BAD_STRINGS = ["a\nb", "tab\t", "\x00", "\x7f", "x\x85", "\ufffe", "\ufdd0", "\U0010ffff",
+               "\ud800", "lone\udc00"]
+
+
+@pytest.mark.parametrize("field", ["subject", "datacontenttype"])
+def test_empty_optional_attribute_refused_at_construction(field: str) -> None:
+    with pytest.raises(MalformedEvent) as ei:
+        make(**{field: ""})
+    assert ei.value.field == field
+    with pytest.raises(MalformedEvent):
+        make().replace(**{field: ""})
+    with pytest.raises(MalformedEvent):
+        encode_new(type="t", source="s", stream="a", seq=0, **{field: ""})
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(minimal(**{field: ""}))
+    assert getattr(make(**{field: "x"}), field) == "x"
+
+
+def test_empty_subject_refused_by_encode_new_many() -> None:
+    with pytest.raises(MalformedEvent):
+        encode_new_many([b"x"], type="t", source="s", stream="a", first_seq=0, subject="")
+
+
+@pytest.mark.parametrize("bad", BAD_STRINGS)
+@pytest.mark.parametrize("field", ["type", "source", "id", "subject", "datacontenttype",
+                                   "correlationid", "causationid", "traceparent"])
+def test_forbidden_characters_refused_at_construction(field: str, bad: str) -> None:
+    with pytest.raises(MalformedEvent) as ei:
+        make(**{field: bad})
+    assert ei.value.field == field
+    with pytest.raises(MalformedEvent):
+        make().replace(**{field: bad})
+
+
+@pytest.mark.parametrize("field", ["type", "source", "subject", "datacontenttype",
+                                   "correlationid"])
+def test_forbidden_characters_refused_by_encode_new(field: str) -> None:
+    kw: dict[str, Any] = {"type": "t", "source": "s", field: "x\x85"}
+    with pytest.raises(MalformedEvent):
+        encode_new(stream="a", seq=0, **kw)
+
+
+def test_non_ascii_and_percent_strings_are_valid() -> None:
+    ev = make(subject="日本語 subject %2F/ 😀", type="é.t", source="/ü", correlationid="")
+    assert from_cloudevent(to_cloudevent_json(ev)) == ev
+
+
+@pytest.mark.parametrize("value", [2**31, -(2**31) - 1, 2**32, 2**63])
+def test_from_cloudevent_extension_integer_beyond_32_bits_refused(value: int) -> None:
+    with pytest.raises(MalformedEvent) as ei:
+        from_cloudevent(minimal(ext=value))
+    assert ei.value.field == "ext"
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(json.dumps(minimal(ext=value)))
+
+
+def test_from_cloudevent_extension_integer_bounds_accepted() -> None:
+    ev = from_cloudevent(minimal(lo=-(2**31), hi=2**31 - 1))
+    assert ev.extras == {"lo": -(2**31), "hi": 2**31 - 1}
+
+
+@pytest.mark.parametrize("text", [
+    '{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a\\ud800"}',
+    '{"specversion":"1.0","id":"1","source":"s","type":"t","data":"\\udc00"}',
+    '{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"k":["\\ud83d"]}}',
+    '{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"\\ud800":1}}',
+    '{"specversion":"1.0","id":"1","source":"s","type":"t","ext":"\\ud800"}',
+    '{"specversion":"1.0","id":"1","source":"s","type":"t","meshheaders":"{\\"a\\":\\"\\\\ud800\\"}"}',
+])
+def test_from_cloudevent_lone_surrogate_refused(text: str) -> None:
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(text)
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(json.loads(text))  # the parsed object: the same answer
+
+
+def test_from_cloudevent_surrogate_pair_is_one_character() -> None:
+    ev = from_cloudevent('{"specversion":"1.0","id":"1","source":"s","type":"t",'
+                         '"subject":"\\ud83d\\ude00","data":"\\ud83d\\ude00"}')
+    assert ev.subject == "😀" and ev.data == "😀"
+
+
+@pytest.mark.parametrize("ce", [
+    minimal(ext="a\nb"), minimal(ext="\x85"), minimal(ext="\ufffe"),
+    minimal(dataschema=""), minimal(dataschema=5),
+])
+def test_from_cloudevent_invalid_extension_value_refused(ce: dict[str, Any]) -> None:
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(ce)
+
+
+def test_to_cloudevent_keeps_invalid_strings_out_of_attributes() -> None:
+    extras = {"note": "line\nbreak", "dataschema": "", "c1": "\x85", "ok": "日本"}
+    ev = make(extras=extras, headers={"k": "\x85 日本"})
+    ce = to_cloudevent(ev)
+    assert ce["ok"] == "日本"
+    assert "note" not in ce and "dataschema" not in ce and "c1" not in ce  # in meshextras
+    assert ce["meshheaders"].isascii() and ce["meshheaders"].isprintable()
+    assert from_cloudevent(ce) == ev and from_cloudevent(to_cloudevent_json(ev)) == ev
+
+
+def test_to_cloudevent_refuses_a_decoded_event_with_an_empty_subject() -> None:
+    # An envelope written by another encoder: the decoder takes it, the CloudEvent refuses it.
+    arr = [1, 0, "s", 1, "id-1", 0, "t", "src", "", None, None, None, None, {}, None]
+    ev = decode(msgpack.packb(arr))
+    assert ev.subject == ""
+    with pytest.raises(MalformedEvent) as ei:
+        to_cloudevent(ev)
+    assert ei.value.field == "subject"
+    arr[2] = "bad\x00stream"
+    arr[8] = None
+    with pytest.raises(MalformedEvent) as ei:
+        to_cloudevent(decode(msgpack.packb(arr)))
+    assert ei.value.field == "meshstream"
+
+
+@pytest.mark.parametrize("ce", [
+    minimal(time="٢٠٢٠-01-01T00:00:00Z"),  # Arabic-Indic digits: not RFC 3339
+    minimal(time="2020-01-01T00:00:00\uff3a"),
+    minimal(time="\uff12\uff10\uff12\uff10-01-01T00:00:00Z"),  # full-width digits
+    minimal(meshversion="\uff11.0"),
+])
+def test_from_cloudevent_non_ascii_digits_refused(ce: dict[str, Any]) -> None:
+    with pytest.raises(MalformedEvent):
+        from_cloudevent(ce)

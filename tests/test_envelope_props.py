@@ -25,7 +25,12 @@ FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 
 text = st.text(max_size=20)
 nonempty = st.text(min_size=1, max_size=20)
-opt_text = st.none() | text
+# A CloudEvents String (spec 1.0.2: no control characters, noncharacters or lone surrogates).
+ce_text = st.text(st.characters(exclude_categories=("Cc", "Cs", "Cn")), max_size=20)
+ce_nonempty = st.text(st.characters(exclude_categories=("Cc", "Cs", "Cn")), min_size=1,
+                      max_size=20)
+opt_text = st.none() | ce_text
+opt_nonempty = st.none() | ce_nonempty
 scalars = (
     st.none()
     | st.booleans()
@@ -52,18 +57,18 @@ times = st.datetimes(
 @st.composite
 def events(draw: st.DrawFn) -> Event:
     return Event(
-        type=draw(nonempty),
-        source=draw(nonempty),
+        type=draw(ce_nonempty),
+        source=draw(ce_nonempty),
         data=draw(values),
-        id=draw(st.none() | nonempty),
+        id=draw(st.none() | ce_nonempty),
         time=draw(st.none() | times),
-        subject=draw(opt_text),
-        datacontenttype=draw(opt_text),
+        subject=draw(opt_nonempty),
+        datacontenttype=draw(opt_nonempty),
         correlationid=draw(opt_text),
         causationid=draw(opt_text),
         traceparent=draw(opt_text),
         headers=draw(st.dictionaries(text, text, max_size=4)),
-        stream=draw(text),
+        stream=draw(ce_text),
         seq=draw(st.none() | st.integers(min_value=0, max_value=2**64 - 1)),
         version=(1, draw(st.integers(min_value=0, max_value=300))),
         extras=draw(st.dictionaries(nonempty, values, max_size=3)),

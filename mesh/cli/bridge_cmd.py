@@ -36,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "(default: bridge-KIND)")
     p.add_argument("--kind", choices=("mqtt", "nats"), help="the broker kind")
     p.add_argument("--broker", help="MQTT host:port, or NATS server URL(s), comma-separated")
-    p.add_argument("--mode", choices=("binary", "structured"), default="binary",
+    p.add_argument("--mode", choices=("binary", "structured"), default=None,
                    help="CloudEvents mode on the broker side: attributes as headers or user "
-                        "properties (binary), or one JSON document (structured)")
+                        "properties (binary), or one JSON document (structured); default "
+                        "binary for mqtt, structured for nats")
     p.add_argument("--out", action="append", default=[], metavar="MESH=REMOTE",
                    help="outbound route: mesh stream pattern = topic/subject (repeatable)")
     p.add_argument("--in", dest="inbound", action="append", default=[], metavar="REMOTE=MESH",

@@ -37,13 +37,22 @@ from typing import Any
 import msgpack
 
 from mesh.envelope import Event
-from mesh.errors import ClosedError, CodecError, ConfigError, LogError, MeshError
+from mesh.errors import (
+    ClosedError,
+    CodecError,
+    ConfigError,
+    LogError,
+    MalformedEvent,
+    MeshError,
+)
 from mesh.log import FsyncPolicy, Log, LogConfig
 from patterns.bridge.base import BrokerClient
 from patterns.bridge.config import BridgeConfig
 from patterns.bridge.mapping import (
+    DEFAULT_MODE,
     LoopGuard,
     Message,
+    Mode,
     Route,
     event_to_message,
     origin_of,
@@ -72,7 +81,8 @@ class BridgeStats:
         forwarded: events acknowledged by the broker (outbound).
         batches: outbound batches committed.
         retries: outbound attempts that did not get every ack (broker away or slow).
-        skipped: outbound events not forwarded (came in through this bridge, or no route).
+        skipped: outbound events not forwarded (came in through this bridge, no route, or not
+            a valid CloudEvent: an envelope from another encoder; logged).
         received: inbound messages received from the broker.
         appended: inbound events appended to the mesh.
         looped: inbound messages recognised as our own events coming back (acked, dropped).
@@ -226,6 +236,7 @@ class Bridge:
             _log.error("bridge %s: cannot subscribe to %s: %s", cfg.name, route.mesh, exc)
             self._errors.append(exc)
             return
+        mode: Mode = cfg.mode if cfg.mode is not None else DEFAULT_MODE[cfg.kind]
         extra: Callable[[Event], dict[str, str] | None] = (
             (lambda ev: {"Nats-Msg-Id": ev.id}) if cfg.kind == "nats" else (lambda ev: None))
         try:
@@ -242,8 +253,15 @@ class Bridge:
                     if topic is None or self.guard.outbound_is_loop(ev):
                         self._stats.skipped += 1
                         continue
-                    msgs.append(event_to_message(ev, topic, kind=cfg.kind, mode=cfg.mode,
-                                                 origin=self.origin, extra_attrs=extra(ev)))
+                    try:
+                        msgs.append(event_to_message(ev, topic, kind=cfg.kind, mode=mode,
+                                                     origin=self.origin, extra_attrs=extra(ev)))
+                    except MalformedEvent as exc:
+                        # Only an event decoded from another encoder can get here (the Event
+                        # constructor refuses what a CloudEvent may not hold): skip, say so.
+                        self._stats.skipped += 1
+                        _log.warning("bridge %s: event %r is not a valid CloudEvent, not "
+                                     "forwarded: %s", cfg.name, ev.id, exc)
                 if msgs and not self._send_all(msgs, [e.id for e in events]):
                     return  # stopping: nothing committed, the next run re-sends this batch
                 sub.commit()

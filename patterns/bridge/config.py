@@ -4,7 +4,7 @@ A config file (TOML, or JSON when the name ends in ``.json``)::
 
     name = "site-bridge"          # the durable subscription / DLQ / origin name
     kind = "mqtt"                 # or "nats"
-    mode = "binary"               # or "structured"
+    mode = "binary"               # or "structured"; default binary for mqtt, structured for nats
 
     [mqtt]                        # or [nats] with servers = ["nats://127.0.0.1:4222"]
     host = "127.0.0.1"
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mesh.errors import ConfigError
-from patterns.bridge.mapping import Route
+from patterns.bridge.mapping import DEFAULT_MODE, Route
 
 __all__ = ["BridgeConfig", "MqttConfig", "NatsConfig", "TlsConfig", "load_config"]
 
@@ -135,7 +135,10 @@ class BridgeConfig:
         name: the bridge's name: durable subscription, DLQ stream (``<name>.dlq``) and origin.
         kind: ``"mqtt"`` or ``"nats"``.
         routes: the mappings.
-        mode: ``"binary"`` or ``"structured"`` CloudEvents mode for outbound messages.
+        mode: ``"binary"`` or ``"structured"`` CloudEvents mode for outbound messages; None
+            (the default) picks binary for MQTT and structured for NATS: the published
+            CloudEvents NATS binding (v1.0.2) has only structured mode, binary mode is in its
+            1.0.3-wip draft (which ``"binary"`` follows on NATS).
         mqtt: MQTT settings (kind mqtt).
         nats: NATS settings (kind nats).
         batch: events forwarded per broker round (acks awaited per batch).
@@ -147,7 +150,7 @@ class BridgeConfig:
     name: str
     kind: Literal["mqtt", "nats"]
     routes: tuple[Route, ...]
-    mode: Literal["binary", "structured"] = "binary"
+    mode: Literal["binary", "structured"] | None = None
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
     batch: int = 500
@@ -160,6 +163,8 @@ class BridgeConfig:
             raise ConfigError(f"bridge name must be [A-Za-z0-9._-]+, got {self.name!r}")
         if self.kind not in ("mqtt", "nats"):
             raise ConfigError(f"kind must be mqtt or nats, got {self.kind!r}")
+        if self.mode is None and self.kind in DEFAULT_MODE:
+            object.__setattr__(self, "mode", DEFAULT_MODE[self.kind])
         if self.mode not in ("binary", "structured"):
             raise ConfigError(f"mode must be binary or structured, got {self.mode!r}")
         if not self.routes:

@@ -9,7 +9,12 @@ Three concerns, all pure functions so they are tested without a broker:
   ``site/+/temp`` maps ``sensors.k1.temp`` to ``site/k1/temp`` and back.
 * **Envelope.** An :class:`~mesh.envelope.Event` becomes a payload plus string attributes
   (MQTT 5 user properties or NATS headers) in *binary* mode, or one CloudEvents JSON document in
-  *structured* mode; and back. The layout is specified in docs/protocol.md.
+  *structured* mode; and back. The layout is specified in docs/protocol.md. MQTT follows the
+  CloudEvents MQTT protocol binding v1.0.2 (user properties named as the attributes, values
+  their canonical strings, unencoded UTF-8; ``datacontenttype`` in the Content Type property).
+  The published NATS binding (v1.0.2) knows only structured mode, which is why a NATS bridge
+  defaults to it; NATS binary mode follows the binding's working draft (1.0.3-wip): ``ce-``
+  headers with percent-encoded values, ``datacontenttype`` as ``ce-datacontenttype``.
 * **Loops.** Every event a bridge sends out carries ``bridgeorigin`` (the bridge's origin id);
   every event it brings in is stamped with it too. :class:`LoopGuard` also remembers the ids it
   sent, so an event coming back is recognised by origin or by id.
@@ -21,9 +26,11 @@ import base64
 import binascii
 import collections
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 import msgpack
 
@@ -31,6 +38,7 @@ from mesh.envelope import Event, from_cloudevent, to_cloudevent, to_cloudevent_j
 from mesh.errors import CodecError, ConfigError, MalformedEvent
 
 __all__ = [
+    "DEFAULT_MODE",
     "ORIGIN_ATTR",
     "STRUCTURED_CONTENT_TYPE",
     "LoopGuard",
@@ -40,6 +48,8 @@ __all__ = [
     "is_structured",
     "message_to_event",
     "origin_of",
+    "percent_decode",
+    "percent_encode",
     "safe_message_to_event",
     "split_pattern",
 ]
@@ -52,8 +62,12 @@ Direction = Literal["out", "in", "both"]
 ORIGIN_ATTR = "bridgeorigin"
 #: Content type of a structured-mode message (CloudEvents JSON format).
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
-#: NATS header prefix of CloudEvents attributes in binary mode (CloudEvents NATS binding).
+#: NATS header prefix of CloudEvents attributes (CloudEvents NATS binding, 1.0.3-wip draft).
 NATS_PREFIX = "ce-"
+#: Default CloudEvents content mode per broker kind: binary for MQTT 5 (the published MQTT
+#: binding has it); structured for NATS (the published NATS binding, v1.0.2, has only
+#: structured mode; binary mode exists only in its 1.0.3-wip draft).
+DEFAULT_MODE: dict[str, Mode] = {"mqtt": "binary", "nats": "structured"}
 #: Attribute flagging how a non-bytes ``data`` was serialised in binary mode.
 DATAENC_ATTR = "meshdataenc"
 
@@ -215,12 +229,57 @@ class Message:
     content_type: str | None = None
 
 
-_CORE = ("id", "source", "type", "time", "subject", "correlationid", "causationid",
-         "traceparent")
+# Printable ASCII but space, double-quote and percent: what a NATS header value keeps as is
+# (CloudEvents NATS binding 1.0.3-wip, 3.1.3.2, the same rule as the HTTP binding's).
+_HDR_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "%"}
+_PCT_BAD = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
-def _attr_name(kind: Kind, name: str) -> str:
-    return NATS_PREFIX + name if kind == "nats" else name
+def percent_encode(value: str) -> str:
+    """A CloudEvents attribute value as a NATS header value (percent-encoded UTF-8).
+
+    Space, ``"``, ``%`` and every character outside U+0021-U+007E become ``%XY`` per UTF-8
+    byte (upper-case hex); the rest is kept.
+
+    Raises:
+        MalformedEvent: ``value`` holds a lone surrogate (not encodable as UTF-8).
+    """
+    if all(c in _HDR_SAFE for c in value):
+        return value
+    try:
+        return "".join(c if c in _HDR_SAFE else "".join(f"%{b:02X}" for b in c.encode())
+                       for c in value)
+    except UnicodeEncodeError as exc:
+        raise MalformedEvent(f"attribute value is not valid Unicode: {exc}") from exc
+
+
+def percent_decode(name: str, value: str) -> str:
+    """The attribute value of a NATS header: quoted-string unescaped, then one round of
+    percent-decoding (lower-case hex accepted); the bytes must be valid UTF-8.
+
+    Raises:
+        MalformedEvent: a ``%`` not followed by two hex digits, or bytes that are not UTF-8
+            (an overlong form such as ``%C0%A0`` included).
+    """
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        value = _QUOTED_PAIR.sub(r"\1", value[1:-1])  # RFC 7230 3.2.6 quoted-string
+    if "%" not in value:
+        return value
+    if _PCT_BAD.search(value):
+        raise MalformedEvent(f"{name}: a '%' not followed by two hex digits in {value!r:.60}",
+                             field=name)
+    try:
+        return unquote_to_bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedEvent(f"{name}: percent-decoded bytes are not UTF-8: {exc}",
+                             field=name) from exc
+
+
+def _attr(kind: Kind, name: str, value: str) -> tuple[str, str]:
+    if kind == "nats":
+        return NATS_PREFIX + name, percent_encode(value)
+    return name, value
 
 
 def event_to_message(ev: Event, topic: str, *, kind: Kind, mode: Mode, origin: str,
@@ -229,8 +288,10 @@ def event_to_message(ev: Event, topic: str, *, kind: Kind, mode: Mode, origin: s
 
     Binary mode: ``data`` is the payload (bytes as is; other values as JSON, or msgpack when
     not JSON-able, flagged by ``meshdataenc``); every other attribute is a user property
-    (MQTT, name as is) or a header (NATS, ``ce-`` prefix); ``datacontenttype`` is the content
-    type. Structured mode: the payload is the CloudEvents JSON document and the content type
+    (MQTT: name as is, value unencoded UTF-8) or a header (NATS: ``ce-`` prefix, value
+    percent-encoded); ``datacontenttype`` is the MQTT Content Type property, or the NATS
+    ``ce-datacontenttype`` header (no ``content-type`` header: that one marks structured mode).
+    Structured mode: the payload is the CloudEvents JSON document and the content type
     ``application/cloudevents+json``; only the id and origin are repeated as attributes.
 
     Raises:
@@ -240,14 +301,20 @@ def event_to_message(ev: Event, topic: str, *, kind: Kind, mode: Mode, origin: s
         extras={**ev.extras, ORIGIN_ATTR: origin})
     attrs: list[tuple[str, str]] = []
     if mode == "structured":
-        payload = to_cloudevent_json(ev).encode()
-        attrs.append((_attr_name(kind, "id"), ev.id))
-        attrs.append((_attr_name(kind, ORIGIN_ATTR), origin))
+        try:
+            payload = to_cloudevent_json(ev).encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate in data
+            raise MalformedEvent(f"event cannot be encoded: {exc}") from exc
+        attrs.append(_attr(kind, "id", ev.id))
+        attrs.append(_attr(kind, ORIGIN_ATTR, origin))
         ctype: str | None = STRUCTURED_CONTENT_TYPE
     else:
         ce = to_cloudevent(ev)
         ctype = ce.pop("datacontenttype", None)
-        attrs.append((_attr_name(kind, "specversion"), "1.0"))
+        attrs.append(_attr(kind, "specversion", "1.0"))
+        if kind == "nats" and ctype is not None:
+            attrs.append(_attr(kind, "datacontenttype", ctype))
+            ctype = None
         data = ev.data
         ce.pop("data", None)
         ce.pop("data_base64", None)
@@ -257,35 +324,50 @@ def event_to_message(ev: Event, topic: str, *, kind: Kind, mode: Mode, origin: s
             payload = data
         elif data is None:
             payload = b""
-            attrs.append((_attr_name(kind, DATAENC_ATTR), "none"))
+            attrs.append(_attr(kind, DATAENC_ATTR, "none"))
         else:
             try:
                 payload = json.dumps(data, ensure_ascii=False, allow_nan=False,
                                      separators=(",", ":")).encode()
                 enc = "json"
-            except (TypeError, ValueError):
-                payload = msgpack.packb(data, use_bin_type=True)
+            except (TypeError, ValueError):  # UnicodeEncodeError included: msgpack says why
+                try:
+                    payload = msgpack.packb(data, use_bin_type=True)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise MalformedEvent(f"data cannot be encoded: {exc}") from exc
                 enc = "msgpack"
-            attrs.append((_attr_name(kind, DATAENC_ATTR), enc))
+            attrs.append(_attr(kind, DATAENC_ATTR, enc))
         for k, v in ce.items():
             if k == "specversion":
                 continue
-            attrs.append((_attr_name(kind, k), v if isinstance(v, str) else json.dumps(v)))
+            # Canonical string forms (CloudEvents type system): Boolean "true"/"false",
+            # Integer its decimal digits.
+            attrs.append(_attr(kind, k, v if isinstance(v, str) else json.dumps(v)))
     if kind == "nats" and ctype is not None:
-        attrs.append(("content-type", ctype))
+        attrs.append(("content-type", ctype))  # structured mode only (see above)
     if extra_attrs:
         attrs.extend(extra_attrs.items())
     return Message(topic, payload, tuple(attrs), ctype)
 
 
-def _plain_attrs(msg: Message, kind: Kind) -> dict[str, str]:
+def _plain_attrs(msg: Message, kind: Kind, *, strict: bool = True) -> dict[str, str]:
+    """The CloudEvents attributes a message carries, by name, values decoded.
+
+    NATS: the ``ce-`` headers (names case-insensitive), percent-decoded; with ``strict``
+    False a value that does not decode is left out instead of raising.
+    """
     out: dict[str, str] = {}
     for k, v in msg.attrs:
         if kind == "nats":
             lk = k.lower()
             if not lk.startswith(NATS_PREFIX):
                 continue
-            out[lk[len(NATS_PREFIX):]] = v
+            name = lk[len(NATS_PREFIX):]
+            try:
+                out[name] = percent_decode(name, v)
+            except MalformedEvent:
+                if strict:
+                    raise
         else:
             out[k] = v
     return out
@@ -298,7 +380,7 @@ def is_structured(msg: Message) -> bool:
 
 def origin_of(msg: Message, kind: Kind) -> tuple[str | None, str | None]:
     """The (event id, bridge origin) a message carries in its attributes, if any."""
-    a = _plain_attrs(msg, kind)
+    a = _plain_attrs(msg, kind, strict=False)
     return a.get("id"), a.get(ORIGIN_ATTR)
 
 
@@ -324,7 +406,7 @@ def message_to_event(msg: Message, *, kind: Kind, origin: str) -> Event:
         a = _plain_attrs(msg, kind)
         if "specversion" not in a:
             return Event(type=f"{kind}.message", source=f"{kind}:{msg.topic}", subject=msg.topic,
-                         data=msg.payload, datacontenttype=msg.content_type,
+                         data=msg.payload, datacontenttype=msg.content_type or None,
                          extras={ORIGIN_ATTR: origin})
         ce: dict[str, Any] = {}
         for k, v in a.items():
@@ -335,7 +417,10 @@ def message_to_event(msg: Message, *, kind: Kind, origin: str) -> Event:
                     raise MalformedEvent(f"{k}: not a number: {v!r}", field=k) from exc
             elif k != DATAENC_ATTR:
                 ce[k] = v
-        if msg.content_type is not None:
+        # MQTT: the Content Type property (a `datacontenttype` user property, as the binding's
+        # example also shows, when the property is absent). NATS: `ce-datacontenttype`; the
+        # `content-type` header when it is absent (earlier zeromesh bridges sent it there).
+        if msg.content_type is not None and (kind == "mqtt" or "datacontenttype" not in ce):
             ce["datacontenttype"] = msg.content_type
         enc = a.get(DATAENC_ATTR)
         data: Any
