@@ -21,6 +21,11 @@ close (the node's own start and stop are left out):
 - ``events/fsync``, ``WA`` (write amplification: write_bytes / payload bytes, N x 100 B) and
   ``WA/log`` (write_bytes / the bytes the log holds after close: what fsync adds on top of the
   envelope and framing, 1.0 when every page is written once).
+- ``device_bytes``: bytes written to the block device holding ``--dir`` (sysfs sectors
+  written, from before the child starts to an ``os.sync()`` after it ends). This one includes
+  the file system's journal and metadata, but it is machine-wide: any other process writing
+  to that device at the same time is counted too, so read it on an otherwise idle machine.
+  ``-`` where there is no block device (tmpfs).
 
 Output: a comment line, then one Markdown table with the columns of :data:`COLUMNS`.
 """
@@ -50,7 +55,7 @@ POLICIES: dict[str, tuple[str, float]] = {
 }
 
 COLUMNS = ("policy", "events", "write_bytes", "log_bytes", "fsyncs", "events/fsync", "WA",
-           "WA/log")
+           "WA/log", "device_bytes")
 PAYLOAD = 100
 
 
@@ -71,6 +76,22 @@ def _dir_bytes(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def _device_stat(path: str) -> str | None:
+    """The /sys stat file of the block device holding ``path`` (None: no block device, e.g.
+    tmpfs, or no sysfs)."""
+    st = os.stat(path)
+    stat = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+    return stat if os.path.exists(stat) else None
+
+
+def _device_written(stat: str | None) -> int | None:
+    """Bytes written to that device so far (sectors written x 512), or None."""
+    if stat is None:
+        return None
+    with open(stat) as f:
+        return int(f.read().split()[6]) * 512
 
 
 def child(policy: str, events: int, rate: float, data_dir: str) -> dict[str, object]:
@@ -126,13 +147,20 @@ def child(policy: str, events: int, rate: float, data_dir: str) -> dict[str, obj
 def run_policy(policy: str, events: int, rate: float, root: str) -> dict[str, object]:
     """Run one policy in a fresh child process (fresh counters, fresh log thread)."""
     data_dir = tempfile.mkdtemp(prefix="wear-", dir=root)
+    stat = _device_stat(data_dir)
     try:
+        os.sync()
+        dev_before = _device_written(stat)
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", policy,
                             "--events", str(events), "--rate", str(rate), "--dir", data_dir],
                            capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise SystemExit(f"wear: policy {policy} failed:\n{r.stderr}")
         result: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+        os.sync()  # before the directory is removed: written-back data, as it would be kept
+        dev_after = _device_written(stat)
+        result["device_bytes"] = None if dev_before is None or dev_after is None else \
+            dev_after - dev_before
         return result
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -147,8 +175,10 @@ def table(rows: list[dict[str, object]]) -> str:
         wa = f"{wb / (n * PAYLOAD):.2f}" if n else "-"
         lb = int(str(r["log_bytes"]))
         per_log = f"{wb / lb:.2f}" if lb else "-"
+        dev = r.get("device_bytes")
+        dev_s = "-" if dev is None else f"{int(str(dev)):,}"
         lines.append(f"| {r['policy']} | {n:,} | {wb:,} | {lb:,} | {fs:,} | {per} | {wa} | "
-                     f"{per_log} |")
+                     f"{per_log} | {dev_s} |")
     return "\n".join(lines)
 
 

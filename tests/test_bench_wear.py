@@ -10,7 +10,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 COLUMNS = ["policy", "events", "write_bytes", "log_bytes", "fsyncs", "events/fsync", "WA",
-           "WA/log"]
+           "WA/log", "device_bytes"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -36,6 +36,7 @@ def test_wear_prints_one_row_per_policy(tmp_path: Path) -> None:
         assert int(row["write_bytes"].replace(",", "")) >= 0
         float(row["WA"])
         float(row["WA/log"])
+        assert row["device_bytes"] == "-" or int(row["device_bytes"].replace(",", "")) >= 0
     # the counts that do not depend on the disk: always fsyncs at least once per event,
     # never does not fsync at all
     assert int(rows["always"]["fsyncs"]) >= n
