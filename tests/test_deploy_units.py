@@ -95,3 +95,33 @@ def test_verify_refuses_a_broken_copy(name: str, damage: tuple[str, str],
     text = (DEPLOY / name).read_text()
     assert damage[0] in text
     assert verify(text.replace(damage[0], damage[1], 1), name, tmp_path) != []
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: not KEY=value: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
+def test_the_example_env_file_makes_a_valid_command_line() -> None:
+    """ExecStart is ``mesh $MESH_ARGS --data-dir DIR`` (systemd splits $MESH_ARGS at
+    whitespace): the example's must parse, and every ZEROMESH_ variable must be an option."""
+    from mesh.cli import build_parser
+    from mesh.cli._node_opts import _SETTINGS
+
+    env = _env_file(DEPLOY / "zeromesh.env.example")
+    exec_start = next(v for k, vs in _settings((DEPLOY / "zeromesh@.service").read_text())
+                      .items() if k == "ExecStart" for v in vs)
+    assert exec_start.split()[1:] == ["$MESH_ARGS", "--data-dir", "%S/zeromesh/%i"]
+    args = build_parser().parse_args([*env["MESH_ARGS"].split(), "--data-dir", "/x"])
+    assert args.long_running and args.data_dir == "/x"
+    text = (DEPLOY / "zeromesh.env.example").read_text()
+    named = [ln.lstrip("#").partition("=")[0] for ln in text.splitlines()
+             if ln.lstrip("#").startswith("ZEROMESH_")]  # the commented-out ones too
+    assert len(named) >= 5
+    for key in named:
+        assert key[len("ZEROMESH_"):].lower() in _SETTINGS, key
