@@ -176,7 +176,18 @@ class MqttClient:
         if self._closed:
             return
         self._closed = True
+        was_connected = self._connected.is_set()
         try:
             self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            if was_connected:
+                self._client.loop_stop()  # the loop ends at once on the DISCONNECT
+            else:
+                # No connection, so nothing in flight: paho's (daemon) network thread may be in
+                # its reconnect back-off, a time.sleep of up to 1 s that loop_stop() would wait
+                # out; a bridge stopped by SIGTERM must not delay its node's goodbye by that.
+                # The thread sees the stop flag when it wakes and exits.
+                stopper = threading.Thread(target=self._client.loop_stop, daemon=True,
+                                           name="zeromesh-bridge-mqtt-stop")
+                stopper.start()
+                stopper.join(0.1)
