@@ -1,0 +1,116 @@
+"""The conformance kit (tests/conformance/kit.py) against a real node in a child process.
+
+The target is ``python -m tests.conformance.target`` (zeromesh), or the command in
+``$ZEROMESH_CONFORMANCE_TARGET`` (any implementation: it must print one JSON line with
+``control`` = its tcp control endpoint and ``id`` = its node id, offer the service ``echo``
+answering ``<payload>#<runs>``, and serve the mesh ``conformance``). Counter checks need the
+zeromesh target (it prints ``node.stats()`` when sent ``stats``); they are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conformance.kit import Caller, Peer
+from tests.util import REPO, wait_until
+
+KIT = Path(__file__).parent / "conformance"
+EXTERNAL = os.environ.get("ZEROMESH_CONFORMANCE_TARGET")
+
+
+class Target:
+    def __init__(self) -> None:
+        cmd = (shlex.split(EXTERNAL) if EXTERNAL
+               else [sys.executable, "-m", "tests.conformance.target"])
+        env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, cwd=REPO, text=True)
+        assert self.proc.stdout is not None
+        first = json.loads(self.proc.stdout.readline())
+        self.control: str = first["control"]
+        self.id: str = first["id"]
+
+    def stats(self) -> dict[str, Any] | None:
+        if EXTERNAL:
+            return None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    t = Target()
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_the_kit_imports_neither_mesh_nor_patterns() -> None:
+    for path in KIT.glob("kit.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for n in names:
+                assert n.split(".")[0] not in ("mesh", "patterns", "tests"), (path, n)
+
+
+def test_join_presence_and_call(target: Target) -> None:
+    peer = Peer(target.control)
+    try:
+        info = peer.join()
+        assert info["node_id"] == target.id
+        # presence: a ping is answered with a pong echoing an int body
+        peer.send("ping", 12345)
+        assert peer.recv("pong") == 12345
+        ep = next(e for e in info["endpoints"]["rpc.echo"] if e.startswith("tcp://"))
+        caller = Caller(ep, target.id, "echo")
+        try:
+            meta, body = caller.request("conf-1", "echo", b"hi")
+            assert meta[1] == 0 and body.startswith(b"hi#"), (meta, body)
+            # retry with the same id: served from the cache (the handler did not run again)
+            meta2, body2 = caller.request("conf-1", "echo", b"hi", attempt=1)
+            assert (meta2[1], body2) == (0, body)
+            assert caller.request("conf-2", "echo", b"x", ttl_ms=0)[0][1] == 3  # EXPIRED
+            assert caller.request("conf-3", "nope", b"x")[0][1] == 4  # UNKNOWN_SERVICE
+        finally:
+            caller.close()
+    finally:
+        peer.close()
+
+
+def test_update_before_hello_is_unknown_sender(target: Target) -> None:
+    before = target.stats()
+    peer = Peer(target.control)
+    try:
+        # a fresh connection's first message is an update: dropped, counted unknown_sender
+        peer.send("update", {"info": peer.info()})
+        if before is None:
+            pytest.skip("counters are read from the zeromesh target only")
+        wait_until(lambda: (target.stats() or {}).get("unknown_sender", 0)
+                   > before.get("unknown_sender", 0), 5, what="unknown_sender counted")
+        peer.join()  # and the connection still works once it says hello
+    finally:
+        peer.close()
