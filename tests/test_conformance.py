@@ -3,7 +3,7 @@
 The target is ``python -m tests.conformance.target`` (zeromesh), or the command in
 ``$ZEROMESH_CONFORMANCE_TARGET`` (any implementation: it must print one JSON line with
 ``control`` = its tcp control endpoint and ``id`` = its node id, offer the service ``echo``
-answering ``<payload>#<runs>``, and serve the mesh ``conformance``). Counter checks need the
+answering ``<payload>#<runs>`` and the durable stream ``conf`` holding three events, and serve the mesh ``conformance``). Counter checks need the
 zeromesh target (it prints ``node.stats()`` when sent ``stats``); they are skipped otherwise.
 """
 
@@ -97,6 +97,24 @@ def test_join_presence_and_call(target: Target) -> None:
             assert caller.request("conf-3", "nope", b"x")[0][1] == 4  # UNKNOWN_SERVICE
         finally:
             caller.close()
+    finally:
+        peer.close()
+
+
+def test_replay_from_a_durable_stream(target: Target) -> None:
+    peer = Peer(target.control)
+    try:
+        peer.join()
+        base = {"v": 1, "sid": "kit", "stream": "conf", "from": 0}
+        # max / max_bytes are optional (pub/sub 2.2): the publisher's caps apply
+        got = peer.replay({**base, "req": 1})
+        assert got["error"] is None and got["first"] == 0 and len(got["events"]) == 3, got
+        assert got["head"] == 3 and got["oldest"] == 0
+        got = peer.replay({**base, "req": 2, "from": 1, "max": 1})
+        assert got["first"] == 1 and len(got["events"]) == 1
+        # a malformed but answerable request gets a refusal it can see, not silence
+        got = peer.replay({**base, "req": 3, "max": -1})
+        assert got["error"] == "malformed" and got["events"] == [], got
     finally:
         peer.close()
 

@@ -3,7 +3,9 @@
 
 Covered: join (HELLO and its answer), presence (``ping``/``pong``), request/reply (a call,
 a retry with the same id answered from the cache, ``ttl_ms`` 0 EXPIRED, an unknown service),
-and the control channel's unexpected-input rule for a kind before ``hello``.
+pub/sub replay from a durable stream (``max`` optional, a malformed request refused with
+``error = "malformed"``), and the control channel's unexpected-input rule for a kind before
+``hello``.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ class Peer:
         assert info["mesh"] == self.mesh and info["version"] == 1
         self.target_info = info
         return info
+
+    def replay(self, body: dict[str, Any]) -> Any:
+        """Send ``pubsub.replay`` and return the ``pubsub.replay_data`` answering its ``req``."""
+        self.send("pubsub.replay", body)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            got = self.recv("pubsub.replay_data", timeout=max(0.01, deadline - time.monotonic()))
+            if got.get("req") == body["req"]:
+                return got
+        raise TimeoutError("no pubsub.replay_data")
 
     def close(self) -> None:
         """Say BYE and close the sockets."""

@@ -1,6 +1,7 @@
 """The zeromesh node the conformance kit drives by default (``python -m tests.conformance.target``).
 
-It starts a node (mesh ``conformance``, loopback, no mDNS) offering the service ``echo``,
+It starts a node (mesh ``conformance``, loopback, no mDNS) offering the service ``echo``
+and the durable stream ``conf`` holding three events (seqs 0..2),
 whose handler answers ``<payload>#<runs>`` (runs counts handler runs, so a retry served from
 the cache is visible), prints one JSON line ``{"control": <tcp control endpoint>, "id": <node
 id>}`` and then reads stdin: ``stats`` prints ``node.stats()`` as one JSON line; end of input
@@ -14,6 +15,7 @@ import sys
 import tempfile
 
 from mesh.node import Node
+from patterns.pubsub import Publisher
 from patterns.reqrep import Service
 
 
@@ -29,7 +31,10 @@ def main() -> None:
         node = Node(data_dir=d, name="target", mesh="conformance", interface="127.0.0.1",
                     mdns=False)
         try:
-            with Service(node, "echo", echo, outcome_log=False):
+            with Service(node, "echo", echo, outcome_log=False), \
+                    Publisher(node, "conf") as pub:
+                for i in range(3):
+                    pub.publish(i)
                 ep = next(e for e in node.info().endpoints["control"] if e.startswith("tcp"))
                 print(json.dumps({"control": ep, "id": node.id}), flush=True)
                 for line in sys.stdin:
