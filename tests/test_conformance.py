@@ -3,7 +3,8 @@
 The target is ``python -m tests.conformance.target`` (zeromesh), or the command in
 ``$ZEROMESH_CONFORMANCE_TARGET`` (any implementation: it must print one JSON line with
 ``control`` = its tcp control endpoint and ``id`` = its node id, offer the service ``echo``
-answering ``<payload>#<runs>`` and the durable stream ``conf`` holding three events, and serve the mesh ``conformance``). Counter checks need the
+answering ``<payload>#<runs>`` the durable stream ``conf`` holding three events, and the queue ``jobs`` (ack_wait 0.5 s)
+holding tasks ``t0``..``t4``, and serve the mesh ``conformance``). Counter checks need the
 zeromesh target (it prints ``node.stats()`` when sent ``stats``); they are skipped otherwise.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conformance.kit import Caller, Peer
+from tests.conformance.kit import Caller, Peer, QueueWorker
 from tests.util import REPO, wait_until
 
 KIT = Path(__file__).parent / "conformance"
@@ -115,6 +116,43 @@ def test_replay_from_a_durable_stream(target: Target) -> None:
         # a malformed but answerable request gets a refusal it can see, not silence
         got = peer.replay({**base, "req": 3, "max": -1})
         assert got["error"] == "malformed" and got["events"] == [], got
+    finally:
+        peer.close()
+
+
+def test_work_a_queue(target: Target) -> None:
+    peer = Peer(target.control)
+    try:
+        info = peer.join()
+        ep = next(e for e in info["endpoints"]["pipe.jobs"] if e.startswith("tcp://"))
+        w = QueueWorker(ep)
+        try:
+            w.send(0x01, ["jobs", 1, peer.id, "kit"])  # READY, credit 1
+            (a,) = w.task()
+            assert a[1] == 1 and a[4] == b"t0"  # [id, delivery, ack_wait_ms, key, payload]
+            assert w.quiet(0.2), "credit 1: a second task before the first was answered"
+            w.send(0x03, [a[0]])  # ACK
+            (b,) = w.task()
+            assert b[4] == b"t1"
+            w.send(0x04, [[b[0], 0, "", "ValueError", "kit", None]])  # NACK, retry now
+            seen = {}
+            for _ in range(3):
+                (t,) = w.task()
+                seen[t[4]] = t
+                if t[4] == b"t1":
+                    assert t[1] == 2  # redelivered: delivery 2
+                    w.send(0x05, [t[0]])  # IN_PROGRESS
+                    w.send(0x06, [[t[0], None, "poison", None, None, None]])  # TERM: DLQ
+                else:
+                    w.send(0x03, [t[0]])
+            assert b"t1" in seen
+            (late,) = w.task()  # do not answer: redelivered after ack_wait (0.5 s)
+            (again,) = w.task(3)
+            assert again[0] == late[0] and again[1] == late[1] + 1
+            w.send(0x03, [again[0]])
+            w.send(0x07, [])  # BYE
+        finally:
+            w.close()
     finally:
         peer.close()
 

@@ -105,6 +105,45 @@ class Peer:
             self.router.close(0)
 
 
+class QueueWorker:
+    """A pipeline worker: a DEALER (16 random bytes of routing id) to ``pipe.<queue>``."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, os.urandom(16))
+        self.sock.connect(endpoint)
+
+    def send(self, cmd: int, body: Any) -> None:
+        """One pipeline message: header (version 1, command), msgpack body."""
+        self.sock.send_multipart([bytes([1, cmd]), _pack(body)])
+
+    def task(self, timeout: float = 5.0) -> list[Any]:
+        """The items of the next non-empty TASK (empty TASKs are liveness probes)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                break
+            head, body = self.sock.recv_multipart()
+            assert head == b"\x01\x02", head
+            items = msgpack.unpackb(body, raw=False)
+            if items:
+                return items  # type: ignore[no-any-return]
+        raise TimeoutError("no TASK")
+
+    def quiet(self, seconds: float) -> bool:
+        """True when no non-empty TASK arrives for ``seconds``."""
+        try:
+            self.task(seconds)
+        except TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close(0)
+
+
 class Caller:
     """A request/reply caller: a ROUTER with ROUTER_MANDATORY connected to ``rpc.<service>``."""
 

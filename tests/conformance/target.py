@@ -1,7 +1,8 @@
 """The zeromesh node the conformance kit drives by default (``python -m tests.conformance.target``).
 
 It starts a node (mesh ``conformance``, loopback, no mDNS) offering the service ``echo``
-and the durable stream ``conf`` holding three events (seqs 0..2),
+and the durable stream ``conf`` holding three events (seqs 0..2), and the work queue ``jobs``
+(ack_wait 0.5 s) holding the tasks ``t0``..``t4``,
 whose handler answers ``<payload>#<runs>`` (runs counts handler runs, so a retry served from
 the cache is visible), prints one JSON line ``{"control": <tcp control endpoint>, "id": <node
 id>}`` and then reads stdin: ``stats`` prints ``node.stats()`` as one JSON line; end of input
@@ -15,6 +16,7 @@ import sys
 import tempfile
 
 from mesh.node import Node
+from patterns.pipeline import DispatchConfig, WorkQueue
 from patterns.pubsub import Publisher
 from patterns.reqrep import Service
 
@@ -35,6 +37,10 @@ def main() -> None:
                     Publisher(node, "conf") as pub:
                 for i in range(3):
                     pub.publish(i)
+                queue = WorkQueue(node, "jobs",
+                                  config=DispatchConfig(ack_wait=0.5, max_deliveries=5))
+                for payload in (b"t0", b"t1", b"t2", b"t3", b"t4"):
+                    queue.push(payload)
                 ep = next(e for e in node.info().endpoints["control"] if e.startswith("tcp"))
                 print(json.dumps({"control": ep, "id": node.id}), flush=True)
                 for line in sys.stdin:
