@@ -157,7 +157,7 @@ def test_work_a_queue(target: Target) -> None:
         peer.close()
 
 
-def test_update_before_hello_is_unknown_sender(target: Target) -> None:
+def test_unexpected_input_is_counted(target: Target) -> None:
     before = target.stats()
     peer = Peer(target.control)
     try:
@@ -167,6 +167,21 @@ def test_update_before_hello_is_unknown_sender(target: Target) -> None:
             pytest.skip("counters are read from the zeromesh target only")
         wait_until(lambda: (target.stats() or {}).get("unknown_sender", 0)
                    > before.get("unknown_sender", 0), 5, what="unknown_sender counted")
+        # a hello of another mesh: wrong_mesh; a header without "ZM": malformed; a hello
+        # whose info lacks a required field: malformed; a control major of 9:
+        # unsupported_version. None of them stops the node.
+        other = Peer(target.control, mesh="another-mesh")
+        try:
+            other.send("hello", {"info": other.info(), "reply": False})
+            peer.dealer.send_multipart([b"XX\x01\x04ping", b"\xc0"])
+            peer.send("hello", {"info": {"node_id": peer.id, "mesh": "conformance"}})
+            peer.dealer.send_multipart([b"ZM\x09\x04ping", b"\xc0"])
+            for key in ("wrong_mesh", "malformed", "unsupported_version"):
+                wait_until(lambda k=key: (target.stats() or {}).get(k, 0)
+                           > before.get(k, 0), 5, what=f"{key} counted")
+        finally:
+            other.dealer.close(0)
+            other.router.close(0)
         peer.join()  # and the connection still works once it says hello
     finally:
         peer.close()
