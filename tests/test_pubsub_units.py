@@ -273,3 +273,26 @@ def test_dedup_window() -> None:
     assert d.first_time("a") and d.duplicates == 1 and len(d) == 2
     with pytest.raises(ConfigError):
         Dedup(window=0)
+
+
+def test_replay_request_max_and_max_bytes_are_optional() -> None:
+    # Before 1.3 a request without them was a ProtocolError: dropped unanswered, retried
+    # every retry_s forever. Absent or nil now means the publisher's caps.
+    body = {"v": 1, "sid": "s", "req": 1, "stream": "t", "from": 0}
+    rq = frames.decode_replay_request(body)
+    assert (rq.max_records, rq.max_bytes) == (frames.REPLAY_MAX_RECORDS, frames.REPLAY_MAX_BYTES)
+    rq = frames.decode_replay_request({**body, "max": None, "max_bytes": 7})
+    assert (rq.max_records, rq.max_bytes) == (frames.REPLAY_MAX_RECORDS, 7)
+    with pytest.raises(ProtocolError):
+        frames.decode_replay_request({**body, "max": 0})
+
+
+def test_malformed_replay_request_is_answerable_when_routable() -> None:
+    bad = {"v": 1, "sid": "s", "req": 9, "stream": "t", "from": 0, "max": -1}
+    with pytest.raises(ProtocolError):
+        frames.decode_replay_request(bad)
+    assert frames.replay_reply_target(bad) == ("s", 9, "t")
+    for unroutable in (None, 7, {"v": 2, "sid": "s", "req": 9, "stream": "t"},
+                       {"v": 1, "sid": "s", "stream": "t"}, {"v": 1, "sid": 3, "req": 1,
+                                                              "stream": "t"}):
+        assert frames.replay_reply_target(unroutable) is None

@@ -35,7 +35,7 @@ from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
 VERSION = 1
 SUPPORTED = (VERSION,)
 #: The pub/sub protocol version (major, minor) this build speaks.
-PROTOCOL = (2, 0)
+PROTOCOL = (2, 2)
 #: The role the publisher's data ROUTER is announced under (``PeerInfo.endpoints``).
 DATA_ROLE = "pubsub"
 #: The role protocol-1 publishers announced their XPUB under (recognised, never connected).
@@ -73,6 +73,12 @@ MAX_TOPIC = 255
 CTRL_REPLAY = "pubsub.replay"
 CTRL_REPLAY_DATA = "pubsub.replay_data"
 CTRL_ACK = "pubsub.ack"
+#: What a ``pubsub.replay`` without ``max`` / ``max_bytes`` asks for (and the most a
+#: publisher ever sends in one reply): 5000 records, 4 MiB of envelopes.
+REPLAY_MAX_RECORDS = 5000
+REPLAY_MAX_BYTES = 4 << 20
+#: ``pubsub.replay_data.error`` for a request that did not decode (since 1.3).
+REPLAY_ERROR_MALFORMED = "malformed"
 
 
 class Header(NamedTuple):
@@ -441,8 +447,12 @@ def decode_replay_request(body: object) -> ReplayRequest:
     from_time = _int(m, "from_time", kind, optional=True)
     if start is None and from_time is None:
         raise ProtocolError(f"{kind} needs 'from' or 'from_time'")
-    max_records = _req_int(m, "max", kind)
-    max_bytes = _req_int(m, "max_bytes", kind)
+    # optional since 1.3 (a request without them was dropped unanswered before): absent or
+    # nil means the publisher's own caps
+    max_records = _int(m, "max", kind, optional=True)
+    max_bytes = _int(m, "max_bytes", kind, optional=True)
+    max_records = REPLAY_MAX_RECORDS if max_records is None else max_records
+    max_bytes = REPLAY_MAX_BYTES if max_bytes is None else max_bytes
     if max_records == 0 or max_bytes == 0:
         raise ProtocolError(f"{kind}.max and max_bytes must be positive")
     epoch = _int(m, "epoch", kind, optional=True)
@@ -497,6 +507,21 @@ def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
                       epoch, truncate, skip, _int(m, "epoch_end", kind, optional=True),
                       oversize, _int(m, "tok", kind, optional=True),
                       _int(m, "retry_ms", kind, optional=True))
+
+
+def replay_reply_target(body: object) -> tuple[str, int, str] | None:
+    """``(sid, req, stream)`` of a ``pubsub.replay`` body that failed to decode, when those
+    three are usable: the publisher then answers ``error="malformed"`` (since 1.3) so the
+    subscriber sees why instead of retrying a request that is never answered. None: the
+    body cannot be answered (no usable ``sid``/``req``/``stream``, or another ``v``)."""
+    if not isinstance(body, dict) or body.get("v") != VERSION:
+        return None
+    sid, req, stream = body.get("sid"), body.get("req"), body.get("stream")
+    if (not isinstance(sid, str) or len(sid) > 1024 or not isinstance(stream, str)
+            or len(stream) > MAX_TOPIC or not isinstance(req, int) or isinstance(req, bool)
+            or not 0 <= req < 2**64):
+        return None
+    return sid, req, stream
 
 
 def decode_ack(body: object) -> Ack:

@@ -58,8 +58,8 @@ __all__ = ["Publisher", "PublisherStats"]
 _log = logging.getLogger("zeromesh.pubsub")
 
 #: Largest replay chunk the publisher sends, whatever the subscriber asks (records / bytes).
-MAX_REPLAY_RECORDS = 5000
-MAX_REPLAY_BYTES = 4 << 20
+MAX_REPLAY_RECORDS = frames.REPLAY_MAX_RECORDS
+MAX_REPLAY_BYTES = frames.REPLAY_MAX_BYTES
 #: Replay bytes one peer (node id) may have outstanding: sent in replies it has not yet proven
 #: read (see ReplayRequest.tok), and all peers together. A peer over it is answered
 #: ``error="busy"`` with ``retry_ms``; a peer that never reads gets at most this much, ever.
@@ -670,13 +670,20 @@ class _PubHub:
     def _on_replay(self, peer_id: str, body: object) -> None:
         # Reactor thread. Every reply costs the asking peer's replay budget (its envelopes
         # plus REPLY_COST) until a later request proves it read (tok); see _PubHub.__init__.
+        malformed: tuple[str, int, str] | None = None
         try:
             rq = frames.decode_replay_request(body)
         except (ProtocolError, CodecError) as exc:
             self.bad_requests += 1
             self.logs.warning("bad_replay", "pubsub: bad replay request from %s: %s",
                               peer_id, exc)
-            return
+            # Answer a request we can route back (sid, req, stream usable) with a typed
+            # refusal: the subscriber sees why instead of retrying it every retry_s forever.
+            malformed = frames.replay_reply_target(body)
+            if malformed is None:
+                return
+            rq = frames.ReplayRequest(malformed[0], malformed[1], malformed[2], 0, None, None,
+                                      1, 1)
         budget = self.replay_budget
         sent = self.replay_sent.get(peer_id)
         if rq.tok is not None and sent is not None and rq.tok in sent:
@@ -686,7 +693,10 @@ class _PubHub:
                 if tok == rq.tok:
                     break
         room = min(budget.per_key - budget.held(peer_id), budget.total - budget.held())
-        if not self.node.permits(peer_id, "replay", rq.stream):
+        if malformed is not None:
+            reply = frames.ReplayData(rq.sid, rq.req, rq.stream, 0, [], 0, 0, False,
+                                      frames.REPLAY_ERROR_MALFORMED)
+        elif not self.node.permits(peer_id, "replay", rq.stream):
             self.refused_replays += 1
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0, False,
                                       "forbidden")

@@ -33,6 +33,7 @@ __all__ = [
     "ERR_ID_REUSED",
     "ERR_NOT_CACHED",
     "ERR_OUTCOME_UNKNOWN",
+    "REVISION",
     "SIGNATURE",
     "Command",
     "Format",
@@ -49,9 +50,15 @@ __all__ = [
     "encode_request",
     "reply_frames",
     "request_frames",
+    "revision",
+    "to_split",
 ]
 
 SIGNATURE = b"ZRR1"
+#: The protocol revision (the minor of ZRR/1) this build speaks, sent as the last META item
+#: of every message (since 1.3; docs/protocol.md, "Versions and negotiation"). Absent: the
+#: sender is 1.0 (split form) or 1.1-1.2 (compact form).
+REVISION = 3
 _MAX_ID = 64
 _MAX_NAME = 256
 _MAX_HEADERS = 64
@@ -163,7 +170,7 @@ def encode_request(req: Request) -> list[bytes]:
 def request_frames(req: Request, ttl_ms: int, attempt: int) -> list[bytes]:
     """Frames of ``req`` sent with this ``ttl_ms`` and ``attempt`` (a client's retries reuse
     one template instead of building a Request per send)."""
-    meta = [req.id, req.service, ttl_ms, attempt, int(req.format), req.headers]
+    meta = [req.id, req.service, ttl_ms, attempt, int(req.format), req.headers, REVISION]
     if len(req.body) <= COMPACT_MAX:
         return [_H_REQUEST + _packb([meta, req.body])]
     return [_H_REQUEST, _packb(meta), req.body]
@@ -176,7 +183,8 @@ def encode_reply(rep: Reply) -> list[bytes]:
 
 def reply_frames(rep: Reply, free: int) -> list[bytes]:
     """Frames of ``rep`` advertising ``free`` handler slots (known only when it is sent)."""
-    meta = [rep.id, int(rep.status), free, int(rep.format), rep.error_type, rep.error_message]
+    meta = [rep.id, int(rep.status), free, int(rep.format), rep.error_type, rep.error_message,
+            REVISION]
     if len(rep.body) <= COMPACT_MAX:
         return [_H_REPLY + _packb([meta, rep.body])]
     return [_H_REPLY, _packb(meta), rep.body]
@@ -184,12 +192,55 @@ def reply_frames(rep: Reply, free: int) -> list[bytes]:
 
 def encode_ping(ping: Ping) -> list[bytes]:
     """Frames of a PING (compact form)."""
-    return [_H_PING + _packb([ping.nonce, ping.request_id])]
+    return [_H_PING + _packb([ping.nonce, ping.request_id, REVISION])]
 
 
 def encode_pong(pong: Pong) -> list[bytes]:
     """Frames of a PONG (compact form)."""
-    return [_H_PONG + _packb([pong.nonce, pong.free, pong.request_id, int(pong.state)])]
+    return [_H_PONG + _packb([pong.nonce, pong.free, pong.request_id, int(pong.state),
+                              REVISION])]
+
+
+def to_split(frames: list[bytes]) -> list[bytes]:
+    """The split form of a message (a compact one is converted; a split one returned as is).
+
+    A responder answers a caller that sent the split form in the split form: a 1.0 caller
+    knows no other (docs/protocol.md, "Versions and negotiation").
+
+    Raises:
+        ProtocolError: a compact frame that does not decode.
+    """
+    if len(frames) != 1:
+        return frames
+    f = frames[0]
+    value = _unpack(memoryview(f)[5:])
+    if f[4] in (1, 2):
+        if not isinstance(value, list) or len(value) != 2:
+            raise ProtocolError("compact message must be HEAD + msgpack [META, BODY]")
+        return [bytes(f[:5]), _packb(value[0]), value[1]]
+    return [bytes(f[:5]), _packb(value)]
+
+
+_META_LEN = {1: 6, 2: 6, 3: 2, 4: 4}
+
+
+def revision(frames: list[bytes]) -> int:
+    """The protocol revision a well-formed message shows: its ``rev`` META item when present
+    (the first item past the command's fields, an int), else 1 for the compact form and 0
+    for the split form (1.0 knew only that). Call it on messages :func:`decode` accepted."""
+    try:
+        if len(frames) == 1:
+            v = msgpack.unpackb(memoryview(frames[0])[5:], raw=False, strict_map_key=True)
+            meta = v[0] if frames[0][4] in (1, 2) else v
+            compact = 1
+        else:
+            meta = msgpack.unpackb(frames[1], raw=False, strict_map_key=True)
+            compact = 0
+        n = _META_LEN[frames[0][4]]
+        rev = meta[n] if len(meta) > n else None
+    except Exception:
+        return 0
+    return rev if type(rev) is int and rev >= 0 else compact
 
 
 def _unpack(raw: bytes | memoryview) -> Any:

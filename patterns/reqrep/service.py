@@ -304,6 +304,8 @@ class Service:
                 os.close(self._wfd)
                 raise
         self._busy = 0  # dispatched and not finished (I/O thread only)
+        #: routing ids whose last message used the split form: answered in it (1.0 callers)
+        self._split_callers: set[bytes] = set()
         self._closed = False
         #: test hook: drop this many replies after caching them (simulates a lost reply).
         self.drop_replies = 0
@@ -562,6 +564,8 @@ class Service:
             pass  # full (already awake) or closed: the reply is lost with the service
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
+        if rid in self._split_callers:
+            frames = fr.to_split(frames)  # a 1.0 caller reads only the split form
         try:
             send_frames(self._sock, [rid, *frames])
             # len() of frames held anyway: a few additions, no call beyond them
@@ -707,6 +711,13 @@ class Service:
         except ProtocolError:
             self._stats.garbage += 1
             return
+        # Negotiation (docs/protocol.md, "Versions and negotiation"): answer in the form the
+        # caller last used, so a 1.0 caller (split form only) is served too.
+        if len(msg) > 2:
+            if len(self._split_callers) < 65536:
+                self._split_callers.add(msg[0])
+        elif self._split_callers:
+            self._split_callers.discard(msg[0])
         if isinstance(m, fr.Request):
             self._on_request(msg[0], m, caller)
         elif isinstance(m, fr.Ping):
