@@ -55,7 +55,8 @@ def _arg(a: argparse.Action) -> str:
     opt = max(a.option_strings, key=len)
     if a.nargs == 0:
         return f"[{opt}]"
-    return f"[{opt} {meta or a.dest.upper()}]"
+    text = f"{opt} {meta or a.dest.upper()}"
+    return text if a.required else f"[{text}]"
 
 
 def render() -> str:
@@ -66,7 +67,7 @@ def render() -> str:
     lines = ["mesh --version"]
     for path, p, help_ in _leaves(build_parser(), "mesh", ""):
         # a command that starts a node: its node options are described once, below the block
-        shared = node_opts if "--key-file" in p._option_string_actions else {"--json"}
+        shared = node_opts if "--allowlist" in p._option_string_actions else {"--json"}
         words = [path]
         for a in p._actions:
             if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
