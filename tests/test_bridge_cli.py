@@ -98,3 +98,68 @@ def test_example_bridge_mqtt_says_when_no_broker_answers() -> None:
     r = subprocess.run([sys.executable, "-m", "examples.bridge_mqtt", "--port", str(port)],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no MQTT broker answers" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_mesh_bridge_says_which_broker_it_cannot_reach_and_keeps_retrying(
+        tmp_path: Path) -> None:
+    import threading
+
+    with socket.socket() as s:  # a port from the OS that nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "bridge", "--data-dir", str(tmp_path / "br"),
+         "--mesh", unique("dead"), "--no-mdns", "--interface", "127.0.0.1", "--name", "deadb",
+         "--kind", "mqtt", "--broker", f"127.0.0.1:{port}", "--out", "d.>=d/#"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    err = proc.stderr
+    reader = threading.Thread(target=lambda: lines.extend(iter(err.readline, "")),
+                              daemon=True)
+    reader.start()
+    try:
+        said = wait_until(lambda: [ln for ln in lines if "cannot reach" in ln], 15,
+                          what=lambda: lines)
+        assert f"the MQTT broker 127.0.0.1:{port}" in said[0]
+        assert "still retrying" in said[0] and "store-and-forward" in said[0]
+        assert proc.poll() is None  # it keeps running (and retrying), it does not give up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_broker_watch_reports_up_down_and_repeats_while_down() -> None:
+    from mesh.cli.bridge_cmd import DEAD_AFTER_S, REPEAT_S, _BrokerWatch
+    from patterns.bridge.config import config_from_mapping
+
+    cfg = config_from_mapping({"name": "w", "kind": "nats", "nats": {"servers": ["nats://h:1"]},
+                               "routes": [{"mesh": "a.>", "remote": "a.>",
+                                           "direction": "out"}]})
+    w = _BrokerWatch(cfg, now=0.0)
+    assert w.update(False, 1.0) is None
+    down = w.update(False, DEAD_AFTER_S + 0.1)
+    assert down is not None and "NATS server nats://h:1" in down
+    assert w.update(False, DEAD_AFTER_S + 1) is None  # said once, then every REPEAT_S
+    assert w.update(False, DEAD_AFTER_S + REPEAT_S + 1) is not None
+    assert w.update(True, 50.0) == "connected to the NATS server nats://h:1"
+    assert w.update(True, 51.0) is None
+    lost = w.update(False, 52.0)
+    assert lost is not None and lost.startswith("lost the connection")
+
+
+def test_the_readme_bridge_config_example_loads(tmp_path: Path) -> None:
+    from patterns.bridge.config import load_config
+
+    text = (Path(REPO) / "README.md").read_text()
+    toml = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    f = tmp_path / "bridge.toml"
+    f.write_text(toml)
+    cfg = load_config(f)
+    assert cfg.name == "site-bridge" and cfg.kind == "mqtt" and cfg.mqtt.port == 1883
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == "/etc/ssl/site-ca.pem"
+    assert [(r.mesh, r.remote, r.direction) for r in cfg.routes] == [
+        ("sensors.>", "site/sensors/#", "out"), ("cmd.*", "site/cmd/+", "in")]

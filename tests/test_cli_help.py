@@ -90,3 +90,24 @@ def test_the_readme_command_list_matches_the_parser() -> None:
                     known |= set(p._option_string_actions)
             assert opts <= known, (cmd, opts - known)
     assert top <= shown, f"commands missing from README: {sorted(top - shown)}"
+
+
+def test_the_readme_command_list_is_the_generated_one() -> None:
+    """README's block between the markers is exactly what `python -m mesh.cli._readme`
+    writes from the parser (run it after changing a command)."""
+    import pathlib
+
+    from mesh.cli._readme import rewrite
+
+    text = (pathlib.Path(REPO) / "README.md").read_text()
+    assert rewrite(text) == text, "README.md's command list is stale: run " \
+        "python -m mesh.cli._readme"
+
+
+def test_the_readme_script_rewrites_only_the_block() -> None:
+    from mesh.cli._readme import BEGIN, END, rewrite
+
+    stale = f"# x\n{BEGIN}\n```\nmesh gone\n```\n{END}\nrest\n"
+    fresh = rewrite(stale)
+    assert "mesh gone" not in fresh and "mesh pub TOPIC DATA" in fresh
+    assert fresh.endswith(f"{END}\nrest\n") and rewrite(fresh) == fresh

@@ -88,3 +88,13 @@ def test_negative_waits_and_timeouts_are_usage_errors() -> None:
         r = mesh(*argv)
         assert r.returncode == 2 and "seconds" in r.stderr and "Traceback" not in r.stderr, (
             argv, r.stderr)
+
+
+def test_one_shot_pub_that_nobody_can_hear_does_not_wait_or_linger(tmp_path: Path) -> None:
+    # No mDNS and no --peer: no subscriber can ever connect, so neither --wait (30 s here)
+    # nor --linger (30 s) is spent; the old code sat out both (the 20 s timeout fails it).
+    out = mesh("pub", unique("t"), "hello", "--no-mdns", "--wait", "30", "--linger", "30",
+               "--json", "--data-dir", str(tmp_path / "d"), timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["seqs"] == [0]
+    assert "no subscriber can be found (no mDNS, no --peer)" in out.stderr

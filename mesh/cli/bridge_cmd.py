@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from mesh.cli._node_opts import port_number
@@ -105,6 +106,51 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return config_from_mapping(raw)
 
 
+def broker_address(cfg: Any) -> str:
+    """The broker the bridge dials, as a person would name it (``host:port`` / URLs)."""
+    if cfg.kind == "mqtt":
+        return f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+    return ",".join(cfg.nats.servers)
+
+
+class _BrokerWatch:
+    """Says when the broker connection is up, and when it is not (within
+    :data:`DEAD_AFTER_S` of the start or of a loss, then again every
+    :data:`REPEAT_S` while it stays down), instead of silence."""
+
+    def __init__(self, cfg: Any, now: float | None = None) -> None:
+        self.what = f"{'MQTT broker' if cfg.kind == 'mqtt' else 'NATS server'} " \
+            f"{broker_address(cfg)}"
+        self.up = False
+        self.since = time.monotonic() if now is None else now
+        self.said_down = 0.0
+
+    def update(self, connected: bool, now: float | None = None) -> str | None:
+        """The line to print for the connection state now, if any."""
+        now = time.monotonic() if now is None else now
+        if connected and not self.up:
+            self.up, self.since, self.said_down = True, now, 0.0
+            return f"connected to the {self.what}"
+        if not connected and self.up:
+            self.up, self.since, self.said_down = False, now, 0.0
+            return (f"lost the connection to the {self.what}; reconnecting (outbound events "
+                    "wait in the mesh log and are forwarded when it is back)")
+        if connected or now - self.since < DEAD_AFTER_S:
+            return None
+        if self.said_down and now - self.said_down < REPEAT_S:
+            return None
+        self.said_down = now
+        return (f"cannot reach the {self.what} (no connection for {now - self.since:.0f} s); "
+                "still retrying: outbound events wait in the mesh log (store-and-forward) and "
+                "are forwarded once it answers")
+
+
+#: A broker not connected this long after the start (or a loss) is reported, and then again
+#: every REPEAT_S while it stays unreachable.
+DEAD_AFTER_S = 3.0
+REPEAT_S = 30.0
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     """Run the bridge until SIGINT/SIGTERM; prints its counters on exit."""
     from mesh.node import Node
@@ -125,8 +171,11 @@ def cmd_bridge(args: argparse.Namespace) -> int:
             server, port = serve_prometheus(node, port=args.metrics_port)
             print(f"mesh: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr)
         try:
-            while not stop.wait(1.0):
-                pass
+            watch = _BrokerWatch(cfg)
+            while not stop.wait(0.25):
+                line = watch.update(bridge.stats().connected)
+                if line:
+                    print(f"mesh bridge {cfg.name}: {line}", file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             pass
         finally:

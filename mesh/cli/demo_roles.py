@@ -5,11 +5,14 @@ object per line on stdout (``{"role": ..., "event": ..., ...}``) for the orchest
 :mod:`mesh.cli.demo_cmd`, and stops cleanly on SIGTERM.
 
 Roles:
-    sensor      publishes readings on ``demo.readings.<name>`` (durable); with ``jobs`` it is
+    sensor      publishes readings on ``demo.readings.<name>`` (durable), from when a
+                subscriber is connected (at most 30 s after start); with ``jobs`` it is
                 also the producer of the ``demo.jobs`` work queue (one job every 5 readings, and
                 one poison job that always fails); with ``calls`` it calls ``demo.calibrate``
                 ten times a second.
-    aggregator  a durable subscriber of ``demo.readings.``; resumes from its cursor.
+    aggregator  a durable subscriber of ``demo.readings.``; resumes from its cursor, and
+                reports what it consumed counting from that cursor (``heads``: one past
+                the last seq consumed per stream; ``first``: where this life started).
     worker      a worker of ``demo.jobs`` and a responder of the ``demo.calibrate`` service.
 
 This module is part of the application layer (``mesh.cli``), so it may use ``patterns``.
@@ -107,6 +110,13 @@ def sensor(cfg: dict[str, Any], name: str) -> None:
             caller = _Caller(node)
             caller.start()
         count, period = int(cfg["count"]), 1.0 / float(cfg["rate"])
+        # Start once the aggregator is subscribed (at most 30 s): sensor-1 starts first, and
+        # publishing on its own meanwhile it could finish before the aggregator is killed,
+        # leaving nothing of its stream to replay after the restart.
+        give_up = time.monotonic() + 30.0
+        while (pub.stats().subscribers == 0 and time.monotonic() < give_up
+               and not _stop.is_set()):
+            _stop.wait(0.05)
         seq = pub.publish({"celsius": 20.0}, type="demo.reading")
         next_t = time.monotonic()
         last_report = 0.0
@@ -149,8 +159,13 @@ def aggregator(cfg: dict[str, Any], name: str) -> None:
         node, "demo.readings.", durable="aggregator", auto_commit=False,
     ) as sub:
         dedup = Dedup()
-        heads: dict[str, int] = {}  # per stream: one past the highest seq seen in order
-        first: dict[str, int] = {}  # per stream: the first seq this process life received
+        # Per stream: one past the highest seq consumed in order, and where this process life
+        # started. Both start at the committed cursor: a stream consumed to its end before a
+        # kill has nothing left to replay, and must still show as consumed (it showed as
+        # nothing at all, and the demo waited for it until its deadline).
+        cursor = {stream: pos for (_pub, stream), pos in sub.positions().items()}
+        heads: dict[str, int] = dict(cursor)
+        first: dict[str, int] = dict(cursor)
         holes = duplicates = 0
         last_report = 0.0
         while not _stop.is_set():

@@ -15,13 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.discovery import (
-    SERVICE_TYPE,
-    DiscoveryConfig,
-    MdnsBrowser,
-    choose_interfaces,
-    open_zeroconf,
-)
 from mesh.peers import PeerInfo
 from mesh.txt import TxtRecord
 
@@ -48,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "(default: $ZEROMESH_INTERFACE, else all)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to browse (default 3; with --watch: until Ctrl-C)")
-    p.add_argument("--service-type", default=SERVICE_TYPE, help=argparse.SUPPRESS)
+    p.add_argument("--service-type", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -81,7 +74,16 @@ def _table(rows: list[_Row]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Browse for ``--timeout`` seconds (or watch) and print what was found."""
-    config = DiscoveryConfig(service_type=args.service_type)
+    # Imported here: zeroconf costs about 0.15 s, and every command builds this parser.
+    from mesh.discovery import (
+        SERVICE_TYPE,
+        DiscoveryConfig,
+        MdnsBrowser,
+        choose_interfaces,
+        open_zeroconf,
+    )
+
+    config = DiscoveryConfig(service_type=args.service_type or SERVICE_TYPE)
     addresses = choose_interfaces(args.interface)
     rows: dict[str, _Row] = {}
     lock = threading.Lock()

@@ -3,7 +3,8 @@
 ``mesh sub`` prints its node's control endpoint on stderr; ``mesh pub --peer ENDPOINT`` reaches
 it without mDNS. ``mesh pub`` waits (``--wait``) for a subscriber to connect, publishes durably
 (the event is in its node's log), then stays up for ``--linger`` seconds, or until every
-durable subscriber acknowledged it, so late subscribers can still replay it.
+durable subscriber acknowledged it, so late subscribers can still replay it. With nobody
+subscribed it exits at once, and without mDNS or ``--peer`` it does not wait for a subscriber.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--wait", type=seconds, default=3.0,
                    help="seconds to wait for a subscriber before publishing (default 3)")
     p.add_argument("--linger", type=seconds, default=1.0,
-                   help="seconds to stay up after publishing (default 1)")
+                   help="seconds to stay up after publishing while a subscriber is connected (default 1)")
     add_node_args(p)
     p.set_defaults(func=cmd_pub)
 
@@ -120,11 +121,14 @@ def cmd_pub(args: argparse.Namespace) -> int:
         # is connected (publishing before that is the slow-joiner loss, though the event is
         # still logged and replayable while we linger).
         hub = pub._hub
-        deadline = time.monotonic() + max(0.0, args.wait)
+        # Nobody can be found without mDNS and without --peer: no wait for a subscriber then.
+        lonely = not (node.config.mdns or node.config.static_peers or node.config.seeds)
+        deadline = time.monotonic() + (0.0 if lonely else max(0.0, args.wait))
         while hub.subscriptions == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         if hub.subscriptions == 0:
-            note(f"no subscriber connected within {args.wait:g} s; publishing anyway")
+            note("no subscriber can be found (no mDNS, no --peer); publishing anyway" if lonely
+                 else f"no subscriber connected within {args.wait:g} s; publishing anyway")
         seqs = [pub.publish(payload_value(x, args.data_json), type=args.type,
                             subject=args.subject) for x in items]
         out = {"stream": args.topic, "seqs": seqs, "node": node.id}
@@ -137,7 +141,9 @@ def cmd_pub(args: argparse.Namespace) -> int:
             print(f"published nothing to {args.topic} (no data)", flush=True)
         # Stay up so subscribers can fetch what they missed; leave early once every durable
         # subscriber acknowledged the head.
-        end = time.monotonic() + max(0.0, args.linger)
+        # Nobody subscribed and no durable position known: nobody to stay up for.
+        idle = hub.subscriptions == 0 and not pub.stats().lag
+        end = time.monotonic() + (0.0 if idle else max(0.0, args.linger))
         lag: dict[Any, int] = {}
         while time.monotonic() < end:
             lag = pub.stats().lag
