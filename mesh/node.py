@@ -1069,7 +1069,12 @@ class Node:
             self._heartbeat.cancel()
         bye = control.encode_body(None, self.config.max_message_bytes)
         linger = min(self.config.linger_ms, 250)
-        for link in self._links.values():
+        # BYE on every connection a peer may have bound to our id: a dial whose HELLO the
+        # peer bound but whose answer we have not read yet is the one it listens to. BYE is
+        # the last message: each connection's queue is flushed with it, and nothing is
+        # enqueued after it (a HELLO left on a dial and sent after the BYE on another
+        # connection revived us at the peer until gone_s).
+        for link in (*self._links.values(), *self._dials.values()):
             self._enqueue(link, control.BYE, bye)
         self._flush()
         for link in (*self._links.values(), *self._dials.values()):
@@ -1307,6 +1312,10 @@ class Node:
                     else:  # expected while its claim is held: counted, not logged
                         self._count("claimant_messages_dropped")
                     continue
+                if m.kind == control.BYE:
+                    # a leaving node says BYE on every connection, bound or not: harmless
+                    self._count("bye_unbound")
+                    continue
                 self._bad("unknown_sender", "%s from %r, which sent no valid HELLO on this "
                           "connection", m.kind, ident[:40])
                 continue
@@ -1378,6 +1387,10 @@ class Node:
         elif kind == control.GOSSIP:
             self._on_gossip(peer_id, body)
         elif kind == control.BYE:
+            # BYE is the last message of that connection: unbind it, so nothing still in
+            # flight on it counts as hearing from the node (only a new HELLO brings it back).
+            if self._node_rid.get(peer_id) is not None:
+                del self._node_rid[peer_id]
             with self.peers.lock:
                 events = self._presence.goodbye(peer_id, now)
             link = self._links.pop(peer_id, None)

@@ -182,7 +182,8 @@ def test_plaintext_routing_id_takeover_neither_flaps_nor_forges(
     assert a.peers.get(b.id) == b_info and a.peers.state(b.id) is PeerState.JOINED
     assert got == [(b.id, i) for i in range(1, n[0] + 1)]  # every real one, no forged one
     st = a.stats()
-    dropped = st.get("unknown_sender", 0) + st.get("claimant_messages_dropped", 0)
+    dropped = (st.get("unknown_sender", 0) + st.get("claimant_messages_dropped", 0)
+               + st.get("bye_unbound", 0))
     assert st.get("id_claims_held", 0) >= 2 * n[0] * 0.9 and dropped >= 4 * n[0] * 0.9
     assert st.get("id_rebinds", 0) == 0
     # ~6 lines a step for 3 s, logged: at most the limiter's burst per counter (+1 a key)
@@ -461,6 +462,32 @@ def test_socket_limit_is_a_counted_refusal_not_a_traceback(
     err = proc.stderr.read().decode() if proc.stderr is not None else ""
     assert "Traceback" not in err, err[-3000:]
     assert err.count("\n") <= 40, err[-3000:]
+
+
+def test_nothing_after_bye_revives_a_node(
+    make_node: Callable[..., Node], zctx: zmq.Context[Any]
+) -> None:
+    """BYE is a connection's last message: what still arrives on it (a PING in flight, a
+    replayed frame) does not bring the node back; only a new HELLO does."""
+    a = make_node("a")
+    fid = _fake_id(21)
+    raw = _raw(zctx, _ctl(a), fid.encode())
+    try:
+        raw.send_multipart(_hello(fid, a.mesh))
+        wait_until(lambda: a.peers.state(fid) is PeerState.JOINED, 5)
+        raw.send_multipart(control.encode_frames([(control.BYE, msgpack.packb(None))]))
+        wait_until(lambda: a.peers.state(fid) is PeerState.GONE, 5)
+        before = a.stats().get("unknown_sender", 0)
+        ping = control.encode_frames([(control.PING, msgpack.packb(1))])
+        for _ in range(3):
+            raw.send_multipart(ping)
+        wait_until(lambda: a.stats().get("unknown_sender", 0) >= before + 3, 5,
+                   what=lambda: (a.peers.state(fid), a.stats().get("unknown_sender")))
+        assert a.peers.state(fid) is PeerState.GONE
+        raw.send_multipart(_hello(fid, a.mesh))  # a new session: back at once
+        wait_until(lambda: a.peers.state(fid) is PeerState.JOINED, 5)
+    finally:
+        raw.close()
 
 
 # --- 3. message size -----------------------------------------------------------------------------
