@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from mesh import control, envelope
+from mesh import control, envelope, txt
 from mesh.log import format as logfmt
 from mesh.peers import PeerInfo
 from patterns.pipeline import frames as pf
@@ -154,6 +154,8 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
                     lambda f: _eq(rf.decode(f), rf.Ping(9, "r-1"))),
     "reqrep.pong": (lambda: rf.encode_pong(rf.Pong(9, 3, "r-1", rf.TaskState.RUNNING)),
                     lambda f: _eq(rf.decode(f), rf.Pong(9, 3, "r-1", rf.TaskState.RUNNING))),
+    "txt": (lambda: [txt.pack_txt(list(txt.encode_txt(_INFO).properties.items()))],
+            lambda f: _check_txt(f[0])),
     "log.batch": (lambda: [logfmt.encode_batch(5, 1_764_676_800_000_000_000, [b"ab", b"c"])],
                   lambda f: _check_batch(f[0])),
 }
@@ -173,6 +175,12 @@ def _check_batch(b: bytes) -> None:
     assert (h.length, h.base_offset, h.timestamp_ns, h.records) == (
         len(b), 5, 1_764_676_800_000_000_000, 2)
     assert b.endswith(b"abc") and b[8] == 0xA7 and b[9] == 1
+
+
+def _check_txt(b: bytes) -> None:
+    rec = txt.decode_txt(b)
+    _eq(rec.info, _INFO)
+    assert not rec.truncated and rec.skipped == ()
 
 
 def doc_vectors() -> dict[str, list[bytes]]:
