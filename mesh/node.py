@@ -50,6 +50,7 @@ from mesh.errors import (
     ProtocolError,
     UnsupportedProtocol,
 )
+from mesh.lifecycle import Closers
 from mesh.log.directory import set_atrest_key
 from mesh.metrics import Collect, Registry
 from mesh.observe import STATS_KIND, StatsResponder
@@ -64,6 +65,7 @@ from mesh.peers import (
     PeerTable,
     Presence,
 )
+from mesh.ports import PortBook, env_data_ports, parse_port_range
 from mesh.reactor import Reactor, Timer
 from mesh.security import NodeSecurity, SecureSocket, SecurityConfig
 from mesh.transport import (
@@ -72,7 +74,10 @@ from mesh.transport import (
     host_id,
     ipc_dir,
     ipc_path,
+    plaintext_warning,
     recv_bounded,
+    remove_ipc_files,
+    remove_stale_ipc,
     resolve_interface,
 )
 
@@ -139,9 +144,13 @@ class NodeConfig:
             with their concrete addresses).
         transports: ``"tcp"`` and/or ``"ipc"``.
         port: the tcp port of the control endpoint (what ``static_peers`` of other nodes and
-            firewall rules name); None (the default) reads ``ZEROMESH_PORT``, else an
-            OS-chosen port that changes at every start. Data endpoints always take OS-chosen
-            ports: peers learn them from HELLO over the control channel.
+            firewall rules name); None (the default) reads ``ZEROMESH_PORT``, else the port
+            recorded in the data dir at the last start when it is free, else an OS-chosen one.
+        data_ports: ``(lo, hi)``, inclusive: every other tcp bind (pub/sub, queues, services)
+            takes a port in this range; None (the default) reads ``ZEROMESH_DATA_PORTS``
+            (``LO-HI``), else any port. Either way each role rebinds the port recorded for it
+            in ``<data_dir>/ports`` when it is free (mesh.ports); peers learn data endpoints
+            from HELLO over the control channel, so a moved port is found again.
         static_peers: control endpoints of peers to dial (and redial) always.
         seeds: control endpoints to dial at start; the rest of the mesh is learnt by gossip.
         mdns: start mDNS discovery (``mesh.discovery``) when it is available.
@@ -165,6 +174,7 @@ class NodeConfig:
     interface: str | None = None
     transports: tuple[str, ...] = ("tcp", "ipc")
     port: int | None = None
+    data_ports: tuple[int, int] | None = None
     static_peers: tuple[str, ...] = ()
     seeds: tuple[str, ...] = ()
     mdns: bool = True
@@ -189,6 +199,8 @@ class NodeConfig:
             _check_endpoint(ep)
         if self.port is not None and (type(self.port) is not int or not 0 < self.port < 65536):
             raise ConfigError(f"port must be 1-65535 (or None for any), got {self.port!r}")
+        if self.data_ports is not None:
+            object.__setattr__(self, "data_ports", parse_port_range(self.data_ports))
         for key in ("linger_ms", "max_message_bytes", "hwm", "max_peers", "max_ids_per_source",
                     "max_ids_per_key", "max_dials"):
             value = getattr(self, key)
@@ -367,6 +379,11 @@ class Node:
             config.interface or os.environ.get("ZEROMESH_INTERFACE") or "*"
         )
         self._control_port = config.port if config.port is not None else _env_port()
+        # stable ports (mesh.ports): each role's tcp port is recorded in the data dir
+        self._ports = PortBook(self.data_dir, config.data_ports or env_data_ports(),
+                               self._control_port)
+        self._ipc_made: set[str] = set()  # ipc socket files bound, removed at close
+        self._closers = Closers()  # live patterns, closed first by close() (mesh.lifecycle)
         p = config.presence
         self._clock = time.monotonic
         self.peers = PeerTable(
@@ -447,6 +464,8 @@ class Node:
         # One node per data dir: held until close (a killed process's lock goes with it).
         self._dir_lock: int | None = lock_data_dir(self.data_dir)
         try:
+            if "ipc" in config.transports:  # ours alone: the lock proves no live twin
+                remove_stale_ipc(ipc_dir(), self.id)
             if config.security is not None:
                 self.security = NodeSecurity(config.security, self.data_dir, self.context)
                 if self.security.atrest_key is not None:
@@ -458,6 +477,11 @@ class Node:
             raise
         if config.mdns:
             self._start_discovery()
+        # one WARNING when a non-loopback interface is plaintext (mesh.transport)
+        warning = plaintext_warning(self.name, self._bind_host, "tcp" in config.transports,
+                                    config.security is not None, config.mdns)
+        if warning:
+            log.warning("%s", warning)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -500,6 +524,9 @@ class Node:
             if self._closed:
                 return
             self._closed = True
+        # live patterns first (they registered with on_close): their I/O threads must stop
+        # before the reactor and the sockets go, else they die on ENOTSOCK
+        self._closers.close_all(self.name)
         # BYE first, then the mDNS goodbye: the other order let peers mark this node gone on
         # the mDNS goodbye, then see it "joined" again on a control message still in flight,
         # then gone again on the BYE (a flap at every shutdown).
@@ -532,12 +559,19 @@ class Node:
         self.context.term()
         for closer in list(self._iter_closers):
             closer()
-
-    # --- sockets ------------------------------------------------------------------------------
+        remove_ipc_files(self._ipc_made)  # libzmq leaves them; before the lock goes
         fd, self._dir_lock = getattr(self, "_dir_lock", None), None
         if fd is not None:
             os.close(fd)  # drops the flock: the data dir is free for the next Node
 
+    def on_close(self, closer: Callable[[], None]) -> Callable[[], None]:
+        """Register ``closer`` (a pattern's ``close``): :meth:`close` calls it first, newest
+        first, while the reactor and sockets still work. Returns the function that unregisters
+        it (call it from the pattern's own close). Closing the node closes what lives on it.
+        """
+        return self._closers.add(closer)
+
+    # --- sockets ------------------------------------------------------------------------------
 
     def socket(self, socket_type: int, role: str) -> zmq.Socket[Any]:
         """Create a socket with the node's options; the one place every mesh socket is made.
@@ -581,7 +615,8 @@ class Node:
     def bind(self, sock: zmq.Socket[Any], role: str) -> tuple[str, ...]:
         """Bind ``sock`` on every configured transport; announce the endpoints under ``role``.
 
-        tcp binds the configured interface on an OS-chosen port; ipc binds a short path in the
+        tcp binds the configured interface on the role's stable port (mesh.ports: recorded
+        in the data dir, inside ``data_ports`` when set); ipc binds a short path in the
         per-user runtime directory. The concrete endpoints (a wildcard replaced by announceable
         addresses) are added to ``node.info().endpoints[role]``.
 
@@ -590,17 +625,15 @@ class Node:
 
         Raises:
             PeerError: a bind failed (address in use, bad interface...).
-            ConfigError: the ipc directory or path is unusable.
+            ConfigError: the ipc directory or path is unusable, or the data-port range is
+                exhausted.
         """
         endpoints: list[str] = []
         if self.security is not None:
             self._secure_bind(sock)
         try:
             if "tcp" in self.config.transports:
-                fixed = self._control_port if role == "control" else None
-                sock.bind(f"tcp://{self._bind_host}:{fixed or '*'}")
-                last = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-                bound = last.rsplit(":", 1)[1]
+                bound = self._ports.bind_tcp(sock, self._bind_host, role)  # mesh.ports
                 endpoints += [f"tcp://{a}:{bound}" for a in announce_addresses(self._bind_host)]
             if "ipc" in self.config.transports:
                 with self._info_lock:
@@ -608,6 +641,7 @@ class Node:
                     self._ipc_count[role] = index + 1
                 path = ipc_path(ipc_dir(), self.id, role, index)
                 sock.bind(f"ipc://{path}")
+                self._ipc_made.add(path)  # removed at close (mesh.transport)
                 endpoints.append(f"ipc://{path}")
         except zmq.ZMQError as exc:
             raise PeerError(f"node {self.name}: cannot bind {role}: {exc}") from exc
@@ -637,6 +671,9 @@ class Node:
             else:
                 del self._endpoints[role]
             self._info = None
+        for ep in gone & set(had):  # its port is free for this role's next bind (mesh.ports)
+            if ep.startswith("tcp://"):
+                self._ports.release(role, int(ep.rsplit(":", 1)[1]))
         if self._router is not None:
             self._info_changed()
 

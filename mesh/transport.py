@@ -10,10 +10,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
+import stat
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -29,9 +31,15 @@ __all__ = [
     "interface_addresses",
     "ipc_dir",
     "ipc_path",
+    "is_loopback",
+    "plaintext_warning",
     "recv_bounded",
+    "remove_ipc_files",
+    "remove_stale_ipc",
     "resolve_interface",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: sun_path is 108 bytes on Linux (104 on macOS); stay well below both.
 IPC_MAX_PATH = 100
@@ -247,3 +255,78 @@ def _drain(sock: zmq.Socket[Any]) -> None:
     """Read and release the remaining frames of the current message."""
     while sock.get(zmq.RCVMORE):
         sock.recv(zmq.NOBLOCK, copy=False)
+
+
+def _own_socket_files(directory: Path, node_id: str) -> list[Path]:
+    prefix = f"{node_id[:12]}-"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".sock"):
+            path = directory / name
+            try:
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    out.append(path)
+            except OSError:
+                continue
+    return out
+
+
+def remove_stale_ipc(directory: Path, node_id: str) -> int:
+    """Remove the ipc socket files of ``node_id`` left in ``directory`` by an earlier run
+    (a killed process leaves them; libzmq does not remove them at close either).
+
+    Safe only while holding the node's data-dir lock (``node.lock``): it proves no other live
+    process has this node id, so no file with its prefix is in use. Returns how many went.
+    """
+    removed = 0
+    for path in _own_socket_files(directory, node_id):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.warning("cannot remove the stale ipc socket %s: %s", path, exc)
+    return removed
+
+
+def remove_ipc_files(paths: Iterable[str]) -> None:
+    """Remove the ipc socket files a node bound (at its close; missing ones are skipped)."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.warning("cannot remove the ipc socket %s: %s", p, exc)
+
+
+def is_loopback(bind_host: str) -> bool:
+    """True when ``bind_host`` (from :func:`resolve_interface`) is a loopback address."""
+    if bind_host == "*":
+        return False
+    try:
+        return ipaddress.IPv4Address(bind_host).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_warning(name: str, bind_host: str, tcp: bool, secure: bool,
+                      mdns: bool) -> str | None:
+    """The one-line warning for a node listening in plaintext beyond loopback, or None.
+
+    A mesh is for the LAN, so plaintext stays the default; but anyone who can reach the
+    interface can join, read and publish, and the node should say so once at start.
+    """
+    if secure or not tcp or is_loopback(bind_host):
+        return None
+    where = "all interfaces (*)" if bind_host == "*" else bind_host
+    how = " and announcing on mDNS" if mdns else ""
+    return (f"node {name}: listening in plaintext on {where}{how}: anyone who can reach it "
+            "can join the mesh; turn CURVE on with NodeConfig(security=SecurityConfig("
+            "key_file=..., allowlist_dir=...)) or `--key-file FILE --allowlist DIR` "
+            "(or bind loopback: interface='127.0.0.1')")

@@ -71,7 +71,12 @@ def add_node_args(p: argparse.ArgumentParser, *, one_shot: bool = True) -> None:
     p.add_argument("--name", default=None, help="this node's name (default host-pid)")
     p.add_argument("--port", type=port_number, default=None, metavar="PORT",
                    help="the tcp port of this node's control endpoint, the one other nodes' "
-                        "--peer names (default: $ZEROMESH_PORT, else any free port)")
+                        "--peer names (default: $ZEROMESH_PORT, else the port it had at the "
+                        "last start with this --data-dir when free, else any free port)")
+    p.add_argument("--data-ports", type=port_range, default=None, metavar="LO-HI",
+                   help="tcp port range of this node's data endpoints (pub/sub, queues, "
+                        "services), e.g. 40100-40199 for a firewall rule (default: "
+                        "$ZEROMESH_DATA_PORTS, else any free port)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
     if one_shot:
         p.add_argument("-v", "--verbose", action="store_true",
@@ -88,6 +93,7 @@ _SETTINGS: dict[str, str] = {
     "mesh": "str", "data_dir": "str", "interface": "str", "name": "str", "peer": "list",
     "key_file": "str", "allowlist": "str", "authority": "str", "certs": "str",
     "allow": "list", "peer_key": "list", "metrics_port": "port", "port": "port",
+    "data_ports": "range",
 }
 
 
@@ -137,6 +143,10 @@ def resolve_options(args: argparse.Namespace) -> None:
                 value = port_number(str(value))
             except argparse.ArgumentTypeError as exc:
                 raise ConfigError(f"{opt}: {exc}") from None
+        elif kind == "range":  # "LO-HI", or [LO, HI] in the TOML file
+            from mesh.ports import parse_port_range
+
+            value = parse_port_range(value, opt)
         elif not isinstance(value, str):
             raise ConfigError(f"{opt} must be a string, got {value!r}")
         setattr(args, opt, value)
@@ -208,7 +218,8 @@ def open_node(args: argparse.Namespace, role: str) -> Iterator[Any]:
     try:
         node = Node(NodeConfig(data_dir=data_dir, name=args.name or None, mesh=args.mesh,
                                interface=args.interface, static_peers=tuple(args.peer),
-                               mdns=mdns, security=security, port=args.port or None))
+                               mdns=mdns, security=security, port=args.port or None,
+                               data_ports=getattr(args, "data_ports", None)))
         server = None
         try:
             if getattr(args, "long_running", True) or getattr(args, "verbose", False):
@@ -381,3 +392,13 @@ seconds = _number(float, 0, False, "must be >= 0 seconds", "not a number of seco
 seconds.__doc__ = "argparse type: a number of seconds >= 0."
 port_number = _number(int, 0, False, "a port is 0-65535", "not a port number", 65535)
 port_number.__doc__ = "argparse type: a TCP port, 0-65535 (0: any free port)."
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """argparse type: a tcp port range ``LO-HI`` (1 <= LO <= HI <= 65535)."""
+    from mesh.ports import parse_port_range
+
+    try:
+        return parse_port_range(text, "--data-ports")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

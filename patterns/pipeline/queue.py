@@ -25,6 +25,7 @@ from mesh.log import FsyncPolicy, Log
 from mesh.peers import PeerEvent, PeerEventKind
 from mesh.tracing import current
 from mesh.transport import recv_bounded
+from patterns._closing import close_with
 from patterns._metrics import attach, queue_collector
 
 from . import frames as fr
@@ -173,6 +174,7 @@ class WorkQueue:
         DLQ_THREAD.add(self.dlq)
         node.offer("queue", name)
         self._unmetrics = attach(node, queue_collector(self))
+        self._unclose = close_with(node, self.close)  # node.close() closes it first
 
     # ------------------------------------------------------------------ user API
     def push(self, payload: bytes, key: Hashable | None = None) -> int:
@@ -300,6 +302,7 @@ class WorkQueue:
             self._closed = True
             os.write(self._wfd, b"q")
         self._unmetrics()
+        self._unclose()
         try:
             self.node.withdraw("queue", self.name)
             # What is closed is no longer announced: a reopened queue's endpoints are then

@@ -35,6 +35,7 @@ import zmq
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError, WrongThread
 from mesh.peers import PeerEvent, PeerInfo
 from mesh.tracing import TraceContext, consuming, context_from, new_span_id, parse_traceparent
+from patterns._closing import close_with
 from patterns._metrics import Processing, attach, worker_collector
 
 from . import frames as fr
@@ -263,6 +264,7 @@ class Worker:
         self._handler: Callable[[Task], object] | None = None
         self._unsub = node.on_peer(self._on_peer)
         self._unmetrics = attach(node, worker_collector(self))
+        self._unclose = close_with(node, self.close)  # node.close() closes it first
         self._processing = Processing(node, "pipeline", queue, consumer=node.name)
 
     # -------------------------------------------------------------- reactor thread
@@ -605,6 +607,7 @@ class Worker:
             return
         self._unsub()
         self._unmetrics()
+        self._unclose()
         me = threading.get_ident()
         if self._owner in (None, me):
             if self._xq:

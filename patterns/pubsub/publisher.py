@@ -50,6 +50,7 @@ from mesh.log import LogConfig, LogDirectory
 from mesh.peers import PeerEventKind
 from mesh.security.signing import EventSigner
 from mesh.tracing import OTEL, child_fields, otel_active, span
+from patterns._closing import close_with
 from patterns._metrics import attach, publisher_collector, pubsub_hub_collector
 from patterns.pubsub import _registry, frames
 
@@ -991,6 +992,7 @@ class Publisher:
         self._log = log
         node.offer("stream", stream)
         self._unmetrics = attach(node, publisher_collector(self))
+        self._unclose = close_with(node, self.close)  # node.close() closes it first
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -1225,6 +1227,7 @@ class Publisher:
             hub.users -= 1
             last = hub.users == 0
         self._unmetrics()  # before the log closes: a scrape must not read a closed log
+        self._unclose()
         try:
             self.node.withdraw("stream", self.stream)
         except MeshError:

@@ -58,6 +58,7 @@ from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.security.signing import EventVerifier
 from mesh.state import StateStore
 from mesh.tracing import consuming, use_event
+from patterns._closing import close_with
 from patterns._metrics import Processing, attach, subscriber_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
@@ -626,6 +627,7 @@ class Subscriber:
         self._unsubscribe_peers: Callable[[], None] = node.on_peer(self._on_peer_event)
         self._processing = Processing(node, "pubsub", topic)
         self._unmetrics = attach(node, subscriber_collector(self))
+        self._unclose = close_with(node, self.close)  # node.close() closes it first
         with self._lock:
             for peer in self._offering_peers():
                 self._add_peer(peer)
@@ -1588,6 +1590,7 @@ class Subscriber:
             pass
         with self._pump_lock, self._lock:
             self._unmetrics()
+            self._unclose()
             self._unsubscribe_peers()
             self._router.subs.pop(self.sid, None)
             if not self._router.subs:

@@ -27,6 +27,7 @@ from mesh.errors import ClosedError, ConfigError, ProtocolError
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
 from mesh.tracing import request_headers
 from mesh.uuid7 import uuid7
+from patterns._closing import close_with
 from patterns._metrics import attach, client_collector
 from patterns.reqrep import frames as fr
 from patterns.reqrep._zio import POLLIN, recv_frames, send_frames
@@ -371,6 +372,7 @@ class Client(ClientCore):
         self._wires: list[Wire] = []
         self._wires_lock = threading.Lock()
         self._unmetrics = attach(node, client_collector(self))
+        self._unclose = close_with(node, self.close)  # node.close() closes it first
 
     def _wire(self) -> Wire:
         w: Wire | None = getattr(self._local, "wire", None)
@@ -528,6 +530,7 @@ class Client(ClientCore):
             return
         self._closed = True
         self._unmetrics()
+        self._unclose()
         self.responders.close()
         with self._wires_lock:
             wires, self._wires = self._wires, []

@@ -34,6 +34,7 @@ from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
 from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention, validate_stream_name
 from mesh.tracing import consuming, context_of_request
 from mesh.transport import recv_bounded
+from patterns._closing import close_with
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
 from patterns.reqrep._zio import POLLIN, readable, recv_frames, send_frames
@@ -320,6 +321,7 @@ class Service:
         self._start_lock = threading.Lock()
         self._processing = Processing(node, "reqrep", name)
         self._unmetrics = attach(node, service_collector(self))
+        self._unclose = close_with(node, self.close)  # node.close() closes it first
         if handler is not None:
             self._start()
 
@@ -378,6 +380,7 @@ class Service:
             return
         self._closed = True
         self._unmetrics()
+        self._unclose()
         try:
             self.node.withdraw("service", self.name)
             self.node.unbind(service_role(self.name), self.endpoints)
