@@ -33,7 +33,6 @@ HEARTBEAT_S = PresenceConfig().heartbeat_s
 #: False until mesh/node.py removes its ipc socket files at close (issue 18, another branch):
 #: meanwhile leftover ipc files make the test xfail (after every other check passed) instead
 #: of failing. Flip to True when the node's cleanup is merged.
-NODE_REMOVES_IPC_FILES = False
 
 
 def _closed_port() -> int:
@@ -129,12 +128,6 @@ def test_sigterm_leaves_no_peer_and_no_ipc_files(tmp_path: Path, hub: Node, key:
         assert "Traceback" not in err, err
         assert took <= HEARTBEAT_S
         left = sorted(p.name for p in ipc.glob(f"{nid[:12]}-*"))
-        if left and not NODE_REMOVES_IPC_FILES:
-            # KNOWN GAP, not a CLI fault: Node.close() does not unlink its ipc sockets yet
-            # (issue 18 "Lifecycle"; being added to mesh/node.py in another branch). When that
-            # lands, set NODE_REMOVES_IPC_FILES = True so this is a hard failure again.
-            pytest.xfail(f"ipc files of node {nid[:12]} left after SIGTERM: {left} "
-                         "(Node.close() has no ipc cleanup yet)")
         assert left == [], f"ipc files of node {nid[:12]} left after SIGTERM: {left}"
     finally:
         if proc.poll() is None:
