@@ -144,13 +144,13 @@ class NodeConfig:
             with their concrete addresses).
         transports: ``"tcp"`` and/or ``"ipc"``.
         port: the tcp port of the control endpoint (what ``static_peers`` of other nodes and
-            firewall rules name); None (the default) reads ``ZEROMESH_PORT``, else the port
-            recorded in the data dir at the last start when it is free, else an OS-chosen one.
+            firewall rules name); None (the default) reads ``ZEROMESH_PORT``, else an
+            OS-chosen port that changes at every start.
         data_ports: ``(lo, hi)``, inclusive: every other tcp bind (pub/sub, queues, services)
-            takes a port in this range; None (the default) reads ``ZEROMESH_DATA_PORTS``
-            (``LO-HI``), else any port. Either way each role rebinds the port recorded for it
-            in ``<data_dir>/ports`` when it is free (mesh.ports); peers learn data endpoints
-            from HELLO over the control channel, so a moved port is found again.
+            takes a port in this range (what a firewall rule opens); None (the default) reads
+            ``ZEROMESH_DATA_PORTS`` (``LO-HI``), else any port. Data ports move at every start
+            (mesh.ports says why); peers learn them from HELLO over the control channel, so a
+            static peer needs only the control endpoint.
         static_peers: control endpoints of peers to dial (and redial) always.
         seeds: control endpoints to dial at start; the rest of the mesh is learnt by gossip.
         mdns: start mDNS discovery (``mesh.discovery``) when it is available.

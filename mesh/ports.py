@@ -1,15 +1,16 @@
-"""Stable tcp ports: each bound role keeps its port across restarts, optionally inside a range.
+"""tcp ports of a node's binds: the data-port range, and a record of what was bound.
 
-A node records the tcp port of every socket it binds in ``<data_dir>/ports`` (JSON, written
-atomically: ``{"version": 1, "ports": {"control": 40100, "pipe.jobs": 40101, ...}}``; a role
-bound twice at once has keys ``role``, ``role#1``, ...). At the next start a role binds its
-recorded port again when it is free, else it takes a new one (inside the data-port range when
-one is configured) and records that. So a restarted node usually comes back on the same ports
-(firewall rules and peers' caches keep working); when a port was taken meanwhile, peers learn
-the new one from the node's HELLO over the control channel, which is all they need anyway.
+Every non-control bind takes a port inside ``NodeConfig(data_ports=(lo, hi))`` when a range is
+set (``--data-ports``, ``$ZEROMESH_DATA_PORTS``), else an OS-chosen one. What each role bound is
+recorded in ``<data_dir>/ports`` (JSON, written atomically: ``{"version": 1, "ports":
+{"control": 40100, "pipe.jobs": 40101, ...}}``; a role bound twice at once has keys ``role``,
+``role#1``, ...). A recorded port is not reused at the next start yet (see
+:meth:`PortBook.bind_tcp`): peers learn the new ports from the node's HELLO over the control
+channel, which is all they need. For a control port that never moves, set
+``NodeConfig(port=...)``.
 
-The file is a hint, never a source of truth: a missing or damaged file means "nothing
-recorded" (one warning), and losing it costs nothing but new port numbers.
+The file is a record, never a source of truth: a missing or damaged file means "nothing
+recorded" (one warning).
 """
 
 from __future__ import annotations
@@ -134,9 +135,8 @@ class PortBook:
     def bind_tcp(self, sock: zmq.Socket[Any], host: str, role: str) -> int:
         """Bind ``sock`` on ``tcp://host:PORT`` for ``role`` and return the port.
 
-        The fixed control port when configured; else the role's recorded port when it is
-        free (and inside the range); else a free port of the range (ports recorded for other
-        roles last), or an OS-chosen one without a range. The port is recorded.
+        The fixed control port when configured; else a free port of the range (ports recorded
+        for other roles last), or an OS-chosen one without a range. The port is recorded.
 
         Raises:
             ConfigError: every port of the data-port range is in use.
@@ -151,7 +151,13 @@ class PortBook:
             while self._key(role, index) in self._live:
                 index += 1
             key = self._key(role, index)
-            port = self._bind(sock, host, self._ports.get(key), rng, key)
+            # The recorded port is NOT reused yet: the patterns' connections are keyed by
+            # endpoint alone, so a node restarted with a rotated CURVE key on its old port is
+            # dialled with the old server key forever (tests/test_security_rotation.py), and a
+            # reopened publisher on its old port is taken for the closed one. Until the
+            # connections are keyed by (endpoint, key), a port moves at every start (inside
+            # the range when one is set); the book only records what was bound.
+            port = self._bind(sock, host, None, rng, key)
             self._live[key] = port
             if self._ports.get(key) != port:
                 self._ports[key] = port
