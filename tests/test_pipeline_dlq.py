@@ -272,3 +272,20 @@ def test_one_dlq_thread_serves_every_queue_of_a_process(tmp_path: Path) -> None:
             for q in queues:
                 q.close()
     wait_until(lambda: dlq_threads() == 0, 5, what="the DLQ thread to exit")
+
+
+def test_dead_letter_names_the_last_error_not_a_final_timeout() -> None:
+    """A poison task whose last delivery timed out (or whose worker left) is still recorded
+    with the error its handler raised: the top-level error fields are the last attempt that
+    reported one; every attempt stays in the history."""
+    import msgpack
+
+    from patterns.pipeline.dispatch import Attempt, DeadLetter
+    from patterns.pipeline.dlq import encode_dead_letter
+
+    history = [Attempt(1, "w1", 0.0, 1.0, "nack", "ValueError", "out of range", "tb"),
+               Attempt(2, "w2", 1.0, 31.0, "timeout")]
+    rec = msgpack.unpackb(encode_dead_letter(
+        "q", "p", DeadLetter(7, None, "max_deliveries", 2, history), b"x", 31.0))
+    assert (rec["error_type"], rec["error_message"]) == ("ValueError", "out of range")
+    assert [h["outcome"] for h in rec["history"]] == ["nack", "timeout"]

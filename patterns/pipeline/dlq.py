@@ -108,8 +108,14 @@ def open_dlq_log(root: LogDirectory, queue: str, fsync: FsyncPolicy | None = Non
 
 def encode_dead_letter(queue: str, producer: str, dl: DeadLetter, payload: bytes,
                        dead_at: float, trace: Trace | None = None) -> bytes:
-    """Encode the DLQ record of ``dl`` (the original ``payload`` and trace kept as they were)."""
-    last = dl.history[-1] if dl.history else None
+    """Encode the DLQ record of ``dl`` (the original ``payload`` and trace kept as they were).
+
+    The record's error fields are those of the last attempt that reported an error: a final
+    delivery that timed out, or whose worker left, says nothing about why the task failed
+    (every attempt is in ``history``).
+    """
+    last = next((a for a in reversed(dl.history) if a.error_type or a.error_message),
+                dl.history[-1] if dl.history else None)
     rec = {
         "v": DLQ_VERSION,
         "queue": queue,
