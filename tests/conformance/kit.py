@@ -12,10 +12,24 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import zmq
+
+
+def poll_until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``cond`` until true (True) or ``timeout`` passes (False), backing off from 5 ms to
+    50 ms. The kit's own copy of tests/util.py poll_until: it imports nothing of the project."""
+    deadline, interval = time.monotonic() + timeout, 0.005
+    while not cond():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(interval, left))  # a poll interval, not a wait
+        interval = min(interval * 1.5, 0.05)
+    return True
 
 
 def _pack(v: Any) -> bytes:
@@ -160,15 +174,16 @@ class Caller:
         return ``[META, BODY]`` of the REPLY."""
         meta = [rid, service, ttl_ms, attempt, 0, {}]
         frame = b"ZRR1\x01" + _pack([meta, body])
-        deadline = time.monotonic() + timeout
-        while True:
+        def sent() -> bool:
             try:
                 self.sock.send_multipart([self.rid, frame])
-                break
+                return True
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH or time.monotonic() > deadline:
+                if exc.errno != zmq.EHOSTUNREACH:
                     raise
-                time.sleep(0.01)
+                return False
+
+        assert poll_until(sent, timeout), "the responder's handshake never completed"
         assert self.sock.poll(int(timeout * 1000)), "no REPLY"
         frames = self.sock.recv_multipart()[1:]
         if len(frames) == 1:  # compact
