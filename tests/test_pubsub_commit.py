@@ -315,3 +315,51 @@ def test_undecodable_event_never_moves_the_cursor_over_earlier_events(
     finally:
         raw.close(linger=0)
         nd.close()
+
+
+# --- 6. a stream that goes quiet is committed (and acked) then, not at the next interval --------
+
+def test_quiet_stream_is_acked_before_the_commit_interval(pair: tuple[Node, Node]) -> None:
+    """A short-lived publisher (a one-shot `mesh pub`, a cron job) lingers until its durable
+    subscribers ack. A subscriber whose stream went quiet commits what it handled within a few
+    ticks instead of at ``commit_interval_s`` (60 s here), once per burst, not once per tick."""
+    a, b = pair
+    stream = unique("quiet")
+    durable = unique("d")
+    with Publisher(a, stream) as pub, Subscriber(b, stream, durable=durable,
+                                                  commit_interval_s=60.0) as sub:
+        pub.publish_many(range(3))
+        got = [sub.recv(timeout=5) for _ in range(3)]
+        assert [ev.data for ev in got if ev is not None] == [0, 1, 2]
+
+        def acked() -> bool:
+            sub.recv(timeout=0.05)  # the consumer waits for more: the third event is handled
+            return pub.stats().lag.get(durable) == 0
+
+        wait_until(acked, 10, what=lambda: f"lag {pub.stats().lag}, commits {sub.stats().commits}")
+        commits = sub.stats().commits
+        quiet_until = time.monotonic() + 1.0
+        while time.monotonic() < quiet_until:  # ten ticks with nothing new
+            assert sub.recv(timeout=0.1) is None
+        assert sub.stats().commits == commits
+
+
+def test_quiet_stream_is_acked_before_the_commit_interval_async(
+        pair: tuple[Node, Node]) -> None:
+    """The same through AsyncSubscriber: the event loop hands events out, the executor waits."""
+    a, b = pair
+    stream = unique("aquiet")
+    durable = unique("d")
+
+    async def main(pub: Publisher) -> None:
+        async with AsyncSubscriber(b, stream, durable=durable, commit_interval_s=60.0) as sub:
+            pub.publish_many(range(3))
+            got = [await sub.recv(timeout=5) for _ in range(3)]
+            assert [ev.data for ev in got if ev is not None] == [0, 1, 2]
+            deadline = time.monotonic() + 10
+            while pub.stats().lag.get(durable) != 0:
+                assert time.monotonic() < deadline, f"lag {pub.stats().lag}"
+                await sub.recv(timeout=0.05)  # the third event is handled: wait for more
+
+    with Publisher(a, stream) as pub:
+        asyncio.run(main(pub))

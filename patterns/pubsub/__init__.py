@@ -5,7 +5,8 @@ is the idempotency helper; :mod:`.publisher`, :mod:`.subscriber` and :mod:`.aio`
 node's public API.
 """
 
-from patterns.pubsub.aio import AsyncPublisher, AsyncSubscriber
+from typing import TYPE_CHECKING, Any
+
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher, PublisherStats
 from patterns.pubsub.subscriber import (
@@ -17,6 +18,20 @@ from patterns.pubsub.subscriber import (
     Subscriber,
     SubscriberStats,
 )
+
+if TYPE_CHECKING:
+    from patterns.pubsub.aio import AsyncPublisher, AsyncSubscriber
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio wrappers load on first use (PEP 562): a blocking caller, such as a one-shot
+    # `mesh pub`, does not pay for asyncio's import.
+    if name in ("AsyncPublisher", "AsyncSubscriber"):
+        from patterns.pubsub import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncPublisher",

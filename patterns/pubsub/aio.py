@@ -83,6 +83,7 @@ class AsyncSubscriber:
             if cur is not None:
                 self._cur = None
                 positions[cur[0]] = cur[1] + 1
+                sync._moves += 1  # a quiet stream commits soon (Subscriber._maybe_commit)
             while pending:
                 item = pending.popleft()
                 ev = item[2]

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -48,13 +48,15 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.peers import PeerEventKind
-from mesh.security.signing import EventSigner
 from mesh.tracing import OTEL, child_fields, otel_active, span
 from patterns._closing import close_with
 from patterns._metrics import attach, publisher_collector, pubsub_hub_collector
 from patterns.pubsub import _registry, frames
 
 __all__ = ["Publisher", "PublisherStats"]
+
+if TYPE_CHECKING:  # the signing module (and cryptography) loads only when used
+    from mesh.security.signing import EventSigner
 
 _log = logging.getLogger("zeromesh.pubsub")
 
@@ -1246,8 +1248,11 @@ class Publisher:
 
 
 def _resolve_signer(node: Any, sign: bool | EventSigner | None) -> EventSigner | None:
-    if isinstance(sign, EventSigner):
-        return sign
+    if sign is not None and not isinstance(sign, bool):
+        from mesh.security.signing import EventSigner
+
+        if isinstance(sign, EventSigner):
+            return sign
     if sign is False:
         return None
     sec = getattr(node, "security", None)

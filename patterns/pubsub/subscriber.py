@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 import zmq
@@ -55,7 +55,6 @@ from mesh.errors import (
     WrongThread,
 )
 from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
-from mesh.security.signing import EventVerifier
 from mesh.state import StateStore
 from mesh.tracing import consuming, use_event
 from patterns._closing import close_with
@@ -65,6 +64,9 @@ from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
 
 __all__ = ["Batch", "RetentionGap", "Start", "StreamGap", "StreamReset", "Subscriber",
            "SubscriberStats"]
+
+if TYPE_CHECKING:  # the signing module (and cryptography) loads only when used
+    from mesh.security.signing import EventVerifier
 
 _log = logging.getLogger("zeromesh.pubsub")
 
@@ -101,6 +103,10 @@ _MAX_TOK_PEERS = 4096
 _third = operator.itemgetter(2)
 ReadyItem = tuple[Key, int, "Event | _Mark"]
 
+
+#: A consumer that handled events and then waited this long with nothing arriving commits them
+#: (and acks them to their publishers) without waiting for the commit interval.
+_QUIET_MS = 20
 
 class Batch(list[Event]):
     """The events of one :meth:`Subscriber.recv_batch` call (a plain list of events).
@@ -370,8 +376,11 @@ def _cursor_value(v: object) -> tuple[int, int | None] | None:
 
 
 def _resolve_verifier(node: Any, verify: bool | EventVerifier | None) -> EventVerifier | None:
-    if isinstance(verify, EventVerifier):
-        return verify
+    if verify is not None and not isinstance(verify, bool):
+        from mesh.security.signing import EventVerifier
+
+        if isinstance(verify, EventVerifier):
+            return verify
     if verify is False:
         return None
     sec = getattr(node, "security", None)
@@ -449,7 +458,9 @@ class Subscriber:
             in ``<data_dir>/pubsub-cursors.db`` and survives restarts.
         auto_commit: commit the cursor every ``commit_interval_s`` and at close; else only on
             :meth:`commit`.
-        commit_interval_s: how often auto commit writes (and acks the position to publishers).
+        commit_interval_s: how often auto commit writes (and acks the position to publishers);
+            a stream that goes quiet (the consumer handled events and waited 20 ms with nothing
+            new) is also committed then, at most once per quarter interval.
         endpoints: static data endpoints of publishers (``tcp://...`` / ``ipc://...``; the
             publishers' data ROUTERs, pub/sub protocol 2). Each connection is bound to the
             first publisher id a valid message on it names (trust on first use): messages
@@ -595,6 +606,9 @@ class Subscriber:
         self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
         self._next_tick = 0.0
         self._next_commit = time.monotonic() + commit_interval_s
+        self._last_commit = 0.0
+        self._moves = 0  # positions moved by the consumer (under _lock)
+        self._moves_at_commit = 0  # ... at the last auto commit
         self._store: StateStore | None = None
         self._cursor_ns = f"pubsub.cursor.{durable}" if durable else ""
         if durable:
@@ -813,6 +827,8 @@ class Subscriber:
             self._drain_inbox()
             timeout_ms = 0
         ready = dict(self._poller.poll(timeout_ms))
+        if not ready and timeout_ms > 0:
+            self._maybe_commit(time.monotonic(), quiet=True)  # waited, and nothing came
         if self._sock in ready:
             self._drain_sub()
         if self._rfd in ready:
@@ -836,11 +852,26 @@ class Subscriber:
                     self._subscribe(conn)
             self._maybe_commit(now)
 
-    def _maybe_commit(self, now: float) -> None:
-        if self.auto_commit and self._store is not None and now >= self._next_commit:
+    def _maybe_commit(self, now: float, quiet: bool = False) -> None:
+        """Auto commit, while the consumer waits for more (so only what it handled): every
+        ``commit_interval_s``, and also when the consumer has handled events and then waited
+        :data:`_QUIET_MS` with nothing arriving (``quiet``), at most once per quarter interval.
+        A short-lived publisher that lingers for its durable subscribers' acks (a one-shot
+        ``mesh pub``, a cron job) is acked within milliseconds instead of a whole interval; a
+        busy stream is never quiet, so it still commits once per interval."""
+        if not self.auto_commit or self._store is None:
+            return
+        if now >= self._next_commit or (quiet and self._quiet_due(now)):
             self._next_commit = now + self.commit_interval_s
+            self._last_commit = now
+            self._moves_at_commit = self._moves
             with self._lock:
                 self._commit_positions()
+
+    def _quiet_due(self, now: float) -> bool:
+        """Handled events are not committed yet and a quiet commit is allowed now."""
+        return (self._moves != self._moves_at_commit
+                and now >= self._last_commit + self.commit_interval_s / 4)
 
     def _drain_sub(self) -> None:
         sock = self._sock
@@ -1155,10 +1186,12 @@ class Subscriber:
         if cur is not None:
             self._cur = None
             self._positions[cur[0]] = cur[1] + 1
+            self._moves += 1
         batch = self._batch
         if batch is not None:
             self._batch = None
             batch._settle(self._positions, len(batch._items))
+            self._moves += 1
 
     def _abandon(self) -> None:
         """The handler failed (under ``_lock``): keep only what a batch iteration passed."""
@@ -1174,6 +1207,7 @@ class Subscriber:
             self._pos_epoch[key] = mark.epoch
         if mark.pos is not None:
             self._positions[key] = mark.pos
+            self._moves += 1
         gap = mark.gap
         if gap is not None:
             self._stats.gap_notices += 1
@@ -1281,7 +1315,9 @@ class Subscriber:
     def _wait_ready(self, deadline: float | None) -> bool:
         """Pump until the ready queue has something (True) or ``deadline`` passed (False)."""
         while not self._ready:
-            wait = 100
+            # Handled events wait for a commit: poll briefly, so a quiet stream commits soon.
+            wait = (_QUIET_MS if self.auto_commit and self._store is not None
+                    and self._quiet_due(time.monotonic()) else 100)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
