@@ -4,9 +4,9 @@ Every non-control bind takes a port inside ``NodeConfig(data_ports=(lo, hi))`` w
 set (``--data-ports``, ``$ZEROMESH_DATA_PORTS``), else an OS-chosen one. What each role bound is
 recorded in ``<data_dir>/ports`` (JSON, written atomically: ``{"version": 1, "ports":
 {"control": 40100, "pipe.jobs": 40101, ...}}``; a role bound twice at once has keys ``role``,
-``role#1``, ...). A recorded port is not reused at the next start yet (see
-:meth:`PortBook.bind_tcp`): peers learn the new ports from the node's HELLO over the control
-channel, which is all they need. For a control port that never moves, set
+``role#1``, ...). At the next start each role binds its recorded port again when it is free
+(and inside the range, when one is set), else another; peers learn the ports from the node's
+HELLO over the control channel either way. For a control port that never moves, set
 ``NodeConfig(port=...)``.
 
 The file is a record, never a source of truth: a missing or damaged file means "nothing
@@ -151,13 +151,11 @@ class PortBook:
             while self._key(role, index) in self._live:
                 index += 1
             key = self._key(role, index)
-            # The recorded port is NOT reused yet: the patterns' connections are keyed by
-            # endpoint alone, so a node restarted with a rotated CURVE key on its old port is
-            # dialled with the old server key forever (tests/test_security_rotation.py), and a
-            # reopened publisher on its old port is taken for the closed one. Until the
-            # connections are keyed by (endpoint, key), a port moves at every start (inside
-            # the range when one is set); the book only records what was bound.
-            port = self._bind(sock, host, None, rng, key)
+            # The recorded port is bound again when it is free (inside the range when one is
+            # set), so a node keeps its ports across restarts. The patterns key their
+            # connections by (endpoint, CURVE key): a node back on its port with a rotated key
+            # is dialled anew with the new key (tests/test_security_port_reuse.py).
+            port = self._bind(sock, host, self._ports.get(key), rng, key)
             self._live[key] = port
             if self._ports.get(key) != port:
                 self._ports[key] = port

@@ -118,7 +118,9 @@ def test_publisher_closed_and_reopened_reaches_a_remote_subscriber_live(
             assert "pubsub" not in a.info().endpoints  # the hub closed: nothing announced
             with Publisher(a, stream, durable=False, linger_s=0) as pub2:
                 assert set(a.info().endpoints["pubsub"]) == set(pub2.endpoints)
-                assert not old_eps & set(pub2.endpoints)
+                # Its tcp port may be the closed hub's (recorded ports are bound again when
+                # free) or another; its ipc path is new. Either way it must be heard live.
+                assert old_eps != set(pub2.endpoints)
 
                 def heard_second() -> bool:
                     pub2.publish("second")

@@ -8,6 +8,7 @@ to pending dials), so the subscriber never connected.
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
@@ -66,14 +67,56 @@ def test_publisher_restarted_with_new_endpoint_is_reconnected(tmp_path: Path) ->
             first_ep = p.endpoints[0]
             p.publish_many(range(5), type="t")
             wait_until(lambda: pull(5), 10, what="first incarnation's events")
-        # Same data dir: same node id, new port. No wait for LEFT: it comes back at once.
-        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
+        # Same data dir: same node id; its recorded port is taken, so a new one. No wait for
+        # LEFT: it comes back at once.
+        squat = socket.socket()
+        # REUSEADDR: the old connections' TIME_WAIT does not stop us; listening: the port is
+        # really taken (libzmq binds with REUSEADDR too).
+        squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+        def squatted() -> bool:  # the closed hub's listener goes in libzmq's I/O thread
+            try:
+                squat.bind(("127.0.0.1", int(first_ep.rsplit(":", 1)[1])))
+            except OSError:
+                return False
+            squat.listen()
+            return True
+
+        wait_until(squatted, 5, what="the old data port free")
+        with squat, make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, \
+                Publisher(b, "r.s") as p:
             assert p.endpoints[0] != first_ep
             p.publish_many(range(5, 10), type="t")
             wait_until(lambda: pull(10), 10, what="restarted publisher's events")
             assert got == list(range(10))
             # The dead endpoint was dropped; only the live one stays connected.
             assert sub._connected == {p.endpoints[0]}
+
+
+def test_publisher_restarted_on_its_recorded_port_is_heard_again(tmp_path: Path) -> None:
+    """The recorded data port is bound again at the next start: the subscriber's connection
+    to it (libzmq reconnects by itself) carries the restarted publisher's events."""
+    mesh = unique("ps")
+    tcp = ("tcp",)
+    with make_node(tmp_path / "sub", mesh, transports=tcp) as a, Subscriber(
+            a, "r.s", start=Start.beginning()) as sub:
+        pdir = tmp_path / "pub"
+        got: list[int] = []
+
+        def pull(n: int) -> bool:
+            got.extend(e.data for e in sub.recv_batch(timeout=0.05))
+            return len(got) >= n
+
+        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
+            first_ep = p.endpoints[0]
+            p.publish_many(range(5), type="t")
+            wait_until(lambda: pull(5), 10, what="first incarnation's events")
+        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
+            assert p.endpoints[0] == first_ep
+            p.publish_many(range(5, 10), type="t")
+            wait_until(lambda: pull(10), 10, what="restarted publisher's events")
+            assert got == list(range(10))
+            assert sub._connected == {first_ep}
 
 
 def test_peer_restart_resends_outstanding_request_at_once() -> None:

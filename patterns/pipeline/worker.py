@@ -58,11 +58,13 @@ class TaskTerminated(Exception):
 
 
 class _Conn:
-    __slots__ = ("acks", "endpoint", "fails", "node_id", "sock", "terms")
+    __slots__ = ("acks", "endpoint", "fails", "key", "node_id", "sock", "terms")
 
-    def __init__(self, node_id: str, endpoint: str, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, node_id: str, endpoint: str, sock: zmq.Socket[Any],
+                 key: str | None = None) -> None:
         self.node_id = node_id
         self.endpoint = endpoint
+        self.key = key  # the producer's CURVE key this connection's handshakes use
         self.sock = sock
         self.acks: list[int] = []
         self.fails: list[fr.Failure] = []
@@ -363,9 +365,12 @@ class Worker:
             return False
         old = self._conns.get(p.node_id)
         if old is not None:
-            if old.endpoint == ep:
+            if old.endpoint == ep and old.key == p.public_key:
                 return False
-            self._disconnect(p.node_id)  # the producer restarted on a new endpoint
+            # The producer restarted on a new endpoint, or on the same one with another key
+            # (a rotation; data ports come from a range): libzmq would retry the old
+            # handshake forever.
+            self._disconnect(p.node_id)
         sock = self.node.socket(zmq.DEALER, role_for(self.queue))
         sock.setsockopt(zmq.IDENTITY, self.ident)
         sock.setsockopt(zmq.LINGER, 0)
@@ -375,7 +380,7 @@ class Worker:
             sock.close(0)
             log.warning("worker %s: cannot connect to %s: %s", self.label, ep, exc)
             return False
-        self._conns[p.node_id] = _Conn(p.node_id, ep, sock)
+        self._conns[p.node_id] = _Conn(p.node_id, ep, sock, p.public_key)
         self._poller.register(sock, zmq.POLLIN)
         return True
 

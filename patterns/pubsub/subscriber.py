@@ -604,6 +604,7 @@ class Subscriber:
             self._match.encode(), prefix=self.prefix)
         self._static = set(endpoints)
         self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
+        self._peer_keys: dict[str, str | None] = {}  # ... and the CURVE key it was dialled with
         self._next_tick = 0.0
         self._next_commit = time.monotonic() + commit_interval_s
         self._last_commit = 0.0
@@ -770,10 +771,18 @@ class Subscriber:
         if ep is None:
             return
         old = self._peer_eps.get(peer.node_id)
+        pk = peer.public_key
+        # Back on the same endpoint with another key (a rotation; data ports come from a
+        # range): the connection's handshakes use the old server key, and libzmq would retry
+        # them forever. A new connection, with the new key.
+        rekeyed = old == ep and self._peer_keys.get(peer.node_id, pk) != pk
         self._peer_eps[peer.node_id] = ep
+        self._peer_keys[peer.node_id] = pk
+        if rekeyed:
+            self._drop_conn(ep)
         self._connect(ep, peer.node_id)
         self._seen(peer.node_id)
-        moved = old is not None and old != ep
+        moved = old is not None and (old != ep or rekeyed)
         if old is not None and moved:
             # Restarted (same id, new address), maybe without a LEFT in between: stop
             # reconnecting to the dead address.
@@ -794,6 +803,9 @@ class Subscriber:
     def _disconnect(self, endpoint: str) -> None:
         if endpoint in self._static or endpoint in self._peer_eps.values():
             return
+        self._drop_conn(endpoint)
+
+    def _drop_conn(self, endpoint: str) -> None:
         conn = self._by_ep.pop(endpoint, None)
         if conn is not None:
             # Its routing id is retired with it: anything still queued on it is dropped.
@@ -1541,6 +1553,7 @@ class Subscriber:
         self._replay_bucket.pop(pub, None)
         self._replay_inflight.pop(pub, None)
         ep = self._peer_eps.pop(pub, None)
+        self._peer_keys.pop(pub, None)
         if ep is not None:
             self._disconnect(ep)
         store = self._store

@@ -111,7 +111,10 @@ class Responders:
         self.clock = clock
         self.silent_s = silent_s
         self.generation = 0
-        self.endpoints: dict[str, dict[str, str]] = {}  # service -> node id -> endpoint
+        #: service -> node id -> (endpoint, CURVE key it is dialled with): a responder back on
+        #: the same endpoint with another key (a rotation; data ports come from a range) needs
+        #: a new connection, or libzmq retries the old handshake forever.
+        self.endpoints: dict[str, dict[str, tuple[str, str | None]]] = {}
         self.balancers: dict[str, Balancer] = {}
         # (service, request id) -> responder that held it when its call timed out, so a retry
         # with the same id goes back there (its reply cache knows the id; another would run it)
@@ -144,8 +147,9 @@ class Responders:
                         bal.remove(info.node_id)
                         self.generation += 1
                     continue
-                if eps.get(info.node_id) != ep:
-                    eps[info.node_id] = ep
+                target = (ep, info.public_key)
+                if eps.get(info.node_id) != target:
+                    eps[info.node_id] = target
                     self.generation += 1
                 bal.add(info.node_id)  # a (re)announcement makes a silent responder usable
 
@@ -178,8 +182,9 @@ class Responders:
                 while len(self._holders) > _MAX_HOLDERS:
                     self._holders.popitem(last=False)
 
-    def snapshot(self) -> tuple[int, dict[bytes, str]]:
-        """(generation, routing id -> endpoint) of every responder of every tracked service."""
+    def snapshot(self) -> tuple[int, dict[bytes, tuple[str, str | None]]]:
+        """(generation, routing id -> (endpoint, key)) of every responder of every tracked
+        service."""
         with self.lock:
             out = {routing_id(nid, svc): ep
                    for svc, eps in self.endpoints.items() for nid, ep in eps.items()}
@@ -206,7 +211,7 @@ class Wire:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.owner = threading.get_ident()
         self.generation = -1
-        self.connected: dict[bytes, str] = {}
+        self.connected: dict[bytes, tuple[str, str | None]] = {}  # rid -> (endpoint, key)
         self.nonce = 0
         self.pollitems = [(self.sock, POLLIN)]
         # one reply at most this big in all its frames (MAXMSGSIZE bounds each frame only)
@@ -222,21 +227,21 @@ class Wire:
         if gen == self.generation:
             return
         self.generation, want = self.responders.snapshot()
-        for rid, ep in list(self.connected.items()):
-            if want.get(rid) != ep:
+        for rid, target in list(self.connected.items()):
+            if want.get(rid) != target:
                 try:
-                    self.sock.disconnect(ep)
+                    self.sock.disconnect(target[0])
                 except zmq.ZMQError:
                     pass
                 del self.connected[rid]
-        for rid, ep in want.items():
+        for rid, target in want.items():
             if rid not in self.connected:
                 try:
-                    self.sock.connect(ep)
+                    self.sock.connect(target[0])
                 except zmq.ZMQError as exc:
-                    log.warning("rpc client: cannot connect to %s: %s", ep, exc)
+                    log.warning("rpc client: cannot connect to %s: %s", target[0], exc)
                     continue
-                self.connected[rid] = ep
+                self.connected[rid] = target
 
     def send(self, service: str, call: Call, action: Send | Ping, req: fr.Request) -> bool:
         """Send a REQUEST or PING; False when the responder is not routable."""
