@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mesh import control
 from mesh.budget import Budget, LogLimiter
 from mesh.control import GossipEntry, Hello
 from mesh.peers import PeerRecord, PeerState, Presence
@@ -244,7 +245,7 @@ class Membership:
         claim = self.claims.get(peer_id) if peer_id is not None else None
         if claim is None or claim.ident != ident:
             return False
-        if kind == "UPDATE":
+        if kind == control.UPDATE:
             # The claimant's latest state (one per claim): applied if the claim is bound, so
             # a restarted node's offers made meanwhile are not lost.
             claim.update = body

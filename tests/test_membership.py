@@ -101,7 +101,7 @@ def test_stranger_waits_for_the_bound_connection_to_go_quiet() -> None:
     assert m.is_bound(A, rid(A, 1))
     assert m.counters["id_claims_held"] == 1 and A in m.claims
     # its messages are the claimant's: an UPDATE kept for the claim, others dropped
-    assert m.claimant_message(A, rid(A, 2), "UPDATE", {"u": 1})
+    assert m.claimant_message(A, rid(A, 2), "update", {"u": 1})
     assert m.claimant_message(A, rid(A, 2), "PING", 1)
     assert not m.claimant_message(A, rid(A, 3), "PING", 1)
     assert m.counters["claimant_messages_dropped"] == 1
