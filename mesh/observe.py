@@ -7,7 +7,7 @@ with body ``{"v": 1, "rid": <int>}``; the answer is kind ``node.stats_reply`` wi
 "truncated"}`` or a refusal ``{"v": 1, "rid", "ok": false, "error", "message"}``.
 
 Bounded (docs/protocol.md, "Budgets"): requests are rate-limited per peer and node-wide with
-token buckets (:class:`mesh.security.limits.TokenBuckets`); a request over either rate is
+token buckets (:class:`mesh.limits.TokenBuckets`); a request over either rate is
 dropped unanswered and counted; one snapshot is collected at most every ``cache_s`` seconds
 whoever asks; a reply is at most ``max_message_bytes`` (whole metric families are left out,
 and named in ``truncated``, when the snapshot would be larger). Under CURVE only peers
@@ -33,8 +33,8 @@ import msgpack
 
 from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, PeerUnreachable, ProtocolError
+from mesh.limits import RateLimit, TokenBuckets
 from mesh.metrics import Collect
-from mesh.security.limits import RateLimit, TokenBuckets
 
 __all__ = [
     "STATS_KIND",

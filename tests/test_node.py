@@ -84,7 +84,7 @@ def test_close_leaves_no_thread_no_socket_and_is_idempotent(make_node: Callable[
     a = make_node("a")
     b = make_node("b", static_peers=(control_ep(a),))
     wait_until(lambda: joined(a, b), 5)
-    socks = [s for n in (a, b) for s in n._sockets]
+    socks = [s for n in (a, b) for s in n._factory.sockets]
     assert socks
     b.close()
     a.close()
@@ -258,7 +258,7 @@ def test_ipc_is_preferred_on_the_same_host(make_node: Callable[..., Node]) -> No
     b = make_node("b", static_peers=(control_ep(a),))
     wait_until(lambda: joined(a, b), 5)
     # a learnt b from its HELLO and connected back over ipc.
-    assert a._links[b.id].endpoint.startswith("ipc://")
+    assert a._channel.links[b.id].endpoint.startswith("ipc://")
 
 
 def test_node_socket_applies_options_and_bind_announces(make_node: Callable[..., Node]) -> None:

@@ -88,9 +88,9 @@ def test_flood_from_one_peer_does_not_starve_another(tmp_path: Path) -> None:
 
 
 def test_send_queue_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mesh.node as node_mod
+    import mesh.channel as channel_mod
 
-    monkeypatch.setattr(node_mod, "_MAX_OUTQ", 10)
+    monkeypatch.setattr(channel_mod, "_MAX_OUTQ", 10)
     m = unique("outq")
     with Node(data_dir=tmp_path / "a", name="a", mesh=m, mdns=False, transports=("tcp",),
               interface="127.0.0.1") as a:

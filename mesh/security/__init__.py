@@ -21,10 +21,10 @@ import zmq
 
 from mesh.budget import LogLimiter
 from mesh.errors import AuthenticationFailed, ConfigError
+from mesh.limits import RateLimit, TokenBuckets
 from mesh.security.atrest import load_or_create_atrest_key
 from mesh.security.authority import TrustAnchor
 from mesh.security.keys import Keypair, is_z85_key, load_or_create_keypair
-from mesh.security.limits import RateLimit, TokenBuckets
 from mesh.security.perms import PermissionTable
 from mesh.security.signing import EventSigner, EventVerifier, load_or_create_signing_key
 from mesh.security.zap import ZAP_DOMAIN, TrustStore, ZapAuthenticator
