@@ -22,7 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.conformance.kit import Caller, Peer, QueueWorker
+from tests.conformance.kit import (
+    DATA,
+    DURABLE,
+    HEARTBEAT,
+    Caller,
+    DataSub,
+    Peer,
+    QueueWorker,
+    decode_envelope,
+    pump,
+)
 from tests.util import REPO, wait_until
 
 KIT = Path(__file__).parent / "conformance"
@@ -40,14 +50,25 @@ class Target:
         first = json.loads(self.proc.stdout.readline())
         self.control: str = first["control"]
         self.id: str = first["id"]
+        #: the stdin commands the target answers (tests/conformance/README.md)
+        self.commands: set[str] = set(first.get("commands", []))
+
+    def command(self, line: str) -> Any:
+        """Send one command line; its JSON answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def need(self, command: str) -> None:
+        """Skip the calling test when the target does not answer ``command``."""
+        if command not in self.commands:
+            pytest.skip(f"the target does not advertise the {command!r} command")
 
     def stats(self) -> dict[str, Any] | None:
-        if EXTERNAL:
+        if "stats" not in self.commands:
             return None
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("stats\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+        return self.command("stats")  # type: ignore[no-any-return]
 
     def close(self) -> None:
         assert self.proc.stdin is not None
@@ -184,4 +205,117 @@ def test_unexpected_input_is_counted(target: Target) -> None:
             other.router.close(0)
         peer.join()  # and the connection still works once it says hello
     finally:
+        peer.close()
+
+
+def test_gossip(target: Target) -> None:
+    a, b = Peer(target.control), Peer(target.control)
+    c = Peer(target.control)  # never joins: the node hears of it only from our gossip
+    try:
+        a.join()
+        b.join()
+        # Both answer the node's pings, so it verifies both links; its gossip to a then
+        # names b (JOINED, verified), and never a (the receiver) nor the node itself.
+        lists: list[list[Any]] = []
+
+        def on_message(p: Peer, kind: str, body: Any) -> None:
+            if p is a and kind == "gossip":
+                lists.append(body)
+
+        assert pump([a, b], lambda: any(e[0] == b.id for g in lists for e in g), 8,
+                    on_message), f"no gossip to a naming b: {lists}"
+        for g in lists:
+            for e in g:
+                assert len(e) in (4, 5) and e[0] not in (a.id, target.id), e
+                assert e[1] == "conformance" and isinstance(e[3], list), e
+        entry = next(e for g in lists for e in g if e[0] == b.id)
+        assert entry[3] == [b.endpoint] and entry[2] == "conformance-kit-host", entry
+        # a gossips c (4-element entry, no public key): the node dials it, DEALER + hello
+        a.send("gossip", [[c.id, "conformance", "conformance-kit-host", [c.endpoint]]])
+        hello = c.recv("hello")
+        assert hello["info"]["node_id"] == target.id and hello.get("reply") is not True
+        assert c.last_rid[:32] == target.id.encode() and 32 <= len(c.last_rid) <= 64
+    finally:
+        for p in (a, b, c):
+            p.close()
+
+
+def test_subscribe_to_the_data_socket_with_a_forced_gap(target: Target) -> None:
+    target.need("publish")
+    peer = Peer(target.control)
+    subs: list[DataSub] = []
+    try:
+        info = peer.join()
+        assert "live" in info["offers"]["stream"], info["offers"]
+        ep = next(e for e in info["endpoints"]["pubsub"] if e.startswith("tcp://"))
+        sub = DataSub(ep, target.id)
+        subs.append(sub)
+        sub.subscribe("live")
+        # a new subscription is answered at once with a HEARTBEAT of the stream
+        hb = sub.recv()
+        assert (hb.kind, hb.topic, hb.flags, hb.publisher) == (HEARTBEAT, "live", DURABLE,
+                                                               target.id), vars(hb)
+        assert hb.epoch != 0 and hb.count == 0
+        start, epoch = hb.seq, hb.epoch
+        head = target.command("publish live 10")["head"]
+        assert head == start + 10
+        # Read DATA until a HEARTBEAT announces the head; drop seqs start+3..start+6 on our
+        # side (a forced gap, as if the HWM had dropped them).
+        hole = range(start + 3, start + 7)
+        kept: dict[int, list[Any]] = {}
+        seen: list[int] = []
+        last_head = start
+        while last_head < head:
+            m = sub.recv()
+            assert m.topic == "live" and m.epoch == epoch and m.publisher == target.id
+            if m.kind == HEARTBEAT:
+                last_head = m.seq
+                continue
+            assert m.kind == DATA and m.flags == DURABLE
+            for i, raw in enumerate(m.envelopes):
+                ev = decode_envelope(raw)
+                assert (ev[2], ev[3]) == ("live", m.seq + i), ev[2:4]
+                seen.append(ev[3])
+                if ev[3] not in hole:
+                    kept[ev[3]] = ev
+        assert seen == list(range(start, head)), seen  # in order, no hole on the wire
+        # repair the hole with a replay request under the epoch we saw
+        got = peer.replay({"v": 1, "sid": "kit-live", "req": 1, "stream": "live",
+                           "from": hole.start, "to": hole.stop, "epoch": epoch})
+        assert got["error"] is None and got["first"] == hole.start, got
+        assert got["epoch"] == epoch and "truncate" not in got and got["head"] == head, got
+        assert len(got["events"]) == len(hole)
+        for i, raw in enumerate(got["events"]):
+            ev = decode_envelope(raw)
+            assert (ev[2], ev[3]) == ("live", hole.start + i)
+            kept[ev[3]] = ev
+        assert sorted(kept) == list(range(start, head))
+        assert [kept[s][14] for s in range(start, head)] == list(range(10))
+        # subscribing late: the first HEARTBEAT says the head; nothing before it is pushed
+        late = DataSub(ep, target.id)
+        subs.append(late)
+        late.subscribe("live")
+        m = late.recv()
+        assert (m.kind, m.seq, m.epoch) == (HEARTBEAT, head, epoch), vars(m)
+        # UNSUBSCRIBE: nothing more of the stream on that connection. Requests of one
+        # connection are handled in order, so the HEARTBEAT answering a SUBSCRIBE of
+        # another stream sent after it shows the UNSUBSCRIBE was handled.
+        late.subscribe("live", op=2)
+        late.subscribe("conf")
+        m = late.recv()
+        assert (m.kind, m.topic) == (HEARTBEAT, "conf"), vars(m)
+        assert target.command("publish live 2")["head"] == head + 2
+        m = sub.recv()
+        while m.kind != DATA:
+            m = sub.recv()
+        assert m.seq == head, vars(m)
+        try:
+            while True:
+                m = late.recv(0.3)
+                assert m.topic != "live", f"{vars(m)} after UNSUBSCRIBE"
+        except TimeoutError:
+            pass
+    finally:
+        for s in subs:
+            s.close()
         peer.close()
