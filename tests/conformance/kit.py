@@ -157,6 +157,21 @@ class Peer:
             self.router.close(0)
 
 
+def stranger(target: str, node_id: str | None = None, mesh: str = "conformance",
+             endpoints: dict[str, list[str]] | None = None) -> tuple[str, zmq.Socket[bytes]]:
+    """A DEALER (routing id: the node id + 8 random bytes) that has sent one ``hello`` for
+    ``node_id`` (default a new one) announcing ``endpoints`` (default none); (id, socket)."""
+    nid = node_id or os.urandom(16).hex()
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.ROUTING_ID, nid.encode() + os.urandom(8))
+    d.connect(target)
+    info = {"node_id": nid, "name": "conformance-stranger", "mesh": mesh, "version": 1,
+            "host": "conformance-kit-host", "endpoints": endpoints or {}, "offers": {}}
+    d.send_multipart([header("hello"), _pack({"info": info, "reply": False})])
+    return nid, d
+
+
 class QueueWorker:
     """A pipeline worker: a DEALER (16 random bytes of routing id) to ``pipe.<queue>``."""
 
