@@ -1,11 +1,11 @@
 """The conformance kit (tests/conformance/kit.py) against a real node in a child process.
 
 The target is ``python -m tests.conformance.target`` (zeromesh), or the command in
-``$ZEROMESH_CONFORMANCE_TARGET`` (any implementation: it must print one JSON line with
-``control`` = its tcp control endpoint and ``id`` = its node id, offer the service ``echo``
-answering ``<payload>#<runs>`` the durable stream ``conf`` holding three events, and the queue ``jobs`` (ack_wait 0.5 s)
-holding tasks ``t0``..``t4``, and serve the mesh ``conformance``). Counter checks need the
-zeromesh target (it prints ``node.stats()`` when sent ``stats``); they are skipped otherwise.
+``$ZEROMESH_CONFORMANCE_TARGET`` (any implementation). What a target must offer, the first
+line it prints and the stdin commands it may answer (``stats``, ``publish``, ``received``) are
+in tests/conformance/README.md; a test that needs a command the target does not list in its
+first line's ``commands`` is skipped, saying which. The tests share one target and run in
+file order (the queue test consumes the tasks ``t0``..``t4``).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def test_unexpected_input_is_counted(target: Target) -> None:
         # a fresh connection's first message is an update: dropped, counted unknown_sender
         peer.send("update", {"info": peer.info()})
         if before is None:
-            pytest.skip("counters are read from the zeromesh target only")
+            pytest.skip("the target does not advertise the 'stats' command")
         wait_until(lambda: (target.stats() or {}).get("unknown_sender", 0)
                    > before.get("unknown_sender", 0), 5, what="unknown_sender counted")
         # a hello of another mesh: wrong_mesh; a header without "ZM": malformed; a hello
