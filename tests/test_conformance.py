@@ -220,16 +220,21 @@ def test_gossip(target: Target) -> None:
     a, b = Peer(target.control), Peer(target.control)
     c = Peer(target.control)  # never joins: the node hears of it only from our gossip
     try:
-        a.join()
-        b.join()
-        # Both answer the node's pings, so it verifies both links; its gossip to a then
-        # names b (JOINED, verified), and never a (the receiver) nor the node itself.
         lists: list[list[Any]] = []
 
         def on_message(p: Peer, kind: str, body: Any) -> None:
             if p is a and kind == "gossip":
                 lists.append(body)
 
+        a.join()
+        b.join()
+        # b does not answer the node's pings yet: its link is not verified, so no gossip
+        # names it (a HELLO of a fake id is never passed on); a answers, and its own
+        # verified link is not listed to it: no gossip at all while nothing else is live.
+        assert pump([a], lambda: a.pings >= 2, 5, on_message), "the node never pinged a"
+        assert not lists, f"gossip naming an unverified peer, or a itself: {lists}"
+        # b answers: once its link is verified the node's gossip to a names b, and never a
+        # (the receiver) nor the node itself.
         assert pump([a, b], lambda: any(e[0] == b.id for g in lists for e in g), 8,
                     on_message), f"no gossip to a naming b: {lists}"
         for g in lists:
