@@ -643,3 +643,33 @@ def test_a_malformed_subscription_request_is_counted_subscriptions_malformed(
             "subscriptions_malformed", 0), after["publisher"]
     finally:
         peer.close()
+
+
+def test_node_stats_over_the_control_channel(target: Target) -> None:
+    before = target.stats()
+    peer = Peer(target.control)
+    try:
+        peer.join()
+        peer.send("node.stats", {"v": 1, "rid": 41})
+        got = peer.recv("node.stats_reply")
+        assert (got["v"], got["rid"], got["ok"]) == (1, 41, True), got
+        assert (got["node_id"], got["mesh"]) == (target.id, "conformance")
+        assert isinstance(got["name"], str) and isinstance(got["uptime_s"], float)
+        assert isinstance(got["metrics"], dict) and got["truncated"] == []
+        rows = {r["id"]: r for r in got["peers"]}
+        assert rows[peer.id]["state"] == "joined", got["peers"]
+        # families: only those asked for (names the node does not have are ignored)
+        some = sorted(got["metrics"])[:1]
+        peer.send("node.stats", {"v": 1, "rid": 42, "families": [*some, "kit_no_such"]})
+        got = peer.recv("node.stats_reply")
+        assert got["rid"] == 42 and sorted(got["metrics"]) == some, sorted(got["metrics"])
+        # a body that is not a map, or another major: dropped unanswered, counted
+        peer.send("node.stats", [1, 43])
+        peer.send("node.stats", {"v": 2, "rid": 44})
+        peer.send("node.stats", {"v": 1, "rid": 45})
+        assert peer.recv("node.stats_reply")["rid"] == 45  # in order: 43 and 44 unanswered
+        if before is not None:
+            _grew(target, before, "stats_malformed")
+            _grew(target, before, "stats_unsupported_version")
+    finally:
+        peer.close()
