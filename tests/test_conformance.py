@@ -344,6 +344,7 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
     events = [envelope(stream, s, f"k{s}".encode()) for s in range(10)]
     head = [0]
     replays: list[dict[str, Any]] = []
+    served: set[int] = set()  # seqs sent in replay answers
     before = target.stats()
 
     def serve(p: Peer, kind: str, body: Any) -> None:
@@ -368,6 +369,7 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
                 break
             chunk.append(raw)
         reply.update(first=first, events=chunk)
+        served.update(range(first, first + len(chunk)))
         if len(replays) == 1:  # the first answer is preceded by a malformed one
             p.send("pubsub.replay_data", {k: v for k, v in reply.items() if k != "first"})
         p.send("pubsub.replay_data", reply)
@@ -408,7 +410,6 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
             return check
 
         assert pump([peer], have(3), 5, serve), (got, replays)
-        asked = len(replays)
         head[0] = 10
         pub.ping(rid)
         pub.data(rid, stream, epoch, 6, events[6:10])  # 3..5 never sent live: a gap on purpose
@@ -417,10 +418,15 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
         assert [(e[0], e[1], e[2]) for e in got] == [
             (stream, s, f"k{s}".encode().hex()) for s in range(10)], got
         assert all(e[3] == "kit.event" and e[4] == "conformance-kit" for e in got)
-        # the hole was asked for under our epoch, starting at its first seq
-        hole = [r for r in replays[asked:] if r.get("from") == 3]
-        assert hole and hole[0]["stream"] == stream and hole[0].get("epoch") == epoch, \
-            [sorted(r.items()) for r in replays]
+        # 3..5 were never sent live: they came from our replay answers. A request for the
+        # hole carries the epoch the subscriber confirmed (ours). (The zeromesh subscriber's
+        # first request, from 0 and made before it knew an epoch, may reach us only after
+        # our head moved, and then fills the hole itself.)
+        assert {3, 4, 5} <= served, (served, replays)
+        for r in replays:
+            assert r["stream"] == stream, sorted(r.items())
+            if (r.get("from") or 0) >= 3:  # asked after 0..2 were seen under our epoch
+                assert r.get("epoch") == epoch, sorted(r.items())
         assert target.command("received")["gaps"] == 0
         # seq 10 does not decode (its time is a str): a typed gap, never replayed; seq 11 is
         # over the subscriber's max_event_size (1 MiB): dropped, asked for again with
@@ -450,9 +456,14 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
         peer.close()
 
 
-def _grew(target: Target, before: dict[str, Any], key: str, part: str | None = None) -> None:
+def _grew(target: Target, before: dict[str, Any] | None, key: str,
+          part: str | None = None) -> None:
     """Wait until the target's counter ``key`` (of ``part``: publisher, subscriber, queue,
-    service; None: the node) is above its value in ``before``."""
+    service; None: the node) is above its value in ``before``. Nothing to check when the
+    target has no ``stats`` command (``before`` None): the caller skips at its end."""
+    if before is None:
+        return
+
     def value(stats: dict[str, Any] | None) -> int:
         s = (stats or {}) if part is None else (stats or {}).get(part, {})
         return int(s.get(key, 0))
@@ -463,8 +474,6 @@ def _grew(target: Target, before: dict[str, Any], key: str, part: str | None = N
 
 def test_unexpected_input_on_the_control_channel_is_counted(target: Target) -> None:
     before = target.stats()
-    if before is None:
-        pytest.skip("the target does not advertise the 'stats' command")
     a = Peer(target.control)
     extra: list[Any] = []
     try:
@@ -500,12 +509,11 @@ def test_unexpected_input_on_the_control_channel_is_counted(target: Target) -> N
         # gossip: a bad entry is skipped (malformed), the good one after it is dialled
         c = Peer(target.control)
         try:
-            m0 = int((target.stats() or {}).get("malformed", 0))
+            now = target.stats()
             a.send("gossip", [[1, 2], [c.id, "conformance", "conformance-kit-host",
                                        [c.endpoint], None]])
             assert c.recv("hello")["info"]["node_id"] == target.id
-            wait_until(lambda: int((target.stats() or {}).get("malformed", 0)) > m0, 5,
-                       what="a bad gossip entry counted malformed")
+            _grew(target, now, "malformed")  # the bad entry
         finally:
             c.close()
         # gossip naming more new nodes than the dial budget of one gossiper (a quarter of
@@ -526,19 +534,24 @@ def test_unexpected_input_on_the_control_channel_is_counted(target: Target) -> N
         # hellos of new node ids from one source (127.0.0.1) past its budget (64 in
         # plaintext): refused. They announce no control endpoint, so the node makes no link
         # to them (no_endpoint).
-        refused = int(before.get("peer_ids_refused", 0))
+        refused = int((before or {}).get("peer_ids_refused", 0))
         strangers: list[zmq.Socket[bytes]] = []
         for _ in range(100):
             _, d = stranger(target.control)
             strangers.append(d)
             extra.append(d)
-            if len(strangers) % 10 == 0 and int((target.stats() or {}).get(
-                    "peer_ids_refused", 0)) > refused:
+            if before is not None and len(strangers) % 10 == 0 and int(
+                    (target.stats() or {}).get("peer_ids_refused", 0)) > refused:
                 break
         _grew(target, before, "peer_ids_refused")
         _grew(target, before, "no_endpoint")
         for d in strangers:  # gone at once: their rows may be forgotten for later peers
             d.send_multipart([header("bye"), msgpack.packb(None)])
+        a.send("ping", 11)
+        assert a.recv("pong") == 11  # and the node still serves a
+        if before is None:
+            pytest.skip("wire checks passed; counters not checked: the target does not "
+                        "advertise the 'stats' command")
     finally:
         for d in extra:
             d.close(0)
