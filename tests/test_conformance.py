@@ -339,8 +339,6 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
     stream, epoch = "kitfeed", 0x5EED
     peer = Peer(target.control)  # its id is the publisher id of the data socket
     pub = DataPub(peer.id)
-    peer.offers = {"stream": [stream]}
-    peer.extra_endpoints = {"pubsub": [pub.endpoint]}
     events = [envelope(stream, s, f"k{s}".encode()) for s in range(10)]
     head = [0]
     replays: list[dict[str, Any]] = []
@@ -379,7 +377,11 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
 
     try:
         peer.join()
-        # the subscriber connects to our data socket and subscribes to the stream
+        # we start offering the stream: an update carries our new info (CHANGED), and the
+        # target's subscriber connects to our data socket and subscribes to the stream
+        peer.offers = {"stream": [stream]}
+        peer.extra_endpoints = {"pubsub": [pub.endpoint]}
+        peer.send("update", {"info": peer.info()})
         reqs: list[tuple[bytes, bytes, bytes]] = []
 
         def subscribed() -> bool:
