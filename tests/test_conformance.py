@@ -632,11 +632,6 @@ def test_unexpected_input_to_the_patterns_is_counted(target: Target) -> None:
         peer.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/protocol.md pub/sub 4: a subscription request that does not decode is counted "
-    "`subscriptions_malformed`; the publisher counts it (_PubHub.bad_subscriptions) but no "
-    "stats or metric shows it: Publisher.stats() has only subscriptions_refused, which "
-    "counts every refusal"))
 def test_a_malformed_subscription_request_is_counted_subscriptions_malformed(
         target: Target) -> None:
     before = target.stats()

@@ -177,6 +177,7 @@ class PublisherStats:
         subscribers: subscriber connections this stream is sent to now.
         subscriptions_refused: subscription requests refused (node-wide: forbidden, over
             budget or malformed; each answered with a REFUSED notice).
+        subscriptions_malformed: of those, requests that did not decode (node-wide).
         subscriptions_held: subscriptions the node's data socket holds now (node-wide).
         positions: durable subscription name -> committed position (next seq it will process).
         lag: durable subscription name -> ``head - position``.
@@ -202,6 +203,7 @@ class PublisherStats:
     acks_refused: int = 0
     subscribers: int = 0
     subscriptions_refused: int = 0
+    subscriptions_malformed: int = 0
     subscriptions_held: int = 0
     positions: dict[str, int] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
@@ -1202,6 +1204,7 @@ class Publisher:
             s.acks_refused = hub.acks_refused
             s.subscribers = len(st.rids)
             s.subscriptions_refused = hub.refused_subscriptions
+            s.subscriptions_malformed = hub.bad_subscriptions
             s.subscriptions_held = hub.sub_conn.held()
             s.positions = {}
             for (_peer, name), pos in st.positions.items():
