@@ -23,9 +23,9 @@ from typing import IO, Any
 import pytest
 
 from mesh.node import Node
-from patterns.pubsub import Start, Subscriber
+from patterns.pubsub import Publisher, Start, Subscriber
 from patterns.reqrep import Client, ClientConfig
-from tests.util import REPO, unique, wait_until
+from tests.util import REPO, ctrl, unique, wait_until
 
 
 def _free_range(n: int, avoid: range | None = None) -> range:
@@ -166,3 +166,49 @@ def test_durable_stream_continues_after_publisher_restarts_on_new_data_ports(
             assert _data_ports(here, "pubr", "pubsub") <= set(second)
         finally:
             b.kill()
+
+
+def test_a_killed_publishers_data_port_taken_by_another_node_is_used(tmp_path: Path) -> None:
+    """Two nodes on one host share a data-port range. One is SIGKILLed (no BYE: it stays in the
+    peer table until presence gives up on it) and the other binds the port it had. The
+    subscriber's connection to that port belongs to the dead one; the live one must still be
+    heard there, once the dead one is no longer JOINED."""
+    mesh = unique("shared")
+    port = _free_range(1)[0]
+    shared = _free_range(1)
+    topic = unique("shared") + ".s"
+    got: list[Any] = []
+    # tcp only: on one host ipc would be used, and ipc paths are per node id
+    with Node(data_dir=tmp_path / "here", name="here", mesh=mesh, mdns=False,
+              interface="127.0.0.1", transports=("tcp",),
+              static_peers=(f"tcp://127.0.0.1:{port}",)) as here, \
+            Subscriber(here, topic, start=Start.beginning()) as sub:
+
+        def pull(want: Any) -> bool:
+            got.extend(e.data for e in sub.recv_batch(timeout=0.05))
+            return want in got
+
+        a = Proc(tmp_path, "pub", topic, "-", "--lines", "--linger", "60", "--wait", "30",
+                 *_node_args(tmp_path, mesh, port, shared, "first"), stdin=True)
+        try:
+            a.stdin.write("from-first\n")
+            a.stdin.flush()
+            wait_until(lambda: pull(b"from-first"), 30, what=lambda: f"got {got}")
+        finally:
+            a.kill()
+        with Node(data_dir=tmp_path / "second", name="second", mesh=mesh, mdns=False,
+                  interface="127.0.0.1", static_peers=(ctrl(here),),
+                  data_ports=(shared.start, shared.start)) as other, Publisher(other, topic) as pub:
+            assert _port(next(e for e in pub.endpoints if e.startswith("tcp://"))) \
+                    == shared.start
+            wait_until(lambda: any(p.node_id == other.id for p in here.peers.list()), 10,
+                       what="the second node joined")
+            pub.publish("from-second")
+            wait_until(lambda: pull("from-second"), 30,
+                       what=lambda: f"got {got}, stats {sub.stats()}")
+            # ... and live, on a data connection of its own (a first replay over the
+            # control channel can bring the first event without one)
+            pub.publish("live")
+            wait_until(lambda: pull("live"), 30,
+                       what=lambda: f"got {got}, stats {sub.stats()}")
+            assert sub.stats().messages > 0

@@ -54,7 +54,7 @@ from mesh.errors import (
     UnsupportedVersion,
     WrongThread,
 )
-from mesh.peers import PeerEvent, PeerEventKind, PeerInfo
+from mesh.peers import PeerEvent, PeerEventKind, PeerInfo, PeerState
 from mesh.state import StateStore
 from mesh.tracing import consuming, use_event
 from patterns._closing import close_with
@@ -580,6 +580,9 @@ class Subscriber:
         self._constructing = True  # streams found now start at their head (Start.new)
         self._self_info: PeerInfo | None = None
         self._left: dict[str, float] = {}  # publisher -> monotonic time it left
+        #: data endpoint -> a publisher announcing it while another still held it (bounded
+        #: by the endpoints we are connected to)
+        self._clashes: dict[str, str] = {}
         self._gone: dict[str, int] = {}  # publisher -> wall ns since its cursors are orphaned
         self._gone_ns = f"pubsub.gone.{durable}" if durable else ""
         self._trackers: dict[Key, tuple[int, StreamTracker]] = {}
@@ -723,6 +726,7 @@ class Subscriber:
                 self._logs.warning(f"clash:{endpoint}", "pubsub: %s is %s's data endpoint "
                                    "but answers as %s; not used for %s", endpoint, pub,
                                    conn.pub, pub)
+                self._clashes[endpoint] = pub
                 return
             self._subscribe(conn)
             return
@@ -739,6 +743,33 @@ class Subscriber:
         self._conns[rid] = conn
         self._by_ep[endpoint] = conn
         self._subscribe(conn)
+
+    def _holds(self, pub: str | None, endpoint: str) -> bool:
+        """Does publisher ``pub`` still hold ``endpoint``: joined and announcing it?"""
+        if pub is None:
+            return True  # a static endpoint's first answer: trust on first use
+        info = self.node.peers.get(pub)
+        return (info is not None and self.node.peers.state(pub) is PeerState.JOINED
+                and endpoint in info.endpoints.get(frames.DATA_ROLE, ()))
+
+    def _take_over(self, conn: _DataConn, pub: str) -> None:
+        """Plaintext: ``conn`` (bound to another publisher) carries ``pub``'s data, ``pub``
+        announces its endpoint, and the publisher it was bound to no longer does (killed, and
+        its port now bound by ``pub``, which shares its data-port range). The endpoint is
+        ``pub``'s: a new connection for it. Under CURVE a connection made with the old
+        owner's key never carries another node's data, so this never happens there."""
+        endpoint = conn.endpoint
+        info = self.node.peers.get(pub)
+        if (self._clashes.get(endpoint) != pub or info is None or self._holds(conn.pub, endpoint)
+                or endpoint not in info.endpoints.get(frames.DATA_ROLE, ())):
+            return
+        del self._clashes[endpoint]
+        if conn.pub is not None and self._peer_eps.get(conn.pub) == endpoint:
+            del self._peer_eps[conn.pub]
+        self._drop_conn(endpoint)
+        _log.info("pubsub: %s now carries %s's data (%s no longer announces it)", endpoint,
+                  pub, conn.pub)
+        self._add_peer(info)
 
     @property
     def _connected(self) -> set[str]:
@@ -806,6 +837,7 @@ class Subscriber:
         self._drop_conn(endpoint)
 
     def _drop_conn(self, endpoint: str) -> None:
+        self._clashes.pop(endpoint, None)
         conn = self._by_ep.pop(endpoint, None)
         if conn is not None:
             # Its routing id is retired with it: anything still queued on it is dropped.
@@ -943,6 +975,8 @@ class Subscriber:
                     self._logs.warning(f"forged:{conn.endpoint}", "pubsub: dropped a message "
                                        "naming publisher %s on the connection to %s (%s)",
                                        head.publisher, conn.pub, conn.endpoint)
+                    if self._clashes:
+                        self._take_over(conn, head.publisher)
                     continue
                 conn.pub = head.publisher  # a static endpoint: pinned to its first publisher
             if head.kind > _KIND_HEARTBEAT:
