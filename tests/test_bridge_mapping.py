@@ -180,7 +180,7 @@ def test_missing_client_library_names_the_extra(kind: str, module: str, extra: s
         Bridge(FakeNode(), cfg)
 
 
-# --- CloudEvents protocol bindings: header value encoding (issue 20) ------------------------
+# --- CloudEvents protocol bindings: header value encoding ---------------------------------
 
 TRICKY = ["日本語 subject", "a literal %2F and /", '"quoted" \\ back', "100%", "Euro € 😀", "x"]
 

@@ -281,7 +281,7 @@ def test_from_cloudevent_errors_are_codec_errors() -> None:
             from_cloudevent(bad)  # type: ignore[arg-type]
 
 
-# --- CloudEvents 1.0.2 attribute rules (issue 20) -------------------------------------------
+# --- CloudEvents 1.0.2 attribute rules ----------------------------------------------------
 
 # Each is forbidden in a CloudEvents String: C0 and C1 controls, DEL, noncharacters, surrogates.
 BAD_STRINGS = ["a\nb", "tab\t", "\x00", "\x7f", "x\x85", "\ufffe", "\ufdd0", "\U0010ffff",
