@@ -816,7 +816,8 @@ class MdnsDiscovery:
                      for role, eps in info.endpoints.items()}
         info = PeerInfo(node_id=info.node_id, name=info.name, mesh=info.mesh,
                         version=info.version, host=info.host, endpoints=endpoints,
-                        offers=info.offers, public_key=info.public_key)
+                        offers=info.offers, public_key=info.public_key,
+                        incarnation=info.incarnation)
         txt = encode_txt(info, budget=self._config.txt_budget)
         port = _control_port(endpoints)
         zinfo = ServiceInfo(self._config.service_type, self._instance, port=port,

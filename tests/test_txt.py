@@ -205,7 +205,7 @@ def test_oversize_record_is_rejected_and_oversize_string_skipped() -> None:
 def test_unknown_keys_kinds_and_schemes_are_skipped() -> None:
     props = dict(encode_txt(make_info()).properties)
     props["future"] = "x"
-    props["inc"] = "7"  # a later integer key (an incarnation): just skipped
+    props["gen"] = "7"  # a later integer key: just skipped
     props["zz.yy.zz"] = "1"
     props["o.topic"] = "t1"
     props["ep.pubsub"] = "ws://127.0.0.1:80/x,tcp://127.0.0.1:6000"
