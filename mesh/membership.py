@@ -265,11 +265,29 @@ class Membership:
                              "node ids", peer_id, src)
                     return Claim.REFUSED
                 self.id_src[peer_id] = src
+        elif cur is not None and not self.may_take_over(peer_id, row, key, hello.proof, now):
+            # The node id is live on another connection: this one may be a stranger. Held
+            # (one per node id) until the bound connection is quiet, then retried by the tick.
+            self.claims[peer_id] = HeldClaim(ident, key, body, now)
+            # A restart without its proof (it dialled another endpoint, or lost its data dir)
+            # looks exactly like this: counted, and said at INFO, not as a warning.
+            self.count("id_claims_held")
+            self.log.log(logging.INFO, "id_claims_held", "node %s: HELLO for live %s from "
+                         "another connection held until its bound one is quiet",
+                         self.name, peer_id)
+            if (hello.dial is not None and not hello.reply and has_link
+                    and now - self.claim_answered.get(peer_id, -1e9) >= self.heartbeat_s):
+                # It may be the node's own dial of an endpoint that reached us: the ack goes
+                # out on our link, which reaches only the real node (a stranger learns nothing).
+                self.claim_answered[peer_id] = now
+                return Claim.HELD_ANSWER
+            return Claim.HELD
         elif cur is not None and self._alive(row, now) and (
                 (c := self.conflicts.get(peer_id)) is not None and c.first == cur
                 and (ident == c.second or (inc and inc > c.first_incarnation))):
-            # Two processes hold this id and the first one still speaks: the second (or any
-            # newer claim: it cannot be told from the second) stays refused.
+            # From here on the claim proves to be the node (proof or key; a stranger's claim
+            # was held above). Two processes hold this id and the first one still speaks: the
+            # second (or any newer claim: it cannot be told from the second) stays refused.
             self.count("id_conflict_refusals")
             return Claim.CONFLICT
         elif cur is not None and inc and bound_inc and inc < bound_inc \
@@ -288,23 +306,6 @@ class Membership:
                 return Claim.REVERTED
             self._conflict(peer_id, cur, ident, bound_inc, inc, row.info, hello.info, now)
             return Claim.CONFLICT
-        elif cur is not None and not self.may_take_over(peer_id, row, key, hello.proof, now):
-            # The node id is live on another connection: this one may be a stranger. Held
-            # (one per node id) until the bound connection is quiet, then retried by the tick.
-            self.claims[peer_id] = HeldClaim(ident, key, body, now)
-            # A restart without its proof (it dialled another endpoint, or lost its data dir)
-            # looks exactly like this: counted, and said at INFO, not as a warning.
-            self.count("id_claims_held")
-            self.log.log(logging.INFO, "id_claims_held", "node %s: HELLO for live %s from "
-                         "another connection held until its bound one is quiet",
-                         self.name, peer_id)
-            if (hello.dial is not None and not hello.reply and has_link
-                    and now - self.claim_answered.get(peer_id, -1e9) >= self.heartbeat_s):
-                # It may be the node's own dial of an endpoint that reached us: the ack goes
-                # out on our link, which reaches only the real node (a stranger learns nothing).
-                self.claim_answered[peer_id] = now
-                return Claim.HELD_ANSWER
-            return Claim.HELD
         else:
             # A restart: a newer incarnation replaces a bound connection that still looked
             # alive (it proved to be the node). Remembered, in case it is heard again.

@@ -342,3 +342,20 @@ def test_one_connection_keeps_one_incarnation() -> None:
     assert arrive(m, rid(A, 1), hello(A, P, inc=10), 0.1) == "same"
     assert not m.same_connection(A, hello(A, P, inc=11))
     assert m.counters["malformed"] == 1
+
+
+def test_a_stranger_with_a_lower_incarnation_is_held_not_a_conflict() -> None:
+    """No proof, no key: nothing says it is the node, so it is no second process either."""
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    assert arrive(m, rid(A, 2), hello(A, None, inc=9), 0.5) is Claim.HELD
+    assert arrive(m, rid(A, 3), hello(A, b"q" * 16, inc=99), 0.6) is Claim.HELD
+    assert m.counters["id_conflicts"] == 0 and not m.conflicts
+
+
+def test_secure_same_key_lower_incarnation_is_a_conflict_other_key_held() -> None:
+    m = make(secure=True)
+    assert arrive(m, rid(A, 1), hello(A, key="K", inc=10), 0.0, key="K") is Claim.BOUND
+    assert arrive(m, rid(A, 2), hello(A, key="K", inc=9), 0.3, key="K") is Claim.CONFLICT
+    assert arrive(m, rid(A, 3), hello(A, key="K2", inc=9), 0.4, key="K2") is Claim.HELD
+    assert m.counters["id_conflicts"] == 1
