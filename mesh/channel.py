@@ -684,17 +684,20 @@ class ControlChannel:
                 entries, dialling, dial_eps, self.links):
             ep = choose_endpoint({"control": eps}, "control", host == node.host,
                                  self.config.transports)
-            if ep is not None and node.security is not None:
+            if ep is None:
+                self._bad("no_endpoint", "gossip from %s names %s without a usable control "
+                          "endpoint", sender, node_id)
+                continue
+            if node.security is not None:
                 # CURVE needs the server key to dial. Only a key our own trust store admits
                 # is used: a gossiper cannot point us at a server of its choosing.
                 if key is None or not node.security.store.allowed(key):
                     node.security.count("gossip_untrusted_key")
                     continue
                 node.security.remember(ep, key)
-            if ep is not None:
-                self._count("gossip_dials")
-                self._dial(ep, node_id=node_id, static=None, origin=("gossip", sender))
-                dialling.add(node_id)
+            self._count("gossip_dials")
+            self._dial(ep, node_id=node_id, static=None, origin=("gossip", sender))
+            dialling.add(node_id)
 
     # --- discovery (mDNS) -------------------------------------------------------------------
 

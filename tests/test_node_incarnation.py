@@ -215,10 +215,8 @@ def test_stale_ipc_files_go_and_a_live_twins_stay(monkeypatch: pytest.MonkeyPatc
                 peer.connect(f"ipc://{path}")
                 peer.send(b"x")
                 assert live.poll(5000)
-                peer.close()
         finally:
-            live.close()
-            ctx.term()
+            ctx.destroy(linger=0)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
