@@ -183,7 +183,7 @@ def test_skipped_txt_pieces_are_a_metrics_family(
     d = start(discoveries, victim, stype)
     nid = uuid.uuid4().hex
     announce(stranger, stype, nid, [*base(mesh, nid), ("host", None),  # a bare host: skipped
-                                    ("inc", "x1"),  # not a number: skipped
+                                    ("name", "again"),  # a repeated key: skipped
                                     ("ep.pubsub", "tcp://127.0.0.1:5001")])
     wait_until(lambda: nid in victim.peers.ids(), 5, what=lambda: f"accepted: {d.stats()}")
     assert d.stats()["txt_skipped"] >= 2  # 2 per resolution of the record
