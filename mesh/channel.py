@@ -434,15 +434,25 @@ class ControlChannel:
                 bound = ms.is_bound(peer_id, ident)
                 continue
             if not bound or peer_id is None:
-                if ms.claimant_message(peer_id, ident, m.kind, m.body):
+                sup = ms.superseded_message(peer_id, ident, m.kind, now)
+                if isinstance(sup, PeerInfo):
+                    # Two processes hold this id and this connection appeared first: it is
+                    # bound again, with the info it last announced (membership counted it).
+                    assert peer_id is not None
+                    self._admit(sup, Hello(sup, reply=True), now)
+                    bound = True
+                elif (sup or ms.refused_message(peer_id, ident)
+                      or ms.claimant_message(peer_id, ident, m.kind, m.body)):
                     continue
-                if m.kind == control.BYE:
+                if not bound and m.kind == control.BYE:
                     # a leaving node says BYE on every connection, bound or not: harmless
                     self._count("bye_unbound")
                     continue
-                self._bad("unknown_sender", "%s from %r, which sent no valid HELLO on this "
-                          "connection", m.kind, ident[:40])
-                continue
+                if not bound:
+                    self._bad("unknown_sender", "%s from %r, which sent no valid HELLO on "
+                              "this connection", m.kind, ident[:40])
+                    continue
+            assert peer_id is not None
             n_in += 1
             self._dispatch(peer_id, m.kind, m.body, now)
         self._counters["control_in"] += n_in  # once per multipart, not per message
@@ -499,6 +509,11 @@ class ControlChannel:
                 return
             if hello.info.node_id != peer_id or hello.info.mesh != node.mesh:
                 self._bad("malformed", "UPDATE from %s describes another node or mesh", peer_id)
+                return
+            if hello.info.incarnation != self.membership.incs.get(peer_id, 0):
+                # one connection is one process: its incarnation never changes
+                self._bad("malformed", "UPDATE from %s announces another incarnation than "
+                          "its connection's HELLO", peer_id)
                 return
             row = self._presence.get(peer_id)
             if (node.security is not None and row is not None
@@ -563,10 +578,10 @@ class ControlChannel:
             if decision is Claim.HELD_ANSWER:
                 assert link is not None
                 self._send_hello(link, reply=True, ack=hello.dial)
-            if decision not in (Claim.BOUND, Claim.REBOUND):
+            if decision not in (Claim.BOUND, Claim.REBOUND, Claim.REVERTED):
                 return
-        else:
-            ms.same_connection(info.node_id, hello)
+        elif not ms.same_connection(info.node_id, hello):
+            return
         self._count("control_in")
         self._admit(info, hello, now)
 
@@ -669,17 +684,20 @@ class ControlChannel:
                 entries, dialling, dial_eps, self.links):
             ep = choose_endpoint({"control": eps}, "control", host == node.host,
                                  self.config.transports)
-            if ep is not None and node.security is not None:
+            if ep is None:
+                self._bad("no_endpoint", "gossip from %s names %s without a usable control "
+                          "endpoint", sender, node_id)
+                continue
+            if node.security is not None:
                 # CURVE needs the server key to dial. Only a key our own trust store admits
                 # is used: a gossiper cannot point us at a server of its choosing.
                 if key is None or not node.security.store.allowed(key):
                     node.security.count("gossip_untrusted_key")
                     continue
                 node.security.remember(ep, key)
-            if ep is not None:
-                self._count("gossip_dials")
-                self._dial(ep, node_id=node_id, static=None, origin=("gossip", sender))
-                dialling.add(node_id)
+            self._count("gossip_dials")
+            self._dial(ep, node_id=node_id, static=None, origin=("gossip", sender))
+            dialling.add(node_id)
 
     # --- discovery (mDNS) -------------------------------------------------------------------
 
@@ -714,6 +732,8 @@ class ControlChannel:
         now = self._clock()
         hb = self.config.presence.heartbeat_s
         ms = self.membership
+        if ms.superseded or ms.conflicts:
+            ms.expire(now)
         if ms.claims:
             for peer_id, c in ms.retry_claims(now):
                 self._on_hello(c.ident, peer_id, c.key, None, c.body, now)

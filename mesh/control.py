@@ -32,6 +32,7 @@ __all__ = [
     "MAX_KIND_LEN",
     "PING",
     "PONG",
+    "REVISION",
     "SIGNATURE",
     "SUPPORTED_VERSIONS",
     "UPDATE",
@@ -53,6 +54,9 @@ __all__ = [
 
 SIGNATURE = b"ZM"
 SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
+#: The revision of the control bodies this build writes (docs/protocol.md, "Frame versions").
+#: 1.1 added ``info.inc`` (the sender's incarnation) to HELLO and UPDATE.
+REVISION = (PROTOCOL_VERSION, 1)
 MAX_KIND_LEN = 64
 
 HELLO = "hello"
@@ -202,6 +206,7 @@ def peerinfo_to_wire(info: PeerInfo) -> dict[str, Any]:
         "endpoints": {k: list(v) for k, v in info.endpoints.items()},
         "offers": {k: list(v) for k, v in info.offers.items()},
         "public_key": info.public_key,
+        "inc": info.incarnation,
     }
 
 
@@ -244,6 +249,9 @@ def peerinfo_from_wire(obj: object) -> PeerInfo:
         raise UnsupportedProtocol(version, SUPPORTED_VERSIONS)
     if public_key is not None and not isinstance(public_key, str):
         raise ProtocolError("peer info public_key must be a string or nil")
+    inc = obj.get("inc", 0)
+    if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc < 1 << 63:
+        raise ProtocolError("peer info inc must be an integer 0 .. 2**63-1")
     offers = _str_tuple_map(obj.get("offers", {}), "offers")
     unknown = set(offers) - set(OFFER_KINDS)
     if unknown:
@@ -258,6 +266,7 @@ def peerinfo_from_wire(obj: object) -> PeerInfo:
         endpoints=_str_tuple_map(obj.get("endpoints", {}), "endpoints"),
         offers=offers,
         public_key=public_key,
+        incarnation=inc,
     )
 
 
@@ -318,6 +327,8 @@ def hello_from_wire(obj: object) -> Hello:
 
 
 #: One gossip entry: (node_id, mesh, host, control endpoints, CURVE public key or None).
+#: A 6th element on the wire (the incarnation, control revision 1.1) is accepted and not
+#: kept: gossip only leads to a dial, and the HELLO that answers it carries the incarnation.
 GossipEntry = tuple[str, str, str, tuple[str, ...], str | None]
 
 
@@ -329,7 +340,8 @@ def gossip_to_wire(entries: Iterable[GossipEntry]) -> list[list[Any]]:
 def gossip_from_wire(obj: object) -> tuple[list[GossipEntry], int]:
     """Decode a GOSSIP body; return the valid entries and the number of bad ones skipped.
 
-    An entry has 5 elements (the key may be nil); a 4-element entry (no key) is accepted.
+    An entry has 5 elements (the key may be nil); a 4-element entry (no key) is accepted, and
+    a 6-element one (the sender's view of the node's incarnation, an int; not kept).
 
     Raises:
         ProtocolError: the body is not an array.
@@ -340,10 +352,12 @@ def gossip_from_wire(obj: object) -> tuple[list[GossipEntry], int]:
     bad = 0
     for item in obj:
         try:
-            if not isinstance(item, list) or len(item) not in (4, 5):
-                raise ProtocolError("gossip entry must be an array of 4 or 5 elements")
+            if not isinstance(item, list) or len(item) not in (4, 5, 6):
+                raise ProtocolError("gossip entry must be an array of 4 to 6 elements")
             node_id, mesh, host, eps = item[:4]
-            key = item[4] if len(item) == 5 else None
+            key = item[4] if len(item) >= 5 else None
+            if len(item) == 6 and (not isinstance(item[5], int) or isinstance(item[5], bool)):
+                raise ProtocolError("gossip incarnation must be an integer")
             _check_node_id(node_id)
             if not isinstance(mesh, str) or not isinstance(host, str):
                 raise ProtocolError("gossip mesh/host must be strings")

@@ -1,22 +1,27 @@
-"""The node's data directory: its lock, its stable id and its proof key.
+"""The node's data directory: its lock, its stable id, its proof key and its incarnation.
 
 ``<data_dir>/node.lock`` makes one live Node per directory; ``node.id`` is the node's stable
-id; ``node.proof_key`` is the secret behind the HELLO proof (mesh.membership). All three move
-with the directory, so a node keeps its identity across restarts and host moves.
+id; ``node.proof_key`` is the secret behind the HELLO proof (mesh.membership);
+``node.incarnation`` counts the starts (:func:`next_incarnation`). All move with the
+directory, so a node keeps its identity across restarts and host moves.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
 from mesh.errors import ConfigError, DataDirInUse
 
-__all__ = ["NODE_ID_RE", "load_node_id", "load_proof_key", "lock_data_dir"]
+__all__ = ["NODE_ID_RE", "load_node_id", "load_proof_key", "lock_data_dir", "next_incarnation"]
+
+log = logging.getLogger(__name__)
 
 #: A node id: 32 lowercase hex characters (a UUID4 without dashes).
 NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -125,3 +130,49 @@ def load_node_id(data_dir: Path) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc}") from exc
     return node_id
+
+
+def next_incarnation(data_dir: Path, now_ms: int | None = None) -> int:
+    """This start's incarnation: larger than that of every earlier start of ``data_dir``.
+
+    Call it holding ``node.lock`` and before the first HELLO. The rule:
+    ``max(previous + 1, wall-clock ms)``, where ``previous`` is the number in
+    ``node.incarnation``. The file is rewritten (temp file, fsync, rename, directory fsync)
+    before this returns, so no HELLO can carry a number a lost write would let a later start
+    use again. Normally the value is the wall-clock time of the start in ms; it keeps growing
+    by one when the clock stands still or steps back.
+
+    A damaged file (not a positive decimal integer: disk corruption, a hand edit) gives one
+    warning and ``max(wall-clock ms, the file's mtime in ms) + 1``: every earlier value was
+    at most the wall-clock time of its start (plus one per start in the same millisecond),
+    and the file's mtime is the time of the last write, so this is larger unless the clock
+    was set back since. A missing file is a first start (no warning).
+
+    Raises:
+        ConfigError: the file cannot be read or written.
+    """
+    path = data_dir / "node.incarnation"
+    wall = int(time.time() * 1000) if now_ms is None else now_ms
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        previous: int | None = int(text) if text.isdigit() else None
+        if previous is None or previous <= 0:
+            mtime_ms = int(path.stat().st_mtime * 1000)
+            log.warning("%s is damaged (%r); this start's incarnation is taken from the clock",
+                        path, text[:40])
+            value = max(wall, mtime_ms) + 1
+        else:
+            value = max(previous + 1, wall)
+    except FileNotFoundError:
+        value = max(1, wall)
+    except UnicodeDecodeError:
+        log.warning("%s is damaged (not ASCII); this start's incarnation is taken from the "
+                    "clock", path)
+        value = max(wall, int(path.stat().st_mtime * 1000)) + 1
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        _write_atomic(data_dir, "node.incarnation", f"{value}\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from exc
+    return value

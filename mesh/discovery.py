@@ -637,8 +637,8 @@ class MdnsDiscovery:
         ``discovery_records_total{result}`` (accepted, malformed, ignored_self,
         ignored_other_mesh, ignored_name_mismatch, resolve_failed, refused),
         ``discovery_goodbyes_total``, ``discovery_budget_refused_total{budget}``,
-        ``discovery_budget_held{budget}``, ``discovery_errors_total{kind}`` and
-        ``discovery_log_lines_suppressed_total``.
+        ``discovery_budget_held{budget}``, ``discovery_errors_total{kind}``,
+        ``discovery_log_lines_suppressed_total`` and ``discovery_txt_skipped_total``.
         """
         st = self.stats()
         help_records = "mDNS records decoded or resolved, by what was done with them."
@@ -663,6 +663,8 @@ class MdnsDiscovery:
                         kind="callback" if kind == "callback_errors" else "worker")
         out.counter("discovery_log_lines_suppressed_total", st.get("log_suppressed", 0),
                     "Discovery log lines a rate limit held back.")
+        out.counter("discovery_txt_skipped_total", st.get("txt_skipped", 0),
+                    "Malformed or repeated TXT pieces skipped in records otherwise used.")
 
     @property
     def interfaces(self) -> list[str] | None:
@@ -816,7 +818,8 @@ class MdnsDiscovery:
                      for role, eps in info.endpoints.items()}
         info = PeerInfo(node_id=info.node_id, name=info.name, mesh=info.mesh,
                         version=info.version, host=info.host, endpoints=endpoints,
-                        offers=info.offers, public_key=info.public_key)
+                        offers=info.offers, public_key=info.public_key,
+                        incarnation=info.incarnation)
         txt = encode_txt(info, budget=self._config.txt_budget)
         port = _control_port(endpoints)
         zinfo = ServiceInfo(self._config.service_type, self._instance, port=port,

@@ -11,6 +11,15 @@ arrives (docs/protocol.md, "Connections and node ids"):
   new connection at once when it proves it is the same node (same key; in plaintext the proof
   its bound connection showed), else the claim is held until the bound connection is quiet
   (:meth:`retry_claims`, from the heartbeat).
+- Incarnations (``info.inc``, mesh.datadir.next_incarnation): a claim with a higher
+  incarnation than the bound connection's, and the proof needed above, is a restart (bound
+  at once); the connection it replaced is remembered. If that one is heard again while the
+  newer one lives, two processes hold one id (a cloned data dir or device image): counted
+  ``id_conflicts``, one warning per id naming both, and the connection that appeared first
+  is kept (bound again); the second is refused while the first lives. A claim with a lower
+  incarnation than a live bound connection's is refused and counted the same way. Equal
+  incarnations (the same process), or 0 on either side (an older build), follow the rules
+  above alone.
 - :meth:`forget` / :meth:`evict_gone`: pruned and evicted rows give their budget back.
 - :meth:`gossip_candidates`: which gossiped node ids are worth a dial.
 
@@ -31,9 +40,9 @@ from typing import Any
 from mesh import control
 from mesh.budget import Budget, LogLimiter
 from mesh.control import GossipEntry, Hello
-from mesh.peers import PeerRecord, PeerState, Presence
+from mesh.peers import PeerInfo, PeerRecord, PeerState, Presence
 
-__all__ = ["Claim", "HeldClaim", "Membership", "source_of"]
+__all__ = ["Claim", "Conflict", "HeldClaim", "Membership", "Superseded", "source_of"]
 
 
 class Claim(enum.Enum):
@@ -51,6 +60,17 @@ class Claim(enum.Enum):
     HELD_ANSWER = "held_answer"
     #: refused (counted): the source introduced too many node ids
     REFUSED = "refused"
+    #: refused (counted ``id_conflicts`` or ``id_conflict_refusals``): another process holds
+    #: this id on a live connection that appeared first (a lower incarnation than the bound
+    #: one, or the second of a conflict already found)
+    CONFLICT = "conflict"
+    #: dropped (counted ``superseded_dropped``): the connection a restart replaced, read just
+    #: after the restart (a message sent before the old process died)
+    DROPPED = "dropped"
+    #: the claimant is the connection a newer incarnation replaced, heard again while the
+    #: newer one lives: a conflict (counted); the claimant, which appeared first, is bound
+    #: again
+    REVERTED = "reverted"
 
 
 @dataclass
@@ -63,6 +83,29 @@ class HeldClaim:
     since: float
     #: the claimant's latest UPDATE body, applied if the claim is bound
     update: Any = None
+
+
+@dataclass
+class Superseded:
+    """The connection a restart (a higher incarnation) replaced, kept for ``gone_s``: if it is
+    heard again, it was not a restart but a second process."""
+
+    ident: bytes
+    incarnation: int
+    info: PeerInfo
+    proof: bytes | None
+    since: float
+
+
+@dataclass
+class Conflict:
+    """Two live processes claim one node id: ``first`` is kept, ``second`` refused."""
+
+    first: bytes
+    second: bytes
+    first_incarnation: int
+    second_incarnation: int
+    since: float
 
 
 def source_of(key: str | None, peer_address: str | None) -> object:
@@ -117,6 +160,13 @@ class Membership:
         self.claims: dict[str, HeldClaim] = {}
         self.claim_answered: dict[str, float] = {}
         self.id_src: dict[str, object] = {}  # node id -> the source charged for it
+        #: node id -> the incarnation its bound connection announced (0: none, older build)
+        self.incs: dict[str, int] = {}
+        #: node id -> the connection a higher incarnation replaced (see Superseded)
+        self.superseded: dict[str, Superseded] = {}
+        #: node id -> two live processes found holding it
+        self.conflicts: dict[str, Conflict] = {}
+        self._conflict_logged: set[str] = set()
 
     # --- counting ---------------------------------------------------------------------------
 
@@ -180,6 +230,12 @@ class Membership:
             return True
         return quiet >= min(2 * self.heartbeat_s, self.evasive_s)
 
+    def _alive(self, row: PeerRecord, now: float) -> bool:
+        """The bound connection of ``row`` speaks (it sends every heartbeat): not quiet for
+        two heartbeats (capped at evasive_s)."""
+        return (row.state is PeerState.JOINED
+                and now - row.last_heard < min(2 * self.heartbeat_s, self.evasive_s))
+
     def claim(self, ident: bytes, peer_id: str, key: str | None, peer_address: str | None,
               hello: Hello, body: Any, now: float, *, has_link: bool = False) -> Claim:
         """Connection ``ident`` (not bound to ``peer_id``) sent ``hello`` (raw ``body``).
@@ -190,6 +246,9 @@ class Membership:
         """
         cur = self.node_rid.get(peer_id)
         row = self.presence.get(peer_id)
+        inc = hello.info.incarnation
+        bound_inc = self.incs.get(peer_id, 0)
+        restart = False
         if row is None:
             # A node id new to this node: charged to the source that introduced it.
             if peer_id not in self.id_src:
@@ -223,7 +282,40 @@ class Membership:
                 self.claim_answered[peer_id] = now
                 return Claim.HELD_ANSWER
             return Claim.HELD
+        elif cur is not None and self._alive(row, now) and (
+                (c := self.conflicts.get(peer_id)) is not None and c.first == cur
+                and (ident == c.second or (inc and inc > c.first_incarnation))):
+            # From here on the claim proves to be the node (proof or key; a stranger's claim
+            # was held above). Two processes hold this id and the first one still speaks: the
+            # second (or any newer claim: it cannot be told from the second) stays refused.
+            self.count("id_conflict_refusals")
+            return Claim.CONFLICT
+        elif cur is not None and inc and bound_inc and inc < bound_inc \
+                and self._alive(row, now):
+            sup = self.superseded.get(peer_id)
+            if sup is not None and sup.ident == ident:
+                if now - sup.since < self.heartbeat_s:
+                    # Read just after the restart that replaced it (a message the old process
+                    # sent before it died, read late): not yet a sign of a second process.
+                    self.count("superseded_dropped")
+                    return Claim.DROPPED
+                self._revert(peer_id, sup, cur, bound_inc, row.info, now)
+                sup_proof = hello.proof if hello.proof is not None else sup.proof
+                if sup_proof is not None:
+                    self.proofs[peer_id] = sup_proof
+                return Claim.REVERTED
+            self._conflict(peer_id, cur, ident, bound_inc, inc, row.info, hello.info, now)
+            return Claim.CONFLICT
+        else:
+            # A restart: a newer incarnation replaces a bound connection that still looked
+            # alive (it proved to be the node). Remembered, in case it is heard again.
+            restart = cur is not None and row is not None and bool(inc) and inc > bound_inc > 0
+            if restart:
+                assert cur is not None and row is not None
+                self.superseded[peer_id] = Superseded(cur, bound_inc, row.info,
+                                                      self.proofs.get(peer_id), now)
         self.node_rid[peer_id] = ident
+        self.incs[peer_id] = inc
         if hello.proof is not None:
             self.proofs[peer_id] = hello.proof
         else:
@@ -234,10 +326,98 @@ class Membership:
             return Claim.REBOUND
         return Claim.BOUND
 
-    def same_connection(self, peer_id: str, hello: Hello) -> None:
-        """A HELLO on the bound connection: its proof is the one to compare with."""
+    def _conflict(self, peer_id: str, first: bytes, second: bytes, first_inc: int,
+                  second_inc: int, first_info: PeerInfo, second_info: PeerInfo,
+                  now: float) -> None:
+        """Record (count, and once per id log) two live processes holding ``peer_id``."""
+        old = self.conflicts.get(peer_id)
+        if old is None or old.first != first or old.second != second:
+            self.count("id_conflicts")
+        self.conflicts[peer_id] = Conflict(first, second, first_inc, second_inc, now)
+        if peer_id in self._conflict_logged:
+            return
+        self._conflict_logged.add(peer_id)
+        self.log.log(
+            logging.WARNING, f"id_conflict:{peer_id}",
+            "node %s: two processes claim node id %s (a copied data dir or device image?): "
+            "incarnation %d at %s, appeared first, is kept; incarnation %d at %s is refused "
+            "while the first one lives", self.name, peer_id, first_inc,
+            ",".join(first_info.endpoints.get("control", ())) or "?", second_inc,
+            ",".join(second_info.endpoints.get("control", ())) or "?")
+
+    def _revert(self, peer_id: str, sup: Superseded, cur: bytes, cur_inc: int,
+                cur_info: PeerInfo, now: float) -> None:
+        """The superseded connection speaks again: it appeared first, so it is bound again
+        and the newer one (``cur``) is the refused second of a conflict."""
+        del self.superseded[peer_id]
+        self._conflict(peer_id, sup.ident, cur, sup.incarnation, cur_inc, sup.info, cur_info,
+                       now)
+        self.node_rid[peer_id] = sup.ident
+        self.incs[peer_id] = sup.incarnation
+        if sup.proof is not None:
+            self.proofs[peer_id] = sup.proof
+        else:
+            self.proofs.pop(peer_id, None)
+        self.claims.pop(peer_id, None)
+
+    def superseded_message(self, peer_id: str | None, ident: bytes, kind: str,
+                           now: float) -> PeerInfo | bool:
+        """A message other than HELLO from an unbound connection: is it the superseded one?
+
+        Returns:
+            False: it is not (the caller goes on as before). True: it is, and it was dropped
+            (counted: read just after the restart, or a BYE: that process is leaving).
+            A PeerInfo: it is, heard again while the newer connection lives: a conflict; it is
+            bound again, and this is the info it last announced (the caller restores it).
+        """
+        sup = self.superseded.get(peer_id) if peer_id is not None else None
+        if sup is None or sup.ident != ident:
+            return False
+        assert peer_id is not None
+        row = self.presence.get(peer_id)
+        cur = self.node_rid.get(peer_id)
+        if kind == control.BYE or row is None or cur is None:
+            del self.superseded[peer_id]  # it said goodbye (or the id moved on): no twin
+            self.count("superseded_dropped")
+            return True
+        if now - sup.since < self.heartbeat_s or not self._alive(row, now):
+            self.count("superseded_dropped")
+            return True
+        info = sup.info
+        self._revert(peer_id, sup, cur, self.incs.get(peer_id, 0), row.info, now)
+        return info
+
+    def refused_message(self, peer_id: str | None, ident: bytes) -> bool:
+        """True when ``ident`` is the refused second of a conflict over ``peer_id`` (its
+        messages are dropped and counted, not logged)."""
+        c = self.conflicts.get(peer_id) if peer_id is not None else None
+        if c is None or c.second != ident:
+            return False
+        self.count("id_conflict_dropped")
+        return True
+
+    def expire(self, now: float) -> None:
+        """Forget superseded connections older than gone_s and conflicts whose first process
+        stopped speaking (from the heartbeat)."""
+        for peer_id, sup in list(self.superseded.items()):
+            if now - sup.since > self.gone_s:
+                del self.superseded[peer_id]
+        for peer_id, c in list(self.conflicts.items()):
+            row = self.presence.get(peer_id)
+            if row is None or self.node_rid.get(peer_id) != c.first or not self._alive(row, now):
+                del self.conflicts[peer_id]
+
+    def same_connection(self, peer_id: str, hello: Hello) -> bool:
+        """A HELLO on the bound connection: its proof is the one to compare with. False (and
+        counted ``malformed``) when it announces another incarnation than the connection did:
+        one connection is one process."""
+        if hello.info.incarnation != self.incs.get(peer_id, 0):
+            self.bad("malformed", "HELLO from %s changes its incarnation on one connection",
+                     peer_id)
+            return False
         if hello.proof is not None:
             self.proofs[peer_id] = hello.proof
+        return True
 
     def claimant_message(self, peer_id: str | None, ident: bytes, kind: str, body: Any) -> bool:
         """A message from an unbound connection: True when it is a held claimant's (an UPDATE
@@ -256,6 +436,8 @@ class Membership:
     def unbind(self, peer_id: str) -> None:
         """The bound connection said BYE: nothing more on it speaks for ``peer_id``."""
         self.node_rid.pop(peer_id, None)
+        self.incs.pop(peer_id, None)
+        self.conflicts.pop(peer_id, None)
 
     def retry_claims(self, now: float) -> list[tuple[str, HeldClaim]]:
         """Held claims whose node's bound connection went quiet (to replay as HELLOs, in
@@ -298,6 +480,9 @@ class Membership:
         self.proofs.pop(node_id, None)
         self.claims.pop(node_id, None)
         self.claim_answered.pop(node_id, None)
+        self.incs.pop(node_id, None)
+        self.superseded.pop(node_id, None)
+        self.conflicts.pop(node_id, None)
         src = self.id_src.pop(node_id, None)
         if src is not None:
             self.peer_budget.give(src)

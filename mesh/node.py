@@ -41,7 +41,7 @@ import zmq
 from mesh import control
 from mesh.budget import Budget, LogLimiter
 from mesh.channel import ControlChannel
-from mesh.datadir import load_node_id, load_proof_key, lock_data_dir
+from mesh.datadir import load_node_id, load_proof_key, lock_data_dir, next_incarnation
 from mesh.errors import (
     ClosedError,
     ConfigError,
@@ -238,6 +238,9 @@ class Node:
             config.interface or os.environ.get("ZEROMESH_INTERFACE") or "*"
         )
         self._bind_host = bind_host
+        #: grows with every start on this data dir (mesh.datadir.next_incarnation); set under
+        #: node.lock before the first HELLO, announced in HELLO, UPDATE and mDNS
+        self.incarnation = 0
         control_port = config.port if config.port is not None else _env_port()
         self._closers = Closers()  # live patterns, closed first by close() (mesh.lifecycle)
         p = config.presence
@@ -306,6 +309,8 @@ class Node:
         # One node per data dir: held until close (a killed process's lock goes with it).
         self._dir_lock: int | None = lock_data_dir(self.data_dir)
         try:
+            # Under the lock and before any HELLO: written and fsynced first (mesh.datadir)
+            self.incarnation = next_incarnation(self.data_dir)
             if "ipc" in config.transports:  # ours alone: the lock proves no live twin
                 remove_stale_ipc(ipc_dir(), self.id)
             if config.security is not None:
@@ -504,6 +509,7 @@ class Node:
                     endpoints=dict(self._endpoints),
                     offers={k: tuple(sorted(v)) for k, v in self._offers.items() if v},
                     public_key=self.security.public_key if self.security is not None else None,
+                    incarnation=self.incarnation,
                 )
             return self._info
 
@@ -812,6 +818,8 @@ class Node:
                           ("id_claims_held", "HELLOs for a live node id from another "
                            "connection held."),
                           ("id_rebinds", "Node ids moved to a new connection."),
+                          ("id_conflicts", "Node ids found held by two live processes (a "
+                           "copied data dir or device image); the first one is kept."),
                           ("socket_refused", "Links refused at the socket or fd limit.")):
             out.counter(f"control_{key}_total", c.get(key, 0), text)
         out.counter("log_lines_suppressed_total", self._log.suppressed,

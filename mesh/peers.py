@@ -52,6 +52,10 @@ class PeerInfo:
             binds the socket ("control" by the node core; patterns add their own).
         offers: names offered per kind (``"stream"``, ``"queue"``, ``"service"``).
         public_key: Z85 CURVE public key when security is on, else None.
+        incarnation: grows with every start of the node on its data dir
+            (mesh.datadir.next_incarnation); 0 from a node that does not announce one (an
+            older build). Peers use it to tell a restart from a second process holding the
+            same id (mesh.membership).
     """
 
     node_id: str
@@ -62,6 +66,7 @@ class PeerInfo:
     endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     offers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     public_key: str | None = None
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from mesh.errors import ClosedError, PeerError
+from mesh.errors import ClosedError, ConfigError, PeerError
 from mesh.ports import PortBook
 from mesh.transport import (
     announce_addresses,
     choose_endpoint,
     ipc_dir,
+    ipc_in_use,
     ipc_path,
     remove_ipc_files,
 )
@@ -124,16 +125,28 @@ class SocketFactory:
                 bound = self.ports.bind_tcp(sock, self.bind_host, role)  # mesh.ports
                 endpoints += [f"tcp://{a}:{bound}" for a in announce_addresses(self.bind_host)]
             if "ipc" in self.transports:
-                with self._lock:
-                    index = self._ipc_count.get(role, 0)
-                    self._ipc_count[role] = index + 1
-                path = ipc_path(ipc_dir(), self.node_id, role, index)
+                path = self._free_ipc_path(role)
                 sock.bind(f"ipc://{path}")
                 self._ipc_made.add(path)  # removed at close (mesh.transport)
                 endpoints.append(f"ipc://{path}")
         except zmq.ZMQError as exc:
             raise PeerError(f"node {self.name}: cannot bind {role}: {exc}") from exc
         return endpoints
+
+    def _free_ipc_path(self, role: str) -> str:
+        """The next ipc path of ``role`` nobody listens on. libzmq unlinks the file of an ipc
+        endpoint it binds, so binding a path a live process listens on (a copy of this data
+        dir on the same host: the same node id) would steal that process's socket."""
+        directory = ipc_dir()
+        for _ in range(64):
+            with self._lock:
+                index = self._ipc_count.get(role, 0)
+                self._ipc_count[role] = index + 1
+            path = ipc_path(directory, self.node_id, role, index)
+            if not ipc_in_use(path):
+                return path
+        raise ConfigError(f"node {self.name}: every ipc path of role {role!r} is in use by "
+                          "another process with this node id")
 
     def release(self, role: str, endpoints: set[str]) -> None:
         """The tcp ports of ``endpoints`` are free for this role's next bind (mesh.ports)."""

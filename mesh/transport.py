@@ -275,15 +275,42 @@ def _own_socket_files(directory: Path, node_id: str) -> list[Path]:
     return out
 
 
+def ipc_in_use(path: str | Path) -> bool:
+    """True when a process listens on the ipc socket file ``path`` (an ``AF_UNIX`` connect
+    does not get ``ECONNREFUSED``); False when nobody does or the file is missing. A file we
+    cannot probe (no permission, not a socket) counts as in use: it is not ours to remove.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except BlockingIOError:
+        return True  # its backlog is full: someone listens
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return True
+
+
 def remove_stale_ipc(directory: Path, node_id: str) -> int:
     """Remove the ipc socket files of ``node_id`` left in ``directory`` by an earlier run
     (a killed process leaves them; libzmq does not remove them at close either).
 
-    Safe only while holding the node's data-dir lock (``node.lock``): it proves no other live
-    process has this node id, so no file with its prefix is in use. Returns how many went.
+    Call it holding the node's data-dir lock (``node.lock``). The lock proves no other
+    process runs on this data dir, but not that no other process has this node id: a copy of
+    the data dir (a cloned device image) started on the same host has it too. So a file is
+    removed only when nobody listens on it (:func:`ipc_in_use`); a live twin's sockets stay.
+    Returns how many went.
     """
     removed = 0
     for path in _own_socket_files(directory, node_id):
+        if ipc_in_use(path):
+            _log.warning("ipc socket %s of this node id is in use by another process (a copy "
+                         "of this data dir running on this host?); left alone", path)
+            continue
         try:
             path.unlink()
             removed += 1

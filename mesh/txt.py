@@ -10,6 +10,7 @@ A node announces itself with a DNS-SD service whose TXT record carries a compact
     name=<node name>        required
     host=<host id>          optional; peers with the same host prefer ipc endpoints
     pk=<40 char Z85>        CURVE public key, only when security is on
+    inc=<decimal>           the node's incarnation (grows with every start); optional
     ep.<role>=<e1>,<e2>     endpoints per role; "control" first, then other roles by name.
                             Roles may contain dots: ep.pipe.jobs, ep.rpc.echo, ep.pubsub
     o.stream=<n1>,<n2>      offers per kind (stream, queue, service)
@@ -278,6 +279,8 @@ def encode_txt(info: PeerInfo, *, budget: int = DEFAULT_TXT_BUDGET) -> EncodedTx
         props["host"] = info.host
     if info.public_key is not None:
         props["pk"] = info.public_key
+    if info.incarnation:
+        props["inc"] = str(int(info.incarnation))
     for key, value in props.items():
         if _entry_len(key, value) > MAX_TXT_STRING:
             raise TxtRecordTooLarge(_entry_len(key, value), MAX_TXT_STRING, field=key)
@@ -465,6 +468,14 @@ def decode_txt(record: object) -> TxtRecord:
             host = _check_text("host", _text(raw_host, "host"), _MAX_HOST, allow_empty=True)
         except TxtRecordError as exc:
             notes.append(f"'host': skipped: {exc.reason}")
+    inc = 0
+    if "inc" in items:  # informational (the HELLO that answers a dial carries it too)
+        raw_inc = items["inc"][1]
+        if raw_inc is not None and raw_inc.isdigit() and len(raw_inc) <= 19 \
+                and int(raw_inc) < 1 << 63:
+            inc = int(raw_inc)
+        else:
+            notes.append("'inc': skipped: not a decimal number below 2**63")
     more = "more" in items and items["more"][1] != b"0"  # a bare "more" is present: true
 
     endpoints: dict[str, tuple[str, ...]] = {}
@@ -492,6 +503,7 @@ def decode_txt(record: object) -> TxtRecord:
         endpoints=endpoints,
         offers=offers,
         public_key=pk,
+        incarnation=inc,
     )
     return TxtRecord(info=info, truncated=more, skipped=tuple(notes))
 

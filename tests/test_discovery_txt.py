@@ -123,7 +123,8 @@ def test_a_peer_record_with_dotted_role_keys_is_accepted(
     announce(stranger, stype, plain, [*base(mesh, plain),
                                       ("ep.pipe.jobs", "tcp://127.0.0.1:5001"),
                                       ("ep.rpc.echo", "tcp://127.0.0.1:5002"),
-                                      ("inc", "3")])  # an unknown (later) integer key
+                                      ("inc", "3"),  # the incarnation (control 1.1)
+                                      ("gen", "3")])  # an unknown (later) integer key
     announce(stranger, stype, mixed, [("V", "1"), ("Mesh", mesh), ("ID", mixed), ("Name", "x"),
                                       ("EP.Control", "tcp://127.0.0.1:5003"),
                                       ("Ep.Pipe.Jobs", "tcp://127.0.0.1:5004"),
@@ -137,6 +138,7 @@ def test_a_peer_record_with_dotted_role_keys_is_accepted(
     assert m.endpoints == {"control": ("tcp://127.0.0.1:5003",),
                            "pipe.Jobs": ("tcp://127.0.0.1:5004",)}
     assert m.offers == {"queue": ("Jobs",)} and m.name == "x"
+    assert p.incarnation == 3 and m.incarnation == 0
     st = d.stats()
     assert st["malformed"] == 0 and st["callback_errors"] == 0 and st["txt_skipped"] == 0
 
@@ -168,3 +170,25 @@ def test_a_record_whose_id_is_not_its_instance_name_is_refused(
     assert st["ignored_self"] <= 1  # our own announcement only, not the forged one
     assert st["malformed"] == 0 and st["callback_errors"] == 0
     assert st["services_held"] == 1
+
+
+def test_skipped_txt_pieces_are_a_metrics_family(
+    discoveries: list[MdnsDiscovery], stranger: Any
+) -> None:
+    """Old code counted them in stats() only: no /metrics family to alert on."""
+    from mesh.metrics import Registry, render_prometheus
+
+    stype, mesh = unique_type(), unique("m")
+    victim = StandInNode(mesh=mesh, name="victim")
+    d = start(discoveries, victim, stype)
+    nid = uuid.uuid4().hex
+    announce(stranger, stype, nid, [*base(mesh, nid), ("host", None),  # a bare host: skipped
+                                    ("name", "again"),  # a repeated key: skipped
+                                    ("ep.pubsub", "tcp://127.0.0.1:5001")])
+    wait_until(lambda: nid in victim.peers.ids(), 5, what=lambda: f"accepted: {d.stats()}")
+    assert d.stats()["txt_skipped"] >= 2  # 2 per resolution of the record
+    registry = Registry()
+    registry.register_collector(d.collect)
+    (line,) = [ln for ln in render_prometheus(registry).splitlines()
+               if ln.startswith("discovery_txt_skipped_total ")]
+    assert float(line.split()[1]) >= 2

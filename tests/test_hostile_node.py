@@ -603,3 +603,28 @@ def test_failed_handshakes_do_not_flood_the_log(
                 s.close()
         lines = _node_lines(caplog, "mesh.security")
         assert lines <= 3 * 11, lines  # per failure kind: the burst, then one per interval
+
+
+def test_gossip_entry_without_a_usable_control_endpoint_is_counted(
+        make_node: Callable[..., Node]) -> None:
+    """Old code skipped such an entry without a trace: a peer gossiping only unusable
+    endpoints (ipc of another host, nothing at all) left no number to look at."""
+    a = make_node("a")
+    ctx = zmq.Context()
+    gossiper = _fake_id(900)
+    s = _raw(ctx, _ctl(a), gossiper.encode() + os.urandom(8))
+    try:
+        s.send_multipart(_hello(gossiper, a.mesh))
+        wait_until(lambda: a.peers.state(gossiper) is PeerState.JOINED, 5, what="gossiper bound")
+        before = a.stats().get("no_endpoint", 0)
+        entries = [(_fake_id(901), a.mesh, "another-host", ("ipc:///tmp/zm-elsewhere.sock",),
+                    None),
+                   (_fake_id(902), a.mesh, "another-host", (), None),
+                   (_fake_id(903), a.mesh, "another-host", ("tcp://127.0.0.1:9",), None)]
+        body = control.encode_body(control.gossip_to_wire(entries), 1 << 20)
+        s.send_multipart(control.encode_frames([(control.GOSSIP, body)]))
+        wait_until(lambda: a.stats().get("gossip_dials", 0) >= 1, 5, what="the usable one dialled")
+        assert a.stats().get("no_endpoint", 0) - before == 2
+    finally:
+        s.close()
+        ctx.term()

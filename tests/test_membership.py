@@ -4,7 +4,10 @@ test_hostile_node.py."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from mesh.budget import Budget
 from mesh.control import Hello
@@ -28,8 +31,10 @@ def make(per_source: int = 4, total: int = 16, secure: bool = False,
 
 
 def hello(node_id: str, proof: bytes | None = None, key: str | None = None,
-          mesh: str = MESH, dial: int | None = None, reply: bool = False) -> Hello:
-    return Hello(PeerInfo(node_id=node_id, name=node_id[:4], mesh=mesh, public_key=key),
+          mesh: str = MESH, dial: int | None = None, reply: bool = False, inc: int = 0,
+          ep: str = "tcp://10.0.0.1:1") -> Hello:
+    return Hello(PeerInfo(node_id=node_id, name=node_id[:4], mesh=mesh, public_key=key,
+                          endpoints={"control": (ep,)}, incarnation=inc),
                  dial=dial, reply=reply, proof=proof)
 
 
@@ -207,3 +212,150 @@ def test_gossip_candidates_skip_self_other_mesh_live_linked_and_pending() -> Non
         out.append(e[0])
         dialling.add(e[0])  # what the channel does once it dialled
     assert out == [C, F]  # F once: the second entry finds it dialling
+
+
+# --- incarnations ------------------------------------------------------------------------------
+
+P = b"p" * 16  # the proof a copy of a data dir shows too (same proof key, same endpoint)
+
+
+def conflict_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "two processes claim" in r.getMessage()]
+
+
+def test_restart_with_a_higher_incarnation_is_bound_at_once_and_no_conflict() -> None:
+    m = make()
+    assert arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0) is Claim.BOUND
+    assert arrive(m, rid(A, 2), hello(A, P, inc=11), 0.2) is Claim.REBOUND
+    assert m.is_bound(A, rid(A, 2)) and m.incs[A] == 11
+    assert m.superseded[A].ident == rid(A, 1)
+    m.presence.heard(A, 1.0)
+    m.expire(1.0)
+    # the old process is dead: never heard again; its record goes after gone_s
+    m.presence.heard(A, GONE + 0.1)
+    m.expire(GONE + 0.5)
+    assert A not in m.superseded
+    assert m.counters["id_conflicts"] == 0
+
+
+def test_higher_incarnation_still_needs_the_takeover_proof() -> None:
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    assert arrive(m, rid(A, 2), hello(A, b"q" * 16, inc=11), 0.2) is Claim.HELD
+    assert m.is_bound(A, rid(A, 1))
+
+
+def test_superseded_connection_heard_again_is_a_conflict_and_the_first_is_kept(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    m = make()
+    first, second = rid(A, 1), rid(A, 2)
+    arrive(m, first, hello(A, P, inc=10, ep="tcp://10.0.0.1:1"), 0.0)
+    # a copy of the data dir starts later: a higher incarnation, the same proof
+    assert arrive(m, second, hello(A, P, inc=11, ep="tcp://10.0.0.2:2"), 0.5) is Claim.REBOUND
+    # within a heartbeat of the rebind, the old connection's messages are only dropped
+    assert m.superseded_message(A, first, "ping", 0.9) is True
+    assert m.counters["id_conflicts"] == 0 and m.counters["superseded_dropped"] == 1
+    m.presence.heard(A, 1.4)  # the newer one speaks too
+    restored = m.superseded_message(A, first, "ping", 1.6)
+    assert isinstance(restored, PeerInfo) and restored.endpoints["control"] == ("tcp://10.0.0.1:1",)
+    assert m.is_bound(A, first) and m.incs[A] == 10 and m.proofs[A] == P
+    assert m.counters["id_conflicts"] == 1
+    # the second is refused while the first lives: its HELLOs, its other messages, and any
+    # newer claim (a restart of the second cannot be told from the second)
+    m.presence.heard(A, 2.0)
+    assert arrive(m, second, hello(A, P, inc=11), 2.1) is Claim.CONFLICT
+    assert m.refused_message(A, second)
+    assert arrive(m, rid(A, 3), hello(A, P, inc=12), 2.2) is Claim.CONFLICT
+    assert m.counters["id_conflict_refusals"] == 2 and m.counters["id_conflict_dropped"] == 1
+    assert m.is_bound(A, first) and m.counters["id_conflicts"] == 1
+    # one warning per id, naming both
+    (text,) = conflict_warnings(caplog)
+    assert "tcp://10.0.0.1:1" in text and "tcp://10.0.0.2:2" in text and A in text
+    # the first stops speaking: the conflict ends, the next claim follows the usual rules
+    t = 2.0 + 2 * HB
+    m.expire(t)
+    assert A not in m.conflicts
+    assert arrive(m, rid(A, 3), hello(A, P, inc=12), t) is Claim.REBOUND
+
+
+def test_superseded_hello_again_reverts_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    m = make()
+    first, second = rid(A, 1), rid(A, 2)
+    arrive(m, first, hello(A, P, inc=10), 0.0)
+    arrive(m, second, hello(A, P, inc=11), 0.5)
+    m.presence.heard(A, 1.5)
+    assert arrive(m, first, hello(A, P, inc=10), 1.8) is Claim.REVERTED
+    assert m.is_bound(A, first) and m.counters["id_conflicts"] == 1
+    # the two swap again later (the first restarts, the copy supersedes it...): counted,
+    # never logged again for this id
+    m.forget(A)
+    m.presence.forget(A)
+    arrive(m, first, hello(A, P, inc=20), 10.0)
+    arrive(m, second, hello(A, P, inc=21), 10.5)
+    m.presence.heard(A, 11.5)
+    assert arrive(m, first, hello(A, P, inc=20), 11.8) is Claim.REVERTED
+    assert len(conflict_warnings(caplog)) == 1
+
+
+def test_bye_of_the_superseded_connection_is_no_conflict() -> None:
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    arrive(m, rid(A, 2), hello(A, P, inc=11), 0.2)
+    m.presence.heard(A, 1.5)
+    assert m.superseded_message(A, rid(A, 1), "bye", 1.6) is True
+    assert A not in m.superseded and m.counters["id_conflicts"] == 0
+    assert m.is_bound(A, rid(A, 2))
+
+
+def test_lower_incarnation_than_the_live_bound_one_is_refused() -> None:
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    assert arrive(m, rid(A, 2), hello(A, P, inc=9), 0.5) is Claim.CONFLICT
+    assert m.counters["id_conflicts"] == 1 and m.is_bound(A, rid(A, 1))
+    assert arrive(m, rid(A, 2), hello(A, P, inc=9), 0.7) is Claim.CONFLICT
+    assert m.counters["id_conflicts"] == 1 and m.counters["id_conflict_refusals"] == 1
+    # the bound one went quiet (dead): the older process may have the id again
+    t = 0.0 + 2 * HB
+    m.expire(t)
+    assert arrive(m, rid(A, 2), hello(A, P, inc=9), t) is Claim.REBOUND
+
+
+def test_equal_or_missing_incarnations_follow_the_old_rules() -> None:
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    assert arrive(m, rid(A, 2), hello(A, b"q" * 16, inc=10), 0.1) is Claim.HELD
+    assert arrive(m, rid(A, 3), hello(A, P, inc=10), 0.2) is Claim.REBOUND
+    assert A not in m.superseded  # the same process: nothing superseded
+    # an older build (no incarnation) with the proof: as before, bound at once
+    assert arrive(m, rid(A, 4), hello(A, P, inc=0), 0.3) is Claim.REBOUND
+    # and after it, any incarnation with the proof
+    assert arrive(m, rid(A, 5), hello(A, P, inc=3), 0.4) is Claim.REBOUND
+    assert m.counters["id_conflicts"] == 0
+
+
+def test_one_connection_keeps_one_incarnation() -> None:
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    assert arrive(m, rid(A, 1), hello(A, P, inc=10), 0.1) == "same"
+    assert not m.same_connection(A, hello(A, P, inc=11))
+    assert m.counters["malformed"] == 1
+
+
+def test_a_stranger_with_a_lower_incarnation_is_held_not_a_conflict() -> None:
+    """No proof, no key: nothing says it is the node, so it is no second process either."""
+    m = make()
+    arrive(m, rid(A, 1), hello(A, P, inc=10), 0.0)
+    assert arrive(m, rid(A, 2), hello(A, None, inc=9), 0.5) is Claim.HELD
+    assert arrive(m, rid(A, 3), hello(A, b"q" * 16, inc=99), 0.6) is Claim.HELD
+    assert m.counters["id_conflicts"] == 0 and not m.conflicts
+
+
+def test_secure_same_key_lower_incarnation_is_a_conflict_other_key_held() -> None:
+    m = make(secure=True)
+    assert arrive(m, rid(A, 1), hello(A, key="K", inc=10), 0.0, key="K") is Claim.BOUND
+    assert arrive(m, rid(A, 2), hello(A, key="K", inc=9), 0.3, key="K") is Claim.CONFLICT
+    assert arrive(m, rid(A, 3), hello(A, key="K2", inc=9), 0.4, key="K2") is Claim.HELD
+    assert m.counters["id_conflicts"] == 1

@@ -46,7 +46,8 @@ def _event() -> envelope.Event:
 
 _INFO = PeerInfo(node_id=NODE, name="gw-3", mesh="factory", version=1, host="4c1f0e9a",
                  endpoints={"control": ("tcp://10.0.0.7:41533",)},
-                 offers={"stream": ("temps",)}, public_key=None)
+                 offers={"stream": ("temps",)}, public_key=None,
+                 incarnation=1_764_676_800_000)
 
 
 def _ctrl(kind: str, body: Any) -> list[bytes]:
@@ -217,6 +218,7 @@ def test_frame_versions_table_matches_the_code() -> None:
     assert major["envelope"] == envelope.ENVELOPE_VERSION[0]
     assert rev["envelope"] == "{}.{}".format(*envelope.ENVELOPE_VERSION)
     assert major["control"] == control.SUPPORTED_VERSIONS[-1]
+    assert rev["control"] == "{}.{}".format(*control.REVISION)
     assert major["pub/sub"] == sf.VERSION
     assert rev["pub/sub"].startswith("{}.{}".format(*sf.PROTOCOL))
     assert major["pipeline"] == pf.VERSION

@@ -205,7 +205,7 @@ def test_oversize_record_is_rejected_and_oversize_string_skipped() -> None:
 def test_unknown_keys_kinds_and_schemes_are_skipped() -> None:
     props = dict(encode_txt(make_info()).properties)
     props["future"] = "x"
-    props["inc"] = "7"  # a later integer key (an incarnation): just skipped
+    props["gen"] = "7"  # a later integer key: just skipped
     props["zz.yy.zz"] = "1"
     props["o.topic"] = "t1"
     props["ep.pubsub"] = "ws://127.0.0.1:80/x,tcp://127.0.0.1:6000"
@@ -457,3 +457,18 @@ def test_queue_and_service_roles_round_trip(queues: list[str], services: list[st
     assert not enc.truncated
     rec = decode_txt(pack_txt(enc.properties.items()))
     assert rec.info == info and rec.skipped == ()
+
+
+def test_incarnation_travels_as_inc_and_a_bad_one_is_skipped() -> None:
+    enc = encode_txt(make_info(incarnation=1_764_676_800_000))
+    keys = list(enc.properties)
+    assert enc.properties["inc"] == "1764676800000"
+    assert keys.index("inc") < keys.index("ep.control")  # with the required keys, before eps
+    assert decode_txt(wire(dict(enc.properties))).info.incarnation == 1_764_676_800_000
+    assert "inc" not in encode_txt(make_info()).properties  # 0: none announced (older build)
+    for bad in ("x1", "-3", "1" * 20, ""):
+        props = dict(enc.properties)
+        props["inc"] = bad
+        rec = decode_txt(wire(props))
+        assert rec.info.incarnation == 0
+        assert any("'inc'" in n for n in rec.skipped), (bad, rec.skipped)
