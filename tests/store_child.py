@@ -8,10 +8,9 @@ Modes:
       Publisher(replicas=REPLICAS): publish N events (data = START+i) in publish_many calls of
       BATCH; print "ACK <last seq>" after each returned (the stores hold it), then "DONE" and
       serve until stdin closes.
-  sub DATA_DIR MESH PEER TOPIC NAME LAST OUT [verify]
+  sub DATA_DIR MESH PEER TOPIC NAME LAST OUT
       durable subscriber NAME from the beginning; append "<id> <seq> <data>\\n" to OUT for each
-      event (one os.write), exit 0 once it handled seq LAST. With "verify" it verifies
-      signatures with the keys in DATA_DIR/event.keys and prints "BAD <n>" when refusals happen.
+      event (one os.write), exit 0 once it handled seq LAST.
 All nodes use a fast presence (a killed peer is LEFT within about a second).
 """
 
@@ -73,22 +72,15 @@ def pub(data_dir: str, mesh: str, peer: str, stream: str, start: str, n: str, re
         sys.stdin.read()
 
 
-def sub(data_dir: str, mesh: str, peer: str, topic: str, name: str, last: str, out: str,
-        *flags: str) -> None:
+def sub(data_dir: str, mesh: str, peer: str, topic: str, name: str, last: str,
+        out: str) -> None:
     stop = int(last)
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     with node(data_dir, mesh, peer) as nd, Subscriber(
-            nd, topic, durable=name, start=Start.beginning(), commit_interval_s=0.1,
-            verify=_verifier(data_dir) if "verify" in flags else False) as s:
-        bad = 0
+            nd, topic, durable=name, start=Start.beginning(), commit_interval_s=0.1) as s:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             ev = s.recv(timeout=0.1)
-            b = s.stats().bad_signatures
-            if b != bad:
-                bad = b
-                sys.stdout.write(f"BAD {bad}\n")
-                sys.stdout.flush()
             if ev is None:
                 continue
             os.write(fd, f"{ev.id} {ev.seq} {ev.data}\n".encode())
@@ -96,13 +88,6 @@ def sub(data_dir: str, mesh: str, peer: str, topic: str, name: str, last: str, o
                 s.commit()
                 break
     os.close(fd)
-
-
-def _verifier(data_dir: str) -> object:
-    from mesh.security.signing import EventVerifier
-
-    keys = open(os.path.join(data_dir, "event.keys")).read().split()
-    return EventVerifier([bytes.fromhex(k) for k in keys])
 
 
 if __name__ == "__main__":

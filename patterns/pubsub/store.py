@@ -223,8 +223,8 @@ class _Replica:
                 return
             changed = False
             if head is None or first != head or self.runs[-1][2] >= 0:
-                if self.runs:
-                    last = self.runs[-1]
+                if self.runs and self.runs[-1][2] < 0:
+                    last = self.runs[-1]  # the open run ends here
                     last[2] = self.log.next_offset - last[1]
                 self.runs.append([first, self.log.next_offset, -1])
                 changed = True
@@ -274,7 +274,7 @@ class _Replica:
             raise OffsetOutOfRange(seq, None, None)
         assert left is not None
         first, envs = self.log.read_batch_payloads(local, min(n, left))
-        if first != local:
+        if first != local or len(envs) > left:
             raise LogCorruptedRange(self.path, 0, "records skipped", offset=seq,
                                     next_offset=seq + (first - local))
         return seq, envs
