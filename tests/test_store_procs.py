@@ -133,3 +133,69 @@ def test_subscriber_gets_everything_from_the_store_after_the_publisher_and_its_d
     assert all(s < N for s, _ in got[N:len(got) - 50])
     pub2.stop()
     st.stop()
+
+
+def replica_content(data_dir: Path, origin: str, stream: str) -> list[tuple[int, bytes]]:
+    """Every (seq, envelope) a stopped store holds of ``origin``'s ``stream``."""
+    from mesh.log import LogConfig
+    from patterns.pubsub.store import _Replica
+
+    rep = _Replica(data_dir / "replicas", origin, stream, LogConfig())
+    try:
+        out: list[tuple[int, bytes]] = []
+        seq, head = rep.oldest or 0, rep.head or 0
+        while seq < head:
+            first, envs = rep.read(seq, 5000)
+            out.extend((first + i, e) for i, e in enumerate(envs))
+            seq = first + len(envs)
+        return out
+    finally:
+        rep.close()
+
+
+def held(child: Child, origin: str, stream: str) -> int:
+    line = next((x for x in reversed(child.lines) if x.startswith(f"HOLD {origin} {stream} ")),
+                None)
+    return int(line.split()[3]) if line else -1
+
+
+def test_two_stores_one_killed_mid_stream_converge_even_with_the_origin_gone(
+        tmp_path: Path, hub: Node, children: list[Child]) -> None:
+    stream, n, m = "line.speed", 6000, 1500
+    peer = ctrl(hub)
+    dirs = {k: tmp_path / k for k in ("a", "b")}
+    a = start(children, "store", str(dirs["a"]), hub.mesh, peer, "line.")
+    b = start(children, "store", str(dirs["b"]), hub.mesh, peer, "line.")
+    wait_until(lambda: a.has("READY") and b.has("READY"), 20, what="stores up")
+    pub_dir = tmp_path / "pub"
+    pub = start(children, "pub", str(pub_dir), hub.mesh, peer, stream, "0", str(n), "1", "100")
+    origin_path = pub_dir / "node.id"
+    wait_until(lambda: origin_path.exists() and held(b, origin_path.read_text().strip(),
+                                                     stream) >= 1000, 30,
+               what=lambda: b.lines[-2:])
+    origin = origin_path.read_text().strip()
+    # 1. b is SIGKILLed while the stream is being published, and restarted: it catches up
+    #    from the origin and both stores end with the same content.
+    b.kill()
+    b = start(children, "store", str(dirs["b"]), hub.mesh, peer, "line.")
+    wait_until(lambda: pub.has("DONE"), 60, what=lambda: pub.lines[-2:])
+    wait_until(lambda: held(a, origin, stream) == n and held(b, origin, stream) == n, 30,
+               what=lambda: (held(a, origin, stream), held(b, origin, stream)))
+    # 2. b is down while the origin (restarted: a new epoch) publishes m more, which only a
+    #    holds; then the origin dies for good. b restarts and can only catch up from a.
+    b.kill()
+    pub.stop()
+    pub = start(children, "pub", str(pub_dir), hub.mesh, peer, stream, str(n), str(m), "1",
+                "100")
+    wait_until(lambda: pub.has("DONE"), 60, what=lambda: pub.lines[-2:])
+    wait_until(lambda: held(a, origin, stream) == n + m, 10, what="a holds all")
+    pub.kill()
+    wait_until(lambda: not hub.who_offers("stream", name=stream), 20, what="origin gone")
+    b = start(children, "store", str(dirs["b"]), hub.mesh, peer, "line.")
+    wait_until(lambda: held(b, origin, stream) == n + m, 30,
+               what=lambda: (held(a, origin, stream), held(b, origin, stream)))
+    a.stop()
+    b.stop()
+    ca, cb = (replica_content(dirs[k], origin, stream) for k in ("a", "b"))
+    assert [s for s, _ in ca] == list(range(n + m))
+    assert ca == cb  # identical content, byte for byte, under the origin's seqs
