@@ -8,6 +8,7 @@ node's public API.
 from patterns.pubsub.aio import AsyncPublisher, AsyncSubscriber
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher, PublisherStats
+from patterns.pubsub.store import Store, StoreStats
 from patterns.pubsub.subscriber import (
     Batch,
     RetentionGap,
@@ -27,6 +28,8 @@ __all__ = [
     "PublisherStats",
     "RetentionGap",
     "Start",
+    "Store",
+    "StoreStats",
     "StreamGap",
     "StreamReset",
     "Subscriber",
