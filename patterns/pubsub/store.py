@@ -372,6 +372,8 @@ class Store:
         self._lock = threading.Lock()  # the replicas dict
         self._replicas: dict[Key, _Replica] = {}
         self._dirty: set[Key] = set()
+        #: (origin, stream) -> (origin epoch, head) last made durable (fsynced) and acked
+        self._durable: dict[Key, tuple[int, int]] = {}
         self._stats = StoreStats()
         self._logs = LogLimiter(_log)
         self._closed = False
@@ -435,6 +437,7 @@ class Store:
         rep = self._replica(key, create=False)
         if rep is not None:
             rep.rewind(to)
+            self._durable.pop(key, None)  # never ack again what the rewind took back
             self._stats.rewinds += 1
 
     def _run(self, follower: _Follower) -> None:
@@ -460,18 +463,25 @@ class Store:
             rep = self._replica(key, create=False)
             if rep is None:
                 continue
-            try:
-                if key in dirty:
-                    rep.sync()
-            except LogError as exc:
-                self._logs.warning(f"sync:{key}", "store: fsync of %s failed: %s", key, exc)
-                continue
-            head = rep.head
+            with rep.lock:  # what is acked is read before the fsync that covers it
+                head, epoch = rep.head, rep.epoch
             if head is None:
                 continue
+            if key in dirty or key not in self._durable:
+                try:
+                    rep.sync()
+                except LogError as exc:
+                    self._logs.warning(f"sync:{key}", "store: fsync of %s failed: %s", key,
+                                       exc)
+                    with self._lock:
+                        self._dirty.add(key)  # tried again at the next round
+                    continue
+                self._durable[key] = (epoch, head)
+            else:
+                epoch, head = self._durable[key]
             try:
                 self.node.send(key[0], frames.CTRL_REPLICATED,
-                               frames.Replicated(key[1], rep.epoch, head).to_body())
+                               frames.Replicated(key[1], epoch, head).to_body())
                 self._stats.acks += 1
             except MeshError:
                 pass  # the origin is gone: acked again when it is back (REACK_S)
@@ -676,6 +686,11 @@ class Store:
             out.extend((first + i, e) for i, e in enumerate(envs))
             seq = first + len(envs)
         return out
+
+    def durable(self) -> dict[Key, tuple[int, int]]:
+        """(origin, stream) -> ``(origin epoch, seq)``: everything below ``seq`` is on this
+        store's disk (fsynced); the store acks exactly these to the origins."""
+        return dict(self._durable)
 
     def stats(self) -> StoreStats:
         """A snapshot of the store's counters."""
