@@ -190,3 +190,30 @@ def test_a_fetch_without_origin_is_malformed() -> None:
         frames.decode_fetch(body)
     with pytest.raises(ProtocolError, match="origin"):
         frames.decode_fetch({**body, "origin": "ABC"})
+
+
+def test_what_the_origins_retention_deleted_is_read_from_a_store_then_live_from_the_origin(
+        mesh: Mesh) -> None:
+    from mesh.log import Retention
+
+    stream = unique("s").replace("-", "")
+    Store(mesh.add("store"), topics=(stream,))
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    cfg = LogConfig(segment_bytes=4096, retention=Retention(max_records=100))
+    with Publisher(pn, stream, replicas=1, heartbeat_s=0.1, log_config=cfg) as pub:
+        for i in range(0, 1000, 50):
+            pub.publish_many([b"x" * 100 + str(i + k).encode() for k in range(50)])
+        oldest = pub.stats().oldest
+        assert oldest > 500, oldest  # the origin deleted most of the stream
+        sub = Subscriber(mesh.add("sub"), stream, start=Start.beginning(), on_gap="error")
+        got: list[Event] = []
+        wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 1000, 20,
+                   what=lambda: (len(got), sub.stats()))
+        assert [e.seq for e in got] == list(range(1000))  # no RetentionGap: from the store
+        assert sub.gaps() == []
+        pub.publish(b"live")  # and live from the origin, which is still up
+        wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 1001, 10)
+        assert got[-1].data == b"live" and got[-1].seq == 1000
+        assert sub.stats().lag == 0
+        sub.close()

@@ -57,6 +57,8 @@ REACK_S = 1.0
 #: The most records / envelope bytes one fetch answer carries.
 MAX_FETCH_RECORDS = frames.REPLAY_MAX_RECORDS
 MAX_FETCH_BYTES = frames.REPLAY_MAX_BYTES
+#: The durable-subscription name a store's position is acked under (a retention floor).
+ACK_NAME = "pubsub.store"
 #: A fetch of a peer whose connection is backed up is answered "busy", retry after this.
 FETCH_RETRY_MS = 500
 
@@ -482,6 +484,10 @@ class Store:
             try:
                 self.node.send(key[0], frames.CTRL_REPLICATED,
                                frames.Replicated(key[1], epoch, head).to_body())
+                # Also as a durable subscription's position: the origin's retention keeps
+                # what this store has not copied yet (within its floor TTL and byte cap).
+                self.node.send(key[0], frames.CTRL_ACK,
+                               frames.Ack(ACK_NAME, key[1], head).to_body())
                 self._stats.acks += 1
             except MeshError:
                 pass  # the origin is gone: acked again when it is back (REACK_S)
