@@ -217,3 +217,32 @@ def test_what_the_origins_retention_deleted_is_read_from_a_store_then_live_from_
         assert got[-1].data == b"live" and got[-1].seq == 1000
         assert sub.stats().lag == 0
         sub.close()
+
+
+def test_async_publisher_waits_for_replication_without_blocking_the_loop(mesh: Mesh) -> None:
+    import asyncio
+
+    from patterns.pubsub.aio import AsyncPublisher
+
+    stream = unique("s").replace("-", "")
+    pn = mesh.add("pub")
+
+    async def main() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)  # a loop that must keep running meanwhile
+                ticks += 1
+
+        t = asyncio.create_task(tick())
+        async with AsyncPublisher(pn, stream, replicas=1, replica_timeout_s=0.5,
+                                  resume_from_stores=0) as pub:
+            with pytest.raises(ReplicationTimeout):
+                await pub.publish(b"x")
+        t.cancel()
+        return ticks
+
+    ticks = asyncio.run(main())
+    assert ticks >= 10  # the loop ran through the 0.5 s wait
