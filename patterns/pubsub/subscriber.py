@@ -630,6 +630,7 @@ class Subscriber:
         self._live_stores: set[str] = set()
         self._origin_floor: dict[Key, int] = {}
         self._next_holdings = 0.0
+        self._holdings_since: float | None = None  # when we first asked the stores
         for ep in endpoints:
             self._connect(ep)
         self._unsubscribe_peers: Callable[[], None] = node.on_peer(self._on_peer_event)
@@ -999,12 +1000,18 @@ class Subscriber:
             inflight = self._replay_inflight.get(peer_id)
             if inflight is not None:
                 inflight.pop(key, None)
-            if (data.gone and data.origin is None and tracker.expected is not None
-                    and self._store_for(key, tracker.expected) is not None):
-                # The origin's retention deleted what a store still holds: read it there.
-                self._origin_floor[key] = data.oldest
-                self._apply(key, tracker, tracker.on_peer_restart(now))
-                continue
+            if data.gone and data.origin is None and tracker.expected is not None:
+                if self._store_for(key, tracker.expected) is not None:
+                    # The origin's retention deleted what a store still holds: read it there.
+                    self._origin_floor[key] = data.oldest
+                    self._apply(key, tracker, tracker.on_peer_restart(now))
+                    continue
+                if self._stores_unheard(now):
+                    # Stores are up but have not said what they hold yet: ask again shortly
+                    # rather than skip what one of them may hold.
+                    self._origin_floor[key] = data.oldest
+                    tracker.on_replay_busy(data.req, now, 0.2)
+                    continue
             if data.error == "busy":
                 self._stats.replay_busy += 1
                 tracker.on_replay_busy(data.req, now, (data.retry_ms or 500) / 1000)
@@ -1192,6 +1199,20 @@ class Subscriber:
                 best, best_head = store, head
         return best
 
+    def _stores_unheard(self, now: float) -> bool:
+        """Some live store has not answered a holdings request of ours yet (one is sent),
+        for at most 3 x HOLDINGS_S: a store that never answers does not hold a gap open."""
+        board = self._board
+        stores = [s for s in board.stores() if s != self.node.id]
+        if not stores:
+            return False
+        if self._holdings_since is None:
+            self._holdings_since = now
+        if now - self._holdings_since > 3 * HOLDINGS_S:
+            return False
+        self._next_holdings = min(self._next_holdings, now)  # the next tick asks
+        return any(board.answered.get(s, -1.0) < self._holdings_since for s in stores)
+
     def _poll_holdings(self, now: float) -> None:
         """Owner tick: ask the stores what they hold of our topic (every HOLDINGS_S), start
         tracking origin streams known only from a store, and tell the trackers of streams
@@ -1201,6 +1222,8 @@ class Subscriber:
             self._next_holdings = now + HOLDINGS_S
             self._live_stores = {s for s in board.stores() if s != self.node.id}
             if self._live_stores:
+                if self._holdings_since is None:
+                    self._holdings_since = now
                 board.ask(self._match)
         if not self._live_stores:
             return
