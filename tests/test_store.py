@@ -246,3 +246,23 @@ def test_async_publisher_waits_for_replication_without_blocking_the_loop(mesh: M
 
     ticks = asyncio.run(main())
     assert ticks >= 10  # the loop ran through the 0.5 s wait
+
+
+def test_a_live_origin_that_does_not_answer_replays_is_bypassed_through_a_store(
+        mesh: Mesh) -> None:
+    stream = unique("s").replace("-", "")
+    Store(mesh.add("store"), topics=(stream,))
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1, heartbeat_s=0.1) as pub:
+        pub.publish_many(list(range(300)))
+        pn.handle(frames.CTRL_REPLAY, lambda peer, body: None)  # alive, never answers
+        sub = Subscriber(mesh.add("sub"), stream, start=Start.beginning(), retry_s=0.5)
+        got: list[Event] = []
+        wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 300, 20,
+                   what=lambda: (len(got), sub.stats()))
+        assert [e.data for e in got] == list(range(300))
+        pub.publish(300)  # live data still comes from the origin itself
+        wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 301, 10)
+        assert got[-1].data == 300
+        sub.close()

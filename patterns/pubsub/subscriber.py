@@ -629,6 +629,10 @@ class Subscriber:
         self._board = board_for(node)
         self._live_stores: set[str] = set()
         self._origin_floor: dict[Key, int] = {}
+        # Streams whose origin left a request unanswered for retry_s (until it answers one),
+        # and the tracker's retry count when we last sent (a retry shows there).
+        self._origin_mute: set[Key] = set()
+        self._retries_seen: dict[Key, int] = {}
         self._next_holdings = 0.0
         self._holdings_since: float | None = None  # when we first asked the stores
         for ep in endpoints:
@@ -1000,6 +1004,8 @@ class Subscriber:
             inflight = self._replay_inflight.get(peer_id)
             if inflight is not None:
                 inflight.pop(key, None)
+            if data.origin is None:
+                self._origin_mute.discard(key)  # the origin answers again
             if data.gone and data.origin is None and tracker.expected is not None:
                 if self._store_for(key, tracker.expected) is not None:
                     # The origin's retention deleted what a store still holds: read it there.
@@ -1156,6 +1162,10 @@ class Subscriber:
         # The origin serves its stream while it is live and holds the range; otherwise a
         # store that holds it (same request, plus the origin: pubsub.fetch).
         target = key[0]
+        retries = tracker.stats.replay_retries
+        if retries > self._retries_seen.get(key, retries) and key[0] != self.node.id:
+            self._origin_mute.add(key)  # our last request went unanswered for retry_s
+        self._retries_seen[key] = retries
         store = None if self._origin_serves(key, ask.start) else \
             self._store_for(key, ask.start)
         if store is not None:
@@ -1186,6 +1196,8 @@ class Subscriber:
         pub = key[0]
         if pub not in self._peer_eps or pub in self._left:
             return bool(pub == self.node.id)
+        if key in self._origin_mute and self._store_for(key, start) is not None:
+            return False  # live, but it did not answer: a store serves until it does
         floor = self._origin_floor.get(key)
         return floor is None or start is None or start >= floor
 
