@@ -266,3 +266,40 @@ def test_a_live_origin_that_does_not_answer_replays_is_bypassed_through_a_store(
         wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 301, 10)
         assert got[-1].data == 300
         sub.close()
+
+
+def test_a_peer_that_fetches_without_reading_is_held_to_its_fetch_budget(mesh: Mesh) -> None:
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    store = Store(sn, topics=(stream,), fetch_peer_bytes=200_000)
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1, heartbeat_s=0.1) as pub:
+        pub.publish_many([b"x" * 10_000] * 100)  # 1 MB
+        origin = pn.id
+    attacker = mesh.add("attacker")
+    wait_until(lambda: attacker.peers.get(sn.id) is not None, 10, what="joined the store")
+    replies: list[dict[str, object]] = []
+    attacker.handle(frames.CTRL_REPLAY_DATA, lambda peer, body: replies.append(body))
+
+    def fetch(req: int, tok: int | None = None) -> None:
+        attacker.send(sn.id, frames.CTRL_FETCH, frames.ReplayRequest(
+            "x", req, stream, 0, None, None, 5000, 1 << 20, tok=tok, origin=origin).to_body())
+
+    for req in range(20):  # asks again and again, never proving it read anything
+        fetch(req)
+
+    def handled() -> int:
+        st = store.stats()
+        return st.fetches + st.fetch_refused
+
+    wait_until(lambda: handled() >= 20 and len(replies) >= 2, 10, what=handled)
+    sent = sum(len(b"".join(r["events"])) for r in replies)  # type: ignore[arg-type]
+    assert sent <= 200_000, sent  # its budget, not 20 x 1 MB
+    assert replies[-1]["error"] == "busy" and store.stats().fetch_busy > 0
+    # (once not even a refusal fits, requests are not answered at all: bounded either way)
+    n = len(replies)
+    # Echoing the latest answer's tok proves it read everything before: served again.
+    fetch(99, tok=int(replies[-1]["tok"]))  # type: ignore[call-overload]
+    wait_until(lambda: len(replies) > n, 10)
+    assert replies[-1]["error"] is None and replies[-1]["events"]

@@ -17,17 +17,20 @@ replaced atomically and fsynced before the first record of a new run or epoch is
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import os
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.budget import LogLimiter
+from mesh.budget import Budget, LogLimiter
 from mesh.errors import (
     ClosedError,
     CodecError,
@@ -40,6 +43,7 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.log.epochs import EpochHistory
+from mesh.peers import PeerEventKind
 from patterns._closing import close_with
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
@@ -61,6 +65,13 @@ MAX_FETCH_BYTES = frames.REPLAY_MAX_BYTES
 ACK_NAME = "pubsub.store"
 #: A fetch of a peer whose connection is backed up is answered "busy", retry after this.
 FETCH_RETRY_MS = 500
+#: Fetch-answer bytes one peer may have unproven (sent, not yet echoed by a later request's
+#: ``tok``) and all peers together: the publisher's replay budget, same rules
+#: (docs/protocol.md, "Replay budget"). What one answer costs beyond its envelopes.
+FETCH_PEER_BYTES = 32 << 20
+FETCH_NODE_BYTES = 128 << 20
+FETCH_REPLY_COST = 1024
+FETCH_MIN_CHUNK = 64 << 10
 
 Key = tuple[str, str]  # (origin node id, stream)
 
@@ -76,6 +87,8 @@ class StoreStats:
         fetches: ``pubsub.fetch`` requests answered with data or an empty chunk.
         fetch_events: envelopes sent in fetch answers.
         fetch_refused: fetches refused (unknown stream, forbidden, busy, malformed).
+        fetch_busy: fetches answered ``"busy"`` (the peer's fetch budget was used up, or its
+            connection is backed up).
         holdings_answers: ``pubsub.holdings_req`` answered.
         rewinds: times an origin's new epoch took back seqs a replica held.
     """
@@ -86,6 +99,7 @@ class StoreStats:
     fetches: int = 0
     fetch_events: int = 0
     fetch_refused: int = 0
+    fetch_busy: int = 0
     holdings_answers: int = 0
     rewinds: int = 0
 
@@ -342,6 +356,10 @@ class Store:
     serve (it is gone, or its retention deleted it) goes to a store holding it, and the
     answer carries the origin's envelopes unchanged (signatures verify as the origin's).
 
+    Fetches are held to a replay byte budget per peer, as the publisher's replays are
+    (``fetch_peer_bytes``): a peer that asks and never reads gets ``"busy"`` once that much
+    is unproven.
+
     Args:
         node: the started node (its ``data_dir`` holds the replicas).
         topics: stream names or prefixes (ending in ``.`` or ``*``), as for
@@ -349,6 +367,7 @@ class Store:
         log_config: the replica logs' settings (retention is the store's own).
         tamper: tests only: a function applied to every envelope a fetch answer sends (a
             store that alters data, to show that verifying subscribers refuse it).
+        fetch_peer_bytes: the fetch byte budget of one peer (see above).
 
     Raises:
         ConfigError: no topic, overlapping topics, or a store already runs on this node.
@@ -357,7 +376,8 @@ class Store:
 
     def __init__(self, node: Any, topics: Iterable[str] = ("",), *,
                  log_config: LogConfig | None = None,
-                 tamper: Callable[[bytes], bytes] | None = None) -> None:
+                 tamper: Callable[[bytes], bytes] | None = None,
+                 fetch_peer_bytes: int = FETCH_PEER_BYTES) -> None:
         tops = list(topics)
         if not tops:
             raise ConfigError("a store needs at least one topic")
@@ -379,6 +399,10 @@ class Store:
         self._stats = StoreStats()
         self._logs = LogLimiter(_log)
         self._closed = False
+        # Reactor thread only: fetch bytes sent per peer and not proven read (tok -> bytes).
+        self._budget = Budget("store_fetch_bytes", fetch_peer_bytes,
+                              max(fetch_peer_bytes, FETCH_NODE_BYTES))
+        self._sent: dict[str, OrderedDict[int, int]] = {}
         if _registry.get_or_create(node, "pubsub.store", lambda: self) is not self:
             raise ConfigError("a store already runs on this node")
         try:
@@ -389,6 +413,7 @@ class Store:
             raise
         node.handle(frames.CTRL_FETCH, self._on_fetch)
         node.handle(frames.CTRL_HOLDINGS_REQ, self._on_holdings_req)
+        self._unpeer = node.on_peer(self._on_peer)
         self._followers = [_Follower(node, t or "*", self) for t in tops]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(f,), daemon=True,
@@ -539,25 +564,56 @@ class Store:
                     frames.REPLAY_ERROR_MALFORMED))
             return
         assert rq.origin is not None
+        budget = self._budget
+        sent = self._sent.get(peer_id)
+        if rq.tok is not None and sent is not None and rq.tok in sent:
+            while sent:  # that answer and every one before it were read
+                tok, n = sent.popitem(last=False)
+                budget.give(peer_id, n)
+                if tok == rq.tok:
+                    break
+        room = min(budget.per_key - budget.held(peer_id), budget.total - budget.held())
         if not self.node.permits(peer_id, "replay", rq.stream):
             self._stats.fetch_refused += 1
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0,
                                       False, "forbidden", origin=rq.origin)
-        elif self.node.backlogged(peer_id):
+        elif room - FETCH_REPLY_COST < min(FETCH_MIN_CHUNK, budget.per_key // 2) \
+                or self.node.backlogged(peer_id):
             self._stats.fetch_refused += 1
+            self._stats.fetch_busy += 1
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0,
                                       False, "busy", retry_ms=FETCH_RETRY_MS,
                                       origin=rq.origin)
         else:
+            if rq.max_bytes > room - FETCH_REPLY_COST:
+                rq = dataclasses.replace(rq, max_bytes=room - FETCH_REPLY_COST)
             reply = self._serve(rq)
-        self._reply(peer_id, reply)
+        self._reply(peer_id, reply, budgeted=True)
 
-    def _reply(self, peer_id: str, reply: frames.ReplayData) -> None:
+    def _reply(self, peer_id: str, reply: frames.ReplayData, *, budgeted: bool = False) -> None:
+        cost = tok = 0
+        if budgeted:
+            cost = FETCH_REPLY_COST + sum(map(len, reply.events))
+            if not self._budget.take(peer_id, cost):
+                self._stats.fetch_refused += 1  # not even the answer fits: none
+                return
+            tok = secrets.randbits(63)
+            self._sent.setdefault(peer_id, OrderedDict())[tok] = cost
+            reply = dataclasses.replace(reply, tok=tok)
         try:
             self.node.send(peer_id, frames.CTRL_REPLAY_DATA, reply.to_body())
         except MeshError as exc:
+            if budgeted:
+                del self._sent[peer_id][tok]
+                self._budget.give(peer_id, cost)
             self._logs.log(logging.INFO, f"unsent:{peer_id}", "store: fetch answer to %s not "
                            "sent: %s", peer_id, exc)
+
+    def _on_peer(self, ev: Any) -> None:
+        # Reactor thread: a peer that left holds nothing of the fetch budget any more.
+        if ev.kind is PeerEventKind.LEFT:
+            self._sent.pop(ev.peer.node_id, None)
+            self._budget.drop(ev.peer.node_id)
 
     def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:
         """Answer a fetch as the origin's publisher would (``_PubHub._serve``), from the
@@ -721,6 +777,7 @@ class Store:
         except MeshError:
             pass
         self._unclose()
+        self._unpeer()
         try:
             self.node.withdraw("service", frames.STORE_SERVICE)
         except MeshError:
