@@ -157,11 +157,13 @@ def test_replica_map_written_before_records_that_never_landed(tmp_path: Path) ->
     rep = _Replica(tmp_path, ORIGIN, "s", LogConfig())
     rep.append(0, [b"a", b"b"], 1)
     rep.runs[-1][2] = 2
-    rep.runs.append([2, 2, 5])  # as if _save() ran and the append did not
+    rep.runs.append([7, 2, -1])  # as if _save() ran for a new run and epoch, and the
+    rep.epochs.append((2, 7))  # append did not
     rep._save()
     rep.close()
     rep = _Replica(tmp_path, ORIGIN, "s", LogConfig())
     assert rep.head == 2 and rep.locate(3) == (None, None)
+    assert rep.epoch == 1  # what it serves says the epoch of what it holds
     rep.close()
 
 

@@ -120,7 +120,6 @@ class _Replica:
         self.path = self.log.path
         self.runs: list[list[int]] = []
         self.epochs: list[tuple[int, int]] = []
-        self.synced_head = -1  # the head last made durable and acked
         self._load()
 
     # -- the REPLICA file -----------------------------------------------------------------
@@ -148,11 +147,15 @@ class _Replica:
         # disk (not fsynced, so never acked) are simply not held.
         nxt = self.log.next_offset
         for seq, local, count in runs:
-            if local > nxt:
-                break
+            if local >= nxt:
+                break  # (an empty last run maps nothing)
             if count >= 0 and local + count > nxt:
                 count = nxt - local
-            self.runs.append([seq, local, count])
+            if count != 0:
+                self.runs.append([seq, local, count])
+        # Likewise an epoch whose first record never landed is not one this copy holds.
+        head = self.head
+        self.epochs = [e for e in self.epochs if head is not None and e[1] <= head]
 
     def _save(self) -> None:
         fp = os.path.join(self.path, REPLICA_NAME)
@@ -249,7 +252,17 @@ class _Replica:
                 changed = True
             if changed:
                 self._save()  # durable before any record it maps
-            self.log.append_many(envs)
+            try:
+                self.log.append_many(envs)
+            except BaseException:
+                # Nothing of it was written: the new run (and epoch) map nothing. On disk
+                # they are dropped at the next open (an empty run is never loaded).
+                if self.runs and self.runs[-1][1] == self.log.next_offset:
+                    self.runs.pop()
+                if self.epochs and self.epochs[-1] == (epoch, first) and (
+                        self.head is None or self.head <= first):
+                    self.epochs.pop()
+                raise
 
     def rewind(self, to: int) -> None:
         """The origin's log no longer holds seqs ``to..`` (a new epoch took them back):
