@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -305,3 +306,34 @@ def test_a_peer_that_fetches_without_reading_is_held_to_its_fetch_budget(mesh: M
     fetch(99, tok=int(replies[-1]["tok"]))  # type: ignore[call-overload]
     wait_until(lambda: len(replies) > n, 10)
     assert replies[-1]["error"] is None and replies[-1]["events"]
+
+
+def test_a_failed_replica_write_is_asked_for_again_without_a_hole(mesh: Mesh) -> None:
+    from mesh.errors import LogFull
+
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    store = Store(sn, topics=(stream,))
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1, heartbeat_s=0.1) as pub:
+        pub.publish_many(list(range(100)))
+        rep = store._replica((pn.id, stream), create=False)
+        assert rep is not None
+        real = rep.log.append_many
+        fails = [3]  # the disk is full for the next three writes
+
+        def full_then_fine(payloads: Any, timestamp_ns: int | None = None) -> range:
+            if fails[0]:
+                fails[0] -= 1
+                raise LogFull(28, "injected: no space left on device")
+            return real(payloads, timestamp_ns)
+
+        rep.log.append_many = full_then_fine  # type: ignore[method-assign]
+        for i in range(100, 400, 10):
+            pub.publish_many(list(range(i, i + 10)))
+        pub.wait_replicated(399, 20)
+        assert store.stats().write_errors == 3
+    got = store.read(pn.id, stream, 0, 1000)
+    assert [s for s, _ in got] == list(range(400))  # no hole, no repeat
+    assert [decode(e).data for _, e in got] == list(range(400))

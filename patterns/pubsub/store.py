@@ -91,6 +91,7 @@ class StoreStats:
             connection is backed up).
         holdings_answers: ``pubsub.holdings_req`` answered.
         rewinds: times an origin's new epoch took back seqs a replica held.
+        write_errors: replica writes that failed (disk full, I/O): asked for again.
     """
 
     replicas: int = 0
@@ -102,6 +103,7 @@ class StoreStats:
     fetch_busy: int = 0
     holdings_answers: int = 0
     rewinds: int = 0
+    write_errors: int = 0
 
 
 class _Replica:
@@ -320,6 +322,7 @@ class _Follower(Subscriber):
 
     def __init__(self, node: Any, topic: str, store: Store) -> None:
         self._owner_store = store
+        self._gap_ok: dict[Key, int] = {}  # a skip at the source: the next run starts there
         super().__init__(node, topic, start=Start.beginning(), durable=None,
                          auto_commit=False, verify=False)
 
@@ -337,7 +340,22 @@ class _Follower(Subscriber):
     def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
         entry = self._trackers.get(key)
         epoch = (entry[1].epoch or 0) if entry is not None else 0
-        self._owner_store._append(key, first, payloads, epoch)
+        store = self._owner_store
+        rep = store._replica(key, create=False)
+        head = rep.head if rep is not None else None
+        if head is not None and first > head and self._gap_ok.get(key) != first:
+            ok = False  # after a failed write: never leave a hole, ask again from the head
+        else:
+            ok = store._append(key, first, payloads, epoch)
+        self._gap_ok.pop(key, None)
+        if not ok and entry is not None:
+            rep = store._replica(key, create=False)
+            head = rep.head if rep is not None else None
+            tracker = entry[1]
+            # What was not written is asked for again (from the copy's head), at once.
+            tracker.expected = head if head is not None else first
+            tracker._buffer.clear()
+            tracker.known_head = max(tracker.known_head, first + len(payloads))
 
     def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:
         if step.epoch is not None:
@@ -347,6 +365,7 @@ class _Follower(Subscriber):
                 self._owner_store._rewind(key, rewind_to)
         if step.skipped is not None:
             a, b = step.skipped
+            self._gap_ok[key] = b  # the next run may start there: a hole at the source
             self._owner_store._logs.warning(
                 f"gap:{key[0]}", "store: %s seqs %d..%d are not held (%s at the source)",
                 key, a, b - 1, step.skip_reason)
@@ -457,21 +476,22 @@ class Store:
                 rep = self._replicas[key] = _Replica(self._root, key[0], key[1], self._config)
             return rep
 
-    def _append(self, key: Key, first: int, envs: list[bytes], epoch: int) -> None:
-        # Follower thread.
-        rep = self._replica(key, create=True)
-        if rep is None:
-            return
+    def _append(self, key: Key, first: int, envs: list[bytes], epoch: int) -> bool:
+        """Follower thread: write to the copy; False when it failed (nothing acked; the
+        follower asks for them again from the copy's head)."""
         try:
+            rep = self._replica(key, create=True)
+            if rep is None:
+                return True  # closing
             rep.append(first, envs, epoch)
         except LogError as exc:
-            # Not written, never acked: the follower's position is the replica's head, so a
-            # restart asks for them again. Until then they are a hole the follower skipped.
+            self._stats.write_errors += 1
             self._logs.warning(f"append:{key}", "store: cannot write %s: %s", key, exc)
-            return
+            return False
         self._stats.appended += len(envs)
         with self._lock:
             self._dirty.add(key)
+        return True
 
     def _rewind(self, key: Key, to: int) -> None:
         rep = self._replica(key, create=False)
