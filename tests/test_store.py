@@ -337,3 +337,20 @@ def test_a_failed_replica_write_is_asked_for_again_without_a_hole(mesh: Mesh) ->
     got = store.read(pn.id, stream, 0, 1000)
     assert [s for s, _ in got] == list(range(400))  # no hole, no repeat
     assert [decode(e).data for _, e in got] == list(range(400))
+
+
+def test_a_store_reports_its_copies_as_metrics(mesh: Mesh) -> None:
+    from mesh.metrics import parse_prometheus, render_prometheus
+
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    Store(sn, topics=(stream,))
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1) as pub:
+        pub.publish_many(list(range(7)))
+    fams = parse_prometheus(render_prometheus(sn.metrics))
+    heads = [(lab["origin"], v) for lab, v in fams["store_replica_head"]
+             if lab["stream"] == stream]
+    assert heads == [(pn.id, 7)]
+    assert fams["store_events_appended_total"] == [({}, 7)]

@@ -45,6 +45,7 @@ from mesh.log import LogConfig, LogDirectory
 from mesh.log.epochs import EpochHistory
 from mesh.peers import PeerEventKind
 from patterns._closing import close_with
+from patterns._metrics import attach, store_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
 from patterns.pubsub.subscriber import Start, Subscriber
@@ -454,6 +455,7 @@ class Store:
         for t in self._threads:
             t.start()
         node.offer("service", frames.STORE_SERVICE)
+        self._unmetrics = attach(node, store_collector(self))
         self._unclose = close_with(node, self.close)
 
     # -- replicas ---------------------------------------------------------------------------
@@ -809,6 +811,7 @@ class Store:
             self._sync_and_ack(reack=False)
         except MeshError:
             pass
+        self._unmetrics()
         self._unclose()
         self._unpeer()
         try:
