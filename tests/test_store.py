@@ -354,3 +354,21 @@ def test_a_store_reports_its_copies_as_metrics(mesh: Mesh) -> None:
              if lab["stream"] == stream]
     assert heads == [(pn.id, 7)]
     assert fams["store_events_appended_total"] == [({}, 7)]
+
+
+def test_a_subscriber_on_the_stores_own_node_reads_from_it(mesh: Mesh) -> None:
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    Store(sn, topics=(stream,))
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1) as pub:
+        pub.publish_many(list(range(50)))
+    pn.close()
+    wait_until(lambda: not mesh.hub.who_offers("stream", name=stream), 10, what="origin gone")
+    sub = Subscriber(sn, stream, start=Start.beginning())  # the store's own node
+    got: list[Event] = []
+    wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 50, 20,
+               what=lambda: (len(got), sub.stats()))
+    assert [e.data for e in got] == list(range(50))
+    sub.close()

@@ -1205,8 +1205,8 @@ class Subscriber:
         """The live store that holds the most of ``key`` from ``start`` on (None: none)."""
         best, best_head = None, -1
         for store, (oldest, head, _epoch) in self._board.holders(key, self._live_stores).items():
-            if store == self.node.id or not self.node.permits(store, "replicate", key[1]):
-                continue  # our own node is not reached through the control channel
+            if not self.node.permits(store, "replicate", key[1]):
+                continue
             if (start is None or oldest <= start < head) and head > best_head:
                 best, best_head = store, head
         return best
@@ -1233,7 +1233,14 @@ class Subscriber:
         if now >= self._next_holdings:
             self._next_holdings = now + HOLDINGS_S
             self._live_stores = {s for s in board.stores() if s != self.node.id}
-            if self._live_stores:
+            local = self._local_store()
+            if local is not None:  # this node's own store: read directly, no control channel
+                me = self.node.id
+                self._live_stores.add(me)
+                for h in local.holdings():
+                    board.rows.setdefault((h.origin, h.stream), {})[me] = (
+                        h.oldest, h.head, h.epoch)
+            if self._live_stores - {self.node.id}:
                 if self._holdings_since is None:
                     self._holdings_since = now
                 board.ask(self._match)
@@ -1551,7 +1558,11 @@ class Subscriber:
         self.node.reactor.call_soon(self._local_ctrl, kind, raw)
 
     def _local_ctrl(self, kind: str, raw: bytes) -> None:
-        """Reactor thread: a replay request or ack addressed to this node's own hub."""
+        """Reactor thread: a replay request or ack addressed to this node's own hub (or a
+        fetch addressed to this node's own store)."""
+        if kind == frames.CTRL_FETCH:
+            self._local_fetch(raw)
+            return
         hub = _registry.peek(self.node, "pubsub.pub")
         if hub is None:
             return  # no publisher here (any more): the tracker retries after retry_s
@@ -1568,6 +1579,26 @@ class Subscriber:
         reply = hub._serve(rq).to_body()
         self._router._on_data(me, msgpack.unpackb(
             control.encode_body(reply, 1 << 62), raw=False, strict_map_key=False))
+
+    def _local_fetch(self, raw: bytes) -> None:
+        """Reactor thread: a fetch from this node's own store (patterns/pubsub/store.py)."""
+        store = _registry.peek(self.node, "pubsub.store")
+        if store is None:
+            return  # closed meanwhile: the tracker retries after retry_s
+        try:
+            rq = frames.decode_fetch(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+        except (ProtocolError, CodecError) as exc:
+            _log.warning("pubsub: bad local fetch: %s", exc)
+            return
+        reply = store._serve(rq).to_body()
+        self._router._on_data(self.node.id, msgpack.unpackb(
+            control.encode_body(reply, 1 << 62), raw=False, strict_map_key=False))
+
+    def _local_store(self) -> Any:
+        """This node's own store, when one runs and this subscriber is not its follower."""
+        if hasattr(self, "_owner_store"):
+            return None  # a store's follower never reads from itself
+        return _registry.peek(self.node, "pubsub.store")
 
     def _seen(self, pub: str) -> None:
         """A publisher is (back) in the mesh: its cursor rows are not orphaned."""
