@@ -35,6 +35,7 @@ what happened, carry their facts as attributes, and also inherit the built-in th
     │   └── DecryptionFailed                  at-rest data that the key does not open
     ├── WrongThread (RuntimeError)            a one-thread object used from another thread
     └── MeshTimeout (TimeoutError)            a deadline passed
+        └── ReplicationTimeout                fewer stores than asked hold an event (pub/sub)
 
 Modules add their own subclasses below the matching branch (each section is owned by one
 module; keep them grouped).
@@ -437,3 +438,24 @@ class DecryptionFailed(SecurityError):
 
 class MeshTimeout(MeshError, TimeoutError):
     """A deadline passed before the operation completed."""
+
+
+class ReplicationTimeout(MeshTimeout):
+    """Fewer stores than asked hold an event when the wait ended (``Publisher(replicas=k)``).
+
+    The event is in the publisher's own log (durable per its fsync policy) and stays
+    published; only the replication promise was not met in time.
+
+    Attributes:
+        seq: the seq that was waited for.
+        want: the number of stores asked for.
+        have: the number of stores that held it when the wait ended.
+    """
+
+    def __init__(self, stream: str, seq: int, want: int, have: int) -> None:
+        super().__init__(f"event {seq} of stream {stream!r} is held by {have} of {want} "
+                         "store(s) asked for; it is in the local log")
+        self.stream = stream
+        self.seq = seq
+        self.want = want
+        self.have = have

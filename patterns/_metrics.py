@@ -117,6 +117,27 @@ def publisher_collector(pub: Any) -> Callable[[Collect], None]:
     return collect
 
 
+def store_collector(store: Any) -> Callable[[Collect], None]:
+    """Families of a replicated-stream :class:`~patterns.pubsub.store.Store` (one per node)."""
+
+    def collect(out: Collect) -> None:
+        s = store.stats()
+        out.counter("store_events_appended_total", s.appended,
+                    "Envelopes a store wrote to its copies.")
+        out.counter("store_fetches_total", s.fetches, "Fetches a store answered from a copy.",
+                    result="served")
+        out.counter("store_fetches_total", s.fetch_refused,
+                    "Fetches a store answered from a copy.", result="refused")
+        out.counter("store_write_errors_total", s.write_errors,
+                    "Copy writes that failed (asked for again).")
+        for h in store.holdings():
+            out.gauge("store_replica_head", h.head,
+                      "Next seq of an origin's stream a store holds.", origin=h.origin,
+                      stream=h.stream)
+
+    return collect
+
+
 def pubsub_hub_collector(hub: Any) -> Callable[[Collect], None]:
     """Node-wide families of the pub/sub publishing hub: its subscription budgets on the data
     socket and what its replay and ack budgets refused (one sample per node, whatever the

@@ -125,6 +125,33 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
     "pubsub.ack": (lambda: _ctrl(sf.CTRL_ACK, sf.Ack("agg", "temps", 7).to_body()),
                    lambda f: _eq(sf.decode_ack(_ctrl_check(sf.CTRL_ACK)(f)),
                                  sf.Ack("agg", "temps", 7))),
+    "pubsub.fetch": (
+        lambda: _ctrl(sf.CTRL_FETCH, sf.ReplayRequest("s1", 1, "temps", 0, None, None, 100,
+                                                      65536, 0x01020304, origin=NODE).to_body()),
+        lambda f: _eq(sf.decode_fetch(_ctrl_check(sf.CTRL_FETCH)(f)),
+                      sf.ReplayRequest("s1", 1, "temps", 0, None, None, 100, 65536,
+                                       0x01020304, origin=NODE))),
+    "pubsub.fetch_data": (
+        lambda: _ctrl(sf.CTRL_REPLAY_DATA, sf.ReplayData(
+            "s1", 1, "temps", 0, [b"\x90"], 1, 0, False, None, 0x01020304,
+            origin=NODE).to_body()),
+        lambda f: _eq(sf.decode_replay_data(_ctrl_check(sf.CTRL_REPLAY_DATA)(f),
+                                            max_event_size=100),
+                      sf.ReplayData("s1", 1, "temps", 0, [b"\x90"], 1, 0, False, None,
+                                    0x01020304, origin=NODE))),
+    "pubsub.replicated": (
+        lambda: _ctrl(sf.CTRL_REPLICATED, sf.Replicated("temps", 0x01020304, 8).to_body()),
+        lambda f: _eq(sf.decode_replicated(_ctrl_check(sf.CTRL_REPLICATED)(f)),
+                      sf.Replicated("temps", 0x01020304, 8))),
+    "pubsub.holdings_req": (
+        lambda: _ctrl(sf.CTRL_HOLDINGS_REQ, sf.encode_holdings_req("tem", 3)),
+        lambda f: _eq(sf.decode_holdings_req(_ctrl_check(sf.CTRL_HOLDINGS_REQ)(f)),
+                      ("tem", 3))),
+    "pubsub.holdings": (
+        lambda: _ctrl(sf.CTRL_HOLDINGS, sf.encode_holdings(
+            3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], False)),
+        lambda f: _eq(sf.decode_holdings(_ctrl_check(sf.CTRL_HOLDINGS)(f)),
+                      (3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], False))),
     "pipeline.ready": (lambda: pf.encode_ready(pf.Ready("jobs", 8, NODE, "w1")),
                        lambda f: _eq(pf.decode(f), (pf.READY, pf.Ready("jobs", 8, NODE, "w1")))),
     "pipeline.task": (

@@ -28,6 +28,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mesh.cli.bridge_cmd",
     "mesh.cli.keys_cmd",
     "mesh.cli.pubsub_cmd",
+    "mesh.cli.store_cmd",
     "mesh.cli.pipeline_cmd",
     "mesh.cli.rpc_cmd",
     "mesh.cli.streams_cmd",

@@ -27,7 +27,7 @@ from mesh.cli._node_opts import (
     positive_seconds,
     seconds,
 )
-from mesh.errors import ConfigError, MeshTimeout
+from mesh.errors import ConfigError, MeshTimeout, ReplicationTimeout
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="seconds to wait for a subscriber before publishing (default 3)")
     p.add_argument("--linger", type=seconds, default=1.0,
                    help="seconds to stay up after publishing while a subscriber is connected (default 1)")
+    p.add_argument("--replicas", type=positive, default=None, metavar="K",
+                   help="exit once K stores (mesh store) hold the events durably, instead of "
+                        "waiting for subscribers; exit 1 if they do not within --replica-timeout")
+    p.add_argument("--replica-timeout", type=positive_seconds, default=10.0, metavar="S",
+                   help="seconds to wait for --replicas stores (default 10)")
     add_node_args(p)
     p.set_defaults(func=cmd_pub)
 
@@ -116,6 +121,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
     items = data_items(args.data, args.lines)
     if args.data != "-" or not args.lines:
         items = iter(list(items))  # read (and validate) a file or argument before the node starts
+    if args.replicas:
+        return _pub_replicated(args, items)
     with open_node(args, "pub") as node, Publisher(node, args.topic) as pub:
         # The hub counts subscription requests on its data socket: the one sure sign that a subscriber
         # is connected (publishing before that is the slow-joiner loss, though the event is
@@ -155,6 +162,41 @@ def cmd_pub(args: argparse.Namespace) -> int:
             note(f"exiting with {max(owed.values())} event(s) not yet acked by "
                  f"{len(owed)} durable subscriber(s); they stay in the log"
                  + ("" if args.data_dir else " (temporary data dir: deleted now)"))
+    return 0
+
+
+def _pub_replicated(args: argparse.Namespace, items: Any) -> int:
+    """``mesh pub --replicas K``: publish, return once K stores hold every event."""
+    from patterns.pubsub import Publisher
+    from patterns.pubsub.frames import STORE_SERVICE
+
+    with open_node(args, "pub") as node:
+        deadline = time.monotonic() + args.replica_timeout
+        # Find the stores first (so a lost-disk restart continues after what they hold).
+        while (len(node.who_offers("service", name=STORE_SERVICE)) < args.replicas
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        with Publisher(node, args.topic, resume_from_stores=max(
+                0.1, deadline - time.monotonic())) as pub:
+            seqs = [pub.publish(payload_value(x, args.data_json), type=args.type,
+                                subject=args.subject) for x in items]
+            if seqs:
+                try:
+                    pub.wait_replicated(seqs[-1], max(0.0, deadline - time.monotonic()),
+                                        replicas=args.replicas)
+                except ReplicationTimeout:  # a one-line error, exit 1
+                    if not args.data_dir:
+                        note("the events were only in this command's temporary data dir "
+                             "(deleted now): publish again, or give --data-dir")
+                    raise
+            out = {"stream": args.topic, "seqs": seqs, "node": node.id,
+                   "replicas": len(pub.stats().replicated)}
+            if args.json:
+                print(json.dumps(out), flush=True)
+            else:
+                print(f"published {len(seqs)} event(s) to {args.topic}"
+                      + (f" at seq {seqs[0]}{'..' + str(seqs[-1]) if len(seqs) > 1 else ''}"
+                         if seqs else "") + f", held by {args.replicas} store(s)", flush=True)
     return 0
 
 

@@ -91,7 +91,7 @@ class LogDirectory:
         return os.path.join(self.streams_dir, validate_stream_name(stream))
 
     def open(self, stream: str, config: LogConfig | None = None, *,
-             readonly: bool = False) -> Log:
+             readonly: bool = False, start_offset: int = 0) -> Log:
         """Open (creating it when writing) the log of ``stream``; see :meth:`Log.open`.
 
         Raises:
@@ -107,7 +107,7 @@ class LogDirectory:
 
             config = dataclasses.replace(config or LogConfig(),
                                          cipher=RecordCipher(self.key, aad=stream.encode()))
-        return Log.open(path, config=config, readonly=readonly)
+        return Log.open(path, config=config, readonly=readonly, start_offset=start_offset)
 
     def streams(self) -> list[str]:
         """The names of the streams present, sorted."""

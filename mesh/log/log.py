@@ -363,18 +363,23 @@ class Log:
         self._corrupt_regions = 0
         self._corrupt_records = 0
         self.epochs = _epochs.EpochHistory([])
+        self._start_offset = 0
         self._epochs_dirty = False  # EPOCHS written, not yet fsynced (before the data is)
 
     # -- opening ------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, config: LogConfig | None = None,
-             readonly: bool = False) -> Log:
+             readonly: bool = False, start_offset: int = 0) -> Log:
         """Open (creating it if needed) the log stored in directory ``path``.
 
         A writer recovers the log first: a torn or damaged tail is cut back to the last good
         record (logged as a warning and counted in :meth:`stats`); damage in the middle of a
         segment and missing segments are recorded and reported, never silently dropped.
+
+        ``start_offset`` is the first offset of a log that holds no segment yet (a new
+        directory): a writer that lost its log continues after seqs others still hold
+        (patterns/pubsub/store.py). It is ignored when the log has segments.
 
         Raises:
             LogLocked: another process holds the writer lock.
@@ -382,7 +387,10 @@ class Log:
             LogError: the directory cannot be used (missing for ``readonly``, permissions).
         """
         p = os.fspath(path)
+        if start_offset < 0:
+            raise ConfigError(f"start_offset must be >= 0, got {start_offset}")
         self = cls(p, config or LogConfig(), readonly)
+        self._start_offset = start_offset
         try:
             if readonly:
                 if not os.path.isdir(p):
@@ -508,7 +516,7 @@ class Log:
         if not self._segs:
             if self.readonly:
                 return
-            seg = Segment(self.path, 0, self.config.index_interval_bytes)
+            seg = Segment(self.path, self._start_offset, self.config.index_interval_bytes)
             self._segs.append(seg)
         self._next_offset = self._segs[-1].next_offset
         if not self.readonly:

@@ -8,6 +8,8 @@ action      meaning
 publish     send events on a stream/topic (pub/sub)
 subscribe   receive a stream's live events
 replay      ask a publisher for a stream's history (NAK / catch-up)
+replicate   hold and serve a copy of a stream (a pub/sub store; checked by the origin and
+            by subscribers that would read from the store)
 push        add tasks to a queue (pipeline producer)
 work        take tasks from a queue (pipeline worker)
 call        send requests to a service
@@ -32,7 +34,8 @@ from mesh.errors import ConfigError, PermissionDenied
 
 __all__ = ["ACTIONS", "PermissionTable", "Permissions", "Rule", "parse_rule"]
 
-ACTIONS = ("publish", "subscribe", "replay", "push", "work", "call", "serve", "observe")
+ACTIONS = ("publish", "subscribe", "replay", "replicate", "push", "work", "call", "serve",
+           "observe")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher, PublisherStats
+from patterns.pubsub.store import Store, StoreStats
 from patterns.pubsub.subscriber import (
     Batch,
     RetentionGap,
@@ -42,6 +43,8 @@ __all__ = [
     "PublisherStats",
     "RetentionGap",
     "Start",
+    "Store",
+    "StoreStats",
     "StreamGap",
     "StreamReset",
     "Subscriber",

@@ -190,12 +190,24 @@ class AsyncPublisher:
         self.sync = Publisher(*args, **kwargs)
 
     async def publish(self, data: Any = None, **kwargs: Any) -> int:
-        """Publish one event; returns its seq. Raises as :meth:`Publisher.publish`."""
+        """Publish one event; returns its seq. Raises as :meth:`Publisher.publish`.
+
+        With ``replicas`` it waits for the stores in a worker thread (the loop runs on).
+        """
+        if self.sync.replicas:
+            return await asyncio.to_thread(self.sync.publish, data, **kwargs)
         return self.sync.publish(data, **kwargs)
 
     async def publish_many(self, items: Any, **kwargs: Any) -> range:
         """Publish many events; returns their seqs. Raises as :meth:`Publisher.publish_many`."""
+        if self.sync.replicas:
+            return await asyncio.to_thread(self.sync.publish_many, items, **kwargs)
         return self.sync.publish_many(items, **kwargs)
+
+    async def wait_replicated(self, seq: int, timeout: float | None = None, *,
+                              replicas: int | None = None) -> None:
+        """:meth:`Publisher.wait_replicated` without blocking the loop."""
+        await asyncio.to_thread(self.sync.wait_replicated, seq, timeout, replicas=replicas)
 
     async def aclose(self) -> None:
         """Close the publisher. Idempotent."""

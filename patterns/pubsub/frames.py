@@ -35,7 +35,7 @@ from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
 VERSION = 1
 SUPPORTED = (VERSION,)
 #: The pub/sub protocol version (major, minor) this build speaks.
-PROTOCOL = (2, 2)
+PROTOCOL = (2, 3)
 #: The role the publisher's data ROUTER is announced under (``PeerInfo.endpoints``).
 DATA_ROLE = "pubsub"
 #: The role protocol-1 publishers announced their XPUB under (recognised, never connected).
@@ -73,6 +73,18 @@ MAX_TOPIC = 255
 CTRL_REPLAY = "pubsub.replay"
 CTRL_REPLAY_DATA = "pubsub.replay_data"
 CTRL_ACK = "pubsub.ack"
+#: Replicated streams (since 2.3; patterns/pubsub/store.py): a subscriber or store asks a
+#: store for a range of an origin's stream (a ``pubsub.replay`` body plus ``origin``; the
+#: answer is a ``pubsub.replay_data`` plus ``origin``), a store acks what it holds durably to
+#: the origin, and anyone asks a store which origin streams it holds.
+CTRL_FETCH = "pubsub.fetch"
+CTRL_REPLICATED = "pubsub.replicated"
+CTRL_HOLDINGS_REQ = "pubsub.holdings_req"
+CTRL_HOLDINGS = "pubsub.holdings"
+#: The service name a store offers (``node.offer("service", STORE_SERVICE)``).
+STORE_SERVICE = "pubsub.store"
+#: The most items one ``pubsub.holdings`` answer carries (the rest: ``more`` is true).
+MAX_HOLDINGS = 1000
 #: What a ``pubsub.replay`` without ``max`` / ``max_bytes`` asks for (and the most a
 #: publisher ever sends in one reply): 5000 records, 4 MiB of envelopes.
 REPLAY_MAX_RECORDS = 5000
@@ -286,6 +298,8 @@ class ReplayRequest:
             publisher's node (None: none yet). It proves that reply, and everything the
             publisher sent this node before it, was read: the publisher returns those bytes
             to the asking peer's replay budget.
+        origin: ``pubsub.fetch`` only: the node id of the stream's origin (the store holds
+            copies of many origins' streams); None in a ``pubsub.replay``.
     """
 
     sid: str
@@ -299,6 +313,7 @@ class ReplayRequest:
     epoch: int | None = None
     max_event: int | None = None
     tok: int | None = None
+    origin: str | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The msgpack-able map for ``node.send``."""
@@ -311,6 +326,8 @@ class ReplayRequest:
             body["max_event"] = self.max_event
         if self.tok is not None:
             body["tok"] = self.tok
+        if self.origin is not None:
+            body["origin"] = self.origin
         return body
 
 
@@ -346,6 +363,8 @@ class ReplayData:
             (:attr:`ReplayRequest.tok`).
         retry_ms: with ``error="busy"`` (the asking peer is over its replay budget, or its
             connection is backed up): ask again no sooner than this.
+        origin: the answer to a ``pubsub.fetch``: the origin whose stream ``events`` are
+            (the sender is a store); None: the sender is the origin itself.
     """
 
     sid: str
@@ -364,6 +383,7 @@ class ReplayData:
     oversize: int = 0
     tok: int | None = None
     retry_ms: int | None = None
+    origin: str | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The msgpack-able map for ``node.send``."""
@@ -381,6 +401,8 @@ class ReplayData:
             body["tok"] = self.tok
         if self.retry_ms is not None:
             body["retry_ms"] = self.retry_ms
+        if self.origin is not None:
+            body["origin"] = self.origin
         return body
 
 
@@ -434,6 +456,15 @@ def _req_int(body: dict[Any, Any], key: str, kind: str) -> int:
     return val
 
 
+def _origin(body: dict[Any, Any], kind: str) -> str | None:
+    val = body.get("origin")
+    if val is None:
+        return None
+    if not isinstance(val, str) or len(val) != 32 or val.strip("0123456789abcdef"):
+        raise ProtocolError(f"{kind}.origin must be a node id (32 lowercase hex chars)")
+    return val
+
+
 def decode_replay_request(body: object) -> ReplayRequest:
     """Validate a ``pubsub.replay`` body.
 
@@ -462,7 +493,8 @@ def decode_replay_request(body: object) -> ReplayRequest:
     return ReplayRequest(_str(m, "sid", kind), _req_int(m, "req", kind),
                          _str(m, "stream", kind, limit=MAX_TOPIC), start, from_time,
                          _int(m, "to", kind, optional=True), max_records, max_bytes, epoch,
-                         max_event or None, _int(m, "tok", kind, optional=True))
+                         max_event or None, _int(m, "tok", kind, optional=True),
+                         _origin(m, kind))
 
 
 def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
@@ -506,7 +538,7 @@ def decode_replay_data(body: object, *, max_event_size: int) -> ReplayData:
                       events, _req_int(m, "head", kind), _req_int(m, "oldest", kind), gone, error,
                       epoch, truncate, skip, _int(m, "epoch_end", kind, optional=True),
                       oversize, _int(m, "tok", kind, optional=True),
-                      _int(m, "retry_ms", kind, optional=True))
+                      _int(m, "retry_ms", kind, optional=True), _origin(m, kind))
 
 
 def replay_reply_target(body: object) -> tuple[str, int, str] | None:
@@ -536,3 +568,123 @@ def decode_ack(body: object) -> Ack:
     return Ack(_str(m, "name", kind), _str(m, "stream", kind, limit=MAX_TOPIC),
                _req_int(m, "pos", kind))
 
+
+
+# --- replicated streams (since 2.3) ------------------------------------------------------------
+
+
+def decode_fetch(body: object) -> ReplayRequest:
+    """Validate a ``pubsub.fetch`` body (a ``pubsub.replay`` body with a required ``origin``).
+
+    Raises:
+        ProtocolError: a field is missing or mistyped, or ``origin`` is absent.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+    """
+    rq = decode_replay_request(body)
+    if rq.origin is None:
+        raise ProtocolError(f"{CTRL_FETCH} needs 'origin'")
+    return rq
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated:
+    """``pubsub.replicated``: a store tells the origin it holds a stream durably up to a seq.
+
+    Attributes:
+        stream: the stream name.
+        epoch: the origin's writer epoch of the last event the store holds.
+        seq: one past the last seq the store holds (everything below it that the origin
+            still had when the store read it is on the store's disk, fsynced).
+    """
+
+    stream: str
+    epoch: int
+    seq: int
+
+    def to_body(self) -> dict[str, Any]:
+        """The msgpack-able map for ``node.send``."""
+        return {"v": VERSION, "stream": self.stream, "epoch": self.epoch, "seq": self.seq}
+
+
+def decode_replicated(body: object) -> Replicated:
+    """Validate a ``pubsub.replicated`` body.
+
+    Raises:
+        ProtocolError: a field is missing or mistyped.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+    """
+    kind = CTRL_REPLICATED
+    m = _check_map(body, kind)
+    epoch = _req_int(m, "epoch", kind)
+    if epoch >= 1 << 32:
+        raise ProtocolError(f"{kind}.epoch must be a 32-bit integer")
+    return Replicated(_str(m, "stream", kind, limit=MAX_TOPIC), epoch, _req_int(m, "seq", kind))
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """One origin stream a store holds: seqs ``oldest..head-1`` of ``origin``'s ``stream``,
+    the last of them under the origin's writer epoch ``epoch``."""
+
+    origin: str
+    stream: str
+    oldest: int
+    head: int
+    epoch: int
+
+
+def encode_holdings_req(prefix: str, req: int) -> dict[str, Any]:
+    """A ``pubsub.holdings_req`` body: which streams whose name starts with ``prefix``
+    (``""``: all) does the store hold?"""
+    return {"v": VERSION, "prefix": prefix, "req": req}
+
+
+def decode_holdings_req(body: object) -> tuple[str, int]:
+    """Validate a ``pubsub.holdings_req`` body: ``(prefix, req)``.
+
+    Raises:
+        ProtocolError: a field is missing or mistyped.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+    """
+    kind = CTRL_HOLDINGS_REQ
+    m = _check_map(body, kind)
+    return _str(m, "prefix", kind, limit=MAX_TOPIC), _req_int(m, "req", kind)
+
+
+def encode_holdings(req: int, items: list[Holding], more: bool) -> dict[str, Any]:
+    """A ``pubsub.holdings`` body (at most :data:`MAX_HOLDINGS` items)."""
+    return {"v": VERSION, "req": req, "more": more,
+            "items": [[h.origin, h.stream, h.oldest, h.head, h.epoch]
+                      for h in items[:MAX_HOLDINGS]]}
+
+
+def decode_holdings(body: object) -> tuple[int, list[Holding], bool]:
+    """Validate a ``pubsub.holdings`` body: ``(req, items, more)``.
+
+    Raises:
+        ProtocolError: a field is missing or mistyped, an item is malformed, or there are
+            more than :data:`MAX_HOLDINGS` items.
+        UnsupportedVersion: ``v`` is not a version this build speaks.
+    """
+    kind = CTRL_HOLDINGS
+    m = _check_map(body, kind)
+    req = _req_int(m, "req", kind)
+    more = m.get("more", False)
+    items = m.get("items")
+    if not isinstance(more, bool) or not isinstance(items, list) or len(items) > MAX_HOLDINGS:
+        raise ProtocolError(f"{kind} needs items (a list of at most {MAX_HOLDINGS}) and more")
+    out = []
+    for it in items:
+        if not isinstance(it, list) or len(it) != 5:
+            raise ProtocolError(f"{kind} item must be [origin, stream, oldest, head, epoch]")
+        row = {"origin": it[0], "stream": it[1], "oldest": it[2], "head": it[3], "epoch": it[4]}
+        origin = _origin(row, kind)
+        if origin is None:
+            raise ProtocolError(f"{kind} item needs an origin")
+        oldest, head = _req_int(row, "oldest", kind), _req_int(row, "head", kind)
+        epoch = _req_int(row, "epoch", kind)
+        if oldest > head or epoch >= 1 << 32:
+            raise ProtocolError(f"{kind} item has oldest > head or a bad epoch")
+        out.append(Holding(origin, _str(row, "stream", kind, limit=MAX_TOPIC), oldest, head,
+                           epoch))
+    return req, out, more

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import secrets
 import threading
 import time
@@ -44,6 +45,7 @@ from mesh.errors import (
     MeshError,
     OffsetOutOfRange,
     ProtocolError,
+    ReplicationTimeout,
     SendFailed,
 )
 from mesh.log import LogConfig, LogDirectory
@@ -52,6 +54,7 @@ from mesh.tracing import OTEL, child_fields, otel_active, span
 from patterns._closing import close_with
 from patterns._metrics import attach, publisher_collector, pubsub_hub_collector
 from patterns.pubsub import _registry, frames
+from patterns.pubsub.holdings import head_from_stores
 
 __all__ = ["Publisher", "PublisherStats"]
 
@@ -181,6 +184,8 @@ class PublisherStats:
         subscriptions_held: subscriptions the node's data socket holds now (node-wide).
         positions: durable subscription name -> committed position (next seq it will process).
         lag: durable subscription name -> ``head - position``.
+        replicated: store node id -> the seq it holds this stream durably up to (one past
+            the last; acked under the current epoch: patterns/pubsub/store.py).
     """
 
     stream: str
@@ -207,6 +212,11 @@ class PublisherStats:
     subscriptions_held: int = 0
     positions: dict[str, int] = field(default_factory=dict)
     lag: dict[str, int] = field(default_factory=dict)
+    replicated: dict[str, int] = field(default_factory=dict)
+
+
+#: Stores whose replication acks one stream keeps (patterns/pubsub/store.py).
+MAX_REPLICAS_PER_STREAM = 64
 
 
 class _Stream:
@@ -231,6 +241,7 @@ class _Stream:
         self.beat_gap = 0.0  # the current interval between this stream's heartbeats
         self.beat_due = 0.0  # monotonic time of its next heartbeat
         self.rids: list[bytes] = []  # routing ids of the connections subscribed to it
+        self.replicas: dict[str, int] = {}  # store node id -> seq it holds up to (acked)
 
 
 class _Conn:
@@ -304,6 +315,9 @@ class _PubHub:
         self._next_probe = 0.0
         node.handle(frames.CTRL_REPLAY, self._on_replay)
         node.handle(frames.CTRL_ACK, self._on_ack)
+        node.handle(frames.CTRL_REPLICATED, self._on_replicated)
+        self.repl_cond = threading.Condition()
+        self.replicated_refused = 0
         self.timer = node.reactor.call_every(heartbeat_s, self._beat)
         self._unpeer = node.on_peer(self._on_peer)
         self.users = 0
@@ -892,6 +906,32 @@ class _PubHub:
             # its floor TTL and byte cap) what this subscriber has not handled.
             logs[stream].set_retention_floor(name, position)
 
+    def _on_replicated(self, peer_id: str, body: object) -> None:
+        # Reactor thread: a store holds the stream durably up to seq (under our epoch).
+        try:
+            rp = frames.decode_replicated(body)
+        except (ProtocolError, CodecError) as exc:
+            self.bad_requests += 1
+            self.logs.warning("bad_replicated", "pubsub: bad replication ack from %s: %s",
+                              peer_id, exc)
+            return
+        if self.secure and not self.node.permits(peer_id, "replicate", rp.stream):
+            self.replicated_refused += 1
+            return
+        with self.lock:
+            st = self.streams.get(rp.stream)
+            if st is None or rp.epoch != st.epoch:
+                return  # what it holds ends in another epoch: nothing of this one
+            if peer_id not in st.replicas and len(st.replicas) >= MAX_REPLICAS_PER_STREAM:
+                self.replicated_refused += 1
+                return
+            seq = min(rp.seq, st.next_seq)
+            if seq <= st.replicas.get(peer_id, -1):
+                return
+            st.replicas[peer_id] = seq
+        with self.repl_cond:
+            self.repl_cond.notify_all()
+
     def _refuse_ack(self, peer_id: str, ack: frames.Ack) -> None:
         self.acks_refused += 1
         self.logs.warning("ack_budget", "pubsub: ack %r/%r from %s refused: positions budget "
@@ -948,11 +988,24 @@ class Publisher:
             event given to ``publish_event(s)`` that already carries a signature is sent as
             it is (a relay keeps the original publisher's signature). Off: the unsigned fast
             paths are unchanged.
+        replicas: wait for replication (patterns/pubsub/store.py): ``publish()``,
+            ``publish_many()`` and ``publish_events()`` return once this many stores hold
+            the event(s) durably, else raise :class:`~mesh.errors.ReplicationTimeout` after
+            ``replica_timeout_s`` (the events stay in the local log, published). 0: never
+            wait (see :meth:`wait_replicated`).
+        replica_timeout_s: how long a publish waits for ``replicas`` stores.
+        resume_from_stores: when the stream's log directory does not exist (first start,
+            or the disk was lost), wait up to this many seconds for the stores of the mesh
+            to say up to where they hold this node's stream, and start the new log there
+            (under a new writer epoch), so no seq a store holds is used again. Default: 2 s
+            with ``replicas``, else 0 (off).
 
     Raises:
         ConfigError: bad stream name or settings, ``sign=True`` on a node without a signer,
             or this stream already has a publisher on this node.
         LogError: the stream's log cannot be opened (e.g. :class:`~mesh.errors.LogLocked`).
+        ReplicationTimeout: (from the publish calls) with ``replicas``, fewer stores held
+            the event in time.
     """
 
     def __init__(self, node: Any, stream: str, *, durable: bool = True,
@@ -960,9 +1013,17 @@ class Publisher:
                  heartbeat_s: float = 0.5, sndhwm: int = 10_000,
                  forget_after_s: float = 24 * 3600.0,
                  max_event_size: int = DEFAULT_MAX_EVENT_BYTES, linger_s: float = 0.0005,
-                 sign: bool | EventSigner | None = None) -> None:
+                 sign: bool | EventSigner | None = None, replicas: int = 0,
+                 replica_timeout_s: float = 5.0,
+                 resume_from_stores: float | None = None) -> None:
         if not stream or len(stream.encode()) > frames.MAX_TOPIC:
             raise ConfigError(f"bad stream name {stream!r}")
+        if replicas < 0 or (replicas and not durable):
+            raise ConfigError("replicas must be >= 0, and needs a durable stream")
+        if replica_timeout_s < 0:
+            raise ConfigError("replica_timeout_s must be >= 0")
+        self.replicas = replicas
+        self.replica_timeout_s = replica_timeout_s
         if heartbeat_s <= 0:
             raise ConfigError("heartbeat_s must be positive")
         if not 0 <= linger_s <= 1:
@@ -976,7 +1037,15 @@ class Publisher:
         self._closed = False
         log = None
         if durable:
-            log = LogDirectory(node.data_dir).open(stream, log_config or LogConfig())
+            logs = LogDirectory(node.data_dir)
+            start = 0
+            wait_s = resume_from_stores if resume_from_stores is not None else \
+                (2.0 if replicas else 0.0)
+            if wait_s > 0 and not os.path.isdir(logs.path_for(stream)):
+                # A new log (first start, or the disk was lost): continue after the seqs
+                # the stores still hold of this node's stream, under a new epoch.
+                start = head_from_stores(node, stream, wait_s)
+            log = logs.open(stream, log_config or LogConfig(), start_offset=start)
         if forget_after_s < 0:
             raise ConfigError("forget_after_s must be >= 0")
         hub = _hub_for(node, heartbeat_s, sndhwm, forget_after_s)
@@ -1077,7 +1146,32 @@ class Publisher:
                 except ClosedError as exc:
                     raise SendFailed(range(seq, seq + 1), st.durable, str(exc)) from exc
             st.stats.published += 1
+        if self.replicas:
+            self.wait_replicated(seq, self.replica_timeout_s)
         return seq
+
+    def wait_replicated(self, seq: int, timeout: float | None = None, *,
+                        replicas: int | None = None) -> None:
+        """Return once ``replicas`` stores (default: the publisher's ``replicas``, at least
+        1) hold seq ``seq`` durably (they acked ``pubsub.replicated`` past it, under this
+        publisher's epoch).
+
+        Raises:
+            ReplicationTimeout: fewer stores held it when ``timeout`` passed (the event stays
+                in the local log and published).
+        """
+        want = replicas if replicas is not None else max(1, self.replicas)
+        st = self._st
+        cond = self._hub.repl_cond
+
+        def held() -> int:
+            return sum(1 for v in list(st.replicas.values()) if v > seq)
+
+        with cond:
+            if cond.wait_for(lambda: held() >= want or self._closed, timeout) and \
+                    held() >= want:
+                return
+        raise ReplicationTimeout(self.stream, seq, want, held())
 
     def publish_event(self, event: Event) -> int:
         """Publish a prepared event (its ``stream`` and ``seq`` are set here); returns the seq.
@@ -1124,6 +1218,8 @@ class Publisher:
                                    first_seq=start, subject=subject,
                                    max_size=self.max_event_size)
             self._log_and_send(st, start, envs)
+        if self.replicas and envs:
+            self.wait_replicated(start + len(envs) - 1, self.replica_timeout_s)
         return range(start, start + len(envs))
 
     def publish_events(self, events: list[Event]) -> range:
@@ -1154,6 +1250,8 @@ class Publisher:
             envs = [encode(ev.replace(stream=stream, seq=start + i), maxsz)
                     for i, ev in enumerate(events)]
             self._log_and_send(st, start, envs)
+        if self.replicas and envs:
+            self.wait_replicated(start + len(envs) - 1, self.replica_timeout_s)
         return range(start, start + len(envs))
 
     def _log_and_send(self, st: _Stream, start: int, envs: list[bytes]) -> None:
@@ -1210,6 +1308,7 @@ class Publisher:
             for (_peer, name), pos in st.positions.items():
                 s.positions[name] = max(pos, s.positions.get(name, 0))
             s.lag = {n: max(0, s.head - p) for n, p in s.positions.items()}
+            s.replicated = dict(st.replicas)
         return s
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -1221,6 +1320,9 @@ class Publisher:
             if self._closed:
                 return
             self._closed = True
+        with hub.repl_cond:
+            hub.repl_cond.notify_all()  # a wait_replicated() in progress ends now
+        with hub.lock:
             try:
                 hub.flush(self._st)
             except ClosedError:

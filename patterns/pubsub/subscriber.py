@@ -61,6 +61,7 @@ from patterns._closing import close_with
 from patterns._metrics import Processing, attach, subscriber_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import ReplayAsk, Step, StreamTracker
+from patterns.pubsub.holdings import HOLDINGS_S, board_for
 
 __all__ = ["Batch", "RetentionGap", "Start", "StreamGap", "StreamReset", "Subscriber",
            "SubscriberStats"]
@@ -640,6 +641,18 @@ class Subscriber:
         self._poller.register(self._rfd, zmq.POLLIN)
         self._router = _registry.get_or_create(node, "pubsub.sub", lambda: _SubRouter(node))
         self._router.subs[self.sid] = self
+        # Replicated streams (patterns/pubsub/store.py): who holds copies of which origin
+        # streams, the live stores, and per stream the origin's oldest seq when it said
+        # "gone" for a range a store still holds (asked of the store from then on).
+        self._board = board_for(node)
+        self._live_stores: set[str] = set()
+        self._origin_floor: dict[Key, int] = {}
+        # Streams whose origin left a request unanswered for retry_s (until it answers one),
+        # and the tracker's retry count when we last sent (a retry shows there).
+        self._origin_mute: set[Key] = set()
+        self._retries_seen: dict[Key, int] = {}
+        self._next_holdings = 0.0
+        self._holdings_since: float | None = None  # when we first asked the stores
         for ep in endpoints:
             self._connect(ep)
         self._unsubscribe_peers: Callable[[], None] = node.on_peer(self._on_peer_event)
@@ -894,6 +907,7 @@ class Subscriber:
                 self._next_resub = now + RESUBSCRIBE_S
                 for conn in list(self._conns.values()):
                     self._subscribe(conn)
+            self._poll_holdings(now)
             self._maybe_commit(now)
 
     def _maybe_commit(self, now: float, quiet: bool = False) -> None:
@@ -1057,7 +1071,8 @@ class Subscriber:
                 self._add_peer(item[1])
                 continue
             _, peer_id, data = item
-            key = (peer_id, data.stream)
+            # A store's answer names the origin whose stream it is (pubsub.fetch).
+            key = (data.origin or peer_id, data.stream)
             entry = self._trackers.get(key)
             if entry is None:
                 self._stats.bad_replies += 1
@@ -1066,6 +1081,20 @@ class Subscriber:
             inflight = self._replay_inflight.get(peer_id)
             if inflight is not None:
                 inflight.pop(key, None)
+            if data.origin is None:
+                self._origin_mute.discard(key)  # the origin answers again
+            if data.gone and data.origin is None and tracker.expected is not None:
+                if self._store_for(key, tracker.expected) is not None:
+                    # The origin's retention deleted what a store still holds: read it there.
+                    self._origin_floor[key] = data.oldest
+                    self._apply(key, tracker, tracker.on_peer_restart(now))
+                    continue
+                if self._stores_unheard(now):
+                    # Stores are up but have not said what they hold yet: ask again shortly
+                    # rather than skip what one of them may hold.
+                    self._origin_floor[key] = data.oldest
+                    tracker.on_replay_busy(data.req, now, 0.2)
+                    continue
             if data.error == "busy":
                 self._stats.replay_busy += 1
                 tracker.on_replay_busy(data.req, now, (data.retry_ms or 500) / 1000)
@@ -1207,22 +1236,112 @@ class Subscriber:
 
     def _send_ask(self, key: Key, tracker: StreamTracker, ask: ReplayAsk) -> None:
         now = time.monotonic()
-        if key[0] != self.node.id:
-            wait = self._replay_slot(key[0], key, now)
+        # The origin serves its stream while it is live and holds the range; otherwise a
+        # store that holds it (same request, plus the origin: pubsub.fetch).
+        target = key[0]
+        retries = tracker.stats.replay_retries
+        if retries > self._retries_seen.get(key, retries) and key[0] != self.node.id:
+            self._origin_mute.add(key)  # our last request went unanswered for retry_s
+        self._retries_seen[key] = retries
+        store = None if self._origin_serves(key, ask.start) else \
+            self._store_for(key, ask.start)
+        if store is not None:
+            target = store
+        if target != self.node.id:
+            wait = self._replay_slot(target, key, now)
             if wait:
                 self._stats.replay_deferred += 1
                 tracker.defer(now, wait)
                 return
-        body = frames.ReplayRequest(self.sid, ask.req, key[1], ask.start, ask.from_time,
-                                    ask.end, self.replay_chunk, self.replay_bytes, ask.epoch,
-                                    self.max_event_size,
-                                    self._router.last_tok.get(key[0])).to_body()
+        rq = frames.ReplayRequest(self.sid, ask.req, key[1], ask.start, ask.from_time,
+                                  ask.end, self.replay_chunk, self.replay_bytes, ask.epoch,
+                                  self.max_event_size, self._router.last_tok.get(target),
+                                  key[0] if store is not None else None)
         try:
-            self._ctrl_send(key[0], frames.CTRL_REPLAY, body)
+            self._ctrl_send(target, frames.CTRL_FETCH if store is not None
+                            else frames.CTRL_REPLAY, rq.to_body())
         except MeshError as exc:
             # Unreachable for now: the tracker re-sends after retry_s.
-            self._router.logs.log(logging.INFO, f"unsent:{key[0]}", "pubsub: replay request to "
-                                  "%s not sent: %s", key[0], exc)
+            self._router.logs.log(logging.INFO, f"unsent:{target}", "pubsub: replay request to "
+                                  "%s not sent: %s", target, exc)
+
+    # --- replicated streams: the replay source (patterns/pubsub/store.py) ------------------
+
+    def _origin_serves(self, key: Key, start: int | None) -> bool:
+        """The origin is live (its data endpoint is known and it did not leave) and, as far
+        as we know, still holds ``start`` (it did not answer "gone" for it)."""
+        pub = key[0]
+        if pub not in self._peer_eps or pub in self._left:
+            return bool(pub == self.node.id)
+        if key in self._origin_mute and self._store_for(key, start) is not None:
+            return False  # live, but it did not answer: a store serves until it does
+        floor = self._origin_floor.get(key)
+        return floor is None or start is None or start >= floor
+
+    def _store_for(self, key: Key, start: int | None) -> str | None:
+        """The live store that holds the most of ``key`` from ``start`` on (None: none)."""
+        best, best_head = None, -1
+        for store, (oldest, head, _epoch) in self._board.holders(key, self._live_stores).items():
+            if not self.node.permits(store, "replicate", key[1]):
+                continue
+            if (start is None or oldest <= start < head) and head > best_head:
+                best, best_head = store, head
+        return best
+
+    def _stores_unheard(self, now: float) -> bool:
+        """Some live store has not answered a holdings request of ours yet (one is sent),
+        for at most 3 x HOLDINGS_S: a store that never answers does not hold a gap open."""
+        board = self._board
+        stores = [s for s in board.stores() if s != self.node.id]
+        if not stores:
+            return False
+        if self._holdings_since is None:
+            self._holdings_since = now
+        if now - self._holdings_since > 3 * HOLDINGS_S:
+            return False
+        self._next_holdings = min(self._next_holdings, now)  # the next tick asks
+        return any(board.answered.get(s, -1.0) < self._holdings_since for s in stores)
+
+    def _poll_holdings(self, now: float) -> None:
+        """Owner tick: ask the stores what they hold of our topic (every HOLDINGS_S), start
+        tracking origin streams known only from a store, and tell the trackers of streams
+        whose origin is not live the stores' heads (as a heartbeat would)."""
+        board = self._board
+        if now >= self._next_holdings:
+            self._next_holdings = now + HOLDINGS_S
+            self._live_stores = {s for s in board.stores() if s != self.node.id}
+            local = self._local_store()
+            if local is not None:  # this node's own store: read directly, no control channel
+                me = self.node.id
+                self._live_stores.add(me)
+                for h in local.holdings():
+                    board.rows.setdefault((h.origin, h.stream), {})[me] = (
+                        h.oldest, h.head, h.epoch)
+            if self._live_stores - {self.node.id}:
+                if self._holdings_since is None:
+                    self._holdings_since = now
+                board.ask(self._match)
+        if not self._live_stores:
+            return
+        for key in board.keys():  # noqa: SIM118  # a copy (a list): the reactor adds rows
+            pub, stream = key
+            if not self._matches(stream) or pub == self.node.id:
+                continue
+            held = board.holders(key, self._live_stores)
+            if not held:
+                continue
+            entry = self._trackers.get(key)
+            if entry is None:
+                if not self.node.permits(pub, "publish", stream) or not any(
+                        self.node.permits(s, "replicate", stream) for s in held):
+                    continue
+                tracker = self._new_tracker(key, replayable=True)
+                self._trackers[key] = (tracker.epoch or 0, tracker)
+                self._apply(key, tracker, tracker.start(now))
+                entry = self._trackers[key]
+            if not self._origin_serves(key, entry[1].expected):
+                head = max(r[1] for r in held.values())
+                self._apply(key, entry[1], entry[1].on_heartbeat(head, now))
 
     # --- positions and commits -------------------------------------------------------------
 
@@ -1521,7 +1640,11 @@ class Subscriber:
         self.node.reactor.call_soon(self._local_ctrl, kind, raw)
 
     def _local_ctrl(self, kind: str, raw: bytes) -> None:
-        """Reactor thread: a replay request or ack addressed to this node's own hub."""
+        """Reactor thread: a replay request or ack addressed to this node's own hub (or a
+        fetch addressed to this node's own store)."""
+        if kind == frames.CTRL_FETCH:
+            self._local_fetch(raw)
+            return
         hub = _registry.peek(self.node, "pubsub.pub")
         if hub is None:
             return  # no publisher here (any more): the tracker retries after retry_s
@@ -1538,6 +1661,26 @@ class Subscriber:
         reply = hub._serve(rq).to_body()
         self._router._on_data(me, msgpack.unpackb(
             control.encode_body(reply, 1 << 62), raw=False, strict_map_key=False))
+
+    def _local_fetch(self, raw: bytes) -> None:
+        """Reactor thread: a fetch from this node's own store (patterns/pubsub/store.py)."""
+        store = _registry.peek(self.node, "pubsub.store")
+        if store is None:
+            return  # closed meanwhile: the tracker retries after retry_s
+        try:
+            rq = frames.decode_fetch(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+        except (ProtocolError, CodecError) as exc:
+            _log.warning("pubsub: bad local fetch: %s", exc)
+            return
+        reply = store._serve(rq).to_body()
+        self._router._on_data(self.node.id, msgpack.unpackb(
+            control.encode_body(reply, 1 << 62), raw=False, strict_map_key=False))
+
+    def _local_store(self) -> Any:
+        """This node's own store, when one runs and this subscriber is not its follower."""
+        if hasattr(self, "_owner_store"):
+            return None  # a store's follower never reads from itself
+        return _registry.peek(self.node, "pubsub.store")
 
     def _seen(self, pub: str) -> None:
         """A publisher is (back) in the mesh: its cursor rows are not orphaned."""

@@ -39,6 +39,25 @@ REPO = str(Path(__file__).resolve().parents[2])
 # schedule is unchanged, its faults on the third worker now hit the thread-pool worker.
 ROLES = ["pub0", "pub1", "sub0", "sub1", "producer", "worker0", "worker1", "poolworker2",
          "resp0", "resp1", "client"]
+#: Replica stores of the chaos streams. Not in ROLES, so every seed's schedule of the other
+#: roles is what it was; they get their own seeded SIGKILLs (:func:`store_kills`) and dial
+#: the hub directly (no proxy: the link faults are the other roles').
+STORE_ROLES = ["store0"]
+
+
+def store_kills(seed: int, duration: float, stores: list[str]) -> list[F.Fault]:
+    """Two SIGKILLs (and restarts) of each store, at seeded times: a pure function."""
+    rng = random.Random(seed ^ 0x570E)
+    out: list[F.Fault] = []
+    for role in stores:
+        t = 2.0 + rng.random() * 2
+        for _ in range(2):
+            length = round(rng.uniform(0.3, 1.5), 2)
+            if t + length > duration - 2.0:
+                break
+            out.append(F.Fault(round(t, 2), "kill", role, length))
+            t += length + 1.0 + rng.random() * max(0.0, duration / 3)
+    return out
 
 
 @dataclass
@@ -115,9 +134,9 @@ class Harness:
         # Namespaces: probed once here (None: probe; False: do not use them even if they work).
         why = N.available() if netns is None else (None if netns else "disabled by the caller")
         self.net: N.HostBridge | None = None
-        self.result = RunResult(run_dir, seed,
-                                F.schedule(seed, duration, ROLES, kinds, netns=why is None),
-                                netns_off=why)
+        sched = F.schedule(seed, duration, ROLES, kinds, netns=why is None)
+        sched = sorted(sched + store_kills(seed, duration, STORE_ROLES), key=lambda f: f.at)
+        self.result = RunResult(run_dir, seed, sched, netns_off=why)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self._flood: F.Flood | None = None
         (run_dir / "out").mkdir(parents=True, exist_ok=True)
@@ -197,8 +216,11 @@ class Harness:
         for role in ROLES:
             self.proxies[role] = Proxy(control) if self.net is None else Proxy(control, host)
             self.cfg["peers"][role] = self.proxies[role].endpoint
+        for role in STORE_ROLES:  # in the root namespace, on the hub's address
+            self.cfg["peers"][role] = control
+            self.cfg.setdefault("iface", {})[role] = host
         self.write_config()
-        for role in ROLES:
+        for role in [*ROLES, *STORE_ROLES]:
             self.start(role)
         self.wait(self.traffic_flows, 40, "traffic on every pattern")
 
@@ -334,7 +356,20 @@ class Harness:
         def said(role: str, ev: str) -> bool:
             return any(e["ev"] == ev for e in self.out(role))
         return (said("pub0", "drained") and said("pub1", "drained") and said("producer", "drained")
-                and all(pubsub_complete(self.run_dir, s) for s in self.cfg["subscribers"]))
+                and all(pubsub_complete(self.run_dir, s) for s in self.cfg["subscribers"])
+                and all(self.store_caught_up(r) for r in STORE_ROLES))
+
+    def store_caught_up(self, store: str) -> bool:
+        """The store says durable, for each publisher's stream, the head it drained at."""
+        last: dict[str, int] = {}
+        for e in self.out(store):
+            if e["ev"] == "durable":
+                last[e["s"]] = e["q"]
+        for pub in ("pub0", "pub1"):
+            dr = [e for e in self.out(pub) if e["ev"] == "drained"]
+            if not dr or last.get(f"chaos.{pub}") != dr[-1]["head"]:
+                return False
+        return True
 
     def close(self) -> None:
         for p in self.procs.values():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.harness import ROLES, RunResult, read_jsonl
+from tests.chaos.harness import ROLES, STORE_ROLES, RunResult, read_jsonl
 
 #: Resource bounds per process (the mesh's processes sit near 20-40 fds and 40-60 MiB).
 MAX_FDS = 256
@@ -260,13 +260,76 @@ def check_resources(result: RunResult, rep: Report) -> None:
                                   f" -> {min(s.rss_kb for s in lastw)} KiB")
 
 
+def check_stores(run_dir: Path, rep: Report) -> None:
+    """Replica stores (patterns/pubsub/store.py): a store SIGKILLed at any point holds, when it
+    starts again, everything an earlier incarnation said was durable (acked), unless its own
+    copy of the origin's epoch history says the origin took those seqs back; and after the
+    drain every store holds exactly what each publisher's log holds, byte for byte."""
+    from mesh.log import LogConfig, LogDirectory
+    from mesh.log.epochs import EpochHistory
+    from patterns.pubsub.store import _Replica
+    reopens = 0
+    for store in STORE_ROLES:
+        durable: dict[tuple[str, str], tuple[int, int]] = {}
+        for e in _lines(run_dir, store):
+            key = (e.get("origin", ""), e.get("s", ""))
+            if e["ev"] == "durable":
+                durable[key] = (e["epoch"], e["q"])
+            elif e["ev"] == "reopened":
+                reopens += 1
+                if key in durable:
+                    epoch, q = durable[key]
+                    need = EpochHistory([tuple(x) for x in e["epochs"]]).divergence(epoch, q)
+                    if (e["head"] or 0) < need:
+                        rep.violations.append(
+                            f"{store} restarted holding {key[1]} up to {e['head']}, but had "
+                            f"said {q} (epoch {epoch}) was durable")
+        root = run_dir / "data" / store / "replicas"
+        for pub in [r for r in ROLES if r.startswith("pub")]:
+            stream = f"chaos.{pub}"
+            origin = (run_dir / "data" / pub / "node.id").read_text().strip()
+            log = LogDirectory(run_dir / "data" / pub).open(stream, readonly=True)
+            try:
+                want = _all(log.read_batch_payloads, 0, log.next_offset)
+            finally:
+                log.close()
+            if not (root / origin).is_dir():
+                rep.violations.append(f"{store} holds nothing of {stream}")
+                continue
+            r = _Replica(root, origin, stream, LogConfig())
+            try:
+                got = _all(r.read, r.oldest or 0, r.head or 0)
+            finally:
+                r.close()
+            if got != want:
+                diff = next((i for i, (a, b) in enumerate(zip(got, want, strict=False))
+                             if a != b), min(len(got), len(want)))
+                rep.violations.append(f"{store}'s copy of {stream} differs from the "
+                                      f"publisher's log from seq {diff} ({len(got)} vs "
+                                      f"{len(want)} events)")
+            rep.facts[f"{store}_{pub}_events"] = len(got)
+    rep.facts["store_reopens"] = reopens
+
+
+def _all(read: Any, start: int, end: int) -> list[bytes]:
+    out: list[bytes] = []
+    seq = start
+    while seq < end:
+        first, envs = read(seq, 5000)
+        if not envs:
+            break
+        out.extend(envs)
+        seq = first + len(envs)
+    return out
+
+
 def check_health(run_dir: Path, result: RunResult, subs: list[str], rep: Report) -> None:
     if not result.drained:
         rep.violations.append("the mesh did not drain within the deadline")
     for role, rc in result.exit_codes.items():
         if rc != 0:
             rep.violations.append(f"{role} did not exit cleanly at the end (rc {rc})")
-    for role in ["hub", *ROLES]:
+    for role in ["hub", *ROLES, *STORE_ROLES]:
         fin = [e for e in _lines(run_dir, role) if e["ev"] == "final"]
         if not fin:
             rep.violations.append(f"{role} wrote no final report")
@@ -295,5 +358,6 @@ def check(result: RunResult, subs: list[str]) -> Report:
     check_pipeline(run_dir, rep)
     check_reqrep(run_dir, result, rep)
     check_resources(result, rep)
+    check_stores(run_dir, rep)
     check_health(run_dir, result, subs, rep)
     return rep

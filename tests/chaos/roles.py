@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -151,7 +152,7 @@ def publisher(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             until(lambda: phase(run_dir, "stop")
                   or all(pub.stats().lag.get(n, 1) == 0 for n in names), cfg["drain_s"], 0.05)
             st = pub.stats()
-            out(ev="drained", head=st.head, lag=st.lag, positions=st.positions)
+            out(ev="drained", head=st.head, lag=st.lag, positions=st.positions, epoch=st.epoch)
             until(lambda: phase(run_dir, "stop"), IDLE_MAX_S)
             final(out, nd, head=pub.stats().head, lag=pub.stats().lag, last_ts_ns=last,
                   now_ns=now)
@@ -175,6 +176,34 @@ def subscriber(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
             sub.commit()
             st = sub.stats()
             final(out, nd, lag=st.lag, stats=vars(st))
+
+
+def store(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
+    """A replica store of every chaos stream (patterns/pubsub/store.py). Before it starts it
+    reports what its disk holds ("reopened": the checker compares that with what earlier
+    incarnations said was durable); then each time a stream's durable head moves, "durable"
+    (written after the fsync the store acks, so a line is never ahead of the disk)."""
+    from mesh.log import LogConfig, LogDirectory
+    from patterns.pubsub.store import Store, _Replica
+    root = os.path.join(run_dir, "data", role, "replicas")
+    if os.path.isdir(root):
+        for origin in sorted(os.listdir(root)):
+            for stream in LogDirectory(os.path.join(root, origin)).streams():
+                rep = _Replica(Path(root), origin, stream, LogConfig())
+                out(ev="reopened", origin=origin, s=stream, head=rep.head, epochs=rep.epochs)
+                rep.close()
+    with make_node(run_dir, role, cfg) as nd:
+        report_node(out, nd)
+        with Store(nd, topics=(STREAM_PREFIX,)) as st:
+            seen: dict[tuple[str, str], tuple[int, int]] = {}
+            while not phase(run_dir, "stop"):
+                for (origin, stream), (epoch, q) in st.durable().items():
+                    if seen.get((origin, stream)) != (epoch, q):
+                        seen[(origin, stream)] = (epoch, q)
+                        out(ev="durable", origin=origin, s=stream, epoch=epoch, q=q)
+                until(lambda: phase(run_dir, "stop"), 0.1)
+            final(out, nd, holdings=[[h.origin, h.stream, h.oldest, h.head, h.epoch]
+                                     for h in st.holdings()], stats=vars(st.stats()))
 
 
 def producer(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
@@ -293,7 +322,7 @@ def client(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
         c.close()
 
 
-ROLES = {"hub": hub, "pub": publisher, "sub": subscriber, "producer": producer,
+ROLES = {"hub": hub, "pub": publisher, "sub": subscriber, "store": store, "producer": producer,
          "worker": worker, "poolworker": pool_worker, "resp": responder, "client": client}
 
 

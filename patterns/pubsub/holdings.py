@@ -1,0 +1,140 @@
+"""Which stores hold which origin streams: one board per node, fed by ``pubsub.holdings``.
+
+Stores (patterns/pubsub/store.py) offer the service :data:`frames.STORE_SERVICE`; anyone on the
+node (a Subscriber choosing where to replay from, a Publisher that lost its log looking for
+where its stream ended) asks them ``pubsub.holdings_req`` and reads the answers here. Answers
+arrive on the reactor thread; readers on other threads see single dict operations (atomic
+under the GIL) and copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from mesh.budget import LogLimiter
+from mesh.errors import CodecError, MeshError, ProtocolError
+from patterns.pubsub import _registry, frames
+
+__all__ = ["HOLDINGS_S", "HoldingsBoard", "board_for", "head_from_stores"]
+
+_log = logging.getLogger("zeromesh.pubsub")
+
+#: How often one prefix's holdings are asked again of every store.
+HOLDINGS_S = 1.0
+#: Rows (origin stream x store) the board keeps at most; beyond that it starts again.
+MAX_ROWS = 100_000
+
+Key = tuple[str, str]  # (origin node id, stream)
+Row = tuple[int, int, int]  # (oldest, head, epoch)
+
+
+class HoldingsBoard:
+    """Per node: (origin, stream) -> {store node id: (oldest, head, epoch)}."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.rows: dict[Key, dict[str, Row]] = {}
+        self.bad = 0
+        self.answers = 0
+        #: store node id -> monotonic time of its latest answer (bounded by the stores seen)
+        self.answered: dict[str, float] = {}
+        self._req = 0
+        self._asked: dict[str, float] = {}  # prefix -> monotonic time of the last ask
+        self._cond = threading.Condition()
+        self._logs = LogLimiter(_log)
+        node.handle(frames.CTRL_HOLDINGS, self._on_holdings)
+
+    def stores(self) -> list[str]:
+        """The live peers offering the store service now."""
+        return [p.node_id for p in self.node.who_offers("service", name=frames.STORE_SERVICE)]
+
+    def ask(self, prefix: str, *, every: float = HOLDINGS_S, force: bool = False) -> int:
+        """Ask every live store which streams starting with ``prefix`` it holds, unless that
+        was asked less than ``every`` seconds ago; returns the number of stores asked."""
+        now = time.monotonic()
+        if not force and now - self._asked.get(prefix, -1e9) < every:
+            return 0
+        if len(self._asked) > 4096:
+            self._asked.clear()
+        self._asked[prefix] = now
+        self._req += 1
+        body = frames.encode_holdings_req(prefix, self._req)
+        n = 0
+        for store in self.stores():
+            try:
+                self.node.send(store, frames.CTRL_HOLDINGS_REQ, body)
+                n += 1
+            except MeshError:
+                pass  # gone meanwhile: asked again at the next round
+        return n
+
+    def holders(self, key: Key, live: set[str] | None = None) -> dict[str, Row]:
+        """The stores that said they hold ``key`` (only those in ``live`` when given)."""
+        got = self.rows.get(key)
+        if not got:
+            return {}
+        items = list(got.items())
+        return {s: r for s, r in items if live is None or s in live}
+
+    def keys(self) -> list[Key]:
+        """Every (origin, stream) some store said it holds."""
+        return list(self.rows)
+
+    def wait(self, pred: Any, timeout: float) -> bool:
+        """Wait until ``pred()`` is true (re-checked at every answer) or ``timeout`` passed."""
+        with self._cond:
+            return bool(self._cond.wait_for(pred, timeout))
+
+    def _on_holdings(self, peer_id: str, body: object) -> None:
+        # Reactor thread.
+        try:
+            _req, items, _more = frames.decode_holdings(body)
+        except (ProtocolError, CodecError) as exc:
+            self.bad += 1
+            self._logs.warning(f"bad:{peer_id}", "pubsub: bad holdings from %s: %s", peer_id, exc)
+            return
+        if len(self.rows) + len(items) > MAX_ROWS:
+            self.rows = {}
+        for h in items:
+            per = self.rows.get((h.origin, h.stream))
+            if per is None:
+                per = self.rows[(h.origin, h.stream)] = {}
+            per[peer_id] = (h.oldest, h.head, h.epoch)
+        self.answers += 1
+        if len(self.answered) > 4096:
+            self.answered.clear()
+        self.answered[peer_id] = time.monotonic()
+        with self._cond:
+            self._cond.notify_all()
+
+
+def head_from_stores(node: Any, stream: str, wait_s: float) -> int:
+    """Where the live stores hold this node's own ``stream`` up to (one past the last seq
+    any of them holds; 0 when none does), waiting up to ``wait_s`` for a store to be found
+    and for every store found to answer."""
+    board = board_for(node)
+    key = (node.id, stream)
+    deadline = time.monotonic() + wait_s
+    asked_at = -1.0
+    while True:
+        now = time.monotonic()
+        stores = board.stores()
+        if stores and (asked_at < 0 or now - asked_at >= 0.5):
+            asked_at = now
+            board.ask(stream, force=True)
+        if stores and all(board.answered.get(s, -1.0) >= asked_at for s in stores):
+            break
+        left = deadline - now
+        if left <= 0:
+            break
+        board.wait(lambda: False, min(left, 0.05))
+    held = board.holders(key)
+    return max((r[1] for r in held.values()), default=0)
+
+
+def board_for(node: Any) -> HoldingsBoard:
+    """The node's holdings board (made, and its handler registered, on first use)."""
+    return _registry.get_or_create(node, "pubsub.holdings", lambda: HoldingsBoard(node))

@@ -1,0 +1,837 @@
+"""Replicated streams: a node that keeps durable copies of other nodes' streams and serves them.
+
+``Store(node, topics=("sensors.",))`` follows every durable stream matching a topic of every
+publisher it finds (a :class:`~patterns.pubsub.subscriber.Subscriber` underneath, so catch-up,
+gap repair and writer epochs are the subscriber's), keeps one log per (origin, stream) in
+``<data_dir>/replicas/<origin>/streams/<stream>/`` holding the origin's envelopes byte for byte,
+fsyncs, and then acks ``pubsub.replicated`` to the origin. It answers ``pubsub.fetch`` (a
+replay request naming the origin) in the reply format of the origin itself, and
+``pubsub.holdings_req`` (which origin streams, which seqs). Design: docs/architecture.md,
+"Replicated streams"; wire: docs/protocol.md, "Replicated streams".
+
+The log's offsets are the store's own; a ``REPLICA`` file beside the segments maps them to
+the origin's seqs (runs) and keeps the origin's epoch history as seen by the store. It is
+replaced atomically and fsynced before the first record of a new run or epoch is written.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh.budget import Budget, LogLimiter
+from mesh.errors import (
+    ClosedError,
+    CodecError,
+    ConfigError,
+    LogCorruptedRange,
+    LogError,
+    MeshError,
+    OffsetOutOfRange,
+    ProtocolError,
+)
+from mesh.log import LogConfig, LogDirectory
+from mesh.log.epochs import EpochHistory
+from mesh.peers import PeerEventKind
+from patterns._closing import close_with
+from patterns._metrics import attach, store_collector
+from patterns.pubsub import _registry, frames
+from patterns.pubsub.gaps import Step, StreamTracker
+from patterns.pubsub.subscriber import Start, Subscriber
+
+__all__ = ["Store", "StoreStats"]
+
+_log = logging.getLogger("zeromesh.pubsub.store")
+
+REPLICA_NAME = "REPLICA"
+_MAGIC = "zeromesh-replica"
+_VERSION = 1
+#: Acks of every replica are sent again this often (an origin that restarted learns them).
+REACK_S = 1.0
+#: The most records / envelope bytes one fetch answer carries.
+MAX_FETCH_RECORDS = frames.REPLAY_MAX_RECORDS
+MAX_FETCH_BYTES = frames.REPLAY_MAX_BYTES
+#: The durable-subscription name a store's position is acked under (a retention floor).
+ACK_NAME = "pubsub.store"
+#: A fetch of a peer whose connection is backed up is answered "busy", retry after this.
+FETCH_RETRY_MS = 500
+#: Fetch-answer bytes one peer may have unproven (sent, not yet echoed by a later request's
+#: ``tok``) and all peers together: the publisher's replay budget, same rules
+#: (docs/protocol.md, "Replay budget"). What one answer costs beyond its envelopes.
+FETCH_PEER_BYTES = 32 << 20
+FETCH_NODE_BYTES = 128 << 20
+FETCH_REPLY_COST = 1024
+FETCH_MIN_CHUNK = 64 << 10
+
+Key = tuple[str, str]  # (origin node id, stream)
+
+
+@dataclass
+class StoreStats:
+    """Counters of a store (a snapshot).
+
+    Attributes:
+        replicas: (origin, stream) copies held.
+        appended: envelopes written to replicas since start.
+        acks: ``pubsub.replicated`` acks sent.
+        fetches: ``pubsub.fetch`` requests answered with data or an empty chunk.
+        fetch_events: envelopes sent in fetch answers.
+        fetch_refused: fetches refused (unknown stream, forbidden, busy, malformed).
+        fetch_busy: fetches answered ``"busy"`` (the peer's fetch budget was used up, or its
+            connection is backed up).
+        holdings_answers: ``pubsub.holdings_req`` answered.
+        rewinds: times an origin's new epoch took back seqs a replica held.
+        write_errors: replica writes that failed (disk full, I/O): asked for again.
+    """
+
+    replicas: int = 0
+    appended: int = 0
+    acks: int = 0
+    fetches: int = 0
+    fetch_events: int = 0
+    fetch_refused: int = 0
+    fetch_busy: int = 0
+    holdings_answers: int = 0
+    rewinds: int = 0
+    write_errors: int = 0
+
+
+class _Replica:
+    """One (origin, stream) copy: a log plus the runs map and the origin's epoch history.
+
+    ``runs`` are ``[seq, local, count]``: origin seqs ``seq..seq+count-1`` are local offsets
+    ``local..``; the last run's count is open (it grows with the log: stored as -1). Guarded
+    by ``lock`` (the follower thread appends, the reactor thread reads).
+    """
+
+    def __init__(self, root: Path, origin: str, stream: str, config: LogConfig) -> None:
+        self.origin = origin
+        self.stream = stream
+        self.lock = threading.RLock()
+        self.log = LogDirectory(root / origin).open(stream, config)
+        self.path = self.log.path
+        self.runs: list[list[int]] = []
+        self.epochs: list[tuple[int, int]] = []
+        self._load()
+
+    # -- the REPLICA file -----------------------------------------------------------------
+
+    def _load(self) -> None:
+        fp = os.path.join(self.path, REPLICA_NAME)
+        try:
+            with open(fp, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            if self.log.first_offset is not None:
+                # Records without a map cannot be served (their seqs are unknown): start the
+                # copy again after them rather than guess.
+                _log.warning("store: %s has records but no %s; they are not served",
+                             self.path, REPLICA_NAME)
+            return
+        except (OSError, ValueError) as exc:
+            raise LogError(f"store: {fp} is unreadable: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("magic") != _MAGIC \
+                or meta.get("v") != _VERSION:
+            raise LogError(f"store: {fp} is not a replica map of version {_VERSION}")
+        runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
+        self.epochs = [(int(e), int(s)) for e, s in meta.get("epochs", [])]
+        # The map is written before the records it maps: records that never reached the
+        # disk (not fsynced, so never acked) are simply not held.
+        nxt = self.log.next_offset
+        for seq, local, count in runs:
+            if local >= nxt:
+                break  # (an empty last run maps nothing)
+            if count >= 0 and local + count > nxt:
+                count = nxt - local
+            if count != 0:
+                self.runs.append([seq, local, count])
+        # Likewise an epoch whose first record never landed is not one this copy holds.
+        head = self.head
+        self.epochs = [e for e in self.epochs if head is not None and e[1] <= head]
+
+    def _save(self) -> None:
+        fp = os.path.join(self.path, REPLICA_NAME)
+        tmp = fp + ".tmp"
+        body = json.dumps({"magic": _MAGIC, "v": _VERSION, "origin": self.origin,
+                           "stream": self.stream, "runs": self.runs,
+                           "epochs": [list(e) for e in self.epochs]})
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fp)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- views (under lock) -----------------------------------------------------------------
+
+    def _run_end(self, i: int) -> int:
+        """One past the last origin seq of run ``i``."""
+        seq, local, count = self.runs[i]
+        if count < 0:
+            count = self.log.next_offset - local
+        return seq + count
+
+    @property
+    def head(self) -> int | None:
+        """One past the last seq held (None: nothing held yet)."""
+        with self.lock:
+            return self._run_end(len(self.runs) - 1) if self.runs else None
+
+    @property
+    def oldest(self) -> int | None:
+        """The first seq still held (the store's own retention may have removed older ones)."""
+        with self.lock:
+            first = self.log.first_offset
+            if first is None or not self.runs:
+                return None
+            for i, (seq, local, _count) in enumerate(self.runs):
+                end = self._run_end(i)
+                lo = seq + max(0, first - local)
+                if lo < end:
+                    return lo
+            return None
+
+    @property
+    def epoch(self) -> int:
+        """The origin's writer epoch of the last record held (0: none, or an old origin)."""
+        return self.epochs[-1][0] if self.epochs else 0
+
+    def history(self) -> EpochHistory:
+        """The origin's epoch history as this replica saw it."""
+        with self.lock:
+            return EpochHistory(list(self.epochs))
+
+    def locate(self, seq: int) -> tuple[int | None, int | None]:
+        """``(local offset, records left in its run)`` of ``seq``, or ``(None, next)`` when
+        the replica does not hold it: ``next`` is the first held seq above it (None: none)."""
+        with self.lock:
+            starts = [r[0] for r in self.runs]
+            i = bisect.bisect_right(starts, seq) - 1
+            if i >= 0 and seq < self._run_end(i):
+                r = self.runs[i]
+                return r[1] + seq - r[0], self._run_end(i) - seq
+            nxt = self.runs[i + 1][0] if i + 1 < len(self.runs) else None
+            return None, nxt
+
+    # -- writing (follower thread) ----------------------------------------------------------
+
+    def append(self, first: int, envs: list[bytes], epoch: int) -> None:
+        """Append envelopes of origin seqs ``first..`` written under origin epoch ``epoch``.
+
+        Raises:
+            LogError: the write failed (nothing is acked then).
+        """
+        with self.lock:
+            head = self.head
+            if head is not None and first < head:
+                envs = envs[head - first:]  # a repeat (the follower never sends one)
+                first = head
+            if not envs:
+                return
+            changed = False
+            if head is None or first != head or self.runs[-1][2] >= 0:
+                if self.runs and self.runs[-1][2] < 0:
+                    last = self.runs[-1]  # the open run ends here
+                    last[2] = self.log.next_offset - last[1]
+                self.runs.append([first, self.log.next_offset, -1])
+                changed = True
+            if not self.epochs or self.epochs[-1][0] != epoch:
+                self.epochs.append((epoch, first))
+                changed = True
+            if changed:
+                self._save()  # durable before any record it maps
+            try:
+                self.log.append_many(envs)
+            except BaseException:
+                # Nothing of it was written: the new run (and epoch) map nothing. On disk
+                # they are dropped at the next open (an empty run is never loaded).
+                if self.runs and self.runs[-1][1] == self.log.next_offset:
+                    self.runs.pop()
+                if self.epochs and self.epochs[-1] == (epoch, first) and (
+                        self.head is None or self.head <= first):
+                    self.epochs.pop()
+                raise
+
+    def rewind(self, to: int) -> None:
+        """The origin's log no longer holds seqs ``to..`` (a new epoch took them back):
+        forget them here too (the records stay in the log until retention)."""
+        with self.lock:
+            head = self.head
+            if head is None or to >= head:
+                return
+            keep: list[list[int]] = []
+            for i, (seq, local, _count) in enumerate(self.runs):
+                if seq >= to:
+                    break
+                end = self._run_end(i)
+                keep.append([seq, local, min(end, to) - seq])
+            self.runs = keep
+            self.epochs = [(e, min(s, to)) for e, s in self.epochs]
+            self._save()  # every run kept is closed: the next append starts a new one
+
+    def sync(self) -> None:
+        """fsync what was appended.
+
+        Raises:
+            LogError: fsync failed.
+        """
+        self.log.flush(sync=True)
+
+    # -- reading (reactor thread) -----------------------------------------------------------
+
+    def read(self, seq: int, n: int) -> tuple[int, list[bytes]]:
+        """Up to ``n`` contiguous envelopes from ``seq`` (one run at most).
+
+        Raises:
+            OffsetOutOfRange: ``seq`` is not held.
+            LogError: the read failed.
+        """
+        local, left = self.locate(seq)
+        if local is None:
+            raise OffsetOutOfRange(seq, None, None)
+        assert left is not None
+        first, envs = self.log.read_batch_payloads(local, min(n, left))
+        if first != local or len(envs) > left:
+            raise LogCorruptedRange(self.path, 0, "records skipped", offset=seq,
+                                    next_offset=seq + (first - local))
+        return seq, envs
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class _Follower(Subscriber):
+    """The store's subscriber: delivers envelopes to the replicas instead of decoding them.
+
+    Its position per (origin, stream) is the replica's head; it keeps no cursor of its own.
+    """
+
+    def __init__(self, node: Any, topic: str, store: Store) -> None:
+        self._owner_store = store
+        self._gap_ok: dict[Key, int] = {}  # a skip at the source: the next run starts there
+        super().__init__(node, topic, start=Start.beginning(), durable=None,
+                         auto_commit=False, verify=False)
+
+    def _add_self(self) -> None:
+        self._self_info = self.node.info()  # the node's own streams are not replicated here
+
+    def _new_tracker(self, key: Key, *, replayable: bool) -> StreamTracker:
+        rep = self._owner_store._replica(key, create=False)
+        head = rep.head if rep is not None else None
+        if head is not None and rep is not None:
+            self._positions[key] = head
+            self._pos_epoch[key] = rep.epoch or None
+        return super()._new_tracker(key, replayable=replayable)
+
+    def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
+        entry = self._trackers.get(key)
+        epoch = (entry[1].epoch or 0) if entry is not None else 0
+        store = self._owner_store
+        rep = store._replica(key, create=False)
+        head = rep.head if rep is not None else None
+        if head is not None and first > head and self._gap_ok.get(key) != first:
+            ok = False  # after a failed write: never leave a hole, ask again from the head
+        else:
+            ok = store._append(key, first, payloads, epoch)
+        self._gap_ok.pop(key, None)
+        if not ok and entry is not None:
+            rep = store._replica(key, create=False)
+            head = rep.head if rep is not None else None
+            tracker = entry[1]
+            # What was not written is asked for again (from the copy's head), at once.
+            tracker.expected = head if head is not None else first
+            tracker._buffer.clear()
+            tracker.known_head = max(tracker.known_head, first + len(payloads))
+
+    def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:
+        if step.epoch is not None:
+            epoch, rewind_to, _lost = step.epoch
+            self._trackers[key] = (epoch, tracker)
+            if rewind_to is not None:
+                self._owner_store._rewind(key, rewind_to)
+        if step.skipped is not None:
+            a, b = step.skipped
+            self._gap_ok[key] = b  # the next run may start there: a hole at the source
+            self._owner_store._logs.warning(
+                f"gap:{key[0]}", "store: %s seqs %d..%d are not held (%s at the source)",
+                key, a, b - 1, step.skip_reason)
+        for first, payloads in step.deliver:
+            self._deliver(key, first, payloads)
+        if step.ask is not None:
+            self._send_ask(key, tracker, step.ask)
+
+
+class Store:
+    """Keeps durable copies of the streams matching ``topics`` and serves them.
+
+    Example::
+
+        store = Store(node, topics=("sensors.",))   # follows every sensors.* publisher
+        ...
+        store.close()
+
+    Subscribers use stores on their own: a replay request for a range the origin cannot
+    serve (it is gone, or its retention deleted it) goes to a store holding it, and the
+    answer carries the origin's envelopes unchanged (signatures verify as the origin's).
+
+    Fetches are held to a replay byte budget per peer, as the publisher's replays are
+    (``fetch_peer_bytes``): a peer that asks and never reads gets ``"busy"`` once that much
+    is unproven.
+
+    Args:
+        node: the started node (its ``data_dir`` holds the replicas).
+        topics: stream names or prefixes (ending in ``.`` or ``*``), as for
+            :class:`~patterns.pubsub.subscriber.Subscriber`; they must not overlap.
+        log_config: the replica logs' settings (retention is the store's own).
+        tamper: tests only: a function applied to every envelope a fetch answer sends (a
+            store that alters data, to show that verifying subscribers refuse it).
+        fetch_peer_bytes: the fetch byte budget of one peer (see above).
+
+    Raises:
+        ConfigError: no topic, overlapping topics, or a store already runs on this node.
+        LogError: a replica cannot be opened.
+    """
+
+    def __init__(self, node: Any, topics: Iterable[str] = ("",), *,
+                 log_config: LogConfig | None = None,
+                 tamper: Callable[[bytes], bytes] | None = None,
+                 fetch_peer_bytes: int = FETCH_PEER_BYTES) -> None:
+        tops = list(topics)
+        if not tops:
+            raise ConfigError("a store needs at least one topic")
+        bases = [t.rstrip("*") for t in tops]
+        for i, a in enumerate(bases):
+            for j, b in enumerate(bases):
+                if i != j and b.startswith(a):
+                    raise ConfigError(f"store topics overlap: {tops[i]!r} and {tops[j]!r}")
+        self.node = node
+        self.topics = tuple(tops)
+        self._config = log_config or LogConfig()
+        self._tamper = tamper
+        self._root = Path(node.data_dir) / "replicas"
+        self._lock = threading.Lock()  # the replicas dict
+        self._replicas: dict[Key, _Replica] = {}
+        self._dirty: set[Key] = set()
+        #: (origin, stream) -> (origin epoch, head) last made durable (fsynced) and acked
+        self._durable: dict[Key, tuple[int, int]] = {}
+        self._stats = StoreStats()
+        self._logs = LogLimiter(_log)
+        self._closed = False
+        # Reactor thread only: fetch bytes sent per peer and not proven read (tok -> bytes).
+        self._budget = Budget("store_fetch_bytes", fetch_peer_bytes,
+                              max(fetch_peer_bytes, FETCH_NODE_BYTES))
+        self._sent: dict[str, OrderedDict[int, int]] = {}
+        if _registry.get_or_create(node, "pubsub.store", lambda: self) is not self:
+            raise ConfigError("a store already runs on this node")
+        try:
+            self._open_existing()
+        except BaseException:
+            _registry.drop(node, "pubsub.store", self)
+            self._close_replicas()
+            raise
+        node.handle(frames.CTRL_FETCH, self._on_fetch)
+        node.handle(frames.CTRL_HOLDINGS_REQ, self._on_holdings_req)
+        self._unpeer = node.on_peer(self._on_peer)
+        self._followers = [_Follower(node, t or "*", self) for t in tops]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(f,), daemon=True,
+                                          name=f"mesh-store-{i}")
+                         for i, f in enumerate(self._followers)]
+        for t in self._threads:
+            t.start()
+        node.offer("service", frames.STORE_SERVICE)
+        self._unmetrics = attach(node, store_collector(self))
+        self._unclose = close_with(node, self.close)
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    def _open_existing(self) -> None:
+        if not self._root.is_dir():
+            return
+        for d in sorted(self._root.iterdir()):
+            origin = d.name
+            if len(origin) != 32 or origin.strip("0123456789abcdef"):
+                continue
+            for stream in LogDirectory(d).streams():
+                self._replicas[(origin, stream)] = _Replica(self._root, origin, stream,
+                                                            self._config)
+
+    def _replica(self, key: Key, *, create: bool) -> _Replica | None:
+        with self._lock:
+            rep = self._replicas.get(key)
+            if rep is None and create and not self._closed:
+                rep = self._replicas[key] = _Replica(self._root, key[0], key[1], self._config)
+            return rep
+
+    def _append(self, key: Key, first: int, envs: list[bytes], epoch: int) -> bool:
+        """Follower thread: write to the copy; False when it failed (nothing acked; the
+        follower asks for them again from the copy's head)."""
+        try:
+            rep = self._replica(key, create=True)
+            if rep is None:
+                return True  # closing
+            rep.append(first, envs, epoch)
+        except LogError as exc:
+            self._stats.write_errors += 1
+            self._logs.warning(f"append:{key}", "store: cannot write %s: %s", key, exc)
+            return False
+        self._stats.appended += len(envs)
+        with self._lock:
+            self._dirty.add(key)
+        return True
+
+    def _rewind(self, key: Key, to: int) -> None:
+        rep = self._replica(key, create=False)
+        if rep is not None:
+            rep.rewind(to)
+            self._durable.pop(key, None)  # never ack again what the rewind took back
+            self._stats.rewinds += 1
+
+    def _run(self, follower: _Follower) -> None:
+        next_reack = time.monotonic() + REACK_S
+        while not self._stop.is_set():
+            try:
+                follower._pump_slice(50)
+            except ClosedError:
+                return
+            except MeshError as exc:
+                self._logs.warning("pump", "store: follower failed: %s", exc)
+            self._sync_and_ack(reack=(now := time.monotonic()) >= next_reack)
+            if now >= next_reack:
+                next_reack = now + REACK_S
+
+    def _sync_and_ack(self, *, reack: bool) -> None:
+        """fsync every replica written since the last call, then ack it to its origin (all
+        of them when ``reack``): an ack is never sent for a record not on disk."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            keys = list(self._replicas) if reack else list(dirty)
+        for key in keys:
+            rep = self._replica(key, create=False)
+            if rep is None:
+                continue
+            with rep.lock:  # what is acked is read before the fsync that covers it
+                head, epoch = rep.head, rep.epoch
+            if head is None:
+                continue
+            if key in dirty or key not in self._durable:
+                try:
+                    rep.sync()
+                except LogError as exc:
+                    self._logs.warning(f"sync:{key}", "store: fsync of %s failed: %s", key,
+                                       exc)
+                    with self._lock:
+                        self._dirty.add(key)  # tried again at the next round
+                    continue
+                self._durable[key] = (epoch, head)
+            else:
+                epoch, head = self._durable[key]
+            try:
+                self.node.send(key[0], frames.CTRL_REPLICATED,
+                               frames.Replicated(key[1], epoch, head).to_body())
+                # Also as a durable subscription's position: the origin's retention keeps
+                # what this store has not copied yet (within its floor TTL and byte cap).
+                self.node.send(key[0], frames.CTRL_ACK,
+                               frames.Ack(ACK_NAME, key[1], head).to_body())
+                self._stats.acks += 1
+            except MeshError:
+                pass  # the origin is gone: acked again when it is back (REACK_S)
+
+    # -- serving (reactor thread) -----------------------------------------------------------
+
+    def _on_holdings_req(self, peer_id: str, body: object) -> None:
+        if self._closed:
+            return
+        try:
+            prefix, req = frames.decode_holdings_req(body)
+        except (ProtocolError, CodecError) as exc:
+            self._logs.warning(f"bad:{peer_id}", "store: bad holdings request from %s: %s",
+                               peer_id, exc)
+            return
+        items = []
+        with self._lock:
+            reps = list(self._replicas.values())
+        for rep in reps:
+            if not rep.stream.startswith(prefix):
+                continue
+            if not self.node.permits(peer_id, "replay", rep.stream):
+                continue
+            head, oldest = rep.head, rep.oldest
+            if head is None:
+                continue
+            items.append(frames.Holding(rep.origin, rep.stream,
+                                        head if oldest is None else oldest, head, rep.epoch))
+        more = len(items) > frames.MAX_HOLDINGS
+        try:
+            self.node.send(peer_id, frames.CTRL_HOLDINGS, frames.encode_holdings(
+                req, items[:frames.MAX_HOLDINGS], more))
+            self._stats.holdings_answers += 1
+        except MeshError:
+            pass
+
+    def _on_fetch(self, peer_id: str, body: object) -> None:
+        if self._closed:
+            return
+        try:
+            rq = frames.decode_fetch(body)
+        except (ProtocolError, CodecError) as exc:
+            self._stats.fetch_refused += 1
+            self._logs.warning(f"bad:{peer_id}", "store: bad fetch from %s: %s", peer_id, exc)
+            target = frames.replay_reply_target(body)
+            if target is not None:
+                self._reply(peer_id, frames.ReplayData(
+                    target[0], target[1], target[2], 0, [], 0, 0, False,
+                    frames.REPLAY_ERROR_MALFORMED))
+            return
+        assert rq.origin is not None
+        budget = self._budget
+        sent = self._sent.get(peer_id)
+        if rq.tok is not None and sent is not None and rq.tok in sent:
+            while sent:  # that answer and every one before it were read
+                tok, n = sent.popitem(last=False)
+                budget.give(peer_id, n)
+                if tok == rq.tok:
+                    break
+        room = min(budget.per_key - budget.held(peer_id), budget.total - budget.held())
+        if not self.node.permits(peer_id, "replay", rq.stream):
+            self._stats.fetch_refused += 1
+            reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0,
+                                      False, "forbidden", origin=rq.origin)
+        elif room - FETCH_REPLY_COST < min(FETCH_MIN_CHUNK, budget.per_key // 2) \
+                or self.node.backlogged(peer_id):
+            self._stats.fetch_refused += 1
+            self._stats.fetch_busy += 1
+            reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0,
+                                      False, "busy", retry_ms=FETCH_RETRY_MS,
+                                      origin=rq.origin)
+        else:
+            if rq.max_bytes > room - FETCH_REPLY_COST:
+                rq = dataclasses.replace(rq, max_bytes=room - FETCH_REPLY_COST)
+            reply = self._serve(rq)
+        self._reply(peer_id, reply, budgeted=True)
+
+    def _reply(self, peer_id: str, reply: frames.ReplayData, *, budgeted: bool = False) -> None:
+        cost = tok = 0
+        if budgeted:
+            cost = FETCH_REPLY_COST + sum(map(len, reply.events))
+            if not self._budget.take(peer_id, cost):
+                self._stats.fetch_refused += 1  # not even the answer fits: none
+                return
+            tok = secrets.randbits(63)
+            self._sent.setdefault(peer_id, OrderedDict())[tok] = cost
+            reply = dataclasses.replace(reply, tok=tok)
+        try:
+            self.node.send(peer_id, frames.CTRL_REPLAY_DATA, reply.to_body())
+        except MeshError as exc:
+            if budgeted:
+                del self._sent[peer_id][tok]
+                self._budget.give(peer_id, cost)
+            self._logs.log(logging.INFO, f"unsent:{peer_id}", "store: fetch answer to %s not "
+                           "sent: %s", peer_id, exc)
+
+    def _on_peer(self, ev: Any) -> None:
+        # Reactor thread: a peer that left holds nothing of the fetch budget any more.
+        if ev.kind is PeerEventKind.LEFT:
+            self._sent.pop(ev.peer.node_id, None)
+            self._budget.drop(ev.peer.node_id)
+
+    def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:
+        """Answer a fetch as the origin's publisher would (``_PubHub._serve``), from the
+        replica: same fields, the origin's epochs, plus ``origin``."""
+        origin = rq.origin
+        assert origin is not None
+        rep = self._replica((origin, rq.stream), create=False)
+        head = rep.head if rep is not None else None
+        if rep is None or head is None:
+            self._stats.fetch_refused += 1
+            return frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0,
+                                     False, "unknown_stream", origin=origin)
+        self._stats.fetches += 1
+        oldest = rep.oldest
+        oldest = head if oldest is None else oldest
+        epoch = rep.epoch
+        hist = rep.history()
+        if rq.start is not None:
+            start = rq.start
+        else:
+            try:
+                local = rep.log.offset_for_time(rq.from_time or 0)
+            except LogError as exc:
+                return frames.ReplayData(rq.sid, rq.req, rq.stream, 0, [], head, oldest,
+                                         False, f"log_error: {exc}", epoch, origin=origin)
+            start = self._seq_of_local(rep, local, head)
+        truncate = None
+        epoch_end = None
+        if rq.epoch is not None and rq.epoch != epoch:
+            epoch_end = hist.end_of(rq.epoch)
+        if rq.start is not None and rq.epoch is not None:
+            d = hist.divergence(rq.epoch, min(rq.start, head))
+            if rq.start > head:
+                d = min(d, head)
+            if d < rq.start:
+                truncate = start = d
+        gone = start < oldest
+        if gone:
+            start = oldest
+        end = head if rq.end is None or truncate is not None else min(rq.end, head)
+        n = min(rq.max_records, MAX_FETCH_RECORDS, max(0, end - start))
+        events: list[bytes] = []
+        first = start
+        skip: tuple[int, int, str] | None = None
+        if n:
+            loc, nxt = rep.locate(start)
+            if loc is None:
+                # A hole in the copy (the source skipped those seqs): say so, go on after it.
+                stop = nxt if nxt is not None else head
+                skip = (start, max(stop, start + 1), "missing")
+                first = skip[1]
+            else:
+                try:
+                    first, events = rep.read(start, n)
+                except LogCorruptedRange as exc:
+                    nx = exc.next_offset if exc.next_offset is not None else head
+                    skip = (start, max(nx, start + 1), "damaged")
+                    first = skip[1]
+                except OffsetOutOfRange:
+                    gone, first = True, rep.oldest or head
+                except LogError as exc:
+                    return frames.ReplayData(rq.sid, rq.req, rq.stream, start, [], head,
+                                             oldest, gone, f"log_error: {exc}", epoch,
+                                             origin=origin)
+            budget = min(rq.max_bytes, MAX_FETCH_BYTES)
+            limit = rq.max_event if rq.max_event is not None else 1 << 62
+            total = 0
+            for i, env in enumerate(events):
+                size = len(env)
+                if size > limit:
+                    del events[i:]
+                    if i == 0:
+                        skip = (first, first + 1, "oversize")
+                        first += 1
+                    break
+                total += size
+                if total > budget and i > 0:
+                    del events[i:]
+                    break
+        if self._tamper is not None:
+            events = [self._tamper(e) for e in events]
+        self._stats.fetch_events += len(events)
+        return frames.ReplayData(rq.sid, rq.req, rq.stream, first, events, head, oldest, gone,
+                                 None, epoch, truncate, skip, epoch_end, origin=origin)
+
+    @staticmethod
+    def _seq_of_local(rep: _Replica, local: int, head: int) -> int:
+        with rep.lock:
+            for i, (seq, lo, _count) in enumerate(rep.runs):
+                if local < lo:
+                    return seq
+                if local < lo + (rep._run_end(i) - seq):
+                    return seq + local - lo
+            return head
+
+    # -- introspection / lifecycle ------------------------------------------------------------
+
+    def holdings(self) -> list[frames.Holding]:
+        """What this store holds now: one item per (origin, stream) with any record."""
+        with self._lock:
+            reps = list(self._replicas.values())
+        out = []
+        for rep in reps:
+            head, oldest = rep.head, rep.oldest
+            if head is not None:
+                out.append(frames.Holding(rep.origin, rep.stream,
+                                          head if oldest is None else oldest, head, rep.epoch))
+        return out
+
+    def read(self, origin: str, stream: str, start: int = 0,
+             max_records: int = 1000) -> list[tuple[int, bytes]]:
+        """``(seq, envelope)`` pairs this store holds of ``origin``'s ``stream`` from
+        ``start`` (tools and tests; holes are skipped).
+
+        Raises:
+            LogError: a read failed.
+        """
+        rep = self._replica((origin, stream), create=False)
+        out: list[tuple[int, bytes]] = []
+        if rep is None:
+            return out
+        seq = start
+        head = rep.head or 0
+        while seq < head and len(out) < max_records:
+            local, nxt = rep.locate(seq)
+            if local is None:
+                if nxt is None:
+                    break
+                seq = nxt
+                continue
+            first, envs = rep.read(seq, max_records - len(out))
+            out.extend((first + i, e) for i, e in enumerate(envs))
+            seq = first + len(envs)
+        return out
+
+    def durable(self) -> dict[Key, tuple[int, int]]:
+        """(origin, stream) -> ``(origin epoch, seq)``: everything below ``seq`` is on this
+        store's disk (fsynced); the store acks exactly these to the origins."""
+        return dict(self._durable)
+
+    def stats(self) -> StoreStats:
+        """A snapshot of the store's counters."""
+        s = StoreStats(**self._stats.__dict__)
+        s.replicas = len(self._replicas)
+        return s
+
+    def close(self) -> None:
+        """Stop following, fsync and ack what was written, close the replicas. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        for f in self._followers:
+            f.close()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5.0)
+        try:
+            self._sync_and_ack(reack=False)
+        except MeshError:
+            pass
+        self._unmetrics()
+        self._unclose()
+        self._unpeer()
+        try:
+            self.node.withdraw("service", frames.STORE_SERVICE)
+        except MeshError:
+            pass
+        _registry.drop(self.node, "pubsub.store", self)
+        self._close_replicas()
+
+    def _close_replicas(self) -> None:
+        with self._lock:
+            reps = list(self._replicas.values())
+        for rep in reps:
+            try:
+                rep.close()
+            except MeshError:
+                pass
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,95 @@
+"""Child process for the replicated-stream tests (``python tests/store_child.py MODE ...``).
+
+Modes:
+  store DATA_DIR MESH PEER TOPIC
+      run a Store of TOPIC; print "READY <node id>", then "HOLD <origin> <stream> <head>" each
+      time a replica's head moved (at most every 0.05 s); serve until stdin closes or killed.
+  pub DATA_DIR MESH PEER STREAM START N REPLICAS BATCH
+      Publisher(replicas=REPLICAS): publish N events (data = START+i) in publish_many calls of
+      BATCH; print "ACK <last seq>" after each returned (the stores hold it), then "DONE" and
+      serve until stdin closes.
+  sub DATA_DIR MESH PEER TOPIC NAME LAST OUT
+      durable subscriber NAME from the beginning; append "<id> <seq> <data>\\n" to OUT for each
+      event (one os.write), exit 0 once it handled seq LAST.
+All nodes use a fast presence (a killed peer is LEFT within about a second).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mesh.node import Node, PresenceConfig
+from patterns.pubsub.publisher import Publisher
+from patterns.pubsub.store import Store
+from patterns.pubsub.subscriber import Start, Subscriber
+
+PRESENCE = PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6)
+
+
+def node(data_dir: str, mesh: str, peer: str) -> Node:
+    return Node(data_dir=data_dir, name=f"child-{os.getpid()}", mesh=mesh, mdns=False,
+                interface="127.0.0.1", static_peers=(peer,), presence=PRESENCE)
+
+
+def store(data_dir: str, mesh: str, peer: str, topic: str) -> None:
+    with node(data_dir, mesh, peer) as nd, Store(nd, topics=(topic,)) as st:
+        sys.stdout.write(f"READY {nd.id}\n")
+        sys.stdout.flush()
+        seen: dict[tuple[str, str], int] = {}
+        os.set_blocking(sys.stdin.fileno(), False)
+        while True:
+            try:
+                if sys.stdin.buffer.read() == b"":
+                    return  # stdin closed
+            except (BlockingIOError, TypeError):
+                pass
+            for h in st.holdings():
+                if seen.get((h.origin, h.stream)) != h.head:
+                    seen[(h.origin, h.stream)] = h.head
+                    sys.stdout.write(f"HOLD {h.origin} {h.stream} {h.head}\n")
+                    sys.stdout.flush()
+            time.sleep(0.05)  # a reporting interval, not a wait for an outcome
+
+
+def pub(data_dir: str, mesh: str, peer: str, stream: str, start: str, n: str, replicas: str,
+        batch: str) -> None:
+    with node(data_dir, mesh, peer) as nd, Publisher(nd, stream, heartbeat_s=0.1,
+                                                     replicas=int(replicas),
+                                                     replica_timeout_s=30.0) as p:
+        sys.stdout.write(f"HEAD {p.head} {p.stats().epoch}\n")
+        base, total, size = int(start), int(n), int(batch)
+        for i in range(0, total, size):
+            seqs = p.publish_many([base + j for j in range(i, min(total, i + size))],
+                                  type="tick")
+            sys.stdout.write(f"ACK {seqs[-1]}\n")
+            sys.stdout.flush()
+        sys.stdout.write("DONE\n")
+        sys.stdout.flush()
+        sys.stdin.read()
+
+
+def sub(data_dir: str, mesh: str, peer: str, topic: str, name: str, last: str,
+        out: str) -> None:
+    stop = int(last)
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    with node(data_dir, mesh, peer) as nd, Subscriber(
+            nd, topic, durable=name, start=Start.beginning(), commit_interval_s=0.1) as s:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ev = s.recv(timeout=0.1)
+            if ev is None:
+                continue
+            os.write(fd, f"{ev.id} {ev.seq} {ev.data}\n".encode())
+            if ev.seq == stop:
+                s.commit()
+                break
+    os.close(fd)
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    {"store": store, "pub": pub, "sub": sub}[mode](*rest)

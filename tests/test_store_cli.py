@@ -1,0 +1,54 @@
+"""`mesh store PREFIX --data-dir D` and `mesh pub --replicas K`, as a user runs them: a one-shot
+`mesh pub --replicas 1` exits as soon as a store holds its event (its temporary data dir is
+gone then), and a late `mesh sub --from beginning` still gets the event, from the store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from tests.test_cli_observe import LOOP, Bg, ce_text, mesh
+from tests.util import unique
+
+
+def test_one_shot_pub_with_replicas_exits_once_held_and_a_late_subscriber_reads_the_store(
+        tmp_path: Path) -> None:
+    m, topic = unique("m"), "plant.boiler"
+    store = Bg("store", "plant.", "--data-dir", str(tmp_path / "store"), "--mesh", m, *LOOP,
+               tmp=tmp_path)
+    try:
+        ep = store.endpoint()
+        t0 = time.monotonic()
+        r = mesh("pub", topic, "hot", "--replicas", "1", "--peer", ep, "--mesh", m, *LOOP,
+                 "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["seqs"] == [0] and out["replicas"] == 1
+        assert time.monotonic() - t0 < 30  # returned once held: no linger, no subscriber
+        # The publisher and its (temporary) data dir are gone: only the store has the event.
+        s = mesh("sub", topic, "--from", "beginning", "--count", "1", "--timeout", "30",
+                 "--json", "--peer", ep, "--mesh", m, *LOOP, timeout=60)
+        assert s.returncode == 0, s.stderr
+        ce = json.loads(s.stdout.splitlines()[0])
+        assert ce_text(ce) == "hot" and ce["meshseq"] == 0
+        store.p.send_signal(signal.SIGTERM)
+        code, text, err = store.finish()
+        assert code == 0, err
+        assert "holds plant.boiler" in text
+    finally:
+        store.stop()
+
+
+def test_pub_replicas_without_a_store_is_a_one_line_error(tmp_path: Path) -> None:
+    m = unique("m")
+    r = mesh("pub", "plant.x", "hot", "--replicas", "1", "--replica-timeout", "0.5",
+             "--mesh", m, *LOOP, timeout=60)
+    assert r.returncode == 1
+    assert "held by 0 of 1 store(s)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_store_needs_a_data_dir(tmp_path: Path) -> None:
+    r = mesh("store", "plant.", "--mesh", unique("m"), *LOOP)
+    assert r.returncode == 1 and "--data-dir" in r.stderr and "Traceback" not in r.stderr
