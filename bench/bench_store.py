@@ -441,9 +441,12 @@ def main() -> int:
     if args.role:
         ROLES[args.role](json.loads(args.spec))
         return 0
-    args.events = args.events or (20_000 if args.quick else 100_000)
-    args.lat = args.lat or (500 if args.quick else 2000)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.events is None:
+        args.events = 20_000 if args.quick else 100_000
+    if args.lat is None:
+        args.lat = 500 if args.quick else 2000
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
