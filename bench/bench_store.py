@@ -21,11 +21,15 @@ median over the rounds. 100 B payloads throughout.
   N-th; latency: one frame at a time, the receiver answers each (a round trip, no disk).
 - **NATS JetStream R3**: three ``nats-server`` processes with JetStream (file storage under a
   temp dir) in one cluster on loopback, a stream with ``num_replicas=3`` (created by polling
-  until the cluster accepts it). Throughput: ``publish_async`` in batches of ``--batch``,
-  awaiting the PubAcks of a batch once 3 are in flight (as the peers' R1 bench does);
+  until the cluster accepts it and its leader and both followers are current; the client
+  then connects to the leader's server, JetStream's best case). Throughput:
+  ``publish_async`` in batches of ``--batch``, awaiting the PubAcks of a batch once 3 are
+  in flight (as the peers' R1 bench does);
   latency: ``js.publish`` one at a time (the PubAck: a quorum of 2 of 3 holds it). The
-  servers' default sync policy applies (they do not fsync every message before the ack;
-  the zeromesh stores do). Skipped with a line when nats-server or nats-py is missing.
+  servers' default sync policy applies (they do not fsync a message before its PubAck;
+  nats-server 2.9 has no option to; a zeromesh store fsyncs before it acks, and the header
+  line gives this filesystem's fsync time). Skipped with a line when nats-server or nats-py
+  is missing.
 
 CPU s / 10k: user+system CPU of every process of the system (publisher and stores; client
 and the three servers; sender and receiver) over the throughput phase, per 10,000 events.
@@ -328,23 +332,26 @@ def stop_nats(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=10)
 
 
-async def _nats_run(urls: list[str], pids: list[int], n: int, lat_n: int,
-                    batch: int) -> dict[str, float]:
+async def _nats_connect(urls: list[str], deadline: float) -> Any:
     import nats
-    from nats.js.api import StorageType
-    deadline = time.monotonic() + SETUP_S
     while True:  # the servers start listening one by one
         try:
-            nc = await nats.connect(servers=urls, connect_timeout=1, max_reconnect_attempts=2,
-                                    allow_reconnect=True)
-            break
+            return await nats.connect(servers=urls, connect_timeout=1,
+                                      max_reconnect_attempts=2, allow_reconnect=True)
         except Exception:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def _nats_setup(urls: list[str], deadline: float) -> str:
+    """Create the R3 stream once the cluster accepts it and wait until its leader and both
+    followers are current; returns the leader's client url."""
+    from nats.js.api import StorageType
+    nc = await _nats_connect(urls, deadline)
     try:
-        js = nc.jetstream(publish_async_max_pending=(WINDOW + 1) * batch)
-        while True:  # the stream is accepted once the cluster (and its meta leader) formed
+        js = nc.jetstream()
+        while True:  # accepted once the cluster (and its meta leader) formed
             try:
                 info = await js.add_stream(name="BENCH", subjects=["bench.r3"],
                                            storage=StorageType.FILE, num_replicas=3)
@@ -354,7 +361,28 @@ async def _nats_run(urls: list[str], pids: list[int], n: int, lat_n: int,
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
-        for _ in range(200):  # warm-up (the stream's leader and followers are current)
+        while True:
+            info = await js.stream_info("BENCH")
+            cl = info.cluster
+            if cl is not None and cl.leader and cl.replicas and len(cl.replicas) == 2 and \
+                    all(r.current for r in cl.replicas):
+                return urls[int(cl.leader[1:])]  # server_name "n<i>" listens on urls[i]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"JetStream R3 stream not current: {cl}")
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+
+
+async def _nats_run(urls: list[str], pids: list[int], n: int, lat_n: int,
+                    batch: int) -> dict[str, float]:
+    deadline = time.monotonic() + SETUP_S
+    leader = await _nats_setup(urls, deadline)
+    # The client talks to the stream leader's server: JetStream's best case (no extra hop).
+    nc = await _nats_connect([leader], deadline)
+    try:
+        js = nc.jetstream(publish_async_max_pending=(WINDOW + 1) * batch)
+        for _ in range(200):  # warm-up
             await js.publish("bench.r3", PAYLOAD, timeout=STEP_S)
 
         inflight: deque[list[Any]] = deque()
@@ -420,6 +448,26 @@ def run_once(system: str, args: argparse.Namespace) -> dict[str, float]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def fsync_probe(where: str | None, n: int = 500) -> tuple[float, float]:
+    """p50/p99 µs of an fsync after a 150 B append, on the filesystem of the runs' dirs (what
+    a zeromesh store waits for before each ack; nats-server 2.9 does not fsync per message)."""
+    d = tempfile.mkdtemp(prefix="bench-store-fsync-", dir=where)
+    try:
+        fd = os.open(os.path.join(d, "f"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            samples = []
+            for _ in range(n):
+                os.write(fd, b"\x00" * 150)
+                t = time.perf_counter_ns()
+                os.fsync(fd)
+                samples.append(time.perf_counter_ns() - t)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return percentiles(samples)
+
+
 def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -463,6 +511,9 @@ def main() -> int:
     print(f"# {args.events:,} events of {SIZE} B per throughput run, {args.lat:,} latency "
           f"samples, batches of {args.batch}, {args.rounds} round(s), {os.cpu_count()} CPUs, "
           f"load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
+    f50, f99 = fsync_probe(args.dir)
+    print(f"# fsync of a 150 B append here: p50 {f50:,.0f} µs, p99 {f99:,.0f} µs "
+          "(a store's ack waits for one; nats-server's PubAck does not)", flush=True)
     results: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
     for r in range(args.rounds):
         for s in systems:
