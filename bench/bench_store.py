@@ -68,6 +68,8 @@ STEP_S = 60.0  # how long one wait for an ack may take
 SYSTEMS = {"raw": ("raw pyzmq PUSH/PULL", "-"), "zm1": ("zeromesh store", "k=1"),
            "zm2": ("zeromesh store", "k=2"), "js3": ("NATS JetStream", "R3")}
 
+OWN = {"raw": "sender", "zm1": "publisher", "zm2": "publisher", "js3": "nats-py client"}
+
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -81,8 +83,14 @@ def cpu_of(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_all(pids: list[int]) -> float:
-    return cpu_of("self") + sum(cpu_of(p) for p in pids)
+def cpu_all(pids: list[int]) -> tuple[float, float]:
+    """(this process's CPU s, the sum of ``pids``' CPU s)."""
+    return cpu_of("self"), sum(cpu_of(p) for p in pids)
+
+
+def cpu_per_10k(c0: tuple[float, float], c1: tuple[float, float], n: int) -> dict[str, float]:
+    own, other = (c1[0] - c0[0]) / n * 10_000, (c1[1] - c0[1]) / n * 10_000
+    return {"cpu10k": own + other, "cpu10k_self": own}
 
 
 def percentiles(samples_ns: list[int]) -> tuple[float, float]:
@@ -221,7 +229,7 @@ def role_zm(spec: dict[str, Any]) -> None:
                 lat.publish(PAYLOAD)  # returns once k stores hold it (fsynced)
                 samples.append(time.perf_counter_ns() - t)
             p50, p99 = percentiles(samples)
-            emit(eps=n / (t1 - t0), p50=p50, p99=p99, cpu10k=(c1 - c0) / n * 10_000)
+            emit(eps=n / (t1 - t0), p50=p50, p99=p99, **cpu_per_10k(c0, c1, n))
         finally:
             for c in stores:
                 c.stop()
@@ -258,7 +266,7 @@ def role_raw(spec: dict[str, Any]) -> None:
     pull.bind("tcp://127.0.0.1:*")
     sink = Child("rawsink", {"data": push.getsockopt_string(zmq.LAST_ENDPOINT),
                              "ack": pull.getsockopt_string(zmq.LAST_ENDPOINT), "n": n + 1,
-                             "lat_n": lat_n})
+                             "lat_n": lat_n, "dir": spec["dir"]})  # dir: names the run
     try:
         sink.wait_line("{", SETUP_S)
         pull.setsockopt(zmq.RCVTIMEO, int(STEP_S * 1000))
@@ -276,7 +284,7 @@ def role_raw(spec: dict[str, Any]) -> None:
             pull.recv()
             samples.append(time.perf_counter_ns() - t)
         p50, p99 = percentiles(samples)
-        emit(eps=n / (t1 - t0), p50=p50, p99=p99, cpu10k=(c1 - c0) / n * 10_000)
+        emit(eps=n / (t1 - t0), p50=p50, p99=p99, **cpu_per_10k(c0, c1, n))
     finally:
         sink.stop()
         ctx.destroy(linger=0)
@@ -407,8 +415,7 @@ async def _nats_run(urls: list[str], pids: list[int], n: int, lat_n: int,
         if info.state.messages != want:
             raise RuntimeError(f"JetStream holds {info.state.messages} messages, not {want}")
         await js.delete_stream("BENCH")
-        return {"eps": n / (t1 - t0), "p50": p50, "p99": p99,
-                "cpu10k": (c1 - c0) / n * 10_000}
+        return {"eps": n / (t1 - t0), "p50": p50, "p99": p99, **cpu_per_10k(c0, c1, n)}
     finally:
         await nc.close()
 
@@ -520,7 +527,8 @@ def main() -> int:
             res = run_once(s, args)
             results[s].append(res)
             print(f"#   round {r + 1} {s}: {res['eps']:,.0f} events/s, p50 {res['p50']:,.0f} "
-                  f"µs, p99 {res['p99']:,.0f} µs", flush=True)
+                  f"µs, p99 {res['p99']:,.0f} µs, CPU s/10k {res['cpu10k']:.3f} of which "
+                  f"{OWN[s]} {res['cpu10k_self']:.3f}", flush=True)
     med = {s: {key: statistics.median(x[key] for x in rs) for key in rs[0]}
            for s, rs in results.items()}
     load1 = os.getloadavg()
