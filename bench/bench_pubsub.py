@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IDLE_S = 3.0
 
 
-def _consumer_raw(endpoint: str, n: int, q: Any, lat: bool) -> None:
+def _consumer_raw(endpoint: str, n: int, q: Any, lat: bool, frames_n: int = 2) -> None:
     import zmq
     ctx = zmq.Context()
     s = ctx.socket(zmq.SUB)
@@ -37,6 +37,12 @@ def _consumer_raw(endpoint: str, n: int, q: Any, lat: bool) -> None:
     # From here: the idle wait before the first event costs no CPU, and the warm-up is tiny.
     got, lats, t_last, c0 = 0, [], 0.0, time.process_time()
     try:
+        if frames_n == 1 and not lat:
+            # The ceiling: one frame per message, one recv() each (warm-up frames are b"w").
+            recv = s.recv
+            while got < n:
+                if recv() != b"w":
+                    got += 1
         while got < n:
             frames = s.recv_multipart()
             if frames[0] == b"w":
@@ -92,7 +98,10 @@ def _wait_ready(q: Any, warm: Any) -> None:
         time.sleep(0.001)
 
 
-def raw_case(transport: str, size: int, n: int, lat_rate: float | None) -> dict[str, Any]:
+def raw_case(transport: str, size: int, n: int, lat_rate: float | None,
+             frames_n: int = 2) -> dict[str, Any]:
+    """Raw pyzmq XPUB/SUB: ``[b"m", payload]`` per message (``frames_n=2``, the historical
+    row) or the payload alone in one frame (``frames_n=1``: the ceiling, throughput only)."""
     import zmq
     ctx = zmq.Context()
     s = ctx.socket(zmq.XPUB)
@@ -104,13 +113,19 @@ def raw_case(transport: str, size: int, n: int, lat_rate: float | None) -> dict[
         ep = f"ipc://{tempfile.mktemp(prefix='zmbench')}"
         s.bind(ep)
     q: Any = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=_consumer_raw, args=(ep, n, q, lat_rate is not None))
+    p = mp.get_context("spawn").Process(target=_consumer_raw,
+                                        args=(ep, n, q, lat_rate is not None, frames_n))
     p.start()
-    _wait_ready(q, lambda: s.send_multipart([b"w", b""]))
+    _wait_ready(q, (lambda: s.send(b"w")) if frames_n == 1
+                else (lambda: s.send_multipart([b"w", b""])))
     payload = b"x" * size
     t0 = time.monotonic()
     c0 = time.process_time()
-    if lat_rate is None:
+    if lat_rate is None and frames_n == 1:
+        send1 = s.send
+        for _ in range(n):
+            send1(payload)
+    elif lat_rate is None:
         send = s.send_multipart
         for _ in range(n):
             send([b"m", payload])
