@@ -50,24 +50,38 @@ def raw_pull(endpoint: str, n: str) -> None:
     t0 = time.perf_counter()
     for _ in range(int(n) - 1):
         s.recv()
-    print(f"done {time.perf_counter() - t0}", flush=True)
+    print(f"done {time.perf_counter() - t0} {time.process_time()}", flush=True)
     s.close(0)
     ctx.term()
 
 
-def bench_raw(n: int, size: int, tmp: str) -> float:
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process so far (Linux /proc; 10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_raw(n: int, size: int, tmp: str,
+              cpu: dict[str, tuple[float, float]] | None = None) -> float:
+    """Raw PUSH/PULL msg/s; ``cpu["raw"]`` = CPU µs per message (producer, consumer)."""
     ep = f"ipc://{tmp}/raw-{size}.sock"
     child = _child("raw-pull", ep, str(n))
     assert child.stdout is not None
     child.stdout.readline()
+    s0 = proc_cpu(child.pid)
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
     s.connect(ep)
     msg = b"x" * size
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for _ in range(n):
         s.send(msg)
+    cp = time.process_time() - c0
     line = child.stdout.readline().decode().split()
+    if cpu is not None:  # the child's own process time at "done", minus what it had at ready
+        cpu["raw"] = (cp / n * 1e6, (float(line[2]) - s0) / n * 1e6)
     elapsed = max(float(line[1]), time.perf_counter() - t0 - 0.0)
     child.wait(10)
     s.close(0)
@@ -87,7 +101,10 @@ def mesh_worker(data_dir: str, mesh: str, peer: str, queue: str) -> None:
                 t.ack()
 
 
-def bench_mesh(n: int, size: int, workers: int, tmp: str) -> float:
+def bench_mesh(n: int, size: int, workers: int, tmp: str,
+               cpu: dict[str, tuple[float, float]] | None = None) -> float:
+    """Tasks acked per second; ``cpu["mesh"]`` = CPU µs per task (producer process with its
+    WorkQueue and node, all worker processes together)."""
     mesh = f"bench-{os.getpid()}-{size}-{workers}-{os.path.basename(tmp)}"
     node = Node(data_dir=f"{tmp}/p-{size}-{workers}", mesh=mesh, interface="127.0.0.1",
                 mdns=False)
@@ -105,12 +122,17 @@ def bench_mesh(n: int, size: int, workers: int, tmp: str) -> float:
             time.sleep(0.01)
         payloads = [b"x" * size] * 1000
         counters = q._dispatcher.counters
+        w0 = sum(proc_cpu(k.pid) for k in kids)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         for _ in range(n // 1000):
             q.push_many(payloads)
         while counters["acked"] < n:
             time.sleep(0.001)
         elapsed = time.perf_counter() - t0
+        if cpu is not None:
+            cpu["mesh"] = ((time.process_time() - c0) / n * 1e6,
+                           (sum(proc_cpu(k.pid) for k in kids) - w0) / n * 1e6)
     finally:
         for k in kids:
             k.kill()

@@ -175,13 +175,22 @@ def _endpoint(transport: str, tmp: str, name: str) -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def paired(transport: str, n: int, inflight: int, mode: str
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process so far (Linux /proc; 10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def paired(transport: str, n: int, inflight: int, mode: str,
+           cpu: dict[str, tuple[float, float]] | None = None
            ) -> tuple[list[float], float, list[float], float, list[float]]:
     """Raw pyzmq and zeromesh side by side: ``(raw latencies, raw req/s, zeromesh latencies,
     zeromesh req/s, floor latencies)``. ``n`` round trips each, one at a time, interleaved in
     blocks of :data:`BLOCK` (raw echo, then the Python floor of :data:`FLOOR_SERVER` driven by
     a raw DEALER, then zeromesh's Client and Service); then the throughputs (``4 n`` requests,
-    ``inflight`` in flight) one after the other."""
+    ``inflight`` in flight) one after the other. ``cpu``, when given, gets ``"raw"`` and
+    ``"mesh"``: CPU µs per request of the throughput phase, (client process, server process)."""
     tmp = tempfile.mkdtemp(prefix="rrbench-")
     ep = _endpoint(transport, tmp, "raw")
     floor_ep = _endpoint(transport, tmp, "floor")
@@ -227,8 +236,16 @@ def paired(transport: str, n: int, inflight: int, mode: str
                     call()
                     lat.append(perf() - t)
         client.close()
+        c0, s0 = time.process_time(), proc_cpu(raw_srv.pid)
         rrate = raw_rate(raw, n * 4, inflight)
+        c1, s1 = time.process_time(), proc_cpu(raw_srv.pid)
+        m0 = proc_cpu(mesh_srv.pid)
         mrate = asyncio.run(_pipelined(node, PAYLOAD, n * 4, inflight))
+        c2, m1 = time.process_time(), proc_cpu(mesh_srv.pid)
+        if cpu is not None:
+            k = 1e6 / (n * 4)
+            cpu["raw"] = ((c1 - c0) * k, (s1 - s0) * k)
+            cpu["mesh"] = ((c2 - c1) * k, (m1 - m0) * k)
         return lats[0], rrate, lats[2], mrate, lats[1]
     finally:
         raw.close(0)

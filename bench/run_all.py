@@ -7,16 +7,26 @@
 Runs, in one process tree and one run (so every ratio compares figures taken minutes apart on
 the same machine, under the same load):
 
-* pub/sub (bench_pubsub.py): raw pyzmq XPUB/SUB vs best-effort ``publish()``, durable
-  ``publish()`` and durable ``publish_many(100)``; tcp loopback and ipc; 100 B and 1 KiB;
-  plain and CURVE (curve_cases.py); one-way latency p50/p99 at 2,000 events/s (100 B, plain).
+* pub/sub (bench_pubsub.py): the ceiling (raw pyzmq XPUB/SUB, the payload alone in one
+  frame per message) and raw XPUB/SUB sending ``[b"m", payload]`` (two frames, the historical
+  row) vs best-effort ``publish()``, durable ``publish()`` and durable ``publish_many(100)``;
+  each zeromesh row has its ratio to both; tcp loopback and ipc; 100 B and 1 KiB; plain and
+  CURVE (curve_cases.py; no ceiling row there yet); one-way latency p50/p99 at 2,000
+  events/s (100 B, plain).
 * request/reply (bench_reqrep.py): raw DEALER/ROUTER vs ``Client`` (p50/p99 one at a time)
   and ``AsyncClient`` (64 in flight, req/s); tcp and ipc; 100 B and 1 KiB; plain and CURVE.
 * pipeline (bench_pipeline.py): raw PUSH/PULL vs WorkQueue + 1 worker, every task acked; ipc
   only (that benchmark's layout); 100 B and 1 KiB; plain only.
 * log (bench_log.py): append_many and replay against a buffered write() ceiling.
-* ``--peers`` (peers.py): NATS JetStream, mosquitto MQTT QoS 1 and Redis Streams on loopback,
-  same workload as pub/sub; ratio against raw pyzmq XPUB/SUB tcp of the same size.
+* ``--peers``: Zenoh's Python binding peer to peer (zenoh_peer.py: put/subscribe against
+  the pub/sub rows, get/queryable against the request/reply rows; tcp, plain; needs the
+  ``bench`` extra, skipped with a line when missing), then (peers.py) NATS JetStream,
+  mosquitto MQTT QoS 1 and Redis Streams on loopback, same workload as pub/sub; ratio
+  against raw pyzmq XPUB/SUB tcp of the same size.
+
+Every pub/sub, request/reply and pipeline cell also has its CPU µs per event (request, task)
+on the producer and consumer sides (process time, every thread of each process): steadier
+than wall-clock rates on a shared machine, and it shows which side a change helps.
 * ``--scaling`` (scaling.py): topics, subscribers, a large log, 50 nodes in one mesh.
 
 Writes ``results.json`` and ``bench.png`` (throughput and latency per system; needs the
@@ -43,6 +53,7 @@ for _p in (HERE, REPO):
         sys.path.insert(0, _p)
 
 Row = dict[str, Any]
+CEILING = "ceiling: raw pyzmq XPUB/SUB, 1 frame"
 SIZES = (100, 1024)
 TRANSPORTS = ("tcp", "ipc")
 
@@ -55,13 +66,25 @@ def _pct_s(xs: list[float], q: float) -> float:
 
 def row(pattern: str, system: str, transport: str, size: int, security: str, thr: float,
         unit: str, raw: float | None, p50: float | None = None, p99: float | None = None,
-        raw_p50: float | None = None, note: str = "") -> Row:
-    """One result row; ratio = thr / raw (None for a raw row itself: printed as 1.00)."""
+        raw_p50: float | None = None, note: str = "", *, ceiling: float | None = None,
+        cpu: tuple[float | None, float | None] | None = None) -> Row:
+    """One result row; ratio = thr / raw (None for a raw row itself: printed as 1.00);
+    ratio_ceiling = thr / ceiling (pub/sub: the single-frame raw XPUB/SUB of the same cell);
+    cpu = CPU µs per event (request, task) on the (producer, consumer) sides."""
     return {"pattern": pattern, "system": system, "transport": transport, "size": size,
             "security": security, "throughput": thr, "unit": unit,
             "ratio": 1.0 if raw is None else thr / raw if raw else None,
+            "ratio_ceiling": thr / ceiling if ceiling else None,
             "is_raw": raw is None, "p50_us": p50, "p99_us": p99,
-            "p50_ratio": (p50 / raw_p50) if (p50 and raw_p50) else None, "note": note}
+            "p50_ratio": (p50 / raw_p50) if (p50 and raw_p50) else None, "note": note,
+            "cpu_p_us": cpu[0] if cpu else None, "cpu_c_us": cpu[1] if cpu else None}
+
+
+def _cpu(r: dict[str, Any], n: int) -> tuple[float | None, float | None]:
+    """(producer, consumer) CPU µs per event of a bench_pubsub result (process time)."""
+    cc = r.get("cpu_c")
+    return (r["cpu_p"] / n * 1e6 if r.get("cpu_p") is not None else None,
+            cc / max(1, r["got"]) * 1e6 if cc is not None else None)
 
 
 def _progress(msg: str) -> None:
@@ -77,15 +100,25 @@ def pubsub_rows(n: int, lat_n: int, curve: bool) -> list[Row]:
     for tr in TRANSPORTS:
         for size in SIZES:
             _progress(f"pubsub {tr} {size} B plain")
-            raw = bp.raw_case(tr, size, n, None)["rate"]
-            rows.append(row("pubsub", "raw pyzmq XPUB/SUB", tr, size, "plain", raw, "msg/s", None))
+            # The ceiling: raw XPUB/SUB with the payload alone in one frame per message; the
+            # historical raw row sends [b"m", payload] (two frames), about 5x slower in Python.
+            c1 = bp.raw_case(tr, size, n, None, frames_n=1)
+            ceil = c1["rate"]
+            rows.append(row("pubsub", CEILING, tr, size, "plain", ceil, "msg/s", None,
+                            ceiling=ceil, cpu=_cpu(c1, n),
+                            note="" if c1["got"] == n else f"got {c1['got']}/{n}"))
+            rows[-1]["is_ceiling"] = True
+            r2 = bp.raw_case(tr, size, n, None)
+            raw = r2["rate"]
+            rows.append(row("pubsub", "raw pyzmq XPUB/SUB", tr, size, "plain", raw, "msg/s", None,
+                            ceiling=ceil, cpu=_cpu(r2, n)))
             for label, durable, batch in (("best-effort publish()", False, 1),
                                           ("durable publish()", True, 1),
                                           ("durable publish_many(100)", True, 100)):
                 r = bp.mesh_case(tr, size, n, durable, None, batch)
                 note = "" if r["got"] == n else f"got {r['got']}/{n}"
                 rows.append(row("pubsub", f"zeromesh {label}", tr, size, "plain", r["rate"],
-                                "msg/s", raw, note=note))
+                                "msg/s", raw, note=note, ceiling=ceil, cpu=_cpu(r, n)))
             if not curve:
                 continue
             _progress(f"pubsub {tr} {size} B CURVE")
@@ -128,12 +161,14 @@ def reqrep_rows(n: int, curve: bool) -> list[Row]:
                 br.PAYLOAD = b"x" * size
                 _progress(f"reqrep {tr} {size} B plain")
                 # latencies interleaved with raw's (bench_reqrep.paired): a fair p50 ratio
-                rl, rr, ml, mr, _ = br.paired(tr, n, 64, "inline")
+                cpu: dict[str, tuple[float, float]] = {}
+                rl, rr, ml, mr, _ = br.paired(tr, n, 64, "inline", cpu=cpu)
                 rows.append(row("reqrep", "raw pyzmq DEALER/ROUTER", tr, size, "plain", rr,
-                                "req/s", None, _pct_s(rl, .5), _pct_s(rl, .99)))
+                                "req/s", None, _pct_s(rl, .5), _pct_s(rl, .99),
+                                cpu=cpu.get("raw")))
                 rows.append(row("reqrep", "zeromesh request (inline handler)", tr, size,
                                 "plain", mr, "req/s", rr, _pct_s(ml, .5), _pct_s(ml, .99),
-                                _pct_s(rl, .5)))
+                                _pct_s(rl, .5), cpu=cpu.get("mesh")))
                 if not curve:
                     continue
                 _progress(f"reqrep {tr} {size} B CURVE")
@@ -160,16 +195,57 @@ def pipeline_rows(n: int) -> list[Row]:
         # Three alternating raw / zeromesh runs, medians of each: one run of either swung by
         # +-30 % on the shared VM (raw PUSH/PULL between 0.9 and 1.4 M msg/s minutes apart).
         raws, meshes = [], []
+        rcpu: list[tuple[float, float]] = []
+        mcpu: list[tuple[float, float]] = []
         for rep in range(3):
-            raws.append(bpl.bench_raw(n, size, tmp))
-            meshes.append(bpl.bench_mesh(n, size, 1, f"{tmp}/{size}-{rep}"))
+            c: dict[str, tuple[float, float]] = {}
+            raws.append(bpl.bench_raw(n, size, tmp, cpu=c))
+            meshes.append(bpl.bench_mesh(n, size, 1, f"{tmp}/{size}-{rep}", cpu=c))
+            rcpu.append(c["raw"])
+            mcpu.append(c["mesh"])
         raw = statistics.median(raws)
         note = "median of 3 alternating runs"
         rows.append(row("pipeline", "raw pyzmq PUSH/PULL", "ipc", size, "plain", raw, "msg/s",
-                        None, note=note))
+                        None, note=note, cpu=_median_pair(rcpu)))
         rows.append(row("pipeline", "zeromesh WorkQueue, 1 worker, acked", "ipc", size, "plain",
-                        statistics.median(meshes), "msg/s", raw, note=note))
+                        statistics.median(meshes), "msg/s", raw, note=note,
+                        cpu=_median_pair(mcpu)))
     return rows
+
+
+def _median_pair(xs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs)
+
+
+def zenoh_rows(n: int, rr_n: int, rows: list[Row]) -> list[Row]:
+    """Zenoh peer-to-peer put/subscribe and get/queryable (bench/zenoh_peer.py), tcp, plain;
+    pub/sub ratios against the raw XPUB/SUB rows of the same size (tcp plain, this run),
+    get/queryable against raw DEALER/ROUTER tcp plain of the same size."""
+    import zenoh_peer as zp
+    out: list[Row] = []
+    ver = zp.version()
+    for size in SIZES:
+        _progress(f"zenoh put/subscribe {size} B")
+        base = {r["system"]: r for r in rows if r["pattern"] == "pubsub"
+                and r["transport"] == "tcp" and r["security"] == "plain" and r["size"] == size}
+        ceil = base.get(CEILING, {}).get("throughput")
+        raw = base.get("raw pyzmq XPUB/SUB", {}).get("throughput")
+        r = zp.pubsub_case(size, n)
+        note = ("" if r["got"] == n else f"got {r['got']}/{n} ") + ver + ", not durable"
+        out.append(row("pubsub", "Zenoh put/subscribe (peer, BLOCK)", "tcp", size, "plain",
+                       r["rate"], "msg/s", raw or 0.0, note=note, ceiling=ceil,
+                       cpu=_cpu(r, n)))
+        _progress(f"zenoh get/queryable {size} B")
+        rbase = next((x for x in rows if x["pattern"] == "reqrep" and x["is_raw"]
+                      and x["transport"] == "tcp" and x["security"] == "plain"
+                      and x["size"] == size), None)
+        g = zp.getq_case(size, rr_n)
+        lat = [x for x in g["lats"]]
+        out.append(row("reqrep", "Zenoh get/queryable (peer)", "tcp", size, "plain", g["rate"],
+                       "req/s", rbase["throughput"] if rbase else 0.0, _pct_s(lat, .5),
+                       _pct_s(lat, .99), rbase["p50_us"] if rbase else None, note=ver,
+                       cpu=(g["cpu_p"] / g["requests"] * 1e6, g["cpu_c"] / g["requests"] * 1e6)))
+    return out
 
 
 def log_rows(k: float) -> list[Row]:
@@ -225,14 +301,17 @@ def _fmt(v: float | None, spec: str = ",.0f") -> str:
 def table(rows: list[Row]) -> str:
     """The one markdown table of the run."""
     out = ["| pattern | system / mode | transport | size | security | throughput | ratio to raw "
-           "| p50 µs | p99 µs | p50 ratio | note |",
-           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+           "| ratio to ceiling | CPU µs/event prod / cons | p50 µs | p99 µs | p50 ratio | note |",
+           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        rc, cp, cc = r.get("ratio_ceiling"), r.get("cpu_p_us"), r.get("cpu_c_us")
         out.append(
             f"| {r['pattern']} | {r['system']} | {r['transport']} | "
             f"{'1 KiB' if r['size'] == 1024 else str(r['size']) + ' B'} | {r['security']} | "
             f"{_fmt(r['throughput'])} {r['unit']} | "
             f"{'' if r['ratio'] is None else format(r['ratio'], '.2f') + 'x'} | "
+            f"{'' if rc is None else format(rc, '.2f') + 'x'} | "
+            f"{'' if cp is None and cc is None else _fmt(cp, '.2f') + ' / ' + _fmt(cc, '.2f')} | "
             f"{_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} | "
             f"{'' if r['p50_ratio'] is None else format(r['p50_ratio'], '.2f') + 'x'} | "
             f"{r['note']} |")
@@ -305,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Run every zeromesh benchmark with raw pyzmq beside each; one table.")
     ap.add_argument("--quick", action="store_true", help="fewer messages per cell")
     ap.add_argument("--peers", action="store_true",
-                    help="also NATS JetStream, mosquitto QoS 1 and Redis Streams (needs the "
+                    help="also Zenoh peer-to-peer put/subscribe and get/queryable (needs "
+                         "eclipse-zenoh: the bench extra; skipped with a line when missing), "
+                         "NATS JetStream, mosquitto QoS 1 and Redis Streams (needs the "
                          "servers on PATH and nats-py, paho-mqtt, redis)")
     ap.add_argument("--scaling", action="store_true",
                     help="also topics / subscribers / large log / 50-node mesh")
@@ -346,6 +427,19 @@ def main(argv: list[str] | None = None) -> int:
             errors[name] = f"{type(exc).__name__}: {exc}"
             print(f"!! {name} failed: {errors[name]}", file=sys.stderr, flush=True)
     if a.peers:
+        import zenoh_peer
+        why = zenoh_peer.available()
+        if why:
+            print(f"Zenoh rows skipped: {why}", flush=True)
+            errors_skipped = why
+        else:
+            errors_skipped = None
+            try:
+                rows += zenoh_rows(20_000 if q else 50_000, 1000 if q else 3000, rows)
+            except Exception as exc:
+                errors["zenoh"] = f"{type(exc).__name__}: {exc}"
+                print(f"!! zenoh failed: {errors['zenoh']}", file=sys.stderr, flush=True)
+        meta["zenoh_skipped"] = errors_skipped
         try:
             import peers
             prows = peers.run_peers(n=20_000 if q else 50_000, lat_n=1000 if q else 3000,
@@ -368,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("Ratios: zeromesh / raw pyzmq in the same run, same transport, size and security "
           "(CURVE rows against raw CURVE); brokers against raw XPUB/SUB tcp plain; log against "
-          "a buffered write(). p50 ratio likewise.")
+          "a buffered write(). p50 ratio likewise. Pub/sub: 'ratio to raw' is against the "
+          "two-frame raw loop ([b\"m\", payload]), 'ratio to ceiling' against one frame per "
+          "message. CPU: process time per event (request, task) on the producer / consumer "
+          "side, every thread of each process.")
     print(table(rows))
     if scaling is not None:
         import scaling as sc

@@ -922,6 +922,50 @@ def decode(buf: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_EVEN
         # FormatError, StackError (too deep), ValueError (length prefix past the end, bad
         # UTF-8), TypeError (unhashable map key). Nothing else can reach this point.
         raise MalformedEvent(f"not a msgpack envelope: {exc}") from exc
+    # The common case inline: a v1.0 envelope of 15 elements whose every field is of the
+    # type and range _from_array accepts. Anything else (an extras map, another minor or
+    # major, a wrong field) goes to _from_array, which accepts or refuses it exactly as it
+    # always did; this path only spares it the calls and the per-field helper lookups (0.97
+    # -> 0.73 µs per 100 B event, bench/bench_sub_cpu.py measures the whole receive path).
+    if type(a) is list and len(a) == _N_FIXED:
+        (
+            major, minor, stream, seq, id_, t, type_, source, subject, dct, corr, caus, tp,
+            headers, data,
+        ) = a  # fmt: skip
+        if (
+            major.__class__ is int and major == 1 and minor.__class__ is int and minor == 0
+            and stream.__class__ is str
+            and (seq is None or (seq.__class__ is int and seq >= 0))
+            and id_.__class__ is str and id_
+            and t.__class__ is int and _MIN_US <= t <= _MAX_US
+            and type_.__class__ is str and type_
+            and source.__class__ is str and source
+            and (subject is None or subject.__class__ is str)
+            and (dct is None or dct.__class__ is str)
+            and (corr is None or corr.__class__ is str)
+            and (caus is None or caus.__class__ is str)
+            and (tp is None or tp.__class__ is str)
+            and headers.__class__ is dict and not headers
+        ):  # fmt: skip
+            b = _new(_Builder)
+            b.id = id_
+            b.source = source
+            b.type = type_
+            b.time_us = t
+            b.subject = subject
+            b.datacontenttype = dct
+            b.data = data
+            b.correlationid = corr
+            b.causationid = caus
+            b.traceparent = tp
+            b.headers = headers
+            b.stream = stream
+            b.seq = seq
+            b.version = ENVELOPE_VERSION
+            b._extras = _EMPTY
+            b._time = None
+            b.__class__ = Event  # type: ignore[assignment]
+            return b  # type: ignore[return-value]
     return _from_array(a)
 
 

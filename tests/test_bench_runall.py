@@ -23,3 +23,22 @@ def test_run_all_rejects_an_unknown_option() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "unrecognized arguments" in out.stderr
+
+
+def test_zenoh_rows_say_why_they_are_skipped_without_the_binding() -> None:
+    # The Zenoh rows are optional (the bench extra): without eclipse-zenoh the harness must
+    # name what is missing and how to get it, not fail with an ImportError deep in a run.
+    code = ("import sys; sys.modules['zenoh'] = None; sys.path.insert(0, sys.argv[1]); "
+            "import zenoh_peer; print(zenoh_peer.available())")
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "eclipse-zenoh is not installed" in out.stdout
+    assert "zeromesh[bench]" in out.stdout
+
+
+def test_run_all_help_names_the_zenoh_rows() -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Zenoh" in out.stdout

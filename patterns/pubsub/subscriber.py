@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import count, islice, repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -1168,6 +1169,14 @@ class Subscriber:
             return
         ready = self._ready
         maxsz = self.max_event_size
+        try:
+            # The common case, every envelope decodes: the loop and the queueing run in C.
+            events = list(map(decode, payloads, repeat(maxsz)))
+        except CodecError:
+            pass  # decoded again one by one below: the bad one becomes a gap at its seq
+        else:
+            ready.extend(zip(repeat(key), count(first), events))
+            return
         seq = first
         for buf in payloads:
             try:
@@ -1558,12 +1567,17 @@ class Subscriber:
             items = [item]
             ready = self._ready
             if ready and max_events > 1:
-                append = items.append
+                # Taken in C: a copy of the next items, cut before the first one that is not
+                # an event (a gap or a skipped event: handled in order by the next call),
+                # then as many popped.
+                more = list(islice(ready, min(len(ready), max_events - 1)))
+                kinds = list(map(type, map(_third, more)))
+                if _Mark in kinds:
+                    del more[kinds.index(_Mark):]
                 popleft = ready.popleft
-                for _ in range(min(len(ready), max_events - 1)):
-                    if ready[0][2].__class__ is not Event:
-                        break  # a gap or a skipped event: handled in order by the next call
-                    append(popleft())
+                for _ in repeat(None, len(more)):
+                    popleft()
+                items += more
                 out.extend(map(_third, items))
             else:
                 out.append(first)
