@@ -1,0 +1,287 @@
+"""Request/reply BATCH (1.4): several requests or replies in one message, negotiated by ``rev``.
+
+Real sockets: a real node and service, driven by a raw pyzmq ROUTER that writes the frames
+itself (batches, malformed items, huge batches, a 1.3 caller), and the asyncio client with 64
+calls in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from mesh.errors import ConfigError
+from mesh.node import Node
+from patterns.reqrep import AsyncClient, Client, ClientConfig, Service, ServiceConfig
+from patterns.reqrep import frames as fr
+from tests.util import ctrl, make_node, unique, wait_until
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def _req(rid: str, service: str, body: bytes = b"x", ttl: int = 5000, rev: int = 4) -> bytes:
+    """One compact REQUEST frame with this ``rev``."""
+    return b"ZRR1\x01" + _pack([[rid, service, ttl, 0, 0, {}, rev], body])
+
+
+def _batch(items: list[bytes]) -> bytes:
+    return fr.batch_frame(fr.Command.REQUEST, items)
+
+
+@contextmanager
+def _peer(tmp_path: Path, handler: Any = None, **cfg: Any) -> Iterator[tuple[Service, Any]]:
+    """A service on a real node and a raw ROUTER connected to it: yields (service, io) where
+    ``io.send(frames)`` sends to the service and ``io.recv()`` returns the next message."""
+    node = Node(data_dir=tmp_path / "n", name="n", mesh=unique("m"), interface="127.0.0.1",
+                mdns=False)
+    name = unique("svc")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        svc = Service(node, name, handler or (lambda r: r.payload), outcome_log=False, **cfg)
+        ep = next(e for e in node.info().endpoints[f"rpc.{name}"] if e.startswith("tcp"))
+        sock.connect(ep)
+        rid = f"{node.id}/{name}".encode()
+
+        class IO:
+            service = name
+
+            def send(self, frames: list[bytes]) -> None:
+                sock.send_multipart([rid, *frames])
+
+            def recv(self, timeout_ms: int = 5000) -> list[bytes]:
+                assert sock.poll(timeout_ms), "no message from the service"
+                return sock.recv_multipart()[1:]
+
+        # a first request proves the connection (EHOSTUNREACH until the handshake is done)
+        probe = _req("probe", name)
+        wait_until(lambda: _try_send(sock, [rid, probe]), 5, what="routable")
+        IO().recv()
+        yield svc, IO()
+    finally:
+        sock.close(0)
+        node.close()
+
+
+def _try_send(sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    try:
+        sock.send_multipart(frames)
+        return True
+    except zmq.ZMQError:
+        return False
+
+
+def _replies(io: Any, n: int) -> tuple[dict[str, fr.Reply], int]:
+    """The next ``n`` replies (single or batched), by id, and how many BATCHes carried them."""
+    got: dict[str, fr.Reply] = {}
+    batches = 0
+    seen = 0
+    while seen < n:
+        m = fr.decode(io.recv())
+        items = m.items if isinstance(m, fr.Batch) else [m]
+        batches += isinstance(m, fr.Batch)
+        for it in items:
+            assert isinstance(it, fr.Reply)
+            got[it.id] = it
+            seen += 1
+    return got, batches
+
+
+def test_a_batch_of_requests_is_answered_and_the_replies_batched(tmp_path: Path) -> None:
+    with _peer(tmp_path, inline=True) as (svc, io):
+        io.send([_batch([_req(f"r{i}", io.service, bytes([i])) for i in range(10)])])
+        got, batches = _replies(io, 10)
+        assert {k: (v.status, v.body) for k, v in got.items()} == {
+            f"r{i}": (fr.Status.OK, bytes([i])) for i in range(10)}
+        # inline: all ten replies are ready in one pass of the I/O loop, so one BATCH
+        assert batches == 1
+        st = svc.stats()
+        assert st.batches_received == 1 and st.batches_sent == 1 and st.garbage == 0
+        assert st.executed == 11  # with the probe
+
+
+def test_every_request_rule_holds_for_each_item_of_a_batch(tmp_path: Path) -> None:
+    runs: list[str] = []
+    lock = threading.Lock()
+
+    def handler(r: Any) -> Any:
+        with lock:
+            runs.append(r.id)
+        return r.payload
+
+    with _peer(tmp_path, handler, concurrency=4) as (svc, io):
+        s = io.service
+        io.send([_batch([
+            _req("a", s, b"1"), _req("a", s, b"1"),  # the same request twice: run, answer once
+            _req("b", s, b"2", ttl=0),  # deadline already passed: EXPIRED, never run
+            _req("c", s, b"3"), _req("c", s, b"other"),  # the id again, other payload
+            _req("d", "not-" + s, b"4"),  # another service name
+        ])])
+        # a (the copy attaches to the running one: one reply per caller), b, c, c-reused, d
+        replies: list[fr.Reply] = []
+        while len(replies) < 5:
+            m = fr.decode(io.recv())
+            for it in m.items if isinstance(m, fr.Batch) else [m]:
+                assert isinstance(it, fr.Reply)
+                replies.append(it)
+        by: dict[str, list[tuple[fr.Status, bytes, str]]] = {}
+        for r in replies:
+            by.setdefault(r.id, []).append((r.status, r.body, r.error_type))
+        assert by["a"] == [(fr.Status.OK, b"1", "")]
+        assert by["b"] == [(fr.Status.EXPIRED, b"", "")]
+        assert sorted(by["c"]) == sorted([(fr.Status.OK, b"3", ""),
+                                          (fr.Status.ERROR, b"", fr.ERR_ID_REUSED)])
+        assert by["d"] == [(fr.Status.UNKNOWN_SERVICE, b"", "")]
+        # a retry of a and c, batched, comes from the reply cache: nothing runs again
+        io.send([_batch([_req("a", s, b"1"), _req("c", s, b"3")])])
+        got, _ = _replies(io, 2)
+        assert (got["a"].body, got["c"].body) == (b"1", b"3")
+        assert sorted(runs) == ["a", "c", "probe"]
+        st = svc.stats()
+        assert st.cache_hits >= 2 and st.id_reused == 1 and st.expired == 1
+
+
+def test_a_malformed_item_drops_only_that_item(tmp_path: Path) -> None:
+    with _peer(tmp_path, inline=True) as (svc, io):
+        s = io.service
+        bad_meta = b"ZRR1\x01" + _pack([["", s, 1000, 0, 0, {}], b"x"])  # empty id
+        bad_body = b"ZRR1\x01" + _pack([["e", s, 1000, 0, 0, {}], "not bin"])
+        io.send([_batch([_req("ok1", s), bad_meta, bad_body, _req("ok2", s)])])
+        got, _ = _replies(io, 2)
+        assert set(got) == {"ok1", "ok2"}
+        wait_until(lambda: svc.stats().garbage == 2, 5, what=svc.stats)
+        # malformed as a whole: counted once each, nothing answered, the service serves on
+        whole = [
+            [b"ZRR1\x05" + b"\xc1"],  # not msgpack
+            [b"ZRR1\x05" + _pack([3, [[["z", s, 1000, 0, 0, {}], b"x"]], 4])],  # PING batch
+            [b"ZRR1\x05" + _pack([1, [], 4])],  # no items
+            [b"ZRR1\x05" + _pack([1, [[["z", s, 1000, 0, 0, {}], b"x"]] * 1025, 4])],
+            [b"ZRR1\x05", _pack([1, [], 4])],  # not one frame
+        ]
+        for frames in whole:
+            io.send(frames)
+        io.send([_req("after", s)])
+        got, _ = _replies(io, 1)
+        assert set(got) == {"after"}
+        st = svc.stats()
+        assert st.garbage == 2 + len(whole) and st.executed == 4
+
+
+def test_a_huge_batch_cannot_make_the_service_hold_more_than_its_budget(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def handler(r: Any) -> Any:
+        if r.id != "probe":
+            gate.wait(10)
+        return r.payload
+
+    with _peer(tmp_path, handler, concurrency=1, max_queue=5) as (svc, io):
+        s = io.service
+        items = [_req(f"h{i}", s) for i in range(fr.MAX_BATCH)]
+        io.send([_batch(items)])
+        got, _ = _replies(io, fr.MAX_BATCH - 6)  # everything beyond 1 running + 5 queued
+        assert {r.status for r in got.values()} == {fr.Status.BUSY}
+        st = svc.stats()
+        assert st.running == 6 and st.busy == fr.MAX_BATCH - 6
+        gate.set()
+        done, _ = _replies(io, 6)
+        assert {r.status for r in done.values()} == {fr.Status.OK}
+        assert set(done) == {f"h{i}" for i in range(6)}
+
+
+def _service_has_input(svc: Service) -> bool:
+    # the I/O thread is inside the (inline) handler and does not touch its socket meanwhile
+    return bool(svc._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+
+@pytest.mark.parametrize("rev", [3, 4])
+def test_only_a_caller_showing_rev_4_gets_batches(tmp_path: Path, rev: int) -> None:
+    gate = threading.Event()
+
+    def handler(r: Any) -> Any:
+        if r.id == "blocker":
+            gate.wait(10)
+        return r.payload
+
+    with _peer(tmp_path, handler, inline=True) as (svc, io):
+        s = io.service
+        io.send([_req("blocker", s, rev=rev)])  # holds the I/O thread: the rest queue up
+        for i in range(9):
+            io.send([_req(f"q{i}", s, rev=rev)])
+        wait_until(lambda: _service_has_input(svc), 5, what="queued requests")
+        gate.set()
+        got, batches = _replies(io, 10)
+        assert len(got) == 10
+        if rev < fr.BATCH_REVISION:
+            assert batches == 0 and svc.stats().batches_sent == 0  # a 1.3 caller reads none
+        else:
+            assert batches >= 1
+
+
+def test_the_async_client_batches_requests_with_64_in_flight(tmp_path: Path) -> None:
+    a, b = _pair(tmp_path)
+    name = unique("svc")
+    try:
+        svc = Service(a, name, lambda r: r.payload, concurrency=4, outcome_log=False)
+        wait_until(lambda: b.who_offers("service", name), 10, what="offer seen")
+
+        async def run() -> tuple[list[Any], Any]:
+            ac = AsyncClient(b)
+            out: list[Any] = []
+
+            async def worker(w: int) -> None:  # 64 in flight, each sending the next at once
+                for k in range(10):
+                    out.append(await ac.request(name, {"i": w * 10 + k}, timeout=20))
+
+            try:
+                await asyncio.gather(*(worker(w) for w in range(64)))
+                return out, ac.stats()
+            finally:
+                ac.close()
+
+        out, cst = asyncio.run(run())
+        assert sorted(x["i"] for x in out) == list(range(640))
+        sst = svc.stats()
+        assert cst.batches_sent > 0 and sst.batches_received > 0
+        assert sst.batches_sent > 0 and cst.batches_received > 0
+        assert cst.replies == 640 and cst.garbage == 0 and sst.garbage == 0
+        assert sst.executed == 640
+    finally:
+        b.close()
+        a.close()
+
+
+def _pair(tmp_path: Path) -> tuple[Node, Node]:
+    mesh = unique("m")
+    a = make_node(tmp_path / "a", mesh)
+    b = make_node(tmp_path / "b", mesh, (ctrl(a),))
+    wait_until(b.peers.list, 10, what="peer live")
+    return a, b
+
+
+def test_latency_mode_serves_and_refuses_bad_settings(tmp_path: Path) -> None:
+    a, b = _pair(tmp_path)
+    name = unique("svc")
+    try:
+        with Service(a, name, lambda r: r.payload, inline=True, spin_us=300, outcome_log=False):
+            wait_until(lambda: b.who_offers("service", name), 10, what="offer seen")
+            with Client(b, spin_us=300) as c:
+                assert [c.request(name, i, timeout=5) for i in range(50)] == list(range(50))
+    finally:
+        b.close()
+        a.close()
+    for bad in (-1, 2_000_000, 1.5):
+        with pytest.raises(ConfigError):
+            ClientConfig(spin_us=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            ServiceConfig(spin_us=bad)  # type: ignore[arg-type]
