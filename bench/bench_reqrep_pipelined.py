@@ -63,6 +63,7 @@ PAYLOAD = b"x" * 100
 BLOCK = 100
 INFLIGHT = 64
 SPIN_US = 200
+ROUNDS = 5
 _TICK = os.sysconf("SC_CLK_TCK")
 
 RAW_SERVER = """
@@ -236,7 +237,8 @@ async def mesh_pipelined(node: Node, service: str, total: int) -> tuple[float, l
     rate = total / (perf() - t)
     st = ac.stats()
     ac.close()
-    pipelined_stats[service] = (st.batches_sent, st.batches_received)
+    old = pipelined_stats.get(service, (0, 0))
+    pipelined_stats[service] = (old[0] + st.batches_sent, old[1] + st.batches_received)
     return rate, lat
 
 
@@ -271,6 +273,8 @@ def main() -> int:
     ap.add_argument("--peers", action="store_true", help="also NATS request/reply, Zenoh get")
     ap.add_argument("-n", type=int, default=0, help="one-at-a-time round trips per system")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--pipelined-only", action="store_true",
+                    help="one-at-a-time figures of raw and floor only (a short run)")
     args = ap.parse_args()
     n = args.n or (2000 if args.quick else 10000)
     total = n * 2  # pipelined requests per system
@@ -330,6 +334,8 @@ def main() -> int:
         ]
         if args.peers:
             cases += peer_cases(tmp, procs, extra)
+        if args.pipelined_only:
+            cases = cases[:2]
         for c in cases:  # warm-up
             c.run_block(200)
             c.lat.clear()
@@ -341,31 +347,47 @@ def main() -> int:
         client.close()
         spinner.close()
 
-        # 64 in flight, one system after the other (each alone on the machine's two cores)
-        pipe: list[dict[str, Any]] = []
-
-        def pipe_row(name: str, pid: int, fn: Callable[[], tuple[float, list[float]]]) -> None:
-            c0, s0 = time.process_time(), cpu_of(pid)
-            rate, lat = fn()
-            cc, sc = time.process_time() - c0, cpu_of(pid) - s0
-            pipe.append({"system": name, "rate": rate, "p50_us": pct(lat, 0.5),
-                         "p99_us": pct(lat, 0.99), "cpu_client_us": cc / len(lat) * 1e6,
-                         "cpu_server_us": sc / len(lat) * 1e6, "load": os.getloadavg()[0]})
-
-        pipe_row("raw pyzmq DEALER/ROUTER", raw_srv.pid, lambda: raw_pipelined(
-            raw, total, lambda i: [i.to_bytes(4, "big") + PAYLOAD[4:]],
-            lambda rep: int.from_bytes(rep[0][:4], "big")))
-        ids = [f"p-{i}" for i in range(total)]
-        pipe_row("Python floor (ZRR decode/encode echo)", floor_srv.pid, lambda: raw_pipelined(
-            floor, total, lambda i: fr.encode_request(fr.Request(
-                ids[i], "echo", 5000, 0, fr.Format.BYTES, {}, PAYLOAD)),
-            lambda rep: int(fr.decode(rep).id[2:])))  # type: ignore[union-attr]
+        # 64 in flight: each system alone on the machine's two cores for one run of
+        # total / ROUNDS requests, the systems in turn, ROUNDS times (the median rate is shown)
+        each = max(INFLIGHT * 4, total // ROUNDS)
+        ids = [f"p-{i}" for i in range(each)]
+        systems: list[tuple[str, int, Callable[[], tuple[float, list[float]]]]] = [
+            ("raw pyzmq DEALER/ROUTER", raw_srv.pid, lambda: raw_pipelined(
+                raw, each, lambda i: [i.to_bytes(4, "big") + PAYLOAD[4:]],
+                lambda rep: int.from_bytes(rep[0][:4], "big"))),
+            ("Python floor (ZRR decode/encode echo)", floor_srv.pid, lambda: raw_pipelined(
+                floor, each, lambda i: fr.encode_request(fr.Request(
+                    ids[i], "echo", 5000, 0, fr.Format.BYTES, {}, PAYLOAD)),
+                lambda rep: int(fr.decode(rep).id[2:]))),  # type: ignore[union-attr]
+        ]
         for mode, label in (("default", "zeromesh (default service)"),
                             ("inline", "zeromesh (inline service)"),
                             ("spin", f"zeromesh (service latency mode, spin_us={SPIN_US})")):
-            pipe_row(f"{label}, AsyncClient", mesh_srv[mode].pid,
-                     lambda m=mode: asyncio.run(mesh_pipelined(node, f"echo-{m}", total)))
-        report(cases, pipe, n, total, args.json)
+            systems.append((f"{label}, AsyncClient", mesh_srv[mode].pid,
+                            lambda m=mode: asyncio.run(mesh_pipelined(node, f"echo-{m}",
+                                                                      each))))
+        acc: dict[str, dict[str, Any]] = {
+            name: {"rates": [], "lat": [], "cc": 0.0, "sc": 0.0, "load": []}
+            for name, _, _ in systems}
+        for _ in range(ROUNDS):
+            for name, pid, fn in systems:
+                c0, s0 = time.process_time(), cpu_of(pid)
+                rate, lat = fn()
+                a = acc[name]
+                a["cc"] += time.process_time() - c0
+                a["sc"] += cpu_of(pid) - s0
+                a["rates"].append(rate)
+                a["lat"].extend(lat)
+                a["load"].append(os.getloadavg()[0])
+        pipe: list[dict[str, Any]] = []
+        for name, a in acc.items():
+            k = len(a["lat"])
+            pipe.append({"system": name, "rate": sorted(a["rates"])[len(a["rates"]) // 2],
+                         "rates": a["rates"], "p50_us": pct(a["lat"], 0.5),
+                         "p99_us": pct(a["lat"], 0.99), "cpu_client_us": a["cc"] / k * 1e6,
+                         "cpu_server_us": a["sc"] / k * 1e6,
+                         "load": (min(a["load"]), max(a["load"]))})
+        report(cases, pipe, n, each * ROUNDS, args.json)
     finally:
         for x in extra:  # sockets, clients, the zenoh session (sync close)
             try:
@@ -454,14 +476,17 @@ def report(cases: list[Case], pipe: list[dict[str, Any]], n: int, total: int,
               f"{p99 / r99:.2f} | {row['cpu_client_us']:.0f} | {row['cpu_server_us']:.0f} | "
               f"{min(c.load):.2f}-{max(c.load):.2f} |")
     rr = pipe[0]["rate"]
-    print(f"\n{INFLIGHT} in flight: {total} requests per system, one system at a time")
-    print("\n| system | req/s | / raw | p50 µs | p99 µs | CPU client | CPU responder | "
-          "load avg |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{INFLIGHT} in flight: {total} requests per system in {ROUNDS} runs, the systems "
+          "in turn; req/s is the median run (min-max beside it), CPU µs per request")
+    print("\n| system | req/s (min-max) | / raw | p50 µs | p99 µs | CPU client | "
+          "CPU responder | load avg (min-max) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for p in pipe:
-        print(f"| {p['system']} | {p['rate']:,.0f} | {p['rate'] / rr:.2f} | {p['p50_us']:.0f} | "
-              f"{p['p99_us']:.0f} | {p['cpu_client_us']:.0f} | {p['cpu_server_us']:.0f} | "
-              f"{p['load']:.2f} |")
+        lo, hi = min(p["rates"]), max(p["rates"])
+        print(f"| {p['system']} | {p['rate']:,.0f} ({lo:,.0f}-{hi:,.0f}) | "
+              f"{p['rate'] / rr:.2f} | {p['p50_us']:.0f} | {p['p99_us']:.0f} | "
+              f"{p['cpu_client_us']:.0f} | {p['cpu_server_us']:.0f} | "
+              f"{p['load'][0]:.2f}-{p['load'][1]:.2f} |")
     if pipelined_stats:
         print("\nAsyncClient batches sent / received per service: " + ", ".join(
             f"{k} {s}/{r}" for k, (s, r) in pipelined_stats.items()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_yield = os.sched_yield
 
 _MAX_WAIT_S = 0.05  # re-check the responder table at least this often while waiting
 _MAX_HOLDERS = 4096  # timed-out request ids remembered with their responder, for retries
@@ -509,6 +511,7 @@ class Client(ClientCore):
                             break
                         if self._clock() >= end:
                             break
+                        _yield()  # let this core's other threads (libzmq's I/O) run
                 if not got and not zmq_poll(wire.pollitems, max(1, int(wait * 1000 + 0.999))):
                     continue
             for _ in range(256):

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_yield = os.sched_yield
 _limited = LogLimiter(log)
 
 _RECV_BATCH = 512
@@ -845,6 +846,7 @@ class Service:
                         ready = zmq_poll(items, 0)
                         if ready or clock() >= end:
                             break
+                        _yield()  # let this core's other threads (libzmq's I/O) run
                 if not ready:
                     ready = zmq_poll(items, tick_ms)
                 sock_ready = efd_ready = False
