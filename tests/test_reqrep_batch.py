@@ -285,3 +285,72 @@ def test_latency_mode_serves_and_refuses_bad_settings(tmp_path: Path) -> None:
             ClientConfig(spin_us=bad)  # type: ignore[arg-type]
         with pytest.raises(ConfigError):
             ServiceConfig(spin_us=bad)  # type: ignore[arg-type]
+
+
+class _FakeResponder:
+    """A responder written by hand on a real node: a ROUTER bound under ``rpc.NAME`` with the
+    service routing id, offering NAME; ``answer`` sends what the test wants back."""
+
+    def __init__(self, node: Node, name: str) -> None:
+        self.sock = node.socket(zmq.ROUTER, f"rpc.{name}")
+        self.sock.setsockopt(zmq.ROUTING_ID, f"{node.id}/{name}".encode())
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        node.bind(self.sock, f"rpc.{name}")
+        node.offer("service", name)
+
+    def next_request(self) -> tuple[bytes, fr.Request]:
+        while True:
+            assert self.sock.poll(10_000), "no request came"
+            msg = self.sock.recv_multipart()
+            m = fr.decode(msg[1:])
+            if isinstance(m, fr.Request):
+                return msg[0], m
+            if isinstance(m, fr.Ping):  # keep the caller patient
+                self.sock.send_multipart([msg[0], *fr.encode_pong(fr.Pong(
+                    m.nonce, 1, m.request_id, fr.TaskState.RUNNING))])
+
+    def answer(self, caller: bytes, req: fr.Request) -> None:
+        """One BATCH: a reply for an id nobody waits for, a malformed item, the real reply."""
+        late = fr.encode_reply(fr.Reply("nobody-waits", fr.Status.OK, 1, fr.Format.BYTES,
+                                        body=b"?"))[0]
+        bad = b"ZRR1\x02" + _pack([[req.id, 99, 1, 0, "", ""], b""])  # unknown status
+        real = fr.encode_reply(fr.Reply(req.id, fr.Status.OK, 1, req.format,
+                                        body=req.body))[0]
+        self.sock.send_multipart([caller, fr.batch_frame(fr.Command.REPLY, [late, bad, real])])
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_both_clients_read_a_batch_of_replies_item_by_item(tmp_path: Path, kind: str) -> None:
+    a, b = _pair(tmp_path)
+    name = unique("svc")
+    try:
+        fake = _FakeResponder(a, name)
+        wait_until(lambda: b.who_offers("service", name), 10, what="offer seen")
+        got: list[Any] = []
+
+        def respond() -> None:
+            caller, req = fake.next_request()
+            fake.answer(caller, req)
+
+        t = threading.Thread(target=respond, daemon=True)
+        t.start()
+        if kind == "sync":
+            with Client(b) as c:
+                got.append(c.request(name, b"payload", timeout=10))
+                st = c.stats()
+        else:
+            async def run() -> Any:
+                ac = AsyncClient(b)
+                try:
+                    got.append(await ac.request(name, b"payload", timeout=10))
+                    return ac.stats()
+                finally:
+                    ac.close()
+            st = asyncio.run(run())
+        t.join(10)
+        assert got == [b"payload"]
+        assert st.batches_received == 1 and st.garbage == 1 and st.late_replies == 1
+    finally:
+        fake.sock.close(0)
+        b.close()
+        a.close()
