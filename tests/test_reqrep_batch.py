@@ -206,26 +206,36 @@ def _service_has_input(svc: Service) -> bool:
 
 @pytest.mark.parametrize("rev", [3, 4])
 def test_only_a_caller_showing_rev_4_gets_batches(tmp_path: Path, rev: int) -> None:
-    gate = threading.Event()
+    gates: dict[str, threading.Event] = {}
 
     def handler(r: Any) -> Any:
-        if r.id == "blocker":
-            gate.wait(10)
+        if r.id in gates:
+            gates[r.id].wait(10)
         return r.payload
 
     with _peer(tmp_path, handler, inline=True) as (svc, io):
         s = io.service
-        io.send([_req("blocker", s, rev=rev)])  # holds the I/O thread: the rest queue up
-        for i in range(9):
-            io.send([_req(f"q{i}", s, rev=rev)])
-        wait_until(lambda: _service_has_input(svc), 5, what="queued requests")
-        gate.set()
-        got, batches = _replies(io, 10)
-        assert len(got) == 10
+        seen = []
+        # Three tries: the queued requests reach the service's queue over tcp at their own
+        # pace, so on a loaded machine one try may see them trickle in one pass at a time
+        # (rev 4 is the control that this scenario does batch; rev 3 must never).
+        for attempt in range(3):
+            blocker = f"blocker-{attempt}"
+            gates[blocker] = threading.Event()
+            io.send([_req(blocker, s, rev=rev)])  # holds the I/O thread: the rest queue up
+            for i in range(9):
+                io.send([_req(f"q{attempt}-{i}", s, rev=rev)])
+            wait_until(lambda: _service_has_input(svc), 5, what="queued requests")
+            gates[blocker].set()
+            got, batches = _replies(io, 10)
+            assert len(got) == 10
+            seen.append(batches)
+            if rev >= fr.BATCH_REVISION and batches:
+                break
         if rev < fr.BATCH_REVISION:
-            assert batches == 0 and svc.stats().batches_sent == 0  # a 1.3 caller reads none
+            assert seen == [0, 0, 0] and svc.stats().batches_sent == 0  # a 1.3 caller: none
         else:
-            assert batches >= 1
+            assert seen[-1] >= 1
 
 
 def test_the_async_client_batches_requests_with_64_in_flight(tmp_path: Path) -> None:

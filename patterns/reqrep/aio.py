@@ -110,15 +110,14 @@ class AsyncClient(ClientCore):
         loop = asyncio.get_running_loop()
         pend = self._pending[call.id] = _Pending(call, req)
         try:
-            while True:
+            while not call.done:  # a reply that woke this task ends it without another step
                 wire.sync()
                 now = self._clock()
                 with self.responders.lock:
                     actions = call.step(now, bal)
-                if actions:
+                if actions:  # then straight to the wait: wake_at() says when to step again
                     self._act(wire, call, req, actions)
-                    continue
-                if call.done:
+                if _finished(call):
                     break
                 if self._closed:
                     raise ClosedError("rpc client closed during a request")
@@ -333,6 +332,11 @@ class AsyncClient(ClientCore):
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _finished(call: Call) -> bool:
+    # a function, so type checkers do not carry a narrowed ``call.done`` across ``_act``
+    return call.done
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
