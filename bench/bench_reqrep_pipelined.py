@@ -397,7 +397,7 @@ def main() -> int:
         ctx.destroy(0)
         if node is not None:
             node.close()
-        for p in procs:
+        for p in reversed(procs):  # responders before the servers they use
             p.kill()
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
