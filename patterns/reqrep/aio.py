@@ -200,13 +200,16 @@ class AsyncClient(ClientCore):
             chunk: list[tuple[_Pending, Send, bytes]] = []
             size = 0
             for it in items:
+                if it[0].call.done:  # ended (deadline, close) since it was queued: not sent
+                    continue
                 if chunk and (len(chunk) >= fr.BATCH_MAX_ITEMS
                               or size + len(it[2]) > fr.BATCH_MAX_BYTES):
                     self._emit(wire, rid, chunk)
                     chunk, size = [], 0
                 chunk.append(it)
                 size += len(it[2])
-            self._emit(wire, rid, chunk)
+            if chunk:
+                self._emit(wire, rid, chunk)
         if not self._drain_scheduled and self._loop is not None:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)

@@ -898,6 +898,11 @@ class Service:
         except Exception:
             log.exception("service %s: I/O thread failed", self.name)
         finally:
+            if self._outbox:  # replies made in the last pass still leave (the socket lingers 0)
+                try:
+                    self._flush()
+                except Exception:
+                    pass
             sock.close(0)
 
 
