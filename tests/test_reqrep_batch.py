@@ -8,7 +8,9 @@ calls in flight.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -364,3 +366,30 @@ def test_both_clients_read_a_batch_of_replies_item_by_item(tmp_path: Path, kind:
         fake.sock.close(0)
         b.close()
         a.close()
+
+
+def _thread_cpu_s(native_id: int) -> float:
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def test_latency_mode_spins_only_a_bounded_time_after_each_message(tmp_path: Path) -> None:
+    with _peer(tmp_path, inline=True, spin_us=20_000) as (svc, io):
+        tid = svc._io.native_id
+        assert tid is not None
+        for i in range(20):  # each message is followed by at most 20 ms of spinning
+            io.send([_req(f"s{i}", io.service)])
+            _replies(io, 1)
+        state = {"cpu": _thread_cpu_s(tid), "since": time.monotonic()}
+
+        def settled() -> bool:  # the I/O thread's CPU time stopped growing for 0.3 s
+            cpu, now = _thread_cpu_s(tid), time.monotonic()
+            if cpu != state["cpu"]:
+                state["cpu"], state["since"] = cpu, now
+                return False
+            return now - state["since"] >= 0.3
+
+        # an unbounded spin keeps the thread's CPU time growing: this never settles
+        wait_until(settled, 10, what=lambda: f"I/O thread CPU still growing: {state}")
