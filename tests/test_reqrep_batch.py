@@ -19,8 +19,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, ProtocolError
 from mesh.node import Node
 from patterns.reqrep import AsyncClient, Client, ClientConfig, Service, ServiceConfig
 from patterns.reqrep import frames as fr
@@ -393,3 +395,38 @@ def test_latency_mode_spins_only_a_bounded_time_after_each_message(tmp_path: Pat
 
         # an unbounded spin keeps the thread's CPU time growing: this never settles
         wait_until(settled, 10, what=lambda: f"I/O thread CPU still growing: {state}")
+
+
+# -- hostile bytes: a BATCH decoder raises only ProtocolError, never anything else -----------
+
+_leaf = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+         | st.text(max_size=20) | st.binary(max_size=20))
+_values = st.recursive(_leaf, lambda kids: st.lists(kids, max_size=5)
+                       | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=25)
+_VALID_BATCH = fr.batch_frame(fr.Command.REQUEST, [_req("a", "s"), _req("b", "s", b"yo")])
+
+
+@st.composite
+def _hostile_batch(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):  # any msgpack shape after the BATCH head
+        return b"ZRR1\x05" + _pack(draw(_values))
+    buf = bytearray(_VALID_BATCH)  # or a valid BATCH with bytes flipped, cut or extended
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(5, len(buf) - 1))
+        buf[i] ^= draw(st.integers(1, 255))
+    if draw(st.booleans()):
+        buf = buf[: draw(st.integers(5, len(buf)))]
+    return bytes(buf)
+
+
+@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(_hostile_batch())
+def test_a_hostile_batch_raises_only_protocol_errors(frame: bytes) -> None:
+    try:
+        m, rev = fr.decode_rev([frame])
+    except ProtocolError:
+        return
+    assert isinstance(rev, int) and rev >= 0
+    if isinstance(m, fr.Batch):
+        assert 0 < len(m.items) + m.malformed <= fr.MAX_BATCH
+    assert isinstance(fr.revision([frame]), int)
