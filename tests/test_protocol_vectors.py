@@ -65,6 +65,8 @@ def _ctrl_check(kind: str) -> Callable[[list[bytes]], Any]:
 _PUB = sf.node_id_bytes(NODE)
 _REQ = rf.Request("r-1", "calibrate", 5000, 0, rf.Format.BYTES, {"correlationid": "c-1"}, b"hi")
 _REP = rf.Reply("r-1", rf.Status.OK, 3, rf.Format.BYTES, "", "", b"ok")
+_REQS = (_REQ, _REQ._replace(id="r-2", body=b"yo"))
+_REPS = (_REP, _REP._replace(id="r-2", body=b"yo"))
 
 # name -> (encode the fields, check the decoded bytes against the fields)
 VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None]]] = {
@@ -182,6 +184,12 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
                     lambda f: _eq(rf.decode(f), rf.Ping(9, "r-1"))),
     "reqrep.pong": (lambda: rf.encode_pong(rf.Pong(9, 3, "r-1", rf.TaskState.RUNNING)),
                     lambda f: _eq(rf.decode(f), rf.Pong(9, 3, "r-1", rf.TaskState.RUNNING))),
+    "reqrep.batch.request": (
+        lambda: [rf.batch_frame(rf.Command.REQUEST, [rf.encode_request(r)[0] for r in _REQS])],
+        lambda f: _eq(rf.decode_rev(f), (rf.Batch(rf.Command.REQUEST, list(_REQS)), 4))),
+    "reqrep.batch.reply": (
+        lambda: [rf.batch_frame(rf.Command.REPLY, [rf.encode_reply(r)[0] for r in _REPS])],
+        lambda f: _eq(rf.decode_rev(f), (rf.Batch(rf.Command.REPLY, list(_REPS)), 4))),
     "txt": (lambda: [txt.pack_txt(list(txt.encode_txt(_INFO).properties.items()))],
             lambda f: _check_txt(f[0])),
     "log.batch": (lambda: [logfmt.encode_batch(5, 1_764_676_800_000_000_000, [b"ab", b"c"])],

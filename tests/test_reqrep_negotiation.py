@@ -1,4 +1,4 @@
-"""Request/reply 1.3 version signal and negotiation: every message carries its revision
+"""Request/reply version signal (1.3) and negotiation: every message carries its revision
 (``rev``, the last META item), and a responder answers a caller in the form it used, so a 1.0
 caller (split form only, no ``rev``) is served. Real sockets, a real node and service."""
 
@@ -20,8 +20,8 @@ def test_every_message_shows_its_revision() -> None:
     for frames in (fr.encode_request(req), fr.encode_ping(fr.Ping(1, "id-1")),
                    fr.encode_reply(fr.Reply("id-1", fr.Status.OK, 3, fr.Format.BYTES)),
                    fr.encode_pong(fr.Pong(1, 3, "id-1", fr.TaskState.DONE))):
-        assert fr.revision(frames) == fr.REVISION == 3
-        assert fr.revision(fr.to_split(frames)) == 3
+        assert fr.revision(frames) == fr.REVISION == 4
+        assert fr.revision(fr.to_split(frames)) == 4
     old_split = [b"ZRR1\x01", msgpack.packb(["i", "svc", 10, 0, 0, {}]), b"x"]
     old_compact = [b"ZRR1\x01" + msgpack.packb([["i", "svc", 10, 0, 0, {}], b"x"])]
     assert fr.revision(old_split) == 0 and fr.revision(old_compact) == 1

@@ -6,6 +6,11 @@ edge-triggered, so the drain runs until ``EVENTS`` shows nothing left) and resol
 of the calls they answer: one loop callback per batch, not one await per message. Many
 requests may be in flight at once; each is the same pure :class:`~patterns.reqrep.call.Call`
 as in the sync client.
+
+Requests batch: while several calls are pending, a REQUEST to a responder whose latest message
+showed ``rev`` >= :data:`~patterns.reqrep.frames.BATCH_REVISION` waits in an outbox until the
+loop's next pass, and the REQUESTs gathered there for one responder leave in one BATCH
+(docs/protocol.md, "Batches"). A lone call is sent at once: batching never delays it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class AsyncClient(ClientCore):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._unmetrics = attach(node, client_collector(self))
+        #: responder routing ids whose latest message showed a rev that reads BATCHes
+        self._batch_peers: set[bytes] = set()
+        #: REQUESTs waiting for the flush: routing id -> [(pending call, action, frame)]
+        self._outbox: dict[bytes, list[tuple[_Pending, Send, bytes]]] = {}
+        self._flush_scheduled = False
 
     def _start(self) -> Wire:
         loop = asyncio.get_running_loop()
@@ -100,15 +110,14 @@ class AsyncClient(ClientCore):
         loop = asyncio.get_running_loop()
         pend = self._pending[call.id] = _Pending(call, req)
         try:
-            while True:
+            while not call.done:  # a reply that woke this task ends it without another step
                 wire.sync()
                 now = self._clock()
                 with self.responders.lock:
                     actions = call.step(now, bal)
-                if actions:
+                if actions:  # then straight to the wait: wake_at() says when to step again
                     self._act(wire, call, req, actions)
-                    continue
-                if call.done:
+                if _finished(call):
                     break
                 if self._closed:
                     raise ClosedError("rpc client closed during a request")
@@ -154,7 +163,20 @@ class AsyncClient(ClientCore):
     def _act(self, wire: Wire, call: Call, req: fr.Request, actions: list[Send | Ping]) -> None:
         bal = self.responders.balancers[call.service]
         for a in actions:
-            if not wire.send(call.service, call, a, req):
+            rid, frames = wire.frames_of(call.service, call, a, req)
+            if (isinstance(a, Send) and len(frames) == 1 and len(self._pending) > 1
+                    and rid in self._batch_peers and self._loop is not None):
+                pend = self._pending.get(call.id)
+                if pend is not None:
+                    box = self._outbox.get(rid)
+                    if box is None:
+                        box = self._outbox[rid] = []
+                    box.append((pend, a, frames[0]))
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        self._loop.call_soon(self._flush)
+                    continue
+            if not wire.send_raw(rid, frames):
                 now = self._clock()
                 with self.responders.lock:
                     if isinstance(a, Ping):
@@ -166,6 +188,52 @@ class AsyncClient(ClientCore):
         if not self._drain_scheduled and self._loop is not None:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
+
+    def _flush(self) -> None:
+        """Send the outbox: one BATCH per responder where several REQUESTs wait for it."""
+        self._flush_scheduled = False
+        box, self._outbox = self._outbox, {}
+        wire = self._wire
+        if wire is None or self._closed:
+            return
+        for rid, items in box.items():
+            chunk: list[tuple[_Pending, Send, bytes]] = []
+            size = 0
+            for it in items:
+                if it[0].call.done:  # ended (deadline, close) since it was queued: not sent
+                    continue
+                if chunk and (len(chunk) >= fr.BATCH_MAX_ITEMS
+                              or size + len(it[2]) > fr.BATCH_MAX_BYTES):
+                    self._emit(wire, rid, chunk)
+                    chunk, size = [], 0
+                chunk.append(it)
+                size += len(it[2])
+            if chunk:
+                self._emit(wire, rid, chunk)
+        if not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _emit(self, wire: Wire, rid: bytes, chunk: list[tuple[_Pending, Send, bytes]]) -> None:
+        if len(chunk) == 1:
+            ok = wire.send_raw(rid, [chunk[0][2]])
+        else:
+            ok = wire.send_raw(rid, [fr.batch_frame(fr.Command.REQUEST,
+                                                    [it[2] for it in chunk])])
+            if ok:
+                self._stats["batches_sent"] += 1
+        if ok:
+            return
+        now = self._clock()
+        for pend, a, _f in chunk:  # none of them left: each call backs off and chooses again
+            call = pend.call
+            if call.done:
+                continue
+            bal = self.responders.balancers[call.service]
+            with self.responders.lock:
+                call.on_send_failed(a.responder, now, bal)
+            if pend.waker is not None:
+                _wake(pend.waker)
 
     def _drain(self) -> None:
         self._drain_scheduled = False
@@ -186,11 +254,30 @@ class AsyncClient(ClientCore):
 
     def _on_message(self, wire: Wire, msg: list[bytes]) -> None:
         try:
-            m = fr.decode(msg[1:])
+            m, rev = fr.decode_rev(msg[1:])
         except ProtocolError:
             self._stats["garbage"] += 1
             return
-        responder = responder_of(msg[0])
+        rid = msg[0]
+        if rev >= fr.BATCH_REVISION and len(msg) == 2:
+            if rid not in self._batch_peers and len(self._batch_peers) < 65536:
+                self._batch_peers.add(rid)
+        elif self._batch_peers:
+            self._batch_peers.discard(rid)
+        responder = responder_of(rid)
+        if isinstance(m, fr.Batch):
+            self._stats["batches_received"] += 1
+            self._stats["garbage"] += m.malformed
+            for item in m.items:
+                if isinstance(item, fr.Reply):
+                    self._on_one(wire, responder, item)
+                else:
+                    self._stats["garbage"] += 1  # REQUESTs sent to a caller
+            return
+        self._on_one(wire, responder, m)
+
+    def _on_one(self, wire: Wire, responder: str,
+                m: fr.Request | fr.Reply | fr.Ping | fr.Pong) -> None:
         if isinstance(m, fr.Reply | fr.Pong):
             pend = self._pending.get(m.id if isinstance(m, fr.Reply) else m.request_id)
             now = self._clock()
@@ -248,6 +335,11 @@ class AsyncClient(ClientCore):
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _finished(call: Call) -> bool:
+    # a function, so type checkers do not carry a narrowed ``call.done`` across ``_act``
+    return call.done
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_yield = os.sched_yield
 
 _MAX_WAIT_S = 0.05  # re-check the responder table at least this often while waiting
 _MAX_HOLDERS = 4096  # timed-out request ids remembered with their responder, for retries
@@ -70,6 +72,11 @@ class ClientConfig:
         retry_on_death: when the responder holding a request dies, send the request to
             another responder (set it only for idempotent handlers) instead of raising
             :class:`~patterns.reqrep.errors.OutcomeUnknown`.
+        spin_us: latency mode of the sync :class:`Client` (off by default): while waiting
+            for a reply the calling thread first polls without blocking for up to this many
+            microseconds, so a reply arriving then is read without a wake-up from sleep, at
+            the cost of a busy core while it spins. The asyncio client ignores it (spinning
+            would stall its event loop).
     """
 
     timeout: float = 5.0
@@ -78,6 +85,11 @@ class ClientConfig:
     silent_s: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
     retry_on_death: bool = False
+    spin_us: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spin_us, int) or not 0 <= self.spin_us <= 1_000_000:
+            raise ConfigError(f"spin_us must be an int in [0, 1000000], got {self.spin_us!r}")
 
     def call_config(self) -> CallConfig:
         """The per-call timing derived from these settings."""
@@ -100,6 +112,8 @@ class ClientStats:
     garbage: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    batches_received: int = 0
+    batches_sent: int = 0
 
 
 class Responders:
@@ -245,16 +259,24 @@ class Wire:
 
     def send(self, service: str, call: Call, action: Send | Ping, req: fr.Request) -> bool:
         """Send a REQUEST or PING; False when the responder is not routable."""
+        rid, frames = self.frames_of(service, call, action, req)
+        return self.send_raw(rid, frames)
+
+    def frames_of(self, service: str, call: Call, action: Send | Ping,
+                  req: fr.Request) -> tuple[bytes, list[bytes]]:
+        """(routing id, frames) of the REQUEST or PING ``action`` asks for."""
         key = (action.responder, service)
         rid = self._rids.get(key)
         if rid is None:
             rid = self._rids[key] = routing_id(action.responder, service)
         if isinstance(action, Send):
             ttl = max(0, int((call.deadline - self.responders.clock()) * 1000))
-            frames = fr.request_frames(req, ttl, action.attempt)
-        else:
-            self.nonce += 1
-            frames = fr.encode_ping(fr.Ping(self.nonce, call.id))
+            return rid, fr.request_frames(req, ttl, action.attempt)
+        self.nonce += 1
+        return rid, fr.encode_ping(fr.Ping(self.nonce, call.id))
+
+    def send_raw(self, rid: bytes, frames: list[bytes]) -> bool:
+        """Send ``frames`` to the responder ``rid``; False when it is not routable."""
         try:
             send_frames(self.sock, [rid, *frames])
             nb = len(rid)
@@ -334,7 +356,8 @@ def stats_of(s: collections.Counter[str]) -> ClientStats:
         requests=s["requests"], replies=s["replies"], remote_errors=s["RemoteError"],
         timeouts=s["RequestTimeout"], no_responders=s["NoResponders"],
         retries=s["retries"], failovers=s["failovers"], late_replies=s["late_replies"],
-        garbage=s["garbage"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"])
+        garbage=s["garbage"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"],
+        batches_received=s["batches_received"], batches_sent=s["batches_sent"])
 
 
 class ClientCore:
@@ -465,6 +488,7 @@ class Client(ClientCore):
             raise ClosedError("a client wire was used from a thread that does not own it")
         sock = wire.sock
         lock = self.responders.lock
+        spin = self.config.spin_us / 1e6
         while True:
             wire.sync()
             now = self._clock()
@@ -477,8 +501,19 @@ class Client(ClientCore):
             if self._closed:
                 raise ClosedError("rpc client closed during a request")
             wait = min(call.wake_at() - now, _MAX_WAIT_S)
-            if wait > 0 and not zmq_poll(wire.pollitems, max(1, int(wait * 1000 + 0.999))):
-                continue
+            if wait > 0:
+                got = False
+                if spin:  # latency mode: a bounded busy-poll before sleeping
+                    end = now + min(spin, wait)
+                    while True:
+                        if zmq_poll(wire.pollitems, 0):
+                            got = True
+                            break
+                        if self._clock() >= end:
+                            break
+                        _yield()  # let this core's other threads (libzmq's I/O) run
+                if not got and not zmq_poll(wire.pollitems, max(1, int(wait * 1000 + 0.999))):
+                    continue
             for _ in range(256):
                 msg = recv_frames(sock, wire.max_bytes)  # [] if oversize: garbage
                 if msg is None:
@@ -499,6 +534,19 @@ class Client(ClientCore):
             self._stats["garbage"] += 1
             return
         responder = responder_of(msg[0])
+        if isinstance(m, fr.Batch):
+            self._stats["batches_received"] += 1
+            self._stats["garbage"] += m.malformed
+            for item in m.items:
+                if isinstance(item, fr.Reply):
+                    self._on_one(wire, bal, call, req, responder, item)
+                else:
+                    self._stats["garbage"] += 1  # REQUESTs sent to a caller
+            return
+        self._on_one(wire, bal, call, req, responder, m)
+
+    def _on_one(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request, responder: str,
+                m: fr.Request | fr.Reply | fr.Ping | fr.Pong) -> None:
         now = self._clock()
         if isinstance(m, fr.Reply):
             with self.responders.lock:

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_yield = os.sched_yield
 _limited = LogLimiter(log)
 
 _RECV_BATCH = 512
@@ -126,6 +127,11 @@ class ServiceConfig:
         cache_entry_max_bytes: a reply larger than this is sent but not kept: a retry of its
             id gets :class:`~patterns.reqrep.errors.ReplyNotCached`, never a second run.
         max_queue: requests waiting for a free handler beyond which new ones get BUSY.
+        spin_us: latency mode (off by default): before each blocking wait, the I/O thread
+            polls without blocking for up to this many microseconds, so a request arriving
+            then is taken without a wake-up from sleep, at the cost of a busy core while it
+            spins. It spins only while no handler runs on a worker thread (a spinning thread
+            would hold back the worker's GIL); best with ``inline=True``.
         outcome_log: keep a durable outcome log in the node's data directory
             (``<data_dir>/reqrep/streams/<name>.outcomes``): RUNNING is written (``write()``,
             so it survives kill -9 of this process) before the handler runs and the reply
@@ -144,8 +150,11 @@ class ServiceConfig:
     cache_entry_max_bytes: int = 1 << 20
     max_queue: int = 1000
     outcome_log: bool = True
+    spin_us: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spin_us, int) or not 0 <= self.spin_us <= 1_000_000:
+            raise ConfigError(f"spin_us must be an int in [0, 1000000], got {self.spin_us!r}")
         if self.concurrency < 1 or self.max_queue < 0:
             raise ConfigError("concurrency must be >= 1 and max_queue >= 0")
         if self.cache_max_bytes < 1 or self.cache_entry_max_bytes < 0:
@@ -178,6 +187,8 @@ class ServiceStats:
     forbidden: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    batches_received: int = 0
+    batches_sent: int = 0
 
 
 @dataclass
@@ -307,6 +318,12 @@ class Service:
         self._busy = 0  # dispatched and not finished (I/O thread only)
         #: routing ids whose last message used the split form: answered in it (1.0 callers)
         self._split_callers: set[bytes] = set()
+        #: routing ids whose latest message showed rev >= BATCH_REVISION: they read BATCHes
+        self._batch_callers: set[bytes] = set()
+        #: compact replies to batch callers, sent at the end of the loop pass (or earlier, at
+        #: BATCH_MAX_ITEMS in all): routing id -> frames, in order
+        self._outbox: dict[bytes, list[bytes]] = {}
+        self._outbox_n = 0
         self._closed = False
         #: test hook: drop this many replies after caching them (simulates a lost reply).
         self.drop_replies = 0
@@ -567,6 +584,58 @@ class Service:
             pass  # full (already awake) or closed: the reply is lost with the service
 
     def _send(self, rid: bytes, frames: list[bytes]) -> None:
+        # A compact REPLY to a caller that reads BATCHes waits in the outbox for the end of
+        # this loop pass, so replies that are ready together leave in one message.
+        if len(frames) == 1 and frames[0][4] == 2 and rid in self._batch_callers:
+            box = self._outbox.get(rid)
+            if box is None:
+                self._outbox[rid] = [frames[0]]
+            else:
+                box.append(frames[0])
+            self._outbox_n += 1
+            if self._outbox_n >= fr.BATCH_MAX_ITEMS:
+                self._flush()
+            return
+        if self._outbox and rid in self._outbox:  # what waits for it goes first: in order
+            self._flush_one(rid, self._outbox.pop(rid))
+        self._send_now(rid, frames)
+
+    def _flush(self) -> None:
+        """Send every reply waiting in the outbox (one BATCH per caller where several)."""
+        box, self._outbox, self._outbox_n = self._outbox, {}, 0
+        for rid, fs in box.items():
+            self._flush_one(rid, fs)
+
+    def _flush_one(self, rid: bytes, fs: list[bytes]) -> None:
+        if len(fs) == 1:
+            self._send_now(rid, fs)
+            return
+        chunk: list[bytes] = []
+        size = 0
+        for f in fs:
+            if chunk and (len(chunk) >= fr.BATCH_MAX_ITEMS or size + len(f) > fr.BATCH_MAX_BYTES):
+                self._emit(rid, chunk)
+                chunk, size = [], 0
+            chunk.append(f)
+            size += len(f)
+        self._emit(rid, chunk)
+
+    def _emit(self, rid: bytes, chunk: list[bytes]) -> None:
+        if len(chunk) == 1:
+            self._send_now(rid, chunk)
+            return
+        frame = fr.batch_frame(fr.Command.REPLY, chunk)
+        st = self._stats
+        st.batches_sent += 1  # counted first: a reader that got it sees it counted
+        try:
+            send_frames(self._sock, [rid, frame])
+            st.bytes_out += len(rid) + len(frame)
+        except zmq.ZMQError as exc:
+            st.batches_sent -= 1
+            st.unroutable += len(chunk)
+            log.debug("service %s: batch to %r not sent: %s", self.name, rid, exc)
+
+    def _send_now(self, rid: bytes, frames: list[bytes]) -> None:
         if rid in self._split_callers:
             frames = fr.to_split(frames)  # a 1.0 caller reads only the split form
         try:
@@ -710,19 +779,40 @@ class Service:
 
     def _on_frames(self, msg: list[bytes], caller: Any) -> None:
         try:
-            m = fr.decode(msg[1:])
+            m, rev = fr.decode_rev(msg[1:])
         except ProtocolError:
             self._stats.garbage += 1
             return
         # Negotiation (docs/protocol.md, "Versions and negotiation"): answer in the form the
-        # caller last used, so a 1.0 caller (split form only) is served too.
+        # caller last used, so a 1.0 caller (split form only) is served too; batch replies
+        # only to a caller whose latest message showed a rev that reads them.
+        rid = msg[0]
         if len(msg) > 2:
             if len(self._split_callers) < 65536:
-                self._split_callers.add(msg[0])
-        elif self._split_callers:
-            self._split_callers.discard(msg[0])
+                self._split_callers.add(rid)
+            self._batch_callers.discard(rid)
+        else:
+            if self._split_callers:
+                self._split_callers.discard(rid)
+            if rev >= fr.BATCH_REVISION:
+                if rid not in self._batch_callers and len(self._batch_callers) < 65536:
+                    self._batch_callers.add(rid)
+            elif self._batch_callers:
+                self._batch_callers.discard(rid)
         if isinstance(m, fr.Request):
-            self._on_request(msg[0], m, caller)
+            self._on_request(rid, m, caller)
+        elif isinstance(m, fr.Batch):
+            # Each item is a request of its own (cache, ttl, budgets, at-most-once); a
+            # malformed item is counted and dropped alone.
+            st = self._stats
+            st.batches_received += 1
+            st.garbage += m.malformed
+            if m.command is fr.Command.REQUEST:
+                for item in m.items:
+                    if isinstance(item, fr.Request):
+                        self._on_request(rid, item, caller)
+            else:
+                st.garbage += len(m.items)  # REPLYs sent to a responder
         elif isinstance(m, fr.Ping):
             self._stats.pings += 1
             state = fr.TaskState.UNKNOWN
@@ -744,9 +834,21 @@ class Service:
         tick_ms = int(_TICK_S * 1000)
         # one request at most this big in all its frames (MAXMSGSIZE bounds each frame only)
         limit = self.node.config.max_message_bytes + (64 << 10)
+        spin = self.config.spin_us / 1e6
+        inline = self.config.inline
+        clock = time.perf_counter
         try:
             while not self._closed:
-                ready = zmq_poll(items, tick_ms)
+                ready = None
+                if spin and (inline or self._busy == 0):
+                    end = clock() + spin
+                    while True:  # latency mode: a bounded busy-poll before sleeping
+                        ready = zmq_poll(items, 0)
+                        if ready or clock() >= end:
+                            break
+                        _yield()  # let this core's other threads (libzmq's I/O) run
+                if not ready:
+                    ready = zmq_poll(items, tick_ms)
                 sock_ready = efd_ready = False
                 for what, _ev in ready:
                     if what is sock:
@@ -787,6 +889,8 @@ class Service:
                 while done:
                     inc, rep = done.popleft()
                     self._complete(inc, rep)
+                if self._outbox:
+                    self._flush()
                 if not ready:
                     self._cache.expire()
                     if self._olog is not None and self._floor_due:
@@ -794,6 +898,11 @@ class Service:
         except Exception:
             log.exception("service %s: I/O thread failed", self.name)
         finally:
+            if self._outbox:  # replies made in the last pass still leave (the socket lingers 0)
+                try:
+                    self._flush()
+                except Exception:
+                    pass
             sock.close(0)
 
 
