@@ -177,7 +177,8 @@ def large_log(records: int) -> dict[str, Any]:
 
 #: Nodes per child process (each Node has its own zmq context and threads).
 PER_PROC = 10
-#: After all see all: one gossip round (10 heartbeats) and its answers before measuring idle.
+#: After all see all: one gossip round (10 heartbeats) and its answers before measuring idle
+#: (in heartbeats).
 SETTLE_S = 12.0
 
 #: Every node of this host connects from 127.0.0.1: one source address introduces them all
@@ -194,9 +195,9 @@ def _live(nd: Any, node_id: str) -> bool:
 
 
 def _nodes_proc(k: int, count: int, mesh: str, seed: str, root: str, total: int, q: Any,
-                cmd: Any, idle_s: float) -> None:
+                cmd: Any, idle_s: float, hb: float) -> None:
     from mesh.node import Node
-    nodes = [Node(data_dir=f"{root}/n{k}-{i}", name=f"n{k}-{i}", mesh=mesh, mdns=False,
+    nodes = [Node(presence=_presence(hb), data_dir=f"{root}/n{k}-{i}", name=f"n{k}-{i}", mesh=mesh, mdns=False,
                   interface="127.0.0.1", transports=("tcp",), static_peers=(seed,),
                   max_ids_per_source=_IDS_PER_SOURCE)
              for i in range(count)]
@@ -242,8 +243,13 @@ def _nodes_proc(k: int, count: int, mesh: str, seed: str, root: str, total: int,
             nd.close()
 
 
+def _presence(hb: float) -> Any:
+    from mesh.node import PresenceConfig
+    return PresenceConfig(heartbeat_s=hb, evasive_s=3 * hb, gone_s=10 * hb)
+
+
 def mesh_nodes(total: int = 50, idle_s: float = 20.0,
-               say: Callable[[str], None] | None = None) -> dict[str, Any]:
+               say: Callable[[str], None] | None = None, hb: float = 1.0) -> dict[str, Any]:
     """`total` nodes: a seed in this process, the rest in processes of PER_PROC nodes.
 
     Reports the time from the first process start until every node sees `total` - 1 live
@@ -258,7 +264,8 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
     mesh = f"scale{os.getpid()}{time.monotonic_ns()}"
     ps: list[Any] = []
     try:
-        with Node(data_dir=f"{root}/seed", name="seed", mesh=mesh, mdns=False,
+        with Node(presence=_presence(hb), data_dir=f"{root}/seed", name="seed", mesh=mesh,
+                  mdns=False,
                   interface="127.0.0.1", transports=("tcp",),
                   max_ids_per_source=_IDS_PER_SOURCE) as seed:
             ep = seed.info().endpoints["control"][0]
@@ -269,7 +276,7 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
             cmds = [spawn.Queue() for _ in counts]
             t0 = time.monotonic()
             ps = [spawn.Process(target=_nodes_proc, args=(k, c, mesh, ep, root, total, q,
-                                                          cmds[k], idle_s))
+                                                          cmds[k], idle_s, hb))
                   for k, c in enumerate(counts)]
             for p in ps:
                 p.start()
@@ -278,12 +285,13 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
             min_seen = min(min(j[3] for j in joined), len(seed.peers.list()))
             ids = {j[1]: j[4] for j in joined}
             say(f"  {total} nodes: all joined in {t_join:.1f} s (min seen {min_seen})")
-            time.sleep(SETTLE_S)  # let the join's gossip settle before the idle window
+            time.sleep(SETTLE_S * hb)  # a gossip round and its answers settle first
             load0 = os.getloadavg()
             for c in cmds:
                 c.put(("idle",))
             idle = [q.get(timeout=idle_s + 300) for _ in ps]
             load1 = os.getloadavg()
+            say(f"  {total} nodes: idle measured; SIGKILL of one process")
             rates = {key: [x for i in idle for x in i[2][key]] for key in idle[0][2]}
 
             def avg(key: str) -> float:
@@ -301,6 +309,7 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
             while time.monotonic() < deadline and any(_live(seed, v) for v in ids[victim]):
                 time.sleep(0.05)
             t_seed = time.monotonic() - t_kill
+            say(f"  {total} nodes: the seed has them gone after {t_seed:.1f} s")
             gone = [q.get(timeout=200) for k in range(len(ps)) if k != victim]
             t_gone = max([t_seed, *(g[2] for g in gone)])
             for k, c in enumerate(cmds):
@@ -326,7 +335,7 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
                 "all_see_killed_gone_s": round(t_gone, 2),
                 "killed_gone_everywhere": all(g[3] for g in gone)
                 and not any(_live(seed, v) for v in ids[victim]),
-                "gone_s_setting": seed.config.presence.gone_s,
+                "heartbeat_s": hb, "gone_s_setting": seed.config.presence.gone_s,
                 "load_avg_idle": [round(x, 2) for x in (*load0, *load1)],
                 "note": "all joined includes process start and imports; RSS per node = "
                         "process RSS / its nodes (a process of 10 nodes)"}
@@ -338,17 +347,17 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
 
 
 def mesh_report(runs: list[dict[str, Any]]) -> list[str]:
-    lines = ["", "Mesh (seed + gossip, no mDNS, tcp, default presence: heartbeat 1 s, gone 10 s)",
-             "", "| nodes | processes | all see all (s) | control msgs out /node/s (idle) "
+    lines = ["", "Mesh (seed + gossip, no mDNS, tcp; presence: evasive 3, gone 10 heartbeats)",
+             "", "| nodes | heartbeat s | processes | all see all (s) | control msgs out /node/s (idle) "
              "| control bytes out /node/s (avg / max) | full gossip lists /node/s "
              "| digests /node/s | RSS per node MiB | SIGKILL of 10 nodes: all see them gone (s) "
              "| load avg 1/5/15 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in runs:
         g = m["gossip_per_node_per_s"]
         la = m["load_avg_idle"]
         lines.append(
-            f"| {m['nodes']} | {m['processes']} | {m['all_joined_s']} | "
+            f"| {m['nodes']} | {m.get('heartbeat_s', 1.0)} | {m['processes']} | {m['all_joined_s']} | "
             f"{m['control_out_per_node_per_s']} | {m['control_bytes_out_per_node_per_s']:,} / "
             f"{m['max_bytes_out_per_node_per_s']:,} | {g['gossip_full_sent']} | "
             f"{g['gossip_digests_sent']} | {m['rss_per_node_mib']} | "
@@ -394,12 +403,12 @@ MESH_SIZES = (50, 200)
 
 
 def run_mesh(sizes: tuple[int, ...], idle_s: float, say: Callable[[str], None],
-             errors: dict[str, str]) -> list[dict[str, Any]]:
+             errors: dict[str, str], hb: float = 1.0) -> list[dict[str, Any]]:
     runs = []
     for n in sizes:
-        say(f"scaling mesh of {n} nodes")
+        say(f"scaling mesh of {n} nodes, heartbeat {hb} s")
         try:
-            runs.append(mesh_nodes(n, idle_s, say))
+            runs.append(mesh_nodes(n, idle_s, say, hb))
         except Exception as exc:
             errors[f"mesh={n}"] = f"{type(exc).__name__}: {exc}"
     return runs
@@ -444,11 +453,16 @@ def main() -> int:
     ap.add_argument("--mesh-sizes", default=",".join(map(str, MESH_SIZES)),
                     help="node counts of the mesh part, comma-separated (default 50,200)")
     ap.add_argument("--idle", type=float, default=20.0, help="idle window of the mesh part, s")
+    ap.add_argument("--heartbeat", type=float, default=1.0,
+                    help="presence heartbeat of the mesh part, s (evasive 3x, gone 10x); 200 "
+                         "nodes on 2 cores need more than the default 1 s: every node pings "
+                         "each of the others every heartbeat")
     a = ap.parse_args()
     if a.mesh_only:
         errors: dict[str, str] = {}
         sizes = tuple(int(x) for x in a.mesh_sizes.split(","))
-        runs = run_mesh(sizes, a.idle, lambda m: print(m, file=sys.stderr, flush=True), errors)
+        runs = run_mesh(sizes, a.idle, lambda m: print(m, file=sys.stderr, flush=True), errors,
+                        a.heartbeat)
         res: dict[str, Any] = {"mesh": runs, "errors": errors, "topics": [], "subscribers": []}
     else:
         res = run_scaling(a.quick, a.log_records)

@@ -61,6 +61,8 @@ _GOSSIP_EVERY = 10
 #: At most one full list per peer per this many heartbeats (a digest or pull flood from an
 #: admitted peer cannot make the node send more; what is owed goes at the next allowed tick).
 _PUSH_EVERY = 3
+#: At most this many full lists per heartbeat in all (many nodes joining at once).
+_PUSH_PER_TICK = 8
 #: Random bytes after the node id in a control DEALER's routing id (one per connection).
 _RID_SUFFIX = 8
 #: Room for headers and the routing id above max_message_bytes in one control multipart.
@@ -134,7 +136,8 @@ class ControlChannel:
         self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
         self._flush_scheduled = False
         self._gossip_scheduled = False
-        self.gossip = gsp.Gossip(_PUSH_EVERY * node.config.presence.heartbeat_s)
+        self.gossip = gsp.Gossip(_PUSH_EVERY * node.config.presence.heartbeat_s,
+                                 _PUSH_PER_TICK)
         #: control revision each peer announced in its HELLO (None: an older build)
         self.revs: dict[str, tuple[int, int] | None] = {}
         #: the ids of the last view gossiped on (to find the ones verified since)
@@ -812,11 +815,12 @@ class ControlChannel:
         self._ticks += 1
         if self._ticks % _GOSSIP_EVERY == 0:
             self._gossip_round(now)
-        due = self.gossip.due(now)
-        if due:
+        if self.gossip.owed():
             view = self._view()
-            for peer_id, pull in due:
+            for peer_id, pull in self.gossip.due(now, gsp.digest([*view, self.node.id])):
                 self._push_full(peer_id, pull, view)
+        else:
+            self.gossip.due(now)  # a new tick: a new budget
         self.node._emit(tick.events)
         self._flush()
 
@@ -928,7 +932,7 @@ class ControlChannel:
         if d.pull:
             # The sender saw our digest differ and asks for our list: answered (rate-limited),
             # compared with nothing, never answered with a pull (two nodes never loop).
-            if self.gossip.request_push(sender, now):
+            if self.gossip.request_push(sender, now, theirs=d.digest):
                 self._push_full(sender, False, self._view())
             else:
                 self._count("gossip_push_limited")

@@ -46,6 +46,7 @@ def speaks_digest(rev: tuple[int, int] | None) -> bool:
 
 @dataclass
 class _Peer:
+    theirs: bytes | None = None  # the peer's last digest
     pair: tuple[bytes, bytes] | None = None  # (ours, theirs) of the last mismatch
     seen: int = 0  # how many times in a row that pair was seen
     last_push: float | None = None  # when a full list last went to this peer
@@ -59,10 +60,16 @@ class Gossip:
     Args:
         min_push_s: at most one full list per peer per this many seconds, whatever the peer
             sends (a flood of digests or pull requests cannot make the node send more).
+        per_tick: at most this many full lists in all between two calls of :meth:`due` (the
+            node's tick): when many views differ at once (many nodes joining together) the
+            node does not send N lists of N entries in one round; the rest is owed, and an
+            owed list is dropped when the peer's last digest has become equal to ours.
     """
 
-    def __init__(self, min_push_s: float) -> None:
+    def __init__(self, min_push_s: float, per_tick: int = 8) -> None:
         self.min_push_s = min_push_s
+        self.per_tick = per_tick
+        self._budget = per_tick
         self._peers: dict[str, _Peer] = {}
 
     def on_mismatch(self, peer: str, ours: bytes, theirs: bytes) -> bool:
@@ -70,6 +77,7 @@ class Gossip:
         and a pull request), False while the same pair persists and the answer backs off
         (a partition: we cannot verify a node the peer can, or the other way round)."""
         st = self._peers.setdefault(peer, _Peer())
+        st.theirs = theirs
         pair = (ours, theirs)
         if st.pair != pair:
             st.pair, st.seen = pair, 0
@@ -84,13 +92,19 @@ class Gossip:
         st = self._peers.get(peer)
         if st is not None:
             st.pair, st.seen = None, 0
+            st.theirs = None
 
-    def request_push(self, peer: str, now: float, pull: bool = False) -> bool:
+    def request_push(self, peer: str, now: float, pull: bool = False,
+                     theirs: bytes | None = None) -> bool:
         """May a full list go to ``peer`` now? True: the caller sends it (recorded as sent).
-        False: rate-limited; it is owed and :meth:`due` hands it out once allowed (one owed
-        list per peer at most, however many requests)."""
+        False: rate-limited (per peer or per tick); it is owed and :meth:`due` hands it out
+        once allowed (one owed list per peer at most, however many requests). ``theirs``:
+        the digest the peer showed with the request, if any."""
         st = self._peers.setdefault(peer, _Peer())
-        if st.last_push is None or now - st.last_push >= self.min_push_s:
+        if theirs is not None:
+            st.theirs = theirs
+        if self._budget > 0 and (st.last_push is None or now - st.last_push >= self.min_push_s):
+            self._budget -= 1
             st.last_push = now
             st.pending = st.pending_pull = False
             return True
@@ -98,15 +112,31 @@ class Gossip:
         st.pending_pull = st.pending_pull or pull
         return False
 
-    def due(self, now: float) -> list[tuple[str, bool]]:
-        """Owed full lists that may go now: (peer, with a pull request); recorded as sent."""
+    def due(self, now: float, ours: bytes | None = None) -> list[tuple[str, bool]]:
+        """At each tick: owed full lists that may go now, (peer, with a pull request),
+        recorded as sent, within a fresh per-tick budget. An owed list to a peer whose last
+        digest equals ``ours`` (our digest now) is dropped: the views agree already."""
+        self._budget = self.per_tick
         out: list[tuple[str, bool]] = []
         for peer, st in self._peers.items():
-            if st.pending and (st.last_push is None or now - st.last_push >= self.min_push_s):
+            if not st.pending:
+                continue
+            if ours is not None and st.theirs == ours:
+                st.pending = st.pending_pull = False
+                continue
+            if self._budget <= 0:
+                break
+            if st.last_push is None or now - st.last_push >= self.min_push_s:
                 out.append((peer, st.pending_pull))
+                self._budget -= 1
                 st.last_push = now
                 st.pending = st.pending_pull = False
         return out
+
+    def owed(self) -> bool:
+        """True when some full list is owed (the caller computes its digest for :meth:`due`
+        only then)."""
+        return any(st.pending for st in self._peers.values())
 
     def forget(self, peer: str) -> None:
         """The peer is gone: drop its state."""

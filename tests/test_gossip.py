@@ -85,6 +85,23 @@ def test_a_request_flood_gets_a_bounded_number_of_full_lists() -> None:
     assert sent <= 10 / 3 + 2
 
 
+def test_full_lists_per_tick_are_bounded_and_owed_ones_dropped_once_views_agree() -> None:
+    g = Gossip(min_push_s=3.0, per_tick=8)
+    ours = digest([A, B])
+    peers = [f"{i:032x}" for i in range(50)]  # 50 views differ at once (a join storm)
+    sent = [p for p in peers if g.request_push(p, 0.0, theirs=digest([p]))]
+    assert len(sent) == 8 and g.owed()
+    # by the next tick, 10 of the owed peers showed our digest: nothing owed to them
+    for p in peers[8:18]:
+        g.request_push(p, 0.5, theirs=ours)
+    out = g.due(1.0, ours)
+    assert len(out) == 8 and not {p for p, _ in out} & set(peers[8:18])
+    total = 8 + len(out)
+    for t in range(2, 20):
+        total += len(g.due(float(t), ours))
+    assert total == 50 - 10 and not g.owed()
+
+
 def test_forget_drops_the_state() -> None:
     g = Gossip(min_push_s=3.0)
     g.request_push("p", 0.0)
