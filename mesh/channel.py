@@ -897,7 +897,7 @@ class ControlChannel:
                 self._send_gossip(link, [e for nid, e in view.items() if nid != node_id],
                                   "gossip_full_sent")
             elif node_id in fresh:
-                if self.gossip.request_push(node_id, now):
+                if self.gossip.request_push(node_id, now, newcomer=True):
                     self._push_full(node_id, False, view)
                 else:
                     self._count("gossip_push_limited")

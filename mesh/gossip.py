@@ -95,16 +95,20 @@ class Gossip:
             st.theirs = None
 
     def request_push(self, peer: str, now: float, pull: bool = False,
-                     theirs: bytes | None = None) -> bool:
+                     theirs: bytes | None = None, newcomer: bool = False) -> bool:
         """May a full list go to ``peer`` now? True: the caller sends it (recorded as sent).
         False: rate-limited (per peer or per tick); it is owed and :meth:`due` hands it out
         once allowed (one owed list per peer at most, however many requests). ``theirs``:
-        the digest the peer showed with the request, if any."""
+        the digest the peer showed with the request, if any. ``newcomer``: the list a node
+        that just joined through us gets, outside the per-tick budget (one per verified
+        join: a peer that never answers on its endpoint never gets one)."""
         st = self._peers.setdefault(peer, _Peer())
         if theirs is not None:
             st.theirs = theirs
-        if self._budget > 0 and (st.last_push is None or now - st.last_push >= self.min_push_s):
-            self._budget -= 1
+        if (newcomer or self._budget > 0) and (
+                st.last_push is None or now - st.last_push >= self.min_push_s):
+            if not newcomer:
+                self._budget -= 1
             st.last_push = now
             st.pending = st.pending_pull = False
             return True

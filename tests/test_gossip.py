@@ -100,6 +100,9 @@ def test_full_lists_per_tick_are_bounded_and_owed_ones_dropped_once_views_agree(
     for t in range(2, 20):
         total += len(g.due(float(t), ours))
     assert total == 50 - 10 and not g.owed()
+    # a node that joined through us gets its list whatever the budget (once per window)
+    assert g.request_push("new", 20.0, newcomer=True)
+    assert not g.request_push("new", 20.5, newcomer=True)
 
 
 def test_forget_drops_the_state() -> None:
