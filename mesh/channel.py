@@ -1,6 +1,11 @@
 """The control channel's I/O (docs/protocol.md): links, HELLO sending, flushing, receiving,
 presence ticks and gossip. Reactor thread only.
 
+Gossip (docs/protocol.md, "Gossip"): every 10 heartbeats a node sends each peer an 8-byte
+digest of its view (a full list only to peers too old to read one); a mismatch is answered
+with a full list and a pull request; a node that joins through us gets the full list and the
+other peers just its entry. The decisions are :class:`mesh.gossip.Gossip`'s.
+
 A bound ROUTER receives everything; to talk to a peer the node connects one DEALER (routing
 id = our node id + random bytes, one per connection) to the peer's control endpoint: a
 :class:`Link`. HELLO / UPDATE / PING / PONG / GOSSIP / BYE are handled here; other kinds go to
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from mesh import control
+from mesh import gossip as gsp
 from mesh.budget import Budget
 from mesh.control import Hello
 from mesh.datadir import NODE_ID_RE
@@ -49,8 +55,14 @@ _RECV_BATCH = 1000
 SEND_BATCH = 256
 #: Messages node.send() may queue for the reactor before it drops (and counts) more.
 _MAX_OUTQ = 100_000
-#: Full gossip to every peer once per this many heartbeats (joins also trigger one).
+#: A gossip round (a digest to each peer, a full list to an old one) once per this many
+#: heartbeats; joins send the newcomer's entry at once.
 _GOSSIP_EVERY = 10
+#: At most one full list per peer per this many heartbeats (a digest or pull flood from an
+#: admitted peer cannot make the node send more; what is owed goes at the next allowed tick).
+_PUSH_EVERY = 3
+#: At most this many full lists per heartbeat in all (many nodes joining at once).
+_PUSH_PER_TICK = 8
 #: Random bytes after the node id in a control DEALER's routing id (one per connection).
 _RID_SUFFIX = 8
 #: Room for headers and the routing id above max_message_bytes in one control multipart.
@@ -124,6 +136,16 @@ class ControlChannel:
         self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
         self._flush_scheduled = False
         self._gossip_scheduled = False
+        self.gossip = gsp.Gossip(_PUSH_EVERY * node.config.presence.heartbeat_s,
+                                 _PUSH_PER_TICK)
+        #: control revision each peer announced in its HELLO (None: an older build)
+        self.revs: dict[str, tuple[int, int] | None] = {}
+        #: the ids of the last view gossiped on (to find the ones verified since)
+        self._view_ids: set[str] = set()
+        #: ids not in our view that some peer gossiped to us since (bounded): a node we
+        #: verify later was told about already, so we do not announce it again
+        self._heard_of: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._heard_cap = 4 * node.config.max_peers
         self.update_scheduled = False
         self._ticks = 0
         self._heartbeat: Timer | None = None
@@ -526,6 +548,8 @@ class ControlChannel:
             node._emit(events)
         elif kind == control.GOSSIP:
             self._on_gossip(peer_id, body)
+        elif kind == control.DIGEST:
+            self._on_digest(peer_id, body, now)
         elif kind == control.BYE:
             # BYE is the last message of that connection: unbind it, so nothing still in
             # flight on it counts as hearing from the node (only a new HELLO brings it back).
@@ -535,6 +559,8 @@ class ControlChannel:
             link = self.links.pop(peer_id, None)
             if link is not None:
                 self._drop_link(link)
+            self.gossip.forget(peer_id)
+            self._view_ids.discard(peer_id)
             node._emit(events)
         else:
             handler = node._handlers.get(kind)
@@ -583,6 +609,7 @@ class ControlChannel:
         elif not ms.same_connection(info.node_id, hello):
             return
         self._count("control_in")
+        self.revs[info.node_id] = hello.rev
         self._admit(info, hello, now)
 
     def _admit(self, info: PeerInfo, hello: Hello, now: float) -> None:
@@ -678,6 +705,13 @@ class ControlChannel:
         if bad:
             self._count("malformed", bad)
         node = self.node
+        heard = self._heard_of
+        for entry in entries:
+            if entry[0] not in self._view_ids and entry[0] != node.id:
+                heard[entry[0]] = None
+                heard.move_to_end(entry[0])
+        while len(heard) > self._heard_cap:
+            heard.popitem(last=False)
         dialling = {d.node_id or self._reached.get(d.endpoint) for d in self.dials.values()}
         dial_eps = {d.endpoint for d in self.dials.values()}
         for node_id, _mesh, host, eps, key in self.membership.gossip_candidates(
@@ -743,7 +777,10 @@ class ControlChannel:
             tick = self._presence.tick(now)
         for node_id in tick.pruned:
             ms.forget(node_id)
+            self.revs.pop(node_id, None)
         for node_id in tick.gone:
+            self.gossip.forget(node_id)
+            self._view_ids.discard(node_id)  # back later: a newcomer again
             link = self.links.pop(node_id, None)
             if link is not None:
                 self._drop_link(link)
@@ -777,32 +814,142 @@ class ControlChannel:
                 self._send_hello(d)  # the peer may have come up since (or lost our HELLO)
         self._ticks += 1
         if self._ticks % _GOSSIP_EVERY == 0:
-            self._gossip()
+            self._gossip_round(now)
+        if self.gossip.owed():
+            view = self._view()
+            for peer_id, pull in self.gossip.due(now, gsp.digest([*view, self.node.id])):
+                self._push_full(peer_id, pull, view)
+        else:
+            self.gossip.due(now)  # a new tick: a new budget
         self.node._emit(tick.events)
         self._flush()
+
+    def _view(self) -> dict[str, control.GossipEntry]:
+        """What this node gossips: the peers it verified itself, not GONE (a HELLO flood of
+        fake node ids is never passed on to the rest of the mesh), by node id."""
+        out: dict[str, control.GossipEntry] = {}
+        for r in self._presence.records():
+            i = r.info
+            if r.state is not PeerState.GONE and (
+                    lk := self.links.get(i.node_id)) is not None and lk.verified:
+                out[i.node_id] = (i.node_id, i.mesh, i.host, i.endpoints.get("control", ()),
+                                  i.public_key)
+        return out
+
+    def _digest(self, view: dict[str, control.GossipEntry], pull: bool = False) -> bytes:
+        ids = [*view, self.node.id]
+        body = control.digest_to_wire(control.Digest(gsp.digest(ids), len(ids), pull))
+        return control.encode_body(body, 1 << 10)
+
+    def _send_gossip(self, link: Link, entries: list[control.GossipEntry], what: str) -> bool:
+        if not entries:
+            return False
+        try:
+            raw = control.encode_body(control.gossip_to_wire(entries),
+                                      self.config.max_message_bytes)
+        except ProtocolError as exc:  # FrameTooLarge: more peers than one message holds
+            self._bad("send_errors", "gossip to %s not sent: %s", link.node_id, exc)
+            return False
+        self._enqueue(link, control.GOSSIP, raw)
+        self._count("gossip_sent")
+        self._count(what)
+        return True
+
+    def _push_full(self, peer_id: str, pull: bool, view: dict[str, control.GossipEntry]) -> None:
+        """Our full list to ``peer_id`` (the rate limit was asked), and a pull request."""
+        link = self.links.get(peer_id)
+        if link is None or not self._presence.is_live(peer_id):
+            return
+        self._send_gossip(link, [e for nid, e in view.items() if nid != peer_id],
+                          "gossip_full_sent")
+        if pull:
+            self._enqueue(link, control.DIGEST, self._digest(view, pull=True))
+            self._count("gossip_pulls_sent")
 
     def schedule_gossip(self) -> None:
         if not self._gossip_scheduled:
             self._gossip_scheduled = True
-            self.node.reactor.call_soon(self._gossip)
+            self.node.reactor.call_soon(self._gossip_changes)
 
-    def _gossip(self) -> None:
+    def _gossip_changes(self) -> None:
+        """A peer joined or a link was verified: tell the others about the ids verified since
+        the last look. A node that came to us on its own (nobody gossiped it to us: we are its
+        seed, static peer or mDNS contact) gets our full list and every other peer its entry
+        (a delta); one we were told about already was announced by whoever told us. A peer
+        too old to read ``digest`` gets the full list, as before this revision."""
         self._gossip_scheduled = False
-        # Only peers this node verified itself (a live link that answered): a HELLO flood of
-        # fake node ids is never passed on to the rest of the mesh.
-        live = [r.info for r in self._presence.records() if r.state is not PeerState.GONE
-                and (lk := self.links.get(r.info.node_id)) is not None and lk.verified]
-        entries = [(i.node_id, i.mesh, i.host, i.endpoints.get("control", ()), i.public_key)
-                   for i in live]
+        view = self._view()
+        new = [nid for nid in view if nid not in self._view_ids]
+        self._view_ids = set(view)
+        if not new:
+            return
+        fresh = []
+        for nid in new:
+            told = nid in self._heard_of
+            self._heard_of.pop(nid, None)
+            if not told:
+                fresh.append(nid)
+        now = self._clock()
         for node_id, link in self.links.items():
-            others = [e for e in entries if e[0] != node_id]
-            if others and self._presence.is_live(node_id):
-                raw = control.encode_body(
-                    control.gossip_to_wire(others), self.config.max_message_bytes
-                )
-                self._enqueue(link, control.GOSSIP, raw)
-                self._count("gossip_sent")
+            if not self._presence.is_live(node_id):
+                continue
+            if not gsp.speaks_digest(self.revs.get(node_id)):
+                self._send_gossip(link, [e for nid, e in view.items() if nid != node_id],
+                                  "gossip_full_sent")
+            elif node_id in fresh:
+                if self.gossip.request_push(node_id, now, newcomer=True):
+                    self._push_full(node_id, False, view)
+                else:
+                    self._count("gossip_push_limited")
+            else:
+                self._send_gossip(link, [view[nid] for nid in fresh if nid != node_id],
+                                  "gossip_deltas_sent")
         self._flush()
+
+    def _gossip_round(self, now: float) -> None:
+        """Every _GOSSIP_EVERY heartbeats: a digest to each live peer that reads one, the full
+        list to one that does not."""
+        view = self._view()
+        raw = self._digest(view)
+        for node_id, link in self.links.items():
+            if not self._presence.is_live(node_id):
+                continue
+            if gsp.speaks_digest(self.revs.get(node_id)):
+                self._enqueue(link, control.DIGEST, raw)
+                self._count("gossip_digests_sent")
+            else:
+                self._send_gossip(link, [e for nid, e in view.items() if nid != node_id],
+                                  "gossip_full_sent")
+        self._flush()
+
+    def _on_digest(self, sender: str, body: Any, now: float) -> None:
+        try:
+            d = control.digest_from_wire(body)
+        except ProtocolError as exc:
+            self._bad("malformed", "DIGEST from %s: %s", sender, exc)
+            return
+        self._count("gossip_digests_in")
+        if d.pull:
+            # The sender saw our digest differ and asks for our list: answered (rate-limited),
+            # compared with nothing, never answered with a pull (two nodes never loop).
+            if self.gossip.request_push(sender, now, theirs=d.digest):
+                self._push_full(sender, False, self._view())
+            else:
+                self._count("gossip_push_limited")
+            return
+        view = self._view()
+        mine = gsp.digest([*view, self.node.id])
+        if d.digest == mine:
+            self.gossip.on_agree(sender)
+            return
+        self._count("gossip_mismatches")
+        if not self.gossip.on_mismatch(sender, mine, d.digest):
+            self._count("gossip_backoff")
+            return
+        if self.gossip.request_push(sender, now, pull=True):
+            self._push_full(sender, True, view)
+        else:
+            self._count("gossip_push_limited")
 
     def announce_update(self) -> None:
         self.update_scheduled = False  # before reading info(): a later change sends again

@@ -27,6 +27,7 @@ from mesh.peers import OFFER_KINDS, PROTOCOL_VERSION, PeerInfo
 __all__ = [
     "BYE",
     "CORE_KINDS",
+    "DIGEST",
     "GOSSIP",
     "HELLO",
     "MAX_KIND_LEN",
@@ -36,10 +37,13 @@ __all__ = [
     "SIGNATURE",
     "SUPPORTED_VERSIONS",
     "UPDATE",
+    "Digest",
     "Hello",
     "Message",
     "decode_frames",
     "decode_header",
+    "digest_from_wire",
+    "digest_to_wire",
     "encode_body",
     "encode_frames",
     "encode_header",
@@ -55,8 +59,9 @@ __all__ = [
 SIGNATURE = b"ZM"
 SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
 #: The revision of the control bodies this build writes (docs/protocol.md, "Frame versions").
-#: 1.1 added ``info.inc`` (the sender's incarnation) to HELLO and UPDATE.
-REVISION = (PROTOCOL_VERSION, 1)
+#: 1.1 added ``info.inc`` (the sender's incarnation) to HELLO and UPDATE; 1.2 added the HELLO
+#: key ``rev`` (this revision) and the kind ``digest``, sent only to peers whose ``rev`` is 1.2+.
+REVISION = (PROTOCOL_VERSION, 2)
 MAX_KIND_LEN = 64
 
 HELLO = "hello"
@@ -64,9 +69,10 @@ UPDATE = "update"
 PING = "ping"
 PONG = "pong"
 GOSSIP = "gossip"
+DIGEST = "digest"
 BYE = "bye"
 #: Kinds the node core handles itself; pattern kinds must contain a dot ("pubsub.replay_req").
-CORE_KINDS = frozenset({HELLO, UPDATE, PING, PONG, GOSSIP, BYE})
+CORE_KINDS = frozenset({HELLO, UPDATE, PING, PONG, GOSSIP, DIGEST, BYE})
 
 _KIND_RE = re.compile(r"^[a-z0-9_][a-z0-9_.\-]{0,63}$")
 _NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -285,6 +291,9 @@ class Hello:
             know who it dialled). The same process sends the same proof to one receiver on
             every connection, and no other receiver ever sees it: it lets a new connection of
             a live node take over at once (docs/protocol.md, "Connections and node ids").
+        rev: the control revision the sender writes and reads (major, minor), since 1.2;
+            None when absent (an older build: it gets full gossip, never ``digest``). A
+            HELLO this build writes carries :data:`REVISION` unless told otherwise.
     """
 
     info: PeerInfo
@@ -292,17 +301,21 @@ class Hello:
     ack: int | None = None
     reply: bool = False
     proof: bytes | None = None
+    rev: tuple[int, int] | None = REVISION
 
 
 def hello_to_wire(hello: Hello) -> dict[str, Any]:
-    """The msgpack map of a HELLO / UPDATE body."""
-    return {
+    """The msgpack map of a HELLO / UPDATE body (``rev`` left out when None)."""
+    out: dict[str, Any] = {
         "info": peerinfo_to_wire(hello.info),
         "dial": hello.dial,
         "ack": hello.ack,
         "reply": hello.reply,
         "proof": hello.proof,
     }
+    if hello.rev is not None:
+        out["rev"] = list(hello.rev)
+    return out
 
 
 def hello_from_wire(obj: object) -> Hello:
@@ -323,7 +336,14 @@ def hello_from_wire(obj: object) -> Hello:
     proof = obj.get("proof")
     if proof is not None and (not isinstance(proof, bytes) or not 8 <= len(proof) <= 64):
         raise ProtocolError("hello proof must be 8-64 bytes or nil")
-    return Hello(peerinfo_from_wire(obj.get("info")), dial, ack, reply, proof)
+    rev = obj.get("rev")
+    if rev is not None:
+        if (not isinstance(rev, list) or len(rev) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 16
+                           for v in rev)):
+            raise ProtocolError("hello rev must be an array of two integers 0 .. 65535 or nil")
+        rev = (rev[0], rev[1])
+    return Hello(peerinfo_from_wire(obj.get("info")), dial, ack, reply, proof, rev)
 
 
 #: One gossip entry: (node_id, mesh, host, control endpoints, CURVE public key or None).
@@ -369,3 +389,44 @@ def gossip_from_wire(obj: object) -> tuple[list[GossipEntry], int]:
         except (ProtocolError, TypeError, ValueError):
             bad += 1
     return good, bad
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A ``digest`` body (since control revision 1.2): the sender's view in 8 bytes.
+
+    Attributes:
+        digest: blake2b-8 of the node ids the sender would gossip, and its own
+            (:func:`mesh.gossip.digest`).
+        count: how many ids that view holds (informational).
+        pull: True when the sender asks for the receiver's full list (it saw the receiver's
+            digest differ); the receiver answers with ``gossip`` and compares nothing.
+    """
+
+    digest: bytes
+    count: int
+    pull: bool = False
+
+
+def digest_to_wire(d: Digest) -> dict[str, Any]:
+    """The msgpack map of a ``digest`` body."""
+    return {"d": d.digest, "n": d.count, "pull": d.pull}
+
+
+def digest_from_wire(obj: object) -> Digest:
+    """Validate a ``digest`` body.
+
+    Raises:
+        ProtocolError: not a map, ``d`` not 8 bytes, ``n`` not an integer 0 .. 2**32-1, or
+            ``pull`` not a boolean.
+    """
+    if not isinstance(obj, Mapping):
+        raise ProtocolError("digest body must be a map")
+    d, n, pull = obj.get("d"), obj.get("n", 0), obj.get("pull", False)
+    if not isinstance(d, bytes) or len(d) != 8:
+        raise ProtocolError("digest d must be 8 bytes")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 1 << 32:
+        raise ProtocolError("digest n must be an integer 0 .. 2**32-1")
+    if not isinstance(pull, bool):
+        raise ProtocolError("digest pull must be a boolean")
+    return Digest(d, n, pull)

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from mesh import control, envelope, txt
+from mesh import control, envelope, gossip, txt
 from mesh.log import format as logfmt
 from mesh.peers import PeerInfo
 from patterns.pipeline import frames as pf
@@ -30,6 +30,8 @@ from patterns.reqrep import frames as rf
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 NODE = "8d395d25ecfe4dd581e3e71a9c112cde"
 NODE2 = "0123456789abcdef0123456789abcdef"
+#: blake2b-8 of NODE2 + NODE (the ids sorted), as docs/protocol.md "Gossip" states it
+_DIGEST_HEX = "4a55668447255b0a"
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -86,6 +88,11 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
             [(NODE2, "factory", "4c1f0e9a", ("tcp://10.0.0.8:41533",), None)])),
         lambda f: _eq(control.gossip_from_wire(_ctrl_check("gossip")(f)),
                       ([(NODE2, "factory", "4c1f0e9a", ("tcp://10.0.0.8:41533",), None)], 0))),
+    "control.digest": (
+        lambda: _ctrl("digest", control.digest_to_wire(
+            control.Digest(gossip.digest([NODE, NODE2]), 2, True))),
+        lambda f: _eq(control.digest_from_wire(_ctrl_check("digest")(f)),
+                      control.Digest(bytes.fromhex(_DIGEST_HEX), 2, True))),
     "control.bye": (lambda: _ctrl("bye", None), lambda f: _eq(_ctrl_check("bye")(f), None)),
     "control.node.stats": (
         lambda: _ctrl("node.stats", {"v": 1, "rid": 1, "families": ["mesh_peers"]}),
