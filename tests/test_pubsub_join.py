@@ -8,9 +8,12 @@ to pending dials), so the subscriber never connected.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
+
+import pytest
 
 from mesh.node import Node
 from patterns.pubsub.gaps import StreamTracker
@@ -51,9 +54,33 @@ def test_offer_made_before_hello_answered_still_reaches_subscriber(tmp_path: Pat
             assert got == list(range(10))
 
 
-def test_publisher_restarted_with_new_endpoint_is_reconnected(tmp_path: Path) -> None:
+def _squat(endpoint: str) -> socket.socket:
+    """Take ``endpoint``'s tcp port (listening, so libzmq's REUSEADDR bind fails on it) once
+    the closed hub's listener has gone (REUSEADDR: the old connections' TIME_WAIT does not
+    stop us)."""
+    squat = socket.socket()
+    squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def squatted() -> bool:
+        try:
+            squat.bind(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+        except OSError:
+            return False
+        squat.listen()
+        return True
+
+    wait_until(squatted, 5, what="the old data port free")
+    return squat
+
+
+@pytest.mark.parametrize("port_taken", [True, False], ids=["new-port", "recorded-port"])
+def test_restarted_publisher_is_heard_again(tmp_path: Path, port_taken: bool) -> None:
+    """Same data dir, same node id, no wait for LEFT (it comes back at once). Its recorded
+    data port is bound again when free: the subscriber's connection (libzmq reconnects by
+    itself) carries the new events; when the port is taken the hub moves, and the subscriber
+    follows the new endpoint and drops the dead one."""
     mesh = unique("ps")
-    tcp = ("tcp",)  # tcp only: a restart gets a new port, so the SUB must follow it
+    tcp = ("tcp",)  # tcp only: the port is what this is about
     with make_node(tmp_path / "sub", mesh, transports=tcp) as a, Subscriber(
             a, "r.s", start=Start.beginning()) as sub:
         pdir = tmp_path / "pub"
@@ -67,56 +94,17 @@ def test_publisher_restarted_with_new_endpoint_is_reconnected(tmp_path: Path) ->
             first_ep = p.endpoints[0]
             p.publish_many(range(5), type="t")
             wait_until(lambda: pull(5), 10, what="first incarnation's events")
-        # Same data dir: same node id; its recorded port is taken, so a new one. No wait for
-        # LEFT: it comes back at once.
-        squat = socket.socket()
-        # REUSEADDR: the old connections' TIME_WAIT does not stop us; listening: the port is
-        # really taken (libzmq binds with REUSEADDR too).
-        squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-
-        def squatted() -> bool:  # the closed hub's listener goes in libzmq's I/O thread
-            try:
-                squat.bind(("127.0.0.1", int(first_ep.rsplit(":", 1)[1])))
-            except OSError:
-                return False
-            squat.listen()
-            return True
-
-        wait_until(squatted, 5, what="the old data port free")
-        with squat, make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, \
-                Publisher(b, "r.s") as p:
-            assert p.endpoints[0] != first_ep
+        with contextlib.ExitStack() as stack:
+            if port_taken:
+                stack.enter_context(_squat(first_ep))
+            b = stack.enter_context(make_node(pdir, mesh, (ctrl(a),), transports=tcp))
+            p = stack.enter_context(Publisher(b, "r.s"))
+            assert (p.endpoints[0] != first_ep) == port_taken
             p.publish_many(range(5, 10), type="t")
             wait_until(lambda: pull(10), 10, what="restarted publisher's events")
             assert got == list(range(10))
-            # The dead endpoint was dropped; only the live one stays connected.
+            # Only the live endpoint stays connected.
             assert sub._connected == {p.endpoints[0]}
-
-
-def test_publisher_restarted_on_its_recorded_port_is_heard_again(tmp_path: Path) -> None:
-    """The recorded data port is bound again at the next start: the subscriber's connection
-    to it (libzmq reconnects by itself) carries the restarted publisher's events."""
-    mesh = unique("ps")
-    tcp = ("tcp",)
-    with make_node(tmp_path / "sub", mesh, transports=tcp) as a, Subscriber(
-            a, "r.s", start=Start.beginning()) as sub:
-        pdir = tmp_path / "pub"
-        got: list[int] = []
-
-        def pull(n: int) -> bool:
-            got.extend(e.data for e in sub.recv_batch(timeout=0.05))
-            return len(got) >= n
-
-        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
-            first_ep = p.endpoints[0]
-            p.publish_many(range(5), type="t")
-            wait_until(lambda: pull(5), 10, what="first incarnation's events")
-        with make_node(pdir, mesh, (ctrl(a),), transports=tcp) as b, Publisher(b, "r.s") as p:
-            assert p.endpoints[0] == first_ep
-            p.publish_many(range(5, 10), type="t")
-            wait_until(lambda: pull(10), 10, what="restarted publisher's events")
-            assert got == list(range(10))
-            assert sub._connected == {first_ep}
 
 
 def test_peer_restart_resends_outstanding_request_at_once() -> None:

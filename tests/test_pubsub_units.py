@@ -296,3 +296,21 @@ def test_malformed_replay_request_is_answerable_when_routable() -> None:
                        {"v": 1, "sid": "s", "stream": "t"}, {"v": 1, "sid": 3, "req": 1,
                                                               "stream": "t"}):
         assert frames.replay_reply_target(unroutable) is None
+
+
+def test_trim_chunk_stops_at_the_subscribers_limits() -> None:
+    from patterns.pubsub.frames import trim_chunk
+
+    ev = [b"a" * 10, b"b" * 10, b"c" * 50, b"d" * 10]
+    # over max_event first: skipped alone, first moves past it
+    chunk = [b"x" * 50, b"y"]
+    assert trim_chunk(chunk, 7, 1 << 20, 20, None) == (8, (7, 8, "oversize")) and chunk == []
+    # over max_event later: the chunk stops before it
+    chunk = list(ev)
+    assert trim_chunk(chunk, 0, 1 << 20, 20, None) == (0, None) and chunk == ev[:2]
+    # over max_bytes: stops once passed, keeps at least one event
+    chunk = list(ev)
+    assert trim_chunk(chunk, 0, 15, None, None) == (0, None) and chunk == ev[:1]
+    chunk = [b"z" * 100]
+    assert trim_chunk(chunk, 3, 15, None, (1, 3, "damaged")) == (3, (1, 3, "damaged"))
+    assert chunk == [b"z" * 100]

@@ -688,3 +688,30 @@ def decode_holdings(body: object) -> tuple[int, list[Holding], bool]:
         out.append(Holding(origin, _str(row, "stream", kind, limit=MAX_TOPIC), oldest, head,
                            epoch))
     return req, out, more
+
+
+def trim_chunk(events: list[bytes], first: int, max_bytes: int, max_event: int | None,
+               skip: tuple[int, int, str] | None) -> tuple[int, tuple[int, int, str] | None]:
+    """Cut a replay (or fetch) chunk to what the subscriber takes, in place.
+
+    ``events`` start at seq ``first``. The chunk stops before the first event over
+    ``max_event`` (the subscriber's own limit: it would refuse that event, and with it the
+    whole chunk, forever); when that event is the first one it is skipped instead, as
+    ``(seq, seq + 1, "oversize")``. The chunk also stops once ``max_bytes`` is passed, but
+    always keeps one event. Returns ``(first, skip)``: ``first`` moves past a skipped event.
+    """
+    limit = max_event if max_event is not None else 1 << 62
+    total = 0
+    for i, env in enumerate(events):
+        size = len(env)
+        if size > limit:
+            del events[i:]
+            if i == 0:
+                skip = (first, first + 1, "oversize")
+                first += 1
+            break
+        total += size
+        if total > max_bytes and i > 0:
+            del events[i:]
+            break
+    return first, skip

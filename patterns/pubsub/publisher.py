@@ -808,23 +808,8 @@ class _PubHub:
             except LogError as exc:
                 return frames.ReplayData(rq.sid, rq.req, rq.stream, start, [], head, oldest,
                                          gone, f"log_error: {exc}", epoch)
-            budget = min(rq.max_bytes, MAX_REPLAY_BYTES)
-            limit = rq.max_event if rq.max_event is not None else 1 << 62
-            total = 0
-            for i, env in enumerate(events):
-                size = len(env)
-                if size > limit:
-                    # Over the subscriber's limit: it would refuse it (and the whole chunk
-                    # with it, an older one forever). Stop before it, or skip it when first.
-                    del events[i:]
-                    if i == 0:
-                        skip = (first, first + 1, "oversize")
-                        first += 1
-                    break
-                total += size
-                if total > budget and i > 0:
-                    del events[i:]
-                    break
+            first, skip = frames.trim_chunk(events, first, min(rq.max_bytes, MAX_REPLAY_BYTES),
+                                            rq.max_event, skip)
         if skip is not None:
             st.stats.replay_skipped += skip[1] - skip[0]
         st.stats.replay_events += len(events)

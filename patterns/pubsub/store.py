@@ -713,21 +713,8 @@ class Store:
                     return frames.ReplayData(rq.sid, rq.req, rq.stream, start, [], head,
                                              oldest, gone, f"log_error: {exc}", epoch,
                                              origin=origin)
-            budget = min(rq.max_bytes, MAX_FETCH_BYTES)
-            limit = rq.max_event if rq.max_event is not None else 1 << 62
-            total = 0
-            for i, env in enumerate(events):
-                size = len(env)
-                if size > limit:
-                    del events[i:]
-                    if i == 0:
-                        skip = (first, first + 1, "oversize")
-                        first += 1
-                    break
-                total += size
-                if total > budget and i > 0:
-                    del events[i:]
-                    break
+            first, skip = frames.trim_chunk(events, first, min(rq.max_bytes, MAX_FETCH_BYTES),
+                                            rq.max_event, skip)
         if self._tamper is not None:
             events = [self._tamper(e) for e in events]
         self._stats.fetch_events += len(events)
