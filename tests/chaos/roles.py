@@ -131,8 +131,13 @@ def publisher(run_dir: str, role: str, cfg: dict[str, Any], out: Out) -> None:
         with Publisher(nd, stream, heartbeat_s=0.1) as pub:
             out(ev="start", head=pub.head)
             i = 0
+            tries = 0
             rate = cfg["publish_rate"]
-            while not phase(run_dir, "quiesce"):
+            # Every incarnation publishes at least one batch, even one started after the
+            # quiesce (bounded: a full disk may refuse it), so the clock check always has a
+            # record of the last incarnation (real clock) to judge.
+            while not phase(run_dir, "quiesce") or (i == 0 and tries < 20):
+                tries += 1
                 batch = [f"{out.pid}-{i + k}" for k in range(10)]
                 try:
                     seqs = pub.publish_many(batch, type="chaos")

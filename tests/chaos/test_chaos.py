@@ -31,6 +31,12 @@ def _run(seed: int, tmp_path: Path, kinds: list[str] | None = None) -> None:
     # The run must really have exercised the mesh, not passed on an idle one.
     assert rep.facts["acked_publishes"] > 500, buf.getvalue()
     assert rep.facts["tasks_pushed"] > 200 and rep.facts["requests_ok"] > 100, buf.getvalue()
+    # A clock jump was judged on a record its role wrote after the jump back, not skipped.
+    jumped = {f.target for f in faults.schedule(seed, DURATION, ROLES,
+                                                netns=netns.available() is None)
+              if f.kind == "clock_jump" and (kinds is None or "clock_jump" in kinds)}
+    for role in jumped:
+        assert f"{role}_last_record_clock_skew_s" in rep.facts, buf.getvalue()
 
 
 @pytest.mark.timeout(110)
