@@ -23,9 +23,13 @@ def test_demo_survives_kill_and_reports_ok(mode: str) -> None:
     assert report["holes"] == 0
     assert set(report["published"].values()) == {300}
     assert report["consumed"] == report["published"]
-    # The aggregator was really killed mid-run and caught up by replay afterwards.
-    # killed once it had consumed part of each stream (not at a fixed time)
-    assert all(0 < v < 300 for v in report["consumed_before_kill"].values())
+    # The aggregator was really killed mid-run and caught up by replay afterwards: killed
+    # once it had consumed part of each stream (not at a fixed time). With mDNS one sensor
+    # may find the aggregator seconds after the other and its stream may be complete by the
+    # time the later one has reached the kill threshold (seen once in CI): every stream was
+    # consumed from before the kill, and at least one was cut mid-way.
+    before = report["consumed_before_kill"].values()
+    assert all(v > 0 for v in before) and any(v < 300 for v in before), before
     assert report["replayed_after_restart"] > 0
     # Every job was acked except the poison one, which sits in the DLQ with its error.
     jobs = report["jobs"]
