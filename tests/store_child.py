@@ -17,6 +17,7 @@ All nodes use a fast presence (a killed peer is LEFT within about a second).
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
 
@@ -40,19 +41,16 @@ def store(data_dir: str, mesh: str, peer: str, topic: str) -> None:
         sys.stdout.write(f"READY {nd.id}\n")
         sys.stdout.flush()
         seen: dict[tuple[str, str], int] = {}
-        os.set_blocking(sys.stdin.fileno(), False)
+        stdin = sys.stdin.buffer
         while True:
-            try:
-                if sys.stdin.buffer.read() == b"":
-                    return  # stdin closed
-            except (BlockingIOError, TypeError):
-                pass
             for h in st.holdings():
                 if seen.get((h.origin, h.stream)) != h.head:
                     seen[(h.origin, h.stream)] = h.head
                     sys.stdout.write(f"HOLD {h.origin} {h.stream} {h.head}\n")
                     sys.stdout.flush()
-            time.sleep(0.05)  # a reporting interval, not a wait for an outcome
+            # Wait for stdin to close (the test is done), reporting holdings between waits.
+            if select.select([stdin], [], [], 0.05)[0] and os.read(stdin.fileno(), 4096) == b"":
+                return
 
 
 def pub(data_dir: str, mesh: str, peer: str, stream: str, start: str, n: str, replicas: str,
