@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 from mesh.errors import ConfigError
 
@@ -78,6 +79,22 @@ class Budget:
             del self._held[key]
         else:
             self._held[key] = have - n
+
+    def room(self, key: object) -> int:
+        """How many more units ``key`` may take now (its own cap and the total's)."""
+        return min(self.per_key - self._held.get(key, 0), self.total - self._sum)
+
+    def give_through(self, key: object, sent: MutableMapping[Any, int], token: object) -> None:
+        """Return what ``key`` holds for the answers in ``sent`` (token -> units, oldest
+        first) up to and including ``token``: the peer proved it read that answer, so it
+        read every earlier one. A token not in ``sent`` returns nothing."""
+        if token is None or token not in sent:
+            return
+        while sent:
+            tok = next(iter(sent))
+            self.give(key, sent.pop(tok))
+            if tok == token:
+                break
 
     def drop(self, key: object) -> None:
         """Return everything ``key`` holds (the peer is gone)."""

@@ -53,3 +53,22 @@ def test_log_limiter_bursts_then_one_per_interval(caplog: pytest.LogCaptureFixtu
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 5
     assert lines[3] == "bad frame from p (997 more like this held back)"
+
+
+def test_give_through_returns_every_answer_up_to_the_proven_one() -> None:
+    import collections
+
+    from mesh.budget import Budget
+
+    b = Budget("replay", per_key=100, total=150)
+    sent: collections.OrderedDict[int, int] = collections.OrderedDict()
+    for tok, n in ((1, 10), (2, 20), (3, 30)):
+        assert b.take("p", n)
+        sent[tok] = n
+    assert b.room("p") == 40
+    b.give_through("p", sent, 99)  # never sent: nothing returned
+    b.give_through("p", sent, None)
+    assert b.held("p") == 60 and list(sent) == [1, 2, 3]
+    b.give_through("p", sent, 2)  # the answer with token 2 was read, so was 1
+    assert b.held("p") == 30 and list(sent) == [3]
+    assert b.take("q", 100) and b.room("p") == 20  # the total's cap is the tighter one

@@ -705,13 +705,9 @@ class _PubHub:
                                       1, 1)
         budget = self.replay_budget
         sent = self.replay_sent.get(peer_id)
-        if rq.tok is not None and sent is not None and rq.tok in sent:
-            while sent:  # that reply and every one before it were read
-                tok, n = sent.popitem(last=False)
-                budget.give(peer_id, n)
-                if tok == rq.tok:
-                    break
-        room = min(budget.per_key - budget.held(peer_id), budget.total - budget.held())
+        if sent is not None:
+            budget.give_through(peer_id, sent, rq.tok)  # that reply and every one before it were read
+        room = budget.room(peer_id)
         if malformed is not None:
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, 0, [], 0, 0, False,
                                       frames.REPLAY_ERROR_MALFORMED)

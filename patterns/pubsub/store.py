@@ -601,13 +601,9 @@ class Store:
         assert rq.origin is not None
         budget = self._budget
         sent = self._sent.get(peer_id)
-        if rq.tok is not None and sent is not None and rq.tok in sent:
-            while sent:  # that answer and every one before it were read
-                tok, n = sent.popitem(last=False)
-                budget.give(peer_id, n)
-                if tok == rq.tok:
-                    break
-        room = min(budget.per_key - budget.held(peer_id), budget.total - budget.held())
+        if sent is not None:
+            budget.give_through(peer_id, sent, rq.tok)  # that answer and every one before it were read
+        room = budget.room(peer_id)
         if not self.node.permits(peer_id, "replay", rq.stream):
             self._stats.fetch_refused += 1
             reply = frames.ReplayData(rq.sid, rq.req, rq.stream, rq.start or 0, [], 0, 0,
