@@ -6,7 +6,7 @@ Starts nats-server (JetStream, file store), mosquitto (persistence on, QoS 1 per
 session) and redis-server (AOF, fsync every second) itself, on free 127.0.0.1 ports, with data
 in a temp dir, and stops them (by their own PIDs) at the end. Needs the servers on PATH
 (``apt-get install -y nats-server mosquitto redis-server``) and the clients in the venv
-(``pip install nats-py paho-mqtt redis``): these are benchmark-only, never runtime, deps.
+(``pip install -e ".[bench]"``): these are benchmark-only, never runtime, deps.
 
 Workload, the same as bench_pubsub.py's: one producer (this process) and one consumer (a
 spawned process). Throughput: N messages of 100 B or 1 KiB; rate = received / (last receive
