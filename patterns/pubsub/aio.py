@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mesh.envelope import Event
-from mesh.errors import ClosedError
+from mesh.errors import ClosedError, ReplicationTimeout
 from mesh.tracing import use_event
-from patterns.pubsub.publisher import Publisher
+from patterns.pubsub.publisher import Publisher, _no_replica_wait
 from patterns.pubsub.subscriber import Subscriber
 
 __all__ = ["AsyncPublisher", "AsyncSubscriber"]
@@ -192,22 +192,68 @@ class AsyncPublisher:
     async def publish(self, data: Any = None, **kwargs: Any) -> int:
         """Publish one event; returns its seq. Raises as :meth:`Publisher.publish`.
 
-        With ``replicas`` it waits for the stores in a worker thread (the loop runs on).
+        With ``replicas`` the event is logged and sent at once, then the stores are awaited
+        on the loop (no thread): an await cancelled while it waits has published the event
+        (it is in the log and will replicate); only the wait is abandoned.
         """
-        if self.sync.replicas:
-            return await asyncio.to_thread(self.sync.publish, data, **kwargs)
-        return self.sync.publish(data, **kwargs)
+        sync = self.sync
+        if not sync.replicas:
+            return sync.publish(data, **kwargs)
+        token = _no_replica_wait.set(True)
+        try:
+            seq = sync.publish(data, **kwargs)
+        finally:
+            _no_replica_wait.reset(token)
+        await self.wait_replicated(seq, sync.replica_timeout_s)
+        return seq
 
     async def publish_many(self, items: Any, **kwargs: Any) -> range:
-        """Publish many events; returns their seqs. Raises as :meth:`Publisher.publish_many`."""
-        if self.sync.replicas:
-            return await asyncio.to_thread(self.sync.publish_many, items, **kwargs)
-        return self.sync.publish_many(items, **kwargs)
+        """Publish many events; returns their seqs. Raises as :meth:`Publisher.publish_many`.
+
+        With ``replicas``: as :meth:`publish` (published first, then the stores awaited)."""
+        sync = self.sync
+        if not sync.replicas:
+            return sync.publish_many(items, **kwargs)
+        token = _no_replica_wait.set(True)
+        try:
+            seqs = sync.publish_many(items, **kwargs)
+        finally:
+            _no_replica_wait.reset(token)
+        if seqs:
+            await self.wait_replicated(seqs[-1], sync.replica_timeout_s)
+        return seqs
 
     async def wait_replicated(self, seq: int, timeout: float | None = None, *,
                               replicas: int | None = None) -> None:
-        """:meth:`Publisher.wait_replicated` without blocking the loop."""
-        await asyncio.to_thread(self.sync.wait_replicated, seq, timeout, replicas=replicas)
+        """:meth:`Publisher.wait_replicated` on the loop: woken by the replication acks, no
+        thread blocked (a cancelled wait leaves nothing behind)."""
+        sync = self.sync
+        want = sync._replicas_wanted(replicas)
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def check() -> None:
+            if sync._held(seq) >= want or sync._closed:
+                done.set()
+
+        def wake() -> None:  # reactor thread (or a closing thread)
+            try:
+                loop.call_soon_threadsafe(check)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+        hub = sync._hub
+        hub.repl_watchers.add(wake)
+        try:
+            check()
+            try:
+                await asyncio.wait_for(done.wait(), timeout)
+            except TimeoutError:
+                pass
+        finally:
+            hub.repl_watchers.discard(wake)
+        if sync._held(seq) < want:
+            raise ReplicationTimeout(sync.stream, seq, want, sync._held(seq))
 
     async def aclose(self) -> None:
         """Close the publisher. Idempotent."""

@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -132,6 +132,9 @@ if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
 
 #: True inside the span publish() opened: the inner call publishes instead of opening another.
 _in_publish_span: ContextVar[bool] = ContextVar("zeromesh_publish_span", default=False)
+#: Set by :class:`~patterns.pubsub.aio.AsyncPublisher` around a publish call: the call logs
+#: and sends, and the caller awaits the stores itself (so a cancelled await has published).
+_no_replica_wait: ContextVar[bool] = ContextVar("zeromesh_no_replica_wait", default=False)
 
 
 def _otel_publish_span() -> bool:
@@ -317,6 +320,9 @@ class _PubHub:
         node.handle(frames.CTRL_ACK, self._on_ack)
         node.handle(frames.CTRL_REPLICATED, self._on_replicated)
         self.repl_cond = threading.Condition()
+        #: Called (reactor thread, or a closing thread) whenever a replication ack moved or a
+        #: publisher closed: how an asyncio waiter is woken without a thread of its own.
+        self.repl_watchers: set[Callable[[], None]] = set()
         self.replicated_refused = 0
         self.timer = node.reactor.call_every(heartbeat_s, self._beat)
         self._unpeer = node.on_peer(self._on_peer)
@@ -910,8 +916,13 @@ class _PubHub:
             if seq <= st.replicas.get(peer_id, -1):
                 return
             st.replicas[peer_id] = seq
+        self.wake_replica_waiters()
+
+    def wake_replica_waiters(self) -> None:
         with self.repl_cond:
             self.repl_cond.notify_all()
+        for wake in list(self.repl_watchers):
+            wake()
 
     def _refuse_ack(self, peer_id: str, ack: frames.Ack) -> None:
         self.acks_refused += 1
@@ -1127,7 +1138,7 @@ class Publisher:
                 except ClosedError as exc:
                     raise SendFailed(range(seq, seq + 1), st.durable, str(exc)) from exc
             st.stats.published += 1
-        if self.replicas:
+        if self.replicas and not _no_replica_wait.get():
             self.wait_replicated(seq, self.replica_timeout_s)
         return seq
 
@@ -1141,18 +1152,20 @@ class Publisher:
             ReplicationTimeout: fewer stores held it when ``timeout`` passed (the event stays
                 in the local log and published).
         """
-        want = replicas if replicas is not None else max(1, self.replicas)
-        st = self._st
+        want = self._replicas_wanted(replicas)
         cond = self._hub.repl_cond
-
-        def held() -> int:
-            return sum(1 for v in list(st.replicas.values()) if v > seq)
-
         with cond:
-            if cond.wait_for(lambda: held() >= want or self._closed, timeout) and \
-                    held() >= want:
+            if cond.wait_for(lambda: self._held(seq) >= want or self._closed, timeout) and \
+                    self._held(seq) >= want:
                 return
-        raise ReplicationTimeout(self.stream, seq, want, held())
+        raise ReplicationTimeout(self.stream, seq, want, self._held(seq))
+
+    def _replicas_wanted(self, replicas: int | None) -> int:
+        return replicas if replicas is not None else max(1, self.replicas)
+
+    def _held(self, seq: int) -> int:
+        """How many stores acked ``seq`` (any thread)."""
+        return sum(1 for v in list(self._st.replicas.values()) if v > seq)
 
     def publish_event(self, event: Event) -> int:
         """Publish a prepared event (its ``stream`` and ``seq`` are set here); returns the seq.
@@ -1199,7 +1212,7 @@ class Publisher:
                                    first_seq=start, subject=subject,
                                    max_size=self.max_event_size)
             self._log_and_send(st, start, envs)
-        if self.replicas and envs:
+        if self.replicas and envs and not _no_replica_wait.get():
             self.wait_replicated(start + len(envs) - 1, self.replica_timeout_s)
         return range(start, start + len(envs))
 
@@ -1231,7 +1244,7 @@ class Publisher:
             envs = [encode(ev.replace(stream=stream, seq=start + i), maxsz)
                     for i, ev in enumerate(events)]
             self._log_and_send(st, start, envs)
-        if self.replicas and envs:
+        if self.replicas and envs and not _no_replica_wait.get():
             self.wait_replicated(start + len(envs) - 1, self.replica_timeout_s)
         return range(start, start + len(envs))
 
@@ -1301,8 +1314,7 @@ class Publisher:
             if self._closed:
                 return
             self._closed = True
-        with hub.repl_cond:
-            hub.repl_cond.notify_all()  # a wait_replicated() in progress ends now
+        hub.wake_replica_waiters()  # a wait_replicated() in progress ends now
         with hub.lock:
             try:
                 hub.flush(self._st)
