@@ -64,6 +64,9 @@ MAX_FETCH_RECORDS = frames.REPLAY_MAX_RECORDS
 MAX_FETCH_BYTES = frames.REPLAY_MAX_BYTES
 #: The durable-subscription name a store's position is acked under (a retention floor).
 ACK_NAME = "pubsub.store"
+#: That position is sent with a replication ack at most this often per copy (and at every
+#: reack): the replication ack itself goes after every fsync.
+FLOOR_ACK_S = 0.01
 #: A fetch of a peer whose connection is backed up is answered "busy", retry after this.
 FETCH_RETRY_MS = 500
 #: Fetch-answer bytes one peer may have unproven (sent, not yet echoed by a later request's
@@ -429,6 +432,7 @@ class Store:
         self._dirty: set[Key] = set()
         #: (origin, stream) -> (origin epoch, head) last made durable (fsynced) and acked
         self._durable: dict[Key, tuple[int, int]] = {}
+        self._floor_at: dict[Key, float] = {}  # when its position ack was last sent
         self._stats = StoreStats()
         self._logs = LogLimiter(_log)
         self._closed = False
@@ -517,7 +521,13 @@ class Store:
 
     def _sync_and_ack(self, *, reack: bool) -> None:
         """fsync every replica written since the last call, then ack it to its origin (all
-        of them when ``reack``): an ack is never sent for a record not on disk."""
+        of them when ``reack``): an ack is never sent for a record not on disk.
+
+        The ack leaves from this thread right after the fsync (``Node.send_now``: no hand-off
+        to the reactor). The position ack (the origin's retention floor) rides along at most
+        every :data:`FLOOR_ACK_S` per copy and at every reack: a floor that lags keeps more,
+        never less, and the origin has less to do before it wakes a waiting publisher.
+        """
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             keys = list(self._replicas) if reack else list(dirty)
@@ -541,13 +551,18 @@ class Store:
                 self._durable[key] = (epoch, head)
             else:
                 epoch, head = self._durable[key]
-            try:
-                self.node.send(key[0], frames.CTRL_REPLICATED,
-                               frames.Replicated(key[1], epoch, head).to_body())
+            msgs: list[tuple[str, object]] = []
+            now = time.monotonic()
+            if reack or now - self._floor_at.get(key, 0.0) >= FLOOR_ACK_S:
                 # Also as a durable subscription's position: the origin's retention keeps
                 # what this store has not copied yet (within its floor TTL and byte cap).
-                self.node.send(key[0], frames.CTRL_ACK,
-                               frames.Ack(ACK_NAME, key[1], head).to_body())
+                # First: the origin handles it before the ack that wakes its publisher.
+                msgs.append((frames.CTRL_ACK, frames.Ack(ACK_NAME, key[1], head).to_body()))
+                self._floor_at[key] = now
+            msgs.append((frames.CTRL_REPLICATED,
+                         frames.Replicated(key[1], epoch, head).to_body()))
+            try:
+                self.node.send_now(key[0], msgs)
                 self._stats.acks += 1
             except MeshError:
                 pass  # the origin is gone: acked again when it is back (REACK_S)

@@ -1,0 +1,80 @@
+"""A store's replication acks (patterns/pubsub/store.py): never for a record not fsynced.
+
+Real nodes, sockets and files in one process. Every ``pubsub.replicated`` the store sends is
+checked at the moment it is sent against its replica log's durable offset (what the log has
+fsynced), whatever path the ack takes (``Node.send`` or ``Node.send_now``). The replica logs'
+own background fsync is pushed out of the way (60 s), so only the store's fsync before the
+ack can make a record durable in time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.log import FsyncPolicy, LogConfig
+from patterns.pubsub import frames
+from patterns.pubsub.publisher import Publisher
+from patterns.pubsub.store import Store
+from tests.test_store import Mesh
+from tests.util import unique, wait_until
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(tmp_path)
+    yield m
+    m.close()
+
+
+def test_a_replication_ack_is_sent_only_for_records_already_fsynced(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    store = Store(sn, topics=(stream,),
+                  log_config=LogConfig(fsync=FsyncPolicy.interval(60_000.0)))
+    pn = mesh.add("pub")
+    acked: list[int] = []
+    early: list[tuple[int, int | None, int | None]] = []
+
+    def check(kind: str, body: Any) -> None:
+        if kind != frames.CTRL_REPLICATED:
+            return
+        rp = frames.decode_replicated(body)
+        rep = store._replica((pn.id, rp.stream), create=False)
+        assert rep is not None
+        local, _left = rep.locate(rp.seq - 1)  # the last record the ack says is held
+        durable = rep.log.stats().durable_offset
+        acked.append(rp.seq)
+        if local is None or durable is None or durable < local:
+            early.append((rp.seq, local, durable))
+
+    send = sn.send
+    send_now = getattr(sn, "send_now", None)  # (older builds acked through send alone)
+
+    def checked_send(peer: str, kind: str, body: Any) -> None:
+        check(kind, body)
+        send(peer, kind, body)
+
+    def checked_send_now(peer: str, messages: Any) -> None:
+        for kind, body in messages:
+            check(kind, body)
+        assert send_now is not None
+        send_now(peer, messages)
+
+    monkeypatch.setattr(sn, "send", checked_send)
+    if send_now is not None:
+        monkeypatch.setattr(sn, "send_now", checked_send_now)
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1, heartbeat_s=0.1) as pub:
+        for i in range(100):
+            pub.publish(i)  # one at a time: an fsync and an ack per event
+        for _ in range(5):
+            pub.publish_many([b"x" * 100] * 500)
+        head = pub.stats().head
+    wait_until(lambda: acked and max(acked) >= head, 10, what=lambda: (head, acked[-3:]))
+    assert len(acked) >= 100
+    assert early == [], early[:5]
