@@ -60,11 +60,13 @@ def test_bench_store_measures_every_system_and_cleans_up(tmp_path: Path) -> None
     assert r.stdout.startswith("# 2,000 events of 100 B per throughput run"), r.stdout
     assert "load average at start" in r.stdout and "load average at end" in r.stdout
     rows = _table(r.stdout)
-    want = [("raw pyzmq PUSH/PULL", "-"), ("zeromesh store", "k=1"), ("zeromesh store", "k=2")]
+    want = [("raw pyzmq PUSH/PULL", "-"), ("zeromesh store", "k=1"), ("zeromesh store", "k=2"),
+            ("zeromesh store, sync=write (opt-in)", "k=1")]
     if _nats_available():
         want.append(("NATS JetStream", "R3"))
         assert "# target throughput k=1 >= 3x JetStream R3:" in r.stdout
         assert "# target p50 k=1 < JetStream R3 p50:" in r.stdout
+        assert "# opt-in sync=write (acked once written, as JetStream's PubAck)" in r.stdout
     else:
         assert "# NATS JetStream R3 skipped:" in r.stdout
     assert list(rows) == want

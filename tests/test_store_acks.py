@@ -78,3 +78,26 @@ def test_a_replication_ack_is_sent_only_for_records_already_fsynced(
     wait_until(lambda: acked and max(acked) >= head, 10, what=lambda: (head, acked[-3:]))
     assert len(acked) >= 100
     assert early == [], early[:5]
+
+
+def test_sync_write_is_an_opt_in_that_acks_before_the_fsync(mesh: Mesh) -> None:
+    from mesh.errors import ConfigError
+
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    with pytest.raises(ConfigError, match="sync"):
+        Store(sn, topics=(stream,), sync="memory")
+    store = Store(sn, topics=(stream,), sync="write",
+                  log_config=LogConfig(fsync=FsyncPolicy.interval(60_000.0)))
+    assert store.sync == "write"
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    with Publisher(pn, stream, replicas=1, heartbeat_s=0.1, replica_timeout_s=10) as pub:
+        for i in range(50):
+            pub.publish(i)  # each returns once the store acked it
+    rep = store._replica((pn.id, stream), create=False)
+    assert rep is not None and rep.head == 50
+    st = rep.log.stats()
+    # Acked without an fsync: the log's own policy (60 s here) has not run yet.
+    assert st.fsyncs == 0 and st.durable_offset is None, st
+    assert store.durable()[(pn.id, stream)][1] == 50

@@ -4,7 +4,8 @@
 publisher it finds (a :class:`~patterns.pubsub.subscriber.Subscriber` underneath, so catch-up,
 gap repair and writer epochs are the subscriber's), keeps one log per (origin, stream) in
 ``<data_dir>/replicas/<origin>/streams/<stream>/`` holding the origin's envelopes byte for byte,
-fsyncs, and then acks ``pubsub.replicated`` to the origin. It answers ``pubsub.fetch`` (a
+fsyncs, and then acks ``pubsub.replicated`` to the origin (``sync="write"``, opt-in: acks once
+written, before the fsync). It answers ``pubsub.fetch`` (a
 replay request naming the origin) in the reply format of the origin itself, and
 ``pubsub.holdings_req`` (which origin streams, which seqs). Design: docs/architecture.md,
 "Replicated streams"; wire: docs/protocol.md, "Replicated streams".
@@ -67,6 +68,8 @@ ACK_NAME = "pubsub.store"
 #: That position is sent with a replication ack at most this often per copy (and at every
 #: reack): the replication ack itself goes after every fsync.
 FLOOR_ACK_S = 0.01
+#: When a copy is acked (``Store(sync=...)``): after its fsync, or once written (opt-in).
+SYNC_MODES = ("fsync", "write")
 #: A fetch of a peer whose connection is backed up is answered "busy", retry after this.
 FETCH_RETRY_MS = 500
 #: Fetch-answer bytes one peer may have unproven (sent, not yet echoed by a later request's
@@ -404,6 +407,13 @@ class Store:
         tamper: tests only: a function applied to every envelope a fetch answer sends (a
             store that alters data, to show that verifying subscribers refuse it).
         fetch_peer_bytes: the fetch byte budget of one peer (see above).
+        sync: when a copy is acked to its origin. ``"fsync"`` (the default): once fsynced,
+            so an acked event survives a power cut of the store's machine. ``"write"``
+            (opt-in): once written to the operating system (the replica log's own fsync
+            policy runs as configured, every 10 ms by default), so an acked event survives
+            the store process's crash but not a power cut or a crash of the store's OS, as
+            NATS JetStream's default acks (docs/architecture.md, "Replicated streams").
+            Origins cannot tell the two apart: choose it for every store of a stream.
 
     Raises:
         ConfigError: no topic, overlapping topics, or a store already runs on this node.
@@ -413,7 +423,11 @@ class Store:
     def __init__(self, node: Any, topics: Iterable[str] = ("",), *,
                  log_config: LogConfig | None = None,
                  tamper: Callable[[bytes], bytes] | None = None,
-                 fetch_peer_bytes: int = FETCH_PEER_BYTES) -> None:
+                 fetch_peer_bytes: int = FETCH_PEER_BYTES,
+                 sync: str = "fsync") -> None:
+        if sync not in SYNC_MODES:
+            raise ConfigError(f"store sync must be one of {', '.join(SYNC_MODES)}, "
+                              f"got {sync!r}")
         tops = list(topics)
         if not tops:
             raise ConfigError("a store needs at least one topic")
@@ -426,6 +440,8 @@ class Store:
         self.topics = tuple(tops)
         self._config = log_config or LogConfig()
         self._tamper = tamper
+        self.sync = sync
+        self._fsync_acks = sync == "fsync"
         self._root = Path(node.data_dir) / "replicas"
         self._lock = threading.Lock()  # the replicas dict
         self._replicas: dict[Key, _Replica] = {}
@@ -521,7 +537,8 @@ class Store:
 
     def _sync_and_ack(self, *, reack: bool) -> None:
         """fsync every replica written since the last call, then ack it to its origin (all
-        of them when ``reack``): an ack is never sent for a record not on disk.
+        of them when ``reack``): an ack is never sent for a record not on disk (with
+        ``sync="write"``: not written).
 
         The ack leaves from this thread right after the fsync (``Node.send_now``: no hand-off
         to the reactor). The position ack (the origin's retention floor) rides along at most
@@ -541,7 +558,8 @@ class Store:
                 continue
             if key in dirty or key not in self._durable:
                 try:
-                    rep.sync()
+                    if self._fsync_acks:
+                        rep.sync()
                 except LogError as exc:
                     self._logs.warning(f"sync:{key}", "store: fsync of %s failed: %s", key,
                                        exc)
@@ -784,7 +802,8 @@ class Store:
 
     def durable(self) -> dict[Key, tuple[int, int]]:
         """(origin, stream) -> ``(origin epoch, seq)``: everything below ``seq`` is on this
-        store's disk (fsynced); the store acks exactly these to the origins."""
+        store's disk (fsynced; with ``sync="write"``: written); the store acks exactly these
+        to the origins."""
         return dict(self._durable)
 
     def stats(self) -> StoreStats:
