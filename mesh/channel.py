@@ -249,9 +249,13 @@ class ControlChannel:
         without waiting for the reactor's turn (:meth:`mesh.node.Node.send_now`).
 
         What this thread queued before with :meth:`send` is never overtaken: while anything
-        waits in the queue or in the link's batch, the messages are queued behind it.
+        waits in the queue or in the link's batch, the messages are queued behind it. So are
+        more than fit one multipart (``SEND_BATCH`` pairs, ``max_message_bytes``): the flush
+        cuts them as it cuts any batch.
         """
-        if self.node.reactor.in_reactor_thread():
+        size = sum(len(raw) + 4 + control.MAX_KIND_LEN for _, raw in messages)
+        if self.node.reactor.in_reactor_thread() or len(messages) > SEND_BATCH or (
+                len(messages) > 1 and size > self.config.max_message_bytes):
             for kind, raw in messages:
                 self.send(peer_id, kind, raw)
             return

@@ -63,6 +63,11 @@ def test_send_now_sends_in_order_and_refuses_with_typed_errors(
         with pytest.raises(exc):
             b.send_now(a.id, bad)
     b.send_now(a.id, [])  # nothing to send: no error
+    # More than one multipart may carry (the receiver refuses a bigger one whole): cut.
+    many: list[Any] = []
+    a.handle("t.big", lambda p, body: many.append(body))
+    b.send_now(a.id, [("t.big", b"x" * 900)] * 100)
+    wait_until(lambda: len(many) == 100, 5, what=lambda: len(many))
     b.send(a.id, "t.end", None)
     wait_until(lambda: got[-1][1] == "t.end", 5, what=lambda: got)
     assert [k for _, k, _ in got] == ["t.one", "t.two", "t.end"]
