@@ -540,14 +540,19 @@ class Store:
         of them when ``reack``): an ack is never sent for a record not on disk (with
         ``sync="write"``: not written).
 
-        The ack leaves from this thread right after the fsync (``Node.send_now``: no hand-off
-        to the reactor). The position ack (the origin's retention floor) rides along at most
-        every :data:`FLOOR_ACK_S` per copy and at every reack: a floor that lags keeps more,
-        never less, and the origin has less to do before it wakes a waiting publisher.
+        The acks leave from this thread right after the round's fsyncs (``Node.send_now``: no
+        hand-off to the reactor), one multipart per origin (a reack of thousands of copies
+        is cut and batched as any send). The position ack (the origin's retention floor)
+        rides along at most every :data:`FLOOR_ACK_S` per copy and at every reack, ahead of
+        the replication acks: a floor that lags keeps more, never less, and the origin has
+        less to do between reading an ack and waking a waiting publisher.
         """
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             keys = list(self._replicas) if reack else list(dirty)
+        floors: dict[str, list[tuple[str, object]]] = {}
+        acks: dict[str, list[tuple[str, object]]] = {}
+        now = time.monotonic()
         for key in keys:
             rep = self._replica(key, create=False)
             if rep is None:
@@ -569,19 +574,18 @@ class Store:
                 self._durable[key] = (epoch, head)
             else:
                 epoch, head = self._durable[key]
-            msgs: list[tuple[str, object]] = []
-            now = time.monotonic()
             if reack or now - self._floor_at.get(key, 0.0) >= FLOOR_ACK_S:
                 # Also as a durable subscription's position: the origin's retention keeps
                 # what this store has not copied yet (within its floor TTL and byte cap).
-                # First: the origin handles it before the ack that wakes its publisher.
-                msgs.append((frames.CTRL_ACK, frames.Ack(ACK_NAME, key[1], head).to_body()))
+                floors.setdefault(key[0], []).append(
+                    (frames.CTRL_ACK, frames.Ack(ACK_NAME, key[1], head).to_body()))
                 self._floor_at[key] = now
-            msgs.append((frames.CTRL_REPLICATED,
-                         frames.Replicated(key[1], epoch, head).to_body()))
+            acks.setdefault(key[0], []).append(
+                (frames.CTRL_REPLICATED, frames.Replicated(key[1], epoch, head).to_body()))
+        for origin, msgs in acks.items():
             try:
-                self.node.send_now(key[0], msgs)
-                self._stats.acks += 1
+                self.node.send_now(origin, floors.get(origin, []) + msgs)
+                self._stats.acks += len(msgs)
             except MeshError:
                 pass  # the origin is gone: acked again when it is back (REACK_S)
 
