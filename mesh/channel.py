@@ -1,5 +1,7 @@
 """The control channel's I/O (docs/protocol.md): links, HELLO sending, flushing, receiving,
-presence ticks and gossip. Reactor thread only.
+presence ticks and gossip. Reactor thread only, but for sending (:meth:`ControlChannel.send`
+queues for the reactor; :meth:`ControlChannel.send_now` sends from the calling thread under
+the lock every use of a link's socket holds).
 
 Gossip (docs/protocol.md, "Gossip"): every 10 heartbeats a node sends each peer an 8-byte
 digest of its view (a full list only to peers too old to read one); a mismatch is answered
@@ -111,7 +113,8 @@ class ControlChannel:
     """The control ROUTER, the links to peers and the periodic work of one node.
 
     Built by :class:`mesh.node.Node`, which it reads for its configuration, info, handlers
-    and sockets; every method but :meth:`queue_send` runs on the node's reactor thread.
+    and sockets; every method but :meth:`send` and :meth:`send_now` runs on the node's reactor
+    thread.
     """
 
     def __init__(self, node: Node, membership: Membership, proof_secret: bytes,
@@ -154,6 +157,10 @@ class ControlChannel:
         self._outq: collections.deque[tuple[str, str, bytes]] = collections.deque()
         self._out_scheduled = False
         self._outq_dropped = 0
+        # Held by every use of a link's socket (the reactor's flush and closes, and
+        # send_now() from another thread): a zmq socket is safe across threads only used by
+        # one at a time. Reentrant: the queue's drain flushes under it.
+        self._sock_lock = threading.RLock()
 
     # --- counting ---------------------------------------------------------------------------
 
@@ -204,11 +211,12 @@ class ControlChannel:
         # connection revived us at the peer until gone_s).
         for link in (*self.links.values(), *self.dials.values()):
             self._enqueue(link, control.BYE, bye)
-        self._flush()
-        for link in (*self.links.values(), *self.dials.values()):
-            link.sock.close(linger=linger)
-        self.links.clear()
-        self.dials.clear()
+        with self._sock_lock:
+            self._flush()
+            for link in (*self.links.values(), *self.dials.values()):
+                link.sock.close(linger=linger)
+            self.links.clear()
+            self.dials.clear()
         if self.router is not None:
             self.node.reactor.remove_reader(self.router)
             self.router.close(linger=0)
@@ -235,6 +243,35 @@ class ControlChannel:
                 return
             self._out_scheduled = True
         self.node.reactor.call_soon(self._drain_outq)
+
+    def send_now(self, peer_id: str, messages: list[tuple[str, bytes]]) -> None:
+        """Send encoded messages for ``peer_id`` as one multipart from the calling thread,
+        without waiting for the reactor's turn (:meth:`mesh.node.Node.send_now`).
+
+        What this thread queued before with :meth:`send` is never overtaken: while anything
+        waits in the queue or in the link's batch, the messages are queued behind it. So are
+        more than fit one multipart (``SEND_BATCH`` pairs, ``max_message_bytes``): the flush
+        cuts them as it cuts any batch.
+        """
+        size = sum(len(raw) + 4 + control.MAX_KIND_LEN for _, raw in messages)
+        if self.node.reactor.in_reactor_thread() or len(messages) > SEND_BATCH or (
+                len(messages) > 1 and size > self.config.max_message_bytes):
+            for kind, raw in messages:
+                self.send(peer_id, kind, raw)
+            return
+        with self._sock_lock:
+            link = self.links.get(peer_id)
+            if link is None:
+                raise PeerUnreachable(f"no connection to peer {peer_id}")
+            if self._outq or link.out or link.sock.closed:
+                queued = True
+            else:
+                queued = False
+                self._send_chunk(link, messages)
+                link.last_sent = self._clock()
+        if queued:
+            for kind, raw in messages:
+                self.send(peer_id, kind, raw)
 
     def backlogged(self, peer_id: str) -> bool:
         link = self.links.get(peer_id)
@@ -307,7 +344,8 @@ class ControlChannel:
 
     def _close_link(self, link: Link) -> None:
         self._dirty.pop(id(link), None)
-        link.sock.close(linger=0)
+        with self._sock_lock:
+            link.sock.close(linger=0)
 
     def _drop_link(self, link: Link) -> None:
         """Close a link to a gone peer; a configured endpoint is dialled again."""
@@ -338,48 +376,56 @@ class ControlChannel:
             self.node.reactor.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, {}
-        for link in dirty.values():
-            out, link.out = link.out, []
-            if link.sock.closed:
-                continue
-            limit = self.config.max_message_bytes
-            i = 0
-            while i < len(out):
-                # Up to SEND_BATCH pairs, and at most max_message_bytes in one multipart (a
-                # receiver refuses a bigger message whole: mesh.transport.recv_bounded).
-                j, size = i, 0
-                while j < len(out) and j - i < SEND_BATCH:
-                    n = len(out[j][1]) + 4 + control.MAX_KIND_LEN
-                    if j > i and size + n > limit:
-                        break
-                    size += n
-                    j += 1
-                chunk, i = out[i:j], j
-                try:
-                    wire = control.encode_frames(chunk)
-                    link.sock.send_multipart(wire, zmq.NOBLOCK)
-                    link.full = False
-                    self._count("control_out", len(chunk))
-                    self._count("control_bytes_out", sum(map(len, wire)))
-                except zmq.Again:
-                    link.full = True
-                    self._bad("dropped_hwm", "peer %s at its HWM: dropped %d", link.node_id, len(chunk))
-                except zmq.ZMQError as exc:
-                    self._bad("send_errors", "send to %s failed: %s", link.node_id, exc)
+        with self._sock_lock:
+            self._flush_scheduled = False
+            dirty, self._dirty = self._dirty, {}
+            for link in dirty.values():
+                out, link.out = link.out, []
+                if link.sock.closed:
+                    continue
+                limit = self.config.max_message_bytes
+                i = 0
+                while i < len(out):
+                    # Up to SEND_BATCH pairs, and at most max_message_bytes in one multipart
+                    # (a receiver refuses a bigger message whole: mesh.transport.recv_bounded).
+                    j, size = i, 0
+                    while j < len(out) and j - i < SEND_BATCH:
+                        n = len(out[j][1]) + 4 + control.MAX_KIND_LEN
+                        if j > i and size + n > limit:
+                            break
+                        size += n
+                        j += 1
+                    chunk, i = out[i:j], j
+                    self._send_chunk(link, chunk)
+
+    def _send_chunk(self, link: Link, chunk: list[tuple[str, bytes]]) -> None:
+        """One multipart on ``link`` (under ``_sock_lock``); at the HWM it is dropped."""
+        try:
+            wire = control.encode_frames(chunk)
+            link.sock.send_multipart(wire, zmq.NOBLOCK)
+            link.full = False
+            self._count("control_out", len(chunk))
+            self._count("control_bytes_out", sum(map(len, wire)))
+        except zmq.Again:
+            link.full = True
+            self._bad("dropped_hwm", "peer %s at its HWM: dropped %d", link.node_id, len(chunk))
+        except zmq.ZMQError as exc:
+            self._bad("send_errors", "send to %s failed: %s", link.node_id, exc)
 
     def _drain_outq(self) -> None:
-        with self._out_lock:
-            batch, self._outq = self._outq, collections.deque()
-            self._out_scheduled = False
-        for peer_id, kind, raw in batch:
-            link = self.links.get(peer_id)
-            if link is None:
-                self._count("dropped_unreachable")
-                continue
-            self._enqueue(link, kind, raw)
-        self._flush()
+        # Under _sock_lock from the swap to the flush: a send_now() of the thread that queued
+        # these never finds the queue empty while they are not sent yet.
+        with self._sock_lock:
+            with self._out_lock:
+                batch, self._outq = self._outq, collections.deque()
+                self._out_scheduled = False
+            for peer_id, kind, raw in batch:
+                link = self.links.get(peer_id)
+                if link is None:
+                    self._count("dropped_unreachable")
+                    continue
+                self._enqueue(link, kind, raw)
+            self._flush()
 
     # --- receiving --------------------------------------------------------------------------
 

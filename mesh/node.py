@@ -693,6 +693,38 @@ class Node:
         raw = control.encode_body(body, self.config.max_message_bytes)
         self._channel.send(peer_id, kind, raw)
 
+    def send_now(self, peer_id: str, messages: Sequence[tuple[str, object]]) -> None:
+        """Send control messages to a live peer as one multipart from the calling thread, at
+        once: no hand-off to the reactor and no wait for its next turn. For the few messages
+        whose latency matters more than batching (a store's replication ack right after its
+        fsync). Thread-safe; same delivery and errors as :meth:`send`.
+
+        Order: what this thread sent before with :meth:`send` is never overtaken (while
+        anything waits in the reactor's queue, these are queued behind it). In the reactor
+        thread this is :meth:`send` of each message.
+
+        Raises:
+            ClosedError: the node is closed.
+            PeerUnreachable: the peer is unknown or gone.
+            ProtocolError: invalid kind, or a body msgpack cannot encode.
+            FrameTooLarge: an encoded body exceeds ``max_message_bytes``.
+        """
+        if self._closed:
+            raise ClosedError(f"node {self.name} is closed")
+        raws = []
+        for kind, body in messages:
+            control.encode_header(kind)  # validates (cached)
+            if kind in control.CORE_KINDS:
+                raise ProtocolError(f"{kind!r} is a core control kind; the node sends those "
+                                    "itself")
+            raws.append((kind, control.encode_body(body, self.config.max_message_bytes)))
+        with self.peers.lock:
+            live = self._presence.is_live(peer_id)
+        if not live:
+            raise PeerUnreachable(f"peer {peer_id} is unknown or gone")
+        if raws:
+            self._channel.send_now(peer_id, raws)
+
     def backlogged(self, peer_id: str) -> bool:
         """True when this node's connection to ``peer_id`` is backed up: its last send hit the
         high-water mark (the peer does not read; what was sent then was dropped), or more than

@@ -60,11 +60,13 @@ def test_bench_store_measures_every_system_and_cleans_up(tmp_path: Path) -> None
     assert r.stdout.startswith("# 2,000 events of 100 B per throughput run"), r.stdout
     assert "load average at start" in r.stdout and "load average at end" in r.stdout
     rows = _table(r.stdout)
-    want = [("raw pyzmq PUSH/PULL", "-"), ("zeromesh store", "k=1"), ("zeromesh store", "k=2")]
+    want = [("raw pyzmq PUSH/PULL", "-"), ("zeromesh store", "k=1"), ("zeromesh store", "k=2"),
+            ("zeromesh store, sync=write (opt-in)", "k=1")]
     if _nats_available():
         want.append(("NATS JetStream", "R3"))
         assert "# target throughput k=1 >= 3x JetStream R3:" in r.stdout
         assert "# target p50 k=1 < JetStream R3 p50:" in r.stdout
+        assert "# opt-in sync=write (acked once written, as JetStream's PubAck)" in r.stdout
     else:
         assert "# NATS JetStream R3 skipped:" in r.stdout
     assert list(rows) == want
@@ -95,3 +97,27 @@ def test_bench_store_refuses_bad_options() -> None:
     assert r.returncode == 2 and "--events must be >= 1" in r.stderr
     r = _run("--systems", "raw,kafka", timeout=30)
     assert r.returncode == 2 and "unknown system(s) kafka" in r.stderr
+
+
+STAGES = Path(__file__).resolve().parent.parent / "bench" / "bench_store_stages.py"
+
+
+def _stages(*args: str) -> tuple[list[str], float]:
+    r = subprocess.run([sys.executable, str(STAGES), "--lat", "40", *args], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+    assert rows[0] == "| stage | p50 µs | p90 µs | mean µs |", r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if "store fsyncs per publish" in ln)
+    return [ln.split("|")[1].strip() for ln in rows[2:]], float(line.rsplit(" ", 1)[1])
+
+
+def test_bench_store_stages_profiles_the_ack_path_with_one_fsync_per_ack() -> None:
+    names, fsyncs = _stages()
+    # The ack leaves from the store thread: no stage through the store's reactor.
+    assert names == ["publish -> data send", "-> store poll wakes", "-> replica append",
+                     "-> end of round", "-> fsync done", "-> ack sent", "-> origin reactor",
+                     "-> ack counted", "-> waiter notified", "-> publish returns"]
+    assert 0.95 <= fsyncs <= 1.1, fsyncs  # one fsync per ack: no second one for the map
+    names, fsyncs = _stages("--sync", "write")
+    assert fsyncs < 0.5 and "-> fsync done" not in names

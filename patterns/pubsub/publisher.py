@@ -1146,7 +1146,8 @@ class Publisher:
                         replicas: int | None = None) -> None:
         """Return once ``replicas`` stores (default: the publisher's ``replicas``, at least
         1) hold seq ``seq`` durably (they acked ``pubsub.replicated`` past it, under this
-        publisher's epoch).
+        publisher's epoch): fsynced, or only written for a store run with the opt-in
+        ``Store(sync="write")``.
 
         Raises:
             ReplicationTimeout: fewer stores held it when ``timeout`` passed (the event stays

@@ -4,7 +4,8 @@
 publisher it finds (a :class:`~patterns.pubsub.subscriber.Subscriber` underneath, so catch-up,
 gap repair and writer epochs are the subscriber's), keeps one log per (origin, stream) in
 ``<data_dir>/replicas/<origin>/streams/<stream>/`` holding the origin's envelopes byte for byte,
-fsyncs, and then acks ``pubsub.replicated`` to the origin. It answers ``pubsub.fetch`` (a
+fsyncs, and then acks ``pubsub.replicated`` to the origin (``sync="write"``, opt-in: acks once
+written, before the fsync). It answers ``pubsub.fetch`` (a
 replay request naming the origin) in the reply format of the origin itself, and
 ``pubsub.holdings_req`` (which origin streams, which seqs). Design: docs/architecture.md,
 "Replicated streams"; wire: docs/protocol.md, "Replicated streams".
@@ -64,6 +65,11 @@ MAX_FETCH_RECORDS = frames.REPLAY_MAX_RECORDS
 MAX_FETCH_BYTES = frames.REPLAY_MAX_BYTES
 #: The durable-subscription name a store's position is acked under (a retention floor).
 ACK_NAME = "pubsub.store"
+#: That position is sent with a replication ack at most this often per copy (and at every
+#: reack): the replication ack itself goes after every fsync.
+FLOOR_ACK_S = 0.01
+#: When a copy is acked (``Store(sync=...)``): after its fsync, or once written (opt-in).
+SYNC_MODES = ("fsync", "write")
 #: A fetch of a peer whose connection is backed up is answered "busy", retry after this.
 FETCH_RETRY_MS = 500
 #: Fetch-answer bytes one peer may have unproven (sent, not yet echoed by a later request's
@@ -401,6 +407,13 @@ class Store:
         tamper: tests only: a function applied to every envelope a fetch answer sends (a
             store that alters data, to show that verifying subscribers refuse it).
         fetch_peer_bytes: the fetch byte budget of one peer (see above).
+        sync: when a copy is acked to its origin. ``"fsync"`` (the default): once fsynced,
+            so an acked event survives a power cut of the store's machine. ``"write"``
+            (opt-in): once written to the operating system (the replica log's own fsync
+            policy runs as configured, every 10 ms by default), so an acked event survives
+            the store process's crash but not a power cut or a crash of the store's OS, as
+            NATS JetStream's default acks (docs/architecture.md, "Replicated streams").
+            Origins cannot tell the two apart: choose it for every store of a stream.
 
     Raises:
         ConfigError: no topic, overlapping topics, or a store already runs on this node.
@@ -410,7 +423,11 @@ class Store:
     def __init__(self, node: Any, topics: Iterable[str] = ("",), *,
                  log_config: LogConfig | None = None,
                  tamper: Callable[[bytes], bytes] | None = None,
-                 fetch_peer_bytes: int = FETCH_PEER_BYTES) -> None:
+                 fetch_peer_bytes: int = FETCH_PEER_BYTES,
+                 sync: str = "fsync") -> None:
+        if sync not in SYNC_MODES:
+            raise ConfigError(f"store sync must be one of {', '.join(SYNC_MODES)}, "
+                              f"got {sync!r}")
         tops = list(topics)
         if not tops:
             raise ConfigError("a store needs at least one topic")
@@ -423,12 +440,15 @@ class Store:
         self.topics = tuple(tops)
         self._config = log_config or LogConfig()
         self._tamper = tamper
+        self.sync = sync
+        self._fsync_acks = sync == "fsync"
         self._root = Path(node.data_dir) / "replicas"
         self._lock = threading.Lock()  # the replicas dict
         self._replicas: dict[Key, _Replica] = {}
         self._dirty: set[Key] = set()
         #: (origin, stream) -> (origin epoch, head) last made durable (fsynced) and acked
         self._durable: dict[Key, tuple[int, int]] = {}
+        self._floor_at: dict[Key, float] = {}  # when its position ack was last sent
         self._stats = StoreStats()
         self._logs = LogLimiter(_log)
         self._closed = False
@@ -517,10 +537,22 @@ class Store:
 
     def _sync_and_ack(self, *, reack: bool) -> None:
         """fsync every replica written since the last call, then ack it to its origin (all
-        of them when ``reack``): an ack is never sent for a record not on disk."""
+        of them when ``reack``): an ack is never sent for a record not on disk (with
+        ``sync="write"``: not written).
+
+        The acks leave from this thread right after the round's fsyncs (``Node.send_now``: no
+        hand-off to the reactor), one multipart per origin (a reack of thousands of copies
+        is cut and batched as any send). The position ack (the origin's retention floor)
+        rides along at most every :data:`FLOOR_ACK_S` per copy and at every reack, ahead of
+        the replication acks: a floor that lags keeps more, never less, and the origin has
+        less to do between reading an ack and waking a waiting publisher.
+        """
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             keys = list(self._replicas) if reack else list(dirty)
+        floors: dict[str, list[tuple[str, object]]] = {}
+        acks: dict[str, list[tuple[str, object]]] = {}
+        now = time.monotonic()
         for key in keys:
             rep = self._replica(key, create=False)
             if rep is None:
@@ -531,7 +563,8 @@ class Store:
                 continue
             if key in dirty or key not in self._durable:
                 try:
-                    rep.sync()
+                    if self._fsync_acks:
+                        rep.sync()
                 except LogError as exc:
                     self._logs.warning(f"sync:{key}", "store: fsync of %s failed: %s", key,
                                        exc)
@@ -541,14 +574,18 @@ class Store:
                 self._durable[key] = (epoch, head)
             else:
                 epoch, head = self._durable[key]
-            try:
-                self.node.send(key[0], frames.CTRL_REPLICATED,
-                               frames.Replicated(key[1], epoch, head).to_body())
+            if reack or now - self._floor_at.get(key, 0.0) >= FLOOR_ACK_S:
                 # Also as a durable subscription's position: the origin's retention keeps
                 # what this store has not copied yet (within its floor TTL and byte cap).
-                self.node.send(key[0], frames.CTRL_ACK,
-                               frames.Ack(ACK_NAME, key[1], head).to_body())
-                self._stats.acks += 1
+                floors.setdefault(key[0], []).append(
+                    (frames.CTRL_ACK, frames.Ack(ACK_NAME, key[1], head).to_body()))
+                self._floor_at[key] = now
+            acks.setdefault(key[0], []).append(
+                (frames.CTRL_REPLICATED, frames.Replicated(key[1], epoch, head).to_body()))
+        for origin, msgs in acks.items():
+            try:
+                self.node.send_now(origin, floors.get(origin, []) + msgs)
+                self._stats.acks += len(msgs)
             except MeshError:
                 pass  # the origin is gone: acked again when it is back (REACK_S)
 
@@ -769,7 +806,8 @@ class Store:
 
     def durable(self) -> dict[Key, tuple[int, int]]:
         """(origin, stream) -> ``(origin epoch, seq)``: everything below ``seq`` is on this
-        store's disk (fsynced); the store acks exactly these to the origins."""
+        store's disk (fsynced; with ``sync="write"``: written); the store acks exactly these
+        to the origins."""
         return dict(self._durable)
 
     def stats(self) -> StoreStats:
