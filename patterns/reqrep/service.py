@@ -185,7 +185,7 @@ class ServiceConfig:
     max_queue: int = 1000
     outcome_log: bool = True
     spin_us: int = 0
-    inline_budget_s: float = 0.002
+    inline_budget_s: float = 0.01
 
     def __post_init__(self) -> None:
         b = self.inline_budget_s
