@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +41,6 @@ from typing import Any
 
 import msgpack
 import zmq
-from zmq.backend import zmq_poll
 
 from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
@@ -50,7 +50,7 @@ from mesh.transport import recv_bounded
 from patterns._closing import close_with
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
-from patterns.reqrep._zio import POLLIN, readable, recv_frames, send_frames
+from patterns.reqrep._zio import readable, recv_frames, send_frames
 from patterns.reqrep.cache import Lookup, ReplyCache
 
 __all__ = [
@@ -365,6 +365,7 @@ class Service:
         self._outbox: dict[bytes, list[bytes]] = {}
         self._outbox_n = 0
         self._closed = False
+        self._sent = False  # a send since the I/O loop last read ZMQ_EVENTS
         #: test hook: drop this many replies after caching them (simulates a lost reply).
         self.drop_replies = 0
         self._secure = getattr(node, "security", None) is not None
@@ -645,7 +646,7 @@ class Service:
         if taken:
             self._finish(inc, rep)  # as a worker would: the new leader sends it
             raise _SteppedDown
-        self._complete(inc, rep)
+        self._complete(inc, rep, True)
         return True
 
     def _arm_watch(self) -> None:
@@ -709,10 +710,12 @@ class Service:
         except OSError:
             pass  # full (already awake) or closed: the reply is lost with the service
 
-    def _send(self, rid: bytes, frames: list[bytes]) -> None:
+    def _send(self, rid: bytes, frames: list[bytes], direct: bool = False) -> None:
         # A compact REPLY to a caller that reads BATCHes waits in the outbox for the end of
-        # this loop pass, so replies that are ready together leave in one message.
-        if len(frames) == 1 and frames[0][4] == 2 and rid in self._batch_callers:
+        # this loop pass, so replies that are ready together leave in one message (not on
+        # the fast path: the reply of the only request in flight leaves at once).
+        if (not direct and len(frames) == 1 and frames[0][4] == 2
+                and rid in self._batch_callers):
             box = self._outbox.get(rid)
             if box is None:
                 self._outbox[rid] = [frames[0]]
@@ -753,6 +756,7 @@ class Service:
         frame = fr.batch_frame(fr.Command.REPLY, chunk)
         st = self._stats
         st.batches_sent += 1  # counted first: a reader that got it sees it counted
+        self._sent = True
         try:
             send_frames(self._sock, [rid, frame])
             st.bytes_out += len(rid) + len(frame)
@@ -764,6 +768,7 @@ class Service:
     def _send_now(self, rid: bytes, frames: list[bytes]) -> None:
         if rid in self._split_callers:
             frames = fr.to_split(frames)  # a 1.0 caller reads only the split form
+        self._sent = True
         try:
             send_frames(self._sock, [rid, *frames])
             # len() of frames held anyway: a few additions, no call beyond them
@@ -843,7 +848,7 @@ class Service:
                   and not readable(self._sock) and self._run_fast(inc)):
             self._work_q.put(inc)
 
-    def _complete(self, inc: Incoming, rep: fr.Reply) -> None:
+    def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False) -> None:
         self._busy -= 1
         st = self._stats
         if rep.status == fr.Status.EXPIRED:
@@ -878,7 +883,7 @@ class Service:
             return
         for rid in waiters:
             st.replied += 1
-            self._send(rid, frames)
+            self._send(rid, frames, direct)
 
     def _caller(self, frame: zmq.Frame) -> str | None:
         # Security on: the caller is the node its CURVE key (User-Id) maps to, never the
@@ -964,33 +969,50 @@ class Service:
         another thread during a fast-path run (True: this thread then serves as a worker)."""
         sock = self._sock
         rfd = self._rfd
-        items = [(sock, POLLIN), (rfd, POLLIN)]
+        # One poll(2) on the socket's ZMQ_FD and the pipe: zmq_poll would make two passes
+        # (a non-blocking one first) and read ZMQ_EVENTS after each. ZMQ_FD only says that
+        # something may have changed, so ZMQ_EVENTS (readable) is read after it fires and is
+        # the last socket operation before each blocking poll (a send may take the signal).
+        poller = select.poll()
+        poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
+        poller.register(rfd, select.POLLIN)
+        wait = poller.poll
         tick_ms = int(_TICK_S * 1000)
         # one request at most this big in all its frames (MAXMSGSIZE bounds each frame only)
         limit = self.node.config.max_message_bytes + (64 << 10)
         spin = self.config.spin_us / 1e6
         inline = self.config.inline
         clock = time.perf_counter
+        done = self._done
+        checked = False  # readable() was False and no send came after it
         try:
             while not self._closed:
-                ready = None
-                if spin and (inline or self._busy == 0):
-                    end = clock() + spin
-                    while True:  # latency mode: a bounded busy-poll before sleeping
-                        ready = zmq_poll(items, 0)
-                        if ready or clock() >= end:
-                            break
-                        _yield()  # let this core's other threads (libzmq's I/O) run
-                if not ready:
-                    ready = zmq_poll(items, tick_ms)
-                sock_ready = efd_ready = False
-                for what, _ev in ready:
-                    if what is sock:
-                        sock_ready = True
-                    else:
-                        efd_ready = True
-                if sock_ready:
-                    # After the first message, ZMQ_EVENTS says whether another is waiting:
+                ready = False if checked and not self._sent else readable(sock)
+                checked = False
+                idle = False
+                if not ready and not done:
+                    if spin and (inline or self._busy == 0):
+                        end = clock() + spin
+                        while True:  # latency mode: a bounded busy-poll before sleeping
+                            if readable(sock):
+                                ready = True
+                                break
+                            if done or self._closed or clock() >= end:
+                                break
+                            _yield()  # let this core's other threads (libzmq's I/O) run
+                    if not ready and not done:
+                        self._sent = False
+                        got = wait(tick_ms)
+                        idle = not got
+                        for fd, _ev in got:
+                            if fd == rfd:
+                                try:
+                                    os.read(rfd, 4096)
+                                except OSError:  # BlockingIOError: drained already
+                                    pass
+                        ready = bool(got)  # a receive finds out (NOBLOCK: None if nothing)
+                if ready:
+                    # After each message, ZMQ_EVENTS says whether another is waiting:
                     # cheaper than the EAGAIN exception that would end the batch otherwise.
                     for _ in range(_RECV_BATCH):
                         try:
@@ -1003,31 +1025,27 @@ class Service:
                                 if caller is not None:
                                     self._on_received([f.bytes for f in zmsg], caller)
                             else:
-                                got = recv_frames(sock, limit)
-                                if got is None:
+                                got_msg = recv_frames(sock, limit)
+                                if got_msg is None:
                                     break
-                                if not got:
+                                if not got_msg:
                                     self._stats.garbage += 1  # over the message bound
                                     continue
-                                self._on_received(got)
+                                self._on_received(got_msg)
                         except zmq.Again:
                             break
                         except _SteppedDown:
                             return True
+                        self._sent = False
                         if not readable(sock):
+                            checked = True
                             break
-                if efd_ready:
-                    try:
-                        os.read(rfd, 4096)
-                    except OSError:  # BlockingIOError: drained already
-                        pass
-                done = self._done
                 while done:
                     inc, rep = done.popleft()
                     self._complete(inc, rep)
                 if self._outbox:
                     self._flush()
-                if not ready:
+                if idle:
                     self._cache.expire()
                     if self._olog is not None and self._floor_due:
                         self._move_floor()
