@@ -663,7 +663,8 @@ class Service:
         with self._lead_mu:
             if self._inline_on:
                 self._watch_idle = 0
-                if not self._taken and _perf() - self._inline_t0 >= self._budget:
+                if (not self._taken and not self._closed
+                        and _perf() - self._inline_t0 >= self._budget):
                     self._taken = take = True
             elif self._inline_n != self._watch_seen:
                 self._watch_idle = 0
