@@ -7,15 +7,15 @@ back through a deque plus one wake-up byte on a pipe per batch (portable: no eve
 The fast path (``inline_budget_s``, on by default): a request that finds the service idle
 (nothing queued or running, nothing else waiting on the socket) runs on the I/O thread at once,
 which sends its reply itself: two thread wake-ups less per request. While it runs, the I/O thread
-leaves the socket alone; a watchdog on the node's reactor (a timer only while such requests
-come, stopped after half a second without one) checks every ``inline_budget_s`` and, when the
-handler has run longer than that, puts a "lead" token on the work queue: an idle worker takes
-it and becomes the I/O thread (the socket moves between threads under a lock: libzmq allows a
+leaves the socket alone; a watchdog thread (ticking only while such requests come, asleep
+after half a second without one) checks every ``inline_budget_s`` and, when the handler has
+run longer than that, puts a "lead" token on the work queue: an idle worker takes it and
+becomes the I/O thread (the socket moves between threads under a lock: libzmq allows a
 socket to migrate with a full memory barrier), and the old one, when its handler returns,
 hands the reply over like a worker does and joins the pool. So a slow handler delays PINGs,
 BUSY answers and other requests by at most about two budgets (plus the GIL's switch interval
 when it holds the GIL), and at most ``concurrency`` handlers run at once (the pool has
-``concurrency`` + 1 threads, one of them leading).
+``concurrency`` + 1 threads, one of them leading, plus the watchdog).
 ``inline=True`` runs the handler on the I/O thread instead: one thread hop less per request
 (measured: p50 about 60 µs better on ipc), but PINGs and every other request wait while a
 handler runs, so use it only for handlers that take microseconds. Callers do not take that
@@ -76,7 +76,7 @@ _PERSON = {f: bytes([int(f)]) for f in fr.Format}
 _TICK_S = 0.5  # cache expiry / close checks when idle
 _RUNNING, _DONE = 1, 2  # outcome log record kinds
 _FLOOR = "running"  # retention floor: the oldest RUNNING record still without its reply
-_WATCH_IDLE_S = 0.5  # the fast path's watchdog timer stops after this long without a run
+_WATCH_IDLE_S = 0.5  # the fast path's watchdog stops ticking after this long without a run
 _perf = time.perf_counter
 
 
@@ -185,7 +185,7 @@ class ServiceConfig:
     max_queue: int = 1000
     outcome_log: bool = True
     spin_us: int = 0
-    inline_budget_s: float = 0.01
+    inline_budget_s: float = 0.002
 
     def __post_init__(self) -> None:
         b = self.inline_budget_s
@@ -384,10 +384,11 @@ class Service:
         self._inline_t0 = 0.0
         self._inline_n = 0  # fast-path runs begun
         self._taken = False  # the watchdog gave the socket to a worker during this run
-        self._watching = False  # the watchdog timer is armed
+        self._watching = False  # the watchdog thread is ticking
         self._watch_seen = 0
         self._watch_idle = 0
-        self._watch_timer: Any = None
+        self._watch_wake = threading.Event()  # set: tick; clear: the watchdog sleeps
+        self._watchdog: threading.Thread | None = None
         self._started = False
         self._start_lock = threading.Lock()
         self._processing = Processing(node, "reqrep", name)
@@ -462,16 +463,15 @@ class Service:
         if self._iter_q is not None:
             self._iter_q.put(None)
         self._wake()
-        with self._lead_mu:
-            timer, self._watch_timer = self._watch_timer, None
-        if timer is not None:
-            timer.cancel()
+        self._watch_wake.set()  # the watchdog sees _closed and ends
         threads = [self._io, *self._workers] if self._io.is_alive() else self._workers
         for t in threads:
             if t is not threading.current_thread():
                 t.join(5)
         if not any(t.is_alive() for t in threads):
             self._sock.close(0)  # no thread leads any more (idempotent if one closed it)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(min(5.0, self._budget + 1.0))  # ends at its next tick
         for fd in (self._rfd, self._wfd):
             try:
                 os.close(fd)
@@ -592,7 +592,11 @@ class Service:
                 return
             self._started = True
         if self._handler is not None and not self.config.inline:
-            self._fast = self._budget > 0 and getattr(self.node, "reactor", None) is not None
+            self._fast = self._budget > 0
+            if self._fast:
+                self._watchdog = threading.Thread(target=self._watch_loop,
+                                                  name=f"rpc-{self.name}-watch", daemon=True)
+                self._watchdog.start()
             for i in range(self.config.concurrency):
                 t = threading.Thread(target=self._work, name=f"rpc-{self.name}-{i}", daemon=True)
                 t.start()
@@ -617,8 +621,7 @@ class Service:
             self._finish(inc, self._execute(inc))
 
     def _run_fast(self, inc: Incoming) -> bool:
-        """Run ``inc`` on the leading thread (the fast path); False if it could not be
-        watched (it then goes to a worker).
+        """Run ``inc`` on the leading thread (the fast path); True once it is answered.
 
         Raises:
             _SteppedDown: the watchdog gave the socket to a worker while the handler ran:
@@ -629,12 +632,8 @@ class Service:
         mu = self._lead_mu
         with mu:
             if not self._watching:
-                try:  # the timer starts on the node's reactor thread
-                    self.node.reactor.call_soon(self._arm_watch)
-                except MeshError:  # the node is stopping: no watchdog, no fast path
-                    self._fast = False
-                    return False
                 self._watching = True
+                self._watch_wake.set()  # one wake-up after each idle half second
             self._inline_on = True
             self._inline_t0 = _perf()
             self._inline_n += 1
@@ -649,16 +648,20 @@ class Service:
         self._complete(inc, rep, True)
         return True
 
-    def _arm_watch(self) -> None:
-        # node reactor thread
-        with self._lead_mu:
-            if self._closed or self._watch_timer is not None:
-                return
-            self._watch_idle = 0
-            self._watch_timer = self.node.reactor.call_every(self._budget, self._watch)
+    def _watch_loop(self) -> None:
+        # the watchdog thread: sleeps on an Event while the service is idle; ticks every
+        # budget while fast-path requests come (a sleep, a lock, a few fields: a few µs)
+        wake = self._watch_wake
+        while not self._closed:
+            wake.wait()
+            while not self._closed:
+                time.sleep(self._budget)
+                if not self._watch():
+                    break
 
-    def _watch(self) -> None:
-        # node reactor thread, every budget while fast-path requests come
+    def _watch(self) -> bool:
+        """One tick: take the socket from a fast-path run older than the budget; False when
+        no run began for half a second (the watchdog then sleeps until the next one)."""
         take = False
         with self._lead_mu:
             if self._inline_on:
@@ -670,15 +673,15 @@ class Service:
                 self._watch_idle = 0
             else:
                 self._watch_idle += 1
-                if self._closed or self._watch_idle * self._budget >= _WATCH_IDLE_S:
-                    self._watching = False  # the next fast-path run arms it again
-                    if self._watch_timer is not None:
-                        self._watch_timer.cancel()
-                        self._watch_timer = None
+                if self._watch_idle * self._budget >= _WATCH_IDLE_S:
+                    self._watching = False  # the next fast-path run wakes it again
+                    self._watch_wake.clear()
             self._watch_seen = self._inline_n
+            ticking = self._watching
         if take:
             self._stats.takeovers += 1
             self._work_q.put(_LEAD)  # an idle worker becomes the leader
+        return ticking
 
     def _execute(self, inc: Incoming) -> fr.Reply:
         assert self._handler is not None
