@@ -14,8 +14,9 @@ becomes the I/O thread (the socket moves between threads under a lock: libzmq al
 socket to migrate with a full memory barrier), and the old one, when its handler returns,
 hands the reply over like a worker does and joins the pool. So a slow handler delays PINGs,
 BUSY answers and other requests by at most about two budgets (plus up to two of the GIL's
-5 ms switch intervals when it holds the GIL: the watchdog and the new leader each wait for it), and at most ``concurrency`` handlers run at once (the pool has
-``concurrency`` + 1 threads, one of them leading, plus the watchdog).
+5 ms switch intervals when it holds the GIL: the watchdog and the new leader each wait for
+it), and at most ``concurrency`` handlers run at once (the pool has ``concurrency`` + 1
+threads, one of them leading, plus the watchdog).
 ``inline=True`` runs the handler on the I/O thread instead: one thread hop less per request
 (measured: p50 about 60 µs better on ipc), but PINGs and every other request wait while a
 handler runs, so use it only for handlers that take microseconds. Callers do not take that
