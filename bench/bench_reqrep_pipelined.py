@@ -18,7 +18,10 @@ elsewhere on the shared machine lands on every system instead of on one:
   encodes its reply with patterns.reqrep.frames and does nothing else: the floor of any
   Python implementation of the protocol;
 - ``zeromesh``: :class:`~patterns.reqrep.Client` against a default
-  :class:`~patterns.reqrep.Service` (4 worker threads);
+  :class:`~patterns.reqrep.Service` (4 worker threads; a request that finds it idle takes the
+  fast path: it runs on the thread that received it);
+- ``zeromesh pool``: the same with the fast path off (``inline_budget_s=0``): every request
+  goes to a worker thread and its reply back (the default before the fast path);
 - ``zeromesh inline``: the service with ``inline=True``;
 - ``zeromesh latency mode``: ``inline=True, spin_us`` on the service and ``spin_us`` on the
   client (a bounded busy-poll before each blocking wait);
@@ -96,7 +99,7 @@ node = Node(data_dir=sys.argv[2], mesh=sys.argv[3], interface="127.0.0.1", mdns=
 while not node.peers.list():
     time.sleep(0.01)
 mode, name = sys.argv[5], sys.argv[6]
-cfg = {"default": {}, "inline": {"inline": True},
+cfg = {"default": {}, "pool": {"inline_budget_s": 0}, "inline": {"inline": True},
        "spin": {"inline": True, "spin_us": int(sys.argv[7])}}[mode]
 Service(node, name, lambda r: r.payload, outcome_log=False, **cfg)
 print("READY", flush=True)
@@ -293,7 +296,7 @@ def main() -> int:
                     transports=("tcp",))
         ctl = node.info().endpoints["control"][0]
         mesh_srv = {}
-        for mode in ("default", "inline", "spin"):
+        for mode in ("default", "pool", "inline", "spin"):
             mesh_srv[mode] = child(MESH_SERVER, REPO, f"{tmp}/s-{mode}", mesh, ctl, mode,
                                    f"echo-{mode}", str(SPIN_US))
             procs.append(mesh_srv[mode])
@@ -325,6 +328,9 @@ def main() -> int:
             Case("zeromesh (default service)",
                  lambda: client.request("echo-default", PAYLOAD, timeout=5),
                  mesh_srv["default"].pid),
+            Case("zeromesh (pool service: fast path off)",
+                 lambda: client.request("echo-pool", PAYLOAD, timeout=5),
+                 mesh_srv["pool"].pid),
             Case("zeromesh (inline service)",
                  lambda: client.request("echo-inline", PAYLOAD, timeout=5),
                  mesh_srv["inline"].pid),
@@ -361,6 +367,7 @@ def main() -> int:
                 lambda rep: int(fr.decode(rep).id[2:]))),  # type: ignore[union-attr]
         ]
         for mode, label in (("default", "zeromesh (default service)"),
+                            ("pool", "zeromesh (pool service: fast path off)"),
                             ("inline", "zeromesh (inline service)"),
                             ("spin", f"zeromesh (service latency mode, spin_us={SPIN_US})")):
             systems.append((f"{label}, AsyncClient", mesh_srv[mode].pid,

@@ -174,8 +174,14 @@ def test_expired_answer_is_cached_for_the_same_caller(mesh3: tuple[Node, Node, N
 
             t2 = threading.Thread(target=call_late)
             t2.start()
+            # The service's deadline counts from the request's arrival (its ttl_ms), which the
+            # default service's fast path can delay by up to about two inline budgets while
+            # "slow" holds the socket: release only once that deadline has passed too.
+            wait_until(lambda: svc.stats().received >= 2, 5, what="late request received")
+            arrived = time.monotonic()
             t2.join(5)
             assert late and isinstance(late[0], RequestTimeout)
+            wait_until(lambda: time.monotonic() > arrived + 0.45, 2, what="its deadline")
             release.set()
             t.join(10)
             wait_until(lambda: svc.stats().expired >= 1, 5, what="late request dropped")

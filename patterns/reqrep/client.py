@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from zmq.backend import zmq_poll
 
 from mesh import tracing
 from mesh.errors import ClosedError, ConfigError, ProtocolError
@@ -31,7 +31,7 @@ from mesh.uuid7 import uuid7
 from patterns._closing import close_with
 from patterns._metrics import attach, client_collector
 from patterns.reqrep import frames as fr
-from patterns.reqrep._zio import POLLIN, recv_frames, send_frames
+from patterns.reqrep._zio import readable, recv_frames, send_frames
 from patterns.reqrep.balancer import Balancer
 from patterns.reqrep.call import Call, CallConfig, Ping, Send
 from patterns.reqrep.errors import RequestTimeout
@@ -227,7 +227,9 @@ class Wire:
         self.generation = -1
         self.connected: dict[bytes, tuple[str, str | None]] = {}  # rid -> (endpoint, key)
         self.nonce = 0
-        self.pollitems = [(self.sock, POLLIN)]
+        # poll(2) on ZMQ_FD, after ZMQ_EVENTS said nothing waits (see Client._run)
+        self.poller = select.poll()
+        self.poller.register(self.sock.getsockopt(zmq.FD), select.POLLIN)
         # one reply at most this big in all its frames (MAXMSGSIZE bounds each frame only)
         self.max_bytes = node.config.max_message_bytes + (64 << 10)
         self._rids: dict[tuple[str, str], bytes] = {}
@@ -501,18 +503,21 @@ class Client(ClientCore):
             if self._closed:
                 raise ClosedError("rpc client closed during a request")
             wait = min(call.wake_at() - now, _MAX_WAIT_S)
-            if wait > 0:
+            # ZMQ_FD only says that something may have changed: ZMQ_EVENTS (readable) is the
+            # last socket operation before blocking on it (a send may have taken the signal).
+            # One poll(2) instead of zmq_poll's two passes with ZMQ_EVENTS after each.
+            if wait > 0 and not readable(sock):
                 got = False
                 if spin:  # latency mode: a bounded busy-poll before sleeping
                     end = now + min(spin, wait)
                     while True:
-                        if zmq_poll(wire.pollitems, 0):
+                        if readable(sock):
                             got = True
                             break
                         if self._clock() >= end:
                             break
                         _yield()  # let this core's other threads (libzmq's I/O) run
-                if not got and not zmq_poll(wire.pollitems, max(1, int(wait * 1000 + 0.999))):
+                if not got and not wire.poller.poll(max(1, int(wait * 1000 + 0.999))):
                     continue
             for _ in range(256):
                 msg = recv_frames(sock, wire.max_bytes)  # [] if oversize: garbage

@@ -3,6 +3,20 @@
 Threads: one I/O thread per service owns the ROUTER (receives, answers PINGs, consults the
 reply cache, sends replies); handlers run on ``concurrency`` worker threads and hand results
 back through a deque plus one wake-up byte on a pipe per batch (portable: no eventfd).
+
+The fast path (``inline_budget_s``, on by default): a request that finds the service idle
+(nothing queued or running, nothing else waiting on the socket) runs on the I/O thread at once,
+which sends its reply itself: two thread wake-ups less per request. While it runs, the I/O thread
+leaves the socket alone; a watchdog thread (ticking only while such requests come, asleep
+after half a second without one) checks every ``inline_budget_s`` and, when the handler has
+run longer than that, puts a "lead" token on the work queue: an idle worker takes it and
+becomes the I/O thread (the socket moves between threads under a lock: libzmq allows a
+socket to migrate with a full memory barrier), and the old one, when its handler returns,
+hands the reply over like a worker does and joins the pool. So a slow handler delays PINGs,
+BUSY answers and other requests by at most about two budgets (plus up to two of the GIL's
+5 ms switch intervals when it holds the GIL: the watchdog and the new leader each wait for
+it), and at most ``concurrency`` handlers run at once (the pool has ``concurrency`` + 1
+threads, one of them leading, plus the watchdog).
 ``inline=True`` runs the handler on the I/O thread instead: one thread hop less per request
 (measured: p50 about 60 µs better on ipc), but PINGs and every other request wait while a
 handler runs, so use it only for handlers that take microseconds. Callers do not take that
@@ -18,6 +32,7 @@ import hashlib
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +42,6 @@ from typing import Any
 
 import msgpack
 import zmq
-from zmq.backend import zmq_poll
 
 from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
@@ -37,7 +51,7 @@ from mesh.transport import recv_bounded
 from patterns._closing import close_with
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
-from patterns.reqrep._zio import POLLIN, readable, recv_frames, send_frames
+from patterns.reqrep._zio import readable, recv_frames, send_frames
 from patterns.reqrep.cache import Lookup, ReplyCache
 
 __all__ = [
@@ -63,6 +77,19 @@ _PERSON = {f: bytes([int(f)]) for f in fr.Format}
 _TICK_S = 0.5  # cache expiry / close checks when idle
 _RUNNING, _DONE = 1, 2  # outcome log record kinds
 _FLOOR = "running"  # retention floor: the oldest RUNNING record still without its reply
+_WATCH_IDLE_S = 0.5  # the fast path's watchdog stops ticking after this long without a run
+_perf = time.perf_counter
+
+
+class _Lead:
+    """The work-queue token that makes a worker the thread that owns the socket."""
+
+
+_LEAD = _Lead()
+
+
+class _SteppedDown(Exception):
+    """Raised on the leading thread when its fast-path run was taken over."""
 
 
 def service_role(name: str) -> str:
@@ -127,6 +154,14 @@ class ServiceConfig:
         cache_entry_max_bytes: a reply larger than this is sent but not kept: a retry of its
             id gets :class:`~patterns.reqrep.errors.ReplyNotCached`, never a second run.
         max_queue: requests waiting for a free handler beyond which new ones get BUSY.
+        inline_budget_s: the default service's fast path (0 turns it off): a request that
+            arrives while no other is queued or running, with nothing else waiting on the
+            socket, runs on the I/O thread itself (no hand-off to a worker and back). If it
+            is still running after about this long, a worker thread takes over the socket
+            (PINGs, BUSY, other requests go on being answered) and the handler finishes
+            where it is; a handler whose last run took longer than this goes to a worker
+            directly. At most ``concurrency`` handlers still run at once. Ignored with
+            ``inline=True`` and in the iterator style.
         spin_us: latency mode (off by default): before each blocking wait, the I/O thread
             polls without blocking for up to this many microseconds, so a request arriving
             then is taken without a wake-up from sleep, at the cost of a busy core while it
@@ -151,8 +186,12 @@ class ServiceConfig:
     max_queue: int = 1000
     outcome_log: bool = True
     spin_us: int = 0
+    inline_budget_s: float = 0.002
 
     def __post_init__(self) -> None:
+        b = self.inline_budget_s
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 10.0:
+            raise ConfigError(f"inline_budget_s must be a number in [0, 10], got {b!r}")
         if not isinstance(self.spin_us, int) or not 0 <= self.spin_us <= 1_000_000:
             raise ConfigError(f"spin_us must be an int in [0, 1000000], got {self.spin_us!r}")
         if self.concurrency < 1 or self.max_queue < 0:
@@ -189,6 +228,8 @@ class ServiceStats:
     bytes_out: int = 0
     batches_received: int = 0
     batches_sent: int = 0
+    fast_path: int = 0
+    takeovers: int = 0
 
 
 @dataclass
@@ -293,7 +334,7 @@ class Service:
         self.config = cfg
         self._handler = handler
         self._iter_q: queue.SimpleQueue[Incoming | None] | None = None
-        self._work_q: queue.SimpleQueue[Incoming | None] = queue.SimpleQueue()
+        self._work_q: queue.SimpleQueue[Incoming | _Lead | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[Incoming, fr.Reply]] = collections.deque()
         # wake-up of the I/O thread: a non-blocking pipe (portable; a full pipe = already awake)
         self._rfd, self._wfd = os.pipe()
@@ -325,6 +366,7 @@ class Service:
         self._outbox: dict[bytes, list[bytes]] = {}
         self._outbox_n = 0
         self._closed = False
+        self._sent = False  # a send since the I/O loop last read ZMQ_EVENTS
         #: test hook: drop this many replies after caching them (simulates a lost reply).
         self.drop_replies = 0
         self._secure = getattr(node, "security", None) is not None
@@ -334,6 +376,20 @@ class Service:
         self.endpoints = node.bind(self._sock, service_role(name))
         self._workers: list[threading.Thread] = []
         self._io = threading.Thread(target=self._run, name=f"rpc-{name}", daemon=True)
+        # fast path (see the module doc); the fields below are guarded by _lead_mu
+        self._fast = False
+        self._budget = float(cfg.inline_budget_s)
+        self._last_s = 0.0  # how long the last handler call took (any thread writes it)
+        self._lead_mu = threading.Lock()
+        self._inline_on = False  # the leading thread is running a handler
+        self._inline_t0 = 0.0
+        self._inline_n = 0  # fast-path runs begun
+        self._taken = False  # the watchdog gave the socket to a worker during this run
+        self._watching = False  # the watchdog thread is ticking
+        self._watch_seen = 0
+        self._watch_idle = 0
+        self._watch_wake = threading.Event()  # set: tick; clear: the watchdog sleeps
+        self._watchdog: threading.Thread | None = None
         self._started = False
         self._start_lock = threading.Lock()
         self._processing = Processing(node, "reqrep", name)
@@ -403,17 +459,20 @@ class Service:
             self.node.unbind(service_role(self.name), self.endpoints)
         except MeshError:
             pass
-        for _ in self._workers:
+        for _ in range(len(self._workers) + 1):  # the first I/O thread may be a worker now
             self._work_q.put(None)
         if self._iter_q is not None:
             self._iter_q.put(None)
         self._wake()
-        if self._io.is_alive():
-            self._io.join(5)
-        else:
-            self._sock.close(0)
-        for w in self._workers:
-            w.join(5)
+        self._watch_wake.set()  # the watchdog sees _closed and ends
+        threads = [self._io, *self._workers] if self._io.is_alive() else self._workers
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(5)
+        if not any(t.is_alive() for t in threads):
+            self._sock.close(0)  # no thread leads any more (idempotent if one closed it)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(min(5.0, self._budget + 1.0))  # ends at its next tick
         for fd in (self._rfd, self._wfd):
             try:
                 os.close(fd)
@@ -534,6 +593,11 @@ class Service:
                 return
             self._started = True
         if self._handler is not None and not self.config.inline:
+            self._fast = self._budget > 0
+            if self._fast:
+                self._watchdog = threading.Thread(target=self._watch_loop,
+                                                  name=f"rpc-{self.name}-watch", daemon=True)
+                self._watchdog.start()
             for i in range(self.config.concurrency):
                 t = threading.Thread(target=self._work, name=f"rpc-{self.name}-{i}", daemon=True)
                 t.start()
@@ -549,13 +613,80 @@ class Service:
             inc = self._work_q.get()
             if inc is None:
                 return
+            if isinstance(inc, _Lead):  # the watchdog hands this thread the socket
+                if not self._lead():
+                    return  # closed
+                continue
             if inc._expire_if_late():  # the caller stopped waiting while it was queued
                 continue
             self._finish(inc, self._execute(inc))
 
+    def _run_fast(self, inc: Incoming) -> bool:
+        """Run ``inc`` on the leading thread (the fast path); True once it is answered.
+
+        Raises:
+            _SteppedDown: the watchdog gave the socket to a worker while the handler ran:
+                the reply went to the new leader, this thread no longer touches the socket.
+        """
+        if self._outbox:  # replies made earlier in this pass do not wait for the handler
+            self._flush()
+        mu = self._lead_mu
+        with mu:
+            if not self._watching:
+                self._watching = True
+                self._watch_wake.set()  # one wake-up after each idle half second
+            self._inline_on = True
+            self._inline_t0 = _perf()
+            self._inline_n += 1
+        self._stats.fast_path += 1
+        rep = self._execute(inc)
+        with mu:
+            self._inline_on = False
+            taken, self._taken = self._taken, False
+        if taken:
+            self._finish(inc, rep)  # as a worker would: the new leader sends it
+            raise _SteppedDown
+        self._complete(inc, rep, True)
+        return True
+
+    def _watch_loop(self) -> None:
+        # the watchdog thread: sleeps on an Event while the service is idle; ticks every
+        # budget while fast-path requests come (a sleep, a lock, a few fields: a few µs)
+        wake = self._watch_wake
+        while not self._closed:
+            wake.wait()
+            while not self._closed:
+                time.sleep(self._budget)
+                if not self._watch():
+                    break
+
+    def _watch(self) -> bool:
+        """One tick: take the socket from a fast-path run older than the budget; False when
+        no run began for half a second (the watchdog then sleeps until the next one)."""
+        take = False
+        with self._lead_mu:
+            if self._inline_on:
+                self._watch_idle = 0
+                if (not self._taken and not self._closed
+                        and _perf() - self._inline_t0 >= self._budget):
+                    self._taken = take = True
+            elif self._inline_n != self._watch_seen:
+                self._watch_idle = 0
+            else:
+                self._watch_idle += 1
+                if self._watch_idle * self._budget >= _WATCH_IDLE_S:
+                    self._watching = False  # the next fast-path run wakes it again
+                    self._watch_wake.clear()
+            self._watch_seen = self._inline_n
+            ticking = self._watching
+        if take:
+            self._stats.takeovers += 1
+            self._work_q.put(_LEAD)  # an idle worker becomes the leader
+        return ticking
+
     def _execute(self, inc: Incoming) -> fr.Reply:
         assert self._handler is not None
-        started = time.perf_counter()
+        started = _perf()
         failed = False
         try:
             # The request's traceparent / correlationid headers become the handler's context.
@@ -568,6 +699,7 @@ class Service:
             return fr.Reply(inc.id, fr.Status.ERROR, 0, fr.Format.BYTES,
                             type(exc).__name__, str(exc)[:4096])
         finally:
+            self._last_s = _perf() - started
             self._processing.observe(started, failed)
 
     def _finish(self, inc: Incoming, rep: fr.Reply) -> None:
@@ -583,10 +715,12 @@ class Service:
         except OSError:
             pass  # full (already awake) or closed: the reply is lost with the service
 
-    def _send(self, rid: bytes, frames: list[bytes]) -> None:
+    def _send(self, rid: bytes, frames: list[bytes], direct: bool = False) -> None:
         # A compact REPLY to a caller that reads BATCHes waits in the outbox for the end of
-        # this loop pass, so replies that are ready together leave in one message.
-        if len(frames) == 1 and frames[0][4] == 2 and rid in self._batch_callers:
+        # this loop pass, so replies that are ready together leave in one message (not on
+        # the fast path: the reply of the only request in flight leaves at once).
+        if (not direct and len(frames) == 1 and frames[0][4] == 2
+                and rid in self._batch_callers):
             box = self._outbox.get(rid)
             if box is None:
                 self._outbox[rid] = [frames[0]]
@@ -627,6 +761,7 @@ class Service:
         frame = fr.batch_frame(fr.Command.REPLY, chunk)
         st = self._stats
         st.batches_sent += 1  # counted first: a reader that got it sees it counted
+        self._sent = True
         try:
             send_frames(self._sock, [rid, frame])
             st.bytes_out += len(rid) + len(frame)
@@ -638,6 +773,7 @@ class Service:
     def _send_now(self, rid: bytes, frames: list[bytes]) -> None:
         if rid in self._split_callers:
             frames = fr.to_split(frames)  # a 1.0 caller reads only the split form
+        self._sent = True
         try:
             send_frames(self._sock, [rid, *frames])
             # len() of frames held anyway: a few additions, no call beyond them
@@ -651,7 +787,7 @@ class Service:
             self._stats.unroutable += 1
             log.debug("service %s: reply to %r not sent: %s", self.name, rid, exc)
 
-    def _on_request(self, rid: bytes, req: fr.Request, caller: Any) -> None:
+    def _on_request(self, rid: bytes, req: fr.Request, caller: Any, alone: bool = False) -> None:
         st = self._stats
         st.received += 1
         if req.service != self.name:
@@ -713,10 +849,11 @@ class Service:
             self._iter_q.put(inc)
         elif self.config.inline:
             self._complete(inc, self._execute(inc))
-        else:
+        elif not (alone and self._busy == 1 and self._fast and self._last_s < self._budget
+                  and not readable(self._sock) and self._run_fast(inc)):
             self._work_q.put(inc)
 
-    def _complete(self, inc: Incoming, rep: fr.Reply) -> None:
+    def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False) -> None:
         self._busy -= 1
         st = self._stats
         if rep.status == fr.Status.EXPIRED:
@@ -751,7 +888,7 @@ class Service:
             return
         for rid in waiters:
             st.replied += 1
-            self._send(rid, frames)
+            self._send(rid, frames, direct)
 
     def _caller(self, frame: zmq.Frame) -> str | None:
         # Security on: the caller is the node its CURVE key (User-Id) maps to, never the
@@ -800,7 +937,7 @@ class Service:
             elif self._batch_callers:
                 self._batch_callers.discard(rid)
         if isinstance(m, fr.Request):
-            self._on_request(rid, m, caller)
+            self._on_request(rid, m, caller, True)
         elif isinstance(m, fr.Batch):
             # Each item is a request of its own (cache, ttl, budgets, at-most-once); a
             # malformed item is counted and dropped alone.
@@ -828,35 +965,59 @@ class Service:
             self._stats.garbage += 1
 
     def _run(self) -> None:
+        # the first leader; after a takeover (fast path) it serves as a worker
+        if self._lead():
+            self._work()
+
+    def _lead(self) -> bool:
+        """Own the socket until the service closes (False) or the watchdog hands it to
+        another thread during a fast-path run (True: this thread then serves as a worker)."""
         sock = self._sock
         rfd = self._rfd
-        items = [(sock, POLLIN), (rfd, POLLIN)]
+        # One poll(2) on the socket's ZMQ_FD and the pipe: zmq_poll would make two passes
+        # (a non-blocking one first) and read ZMQ_EVENTS after each. ZMQ_FD only says that
+        # something may have changed, so ZMQ_EVENTS (readable) is read after it fires and is
+        # the last socket operation before each blocking poll (a send may take the signal).
+        poller = select.poll()
+        poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
+        poller.register(rfd, select.POLLIN)
+        wait = poller.poll
         tick_ms = int(_TICK_S * 1000)
         # one request at most this big in all its frames (MAXMSGSIZE bounds each frame only)
         limit = self.node.config.max_message_bytes + (64 << 10)
         spin = self.config.spin_us / 1e6
         inline = self.config.inline
         clock = time.perf_counter
+        done = self._done
+        checked = False  # readable() was False and no send came after it
         try:
             while not self._closed:
-                ready = None
-                if spin and (inline or self._busy == 0):
-                    end = clock() + spin
-                    while True:  # latency mode: a bounded busy-poll before sleeping
-                        ready = zmq_poll(items, 0)
-                        if ready or clock() >= end:
-                            break
-                        _yield()  # let this core's other threads (libzmq's I/O) run
-                if not ready:
-                    ready = zmq_poll(items, tick_ms)
-                sock_ready = efd_ready = False
-                for what, _ev in ready:
-                    if what is sock:
-                        sock_ready = True
-                    else:
-                        efd_ready = True
-                if sock_ready:
-                    # After the first message, ZMQ_EVENTS says whether another is waiting:
+                ready = False if checked and not self._sent else readable(sock)
+                checked = False
+                idle = False
+                if not ready and not done:
+                    if spin and (inline or self._busy == 0):
+                        end = clock() + spin
+                        while True:  # latency mode: a bounded busy-poll before sleeping
+                            if readable(sock):
+                                ready = True
+                                break
+                            if done or self._closed or clock() >= end:
+                                break
+                            _yield()  # let this core's other threads (libzmq's I/O) run
+                    if not ready and not done:
+                        self._sent = False
+                        got = wait(tick_ms)
+                        idle = not got
+                        for fd, _ev in got:
+                            if fd == rfd:
+                                try:
+                                    os.read(rfd, 4096)
+                                except OSError:  # BlockingIOError: drained already
+                                    pass
+                        ready = bool(got)  # a receive finds out (NOBLOCK: None if nothing)
+                if ready:
+                    # After each message, ZMQ_EVENTS says whether another is waiting:
                     # cheaper than the EAGAIN exception that would end the batch otherwise.
                     for _ in range(_RECV_BATCH):
                         try:
@@ -869,41 +1030,39 @@ class Service:
                                 if caller is not None:
                                     self._on_received([f.bytes for f in zmsg], caller)
                             else:
-                                got = recv_frames(sock, limit)
-                                if got is None:
+                                got_msg = recv_frames(sock, limit)
+                                if got_msg is None:
                                     break
-                                if not got:
+                                if not got_msg:
                                     self._stats.garbage += 1  # over the message bound
                                     continue
-                                self._on_received(got)
+                                self._on_received(got_msg)
                         except zmq.Again:
                             break
+                        except _SteppedDown:
+                            return True
+                        self._sent = False
                         if not readable(sock):
+                            checked = True
                             break
-                if efd_ready:
-                    try:
-                        os.read(rfd, 4096)
-                    except OSError:  # BlockingIOError: drained already
-                        pass
-                done = self._done
                 while done:
                     inc, rep = done.popleft()
                     self._complete(inc, rep)
                 if self._outbox:
                     self._flush()
-                if not ready:
+                if idle:
                     self._cache.expire()
                     if self._olog is not None and self._floor_due:
                         self._move_floor()
         except Exception:
             log.exception("service %s: I/O thread failed", self.name)
-        finally:
-            if self._outbox:  # replies made in the last pass still leave (the socket lingers 0)
-                try:
-                    self._flush()
-                except Exception:
-                    pass
-            sock.close(0)
+        if self._outbox:  # replies made in the last pass still leave (the socket lingers 0)
+            try:
+                self._flush()
+            except Exception:
+                pass
+        sock.close(0)
+        return False
 
 
 def _size(frames: list[bytes]) -> int:
