@@ -43,7 +43,7 @@ import zmq
 
 from mesh import control
 from mesh.budget import LogLimiter
-from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode
+from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode, from_unpacked
 from mesh.errors import (
     ClosedError,
     CodecError,
@@ -348,6 +348,11 @@ class SubscriberStats:
     forged_data: int = 0
     subscriptions_refused: int = 0
     old_publishers: int = 0
+    #: data connections to a publisher that refused the packed layout (pub/sub 2.3 and
+    #: earlier): asked again for one frame per envelope
+    unpacked_publishers: int = 0
+    #: DATA messages received in the packed layout (pub/sub 2.4)
+    packed_messages: int = 0
 
 
 class _DataConn:
@@ -357,13 +362,15 @@ class _DataConn:
     first valid message names one, which is then pinned: trust on first use, documented).
     """
 
-    __slots__ = ("endpoint", "pub", "rid", "static")
+    __slots__ = ("endpoint", "packed", "pub", "rid", "static")
 
     def __init__(self, rid: bytes, endpoint: str, pub: str | None, static: bool) -> None:
         self.rid = rid
         self.endpoint = endpoint
         self.pub = pub
         self.static = static
+        # Ask for packed DATA (pub/sub 2.4) until the publisher refuses the flag (2.3).
+        self.packed = True
 
 
 def _cursor_value(v: object) -> tuple[int, int | None] | None:
@@ -606,7 +613,8 @@ class Subscriber:
         self._refusals_seen: set[tuple[str, str]] = set()  # said once each (bounded)
         self._logs = LogLimiter(_log)
         self._sub_frames = frames.encode_subscribe(
-            self._match.encode(), prefix=self.prefix)
+            self._match.encode(), prefix=self.prefix, packed=True)
+        self._sub_frames_old = frames.encode_subscribe(self._match.encode(), prefix=self.prefix)
         self._static = set(endpoints)
         self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
         self._peer_keys: dict[str, str | None] = {}  # ... and the CURVE key it was dialled with
@@ -793,7 +801,8 @@ class Subscriber:
     def _subscribe(self, conn: _DataConn) -> None:
         """(Re)send our subscription request on ``conn`` (idempotent at the publisher)."""
         try:
-            self._sock.send_multipart([conn.rid, *self._sub_frames], zmq.NOBLOCK)
+            sub = self._sub_frames if conn.packed else self._sub_frames_old
+            self._sock.send_multipart([conn.rid, *sub], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # a full pipe: the next resubscribe tries again
 
@@ -1007,10 +1016,14 @@ class Subscriber:
                     continue
             tracker = entry[1]
             if head.kind == frames.KIND_DATA:
+                if envs.__class__ is not list:
+                    stats.packed_messages += 1
                 if entry[0] == head.epoch and tracker.in_order(head.seq, head.count):
-                    self._deliver(key, head.seq, envs)  # the common case: no Step, no copy
+                    # the common case: no Step, no copy
+                    self._on_run(key, head.seq, tracker.epoch or 0, envs)
                 else:
-                    self._apply(key, tracker, tracker.on_live(head.seq, envs, now))
+                    self._apply(key, tracker, tracker.on_live(
+                        head.seq, frames.run_envelopes(envs), now))
             else:
                 stats.heartbeats += 1
                 self._apply(key, tracker, tracker.on_heartbeat(head.seq, now))
@@ -1026,8 +1039,21 @@ class Subscriber:
         return True
 
     def _on_notice(self, conn: _DataConn, topic: str, head: frames.Header) -> None:
-        """A REFUSED notice (counted, logged once per publisher and topic) or a PING."""
+        """A REFUSED notice (counted, logged once per publisher and topic) or a PING.
+
+        A ``malformed`` refusal of our packed request is a publisher of pub/sub 2.3 or
+        earlier, which knows no ``PACKED`` flag: asked again at once without it (one frame
+        per envelope on that connection from then on)."""
         if head.kind != frames.KIND_REFUSED:
+            return
+        if (head.count == frames.REFUSED_MALFORMED and conn.packed
+                and topic == self._match and conn.rid in self._conns):
+            conn.packed = False
+            self._stats.unpacked_publishers += 1
+            if self._first_time(("unpacked", head.publisher)):
+                _log.info("pubsub: %s does not take packed DATA (pub/sub 2.3 or earlier); "
+                          "asking for one frame per event", head.publisher)
+            self._subscribe(conn)
             return
         self._stats.subscriptions_refused += 1
         if not self._first_time((head.publisher, topic)):
@@ -1158,12 +1184,41 @@ class Subscriber:
             # The position passes the gap only when iteration reaches it (in order).
             ready.append((key, b - 1, _Mark(b, None, gap, policy == "error")))
         for first, payloads in step.deliver:
-            self._deliver(key, first, payloads)
+            self._on_run(key, first, tracker.epoch or 0, payloads)
         if step.ask is not None:
             self._send_ask(key, tracker, step.ask)
 
+    def _on_run(self, key: Key, first: int, epoch: int, run: frames.Run) -> None:
+        """The one place every delivered event goes through: a contiguous run of envelopes
+        of stream ``key`` arrived, seqs from ``first``, in order and new (the tracker has
+        already moved past them), under writer epoch ``epoch`` (the tracker's confirmed
+        one; 0 when unknown or best-effort). Live DATA (either layout) and replay chunks
+        alike come here, so a subclass that overrides it sees every run however it arrived
+        (the store's follower writes them to its replica instead of decoding them).
+
+        ``run`` is the envelopes' bytes (a list, one per event) or a packed message's
+        :class:`~patterns.pubsub.frames.Packed`; :func:`~patterns.pubsub.frames.run_envelopes`
+        gives the exact bytes of either. This implementation decodes them into the ready
+        queue (verified first when ``verify`` is on).
+        """
+        if run.__class__ is list:
+            self._deliver(key, first, run)
+            return
+        packed: frames.Packed = run  # type: ignore[assignment]
+        arrays = packed.arrays
+        if arrays is None or self._verifier is not None:
+            self._deliver(key, first, packed.envelopes())  # signatures need the bytes
+            return
+        try:
+            # Unpacked in one C pass already (frames.decode_message): build the events.
+            events = list(map(from_unpacked, arrays))
+        except CodecError:
+            self._deliver(key, first, packed.envelopes())  # the bad one becomes a gap
+            return
+        self._ready.extend(zip(repeat(key), count(first), events))
+
     def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
-        """Decode a contiguous run of envelopes into the ready queue."""
+        """Decode a contiguous run of envelopes into the ready queue (see :meth:`_on_run`)."""
         if self._verifier is not None:
             self._deliver_verified(key, first, payloads, self._verifier)
             return
