@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import os
 import struct
 import threading
@@ -34,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import count, islice, repeat
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -102,8 +101,13 @@ REPLAY_OUTSTANDING = 16
 _MAX_TOK_PEERS = 4096
 
 
-_third = operator.itemgetter(2)
-ReadyItem = tuple[Key, int, "Event | _Mark"]
+#: One item of the ready queue: a run ``(key, first seq, [events...])`` (never empty; its
+#: events have seqs ``first, first + 1, ...``) or a mark ``(key, seq, _Mark)`` (a gap, a
+#: skipped or refused event, an epoch change), applied when iteration reaches it. One item
+#: per decoded run, not per event: no per-event tuple to build, queue, pop or collect.
+ReadyItem = tuple[Key, int, "list[Event] | _Mark"]
+#: A span of a Batch: ``count`` events of ``key`` from seq ``first`` on.
+Span = tuple[Key, int, int]
 
 
 #: A consumer that handled events and then waited this long with nothing arriving commits them
@@ -122,7 +126,8 @@ class Batch(list[Event]):
     resumes at the event that failed.
     """
 
-    _items: list[ReadyItem] = []
+    _spans: list[Span] = []  # (key, first seq, count) of its events, in order
+    _n = 0  # events it was handed out with (the list itself belongs to the caller)
     _it: Any = None  # the list iterator of the last iteration (None: never iterated)
     _settled = 0  # events whose positions were applied already
 
@@ -146,15 +151,15 @@ class Batch(list[Event]):
         if self._it is None:
             return 0
         taken = self._taken()
-        return len(self._items) if taken < 0 else max(0, taken - 1)
+        return self._n if taken < 0 else max(0, taken - 1)
 
     @property
     def _handed(self) -> int:
         """Events handed out: all when not iterated, else those taken so far."""
         if self._it is None:
-            return len(self._items)
+            return self._n
         taken = self._taken()
-        return len(self._items) if taken < 0 else min(taken, len(self._items))
+        return self._n if taken < 0 else min(taken, self._n)
 
     def _settle(self, positions: dict[Key, int], n: int) -> None:
         """Move ``positions`` past the first ``n`` events (under the subscriber's lock);
@@ -162,9 +167,14 @@ class Batch(list[Event]):
         done = self._settled
         if n <= done:
             return
-        items = self._items
-        for key, seq, _ in (items if done == 0 and n >= len(items) else items[done:n]):
-            positions[key] = seq + 1
+        at = 0  # events before the span
+        for key, first, cnt in self._spans:  # one step per span (a decoded run), not per event
+            end = at + cnt
+            if end > done:
+                positions[key] = first + (min(n, end) - at)
+            at = end
+            if at >= n:
+                break
         self._settled = n
 
 
@@ -596,6 +606,7 @@ class Subscriber:
         self._gone_ns = f"pubsub.gone.{durable}" if durable else ""
         self._trackers: dict[Key, tuple[int, StreamTracker]] = {}
         self._ready: collections.deque[ReadyItem] = collections.deque()
+        self._off = 0  # events of the run at the head of _ready already handed out
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._positions: dict[Key, int] = {}
         # The writer epoch each position was reached under (None: unknown, older cursor);
@@ -604,7 +615,7 @@ class Subscriber:
         self._committed: dict[Key, tuple[int, int | None]] = {}
         # Handed out and not yet known to be processed: the event of the last recv(), or the
         # last recv_batch() (see Batch). Nothing else is ever outstanding.
-        self._cur: ReadyItem | None = None
+        self._cur: tuple[Key, int, Event] | None = None
         self._batch: Batch | None = None
         self._conns: dict[bytes, _DataConn] = {}  # routing id -> connection
         self._by_ep: dict[str, _DataConn] = {}
@@ -1215,7 +1226,7 @@ class Subscriber:
         except CodecError:
             self._deliver(key, first, packed.envelopes())  # the bad one becomes a gap
             return
-        self._ready.extend(zip(repeat(key), count(first), events))
+        self._ready.append((key, first, events))  # one item for the whole run
 
     def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
         """Decode a contiguous run of envelopes into the ready queue (see :meth:`_on_run`)."""
@@ -1224,21 +1235,29 @@ class Subscriber:
             return
         ready = self._ready
         maxsz = self.max_event_size
+        if not payloads:
+            return
         try:
-            # The common case, every envelope decodes: the loop and the queueing run in C.
+            # The common case, every envelope decodes: the loop runs in C, one queue item.
             events = list(map(decode, payloads, repeat(maxsz)))
         except CodecError:
             pass  # decoded again one by one below: the bad one becomes a gap at its seq
         else:
-            ready.extend(zip(repeat(key), count(first), events))
+            ready.append((key, first, events))
             return
         seq = first
+        run: list[Event] = []
         for buf in payloads:
             try:
-                ready.append((key, seq, decode(buf, maxsz)))
+                run.append(decode(buf, maxsz))
             except CodecError as exc:
+                if run:
+                    ready.append((key, seq - len(run), run))
+                    run = []
                 self._undecodable(key, seq, exc)
             seq += 1
+        if run:
+            ready.append((key, seq - len(run), run))
 
     def _undecodable(self, key: Key, seq: int, exc: CodecError) -> None:
         # Logged but undecodable: a typed gap (counted), never a stall; the position passes
@@ -1257,24 +1276,28 @@ class Subscriber:
         ready = self._ready
         maxsz = self.max_event_size
         seq = first
+        run: list[Event] = []  # verified events since the last mark: one queue item
         for buf in payloads:
             try:
                 ev = decode(buf, maxsz)
-            except CodecError as exc:
-                self._undecodable(key, seq, exc)
-                seq += 1
-                continue
-            try:
                 verifier.verify(ev)
-            except SignatureInvalid as exc:
-                self._stats.bad_signatures += 1
-                self._logs.warning(f"signature:{key[0]}", "pubsub: event %s #%d refused: %s",
-                                   key, seq, exc)
-                # The cursor passes it in order, when iteration reaches it.
-                ready.append((key, seq, _Mark(seq + 1, None, None)))
+            except (CodecError, SignatureInvalid) as exc:
+                if run:
+                    ready.append((key, seq - len(run), run))
+                    run = []
+                if isinstance(exc, CodecError):
+                    self._undecodable(key, seq, exc)
+                else:
+                    self._stats.bad_signatures += 1
+                    self._logs.warning(f"signature:{key[0]}", "pubsub: event %s #%d refused: "
+                                       "%s", key, seq, exc)
+                    # The cursor passes it in order, when iteration reaches it.
+                    ready.append((key, seq, _Mark(seq + 1, None, None)))
             else:
-                ready.append((key, seq, ev))
+                run.append(ev)
             seq += 1
+        if run:
+            ready.append((key, seq - len(run), run))
 
     def _replay_slot(self, pub: str, key: Key, now: float) -> float:
         """0.0 when a request to ``pub`` may go now (and it is counted), else how long to
@@ -1419,7 +1442,7 @@ class Subscriber:
         batch = self._batch
         if batch is not None:
             self._batch = None
-            batch._settle(self._positions, len(batch._items))
+            batch._settle(self._positions, batch._n)
             self._moves += 1
 
     def _abandon(self) -> None:
@@ -1492,7 +1515,7 @@ class Subscriber:
             return
         n = batch._handed
         batch._settle(self._positions, n)
-        if n >= len(batch._items):
+        if n >= batch._n:
             self._batch = None
 
     def commit_upto(self, keep: int) -> None:
@@ -1533,13 +1556,57 @@ class Subscriber:
         """Under ``_lock``, nothing handed out: the next event, passing markers in order."""
         ready = self._ready
         while ready:
-            item = ready.popleft()
-            ev = item[2]
-            if ev.__class__ is Event:
-                self._cur = item
+            key, first, run = ready[0]
+            if run.__class__ is list:
+                events: list[Event] = run
+                off = self._off
+                ev = events[off]
+                self._cur = (key, first + off, ev)
+                off += 1
+                if off == len(events):
+                    ready.popleft()
+                    off = 0
+                self._off = off
                 return ev
-            self._reach(item[0], ev)  # type: ignore[arg-type]  # a mark, applied in order
+            ready.popleft()
+            self._reach(key, run)  # type: ignore[arg-type]  # a mark, applied in order
         return None
+
+    def _take(self, max_events: int, spans: list[Span] | None) -> list[ReadyItem]:
+        """Under ``_lock``: the ready items holding up to ``max_events`` events from the
+        head, a run cut where the count ends (its rest stays at the head). With ``spans``
+        (a batch): runs only, stopping at the first mark, each one's span appended; else
+        marks are taken too (each counts as one)."""
+        ready = self._ready
+        out: list[ReadyItem] = []
+        n = 0
+        while n < max_events and ready:
+            item = ready[0]
+            run = item[2]
+            if run.__class__ is not list:
+                if spans is not None:
+                    break  # a gap or skipped event: handled in order by the next call
+                out.append(ready.popleft())
+                n += 1
+                continue
+            events: list[Event] = run
+            size = len(events)
+            off = self._off
+            take = min(size - off, max_events - n)
+            start = item[1] + off
+            if off == 0 and take == size:
+                out.append(ready.popleft())
+            else:
+                out.append((item[0], start, events[off:off + take]))
+                off += take
+                if off == size:
+                    ready.popleft()
+                    off = 0
+                self._off = off
+            if spans is not None:
+                spans.append((item[0], start, take))
+            n += take
+        return out
 
     def _wait_ready(self, deadline: float | None) -> bool:
         """Pump until the ready queue has something (True) or ``deadline`` passed (False)."""
@@ -1556,16 +1623,15 @@ class Subscriber:
         return True
 
     def _recv_items(self, timeout: float, max_events: int) -> list[ReadyItem]:
-        """For AsyncSubscriber (its one executor thread owns the subscriber): up to
-        ``max_events`` raw ready items (events, skip markers, gaps). They belong to the
-        caller, which moves the positions as it hands them out."""
+        """For AsyncSubscriber (its one executor thread owns the subscriber): raw ready
+        items (runs of events, skip markers, gaps) holding up to ``max_events`` events. They
+        belong to the caller, which moves the positions as it hands them out."""
         if self._owner != threading.get_ident():
             self._claim()
         if self._closed or not self._wait_ready(time.monotonic() + timeout):
             return []
-        ready = self._ready
-        n = min(len(ready), max_events)
-        return [ready.popleft() for _ in range(n)]
+        with self._lock:
+            return self._take(max_events, None)
 
     def recv(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds (None: wait forever).
@@ -1619,24 +1685,16 @@ class Subscriber:
             item = self._cur
             assert item is not None
             self._cur = None
-            items = [item]
-            ready = self._ready
-            if ready and max_events > 1:
-                # Taken in C: a copy of the next items, cut before the first one that is not
-                # an event (a gap or a skipped event: handled in order by the next call),
-                # then as many popped.
-                more = list(islice(ready, min(len(ready), max_events - 1)))
-                kinds = list(map(type, map(_third, more)))
-                if _Mark in kinds:
-                    del more[kinds.index(_Mark):]
-                popleft = ready.popleft
-                for _ in repeat(None, len(more)):
-                    popleft()
-                items += more
-                out.extend(map(_third, items))
-            else:
-                out.append(first)
-            out._items = items
+            spans: list[Span] = [(item[0], item[1], 1)]
+            out.append(first)
+            if self._ready and max_events > 1:
+                # Whole runs (one list extend each, in C), the last one cut at max_events;
+                # the batch stops before a gap or skipped event (handled in order by the
+                # next call).
+                for _key, _first, run in self._take(max_events - 1, spans):
+                    out.extend(run)  # type: ignore[arg-type]
+            out._spans = spans
+            out._n = len(out)
             self._batch = out
         return out
 
