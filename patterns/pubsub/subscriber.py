@@ -84,10 +84,13 @@ RESUBSCRIBE_S = 5.0
 _CONN_NO = struct.Struct("!I")
 _KIND_HEARTBEAT = frames.KIND_HEARTBEAT  # kinds above it are notices (REFUSED, PING)
 _STATIC_PUB = b"\0" * 16  # routing id prefix of a static endpoint's connection
-#: One pump decodes at most about this many bytes of DATA (some 1,300 events of 100 B, and
-#: at least one message) into the ready queue however much is queued: what a stuck or slow
-#: handler holds decoded stays small (it was up to 1,000 messages of 1,000 events).
-_PUMP_BYTES = 256 << 10
+#: One pump decodes at most about this many bytes of DATA (one full message of the
+#: publisher's 32 KiB, some 140 events of 100 B, and at least one message) into the ready
+#: queue however much is queued: what a stuck or slow handler holds decoded stays small. It
+#: was 256 KiB; 32 KiB costs 0.3-0.5 µs less CPU per delivered 100 B event
+#: (bench/bench_sub_cpu.py, BENCHMARKS.md): fewer decoded events wait in the queue, so fewer
+#: live objects are there when the cyclic GC runs (each event is a GC-tracked object).
+_PUMP_BYTES = 32 << 10
 
 Key = tuple[str, str]  # (publisher node id, stream)
 
