@@ -309,3 +309,85 @@ def test_bad_packed_frames_from_a_publisher_are_counted_never_a_stall(
     finally:
         raw.close(0)
         node.close()
+
+
+class _Recording(Subscriber):
+    """Records every run the one delivery hook sees (as the store's follower would)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.runs: list[tuple[int, int, bool, list[bytes]]] = []
+        super().__init__(*args, **kwargs)
+
+    def _on_run(self, key: Any, first: int, epoch: int, run: frames.Run) -> None:
+        self.runs.append((first, epoch, isinstance(run, frames.Packed),
+                          list(frames.run_envelopes(run))))
+        super()._on_run(key, first, epoch, run)
+
+
+def test_every_run_goes_through_the_hook_with_the_exact_bytes(pair: tuple[Node, Node]) -> None:
+    # Replayed (the log's records) and live packed runs alike reach Subscriber._on_run, with
+    # the publisher's envelope bytes unchanged: what the store keeps and a signature covers.
+    a, b = pair
+    stream = unique("hk")
+    with Publisher(a, stream) as pub:
+        pub.publish_many(range(300))  # before the subscriber: replayed
+        with _Recording(b, stream, start=Start.beginning()) as sub:
+            got = drain(sub, 300)
+            pub.publish_many(range(300, 600))  # live, packed
+            got += drain(sub, 300)
+            assert [e.seq for e in got] == list(range(600))
+            seqs = [s for first, _, _, envs in sub.runs for s in range(first, first + len(envs))]
+            assert seqs == list(range(600))  # every delivered event, once, through the hook
+            assert any(packed for _, _, packed, _ in sub.runs)
+            assert {epoch for _, epoch, _, _ in sub.runs} == {pub.stats().epoch}
+            log = [r.payload for r in pub._log.read(0, 600)]  # type: ignore[union-attr]
+            assert [e for _, _, _, envs in sub.runs for e in envs] == log
+
+
+def test_a_store_keeps_a_live_packed_stream_byte_for_byte(pair: tuple[Node, Node]) -> None:
+    from patterns.pubsub.store import Store
+
+    a, b = pair
+    stream = unique("st").replace("-", "")
+    store = Store(b, topics=(stream,))
+    try:
+        with Publisher(a, stream) as pub:
+            wait_until(lambda: (pub.publish("probe"), store.holdings())[1], 10,
+                       what="the store follows the stream")
+            pub.publish_many(range(500))
+            head = pub.head
+            wait_until(lambda: any(h.head >= head for h in store.holdings()), 10,
+                       what="the store caught up")
+            assert sum(f.stats().packed_messages for f in store._followers) >= 1
+            kept = [env for _, env in store.read(a.id, stream, 0, head)]
+            log = [r.payload for r in pub._log.read(0, head)]  # type: ignore[union-attr]
+            assert kept == log
+    finally:
+        store.close()
+
+
+def test_batches_cut_inside_runs_hand_out_each_event_once_and_commit_per_stream(
+        pair: tuple[Node, Node]) -> None:
+    # The ready queue holds one item per run: a batch of 7 cuts a run of 100, recv() goes
+    # on in the middle of it, and the positions committed are per stream, one past the last
+    # event handed out and passed.
+    a, b = pair
+    base = unique("cut")
+    with Publisher(a, base + ".x") as px, Publisher(a, base + ".y") as py:
+        px.publish_many(range(100))
+        py.publish_many(range(100))
+        with Subscriber(b, base + ".", start=Start.beginning(), durable="cut",
+                        auto_commit=False) as sub:
+            got: dict[str, list[int]] = {base + ".x": [], base + ".y": []}
+            deadline = time.monotonic() + 20
+            while sum(map(len, got.values())) < 200 and time.monotonic() < deadline:
+                batch = sub.recv_batch(timeout=0.2, max_events=7)
+                assert len(batch) <= 7
+                for ev in batch:
+                    got[ev.stream].append(ev.seq or 0)
+                ev = sub.recv(timeout=0.2)
+                if ev is not None:
+                    got[ev.stream].append(ev.seq or 0)
+            assert got == {base + ".x": list(range(100)), base + ".y": list(range(100))}
+            sub.commit()
+            assert sorted(sub.positions().values()) == [100, 100]
