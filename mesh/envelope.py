@@ -58,6 +58,7 @@ __all__ = [
     "encode_new",
     "encode_new_many",
     "from_cloudevent",
+    "from_unpacked",
     "peek",
     "to_cloudevent",
     "to_cloudevent_json",
