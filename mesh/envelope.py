@@ -58,6 +58,7 @@ __all__ = [
     "encode_new",
     "encode_new_many",
     "from_cloudevent",
+    "from_unpacked",
     "peek",
     "to_cloudevent",
     "to_cloudevent_json",
@@ -922,6 +923,21 @@ def decode(buf: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_EVEN
         # FormatError, StackError (too deep), ValueError (length prefix past the end, bad
         # UTF-8), TypeError (unhashable map key). Nothing else can reach this point.
         raise MalformedEvent(f"not a msgpack envelope: {exc}") from exc
+    return from_unpacked(a)
+
+
+def from_unpacked(a: object) -> Event:
+    """The Event of an envelope msgpack already unpacked (with msgpack's defaults, as
+    :func:`decode` unpacks): what :func:`decode` returns for the buffer ``a`` came from.
+
+    For a receiver that unpacked many envelopes in one pass (a packed pub/sub DATA frame,
+    docs/protocol.md "Pub/sub protocol"); the size limit is the caller's to check.
+
+    Raises:
+        UnsupportedVersion: the envelope's major version is not one this build speaks.
+        MalformedEvent: anything else wrong (wrong shape, a field missing or of the wrong
+            type; ``field`` names it when known).
+    """
     # The common case inline: a v1.0 envelope of 15 elements whose every field is of the
     # type and range _from_array accepts. Anything else (an extras map, another minor or
     # major, a wrong field) goes to _from_array, which accepts or refuses it exactly as it

@@ -22,7 +22,8 @@ collide only with the same timestamp, counter and 62 random bits either way). Th
 form be built from two strings cached per millisecond plus a table lookup for the counter
 (``python -m timeit -s "from mesh.uuid7 import uuid7" "uuid7()"``: 0.86 µs against 1.9 µs with
 a fresh draw and a 5-field format per id, on the same loaded machine; :func:`uuid7_batch` also
-shares the lock and the clock read: 0.23 µs per id in batches of 100).
+shares the lock and the clock read and steps the counter once per millisecond: 0.09 µs per id
+in batches of 100, against 0.17 with a step per id).
 """
 
 from __future__ import annotations
@@ -135,14 +136,22 @@ def uuid7_batch(n: int, now_ns: int | None = None) -> list[str]:
         n: how many ids.
         now_ns: the current time in nanoseconds since the Unix epoch, if already read.
     """
+    global _counter
     ms = (_time_ns() if now_ns is None else now_ns) // 1_000_000
     out: list[str] = []
-    append = out.append
     hex3 = _HEX3
     with _lock:
-        for _ in range(n):
+        while len(out) < n:
+            # The next id as uuid7() makes it (a new millisecond, the next counter value, or
+            # the next millisecond on overflow), then as many as fit under the counter's
+            # maximum in this millisecond in one step: the same ids as one _step each
+            # (publish_many makes one per event).
             _step(ms)
-            append(_prefix + hex3[_counter] + _suffix)
+            c = _counter
+            k = min(n - len(out), _MAX_COUNTER - c + 1)
+            pre, suf = _prefix, _suffix
+            out += [pre + h + suf for h in hex3[c:c + k]]
+            _counter = c + k - 1
     return out
 
 

@@ -28,7 +28,9 @@ from tests.conformance.kit import (
     DATA,
     DURABLE,
     HEARTBEAT,
+    PACKED,
     REFUSED,
+    SUB_PACKED,
     Caller,
     DataPub,
     DataSub,
@@ -253,7 +255,9 @@ def test_gossip(target: Target) -> None:
             p.close()
 
 
-def test_subscribe_to_the_data_socket_with_a_forced_gap(target: Target) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["frames", "packed"])
+def test_subscribe_to_the_data_socket_with_a_forced_gap(target: Target, packed: bool) -> None:
+    # packed: the request asks for packed DATA (pub/sub 2.4), every envelope in one frame
     target.need("publish")
     peer = Peer(target.control)
     subs: list[DataSub] = []
@@ -263,7 +267,7 @@ def test_subscribe_to_the_data_socket_with_a_forced_gap(target: Target) -> None:
         ep = next(e for e in info["endpoints"]["pubsub"] if e.startswith("tcp://"))
         sub = DataSub(ep, target.id)
         subs.append(sub)
-        sub.subscribe("live")
+        sub.subscribe("live", packed=packed)
         # a new subscription is answered at once with a HEARTBEAT of the stream
         hb = sub.recv()
         assert (hb.kind, hb.topic, hb.flags, hb.publisher) == (HEARTBEAT, "live", DURABLE,
@@ -284,7 +288,7 @@ def test_subscribe_to_the_data_socket_with_a_forced_gap(target: Target) -> None:
             if m.kind == HEARTBEAT:
                 last_head = m.seq
                 continue
-            assert m.kind == DATA and m.flags == DURABLE
+            assert m.kind == DATA and m.flags == DURABLE | (PACKED if packed else 0), vars(m)
             for i, raw in enumerate(m.envelopes):
                 ev = decode_envelope(raw)
                 assert (ev[2], ev[3]) == ("live", m.seq + i), ev[2:4]
@@ -334,8 +338,13 @@ def test_subscribe_to_the_data_socket_with_a_forced_gap(target: Target) -> None:
         peer.close()
 
 
-def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
+@pytest.mark.parametrize("layout", ["packed", "old"])
+def test_publish_to_a_zeromesh_subscriber(target: Target, layout: str) -> None:
+    # "packed": the kit is a pub/sub 2.4 publisher and takes the subscriber's packed request;
+    # "old": it is a 2.3 publisher, which refuses the packed flag as malformed, and the
+    # subscriber must ask again for one frame per envelope and read that layout
     target.need("received")
+    packed = layout == "packed"
     stream, epoch = "kitfeed", 0x5EED
     peer = Peer(target.control)  # its id is the publisher id of the data socket
     pub = DataPub(peer.id)
@@ -373,8 +382,11 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
         p.send("pubsub.replay_data", reply)
 
     def received() -> list[list[Any]]:
-        return target.command("received")["events"]  # type: ignore[no-any-return]
+        # (the target's one subscriber heard the other layout's run before: from base on)
+        return target.command("received")["events"][base[0]:]  # type: ignore[no-any-return]
 
+    was = target.command("received")
+    base = (len(was["events"]), was["gaps"])
     try:
         peer.join()
         # we start offering the stream: an update carries our new info (CHANGED), and the
@@ -390,7 +402,13 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
 
         assert pump([peer], subscribed, 5, serve), "the target's subscriber never subscribed"
         rid, req, topic = reqs[0]
-        assert req == bytes([1, 1, 0, 0]) and topic == stream.encode(), (req, topic)
+        if req == bytes([1, 1, SUB_PACKED, 0]) and not packed:
+            pub.refuse(rid, topic, 3)  # what a 2.3 publisher answers: flag unknown
+            del reqs[:]
+            assert pump([peer], subscribed, 5, serve), "no request without the packed flag"
+            rid, req, topic = reqs[0]
+        want = bytes([1, 1, SUB_PACKED if packed else 0, 0])
+        assert req == want and topic == stream.encode(), (req, topic)
         # (rid is whatever the subscriber's ROUTER is called on our side: its
         # CONNECT_ROUTING_ID names the connection on *its* side only)
         # (an unexpected input the subscriber counts, see the end)
@@ -400,9 +418,15 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
                        events[0]])  # bad_version
         pub.send(rid, [stream.encode(), data_header(DATA, os.urandom(16).hex(), epoch, 0, 1),
                        events[0]])  # another publisher's id: forged_data
+        if packed:  # packed frames that do not hold `count` envelopes: bad_frames
+            for count, blob in ((2, events[0]), (1, events[0] + b"\x01"),
+                                (1, events[0][:-1]), (1 << 30, events[0])):
+                pub.send(rid, [stream.encode(),
+                               data_header(DATA, peer.id, epoch, 0, count, DURABLE | PACKED),
+                               blob])
         pub.heartbeat(rid, stream, epoch, 0)
         head[0] = 3
-        pub.data(rid, stream, epoch, 0, events[0:3])
+        pub.data(rid, stream, epoch, 0, events[0:3], packed=packed)
         got: list[list[Any]] = []
 
         def have(n: int) -> Callable[[], bool]:
@@ -414,7 +438,7 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
         assert pump([peer], have(3), 5, serve), (got, replays)
         head[0] = 10
         pub.ping(rid)
-        pub.data(rid, stream, epoch, 6, events[6:10])  # 3..5 never sent live: a gap on purpose
+        pub.data(rid, stream, epoch, 6, events[6:10], packed=packed)  # 3..5: a gap on purpose
         pub.heartbeat(rid, stream, epoch, 10)
         assert pump([peer], have(10), 8, serve), (got, replays)
         assert [(e[0], e[1], e[2]) for e in got] == [
@@ -429,7 +453,7 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
             assert r["stream"] == stream, sorted(r.items())
             if (r.get("from") or 0) >= 3:  # asked after 0..2 were seen under our epoch
                 assert r.get("epoch") == epoch, sorted(r.items())
-        assert target.command("received")["gaps"] == 0
+        assert target.command("received")["gaps"] == base[1]
         # seq 10 does not decode (its time is a str): a typed gap, never replayed; seq 11 is
         # over the subscriber's max_event_size (1 MiB): dropped, asked for again with
         # max_event, and skipped in our answer; seq 12 is delivered after both
@@ -439,14 +463,14 @@ def test_publish_to_a_zeromesh_subscriber(target: Target) -> None:
         events.append(envelope(stream, 11, b"\x00" * (1 << 20)))
         events.append(envelope(stream, 12, b"k12"))
         head[0] = 13
-        pub.data(rid, stream, epoch, 10, events[10:11])
-        pub.data(rid, stream, epoch, 11, events[11:12])
-        pub.data(rid, stream, epoch, 12, events[12:13])
+        pub.data(rid, stream, epoch, 10, events[10:11], packed=packed)
+        pub.data(rid, stream, epoch, 11, events[11:12], packed=packed)
+        pub.data(rid, stream, epoch, 12, events[12:13], packed=packed)
         pub.heartbeat(rid, stream, epoch, 13)
         assert pump([peer], have(11), 8, serve), (got, replays)
         assert got[10][1:3] == [12, b"k12".hex()], got[10:]
         assert any(r.get("from") == 11 and r.get("max_event") for r in replays), replays
-        assert target.command("received")["gaps"] == 2
+        assert target.command("received")["gaps"] == base[1] + 2
         if before is not None:
             after = target.stats()
             assert after is not None
@@ -571,8 +595,8 @@ def test_unexpected_input_to_the_patterns_is_counted(target: Target) -> None:
         sub = DataSub(next(e for e in info["endpoints"]["pubsub"] if e.startswith("tcp")),
                       target.id)
         subs.append(sub)
-        for request in (bytes([1, 9, 0, 0]), bytes([1, 1, 2, 0]), bytes([2, 1, 0, 0])):
-            sub.send_raw([request, b"live"])  # unknown op, a flag bit other than 0, version 2
+        for request in (bytes([1, 9, 0, 0]), bytes([1, 1, 4, 0]), bytes([2, 1, 0, 0])):
+            sub.send_raw([request, b"live"])  # unknown op, a flag bit other than 0-1, version 2
             m = sub.recv()
             assert (m.kind, m.topic, m.count, m.publisher) == (REFUSED, "live", 3,
                                                                target.id), vars(m)

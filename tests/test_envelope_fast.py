@@ -87,6 +87,30 @@ def test_encode_new_validates_like_event() -> None:
         encode_new(type="t", source="s", stream="x", seq=0, data="y" * 100, max_size=50)
 
 
+def test_uuid7_batch_makes_exactly_the_ids_of_single_calls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # From the same generator state and clock reading, a batch (across two counter
+    # overflows) equals as many uuid7() calls, id for id.
+    import importlib
+    import random
+
+    u = importlib.import_module("mesh.uuid7")  # (the package exports a function of that name)
+
+    def reset() -> None:
+        monkeypatch.setattr(u, "_rng", random.Random(7))
+        monkeypatch.setattr(u, "_last_ms", 0)
+        monkeypatch.setattr(u, "_counter", 0)
+
+    now = 1_764_676_800_123_456_789
+    for n in (1, 2, 100, 2500, 9000):
+        reset()
+        batch = uuid7_batch(n, now)
+        after = uuid7(now)
+        reset()
+        single = [uuid7(now) for _ in range(n)]
+        assert batch == single and after == uuid7(now), n
+
+
 def test_uuid7_batch_continues_the_sequence() -> None:
     # More than the 4096 counter values of one ms: the batch borrows the next ms.
     ids = [uuid7(), *uuid7_batch(5000), uuid7()]

@@ -200,17 +200,28 @@ def test_pipeline_store_records_raise_only_log_errors(buf: bytes) -> None:
 _PS_DATA = psf.encode_data(b"s.a", b"\x01" * 16, 0, 5, [VALID_EVENT], durable=True)
 
 
+#: packed DATA (pub/sub 2.4): three envelopes in frame 2
+_PS_PACKED = psf.encode_data(b"s.a", b"\x01" * 16, 0, 5, [VALID_EVENT] * 3, durable=True,
+                             packed=True)
+
+
 def _ps_frames() -> st.SearchStrategy[list[bytes]]:
     parts = st.binary(max_size=80) | packed | st.sampled_from(_PS_DATA).flatmap(mutated)
     # Mostly the right shape (topic, header, envelope) with one part damaged.
     shaped = st.tuples(*[st.just(f) | mutated(f) for f in _PS_DATA]).map(list)
-    return st.lists(parts, max_size=5) | shaped
+    shaped_packed = st.tuples(*[st.just(f) | mutated(f) for f in _PS_PACKED]).map(list)
+    return st.lists(parts, max_size=5) | shaped | shaped_packed
+
+
+def _ps_decode(frames: list[bytes]) -> None:
+    _, _, run = psf.decode_message(frames, max_event_size=4096)
+    psf.run_envelopes(run)  # a packed frame that decoded cuts into its envelopes
 
 
 @FUZZ
 @given(_ps_frames())
 def test_pubsub_data_frames_raise_only_typed_errors(frames: list[bytes]) -> None:
-    only((ProtocolError, CodecError), lambda: psf.decode_message(frames, max_event_size=4096))
+    only((ProtocolError, CodecError), lambda: _ps_decode(frames))
 
 
 @FUZZ

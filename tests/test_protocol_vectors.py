@@ -46,6 +46,13 @@ def _event() -> envelope.Event:
                           stream="sensors", seq=7, headers={"unit": "C"})
 
 
+def _event2() -> envelope.Event:
+    return envelope.Event(type="sensor.reading", source="node-1/sensor", data=b"\x03",
+                          id="018f0000-0000-7000-8000-000000000002",
+                          time=dt.datetime(2026, 12, 2, 12, 0, 1, tzinfo=dt.UTC),
+                          stream="sensors", seq=8)
+
+
 _INFO = PeerInfo(node_id=NODE, name="gw-3", mesh="factory", version=1, host="4c1f0e9a",
                  endpoints={"control": ("tcp://10.0.0.7:41533",)},
                  offers={"stream": ("temps",)}, public_key=None,
@@ -106,6 +113,13 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
         lambda: sf.encode_data(b"temps", _PUB, 0x01020304, 7, [envelope.encode(_event())], True),
         lambda f: _eq(_data(f), ("temps", sf.Header(sf.KIND_DATA, True, NODE, 0x01020304, 7, 1),
                                  [_event()]))),
+    "pubsub.data_packed": (
+        lambda: sf.encode_data(b"temps", _PUB, 0x01020304, 7,
+                               [envelope.encode(_event()),
+                                envelope.encode(_event2())], True,
+                               packed=True),
+        lambda f: _eq(_data(f), ("temps", sf.Header(sf.KIND_DATA, True, NODE, 0x01020304, 7, 2),
+                                 [_event(), _event2()]))),
     "pubsub.heartbeat": (
         lambda: sf.encode_heartbeat(b"temps", _PUB, 0x01020304, 8, True),
         lambda f: _eq(sf.HEADER.unpack(f[1]),
@@ -118,6 +132,9 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
                     lambda f: _eq(sf.HEADER.unpack(f[1]), (1, sf.KIND_PING, 0, _PUB, 0, 0, 0))),
     "pubsub.subscribe": (lambda: sf.encode_subscribe(b"temps", prefix=False),
                          lambda f: _eq(sf.decode_subscribe(f), (sf.OP_SUBSCRIBE, "temps", False))),
+    "pubsub.subscribe_packed": (
+        lambda: sf.encode_subscribe(b"temps", prefix=False, packed=True),
+        lambda f: _eq(sf.decode_subscription(f), (sf.OP_SUBSCRIBE, "temps", False, True))),
     "pubsub.replay": (
         lambda: _ctrl(sf.CTRL_REPLAY, sf.ReplayRequest("s1", 1, "temps", 0, None, None, 100,
                                                        65536, 0x01020304).to_body()),
@@ -210,7 +227,11 @@ def _eq(got: object, want: object) -> None:
 
 def _data(f: list[bytes]) -> tuple[str, sf.Header, list[envelope.Event]]:
     stream, header, envs = sf.decode_message(f, max_event_size=1 << 20)
-    return stream, header, [envelope.decode(e) for e in envs]
+    if isinstance(envs, sf.Packed):  # frame 2 is exactly the envelopes back to back
+        assert b"".join(envs.envelopes()) == f[2] and len(f) == 3
+        assert [envelope.from_unpacked(a) for a in envs.arrays or ()] == [
+            envelope.decode(e) for e in envs.envelopes()]
+    return stream, header, [envelope.decode(e) for e in sf.run_envelopes(envs)]
 
 
 def _check_batch(b: bytes) -> None:

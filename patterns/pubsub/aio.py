@@ -54,7 +54,10 @@ class AsyncSubscriber:
         self._batch = batch
         # Raw ready items taken from the sync subscriber, not handed out yet, and the one
         # handed out last (processed once the next is asked for).
+        # Ready items taken from the subscriber: runs (key, first seq, [events]) and marks;
+        # _off events of the run at the head were handed out already.
         self._pending: collections.deque[Any] = collections.deque()
+        self._off = 0
         self._cur: Any = None
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="zeromesh-asub")
         self._fut: asyncio.Future[list[Any]] | None = None  # the receive under way
@@ -85,12 +88,19 @@ class AsyncSubscriber:
                 positions[cur[0]] = cur[1] + 1
                 sync._moves += 1  # a quiet stream commits soon (Subscriber._maybe_commit)
             while pending:
-                item = pending.popleft()
-                ev = item[2]
-                if isinstance(ev, Event):
-                    self._cur = item
+                key, first, run = pending[0]
+                if run.__class__ is list:  # a run of events: one at a time, in order
+                    off = self._off
+                    ev: Event = run[off]
+                    self._cur = (key, first + off, ev)
+                    off += 1
+                    if off == len(run):
+                        pending.popleft()
+                        off = 0
+                    self._off = off
                     return ev
-                sync._reach(item[0], ev)  # a mark (gap, skipped event): applied in order
+                pending.popleft()
+                sync._reach(key, run)  # a mark (gap, skipped event): applied in order
         return None
 
     async def recv(self, timeout: float | None = None) -> Event | None:
@@ -156,6 +166,7 @@ class AsyncSubscriber:
             if cur is not None and not failed:
                 sync._positions[cur[0]] = cur[1] + 1
         self._pending.clear()  # taken, never handed out: not committed, they come again
+        self._off = 0
         fut, self._fut = self._fut, None
         if fut is not None:  # its batch is dropped uncommitted; its ClosedError is expected
             fut.add_done_callback(_retrieve)

@@ -6,12 +6,15 @@ batch, publisher -> subscriber::
 
     frame 0   topic      the stream name, UTF-8 (empty only in a PING)
     frame 1   header     36 bytes, network byte order (see :data:`HEADER`)
-    frame 2.. envelopes  one encoded :class:`mesh.envelope.Event` per frame (DATA only)
+    frame 2.. envelopes  one encoded :class:`mesh.envelope.Event` per frame (DATA only), or,
+                         with the header's ``PACKED`` flag (since 2.4, sent only to a
+                         connection that asked for it), one frame 2 holding all ``count``
+                         envelopes back to back (each is a msgpack array: self-delimiting)
 
 and subscriber -> publisher, a subscription request (:func:`encode_subscribe`)::
 
     frame 0   request    4 bytes: version u8, op u8 (SUBSCRIBE / UNSUBSCRIBE), flags u8
-                         (bit 0: prefix), reserved u8
+                         (bit 0: prefix; bit 1: packed DATA wanted, since 2.4), reserved u8
     frame 1   topic      the stream name or prefix, UTF-8, 0..255 bytes
 
 Control channel bodies (msgpack maps carried by ``node.send``): ``pubsub.replay``,
@@ -24,7 +27,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, NamedTuple
+
+import msgpack
 
 from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
 
@@ -35,7 +41,7 @@ from mesh.errors import EventTooLarge, ProtocolError, UnsupportedVersion
 VERSION = 1
 SUPPORTED = (VERSION,)
 #: The pub/sub protocol version (major, minor) this build speaks.
-PROTOCOL = (2, 3)
+PROTOCOL = (2, 4)
 #: The role the publisher's data ROUTER is announced under (``PeerInfo.endpoints``).
 DATA_ROLE = "pubsub"
 #: The role protocol-1 publishers announced their XPUB under (recognised, never connected).
@@ -49,11 +55,20 @@ KIND_REFUSED = 3
 #: A liveness probe of the connection (empty topic, ignored by the subscriber; since 2.0).
 KIND_PING = 4
 FLAG_DURABLE = 0x01
+#: DATA header flag (since 2.4): frame 2 is the only envelope frame and holds all ``count``
+#: envelopes concatenated (a packed DATA message). Sent only on a connection whose
+#: subscription request carried :data:`SUB_PACKED`.
+FLAG_PACKED = 0x02
+_FLAGS = FLAG_DURABLE | FLAG_PACKED
 
 #: Subscription request ops and flags.
 OP_SUBSCRIBE = 1
 OP_UNSUBSCRIBE = 2
 SUB_PREFIX = 0x01
+#: Subscription request flag (since 2.4): send this connection packed DATA messages. A 2.3
+#: publisher refuses a request with it (REFUSED ``malformed``: unknown flag), and the
+#: subscriber then asks again without it, getting one frame per envelope.
+SUB_PACKED = 0x02
 SUBREQ = struct.Struct("!BBBx")
 #: Refusal reasons (the ``count`` of a REFUSED header).
 REFUSED_FORBIDDEN = 1  # the connection's key may not subscribe to it
@@ -142,18 +157,20 @@ def node_id_bytes(node_id: str) -> bytes:
 
 
 def encode_data(topic: bytes, publisher: bytes, epoch: int, first_seq: int,
-                envelopes: list[bytes], durable: bool) -> list[bytes]:
-    """The frames of one DATA message carrying ``envelopes`` from ``first_seq`` on."""
-    head = HEADER.pack(VERSION, KIND_DATA, FLAG_DURABLE if durable else 0, publisher, epoch,
-                       first_seq, len(envelopes))
+                envelopes: list[bytes], durable: bool, *, packed: bool = False) -> list[bytes]:
+    """The frames of one DATA message carrying ``envelopes`` from ``first_seq`` on: one frame
+    per envelope, or with ``packed`` (since 2.4) one frame holding them all back to back."""
+    head = data_header(publisher, epoch, first_seq, len(envelopes), durable, packed=packed)
+    if packed:
+        return [topic, head, b"".join(envelopes)]
     return [topic, head, *envelopes]
 
 
 def data_header(publisher: bytes, epoch: int, first_seq: int, count: int,
-                durable: bool) -> bytes:
+                durable: bool, *, packed: bool = False) -> bytes:
     """Frame 1 of a DATA message (the publisher sends the frames itself, one call each)."""
-    return HEADER.pack(VERSION, KIND_DATA, FLAG_DURABLE if durable else 0, publisher, epoch,
-                       first_seq, count)
+    flags = (FLAG_DURABLE if durable else 0) | (FLAG_PACKED if packed else 0)
+    return HEADER.pack(VERSION, KIND_DATA, flags, publisher, epoch, first_seq, count)
 
 
 def encode_heartbeat(topic: bytes, publisher: bytes, epoch: int, head: int,
@@ -173,18 +190,28 @@ def encode_ping(publisher: bytes) -> list[bytes]:
     return [b"", HEADER.pack(VERSION, KIND_PING, 0, publisher, 0, 0, 0)]
 
 
-def encode_subscribe(topic: bytes, *, prefix: bool, unsubscribe: bool = False) -> list[bytes]:
+def encode_subscribe(topic: bytes, *, prefix: bool, unsubscribe: bool = False,
+                     packed: bool = False) -> list[bytes]:
     """The frames of a subscription request (subscriber -> publisher on the data connection).
 
     ``topic`` is a stream name (``prefix`` False: exactly that stream) or a prefix (every
-    stream whose name starts with it; an empty prefix is every stream).
+    stream whose name starts with it; an empty prefix is every stream). ``packed`` (since
+    2.4) asks for packed DATA messages on this connection (:data:`SUB_PACKED`).
     """
     op = OP_UNSUBSCRIBE if unsubscribe else OP_SUBSCRIBE
-    return [SUBREQ.pack(VERSION, op, SUB_PREFIX if prefix else 0), topic]
+    flags = (SUB_PREFIX if prefix else 0) | (SUB_PACKED if packed else 0)
+    return [SUBREQ.pack(VERSION, op, flags), topic]
 
 
 def decode_subscribe(frames: list[bytes]) -> tuple[int, str, bool]:
-    """Validate a subscription request: ``(op, topic, prefix)``.
+    """Validate a subscription request: ``(op, topic, prefix)`` (see
+    :func:`decode_subscription` for the packed flag too)."""
+    op, name, prefix, _packed = decode_subscription(frames)
+    return op, name, prefix
+
+
+def decode_subscription(frames: list[bytes]) -> tuple[int, str, bool, bool]:
+    """Validate a subscription request: ``(op, topic, prefix, packed)``.
 
     Raises:
         ProtocolError: wrong frame count or size, unknown op or flags, bad topic.
@@ -198,7 +225,7 @@ def decode_subscribe(frames: list[bytes]) -> tuple[int, str, bool]:
     version, op, flags = SUBREQ.unpack(head)
     if version != VERSION:
         raise UnsupportedVersion(version, SUPPORTED)
-    if op not in (OP_SUBSCRIBE, OP_UNSUBSCRIBE) or flags & ~SUB_PREFIX:
+    if op not in (OP_SUBSCRIBE, OP_UNSUBSCRIBE) or flags & ~(SUB_PREFIX | SUB_PACKED):
         raise ProtocolError(f"unknown subscription op {op} / flags {flags:#x}")
     prefix = bool(flags & SUB_PREFIX)
     if len(topic) > MAX_TOPIC or (not topic and not prefix):
@@ -207,19 +234,119 @@ def decode_subscribe(frames: list[bytes]) -> tuple[int, str, bool]:
         name = topic.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError("subscription topic is not UTF-8") from exc
-    return op, name, prefix
+    return op, name, prefix, bool(flags & SUB_PACKED)
+
+
+class Packed:
+    """The envelopes of a packed DATA message (since 2.4), as :func:`decode_message` found
+    them: ``blob`` is frame 2, ``arrays`` the ``count`` msgpack values it holds, in order
+    (each an envelope, not yet checked as one: :func:`mesh.envelope.from_unpacked` does).
+
+    ``len()`` is the event count; :meth:`envelopes` gives each envelope's exact bytes (the
+    store keeps them, a signature is checked over them), cut out only when asked for.
+    """
+
+    __slots__ = ("_envs", "arrays", "blob")
+
+    def __init__(self, blob: bytes, arrays: list[Any] | None,
+                 envs: list[bytes] | None = None) -> None:
+        self.blob = blob
+        self.arrays = arrays
+        self._envs = envs
+
+    def __len__(self) -> int:
+        return len(self._envs) if self._envs is not None else len(self.arrays or ())
+
+    def envelopes(self) -> list[bytes]:
+        """Each envelope's bytes, in order (cut from ``blob`` on the first call)."""
+        envs = self._envs
+        if envs is None:
+            envs = self._envs = split_packed(self.blob, len(self), 1 << 62)
+        return envs
+
+
+#: What a run of envelopes is, as the data socket delivers it: one bytes per envelope, or a
+#: packed message's :class:`Packed` (its :meth:`Packed.envelopes` are the same bytes).
+Run = list[bytes] | Packed
+
+
+def run_envelopes(run: Run) -> list[bytes]:
+    """The envelope bytes of a run, whichever way it came."""
+    return run.envelopes() if isinstance(run, Packed) else run
+
+
+def _unpacker(blob: bytes) -> Any:
+    # Bounded by the frame itself, as unpackb bounds a lone envelope by its buffer (a
+    # max_buffer_size of 0 would mean msgpack's 100 MiB default).
+    u = msgpack.Unpacker(max_buffer_size=max(1, len(blob)))
+    u.feed(blob)
+    return u
+
+
+def split_packed(blob: bytes, count: int, max_event_size: int) -> list[bytes]:
+    """Cut a packed frame into its ``count`` envelopes (msgpack values are self-delimiting).
+
+    Raises:
+        ProtocolError: the frame does not hold exactly ``count`` well-formed msgpack values
+            (truncated, trailing bytes, fewer or more, nesting too deep).
+        EventTooLarge: an envelope is larger than ``max_event_size``.
+    """
+    u = _unpacker(blob)
+    out = []
+    pos = 0
+    skip, tell = u.skip, u.tell
+    try:
+        for _ in range(count):
+            skip()
+            end = tell()
+            out.append(blob[pos:end])
+            pos = end
+    except msgpack.OutOfData:
+        raise ProtocolError(f"packed DATA frame holds fewer than {count} envelopes "
+                            f"({len(out)} whole, {len(blob) - pos} bytes left)") from None
+    except (ValueError, msgpack.StackError, msgpack.FormatError) as exc:
+        raise ProtocolError(f"packed DATA frame is not msgpack after envelope {len(out)}: "
+                            f"{exc}") from None
+    if pos != len(blob):
+        raise ProtocolError(f"packed DATA frame has {len(blob) - pos} bytes after its "
+                            f"{count} envelopes")
+    if len(blob) > max_event_size:
+        for env in out:
+            if len(env) > max_event_size:
+                raise EventTooLarge(len(env), max_event_size)
+    return out
+
+
+def _decode_packed(blob: bytes, count: int, max_event_size: int) -> Packed:
+    """Validate frame 2 of a packed DATA message (see :func:`split_packed` for the errors)."""
+    if len(blob) <= max_event_size:
+        # Every envelope is smaller than the frame: no size to check one by one. One C pass
+        # unpacks them all; anything it refuses (bad UTF-8 in one envelope, a map key it
+        # will not take) is looked at envelope by envelope below, as the frames of an
+        # unpacked message are: a bad envelope is one undecodable event, not a bad message.
+        u = _unpacker(blob)
+        try:
+            arrays = list(islice(u, count + 1))  # one more: a frame holding more is refused
+        except Exception:  # any unpack failure: the careful path decides
+            arrays = None
+        if arrays is not None and len(arrays) == count and u.tell() == len(blob):
+            return Packed(blob, arrays)
+    return Packed(blob, None, split_packed(blob, count, max_event_size))
 
 
 def decode_message(frames: list[bytes], *, max_event_size: int,
-                   max_batch: int = 100_000) -> tuple[str, Header, list[bytes]]:
+                   max_batch: int = 100_000) -> tuple[str, Header, Run]:
     """Validate one message from the data socket.
 
     Returns:
         (stream, header, envelopes): envelopes is empty for a heartbeat, a REFUSED notice
-        (``stream`` is the refused topic, ``count`` the reason) or a PING (``stream`` "").
+        (``stream`` is the refused topic, ``count`` the reason) or a PING (``stream`` "");
+        a :class:`Packed` for a packed DATA message (``len()`` = ``count``), else one bytes
+        per envelope.
 
     Raises:
-        ProtocolError: wrong frame count, bad topic, bad header, count mismatch.
+        ProtocolError: wrong frame count, bad topic, bad header, count mismatch; a packed
+            frame that does not hold exactly ``count`` msgpack values.
         UnsupportedVersion: the header's version is not one this build speaks.
         EventTooLarge: an envelope frame is larger than ``max_event_size``.
     """
@@ -246,6 +373,17 @@ def decode_message(frames: list[bytes], *, max_event_size: int,
             _topics.clear()
         _topics[topic] = stream
     body = frames[2:]
+    if kind == KIND_DATA and flags & FLAG_PACKED and not flags & ~_FLAGS:
+        if len(body) != 1 or count == 0:
+            raise ProtocolError(f"packed DATA has {len(body)} envelope frames (count {count}), "
+                                "expected 1")
+        if count > max_batch:
+            raise ProtocolError(f"batch of {count} events exceeds {max_batch}")
+        if count > len(body[0]):  # every envelope is at least one byte
+            raise ProtocolError(f"packed DATA says {count} events in {len(body[0])} bytes")
+        packed = _decode_packed(body[0], count, max_event_size)
+        return (stream, Header(kind, bool(flags & FLAG_DURABLE), _pub_id(pub), epoch, seq,
+                               count), packed)
     if kind == KIND_DATA:
         if count != len(body) or count == 0:
             raise ProtocolError(f"DATA header says {count} events, message has {len(body)}")
@@ -264,12 +402,16 @@ def decode_message(frames: list[bytes], *, max_event_size: int,
         raise ProtocolError(f"unknown pub/sub frame kind {kind}")
     if flags & ~FLAG_DURABLE:
         raise ProtocolError(f"unknown flags {flags:#x}")
+    return stream, Header(kind, flags == FLAG_DURABLE, _pub_id(pub), epoch, seq, count), body
+
+
+def _pub_id(pub: bytes) -> str:
     pub_id = _pubs.get(pub)
     if pub_id is None:
         if len(_pubs) >= _CACHE_MAX:
             _pubs.clear()
         pub_id = _pubs[pub] = pub.hex()
-    return stream, Header(kind, flags == FLAG_DURABLE, pub_id, epoch, seq, count), body
+    return pub_id
 
 
 # --- control bodies --------------------------------------------------------------------------

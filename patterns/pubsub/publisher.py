@@ -250,13 +250,16 @@ class _Stream:
 class _Conn:
     """One subscriber connection on the data ROUTER that holds subscriptions (hub lock)."""
 
-    __slots__ = ("key", "peer", "rid", "subs")
+    __slots__ = ("key", "packed", "peer", "rid", "subs")
 
     def __init__(self, rid: bytes, peer: str | None, key: object) -> None:
         self.rid = rid
         self.peer = peer  # the node id its CURVE key proves (None: plaintext / unknown)
         self.key = key  # the per-peer budget key: its CURVE key, else its source address
         self.subs: set[tuple[str, bool]] = set()  # (topic, prefix)
+        # Its latest subscription request asked for packed DATA (pub/sub 2.4; a 2.3
+        # subscriber never does and gets one frame per envelope).
+        self.packed = False
 
     def wants(self, stream: str) -> bool:
         return any(stream.startswith(t) if p else stream == t for t, p in self.subs)
@@ -293,6 +296,8 @@ class _PubHub:
         self.sock = sock
         self.endpoints = node.bind(sock, frames.DATA_ROLE)
         self.conns: dict[bytes, _Conn] = {}
+        #: routing ids of the connections that asked for packed DATA (a subset of conns)
+        self.packed: set[bytes] = set()
         self.sub_conn = Budget("subscriptions", MAX_SUBS_PER_CONN, MAX_SUBS)
         self.sub_peer = Budget("subscriptions_peer", MAX_SUBS_PER_PEER, MAX_SUBS)
         self.subscriptions = 0  # subscription requests admitted (mesh pub --wait reads it)
@@ -394,15 +399,18 @@ class _PubHub:
 
     def _send_message(self, st: _Stream, first: int, envs: list[bytes]) -> None:
         # One DATA message (one multipart) per subscribed connection: routing id, topic,
-        # header, one frame per envelope.
+        # header, then one frame per envelope, or (a connection that asked for it, pub/sub
+        # 2.4) one frame with them all: three pyzmq calls per message on each side instead
+        # of one per event. Both layouts carry the same seqs, cut at the same places.
         sock = self.sock
         if sock.closed:
             raise ClosedError("publisher socket is closed")
         n = len(envs)
-        header = frames.data_header(self.pub_id, st.epoch, first, n, st.durable)
         topic = st.topic
-        last = envs[n - 1]
-        copy = len(envs[0]) <= 4096  # zero-copy only pays for big frames
+        packed = self.packed
+        header: bytes | None = None
+        pheader: bytes | None = None
+        blob = b""
         gone = None
         for rid in st.rids:
             try:
@@ -416,16 +424,27 @@ class _PubHub:
                 raise ClosedError(f"publisher socket failed: {exc}") from exc
             try:
                 _zsend(sock, topic, _MORE)
+                if rid in packed:
+                    if pheader is None:
+                        pheader = frames.data_header(self.pub_id, st.epoch, first, n,
+                                                     st.durable, packed=True)
+                        blob = envs[0] if n == 1 else b"".join(envs)
+                    _zsend(sock, pheader, _MORE)
+                    _zsend(sock, blob, _LAST, len(blob) <= 4096)  # zero-copy for big ones
+                    continue
+                if header is None:
+                    header = frames.data_header(self.pub_id, st.epoch, first, n, st.durable)
                 _zsend(sock, header, _MORE)
+                copy = len(envs[0]) <= 4096  # zero-copy only pays for big frames
                 for i in range(n - 1):
                     _zsend(sock, envs[i], _MORE, copy)
-                _zsend(sock, last, _LAST, copy)
+                _zsend(sock, envs[n - 1], _LAST, copy)
             except zmq.ZMQError as exc:
                 raise ClosedError(f"publisher socket failed: {exc}") from exc
         if gone is not None:
             for rid in gone:
                 self._drop_conn(rid)
-        st.stats.bytes_out += len(topic) + len(header) + sum(map(len, envs))
+        st.stats.bytes_out += len(topic) + frames.HEADER.size + sum(map(len, envs))
         st.last_send = time.monotonic()
         st.stats.messages += 1
 
@@ -577,7 +596,7 @@ class _PubHub:
         who = conn.peer or conn.key or "?"
         raw_topic = parts[2].bytes[:frames.MAX_TOPIC] if len(parts) > 2 else b""
         try:
-            op, topic, prefix = frames.decode_subscribe([p.bytes for p in parts[1:]])
+            op, topic, prefix, packed = frames.decode_subscription([p.bytes for p in parts[1:]])
         except (ProtocolError, CodecError) as exc:
             self.bad_subscriptions += 1
             self._refuse(conn, raw_topic, frames.REFUSED_MALFORMED)
@@ -585,6 +604,14 @@ class _PubHub:
                               who, exc)
             return
         item = (topic, prefix)
+        if op == frames.OP_SUBSCRIBE and packed != conn.packed:
+            # The layout the connection asked for last (it is FIFO: DATA sent after this
+            # request is read after the subscriber sent it).
+            conn.packed = packed
+            if packed and rid in self.conns:
+                self.packed.add(rid)
+            else:
+                self.packed.discard(rid)
         if op == frames.OP_UNSUBSCRIBE:
             if item in conn.subs:
                 conn.subs.discard(item)
@@ -593,6 +620,7 @@ class _PubHub:
                 self._restream(conn, item)
                 if not conn.subs:
                     self.conns.pop(rid, None)
+                    self.packed.discard(rid)
             return
         if item in conn.subs:
             # A repeat (the subscriber's periodic request): it has the heads already, and a
@@ -617,6 +645,8 @@ class _PubHub:
             return
         conn.subs.add(item)
         self.conns[rid] = conn
+        if conn.packed:
+            self.packed.add(rid)
         self.subscriptions += 1
         self._restream(conn, item)
         self._announce(conn, item)
@@ -673,6 +703,7 @@ class _PubHub:
     def _drop_conn(self, rid: bytes) -> None:
         """A connection went away (EHOSTUNREACH): return its subscriptions."""
         conn = self.conns.pop(rid, None)
+        self.packed.discard(rid)
         if conn is None:
             return
         self.conns_dropped += 1

@@ -344,9 +344,11 @@ class _Follower(Subscriber):
             self._pos_epoch[key] = rep.epoch or None
         return super()._new_tracker(key, replayable=replayable)
 
-    def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
+    def _on_run(self, key: Key, first: int, epoch: int, run: frames.Run) -> None:
+        # Every run the subscriber delivers comes here (live DATA in either layout, replay
+        # and fetch chunks): the origin's envelopes are kept byte for byte, never decoded.
+        payloads = frames.run_envelopes(run)
         entry = self._trackers.get(key)
-        epoch = (entry[1].epoch or 0) if entry is not None else 0
         store = self._owner_store
         rep = store._replica(key, create=False)
         head = rep.head if rep is not None else None
@@ -377,7 +379,7 @@ class _Follower(Subscriber):
                 f"gap:{key[0]}", "store: %s seqs %d..%d are not held (%s at the source)",
                 key, a, b - 1, step.skip_reason)
         for first, payloads in step.deliver:
-            self._deliver(key, first, payloads)
+            self._on_run(key, first, tracker.epoch or 0, payloads)
         if step.ask is not None:
             self._send_ask(key, tracker, step.ask)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import os
 import struct
 import threading
@@ -34,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import count, islice, repeat
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,7 +42,7 @@ import zmq
 
 from mesh import control
 from mesh.budget import LogLimiter
-from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode
+from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, decode, from_unpacked
 from mesh.errors import (
     ClosedError,
     CodecError,
@@ -85,10 +84,13 @@ RESUBSCRIBE_S = 5.0
 _CONN_NO = struct.Struct("!I")
 _KIND_HEARTBEAT = frames.KIND_HEARTBEAT  # kinds above it are notices (REFUSED, PING)
 _STATIC_PUB = b"\0" * 16  # routing id prefix of a static endpoint's connection
-#: One pump decodes at most about this many bytes of DATA (some 1,300 events of 100 B, and
-#: at least one message) into the ready queue however much is queued: what a stuck or slow
-#: handler holds decoded stays small (it was up to 1,000 messages of 1,000 events).
-_PUMP_BYTES = 256 << 10
+#: One pump decodes at most about this many bytes of DATA (one full message of the
+#: publisher's 32 KiB, some 140 events of 100 B, and at least one message) into the ready
+#: queue however much is queued: what a stuck or slow handler holds decoded stays small. It
+#: was 256 KiB; 32 KiB costs 0.3-0.5 µs less CPU per delivered 100 B event
+#: (bench/bench_sub_cpu.py, BENCHMARKS.md): fewer decoded events wait in the queue, so fewer
+#: live objects are there when the cyclic GC runs (each event is a GC-tracked object).
+_PUMP_BYTES = 32 << 10
 
 Key = tuple[str, str]  # (publisher node id, stream)
 
@@ -102,8 +104,13 @@ REPLAY_OUTSTANDING = 16
 _MAX_TOK_PEERS = 4096
 
 
-_third = operator.itemgetter(2)
-ReadyItem = tuple[Key, int, "Event | _Mark"]
+#: One item of the ready queue: a run ``(key, first seq, [events...])`` (never empty; its
+#: events have seqs ``first, first + 1, ...``) or a mark ``(key, seq, _Mark)`` (a gap, a
+#: skipped or refused event, an epoch change), applied when iteration reaches it. One item
+#: per decoded run, not per event: no per-event tuple to build, queue, pop or collect.
+ReadyItem = tuple[Key, int, "list[Event] | _Mark"]
+#: A span of a Batch: ``count`` events of ``key`` from seq ``first`` on.
+Span = tuple[Key, int, int]
 
 
 #: A consumer that handled events and then waited this long with nothing arriving commits them
@@ -122,7 +129,8 @@ class Batch(list[Event]):
     resumes at the event that failed.
     """
 
-    _items: list[ReadyItem] = []
+    _spans: list[Span] = []  # (key, first seq, count) of its events, in order
+    _n = 0  # events it was handed out with (the list itself belongs to the caller)
     _it: Any = None  # the list iterator of the last iteration (None: never iterated)
     _settled = 0  # events whose positions were applied already
 
@@ -146,15 +154,15 @@ class Batch(list[Event]):
         if self._it is None:
             return 0
         taken = self._taken()
-        return len(self._items) if taken < 0 else max(0, taken - 1)
+        return self._n if taken < 0 else max(0, taken - 1)
 
     @property
     def _handed(self) -> int:
         """Events handed out: all when not iterated, else those taken so far."""
         if self._it is None:
-            return len(self._items)
+            return self._n
         taken = self._taken()
-        return len(self._items) if taken < 0 else min(taken, len(self._items))
+        return self._n if taken < 0 else min(taken, self._n)
 
     def _settle(self, positions: dict[Key, int], n: int) -> None:
         """Move ``positions`` past the first ``n`` events (under the subscriber's lock);
@@ -162,9 +170,14 @@ class Batch(list[Event]):
         done = self._settled
         if n <= done:
             return
-        items = self._items
-        for key, seq, _ in (items if done == 0 and n >= len(items) else items[done:n]):
-            positions[key] = seq + 1
+        at = 0  # events before the span
+        for key, first, cnt in self._spans:  # one step per span (a decoded run), not per event
+            end = at + cnt
+            if end > done:
+                positions[key] = first + (min(n, end) - at)
+            at = end
+            if at >= n:
+                break
         self._settled = n
 
 
@@ -348,6 +361,11 @@ class SubscriberStats:
     forged_data: int = 0
     subscriptions_refused: int = 0
     old_publishers: int = 0
+    #: data connections to a publisher that refused the packed layout (pub/sub 2.3 and
+    #: earlier): asked again for one frame per envelope
+    unpacked_publishers: int = 0
+    #: DATA messages received in the packed layout (pub/sub 2.4)
+    packed_messages: int = 0
 
 
 class _DataConn:
@@ -357,13 +375,15 @@ class _DataConn:
     first valid message names one, which is then pinned: trust on first use, documented).
     """
 
-    __slots__ = ("endpoint", "pub", "rid", "static")
+    __slots__ = ("endpoint", "packed", "pub", "rid", "static")
 
     def __init__(self, rid: bytes, endpoint: str, pub: str | None, static: bool) -> None:
         self.rid = rid
         self.endpoint = endpoint
         self.pub = pub
         self.static = static
+        # Ask for packed DATA (pub/sub 2.4) until the publisher refuses the flag (2.3).
+        self.packed = True
 
 
 def _cursor_value(v: object) -> tuple[int, int | None] | None:
@@ -589,6 +609,7 @@ class Subscriber:
         self._gone_ns = f"pubsub.gone.{durable}" if durable else ""
         self._trackers: dict[Key, tuple[int, StreamTracker]] = {}
         self._ready: collections.deque[ReadyItem] = collections.deque()
+        self._off = 0  # events of the run at the head of _ready already handed out
         self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._positions: dict[Key, int] = {}
         # The writer epoch each position was reached under (None: unknown, older cursor);
@@ -597,7 +618,7 @@ class Subscriber:
         self._committed: dict[Key, tuple[int, int | None]] = {}
         # Handed out and not yet known to be processed: the event of the last recv(), or the
         # last recv_batch() (see Batch). Nothing else is ever outstanding.
-        self._cur: ReadyItem | None = None
+        self._cur: tuple[Key, int, Event] | None = None
         self._batch: Batch | None = None
         self._conns: dict[bytes, _DataConn] = {}  # routing id -> connection
         self._by_ep: dict[str, _DataConn] = {}
@@ -606,7 +627,8 @@ class Subscriber:
         self._refusals_seen: set[tuple[str, str]] = set()  # said once each (bounded)
         self._logs = LogLimiter(_log)
         self._sub_frames = frames.encode_subscribe(
-            self._match.encode(), prefix=self.prefix)
+            self._match.encode(), prefix=self.prefix, packed=True)
+        self._sub_frames_old = frames.encode_subscribe(self._match.encode(), prefix=self.prefix)
         self._static = set(endpoints)
         self._peer_eps: dict[str, str] = {}  # publisher node id -> the data endpoint we use
         self._peer_keys: dict[str, str | None] = {}  # ... and the CURVE key it was dialled with
@@ -793,7 +815,8 @@ class Subscriber:
     def _subscribe(self, conn: _DataConn) -> None:
         """(Re)send our subscription request on ``conn`` (idempotent at the publisher)."""
         try:
-            self._sock.send_multipart([conn.rid, *self._sub_frames], zmq.NOBLOCK)
+            sub = self._sub_frames if conn.packed else self._sub_frames_old
+            self._sock.send_multipart([conn.rid, *sub], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # a full pipe: the next resubscribe tries again
 
@@ -1007,10 +1030,14 @@ class Subscriber:
                     continue
             tracker = entry[1]
             if head.kind == frames.KIND_DATA:
+                if envs.__class__ is not list:
+                    stats.packed_messages += 1
                 if entry[0] == head.epoch and tracker.in_order(head.seq, head.count):
-                    self._deliver(key, head.seq, envs)  # the common case: no Step, no copy
+                    # the common case: no Step, no copy
+                    self._on_run(key, head.seq, tracker.epoch or 0, envs)
                 else:
-                    self._apply(key, tracker, tracker.on_live(head.seq, envs, now))
+                    self._apply(key, tracker, tracker.on_live(
+                        head.seq, frames.run_envelopes(envs), now))
             else:
                 stats.heartbeats += 1
                 self._apply(key, tracker, tracker.on_heartbeat(head.seq, now))
@@ -1026,8 +1053,21 @@ class Subscriber:
         return True
 
     def _on_notice(self, conn: _DataConn, topic: str, head: frames.Header) -> None:
-        """A REFUSED notice (counted, logged once per publisher and topic) or a PING."""
+        """A REFUSED notice (counted, logged once per publisher and topic) or a PING.
+
+        A ``malformed`` refusal of our packed request is a publisher of pub/sub 2.3 or
+        earlier, which knows no ``PACKED`` flag: asked again at once without it (one frame
+        per envelope on that connection from then on)."""
         if head.kind != frames.KIND_REFUSED:
+            return
+        if (head.count == frames.REFUSED_MALFORMED and conn.packed
+                and topic == self._match and conn.rid in self._conns):
+            conn.packed = False
+            self._stats.unpacked_publishers += 1
+            if self._first_time(("unpacked", head.publisher)):
+                _log.info("pubsub: %s does not take packed DATA (pub/sub 2.3 or earlier); "
+                          "asking for one frame per event", head.publisher)
+            self._subscribe(conn)
             return
         self._stats.subscriptions_refused += 1
         if not self._first_time((head.publisher, topic)):
@@ -1158,32 +1198,69 @@ class Subscriber:
             # The position passes the gap only when iteration reaches it (in order).
             ready.append((key, b - 1, _Mark(b, None, gap, policy == "error")))
         for first, payloads in step.deliver:
-            self._deliver(key, first, payloads)
+            self._on_run(key, first, tracker.epoch or 0, payloads)
         if step.ask is not None:
             self._send_ask(key, tracker, step.ask)
 
+    def _on_run(self, key: Key, first: int, epoch: int, run: frames.Run) -> None:
+        """The one place every delivered event goes through: a contiguous run of envelopes
+        of stream ``key`` arrived, seqs from ``first``, in order and new (the tracker has
+        already moved past them), under writer epoch ``epoch`` (the tracker's confirmed
+        one; 0 when unknown or best-effort). Live DATA (either layout) and replay chunks
+        alike come here, so a subclass that overrides it sees every run however it arrived
+        (the store's follower writes them to its replica instead of decoding them).
+
+        ``run`` is the envelopes' bytes (a list, one per event) or a packed message's
+        :class:`~patterns.pubsub.frames.Packed`; :func:`~patterns.pubsub.frames.run_envelopes`
+        gives the exact bytes of either. This implementation decodes them into the ready
+        queue (verified first when ``verify`` is on).
+        """
+        if run.__class__ is list:
+            self._deliver(key, first, run)
+            return
+        packed: frames.Packed = run  # type: ignore[assignment]
+        arrays = packed.arrays
+        if arrays is None or self._verifier is not None:
+            self._deliver(key, first, packed.envelopes())  # signatures need the bytes
+            return
+        try:
+            # Unpacked in one C pass already (frames.decode_message): build the events.
+            events = list(map(from_unpacked, arrays))
+        except CodecError:
+            self._deliver(key, first, packed.envelopes())  # the bad one becomes a gap
+            return
+        self._ready.append((key, first, events))  # one item for the whole run
+
     def _deliver(self, key: Key, first: int, payloads: list[bytes]) -> None:
-        """Decode a contiguous run of envelopes into the ready queue."""
+        """Decode a contiguous run of envelopes into the ready queue (see :meth:`_on_run`)."""
         if self._verifier is not None:
             self._deliver_verified(key, first, payloads, self._verifier)
             return
         ready = self._ready
         maxsz = self.max_event_size
+        if not payloads:
+            return
         try:
-            # The common case, every envelope decodes: the loop and the queueing run in C.
+            # The common case, every envelope decodes: the loop runs in C, one queue item.
             events = list(map(decode, payloads, repeat(maxsz)))
         except CodecError:
             pass  # decoded again one by one below: the bad one becomes a gap at its seq
         else:
-            ready.extend(zip(repeat(key), count(first), events))
+            ready.append((key, first, events))
             return
         seq = first
+        run: list[Event] = []
         for buf in payloads:
             try:
-                ready.append((key, seq, decode(buf, maxsz)))
+                run.append(decode(buf, maxsz))
             except CodecError as exc:
+                if run:
+                    ready.append((key, seq - len(run), run))
+                    run = []
                 self._undecodable(key, seq, exc)
             seq += 1
+        if run:
+            ready.append((key, seq - len(run), run))
 
     def _undecodable(self, key: Key, seq: int, exc: CodecError) -> None:
         # Logged but undecodable: a typed gap (counted), never a stall; the position passes
@@ -1202,24 +1279,28 @@ class Subscriber:
         ready = self._ready
         maxsz = self.max_event_size
         seq = first
+        run: list[Event] = []  # verified events since the last mark: one queue item
         for buf in payloads:
             try:
                 ev = decode(buf, maxsz)
-            except CodecError as exc:
-                self._undecodable(key, seq, exc)
-                seq += 1
-                continue
-            try:
                 verifier.verify(ev)
-            except SignatureInvalid as exc:
-                self._stats.bad_signatures += 1
-                self._logs.warning(f"signature:{key[0]}", "pubsub: event %s #%d refused: %s",
-                                   key, seq, exc)
-                # The cursor passes it in order, when iteration reaches it.
-                ready.append((key, seq, _Mark(seq + 1, None, None)))
+            except (CodecError, SignatureInvalid) as exc:
+                if run:
+                    ready.append((key, seq - len(run), run))
+                    run = []
+                if isinstance(exc, CodecError):
+                    self._undecodable(key, seq, exc)
+                else:
+                    self._stats.bad_signatures += 1
+                    self._logs.warning(f"signature:{key[0]}", "pubsub: event %s #%d refused: "
+                                       "%s", key, seq, exc)
+                    # The cursor passes it in order, when iteration reaches it.
+                    ready.append((key, seq, _Mark(seq + 1, None, None)))
             else:
-                ready.append((key, seq, ev))
+                run.append(ev)
             seq += 1
+        if run:
+            ready.append((key, seq - len(run), run))
 
     def _replay_slot(self, pub: str, key: Key, now: float) -> float:
         """0.0 when a request to ``pub`` may go now (and it is counted), else how long to
@@ -1364,7 +1445,7 @@ class Subscriber:
         batch = self._batch
         if batch is not None:
             self._batch = None
-            batch._settle(self._positions, len(batch._items))
+            batch._settle(self._positions, batch._n)
             self._moves += 1
 
     def _abandon(self) -> None:
@@ -1437,7 +1518,7 @@ class Subscriber:
             return
         n = batch._handed
         batch._settle(self._positions, n)
-        if n >= len(batch._items):
+        if n >= batch._n:
             self._batch = None
 
     def commit_upto(self, keep: int) -> None:
@@ -1478,13 +1559,57 @@ class Subscriber:
         """Under ``_lock``, nothing handed out: the next event, passing markers in order."""
         ready = self._ready
         while ready:
-            item = ready.popleft()
-            ev = item[2]
-            if ev.__class__ is Event:
-                self._cur = item
+            key, first, run = ready[0]
+            if run.__class__ is list:
+                events: list[Event] = run
+                off = self._off
+                ev = events[off]
+                self._cur = (key, first + off, ev)
+                off += 1
+                if off == len(events):
+                    ready.popleft()
+                    off = 0
+                self._off = off
                 return ev
-            self._reach(item[0], ev)  # type: ignore[arg-type]  # a mark, applied in order
+            ready.popleft()
+            self._reach(key, run)  # type: ignore[arg-type]  # a mark, applied in order
         return None
+
+    def _take(self, max_events: int, spans: list[Span] | None) -> list[ReadyItem]:
+        """Under ``_lock``: the ready items holding up to ``max_events`` events from the
+        head, a run cut where the count ends (its rest stays at the head). With ``spans``
+        (a batch): runs only, stopping at the first mark, each one's span appended; else
+        marks are taken too (each counts as one)."""
+        ready = self._ready
+        out: list[ReadyItem] = []
+        n = 0
+        while n < max_events and ready:
+            item = ready[0]
+            run = item[2]
+            if run.__class__ is not list:
+                if spans is not None:
+                    break  # a gap or skipped event: handled in order by the next call
+                out.append(ready.popleft())
+                n += 1
+                continue
+            events: list[Event] = run
+            size = len(events)
+            off = self._off
+            take = min(size - off, max_events - n)
+            start = item[1] + off
+            if off == 0 and take == size:
+                out.append(ready.popleft())
+            else:
+                out.append((item[0], start, events[off:off + take]))
+                off += take
+                if off == size:
+                    ready.popleft()
+                    off = 0
+                self._off = off
+            if spans is not None:
+                spans.append((item[0], start, take))
+            n += take
+        return out
 
     def _wait_ready(self, deadline: float | None) -> bool:
         """Pump until the ready queue has something (True) or ``deadline`` passed (False)."""
@@ -1501,16 +1626,15 @@ class Subscriber:
         return True
 
     def _recv_items(self, timeout: float, max_events: int) -> list[ReadyItem]:
-        """For AsyncSubscriber (its one executor thread owns the subscriber): up to
-        ``max_events`` raw ready items (events, skip markers, gaps). They belong to the
-        caller, which moves the positions as it hands them out."""
+        """For AsyncSubscriber (its one executor thread owns the subscriber): raw ready
+        items (runs of events, skip markers, gaps) holding up to ``max_events`` events. They
+        belong to the caller, which moves the positions as it hands them out."""
         if self._owner != threading.get_ident():
             self._claim()
         if self._closed or not self._wait_ready(time.monotonic() + timeout):
             return []
-        ready = self._ready
-        n = min(len(ready), max_events)
-        return [ready.popleft() for _ in range(n)]
+        with self._lock:
+            return self._take(max_events, None)
 
     def recv(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds (None: wait forever).
@@ -1564,24 +1688,16 @@ class Subscriber:
             item = self._cur
             assert item is not None
             self._cur = None
-            items = [item]
-            ready = self._ready
-            if ready and max_events > 1:
-                # Taken in C: a copy of the next items, cut before the first one that is not
-                # an event (a gap or a skipped event: handled in order by the next call),
-                # then as many popped.
-                more = list(islice(ready, min(len(ready), max_events - 1)))
-                kinds = list(map(type, map(_third, more)))
-                if _Mark in kinds:
-                    del more[kinds.index(_Mark):]
-                popleft = ready.popleft
-                for _ in repeat(None, len(more)):
-                    popleft()
-                items += more
-                out.extend(map(_third, items))
-            else:
-                out.append(first)
-            out._items = items
+            spans: list[Span] = [(item[0], item[1], 1)]
+            out.append(first)
+            if self._ready and max_events > 1:
+                # Whole runs (one list extend each, in C), the last one cut at max_events;
+                # the batch stops before a gap or skipped event (handled in order by the
+                # next call).
+                for _key, _first, run in self._take(max_events - 1, spans):
+                    out.extend(run)  # type: ignore[arg-type]
+            out._spans = spans
+            out._n = len(out)
             self._batch = out
         return out
 

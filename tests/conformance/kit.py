@@ -306,6 +306,10 @@ def decode_envelope(raw: bytes) -> list[Any]:
 
 DATA, HEARTBEAT, REFUSED, PING = 1, 2, 3, 4
 DURABLE = 0x01
+#: header flag (pub/sub 2.4): frame 2 holds all ``count`` envelopes back to back
+PACKED = 0x02
+#: subscription request flag (pub/sub 2.4): the subscriber takes packed DATA
+SUB_PREFIX, SUB_PACKED = 0x01, 0x02
 _HEAD = struct.Struct("!BBBx16sIQI")
 
 
@@ -324,10 +328,15 @@ class DataMsg:
         assert len(frames[1]) == 36, f"header of {len(frames[1])} bytes"
         (version, self.kind, self.flags, pub, self.epoch, self.seq,
          self.count) = _HEAD.unpack(frames[1])
-        assert version == 1 and self.kind in (1, 2, 3, 4) and self.flags in (0, 1), frames[1]
+        assert version == 1 and self.kind in (1, 2, 3, 4), frames[1]
+        assert self.flags in ((0, 1, 2, 3) if self.kind == DATA else (0, 1)), frames[1]
         assert frames[1][3] == 0, "reserved byte"
         self.publisher = pub.hex()
         self.envelopes = frames[2:]
+        self.packed = bool(self.flags & PACKED)
+        if self.packed:
+            assert len(self.envelopes) == 1, "a packed DATA message has one envelope frame"
+            self.envelopes = split_packed(frames[2], self.count)
         if self.kind == DATA:
             assert self.count == len(self.envelopes) >= 1, (self.count, len(self.envelopes))
         else:
@@ -337,6 +346,20 @@ class DataMsg:
         if self.kind == PING:
             assert (self.topic, self.flags, self.epoch, self.seq, self.count) == (
                 "", 0, 0, 0, 0), "PING: empty topic, the publisher id, everything else 0"
+
+
+def split_packed(blob: bytes, count: int) -> list[bytes]:
+    """The ``count`` envelopes of a packed DATA frame: msgpack values back to back, nothing
+    before, between or after them."""
+    u = msgpack.Unpacker(max_buffer_size=max(1, len(blob)))
+    u.feed(blob)
+    out, pos = [], 0
+    for _ in range(count):
+        u.skip()
+        out.append(blob[pos:u.tell()])
+        pos = u.tell()
+    assert pos == len(blob), f"{len(blob) - pos} bytes after the {count} envelopes"
+    return out
 
 
 class DataSub:
@@ -367,9 +390,12 @@ class DataSub:
 
         assert poll_until(sent, timeout), "the publisher's data connection never came up"
 
-    def subscribe(self, topic: str, op: int = 1, prefix: bool = False) -> None:
-        """A subscription request: ``[version 1, op, flags, 0]``, topic."""
-        self.send_raw([bytes([1, op, 1 if prefix else 0, 0]), topic.encode()])
+    def subscribe(self, topic: str, op: int = 1, prefix: bool = False,
+                  packed: bool = False) -> None:
+        """A subscription request: ``[version 1, op, flags, 0]``, topic (``packed``: ask for
+        packed DATA, pub/sub 2.4)."""
+        flags = (SUB_PREFIX if prefix else 0) | (SUB_PACKED if packed else 0)
+        self.send_raw([bytes([1, op, flags, 0]), topic.encode()])
 
     def recv(self, timeout: float = 5.0, pings: bool = False) -> DataMsg:
         """The next message (PINGs skipped unless ``pings``)."""
@@ -416,10 +442,21 @@ class DataPub:
         """Send one message to the connection ``rid``."""
         self.sock.send_multipart([rid, *frames])
 
-    def data(self, rid: bytes, stream: str, epoch: int, seq: int, envs: list[bytes]) -> None:
-        """A DATA message of ``envs`` (seqs ``seq`` ..)."""
+    def data(self, rid: bytes, stream: str, epoch: int, seq: int, envs: list[bytes],
+             packed: bool = False) -> None:
+        """A DATA message of ``envs`` (seqs ``seq`` ..); ``packed``: in one frame (2.4)."""
+        if packed:
+            self.send(rid, [stream.encode(), data_header(DATA, self.node_id, epoch, seq,
+                                                         len(envs), DURABLE | PACKED),
+                            b"".join(envs)])
+            return
         self.send(rid, [stream.encode(), data_header(DATA, self.node_id, epoch, seq,
                                                      len(envs)), *envs])
+
+    def refuse(self, rid: bytes, topic: bytes, reason: int) -> None:
+        """A REFUSED notice for the subscription request of ``topic`` (reason 3: malformed,
+        what a pub/sub 2.3 publisher answers a request with the packed flag)."""
+        self.send(rid, [topic, data_header(REFUSED, self.node_id, 0, 0, reason, flags=0)])
 
     def heartbeat(self, rid: bytes, stream: str, epoch: int, head: int) -> None:
         """A HEARTBEAT announcing ``head``."""
