@@ -26,6 +26,8 @@ _log = logging.getLogger("zeromesh.pubsub")
 HOLDINGS_S = 1.0
 #: Rows (origin stream x store) the board keeps at most; beyond that it starts again.
 MAX_ROWS = 100_000
+#: Pages of one answer followed at most (``next`` cursors asked for): MAX_ROWS worth.
+MAX_PAGES = MAX_ROWS // frames.MAX_HOLDINGS
 
 Key = tuple[str, str]  # (origin node id, stream)
 Row = tuple[int, int, int]  # (oldest, head, epoch)
@@ -38,11 +40,17 @@ class HoldingsBoard:
         self.node = node
         self.rows: dict[Key, dict[str, Row]] = {}
         self.bad = 0
+        #: answers that were not to a request of ours (dropped)
+        self.unasked = 0
+        #: pages received (every page of an answer counts)
         self.answers = 0
         #: store node id -> monotonic time of its latest answer (bounded by the stores seen)
         self.answered: dict[str, float] = {}
         self._req = 0
         self._asked: dict[str, float] = {}  # prefix -> monotonic time of the last ask
+        #: (store, req) -> (prefix, pages so far): the asks whose further pages we follow
+        #: (only answers to our own requests are followed; bounded like ``_asked``)
+        self._paging: dict[tuple[str, int], tuple[str, int]] = {}
         self._cond = threading.Condition()
         self._logs = LogLimiter(_log)
         node.handle(frames.CTRL_HOLDINGS, self._on_holdings)
@@ -63,8 +71,11 @@ class HoldingsBoard:
         self._req += 1
         body = frames.encode_holdings_req(prefix, self._req)
         n = 0
+        if len(self._paging) > 4096:
+            self._paging.clear()
         for store in self.stores():
             try:
+                self._paging[(store, self._req)] = (prefix, 1)
                 self.node.send(store, frames.CTRL_HOLDINGS_REQ, body)
                 n += 1
             except MeshError:
@@ -91,11 +102,24 @@ class HoldingsBoard:
     def _on_holdings(self, peer_id: str, body: object) -> None:
         # Reactor thread.
         try:
-            _req, items, _more = frames.decode_holdings(body)
+            req, items, more, nxt = frames.decode_holdings(body)
         except (ProtocolError, CodecError) as exc:
             self.bad += 1
             self._logs.warning(f"bad:{peer_id}", "pubsub: bad holdings from %s: %s", peer_id, exc)
             return
+        asked = self._paging.pop((peer_id, req), None)
+        if asked is None:
+            self.unasked += 1  # not an answer to a request of ours (or a page too many)
+            return
+        if more and nxt is not None:
+            prefix, pages = asked
+            if pages < MAX_PAGES:  # the next page, at once; the store answered this one
+                self._paging[(peer_id, req)] = (prefix, pages + 1)
+                try:
+                    self.node.send(peer_id, frames.CTRL_HOLDINGS_REQ,
+                                   frames.encode_holdings_req(prefix, req, nxt))
+                except MeshError:
+                    self._paging.pop((peer_id, req), None)
         if len(self.rows) + len(items) > MAX_ROWS:
             self.rows = {}
         for h in items:
@@ -104,6 +128,10 @@ class HoldingsBoard:
                 per = self.rows[(h.origin, h.stream)] = {}
             per[peer_id] = (h.oldest, h.head, h.epoch)
         self.answers += 1
+        if (peer_id, req) in self._paging:
+            with self._cond:
+                self._cond.notify_all()
+            return  # "answered" once its last page is in
         if len(self.answered) > 4096:
             self.answered.clear()
         self.answered[peer_id] = time.monotonic()

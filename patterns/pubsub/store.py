@@ -73,6 +73,11 @@ FETCH_PEER_BYTES = 32 << 20
 FETCH_NODE_BYTES = 128 << 20
 FETCH_REPLY_COST = 1024
 FETCH_MIN_CHUNK = 64 << 10
+#: ``pubsub.holdings_req`` one peer may send per second (each answers one page of up to
+#: ``frames.MAX_HOLDINGS`` items); beyond that they are dropped (counted): the asker asks
+#: again at its next round. At most this many copies are looked at for one page.
+HOLDINGS_PEER_PAGES = 50
+HOLDINGS_SCAN = 4 * frames.MAX_HOLDINGS
 
 Key = tuple[str, str]  # (origin node id, stream)
 
@@ -90,7 +95,9 @@ class StoreStats:
         fetch_refused: fetches refused (unknown stream, forbidden, busy, malformed).
         fetch_busy: fetches answered ``"busy"`` (the peer's fetch budget was used up, or its
             connection is backed up).
-        holdings_answers: ``pubsub.holdings_req`` answered.
+        holdings_answers: ``pubsub.holdings_req`` answered (one page each).
+        holdings_refused: ``pubsub.holdings_req`` malformed, or over the peer's
+            ``HOLDINGS_PEER_PAGES`` a second (not answered).
         rewinds: times an origin's new epoch took back seqs a replica held.
         write_errors: replica writes that failed (disk full, I/O): asked for again.
     """
@@ -103,6 +110,7 @@ class StoreStats:
     fetch_refused: int = 0
     fetch_busy: int = 0
     holdings_answers: int = 0
+    holdings_refused: int = 0
     rewinds: int = 0
     write_errors: int = 0
 
@@ -436,6 +444,9 @@ class Store:
         self._budget = Budget("store_fetch_bytes", fetch_peer_bytes,
                               max(fetch_peer_bytes, FETCH_NODE_BYTES))
         self._sent: dict[str, OrderedDict[int, int]] = {}
+        #: Reactor thread only: peer -> (start of its second, holdings requests in it).
+        self._hpages: dict[str, tuple[float, int]] = {}
+        self._order: list[tuple[str, str]] | None = None  # keys in holdings order
         if _registry.get_or_create(node, "pubsub.store", lambda: self) is not self:
             raise ConfigError("a store already runs on this node")
         try:
@@ -555,34 +566,78 @@ class Store:
     # -- serving (reactor thread) -----------------------------------------------------------
 
     def _on_holdings_req(self, peer_id: str, body: object) -> None:
+        # Reactor thread. One page per request: up to MAX_HOLDINGS items, at most
+        # HOLDINGS_SCAN copies looked at (a peer allowed few streams cannot make every
+        # request a walk of all of them), in holdings_order; ``next`` resumes after the
+        # last copy looked at. Each peer gets HOLDINGS_PEER_PAGES requests per second.
         if self._closed:
             return
         try:
-            prefix, req = frames.decode_holdings_req(body)
+            prefix, req, after = frames.decode_holdings_req(body)
         except (ProtocolError, CodecError) as exc:
+            self._stats.holdings_refused += 1
             self._logs.warning(f"bad:{peer_id}", "store: bad holdings request from %s: %s",
                                peer_id, exc)
             return
-        items = []
-        with self._lock:
-            reps = list(self._replicas.values())
-        for rep in reps:
-            if not rep.stream.startswith(prefix):
-                continue
-            if not self.node.permits(peer_id, "replay", rep.stream):
+        if not self._holdings_room(peer_id):
+            self._stats.holdings_refused += 1
+            self._logs.warning(f"hbudget:{peer_id}", "store: %s asks for holdings more than "
+                               "%d times a second: not answered", peer_id, HOLDINGS_PEER_PAGES)
+            return
+        order = self._holdings_sorted()
+        i = bisect.bisect_left(order, (prefix, ""))
+        if after is not None:  # strictly after the cursor
+            i = max(i, bisect.bisect_right(order, frames.holdings_order(*after)))
+        items: list[frames.Holding] = []
+        last: Key | None = None
+        scanned = 0
+        more = False
+        while i < len(order):
+            stream, origin = order[i]
+            if not stream.startswith(prefix):
+                break  # past the prefix's range
+            if len(items) >= frames.MAX_HOLDINGS or scanned >= HOLDINGS_SCAN:
+                more = True
+                break
+            i += 1
+            scanned += 1
+            last = (origin, stream)
+            rep = self._replica(last, create=False)
+            if rep is None or not self.node.permits(peer_id, "replay", stream):
                 continue
             head, oldest = rep.head, rep.oldest
             if head is None:
                 continue
-            items.append(frames.Holding(rep.origin, rep.stream,
-                                        head if oldest is None else oldest, head, rep.epoch))
-        more = len(items) > frames.MAX_HOLDINGS
+            items.append(frames.Holding(origin, stream, head if oldest is None else oldest,
+                                        head, rep.epoch))
         try:
             self.node.send(peer_id, frames.CTRL_HOLDINGS, frames.encode_holdings(
-                req, items[:frames.MAX_HOLDINGS], more))
+                req, items, more, last if more else None))
             self._stats.holdings_answers += 1
         except MeshError:
             pass
+
+    def _holdings_sorted(self) -> list[tuple[str, str]]:
+        """Every copy's key in holdings order (cached; rebuilt when a copy was added)."""
+        with self._lock:
+            order = self._order
+            if order is None or len(order) != len(self._replicas):
+                order = self._order = sorted(frames.holdings_order(o, s)
+                                             for o, s in self._replicas)
+            return order
+
+    def _holdings_room(self, peer_id: str) -> bool:
+        """Reactor thread: take one of ``peer_id``'s holdings requests of this second."""
+        now = time.monotonic()
+        start, n = self._hpages.get(peer_id, (now, 0))
+        if now - start >= 1.0:
+            start, n = now, 0
+        if n >= HOLDINGS_PEER_PAGES:
+            return False
+        if peer_id not in self._hpages and len(self._hpages) >= 4096:
+            self._hpages.clear()  # bounded by the peers of the last second or so
+        self._hpages[peer_id] = (start, n + 1)
+        return True
 
     def _on_fetch(self, peer_id: str, body: object) -> None:
         if self._closed:
@@ -644,6 +699,7 @@ class Store:
         # Reactor thread: a peer that left holds nothing of the fetch budget any more.
         if ev.kind is PeerEventKind.LEFT:
             self._sent.pop(ev.peer.node_id, None)
+            self._hpages.pop(ev.peer.node_id, None)
             self._budget.drop(ev.peer.node_id)
 
     def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:

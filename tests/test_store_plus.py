@@ -1,0 +1,121 @@
+"""Replicated streams, the behaviour beyond the first slice (real nodes, sockets, files):
+holdings paging past one page, ``Start.time`` on a store, overlapping store topics, and the
+faults the stores must survive (docs/architecture.md, "Replicated streams")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.envelope import Event, encode
+from mesh.errors import ProtocolError
+from mesh.log import LogConfig
+from patterns.pubsub import frames
+from patterns.pubsub.holdings import board_for
+from patterns.pubsub.store import HOLDINGS_PEER_PAGES, Store, _Replica
+from patterns.pubsub.subscriber import Start, Subscriber
+from tests.test_store import ORIGIN, Mesh
+from tests.util import unique, wait_until
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(tmp_path)
+    yield m
+    m.close()
+
+
+def _env(stream: str, seq: int, data: Any) -> bytes:
+    return encode(Event(type="t", source="origin", stream=stream, seq=seq, data=data))
+
+
+def _seed_replicas(data_dir: Path, streams: list[str], per: int = 1) -> None:
+    """Copies of ``ORIGIN``'s streams on a store's disk, as a store writes them (an origin
+    that is gone: only the store can serve them)."""
+    root = data_dir / "replicas"
+    for s in streams:
+        rep = _Replica(root, ORIGIN, s, LogConfig())
+        rep.append(0, [_env(s, i, i) for i in range(per)], 1)
+        rep.sync()
+        rep.close()
+
+
+def test_holdings_are_paged_past_one_answer_and_every_copy_is_served(mesh: Mesh) -> None:
+    # More (origin, stream) copies than one holdings answer carries: the asker follows the
+    # store's ``next`` cursor until the last page, and a subscriber reads every stream,
+    # including those of the last page.
+    n = frames.MAX_HOLDINGS + 150
+    prefix = unique("p").replace("-", "") + "."
+    streams = [f"{prefix}s{i:05d}" for i in range(n)]
+    sn = mesh.add("store")
+    _seed_replicas(Path(sn.data_dir), streams)
+    store = Store(sn, topics=(prefix,))
+    assert store.stats().replicas == n
+    cn = mesh.add("sub")
+    wait_until(lambda: cn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    board = board_for(cn)
+    board.ask(prefix, force=True)
+    wait_until(lambda: len(board.keys()) >= n, 20, what=lambda: (len(board.keys()),
+                                                                  store.stats()))
+    assert set(board.keys()) == {(ORIGIN, s) for s in streams}
+    assert board.answered.get(sn.id) is not None  # answered: its last page is in
+    sub = Subscriber(cn, prefix, start=Start.beginning())
+    got: dict[str, int] = {}
+
+    def pump() -> bool:
+        while batch := sub.recv_batch(timeout=0.05):  # one stream's events per batch
+            for ev in batch:
+                got[ev.stream] = got.get(ev.stream, 0) + 1
+        return len(got) >= n
+
+    wait_until(pump, 60, what=lambda: (len(got), sorted(set(streams) - set(got))[:5],
+                                       {k: v for k, v in got.items() if v > 1}, sub.stats()))
+    assert got == dict.fromkeys(streams, 1)  # every copy once, none twice
+    sub.close()
+
+
+def test_holdings_pages_are_budgeted_per_peer(mesh: Mesh) -> None:
+    # A peer that asks for pages in a tight loop gets HOLDINGS_PEER_PAGES answers a second;
+    # the rest are counted and dropped, and a well-behaved asker is still answered.
+    prefix = unique("p").replace("-", "") + "."
+    sn = mesh.add("store")
+    _seed_replicas(Path(sn.data_dir), [prefix + "a", prefix + "b"])
+    store = Store(sn, topics=(prefix,))
+    hostile = mesh.add("hostile")
+    got: list[object] = []
+    hostile.handle(frames.CTRL_HOLDINGS, lambda peer, body: got.append(body))
+    wait_until(lambda: hostile.who_offers("service", name=frames.STORE_SERVICE), 10,
+               what="store")
+    burst = 4 * HOLDINGS_PEER_PAGES
+    for i in range(burst):
+        hostile.send(sn.id, frames.CTRL_HOLDINGS_REQ, frames.encode_holdings_req(prefix, i))
+    wait_until(lambda: store.stats().holdings_answers + store.stats().holdings_refused
+               >= burst, 10, what=lambda: store.stats())
+    st = store.stats()
+    assert st.holdings_answers <= 2 * HOLDINGS_PEER_PAGES  # at most two one-second windows
+    assert st.holdings_refused >= burst - 2 * HOLDINGS_PEER_PAGES
+    # A cursor past everything held: an empty last page, not an error.
+    wait_until(lambda: len(got) >= st.holdings_answers, 5)
+    other = mesh.add("other")
+    board = board_for(other)
+    wait_until(lambda: other.who_offers("service", name=frames.STORE_SERVICE), 10,
+               what="store")
+    board.ask(prefix, force=True)
+    wait_until(lambda: len(board.keys()) == 2, 10, what=lambda: store.stats())
+
+
+def test_an_unsolicited_or_malformed_page_is_not_believed(mesh: Mesh) -> None:
+    # Rows only come from answers to our own requests; a bad cursor is a typed error.
+    nd = mesh.add("n")
+    board = board_for(nd)
+    board._on_holdings("f" * 32, frames.encode_holdings(
+        99, [frames.Holding(ORIGIN, "x", 0, 5, 1)], False))
+    assert board.keys() == [] and board.unasked == 1
+    with pytest.raises(ProtocolError):
+        frames.decode_holdings({"v": 1, "req": 1, "more": True, "items": [],
+                                "next": ["nothex", "x"]})
+    with pytest.raises(ProtocolError):
+        frames.decode_holdings_req({"v": 1, "prefix": "", "req": 1, "after": [ORIGIN]})
