@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from mesh.envelope import Event, encode
+from mesh.envelope import Event, decode, encode
 from mesh.errors import ProtocolError
 from mesh.log import LogConfig
 from patterns.pubsub import frames
 from patterns.pubsub.holdings import board_for
+from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.store import HOLDINGS_PEER_PAGES, Store, _Replica
 from patterns.pubsub.subscriber import Start, Subscriber
 from tests.test_store import ORIGIN, Mesh
@@ -119,3 +120,71 @@ def test_an_unsolicited_or_malformed_page_is_not_believed(mesh: Mesh) -> None:
                                 "next": ["nothex", "x"]})
     with pytest.raises(ProtocolError):
         frames.decode_holdings_req({"v": 1, "prefix": "", "req": 1, "after": [ORIGIN]})
+
+
+def _first_at(store: Store, origin: str, stream: str, t_ns: int) -> int:
+    """The first seq the store answers a ``Start.time(t_ns)`` fetch with."""
+    rq = frames.ReplayRequest("s", 1, stream, None, t_ns, None, 1, 1 << 20, origin=origin)
+    return store._serve(rq).first
+
+
+def test_start_time_on_a_store_finds_the_origins_first_event(mesh: Mesh) -> None:
+    # The store joins after the origin logged everything (it copies it all at once, later):
+    # a Start.time lookup must still find what the origin's log finds, for single events,
+    # a publish_many batch, and events whose ``time`` the application set (historical).
+    from datetime import UTC, datetime
+
+    stream = unique("s").replace("-", "")
+    pn = mesh.add("pub")
+    with Publisher(pn, stream, heartbeat_s=0.1) as pub:
+        for i in range(4):
+            pub.publish(i)
+        pub.publish_many(list(range(4, 9)))
+        old = datetime(2010, 1, 1, tzinfo=UTC)
+        pub.publish_events([Event(type="t", source="app", data=i, time=old) for i in (9, 10)])
+        for i in range(11, 14):
+            pub.publish(i)
+        sn = mesh.add("store")
+        store = Store(sn, topics=(stream,))
+        wait_until(lambda: (store.durable().get((pn.id, stream)) or (0, 0))[1] >= 14, 20,
+                   what=lambda: store.stats())
+        log = pub._log
+        assert log is not None
+        evs = [decode(env) for _seq, env in store.read(pn.id, stream)]
+        assert [e.data for e in evs] == list(range(14))
+        # Every event's own time (what an application asks for: "from the time of this
+        # event on"), before everything, after everything. (A time within the few µs
+        # between an event's ``time`` and the origin's append of it can differ by that
+        # event: the origin's log stamps the append, the store only knows the event;
+        # docs/architecture.md, "Replicated streams".)
+        probes = {0, 1 << 62} | {e.time_us * 1000 for e in evs}
+        for t in sorted(probes):
+            assert _first_at(store, pn.id, stream, t) == log.offset_for_time(t), t
+        # End to end, the origin gone: a subscriber from the fifth event's time on.
+        t5 = evs[5].time_us * 1000
+        want = log.offset_for_time(t5)
+    pn.close()
+    wait_until(lambda: not mesh.hub.who_offers("stream", name=stream), 10, what="origin gone")
+    sub = Subscriber(mesh.add("sub"), stream, start=Start.time(t5))
+    got: list[Event] = []
+    wait_until(lambda: got.extend(sub.recv_batch(timeout=0.05)) or len(got) >= 14 - want, 20,
+               what=lambda: (len(got), sub.stats()))
+    assert [e.seq for e in got] == list(range(want, 14))
+    sub.close()
+
+
+def test_origin_time_of_an_envelope() -> None:
+    from datetime import UTC, datetime
+
+    from patterns.pubsub.store import origin_time_ns
+
+    ev = Event(type="t", source="s", stream="x" * 200, seq=1 << 40, data=b"d")
+    assert origin_time_ns(encode(ev)) == ev.time_us * 1000  # the publisher's clock, in µs
+    old = Event(type="t", source="s", stream="x", data=1,
+                time=datetime(2010, 1, 1, tzinfo=UTC))
+    t = origin_time_ns(encode(old))  # the application's time is not the origin's: the id's
+    assert t is not None and t % 1_000_000 == 0 and t > old.time_us * 1000
+    not7 = Event(type="t", source="s", stream="x", data=1,
+                 id="0190a000-0000-4000-8000-000000000000")
+    assert origin_time_ns(encode(not7)) is None  # no UUIDv7: the store's own clock
+    assert origin_time_ns(b"") is None and origin_time_ns(b"\x9f\x01") is None

@@ -115,6 +115,71 @@ class StoreStats:
     write_errors: int = 0
 
 
+#: How far an event's ``time`` may be from its UUIDv7 id's time and still be taken as the
+#: origin's clock at publish (beyond: a ``time`` the application set, say a historical one).
+_ID_TIME_SLACK_US = 100_000
+
+
+def _uint(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """A msgpack unsigned integer (or nil, as 0) at ``pos``: ``(value, next pos)``."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    if b == 0xC0:
+        return 0, pos + 1
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(b)
+    if width is None:
+        return None
+    return int.from_bytes(buf[pos + 1:pos + 1 + width], "big"), pos + 1 + width
+
+
+def _str_at(buf: bytes, pos: int) -> tuple[bytes, int] | None:
+    b = buf[pos]
+    if 0xA0 <= b <= 0xBF:
+        n, pos = b & 0x1F, pos + 1
+    elif b == 0xD9:
+        n, pos = buf[pos + 1], pos + 2
+    else:
+        return None
+    return buf[pos:pos + n], pos + n
+
+
+def origin_time_ns(env: bytes) -> int | None:
+    """The time an origin recorded envelope ``env`` at, as far as the envelope tells: the
+    event's ``time`` when its UUIDv7 ``id`` was made within 100 ms of it (the publisher's
+    clock at publish, what its log stamps the record with, to the µs), else the id's
+    time (ms: the ``time`` is one the application chose, a historical one say, which the
+    origin's log did not use either), else None (no UUIDv7 id: the store's clock, as the
+    log's default). Only the envelope's first fields are read."""
+    try:
+        b0 = env[0]
+        pos = 1 if b0 == 0x9F else 3 if env[:3] == b"\xdc\x00\x10" else -1
+        if pos < 0 or env[pos] >= 0x80 or env[pos + 1] >= 0x80:
+            return None
+        got = _str_at(env, pos + 2)  # stream
+        if got is None:
+            return None
+        seq = _uint(env, got[1])
+        if seq is None:
+            return None
+        ident = _str_at(env, seq[1])
+        if ident is None:
+            return None
+        t = _uint(env, ident[1])
+        if t is None:
+            return None
+        raw = ident[0]
+        if len(raw) != 36 or raw[14:15] != b"7":
+            return None
+        ms = int(raw[0:8] + raw[9:13], 16)
+    except (IndexError, ValueError):
+        return None
+    us = t[0]
+    if abs(us - ms * 1000) <= _ID_TIME_SLACK_US:
+        return us * 1000
+    return ms * 1_000_000
+
+
 class _Replica:
     """One (origin, stream) copy: a log plus the runs map and the origin's epoch history.
 
@@ -264,7 +329,16 @@ class _Replica:
             if changed:
                 self._save()  # durable before any record it maps
             try:
-                self.log.append_many(envs)
+                # Each record keeps the origin's time (origin_time_ns), so Start.time finds
+                # the same first event here as in the origin's log; one batch per time.
+                stamps = [origin_time_ns(e) for e in envs]
+                i = 0
+                while i < len(envs):
+                    j = i + 1
+                    while j < len(envs) and stamps[j] == stamps[i]:
+                        j += 1
+                    self.log.append_many(envs[i:j], timestamp_ns=stamps[i])
+                    i = j
             except BaseException:
                 # Nothing of it was written: the new run (and epoch) map nothing. On disk
                 # they are dropped at the next open (an empty run is never loaded).
