@@ -188,3 +188,44 @@ def test_origin_time_of_an_envelope() -> None:
                  id="0190a000-0000-4000-8000-000000000000")
     assert origin_time_ns(encode(not7)) is None  # no UUIDv7: the store's own clock
     assert origin_time_ns(b"") is None and origin_time_ns(b"\x9f\x01") is None
+
+
+def test_followed_topics_drop_what_another_topic_covers() -> None:
+    from patterns.pubsub.store import followed_topics
+
+    assert followed_topics(["a.", "a.b.", "a.b.c", "b"]) == ("a.", "b")
+    assert followed_topics(["a.b.", "a."]) == ("a.",)
+    assert followed_topics(["a.", "a.*", "a."]) == ("a.",)
+    assert followed_topics(["x", "x", "xy"]) == ("x", "xy")  # names: only a repeat
+    assert followed_topics(["a*", "a"]) == ("a*",)  # "a*" matches the stream "a"
+    assert followed_topics(["", "s.", "t"]) == ("*",)
+    assert followed_topics(["a.b", "a.b."]) == ("a.b", "a.b.")  # "a.b" is not under "a.b."
+
+
+def test_overlapping_store_topics_copy_each_stream_once(mesh: Mesh) -> None:
+    # "a." covers "a.b." and the name "a.b.c": one follower, each event written once, every
+    # copy byte for byte the origin's, and the store restarts with them as they were.
+    base = unique("o").replace("-", "")
+    names = [f"{base}.b.c", f"{base}.b.x", f"{base}.y"]
+    sn = mesh.add("store")
+    store = Store(sn, topics=(f"{base}.b.", f"{base}.", f"{base}.b.c", f"{base}.*"))
+    assert store.topics == (f"{base}.",) and len(store._followers) == 1
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    pubs = [Publisher(pn, s, replicas=1, heartbeat_s=0.1) for s in names]
+    for k, p in enumerate(pubs):
+        p.publish_many([f"{k}-{i}" for i in range(30)])
+        p.publish(f"{k}-30")
+    assert store.stats().appended == 31 * len(names)  # none twice
+    for p in pubs:
+        log = p._log
+        assert log is not None
+        _first, mine = log.read_batch_payloads(0, 100)
+        assert [e for _s, e in store.read(pn.id, p.stream)] == mine
+        assert store.durable()[(pn.id, p.stream)][1] == 31
+        p.close()
+    store.close()
+    store = Store(sn, topics=(f"{base}.", f"{base}.b."))
+    assert {h.stream: (h.oldest, h.head) for h in store.holdings()} == dict.fromkeys(
+        names, (0, 31))
+    store.close()

@@ -50,7 +50,7 @@ from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
 from patterns.pubsub.subscriber import Start, Subscriber
 
-__all__ = ["Store", "StoreStats"]
+__all__ = ["Store", "StoreStats", "followed_topics"]
 
 _log = logging.getLogger("zeromesh.pubsub.store")
 
@@ -458,6 +458,33 @@ class _Follower(Subscriber):
             self._send_ask(key, tracker, step.ask)
 
 
+def followed_topics(topics: Iterable[str]) -> tuple[str, ...]:
+    """The topics a store follows for ``topics``: each one no other one covers, in order.
+
+    A prefix topic (ending in ``.`` or ``*``; ``""`` is ``"*"``) covers every topic whose
+    name or prefix starts with its own prefix; of two that cover each other (``"a."`` and
+    ``"a.*"``, a repeat) the first is kept. Streams matching several given topics then match
+    exactly one followed topic: one follower writes each copy.
+    """
+    parsed = []
+    for t in topics:
+        t = t or "*"
+        prefix = t.endswith((".", "*"))
+        parsed.append((t, prefix, t.rstrip("*") if prefix else t))
+
+    def covers(j: int, i: int) -> bool:
+        _tj, pj, bj = parsed[j]
+        _ti, pi, bi = parsed[i]
+        return (pj and bi.startswith(bj)) or (not pj and not pi and bi == bj)
+
+    keep = []
+    for i, (t, _p, _b) in enumerate(parsed):
+        if not any(j != i and covers(j, i) and (j < i or not covers(i, j))
+                   for j in range(len(parsed))):
+            keep.append(t)
+    return tuple(keep)
+
+
 class Store:
     """Keeps durable copies of the streams matching ``topics`` and serves them.
 
@@ -477,15 +504,19 @@ class Store:
 
     Args:
         node: the started node (its ``data_dir`` holds the replicas).
-        topics: stream names or prefixes (ending in ``.`` or ``*``), as for
-            :class:`~patterns.pubsub.subscriber.Subscriber`; they must not overlap.
+        topics: stream names or prefixes (ending in ``.`` or ``*``; ``""``: every stream), as
+            for :class:`~patterns.pubsub.subscriber.Subscriber`. They may overlap: a topic
+            another one covers (``"a.b."`` beside ``"a."``, a name beside a prefix of it, a
+            repeat) is not followed on its own, so every stream has one follower and one
+            copy (:func:`followed_topics`; ``Store.topics`` holds the topics followed).
         log_config: the replica logs' settings (retention is the store's own).
         tamper: tests only: a function applied to every envelope a fetch answer sends (a
             store that alters data, to show that verifying subscribers refuse it).
         fetch_peer_bytes: the fetch byte budget of one peer (see above).
 
     Raises:
-        ConfigError: no topic, overlapping topics, or a store already runs on this node.
+        ConfigError: no topic, a topic that is not a str, or a store already runs on this
+            node.
         LogError: a replica cannot be opened.
     """
 
@@ -496,13 +527,11 @@ class Store:
         tops = list(topics)
         if not tops:
             raise ConfigError("a store needs at least one topic")
-        bases = [t.rstrip("*") for t in tops]
-        for i, a in enumerate(bases):
-            for j, b in enumerate(bases):
-                if i != j and b.startswith(a):
-                    raise ConfigError(f"store topics overlap: {tops[i]!r} and {tops[j]!r}")
+        for top in tops:
+            if not isinstance(top, str):
+                raise ConfigError(f"a store topic is a str, not {type(top).__name__}")
         self.node = node
-        self.topics = tuple(tops)
+        self.topics = followed_topics(tops)
         self._config = log_config or LogConfig()
         self._tamper = tamper
         self._root = Path(node.data_dir) / "replicas"
@@ -532,7 +561,7 @@ class Store:
         node.handle(frames.CTRL_FETCH, self._on_fetch)
         node.handle(frames.CTRL_HOLDINGS_REQ, self._on_holdings_req)
         self._unpeer = node.on_peer(self._on_peer)
-        self._followers = [_Follower(node, t or "*", self) for t in tops]
+        self._followers = [_Follower(node, t, self) for t in self.topics]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(f,), daemon=True,
                                           name=f"mesh-store-{i}")
