@@ -10,15 +10,18 @@ under the GIL) and copies.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 from mesh.budget import LogLimiter
-from mesh.errors import CodecError, MeshError, ProtocolError
+from mesh.errors import CodecError, DecryptionFailed, LogError, LogLocked, MeshError, ProtocolError
+from mesh.log import Log, LogConfig, LogDirectory
+from mesh.log.format import parse_segment_name
 from patterns.pubsub import _registry, frames
 
-__all__ = ["HOLDINGS_S", "HoldingsBoard", "board_for", "head_from_stores"]
+__all__ = ["HOLDINGS_S", "HoldingsBoard", "board_for", "head_from_stores", "open_own_log"]
 
 _log = logging.getLogger("zeromesh.pubsub")
 
@@ -166,3 +169,70 @@ def head_from_stores(node: Any, stream: str, wait_s: float) -> int:
 def board_for(node: Any) -> HoldingsBoard:
     """The node's holdings board (made, and its handler registered, on first use)."""
     return _registry.get_or_create(node, "pubsub.holdings", lambda: HoldingsBoard(node))
+
+
+def _holds_records(path: str) -> bool:
+    """Whether the log directory ``path`` has a segment file with any byte in it."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        if parse_segment_name(name) is not None:
+            try:
+                if os.path.getsize(os.path.join(path, name)) > 0:
+                    return True
+            except OSError:
+                return True  # there, unreadable: not "empty"
+    return False
+
+
+def _put_aside(path: str, root: str, why: str) -> str:
+    """Move a stream's log directory out of ``streams/`` to ``<root>/aside/`` (never deleted:
+    the operator's to inspect, repair or remove); returns the new path."""
+    aside = os.path.join(root, "aside")
+    os.makedirs(aside, exist_ok=True)
+    base = os.path.join(aside, f"{os.path.basename(path)}.{why}.{time.strftime('%Y%m%dT%H%M%S')}")
+    dest, n = base, 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{base}.{n}"
+    os.replace(path, dest)
+    return dest
+
+
+def open_own_log(node: Any, stream: str, config: LogConfig, wait_s: float) -> Log:
+    """Open the log of this node's own ``stream`` for its publisher.
+
+    With ``wait_s > 0`` (``Publisher(resume_from_stores=...)`` or ``replicas``), a log that
+    holds nothing is a lost one (a new disk, a wiped or emptied stream directory): it is
+    opened at the head the live stores hold of this node's stream (:func:`head_from_stores`),
+    so no seq a store holds is given to another event. A log that cannot be opened (damaged
+    beyond the log's own recovery, unreadable) is moved to ``<data_dir>/aside/`` and a new one
+    started the same way (a warning names both). Another writer's lock and a wrong at-rest
+    key are raised as they are (not damage). Every open is a new writer epoch.
+
+    Raises:
+        LogError: the log cannot be opened (``wait_s`` 0, or the new one cannot either).
+    """
+    logs = LogDirectory(node.data_dir)
+    path = logs.path_for(stream)
+    if wait_s <= 0:
+        return logs.open(stream, config)
+    if not _holds_records(path):
+        if os.path.isdir(path) and os.listdir(path):
+            # Empty segments, or only the epoch history / floors of a log whose records are
+            # gone: their seq 0 would be the stores' seq 0 again.
+            where = _put_aside(path, logs.root, "empty")
+            _log.warning("pubsub: the log of %r holds no record: moved to %s; asking the "
+                         "stores where it ended", stream, where)
+        return logs.open(stream, config, start_offset=head_from_stores(node, stream, wait_s))
+    try:
+        return logs.open(stream, config)
+    except (LogLocked, DecryptionFailed):
+        raise
+    except LogError as exc:
+        where = _put_aside(path, logs.root, "damaged")
+        _log.warning("pubsub: the log of %r cannot be opened (%s): moved to %s; starting a new "
+                     "one where the stores hold it up to", stream, exc, where)
+        return logs.open(stream, config, start_offset=head_from_stores(node, stream, wait_s))

@@ -55,6 +55,8 @@ __all__ = ["Store", "StoreStats", "followed_topics"]
 _log = logging.getLogger("zeromesh.pubsub.store")
 
 REPLICA_NAME = "REPLICA"
+#: Where the ranges origins' new epochs took back are kept (``replicas/archive/``).
+ARCHIVE_DIR = "archive"
 _MAGIC = "zeromesh-replica"
 _VERSION = 1
 #: Acks of every replica are sent again this often (an origin that restarted learns them).
@@ -99,6 +101,8 @@ class StoreStats:
         holdings_refused: ``pubsub.holdings_req`` malformed, or over the peer's
             ``HOLDINGS_PEER_PAGES`` a second (not answered).
         rewinds: times an origin's new epoch took back seqs a replica held.
+        archived: records kept in archives because a new epoch took them back
+            (:meth:`Store.archives`).
         write_errors: replica writes that failed (disk full, I/O): asked for again.
     """
 
@@ -112,6 +116,7 @@ class StoreStats:
     holdings_answers: int = 0
     holdings_refused: int = 0
     rewinds: int = 0
+    archived: int = 0
     write_errors: int = 0
 
 
@@ -612,9 +617,103 @@ class Store:
     def _rewind(self, key: Key, to: int) -> None:
         rep = self._replica(key, create=False)
         if rep is not None:
+            head = rep.head
+            if head is not None and to < head:
+                # What the origin's new epoch takes back was the origin's data (acked,
+                # maybe, and then the only copy of a lost device's history): keep it, as an
+                # archive, before the copy follows the new epoch.
+                try:
+                    where = self._archive(rep, to, head)
+                    self._logs.warning(f"archive:{key}", "store: %s's new epoch takes back "
+                                       "seqs %d..%d: kept in %s", key, to, head - 1, where)
+                except (LogError, OSError) as exc:
+                    self._stats.write_errors += 1
+                    self._logs.warning(f"archive:{key}", "store: cannot archive seqs %d..%d "
+                                       "of %s: %s", to, head - 1, key, exc)
             rep.rewind(to)
             self._durable.pop(key, None)  # never ack again what the rewind took back
             self._stats.rewinds += 1
+
+    def _archive(self, rep: _Replica, start: int, end: int) -> str:
+        """Copy seqs ``start..end-1`` of ``rep`` (under the epochs they were written in) to
+        a new archive replica; returns its directory."""
+        hist = rep.history().entries
+        epoch = next((e for e, s in reversed(hist) if s <= start), rep.epoch)
+        name = f"{epoch:08x}-{start}-{secrets.token_hex(4)}"
+        arch = _Replica(self._root / ARCHIVE_DIR / name, rep.origin, rep.stream, self._config)
+        try:
+            seq = start
+            while seq < end:
+                local, nxt = rep.locate(seq)
+                if local is None:
+                    if nxt is None or nxt >= end:
+                        break
+                    seq = nxt
+                    continue
+                first, envs = rep.read(seq, min(MAX_FETCH_RECORDS, end - seq))
+                envs = envs[:end - first]
+                # Cut at the next epoch's first seq: each record under its own epoch.
+                i = 0
+                while i < len(envs):
+                    s0 = first + i
+                    ep = next((e for e, s in reversed(hist) if s <= s0), epoch)
+                    stop = next((s for _e, s in hist if s > s0), None)
+                    j = len(envs) if stop is None else min(len(envs), stop - first)
+                    arch.append(s0, envs[i:j], ep)
+                    i = j
+                seq = first + len(envs)
+            arch.sync()
+        finally:
+            arch.close()
+        self._stats.archived += max(0, end - start)
+        return str(arch.path)
+
+    def archives(self) -> list[tuple[str, str, int, int, int, str]]:
+        """The ranges origins' new epochs took back from this store's copies, kept aside:
+        ``(origin, stream, epoch, first seq, end seq, directory)`` each (the envelopes are
+        the origin's, byte for byte; :meth:`read_archive` reads them). They are kept until
+        an operator removes the directory."""
+        out: list[tuple[str, str, int, int, int, str]] = []
+        root = self._root / ARCHIVE_DIR
+        if not root.is_dir():
+            return out
+        for d in sorted(root.iterdir()):
+            for od in sorted(d.iterdir()) if d.is_dir() else []:
+                for stream in LogDirectory(od).streams():
+                    rep = _Replica(d, od.name, stream, LogConfig())
+                    try:
+                        if rep.head is not None:
+                            out.append((od.name, stream, int(d.name.split("-")[0], 16),
+                                        rep.oldest or 0, rep.head, str(rep.path)))
+                    finally:
+                        rep.close()
+        return out
+
+    def read_archive(self, directory: str) -> list[tuple[int, bytes]]:
+        """Every ``(seq, envelope)`` of one archive (a directory :meth:`archives` listed).
+
+        Raises:
+            LogError: it cannot be read.
+        """
+        path = Path(directory)
+        rep = _Replica(path.parent.parent.parent, path.parent.parent.name, path.name,
+                       LogConfig())
+        try:
+            out: list[tuple[int, bytes]] = []
+            seq, head = rep.oldest or 0, rep.head or 0
+            while seq < head:
+                local, nxt = rep.locate(seq)
+                if local is None:
+                    if nxt is None:
+                        break
+                    seq = nxt
+                    continue
+                first, envs = rep.read(seq, MAX_FETCH_RECORDS)
+                out.extend((first + i, e) for i, e in enumerate(envs))
+                seq = first + len(envs)
+            return out
+        finally:
+            rep.close()
 
     def _run(self, follower: _Follower) -> None:
         next_reack = time.monotonic() + REACK_S
