@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.budget import Budget, LogLimiter
+from mesh.envelope import peek
 from mesh.errors import (
     ClosedError,
     CodecError,
@@ -50,13 +52,15 @@ from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
 from patterns.pubsub.subscriber import Start, Subscriber
 
-__all__ = ["Store", "StoreStats", "followed_topics"]
+__all__ = ["ReplicaMapDamaged", "Store", "StoreStats", "followed_topics"]
 
 _log = logging.getLogger("zeromesh.pubsub.store")
 
 REPLICA_NAME = "REPLICA"
 #: Where the ranges origins' new epochs took back are kept (``replicas/archive/``).
 ARCHIVE_DIR = "archive"
+#: Where copies whose map is damaged are moved (``replicas/aside/``), for the operator.
+ASIDE_DIR = "aside"
 _MAGIC = "zeromesh-replica"
 _VERSION = 1
 #: Acks of every replica are sent again this often (an origin that restarted learns them).
@@ -101,8 +105,10 @@ class StoreStats:
         holdings_refused: ``pubsub.holdings_req`` malformed, or over the peer's
             ``HOLDINGS_PEER_PAGES`` a second (not answered).
         rewinds: times an origin's new epoch took back seqs a replica held.
-        archived: records kept in archives because a new epoch took them back
-            (:meth:`Store.archives`).
+        archived: records kept in archives because a new epoch took them back, or a
+            damaged part of the copy is copied again (:meth:`Store.archives`).
+        damaged: copies found damaged at start (a bad ``REPLICA`` map: moved to
+            ``replicas/aside/`` and copied again; damaged records: copied again from there).
         write_errors: replica writes that failed (disk full, I/O): asked for again.
     """
 
@@ -117,6 +123,7 @@ class StoreStats:
     holdings_refused: int = 0
     rewinds: int = 0
     archived: int = 0
+    damaged: int = 0
     write_errors: int = 0
 
 
@@ -185,6 +192,15 @@ def origin_time_ns(env: bytes) -> int | None:
     return ms * 1_000_000
 
 
+def _map_crc(meta: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+
+
+class ReplicaMapDamaged(LogError):
+    """A replica's ``REPLICA`` map cannot be read or makes no sense (a flipped byte, a cut
+    file). The store moves that copy aside and copies the stream again."""
+
+
 class _Replica:
     """One (origin, stream) copy: a log plus the runs map and the origin's epoch history.
 
@@ -218,12 +234,23 @@ class _Replica:
                              self.path, REPLICA_NAME)
             return
         except (OSError, ValueError) as exc:
-            raise LogError(f"store: {fp} is unreadable: {exc}") from exc
+            raise ReplicaMapDamaged(f"store: {fp} is unreadable: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("magic") != _MAGIC \
                 or meta.get("v") != _VERSION:
-            raise LogError(f"store: {fp} is not a replica map of version {_VERSION}")
-        runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
-        self.epochs = [(int(e), int(s)) for e, s in meta.get("epochs", [])]
+            raise ReplicaMapDamaged(f"store: {fp} is not a replica map of version {_VERSION}")
+        crc = meta.pop("crc", None)  # (a map written before maps had one has none)
+        if crc is not None and crc != _map_crc(meta):
+            raise ReplicaMapDamaged(f"store: {fp} fails its checksum")
+        try:
+            runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
+            epochs = [(int(e), int(s)) for e, s in meta.get("epochs", [])]
+        except (TypeError, ValueError) as exc:
+            raise ReplicaMapDamaged(f"store: {fp} has a malformed run or epoch: {exc}") from exc
+        if any(c < -1 or a < 0 or b < 0 for a, b, c in runs) or any(
+                runs[i + 1][1] < runs[i][1] or runs[i + 1][0] < runs[i][0]
+                for i in range(len(runs) - 1)):
+            raise ReplicaMapDamaged(f"store: {fp} has runs out of order")
+        self.epochs = epochs
         # The map is written before the records it maps: records that never reached the
         # disk (not fsynced, so never acked) are simply not held.
         nxt = self.log.next_offset
@@ -237,13 +264,31 @@ class _Replica:
         # Likewise an epoch whose first record never landed is not one this copy holds.
         head = self.head
         self.epochs = [e for e in self.epochs if head is not None and e[1] <= head]
+        self._check_runs()
+
+    def _check_runs(self) -> None:
+        """Each run's first and last record must carry the seq the map gives it (the
+        envelopes name their seq): a map that disagrees with the log is not believed."""
+        for i, (seq, local, _count) in enumerate(self.runs):
+            end = self._run_end(i)
+            for s, off in ((seq, local), (end - 1, local + end - 1 - seq)):
+                try:
+                    _first, got = self.log.read_batch_payloads(off, 1)
+                    at = peek(got[0])[1] if got else None
+                except (LogError, MeshError):
+                    continue  # a damaged record: first_damaged() says so
+                if at != s:
+                    raise ReplicaMapDamaged(f"store: {self.path}: the map puts seq {s} at "
+                                            f"offset {off}, the record there is seq {at}")
 
     def _save(self) -> None:
         fp = os.path.join(self.path, REPLICA_NAME)
         tmp = fp + ".tmp"
-        body = json.dumps({"magic": _MAGIC, "v": _VERSION, "origin": self.origin,
-                           "stream": self.stream, "runs": self.runs,
-                           "epochs": [list(e) for e in self.epochs]})
+        meta = {"magic": _MAGIC, "v": _VERSION, "origin": self.origin,
+                "stream": self.stream, "runs": self.runs,
+                "epochs": [list(e) for e in self.epochs]}
+        meta["crc"] = _map_crc(meta)
+        body = json.dumps(meta)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(body)
             f.flush()
@@ -254,6 +299,21 @@ class _Replica:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def first_damaged(self) -> int | None:
+        """The first origin seq held in a damaged part of the log (a record that fails its
+        checks, found when the log was opened), or None."""
+        offs = [r.offset for seg in getattr(self.log, "_segs", ())
+                for r in getattr(seg, "bad", {}).values()]
+        if not offs:
+            return None
+        local = int(min(offs))
+        with self.lock:
+            for i, (seq, lo, _count) in enumerate(self.runs):
+                end = self._run_end(i)
+                if local < lo + (end - seq):
+                    return seq + max(0, local - lo)
+        return None
 
     # -- views (under lock) -----------------------------------------------------------------
 
@@ -392,7 +452,14 @@ class _Replica:
         if local is None:
             raise OffsetOutOfRange(seq, None, None)
         assert left is not None
-        first, envs = self.log.read_batch_payloads(local, min(n, left))
+        try:
+            first, envs = self.log.read_batch_payloads(local, min(n, left))
+        except LogCorruptedRange as exc:
+            # The log's offsets are this copy's own: say the origin's seqs.
+            nxt = exc.next_offset
+            raise LogCorruptedRange(self.path, 0, str(exc), offset=seq,
+                                    next_offset=None if nxt is None
+                                    else seq + max(1, nxt - local)) from exc
         if first != local or len(envs) > left:
             raise LogCorruptedRange(self.path, 0, "records skipped", offset=seq,
                                     next_offset=seq + (first - local))
@@ -555,6 +622,8 @@ class Store:
         #: Reactor thread only: peer -> (start of its second, holdings requests in it).
         self._hpages: dict[str, tuple[float, int]] = {}
         self._order: list[tuple[str, str]] | None = None  # keys in holdings order
+        #: (origin, stream) -> first seq found damaged at a read: copied again (_repair)
+        self._repairs: dict[Key, int] = {}
         if _registry.get_or_create(node, "pubsub.store", lambda: self) is not self:
             raise ConfigError("a store already runs on this node")
         try:
@@ -587,8 +656,35 @@ class Store:
             if len(origin) != 32 or origin.strip("0123456789abcdef"):
                 continue
             for stream in LogDirectory(d).streams():
-                self._replicas[(origin, stream)] = _Replica(self._root, origin, stream,
-                                                            self._config)
+                key = (origin, stream)
+                try:
+                    rep = _Replica(self._root, origin, stream, self._config)
+                except ReplicaMapDamaged as exc:
+                    # The copy's seqs are unknown: keep its files for the operator, copy
+                    # the stream again (from the origin or another store).
+                    where = self._put_aside(key, "map-damaged")
+                    self._stats.damaged += 1
+                    self._logs.warning(f"damaged:{key}", "store: %s; moved to %s, copying "
+                                       "%s again", exc, where, key)
+                    continue
+                self._replicas[key] = rep
+                bad = rep.first_damaged()
+                if bad is not None and rep.head is not None:
+                    # Records from ``bad`` on fail their checks: copy them again; what is
+                    # readable after the damage is kept in an archive meanwhile.
+                    self._stats.damaged += 1
+                    self._logs.warning(f"damaged:{key}", "store: %s has damaged records "
+                                       "from seq %d: copying them again", key, bad)
+                    self._rewind(key, bad)
+
+    def _put_aside(self, key: Key, why: str) -> str:
+        """Move a copy's directory to ``replicas/aside/`` (never deleted); returns where."""
+        src = LogDirectory(self._root / key[0]).path_for(key[1])
+        aside = self._root / ASIDE_DIR
+        aside.mkdir(parents=True, exist_ok=True)
+        dest = aside / f"{key[0]}-{key[1]}.{why}.{secrets.token_hex(4)}"
+        os.replace(src, dest)
+        return str(dest)
 
     def _replica(self, key: Key, *, create: bool) -> _Replica | None:
         with self._lock:
@@ -650,7 +746,13 @@ class Store:
                         break
                     seq = nxt
                     continue
-                first, envs = rep.read(seq, min(MAX_FETCH_RECORDS, end - seq))
+                try:
+                    first, envs = rep.read(seq, min(MAX_FETCH_RECORDS, end - seq))
+                except LogCorruptedRange as exc:  # not archived: it is copied again
+                    if exc.next_offset is None or exc.next_offset <= seq:
+                        break
+                    seq = exc.next_offset
+                    continue
                 envs = envs[:end - first]
                 # Cut at the next epoch's first seq: each record under its own epoch.
                 i = 0
@@ -724,9 +826,47 @@ class Store:
                 return
             except MeshError as exc:
                 self._logs.warning("pump", "store: follower failed: %s", exc)
+            if self._repairs:
+                self._repair(follower)
             self._sync_and_ack(reack=(now := time.monotonic()) >= next_reack)
             if now >= next_reack:
                 next_reack = now + REACK_S
+
+    def _note_damage(self, key: Key, seq: int) -> None:
+        """Any thread: records of ``key`` from ``seq`` on failed their checks when read."""
+        with self._lock:
+            if key in self._replicas:
+                self._repairs[key] = min(seq, self._repairs.get(key, seq))
+
+    def _repair(self, follower: _Follower) -> None:
+        """Follower thread: copy again what was found damaged, from the origin while it
+        is live (what is readable after the damage is archived first). With the origin
+        gone the copy stays as it is: its answers skip the damaged records (``skip
+        "damaged"``) and serve the rest."""
+        with self._lock:
+            todo = [(k, s) for k, s in self._repairs.items() if follower._matches(k[1])]
+            for k, _s in todo:
+                del self._repairs[k]
+        live = {p.node_id for p in self.node.who_offers("stream", prefix="")}
+        for key, seq in todo:
+            rep = self._replica(key, create=False)
+            if rep is None or rep.head is None or seq >= rep.head:
+                continue
+            self._stats.damaged += 1
+            if key[0] not in live:
+                self._logs.warning(f"damaged:{key}", "store: %s has damaged records from seq "
+                                   "%d and its origin is not live: served with a skip", key,
+                                   seq)
+                continue
+            self._logs.warning(f"damaged:{key}", "store: %s has damaged records from seq %d: "
+                               "copying them again from the origin", key, seq)
+            self._rewind(key, seq)
+            entry = follower._trackers.get(key)
+            if entry is not None:
+                tracker = entry[1]
+                tracker.expected = seq  # asked for again, as after a failed write
+                tracker._buffer.clear()
+                follower._positions[key] = seq
 
     def _sync_and_ack(self, *, reack: bool) -> None:
         """fsync every replica written since the last call, then ack it to its origin (all
@@ -961,6 +1101,7 @@ class Store:
                     nx = exc.next_offset if exc.next_offset is not None else head
                     skip = (start, max(nx, start + 1), "damaged")
                     first = skip[1]
+                    self._note_damage((origin, rq.stream), start)
                 except OffsetOutOfRange:
                     gone, first = True, rep.oldest or head
                 except LogError as exc:
@@ -1020,7 +1161,11 @@ class Store:
                     break
                 seq = nxt
                 continue
-            first, envs = rep.read(seq, max_records - len(out))
+            try:
+                first, envs = rep.read(seq, max_records - len(out))
+            except LogCorruptedRange:
+                self._note_damage((origin, stream), seq)
+                raise
             out.extend((first + i, e) for i, e in enumerate(envs))
             seq = first + len(envs)
         return out
