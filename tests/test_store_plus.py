@@ -304,3 +304,50 @@ def test_a_store_cut_by_a_power_cut_or_a_flipped_byte_copies_again_what_it_lost(
         assert store.stats().damaged == 1
     pub.close()
     store.close()
+
+
+def _at(ms: int, data: int) -> Event:
+    """An event as an origin whose clock reads ``ms`` would make it (UUIDv7 id and time)."""
+    from datetime import UTC, datetime, timedelta
+
+    h = f"{ms:012x}"
+    ident = f"{h[:8]}-{h[8:]}-7000-8000-{data:012x}"
+    return Event(type="t", source="o", data=[data, "x" * 400], id=ident,
+                 time=datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms))
+
+
+def test_an_origin_clock_far_behind_or_ahead_keeps_store_retention_and_start_time_sane(
+        mesh: Mesh) -> None:
+    # The origin's clock jumps to 2001, back, to 2100, back: the store (copying it all at
+    # once, later) neither deletes the 2001 events by age at once nor lets the 2100 ones
+    # capture a Start.time lookup, and finds what the origin's log finds.
+    import time as _time
+
+    from mesh.log import Retention
+
+    stream = unique("s").replace("-", "")
+    pn = mesh.add("pub")
+    now_ms = _time.time_ns() // 1_000_000
+    with Publisher(pn, stream, heartbeat_s=0.1) as pub:
+        pub.publish_events([_at(978_307_200_000 + i, i) for i in range(5)])  # 2001
+        pub.publish_many([[i, "x" * 400] for i in range(5, 10)])
+        pub.publish_events([_at(4_102_444_800_000 + i, 10 + i) for i in range(5)])  # 2100
+        pub.publish_many([[i, "x" * 400] for i in range(15, 20)])
+        sn = mesh.add("store")
+        cfg = LogConfig(segment_bytes=4096, retention=Retention(max_age_s=3600))
+        store = Store(sn, topics=(stream,), log_config=cfg)
+        wait_until(lambda: (store.durable().get((pn.id, stream)) or (0, 0))[1] >= 20, 20,
+                   what=lambda: store.stats())
+        rep = store._replica((pn.id, stream), create=False)
+        assert rep is not None
+        rep.log.enforce_retention()
+        got = store.read(pn.id, stream)
+        assert rep.log.stats().segments >= 3
+        assert [decode(e).data[0] for _s, e in got] == list(range(20))  # none deleted by age
+        log = pub._log
+        assert log is not None
+        for i in (5, 15):
+            t = decode(got[i][1]).time_us * 1000
+            assert _first_at(store, pn.id, stream, t) == log.offset_for_time(t) == i
+        assert _first_at(store, pn.id, stream, (now_ms + 3_600_000) * 1_000_000) == 20
+        store.close()

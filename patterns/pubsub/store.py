@@ -397,6 +397,12 @@ class _Replica:
                 # Each record keeps the origin's time (origin_time_ns), so Start.time finds
                 # the same first event here as in the origin's log; one batch per time.
                 stamps = [origin_time_ns(e) for e in envs]
+                floor = self._stamp_floor()
+                if floor is not None:
+                    # An origin whose clock is far behind would have the store's age
+                    # retention delete a copy just made: a stamp is never older than half
+                    # the retention age (a future one the log passes over by itself).
+                    stamps = [None if t is None else max(t, floor) for t in stamps]
                 i = 0
                 while i < len(envs):
                     j = i + 1
@@ -413,6 +419,10 @@ class _Replica:
                         self.head is None or self.head <= first):
                     self.epochs.pop()
                 raise
+
+    def _stamp_floor(self) -> int | None:
+        age = self.log.config.retention.max_age_s
+        return None if age is None else time.time_ns() - int(age * 5e8)
 
     def rewind(self, to: int) -> None:
         """The origin's log no longer holds seqs ``to..`` (a new epoch took them back):
