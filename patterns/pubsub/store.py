@@ -52,7 +52,7 @@ from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
 from patterns.pubsub.subscriber import Start, Subscriber
 
-__all__ = ["ReplicaMapDamaged", "Store", "StoreStats", "followed_topics"]
+__all__ = ["ReplicaMapDamaged", "Store", "StoreStats", "followed_topics", "read_holdings"]
 
 _log = logging.getLogger("zeromesh.pubsub.store")
 
@@ -538,6 +538,57 @@ class _Follower(Subscriber):
             self._deliver(key, first, payloads)
         if step.ask is not None:
             self._send_ask(key, tracker, step.ask)
+
+
+def read_holdings(data_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """What the store of node directory ``data_dir`` holds, read-only (safe while it runs):
+    one row per copy (``origin``, ``stream``, ``oldest``, ``head``, ``epoch``, ``records``,
+    ``bytes``; ``error`` instead for a copy that cannot be read), then one per archive
+    (``archive``: its directory, ``epoch``, ``oldest``, ``head``)."""
+    root = Path(data_dir) / "replicas"
+    rows: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return rows
+
+    def one(base: Path, origin: str, stream: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"origin": origin, "stream": stream}
+        try:
+            lg = LogDirectory(base / origin).open(stream, readonly=True)
+        except MeshError as exc:
+            return {**row, "error": str(exc)}
+        try:
+            st = lg.stats()
+            meta = json.loads((Path(lg.path) / REPLICA_NAME).read_text(encoding="utf-8"))
+            runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
+            epochs = meta.get("epochs", [])
+        except (OSError, ValueError, TypeError) as exc:
+            return {**row, "error": f"{REPLICA_NAME}: {exc}"}
+        finally:
+            lg.close()
+        nxt, first = st.next_offset, st.first_offset
+        head = oldest = None
+        for seq, local, count in runs:
+            n = (nxt - local) if count < 0 else min(count, max(0, nxt - local))
+            if n <= 0:
+                continue
+            if first is not None and oldest is None and local + n > first:
+                oldest = seq + max(0, first - local)
+            head = seq + n
+        return {**row, "oldest": oldest if oldest is not None else head, "head": head,
+                "epoch": int(epochs[-1][0]) if epochs else 0, "records": st.records,
+                "bytes": st.bytes}
+
+    for d in sorted(root.iterdir()):
+        if len(d.name) == 32 and not d.name.strip("0123456789abcdef"):
+            rows.extend(one(root, d.name, s) for s in LogDirectory(d).streams())
+    arch = root / ARCHIVE_DIR
+    for d in sorted(arch.iterdir()) if arch.is_dir() else []:
+        for od in sorted(x for x in d.iterdir() if x.is_dir()):
+            for s in LogDirectory(od).streams():
+                row = one(d, od.name, s)
+                row["archive"] = str(od / "streams" / s)
+                rows.append(row)
+    return rows
 
 
 def followed_topics(topics: Iterable[str]) -> tuple[str, ...]:
@@ -1178,6 +1229,17 @@ class Store:
                 raise
             out.extend((first + i, e) for i, e in enumerate(envs))
             seq = first + len(envs)
+        return out
+
+    def lag(self) -> dict[Key, int]:
+        """(origin, stream) -> how many seqs the copy is behind the origin's head as the
+        store last heard it (DATA, heartbeats, replay answers); 0 when caught up."""
+        out: dict[Key, int] = {}
+        for f in self._followers:
+            for key, (_epoch, tracker) in list(f._trackers.items()):
+                rep = self._replica(key, create=False)
+                head = (rep.head if rep is not None else None) or 0
+                out[key] = max(0, tracker.known_head - head)
         return out
 
     def durable(self) -> dict[Key, tuple[int, int]]:
