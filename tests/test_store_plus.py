@@ -17,7 +17,7 @@ from mesh.log import LogConfig
 from patterns.pubsub import frames
 from patterns.pubsub.holdings import board_for
 from patterns.pubsub.publisher import Publisher
-from patterns.pubsub.store import HOLDINGS_PEER_PAGES, Store, _Replica
+from patterns.pubsub.store import HOLDINGS_PEER_PAGES, Store, _Replica, read_holdings
 from patterns.pubsub.subscriber import Start, Subscriber
 from tests.test_store import ORIGIN, Mesh
 from tests.util import unique, wait_until
@@ -351,3 +351,41 @@ def test_an_origin_clock_far_behind_or_ahead_keeps_store_retention_and_start_tim
             assert _first_at(store, pn.id, stream, t) == log.offset_for_time(t) == i
         assert _first_at(store, pn.id, stream, (now_ms + 3_600_000) * 1_000_000) == 20
         store.close()
+
+
+def test_a_copy_cut_below_what_the_origin_still_keeps_reports_the_truly_lost_range(
+        mesh: Mesh) -> None:
+    # A power cut takes most of a store's copy; meanwhile the origin's retention deleted
+    # those seqs (the store had acked them): at restart the store copies what the origin
+    # still has, and the range nobody holds any more is reported, not papered over.
+    from mesh.log import Retention
+
+    stream = unique("s").replace("-", "")
+    sn = mesh.add("store")
+    scfg = LogConfig(segment_bytes=16 << 10)
+    store = Store(sn, topics=(stream,), log_config=scfg)
+    pn = mesh.add("pub")
+    wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    pcfg = LogConfig(segment_bytes=4096, retention=Retention(max_records=200))
+    pub = Publisher(pn, stream, replicas=1, heartbeat_s=0.1, log_config=pcfg)
+    for i in range(0, 1000, 50):
+        pub.publish_many([b"v" * 80 + str(i + k).encode() for k in range(50)])
+    store.close()
+    oldest = pub.stats().oldest
+    assert oldest > 300, oldest
+    rdir = _replica_dir(sn.data_dir, pn.id, stream)
+    segs = sorted(p for p in rdir.iterdir() if p.name.endswith(".log"))
+    for p in segs[1:]:
+        p.unlink()  # the copy keeps only its first segment
+    store = Store(sn, topics=(stream,), log_config=scfg)
+    cut = store.holdings()[0].head
+    assert 0 < cut < oldest
+    wait_until(lambda: (store.durable().get((pn.id, stream)) or (0, 0))[1] == 1000, 20,
+               what=lambda: (store.holdings(), store.stats()))
+    assert store.missing() == {(pn.id, stream): [(cut, oldest)]}
+    got = store.read(pn.id, stream, 0, 5000)
+    assert [s for s, _e in got] == [*range(cut), *range(oldest, 1000)]
+    (row,) = read_holdings(sn.data_dir)
+    assert row["missing"] == [[cut, oldest]]
+    pub.close()
+    store.close()

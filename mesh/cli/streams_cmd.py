@@ -177,8 +177,9 @@ def cmd_streams(args: argparse.Namespace) -> int:
             what = "archive" if "archive" in r else "copy"
             held = "empty" if r["head"] is None else f"{r['oldest']}..{r['head'] - 1}"
             lag = "" if r.get("lag") is None else f", lag {r['lag']}"
+            gaps = "".join(f", missing {a}..{b - 1}" for a, b in r.get("missing") or [])
             print(f"{r['stream']} ({what} of node {r['replica_of'][:12]}): holds {held} "
-                  f"(origin epoch {r['epoch']}){lag}")
+                  f"(origin epoch {r['epoch']}){lag}{gaps}")
             continue
         if "remote_publisher" in r:
             print(f"{r['stream']} (of node {r['remote_publisher'][:12]})")

@@ -300,6 +300,13 @@ class _Replica:
         finally:
             os.close(fd)
 
+    def holes(self) -> list[tuple[int, int]]:
+        """The seq ranges ``(start, end)`` between the first and the last seq held that this
+        copy does not hold (the source no longer had them when the copy was made)."""
+        with self.lock:
+            return [(self._run_end(i), self.runs[i + 1][0]) for i in range(len(self.runs) - 1)
+                    if self._run_end(i) < self.runs[i + 1][0]]
+
     def first_damaged(self) -> int | None:
         """The first origin seq held in a damaged part of the log (a record that fails its
         checks, found when the log was opened), or None."""
@@ -543,7 +550,7 @@ class _Follower(Subscriber):
 def read_holdings(data_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """What the store of node directory ``data_dir`` holds, read-only (safe while it runs):
     one row per copy (``origin``, ``stream``, ``oldest``, ``head``, ``epoch``, ``records``,
-    ``bytes``; ``error`` instead for a copy that cannot be read), then one per archive
+    ``bytes``, ``missing``: the ``[start, end]`` seq ranges inside it not held; ``error`` instead for a copy that cannot be read), then one per archive
     (``archive``: its directory, ``epoch``, ``oldest``, ``head``)."""
     root = Path(data_dir) / "replicas"
     rows: list[dict[str, Any]] = []
@@ -567,16 +574,19 @@ def read_holdings(data_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             lg.close()
         nxt, first = st.next_offset, st.first_offset
         head = oldest = None
+        missing: list[list[int]] = []
         for seq, local, count in runs:
             n = (nxt - local) if count < 0 else min(count, max(0, nxt - local))
             if n <= 0:
                 continue
             if first is not None and oldest is None and local + n > first:
                 oldest = seq + max(0, first - local)
+            if head is not None and seq > head:
+                missing.append([head, seq])
             head = seq + n
         return {**row, "oldest": oldest if oldest is not None else head, "head": head,
                 "epoch": int(epochs[-1][0]) if epochs else 0, "records": st.records,
-                "bytes": st.bytes}
+                "bytes": st.bytes, "missing": missing}
 
     for d in sorted(root.iterdir()):
         if len(d.name) == 32 and not d.name.strip("0123456789abcdef"):
@@ -1230,6 +1240,15 @@ class Store:
             out.extend((first + i, e) for i, e in enumerate(envs))
             seq = first + len(envs)
         return out
+
+    def missing(self) -> dict[Key, list[tuple[int, int]]]:
+        """(origin, stream) -> the seq ranges ``(start, end)`` inside a copy it does not
+        hold: truly lost there (its source had deleted or skipped them when the copy was
+        made, e.g. after a power cut cut the copy back below what the origin still kept).
+        Only copies with a hole are listed."""
+        with self._lock:
+            reps = list(self._replicas.items())
+        return {k: h for k, rep in reps if (h := rep.holes())}
 
     def lag(self) -> dict[Key, int]:
         """(origin, stream) -> how many seqs the copy is behind the origin's head as the
