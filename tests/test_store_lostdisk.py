@@ -117,3 +117,26 @@ def test_without_resume_the_store_keeps_what_the_new_epoch_takes_back(
     arch = _archives(tmp_path / "store", origin, stream)
     assert len(arch) == 1, arch
     assert [(s, decode(e).data) for s, e in arch[0]] == [(i, i) for i in range(N)]
+
+
+def test_a_log_that_lost_its_tail_continues_after_what_the_stores_hold(
+        tmp_path: Path, hub: Node, children: list[Child]) -> None:
+    # A power cut took the publisher's unsynced tail, which the store had already copied
+    # and acked: the restarted publisher must not give those seqs to new events.
+    stream = "plant.valve"
+    st, pub_dir, origin = _publish_and_lose(tmp_path, hub, children, stream)
+    log_dir = pub_dir / "streams" / stream
+    seg = max(p for p in log_dir.iterdir() if p.name.endswith(".log"))
+    os.truncate(seg, seg.stat().st_size // 2)
+    pub2 = start(children, "pub", str(pub_dir), hub.mesh, ctrl(hub), stream, str(N), "50",
+                 "1", "50")
+    wait_until(lambda: pub2.has("DONE"), 60, what=lambda: pub2.lines[-3:])
+    head = pub2.has("HEAD")
+    assert head is not None and int(head.split()[1]) == N, head
+    wait_until(lambda: held(st, origin, stream) == N + 50, 20, what=lambda: st.lines[-2:])
+    pub2.stop()
+    st.stop()
+    got = replica_content(tmp_path / "store", origin, stream)
+    assert [(s, decode(e).data) for s, e in got] == [(i, i) for i in range(N + 50)]
+    assert not (tmp_path / "store" / "replicas" / ARCHIVE_DIR).exists()
+    assert [p.name.split(".")[2] for p in (pub_dir / "aside").iterdir()] == ["behind"]

@@ -163,7 +163,9 @@ def head_from_stores(node: Any, stream: str, wait_s: float) -> int:
             break
         board.wait(lambda: False, min(left, 0.05))
     held = board.holders(key)
-    return max((r[1] for r in held.values()), default=0)
+    # Only a store allowed to replicate the stream is believed (under security).
+    return max((r[1] for s, r in held.items() if node.permits(s, "replicate", stream)),
+               default=0)
 
 
 def board_for(node: Any) -> HoldingsBoard:
@@ -208,9 +210,12 @@ def open_own_log(node: Any, stream: str, config: LogConfig, wait_s: float) -> Lo
     holds nothing is a lost one (a new disk, a wiped or emptied stream directory): it is
     opened at the head the live stores hold of this node's stream (:func:`head_from_stores`),
     so no seq a store holds is given to another event. A log that cannot be opened (damaged
-    beyond the log's own recovery, unreadable) is moved to ``<data_dir>/aside/`` and a new one
-    started the same way (a warning names both). Another writer's lock and a wrong at-rest
-    key are raised as they are (not damage). Every open is a new writer epoch.
+    beyond the log's own recovery, unreadable), or that ends below what the stores hold (it
+    lost its tail: a power cut, a restored backup), is moved to ``<data_dir>/aside/`` and a
+    new one started the same way (a warning names both). So every start with ``wait_s``
+    asks the stores (at most ``wait_s`` when none answers). Another writer's lock and a
+    wrong at-rest key are raised as they are (not damage). Every open is a new writer
+    epoch.
 
     Raises:
         LogError: the log cannot be opened (``wait_s`` 0, or the new one cannot either).
@@ -228,7 +233,7 @@ def open_own_log(node: Any, stream: str, config: LogConfig, wait_s: float) -> Lo
                          "stores where it ended", stream, where)
         return logs.open(stream, config, start_offset=head_from_stores(node, stream, wait_s))
     try:
-        return logs.open(stream, config)
+        log = logs.open(stream, config)
     except (LogLocked, DecryptionFailed):
         raise
     except LogError as exc:
@@ -236,3 +241,16 @@ def open_own_log(node: Any, stream: str, config: LogConfig, wait_s: float) -> Lo
         _log.warning("pubsub: the log of %r cannot be opened (%s): moved to %s; starting a new "
                      "one where the stores hold it up to", stream, exc, where)
         return logs.open(stream, config, start_offset=head_from_stores(node, stream, wait_s))
+    stores = head_from_stores(node, stream, wait_s)
+    if stores <= log.next_offset:
+        return log
+    # The stores hold more of this stream than the log does: the log lost its tail (a power
+    # cut took what was not fsynced, a restored backup). Continuing here would give seqs the
+    # stores hold to other events: set this log aside and continue after the stores' head.
+    had = log.next_offset
+    log.close()
+    where = _put_aside(path, logs.root, "behind")
+    _log.warning("pubsub: the log of %r ends at seq %d but the stores hold it up to %d: "
+                 "moved to %s; continuing at %d (the stores serve what is before)", stream,
+                 had, stores, where, stores)
+    return logs.open(stream, config, start_offset=stores)
