@@ -389,3 +389,20 @@ def test_a_copy_cut_below_what_the_origin_still_keeps_reports_the_truly_lost_ran
     assert row["missing"] == [[cut, oldest]]
     pub.close()
     store.close()
+
+
+def test_origin_times_of_a_batch_match_one_by_one() -> None:
+    # The batch fast path reads at the first envelope's offsets; it must agree with the
+    # one-by-one parse, across a change of seq width, application times and junk.
+    from datetime import UTC, datetime
+
+    from mesh.envelope import encode_new_many
+    from patterns.pubsub.store import origin_time_ns, origin_times_ns
+
+    envs = encode_new_many([b"x" * 10] * 700, type="t", source="s", stream="plant.t",
+                           first_seq=65_200)  # seqs cross 65536: uint16 -> uint32
+    old = datetime(2010, 1, 1, tzinfo=UTC)
+    mix = [encode(Event(type="t", source="s", stream="plant.t", seq=70_000 + i, data=i,
+                        time=old if i % 3 == 0 else None)) for i in range(50)]
+    for batch in (envs, [*envs[:3], *mix, b"", b"junk", *envs[3:9]]):
+        assert origin_times_ns(batch) == [origin_time_ns(e) for e in batch]

@@ -201,6 +201,50 @@ class ReplicaMapDamaged(LogError):
     file). The store moves that copy aside and copies the stream again."""
 
 
+def origin_times_ns(envs: list[bytes]) -> list[int | None]:
+    """:func:`origin_time_ns` of each envelope; envelopes laid out like the first one (same
+    stream, same width of seq: one stream's batch) are read at its offsets directly."""
+    out: list[int | None] = []
+    lay: tuple[bytes, int, int, int] | None = None  # (prefix, seq type pos, id pos, time pos)
+    for env in envs:
+        if lay is not None:
+            prefix, spos, ipos, tpos = lay
+            if env.startswith(prefix) and env[spos] == prefix[-1] and len(env) > tpos + 8 \
+                    and env[ipos] == 0xD9 and env[ipos + 1] == 36 and env[tpos] == 0xCF \
+                    and env[ipos + 16] == 0x37:  # a UUIDv7 id, a uint64 time
+                raw = env[ipos + 2:ipos + 38]
+                ms = int(raw[0:8] + raw[9:13], 16)
+                us = int.from_bytes(env[tpos + 1:tpos + 9], "big")
+                out.append(us * 1000 if abs(us - ms * 1000) <= _ID_TIME_SLACK_US
+                           else ms * 1_000_000)
+                continue
+        out.append(origin_time_ns(env))
+        lay = _layout(env)
+    return out
+
+
+def _layout(env: bytes) -> tuple[bytes, int, int, int] | None:
+    """Where the seq type, id and time of ``env`` are (None: not the common layout)."""
+    try:
+        pos = 1 if env[0] == 0x9F else -1
+        if pos < 0 or env[1] >= 0x80 or env[2] >= 0x80:
+            return None
+        got = _str_at(env, 3)
+        if got is None:
+            return None
+        spos = got[1]
+        seq = _uint(env, spos)
+        if seq is None:
+            return None
+        ipos = seq[1]
+        if env[ipos] != 0xD9 or env[ipos + 1] != 36:
+            return None
+        tpos = ipos + 38
+        return env[:spos + 1], spos, ipos, tpos
+    except IndexError:
+        return None
+
+
 class _Replica:
     """One (origin, stream) copy: a log plus the runs map and the origin's epoch history.
 
@@ -403,7 +447,7 @@ class _Replica:
             try:
                 # Each record keeps the origin's time (origin_time_ns), so Start.time finds
                 # the same first event here as in the origin's log; one batch per time.
-                stamps = [origin_time_ns(e) for e in envs]
+                stamps = origin_times_ns(envs)
                 floor = self._stamp_floor()
                 if floor is not None:
                     # An origin whose clock is far behind would have the store's age
