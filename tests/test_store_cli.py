@@ -100,3 +100,42 @@ def test_mesh_streams_shows_what_a_store_holds_and_its_lag(tmp_path: Path) -> No
                     f"(origin epoch {epoch})" in r.stdout
                 assert f"{stream} (archive of node {pn.id[:12]}): holds 10..29" in r.stdout
         store.close()
+
+
+def test_mesh_top_shows_what_each_store_holds(tmp_path: Path) -> None:
+    # `mesh top --once` pointed at a store node: a REPLICAS row per copy (stream, origin by
+    # name, store, head, lag behind the origin).
+    import os
+    import subprocess
+    import sys
+
+    from patterns.pubsub import frames
+    from patterns.pubsub.publisher import Publisher
+    from patterns.pubsub.store import Store
+    from tests.util import REPO, ctrl, make_node, wait_until
+
+    m, stream = unique("m"), unique("s").replace("-", "")
+    with make_node(tmp_path / "depot", m) as sn, Store(sn, topics=(stream,)) as store, \
+            make_node(tmp_path / "sensor", m, (ctrl(sn),)) as pn:
+        wait_until(lambda: pn.who_offers("service", name=frames.STORE_SERVICE), 10)
+        with Publisher(pn, stream, replicas=1, heartbeat_s=0.1) as pub:
+            pub.publish_many(list(range(12)))
+            wait_until(lambda: store.lag().get((pn.id, stream)) == 0, 10)
+            env = dict(os.environ, PYTHONPATH=REPO)
+            base = [sys.executable, "-m", "mesh", "top", "--peer", ctrl(sn), "--no-mdns",
+                    "--interface", "127.0.0.1", "--mesh", m, "--name", "topper", "--once",
+                    "--timeout", "10"]
+            r = subprocess.run([*base, "--json"], env=env, capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0, r.stderr
+            view = json.loads(r.stdout)
+            assert [(x["stream"], x["origin"], x["origin_name"], x["store"], x["head"],
+                     x["lag"]) for x in view["replicas"]] == [
+                (stream, pn.id, "sensor", "depot", 12, 0)]
+            r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            lines = r.stdout.splitlines()
+            at = lines.index("REPLICAS (1)")
+            assert lines[at + 1].split() == ["STREAM", "ORIGIN", "STORE", "HEAD", "LAG"]
+            row = lines[at + 2]
+            assert row.split() == [stream, "sensor", "depot", "12", "0"]
