@@ -45,7 +45,8 @@ def _seed_replicas(data_dir: Path, streams: list[str], per: int = 1) -> None:
         rep.close()
 
 
-def test_holdings_are_paged_past_one_answer_and_every_copy_is_served(mesh: Mesh) -> None:
+def test_holdings_are_paged_past_one_answer_and_every_copy_is_served(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     # More (origin, stream) copies than one holdings answer carries: the asker follows the
     # store's ``next`` cursor until the last page, and a subscriber reads every stream,
     # including those of the last page.
@@ -77,6 +78,19 @@ def test_holdings_are_paged_past_one_answer_and_every_copy_is_served(mesh: Mesh)
                                        {k: v for k, v in got.items() if v > 1}, sub.stats()))
     assert got == dict.fromkeys(streams, 1)  # every copy once, none twice
     sub.close()
+    # What a page costs the store is the copies it walks: a peer's second holds a budget
+    # of them (here 2,500: two full pages and a short one), not only of requests.
+    import patterns.pubsub.store as store_mod
+
+    monkeypatch.setattr(store_mod, "HOLDINGS_PEER_SCAN", 2500)
+    raw = mesh.add("raw")
+    wait_until(lambda: raw.who_offers("service", name=frames.STORE_SERVICE), 10, what="store")
+    before = store.stats()
+    for i in range(10):
+        raw.send(sn.id, frames.CTRL_HOLDINGS_REQ, frames.encode_holdings_req(prefix, 900 + i))
+    wait_until(lambda: store.stats().holdings_answers + store.stats().holdings_refused
+               >= before.holdings_answers + before.holdings_refused + 10, 10)
+    assert store.stats().holdings_refused > before.holdings_refused
 
 
 def test_holdings_pages_are_budgeted_per_peer(mesh: Mesh) -> None:

@@ -81,9 +81,12 @@ FETCH_REPLY_COST = 1024
 FETCH_MIN_CHUNK = 64 << 10
 #: ``pubsub.holdings_req`` one peer may send per second (each answers one page of up to
 #: ``frames.MAX_HOLDINGS`` items); beyond that they are dropped (counted): the asker asks
-#: again at its next round. At most this many copies are looked at for one page.
-HOLDINGS_PEER_PAGES = 50
+#: again at its next round. At most HOLDINGS_SCAN copies are looked at for one page.
+HOLDINGS_PEER_PAGES = 200
 HOLDINGS_SCAN = 4 * frames.MAX_HOLDINGS
+#: Copies looked at for one peer's holdings pages per second, over all its requests (what
+#: a page costs the store is the copies it walks, not the request).
+HOLDINGS_PEER_SCAN = 20_000
 
 Key = tuple[str, str]  # (origin node id, stream)
 
@@ -102,8 +105,9 @@ class StoreStats:
         fetch_busy: fetches answered ``"busy"`` (the peer's fetch budget was used up, or its
             connection is backed up).
         holdings_answers: ``pubsub.holdings_req`` answered (one page each).
-        holdings_refused: ``pubsub.holdings_req`` malformed, or over the peer's
-            ``HOLDINGS_PEER_PAGES`` a second (not answered).
+        holdings_refused: ``pubsub.holdings_req`` malformed, or over the peer's budget
+            (``HOLDINGS_PEER_PAGES`` requests, ``HOLDINGS_PEER_SCAN`` copies looked at, a
+            second): not answered.
         rewinds: times an origin's new epoch took back seqs a replica held.
         archived: records kept in archives because a new epoch took them back, or a
             damaged part of the copy is copied again (:meth:`Store.archives`).
@@ -734,8 +738,9 @@ class Store:
         self._budget = Budget("store_fetch_bytes", fetch_peer_bytes,
                               max(fetch_peer_bytes, FETCH_NODE_BYTES))
         self._sent: dict[str, OrderedDict[int, int]] = {}
-        #: Reactor thread only: peer -> (start of its second, holdings requests in it).
-        self._hpages: dict[str, tuple[float, int]] = {}
+        #: Reactor thread only: peer -> (start of its second, holdings requests in it,
+        #: copies looked at for them).
+        self._hpages: dict[str, tuple[float, int, int]] = {}
         self._order: list[tuple[str, str]] | None = None  # keys in holdings order
         #: (origin, stream) -> first seq found damaged at a read: copied again (_repair)
         self._repairs: dict[Key, int] = {}
@@ -1026,7 +1031,8 @@ class Store:
         # Reactor thread. One page per request: up to MAX_HOLDINGS items, at most
         # HOLDINGS_SCAN copies looked at (a peer allowed few streams cannot make every
         # request a walk of all of them), in holdings_order; ``next`` resumes after the
-        # last copy looked at. Each peer gets HOLDINGS_PEER_PAGES requests per second.
+        # last copy looked at. Each peer gets HOLDINGS_PEER_PAGES requests and
+        # HOLDINGS_PEER_SCAN copies looked at per second.
         if self._closed:
             return
         try:
@@ -1036,10 +1042,12 @@ class Store:
             self._logs.warning(f"bad:{peer_id}", "store: bad holdings request from %s: %s",
                                peer_id, exc)
             return
-        if not self._holdings_room(peer_id):
+        room = self._holdings_room(peer_id)
+        if room <= 0:
             self._stats.holdings_refused += 1
-            self._logs.warning(f"hbudget:{peer_id}", "store: %s asks for holdings more than "
-                               "%d times a second: not answered", peer_id, HOLDINGS_PEER_PAGES)
+            self._logs.warning(f"hbudget:{peer_id}", "store: %s is over its holdings budget "
+                               "(%d requests, %d copies looked at a second): not answered",
+                               peer_id, HOLDINGS_PEER_PAGES, HOLDINGS_PEER_SCAN)
             return
         order = self._holdings_sorted()
         i = bisect.bisect_left(order, (prefix, ""))
@@ -1053,7 +1061,7 @@ class Store:
             stream, origin = order[i]
             if not stream.startswith(prefix):
                 break  # past the prefix's range
-            if len(items) >= frames.MAX_HOLDINGS or scanned >= HOLDINGS_SCAN:
+            if len(items) >= frames.MAX_HOLDINGS or scanned >= min(HOLDINGS_SCAN, room):
                 more = True
                 break
             i += 1
@@ -1067,6 +1075,8 @@ class Store:
                 continue
             items.append(frames.Holding(origin, stream, head if oldest is None else oldest,
                                         head, rep.epoch))
+        start, n, used = self._hpages[peer_id]
+        self._hpages[peer_id] = (start, n, used + scanned)
         try:
             self.node.send(peer_id, frames.CTRL_HOLDINGS, frames.encode_holdings(
                 req, items, more, last if more else None))
@@ -1083,18 +1093,19 @@ class Store:
                                              for o, s in self._replicas)
             return order
 
-    def _holdings_room(self, peer_id: str) -> bool:
-        """Reactor thread: take one of ``peer_id``'s holdings requests of this second."""
+    def _holdings_room(self, peer_id: str) -> int:
+        """Reactor thread: take one of ``peer_id``'s holdings requests of this second;
+        returns how many copies it may still have looked at this second (0: refused)."""
         now = time.monotonic()
-        start, n = self._hpages.get(peer_id, (now, 0))
+        start, n, used = self._hpages.get(peer_id, (now, 0, 0))
         if now - start >= 1.0:
-            start, n = now, 0
-        if n >= HOLDINGS_PEER_PAGES:
-            return False
+            start, n, used = now, 0, 0
+        if n >= HOLDINGS_PEER_PAGES or used >= HOLDINGS_PEER_SCAN:
+            return 0
         if peer_id not in self._hpages and len(self._hpages) >= 4096:
             self._hpages.clear()  # bounded by the peers of the last second or so
-        self._hpages[peer_id] = (start, n + 1)
-        return True
+        self._hpages[peer_id] = (start, n + 1, used)
+        return HOLDINGS_PEER_SCAN - used
 
     def _on_fetch(self, peer_id: str, body: object) -> None:
         if self._closed:
