@@ -422,3 +422,47 @@ def test_origin_times_of_a_batch_match_one_by_one() -> None:
                         time=old if i % 3 == 0 else None)) for i in range(50)]
     for batch in (envs, [*envs[:3], *mix, b"", b"junk", *envs[3:9]]):
         assert origin_times_ns(batch) == [origin_time_ns(e) for e in batch]
+
+
+def test_a_damaged_copy_is_repaired_from_another_store_when_the_origin_is_gone(
+        mesh: Mesh) -> None:
+    # Two stores hold the stream; the origin is gone; a byte flips in store a's copy. A
+    # read finds it; a copies those records again from store b, byte for byte.
+    stream = unique("s").replace("-", "")
+    cfg = LogConfig(segment_bytes=64 << 10)
+    an, bn = mesh.add("a"), mesh.add("b")
+    a, b = Store(an, topics=(stream,), log_config=cfg), Store(bn, topics=(stream,))
+    pn = mesh.add("pub")
+    wait_until(lambda: len(pn.who_offers("service", name=frames.STORE_SERVICE)) == 2, 10,
+               what="stores")
+    with Publisher(pn, stream, replicas=2, heartbeat_s=0.1) as pub:
+        for i in range(0, 2000, 100):
+            pub.publish_many([b"v" * 80 + str(i + k).encode() for k in range(100)])
+    origin = pn.id
+    pn.close()
+    wait_until(lambda: not mesh.hub.who_offers("stream", name=stream), 10, what="origin gone")
+    want = b.read(origin, stream, 0, 5000)
+    assert len(want) == 2000
+    a.close()
+    rdir = _replica_dir(an.data_dir, origin, stream)
+    segs = sorted(p for p in rdir.iterdir() if p.name.endswith(".log"))
+    victim = segs[len(segs) // 2]
+    with open(victim, "r+b") as f:
+        f.seek(victim.stat().st_size // 2)
+        c = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([c[0] ^ 0x5A]))
+    a = Store(an, topics=(stream,), log_config=cfg)
+    with pytest.raises(LogCorruptedRange):
+        a.read(origin, stream, 0, 5000)  # typed; the store copies it again from b
+
+    def healed() -> bool:
+        try:
+            return a.read(origin, stream, 0, 5000) == want
+        except LogCorruptedRange:
+            return False
+
+    wait_until(healed, 20, what=lambda: (a.holdings(), a.stats()))
+    assert a.stats().damaged == 1
+    a.close()
+    b.close()

@@ -50,6 +50,7 @@ from patterns._closing import close_with
 from patterns._metrics import attach, store_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
+from patterns.pubsub.holdings import board_for
 from patterns.pubsub.subscriber import Start, Subscriber
 
 __all__ = ["ReplicaMapDamaged", "Store", "StoreStats", "followed_topics", "read_holdings"]
@@ -744,6 +745,8 @@ class Store:
         self._order: list[tuple[str, str]] | None = None  # keys in holdings order
         #: (origin, stream) -> first seq found damaged at a read: copied again (_repair)
         self._repairs: dict[Key, int] = {}
+        #: (origin, stream) -> a damaged seq no source could give yet (counted once)
+        self._unrepaired: dict[Key, int] = {}
         if _registry.get_or_create(node, "pubsub.store", lambda: self) is not self:
             raise ConfigError("a store already runs on this node")
         try:
@@ -960,32 +963,45 @@ class Store:
 
     def _repair(self, follower: _Follower) -> None:
         """Follower thread: copy again what was found damaged, from the origin while it
-        is live (what is readable after the damage is archived first). With the origin
-        gone the copy stays as it is: its answers skip the damaged records (``skip
-        "damaged"``) and serve the rest."""
+        is live or from another live store that holds it (what is readable after the damage
+        is archived first). With neither, the copy stays as it is: its answers skip the
+        damaged records (``skip "damaged"``) and serve the rest."""
         with self._lock:
             todo = [(k, s) for k, s in self._repairs.items() if follower._matches(k[1])]
             for k, _s in todo:
                 del self._repairs[k]
         live = {p.node_id for p in self.node.who_offers("stream", prefix="")}
+        board = board_for(self.node)
+        stores = set(board.stores()) - {self.node.id}
         for key, seq in todo:
             rep = self._replica(key, create=False)
             if rep is None or rep.head is None or seq >= rep.head:
                 continue
-            self._stats.damaged += 1
-            if key[0] not in live:
+            other = [s for s, (lo, hi, _e) in board.holders(key, stores).items()
+                     if lo <= seq < hi and self.node.permits(s, "replicate", key[1])]
+            if key[0] not in live and not other:
+                # Served with a skip; the next read that finds it tries again.
+                if self._unrepaired.get(key) != seq:
+                    self._unrepaired[key] = seq
+                    self._stats.damaged += 1
                 self._logs.warning(f"damaged:{key}", "store: %s has damaged records from seq "
-                                   "%d and its origin is not live: served with a skip", key,
-                                   seq)
+                                   "%d, and neither its origin nor another store that holds "
+                                   "them is live: served with a skip", key, seq)
                 continue
+            if self._unrepaired.pop(key, None) != seq:
+                self._stats.damaged += 1  # (counted already when no source had it)
             self._logs.warning(f"damaged:{key}", "store: %s has damaged records from seq %d: "
-                               "copying them again from the origin", key, seq)
+                               "copying them again from %s", key, seq,
+                               "the origin" if key[0] in live else f"store {other[0]}")
             self._rewind(key, seq)
             entry = follower._trackers.get(key)
             if entry is not None:
                 tracker = entry[1]
                 tracker.expected = seq  # asked for again, as after a failed write
                 tracker._buffer.clear()
+                # An answer to a request made before (from the old position) would read as
+                # a skip at the source: it is stale now (its req is no longer awaited).
+                tracker._outstanding = None
                 follower._positions[key] = seq
 
     def _sync_and_ack(self, *, reack: bool) -> None:
