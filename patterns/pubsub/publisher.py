@@ -975,10 +975,11 @@ class Publisher:
             wait (see :meth:`wait_replicated`).
         replica_timeout_s: how long a publish waits for ``replicas`` stores.
         resume_from_stores: when the stream's log holds no record (first start, a lost
-            disk, a wiped stream directory) or cannot be opened (it is then moved to
-            ``<data_dir>/aside/``), wait up to this many seconds for the stores of the mesh
-            to say up to where they hold this node's stream, and start the new log there
-            (under a new writer epoch), so no seq a store holds is used again
+            disk, a wiped stream directory), cannot be opened, or ends below what the
+            stores hold of it (a tail cut by a power cut; the last two are moved to
+            ``<data_dir>/aside/``), start a new log where the stores hold this node's
+            stream up to (every start asks them, waiting up to this many seconds when
+            none answers), under a new writer epoch, so no seq a store holds is used again
             (:func:`~patterns.pubsub.holdings.open_own_log`). Default: 2 s with
             ``replicas``, else 0 (off: the log starts at seq 0, and a store that held more
             keeps what the new epoch takes back in an archive, see
