@@ -134,6 +134,10 @@ def store_collector(store: Any) -> Callable[[Collect], None]:
             out.gauge("store_replica_head", h.head,
                       "Next seq of an origin's stream a store holds.", origin=h.origin,
                       stream=h.stream)
+        for (origin, stream), lag in store.lag().items():
+            out.gauge("store_replica_lag", lag,
+                      "Seqs a store's copy is behind the origin's head as it last heard it.",
+                      origin=origin, stream=stream)
 
     return collect
 

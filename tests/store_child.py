@@ -2,7 +2,7 @@
 
 Modes:
   store DATA_DIR MESH PEER TOPIC
-      run a Store of TOPIC; print "READY <node id>", then "HOLD <origin> <stream> <head>" each
+      run a Store of TOPIC (env STORE_MAX_BYTES / STORE_SEGMENT_BYTES: size retention); print "READY <node id>", then "HOLD <origin> <stream> <head>" each
       time a replica's head moved (at most every 0.05 s); serve until stdin closes or killed.
   pub DATA_DIR MESH PEER STREAM START N REPLICAS BATCH
       Publisher(replicas=REPLICAS): publish N events (data = START+i) in publish_many calls of
@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mesh.log import LogConfig, Retention
 from mesh.node import Node, PresenceConfig
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.store import Store
@@ -36,8 +37,18 @@ def node(data_dir: str, mesh: str, peer: str) -> Node:
                 interface="127.0.0.1", static_peers=(peer,), presence=PRESENCE)
 
 
+def _store_config() -> LogConfig | None:
+    """``STORE_MAX_BYTES`` / ``STORE_SEGMENT_BYTES``: the replicas' size retention."""
+    cap = os.environ.get("STORE_MAX_BYTES")
+    if cap is None:
+        return None
+    return LogConfig(segment_bytes=int(os.environ.get("STORE_SEGMENT_BYTES", 1 << 20)),
+                     retention=Retention(max_bytes=int(cap)))
+
+
 def store(data_dir: str, mesh: str, peer: str, topic: str) -> None:
-    with node(data_dir, mesh, peer) as nd, Store(nd, topics=(topic,)) as st:
+    with node(data_dir, mesh, peer) as nd, Store(nd, topics=(topic,),
+                                                 log_config=_store_config()) as st:
         sys.stdout.write(f"READY {nd.id}\n")
         sys.stdout.flush()
         seen: dict[tuple[str, str], int] = {}

@@ -172,12 +172,22 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
     "pubsub.holdings_req": (
         lambda: _ctrl(sf.CTRL_HOLDINGS_REQ, sf.encode_holdings_req("tem", 3)),
         lambda f: _eq(sf.decode_holdings_req(_ctrl_check(sf.CTRL_HOLDINGS_REQ)(f)),
-                      ("tem", 3))),
+                      ("tem", 3, None))),
+    "pubsub.holdings_req.after": (
+        lambda: _ctrl(sf.CTRL_HOLDINGS_REQ, sf.encode_holdings_req("tem", 3, (NODE, "temps"))),
+        lambda f: _eq(sf.decode_holdings_req(_ctrl_check(sf.CTRL_HOLDINGS_REQ)(f)),
+                      ("tem", 3, (NODE, "temps")))),
     "pubsub.holdings": (
         lambda: _ctrl(sf.CTRL_HOLDINGS, sf.encode_holdings(
             3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], False)),
         lambda f: _eq(sf.decode_holdings(_ctrl_check(sf.CTRL_HOLDINGS)(f)),
-                      (3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], False))),
+                      (3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], False, None))),
+    "pubsub.holdings.page": (
+        lambda: _ctrl(sf.CTRL_HOLDINGS, sf.encode_holdings(
+            3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], True, (NODE, "temps"))),
+        lambda f: _eq(sf.decode_holdings(_ctrl_check(sf.CTRL_HOLDINGS)(f)),
+                      (3, [sf.Holding(NODE, "temps", 0, 8, 0x01020304)], True,
+                       (NODE, "temps")))),
     "pipeline.ready": (lambda: pf.encode_ready(pf.Ready("jobs", 8, NODE, "w1")),
                        lambda f: _eq(pf.decode(f), (pf.READY, pf.Ready("jobs", 8, NODE, "w1")))),
     "pipeline.task": (

@@ -117,8 +117,8 @@ def test_replicas_without_a_store_raise_a_typed_timeout_and_keep_the_event(
 
 def test_bad_store_arguments_are_config_errors(mesh: Mesh) -> None:
     nd = mesh.add("n")
-    with pytest.raises(ConfigError, match="overlap"):
-        Store(nd, topics=("a.", "a.b"))
+    with pytest.raises(ConfigError, match="topic"):
+        Store(nd, topics=())
     with pytest.raises(ConfigError, match="replicas"):
         Publisher(nd, "x", durable=False, replicas=1)
     with Store(nd, topics=("a.",)), pytest.raises(ConfigError, match="already"):

@@ -6,6 +6,11 @@ directory with their lag (``head - committed position``: known when the subscrip
 stream of this very node). ``--metrics URL`` adds the live ``consumer_lag`` a running node
 reports (publishers learn their durable subscribers' positions from acks).
 
+A node running a store (``mesh store``) also lists what it holds of other nodes' streams
+(``replicas/``): per copy the origin, the stream, the seqs held, the origin's epoch of the
+last one, and with ``--metrics`` its lag behind the origin's head (``store_replica_lag``);
+then the archives (ranges an origin's new epoch took back, kept).
+
 Read-only: safe while the node runs.
 """
 
@@ -78,6 +83,23 @@ def live_lag(url: str) -> list[dict[str, Any]]:
     return [{**labels, "lag": int(v)} for labels, v in parse_prometheus(text).get("consumer_lag", [])]
 
 
+def replica_lag(url: str) -> dict[tuple[str, str], int]:
+    """``store_replica_lag`` of a running store node: (origin, stream) -> lag.
+
+    Raises:
+        ConfigError: the endpoint cannot be read or is not the text format.
+    """
+    from mesh.metrics import parse_prometheus
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read metrics from {url}: {exc}") from exc
+    return {(lb.get("origin", ""), lb.get("stream", "")): int(v)
+            for lb, v in parse_prometheus(text).get("store_replica_lag", [])}
+
+
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every stream's facts (see the module docstring).
 
@@ -115,6 +137,10 @@ def collect(root: Path) -> list[dict[str, Any]]:
              "lag": max(0, s.next_offset - pos) if pub == node_id else None}
             for sub, pub, stream, pos in subs if stream == name]
         rows.append(row)
+    from patterns.pubsub.store import read_holdings
+
+    for rep in read_holdings(root):
+        rows.append({"stream": rep.pop("stream"), "replica_of": rep.pop("origin"), **rep})
     # Subscriptions to streams of other nodes: their position, lag unknown offline.
     local = {r["stream"] for r in rows}
     for sub, pub, stream, pos in subs:
@@ -129,7 +155,12 @@ def cmd_streams(args: argparse.Namespace) -> int:
     """``mesh streams DIR``."""
     rows = collect(Path(args.dir))
     live = live_lag(args.metrics) if args.metrics else []
+    rlag = replica_lag(args.metrics) if args.metrics else {}
     for row in rows:
+        if "replica_of" in row:
+            if "archive" not in row:
+                row["lag"] = rlag.get((row["replica_of"], row["stream"]))
+            continue
         row["live_lag"] = {d.get("consumer", "?"): d["lag"] for d in live
                            if d.get("stream") == row["stream"]}
     if args.json:
@@ -141,6 +172,14 @@ def cmd_streams(args: argparse.Namespace) -> int:
     for r in rows:
         if "error" in r:
             print(f"{r['stream']}: error: {r['error']}")
+            continue
+        if "replica_of" in r:
+            what = "archive" if "archive" in r else "copy"
+            held = "empty" if r["head"] is None else f"{r['oldest']}..{r['head'] - 1}"
+            lag = "" if r.get("lag") is None else f", lag {r['lag']}"
+            gaps = "".join(f", missing {a}..{b - 1}" for a, b in r.get("missing") or [])
+            print(f"{r['stream']} ({what} of node {r['replica_of'][:12]}): holds {held} "
+                  f"(origin epoch {r['epoch']}){lag}{gaps}")
             continue
         if "remote_publisher" in r:
             print(f"{r['stream']} (of node {r['remote_publisher'][:12]})")

@@ -100,8 +100,10 @@ def build_view(self_id: str, self_name: str, mesh: str, records: list[Any],
     answer is older than ``stale_after`` seconds shows ``stats: "stale"`` (its numbers are
     still the last it sent; a stopped or overloaded node is not a dead one).
     """
-    nodes, streams, queues, services = [], [], [], []
+    nodes, streams, queues, services, replicas = [], [], [], [], []
     stream_rows: dict[str, dict[str, Any]] = {}
+    names = {r.info.node_id: r.info.name for r in records}
+    names[self_id] = self_name
     for rec in sorted(records, key=lambda r: (r.info.name, r.info.node_id)):
         nid = rec.info.node_id
         rep = latest.get(nid)
@@ -152,6 +154,12 @@ def build_view(self_id: str, self_name: str, mesh: str, records: list[Any],
                                             consumer=consumer, pattern="pubsub"))
                 e["rate"] = _rate(body, prev, "events_consumed_total", stream=st,
                                   consumer=consumer, pattern="pubsub")
+        for lab, v in _samples(body, "store_replica_head"):
+            origin, st = lab.get("origin", ""), lab.get("stream", "")
+            replicas.append({
+                "stream": st, "origin": origin, "origin_name": names.get(origin),
+                "store": name, "head": int(v),
+                "lag": _int(_value(body, "store_replica_lag", origin=origin, stream=st))})
         for lab, v in _samples(body, "queue_pending"):
             q = lab.get("queue", "")
             queues.append({
@@ -185,8 +193,10 @@ def build_view(self_id: str, self_name: str, mesh: str, records: list[Any],
     streams.sort(key=lambda s: s["stream"])
     queues.sort(key=lambda q: (q["queue"], q["node"]))
     services.sort(key=lambda s: (s["service"], s["node"]))
+    replicas.sort(key=lambda r: (r["stream"], r["origin"], r["store"]))
     return {"time": time.time(), "mesh": mesh, "self": {"id": self_id, "name": self_name},
-            "nodes": nodes, "streams": streams, "queues": queues, "services": services}
+            "nodes": nodes, "streams": streams, "queues": queues, "services": services,
+            "replicas": replicas}
 
 
 # --- text --------------------------------------------------------------------------------------
@@ -250,6 +260,12 @@ def render(view: dict[str, Any], interval: float | None = None) -> list[str]:
             rows.append(("  sub " + sub["consumer"], sub["node"] or "-", _n(sub["consumed"]),
                          _n(sub["rate"], True), f"lag {_n(sub['lag'])}"))
     lines += _table(("STREAM", "NODE", "EVENTS", "RATE/s", "LAG"), rows)
+    reps = view.get("replicas", [])
+    if reps:  # only on a mesh with stores (patterns/pubsub/store.py)
+        lines += ["", f"REPLICAS ({len(reps)})"]
+        lines += _table(("STREAM", "ORIGIN", "STORE", "HEAD", "LAG"), [
+            (r["stream"], r["origin_name"] or r["origin"][:12], r["store"], _n(r["head"]),
+             _n(r["lag"])) for r in reps])
     lines += ["", f"QUEUES ({len(view['queues'])})"]
     lines += _table(("QUEUE", "NODE", "DEPTH", "INFLIGHT", "DLQ", "WORKERS", "ACKED/s",
                      "REDELIVERED"), [
@@ -284,6 +300,7 @@ FAMILIES = (
     "events_consumed_total", "events_published_total", "queue_delayed", "queue_inflight",
     "queue_pending", "queue_workers", "redeliveries_total", "requests_busy_total",
     "requests_running", "requests_served_total", "stream_head", "tasks_acked_total",
+    "store_replica_head", "store_replica_lag",
 )
 
 

@@ -775,14 +775,33 @@ class Holding:
     epoch: int
 
 
-def encode_holdings_req(prefix: str, req: int) -> dict[str, Any]:
+def encode_holdings_req(prefix: str, req: int,
+                        after: tuple[str, str] | None = None) -> dict[str, Any]:
     """A ``pubsub.holdings_req`` body: which streams whose name starts with ``prefix``
-    (``""``: all) does the store hold?"""
-    return {"v": VERSION, "prefix": prefix, "req": req}
+    (``""``: all) does the store hold? ``after`` (an answer's ``next`` cursor, ``(origin,
+    stream)``) asks for the page that follows it (replicated streams 1.1)."""
+    body: dict[str, Any] = {"v": VERSION, "prefix": prefix, "req": req}
+    if after is not None:
+        body["after"] = [after[0], after[1]]
+    return body
 
 
-def decode_holdings_req(body: object) -> tuple[str, int]:
-    """Validate a ``pubsub.holdings_req`` body: ``(prefix, req)``.
+def _cursor(m: dict[Any, Any], key: str, kind: str) -> tuple[str, str] | None:
+    val = m.get(key)
+    if val is None:
+        return None
+    if not isinstance(val, list) or len(val) != 2:
+        raise ProtocolError(f"{kind}.{key} must be [origin, stream]")
+    row = {"origin": val[0], "stream": val[1]}
+    origin = _origin(row, kind)
+    if origin is None:
+        raise ProtocolError(f"{kind}.{key} needs an origin")
+    return origin, _str(row, "stream", kind, limit=MAX_TOPIC)
+
+
+def decode_holdings_req(body: object) -> tuple[str, int, tuple[str, str] | None]:
+    """Validate a ``pubsub.holdings_req`` body: ``(prefix, req, after)`` (``after``: None,
+    or the ``(origin, stream)`` cursor of the previous page).
 
     Raises:
         ProtocolError: a field is missing or mistyped.
@@ -790,18 +809,31 @@ def decode_holdings_req(body: object) -> tuple[str, int]:
     """
     kind = CTRL_HOLDINGS_REQ
     m = _check_map(body, kind)
-    return _str(m, "prefix", kind, limit=MAX_TOPIC), _req_int(m, "req", kind)
+    return (_str(m, "prefix", kind, limit=MAX_TOPIC), _req_int(m, "req", kind),
+            _cursor(m, "after", kind))
 
 
-def encode_holdings(req: int, items: list[Holding], more: bool) -> dict[str, Any]:
-    """A ``pubsub.holdings`` body (at most :data:`MAX_HOLDINGS` items)."""
-    return {"v": VERSION, "req": req, "more": more,
-            "items": [[h.origin, h.stream, h.oldest, h.head, h.epoch]
-                      for h in items[:MAX_HOLDINGS]]}
+def holdings_order(origin: str, stream: str) -> tuple[str, str]:
+    """The order a store pages its holdings in (stream, then origin): every stream of one
+    prefix is a contiguous range of it."""
+    return stream, origin
 
 
-def decode_holdings(body: object) -> tuple[int, list[Holding], bool]:
-    """Validate a ``pubsub.holdings`` body: ``(req, items, more)``.
+def encode_holdings(req: int, items: list[Holding], more: bool,
+                    next_after: tuple[str, str] | None = None) -> dict[str, Any]:
+    """A ``pubsub.holdings`` body (at most :data:`MAX_HOLDINGS` items). With ``more``,
+    ``next_after`` is the cursor to ask the next page with (``after`` of the request)."""
+    body: dict[str, Any] = {"v": VERSION, "req": req, "more": more,
+                            "items": [[h.origin, h.stream, h.oldest, h.head, h.epoch]
+                                      for h in items[:MAX_HOLDINGS]]}
+    if more and next_after is not None:
+        body["next"] = [next_after[0], next_after[1]]
+    return body
+
+
+def decode_holdings(body: object) -> tuple[int, list[Holding], bool, tuple[str, str] | None]:
+    """Validate a ``pubsub.holdings`` body: ``(req, items, more, next)`` (``next``: the
+    cursor of the following page, None when there is none or the store is a 1.0 store).
 
     Raises:
         ProtocolError: a field is missing or mistyped, an item is malformed, or there are
@@ -815,6 +847,7 @@ def decode_holdings(body: object) -> tuple[int, list[Holding], bool]:
     items = m.get("items")
     if not isinstance(more, bool) or not isinstance(items, list) or len(items) > MAX_HOLDINGS:
         raise ProtocolError(f"{kind} needs items (a list of at most {MAX_HOLDINGS}) and more")
+    nxt = _cursor(m, "next", kind)
     out = []
     for it in items:
         if not isinstance(it, list) or len(it) != 5:
@@ -829,7 +862,7 @@ def decode_holdings(body: object) -> tuple[int, list[Holding], bool]:
             raise ProtocolError(f"{kind} item has oldest > head or a bad epoch")
         out.append(Holding(origin, _str(row, "stream", kind, limit=MAX_TOPIC), oldest, head,
                            epoch))
-    return req, out, more
+    return req, out, more, nxt if more else None
 
 
 def trim_chunk(events: list[bytes], first: int, max_bytes: int, max_event: int | None,

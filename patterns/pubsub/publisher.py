@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 import secrets
 import threading
 import time
@@ -48,13 +47,13 @@ from mesh.errors import (
     ReplicationTimeout,
     SendFailed,
 )
-from mesh.log import LogConfig, LogDirectory
+from mesh.log import LogConfig
 from mesh.peers import PeerEventKind
 from mesh.tracing import OTEL, child_fields, otel_active, span
 from patterns._closing import close_with
 from patterns._metrics import attach, publisher_collector, pubsub_hub_collector
 from patterns.pubsub import _registry, frames
-from patterns.pubsub.holdings import head_from_stores
+from patterns.pubsub.holdings import open_own_log
 
 __all__ = ["Publisher", "PublisherStats"]
 
@@ -1017,11 +1016,16 @@ class Publisher:
             ``replica_timeout_s`` (the events stay in the local log, published). 0: never
             wait (see :meth:`wait_replicated`).
         replica_timeout_s: how long a publish waits for ``replicas`` stores.
-        resume_from_stores: when the stream's log directory does not exist (first start,
-            or the disk was lost), wait up to this many seconds for the stores of the mesh
-            to say up to where they hold this node's stream, and start the new log there
-            (under a new writer epoch), so no seq a store holds is used again. Default: 2 s
-            with ``replicas``, else 0 (off).
+        resume_from_stores: when the stream's log holds no record (first start, a lost
+            disk, a wiped stream directory), cannot be opened, or ends below what the
+            stores hold of it (a tail cut by a power cut; the last two are moved to
+            ``<data_dir>/aside/``), start a new log where the stores hold this node's
+            stream up to (every start asks them, waiting up to this many seconds when
+            none answers), under a new writer epoch, so no seq a store holds is used again
+            (:func:`~patterns.pubsub.holdings.open_own_log`). Default: 2 s with
+            ``replicas``, else 0 (off: the log starts at seq 0, and a store that held more
+            keeps what the new epoch takes back in an archive, see
+            :meth:`~patterns.pubsub.store.Store.archives`).
 
     Raises:
         ConfigError: bad stream name or settings, ``sign=True`` on a node without a signer,
@@ -1060,15 +1064,11 @@ class Publisher:
         self._closed = False
         log = None
         if durable:
-            logs = LogDirectory(node.data_dir)
-            start = 0
             wait_s = resume_from_stores if resume_from_stores is not None else \
                 (2.0 if replicas else 0.0)
-            if wait_s > 0 and not os.path.isdir(logs.path_for(stream)):
-                # A new log (first start, or the disk was lost): continue after the seqs
-                # the stores still hold of this node's stream, under a new epoch.
-                start = head_from_stores(node, stream, wait_s)
-            log = logs.open(stream, log_config or LogConfig(), start_offset=start)
+            # A lost log (missing, empty, unreadable) continues after the seqs the stores
+            # still hold of this node's stream, under a new epoch (holdings.open_own_log).
+            log = open_own_log(node, stream, log_config or LogConfig(), wait_s)
         if forget_after_s < 0:
             raise ConfigError("forget_after_s must be >= 0")
         hub = _hub_for(node, heartbeat_s, sndhwm, forget_after_s)

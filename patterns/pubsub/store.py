@@ -25,6 +25,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.budget import Budget, LogLimiter
+from mesh.envelope import peek
 from mesh.errors import (
     ClosedError,
     CodecError,
@@ -49,13 +51,18 @@ from patterns._closing import close_with
 from patterns._metrics import attach, store_collector
 from patterns.pubsub import _registry, frames
 from patterns.pubsub.gaps import Step, StreamTracker
+from patterns.pubsub.holdings import board_for
 from patterns.pubsub.subscriber import Start, Subscriber
 
-__all__ = ["Store", "StoreStats"]
+__all__ = ["ReplicaMapDamaged", "Store", "StoreStats", "followed_topics", "read_holdings"]
 
 _log = logging.getLogger("zeromesh.pubsub.store")
 
 REPLICA_NAME = "REPLICA"
+#: Where the ranges origins' new epochs took back are kept (``replicas/archive/``).
+ARCHIVE_DIR = "archive"
+#: Where copies whose map is damaged are moved (``replicas/aside/``), for the operator.
+ASIDE_DIR = "aside"
 _MAGIC = "zeromesh-replica"
 _VERSION = 1
 #: Acks of every replica are sent again this often (an origin that restarted learns them).
@@ -79,6 +86,14 @@ FETCH_PEER_BYTES = 32 << 20
 FETCH_NODE_BYTES = 128 << 20
 FETCH_REPLY_COST = 1024
 FETCH_MIN_CHUNK = 64 << 10
+#: ``pubsub.holdings_req`` one peer may send per second (each answers one page of up to
+#: ``frames.MAX_HOLDINGS`` items); beyond that they are dropped (counted): the asker asks
+#: again at its next round. At most HOLDINGS_SCAN copies are looked at for one page.
+HOLDINGS_PEER_PAGES = 200
+HOLDINGS_SCAN = 4 * frames.MAX_HOLDINGS
+#: Copies looked at for one peer's holdings pages per second, over all its requests (what
+#: a page costs the store is the copies it walks, not the request).
+HOLDINGS_PEER_SCAN = 20_000
 
 Key = tuple[str, str]  # (origin node id, stream)
 
@@ -96,8 +111,15 @@ class StoreStats:
         fetch_refused: fetches refused (unknown stream, forbidden, busy, malformed).
         fetch_busy: fetches answered ``"busy"`` (the peer's fetch budget was used up, or its
             connection is backed up).
-        holdings_answers: ``pubsub.holdings_req`` answered.
+        holdings_answers: ``pubsub.holdings_req`` answered (one page each).
+        holdings_refused: ``pubsub.holdings_req`` malformed, or over the peer's budget
+            (``HOLDINGS_PEER_PAGES`` requests, ``HOLDINGS_PEER_SCAN`` copies looked at, a
+            second): not answered.
         rewinds: times an origin's new epoch took back seqs a replica held.
+        archived: records kept in archives because a new epoch took them back, or a
+            damaged part of the copy is copied again (:meth:`Store.archives`).
+        damaged: copies found damaged at start (a bad ``REPLICA`` map: moved to
+            ``replicas/aside/`` and copied again; damaged records: copied again from there).
         write_errors: replica writes that failed (disk full, I/O): asked for again.
     """
 
@@ -109,8 +131,129 @@ class StoreStats:
     fetch_refused: int = 0
     fetch_busy: int = 0
     holdings_answers: int = 0
+    holdings_refused: int = 0
     rewinds: int = 0
+    archived: int = 0
+    damaged: int = 0
     write_errors: int = 0
+
+
+#: How far an event's ``time`` may be from its UUIDv7 id's time and still be taken as the
+#: origin's clock at publish (beyond: a ``time`` the application set, say a historical one).
+_ID_TIME_SLACK_US = 100_000
+
+
+def _uint(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """A msgpack unsigned integer (or nil, as 0) at ``pos``: ``(value, next pos)``."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    if b == 0xC0:
+        return 0, pos + 1
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(b)
+    if width is None:
+        return None
+    return int.from_bytes(buf[pos + 1:pos + 1 + width], "big"), pos + 1 + width
+
+
+def _str_at(buf: bytes, pos: int) -> tuple[bytes, int] | None:
+    b = buf[pos]
+    if 0xA0 <= b <= 0xBF:
+        n, pos = b & 0x1F, pos + 1
+    elif b == 0xD9:
+        n, pos = buf[pos + 1], pos + 2
+    else:
+        return None
+    return buf[pos:pos + n], pos + n
+
+
+def origin_time_ns(env: bytes) -> int | None:
+    """The time an origin recorded envelope ``env`` at, as far as the envelope tells: the
+    event's ``time`` when its UUIDv7 ``id`` was made within 100 ms of it (the publisher's
+    clock at publish, what its log stamps the record with, to the µs), else the id's
+    time (ms: the ``time`` is one the application chose, a historical one say, which the
+    origin's log did not use either), else None (no UUIDv7 id: the store's clock, as the
+    log's default). Only the envelope's first fields are read."""
+    try:
+        b0 = env[0]
+        pos = 1 if b0 == 0x9F else 3 if env[:3] == b"\xdc\x00\x10" else -1
+        if pos < 0 or env[pos] >= 0x80 or env[pos + 1] >= 0x80:
+            return None
+        got = _str_at(env, pos + 2)  # stream
+        if got is None:
+            return None
+        seq = _uint(env, got[1])
+        if seq is None:
+            return None
+        ident = _str_at(env, seq[1])
+        if ident is None:
+            return None
+        t = _uint(env, ident[1])
+        if t is None:
+            return None
+        raw = ident[0]
+        if len(raw) != 36 or raw[14:15] != b"7":
+            return None
+        ms = int(raw[0:8] + raw[9:13], 16)
+    except (IndexError, ValueError):
+        return None
+    us = t[0]
+    if abs(us - ms * 1000) <= _ID_TIME_SLACK_US:
+        return us * 1000
+    return ms * 1_000_000
+
+
+def _map_crc(meta: dict[str, Any]) -> int:
+    return zlib.crc32(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+
+
+class ReplicaMapDamaged(LogError):
+    """A replica's ``REPLICA`` map cannot be read or makes no sense (a flipped byte, a cut
+    file). The store moves that copy aside and copies the stream again."""
+
+
+def origin_times_ns(envs: list[bytes]) -> list[int | None]:
+    """:func:`origin_time_ns` of each envelope; envelopes laid out like the first one (same
+    stream, same width of seq: one stream's batch) are read at its offsets directly."""
+    out: list[int | None] = []
+    lay: tuple[bytes, int, int, int] | None = None  # (prefix, seq type pos, id pos, time pos)
+    for env in envs:
+        if lay is not None:
+            prefix, spos, ipos, tpos = lay
+            if env.startswith(prefix) and env[spos] == prefix[-1] and len(env) > tpos + 8 \
+                    and env[ipos] == 0xD9 and env[ipos + 1] == 36 and env[tpos] == 0xCF \
+                    and env[ipos + 16] == 0x37:  # a UUIDv7 id, a uint64 time
+                raw = env[ipos + 2:ipos + 38]
+                ms = int(raw[0:8] + raw[9:13], 16)
+                us = int.from_bytes(env[tpos + 1:tpos + 9], "big")
+                out.append(us * 1000 if abs(us - ms * 1000) <= _ID_TIME_SLACK_US
+                           else ms * 1_000_000)
+                continue
+        out.append(origin_time_ns(env))
+        lay = _layout(env)
+    return out
+
+
+def _layout(env: bytes) -> tuple[bytes, int, int, int] | None:
+    """Where the seq type, id and time of ``env`` are (None: not the common layout)."""
+    try:
+        pos = 1 if env[0] == 0x9F else -1
+        if pos < 0 or env[1] >= 0x80 or env[2] >= 0x80:
+            return None
+        got = _str_at(env, 3)
+        if got is None:
+            return None
+        spos = got[1]
+        seq = _uint(env, spos)
+        if seq is None:
+            return None
+        ipos = seq[1]
+        if env[ipos] != 0xD9 or env[ipos + 1] != 36:
+            return None
+        tpos = ipos + 38
+        return env[:spos + 1], spos, ipos, tpos
+    except IndexError:
+        return None
 
 
 class _Replica:
@@ -146,12 +289,23 @@ class _Replica:
                              self.path, REPLICA_NAME)
             return
         except (OSError, ValueError) as exc:
-            raise LogError(f"store: {fp} is unreadable: {exc}") from exc
+            raise ReplicaMapDamaged(f"store: {fp} is unreadable: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("magic") != _MAGIC \
                 or meta.get("v") != _VERSION:
-            raise LogError(f"store: {fp} is not a replica map of version {_VERSION}")
-        runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
-        self.epochs = [(int(e), int(s)) for e, s in meta.get("epochs", [])]
+            raise ReplicaMapDamaged(f"store: {fp} is not a replica map of version {_VERSION}")
+        crc = meta.pop("crc", None)  # (a map written before maps had one has none)
+        if crc is not None and crc != _map_crc(meta):
+            raise ReplicaMapDamaged(f"store: {fp} fails its checksum")
+        try:
+            runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
+            epochs = [(int(e), int(s)) for e, s in meta.get("epochs", [])]
+        except (TypeError, ValueError) as exc:
+            raise ReplicaMapDamaged(f"store: {fp} has a malformed run or epoch: {exc}") from exc
+        if any(c < -1 or a < 0 or b < 0 for a, b, c in runs) or any(
+                runs[i + 1][1] < runs[i][1] or runs[i + 1][0] < runs[i][0]
+                for i in range(len(runs) - 1)):
+            raise ReplicaMapDamaged(f"store: {fp} has runs out of order")
+        self.epochs = epochs
         # The map is written before the records it maps: records that never reached the
         # disk (not fsynced, so never acked) are simply not held.
         nxt = self.log.next_offset
@@ -165,13 +319,31 @@ class _Replica:
         # Likewise an epoch whose first record never landed is not one this copy holds.
         head = self.head
         self.epochs = [e for e in self.epochs if head is not None and e[1] <= head]
+        self._check_runs()
+
+    def _check_runs(self) -> None:
+        """Each run's first and last record must carry the seq the map gives it (the
+        envelopes name their seq): a map that disagrees with the log is not believed."""
+        for i, (seq, local, _count) in enumerate(self.runs):
+            end = self._run_end(i)
+            for s, off in ((seq, local), (end - 1, local + end - 1 - seq)):
+                try:
+                    _first, got = self.log.read_batch_payloads(off, 1)
+                    at = peek(got[0])[1] if got else None
+                except (LogError, MeshError):
+                    continue  # a damaged record: first_damaged() says so
+                if at != s:
+                    raise ReplicaMapDamaged(f"store: {self.path}: the map puts seq {s} at "
+                                            f"offset {off}, the record there is seq {at}")
 
     def _save(self) -> None:
         fp = os.path.join(self.path, REPLICA_NAME)
         tmp = fp + ".tmp"
-        body = json.dumps({"magic": _MAGIC, "v": _VERSION, "origin": self.origin,
-                           "stream": self.stream, "runs": self.runs,
-                           "epochs": [list(e) for e in self.epochs]})
+        meta = {"magic": _MAGIC, "v": _VERSION, "origin": self.origin,
+                "stream": self.stream, "runs": self.runs,
+                "epochs": [list(e) for e in self.epochs]}
+        meta["crc"] = _map_crc(meta)
+        body = json.dumps(meta)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(body)
             f.flush()
@@ -182,6 +354,28 @@ class _Replica:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def holes(self) -> list[tuple[int, int]]:
+        """The seq ranges ``(start, end)`` between the first and the last seq held that this
+        copy does not hold (the source no longer had them when the copy was made)."""
+        with self.lock:
+            return [(self._run_end(i), self.runs[i + 1][0]) for i in range(len(self.runs) - 1)
+                    if self._run_end(i) < self.runs[i + 1][0]]
+
+    def first_damaged(self) -> int | None:
+        """The first origin seq held in a damaged part of the log (a record that fails its
+        checks, found when the log was opened), or None."""
+        offs = [r.offset for seg in getattr(self.log, "_segs", ())
+                for r in getattr(seg, "bad", {}).values()]
+        if not offs:
+            return None
+        local = int(min(offs))
+        with self.lock:
+            for i, (seq, lo, _count) in enumerate(self.runs):
+                end = self._run_end(i)
+                if local < lo + (end - seq):
+                    return seq + max(0, local - lo)
+        return None
 
     # -- views (under lock) -----------------------------------------------------------------
 
@@ -262,7 +456,22 @@ class _Replica:
             if changed:
                 self._save()  # durable before any record it maps
             try:
-                self.log.append_many(envs)
+                # Each record keeps the origin's time (origin_time_ns), so Start.time finds
+                # the same first event here as in the origin's log; one batch per time.
+                stamps = origin_times_ns(envs)
+                floor = self._stamp_floor()
+                if floor is not None:
+                    # An origin whose clock is far behind would have the store's age
+                    # retention delete a copy just made: a stamp is never older than half
+                    # the retention age (a future one the log passes over by itself).
+                    stamps = [None if t is None else max(t, floor) for t in stamps]
+                i = 0
+                while i < len(envs):
+                    j = i + 1
+                    while j < len(envs) and stamps[j] == stamps[i]:
+                        j += 1
+                    self.log.append_many(envs[i:j], timestamp_ns=stamps[i])
+                    i = j
             except BaseException:
                 # Nothing of it was written: the new run (and epoch) map nothing. On disk
                 # they are dropped at the next open (an empty run is never loaded).
@@ -272,6 +481,10 @@ class _Replica:
                         self.head is None or self.head <= first):
                     self.epochs.pop()
                 raise
+
+    def _stamp_floor(self) -> int | None:
+        age = self.log.config.retention.max_age_s
+        return None if age is None else time.time_ns() - int(age * 5e8)
 
     def rewind(self, to: int) -> None:
         """The origin's log no longer holds seqs ``to..`` (a new epoch took them back):
@@ -311,7 +524,14 @@ class _Replica:
         if local is None:
             raise OffsetOutOfRange(seq, None, None)
         assert left is not None
-        first, envs = self.log.read_batch_payloads(local, min(n, left))
+        try:
+            first, envs = self.log.read_batch_payloads(local, min(n, left))
+        except LogCorruptedRange as exc:
+            # The log's offsets are this copy's own: say the origin's seqs.
+            nxt = exc.next_offset
+            raise LogCorruptedRange(self.path, 0, str(exc), offset=seq,
+                                    next_offset=None if nxt is None
+                                    else seq + max(1, nxt - local)) from exc
         if first != local or len(envs) > left:
             raise LogCorruptedRange(self.path, 0, "records skipped", offset=seq,
                                     next_offset=seq + (first - local))
@@ -384,6 +604,87 @@ class _Follower(Subscriber):
             self._send_ask(key, tracker, step.ask)
 
 
+def read_holdings(data_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """What the store of node directory ``data_dir`` holds, read-only (safe while it runs):
+    one row per copy (``origin``, ``stream``, ``oldest``, ``head``, ``epoch``, ``records``,
+    ``bytes``, ``missing``: the ``[start, end]`` seq ranges inside it not held; ``error`` instead for a copy that cannot be read), then one per archive
+    (``archive``: its directory, ``epoch``, ``oldest``, ``head``)."""
+    root = Path(data_dir) / "replicas"
+    rows: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return rows
+
+    def one(base: Path, origin: str, stream: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"origin": origin, "stream": stream}
+        try:
+            lg = LogDirectory(base / origin).open(stream, readonly=True)
+        except MeshError as exc:
+            return {**row, "error": str(exc)}
+        try:
+            st = lg.stats()
+            meta = json.loads((Path(lg.path) / REPLICA_NAME).read_text(encoding="utf-8"))
+            runs = [[int(a), int(b), int(c)] for a, b, c in meta.get("runs", [])]
+            epochs = meta.get("epochs", [])
+        except (OSError, ValueError, TypeError) as exc:
+            return {**row, "error": f"{REPLICA_NAME}: {exc}"}
+        finally:
+            lg.close()
+        nxt, first = st.next_offset, st.first_offset
+        head = oldest = None
+        missing: list[list[int]] = []
+        for seq, local, count in runs:
+            n = (nxt - local) if count < 0 else min(count, max(0, nxt - local))
+            if n <= 0:
+                continue
+            if first is not None and oldest is None and local + n > first:
+                oldest = seq + max(0, first - local)
+            if head is not None and seq > head:
+                missing.append([head, seq])
+            head = seq + n
+        return {**row, "oldest": oldest if oldest is not None else head, "head": head,
+                "epoch": int(epochs[-1][0]) if epochs else 0, "records": st.records,
+                "bytes": st.bytes, "missing": missing}
+
+    for d in sorted(root.iterdir()):
+        if len(d.name) == 32 and not d.name.strip("0123456789abcdef"):
+            rows.extend(one(root, d.name, s) for s in LogDirectory(d).streams())
+    arch = root / ARCHIVE_DIR
+    for d in sorted(arch.iterdir()) if arch.is_dir() else []:
+        for od in sorted(x for x in d.iterdir() if x.is_dir()):
+            for s in LogDirectory(od).streams():
+                row = one(d, od.name, s)
+                row["archive"] = str(od / "streams" / s)
+                rows.append(row)
+    return rows
+
+
+def followed_topics(topics: Iterable[str]) -> tuple[str, ...]:
+    """The topics a store follows for ``topics``: each one no other one covers, in order.
+
+    A prefix topic (ending in ``.`` or ``*``; ``""`` is ``"*"``) covers every topic whose
+    name or prefix starts with its own prefix; of two that cover each other (``"a."`` and
+    ``"a.*"``, a repeat) the first is kept. Streams matching several given topics then match
+    exactly one followed topic: one follower writes each copy.
+    """
+    parsed = []
+    for t in topics:
+        t = t or "*"
+        prefix = t.endswith((".", "*"))
+        parsed.append((t, prefix, t.rstrip("*") if prefix else t))
+
+    def covers(j: int, i: int) -> bool:
+        _tj, pj, bj = parsed[j]
+        _ti, pi, bi = parsed[i]
+        return (pj and bi.startswith(bj)) or (not pj and not pi and bi == bj)
+
+    keep = []
+    for i, (t, _p, _b) in enumerate(parsed):
+        if not any(j != i and covers(j, i) and (j < i or not covers(i, j))
+                   for j in range(len(parsed))):
+            keep.append(t)
+    return tuple(keep)
+
+
 class Store:
     """Keeps durable copies of the streams matching ``topics`` and serves them.
 
@@ -403,8 +704,11 @@ class Store:
 
     Args:
         node: the started node (its ``data_dir`` holds the replicas).
-        topics: stream names or prefixes (ending in ``.`` or ``*``), as for
-            :class:`~patterns.pubsub.subscriber.Subscriber`; they must not overlap.
+        topics: stream names or prefixes (ending in ``.`` or ``*``; ``""``: every stream), as
+            for :class:`~patterns.pubsub.subscriber.Subscriber`. They may overlap: a topic
+            another one covers (``"a.b."`` beside ``"a."``, a name beside a prefix of it, a
+            repeat) is not followed on its own, so every stream has one follower and one
+            copy (:func:`followed_topics`; ``Store.topics`` holds the topics followed).
         log_config: the replica logs' settings (retention is the store's own).
         tamper: tests only: a function applied to every envelope a fetch answer sends (a
             store that alters data, to show that verifying subscribers refuse it).
@@ -418,7 +722,8 @@ class Store:
             Origins cannot tell the two apart: choose it for every store of a stream.
 
     Raises:
-        ConfigError: no topic, overlapping topics, or a store already runs on this node.
+        ConfigError: no topic, a topic that is not a str, or a store already runs on this
+            node.
         LogError: a replica cannot be opened.
     """
 
@@ -433,13 +738,11 @@ class Store:
         tops = list(topics)
         if not tops:
             raise ConfigError("a store needs at least one topic")
-        bases = [t.rstrip("*") for t in tops]
-        for i, a in enumerate(bases):
-            for j, b in enumerate(bases):
-                if i != j and b.startswith(a):
-                    raise ConfigError(f"store topics overlap: {tops[i]!r} and {tops[j]!r}")
+        for top in tops:
+            if not isinstance(top, str):
+                raise ConfigError(f"a store topic is a str, not {type(top).__name__}")
         self.node = node
-        self.topics = tuple(tops)
+        self.topics = followed_topics(tops)
         self._config = log_config or LogConfig()
         self._tamper = tamper
         self.sync = sync
@@ -458,6 +761,14 @@ class Store:
         self._budget = Budget("store_fetch_bytes", fetch_peer_bytes,
                               max(fetch_peer_bytes, FETCH_NODE_BYTES))
         self._sent: dict[str, OrderedDict[int, int]] = {}
+        #: Reactor thread only: peer -> (start of its second, holdings requests in it,
+        #: copies looked at for them).
+        self._hpages: dict[str, tuple[float, int, int]] = {}
+        self._order: list[tuple[str, str]] | None = None  # keys in holdings order
+        #: (origin, stream) -> first seq found damaged at a read: copied again (_repair)
+        self._repairs: dict[Key, int] = {}
+        #: (origin, stream) -> a damaged seq no source could give yet (counted once)
+        self._unrepaired: dict[Key, int] = {}
         if _registry.get_or_create(node, "pubsub.store", lambda: self) is not self:
             raise ConfigError("a store already runs on this node")
         try:
@@ -469,7 +780,7 @@ class Store:
         node.handle(frames.CTRL_FETCH, self._on_fetch)
         node.handle(frames.CTRL_HOLDINGS_REQ, self._on_holdings_req)
         self._unpeer = node.on_peer(self._on_peer)
-        self._followers = [_Follower(node, t or "*", self) for t in tops]
+        self._followers = [_Follower(node, t, self) for t in self.topics]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(f,), daemon=True,
                                           name=f"mesh-store-{i}")
@@ -490,8 +801,35 @@ class Store:
             if len(origin) != 32 or origin.strip("0123456789abcdef"):
                 continue
             for stream in LogDirectory(d).streams():
-                self._replicas[(origin, stream)] = _Replica(self._root, origin, stream,
-                                                            self._config)
+                key = (origin, stream)
+                try:
+                    rep = _Replica(self._root, origin, stream, self._config)
+                except ReplicaMapDamaged as exc:
+                    # The copy's seqs are unknown: keep its files for the operator, copy
+                    # the stream again (from the origin or another store).
+                    where = self._put_aside(key, "map-damaged")
+                    self._stats.damaged += 1
+                    self._logs.warning(f"damaged:{key}", "store: %s; moved to %s, copying "
+                                       "%s again", exc, where, key)
+                    continue
+                self._replicas[key] = rep
+                bad = rep.first_damaged()
+                if bad is not None and rep.head is not None:
+                    # Records from ``bad`` on fail their checks: copy them again; what is
+                    # readable after the damage is kept in an archive meanwhile.
+                    self._stats.damaged += 1
+                    self._logs.warning(f"damaged:{key}", "store: %s has damaged records "
+                                       "from seq %d: copying them again", key, bad)
+                    self._rewind(key, bad)
+
+    def _put_aside(self, key: Key, why: str) -> str:
+        """Move a copy's directory to ``replicas/aside/`` (never deleted); returns where."""
+        src = LogDirectory(self._root / key[0]).path_for(key[1])
+        aside = self._root / ASIDE_DIR
+        aside.mkdir(parents=True, exist_ok=True)
+        dest = aside / f"{key[0]}-{key[1]}.{why}.{secrets.token_hex(4)}"
+        os.replace(src, dest)
+        return str(dest)
 
     def _replica(self, key: Key, *, create: bool) -> _Replica | None:
         with self._lock:
@@ -520,9 +858,109 @@ class Store:
     def _rewind(self, key: Key, to: int) -> None:
         rep = self._replica(key, create=False)
         if rep is not None:
+            head = rep.head
+            if head is not None and to < head:
+                # What the origin's new epoch takes back was the origin's data (acked,
+                # maybe, and then the only copy of a lost device's history): keep it, as an
+                # archive, before the copy follows the new epoch.
+                try:
+                    where = self._archive(rep, to, head)
+                    self._logs.warning(f"archive:{key}", "store: %s's new epoch takes back "
+                                       "seqs %d..%d: kept in %s", key, to, head - 1, where)
+                except (LogError, OSError) as exc:
+                    self._stats.write_errors += 1
+                    self._logs.warning(f"archive:{key}", "store: cannot archive seqs %d..%d "
+                                       "of %s: %s", to, head - 1, key, exc)
             rep.rewind(to)
             self._durable.pop(key, None)  # never ack again what the rewind took back
             self._stats.rewinds += 1
+
+    def _archive(self, rep: _Replica, start: int, end: int) -> str:
+        """Copy seqs ``start..end-1`` of ``rep`` (under the epochs they were written in) to
+        a new archive replica; returns its directory."""
+        hist = rep.history().entries
+        epoch = next((e for e, s in reversed(hist) if s <= start), rep.epoch)
+        name = f"{epoch:08x}-{start}-{secrets.token_hex(4)}"
+        arch = _Replica(self._root / ARCHIVE_DIR / name, rep.origin, rep.stream, self._config)
+        try:
+            seq = start
+            while seq < end:
+                local, nxt = rep.locate(seq)
+                if local is None:
+                    if nxt is None or nxt >= end:
+                        break
+                    seq = nxt
+                    continue
+                try:
+                    first, envs = rep.read(seq, min(MAX_FETCH_RECORDS, end - seq))
+                except LogCorruptedRange as exc:  # not archived: it is copied again
+                    if exc.next_offset is None or exc.next_offset <= seq:
+                        break
+                    seq = exc.next_offset
+                    continue
+                envs = envs[:end - first]
+                # Cut at the next epoch's first seq: each record under its own epoch.
+                i = 0
+                while i < len(envs):
+                    s0 = first + i
+                    ep = next((e for e, s in reversed(hist) if s <= s0), epoch)
+                    stop = next((s for _e, s in hist if s > s0), None)
+                    j = len(envs) if stop is None else min(len(envs), stop - first)
+                    arch.append(s0, envs[i:j], ep)
+                    i = j
+                seq = first + len(envs)
+            arch.sync()
+        finally:
+            arch.close()
+        self._stats.archived += max(0, end - start)
+        return str(arch.path)
+
+    def archives(self) -> list[tuple[str, str, int, int, int, str]]:
+        """The ranges origins' new epochs took back from this store's copies, kept aside:
+        ``(origin, stream, epoch, first seq, end seq, directory)`` each (the envelopes are
+        the origin's, byte for byte; :meth:`read_archive` reads them). They are kept until
+        an operator removes the directory."""
+        out: list[tuple[str, str, int, int, int, str]] = []
+        root = self._root / ARCHIVE_DIR
+        if not root.is_dir():
+            return out
+        for d in sorted(root.iterdir()):
+            for od in sorted(d.iterdir()) if d.is_dir() else []:
+                for stream in LogDirectory(od).streams():
+                    rep = _Replica(d, od.name, stream, LogConfig())
+                    try:
+                        if rep.head is not None:
+                            out.append((od.name, stream, int(d.name.split("-")[0], 16),
+                                        rep.oldest or 0, rep.head, str(rep.path)))
+                    finally:
+                        rep.close()
+        return out
+
+    def read_archive(self, directory: str) -> list[tuple[int, bytes]]:
+        """Every ``(seq, envelope)`` of one archive (a directory :meth:`archives` listed).
+
+        Raises:
+            LogError: it cannot be read.
+        """
+        path = Path(directory)
+        rep = _Replica(path.parent.parent.parent, path.parent.parent.name, path.name,
+                       LogConfig())
+        try:
+            out: list[tuple[int, bytes]] = []
+            seq, head = rep.oldest or 0, rep.head or 0
+            while seq < head:
+                local, nxt = rep.locate(seq)
+                if local is None:
+                    if nxt is None:
+                        break
+                    seq = nxt
+                    continue
+                first, envs = rep.read(seq, MAX_FETCH_RECORDS)
+                out.extend((first + i, e) for i, e in enumerate(envs))
+                seq = first + len(envs)
+            return out
+        finally:
+            rep.close()
 
     def _run(self, follower: _Follower) -> None:
         next_reack = time.monotonic() + REACK_S
@@ -533,9 +971,60 @@ class Store:
                 return
             except MeshError as exc:
                 self._logs.warning("pump", "store: follower failed: %s", exc)
+            if self._repairs:
+                self._repair(follower)
             self._sync_and_ack(reack=(now := time.monotonic()) >= next_reack)
             if now >= next_reack:
                 next_reack = now + REACK_S
+
+    def _note_damage(self, key: Key, seq: int) -> None:
+        """Any thread: records of ``key`` from ``seq`` on failed their checks when read."""
+        with self._lock:
+            if key in self._replicas:
+                self._repairs[key] = min(seq, self._repairs.get(key, seq))
+
+    def _repair(self, follower: _Follower) -> None:
+        """Follower thread: copy again what was found damaged, from the origin while it
+        is live or from another live store that holds it (what is readable after the damage
+        is archived first). With neither, the copy stays as it is: its answers skip the
+        damaged records (``skip "damaged"``) and serve the rest."""
+        with self._lock:
+            todo = [(k, s) for k, s in self._repairs.items() if follower._matches(k[1])]
+            for k, _s in todo:
+                del self._repairs[k]
+        live = {p.node_id for p in self.node.who_offers("stream", prefix="")}
+        board = board_for(self.node)
+        stores = set(board.stores()) - {self.node.id}
+        for key, seq in todo:
+            rep = self._replica(key, create=False)
+            if rep is None or rep.head is None or seq >= rep.head:
+                continue
+            other = [s for s, (lo, hi, _e) in board.holders(key, stores).items()
+                     if lo <= seq < hi and self.node.permits(s, "replicate", key[1])]
+            if key[0] not in live and not other:
+                # Served with a skip; the next read that finds it tries again.
+                if self._unrepaired.get(key) != seq:
+                    self._unrepaired[key] = seq
+                    self._stats.damaged += 1
+                self._logs.warning(f"damaged:{key}", "store: %s has damaged records from seq "
+                                   "%d, and neither its origin nor another store that holds "
+                                   "them is live: served with a skip", key, seq)
+                continue
+            if self._unrepaired.pop(key, None) != seq:
+                self._stats.damaged += 1  # (counted already when no source had it)
+            self._logs.warning(f"damaged:{key}", "store: %s has damaged records from seq %d: "
+                               "copying them again from %s", key, seq,
+                               "the origin" if key[0] in live else f"store {other[0]}")
+            self._rewind(key, seq)
+            entry = follower._trackers.get(key)
+            if entry is not None:
+                tracker = entry[1]
+                tracker.expected = seq  # asked for again, as after a failed write
+                tracker._buffer.clear()
+                # An answer to a request made before (from the old position) would read as
+                # a skip at the source: it is stale now (its req is no longer awaited).
+                tracker._outstanding = None
+                follower._positions[key] = seq
 
     def _sync_and_ack(self, *, reack: bool) -> None:
         """fsync every replica written since the last call, then ack it to its origin (all
@@ -594,34 +1083,84 @@ class Store:
     # -- serving (reactor thread) -----------------------------------------------------------
 
     def _on_holdings_req(self, peer_id: str, body: object) -> None:
+        # Reactor thread. One page per request: up to MAX_HOLDINGS items, at most
+        # HOLDINGS_SCAN copies looked at (a peer allowed few streams cannot make every
+        # request a walk of all of them), in holdings_order; ``next`` resumes after the
+        # last copy looked at. Each peer gets HOLDINGS_PEER_PAGES requests and
+        # HOLDINGS_PEER_SCAN copies looked at per second.
         if self._closed:
             return
         try:
-            prefix, req = frames.decode_holdings_req(body)
+            prefix, req, after = frames.decode_holdings_req(body)
         except (ProtocolError, CodecError) as exc:
+            self._stats.holdings_refused += 1
             self._logs.warning(f"bad:{peer_id}", "store: bad holdings request from %s: %s",
                                peer_id, exc)
             return
-        items = []
-        with self._lock:
-            reps = list(self._replicas.values())
-        for rep in reps:
-            if not rep.stream.startswith(prefix):
-                continue
-            if not self.node.permits(peer_id, "replay", rep.stream):
+        room = self._holdings_room(peer_id)
+        if room <= 0:
+            self._stats.holdings_refused += 1
+            self._logs.warning(f"hbudget:{peer_id}", "store: %s is over its holdings budget "
+                               "(%d requests, %d copies looked at a second): not answered",
+                               peer_id, HOLDINGS_PEER_PAGES, HOLDINGS_PEER_SCAN)
+            return
+        order = self._holdings_sorted()
+        i = bisect.bisect_left(order, (prefix, ""))
+        if after is not None:  # strictly after the cursor
+            i = max(i, bisect.bisect_right(order, frames.holdings_order(*after)))
+        items: list[frames.Holding] = []
+        last: Key | None = None
+        scanned = 0
+        more = False
+        while i < len(order):
+            stream, origin = order[i]
+            if not stream.startswith(prefix):
+                break  # past the prefix's range
+            if len(items) >= frames.MAX_HOLDINGS or scanned >= min(HOLDINGS_SCAN, room):
+                more = True
+                break
+            i += 1
+            scanned += 1
+            last = (origin, stream)
+            rep = self._replica(last, create=False)
+            if rep is None or not self.node.permits(peer_id, "replay", stream):
                 continue
             head, oldest = rep.head, rep.oldest
             if head is None:
                 continue
-            items.append(frames.Holding(rep.origin, rep.stream,
-                                        head if oldest is None else oldest, head, rep.epoch))
-        more = len(items) > frames.MAX_HOLDINGS
+            items.append(frames.Holding(origin, stream, head if oldest is None else oldest,
+                                        head, rep.epoch))
+        start, n, used = self._hpages[peer_id]
+        self._hpages[peer_id] = (start, n, used + scanned)
         try:
             self.node.send(peer_id, frames.CTRL_HOLDINGS, frames.encode_holdings(
-                req, items[:frames.MAX_HOLDINGS], more))
+                req, items, more, last if more else None))
             self._stats.holdings_answers += 1
         except MeshError:
             pass
+
+    def _holdings_sorted(self) -> list[tuple[str, str]]:
+        """Every copy's key in holdings order (cached; rebuilt when a copy was added)."""
+        with self._lock:
+            order = self._order
+            if order is None or len(order) != len(self._replicas):
+                order = self._order = sorted(frames.holdings_order(o, s)
+                                             for o, s in self._replicas)
+            return order
+
+    def _holdings_room(self, peer_id: str) -> int:
+        """Reactor thread: take one of ``peer_id``'s holdings requests of this second;
+        returns how many copies it may still have looked at this second (0: refused)."""
+        now = time.monotonic()
+        start, n, used = self._hpages.get(peer_id, (now, 0, 0))
+        if now - start >= 1.0:
+            start, n, used = now, 0, 0
+        if n >= HOLDINGS_PEER_PAGES or used >= HOLDINGS_PEER_SCAN:
+            return 0
+        if peer_id not in self._hpages and len(self._hpages) >= 4096:
+            self._hpages.clear()  # bounded by the peers of the last second or so
+        self._hpages[peer_id] = (start, n + 1, used)
+        return HOLDINGS_PEER_SCAN - used
 
     def _on_fetch(self, peer_id: str, body: object) -> None:
         if self._closed:
@@ -683,6 +1222,7 @@ class Store:
         # Reactor thread: a peer that left holds nothing of the fetch budget any more.
         if ev.kind is PeerEventKind.LEFT:
             self._sent.pop(ev.peer.node_id, None)
+            self._hpages.pop(ev.peer.node_id, None)
             self._budget.drop(ev.peer.node_id)
 
     def _serve(self, rq: frames.ReplayRequest) -> frames.ReplayData:
@@ -742,6 +1282,7 @@ class Store:
                     nx = exc.next_offset if exc.next_offset is not None else head
                     skip = (start, max(nx, start + 1), "damaged")
                     first = skip[1]
+                    self._note_damage((origin, rq.stream), start)
                 except OffsetOutOfRange:
                     gone, first = True, rep.oldest or head
                 except LogError as exc:
@@ -801,9 +1342,33 @@ class Store:
                     break
                 seq = nxt
                 continue
-            first, envs = rep.read(seq, max_records - len(out))
+            try:
+                first, envs = rep.read(seq, max_records - len(out))
+            except LogCorruptedRange:
+                self._note_damage((origin, stream), seq)
+                raise
             out.extend((first + i, e) for i, e in enumerate(envs))
             seq = first + len(envs)
+        return out
+
+    def missing(self) -> dict[Key, list[tuple[int, int]]]:
+        """(origin, stream) -> the seq ranges ``(start, end)`` inside a copy it does not
+        hold: truly lost there (its source had deleted or skipped them when the copy was
+        made, e.g. after a power cut cut the copy back below what the origin still kept).
+        Only copies with a hole are listed."""
+        with self._lock:
+            reps = list(self._replicas.items())
+        return {k: h for k, rep in reps if (h := rep.holes())}
+
+    def lag(self) -> dict[Key, int]:
+        """(origin, stream) -> how many seqs the copy is behind the origin's head as the
+        store last heard it (DATA, heartbeats, replay answers); 0 when caught up."""
+        out: dict[Key, int] = {}
+        for f in self._followers:
+            for key, (_epoch, tracker) in list(f._trackers.items()):
+                rep = self._replica(key, create=False)
+                head = (rep.head if rep is not None else None) or 0
+                out[key] = max(0, tracker.known_head - head)
         return out
 
     def durable(self) -> dict[Key, tuple[int, int]]:
