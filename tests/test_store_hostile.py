@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mesh.envelope import Event, encode
 from mesh.log import LogConfig
 from mesh.node import Node, PresenceConfig
 from mesh.security import SecurityConfig
@@ -15,6 +16,7 @@ from patterns.pubsub import frames
 from patterns.pubsub.holdings import board_for
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.store import HOLDINGS_PEER_PAGES, Store
+from patterns.pubsub.subscriber import Start, Subscriber
 from tests.util import unique, wait_until
 
 NAMES = ("hub", "pub", "store", "evil")
@@ -118,6 +120,27 @@ def test_a_peer_allowed_one_stream_cannot_make_a_store_or_an_origin_believe_more
         assert (pn.id, b) not in board.rows
         # The store still holds exactly what the origin published.
         assert [h.head for h in sorted(store.holdings(), key=lambda h: h.stream)] == [10, 10]
+
+        # 5. A fetch answer naming another stream's origin: a subscriber reading both streams
+        #    (whose id the peer learns from its fetches of the stream it may serve) believes
+        #    it only from a peer allowed to replicate that stream.
+        sub = Subscriber(hub, f"{base}.", start=Start.beginning())
+        seen_data: list[object] = []
+        wait_until(lambda: seen_data.extend(e.data for e in sub.recv_batch(timeout=0.05))
+                   or len(seen_data) >= 20, 20, what=lambda: sub.stats())
+        assert sorted(seen_data, key=repr) == sorted([*range(10), *range(10)], key=repr)
+        bad = sub.stats().bad_replies
+        forged = [encode(Event(type="event", source=pn.id, stream=b, seq=10 + i,
+                               data="forged")) for i in range(3)]
+        answer = frames.ReplayData(sub.sid, 1, b, 10, forged, 13, 0, False, None,
+                                   epoch=pb.stats().epoch, origin=pn.id)
+        evil.send(hub.id, frames.CTRL_REPLAY_DATA, answer.to_body())
+        late: list[object] = []
+        wait_until(lambda: late.extend(e.data for e in sub.recv_batch(timeout=0.05))
+                   or sub.stats().bad_replies > bad or late, 10, what=lambda: sub.stats())
+        assert late == []
+        assert sub.stats().bad_replies == bad + 1  # refused as from no store of that stream
+        sub.close()
         pa.close()
         pb.close()
     finally:

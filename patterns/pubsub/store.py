@@ -584,6 +584,9 @@ class _Follower(Subscriber):
             # What was not written is asked for again (from the copy's head), at once.
             tracker.expected = head if head is not None else first
             tracker._buffer.clear()
+            # An answer still due for the old request would read as a skip at the source
+            # from the new position (a hole): that request is abandoned, a new one is made.
+            tracker._outstanding = None
             tracker.known_head = max(tracker.known_head, first + len(payloads))
 
     def _apply(self, key: Key, tracker: StreamTracker, step: Step) -> None:

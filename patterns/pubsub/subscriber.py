@@ -1112,7 +1112,12 @@ class Subscriber:
                 self._add_peer(item[1])
                 continue
             _, peer_id, data = item
-            # A store's answer names the origin whose stream it is (pubsub.fetch).
+            # A store's answer names the origin whose stream it is (pubsub.fetch); only a peer
+            # allowed to replicate that stream speaks for another origin's data.
+            if data.origin is not None and data.origin != peer_id and not self.node.permits(
+                    peer_id, "replicate", data.stream):
+                self._stats.bad_replies += 1
+                continue
             key = (data.origin or peer_id, data.stream)
             entry = self._trackers.get(key)
             if entry is None:
