@@ -375,8 +375,14 @@ def mesh_report(runs: list[dict[str, Any]]) -> list[str]:
 # --- driver -------------------------------------------------------------------------------------
 
 def run_scaling(quick: bool = False, log_records: int | None = None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every scaling test; a dict of sections (lists of dicts). Errors are kept per section."""
+                progress: Callable[[str], None] | None = None, hb: float = 1.0,
+                idle_s: float | None = None,
+                mesh_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Every scaling test; a dict of sections (lists of dicts). Errors are kept per section.
+
+    ``hb``: the mesh part's presence heartbeat (one setting for every size, so the sizes
+    compare); ``idle_s``: its idle window (default 20 s, 10 with ``quick``); ``mesh_sizes``:
+    default 50 and 200 nodes (50 with ``quick``)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     n = 20_000 if quick else 100_000
     out: dict[str, Any] = {"topics": [], "subscribers": [], "log": None, "mesh": None,
@@ -399,8 +405,8 @@ def run_scaling(quick: bool = False, log_records: int | None = None,
         out["log"] = large_log(recs)
     except Exception as exc:
         out["errors"]["log"] = f"{type(exc).__name__}: {exc}"
-    out["mesh"] = run_mesh((50,) if quick else MESH_SIZES, 10.0 if quick else 20.0, say,
-                           out["errors"])
+    sizes = mesh_sizes or ((50,) if quick else MESH_SIZES)
+    out["mesh"] = run_mesh(sizes, idle_s or (10.0 if quick else 20.0), say, out["errors"], hb)
     return out
 
 
