@@ -27,7 +27,24 @@ the same machine, under the same load):
 Every pub/sub, request/reply and pipeline cell also has its CPU µs per event (request, task)
 on the producer and consumer sides (process time, every thread of each process): steadier
 than wall-clock rates on a shared machine, and it shows which side a change helps.
-* ``--scaling`` (scaling.py): topics, subscribers, a large log, 50 nodes in one mesh.
+* ``--scaling`` (scaling.py): topics, subscribers, a large log (10 M records: replay rate,
+  re-open time, RSS), 50 and 200 nodes in one mesh (all see all, idle control bytes per
+  node, RSS per node, SIGKILL detection; both at ``--mesh-heartbeat``, default 4 s).
+
+And the separate benchmarks, each run as a subprocess through its own command line (a crash
+or a hang there costs its cell only; its figures are read from its output):
+
+* ``subcpu``: bench_sub_cpu.py, the subscriber's CPU per delivered 100 B event;
+* ``rrpipe``: bench_reqrep_pipelined.py, request/reply p50/p99 against the Python-floor echo
+  and raw (interleaved), 64 in flight, latency mode; with ``--peers`` NATS request/reply and
+  Zenoh ``get`` in the same interleaving;
+* ``store``: bench_store.py, replicated streams k=1, k=2 against raw pyzmq and NATS
+  JetStream R3.
+
+The run ends with **the targets table**: every target of the issue, this run's figure, and
+met / NOT met / reported / not measured, computed from the results (``targets()``; also in
+``results.json``; ``--targets-from results.json`` prints it again). A cell that fails prints
+a line (``!! name failed``), the rest goes on, and the exit code is 1.
 
 Writes ``results.json`` and ``bench.png`` (throughput and latency per system; needs the
 ``bench`` extra, matplotlib) into ``--out`` (default: a new temp dir).
@@ -340,9 +357,24 @@ def sub_cpu_cell(n: int, runs: int) -> dict[str, Any]:
     return {"n": n, **parse_sub_cpu(out)}
 
 
+def _nats_missing() -> str | None:
+    """Why bench_reqrep_pipelined.py --peers cannot run here (it needs nats-server on PATH
+    and nats-py; Zenoh it skips by itself), or None."""
+    import importlib.util
+    import shutil
+    if shutil.which("nats-server") is None:
+        return "nats-server is not on PATH (apt-get install nats-server)"
+    if importlib.util.find_spec("nats") is None:
+        return "nats-py is not installed (pip install nats-py)"
+    return None
+
+
 def rrpipe_cell(quick: bool, peers: bool) -> dict[str, Any]:
     """Request/reply one at a time and 64 in flight against raw and the Python floor
     (bench/bench_reqrep_pipelined.py --json); with ``peers`` NATS and Zenoh ``get`` too."""
+    if peers and (why := _nats_missing()):
+        print(f"NATS and Zenoh rows of the request/reply floor cell skipped: {why}", flush=True)
+        peers = False
     _progress("request/reply against the floor, 64 in flight, latency mode "
               f"(bench_reqrep_pipelined.py{' --peers' if peers else ''})")
     with tempfile.TemporaryDirectory(prefix="runall-rrpipe-") as d:
@@ -780,9 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-curve", action="store_true", help="plaintext only")
     ap.add_argument("--log-records", type=int, default=None,
                     help="records in the --scaling large-log test (default 10,000,000)")
-    ap.add_argument("--mesh-heartbeat", type=float, default=4.0,
+    ap.add_argument("--mesh-heartbeat", type=float, default=None,
                     help="presence heartbeat of the --scaling mesh, s, for 50 and 200 nodes "
-                         "alike (default 4: 200 nodes at 1 s overload 2 cores)")
+                         "alike (default 4: 200 nodes at 1 s overload 2 cores; --quick: 1, "
+                         "and 50 nodes only)")
     ap.add_argument("--targets-from", metavar="RESULTS_JSON", default=None,
                     help="run nothing: print the targets table of an earlier results.json")
     a = ap.parse_args(argv)
@@ -798,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     if only - set(STEPS):
         ap.error(f"unknown cell(s) in --only: {', '.join(sorted(only - set(STEPS)))}; "
                  f"choose from {', '.join(STEPS)}")
+    if a.mesh_heartbeat is None:
+        a.mesh_heartbeat = 1.0 if a.quick else 4.0
     if a.mesh_heartbeat <= 0:
         ap.error("--mesh-heartbeat must be > 0")
     out = a.out or tempfile.mkdtemp(prefix="zeromesh-bench-")

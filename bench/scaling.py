@@ -1,4 +1,4 @@
-"""Scaling: topics, subscribers, a large log, and 50 nodes in one mesh on this host.
+"""Scaling: topics, subscribers, a large log, and 50 and 200 nodes in one mesh on this host.
 
     python bench/scaling.py [--quick] [--log-records N]   # alone; run_all.py --scaling too
 
@@ -463,22 +463,25 @@ def main() -> int:
     ap.add_argument("--log-records", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--mesh-only", action="store_true", help="only the mesh part")
-    ap.add_argument("--mesh-sizes", default=",".join(map(str, MESH_SIZES)),
-                    help="node counts of the mesh part, comma-separated (default 50,200)")
-    ap.add_argument("--idle", type=float, default=20.0, help="idle window of the mesh part, s")
+    ap.add_argument("--mesh-sizes", default=None,
+                    help="node counts of the mesh part, comma-separated (default 50,200; "
+                         "50 with --quick)")
+    ap.add_argument("--idle", type=float, default=None,
+                    help="idle window of the mesh part, s (default 20; 10 with --quick)")
     ap.add_argument("--heartbeat", type=float, default=1.0,
                     help="presence heartbeat of the mesh part, s (evasive 3x, gone 10x); 200 "
                          "nodes on 2 cores need more than the default 1 s: every node pings "
                          "each of the others every heartbeat")
     a = ap.parse_args()
+    sizes = tuple(int(x) for x in a.mesh_sizes.split(",")) if a.mesh_sizes else None
     if a.mesh_only:
         errors: dict[str, str] = {}
-        sizes = tuple(int(x) for x in a.mesh_sizes.split(","))
-        runs = run_mesh(sizes, a.idle, lambda m: print(m, file=sys.stderr, flush=True), errors,
-                        a.heartbeat)
+        runs = run_mesh(sizes or MESH_SIZES, a.idle or 20.0,
+                        lambda m: print(m, file=sys.stderr, flush=True), errors, a.heartbeat)
         res: dict[str, Any] = {"mesh": runs, "errors": errors, "topics": [], "subscribers": []}
     else:
-        res = run_scaling(a.quick, a.log_records)
+        res = run_scaling(a.quick, a.log_records, hb=a.heartbeat, idle_s=a.idle,
+                          mesh_sizes=sizes)
     if a.json:
         import json
         with open(a.json, "w") as f:
