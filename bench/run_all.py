@@ -475,7 +475,8 @@ def cell_rows(cells: dict[str, Any], scaling: dict[str, Any] | None) -> list[Row
         raw = next((r["eps"] for r in st["rows"] if r["system"].startswith("raw")), None)
         for r in st["rows"]:
             is_raw = r["system"].startswith("raw")
-            out.append(row("store", f"{r['system']} {r['kr']} (bench_store.py)", "tcp", 100,
+            kr = "" if r["kr"] in ("", "-") else f" {r['kr']}"
+            out.append(row("store", f"{r['system']}{kr} (bench_store.py)", "tcp", 100,
                            "plain", r["eps"], "events/s", None if is_raw else (raw or 0.0),
                            r["p50_us"], r["p99_us"], note=f"CPU s / 10k {r['cpu10k']}"))
     for m in (scaling or {}).get("mesh") or []:
@@ -727,6 +728,12 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def _label(r: Row) -> str:
+    """A chart label: pattern, system without the script it came from, transport; cut at 64."""
+    text = f"{r['pattern']}: {re.sub(r' [(]bench_[^)]*[)]', '', r['system'])} ({r['transport']})"
+    return text if len(text) <= 64 else text[:63] + "…"
+
+
 def chart(rows: list[Row], path: str) -> str | None:
     """Throughput (100 B and 1 KiB) and p50/p99 latency per system; None when no matplotlib."""
     try:
@@ -744,9 +751,9 @@ def chart(rows: list[Row], path: str) -> str | None:
             continue
         if r["transport"] not in ("tcp", "loopback") and r["pattern"] != "pipeline":
             continue
-        label = f"{r['pattern']}: {r['system']} ({r['transport']})"
+        label = _label(r)
         sel.setdefault(label, {})[r["size"]] = r["throughput"]
-    lat = [(f"{r['pattern']}: {r['system']} ({r['transport']})", r["p50_us"], r["p99_us"])
+    lat = [(_label(r), r["p50_us"], r["p99_us"])
            for r in rows if r["p50_us"] and r["security"] == "plain" and r["size"] == 100]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(17, max(6, 0.42 * max(len(sel), len(lat)))))
     labels = list(sel)
