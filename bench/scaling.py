@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -276,17 +277,23 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
                   max_ids_per_source=_IDS_PER_SOURCE) as seed:
             ep = seed.info().endpoints["control"][0]
             spawn = mp.get_context("spawn")
-            q: Any = spawn.Queue()
+            # One result queue per process: a multiprocessing.Queue has one write lock for
+            # all its writers, and a writer SIGKILLed while holding it (its feeder thread
+            # between a write and the release: it needs the GIL back, which its 10 nodes'
+            # threads hold) blocks every other writer for good. The victim is killed right
+            # after its "idle" answer arrives; a 50-node run lost every "gone" answer once
+            # (all watchers silent for 200 s; not reproduced alone, so the cause is inferred).
             rest = total - 1
             counts = [min(PER_PROC, rest - i) for i in range(0, rest, PER_PROC)]
             cmds = [spawn.Queue() for _ in counts]
             t0 = time.monotonic()
-            ps = [spawn.Process(target=_nodes_proc, args=(k, c, mesh, ep, root, total, q,
+            qs = [spawn.Queue() for _ in counts]
+            ps = [spawn.Process(target=_nodes_proc, args=(k, c, mesh, ep, root, total, qs[k],
                                                           cmds[k], idle_s, hb))
                   for k, c in enumerate(counts)]
             for p in ps:
                 p.start()
-            joined = [q.get(timeout=900) for _ in ps]
+            joined = [qk.get(timeout=900) for qk in qs]
             t_join = max(j[2] for j in joined) - t0
             min_seen = min(min(j[3] for j in joined), len(seed.peers.list()))
             ids = {j[1]: j[4] for j in joined}
@@ -295,7 +302,7 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
             load0 = os.getloadavg()
             for c in cmds:
                 c.put(("idle",))
-            idle = [q.get(timeout=idle_s + 300) for _ in ps]
+            idle = [qk.get(timeout=idle_s + 300) for qk in qs]
             load1 = os.getloadavg()
             say(f"  {total} nodes: idle measured; SIGKILL of one process")
             rates = {key: [x for i in idle for x in i[2][key]] for key in idle[0][2]}
@@ -316,7 +323,16 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
                 time.sleep(0.05)
             t_seed = time.monotonic() - t_kill
             say(f"  {total} nodes: the seed has them gone after {t_seed:.1f} s")
-            gone = [q.get(timeout=200) for k in range(len(ps)) if k != victim]
+            gone, silent = [], []
+            for k in range(len(ps)):
+                if k == victim:
+                    continue
+                try:
+                    gone.append(qs[k].get(timeout=200))
+                except queue.Empty:  # that process is stuck: say so, keep the rest
+                    silent.append(k)
+            if silent:
+                say(f"  {total} nodes: processes {silent} did not report on the killed nodes")
             t_gone = max([t_seed, *(g[2] for g in gone)])
             for k, c in enumerate(cmds):
                 if k != victim:
@@ -339,8 +355,9 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
                 "rss_per_node_mib": round(max(i[3] for i in idle), 1),
                 "killed_nodes": len(ids[victim]),
                 "all_see_killed_gone_s": round(t_gone, 2),
-                "killed_gone_everywhere": all(g[3] for g in gone)
+                "killed_gone_everywhere": all(g[3] for g in gone) and not silent
                 and not any(_live(seed, v) for v in ids[victim]),
+                "silent_processes": silent,
                 "heartbeat_s": hb, "gone_s_setting": seed.config.presence.gone_s,
                 "load_avg_idle": [round(x, 2) for x in (*load0, *load1)],
                 "note": "all joined includes process start and imports; RSS per node = "
