@@ -1,8 +1,8 @@
 """One command for every zeromesh benchmark, raw pyzmq beside each, one table of ratios.
 
-    python bench/run_all.py --quick                  # about 4 min on 2 cores
-    python bench/run_all.py                          # about 8 min
-    python bench/run_all.py --peers --scaling --out docs/bench
+    python bench/run_all.py --quick                  # about 1.5 min on 2 cores (a smoke run)
+    python bench/run_all.py --quick --peers --scaling   # about 2.5 min
+    python bench/run_all.py --peers --scaling --out docs/bench   # everything: ~12-16 min
 
 Runs, in one process tree and one run (so every ratio compares figures taken minutes apart on
 the same machine, under the same load):
@@ -755,6 +755,8 @@ def chart(rows: list[Row], path: str) -> str | None:
         sel.setdefault(label, {})[r["size"]] = r["throughput"]
     lat = [(_label(r), r["p50_us"], r["p99_us"])
            for r in rows if r["p50_us"] and r["security"] == "plain" and r["size"] == 100]
+    if not sel and not lat:
+        return "chart skipped: no throughput or latency row in this run"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(17, max(6, 0.42 * max(len(sel), len(lat)))))
     labels = list(sel)
     ys = range(len(labels))
@@ -763,7 +765,7 @@ def chart(rows: list[Row], path: str) -> str | None:
     ax1.barh([y + h / 2 for y in ys], [sel[k].get(1024, 0) for k in labels], h, label="1 KiB")
     ax1.set_yticks(list(ys), labels, fontsize=8)
     ax1.invert_yaxis()
-    ax1.set_xscale("log")
+    ax1.set_xscale("log" if sel else "linear")
     ax1.set_xlabel("messages (requests, tasks) per second, log scale")
     ax1.set_title("Throughput, plaintext, loopback (pipeline: ipc)")
     ax1.legend()
@@ -773,7 +775,7 @@ def chart(rows: list[Row], path: str) -> str | None:
     ax2.barh([y + h / 2 for y in ly], [x[2] for x in lat], h, label="p99")
     ax2.set_yticks(list(ly), [x[0] for x in lat], fontsize=8)
     ax2.invert_yaxis()
-    ax2.set_xscale("log")
+    ax2.set_xscale("log" if lat else "linear")
     ax2.set_xlabel("µs, log scale (reqrep: round trip; pub/sub and brokers: one way)")
     ax2.set_title("Latency, 100 B, plaintext")
     ax2.legend()
