@@ -310,28 +310,28 @@ class CellError(RuntimeError):
 def run_child(argv: list[str], timeout: float) -> str:
     """Run ``argv`` in its own process group; its stdout. CellError when it exits non-zero or
     outlives ``timeout``. Whatever of its group is left afterwards (a crashed benchmark's
-    servers) is killed."""
+    servers) is killed. Output goes to files, not pipes: a leftover holding our stdout could
+    not keep the cell waiting."""
     name = os.path.basename(next((a for a in argv if a.endswith(".py")), argv[0]))
-    with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-                             start_new_session=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True,
+                             cwd=REPO, start_new_session=True)
         try:
-            out, _ = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            out = ""
-            p.kill()
-            p.communicate()
             raise CellError(f"{name} did not finish within {timeout:.0f} s") from None
         finally:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            p.wait()
         if p.returncode != 0:
             err.seek(0)
             tail = " | ".join(ln.strip() for ln in err.read().strip().splitlines()[-3:])
             raise CellError(f"{name} exited with {p.returncode}: {tail}")
-    return out
+        out.seek(0)
+        return out.read()
 
 
 _SUB_RUN = re.compile(r"run \d+: got (\d+), process ([\d.]+) µs/event, receiving thread "

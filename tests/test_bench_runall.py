@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.util import poll_until
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -215,6 +217,25 @@ def test_a_failing_benchmark_subprocess_is_a_cell_error_with_its_stderr() -> Non
     with pytest.raises(ra.CellError, match="did not finish within 1 s"):
         ra.run_child([sys.executable, "-c", "import time; time.sleep(30)"], 1)
     assert ra.run_child([sys.executable, "-c", "print('ok')"], 30) == "ok\n"
+
+
+def test_a_benchmark_subprocess_leaves_no_process_behind() -> None:
+    """A benchmark that exits leaving a server of its own running (here a sleeper that holds
+    its stdout): the cell returns at once and the leftover is killed."""
+    ra = _runall()
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(120)']); print(p.pid, flush=True)")
+    out = ra.run_child([sys.executable, "-c", code], 30)
+    pid = int(out.split()[0])
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
+        except FileNotFoundError:
+            return True
+
+    assert poll_until(gone, 10), f"process {pid} outlived its cell"
 
 
 def test_run_all_prints_the_targets_table_and_writes_it(tmp_path: Path) -> None:
