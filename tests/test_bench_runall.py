@@ -96,6 +96,8 @@ def _fake_results(sub_us: float = 2.42, zm1_eps: float = 401_216.0,
               "p99_us": 510.0, "cpu10k": 0.011},
              {"system": "zeromesh store", "kr": "k=1", "eps": zm1_eps, "p50_us": 737.0,
               "p99_us": 1287.0, "cpu10k": 0.034},
+             {"system": "zeromesh store, sync=write (opt-in)", "kr": "k=1", "eps": 1.0,
+              "p50_us": 384.0, "p99_us": 900.0, "cpu10k": 0.03},
              {"system": "NATS JetStream", "kr": "R3", "eps": 42_857.0, "p50_us": 373.0,
               "p99_us": 859.0, "cpu10k": 0.354}]
 
@@ -144,8 +146,10 @@ def test_targets_are_computed_from_the_results_every_target_once() -> None:
     assert ts["opt-in latency mode reported (p50, p99, CPU)"]["status"] == "reported"
     t = ts["replicated k=1 throughput >= 3x JetStream R3"]
     assert (t["status"], t["figure"].split(" ")[0]) == ("met", "9.4x")
-    assert ts["replicated k=1 p50 publish-to-replicated under JetStream R3's publish-ack p50"][
-        "status"] == "NOT met"
+    t = ts["replicated k=1 p50 publish-to-replicated under JetStream R3's publish-ack p50"]
+    # judged on the default store (an fsynced copy); the opt-in row is shown beside it
+    assert t["status"] == "NOT met"
+    assert t["figure"] == "737 µs against 373 µs; sync=write (opt-in): 384 µs"
     t = ts["idle control bytes per node grow at most linearly with N"]
     assert t["status"] == "NOT met" and "15.2x for 4x the nodes" in t["figure"]
     assert ts["200 nodes: all see all, control bytes/node/s, RSS/node, SIGKILL detection"][
