@@ -518,6 +518,17 @@ def _target(target: str, figure: str, status: str, source: str) -> dict[str, str
     return {"target": target, "figure": figure, "status": status, "source": source}
 
 
+def _x(v: float, threshold: float) -> str:
+    """A ratio for the targets table: 2 decimals, 3 where 2 would print the threshold itself
+    (0.398 against 0.4 shows as 0.398x, not 0.40x beside "NOT met")."""
+    return f"{v:.3f}x" if f"{v:.2f}" == f"{threshold:.2f}" else f"{v:.2f}x"
+
+
+def _x1(v: float, threshold: float) -> str:
+    """One decimal, or _x's where one decimal would print the threshold itself."""
+    return _x(v, threshold) if f"{v:.1f}" == f"{threshold:.1f}" else f"{v:.1f}x"
+
+
 def _judge(ok: list[bool]) -> str:
     return MISSING if not ok else MET if all(ok) else NOT_MET
 
@@ -545,7 +556,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
                if ps.get((system, tr), {}).get("ratio_ceiling") is not None]
         out.append(_target(
             f"{system.removeprefix('zeromesh ')} >= {x:g}x the single-frame ceiling (100 B)",
-            ", ".join(f"{tr} {v:.2f}x" for tr, v in got),
+            ", ".join(f"{tr} {_x(v, x)}" for tr, v in got),
             _judge([v >= x for _, v in got]), "pub/sub rows"))
 
     zen = []
@@ -560,7 +571,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
             zen.append((size, be["throughput"] / z["throughput"]))
     out.append(_target(
         "best-effort publish() ahead of Zenoh put/subscribe (tcp)",
-        ", ".join(f"{_size(sz)} {v:.2f}x Zenoh's rate" for sz, v in zen),
+        ", ".join(f"{_size(sz)} {_x(v, 1.0)} Zenoh's rate" for sz, v in zen),
         _judge([v >= 1.0 for _, v in zen]), "pub/sub and Zenoh rows (--peers)"))
 
     rr = cells.get("rrpipe") or {}
@@ -569,15 +580,17 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     modes = [k for k in ("default", "inline", "latency") if k in one]
     names = {"default": "default", "inline": "inline", "latency": "latency mode"}
 
-    def per_mode(fn: Any, fmt: str) -> str:
-        return ", ".join(f"{names[k]} {fmt.format(fn(k))}" for k in modes)
+    def per_mode(fn: Any, fmt: str | float) -> str:
+        """``fmt``: a format, or a threshold for _x."""
+        return ", ".join(f"{names[k]} " + (fmt.format(fn(k)) if isinstance(fmt, str)
+                                            else _x(fn(k), fmt)) for k in modes)
 
     src = "bench_reqrep_pipelined.py"
     if "default" in one and "floor" in one:
         f50 = one["floor"]["p50_us"]
         out.append(_target(f"request/reply p50 <= {RR_P50_FLOOR:g}x the Python-floor echo "
                            "(default service)",
-                           per_mode(lambda k: one[k]["p50_us"] / f50, "{:.2f}x"),
+                           per_mode(lambda k: one[k]["p50_us"] / f50, RR_P50_FLOOR),
                            _judge([one["default"]["p50_us"] / f50 <= RR_P50_FLOOR]), src))
     else:
         out.append(_target(f"request/reply p50 <= {RR_P50_FLOOR:g}x the Python-floor echo "
@@ -585,7 +598,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     if "default" in one and "raw" in one:
         r99 = one["raw"]["p99_us"]
         out.append(_target(f"request/reply p99 <= {RR_P99_RAW:g}x raw (default service)",
-                           per_mode(lambda k: one[k]["p99_us"] / r99, "{:.2f}x"),
+                           per_mode(lambda k: one[k]["p99_us"] / r99, RR_P99_RAW),
                            _judge([one["default"]["p99_us"] / r99 <= RR_P99_RAW]), src))
     else:
         out.append(_target(f"request/reply p99 <= {RR_P99_RAW:g}x raw (default service)", "",
@@ -595,7 +608,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
         prr = pipe["raw"]["rate"]
         out.append(_target(
             f"pipelined (64 in flight) >= {RR_PIPELINED_RAW:g}x raw (default service)",
-            ", ".join(f"{names[k]} {pipe[k]['rate'] / prr:.2f}x" for k in pmodes),
+            ", ".join(f"{names[k]} {_x(pipe[k]['rate'] / prr, RR_PIPELINED_RAW)}"
+                      for k in pmodes),
             _judge([pipe["default"]["rate"] / prr >= RR_PIPELINED_RAW]), src))
     else:
         out.append(_target(f"pipelined (64 in flight) >= {RR_PIPELINED_RAW:g}x raw (default "
@@ -628,7 +642,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     ok = bool(k1 and js and k1["eps"] and js["eps"])
     out.append(_target(
         f"replicated k=1 throughput >= {STORE_JS_X:g}x JetStream R3",
-        f"{k1['eps'] / js['eps']:.1f}x ({k1['eps']:,.0f} against {js['eps']:,.0f} events/s)"
+        f"{_x1(k1['eps'] / js['eps'], STORE_JS_X)} ({k1['eps']:,.0f} against "
+        f"{js['eps']:,.0f} events/s)"
         if ok and k1 and js else "",
         _judge([k1["eps"] / js["eps"] >= STORE_JS_X]) if ok and k1 and js else MISSING,
         "bench_store.py"))

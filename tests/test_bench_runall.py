@@ -168,6 +168,16 @@ def test_a_target_flips_with_its_figure() -> None:
     assert ts["idle control bytes per node grow at most linearly with N"]["status"] == "met"
 
 
+def test_a_ratio_rounding_to_its_threshold_shows_which_side_it_is_on() -> None:
+    ra = _runall()
+    res = _fake_results()
+    for p in res["cells"]["rrpipe"]["pipelined"]:
+        if "default" in p["system"]:
+            p["rate"] = 0.398 * 68_591.0
+    t = _by_target(ra.targets(res))["pipelined (64 in flight) >= 0.4x raw (default service)"]
+    assert (t["status"], t["figure"].split(",")[0]) == ("NOT met", "default 0.398x")
+
+
 def test_missing_parts_are_not_measured_and_a_partial_200_node_run_is_not_met() -> None:
     ra = _runall()
     res = _fake_results()
