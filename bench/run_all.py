@@ -655,7 +655,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
         _judge([k1["p50_us"] < js["p50_us"]]) if ok and k1 and js else MISSING,
         "bench_store.py"))
 
-    mesh = {m["nodes"]: m for m in scaling.get("mesh") or []}
+    runs = scaling.get("mesh") or []
+    mesh = {m["nodes"]: m for m in (runs if isinstance(runs, list) else [runs])}
     lo, hi = MESH_SIZES
     if lo in mesh and hi in mesh:
         b_lo = mesh[lo]["control_bytes_out_per_node_per_s"]
@@ -671,8 +672,12 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
                            ", ".join(f"{n} nodes {m['control_bytes_out_per_node_per_s']:,} B/s"
                                      for n, m in sorted(mesh.items())), MISSING,
                            f"scaling.py (--scaling; needs {lo} and {hi} nodes)"))
+    need = ("all_joined_s", "min_peers_seen", "control_bytes_out_per_node_per_s",
+            "rss_per_node_mib", "killed_nodes", "all_see_killed_gone_s", "killed_gone_everywhere")
     for n in MESH_SIZES:
         m = mesh.get(n)
+        if m and not all(k in m for k in need):  # a run from before the SIGKILL part
+            m = None
         fig = ""
         if m:
             fig = (f"all see all {m['all_joined_s']} s (min seen {m['min_peers_seen']} of "
@@ -855,7 +860,11 @@ def main(argv: list[str] | None = None) -> int:
                 old = json.load(f)
         except (OSError, ValueError) as exc:
             ap.error(f"cannot read {a.targets_from}: {exc}")
-        print(targets_table(targets(old)))
+        try:
+            print(targets_table(targets(old)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            ap.error(f"{a.targets_from} is not a results.json of run_all.py "
+                     f"({type(exc).__name__}: {exc})")
         return 0
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if only - set(STEPS):

@@ -272,6 +272,24 @@ def test_run_all_prints_the_targets_table_and_writes_it(tmp_path: Path) -> None:
     assert "| replicated k=1 throughput >= 3x JetStream R3 | 9.4x" in again.stdout
 
 
+def test_targets_from_an_older_or_foreign_results_file(tmp_path: Path) -> None:
+    """docs/bench/results.json predates the targets (one mesh run as a dict, no SIGKILL
+    figures): its table prints, what it lacks "not measured"; a file of another shape is a
+    clear error, not a traceback."""
+    ra = _runall()
+    old = {"rows": [], "scaling": {"mesh": {"nodes": 50, "control_bytes_out_per_node_per_s":
+                                            28512, "all_joined_s": 2.18}}}
+    ts = _by_target(ra.targets(old))
+    assert ts["50 nodes: all see all, control bytes/node/s, RSS/node, SIGKILL detection"][
+        "status"] == "not measured"
+    (tmp_path / "odd.json").write_text(json.dumps({"rows": [{"pattern": "pubsub"}]}))
+    out = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--targets-from",
+                          str(tmp_path / "odd.json")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "is not a results.json of run_all.py" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_run_all_refuses_an_unknown_cell() -> None:
     out = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "pubsub,nope"],
                          capture_output=True, text=True, timeout=60)
