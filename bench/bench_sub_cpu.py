@@ -79,8 +79,11 @@ def run(transport: str, size: int, n: int, batch: int,
                     break
             else:
                 raise RuntimeError("no warm-up event in 60 s")
-            # drain what warm-up is still queued, then start the clocks
-            while sub.recv_batch(timeout=0.05):
+            # drain what warm-up is still queued, then start the clocks. Bounded: the producer
+            # sends a warm-up event every 5 ms until told to go, so "until 50 ms of silence"
+            # lasted until a scheduling hiccup (60-200 s on a quiet machine)
+            end = time.monotonic() + 0.25
+            while sub.recv_batch(timeout=0.05) and time.monotonic() < end:
                 pass
             prof = cProfile.Profile() if profile else None
             got = 0

@@ -750,6 +750,7 @@ class ControlChannel:
             return
         if bad:
             self._count("malformed", bad)
+        self._count("gossip_in")
         node = self.node
         heard = self._heard_of
         for entry in entries:
@@ -978,6 +979,7 @@ class ControlChannel:
         if d.pull:
             # The sender saw our digest differ and asks for our list: answered (rate-limited),
             # compared with nothing, never answered with a pull (two nodes never loop).
+            self._count("gossip_pulls_in")
             if self.gossip.request_push(sender, now, theirs=d.digest):
                 self._push_full(sender, False, self._view())
             else:

@@ -17,10 +17,14 @@ gossip could change. A live peer's new endpoints reach its peers in its own ``up
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["DIGEST_BYTES", "GOSSIP_REVISION", "Gossip", "digest", "speaks_digest"]
+if TYPE_CHECKING:
+    from mesh.metrics import Collect
+
+__all__ = ["DIGEST_BYTES", "GOSSIP_REVISION", "Gossip", "collect", "digest", "speaks_digest"]
 
 #: Control revision since which a node reads ``digest`` (docs/protocol.md, "Frame versions").
 GOSSIP_REVISION = (1, 2)
@@ -148,3 +152,42 @@ class Gossip:
 
     def __len__(self) -> int:
         return len(self._peers)
+
+
+def collect(counters: Mapping[str, int], out: Collect) -> None:
+    """The node's gossip counters (``node.stats()``: ``gossip_*``) as metric families.
+
+    ``gossip_digests_sent_total`` (a digest of the view to each peer every gossip round),
+    ``gossip_digests_received_total`` (every digest read, pull requests included),
+    ``gossip_lists_sent_total{kind}`` (``full``: the whole view, to a newcomer, on a
+    mismatch, or to a peer too old for digests; ``delta``: the entries verified since the
+    last look), ``gossip_lists_received_total``, ``gossip_pulls_sent_total`` and
+    ``gossip_pulls_received_total`` (requests for the other side's full list),
+    ``gossip_mismatches_total`` (a peer's digest differed from ours),
+    ``gossip_mismatches_backed_off_total`` (of those, left unanswered: the same pair of
+    digests again, see :meth:`Gossip.on_mismatch`), ``gossip_lists_held_total`` (full lists
+    the per-peer or per-tick cap held back, see :meth:`Gossip.request_push`) and
+    ``gossip_dials_total`` (dials to node ids a peer's gossip named).
+    """
+    c = counters.get
+    out.counter("gossip_digests_sent_total", c("gossip_digests_sent", 0),
+                "View digests sent in gossip rounds.")
+    out.counter("gossip_digests_received_total", c("gossip_digests_in", 0),
+                "Gossip digests received (pull requests included).")
+    for kind, key in (("full", "gossip_full_sent"), ("delta", "gossip_deltas_sent")):
+        out.counter("gossip_lists_sent_total", c(key, 0),
+                    "Gossip lists sent: the whole view (full) or the entries verified since "
+                    "the last look (delta).", kind=kind)
+    out.counter("gossip_lists_received_total", c("gossip_in", 0), "Gossip lists received.")
+    out.counter("gossip_pulls_sent_total", c("gossip_pulls_sent", 0),
+                "Requests for a peer's full list sent (after a digest mismatch).")
+    out.counter("gossip_pulls_received_total", c("gossip_pulls_in", 0),
+                "Requests for this node's full list received.")
+    out.counter("gossip_mismatches_total", c("gossip_mismatches", 0),
+                "Peer digests that differed from this node's.")
+    out.counter("gossip_mismatches_backed_off_total", c("gossip_backoff", 0),
+                "Digest mismatches left unanswered while the same pair of digests persists.")
+    out.counter("gossip_lists_held_total", c("gossip_push_limited", 0),
+                "Full lists held back by the per-peer or per-tick cap.")
+    out.counter("gossip_dials_total", c("gossip_dials", 0),
+                "Dials to node ids named by a peer's gossip.")

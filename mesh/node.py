@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from mesh import control
+from mesh import control, gossip
 from mesh.budget import Budget, LogLimiter
 from mesh.channel import ControlChannel
 from mesh.datadir import load_node_id, load_proof_key, lock_data_dir, next_incarnation
@@ -827,6 +827,7 @@ class Node:
         for reason, v in failures.items():
             out.counter("handshake_failures_total", v, "CURVE handshakes refused.",
                         reason=reason)
+        gossip.collect(c, out)
         discovery = self._discovery
         if discovery is not None:
             discovery.collect(out)

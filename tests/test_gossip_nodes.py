@@ -295,3 +295,66 @@ def test_a_digest_and_pull_flood_gets_bounded_full_lists(
     r.send(DIGEST, {"d": b"short"})
     _pump_until([r], lambda: a.stats().get("malformed", 0) > m0, 5, "malformed counted")
     assert a.peers.state(r.id) is PeerState.JOINED
+
+
+def test_gossip_counters_are_metrics_families_over_http(
+        mesh2: tuple[Node, Node, Callable[..., RawPeer]]) -> None:
+    """Old code kept the gossip counters in ``node.stats()`` only: a scrape of /metrics had
+    no ``gossip_*`` family to alert on (digests, lists, pulls, mismatches, caps hit)."""
+    import urllib.request
+
+    from mesh.metrics import parse_prometheus, serve_prometheus
+
+    a, b, raw = mesh2
+    r = raw(REV)
+    _pump_until([r], lambda: len(r.kinds(DIGEST)) >= 1, 5, "r gets a's digest")
+    # a list (read first: one connection keeps the order), then the digests
+    ep = r.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
+    r.send(control.GOSSIP, control.gossip_to_wire([(r.id, a.mesh, "127.0.0.1", (ep,), None)]))
+    wrong = _digest(b"\x01" * 8)
+    for _ in range(40):  # a persistent mismatch: answered 6 times, backed off 34
+        r.send(DIGEST, wrong)
+    for i in range(60):  # changing digests and pulls: the per-peer cap holds lists back
+        r.send(DIGEST, _digest(i.to_bytes(8, "big"), pull=i % 2 == 1))
+    _pump_until([r], lambda: a.stats().get("gossip_digests_in", 0) >= 100, 5, "a read them")
+    server, port = serve_prometheus(a)
+    try:
+        before = a.stats()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        after = a.stats()
+    finally:
+        server.close()
+    samples = parse_prometheus(text)
+
+    def value(name: str, **labels: str) -> float:
+        (v,) = [v for lab, v in samples[name] if lab == labels]
+        return v
+
+    for family, key, labels in (
+            ("gossip_digests_sent_total", "gossip_digests_sent", {}),
+            ("gossip_digests_received_total", "gossip_digests_in", {}),
+            ("gossip_lists_sent_total", "gossip_full_sent", {"kind": "full"}),
+            ("gossip_lists_sent_total", "gossip_deltas_sent", {"kind": "delta"}),
+            ("gossip_lists_received_total", "gossip_in", {}),
+            ("gossip_pulls_sent_total", "gossip_pulls_sent", {}),
+            ("gossip_pulls_received_total", "gossip_pulls_in", {}),
+            ("gossip_mismatches_total", "gossip_mismatches", {}),
+            ("gossip_mismatches_backed_off_total", "gossip_backoff", {}),
+            ("gossip_lists_held_total", "gossip_push_limited", {}),
+            ("gossip_dials_total", "gossip_dials", {})):
+        assert f"# TYPE {family} counter" in text, family
+        v = value(family, **labels)
+        assert before.get(key, 0) <= v <= after.get(key, 0), (family, before.get(key), v)
+    assert value("gossip_digests_received_total") >= 100
+    assert value("gossip_pulls_received_total") >= 30
+    assert value("gossip_mismatches_total") >= 40
+    assert value("gossip_mismatches_backed_off_total") >= 34
+    assert value("gossip_pulls_sent_total") >= 1  # the answered mismatches asked for r's list
+    assert value("gossip_lists_sent_total", kind="full") >= 2  # r's join, r's mismatch
+    assert value("gossip_lists_held_total") >= 1
+    assert value("gossip_lists_received_total") >= 1
+    assert value("gossip_digests_sent_total") >= 1
+    # r joined after b: b hears of r from a in a delta list
+    assert value("gossip_lists_sent_total", kind="delta") >= 1
+    wait_until(lambda: b.stats().get("gossip_in", 0) >= 1, 5, what="b read a's delta")
