@@ -398,7 +398,7 @@ def run_scaling(quick: bool = False, log_records: int | None = None,
     """Every scaling test; a dict of sections (lists of dicts). Errors are kept per section.
 
     ``hb``: the mesh part's presence heartbeat (one setting for every size, so the sizes
-    compare); ``idle_s``: its idle window (default 20 s, 10 with ``quick``); ``mesh_sizes``:
+    compare); ``idle_s``: its idle window (default :func:`idle_window`: two gossip rounds); ``mesh_sizes``:
     default 50 and 200 nodes (50 with ``quick``)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     n = 20_000 if quick else 100_000
@@ -423,8 +423,16 @@ def run_scaling(quick: bool = False, log_records: int | None = None,
     except Exception as exc:
         out["errors"]["log"] = f"{type(exc).__name__}: {exc}"
     sizes = mesh_sizes or ((50,) if quick else MESH_SIZES)
-    out["mesh"] = run_mesh(sizes, idle_s or (10.0 if quick else 20.0), say, out["errors"], hb)
+    out["mesh"] = run_mesh(sizes, idle_s or idle_window(hb, quick), say, out["errors"], hb)
     return out
+
+
+def idle_window(hb: float, quick: bool) -> float:
+    """The default idle window: two gossip rounds (a node sends each peer a digest every 10
+    heartbeats), so every size's window holds the same share of digests and their answers (a
+    window shorter than a round holds none at one size and a burst at another); at least 20 s
+    (10 with ``quick``)."""
+    return max(10.0 if quick else 20.0, 20 * hb)
 
 
 #: Mesh sizes of one run (the same run, for comparison).
@@ -484,7 +492,7 @@ def main() -> int:
                     help="node counts of the mesh part, comma-separated (default 50,200; "
                          "50 with --quick)")
     ap.add_argument("--idle", type=float, default=None,
-                    help="idle window of the mesh part, s (default 20; 10 with --quick)")
+                    help="idle window of the mesh part, s (default: two gossip rounds, 20 heartbeats, at least 20 s; 10 with --quick)")
     ap.add_argument("--heartbeat", type=float, default=1.0,
                     help="presence heartbeat of the mesh part, s (evasive 3x, gone 10x); 200 "
                          "nodes on 2 cores need more than the default 1 s: every node pings "
@@ -493,7 +501,7 @@ def main() -> int:
     sizes = tuple(int(x) for x in a.mesh_sizes.split(",")) if a.mesh_sizes else None
     if a.mesh_only:
         errors: dict[str, str] = {}
-        runs = run_mesh(sizes or MESH_SIZES, a.idle or 20.0,
+        runs = run_mesh(sizes or MESH_SIZES, a.idle or idle_window(a.heartbeat, False),
                         lambda m: print(m, file=sys.stderr, flush=True), errors, a.heartbeat)
         res: dict[str, Any] = {"mesh": runs, "errors": errors, "topics": [], "subscribers": []}
     else:
