@@ -28,6 +28,17 @@ from mesh.errors import CodecError, EventTooLarge, MalformedEvent, UnsupportedVe
 from mesh.uuid7 import uuid7_int
 
 
+@pytest.fixture(autouse=True)
+def _uuid7_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put the id generator back after each test: a test that feeds uuid7() a clock in 2033
+    would leave every later id of this process (monotonic) in 2033."""
+    import importlib
+
+    u = importlib.import_module("mesh.uuid7")  # (the package exports a function of that name)
+    for name in ("_last_ms", "_counter", "_rand_b", "_prefix", "_suffix"):
+        monkeypatch.setattr(u, name, getattr(u, name))
+
+
 def make(**kw: Any) -> Event:
     base: dict[str, Any] = {"type": "sensor.reading", "source": "node-1/sensor", "data": b"x" * 100}
     base.update(kw)

@@ -5,6 +5,7 @@ faults the stores must survive (docs/architecture.md, "Replicated streams")."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -467,3 +468,20 @@ def test_a_damaged_copy_is_repaired_from_another_store_when_the_origin_is_gone(
     assert a.stats().damaged == 1
     a.close()
     b.close()
+
+
+def test_a_copy_of_events_whose_ids_run_ahead_of_the_clock_is_found_by_time(
+        tmp_path: Path) -> None:
+    # An origin whose clock jumped forward (to 2033) and back keeps minting ids at the
+    # forward time (UUIDv7 stays monotonic), with the events' own time now: the store must
+    # not stamp the copy in 2033, where every time lookup passes over it.
+    from mesh.uuid7 import uuid7
+
+    rep = _Replica(tmp_path, ORIGIN, "s", LogConfig())
+    now = time.time_ns()
+    ahead = 2_000_000_000_000_000_000
+    envs = [encode(Event(type="t", source="o", stream="s", seq=i, data=i, id=uuid7(ahead)))
+            for i in range(5)]
+    rep.append(0, envs, 7)
+    assert rep.log.offset_for_time(now - 10**9) == 0  # before: 5 (nothing found)
+    rep.close()

@@ -46,6 +46,7 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig, LogDirectory
 from mesh.log.epochs import EpochHistory
+from mesh.log.log import CLOCK_SKEW_NS
 from mesh.peers import PeerEventKind
 from patterns._closing import close_with
 from patterns._metrics import attach, store_collector
@@ -197,8 +198,21 @@ def origin_time_ns(env: bytes) -> int | None:
         ms = int(raw[0:8] + raw[9:13], 16)
     except (IndexError, ValueError):
         return None
-    us = t[0]
+    return _pick_time(t[0], ms, _time_ceiling())
+
+
+def _time_ceiling() -> int:
+    return time.time_ns() + CLOCK_SKEW_NS
+
+
+def _pick_time(us: int, ms: int, ceiling: int) -> int:
+    """The record time of an event of ``time`` ``us`` whose id was made at ``ms``: its time
+    when the id agrees; else the id's (an application-set time), unless the id runs ahead of
+    any clock while the time does not (an origin whose clock jumped forward and back keeps
+    minting ids at the forward time: its log stamped the append at about ``time``)."""
     if abs(us - ms * 1000) <= _ID_TIME_SLACK_US:
+        return us * 1000
+    if ms * 1_000_000 > ceiling and us * 1000 <= ceiling:
         return us * 1000
     return ms * 1_000_000
 
@@ -217,6 +231,7 @@ def origin_times_ns(envs: list[bytes]) -> list[int | None]:
     stream, same width of seq: one stream's batch) are read at its offsets directly."""
     out: list[int | None] = []
     lay: tuple[bytes, int, int, int] | None = None  # (prefix, seq type pos, id pos, time pos)
+    ceiling = _time_ceiling()
     for env in envs:
         if lay is not None:
             prefix, spos, ipos, tpos = lay
@@ -227,7 +242,7 @@ def origin_times_ns(envs: list[bytes]) -> list[int | None]:
                 ms = int(raw[0:8] + raw[9:13], 16)
                 us = int.from_bytes(env[tpos + 1:tpos + 9], "big")
                 out.append(us * 1000 if abs(us - ms * 1000) <= _ID_TIME_SLACK_US
-                           else ms * 1_000_000)
+                           else _pick_time(us, ms, ceiling))
                 continue
         out.append(origin_time_ns(env))
         lay = _layout(env)
