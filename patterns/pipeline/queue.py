@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -34,6 +34,12 @@ from .dlq import DLQ_THREAD, DeadLetters, encode_dead_letter, open_dlq_log
 from .store import COMPACT_BYTES, QueueStore, encode_task, journal_dispatch, journal_records
 
 log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    pass
+
+
 _limited = LogLimiter(log)  # lines a remote peer can trigger
 
 _RECV_BATCH = 2000
@@ -170,11 +176,15 @@ class WorkQueue:
         self._unsub = node.on_peer(self._on_peer)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pipe-q:{name}", daemon=True)
+        self._unmetrics: Callable[[], None] = _nothing
+        # node.close() closes the queue first, and from before its thread starts: an
+        # exception anywhere below (a KeyboardInterrupt from SIGTERM lands wherever the main
+        # thread is) cannot leave the thread polling a socket the node then closes under it.
+        self._unclose = close_with(node, self.close)
         self._thread.start()
         DLQ_THREAD.add(self.dlq)
         node.offer("queue", name)
         self._unmetrics = attach(node, queue_collector(self))
-        self._unclose = close_with(node, self.close)  # node.close() closes it first
 
     # ------------------------------------------------------------------ user API
     def push(self, payload: bytes, key: Hashable | None = None) -> int:
@@ -311,7 +321,8 @@ class WorkQueue:
         except Exception:
             pass  # the node may already be closed
         self._unsub()
-        self._thread.join(10.0)
+        if self._thread.ident is not None:  # started (the constructor may have been cut short)
+            self._thread.join(10.0)
         DLQ_THREAD.remove(self.dlq)
         os.close(self._rfd)
         os.close(self._wfd)

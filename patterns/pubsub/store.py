@@ -803,11 +803,14 @@ class Store:
         self._threads = [threading.Thread(target=self._run, args=(f,), daemon=True,
                                           name=f"mesh-store-{i}")
                          for i, f in enumerate(self._followers)]
+        self._unmetrics: Callable[[], None] = lambda: None
+        # Registered before the threads start: an exception below (a KeyboardInterrupt lands
+        # wherever the main thread is) still has node.close() stop them first.
+        self._unclose = close_with(node, self.close)
         for t in self._threads:
             t.start()
         node.offer("service", frames.STORE_SERVICE)
         self._unmetrics = attach(node, store_collector(self))
-        self._unclose = close_with(node, self.close)
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -1411,7 +1414,7 @@ class Store:
         for f in self._followers:
             f.close()
         for t in self._threads:
-            if t is not threading.current_thread():
+            if t.ident is not None and t is not threading.current_thread():
                 t.join(timeout=5.0)
         try:
             self._sync_and_ack(reack=False)
