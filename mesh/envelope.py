@@ -52,6 +52,7 @@ __all__ = [
     "Event",
     "EventTooLarge",
     "MalformedEvent",
+    "NewEventEncoder",
     "UnsupportedVersion",
     "decode",
     "encode",
@@ -796,6 +797,69 @@ def encode_new_many(
             raise EventTooLarge(len(buf), max_size)
         append(buf)
     return out
+
+
+class NewEventEncoder:
+    """:func:`encode_new` for one producer: the same bytes, for events of a fixed ``source``
+    and ``stream`` with only ``seq``, ``type`` and ``data`` set (the per-event ``publish()``
+    of a :class:`~patterns.pubsub.Publisher` without optional fields).
+
+    ``source`` and ``stream`` are checked once, here; each ``type`` the first time it is seen
+    (up to :attr:`TYPES_KEPT` of them, then at every call); the payload at every call. The
+    envelope array is built once and only its variable slots are set per event; the encoder
+    owns a packer. **Not thread-safe**: the caller serializes its calls (the publisher holds
+    its hub's lock).
+
+    Raises (from :meth:`encode`):
+        MalformedEvent: ``type`` or ``data`` is invalid (``field`` names it).
+        EventTooLarge: the encoding exceeds ``max_size``.
+    """
+
+    TYPES_KEPT = 256
+    __slots__ = ("_arr", "_pack", "_types", "max_size")
+
+    def __init__(self, source: str, stream: str, max_size: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        _, source = _check_new("event", source, stream, 0)
+        self.max_size = max_size
+        self._arr: list[Any] = [1, 0, stream, 0, "", 0, "", source, None, None, None, None,
+                                None, {}, None]
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._types: set[str] = set()
+
+    def encode(self, seq: int, type: Any, data: Any) -> bytes:
+        """Encode a new event (fresh id, time now) of seq ``seq``; ``seq`` is trusted (the
+        caller's own counter), everything else is checked as :func:`encode_new` checks it."""
+        if type.__class__ is not str or type not in self._types:
+            type = self._new_type(type)
+        if data.__class__ is bytes:
+            if len(data) > self.max_size:
+                raise EventTooLarge(len(data), self.max_size)
+        else:
+            data = _value("data", data, 0)
+        now_ns = _time_ns()
+        arr = self._arr
+        arr[3] = seq
+        arr[4] = uuid7(now_ns)
+        arr[5] = now_ns // 1000
+        arr[6] = type
+        arr[14] = data
+        try:
+            buf: bytes = self._pack(arr)
+        except (ValueError, TypeError, OverflowError) as exc:
+            self._pack = msgpack.Packer(use_bin_type=True).pack  # may hold a partial buffer
+            raise MalformedEvent(f"event cannot be encoded: {exc}") from exc
+        finally:
+            arr[14] = None  # the payload is not kept alive by the encoder
+        if len(buf) > self.max_size:
+            raise EventTooLarge(len(buf), self.max_size)
+        return buf
+
+    def _new_type(self, type: Any) -> str:
+        if type.__class__ is not str or not type or not (type.isascii() and type.isprintable()):
+            type = _req_str("type", type)
+        if len(self._types) < self.TYPES_KEPT:
+            self._types.add(type)
+        return type  # type: ignore[no-any-return]
 
 
 def _wrong(field: str, value: object) -> NoReturn:

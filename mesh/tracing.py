@@ -276,6 +276,11 @@ def _otel_span(kind: str, name: str, c: TraceContext) -> Any:
     return tracer.start_as_current_span(f"{kind} {name}", context=parent, attributes=attrs)
 
 
+def in_context() -> bool:
+    """True while a handler runs (a consumed event's trace context is current)."""
+    return _current.get() is not None
+
+
 def child_fields(correlationid: str | None, causationid: str | None,
                  traceparent: str | None) -> tuple[str | None, str | None, str | None]:
     """Fill the unset ones of an outgoing event's fields from the current context.

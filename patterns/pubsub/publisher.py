@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from mesh.budget import Budget, LogLimiter
-from mesh.envelope import DEFAULT_MAX_EVENT_BYTES, Event, encode, encode_new, encode_new_many
+from mesh.envelope import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    NewEventEncoder,
+    encode,
+    encode_new,
+    encode_new_many,
+)
 from mesh.errors import (
     ClosedError,
     CodecError,
@@ -49,7 +56,7 @@ from mesh.errors import (
 )
 from mesh.log import LogConfig
 from mesh.peers import PeerEventKind
-from mesh.tracing import OTEL, child_fields, otel_active, span
+from mesh.tracing import OTEL, child_fields, in_context, otel_active, span
 from patterns._closing import close_with
 from patterns._metrics import attach, publisher_collector, pubsub_hub_collector
 from patterns.pubsub import _registry, frames
@@ -1061,6 +1068,14 @@ class Publisher:
         self.source = source or getattr(node, "name", None) or node.id
         self.max_event_size = max_event_size
         self._signer = _resolve_signer(node, sign)
+        #: The encoder of plain events (see publish()); None when signing (every event goes
+        #: through an Event) or when the source is invalid (each publish then says so).
+        self._enc: NewEventEncoder | None = None
+        if self._signer is None:
+            try:
+                self._enc = NewEventEncoder(self.source, stream, max_event_size)
+            except CodecError:
+                pass
         self._closed = False
         log = None
         if durable:
@@ -1105,7 +1120,13 @@ class Publisher:
             CodecError: the event is malformed or too large (nothing was logged or sent).
             LogError: the append failed (e.g. :class:`~mesh.errors.LogFull`); nothing was sent.
         """
-        if _otel_publish_span():
+        # The common call (payload and type only, no signing, no trace context, no spans)
+        # encodes with the publisher's own NewEventEncoder: the same bytes as encode_new.
+        enc = self._enc
+        plain = (enc is not None and subject is None and headers is None
+                 and datacontenttype is None and correlationid is None and causationid is None
+                 and traceparent is None and not in_context() and not otel_active())
+        if not plain and _otel_publish_span():
             # The event carries the publish span as its parent (explicit traceparent wins).
             token = _in_publish_span.set(True)
             try:
@@ -1118,9 +1139,10 @@ class Publisher:
                 _in_publish_span.reset(token)
         hub = self._hub
         st = self._st
-        # Inside a handler, the consumed event's trace context fills the unset fields.
-        correlationid, causationid, traceparent = child_fields(correlationid, causationid,
-                                                               traceparent)
+        if not plain:
+            # Inside a handler, the consumed event's trace context fills the unset fields.
+            correlationid, causationid, traceparent = child_fields(correlationid, causationid,
+                                                                   traceparent)
         signed = None
         if self._signer is not None:
             # Signed outside the lock: the signature does not cover seq.
@@ -1132,7 +1154,9 @@ class Publisher:
             if self._closed:
                 raise ClosedError(f"publisher of {self.stream!r} is closed")
             seq = st.next_seq
-            if signed is None:
+            if plain:
+                env = enc.encode(seq, type, data)  # type: ignore[union-attr]
+            elif signed is None:
                 # Straight to the envelope: the publisher never needs the Event object.
                 env = encode_new(type=type, source=self.source, stream=self.stream, seq=seq,
                                  data=data, subject=subject, headers=headers,
