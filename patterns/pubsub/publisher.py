@@ -466,15 +466,28 @@ class _PubHub:
             self.send_data(st, st.pending_first, pend)
 
     def _flush_later(self, st: _Stream) -> None:
-        # Reactor thread: the linger of held events ran out.
+        # Reactor thread: the linger of held events may have run out. Events held for less
+        # (a batch begun after the one this timer was armed for went out full) wait for
+        # their own due time: the timer re-arms itself from here, so a stream kept busy has
+        # one timer running (a wake-up per linger_s at most) instead of the publishing
+        # thread arming one through the reactor's queue for every batch it holds.
         with self.lock:
-            st.timer_armed = False
             if self.sock.closed or self.streams.get(st.name) is not st:
+                st.timer_armed = False
                 return
-            try:
-                self.flush(st)
-            except ClosedError as exc:
-                _log.warning("pubsub: held events of %s not sent: %s", st.name, exc)
+            if st.pending:
+                wait = st.pending_since + st.linger_s - time.monotonic()
+                if wait > 0:
+                    try:
+                        self.node.reactor.call_later(wait, self._flush_later, st)
+                        return
+                    except ClosedError:
+                        pass  # the node is closing: send them now
+                try:
+                    self.flush(st)
+                except ClosedError as exc:
+                    _log.warning("pubsub: held events of %s not sent: %s", st.name, exc)
+            st.timer_armed = False
 
     def _send_control(self, rid: bytes, msg: list[bytes]) -> bool:
         """Under ``lock``: one heartbeat / notice to one connection; False when it is gone
