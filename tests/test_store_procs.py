@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.node import Node
+from mesh.node import Node, PresenceConfig
 from tests.util import REPO, ctrl, make_node, unique, wait_until
 
 CHILD = os.path.join(REPO, "tests", "store_child.py")
@@ -57,8 +57,12 @@ class Child:
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Node]:
-    """The test's own node: the static peer every child dials (it holds nothing)."""
-    with make_node(tmp_path / "hub", unique("st")) as nd:
+    """The test's own node: the static peer every child dials (it holds nothing). Its
+    presence is short, as the children's are, so a killed child is gone from its table in
+    about a second, not the default ten (what each test waits for before the next step)."""
+    with Node(data_dir=tmp_path / "hub", name="hub", mesh=unique("st"), mdns=False,
+              interface="127.0.0.1",
+              presence=PresenceConfig(heartbeat_s=0.1, evasive_s=0.5, gone_s=1.5)) as nd:
         yield nd
 
 
