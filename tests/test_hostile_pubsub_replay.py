@@ -482,11 +482,11 @@ def test_forged_acks_bounded_and_stats_threadsafe_plaintext(tmp_path: Path) -> N
         try:
             peer.hello()
             base = _rss()
-            errors = _ack_flood(victim, peer, pub, pub.stream, 20_000)
+            errors = _ack_flood(victim, peer, pub, pub.stream, 8_000)  # 31x the bound
             assert errors == []
             s = pub.stats()
             assert len(s.positions) <= pubmod.ACK_POSITIONS_PER_PEER
-            assert s.acks_refused >= 20_000 - pubmod.ACK_POSITIONS_PER_PEER
+            assert s.acks_refused >= 8_000 - pubmod.ACK_POSITIONS_PER_PEER
             lags = sum(len(v["samples"]) for k, v in victim.metrics.as_dict().items()
                        if "consumer_lag" in k)
             assert lags <= pubmod.ACK_POSITIONS_PER_PEER, lags
