@@ -209,6 +209,11 @@ def subscriber_collector(sub: Any) -> Callable[[Collect], None]:
                     "than the one the connection was made to.", **lab)
         out.counter("subscriptions_refused_total", s.subscriptions_refused,
                     "Subscription requests a publisher refused (REFUSED notices).", **lab)
+        out.counter("packed_messages_total", s.packed_messages,
+                    "DATA messages received in the packed layout (pub/sub 2.4).", **lab)
+        out.counter("unpacked_publishers_total", s.unpacked_publishers,
+                    "Publisher connections that refused the packed layout (an older "
+                    "publisher: one frame per event).", **lab)
 
     return collect
 

@@ -24,6 +24,7 @@ import zmq
 
 from mesh.envelope import Event, decode, encode, from_unpacked
 from mesh.errors import CodecError, EventTooLarge, ProtocolError, UnsupportedVersion
+from mesh.metrics import render_prometheus
 from mesh.node import Node
 from patterns.pubsub import frames
 from patterns.pubsub.publisher import Publisher
@@ -171,6 +172,14 @@ def test_a_bad_value_in_a_packed_frame_decodes_as_separate_frames_would() -> Non
 # --- end to end ----------------------------------------------------------------------------
 
 
+def _metric(text: str, name: str, stream: str) -> float | None:
+    """The value of ``name`` for ``stream`` in a Prometheus text exposition, or None."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'stream="{stream}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def test_zeromesh_pair_speaks_packed(pair: tuple[Node, Node]) -> None:
     a, b = pair
     stream = unique("pk")
@@ -186,6 +195,11 @@ def test_zeromesh_pair_speaks_packed(pair: tuple[Node, Node]) -> None:
         st = sub.stats()
         assert st.packed_messages >= 1 and st.unpacked_publishers == 0
         assert st.bad_frames == 0 and st.gaps == 0
+        # The same counters on the node's metrics (what an operator sees on /metrics).
+        text = render_prometheus(b)
+        packed = _metric(text, "packed_messages_total", stream)
+        assert packed is not None and packed >= 1, text
+        assert _metric(text, "unpacked_publishers_total", stream) == 0
 
 
 def test_old_subscriber_gets_one_frame_per_envelope(
@@ -256,6 +270,8 @@ def test_subscriber_falls_back_for_an_old_publisher(
             st = sub.stats()
             assert st.unpacked_publishers == 1 and st.subscriptions_refused == 0
             assert st.packed_messages == 0
+            assert _metric(render_prometheus(node), "unpacked_publishers_total",
+                           stream) == 1
     finally:
         raw.close(0)
         node.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mesh.node import Node, PresenceConfig
-from tests.util import REPO, ctrl, make_node, unique, wait_until
+from tests.util import REPO, ctrl, unique, wait_until
 
 CHILD = os.path.join(REPO, "tests", "store_child.py")
 N = 10_000
