@@ -40,6 +40,12 @@ def node_pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
 
 
 @pytest.fixture
+def pair(node_pair: tuple[Node, Node]) -> tuple[Node, Node]:
+    """``node_pair`` under the short name most pattern tests use."""
+    return node_pair
+
+
+@pytest.fixture
 def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     """A ZeroMQ context whose teardown fails on sockets the test leaked instead of hanging."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()

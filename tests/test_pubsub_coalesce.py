@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from mesh.errors import ConfigError
 from mesh.node import Node
 from patterns.pubsub.publisher import COALESCE_MAX, Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import make_node, unique, wait_until
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    mesh = unique("ps")
-    a = make_node(tmp_path / "a", mesh)
-    ctrl = next(e for e in a.info().endpoints["control"] if e.startswith("tcp://"))
-    b = make_node(tmp_path / "b", mesh, (ctrl,))
-    wait_until(lambda: a.id in {p.node_id for p in b.peers.list()}, 5, what="peering")
-    yield a, b
-    b.close()
-    a.close()
+from tests.util import unique, wait_until
 
 
 def collect(sub: Subscriber, n: int, timeout: float = 10) -> list[int]:

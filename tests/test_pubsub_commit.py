@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +26,13 @@ from patterns.pubsub.aio import AsyncSubscriber
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Batch, Start, Subscriber
 from tests.raw_pubsub import RawPublisher
-from tests.util import ctrl, make_node, unique, wait_until
+from tests.util import make_node, unique, wait_until
 
 
 class Boom(Exception):
     pass
 
 
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    mesh = unique("pc")
-    a = make_node(tmp_path / "a", mesh)
-    b = make_node(tmp_path / "b", mesh, (ctrl(a),))
-    wait_until(lambda: a.id in {p.node_id for p in b.peers.list()}, 5, what="peering")
-    wait_until(lambda: b.id in {p.node_id for p in a.peers.list()}, 5, what="peering back")
-    yield a, b
-    b.close()
-    a.close()
 
 
 def first_data(b: Node, stream: str, durable: str) -> Any:

@@ -3,26 +3,16 @@ appear later, and forgetting publishers that left. Real nodes on 127.0.0.1 (mdns
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mesh.envelope import Event
 from mesh.node import Node
 from mesh.state import StateStore
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import ctrl, make_node, unique, wait_until
-
-
-def drain(sub: Subscriber, n: int, timeout: float = 10.0) -> list[Event]:
-    out: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        out.extend(sub.recv_batch(timeout=0.1))
-    return out
+from tests.util import ctrl, drain, make_node, unique, wait_until
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -17,26 +16,7 @@ from patterns.pubsub import frames
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import RetentionGap, Start, Subscriber
-from tests.util import ctrl, make_node, unique, wait_until
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    mesh = unique("ps")
-    a = make_node(tmp_path / "a", mesh)
-    b = make_node(tmp_path / "b", mesh, (ctrl(a),))
-    wait_until(lambda: a.id in {p.node_id for p in b.peers.list()}, 5, what="peering")
-    yield a, b
-    b.close()
-    a.close()
-
-
-def drain(sub: Subscriber, n: int, timeout: float = 20.0) -> list[Event]:
-    out: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        out.extend(sub.recv_batch(timeout=0.5))
-    return out
+from tests.util import ctrl, drain, make_node, unique, wait_until
 
 
 def test_slow_subscriber_tiny_hwm_drops_on_wire_then_replays_all(

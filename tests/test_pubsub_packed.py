@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from mesh.node import Node
 from patterns.pubsub import frames
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import Start, StreamGap, Subscriber
-from tests.util import ctrl, make_node, unique, wait_until
+from tests.util import drain, make_node, unique, wait_until
 
 PUB = bytes(range(16))
 
@@ -37,25 +36,6 @@ PUB = bytes(range(16))
 def _envs(stream: str, first: int, n: int, size: int = 10) -> list[bytes]:
     return [encode(Event(type="t", source="s", stream=stream, seq=first + i,
                          data=bytes([i % 256]) * size)) for i in range(n)]
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    mesh = unique("pk")
-    a = make_node(tmp_path / "a", mesh)
-    b = make_node(tmp_path / "b", mesh, (ctrl(a),))
-    wait_until(lambda: a.id in {p.node_id for p in b.peers.list()}, 5, what="peering")
-    yield a, b
-    b.close()
-    a.close()
-
-
-def drain(sub: Subscriber, n: int, timeout: float = 20.0) -> list[Event]:
-    out: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        out.extend(sub.recv_batch(timeout=0.2))
-    return out
 
 
 # --- frames ------------------------------------------------------------------------------

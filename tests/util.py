@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from mesh.node import Node
@@ -89,3 +89,12 @@ def make_node(path: os.PathLike[str] | str, mesh: str, peers: tuple[str, ...] = 
 def ctrl(nd: Node) -> str:
     """The node's tcp control endpoint (what another node's ``static_peers`` takes)."""
     return next(e for e in nd.info().endpoints["control"] if e.startswith("tcp://"))
+
+
+def drain(sub: Any, n: int, timeout: float = 20.0, poll_s: float = 0.2) -> list[Any]:
+    """Up to ``n`` events from ``sub.recv_batch`` (a Subscriber), within ``timeout``."""
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        out.extend(sub.recv_batch(timeout=poll_s))
+    return out
