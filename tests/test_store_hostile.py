@@ -9,27 +9,21 @@ from pathlib import Path
 
 from mesh.envelope import Event, encode
 from mesh.log import LogConfig
-from mesh.node import Node, PresenceConfig
-from mesh.security import SecurityConfig
-from mesh.security.keys import Keypair, generate_keypair, write_keypair
+from mesh.node import Node
 from patterns.pubsub import frames
 from patterns.pubsub.holdings import board_for
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.store import HOLDINGS_PEER_PAGES, Store
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import CurveHub, unique, wait_until
 
 NAMES = ("hub", "pub", "store", "evil")
 
 
 def test_a_peer_allowed_one_stream_cannot_make_a_store_or_an_origin_believe_more(
         tmp_path: Path) -> None:
-    keys = {n: generate_keypair() for n in NAMES}
-    allow = tmp_path / "allow"
-    for n, kp in keys.items():
-        write_keypair(tmp_path / "keys", n, kp)
-        write_keypair(allow, n, Keypair(kp.public, kp.secret))
-        (allow / f"{n}.key_secret").unlink()
+    cm = CurveHub(tmp_path, NAMES)
+    keys = cm.keys
     base = unique("h").replace("-", "")
     a, b = f"{base}.a", f"{base}.b"
     every = ["publish:*", "subscribe:*", "replay:*"]
@@ -37,18 +31,9 @@ def test_a_peer_allowed_one_stream_cannot_make_a_store_or_an_origin_believe_more
              keys["store"].public: [*every, "replicate:*"],
              keys["evil"].public: [f"publish:{a}", f"subscribe:{a}", f"replay:{a}",
                                    f"replicate:{a}"]}
-    m = unique("sec")
-    nodes: list[Node] = []
 
     def node(name: str, hub_ep: str | None) -> Node:
-        peer_keys = {hub_ep: keys["hub"].public} if hub_ep else {}
-        sec = SecurityConfig(key_file=tmp_path / "keys" / f"{name}.key_secret",
-                             allowlist_dir=allow, permissions=perms, peer_keys=peer_keys)
-        nd = Node(data_dir=tmp_path / name, name=name, mesh=m, mdns=False, transports=("tcp",),
-                  interface="127.0.0.1", security=sec, static_peers=(hub_ep,) if hub_ep else (),
-                  presence=PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6))
-        nodes.append(nd)
-        return nd
+        return cm.node(name, perms, hub_ep)
 
     try:
         hub = node("hub", None)
@@ -144,5 +129,4 @@ def test_a_peer_allowed_one_stream_cannot_make_a_store_or_an_origin_believe_more
         pa.close()
         pb.close()
     finally:
-        for nd in reversed(nodes):
-            nd.close()
+        cm.close()

@@ -10,14 +10,12 @@ import pytest
 
 from mesh.envelope import Event, decode, encode
 from mesh.errors import ReplicationTimeout
-from mesh.node import Node, PresenceConfig
-from mesh.security import SecurityConfig
-from mesh.security.keys import Keypair, generate_keypair, write_keypair
+from mesh.node import Node
 from patterns.pubsub import frames
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.store import Store
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import CurveHub, unique, wait_until
 
 NAMES = ("hub", "pub", "good", "bad", "sub")
 
@@ -27,26 +25,14 @@ def _forge(env: bytes) -> bytes:
 
 
 def test_only_a_store_allowed_to_replicate_counts_and_serves(tmp_path: Path) -> None:
-    keys = {n: generate_keypair() for n in NAMES}
-    allow = tmp_path / "allow"
-    for n, kp in keys.items():
-        write_keypair(tmp_path / "keys", n, kp)
-        write_keypair(allow, n, Keypair(kp.public, kp.secret))
-        (allow / f"{n}.key_secret").unlink()
+    cm = CurveHub(tmp_path, NAMES)
+    keys = cm.keys
     perms = {"*": ["publish:*", "subscribe:*", "replay:*"],
              keys["good"].public: ["replicate:*"]}
-    m, stream = unique("sec"), unique("s").replace("-", "")
-    nodes: list[Node] = []
+    stream = unique("s").replace("-", "")
 
     def node(name: str, hub_ep: str | None) -> Node:
-        peer_keys = {hub_ep: keys["hub"].public} if hub_ep else {}
-        sec = SecurityConfig(key_file=tmp_path / "keys" / f"{name}.key_secret",
-                             allowlist_dir=allow, permissions=perms, peer_keys=peer_keys)
-        nd = Node(data_dir=tmp_path / name, name=name, mesh=m, mdns=False, transports=("tcp",),
-                  interface="127.0.0.1", security=sec, static_peers=(hub_ep,) if hub_ep else (),
-                  presence=PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6))
-        nodes.append(nd)
-        return nd
+        return cm.node(name, perms, hub_ep)
 
     try:
         hub = node("hub", None)
@@ -86,7 +72,6 @@ def test_only_a_store_allowed_to_replicate_counts_and_serves(tmp_path: Path) -> 
         assert bad.stats().fetches == 0  # never asked: it may not replicate this stream
         sub.close()
     finally:
-        for nd in reversed(nodes):
-            nd.close()
+        cm.close()
 
 

@@ -98,3 +98,39 @@ def drain(sub: Any, n: int, timeout: float = 20.0, poll_s: float = 0.2) -> list[
     while len(out) < n and time.monotonic() < deadline:
         out.extend(sub.recv_batch(timeout=poll_s))
     return out
+
+
+class CurveHub:
+    """CURVE nodes of one fresh mesh on 127.0.0.1 that dial a hub node: a keypair per name
+    (``tmp/keys``; the public keys in the allowlist ``tmp/allow``), short presence, tcp only.
+    ``node(name, perms, hub_ep)`` starts one (``hub_ep`` None: the hub itself, named "hub");
+    ``close()`` closes them newest first."""
+
+    def __init__(self, tmp: Any, names: tuple[str, ...]) -> None:
+        from mesh.security.keys import Keypair, generate_keypair, write_keypair
+        self.tmp = tmp
+        self.keys = {n: generate_keypair() for n in names}
+        self.allow = tmp / "allow"
+        for n, kp in self.keys.items():
+            write_keypair(tmp / "keys", n, kp)
+            write_keypair(self.allow, n, Keypair(kp.public, kp.secret))
+            (self.allow / f"{n}.key_secret").unlink()
+        self.mesh = unique("sec")
+        self.nodes: list[Node] = []
+
+    def node(self, name: str, perms: dict[str, Any], hub_ep: str | None) -> Node:
+        from mesh.node import Node, PresenceConfig
+        from mesh.security import SecurityConfig
+        peer_keys = {hub_ep: self.keys["hub"].public} if hub_ep else {}
+        sec = SecurityConfig(key_file=self.tmp / "keys" / f"{name}.key_secret",
+                             allowlist_dir=self.allow, permissions=perms, peer_keys=peer_keys)
+        nd = Node(data_dir=self.tmp / name, name=name, mesh=self.mesh, mdns=False,
+                  transports=("tcp",), interface="127.0.0.1", security=sec,
+                  static_peers=(hub_ep,) if hub_ep else (),
+                  presence=PresenceConfig(heartbeat_s=0.1, evasive_s=0.3, gone_s=0.6))
+        self.nodes.append(nd)
+        return nd
+
+    def close(self) -> None:
+        for nd in reversed(self.nodes):
+            nd.close()
