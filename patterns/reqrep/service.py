@@ -385,6 +385,10 @@ class Service:
         self._inline_t0 = 0.0
         self._inline_n = 0  # fast-path runs begun
         self._taken = False  # the watchdog gave the socket to a worker during this run
+        self._pass_t0 = 0.0  # when the leader's current loop pass began (burst budget)
+        #: BATCH items a leader taken over mid-batch left unhandled: the next leader handles
+        #: them first, in order (routing id, request, caller)
+        self._inbound: collections.deque[tuple[bytes, fr.Request, Any]] = collections.deque()
         self._watching = False  # the watchdog thread is ticking
         self._watch_seen = 0
         self._watch_idle = 0
@@ -621,14 +625,23 @@ class Service:
                 continue
             self._finish(inc, self._execute(inc))
 
-    def _run_fast(self, inc: Incoming) -> bool:
-        """Run ``inc`` on the leading thread (the fast path); True once it is answered.
+    def _run_fast(self, inc: Incoming, alone: bool) -> bool:
+        """Run ``inc`` on the leading thread (the fast path); True once it is answered, False
+        when it is not taken (a burst whose pass already used the budget: to a worker).
+
+        ``alone``: nothing else waits (the reply leaves at once). Otherwise ``inc`` is part of
+        a burst (more requests in its BATCH or on the socket): it runs here only while this
+        loop pass has run handlers for less than the budget, and its reply joins the outbox,
+        so the replies of the burst leave batched at the end of the pass.
 
         Raises:
             _SteppedDown: the watchdog gave the socket to a worker while the handler ran:
                 the reply went to the new leader, this thread no longer touches the socket.
         """
-        if self._outbox:  # replies made earlier in this pass do not wait for the handler
+        if not alone:
+            if _perf() - self._pass_t0 >= self._budget:
+                return False
+        elif self._outbox:  # replies made earlier in this pass do not wait for the handler
             self._flush()
         mu = self._lead_mu
         with mu:
@@ -646,7 +659,7 @@ class Service:
         if taken:
             self._finish(inc, rep)  # as a worker would: the new leader sends it
             raise _SteppedDown
-        self._complete(inc, rep, True)
+        self._complete(inc, rep, alone)
         return True
 
     def _watch_loop(self) -> None:
@@ -849,8 +862,8 @@ class Service:
             self._iter_q.put(inc)
         elif self.config.inline:
             self._complete(inc, self._execute(inc))
-        elif not (alone and self._busy == 1 and self._fast and self._last_s < self._budget
-                  and not readable(self._sock) and self._run_fast(inc)):
+        elif not (self._busy == 1 and self._fast and self._last_s < self._budget
+                  and self._run_fast(inc, alone and not readable(self._sock))):
             self._work_q.put(inc)
 
     def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False) -> None:
@@ -945,9 +958,13 @@ class Service:
             st.batches_received += 1
             st.garbage += m.malformed
             if m.command is fr.Command.REQUEST:
-                for item in m.items:
-                    if isinstance(item, fr.Request):
-                        self._on_request(rid, item, caller)
+                # The items wait in _inbound while one runs here: if the watchdog hands the
+                # socket to another thread during a fast-path run, that thread finds the rest
+                # of the BATCH there and handles it first (this one, stuck in the handler,
+                # never takes another).
+                inbound = self._inbound
+                inbound.extend((rid, x, caller) for x in m.items if isinstance(x, fr.Request))
+                self._drain_inbound()
             else:
                 st.garbage += len(m.items)  # REPLYs sent to a responder
         elif isinstance(m, fr.Ping):
@@ -963,6 +980,18 @@ class Service:
                                                       state)))
         else:  # a REPLY or PONG sent to a responder makes no sense: count, ignore
             self._stats.garbage += 1
+
+    def _drain_inbound(self) -> None:
+        """Handle the BATCH items waiting in ``_inbound``, in order (leading thread only).
+
+        Raises:
+            _SteppedDown: this thread was taken over while one of them ran (see
+                :meth:`_run_fast`); the rest stay for the new leader.
+        """
+        inbound = self._inbound
+        while inbound:
+            rid, req, caller = inbound.popleft()
+            self._on_request(rid, req, caller)
 
     def _run(self) -> None:
         # the first leader; after a takeover (fast path) it serves as a worker
@@ -995,7 +1024,7 @@ class Service:
                 ready = False if checked and not self._sent else readable(sock)
                 checked = False
                 idle = False
-                if not ready and not done:
+                if not ready and not done and not self._inbound:
                     if spin and (inline or self._busy == 0):
                         end = clock() + spin
                         while True:  # latency mode: a bounded busy-poll before sleeping
@@ -1005,7 +1034,7 @@ class Service:
                             if done or self._closed or clock() >= end:
                                 break
                             _yield()  # let this core's other threads (libzmq's I/O) run
-                    if not ready and not done:
+                    if not ready and not done and not self._inbound:
                         self._sent = False
                         got = wait(tick_ms)
                         idle = not got
@@ -1016,6 +1045,12 @@ class Service:
                                 except OSError:  # BlockingIOError: drained already
                                     pass
                         ready = bool(got)  # a receive finds out (NOBLOCK: None if nothing)
+                self._pass_t0 = _perf()
+                if self._inbound:  # left by a leader taken over in the middle of a BATCH
+                    try:
+                        self._drain_inbound()
+                    except _SteppedDown:
+                        return True
                 if ready:
                     # After each message, ZMQ_EVENTS says whether another is waiting:
                     # cheaper than the EAGAIN exception that would end the batch otherwise.
