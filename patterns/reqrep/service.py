@@ -625,24 +625,24 @@ class Service:
                 continue
             self._finish(inc, self._execute(inc))
 
-    def _run_fast(self, inc: Incoming, alone: bool) -> bool:
+    def _run_fast(self, inc: Incoming, alone: bytes | None) -> bool:
         """Run ``inc`` on the leading thread (the fast path); True once it is answered, False
-        when it is not taken (a burst whose pass already used the budget: to a worker).
+        when it is not taken (this loop pass already ran handlers for the budget: the request
+        goes to a worker).
 
-        ``alone``: nothing else waits (the reply leaves at once). Otherwise ``inc`` is part of
-        a burst (more requests in its BATCH or on the socket): it runs here only while this
-        loop pass has run handlers for less than the budget, and its reply joins the outbox,
-        so the replies of the burst leave batched at the end of the pass.
+        ``alone``: the routing id of a request that came in a message of its own: its reply
+        leaves at once (before the reply cache is updated, when there is no outcome log to
+        write first). None: an item of a BATCH, whose reply joins the outbox, so the replies
+        of a BATCH leave batched at the end of the pass.
 
         Raises:
             _SteppedDown: the watchdog gave the socket to a worker while the handler ran:
                 the reply went to the new leader, this thread no longer touches the socket.
         """
-        if not alone:
-            if _perf() - self._pass_t0 >= self._budget:
-                return False
-        elif self._outbox:  # replies made earlier in this pass do not wait for the handler
-            self._flush()
+        if _perf() - self._pass_t0 >= self._budget:
+            return False
+        if alone is not None and self._outbox:
+            self._flush()  # replies made earlier in this pass do not wait for the handler
         mu = self._lead_mu
         with mu:
             if not self._watching:
@@ -652,14 +652,16 @@ class Service:
             self._inline_t0 = _perf()
             self._inline_n += 1
         self._stats.fast_path += 1
-        rep = self._execute(inc)
+        rep, failed = self._call(inc)
         with mu:
             self._inline_on = False
             taken, self._taken = self._taken, False
         if taken:
+            self._processing.observe(_perf() - self._last_s, failed)
             self._finish(inc, rep)  # as a worker would: the new leader sends it
             raise _SteppedDown
-        self._complete(inc, rep, alone)
+        self._complete(inc, rep, alone is not None, alone)
+        self._processing.observe(_perf() - self._last_s, failed)  # after the reply left
         return True
 
     def _watch_loop(self) -> None:
@@ -698,22 +700,26 @@ class Service:
         return ticking
 
     def _execute(self, inc: Incoming) -> fr.Reply:
+        started = _perf()
+        rep, failed = self._call(inc)
+        self._processing.observe(started, failed)
+        return rep
+
+    def _call(self, inc: Incoming) -> tuple[fr.Reply, bool]:
+        """(the reply, whether the handler raised); sets ``_last_s`` to how long it took."""
         assert self._handler is not None
         started = _perf()
-        failed = False
         try:
             # The request's traceparent / correlationid headers become the handler's context.
             with consuming(ctx=context_of_request(inc.id, inc.headers, self.name), kind="serve"):
                 value = self._handler(inc)
             fmt, body = encode_body(value)
-            return fr.Reply(inc.id, fr.Status.OK, 0, fmt, body=body)
+            return fr.Reply(inc.id, fr.Status.OK, 0, fmt, body=body), False
         except Exception as exc:  # the handler's failure is the caller's answer, typed
-            failed = True
             return fr.Reply(inc.id, fr.Status.ERROR, 0, fr.Format.BYTES,
-                            type(exc).__name__, str(exc)[:4096])
+                            type(exc).__name__, str(exc)[:4096]), True
         finally:
             self._last_s = _perf() - started
-            self._processing.observe(started, failed)
 
     def _finish(self, inc: Incoming, rep: fr.Reply) -> None:
         # called on worker / user threads: hand over to the I/O thread. Always signal: an
@@ -863,10 +869,18 @@ class Service:
         elif self.config.inline:
             self._complete(inc, self._execute(inc))
         elif not (self._busy == 1 and self._fast and self._last_s < self._budget
-                  and self._run_fast(inc, alone and not readable(self._sock))):
+                  and self._run_fast(inc, rid if alone else None)):
             self._work_q.put(inc)
 
-    def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False) -> None:
+    def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False,
+                  first: bytes | None = None) -> None:
+        """Cache (and log) the reply of ``inc`` and send it to every waiter.
+
+        ``first``: the routing id of the only waiter of a fast-path run (nothing was received
+        while its handler ran): with no outcome log to write first, it is sent the reply
+        before the cache is updated (the same thread updates it before it reads anything
+        else, so no copy can miss it), which takes that work out of the round trip.
+        """
         self._busy -= 1
         st = self._stats
         if rep.status == fr.Status.EXPIRED:
@@ -877,6 +891,15 @@ class Service:
             st.errors += 1
         frames = fr.reply_frames(rep, self._free())
         size = _size(frames)
+        if (first is not None and self._olog is None and not self.drop_replies
+                and size <= self.config.cache_entry_max_bytes):
+            st.replied += 1
+            self._send(first, frames, True)
+            for rid in self._cache.finish(inc._key, frames, size=size):
+                if rid != first:
+                    st.replied += 1
+                    self._send(rid, frames, direct)
+            return
         if size > self.config.cache_entry_max_bytes:
             # keep a status, not the body: a retry is told it ran, and it never runs again
             st.not_cached += 1
