@@ -5,8 +5,10 @@ reply cache, sends replies); handlers run on ``concurrency`` worker threads and 
 back through a deque plus one wake-up byte on a pipe per batch (portable: no eventfd).
 
 The fast path (``inline_budget_s``, on by default): a request that finds the service idle
-(nothing queued or running, nothing else waiting on the socket) runs on the I/O thread at once,
-which sends its reply itself: two thread wake-ups less per request. While it runs, the I/O thread
+(nothing queued or running) runs on the I/O thread at once, which sends its reply itself: two
+thread wake-ups less per request. A burst (the items of a BATCH, several requests waiting) runs
+there too, one after another, while the loop pass has spent less than ``inline_budget_s``; the
+rest of it goes to the workers. While it runs, the I/O thread
 leaves the socket alone; a watchdog thread (ticking only while such requests come, asleep
 after half a second without one) checks every ``inline_budget_s`` and, when the handler has
 run longer than that, puts a "lead" token on the work queue: an idle worker takes it and
@@ -155,8 +157,9 @@ class ServiceConfig:
             id gets :class:`~patterns.reqrep.errors.ReplyNotCached`, never a second run.
         max_queue: requests waiting for a free handler beyond which new ones get BUSY.
         inline_budget_s: the default service's fast path (0 turns it off): a request that
-            arrives while no other is queued or running, with nothing else waiting on the
-            socket, runs on the I/O thread itself (no hand-off to a worker and back). If it
+            arrives while no other is queued or running runs on the I/O thread itself (no
+            hand-off to a worker and back); in a burst (a BATCH, several requests waiting)
+            only while the loop pass has spent less than this on handlers. If it
             is still running after about this long, a worker thread takes over the socket
             (PINGs, BUSY, other requests go on being answered) and the handler finishes
             where it is; a handler whose last run took longer than this goes to a worker
@@ -641,8 +644,12 @@ class Service:
         """
         if _perf() - self._pass_t0 >= self._budget:
             return False
-        if alone is not None and self._outbox:
-            self._flush()  # replies made earlier in this pass do not wait for the handler
+        if alone is not None:
+            if self._outbox:
+                self._flush()  # replies made earlier in this pass do not wait for the handler
+        elif time.monotonic() >= inc.deadline:  # as a worker does: not run after its deadline
+            self._complete(inc, fr.Reply(inc.id, fr.Status.EXPIRED, 0, fr.Format.BYTES))
+            return True
         mu = self._lead_mu
         with mu:
             if not self._watching:
