@@ -95,3 +95,27 @@ def test_a_takeover_mid_batch_hands_the_rest_of_it_to_the_new_leader(tmp_path: P
         assert got["slow"].body == b"s"
         assert sorted(runs) == ["probe", "r0", "r1", "r2", "r3", "r4", "slow"]
         wait_until(lambda: svc.stats().executed == 7, 5, what=svc.stats)
+
+
+def test_a_burst_item_past_its_deadline_is_expired_not_run(tmp_path: Path) -> None:
+    runs: list[str] = []
+    hold = threading.Event()  # never set
+
+    def handler(r: Any) -> Any:
+        runs.append(r.id)
+        if r.id == "first":
+            hold.wait(0.05)  # a handler doing 50 ms of I/O, within the 200 ms budget
+        return r.payload
+
+    with _peer(tmp_path, handler, concurrency=4, inline_budget_s=0.2) as (svc, io):
+        s = io.service
+        runs.clear()
+        # "late" waits in the BATCH behind "first"; its 10 ms deadline passes meanwhile
+        io.send([_batch([_req("first", s, b"1"), _req("late", s, b"2", ttl=10)])])
+        got, _ = _replies(io, 2)
+        assert got["first"].status == fr.Status.OK
+        # as a worker would: a request taken after its deadline is answered EXPIRED unrun
+        # (old code: the BATCH went to the workers and "late" ran at once on another one)
+        assert got["late"].status == fr.Status.EXPIRED
+        assert runs == ["first"]
+        assert svc.stats().expired == 1

@@ -7,8 +7,8 @@ back through a deque plus one wake-up byte on a pipe per batch (portable: no eve
 The fast path (``inline_budget_s``, on by default): a request that finds the service idle
 (nothing queued or running) runs on the I/O thread at once, which sends its reply itself: two
 thread wake-ups less per request. A burst (the items of a BATCH, several requests waiting) runs
-there too, one after another, while the loop pass has spent less than ``inline_budget_s``; the
-rest of it goes to the workers. While it runs, the I/O thread
+there too, one after another, while less than ``inline_budget_s`` has passed since the I/O
+loop's pass began; the rest of it goes to the workers. While it runs, the I/O thread
 leaves the socket alone; a watchdog thread (ticking only while such requests come, asleep
 after half a second without one) checks every ``inline_budget_s`` and, when the handler has
 run longer than that, puts a "lead" token on the work queue: an idle worker takes it and
@@ -158,8 +158,8 @@ class ServiceConfig:
         max_queue: requests waiting for a free handler beyond which new ones get BUSY.
         inline_budget_s: the default service's fast path (0 turns it off): a request that
             arrives while no other is queued or running runs on the I/O thread itself (no
-            hand-off to a worker and back); in a burst (a BATCH, several requests waiting)
-            only while the loop pass has spent less than this on handlers. If it
+            hand-off to a worker and back), also in a burst (a BATCH, several requests
+            waiting) while less than this has passed since the I/O loop's pass began. If it
             is still running after about this long, a worker thread takes over the socket
             (PINGs, BUSY, other requests go on being answered) and the handler finishes
             where it is; a handler whose last run took longer than this goes to a worker
@@ -389,9 +389,10 @@ class Service:
         self._inline_n = 0  # fast-path runs begun
         self._taken = False  # the watchdog gave the socket to a worker during this run
         self._pass_t0 = 0.0  # when the leader's current loop pass began (burst budget)
-        #: BATCH items a leader taken over mid-batch left unhandled: the next leader handles
-        #: them first, in order (routing id, request, caller)
-        self._inbound: collections.deque[tuple[bytes, fr.Request, Any]] = collections.deque()
+        #: the items of the BATCH being handled (routing id, request, caller, arrival time);
+        #: a leader taken over mid-BATCH leaves the rest here for the next one
+        self._inbound: collections.deque[tuple[bytes, fr.Request, Any, float]] = \
+            collections.deque()
         self._watching = False  # the watchdog thread is ticking
         self._watch_seen = 0
         self._watch_idle = 0
@@ -813,7 +814,8 @@ class Service:
             self._stats.unroutable += 1
             log.debug("service %s: reply to %r not sent: %s", self.name, rid, exc)
 
-    def _on_request(self, rid: bytes, req: fr.Request, caller: Any, alone: bool = False) -> None:
+    def _on_request(self, rid: bytes, req: fr.Request, caller: Any, alone: bool = False,
+                    arrived: float | None = None) -> None:
         st = self._stats
         st.received += 1
         if req.service != self.name:
@@ -857,7 +859,8 @@ class Service:
                                                      fr.Format.BYTES, "ProtocolError", str(exc))))
             return
         inc = Incoming(req.id, req.service, payload, req.headers, req.attempt,
-                       time.monotonic() + req.ttl_ms / 1000.0, self._finish, _key=key)
+                       (time.monotonic() if arrived is None else arrived) + req.ttl_ms / 1000.0,
+                       self._finish, _key=key)
         if self._olog is not None:  # RUNNING is written before the handler can start
             inc._digest = digest
             off = self._log_outcome(_RUNNING, key, digest, None)
@@ -992,8 +995,9 @@ class Service:
                 # socket to another thread during a fast-path run, that thread finds the rest
                 # of the BATCH there and handles it first (this one, stuck in the handler,
                 # never takes another).
-                inbound = self._inbound
-                inbound.extend((rid, x, caller) for x in m.items if isinstance(x, fr.Request))
+                now = time.monotonic()  # each item's deadline counts from the BATCH's arrival
+                self._inbound.extend((rid, x, caller, now) for x in m.items
+                                     if isinstance(x, fr.Request))
                 self._drain_inbound()
             else:
                 st.garbage += len(m.items)  # REPLYs sent to a responder
@@ -1020,8 +1024,8 @@ class Service:
         """
         inbound = self._inbound
         while inbound:
-            rid, req, caller = inbound.popleft()
-            self._on_request(rid, req, caller)
+            rid, req, caller, arrived = inbound.popleft()
+            self._on_request(rid, req, caller, False, arrived)
 
     def _run(self) -> None:
         # the first leader; after a takeover (fast path) it serves as a worker
