@@ -276,11 +276,14 @@ def main() -> int:
     ap.add_argument("--peers", action="store_true", help="also NATS request/reply, Zenoh get")
     ap.add_argument("-n", type=int, default=0, help="one-at-a-time round trips per system")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help=f"runs of each system with {INFLIGHT} in flight (default {ROUNDS})")
     ap.add_argument("--pipelined-only", action="store_true",
                     help="one-at-a-time figures of raw and floor only (a short run)")
     args = ap.parse_args()
     n = args.n or (2000 if args.quick else 10000)
-    total = n * 2  # pipelined requests per system
+    rounds = max(1, args.rounds)
+    total = n * 2 * rounds // ROUNDS  # pipelined requests per system
     tmp = tempfile.mkdtemp(prefix="rrpipe-")
     procs: list[subprocess.Popen[bytes]] = []
     ctx = zmq.Context()
@@ -355,7 +358,7 @@ def main() -> int:
 
         # 64 in flight: each system alone on the machine's two cores for one run of
         # total / ROUNDS requests, the systems in turn, ROUNDS times (the median rate is shown)
-        each = max(INFLIGHT * 4, total // ROUNDS)
+        each = max(INFLIGHT * 4, total // rounds)
         ids = [f"p-{i}" for i in range(each)]
         systems: list[tuple[str, int, Callable[[], tuple[float, list[float]]]]] = [
             ("raw pyzmq DEALER/ROUTER", raw_srv.pid, lambda: raw_pipelined(
@@ -376,7 +379,7 @@ def main() -> int:
         acc: dict[str, dict[str, Any]] = {
             name: {"rates": [], "lat": [], "cc": 0.0, "sc": 0.0, "load": []}
             for name, _, _ in systems}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             for name, pid, fn in systems:
                 c0, s0 = time.process_time(), cpu_of(pid)
                 rate, lat = fn()
@@ -394,7 +397,7 @@ def main() -> int:
                          "p99_us": pct(a["lat"], 0.99), "cpu_client_us": a["cc"] / k * 1e6,
                          "cpu_server_us": a["sc"] / k * 1e6,
                          "load": (min(a["load"]), max(a["load"]))})
-        report(cases, pipe, n, each * ROUNDS, args.json)
+        report(cases, pipe, n, each * rounds, rounds, args.json)
     finally:
         for x in extra:  # sockets, clients, the zenoh session (sync close)
             try:
@@ -468,7 +471,7 @@ def peer_cases(tmp: str, procs: list[subprocess.Popen[bytes]], extra: list[Any])
     return out
 
 
-def report(cases: list[Case], pipe: list[dict[str, Any]], n: int, total: int,
+def report(cases: list[Case], pipe: list[dict[str, Any]], n: int, total: int, rounds: int,
            path: str | None) -> None:
     raw, floor = cases[0], cases[1]
     r50, r99, f50 = pct(raw.lat, 0.5), pct(raw.lat, 0.99), pct(floor.lat, 0.5)
@@ -490,7 +493,7 @@ def report(cases: list[Case], pipe: list[dict[str, Any]], n: int, total: int,
               f"{p99 / r99:.2f} | {row['cpu_client_us']:.0f} | {row['cpu_server_us']:.0f} | "
               f"{min(c.load):.2f}-{max(c.load):.2f} |")
     rr = pipe[0]["rate"]
-    print(f"\n{INFLIGHT} in flight: {total} requests per system in {ROUNDS} runs, the systems "
+    print(f"\n{INFLIGHT} in flight: {total} requests per system in {rounds} runs, the systems "
           "in turn; req/s is the median run (min-max beside it), CPU µs per request")
     print("\n| system | req/s (min-max) | / raw | p50 µs | p99 µs | CPU client | "
           "CPU responder | load avg (min-max) |")

@@ -36,18 +36,26 @@ def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
 
 
 def recv_frames(sock: zmq.Socket[bytes], max_bytes: int) -> list[bytes] | None:
-    """Receive one whole multipart message without blocking; None when none is waiting.
+    """Receive one whole multipart message from a ROUTER without blocking; None when none is
+    waiting.
 
-    A message whose frames add up to more than ``max_bytes`` is drained without copying and
-    returned as ``[]`` (the caller counts it): MAXMSGSIZE bounds each frame, not a message
-    (see :func:`mesh.transport.recv_bounded`, the same rule for the node's sockets).
+    A ROUTER message is its routing id and at least one more frame, so the second frame is
+    read without asking ``RCVMORE`` first, and as a zero-copy frame whose ``more`` says
+    whether a third follows: a ``getsockopt`` through pyzmq builds an enum per call (about
+    1 µs each, two per message before). A message whose frames add up to more than
+    ``max_bytes`` is drained without copying and returned as ``[]`` (the caller counts it):
+    MAXMSGSIZE bounds each frame, not a message (see :func:`mesh.transport.recv_bounded`,
+    the same rule for the node's sockets).
     """
     try:
         first = _zrecv(sock, _NB)
     except zmq.Again:
         return None
-    out = [first]
-    total = len(first)
+    frame = _zrecv(sock, _NB, False)
+    total = len(first) + len(frame)
+    if not frame.more:
+        return [first, frame.bytes] if total <= max_bytes else []
+    out = [first, frame.bytes]
     while _zget(sock, _RCVMORE):
         if total > max_bytes:
             while _zget(sock, _RCVMORE):

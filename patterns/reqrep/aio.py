@@ -40,7 +40,7 @@ from patterns.reqrep.client import (
 __all__ = ["AsyncClient"]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     call: Call
     req: fr.Request
@@ -278,7 +278,7 @@ class AsyncClient(ClientCore):
 
     def _on_one(self, wire: Wire, responder: str,
                 m: fr.Request | fr.Reply | fr.Ping | fr.Pong) -> None:
-        if isinstance(m, fr.Reply | fr.Pong):
+        if isinstance(m, (fr.Reply, fr.Pong)):
             pend = self._pending.get(m.id if isinstance(m, fr.Reply) else m.request_id)
             now = self._clock()
             if pend is None:

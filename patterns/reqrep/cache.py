@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from mesh.errors import ConfigError
@@ -40,13 +39,18 @@ class Lookup(enum.Enum):
     CONFLICT = "conflict"  #: same caller and id, another payload: refuse it
 
 
-@dataclass
 class _Entry(Generic[R, W]):
-    digest: bytes
-    waiters: list[W] = field(default_factory=list)
-    reply: R | None = None
-    done_at: float = 0.0
-    size: int = 0
+    # a plain class with slots: one is made per request (a dataclass with a default_factory
+    # costs about twice as much to build)
+    __slots__ = ("digest", "done_at", "reply", "size", "waiters")
+
+    def __init__(self, digest: bytes, waiters: list[W] | None = None, reply: R | None = None,
+                 done_at: float = 0.0, size: int = 0) -> None:
+        self.digest = digest
+        self.waiters: list[W] = [] if waiters is None else waiters
+        self.reply = reply
+        self.done_at = done_at
+        self.size = size
 
 
 class ReplyCache(Generic[R, W]):
@@ -74,6 +78,7 @@ class ReplyCache(Generic[R, W]):
         self._running: dict[Hashable, _Entry[R, W]] = {}
         self._done: collections.OrderedDict[Hashable, _Entry[R, W]] = collections.OrderedDict()
         self._bytes = 0
+        self._calls = 0  # begin() calls since the last expire()
         self.hits = 0
         self.attached = 0
         self.conflicts = 0
@@ -86,7 +91,12 @@ class ReplyCache(Generic[R, W]):
             reply from :meth:`finish`. ``(CACHED, reply)``: send ``reply`` to the waiter.
             ``(CONFLICT, None)``: the key is known with another payload ``digest``: refuse.
         """
-        self.expire()
+        # Finished replies older than the window are dropped every 64 calls, not on each
+        # (a clock read and an iterator per request); a hit is checked against the window.
+        self._calls += 1
+        if self._calls >= 64:
+            self._calls = 0
+            self.expire()
         running = self._running.get(key)
         if running is not None:
             if running.digest != digest:
@@ -97,13 +107,19 @@ class ReplyCache(Generic[R, W]):
             self.attached += 1
             return Lookup.ATTACHED, None
         done = self._done.get(key)
+        if done is not None and self._clock() - done.done_at >= self.window:
+            self.expire()  # past the window: unknown (expire drops it, oldest first)
+            done = self._done.pop(key, None)
+            if done is not None:  # only if kept out of order: dropped all the same
+                self._bytes -= done.size
+                done = None
         if done is not None:
             if done.digest != digest:
                 self.conflicts += 1
                 return Lookup.CONFLICT, None
             self.hits += 1
             return Lookup.CACHED, done.reply
-        self._running[key] = _Entry(digest, waiters=[waiter])
+        self._running[key] = _Entry(digest, [waiter])
         return Lookup.NEW, None
 
     def restore(self, key: Hashable, digest: bytes, reply: R, done_at: float,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from mesh.errors import ConfigError, MeshError
 from patterns.reqrep.balancer import Balancer, ResponderView
@@ -63,16 +64,16 @@ class CallConfig:
             raise ConfigError("heartbeat_s and poll_s must be > 0 and liveness >= 1")
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+# NamedTuples, not frozen dataclasses: one is built per send, and a frozen dataclass sets
+# each field through object.__setattr__.
+class Send(NamedTuple):
     """Action: send (or resend) the request to ``responder``."""
 
     responder: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(NamedTuple):
     """Action: ask ``responder`` about the request."""
 
     responder: str
@@ -89,6 +90,12 @@ class Call:
         config: timing.
         rand: random source for jitter.
     """
+
+    # one Call per request: slots make it cheaper to build and its fields faster to read
+    __slots__ = ("_busy_from", "_held", "_last_heard", "_marked_silent", "_next_ping",
+                 "_next_send", "_rand", "_retries", "attempts", "config", "counted",
+                 "deadline", "done", "error", "ever_sent", "failovers", "id", "prefer",
+                 "reply", "responder", "running_on", "service", "started", "timeout", "tried")
 
     def __init__(self, request_id: str, service: str, timeout: float, now: float,
                  config: CallConfig, rand: Callable[[], float] = random.random) -> None:

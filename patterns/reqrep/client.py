@@ -299,9 +299,18 @@ def _finished(call: Call) -> bool:
     return call.done
 
 
+_NAMES: dict[bytes, str] = {}  # routing id -> node id, for the few responders a process calls
+
+
 def responder_of(rid: bytes) -> str:
     """The node id part of a service routing id."""
-    return rid.split(b"/", 1)[0].decode("ascii", "replace")
+    name = _NAMES.get(rid)
+    if name is None:
+        name = rid.split(b"/", 1)[0].decode("ascii", "replace")
+        if len(_NAMES) >= 4096:  # bounded: routing ids come from the network
+            _NAMES.clear()
+        _NAMES[rid] = name
+    return name
 
 
 def prepare_call(service: str, payload: Any, timeout: float | None, headers: dict[str, str] | None,
@@ -341,9 +350,11 @@ def finish_call(call: Call, stats: collections.Counter[str]) -> Any:
     """
     # A durable request ends several rounds of one call: count only what is new this round.
     retries, failovers = max(0, call.attempts - 1), call.failovers
-    stats["retries"] += retries - call.counted[0]
-    stats["failovers"] += failovers - call.counted[1]
-    call.counted = (retries, failovers)
+    counted = call.counted
+    if retries != counted[0] or failovers != counted[1]:  # rare: no dict writes otherwise
+        stats["retries"] += retries - counted[0]
+        stats["failovers"] += failovers - counted[1]
+        call.counted = (retries, failovers)
     if call.error is not None:
         stats[type(call.error).__name__] += 1
         raise call.error

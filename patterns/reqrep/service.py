@@ -5,8 +5,10 @@ reply cache, sends replies); handlers run on ``concurrency`` worker threads and 
 back through a deque plus one wake-up byte on a pipe per batch (portable: no eventfd).
 
 The fast path (``inline_budget_s``, on by default): a request that finds the service idle
-(nothing queued or running, nothing else waiting on the socket) runs on the I/O thread at once,
-which sends its reply itself: two thread wake-ups less per request. While it runs, the I/O thread
+(nothing queued or running) runs on the I/O thread at once, which sends its reply itself: two
+thread wake-ups less per request. A burst (the items of a BATCH, several requests waiting) runs
+there too, one after another, while less than ``inline_budget_s`` has passed since the I/O
+loop's pass began; the rest of it goes to the workers. While it runs, the I/O thread
 leaves the socket alone; a watchdog thread (ticking only while such requests come, asleep
 after half a second without one) checks every ``inline_budget_s`` and, when the handler has
 run longer than that, puts a "lead" token on the work queue: an idle worker takes it and
@@ -155,8 +157,9 @@ class ServiceConfig:
             id gets :class:`~patterns.reqrep.errors.ReplyNotCached`, never a second run.
         max_queue: requests waiting for a free handler beyond which new ones get BUSY.
         inline_budget_s: the default service's fast path (0 turns it off): a request that
-            arrives while no other is queued or running, with nothing else waiting on the
-            socket, runs on the I/O thread itself (no hand-off to a worker and back). If it
+            arrives while no other is queued or running runs on the I/O thread itself (no
+            hand-off to a worker and back), also in a burst (a BATCH, several requests
+            waiting) while less than this has passed since the I/O loop's pass began. If it
             is still running after about this long, a worker thread takes over the socket
             (PINGs, BUSY, other requests go on being answered) and the handler finishes
             where it is; a handler whose last run took longer than this goes to a worker
@@ -385,6 +388,11 @@ class Service:
         self._inline_t0 = 0.0
         self._inline_n = 0  # fast-path runs begun
         self._taken = False  # the watchdog gave the socket to a worker during this run
+        self._pass_t0 = 0.0  # when the leader's current loop pass began (burst budget)
+        #: the items of the BATCH being handled (routing id, request, caller, arrival time);
+        #: a leader taken over mid-BATCH leaves the rest here for the next one
+        self._inbound: collections.deque[tuple[bytes, fr.Request, Any, float]] = \
+            collections.deque()
         self._watching = False  # the watchdog thread is ticking
         self._watch_seen = 0
         self._watch_idle = 0
@@ -621,15 +629,28 @@ class Service:
                 continue
             self._finish(inc, self._execute(inc))
 
-    def _run_fast(self, inc: Incoming) -> bool:
-        """Run ``inc`` on the leading thread (the fast path); True once it is answered.
+    def _run_fast(self, inc: Incoming, alone: bytes | None) -> bool:
+        """Run ``inc`` on the leading thread (the fast path); True once it is answered, False
+        when it is not taken (this loop pass already ran handlers for the budget: the request
+        goes to a worker).
+
+        ``alone``: the routing id of a request that came in a message of its own: its reply
+        leaves at once (before the reply cache is updated, when there is no outcome log to
+        write first). None: an item of a BATCH, whose reply joins the outbox, so the replies
+        of a BATCH leave batched at the end of the pass.
 
         Raises:
             _SteppedDown: the watchdog gave the socket to a worker while the handler ran:
                 the reply went to the new leader, this thread no longer touches the socket.
         """
-        if self._outbox:  # replies made earlier in this pass do not wait for the handler
-            self._flush()
+        if _perf() - self._pass_t0 >= self._budget:
+            return False
+        if alone is not None:
+            if self._outbox:
+                self._flush()  # replies made earlier in this pass do not wait for the handler
+        elif time.monotonic() >= inc.deadline:  # as a worker does: not run after its deadline
+            self._complete(inc, fr.Reply(inc.id, fr.Status.EXPIRED, 0, fr.Format.BYTES))
+            return True
         mu = self._lead_mu
         with mu:
             if not self._watching:
@@ -639,14 +660,16 @@ class Service:
             self._inline_t0 = _perf()
             self._inline_n += 1
         self._stats.fast_path += 1
-        rep = self._execute(inc)
+        rep, failed = self._call(inc)
         with mu:
             self._inline_on = False
             taken, self._taken = self._taken, False
         if taken:
+            self._processing.observe(_perf() - self._last_s, failed)
             self._finish(inc, rep)  # as a worker would: the new leader sends it
             raise _SteppedDown
-        self._complete(inc, rep, True)
+        self._complete(inc, rep, alone is not None, alone)
+        self._processing.observe(_perf() - self._last_s, failed)  # after the reply left
         return True
 
     def _watch_loop(self) -> None:
@@ -685,22 +708,26 @@ class Service:
         return ticking
 
     def _execute(self, inc: Incoming) -> fr.Reply:
+        started = _perf()
+        rep, failed = self._call(inc)
+        self._processing.observe(started, failed)
+        return rep
+
+    def _call(self, inc: Incoming) -> tuple[fr.Reply, bool]:
+        """(the reply, whether the handler raised); sets ``_last_s`` to how long it took."""
         assert self._handler is not None
         started = _perf()
-        failed = False
         try:
             # The request's traceparent / correlationid headers become the handler's context.
             with consuming(ctx=context_of_request(inc.id, inc.headers, self.name), kind="serve"):
                 value = self._handler(inc)
             fmt, body = encode_body(value)
-            return fr.Reply(inc.id, fr.Status.OK, 0, fmt, body=body)
+            return fr.Reply(inc.id, fr.Status.OK, 0, fmt, body=body), False
         except Exception as exc:  # the handler's failure is the caller's answer, typed
-            failed = True
             return fr.Reply(inc.id, fr.Status.ERROR, 0, fr.Format.BYTES,
-                            type(exc).__name__, str(exc)[:4096])
+                            type(exc).__name__, str(exc)[:4096]), True
         finally:
             self._last_s = _perf() - started
-            self._processing.observe(started, failed)
 
     def _finish(self, inc: Incoming, rep: fr.Reply) -> None:
         # called on worker / user threads: hand over to the I/O thread. Always signal: an
@@ -787,7 +814,8 @@ class Service:
             self._stats.unroutable += 1
             log.debug("service %s: reply to %r not sent: %s", self.name, rid, exc)
 
-    def _on_request(self, rid: bytes, req: fr.Request, caller: Any, alone: bool = False) -> None:
+    def _on_request(self, rid: bytes, req: fr.Request, caller: Any, alone: bool = False,
+                    arrived: float | None = None) -> None:
         st = self._stats
         st.received += 1
         if req.service != self.name:
@@ -831,7 +859,8 @@ class Service:
                                                      fr.Format.BYTES, "ProtocolError", str(exc))))
             return
         inc = Incoming(req.id, req.service, payload, req.headers, req.attempt,
-                       time.monotonic() + req.ttl_ms / 1000.0, self._finish, _key=key)
+                       (time.monotonic() if arrived is None else arrived) + req.ttl_ms / 1000.0,
+                       self._finish, _key=key)
         if self._olog is not None:  # RUNNING is written before the handler can start
             inc._digest = digest
             off = self._log_outcome(_RUNNING, key, digest, None)
@@ -849,11 +878,19 @@ class Service:
             self._iter_q.put(inc)
         elif self.config.inline:
             self._complete(inc, self._execute(inc))
-        elif not (alone and self._busy == 1 and self._fast and self._last_s < self._budget
-                  and not readable(self._sock) and self._run_fast(inc)):
+        elif not (self._busy == 1 and self._fast and self._last_s < self._budget
+                  and self._run_fast(inc, rid if alone else None)):
             self._work_q.put(inc)
 
-    def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False) -> None:
+    def _complete(self, inc: Incoming, rep: fr.Reply, direct: bool = False,
+                  first: bytes | None = None) -> None:
+        """Cache (and log) the reply of ``inc`` and send it to every waiter.
+
+        ``first``: the routing id of the only waiter of a fast-path run (nothing was received
+        while its handler ran): with no outcome log to write first, it is sent the reply
+        before the cache is updated (the same thread updates it before it reads anything
+        else, so no copy can miss it), which takes that work out of the round trip.
+        """
         self._busy -= 1
         st = self._stats
         if rep.status == fr.Status.EXPIRED:
@@ -864,6 +901,15 @@ class Service:
             st.errors += 1
         frames = fr.reply_frames(rep, self._free())
         size = _size(frames)
+        if (first is not None and self._olog is None and not self.drop_replies
+                and size <= self.config.cache_entry_max_bytes):
+            st.replied += 1
+            self._send(first, frames, True)
+            for rid in self._cache.finish(inc._key, frames, size=size):
+                if rid != first:
+                    st.replied += 1
+                    self._send(rid, frames, direct)
+            return
         if size > self.config.cache_entry_max_bytes:
             # keep a status, not the body: a retry is told it ran, and it never runs again
             st.not_cached += 1
@@ -945,9 +991,14 @@ class Service:
             st.batches_received += 1
             st.garbage += m.malformed
             if m.command is fr.Command.REQUEST:
-                for item in m.items:
-                    if isinstance(item, fr.Request):
-                        self._on_request(rid, item, caller)
+                # The items wait in _inbound while one runs here: if the watchdog hands the
+                # socket to another thread during a fast-path run, that thread finds the rest
+                # of the BATCH there and handles it first (this one, stuck in the handler,
+                # never takes another).
+                now = time.monotonic()  # each item's deadline counts from the BATCH's arrival
+                self._inbound.extend((rid, x, caller, now) for x in m.items
+                                     if isinstance(x, fr.Request))
+                self._drain_inbound()
             else:
                 st.garbage += len(m.items)  # REPLYs sent to a responder
         elif isinstance(m, fr.Ping):
@@ -963,6 +1014,18 @@ class Service:
                                                       state)))
         else:  # a REPLY or PONG sent to a responder makes no sense: count, ignore
             self._stats.garbage += 1
+
+    def _drain_inbound(self) -> None:
+        """Handle the BATCH items waiting in ``_inbound``, in order (leading thread only).
+
+        Raises:
+            _SteppedDown: this thread was taken over while one of them ran (see
+                :meth:`_run_fast`); the rest stay for the new leader.
+        """
+        inbound = self._inbound
+        while inbound:
+            rid, req, caller, arrived = inbound.popleft()
+            self._on_request(rid, req, caller, False, arrived)
 
     def _run(self) -> None:
         # the first leader; after a takeover (fast path) it serves as a worker
@@ -995,7 +1058,7 @@ class Service:
                 ready = False if checked and not self._sent else readable(sock)
                 checked = False
                 idle = False
-                if not ready and not done:
+                if not ready and not done and not self._inbound:
                     if spin and (inline or self._busy == 0):
                         end = clock() + spin
                         while True:  # latency mode: a bounded busy-poll before sleeping
@@ -1005,7 +1068,7 @@ class Service:
                             if done or self._closed or clock() >= end:
                                 break
                             _yield()  # let this core's other threads (libzmq's I/O) run
-                    if not ready and not done:
+                    if not ready and not done and not self._inbound:
                         self._sent = False
                         got = wait(tick_ms)
                         idle = not got
@@ -1016,6 +1079,12 @@ class Service:
                                 except OSError:  # BlockingIOError: drained already
                                     pass
                         ready = bool(got)  # a receive finds out (NOBLOCK: None if nothing)
+                self._pass_t0 = _perf()
+                if self._inbound:  # left by a leader taken over in the middle of a BATCH
+                    try:
+                        self._drain_inbound()
+                    except _SteppedDown:
+                        return True
                 if ready:
                     # After each message, ZMQ_EVENTS says whether another is waiting:
                     # cheaper than the EAGAIN exception that would end the batch otherwise.
