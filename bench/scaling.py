@@ -193,7 +193,11 @@ SETTLE_S = 12.0
 _IDS_PER_SOURCE = 1024
 
 _GOSSIP_KEYS = ("gossip_sent", "gossip_full_sent", "gossip_deltas_sent", "gossip_digests_sent",
-                "gossip_mismatches", "gossip_backoff", "gossip_push_limited")
+                "gossip_mismatches", "gossip_backoff", "gossip_push_limited",
+                "gossip_pulls_sent", "gossip_pulls_in", "gossip_in", "gossip_newcomer_sent",
+                "gossip_buckets_sent", "gossip_buckets_in", "gossip_wants_sent",
+                "gossip_wants_in", "gossip_bucket_entries_sent", "gossip_bucket_fallbacks",
+                "events_joined", "events_evasive", "events_gone", "events_left")
 
 
 def _live(nd: Any, node_id: str) -> bool:
@@ -300,10 +304,16 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
             say(f"  {total} nodes: all joined in {t_join:.1f} s (min seen {min_seen})")
             time.sleep(SETTLE_S * hb)  # a gossip round and its answers settle first
             load0 = os.getloadavg()
+            seed0 = seed.stats()
+            ts0 = time.monotonic()
             for c in cmds:
                 c.put(("idle",))
             idle = [qk.get(timeout=idle_s + 300) for qk in qs]
+            seed1 = seed.stats()
+            seed_dt = time.monotonic() - ts0
             load1 = os.getloadavg()
+            seed_rates = {g: round((seed1.get(g, 0) - seed0.get(g, 0)) / seed_dt, 3)
+                          for g in ("control_bytes_out", *_GOSSIP_KEYS)}
             say(f"  {total} nodes: idle measured; SIGKILL of one process")
             rates = {key: [x for i in idle for x in i[2][key]] for key in idle[0][2]}
 
@@ -351,6 +361,7 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
                 "max_bytes_out_per_node_per_s": round(max(rates["bytes_out"])),
                 "control_bytes_in_per_node_per_s": round(avg("bytes_in")),
                 "gossip_per_node_per_s": {g: round(avg(g), 3) for g in _GOSSIP_KEYS},
+                "seed_per_s": seed_rates,
                 "min_peers_seen_idle": min(i[4] for i in idle),
                 "rss_per_node_mib": round(max(i[3] for i in idle), 1),
                 "killed_nodes": len(ids[victim]),

@@ -5,8 +5,10 @@ the lock every use of a link's socket holds).
 
 Gossip (docs/protocol.md, "Gossip"): every 10 heartbeats a node sends each peer an 8-byte
 digest of its view (a full list only to peers too old to read one); a mismatch is answered
-with a full list and a pull request; a node that joins through us gets the full list and the
-other peers just its entry. The decisions are :class:`mesh.gossip.Gossip`'s.
+with the node's bucket hashes (control 1.3: the peer answers with the entries of the buckets
+that differ and a want of them), or with a full list and a pull request to a 1.2 peer; a node
+that joins through us gets the full list and the other peers just its entry. The decisions are
+:class:`mesh.gossip.Gossip`'s.
 
 A bound ROUTER receives everything; to talk to a peer the node connects one DEALER (routing
 id = our node id + random bytes, one per connection) to the peer's control endpoint: a
@@ -864,8 +866,8 @@ class ControlChannel:
             self._gossip_round(now)
         if self.gossip.owed():
             view = self._view()
-            for peer_id, pull in self.gossip.due(now, gsp.digest([*view, self.node.id])):
-                self._push_full(peer_id, pull, view)
+            for peer_id, what in self.gossip.due(now, gsp.digest([*view, self.node.id])):
+                self._push(peer_id, what, view)
         else:
             self.gossip.due(now)  # a new tick: a new budget
         self.node._emit(tick.events)
@@ -883,10 +885,13 @@ class ControlChannel:
                                   i.public_key)
         return out
 
-    def _digest(self, view: dict[str, control.GossipEntry], pull: bool = False) -> bytes:
+    def _digest(self, view: dict[str, control.GossipEntry], pull: bool = False,
+                salt: bytes | None = None, buckets: bytes | None = None, k: int = 0,
+                want: tuple[int, ...] | None = None) -> bytes:
         ids = [*view, self.node.id]
-        body = control.digest_to_wire(control.Digest(gsp.digest(ids), len(ids), pull))
-        return control.encode_body(body, 1 << 10)
+        body = control.digest_to_wire(control.Digest(gsp.digest(ids), len(ids), pull, salt,
+                                                     buckets, k, want))
+        return control.encode_body(body, 16 << 10)
 
     def _send_gossip(self, link: Link, entries: list[control.GossipEntry], what: str) -> bool:
         if not entries:
@@ -901,6 +906,49 @@ class ControlChannel:
         self._count("gossip_sent")
         self._count(what)
         return True
+
+    def _push(self, peer_id: str, what: gsp.Owed, view: dict[str, control.GossipEntry]) -> None:
+        """A list to ``peer_id`` (the rate limit was asked): the full list (and a pull), or a
+        bucket answer (control 1.3): to the peer's bucket hashes, our entries of the buckets
+        that differ and a want of them; to a want, our entries of the wanted buckets."""
+        if what.full:
+            self._push_full(peer_id, what.pull, view)
+            return
+        link = self.links.get(peer_id)
+        if link is None or not self._presence.is_live(peer_id) or what.salt is None:
+            return
+        salt, k = what.salt, what.k
+        if what.theirs is not None:
+            ids = [*view, self.node.id]
+            diff = gsp.differing(gsp.buckets(ids, salt, k), what.theirs)
+            if not diff:
+                if what.d is not None and what.d != gsp.digest(ids):
+                    # equal buckets, differing digests: a collision under this salt
+                    self._count("gossip_bucket_fallbacks")
+                    self._push_full(peer_id, True, view)
+                return  # the views agree now
+            wanted: frozenset[int] | tuple[int, ...] = tuple(diff)
+        else:
+            wanted = what.want
+        entries = [view[nid] for nid in gsp.in_buckets(view, salt, k, wanted) if nid != peer_id]
+        if self._send_gossip(link, entries, "gossip_bucket_lists_sent"):
+            self._count("gossip_bucket_entries_sent", len(entries))
+        if what.theirs is not None:
+            self._enqueue(link, control.DIGEST, self._digest(view, True, salt, k=k,
+                                                             want=tuple(wanted)))
+            self._count("gossip_wants_sent")
+
+    def _ask(self, peer_id: str, view: dict[str, control.GossipEntry]) -> None:
+        """Our bucket hashes to a 1.3 peer whose digest differs (instead of a full list)."""
+        link = self.links.get(peer_id)
+        if link is None or not self._presence.is_live(peer_id):
+            return
+        ids = [*view, self.node.id]
+        k = gsp.bucket_count(len(ids))
+        salt = os.urandom(gsp.SALT_BYTES)
+        self._enqueue(link, control.DIGEST, self._digest(view, True, salt,
+                                                         gsp.buckets(ids, salt, k)))
+        self._count("gossip_buckets_sent")
 
     def _push_full(self, peer_id: str, pull: bool, view: dict[str, control.GossipEntry]) -> None:
         """Our full list to ``peer_id`` (the rate limit was asked), and a pull request."""
@@ -946,6 +994,7 @@ class ControlChannel:
             elif node_id in fresh:
                 if self.gossip.request_push(node_id, now, newcomer=True):
                     self._push_full(node_id, False, view)
+                    self._count("gossip_newcomer_sent")
                 else:
                     self._count("gossip_push_limited")
             else:
@@ -976,6 +1025,21 @@ class ControlChannel:
             self._bad("malformed", "DIGEST from %s: %s", sender, exc)
             return
         self._count("gossip_digests_in")
+        if d.salt is not None:
+            # A bucket step (1.3): the sender's bucket hashes (answered with our entries of
+            # the buckets that differ and a want of them) or its want (answered with our
+            # entries of those buckets, nothing more: two nodes never loop). Rate-limited.
+            if d.buckets is not None:
+                self._count("gossip_buckets_in")
+                what = gsp.Owed(salt=d.salt, k=d.k, theirs=d.buckets, d=d.digest)
+            else:
+                self._count("gossip_wants_in")
+                what = gsp.Owed(salt=d.salt, k=d.k, want=frozenset(d.want or ()))
+            if self.gossip.request_push(sender, now, theirs=d.digest, what=what):
+                self._push(sender, what, self._view())
+            else:
+                self._count("gossip_push_limited")
+            return
         if d.pull:
             # The sender saw our digest differ and asks for our list: answered (rate-limited),
             # compared with nothing, never answered with a pull (two nodes never loop).
@@ -993,6 +1057,13 @@ class ControlChannel:
         self._count("gossip_mismatches")
         if not self.gossip.on_mismatch(sender, mine, d.digest):
             self._count("gossip_backoff")
+            return
+        if gsp.speaks_buckets(self.revs.get(sender)):
+            # our bucket hashes, not our full list: the answer carries only what differs
+            if self.gossip.may_ask(sender, now):
+                self._ask(sender, view)
+            else:
+                self._count("gossip_asks_limited")
             return
         if self.gossip.request_push(sender, now, pull=True):
             self._push_full(sender, True, view)
