@@ -905,6 +905,7 @@ class ControlChannel:
         self._enqueue(link, control.GOSSIP, raw)
         self._count("gossip_sent")
         self._count(what)
+        self._count("gossip_list_bytes_sent", len(raw))
         return True
 
     def _push(self, peer_id: str, what: gsp.Owed, view: dict[str, control.GossipEntry]) -> None:

@@ -31,11 +31,13 @@ SCALE = [0.25, 1.5, 4.0]  # heartbeat, evasive, gone: a gossip round every 2.5 s
 class Procs:
     """Child processes of 10 nodes each, joined through ``seed``."""
 
-    def __init__(self, root: Path, seed: Node, procs: int) -> None:
+    def __init__(self, root: Path, seed: Node, procs: int, presence: list[float] = SCALE,
+                 count: int = 10, extra: dict[int, dict[str, Any]] | None = None) -> None:
         self.children: list[subprocess.Popen[bytes]] = []
         for k in range(procs):
-            cfg = {"count": 10, "mesh": seed.mesh, "seed": _ctl(seed), "root": str(root / f"p{k}"),
-                   "presence": SCALE}
+            cfg = {"count": count, "mesh": seed.mesh, "seed": _ctl(seed),
+                   "root": str(root / f"p{k}"), "presence": presence,
+                   **(extra or {}).get(k, {})}
             self.children.append(python_child(CODE, json.dumps(cfg), stdin=subprocess.PIPE,
                                               stdout=subprocess.PIPE))
         for c in self.children:
