@@ -196,7 +196,8 @@ _GOSSIP_KEYS = ("gossip_sent", "gossip_full_sent", "gossip_deltas_sent", "gossip
                 "gossip_mismatches", "gossip_backoff", "gossip_push_limited",
                 "gossip_pulls_sent", "gossip_pulls_in", "gossip_in", "gossip_newcomer_sent",
                 "gossip_buckets_sent", "gossip_buckets_in", "gossip_wants_sent",
-                "gossip_wants_in", "gossip_bucket_entries_sent", "gossip_bucket_fallbacks",
+                "gossip_wants_in", "gossip_bucket_lists_sent", "gossip_bucket_entries_sent",
+                "gossip_bucket_fallbacks", "gossip_asks_limited", "gossip_list_bytes_sent",
                 "events_joined", "events_evasive", "events_gone", "events_left")
 
 

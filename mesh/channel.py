@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import threading
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -916,28 +917,32 @@ class ControlChannel:
             self._push_full(peer_id, what.pull, view)
             return
         link = self.links.get(peer_id)
-        if link is None or not self._presence.is_live(peer_id) or what.salt is None:
+        if link is None or not self._presence.is_live(peer_id):
             return
-        salt, k = what.salt, what.k
-        if what.theirs is not None:
+        if (c := what.compare) is not None:
             ids = [*view, self.node.id]
-            diff = gsp.differing(gsp.buckets(ids, salt, k), what.theirs)
-            if not diff:
-                if what.d is not None and what.d != gsp.digest(ids):
-                    # equal buckets, differing digests: a collision under this salt
-                    self._count("gossip_bucket_fallbacks")
-                    self._push_full(peer_id, True, view)
-                return  # the views agree now
-            wanted: frozenset[int] | tuple[int, ...] = tuple(diff)
-        else:
-            wanted = what.want
-        entries = [view[nid] for nid in gsp.in_buckets(view, salt, k, wanted) if nid != peer_id]
+            diff = gsp.differing(gsp.buckets(ids, c.salt, c.k), c.theirs)
+            if diff:
+                self._bucket_list(link, view, c.salt, c.k, diff)
+                self._enqueue(link, control.DIGEST, self._digest(
+                    view, True, c.salt, k=c.k, want=tuple(diff)))
+                self._count("gossip_wants_sent")
+            elif c.d is not None and c.d != gsp.digest(ids):
+                # equal buckets, differing digests: a collision under this salt
+                self._count("gossip_bucket_fallbacks")
+                self._push_full(peer_id, True, view)
+                return
+            # else the views agree now
+        if (w := what.want) is not None:
+            self._bucket_list(link, view, w.salt, w.k, w.buckets)
+
+    def _bucket_list(self, link: Link, view: dict[str, control.GossipEntry], salt: bytes,
+                     k: int, wanted: Collection[int]) -> None:
+        """Our entries of buckets ``wanted`` (of k, under ``salt``) to the peer of ``link``."""
+        entries = [view[nid] for nid in gsp.in_buckets(view, salt, k, wanted)
+                   if nid != link.node_id]
         if self._send_gossip(link, entries, "gossip_bucket_lists_sent"):
             self._count("gossip_bucket_entries_sent", len(entries))
-        if what.theirs is not None:
-            self._enqueue(link, control.DIGEST, self._digest(view, True, salt, k=k,
-                                                             want=tuple(wanted)))
-            self._count("gossip_wants_sent")
 
     def _ask(self, peer_id: str, view: dict[str, control.GossipEntry]) -> None:
         """Our bucket hashes to a 1.3 peer whose digest differs (instead of a full list)."""
@@ -1032,10 +1037,10 @@ class ControlChannel:
             # entries of those buckets, nothing more: two nodes never loop). Rate-limited.
             if d.buckets is not None:
                 self._count("gossip_buckets_in")
-                what = gsp.Owed(salt=d.salt, k=d.k, theirs=d.buckets, d=d.digest)
+                what = gsp.Owed(compare=gsp.Compare(d.salt, d.buckets, d.digest))
             else:
                 self._count("gossip_wants_in")
-                what = gsp.Owed(salt=d.salt, k=d.k, want=frozenset(d.want or ()))
+                what = gsp.Owed(want=gsp.Want(d.salt, d.k, frozenset(d.want or ())))
             if self.gossip.request_push(sender, now, theirs=d.digest, what=what):
                 self._push(sender, what, self._view())
             else:

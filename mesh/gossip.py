@@ -43,8 +43,10 @@ __all__ = [
     "GOSSIP_REVISION",
     "MAX_BUCKETS",
     "SALT_BYTES",
+    "Compare",
     "Gossip",
     "Owed",
+    "Want",
     "bucket_count",
     "bucket_of",
     "buckets",
@@ -144,43 +146,55 @@ def in_buckets(node_ids: Iterable[str], salt: bytes, k: int, wanted: Iterable[in
 
 
 @dataclass(frozen=True)
-class Owed:
-    """What one list to a peer holds (sent now, or owed while the rate limit holds it).
+class Compare:
+    """The peer's bucket hashes (it asked): answered with our entries of the buckets that
+    differ and a want of them. ``d``: the peer's digest then (equal buckets under a
+    differing digest are a collision, answered with the full list)."""
 
-    Attributes:
-        full: the whole view (a newcomer, a peer before 1.3, or a fallback).
-        pull: with ``full``: and a request for the peer's full list.
-        salt, k: a bucket answer (1.3): the exchange's salt and bucket count.
-        theirs: the peer's bucket hashes (it asked): the answer is our entries of the
-            buckets that differ and a want of the same buckets.
-        want: the buckets the peer wants our entries of (the last step: nothing follows).
-        d: with ``theirs``, the peer's digest then: equal buckets under a differing digest
-            are a collision, answered with the full list.
-    """
+    salt: bytes
+    theirs: bytes
+    d: bytes | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.theirs) // BUCKET_HASH_BYTES
+
+
+@dataclass(frozen=True)
+class Want:
+    """The buckets (of ``k``, under ``salt``) the peer wants our entries of: the last step of
+    an exchange, nothing follows."""
+
+    salt: bytes
+    k: int
+    buckets: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Owed:
+    """What one list to a peer holds (sent now, or owed while the rate limit holds it): the
+    full list (with a pull request for the peer's), or a bucket answer (control 1.3): to the
+    peer's hashes (``compare``), to its want (``want``), or both (two exchanges crossed: each
+    side asked the other)."""
 
     full: bool = False
     pull: bool = False
-    salt: bytes | None = None
-    k: int = 0
-    theirs: bytes | None = None
-    want: frozenset[int] = frozenset()
-    d: bytes | None = None
-
-    def _asks(self) -> bool:
-        # the peer is owed more than our entries: its own list is requested
-        return self.pull or self.theirs is not None
+    compare: Compare | None = None
+    want: Want | None = None
 
     def merge(self, other: Owed) -> Owed:
-        """One owed list that covers both requests: the later of two bucket compares, the
-        union of two wants of one exchange, else the full list (with a pull when either
-        asked for the peer's entries)."""
-        if not (self.full or other.full):
-            if self.theirs is not None and other.theirs is not None:
-                return other
-            if (self.theirs is None and other.theirs is None and self.salt == other.salt
-                    and self.k == other.k):
-                return Owed(salt=self.salt, k=self.k, want=self.want | other.want)
-        return Owed(full=True, pull=self._asks() or other._asks())
+        """One owed list that covers both: the full list when either is (with a pull when
+        either asked for the peer's entries: a pull or a compare); else the later compare,
+        and the union of two wants of one exchange (the later want otherwise: the peer's
+        newer exchange finds what the older one would have)."""
+        if self.full or other.full:
+            return Owed(full=True, pull=self.pull or other.pull or self.compare is not None
+                        or other.compare is not None)
+        want = other.want or self.want
+        if (self.want is not None and other.want is not None
+                and (self.want.salt, self.want.k) == (other.want.salt, other.want.k)):
+            want = Want(self.want.salt, self.want.k, self.want.buckets | other.want.buckets)
+        return Owed(compare=other.compare or self.compare, want=want)
 
 
 FULL = Owed(full=True)

@@ -14,8 +14,10 @@ from mesh.gossip import (
     BUCKET_REVISION,
     DIGEST_BYTES,
     GOSSIP_REVISION,
+    Compare,
     Gossip,
     Owed,
+    Want,
     bucket_count,
     buckets,
     differing,
@@ -284,17 +286,22 @@ def test_equal_views_have_no_differing_bucket_and_differing_views_some() -> None
 
 
 def test_owed_bucket_answers_merge() -> None:
-    w1 = Owed(salt=SALT, k=8, want=frozenset({1}))
-    w2 = Owed(salt=SALT, k=8, want=frozenset({2, 3}))
-    assert w1.merge(w2) == Owed(salt=SALT, k=8, want=frozenset({1, 2, 3}))
-    c1 = Owed(salt=SALT, k=8, theirs=b"1" * 32)
-    c2 = Owed(salt=b"2" * 8, k=8, theirs=b"2" * 32)
+    w1 = Owed(want=Want(SALT, 8, frozenset({1})))
+    w2 = Owed(want=Want(SALT, 8, frozenset({2, 3})))
+    assert w1.merge(w2) == Owed(want=Want(SALT, 8, frozenset({1, 2, 3})))
+    # a want of another exchange: the later one (the peer's newer exchange finds the rest)
+    w3 = Owed(want=Want(b"2" * 8, 8, frozenset({5})))
+    assert w1.merge(w3) == w3
+    c1 = Owed(compare=Compare(SALT, b"1" * 32))
+    c2 = Owed(compare=Compare(b"2" * 8, b"2" * 32))
     assert c1.merge(c2) == c2  # the later compare: the peer's newer view
-    # anything else: the full list; with a pull when either asked for the peer's entries
-    assert w1.merge(Owed(salt=b"2" * 8, k=8, want=frozenset({1}))) == Owed(full=True)
-    assert w1.merge(c1) == Owed(full=True, pull=True)
+    # two exchanges crossed (each side asked the other): both answers, not the full list
+    assert c1.merge(w1) == w1.merge(c1) == Owed(compare=c1.compare, want=w1.want)
+    assert c1.compare is not None and c1.compare.k == 8
+    # with a full list: the full list, with a pull when either asked for the peer's entries
     assert Owed(full=True).merge(w1) == Owed(full=True)
-    assert Owed(full=True, pull=True).merge(w1) == Owed(full=True, pull=True)
+    assert Owed(full=True).merge(c1) == Owed(full=True, pull=True)
+    assert w1.merge(Owed(full=True, pull=True)) == Owed(full=True, pull=True)
 
 
 def test_bucket_answers_share_the_list_rate_limit_and_asks_have_their_own() -> None:
@@ -303,12 +310,12 @@ def test_bucket_answers_share_the_list_rate_limit_and_asks_have_their_own() -> N
     assert g.may_ask("p", 0.0) and not g.may_ask("p", 1.0) and g.may_ask("q", 1.0)
     assert g.may_ask("p", 3.0)
     # the answer to our ask is a list of its own: an ask does not spend the list limit
-    want = Owed(salt=SALT, k=4, want=frozenset({0}))
+    want = Owed(want=Want(SALT, 4, frozenset({0})))
     assert g.request_push("p", 3.1, what=want)
-    more = Owed(salt=SALT, k=4, want=frozenset({2}))
+    more = Owed(want=Want(SALT, 4, frozenset({2})))
     assert not g.request_push("p", 3.2, what=more)  # owed, merged
     assert not g.request_push("p", 3.3, what=want)
-    assert g.due(6.2) == [("p", Owed(salt=SALT, k=4, want=frozenset({0, 2})))]
+    assert g.due(6.2) == [("p", Owed(want=Want(SALT, 4, frozenset({0, 2}))))]
     assert not g.owed()
 
 

@@ -4,6 +4,7 @@ lists and pulls as before and converge with the others."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ from typing import Any
 import msgpack
 import zmq
 
-from mesh import control
+from mesh import control, gossip
 from mesh.node import Node, PresenceConfig
 from mesh.peers import PeerState
-from tests.test_gossip_nodes import Procs, RawPeer, _ctl
+from tests.test_gossip_nodes import FAST, Procs, RawPeer, _ctl, _pump_until
+from tests.test_gossip_nodes import mesh2 as mesh2  # the fixture (a, b and raw peers)
 from tests.util import poll_until, unique, wait_until
 
 #: heartbeat, evasive, gone: a gossip round (10 heartbeats) every 2 s
@@ -166,3 +168,87 @@ def test_nodes_of_control_1_2_converge_with_1_3_nodes_after_a_lost_delta(
             if late is not None:
                 late.close()
             p.close()
+
+
+def test_a_1_3_peer_gets_bucket_hashes_and_bucket_lists_on_the_wire(
+        mesh2: tuple[Node, Node, Callable[..., RawPeer]]) -> None:
+    """A raw 1.3 peer shows a wrong digest: the node answers with its bucket hashes (no full
+    list); the peer's hashes of another view get the entries of the differing buckets and a
+    want; the peer's want gets the entries of the wanted buckets; bad bucket fields are
+    counted and the peer stays. On the old code a wrong digest gets the full list and a pull
+    (and ``s``/``b``/``w`` are ignored): this fails at the first answer."""
+    a, b, raw = mesh2
+    r = raw((1, 3))
+    _pump_until([r], lambda: len(r.kinds("digest")) >= 1, 5, "r gets a's digest")
+    lists0 = len(r.kinds(control.GOSSIP))
+    r.send("digest", {"d": b"\x01" * 8, "n": 3, "pull": False})
+
+    def asks() -> list[Any]:
+        return [x for x in r.kinds("digest") if "b" in x]
+
+    _pump_until([r], lambda: asks() or len(r.kinds(control.GOSSIP)) > lists0, 5,
+                "a answered the mismatch")
+    assert len(r.kinds(control.GOSSIP)) == lists0  # no list: bucket hashes instead
+    ask = asks()[0]
+    ids = [a.id, b.id, r.id]  # a's view (b and r, verified) and a itself
+    k = gossip.bucket_count(len(ids))
+    assert ask["pull"] is True and len(ask["s"]) == 8 and len(ask["b"]) == 4 * k
+    assert ask["b"] == gossip.buckets(ids, ask["s"], k) and ask["d"] == gossip.digest(ids)
+    # our hashes of a view without b (another salt: ours): a sends b's entry (and any of
+    # those buckets) and wants the same buckets
+    salt = b"\x07" * 8
+    mine = [a.id, r.id]
+    diff = gossip.differing(gossip.buckets(ids, salt, k), gossip.buckets(mine, salt, k))
+    assert diff == [gossip.bucket_of(b.id, salt, k)]
+    r.send("digest", {"d": gossip.digest(mine), "n": 2, "pull": True, "s": salt,
+                      "b": gossip.buckets(mine, salt, k)})
+
+    def wants() -> list[Any]:
+        return [x for x in r.kinds("digest") if "w" in x]
+
+    _pump_until([r], lambda: wants(), 5, "a wants the differing buckets")
+    w = wants()[0]
+    assert w["s"] == salt and w["k"] == k and w["w"] == diff
+    got = r.kinds(control.GOSSIP)[lists0:]
+    assert [[e[0] for e in g] for g in got] == [
+        [nid for nid in gossip.in_buckets([b.id], salt, k, diff)]]  # b's entry, never r's
+    # a want (past a's 3-heartbeat limit on lists to r: owed, then sent)
+    every = list(range(k))
+    r.send("digest", {"d": gossip.digest(mine), "n": 2, "pull": True, "s": salt, "k": k,
+                      "w": every})
+    _pump_until([r], lambda: len(r.kinds(control.GOSSIP)) >= lists0 + 2, 5, "a answers")
+    assert sorted(e[0] for e in r.kinds(control.GOSSIP)[lists0 + 1]) == [b.id]
+    assert len(wants()) == 1  # a want is answered with entries only: nothing loops
+    assert len(asks()) == 1 and len(r.kinds(control.GOSSIP)) == lists0 + 2  # no full list
+    # (b cannot reach r either: a and b differ too, and reconcile by buckets as well)
+    st = a.stats()
+    assert st["gossip_buckets_sent"] >= 1 and st["gossip_buckets_in"] >= 1
+    assert st["gossip_wants_sent"] >= 1 and st["gossip_wants_in"] >= 1
+    assert st["gossip_bucket_lists_sent"] >= 2 and st["gossip_bucket_entries_sent"] >= 2
+    # bad bucket fields: malformed, the peer stays
+    m0 = st.get("malformed", 0)
+    for bad in ({"d": b"x" * 8, "b": b"h" * 4}, {"d": b"x" * 8, "s": salt, "b": b"h" * 5},
+                {"d": b"x" * 8, "s": salt, "k": 2, "w": [2]},
+                {"d": b"x" * 8, "s": salt, "b": b"h" * 4, "k": 1, "w": [0]}):
+        r.send("digest", bad)
+    _pump_until([r], lambda: a.stats().get("malformed", 0) >= m0 + 4, 5, "malformed counted")
+    assert a.peers.state(r.id) is PeerState.JOINED
+
+
+def test_a_flood_of_wrong_digests_gets_bounded_bucket_hashes(
+        mesh2: tuple[Node, Node, Callable[..., RawPeer]]) -> None:
+    """300 changing wrong digests from a 1.3 peer: at most one set of bucket hashes per 3
+    heartbeats, the rest counted. On the old code each was answered with a full list (rate
+    limited) and no hashes: this fails on ``gossip_buckets_sent``."""
+    a, _b, raw = mesh2
+    r = raw((1, 3))
+    _pump_until([r], lambda: len(r.kinds("digest")) >= 1, 5, "r gets a's digest")
+    t0 = time.monotonic()
+    for i in range(300):
+        r.send("digest", {"d": i.to_bytes(8, "big"), "n": 3, "pull": False})
+    _pump_until([r], lambda: a.stats().get("gossip_digests_in", 0) >= 300, 5, "a read them")
+    elapsed = time.monotonic() - t0
+    st = a.stats()
+    assert 1 <= st.get("gossip_buckets_sent", 0) <= 2 + elapsed / (3 * FAST.heartbeat_s)
+    assert st["gossip_asks_limited"] >= 250
+    assert st.get("gossip_full_sent", 0) <= 1  # r's join only
