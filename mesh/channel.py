@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -142,6 +142,8 @@ class ControlChannel:
         self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
         self._flush_scheduled = False
         self._gossip_scheduled = False
+        #: this tick's bucket hashes for asks: (digest, salt, k, hashes)
+        self._ask_cache: tuple[bytes, bytes, int, bytes] | None = None
         self.gossip = gsp.Gossip(_PUSH_EVERY * node.config.presence.heartbeat_s,
                                  _PUSH_PER_TICK)
         #: control revision each peer announced in its HELLO (None: an older build)
@@ -863,6 +865,7 @@ class ControlChannel:
             elif now - d.last_sent >= hb * 0.9:
                 self._send_hello(d)  # the peer may have come up since (or lost our HELLO)
         self._ticks += 1
+        self._ask_cache = None  # a new salt for this tick's asks
         if self._ticks % _GOSSIP_EVERY == 0:
             self._gossip_round(now)
         if self.gossip.owed():
@@ -913,6 +916,8 @@ class ControlChannel:
         """A list to ``peer_id`` (the rate limit was asked): the full list (and a pull), or a
         bucket answer (control 1.3): to the peer's bucket hashes, our entries of the buckets
         that differ and a want of them; to a want, our entries of the wanted buckets."""
+        if what.ask:
+            self._ask(peer_id, view)
         if what.full:
             self._push_full(peer_id, what.pull, view)
             return
@@ -921,9 +926,10 @@ class ControlChannel:
             return
         if (c := what.compare) is not None:
             ids = [*view, self.node.id]
-            diff = gsp.differing(gsp.buckets(ids, c.salt, c.k), c.theirs)
+            parts = gsp.assign(ids, c.salt, c.k)
+            diff = gsp.differing(gsp.hashes(parts, c.salt), c.theirs)
             if diff:
-                self._bucket_list(link, view, c.salt, c.k, diff)
+                self._bucket_list(link, view, [nid for i in diff for nid in parts[i]])
                 self._enqueue(link, control.DIGEST, self._digest(
                     view, True, c.salt, k=c.k, want=tuple(diff)))
                 self._count("gossip_wants_sent")
@@ -934,13 +940,12 @@ class ControlChannel:
                 return
             # else the views agree now
         if (w := what.want) is not None:
-            self._bucket_list(link, view, w.salt, w.k, w.buckets)
+            self._bucket_list(link, view, gsp.in_buckets(view, w.salt, w.k, w.buckets))
 
-    def _bucket_list(self, link: Link, view: dict[str, control.GossipEntry], salt: bytes,
-                     k: int, wanted: Collection[int]) -> None:
-        """Our entries of buckets ``wanted`` (of k, under ``salt``) to the peer of ``link``."""
-        entries = [view[nid] for nid in gsp.in_buckets(view, salt, k, wanted)
-                   if nid != link.node_id]
+    def _bucket_list(self, link: Link, view: dict[str, control.GossipEntry],
+                     ids: Iterable[str]) -> None:
+        """Our entries of ``ids`` (those of some buckets) to the peer of ``link``."""
+        entries = [view[nid] for nid in ids if nid in view and nid != link.node_id]
         if self._send_gossip(link, entries, "gossip_bucket_lists_sent"):
             self._count("gossip_bucket_entries_sent", len(entries))
 
@@ -951,9 +956,14 @@ class ControlChannel:
             return
         ids = [*view, self.node.id]
         k = gsp.bucket_count(len(ids))
-        salt = os.urandom(gsp.SALT_BYTES)
-        self._enqueue(link, control.DIGEST, self._digest(view, True, salt,
-                                                         gsp.buckets(ids, salt, k)))
+        # One salt per tick for all our asks: the hashes of one view are computed once
+        # (every peer that differs in a tick gets the same); the next tick has a new salt.
+        d = gsp.digest(ids)
+        cache = self._ask_cache
+        if cache is None or cache[0] != d or cache[2] != k:
+            salt = os.urandom(gsp.SALT_BYTES)
+            cache = self._ask_cache = (d, salt, k, gsp.buckets(ids, salt, k))
+        self._enqueue(link, control.DIGEST, self._digest(view, True, cache[1], cache[3]))
         self._count("gossip_buckets_sent")
 
     def _push_full(self, peer_id: str, pull: bool, view: dict[str, control.GossipEntry]) -> None:
@@ -1066,8 +1076,11 @@ class ControlChannel:
             return
         if gsp.speaks_buckets(self.revs.get(sender)):
             # our bucket hashes, not our full list: the answer carries only what differs
-            if self.gossip.may_ask(sender, now):
+            verdict = self.gossip.may_ask(sender, now)
+            if verdict == "send":
                 self._ask(sender, view)
+            elif verdict == "owed":
+                self._count("gossip_push_limited")
             else:
                 self._count("gossip_asks_limited")
             return

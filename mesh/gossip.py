@@ -27,6 +27,7 @@ gossip could change. A live peer's new endpoints reach its peers in its own ``up
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,12 +48,14 @@ __all__ = [
     "Gossip",
     "Owed",
     "Want",
+    "assign",
     "bucket_count",
     "bucket_of",
     "buckets",
     "collect",
     "differing",
     "digest",
+    "hashes",
     "in_buckets",
     "speaks_buckets",
     "speaks_digest",
@@ -114,13 +117,16 @@ def bucket_of(nid: str, salt: bytes, k: int) -> int:
     return _keyed(nid, salt) % k
 
 
-def buckets(node_ids: Iterable[str], salt: bytes, k: int) -> bytes:
-    """The bucket hashes of a view (its ids and the owner's): k hashes of 4 bytes, bucket i's
-    the blake2b-4 keyed with ``salt`` over the sorted ids of bucket i concatenated (32 ASCII
-    hex characters each), 4 zero bytes for an empty bucket."""
+def assign(node_ids: Iterable[str], salt: bytes, k: int) -> list[list[str]]:
+    """The ids of each of the k buckets under ``salt`` (see :func:`bucket_of`)."""
     parts: list[list[str]] = [[] for _ in range(k)]
     for nid in set(node_ids):
         parts[bucket_of(nid, salt, k)].append(nid)
+    return parts
+
+
+def hashes(parts: list[list[str]], salt: bytes) -> bytes:
+    """The bucket hashes of buckets ``parts`` (:func:`assign`): see :func:`buckets`."""
     out = bytearray()
     for ids in parts:
         if not ids:
@@ -131,6 +137,13 @@ def buckets(node_ids: Iterable[str], salt: bytes, k: int) -> bytes:
             h.update(nid.encode("ascii"))
         out += h.digest()
     return bytes(out)
+
+
+def buckets(node_ids: Iterable[str], salt: bytes, k: int) -> bytes:
+    """The bucket hashes of a view (its ids and the owner's): k hashes of 4 bytes, bucket i's
+    the blake2b-4 keyed with ``salt`` over the sorted ids of bucket i concatenated (32 ASCII
+    hex characters each), 4 zero bytes for an empty bucket."""
+    return hashes(assign(node_ids, salt, k), salt)
 
 
 def differing(ours: bytes, theirs: bytes) -> list[int]:
@@ -181,6 +194,8 @@ class Owed:
     pull: bool = False
     compare: Compare | None = None
     want: Want | None = None
+    #: our bucket hashes, owed to the peer (a mismatch held back by the per-tick budget)
+    ask: bool = False
 
     def merge(self, other: Owed) -> Owed:
         """One owed list that covers both: the full list when either is (with a pull when
@@ -208,6 +223,7 @@ class _Peer:
     last_push: float | None = None  # when a list last went to this peer
     last_ask: float | None = None  # when our bucket hashes last went to this peer
     owed: Owed | None = None  # a list is owed, held back by the rate limit
+    ask_owed: bool = False  # our bucket hashes are owed, held back by the per-tick budget
 
 
 class Gossip:
@@ -253,15 +269,22 @@ class Gossip:
             st.pair, st.seen = None, 0
             st.theirs = None
 
-    def may_ask(self, peer: str, now: float) -> bool:
-        """May our bucket hashes go to ``peer`` now (one per peer per ``min_push_s``)? True:
-        the caller sends them (recorded). False: dropped, not owed (the next round's digest
-        finds the difference again)."""
+    def may_ask(self, peer: str, now: float) -> str:
+        """May our bucket hashes go to ``peer`` now? ``"send"``: the caller sends them
+        (recorded, and spent from the per-tick budget lists share: an ask starts an exchange
+        as a full list and a pull did in 1.2). ``"limited"``: one went to this peer less than
+        ``min_push_s`` ago; dropped, not owed (the next round's digest finds the difference
+        again). ``"owed"``: over the per-tick budget; :meth:`due` hands it out later
+        (``Owed(ask=True)``), or drops it once the peer's digest equals ours."""
         st = self._peers.setdefault(peer, _Peer())
         if st.last_ask is not None and now - st.last_ask < self.min_push_s:
-            return False
+            return "limited"
+        if self._budget <= 0:
+            st.ask_owed = True
+            return "owed"
+        self._budget -= 1
         st.last_ask = now
-        return True
+        return "send"
 
     def request_push(self, peer: str, now: float, pull: bool = False,
                      theirs: bytes | None = None, newcomer: bool = False,
@@ -296,24 +319,31 @@ class Gossip:
         self._budget = self.per_tick
         out: list[tuple[str, Owed]] = []
         for peer, st in self._peers.items():
-            if st.owed is None:
+            if st.owed is None and not st.ask_owed:
                 continue
             if ours is not None and st.theirs == ours:
-                st.owed = None
+                st.owed, st.ask_owed = None, False
                 continue
             if self._budget <= 0:
                 break
-            if st.last_push is None or now - st.last_push >= self.min_push_s:
-                out.append((peer, st.owed))
-                self._budget -= 1
+            item: Owed | None = None
+            if st.owed is not None and (
+                    st.last_push is None or now - st.last_push >= self.min_push_s):
+                item, st.owed = st.owed, None
                 st.last_push = now
-                st.owed = None
+            if st.ask_owed and (st.last_ask is None or now - st.last_ask >= self.min_push_s):
+                item = dataclasses.replace(item or Owed(), ask=True)
+                st.ask_owed = False
+                st.last_ask = now
+            if item is not None:
+                out.append((peer, item))
+                self._budget -= 1
         return out
 
     def owed(self) -> bool:
-        """True when some list is owed (the caller computes its digest for :meth:`due`
-        only then)."""
-        return any(st.owed is not None for st in self._peers.values())
+        """True when some list or ask is owed (the caller computes its digest for
+        :meth:`due` only then)."""
+        return any(st.owed is not None or st.ask_owed for st in self._peers.values())
 
     def forget(self, peer: str) -> None:
         """The peer is gone: drop its state."""

@@ -307,9 +307,9 @@ def test_owed_bucket_answers_merge() -> None:
 def test_bucket_answers_share_the_list_rate_limit_and_asks_have_their_own() -> None:
     g = Gossip(min_push_s=3.0)
     # asks: one per peer per 3 s, dropped (not owed) beyond
-    assert g.may_ask("p", 0.0) and not g.may_ask("p", 1.0) and g.may_ask("q", 1.0)
-    assert g.may_ask("p", 3.0)
-    # the answer to our ask is a list of its own: an ask does not spend the list limit
+    assert g.may_ask("p", 0.0) == "send" and g.may_ask("p", 1.0) == "limited"
+    assert g.may_ask("q", 1.0) == "send" and g.may_ask("p", 3.0) == "send"
+    # the answer to our ask is a list of its own: an ask does not spend the per-peer list limit
     want = Owed(want=Want(SALT, 4, frozenset({0})))
     assert g.request_push("p", 3.1, what=want)
     more = Owed(want=Want(SALT, 4, frozenset({2})))
@@ -319,7 +319,31 @@ def test_bucket_answers_share_the_list_rate_limit_and_asks_have_their_own() -> N
     assert not g.owed()
 
 
+def test_asks_share_the_per_tick_budget_and_are_owed_beyond_it() -> None:
+    """A join storm: every view differs at once. In 1.2 at most 8 mismatches per tick were
+    answered (full list and pull), the rest owed; asks are held to the same budget."""
+    g = Gossip(min_push_s=3.0, per_tick=8)
+    ours = digest([A, B])
+    peers = [f"{i:032x}" for i in range(50)]
+    verdicts = [g.may_ask(p, 0.0) for p in peers]
+    assert verdicts.count("send") == 8 and verdicts.count("owed") == 42 and g.owed()
+    for p in peers[8:18]:  # by the next tick these showed our digest: nothing owed to them
+        g.on_mismatch(p, ours, ours)
+        g.request_push(p, 0.5, theirs=ours, what=Owed(want=Want(SALT, 1, frozenset())))
+    out = g.due(1.0, ours)
+    assert len(out) == 8 and all(w == Owed(ask=True) for _, w in out)
+    assert not {p for p, _ in out} & set(peers[:18])
+    total = 8 + len(out)
+    for t in range(2, 20):
+        total += len(g.due(float(t), ours))
+    assert total == 50 - 10 and not g.owed()
+
+
 def test_an_ask_flood_is_bounded() -> None:
     g = Gossip(min_push_s=3.0)
-    asks = sum(g.may_ask("p", i / 1000) for i in range(10_000))  # 10 s of 1 kHz mismatches
+    asks = 0
+    for i in range(10_000):  # 10 s of 1 kHz mismatches from one peer, a tick each 100 ms
+        asks += g.may_ask("p", i / 1000) == "send"
+        if i % 100 == 0:
+            asks += sum(1 for _, w in g.due(i / 1000) if w.ask)
     assert asks == 4  # 0, 3, 6, 9 s
