@@ -1068,7 +1068,7 @@ class ControlChannel:
         view = self._view()
         mine = gsp.digest([*view, self.node.id])
         if d.digest == mine:
-            self.gossip.on_agree(sender)
+            self.gossip.on_agree(sender, d.digest)
             return
         self._count("gossip_mismatches")
         if not self.gossip.on_mismatch(sender, mine, d.digest):

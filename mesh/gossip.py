@@ -262,12 +262,17 @@ class Gossip:
             return n & (n - 1) == 0  # 1, 2, 4, 8, 16, 32
         return n % _BACKOFF_MAX == 0
 
-    def on_agree(self, peer: str) -> None:
-        """The peer's digest equals ours: a later mismatch is answered at once."""
+    def on_agree(self, peer: str, theirs: bytes | None = None) -> None:
+        """The peer's digest (``theirs``) equals ours: a later mismatch is answered at once,
+        and whatever is owed to the peer is dropped (the views agree: a list or bucket
+        hashes held back by the rate limit would carry nothing the peer lacks; sent later,
+        an exchange owed since a join storm is answered against views long gone, and a full
+        list owed then asks for the peer's full list in turn)."""
         st = self._peers.get(peer)
         if st is not None:
             st.pair, st.seen = None, 0
-            st.theirs = None
+            st.theirs = theirs
+            st.owed, st.ask_owed = None, False
 
     def may_ask(self, peer: str, now: float) -> str:
         """May our bucket hashes go to ``peer`` now? ``"send"``: the caller sends them

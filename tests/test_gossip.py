@@ -77,7 +77,7 @@ def test_a_new_pair_or_agreement_is_answered_at_once() -> None:
     assert g.on_mismatch("p", mine, digest([C]))  # the view changed: answered
     for _ in range(5):
         g.on_mismatch("p", mine, theirs)
-    g.on_agree("p")
+    g.on_agree("p", mine)
     assert g.on_mismatch("p", mine, theirs)
     # per peer: another peer's mismatch is answered whatever this one's backoff
     assert g.on_mismatch("q", mine, theirs)
@@ -347,3 +347,23 @@ def test_an_ask_flood_is_bounded() -> None:
         if i % 100 == 0:
             asks += sum(1 for _, w in g.due(i / 1000) if w.ask)
     assert asks == 4  # 0, 3, 6, 9 s
+
+
+def test_agreement_drops_what_is_owed() -> None:
+    """A join storm leaves lists (and bucket hashes) owed to many peers. Once a peer's digest
+    equals ours they carry nothing it lacks. The old code forgot the peer's digest on
+    agreement (``theirs = None``), so the owed lists were never dropped: 200 idle nodes sent
+    0.16 full lists per node per second (each with a pull, answered with another full list),
+    drained from the join at 8 per heartbeat; this fails there."""
+    g = Gossip(min_push_s=3.0, per_tick=1)
+    ours = digest([A, B, C])
+    assert g.request_push("p", 0.0, theirs=digest([A]))
+    assert not g.request_push("q", 0.0, pull=True, theirs=digest([B]))  # over the budget
+    assert g.may_ask("r", 0.0) == "owed"
+    assert g.owed()
+    g.on_agree("q", ours)  # their next round's digest equals ours
+    g.on_agree("r", ours)
+    assert not g.owed()
+    assert g.due(10.0, ours) == []
+    # what the peer shows later is compared again: a new mismatch is answered
+    assert g.on_mismatch("q", ours, digest([A])) and g.request_push("q", 10.0, pull=True)

@@ -252,3 +252,4 @@ def test_a_flood_of_wrong_digests_gets_bounded_bucket_hashes(
     assert 1 <= st.get("gossip_buckets_sent", 0) <= 2 + elapsed / (3 * FAST.heartbeat_s)
     assert st["gossip_asks_limited"] >= 250
     assert st.get("gossip_full_sent", 0) <= 1  # r's join only
+
