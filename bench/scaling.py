@@ -21,7 +21,10 @@
   host is shared, the figures are provisional. ``--heartbeat`` sets the presence heartbeat
   (evasive 3x, gone 10x): every node pings each other node every heartbeat, so 200 nodes on
   one host of 2 cores send ~80,000 keepalives/s at the default 1 s and fall behind; 4 s fits.
-  ``SCALING_JOIN_S`` (default 600) bounds the wait for all to see all.
+  ``SCALING_JOIN_S`` (default 600) bounds the wait for all to see all. The gossip counters
+  (full lists, digests, mismatches, pulls, newcomer lists, control 1.3 bucket hashes, wants,
+  bucket lists and their entries, list bytes) and presence events are averaged over the
+  non-seed nodes; the seed's own rates are kept apart (``seed_per_s``).
 
 RSS figures come from /proc/<pid>/status (VmRSS, VmHWM), in MiB.
 """
@@ -385,9 +388,10 @@ def mesh_report(runs: list[dict[str, Any]]) -> list[str]:
     lines = ["", "Mesh (seed + gossip, no mDNS, tcp; presence: evasive 3, gone 10 heartbeats)",
              "", "| nodes | heartbeat s | processes | all see all (s) | control msgs out /node/s (idle) "
              "| control bytes out /node/s (avg / max) | full gossip lists /node/s "
-             "| digests /node/s | RSS per node MiB | SIGKILL of 10 nodes: all see them gone (s) "
-             "| load avg 1/5/15 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| digests /node/s | mismatches /node/s | bucket hashes /node/s "
+             "| bucket entries /node/s | RSS per node MiB "
+             "| SIGKILL of 10 nodes: all see them gone (s) | load avg 1/5/15 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in runs:
         g = m["gossip_per_node_per_s"]
         la = m["load_avg_idle"]
@@ -395,7 +399,9 @@ def mesh_report(runs: list[dict[str, Any]]) -> list[str]:
             f"| {m['nodes']} | {m.get('heartbeat_s', 1.0)} | {m['processes']} | {m['all_joined_s']} | "
             f"{m['control_out_per_node_per_s']} | {m['control_bytes_out_per_node_per_s']:,} / "
             f"{m['max_bytes_out_per_node_per_s']:,} | {g['gossip_full_sent']} | "
-            f"{g['gossip_digests_sent']} | {m['rss_per_node_mib']} | "
+            f"{g['gossip_digests_sent']} | {g.get('gossip_mismatches', 0)} | "
+            f"{g.get('gossip_buckets_sent', 0)} | {g.get('gossip_bucket_entries_sent', 0)} | "
+            f"{m['rss_per_node_mib']} | "
             f"{m['all_see_killed_gone_s']}{'' if m['killed_gone_everywhere'] else ' (not all)'}"
             f" | {la[3]} / {la[4]} / {la[5]} |")
     return lines
