@@ -253,3 +253,33 @@ def test_a_flood_of_wrong_digests_gets_bounded_bucket_hashes(
     assert st["gossip_asks_limited"] >= 250
     assert st.get("gossip_full_sent", 0) <= 1  # r's join only
 
+
+
+def test_a_list_owed_to_a_peer_is_dropped_once_its_digest_agrees(
+        mesh2: tuple[Node, Node, Callable[..., RawPeer]]) -> None:
+    """A raw peer asks for a's full list twice in a row: the first is answered, the second
+    held back by the 3-heartbeat limit (owed); then it shows a digest equal to a's: the
+    views agree, the owed list is dropped. The old code forgot the peer's digest on
+    agreement and sent the owed list at the next allowed tick: this fails there (2 lists)."""
+    a, b, raw = mesh2
+    r = raw((1, 2))
+
+    def rounds() -> int:
+        return sum(1 for x in r.kinds("digest") if not x.get("pull"))
+
+    _pump_until([r], lambda: any(x.get("n") == 3 for x in r.kinds("digest")), 5,
+                "a verified r (its digest covers a, b and r)")
+    n0 = rounds()  # two rounds more: r's join list (a newcomer's) is 20 heartbeats old
+    _pump_until([r], lambda: rounds() >= n0 + 2, 10, "two rounds")
+    ours = gossip.digest([a.id, b.id, r.id])
+    assert r.kinds("digest")[-1]["d"] == ours
+    lists = len(r.kinds(control.GOSSIP))
+    r.send("digest", {"d": b"\x01" * 8, "n": 1, "pull": True})
+    r.send("digest", {"d": b"\x02" * 8, "n": 1, "pull": True})
+    r.send("digest", {"d": ours, "n": 3, "pull": False})  # r's view is a's now
+    n1 = rounds()
+    # two of a's rounds later (20 heartbeats: far past the 3-heartbeat limit)
+    _pump_until([r], lambda: rounds() >= n1 + 2, 10, "two more rounds")
+    got = r.kinds(control.GOSSIP)[lists:]
+    assert len(got) == 1 and any(e[0] == b.id for e in got[0])  # the first pull's answer
+    assert a.stats()["gossip_push_limited"] >= 1  # the second was held, then dropped
