@@ -13,12 +13,13 @@ flow: O(N) small messages per round per node.
 Why buckets (control 1.3): a mismatch answered with a full list costs N entries whatever the
 difference, so on a loaded host where views differ now and then the bytes grow with N per
 mismatch, N^2 per node. Since 1.3 the node that sees a mismatch sends its *bucket hashes*
-instead (:func:`buckets`: the ids hashed into k buckets under a fresh salt, 4 bytes per bucket,
+instead (:func:`buckets`: the ids hashed into k buckets under a random salt, 4 bytes per bucket,
 k about N/2); the other side compares them with its own and sends only the entries of the
 buckets that differ, with a request (a *want*) for the same buckets of the first side. A
 difference of d ids costs about 4k bytes and 2d buckets' entries (1-2 entries each), not N
-entries. The salt is new for every exchange, so a 4-byte collision is never the same twice;
-equal buckets under differing digests (a collision) fall back to the full list.
+entries. A node draws a new salt every heartbeat (one for all its hashes of that heartbeat), so
+a 4-byte collision is not the same twice; equal buckets under differing digests (a collision)
+fall back to the full list.
 
 Why the digest covers node ids only (not endpoints or keys): gossip only ever makes a
 receiver dial an id it does not have live, so the set of ids is exactly what a difference in
