@@ -41,7 +41,6 @@ __all__ = [
     "BUCKET_HASH_BYTES",
     "BUCKET_REVISION",
     "DIGEST_BYTES",
-    "FULL",
     "GOSSIP_REVISION",
     "MAX_BUCKETS",
     "SALT_BYTES",
@@ -211,9 +210,6 @@ class Owed:
                 and (self.want.salt, self.want.k) == (other.want.salt, other.want.k)):
             want = Want(self.want.salt, self.want.k, self.want.buckets | other.want.buckets)
         return Owed(compare=other.compare or self.compare, want=want)
-
-
-FULL = Owed(full=True)
 
 
 @dataclass
