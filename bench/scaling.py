@@ -21,7 +21,10 @@
   host is shared, the figures are provisional. ``--heartbeat`` sets the presence heartbeat
   (evasive 3x, gone 10x): every node pings each other node every heartbeat, so 200 nodes on
   one host of 2 cores send ~80,000 keepalives/s at the default 1 s and fall behind; 4 s fits.
-  ``SCALING_JOIN_S`` (default 600) bounds the wait for all to see all.
+  ``SCALING_JOIN_S`` (default 600) bounds the wait for all to see all. The gossip counters
+  (full lists, digests, mismatches, pulls, newcomer lists, control 1.3 bucket hashes, wants,
+  bucket lists and their entries, list bytes) and presence events are averaged over the
+  non-seed nodes; the seed's own rates are kept apart (``seed_per_s``).
 
 RSS figures come from /proc/<pid>/status (VmRSS, VmHWM), in MiB.
 """
@@ -193,7 +196,12 @@ SETTLE_S = 12.0
 _IDS_PER_SOURCE = 1024
 
 _GOSSIP_KEYS = ("gossip_sent", "gossip_full_sent", "gossip_deltas_sent", "gossip_digests_sent",
-                "gossip_mismatches", "gossip_backoff", "gossip_push_limited")
+                "gossip_mismatches", "gossip_backoff", "gossip_push_limited",
+                "gossip_pulls_sent", "gossip_pulls_in", "gossip_in", "gossip_newcomer_sent",
+                "gossip_buckets_sent", "gossip_buckets_in", "gossip_wants_sent",
+                "gossip_wants_in", "gossip_bucket_lists_sent", "gossip_bucket_entries_sent",
+                "gossip_bucket_fallbacks", "gossip_asks_limited", "gossip_list_bytes_sent",
+                "events_joined", "events_evasive", "events_gone", "events_left")
 
 
 def _live(nd: Any, node_id: str) -> bool:
@@ -300,10 +308,16 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
             say(f"  {total} nodes: all joined in {t_join:.1f} s (min seen {min_seen})")
             time.sleep(SETTLE_S * hb)  # a gossip round and its answers settle first
             load0 = os.getloadavg()
+            seed0 = seed.stats()
+            ts0 = time.monotonic()
             for c in cmds:
                 c.put(("idle",))
             idle = [qk.get(timeout=idle_s + 300) for qk in qs]
+            seed1 = seed.stats()
+            seed_dt = time.monotonic() - ts0
             load1 = os.getloadavg()
+            seed_rates = {g: round((seed1.get(g, 0) - seed0.get(g, 0)) / seed_dt, 3)
+                          for g in ("control_bytes_out", *_GOSSIP_KEYS)}
             say(f"  {total} nodes: idle measured; SIGKILL of one process")
             rates = {key: [x for i in idle for x in i[2][key]] for key in idle[0][2]}
 
@@ -351,6 +365,7 @@ def mesh_nodes(total: int = 50, idle_s: float = 20.0,
                 "max_bytes_out_per_node_per_s": round(max(rates["bytes_out"])),
                 "control_bytes_in_per_node_per_s": round(avg("bytes_in")),
                 "gossip_per_node_per_s": {g: round(avg(g), 3) for g in _GOSSIP_KEYS},
+                "seed_per_s": seed_rates,
                 "min_peers_seen_idle": min(i[4] for i in idle),
                 "rss_per_node_mib": round(max(i[3] for i in idle), 1),
                 "killed_nodes": len(ids[victim]),
@@ -373,9 +388,10 @@ def mesh_report(runs: list[dict[str, Any]]) -> list[str]:
     lines = ["", "Mesh (seed + gossip, no mDNS, tcp; presence: evasive 3, gone 10 heartbeats)",
              "", "| nodes | heartbeat s | processes | all see all (s) | control msgs out /node/s (idle) "
              "| control bytes out /node/s (avg / max) | full gossip lists /node/s "
-             "| digests /node/s | RSS per node MiB | SIGKILL of 10 nodes: all see them gone (s) "
-             "| load avg 1/5/15 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| digests /node/s | mismatches /node/s | bucket hashes /node/s "
+             "| bucket entries /node/s | RSS per node MiB "
+             "| SIGKILL of 10 nodes: all see them gone (s) | load avg 1/5/15 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in runs:
         g = m["gossip_per_node_per_s"]
         la = m["load_avg_idle"]
@@ -383,7 +399,9 @@ def mesh_report(runs: list[dict[str, Any]]) -> list[str]:
             f"| {m['nodes']} | {m.get('heartbeat_s', 1.0)} | {m['processes']} | {m['all_joined_s']} | "
             f"{m['control_out_per_node_per_s']} | {m['control_bytes_out_per_node_per_s']:,} / "
             f"{m['max_bytes_out_per_node_per_s']:,} | {g['gossip_full_sent']} | "
-            f"{g['gossip_digests_sent']} | {m['rss_per_node_mib']} | "
+            f"{g['gossip_digests_sent']} | {g.get('gossip_mismatches', 0)} | "
+            f"{g.get('gossip_buckets_sent', 0)} | {g.get('gossip_bucket_entries_sent', 0)} | "
+            f"{m['rss_per_node_mib']} | "
             f"{m['all_see_killed_gone_s']}{'' if m['killed_gone_everywhere'] else ' (not all)'}"
             f" | {la[3]} / {la[4]} / {la[5]} |")
     return lines

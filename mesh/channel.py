@@ -5,8 +5,10 @@ the lock every use of a link's socket holds).
 
 Gossip (docs/protocol.md, "Gossip"): every 10 heartbeats a node sends each peer an 8-byte
 digest of its view (a full list only to peers too old to read one); a mismatch is answered
-with a full list and a pull request; a node that joins through us gets the full list and the
-other peers just its entry. The decisions are :class:`mesh.gossip.Gossip`'s.
+with the node's bucket hashes (control 1.3: the peer answers with the entries of the buckets
+that differ and a want of them), or with a full list and a pull request to a 1.2 peer; a node
+that joins through us gets the full list and the other peers just its entry. The decisions are
+:class:`mesh.gossip.Gossip`'s.
 
 A bound ROUTER receives everything; to talk to a peer the node connects one DEALER (routing
 id = our node id + random bytes, one per connection) to the peer's control endpoint: a
@@ -24,6 +26,7 @@ import itertools
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -139,6 +142,8 @@ class ControlChannel:
         self._tokens = itertools.count(1 + int.from_bytes(os.urandom(3), "big"))
         self._flush_scheduled = False
         self._gossip_scheduled = False
+        #: this tick's bucket hashes for asks: (digest, salt, k, hashes)
+        self._ask_cache: tuple[bytes, bytes, int, bytes] | None = None
         self.gossip = gsp.Gossip(_PUSH_EVERY * node.config.presence.heartbeat_s,
                                  _PUSH_PER_TICK)
         #: control revision each peer announced in its HELLO (None: an older build)
@@ -860,12 +865,13 @@ class ControlChannel:
             elif now - d.last_sent >= hb * 0.9:
                 self._send_hello(d)  # the peer may have come up since (or lost our HELLO)
         self._ticks += 1
+        self._ask_cache = None  # a new salt for this tick's asks
         if self._ticks % _GOSSIP_EVERY == 0:
             self._gossip_round(now)
         if self.gossip.owed():
             view = self._view()
-            for peer_id, pull in self.gossip.due(now, gsp.digest([*view, self.node.id])):
-                self._push_full(peer_id, pull, view)
+            for peer_id, what in self.gossip.due(now, gsp.digest([*view, self.node.id])):
+                self._push(peer_id, what, view)
         else:
             self.gossip.due(now)  # a new tick: a new budget
         self.node._emit(tick.events)
@@ -883,10 +889,13 @@ class ControlChannel:
                                   i.public_key)
         return out
 
-    def _digest(self, view: dict[str, control.GossipEntry], pull: bool = False) -> bytes:
+    def _digest(self, view: dict[str, control.GossipEntry], pull: bool = False,
+                salt: bytes | None = None, buckets: bytes | None = None, k: int = 0,
+                want: tuple[int, ...] | None = None) -> bytes:
         ids = [*view, self.node.id]
-        body = control.digest_to_wire(control.Digest(gsp.digest(ids), len(ids), pull))
-        return control.encode_body(body, 1 << 10)
+        body = control.digest_to_wire(control.Digest(gsp.digest(ids), len(ids), pull, salt,
+                                                     buckets, k, want))
+        return control.encode_body(body, 16 << 10)
 
     def _send_gossip(self, link: Link, entries: list[control.GossipEntry], what: str) -> bool:
         if not entries:
@@ -900,7 +909,62 @@ class ControlChannel:
         self._enqueue(link, control.GOSSIP, raw)
         self._count("gossip_sent")
         self._count(what)
+        self._count("gossip_list_bytes_sent", len(raw))
         return True
+
+    def _push(self, peer_id: str, what: gsp.Owed, view: dict[str, control.GossipEntry]) -> None:
+        """A list to ``peer_id`` (the rate limit was asked): the full list (and a pull), or a
+        bucket answer (control 1.3): to the peer's bucket hashes, our entries of the buckets
+        that differ and a want of them; to a want, our entries of the wanted buckets."""
+        if what.ask:
+            self._ask(peer_id, view)
+        if what.full:
+            self._push_full(peer_id, what.pull, view)
+            return
+        link = self.links.get(peer_id)
+        if link is None or not self._presence.is_live(peer_id):
+            return
+        if (c := what.compare) is not None:
+            ids = [*view, self.node.id]
+            parts = gsp.assign(ids, c.salt, c.k)
+            diff = gsp.differing(gsp.hashes(parts, c.salt), c.theirs)
+            if diff:
+                self._bucket_list(link, view, [nid for i in diff for nid in parts[i]])
+                self._enqueue(link, control.DIGEST, self._digest(
+                    view, True, c.salt, k=c.k, want=tuple(diff)))
+                self._count("gossip_wants_sent")
+            elif c.d is not None and c.d != gsp.digest(ids):
+                # equal buckets, differing digests: a collision under this salt
+                self._count("gossip_bucket_fallbacks")
+                self._push_full(peer_id, True, view)
+                return
+            # else the views agree now
+        if (w := what.want) is not None:
+            self._bucket_list(link, view, gsp.in_buckets(view, w.salt, w.k, w.buckets))
+
+    def _bucket_list(self, link: Link, view: dict[str, control.GossipEntry],
+                     ids: Iterable[str]) -> None:
+        """Our entries of ``ids`` (those of some buckets) to the peer of ``link``."""
+        entries = [view[nid] for nid in ids if nid in view and nid != link.node_id]
+        if self._send_gossip(link, entries, "gossip_bucket_lists_sent"):
+            self._count("gossip_bucket_entries_sent", len(entries))
+
+    def _ask(self, peer_id: str, view: dict[str, control.GossipEntry]) -> None:
+        """Our bucket hashes to a 1.3 peer whose digest differs (instead of a full list)."""
+        link = self.links.get(peer_id)
+        if link is None or not self._presence.is_live(peer_id):
+            return
+        ids = [*view, self.node.id]
+        k = gsp.bucket_count(len(ids))
+        # One salt per tick for all our asks: the hashes of one view are computed once
+        # (every peer that differs in a tick gets the same); the next tick has a new salt.
+        d = gsp.digest(ids)
+        cache = self._ask_cache
+        if cache is None or cache[0] != d or cache[2] != k:
+            salt = os.urandom(gsp.SALT_BYTES)
+            cache = self._ask_cache = (d, salt, k, gsp.buckets(ids, salt, k))
+        self._enqueue(link, control.DIGEST, self._digest(view, True, cache[1], cache[3]))
+        self._count("gossip_buckets_sent")
 
     def _push_full(self, peer_id: str, pull: bool, view: dict[str, control.GossipEntry]) -> None:
         """Our full list to ``peer_id`` (the rate limit was asked), and a pull request."""
@@ -946,6 +1010,7 @@ class ControlChannel:
             elif node_id in fresh:
                 if self.gossip.request_push(node_id, now, newcomer=True):
                     self._push_full(node_id, False, view)
+                    self._count("gossip_newcomer_sent")
                 else:
                     self._count("gossip_push_limited")
             else:
@@ -976,6 +1041,21 @@ class ControlChannel:
             self._bad("malformed", "DIGEST from %s: %s", sender, exc)
             return
         self._count("gossip_digests_in")
+        if d.salt is not None:
+            # A bucket step (1.3): the sender's bucket hashes (answered with our entries of
+            # the buckets that differ and a want of them) or its want (answered with our
+            # entries of those buckets, nothing more: two nodes never loop). Rate-limited.
+            if d.buckets is not None:
+                self._count("gossip_buckets_in")
+                what = gsp.Owed(compare=gsp.Compare(d.salt, d.buckets, d.digest))
+            else:
+                self._count("gossip_wants_in")
+                what = gsp.Owed(want=gsp.Want(d.salt, d.k, frozenset(d.want or ())))
+            if self.gossip.request_push(sender, now, theirs=d.digest, what=what):
+                self._push(sender, what, self._view())
+            else:
+                self._count("gossip_push_limited")
+            return
         if d.pull:
             # The sender saw our digest differ and asks for our list: answered (rate-limited),
             # compared with nothing, never answered with a pull (two nodes never loop).
@@ -988,11 +1068,21 @@ class ControlChannel:
         view = self._view()
         mine = gsp.digest([*view, self.node.id])
         if d.digest == mine:
-            self.gossip.on_agree(sender)
+            self.gossip.on_agree(sender, d.digest)
             return
         self._count("gossip_mismatches")
         if not self.gossip.on_mismatch(sender, mine, d.digest):
             self._count("gossip_backoff")
+            return
+        if gsp.speaks_buckets(self.revs.get(sender)):
+            # our bucket hashes, not our full list: the answer carries only what differs
+            verdict = self.gossip.may_ask(sender, now)
+            if verdict == "send":
+                self._ask(sender, view)
+            elif verdict == "owed":
+                self._count("gossip_push_limited")
+            else:
+                self._count("gossip_asks_limited")
             return
         if self.gossip.request_push(sender, now, pull=True):
             self._push_full(sender, True, view)

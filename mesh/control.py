@@ -60,8 +60,10 @@ SIGNATURE = b"ZM"
 SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
 #: The revision of the control bodies this build writes (docs/protocol.md, "Frame versions").
 #: 1.1 added ``info.inc`` (the sender's incarnation) to HELLO and UPDATE; 1.2 added the HELLO
-#: key ``rev`` (this revision) and the kind ``digest``, sent only to peers whose ``rev`` is 1.2+.
-REVISION = (PROTOCOL_VERSION, 2)
+#: key ``rev`` (this revision) and the kind ``digest``, sent only to peers whose ``rev`` is 1.2+;
+#: 1.3 added the bucket fields of ``digest`` (``s``, ``b``, ``k``, ``w``), sent only to peers
+#: whose ``rev`` is 1.3+.
+REVISION = (PROTOCOL_VERSION, 3)
 MAX_KIND_LEN = 64
 
 HELLO = "hello"
@@ -391,42 +393,95 @@ def gossip_from_wire(obj: object) -> tuple[list[GossipEntry], int]:
     return good, bad
 
 
+#: Most buckets one ``digest`` exchange may use (mesh.gossip.MAX_BUCKETS).
+MAX_BUCKETS = 1024
+
+
 @dataclass(frozen=True)
 class Digest:
-    """A ``digest`` body (since control revision 1.2): the sender's view in 8 bytes.
+    """A ``digest`` body (since control revision 1.2): the sender's view in 8 bytes, and
+    since 1.3 the two steps of a bucket reconciliation.
 
     Attributes:
         digest: blake2b-8 of the node ids the sender would gossip, and its own
             (:func:`mesh.gossip.digest`).
         count: how many ids that view holds (informational).
         pull: True when the sender asks for the receiver's full list (it saw the receiver's
-            digest differ); the receiver answers with ``gossip`` and compares nothing.
+            digest differ); the receiver answers with ``gossip`` and compares nothing. True
+            as well in the two bucket steps below (they ask for entries too), where the
+            bucket fields decide the answer.
+        salt: the exchange's salt (8 bytes), with ``buckets`` or ``want`` (1.3).
+        buckets: the sender's bucket hashes (4 bytes per bucket, :func:`mesh.gossip.buckets`),
+            sent instead of a full list when it saw the receiver's digest differ: the
+            receiver answers with its entries of the buckets whose hashes differ and a want
+            of the same buckets (1.3).
+        k: the bucket count of a want (with ``buckets`` it is ``len(buckets) // 4``).
+        want: bucket indices whose entries the sender asks for (the answer to ``buckets``);
+            the receiver answers with its entries of them and nothing more (1.3).
     """
 
     digest: bytes
     count: int
     pull: bool = False
+    salt: bytes | None = None
+    buckets: bytes | None = None
+    k: int = 0
+    want: tuple[int, ...] | None = None
 
 
 def digest_to_wire(d: Digest) -> dict[str, Any]:
-    """The msgpack map of a ``digest`` body."""
-    return {"d": d.digest, "n": d.count, "pull": d.pull}
+    """The msgpack map of a ``digest`` body (the bucket keys only when set)."""
+    out: dict[str, Any] = {"d": d.digest, "n": d.count, "pull": d.pull}
+    if d.buckets is not None:
+        out["s"] = d.salt
+        out["b"] = d.buckets
+    elif d.want is not None:
+        out["s"] = d.salt
+        out["k"] = d.k
+        out["w"] = list(d.want)
+    return out
+
+
+def _int_in(v: object, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def digest_from_wire(obj: object) -> Digest:
     """Validate a ``digest`` body.
 
     Raises:
-        ProtocolError: not a map, ``d`` not 8 bytes, ``n`` not an integer 0 .. 2**32-1, or
-            ``pull`` not a boolean.
+        ProtocolError: not a map, ``d`` not 8 bytes, ``n`` not an integer 0 .. 2**32-1,
+            ``pull`` not a boolean; or (1.3) both ``b`` and ``w``, ``s`` not 8 bytes with
+            either, ``b`` not 4 to 4096 bytes in fours, ``k`` not 1 .. 1024, ``w`` not an
+            array of distinct integers 0 .. k-1.
     """
     if not isinstance(obj, Mapping):
         raise ProtocolError("digest body must be a map")
     d, n, pull = obj.get("d"), obj.get("n", 0), obj.get("pull", False)
     if not isinstance(d, bytes) or len(d) != 8:
         raise ProtocolError("digest d must be 8 bytes")
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 1 << 32:
+    if not _int_in(n, 0, (1 << 32) - 1):
         raise ProtocolError("digest n must be an integer 0 .. 2**32-1")
     if not isinstance(pull, bool):
         raise ProtocolError("digest pull must be a boolean")
-    return Digest(d, n, pull)
+    b, w = obj.get("b"), obj.get("w")
+    if b is None and w is None:
+        return Digest(d, n, pull)
+    if b is not None and w is not None:
+        raise ProtocolError("digest cannot carry both b and w")
+    salt = obj.get("s")
+    if not isinstance(salt, bytes) or len(salt) != 8:
+        raise ProtocolError("digest s must be 8 bytes with b or w")
+    if b is not None:
+        if (not isinstance(b, bytes) or not b or len(b) % 4
+                or len(b) // 4 > MAX_BUCKETS):
+            raise ProtocolError(f"digest b must be 4 .. {4 * MAX_BUCKETS} bytes, in fours")
+        return Digest(d, n, pull, salt, b, len(b) // 4)
+    k = obj.get("k")
+    if not _int_in(k, 1, MAX_BUCKETS):
+        raise ProtocolError(f"digest k must be an integer 1 .. {MAX_BUCKETS} with w")
+    assert isinstance(k, int)
+    if (not isinstance(w, list) or len(w) > k or not all(_int_in(i, 0, k - 1) for i in w)
+            or len(set(w)) != len(w)):
+        raise ProtocolError("digest w must be an array of distinct bucket indices 0 .. k-1")
+    return Digest(d, n, pull, salt, None, k, tuple(w))

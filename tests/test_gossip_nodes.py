@@ -31,11 +31,13 @@ SCALE = [0.25, 1.5, 4.0]  # heartbeat, evasive, gone: a gossip round every 2.5 s
 class Procs:
     """Child processes of 10 nodes each, joined through ``seed``."""
 
-    def __init__(self, root: Path, seed: Node, procs: int) -> None:
+    def __init__(self, root: Path, seed: Node, procs: int, presence: list[float] = SCALE,
+                 count: int = 10, extra: dict[int, dict[str, Any]] | None = None) -> None:
         self.children: list[subprocess.Popen[bytes]] = []
         for k in range(procs):
-            cfg = {"count": 10, "mesh": seed.mesh, "seed": _ctl(seed), "root": str(root / f"p{k}"),
-                   "presence": SCALE}
+            cfg = {"count": count, "mesh": seed.mesh, "seed": _ctl(seed),
+                   "root": str(root / f"p{k}"), "presence": presence,
+                   **(extra or {}).get(k, {})}
             self.children.append(python_child(CODE, json.dumps(cfg), stdin=subprocess.PIPE,
                                               stdout=subprocess.PIPE))
         for c in self.children:
@@ -300,7 +302,8 @@ def test_a_digest_and_pull_flood_gets_bounded_full_lists(
 def test_gossip_counters_are_metrics_families_over_http(
         mesh2: tuple[Node, Node, Callable[..., RawPeer]]) -> None:
     """Old code kept the gossip counters in ``node.stats()`` only: a scrape of /metrics had
-    no ``gossip_*`` family to alert on (digests, lists, pulls, mismatches, caps hit)."""
+    no ``gossip_*`` family to alert on (digests, lists, pulls, mismatches, caps hit); 1.2
+    had no family of the bucket path (control 1.3)."""
     import urllib.request
 
     from mesh.metrics import parse_prometheus, serve_prometheus
@@ -346,6 +349,13 @@ def test_gossip_counters_are_metrics_families_over_http(
         assert f"# TYPE {family} counter" in text, family
         v = value(family, **labels)
         assert before.get(key, 0) <= v <= after.get(key, 0), (family, before.get(key), v)
+    for family in ("gossip_newcomer_lists_sent_total", "gossip_buckets_sent_total",
+                   "gossip_buckets_received_total", "gossip_wants_sent_total",
+                   "gossip_wants_received_total", "gossip_bucket_entries_sent_total",
+                   "gossip_bucket_fallbacks_total", "gossip_asks_limited_total"):
+        assert f"# TYPE {family} counter" in text, family  # control 1.3 (buckets)
+    assert before.get("gossip_bucket_lists_sent", 0) <= value(
+        "gossip_lists_sent_total", kind="bucket") <= after.get("gossip_bucket_lists_sent", 0)
     assert value("gossip_digests_received_total") >= 100
     assert value("gossip_pulls_received_total") >= 30
     assert value("gossip_mismatches_total") >= 40

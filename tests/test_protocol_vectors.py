@@ -32,6 +32,10 @@ NODE = "8d395d25ecfe4dd581e3e71a9c112cde"
 NODE2 = "0123456789abcdef0123456789abcdef"
 #: blake2b-8 of NODE2 + NODE (the ids sorted), as docs/protocol.md "Gossip" states it
 _DIGEST_HEX = "4a55668447255b0a"
+#: the salt of the bucket vectors, and the 2 bucket hashes of NODE and NODE2 under it
+#: (docs/protocol.md, "Gossip": blake2b-4 keyed with the salt; NODE2 in bucket 0, NODE in 1)
+_SALT = bytes(range(2, 10))
+_BUCKETS_HEX = "dc650ed2dc5637a5"
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -100,6 +104,17 @@ VECTORS: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], None
             control.Digest(gossip.digest([NODE, NODE2]), 2, True))),
         lambda f: _eq(control.digest_from_wire(_ctrl_check("digest")(f)),
                       control.Digest(bytes.fromhex(_DIGEST_HEX), 2, True))),
+    "control.digest.buckets": (
+        lambda: _ctrl("digest", control.digest_to_wire(control.Digest(
+            gossip.digest([NODE, NODE2]), 2, True, _SALT,
+            gossip.buckets([NODE, NODE2], _SALT, 2), 2))),
+        lambda f: _eq(control.digest_from_wire(_ctrl_check("digest")(f)), control.Digest(
+            bytes.fromhex(_DIGEST_HEX), 2, True, _SALT, bytes.fromhex(_BUCKETS_HEX), 2))),
+    "control.digest.want": (
+        lambda: _ctrl("digest", control.digest_to_wire(control.Digest(
+            gossip.digest([NODE, NODE2]), 2, True, _SALT, None, 2, (1,)))),
+        lambda f: _eq(control.digest_from_wire(_ctrl_check("digest")(f)), control.Digest(
+            bytes.fromhex(_DIGEST_HEX), 2, True, _SALT, None, 2, (1,)))),
     "control.bye": (lambda: _ctrl("bye", None), lambda f: _eq(_ctrl_check("bye")(f), None)),
     "control.node.stats": (
         lambda: _ctrl("node.stats", {"v": 1, "rid": 1, "families": ["mesh_peers"]}),
