@@ -164,8 +164,13 @@ def test_sigkill_is_gone_within_bound_and_restart_rejoins(
     wait_until(lambda: a.peers.state(b_id) is PeerState.JOINED, 10)
     c.wait(lambda e: e["event"] == "joined" and e["peer"] == b_id
            and e is not c.seen[0], 10)
-    kinds = [ev.kind for _, ev in events if ev.peer.node_id == b_id]
-    assert kinds[-1] is PeerEventKind.JOINED and PeerEventKind.LEFT in kinds
+    def kinds() -> list[PeerEventKind]:
+        return [ev.kind for _, ev in events if ev.peer.node_id == b_id]
+
+    assert PeerEventKind.LEFT in kinds()
+    # Joined in the end: with gone_s 1 s, a loaded host can make the new b miss a second of
+    # heartbeats once (LEFT, then JOINED again); what must hold is that it is back.
+    wait_until(lambda: kinds()[-1] is PeerEventKind.JOINED, 10, what=kinds)
     got: list[Any] = []
     a.handle("test.msg", lambda p, body: got.append(body))
     a.send(b_id, "test.echo", "back")
