@@ -980,7 +980,10 @@ class ControlChannel:
     def schedule_gossip(self) -> None:
         if not self._gossip_scheduled:
             self._gossip_scheduled = True
-            self.node.reactor.call_soon(self._gossip_changes)
+            try:
+                self.node.reactor.call_soon(self._gossip_changes)
+            except ClosedError:
+                pass  # the node is closing (a message read in the reactor's last pass)
 
     def _gossip_changes(self) -> None:
         """A peer joined or a link was verified: tell the others about the ids verified since
