@@ -41,7 +41,7 @@ def test_short_writes_are_finished_and_read_back(data_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # write() may take fewer bytes than asked (a signal, a pipe-like file system): every
     # append finishes its record, and the log reads back whole after a reopen. (A guard of
-    # write_batch's short-write branch, rewritten this session: it passed before too.)
+    # write_all's short-write loop, which no test reached before: it passes on the old code.)
     from mesh.log import segment
     real = os.write
     short = [0]

@@ -703,29 +703,17 @@ class Log:
             ClosedError: the log is closed.
             LogError: another I/O error, or the log is read-only.
         """
-        cfg = self.config
-        if len(payload) > cfg.max_record_bytes:
-            raise RecordTooLarge(len(payload), cfg.max_record_bytes)
-        if cfg.cipher is not None:
-            payload = cfg.cipher.seal(bytes(payload))
-        elif payload.__class__ is not bytes:
-            payload = bytes(payload)
+        if len(payload) > self.config.max_record_bytes:
+            raise RecordTooLarge(len(payload), self.config.max_record_bytes)
+        if self.config.cipher is not None:
+            payload = self.config.cipher.seal(bytes(payload))
         with self._lock:
-            if self._closed or self.readonly:
-                self._check_writable()
-            ts = _clock() if timestamp_ns is None else timestamp_ns  # as _now()
+            self._check_writable()
+            ts = self._now() if timestamp_ns is None else timestamp_ns
             off = self._next_offset
-            self._write(fmt.encode_one(off, ts, payload), off, 1, ts)
+            self._write(fmt.encode_one(off, ts, bytes(payload)), off, 1, ts)
             self._next_offset = off + 1
-        if self._interval:  # _after_append's common case, inline (a call per event)
-            if not self._flush_armed:
-                self._flush_armed = True
-                SCHEDULER.call_later(cfg.fsync.value / 1000.0, self._bg_flush)
-            if self._followers:
-                with self._cond:
-                    self._cond.notify_all()
-        else:
-            self._after_append(off)
+        self._after_append(off)
         return off
 
     def append_many(self, payloads: Sequence[bytes], timestamp_ns: int | None = None) -> range:

@@ -376,30 +376,23 @@ class Segment:
         Raises:
             OSError: from the operating system, after the partial batch was removed.
         """
-        fd = self.wfd
-        assert fd is not None
+        assert self.wfd is not None
         pos = self.size
-        n = len(data)
         try:
-            if _os_write(fd, data) != n:  # a short write: finish it (write_all's loop)
-                self._undo(pos)
-                write_all(fd, data)
+            write_all(self.wfd, data)
         except BaseException:
             self._undo(pos)
             raise
-        # Per-append hot path (a durable publish() makes one call): attributes read once.
         if self.first_ts is None:
             self.first_ts = ts
-        max_ts = self.max_ts
-        if max_ts is None or ts > max_ts:
-            self.max_ts = ts
         self.last_ts = ts
-        self.size = pos + n
+        if self.max_ts is None or ts > self.max_ts:
+            self.max_ts = ts
+        self.size = pos + len(data)
         self.next_offset = base_offset + count
-        if pos - self._last_index_pos >= self.index_interval:
-            self._note_index(base_offset, pos, ts)
-            if len(self.idx_off) - self._idx_written >= INDEX_BUFFER:
-                self.flush_index()
+        if self._note_index(base_offset, pos, ts) and \
+                len(self.idx_off) - self._idx_written >= INDEX_BUFFER:
+            self.flush_index()
 
     def _undo(self, pos: int) -> None:
         assert self.wfd is not None
