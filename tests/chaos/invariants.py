@@ -252,12 +252,16 @@ def check_resources(result: RunResult, rep: Report) -> None:
             rep.violations.append(f"{role} (pid {pid}) held {max(s.fds for s in ss)} fds")
         if max(s.rss_kb for s in ss) > MAX_RSS_KB:
             rep.violations.append(f"{role} (pid {pid}) RSS {max(s.rss_kb for s in ss)} KiB")
-        life = ss[-1].t - ss[0].t
+        # Its life counts from its node being open (the first sample with more fds than the
+        # interpreter started with: the ZeroMQ context and sockets), not from the exec: on
+        # busy cores the imports alone can take a good part of a short incarnation.
+        up = next((s.t for s in ss if s.fds > ss[0].fds + 4), ss[0].t)
+        life = ss[-1].t - up
         if life < 8:
             continue  # too short-lived to judge a trend
-        # Baseline: the second quarter of its life (imports and sockets have settled, which
-        # takes seconds on busy cores); a leak shows as growth from there to the last second.
-        first = [s for s in ss if 0.25 * life <= s.t - ss[0].t <= 0.5 * life]
+        # Baseline: the second quarter of that life (sockets and buffers have settled); a
+        # leak shows as growth from there to the last second.
+        first = [s for s in ss if 0.25 * life <= s.t - up <= 0.5 * life]
         lastw = [s for s in ss if ss[-1].t - s.t < 1]
         if min(s.fds for s in lastw) > max(s.fds for s in first) + FD_GROWTH:
             rep.violations.append(f"{role} (pid {pid}) fds grew {max(s.fds for s in first)} "
