@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,20 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[Path]:
+    """A fresh, short directory for ipc sockets (``ZEROMESH_IPC_DIR`` of a test's processes).
+
+    Not under ``tmp_path``: a socket path must stay under 108 bytes, and a pytest-xdist
+    worker's ``tmp_path`` is longer than the plain one.
+    """
+    d = Path(tempfile.mkdtemp(prefix="zmi-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -70,3 +86,16 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         if p.poll() is None:
             p.kill()
         p.wait(timeout=10)
+
+
+#: Tests that build network namespaces and root-namespace bridges (the chaos suite, the
+#: netns lab): under pytest-xdist they all run on one worker, one after another, so two of
+#: them never pick a subnet or sweep namespaces at the same time.
+_NETNS_GROUP = ("chaos/", "test_discovery_netns.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path.as_posix()
+        if item.get_closest_marker("netns") or any(p in path for p in _NETNS_GROUP):
+            item.add_marker(pytest.mark.xdist_group("netns"))

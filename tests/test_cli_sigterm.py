@@ -75,11 +75,12 @@ def _argv(key: str, hub: Node, name: str, data_dir: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("key", _COMMANDS)
-def test_sigterm_leaves_no_peer_and_no_ipc_files(tmp_path: Path, hub: Node, key: str) -> None:
+def test_sigterm_leaves_no_peer_and_no_ipc_files(tmp_path: Path, ipc_dir: Path, hub: Node,
+                                                 key: str) -> None:
     if key == "bridge":
         pytest.importorskip("paho.mqtt.client", reason="pip install 'zeromesh[mqtt]'")
     name = unique(key)
-    ipc = tmp_path / "ipc"
+    ipc = ipc_dir
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1", ZEROMESH_IPC_DIR=str(ipc))
     err_path = tmp_path / "stderr"

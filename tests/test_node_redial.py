@@ -59,8 +59,8 @@ def _port(endpoint: str) -> int:
 class Proc:
     """A ``mesh`` command as a real process (its own ipc dir), killed at the end."""
 
-    def __init__(self, tmp: Path, *args: str, stdin: bool = False) -> None:
-        env = dict(os.environ, ZEROMESH_IPC_DIR=str(tmp / "ipc"), PYTHONPATH=str(REPO))
+    def __init__(self, ipc: Path, *args: str, stdin: bool = False) -> None:
+        env = dict(os.environ, ZEROMESH_IPC_DIR=str(ipc), PYTHONPATH=str(REPO))
         self.p = subprocess.Popen([sys.executable, "-m", "mesh", *args], cwd=REPO, env=env,
                                   stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -105,7 +105,7 @@ def _node_args(tmp: Path, mesh: str, port: int, ports: range, name: str) -> list
 
 
 def test_service_restarted_on_new_data_ports_is_called_again(
-        tmp_path: Path, mesh_and_port: tuple[str, int, Node]) -> None:
+        tmp_path: Path, ipc_dir: Path, mesh_and_port: tuple[str, int, Node]) -> None:
     mesh, port, here = mesh_and_port
     first = _free_range(4)
     second = _free_range(4, avoid=first)
@@ -113,13 +113,13 @@ def test_service_restarted_on_new_data_ports_is_called_again(
     role = f"rpc.{svc}"
     calls = Client(here, config=ClientConfig(timeout=20.0))
     try:
-        a = Proc(tmp_path, "serve", svc, *_node_args(tmp_path, mesh, port, first, "there"))
+        a = Proc(ipc_dir, "serve", svc, *_node_args(tmp_path, mesh, port, first, "there"))
         try:
             assert calls.request(svc, b"one") == b"one"
             assert _data_ports(here, "there", role) <= set(first)
         finally:
             a.kill()
-        b = Proc(tmp_path, "serve", svc, *_node_args(tmp_path, mesh, port, second, "there"))
+        b = Proc(ipc_dir, "serve", svc, *_node_args(tmp_path, mesh, port, second, "there"))
         try:
             # SIGKILL said nothing: the peer is found again through its fixed control port,
             # and its HELLO names the new data endpoint, which nothing of the first run had.
@@ -134,7 +134,7 @@ def test_service_restarted_on_new_data_ports_is_called_again(
 
 
 def test_durable_stream_continues_after_publisher_restarts_on_new_data_ports(
-        tmp_path: Path, mesh_and_port: tuple[str, int, Node]) -> None:
+        tmp_path: Path, ipc_dir: Path, mesh_and_port: tuple[str, int, Node]) -> None:
     mesh, port, here = mesh_and_port
     first = _free_range(4)
     second = _free_range(4, avoid=first)
@@ -147,7 +147,7 @@ def test_durable_stream_continues_after_publisher_restarts_on_new_data_ports(
             return len(got) >= n
 
         pub_args = ["pub", topic, "-", "--lines", "--linger", "60", "--wait", "30"]
-        a = Proc(tmp_path, *pub_args, *_node_args(tmp_path, mesh, port, first, "pubr"),
+        a = Proc(ipc_dir, *pub_args, *_node_args(tmp_path, mesh, port, first, "pubr"),
                  stdin=True)
         try:
             a.stdin.write("a\nb\n")
@@ -155,7 +155,7 @@ def test_durable_stream_continues_after_publisher_restarts_on_new_data_ports(
             wait_until(lambda: pull(2), 30, what=lambda: f"got {got}")
         finally:
             a.kill()
-        b = Proc(tmp_path, *pub_args, *_node_args(tmp_path, mesh, port, second, "pubr"),
+        b = Proc(ipc_dir, *pub_args, *_node_args(tmp_path, mesh, port, second, "pubr"),
                  stdin=True)
         try:
             b.stdin.write("c\n")
@@ -168,7 +168,8 @@ def test_durable_stream_continues_after_publisher_restarts_on_new_data_ports(
             b.kill()
 
 
-def test_a_killed_publishers_data_port_taken_by_another_node_is_used(tmp_path: Path) -> None:
+def test_a_killed_publishers_data_port_taken_by_another_node_is_used(tmp_path: Path,
+                                                                    ipc_dir: Path) -> None:
     """Two nodes on one host share a data-port range. One is SIGKILLed (no BYE: it stays in the
     peer table until presence gives up on it) and the other binds the port it had. The
     subscriber's connection to that port belongs to the dead one; the live one must still be
@@ -188,7 +189,7 @@ def test_a_killed_publishers_data_port_taken_by_another_node_is_used(tmp_path: P
             got.extend(e.data for e in sub.recv_batch(timeout=0.05))
             return want in got
 
-        a = Proc(tmp_path, "pub", topic, "-", "--lines", "--linger", "60", "--wait", "30",
+        a = Proc(ipc_dir, "pub", topic, "-", "--lines", "--linger", "60", "--wait", "30",
                  *_node_args(tmp_path, mesh, port, shared, "first"), stdin=True)
         try:
             a.stdin.write("from-first\n")
