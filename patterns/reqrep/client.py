@@ -507,7 +507,8 @@ class Client(ClientCore):
     def _act(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
              actions: list[Send | Ping]) -> None:
         for a in actions:
-            if not wire.send(call.service, call, a, req):
+            rid, frames = wire.frames_of(call.service, call, a, req)
+            if not wire.send_raw(rid, frames):
                 now = self._clock()
                 with self.responders.lock:
                     if isinstance(a, Ping):
@@ -575,6 +576,11 @@ class Client(ClientCore):
                 self._stats["garbage"] += 1
                 return
         responder = responder_of(msg[0])
+        if type(m) is fr.Reply and m.id == call.id:  # the reply awaited: _on_one's first case
+            now = self._clock()
+            with self.responders.lock:
+                call.on_reply(responder, m, now, bal)
+            return
         if isinstance(m, fr.Batch):
             self._stats["batches_received"] += 1
             self._stats["garbage"] += m.malformed
