@@ -330,7 +330,9 @@ def child_fields(correlationid: str | None, causationid: str | None,
 def request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     """Request headers with ``traceparent``, ``correlationid`` and ``causationid`` added from
     the current context (explicit headers win); unchanged outside a handler."""
-    c = _get()
+    c = _current.get()
+    if c is not None and type(c) is not TraceContext:
+        c = c.resolve()  # type: ignore[union-attr]
     otel_tp = _otel_traceparent() if otel_active() else None
     if c is None and otel_tp is None:
         return dict(headers) if headers is not None else None

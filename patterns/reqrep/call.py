@@ -259,7 +259,8 @@ class Call:
         self.attempts += 1
         self._last_heard = now
         self._next_ping = now + self.config.heartbeat_s
-        self.release(balancer)
+        if self._held is not None:
+            self.release(balancer)
         self._held = (chosen, balancer.started(chosen))
         return [Send(chosen, self.attempts - 1)]
 

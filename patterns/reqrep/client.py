@@ -524,8 +524,10 @@ class Client(ClientCore):
         sock = wire.sock
         lock = self.responders.lock
         spin = self.config.spin_us / 1e6
+        responders = self.responders
         while True:
-            wire.sync()
+            if wire.generation != responders.generation:
+                wire.sync()
             now = self._clock()
             with lock:
                 actions = call.step(now, bal)
