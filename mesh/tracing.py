@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import re
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -153,24 +154,39 @@ class TraceContext(NamedTuple):
 class _Deferred:
     """A served request's context, built the first time something reads it (see
     :func:`enter_request`): most handlers never do, and building it (a trace id from the
-    request id, a random span id, a 9-field tuple) was about 2 µs per request."""
+    request id, a random span id, a 9-field tuple) was about 2 µs per request. The two
+    headers it needs are read when it is made (a handler that edits ``req.headers`` does not
+    change its own context), and it is built once under a lock (a thread the handler starts
+    with a copy of its context sees the same span id)."""
 
-    __slots__ = ("_ctx", "headers", "peer", "request_id", "service")
+    __slots__ = ("_ctx", "correlationid", "peer", "request_id", "service", "traceparent")
 
     def __init__(self, request_id: str, headers: Mapping[str, str], service: str,
                  peer: str | None) -> None:
         self.request_id = request_id
-        self.headers = headers
+        self.traceparent = headers.get("traceparent") if headers else None
+        self.correlationid = headers.get("correlationid") if headers else None
         self.service = service
         self.peer = peer
         self._ctx: TraceContext | None = None
 
     def resolve(self) -> TraceContext:
         c = self._ctx
-        if c is None:  # once: every read inside one handler sees the same span id
-            c = self._ctx = context_of_request(self.request_id, self.headers, self.service,
-                                               self.peer)
+        if c is None:
+            with _resolve_lock:
+                c = self._ctx
+                if c is None:
+                    h = {}
+                    if self.traceparent is not None:
+                        h["traceparent"] = self.traceparent
+                    if self.correlationid is not None:
+                        h["correlationid"] = self.correlationid
+                    c = self._ctx = context_of_request(self.request_id, h, self.service,
+                                                       self.peer)
         return c
+
+
+_resolve_lock = threading.Lock()  # taken only on a deferred context's first read
 
 
 _current: ContextVar[TraceContext | _Deferred | None] = ContextVar("zeromesh_trace",

@@ -5,6 +5,8 @@ What each test guards:
   (the same span id for every read inside one handler), and is then exactly the context the
   request's headers call for: nested requests and log records carry it (old code built it
   for every request before the handler ran);
+- the deferred context is one object for every thread the handler starts with a copy of its
+  context, built from the headers the request came with (not from later edits of them);
 - with OpenTelemetry spans recording, the cheap entry point steps aside (the "serve" span is
   opened by ``consuming`` instead);
 - the receivers' compact decoder (``frames.decode_compact``) accepts exactly the compact
@@ -17,7 +19,9 @@ What each test guards:
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +132,40 @@ def test_enter_request_steps_aside_when_spans_record(monkeypatch: pytest.MonkeyP
     finally:
         tracing.leave(tok)
     assert tracing.current() is None
+
+
+def test_deferred_context_is_one_context_across_threads_and_header_edits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A handler that starts threads with a copy of its context, and edits its headers first:
+    # every thread sees the one context, built from the headers the request came with.
+    monkeypatch.setattr(tracing, "otel_active", lambda: False)
+    headers = {"correlationid": "c-7",
+               "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    tok = tracing.enter_request("r-7", headers, "svc")
+    assert tok is not None
+    try:
+        headers["correlationid"] = "edited"
+        del headers["traceparent"]
+        ctxs = [contextvars.copy_context() for _ in range(8)]
+        seen: list[tracing.TraceContext | None] = []
+        start = threading.Barrier(8)
+
+        def read(ctx: contextvars.Context) -> None:
+            start.wait(5)
+            seen.append(ctx.run(tracing.current))
+
+        threads = [threading.Thread(target=read, args=(c,)) for c in ctxs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        mine = tracing.current()
+    finally:
+        tracing.leave(tok)
+    assert len(seen) == 8 and all(c is mine for c in seen)  # one object: one span id
+    assert mine is not None and mine.correlationid == "c-7"
+    assert mine.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert mine.parent_span_id == "00f067aa0ba902b7"
 
 
 _RID = "0190abcd-0000-7000-8000-000000000001"
