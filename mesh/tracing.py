@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import re
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -46,6 +47,8 @@ __all__ = [
     "context_from",
     "context_of_request",
     "current",
+    "enter_request",
+    "leave",
     "log_extra",
     "new_span_id",
     "otel_active",
@@ -148,7 +151,53 @@ class TraceContext(NamedTuple):
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
 
 
-_current: ContextVar[TraceContext | None] = ContextVar("zeromesh_trace", default=None)
+class _Deferred:
+    """A served request's context, built the first time something reads it (see
+    :func:`enter_request`): most handlers never do, and building it (a trace id from the
+    request id, a random span id, a 9-field tuple) was about 2 µs per request. The two
+    headers it needs are read when it is made (a handler that edits ``req.headers`` does not
+    change its own context), and it is built once under a lock (a thread the handler starts
+    with a copy of its context sees the same span id)."""
+
+    __slots__ = ("_ctx", "correlationid", "peer", "request_id", "service", "traceparent")
+
+    def __init__(self, request_id: str, headers: Mapping[str, str], service: str,
+                 peer: str | None) -> None:
+        self.request_id = request_id
+        self.traceparent = headers.get("traceparent") if headers else None
+        self.correlationid = headers.get("correlationid") if headers else None
+        self.service = service
+        self.peer = peer
+        self._ctx: TraceContext | None = None
+
+    def resolve(self) -> TraceContext:
+        c = self._ctx
+        if c is None:
+            with _resolve_lock:
+                c = self._ctx
+                if c is None:
+                    h = {}
+                    if self.traceparent is not None:
+                        h["traceparent"] = self.traceparent
+                    if self.correlationid is not None:
+                        h["correlationid"] = self.correlationid
+                    c = self._ctx = context_of_request(self.request_id, h, self.service,
+                                                       self.peer)
+        return c
+
+
+_resolve_lock = threading.Lock()  # taken only on a deferred context's first read
+
+
+_current: ContextVar[TraceContext | _Deferred | None] = ContextVar("zeromesh_trace",
+                                                                   default=None)
+
+
+def _get() -> TraceContext | None:
+    c = _current.get()
+    if c is None or type(c) is TraceContext:
+        return c
+    return c.resolve()  # type: ignore[union-attr]
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -190,10 +239,10 @@ def _of_event(event: Any, peer: str | None) -> TraceContext:
 
 def current() -> TraceContext | None:
     """The context of the handler running in this thread / task, or None."""
-    return _current.get()
+    return _get()
 
 
-def use(ctx: TraceContext | None) -> Token[TraceContext | None]:
+def use(ctx: TraceContext | None) -> Token[TraceContext | _Deferred | None]:
     """Make ``ctx`` current until ``_current.reset(token)`` (iterator-style consumers: the
     event handed out by ``recv()`` stays current until the next one)."""
     return _current.set(ctx)
@@ -287,7 +336,7 @@ def child_fields(correlationid: str | None, causationid: str | None,
 
     One ``ContextVar.get`` when no handler is running; explicit values always win.
     """
-    c = _current.get()
+    c = _get()
     if c is None:
         return correlationid, causationid, traceparent
     return (correlationid or c.correlationid, causationid or c.causationid,
@@ -298,6 +347,8 @@ def request_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     """Request headers with ``traceparent``, ``correlationid`` and ``causationid`` added from
     the current context (explicit headers win); unchanged outside a handler."""
     c = _current.get()
+    if c is not None and type(c) is not TraceContext:
+        c = c.resolve()  # type: ignore[union-attr]
     otel_tp = _otel_traceparent() if otel_active() else None
     if c is None and otel_tp is None:
         return dict(headers) if headers is not None else None
@@ -330,6 +381,27 @@ def context_of_request(request_id: str, headers: Mapping[str, str], service: str
     c = context_from(event_id=request_id, traceparent=headers.get("traceparent"),
                      correlationid=headers.get("correlationid"), stream=service, peer=peer)
     return c
+
+
+def enter_request(request_id: str, headers: Mapping[str, str], service: str,
+                  peer: str | None = None) -> Token[TraceContext | _Deferred | None] | None:
+    """Make a served request's context current, cheaply; pass the result to :func:`leave`
+    when the handler returns. None (nothing done) when OpenTelemetry spans would record: use
+    :class:`consuming` then, which opens the "serve" span.
+
+    The context is the one :func:`context_of_request` gives, built only when something reads
+    it (:func:`current`, an outgoing request or event, :class:`TraceFilter`), once per
+    request: a handler that never looks costs one small object and a ``ContextVar`` set and
+    reset instead of about 2 µs.
+    """
+    if otel_active():
+        return None
+    return _current.set(_Deferred(request_id, headers, service, peer))
+
+
+def leave(token: Token[TraceContext | _Deferred | None]) -> None:
+    """Restore the context :func:`enter_request` replaced."""
+    _current.reset(token)
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -365,7 +437,7 @@ class TraceFilter(logging.Filter):
     like ``"%(message)s cid=%(correlation_id)s"`` works everywhere."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        c = _current.get()
+        c = _get()
         for attr, val in (("trace_id", c.trace_id if c else None),
                           ("correlation_id", c.correlationid if c else None),
                           ("event_id", c.event_id if c else None),

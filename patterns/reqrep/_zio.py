@@ -10,13 +10,17 @@ from __future__ import annotations
 import zmq
 from zmq.backend import Socket as _ZSocket
 
-__all__ = ["POLLIN", "readable", "recv_frames", "send_frames"]
+__all__ = ["MORE_NB", "NB", "POLLIN", "readable", "recv_frames", "send_frames", "zsend"]
 
 _zsend = _ZSocket.send
 _zrecv = _ZSocket.recv
 _zget = _ZSocket.get
 _MORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NB = int(zmq.NOBLOCK)
+#: the raw Cython send and its flags, for callers that send a known two-frame message inline
+zsend = _zsend
+MORE_NB = _MORE_NB
+NB = _NB
 _RCVMORE = int(zmq.RCVMORE)
 POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)

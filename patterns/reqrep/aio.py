@@ -132,9 +132,11 @@ class AsyncClient(ClientCore):
                     pend.waker = None
         finally:  # cancelled, closed or done: give back the in-flight slot
             del self._pending[call.id]
-            with self.responders.lock:
-                call.release(bal)
-            self.responders.remember(call)
+            if call._held is not None:  # else a reply released it already (this loop's call)
+                with self.responders.lock:
+                    call.release(bal)
+            if call.error is not None:
+                self.responders.remember(call)
         return finish_call(call, self._stats)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at: float, now: float) -> None:
@@ -253,11 +255,16 @@ class AsyncClient(ClientCore):
                 self._on_message(wire, msg)
 
     def _on_message(self, wire: Wire, msg: list[bytes]) -> None:
-        try:
-            m, rev = fr.decode_rev(msg[1:])
-        except ProtocolError:
-            self._stats["garbage"] += 1
-            return
+        got = fr.decode_compact(msg[1]) if len(msg) == 2 else None
+        if got is not None:  # a well-formed compact REPLY (or REQUEST), as decode_rev checks
+            m: fr.Message = got[0]
+            rev = got[1]
+        else:
+            try:
+                m, rev = fr.decode_rev(msg[1:])
+            except ProtocolError:
+                self._stats["garbage"] += 1
+                return
         rid = msg[0]
         if rev >= fr.BATCH_REVISION and len(msg) == 2:
             if rid not in self._batch_peers and len(self._batch_peers) < 65536:

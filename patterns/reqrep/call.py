@@ -168,10 +168,8 @@ class Call:
         balancer.heard(responder, reply.free)
         if self.done:
             return
-        if responder == self.responder:
-            self.release(balancer)
         if reply.status in (Status.OK, Status.ERROR):
-            self.release(balancer)
+            self.release(balancer)  # (whichever responder answered: the call is over)
             self.done = True
             self.reply = reply
             if reply.status == Status.ERROR:
@@ -180,6 +178,7 @@ class Call:
             return
         if responder != self.responder:
             return  # a refusal from a responder we already left: ignore
+        self.release(balancer)
         self.responder = None
         if reply.status == Status.EXPIRED:
             self._finish_timeout()
@@ -260,7 +259,8 @@ class Call:
         self.attempts += 1
         self._last_heard = now
         self._next_ping = now + self.config.heartbeat_s
-        self.release(balancer)
+        if self._held is not None:
+            self.release(balancer)
         self._held = (chosen, balancer.started(chosen))
         return [Send(chosen, self.attempts - 1)]
 

@@ -31,7 +31,10 @@ from mesh.uuid7 import uuid7
 from patterns._closing import close_with
 from patterns._metrics import attach, client_collector
 from patterns.reqrep import frames as fr
+from patterns.reqrep._zio import MORE_NB as _MORE_NB
+from patterns.reqrep._zio import NB as _NB
 from patterns.reqrep._zio import readable, recv_frames, send_frames
+from patterns.reqrep._zio import zsend as _zsend
 from patterns.reqrep.balancer import Balancer
 from patterns.reqrep.call import Call, CallConfig, Ping, Send
 from patterns.reqrep.errors import RequestTimeout
@@ -53,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 _yield = os.sched_yield
 
+_BYTES = fr.Format.BYTES
 _MAX_WAIT_S = 0.05  # re-check the responder table at least this often while waiting
 _MAX_HOLDERS = 4096  # timed-out request ids remembered with their responder, for retries
 
@@ -137,6 +141,9 @@ class Responders:
 
     def track(self, service: str) -> Balancer:
         """Start following ``service`` (idempotent); returns its balancer."""
+        bal = self.balancers.get(service)  # a dict read is atomic: no lock once it exists
+        if bal is not None:
+            return bal
         with self.lock:
             bal = self.balancers.get(service)
             if bal is not None:
@@ -271,15 +278,21 @@ class Wire:
         rid = self._rids.get(key)
         if rid is None:
             rid = self._rids[key] = routing_id(action.responder, service)
-        if isinstance(action, Send):
-            ttl = max(0, int((call.deadline - self.responders.clock()) * 1000))
-            return rid, fr.request_frames(req, ttl, action.attempt)
+        if type(action) is Send:
+            ttl = int((call.deadline - self.responders.clock()) * 1000)
+            return rid, fr.request_frames(req, ttl if ttl > 0 else 0, action.attempt)
         self.nonce += 1
         return rid, fr.encode_ping(fr.Ping(self.nonce, call.id))
 
     def send_raw(self, rid: bytes, frames: list[bytes]) -> bool:
         """Send ``frames`` to the responder ``rid``; False when it is not routable."""
         try:
+            if len(frames) == 1:  # the compact form: two frames with the routing id
+                f = frames[0]
+                _zsend(self.sock, rid, _MORE_NB)
+                _zsend(self.sock, f, _NB)
+                self.bytes_out += len(rid) + len(f)
+                return True
             send_frames(self.sock, [rid, *frames])
             nb = len(rid)
             for f in frames:
@@ -358,9 +371,12 @@ def finish_call(call: Call, stats: collections.Counter[str]) -> Any:
     if call.error is not None:
         stats[type(call.error).__name__] += 1
         raise call.error
-    assert call.reply is not None
+    rep = call.reply
+    assert rep is not None
     stats["replies"] += 1
-    return decode_body(call.reply.format, call.reply.body)
+    if rep.format is _BYTES:
+        return rep.body
+    return decode_body(rep.format, rep.body)
 
 
 def stats_of(s: collections.Counter[str]) -> ClientStats:
@@ -457,8 +473,11 @@ class Client(ClientCore):
             with tracing.span("request", service):
                 return self._request(service, payload, timeout, headers, correlationid,
                                      traceparent, request_id)
-        return self._request(service, payload, timeout, headers, correlationid, traceparent,
-                             request_id)
+        call, req = prepare_call(service, payload, timeout, headers, correlationid,
+                                 traceparent, request_id, config=self.config,
+                                 call_config=self._call_cfg, now=self._clock(),
+                                 stats=self._stats)
+        return self._call(call, req)
 
     def _request(self, service: str, payload: Any, timeout: float | None,
                  headers: dict[str, str] | None, correlationid: str | None,
@@ -478,15 +497,18 @@ class Client(ClientCore):
         try:
             self._run(wire, bal, call, req)
         finally:  # every end of a call gives back its in-flight slot (timeout, close, error)
-            with self.responders.lock:
-                call.release(bal)
-            self.responders.remember(call)
+            if call._held is not None:  # a reply released it already (this thread's call)
+                with self.responders.lock:
+                    call.release(bal)
+            if call.error is not None:
+                self.responders.remember(call)
         return finish_call(call, self._stats)
 
     def _act(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
              actions: list[Send | Ping]) -> None:
         for a in actions:
-            if not wire.send(call.service, call, a, req):
+            rid, frames = wire.frames_of(call.service, call, a, req)
+            if not wire.send_raw(rid, frames):
                 now = self._clock()
                 with self.responders.lock:
                     if isinstance(a, Ping):
@@ -502,8 +524,10 @@ class Client(ClientCore):
         sock = wire.sock
         lock = self.responders.lock
         spin = self.config.spin_us / 1e6
+        responders = self.responders
         while True:
-            wire.sync()
+            if wire.generation != responders.generation:
+                wire.sync()
             now = self._clock()
             with lock:
                 actions = call.step(now, bal)
@@ -544,12 +568,21 @@ class Client(ClientCore):
 
     def _on_message(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request,
                     msg: list[bytes]) -> None:
-        try:
-            m = fr.decode(msg[1:])
-        except ProtocolError:
-            self._stats["garbage"] += 1
-            return
+        got = fr.decode_compact(msg[1]) if len(msg) == 2 else None
+        if got is not None:  # a well-formed compact REPLY or REQUEST (checked as decode does)
+            m: fr.Message = got[0]
+        else:
+            try:
+                m = fr.decode(msg[1:])
+            except ProtocolError:
+                self._stats["garbage"] += 1
+                return
         responder = responder_of(msg[0])
+        if type(m) is fr.Reply and m.id == call.id:  # the reply awaited: _on_one's first case
+            now = self._clock()
+            with self.responders.lock:
+                call.on_reply(responder, m, now, bal)
+            return
         if isinstance(m, fr.Batch):
             self._stats["batches_received"] += 1
             self._stats["garbage"] += m.malformed
@@ -564,7 +597,7 @@ class Client(ClientCore):
     def _on_one(self, wire: Wire, bal: Balancer, call: Call, req: fr.Request, responder: str,
                 m: fr.Request | fr.Reply | fr.Ping | fr.Pong) -> None:
         now = self._clock()
-        if isinstance(m, fr.Reply):
+        if type(m) is fr.Reply:
             with self.responders.lock:
                 if m.id == call.id:
                     call.on_reply(responder, m, now, bal)

@@ -53,6 +53,7 @@ __all__ = [
     "TaskState",
     "batch_frame",
     "decode",
+    "decode_compact",
     "decode_rev",
     "encode_ping",
     "encode_pong",
@@ -382,6 +383,9 @@ def _enum(cls: type[enum.IntEnum], v: object, what: str) -> Any:
     return member
 
 
+# the hot decoders build their NamedTuples with tuple.__new__, skipping the generated
+# Python-level __new__ (one frame less: 0.78 -> 0.57 µs for a Reply)
+_tnew = tuple.__new__
 _FORMATS = {int(m): m for m in Format}
 _STATUSES = {int(m): m for m in Status}
 _I32 = 2**31
@@ -426,7 +430,7 @@ def _item(cmd: int, v: Any) -> Request | Reply | None:
                 or type(e) is not dict or len(e) > _MAX_HEADERS
                 or (e and not all(type(k) is str and type(x) is str for k, x in e.items()))):
             return None
-        return Request(rid, a, b, c, fmt, e, body)
+        return _tnew(Request, (rid, a, b, c, fmt, e, body))
     # REPLY: [id, status, free, format, error_type, error_message]
     status = _STATUSES.get(a) if type(a) is int else None
     fmt = _FORMATS.get(c) if type(c) is int else None
@@ -434,10 +438,18 @@ def _item(cmd: int, v: Any) -> Request | Reply | None:
             or type(d) is not str or len(d) > _MAX_NAME
             or type(e) is not str or len(e) > 1 << 16):
         return None
-    return Reply(rid, status, b, fmt, d, e, body)
+    return _tnew(Reply, (rid, status, b, fmt, d, e, body))
 
 
 Message = Request | Reply | Ping | Pong | Batch
+
+
+def decode_compact(frame: bytes) -> tuple[Request | Reply, int] | None:
+    """A well-formed compact REQUEST or REPLY frame and its revision, or None for anything
+    else (then :func:`decode` decides, and names what is wrong): the receivers' hot path."""
+    if len(frame) > 5 and frame.startswith(SIGNATURE):
+        return _fast(frame)
+    return None
 
 
 def decode(frames: list[bytes]) -> Message:

@@ -48,12 +48,15 @@ import zmq
 from mesh.budget import LogLimiter
 from mesh.errors import ClosedError, ConfigError, MeshError, ProtocolError
 from mesh.log import FsyncPolicy, Log, LogConfig, LogDirectory, Retention, validate_stream_name
-from mesh.tracing import consuming, context_of_request
+from mesh.tracing import consuming, context_of_request, enter_request, leave
 from mesh.transport import recv_bounded
 from patterns._closing import close_with
 from patterns._metrics import Processing, attach, service_collector
 from patterns.reqrep import frames as fr
+from patterns.reqrep._zio import MORE_NB as _MORE_NB
+from patterns.reqrep._zio import NB as _NB
 from patterns.reqrep._zio import readable, recv_frames, send_frames
+from patterns.reqrep._zio import zsend as _zsend
 from patterns.reqrep.cache import Lookup, ReplyCache
 
 __all__ = [
@@ -81,6 +84,8 @@ _RUNNING, _DONE = 1, 2  # outcome log record kinds
 _FLOOR = "running"  # retention floor: the oldest RUNNING record still without its reply
 _WATCH_IDLE_S = 0.5  # the fast path's watchdog stops ticking after this long without a run
 _perf = time.perf_counter
+_tnew = tuple.__new__  # a NamedTuple built without its Python-level __new__ (about 0.3 µs)
+_OK, _BYTES = fr.Status.OK, fr.Format.BYTES
 
 
 class _Lead:
@@ -118,6 +123,8 @@ def encode_body(value: Any) -> tuple[fr.Format, bytes]:
     Raises:
         ConfigError: the value cannot be packed with msgpack.
     """
+    if type(value) is bytes:  # the common case: no isinstance over three types, no copy
+        return _BYTES, value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return fr.Format.BYTES, bytes(value)
     if isinstance(value, RawBody):
@@ -718,9 +725,21 @@ class Service:
         assert self._handler is not None
         started = _perf()
         try:
-            # The request's traceparent / correlationid headers become the handler's context.
-            with consuming(ctx=context_of_request(inc.id, inc.headers, self.name), kind="serve"):
-                value = self._handler(inc)
+            # The request's traceparent / correlationid headers become the handler's context:
+            # built only if the handler (or a request or event it makes) reads it; with
+            # OpenTelemetry spans recording, under a "serve" span.
+            token = enter_request(inc.id, inc.headers, self.name)
+            if token is None:
+                with consuming(ctx=context_of_request(inc.id, inc.headers, self.name),
+                               kind="serve"):
+                    value = self._handler(inc)
+            else:
+                try:
+                    value = self._handler(inc)
+                finally:
+                    leave(token)
+            if type(value) is bytes:
+                return _tnew(fr.Reply, (inc.id, _OK, 0, _BYTES, "", "", value)), False
             fmt, body = encode_body(value)
             return fr.Reply(inc.id, fr.Status.OK, 0, fmt, body=body), False
         except Exception as exc:  # the handler's failure is the caller's answer, typed
@@ -851,7 +870,7 @@ class Service:
                                                      fr.Format.BYTES)))
             return
         try:
-            payload = decode_body(req.format, req.body)
+            payload = req.body if req.format is _BYTES else decode_body(req.format, req.body)
         except ProtocolError as exc:
             st.garbage += 1
             self._cache.finish(key, [], keep=False)
@@ -900,11 +919,26 @@ class Service:
         if rep.status == fr.Status.ERROR:
             st.errors += 1
         frames = fr.reply_frames(rep, self._free())
-        size = _size(frames)
+        size = len(frames[0]) if len(frames) == 1 else _size(frames)
         if (first is not None and self._olog is None and not self.drop_replies
                 and size <= self.config.cache_entry_max_bytes):
             st.replied += 1
-            self._send(first, frames, True)
+            if (len(frames) == 1 and not self._outbox
+                    and (not self._split_callers or first not in self._split_callers)):
+                # what _send -> _send_now do for it, without their two calls: the outbox
+                # is empty (flushed before the handler ran) and the caller reads the
+                # compact form
+                self._sent = True
+                f = frames[0]
+                try:
+                    _zsend(self._sock, first, _MORE_NB)
+                    _zsend(self._sock, f, _NB)
+                    st.bytes_out += len(first) + size
+                except zmq.ZMQError as exc:
+                    st.unroutable += 1
+                    log.debug("service %s: reply to %r not sent: %s", self.name, first, exc)
+            else:
+                self._send(first, frames, True)
             for rid in self._cache.finish(inc._key, frames, size=size):
                 if rid != first:
                     st.replied += 1
@@ -961,11 +995,16 @@ class Service:
         self._on_frames(msg, caller)
 
     def _on_frames(self, msg: list[bytes], caller: Any) -> None:
-        try:
-            m, rev = fr.decode_rev(msg[1:])
-        except ProtocolError:
-            self._stats.garbage += 1
-            return
+        got = fr.decode_compact(msg[1]) if len(msg) == 2 else None
+        if got is not None:  # a well-formed compact REQUEST (or REPLY), as decode_rev checks
+            m: fr.Message = got[0]
+            rev = got[1]
+        else:
+            try:
+                m, rev = fr.decode_rev(msg[1:])
+            except ProtocolError:
+                self._stats.garbage += 1
+                return
         # Negotiation (docs/protocol.md, "Versions and negotiation"): answer in the form the
         # caller last used, so a 1.0 caller (split form only) is served too; batch replies
         # only to a caller whose latest message showed a rev that reads them.
@@ -982,7 +1021,7 @@ class Service:
                     self._batch_callers.add(rid)
             elif self._batch_callers:
                 self._batch_callers.discard(rid)
-        if isinstance(m, fr.Request):
+        if type(m) is fr.Request:
             self._on_request(rid, m, caller, True)
         elif isinstance(m, fr.Batch):
             # Each item is a request of its own (cache, ttl, budgets, at-most-once); a
@@ -1105,7 +1144,11 @@ class Service:
                                 if not got_msg:
                                     self._stats.garbage += 1  # over the message bound
                                     continue
-                                self._on_received(got_msg)
+                                nb = 0
+                                for f in got_msg:
+                                    nb += len(f)
+                                self._stats.bytes_in += nb
+                                self._on_frames(got_msg, None)
                         except zmq.Again:
                             break
                         except _SteppedDown:
