@@ -109,10 +109,15 @@ DATA_HWM = QUEUE_BYTES // DATA_MESSAGE_BYTES
 # sockets are zmq.Socket subclasses that only override connect(), so this is the same send.
 _zsend: Any = zmq.backend.Socket.send
 #: Coalescing of consecutive publish() calls: a call within COALESCE_GAP_S of the stream's last
-#: send is held (at most ``linger_s``, at most COALESCE_MAX events) and goes out with the
-#: following ones as one DATA message. At a moderate rate every event goes out at once.
+#: send is held (at most ``linger_s``, at most COALESCE_MAX events, at most one DATA message's
+#: worth: DATA_MESSAGE_BYTES counted as send_data counts it, envelopes plus FRAME_COST each)
+#: and goes out with the following ones as one DATA message. A held batch is sent when the
+#: next event would not fit in that message (the event starts the next batch), so a stream
+#: published at full speed goes out in full messages (about 100 events of 100 B: per-message
+#: costs on both sides, the subscriber's wake-ups most, are what small messages pay for). At a
+#: moderate rate every event goes out at once.
 COALESCE_GAP_S = 100e-6
-COALESCE_MAX = 64
+COALESCE_MAX = 1024
 #: The longest interval between heartbeats of a stream whose head does not move.
 IDLE_BEAT_MAX_S = 10.0
 #: Subscription budgets (docs/protocol.md, "Budgets"): subscriptions one connection may hold
@@ -242,6 +247,7 @@ class _Stream:
         self.positions: dict[tuple[str, str], int] = {}  # (peer id, name) -> position
         self.linger_s = 0.0
         self.pending: list[bytes] = []  # logged, not sent yet (coalescing)
+        self.pending_bytes = 0  # their size as send_data counts it (envelopes + FRAME_COST)
         self.pending_first = 0
         self.pending_since = 0.0
         self.last_send = 0.0
@@ -1183,16 +1189,32 @@ class Publisher:
             st.next_seq = seq + 1
             pend = st.pending
             if pend:
-                pend.append(env)
-                # Full, or held long enough (do not rely on the reactor's timer alone: on a
-                # busy machine it may run late).
-                if (len(pend) >= COALESCE_MAX
-                        or time.monotonic() - st.pending_since >= st.linger_s):
-                    hub.flush(st)
+                nb = st.pending_bytes + len(env) + FRAME_COST
+                if nb > DATA_MESSAGE_BYTES:
+                    # It would not fit in the held message: that goes out full, this event
+                    # starts the next batch (held from now).
+                    try:
+                        hub.flush(st)
+                    except ClosedError as exc:
+                        raise SendFailed(range(st.pending_first, seq + 1), st.durable,
+                                         str(exc)) from exc
+                    st.pending = [env]
+                    st.pending_bytes = len(env) + FRAME_COST
+                    st.pending_first = seq
+                    st.pending_since = time.monotonic()
+                else:
+                    pend.append(env)
+                    st.pending_bytes = nb
+                    # Full, or held long enough (do not rely on the reactor's timer alone: on
+                    # a busy machine it may run late).
+                    if (len(pend) >= COALESCE_MAX
+                            or time.monotonic() - st.pending_since >= st.linger_s):
+                        hub.flush(st)
             elif st.linger_s and (now := time.monotonic()) - st.last_send < COALESCE_GAP_S:
                 # Busy: hold it; the next calls join it, or the reactor sends it after linger_s.
                 st.pending_first = seq
                 st.pending_since = now
+                st.pending_bytes = len(env) + FRAME_COST
                 pend.append(env)
                 if not st.timer_armed:
                     try:
