@@ -117,7 +117,9 @@ _zsend: Any = zmq.backend.Socket.send
 #: costs on both sides, the subscriber's wake-ups most, are what small messages pay for). At a
 #: moderate rate every event goes out at once.
 COALESCE_GAP_S = 100e-6
-COALESCE_MAX = 1024
+#: The most events a held batch can reach (each counts at least FRAME_COST): the byte bound
+#: implies it, so publish() does not count events.
+COALESCE_MAX = DATA_MESSAGE_BYTES // FRAME_COST
 #: The longest interval between heartbeats of a stream whose head does not move.
 IDLE_BEAT_MAX_S = 10.0
 #: Subscription budgets (docs/protocol.md, "Budgets"): subscriptions one connection may hold
@@ -1208,10 +1210,9 @@ class Publisher:
                 else:
                     pend.append(env)
                     st.pending_bytes = nb
-                    # Full, or held long enough (do not rely on the reactor's timer alone: on
-                    # a busy machine it may run late).
-                    if (len(pend) >= COALESCE_MAX
-                            or time.monotonic() - st.pending_since >= st.linger_s):
+                    # Held long enough (do not rely on the reactor's timer alone: on a busy
+                    # machine it may run late).
+                    if time.monotonic() - st.pending_since >= st.linger_s:
                         hub.flush(st)
             elif st.linger_s and (now := time.monotonic()) - st.last_send < COALESCE_GAP_S:
                 # Busy: hold it; the next calls join it, or the reactor sends it after linger_s.
