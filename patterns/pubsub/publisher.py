@@ -142,6 +142,9 @@ _EHOSTUNREACH = errno.EHOSTUNREACH
 
 if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
     from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found,unused-ignore]
+#: The API's global provider slot, which otel_active() reads, exists: publish() tests it for
+#: None (no provider set: spans cannot record) before calling otel_active().
+_OTEL_SLOT = OTEL and hasattr(_otel_trace, "_TRACER_PROVIDER")
 
 #: True inside the span publish() opened: the inner call publishes instead of opening another.
 _in_publish_span: ContextVar[bool] = ContextVar("zeromesh_publish_span", default=False)
@@ -389,17 +392,22 @@ class _PubHub:
 
     # -- reactor thread ---------------------------------------------------------------------
 
-    def send_data(self, st: _Stream, first: int, envs: list[bytes]) -> None:
+    def send_data(self, st: _Stream, first: int, envs: list[bytes],
+                  cost: int | None = None) -> None:
         """Send ``envs`` (seqs from ``first``) as DATA messages of at most
         :data:`DATA_MESSAGE_BYTES` each (under ``lock``) to every connection subscribed to the
         stream. PUB semantics: a connection at its HWM misses the message, never blocks; the
         subscriber notices the hole and replays it from the log.
 
+        ``cost``: their size as counted here (envelopes plus FRAME_COST each), when the caller
+        knows it (a held batch).
+
         Raises:
             ClosedError: the socket failed.
         """
         n = len(envs)
-        if n > 1 and sum(map(len, envs)) + n * FRAME_COST > DATA_MESSAGE_BYTES:
+        if n > 1 and (sum(map(len, envs)) + n * FRAME_COST if cost is None else cost) \
+                > DATA_MESSAGE_BYTES:
             i = 0
             while i < n:
                 j, nb = i + 1, len(envs[i]) + FRAME_COST  # one event always fits
@@ -458,7 +466,8 @@ class _PubHub:
         if gone is not None:
             for rid in gone:
                 self._drop_conn(rid)
-        st.stats.bytes_out += len(topic) + frames.HEADER.size + sum(map(len, envs))
+        st.stats.bytes_out += len(topic) + frames.HEADER.size + (
+            len(blob) if blob else sum(map(len, envs)))
         st.last_send = time.monotonic()
         st.stats.messages += 1
 
@@ -471,7 +480,7 @@ class _PubHub:
         pend = st.pending
         if pend:
             st.pending = []
-            self.send_data(st, st.pending_first, pend)
+            self.send_data(st, st.pending_first, pend, st.pending_bytes)
 
     def _flush_later(self, st: _Stream) -> None:
         # Reactor thread: the linger of held events may have run out. Events held for less
@@ -1147,7 +1156,8 @@ class Publisher:
         enc = self._enc
         plain = (enc is not None and subject is None and headers is None
                  and datacontenttype is None and correlationid is None and causationid is None
-                 and traceparent is None and not in_context() and not otel_active())
+                 and traceparent is None and not in_context()
+                 and ((_OTEL_SLOT and _otel_trace._TRACER_PROVIDER is None) or not otel_active()))
         if not plain and _otel_publish_span():
             # The event carries the publish span as its parent (explicit traceparent wins).
             token = _in_publish_span.set(True)
