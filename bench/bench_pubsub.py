@@ -8,6 +8,13 @@ send time; the consumer's handler records now - sent.
 
     python bench/bench_pubsub.py --quick      # ~1 min: 50k events per cell
     python bench/bench_pubsub.py              # 200k events per cell
+    python bench/bench_pubsub.py --publish-rows [--transports ipc,tcp] [--runs 3]
+        # the end-to-end publish() rows only (100 B): the single-frame ceiling, best-effort
+        # publish(), durable publish() and durable publish_many(--batch), ratios to the
+        # ceiling of the same run, CPU per event on each side, events per DATA message
+
+Compare builds with ``PYTHONPATH=<checkout>`` (this file's checkout is appended to the path,
+not prepended, so the code measured is the one PYTHONPATH names, in both processes).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Appended, not prepended: PYTHONPATH=<another checkout> measures that checkout's code (the
+# spawned consumer inherits this path).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 IDLE_S = 3.0
 
@@ -172,6 +181,7 @@ def mesh_case(transport: str, size: int, n: int, durable: bool, lat_rate: float 
                 p.start()
                 _wait_ready(q, lambda: pub.publish(0, type="w"))
                 payload = b"x" * size
+                s0 = pub.stats()  # the warm-up's messages are not the run's
                 t0 = time.monotonic()
                 c0 = time.process_time()
                 if lat_rate is None:
@@ -194,8 +204,11 @@ def mesh_case(transport: str, size: int, n: int, durable: bool, lat_rate: float 
                 _, res = q.get(timeout=120)
                 p.join(10)
                 got, t_last, lats, extra = res
+                ps = pub.stats()
                 return {"got": got, "rate": got / max(1e-9, t_last - t0), "lats": lats,
-                        "cpu_p": cpu_p, **extra}
+                        "cpu_p": cpu_p, "published": ps.published - s0.published,
+                        "messages": ps.messages - s0.messages,
+                        **extra}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -207,13 +220,46 @@ def pct(lats: list[int], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p))] / 1000.0
 
 
+def publish_rows(transports: list[str], n: int, batch: int, runs: int) -> None:
+    """The end-to-end publish() rows at 100 B, each run beginning with its own ceiling."""
+    print(f"# publish() rows, 100 B, {n:,} events per cell, {runs} run(s); PYTHONPATH="
+          f"{os.environ.get('PYTHONPATH', '')}")
+    print("| run | transport | row | msg/s | ratio to ceiling | CPU µs/event prod / cons | "
+          "events per DATA message | load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for run in range(1, runs + 1):
+        for tr in transports:
+            c1 = raw_case(tr, 100, n, None, frames_n=1)
+            ceil = c1["rate"]
+            cells: list[tuple[str, dict[str, Any]]] = [("ceiling (raw, 1 frame)", c1)]
+            for label, durable, b in (("best-effort publish()", False, 1),
+                                      ("durable publish()", True, 1),
+                                      (f"durable publish_many({batch})", True, batch)):
+                cells.append((label, mesh_case(tr, 100, n, durable, None, b)))
+            for label, r in cells:
+                note = "" if r["got"] == n else f" (got {r['got']:,})"
+                per = (f"{r['published'] / max(1, r['messages']):.1f}"
+                       if r.get("messages") else "")
+                print(f"| {run} | {tr} | {label} | {r['rate']:,.0f}{note} | "
+                      f"{r['rate'] / ceil:.2f}x | {r['cpu_p'] / n * 1e6:.2f} / "
+                      f"{r['cpu_c'] / max(1, r['got']) * 1e6:.2f} | {per} | "
+                      f"{os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("-n", type=int, default=None)
     ap.add_argument("--batch", type=int, default=100, help="events per publish_many call")
+    ap.add_argument("--publish-rows", action="store_true",
+                    help="only the 100 B publish() rows against the single-frame ceiling")
+    ap.add_argument("--transports", default="ipc,tcp", help="with --publish-rows")
+    ap.add_argument("--runs", type=int, default=1, help="with --publish-rows")
     a = ap.parse_args()
     n = a.n or (50_000 if a.quick else 200_000)
+    if a.publish_rows:
+        publish_rows([t for t in a.transports.split(",") if t], n, a.batch, a.runs)
+        return
     print(f"pub/sub benchmark, {n} events per cell, {os.cpu_count()} CPUs, python "
           f"{sys.version.split()[0]}")
     print("| transport | size | raw XPUB/SUB msg/s | best-effort publish() | best-effort "

@@ -41,7 +41,7 @@ from typing import Any, Final, NoReturn
 import msgpack
 
 from mesh.errors import CodecError, EventTooLarge, MalformedEvent, UnsupportedVersion
-from mesh.uuid7 import uuid7, uuid7_batch, uuid7_time
+from mesh.uuid7 import Uuid7Source, uuid7, uuid7_batch, uuid7_time
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -705,8 +705,12 @@ def encode_new(
     traceparent: str | None = None,
     headers: Mapping[str, str] | None = None,
     max_size: int = DEFAULT_MAX_EVENT_BYTES,
+    ids: Uuid7Source | None = None,
 ) -> bytes:
     """Encode a new event (fresh id, time now) straight from its fields, without an Event.
+
+    ``ids``: take the id from this source (a publisher's, :attr:`NewEventEncoder.ids`, so
+    its ids follow its seqs whichever path encodes them) instead of :func:`uuid7`.
 
     The same bytes as ``encode(Event(type=..., ..., stream=stream, seq=seq), max_size)`` would
     give for the same id and time, with the same validation of every field, at a fraction of
@@ -735,7 +739,8 @@ def encode_new(
         traceparent = _opt_str("traceparent", traceparent)
     now_ns = _time_ns()
     return _pack(
-        [1, 0, stream, seq, uuid7(now_ns), now_ns // 1000, type, source, subject,
+        [1, 0, stream, seq, uuid7(now_ns) if ids is None else ids.next(now_ns), now_ns // 1000,
+         type, source, subject,
          datacontenttype, correlationid, causationid, traceparent,
          {} if headers is None else _headers(headers), data],
         max_size,
@@ -751,11 +756,13 @@ def encode_new_many(
     first_seq: int,
     subject: str | None = None,
     max_size: int = DEFAULT_MAX_EVENT_BYTES,
+    ids: Uuid7Source | None = None,
 ) -> list[bytes]:
     """Encode new events with payloads ``items`` and seqs ``first_seq``, ``first_seq + 1``...
 
     As :func:`encode_new` for each item, with one clock reading for the whole batch (every
     event gets the same time; ids still increase) and the shared fields checked once.
+    ``ids``: as for :func:`encode_new`.
 
     Raises:
         MalformedEvent: a field or a payload is invalid (nothing is returned).
@@ -768,7 +775,7 @@ def encode_new_many(
         subject = _opt_nonempty("subject", subject)
     now_ns = _time_ns()
     t_us = now_ns // 1000
-    ids = uuid7_batch(n, now_ns)
+    idl = uuid7_batch(n, now_ns) if ids is None else ids.batch(n, now_ns)
     try:
         packer = _tls.packer
     except AttributeError:
@@ -786,7 +793,7 @@ def encode_new_many(
         else:
             data = _value("data", data, 0)
         arr[3] = seq + i
-        arr[4] = ids[i]
+        arr[4] = idl[i]
         arr[14] = data
         try:
             buf = pack(arr)
@@ -807,8 +814,10 @@ class NewEventEncoder:
     ``source`` and ``stream`` are checked once, here; each ``type`` the first time it is seen
     (up to :attr:`TYPES_KEPT` of them, then at every call); the payload at every call. The
     envelope array is built once and only its variable slots are set per event; the encoder
-    owns a packer. **Not thread-safe**: the caller serializes its calls (the publisher holds
-    its hub's lock).
+    owns a packer and its id source (:attr:`ids`, a :class:`~mesh.uuid7.Uuid7Source`: no
+    lock per id; pass it to :func:`encode_new` / :func:`encode_new_many` for the events of the
+    same producer that take those paths, so all its ids follow its seqs). **Not
+    thread-safe**: the caller serializes its calls (the publisher holds its hub's lock).
 
     Raises (from :meth:`encode`):
         MalformedEvent: ``type`` or ``data`` is invalid (``field`` names it).
@@ -816,7 +825,7 @@ class NewEventEncoder:
     """
 
     TYPES_KEPT = 256
-    __slots__ = ("_arr", "_pack", "_types", "max_size")
+    __slots__ = ("_arr", "_pack", "_types", "ids", "max_size")
 
     def __init__(self, source: str, stream: str, max_size: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         _, source = _check_new("event", source, stream, 0)
@@ -825,6 +834,7 @@ class NewEventEncoder:
                                 None, {}, None]
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._types: set[str] = set()
+        self.ids = Uuid7Source()
 
     def encode(self, seq: int, type: Any, data: Any) -> bytes:
         """Encode a new event (fresh id, time now) of seq ``seq``; ``seq`` is trusted (the
@@ -839,7 +849,7 @@ class NewEventEncoder:
         now_ns = _time_ns()
         arr = self._arr
         arr[3] = seq
-        arr[4] = uuid7(now_ns)
+        arr[4] = self.ids.next(now_ns)
         arr[5] = now_ns // 1000
         arr[6] = type
         arr[14] = data

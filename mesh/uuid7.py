@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 
 from mesh.errors import MalformedEvent
 
-__all__ = ["uuid7", "uuid7_batch", "uuid7_int", "uuid7_time"]
+__all__ = ["Uuid7Source", "uuid7", "uuid7_batch", "uuid7_int", "uuid7_time"]
 
 _VERSION_BITS = 0x7 << 76
 _VARIANT_BITS = 0b10 << 62
@@ -76,7 +76,18 @@ def _new_ms(ms: int) -> None:
     _suffix = "-%04x-%012x" % (low >> 48, low & 0xFFFF_FFFF_FFFF)  # noqa: UP031
 
 
-os.register_at_fork(after_in_child=_reseed_after_fork)
+#: Bumped in every forked child: a :class:`Uuid7Source` made before the fork starts a new
+#: millisecond (a fresh rand_b) at its next id instead of repeating the parent's sequence.
+fork_generation = 0
+
+
+def _after_fork() -> None:
+    global fork_generation
+    fork_generation += 1
+    _reseed_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _step(ms: int) -> None:
@@ -120,8 +131,15 @@ def uuid7(now_ns: int | None = None) -> str:
     Args:
         now_ns: the current time in nanoseconds since the Unix epoch, if already read.
     """
+    global _counter
     ms = (_time_ns() if now_ns is None else now_ns) // 1_000_000
     with _lock:
+        c = _counter + 1
+        if ms <= _last_ms and c <= _MAX_COUNTER:
+            # _step's common case inline (the same millisecond, or the clock stepped back,
+            # and room in the counter): one Python call less per id.
+            _counter = c
+            return _prefix + _HEX3[c] + _suffix
         _step(ms)
         return _prefix + _HEX3[_counter] + _suffix
 
@@ -177,3 +195,67 @@ def uuid7_time(id_str: str) -> datetime:
     if (value >> 76) & 0xF != 7 or (value >> 62) & 0b11 != 0b10:
         raise MalformedEvent(f"not a UUIDv7: {id_str!r}", field="id")
     return _EPOCH + timedelta(milliseconds=value >> 80)
+
+
+class Uuid7Source:
+    """A generator of UUIDv7 text ids for one producer whose calls are already serialized
+    (a publisher takes its ids under its hub's lock): the same layout, counter and clock
+    rules as :func:`uuid7`, without the module's lock (about 0.1 µs per id against 0.4).
+
+    Ids of one source strictly increase. Two sources (or a source and :func:`uuid7`) never
+    make the same id unless they draw the same 62 random bits for the same millisecond and
+    counter: each source draws its own ``rand_b`` per millisecond (from the module's PRNG,
+    re-seeded in a forked child, where a source also starts a new millisecond), exactly the
+    argument that keeps two processes apart. Ids of different sources are not ordered with
+    each other. **Not thread-safe**: the caller serializes its calls.
+    """
+
+    __slots__ = ("_c", "_fork", "_ms", "_pre", "_suf")
+
+    def __init__(self) -> None:
+        self._ms = 0
+        self._c = _MAX_COUNTER  # the first call starts a millisecond
+        self._pre = ""
+        self._suf = ""
+        self._fork = fork_generation
+
+    def next(self, now_ns: int) -> str:
+        """The next id for a clock reading of ``now_ns`` (ns since the Unix epoch)."""
+        ms = now_ns // 1_000_000
+        c = self._c + 1
+        if ms <= self._ms and c <= _MAX_COUNTER and self._fork == fork_generation:
+            self._c = c
+            return self._pre + _HEX3[c] + self._suf
+        self._start(ms)
+        return self._pre + _HEX3[self._c] + self._suf
+
+    def batch(self, n: int, now_ns: int) -> list[str]:
+        """``n`` ids in increasing order, as ``n`` calls of :meth:`next` would make them."""
+        out: list[str] = []
+        while len(out) < n:
+            out.append(self.next(now_ns))  # a new millisecond, overflow or fork, if due
+            c = self._c
+            k = min(n - len(out), _MAX_COUNTER - c)
+            if k > 0:
+                pre, suf = self._pre, self._suf
+                out += [pre + h + suf for h in _HEX3[c + 1:c + 1 + k]]
+                self._c = c + k
+        return out
+
+    def _start(self, ms: int) -> None:
+        # A later millisecond starts fresh (a random counter); past the counter's top the
+        # next millisecond begins; otherwise (the same or an earlier millisecond in a forked
+        # child) it counts on under a new rand_b, so the child never repeats the parent's ids.
+        if ms > self._ms:
+            c = _rng.getrandbits(11)
+        elif self._c >= _MAX_COUNTER:
+            ms, c = self._ms + 1, 0
+        else:
+            ms, c = self._ms, self._c + 1
+        self._fork = fork_generation
+        self._ms = ms
+        m = ms & 0xFFFF_FFFF_FFFF
+        low = _VARIANT_BITS | _rng.getrandbits(62)
+        self._pre = "%08x-%04x-7" % (m >> 16, m & 0xFFFF)  # noqa: UP031
+        self._suf = "-%04x-%012x" % (low >> 48, low & 0xFFFF_FFFF_FFFF)  # noqa: UP031
+        self._c = c

@@ -707,11 +707,15 @@ class Log:
             raise RecordTooLarge(len(payload), self.config.max_record_bytes)
         if self.config.cipher is not None:
             payload = self.config.cipher.seal(bytes(payload))
+        if payload.__class__ is not bytes:
+            payload = bytes(payload)
         with self._lock:
-            self._check_writable()
-            ts = self._now() if timestamp_ns is None else timestamp_ns
+            if self._closed or self.readonly:
+                self._check_writable()  # raises
+            # _now() inline (one Python call less per record; the same module clock).
+            ts = _clock() if timestamp_ns is None else timestamp_ns
             off = self._next_offset
-            self._write(fmt.encode_one(off, ts, bytes(payload)), off, 1, ts)
+            self._write(fmt.encode_one(off, ts, payload), off, 1, ts)
             self._next_offset = off + 1
         self._after_append(off)
         return off

@@ -109,10 +109,17 @@ DATA_HWM = QUEUE_BYTES // DATA_MESSAGE_BYTES
 # sockets are zmq.Socket subclasses that only override connect(), so this is the same send.
 _zsend: Any = zmq.backend.Socket.send
 #: Coalescing of consecutive publish() calls: a call within COALESCE_GAP_S of the stream's last
-#: send is held (at most ``linger_s``, at most COALESCE_MAX events) and goes out with the
-#: following ones as one DATA message. At a moderate rate every event goes out at once.
+#: send is held (at most ``linger_s``, at most COALESCE_MAX events, at most one DATA message's
+#: worth: DATA_MESSAGE_BYTES counted as send_data counts it, envelopes plus FRAME_COST each)
+#: and goes out with the following ones as one DATA message. A held batch is sent when the
+#: next event would not fit in that message (the event starts the next batch), so a stream
+#: published at full speed goes out in full messages (about 100 events of 100 B: per-message
+#: costs on both sides, the subscriber's wake-ups most, are what small messages pay for). At a
+#: moderate rate every event goes out at once.
 COALESCE_GAP_S = 100e-6
-COALESCE_MAX = 64
+#: The most events a held batch can reach (each counts at least FRAME_COST): the byte bound
+#: implies it, so publish() does not count events.
+COALESCE_MAX = DATA_MESSAGE_BYTES // FRAME_COST
 #: The longest interval between heartbeats of a stream whose head does not move.
 IDLE_BEAT_MAX_S = 10.0
 #: Subscription budgets (docs/protocol.md, "Budgets"): subscriptions one connection may hold
@@ -135,6 +142,9 @@ _EHOSTUNREACH = errno.EHOSTUNREACH
 
 if OTEL:  # optional: a "publish <stream>" span around publish()/publish_many()
     from opentelemetry import trace as _otel_trace  # type: ignore[import-not-found,unused-ignore]
+#: The API's global provider slot, which otel_active() reads, exists: publish() tests it for
+#: None (no provider set: spans cannot record) before calling otel_active().
+_OTEL_SLOT = OTEL and hasattr(_otel_trace, "_TRACER_PROVIDER")
 
 #: True inside the span publish() opened: the inner call publishes instead of opening another.
 _in_publish_span: ContextVar[bool] = ContextVar("zeromesh_publish_span", default=False)
@@ -242,6 +252,7 @@ class _Stream:
         self.positions: dict[tuple[str, str], int] = {}  # (peer id, name) -> position
         self.linger_s = 0.0
         self.pending: list[bytes] = []  # logged, not sent yet (coalescing)
+        self.pending_bytes = 0  # their size as send_data counts it (envelopes + FRAME_COST)
         self.pending_first = 0
         self.pending_since = 0.0
         self.last_send = 0.0
@@ -381,17 +392,22 @@ class _PubHub:
 
     # -- reactor thread ---------------------------------------------------------------------
 
-    def send_data(self, st: _Stream, first: int, envs: list[bytes]) -> None:
+    def send_data(self, st: _Stream, first: int, envs: list[bytes],
+                  cost: int | None = None) -> None:
         """Send ``envs`` (seqs from ``first``) as DATA messages of at most
         :data:`DATA_MESSAGE_BYTES` each (under ``lock``) to every connection subscribed to the
         stream. PUB semantics: a connection at its HWM misses the message, never blocks; the
         subscriber notices the hole and replays it from the log.
 
+        ``cost``: their size as counted here (envelopes plus FRAME_COST each), when the caller
+        knows it (a held batch).
+
         Raises:
             ClosedError: the socket failed.
         """
         n = len(envs)
-        if n > 1 and sum(map(len, envs)) + n * FRAME_COST > DATA_MESSAGE_BYTES:
+        if n > 1 and (sum(map(len, envs)) + n * FRAME_COST if cost is None else cost) \
+                > DATA_MESSAGE_BYTES:
             i = 0
             while i < n:
                 j, nb = i + 1, len(envs[i]) + FRAME_COST  # one event always fits
@@ -450,7 +466,8 @@ class _PubHub:
         if gone is not None:
             for rid in gone:
                 self._drop_conn(rid)
-        st.stats.bytes_out += len(topic) + frames.HEADER.size + sum(map(len, envs))
+        st.stats.bytes_out += len(topic) + frames.HEADER.size + (
+            len(blob) if blob else sum(map(len, envs)))
         st.last_send = time.monotonic()
         st.stats.messages += 1
 
@@ -463,7 +480,7 @@ class _PubHub:
         pend = st.pending
         if pend:
             st.pending = []
-            self.send_data(st, st.pending_first, pend)
+            self.send_data(st, st.pending_first, pend, st.pending_bytes)
 
     def _flush_later(self, st: _Stream) -> None:
         # Reactor thread: the linger of held events may have run out. Events held for less
@@ -1018,9 +1035,10 @@ class Publisher:
             of 32 KiB messages per subscriber).
         max_event_size: refuse events that encode larger than this.
         linger_s: when ``publish()`` is called again within 100 µs of this stream's last send,
-            hold the event (at most this long, at most 64 events) and send it with the next
-            ones as one DATA message: far less per-event work on both sides at high rates, at
-            most ``linger_s`` more latency then, none at moderate rates. 0 disables it.
+            hold the event (at most this long, at most one DATA message's worth: about 105
+            events of 100 B; sent as soon as the next event would not fit) and send it with
+            the next ones as one DATA message: far less per-event work on both sides at high
+            rates, at most ``linger_s`` more latency then, none at moderate rates. 0 disables it.
             Durable events are logged before ``publish()`` returns either way.
         sign: end-to-end Ed25519 signing of every event (mesh.security.signing): ``True``
             signs with the node's signer (``SecurityConfig(sign_events=True)``), an
@@ -1138,7 +1156,8 @@ class Publisher:
         enc = self._enc
         plain = (enc is not None and subject is None and headers is None
                  and datacontenttype is None and correlationid is None and causationid is None
-                 and traceparent is None and not in_context() and not otel_active())
+                 and traceparent is None and not in_context()
+                 and ((_OTEL_SLOT and _otel_trace._TRACER_PROVIDER is None) or not otel_active()))
         if not plain and _otel_publish_span():
             # The event carries the publish span as its parent (explicit traceparent wins).
             token = _in_publish_span.set(True)
@@ -1171,11 +1190,13 @@ class Publisher:
                 env = enc.encode(seq, type, data)  # type: ignore[union-attr]
             elif signed is None:
                 # Straight to the envelope: the publisher never needs the Event object.
+                # The encoder's id source (when there is one): ids follow seqs on both paths.
                 env = encode_new(type=type, source=self.source, stream=self.stream, seq=seq,
                                  data=data, subject=subject, headers=headers,
                                  datacontenttype=datacontenttype, correlationid=correlationid,
                                  causationid=causationid, traceparent=traceparent,
-                                 max_size=self.max_event_size)
+                                 max_size=self.max_event_size,
+                                 ids=enc.ids if enc is not None else None)
             else:
                 env = encode(signed.replace(seq=seq), self.max_event_size)
             if self._log is not None:
@@ -1183,16 +1204,31 @@ class Publisher:
             st.next_seq = seq + 1
             pend = st.pending
             if pend:
-                pend.append(env)
-                # Full, or held long enough (do not rely on the reactor's timer alone: on a
-                # busy machine it may run late).
-                if (len(pend) >= COALESCE_MAX
-                        or time.monotonic() - st.pending_since >= st.linger_s):
-                    hub.flush(st)
+                nb = st.pending_bytes + len(env) + FRAME_COST
+                if nb > DATA_MESSAGE_BYTES:
+                    # It would not fit in the held message: that goes out full, this event
+                    # starts the next batch (held from now).
+                    try:
+                        hub.flush(st)
+                    except ClosedError as exc:
+                        raise SendFailed(range(st.pending_first, seq + 1), st.durable,
+                                         str(exc)) from exc
+                    st.pending = [env]
+                    st.pending_bytes = len(env) + FRAME_COST
+                    st.pending_first = seq
+                    st.pending_since = time.monotonic()
+                else:
+                    pend.append(env)
+                    st.pending_bytes = nb
+                    # Held long enough (do not rely on the reactor's timer alone: on a busy
+                    # machine it may run late).
+                    if time.monotonic() - st.pending_since >= st.linger_s:
+                        hub.flush(st)
             elif st.linger_s and (now := time.monotonic()) - st.last_send < COALESCE_GAP_S:
                 # Busy: hold it; the next calls join it, or the reactor sends it after linger_s.
                 st.pending_first = seq
                 st.pending_since = now
+                st.pending_bytes = len(env) + FRAME_COST
                 pend.append(env)
                 if not st.timer_armed:
                     try:
@@ -1277,9 +1313,11 @@ class Publisher:
                 raise ClosedError(f"publisher of {self.stream!r} is closed")
             start = st.next_seq
             # One clock read and one id reservation for the batch; no Event objects.
+            enc = self._enc
             envs = encode_new_many(datas, type=type, source=self.source, stream=self.stream,
                                    first_seq=start, subject=subject,
-                                   max_size=self.max_event_size)
+                                   max_size=self.max_event_size,
+                                   ids=enc.ids if enc is not None else None)
             self._log_and_send(st, start, envs)
         if self.replicas and envs and not _no_replica_wait.get():
             self.wait_replicated(start + len(envs) - 1, self.replica_timeout_s)
