@@ -55,3 +55,43 @@ def test_interrupt_in_constructor_then_node_close(
     wait_until(lambda: not any(t.is_alive() for t in started), timeout=10)
     crashed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not crashed, crashed
+
+
+def test_interrupt_inside_thread_start_then_node_close(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signal lands inside ``Thread.start()`` of the queue's I/O thread: the thread exists
+    but has not run a line of the queue's code yet. ``node.close()`` must not close the queue's
+    pipe and sockets and then let that thread poll them (the old code decided by the thread's
+    ident, which a thread sets itself: "I/O thread crashed ... Bad file descriptor", seen in
+    tests/test_cli_sigterm.py). Here the thread is held at its start until the close is done,
+    and ``start()`` raises the interrupt once the thread is spawned."""
+    gate = threading.Event()
+    real = threading.Thread
+
+    class Held(real):  # type: ignore[misc, valid-type]
+        def run(self) -> None:
+            if self.name.startswith("pipe-q:"):
+                gate.wait(20)
+            super().run()
+
+        def start(self) -> None:
+            super().start()
+            if self.name.startswith("pipe-q:"):
+                raise KeyboardInterrupt
+
+    node = make_node(tmp_path / "n", unique("m"))
+    try:
+        monkeypatch.setattr(threading, "Thread", Held)
+        with pytest.raises(KeyboardInterrupt):
+            WorkQueue(node, unique("q"))
+        monkeypatch.setattr(threading, "Thread", real)
+        held = _threads("pipe-q:")
+        assert held, "the I/O thread was spawned"
+    finally:
+        monkeypatch.setattr(threading, "Thread", real)
+        with caplog.at_level(logging.ERROR):
+            node.close()  # the queue's close runs first: its I/O thread has not run yet
+            gate.set()
+            wait_until(lambda: not any(t.is_alive() for t in held), timeout=20)
+    crashed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not crashed, crashed

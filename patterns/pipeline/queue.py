@@ -123,6 +123,10 @@ class WorkQueue:
         self._new: list[tuple[Sequence[int], Hashable | None, Sequence[Any]]] = []
         self._woken = False
         self._closed = False
+        # Set by the I/O thread itself before it touches anything: close() joins the thread
+        # only then, and a thread that starts after close() returns at once (a signal can
+        # land inside Thread.start(), when the thread exists but its ident is not set yet).
+        self._running = False
         self._failed: BaseException | None = None  # set if the I/O thread died
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -321,8 +325,12 @@ class WorkQueue:
         except Exception:
             pass  # the node may already be closed
         self._unsub()
-        if self._thread.ident is not None:  # started (the constructor may have been cut short)
+        with self._lock:
+            running = self._running  # else it never touches the fds and sockets closed below
+        if running:
             self._thread.join(10.0)
+        else:
+            self._close_sockets()  # it will not (or never did) touch them: they are ours
         DLQ_THREAD.remove(self.dlq)
         os.close(self._rfd)
         os.close(self._wfd)
@@ -348,6 +356,10 @@ class WorkQueue:
 
     # ------------------------------------------------------------------ I/O thread
     def _run(self) -> None:
+        with self._lock:
+            if self._closed:
+                return  # closed before this thread got going: close() did not wait for it
+            self._running = True
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
@@ -420,13 +432,17 @@ class WorkQueue:
             except Exception:
                 log.exception("queue %s: final journal write failed", self.name)
             self._snapshot()
-            if self._mon is not None:
-                try:
-                    self._router.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-                self._mon.close(linger=0)
-            self._router.close(linger=0)
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        # The I/O thread's sockets: closed by it as it ends, or by close() when it never ran.
+        if self._mon is not None:
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._mon.close(linger=0)
+        self._router.close(linger=0)
 
     def _drain_monitor(self, now: float) -> None:
         from zmq.utils.monitor import recv_monitor_message
