@@ -306,7 +306,17 @@ def span(kind: str, name: str) -> Iterator[None]:
     tracer = _otel_trace.get_tracer("zeromesh")
     attrs = {"messaging.system": "zeromesh", "messaging.operation": kind,
              "messaging.destination.name": name}
-    with tracer.start_as_current_span(f"{kind} {name}", attributes=attrs):
+    parent = None
+    if not _otel_trace.get_current_span().get_span_context().is_valid:
+        # No OTel span is current, but a consumed event's or request's context may be (an
+        # `async for` body, a handler run without a consume span): the span continues its
+        # trace, under the handler's span, as the traceparent sent without OTel would.
+        c = _get()
+        if c is not None:
+            sc = _SpanContext(int(c.trace_id, 16), int(c.span_id, 16), is_remote=True,
+                              trace_flags=_TraceFlags(int(c.flags, 16)))
+            parent = _otel_trace.set_span_in_context(_NonRecordingSpan(sc))
+    with tracer.start_as_current_span(f"{kind} {name}", context=parent, attributes=attrs):
         yield
 
 

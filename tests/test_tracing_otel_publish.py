@@ -3,6 +3,7 @@ provider is installed (skipped without the SDK)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 
 from mesh import Node
 from mesh.tracing import parse_traceparent
-from patterns.pubsub import Publisher, Start, Subscriber
+from patterns.pubsub import AsyncSubscriber, Publisher, Start, Subscriber
 from tests.util import unique
 
 
@@ -102,3 +103,31 @@ def test_otel_active_only_with_a_real_provider() -> None:
         provider.shutdown()
     finally:
         trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE = saved
+
+
+def test_publish_in_an_async_for_body_continues_the_consumed_trace(
+        node_pair: tuple[Node, Node], exporter: InMemorySpanExporter) -> None:
+    """With an SDK provider installed, an event published in an ``async for`` body (no OTel
+    span is current there, only the consumed event's context) is in the consumed event's
+    trace, and so is its publish span. The old code started a new trace for the span and
+    sent that traceparent (the explicit one wins), cutting the chain."""
+    a, b = node_pair
+    src, dst = unique("src"), unique("dst")
+    root = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with Publisher(a, src) as pub_src, Publisher(b, dst) as pub_dst, \
+            Subscriber(a, dst, start=Start.beginning()) as sub_dst:
+        pub_src.publish({"n": 1}, traceparent=f"00-{root}-00f067aa0ba902b7-01")
+
+        async def main() -> None:
+            async with AsyncSubscriber(b, src, start=Start.beginning()) as sub:
+                async for ev in sub:
+                    pub_dst.publish({"from": ev.data["n"]})  # no trace arguments
+                    break
+
+        asyncio.run(asyncio.wait_for(main(), 20))
+        derived = sub_dst.recv(timeout=10)
+    assert derived is not None
+    tp = parse_traceparent(derived.traceparent)
+    assert tp is not None and tp[0] == root, derived.traceparent
+    spans = [sp for sp in exporter.get_finished_spans() if sp.name == f"publish {dst}"]
+    assert len(spans) == 1 and f"{spans[0].context.trace_id:032x}" == root
