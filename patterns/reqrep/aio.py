@@ -255,16 +255,11 @@ class AsyncClient(ClientCore):
                 self._on_message(wire, msg)
 
     def _on_message(self, wire: Wire, msg: list[bytes]) -> None:
-        got = fr.decode_compact(msg[1]) if len(msg) == 2 else None
-        if got is not None:  # a well-formed compact REPLY (or REQUEST), as decode_rev checks
-            m: fr.Message = got[0]
-            rev = got[1]
-        else:
-            try:
-                m, rev = fr.decode_rev(msg[1:])
-            except ProtocolError:
-                self._stats["garbage"] += 1
-                return
+        try:
+            m, rev = fr.decode_after_id(msg)
+        except ProtocolError:
+            self._stats["garbage"] += 1
+            return
         rid = msg[0]
         if rev >= fr.BATCH_REVISION and len(msg) == 2:
             if rid not in self._batch_peers and len(self._batch_peers) < 65536:

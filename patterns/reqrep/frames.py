@@ -53,6 +53,7 @@ __all__ = [
     "TaskState",
     "batch_frame",
     "decode",
+    "decode_after_id",
     "decode_compact",
     "decode_rev",
     "encode_ping",
@@ -450,6 +451,19 @@ def decode_compact(frame: bytes) -> tuple[Request | Reply, int] | None:
     if len(frame) > 5 and frame.startswith(SIGNATURE):
         return _fast(frame)
     return None
+
+
+def decode_after_id(msg: list[bytes]) -> tuple[Message, int]:
+    """:func:`decode_rev` of a received message whose first frame is a routing id: the
+    compact fast path (:func:`decode_compact`) when it applies, the full decoder otherwise.
+
+    Raises:
+        ProtocolError: as :func:`decode_rev`.
+    """
+    got = decode_compact(msg[1]) if len(msg) == 2 else None
+    if got is not None:  # a well-formed compact REQUEST or REPLY, as decode_rev checks
+        return got
+    return decode_rev(msg[1:])
 
 
 def decode(frames: list[bytes]) -> Message:

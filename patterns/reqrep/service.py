@@ -995,16 +995,11 @@ class Service:
         self._on_frames(msg, caller)
 
     def _on_frames(self, msg: list[bytes], caller: Any) -> None:
-        got = fr.decode_compact(msg[1]) if len(msg) == 2 else None
-        if got is not None:  # a well-formed compact REQUEST (or REPLY), as decode_rev checks
-            m: fr.Message = got[0]
-            rev = got[1]
-        else:
-            try:
-                m, rev = fr.decode_rev(msg[1:])
-            except ProtocolError:
-                self._stats.garbage += 1
-                return
+        try:
+            m, rev = fr.decode_after_id(msg)
+        except ProtocolError:
+            self._stats.garbage += 1
+            return
         # Negotiation (docs/protocol.md, "Versions and negotiation"): answer in the form the
         # caller last used, so a 1.0 caller (split form only) is served too; batch replies
         # only to a caller whose latest message showed a rev that reads them.
