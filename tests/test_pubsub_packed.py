@@ -332,6 +332,9 @@ def test_every_run_goes_through_the_hook_with_the_exact_bytes(pair: tuple[Node, 
         pub.publish_many(range(300))  # before the subscriber: replayed
         with _Recording(b, stream, start=Start.beginning()) as sub:
             got = drain(sub, 300)
+            # live only once the publisher sends the stream to this connection (the replay
+            # may finish before the subscription reaches it: then these would be replayed)
+            wait_until(lambda: pub.stats().subscribers >= 1, timeout=10)
             pub.publish_many(range(300, 600))  # live, packed
             got += drain(sub, 300)
             assert [e.seq for e in got] == list(range(600))
