@@ -9,7 +9,7 @@ from mesh.node import Node
 from patterns.pubsub import publisher
 from patterns.pubsub.publisher import DATA_MESSAGE_BYTES, FRAME_COST, Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import go_live, unique, wait_until
 
 
 def _collect(sub: Subscriber, n: int) -> list[Event]:
@@ -50,10 +50,7 @@ def test_held_batches_fill_whole_data_messages(pair: tuple[Node, Node], durable:
     stream = unique("full")
     with Publisher(a, stream, durable=durable, linger_s=1.0, heartbeat_s=30) as pub, Subscriber(
             b, stream, start=Start.new()) as sub:
-        wait_until(lambda: (pub.publish(b"w", type="w"), sub.recv(timeout=0.05))[1]
-                   is not None, 5, what="subscribed")
-        while sub.recv(timeout=0.2) is not None:
-            pass
+        go_live(pub, sub, b"w", type="w")
         n = 3000
         payloads = [i.to_bytes(4, "big") + b"x" * 96 for i in range(n)]
         before = pub.stats().messages
@@ -82,10 +79,7 @@ def test_a_held_batch_never_holds_more_than_one_message(pair: tuple[Node, Node])
     stream = unique("big")
     with Publisher(a, stream, durable=False, linger_s=1.0) as pub, Subscriber(
             b, stream, start=Start.new()) as sub:
-        wait_until(lambda: (pub.publish(b"w", type="w"), sub.recv(timeout=0.05))[1]
-                   is not None, 5, what="subscribed")
-        while sub.recv(timeout=0.2) is not None:
-            pass
+        go_live(pub, sub, b"w", type="w")
         n = 200
         payloads = [i.to_bytes(4, "big") + b"y" * 12_000 for i in range(n)]
         held = 0

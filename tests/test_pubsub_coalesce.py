@@ -8,7 +8,7 @@ from mesh.errors import ConfigError
 from mesh.node import Node
 from patterns.pubsub.publisher import COALESCE_MAX, Publisher
 from patterns.pubsub.subscriber import Start, Subscriber
-from tests.util import unique, wait_until
+from tests.util import go_live, unique, wait_until
 
 
 def collect(sub: Subscriber, n: int, timeout: float = 10) -> list[int]:
@@ -25,10 +25,7 @@ def test_fast_publishes_coalesce_into_fewer_messages_in_order(
     stream = unique("co")
     with Publisher(a, stream, durable=durable) as pub, Subscriber(
             b, stream, start=Start.new()) as sub:
-        wait_until(lambda: (pub.publish(-1), sub.recv(timeout=0.05))[1] is not None, 5,
-                   what="subscribed")
-        while sub.recv(timeout=0.2) is not None:
-            pass
+        go_live(pub, sub, -1)
         before = pub.stats().messages
         for i in range(5000):
             pub.publish(i)
@@ -45,10 +42,7 @@ def test_held_event_goes_out_after_linger_without_more_publishes(
     stream = unique("co")
     with Publisher(a, stream, linger_s=0.01, heartbeat_s=30) as pub, Subscriber(
             b, stream, start=Start.new()) as sub:
-        wait_until(lambda: (pub.publish(-1), sub.recv(timeout=0.05))[1] is not None, 5,
-                   what="subscribed")
-        while sub.recv(timeout=0.2) is not None:
-            pass
+        go_live(pub, sub, -1)
         pub.publish(1)
         pub.publish(2)  # right after a send: held, and nothing follows it
         assert collect(sub, 2, timeout=5) == [1, 2]
@@ -61,10 +55,7 @@ def test_publish_many_and_close_send_held_events_first(pair: tuple[Node, Node]) 
     # Best-effort: an event overtaken on the wire would be skipped, not replayed.
     with Subscriber(b, stream, start=Start.new()) as sub:
         with Publisher(a, stream, durable=False, linger_s=1.0, heartbeat_s=30) as pub:
-            wait_until(lambda: (pub.publish(-1), sub.recv(timeout=0.05))[1] is not None, 5,
-                       what="subscribed")
-            while sub.recv(timeout=0.2) is not None:
-                pass
+            go_live(pub, sub, -1)
             pub.publish(0)
             pub.publish(1)  # held for up to 1 s
             pub.publish_many([2, 3])  # must not overtake it

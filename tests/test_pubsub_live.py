@@ -16,7 +16,7 @@ from patterns.pubsub import frames
 from patterns.pubsub.dedup import Dedup
 from patterns.pubsub.publisher import Publisher
 from patterns.pubsub.subscriber import RetentionGap, Start, Subscriber
-from tests.util import ctrl, drain, make_node, unique, wait_until
+from tests.util import ctrl, drain, go_live, make_node, unique, wait_until
 
 
 def test_slow_subscriber_tiny_hwm_drops_on_wire_then_replays_all(
@@ -28,9 +28,7 @@ def test_slow_subscriber_tiny_hwm_drops_on_wire_then_replays_all(
             b, stream, start=Start.new(), rcvhwm=5, max_buffer=100) as sub:
         wait_until(lambda: b.id in {p.node_id for p in a.peers.list()}, 5)
         # Connected once one event got through (the slow joiner may miss the first ones).
-        wait_until(lambda: (pub.publish(-1), sub.recv(timeout=0.05))[1] is not None, 5)
-        while sub.recv(timeout=0.2) is not None:
-            pass
+        go_live(pub, sub, -1)
         before = sub.stats().delivered
         # The subscriber does not read while 20,000 events go out one message each.
         for i in range(20_000):

@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -36,18 +34,8 @@ from mesh.node import Node
 from patterns.reqrep import Client, Incoming, Service
 from patterns.reqrep import frames as fr
 from patterns.reqrep.service import routing_id
-from tests.test_reqrep_real import ctrl, make_node, responders
+from tests.test_reqrep_real import responders
 from tests.util import unique, wait_until
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    mesh = unique("m")
-    hub = make_node(tmp_path / "hub", mesh)
-    srv = make_node(tmp_path / "srv", mesh, ctrl(hub))
-    yield hub, srv
-    srv.close()
-    hub.close()
 
 
 def test_handler_context_is_built_once_and_only_when_read(

@@ -100,6 +100,15 @@ def drain(sub: Any, n: int, timeout: float = 20.0, poll_s: float = 0.2) -> list[
     return out
 
 
+def go_live(pub: Any, sub: Any, data: Any = -1, **fields: Any) -> None:
+    """Publish ``data`` until ``sub`` receives one live (the subscription has reached the
+    publisher, within 5 s), then drain what else came: what the test publishes next is live."""
+    wait_until(lambda: (pub.publish(data, **fields), sub.recv(timeout=0.05))[1] is not None, 5,
+               what="subscribed")
+    while sub.recv(timeout=0.2) is not None:
+        pass
+
+
 class CurveHub:
     """CURVE nodes of one fresh mesh on 127.0.0.1 that dial a hub node: a keypair per name
     (``tmp/keys``; the public keys in the allowlist ``tmp/allow``), short presence, tcp only.
