@@ -70,10 +70,15 @@ def _new_ms(ms: int) -> None:
     global _last_ms, _rand_b, _prefix, _suffix
     _last_ms = ms
     _rand_b = _rng.getrandbits(62)
+    _prefix, _suffix = _pieces(ms, _rand_b)
+
+
+def _pieces(ms: int, rand_b: int) -> tuple[str, str]:
+    """The text of an id of millisecond ``ms`` before and after its 3-hex-digit counter."""
     m = ms & 0xFFFF_FFFF_FFFF
-    low = _VARIANT_BITS | _rand_b
-    _prefix = "%08x-%04x-7" % (m >> 16, m & 0xFFFF)  # noqa: UP031
-    _suffix = "-%04x-%012x" % (low >> 48, low & 0xFFFF_FFFF_FFFF)  # noqa: UP031
+    low = _VARIANT_BITS | rand_b
+    return ("%08x-%04x-7" % (m >> 16, m & 0xFFFF),  # noqa: UP031
+            "-%04x-%012x" % (low >> 48, low & 0xFFFF_FFFF_FFFF))  # noqa: UP031
 
 
 #: Bumped in every forked child: a :class:`Uuid7Source` made before the fork starts a new
@@ -254,8 +259,5 @@ class Uuid7Source:
             ms, c = self._ms, self._c + 1
         self._fork = fork_generation
         self._ms = ms
-        m = ms & 0xFFFF_FFFF_FFFF
-        low = _VARIANT_BITS | _rng.getrandbits(62)
-        self._pre = "%08x-%04x-7" % (m >> 16, m & 0xFFFF)  # noqa: UP031
-        self._suf = "-%04x-%012x" % (low >> 48, low & 0xFFFF_FFFF_FFFF)  # noqa: UP031
+        self._pre, self._suf = _pieces(ms, _rng.getrandbits(62))
         self._c = c
