@@ -36,7 +36,10 @@ def read_lines(path: Path) -> list[tuple[str, int, int]]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    # A child appends each line with one write(); a read while that write copies in can see
+    # part of it: only what ends in a newline is a line yet (it is whole at the next read).
+    for line in text[:text.rfind("\n") + 1].splitlines():
         i, s, d = line.split()
         out.append((i, int(s), int(d)))
     return out
